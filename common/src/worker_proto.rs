@@ -1,0 +1,109 @@
+//! broker ⇄ tapdisk worker messages, on the socketpair the worker inherits
+//! as fd [`CONTROL_FD`].
+//!
+//! The broker drives; the worker answers each [`ToWorker`] with exactly one
+//! [`FromWorker`], except that while opening a differencing chain the worker
+//! may answer `Open`/`Unpause` with [`FromWorker::NeedParent`] any number of
+//! times, each answered by [`ToWorker::Parent`], before its final reply.
+//! Everything the worker says is untrusted: it parsed a hostile image.
+
+use crate::proto::{FrontendKind, ImageKind};
+use crate::stats::WorkerStats;
+use serde::{Deserialize, Serialize};
+
+/// The fd number of the control socket in a worker spawned by the broker.
+pub const CONTROL_FD: i32 = 3;
+
+/// Frontend-specific setup, with the fds that go along (see each variant).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FrontendSpec {
+    /// fds: \[listening socket\]. The worker accepts NBD clients on it.
+    Nbd { export_name: String },
+    /// fds: \[/dev/fuse connection\]. The mount exists; the worker answers
+    /// INIT and serves one regular file named `file_name` at the root.
+    /// `resend`: this connection was served by a dead worker before, so send
+    /// FUSE_NOTIFY_RESEND once INIT is not expected again.
+    Fuse { file_name: String, resend: bool },
+    /// fds: \[/dev/ublkcN\]. ADD_DEV and SET_PARAMS are done.
+    Ublk {
+        dev_id: u32,
+        nr_queues: u16,
+        queue_depth: u16,
+        max_io_bytes: u32,
+        recovering: bool,
+    },
+}
+
+impl FrontendSpec {
+    pub fn kind(&self) -> FrontendKind {
+        match self {
+            FrontendSpec::Nbd { .. } => FrontendKind::Nbd,
+            FrontendSpec::Fuse { .. } => FrontendKind::Fuse,
+            FrontendSpec::Ublk { .. } => FrontendKind::Ublk,
+        }
+    }
+}
+
+/// A parent locator as the worker read it from a child image, for the broker
+/// to resolve and policy-check. `relative` ones are relative to the child's
+/// directory, which the broker knows and the worker does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLocator {
+    /// `W2ku`, `W2ru`, `MacX`, or `name` for the header's parent name.
+    pub code: String,
+    pub path: String,
+    pub relative: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// fds: \[leaf image file\]. `name` is the path as the broker opened it.
+    Open {
+        kind: ImageKind,
+        name: String,
+        read_only: bool,
+    },
+    /// Answer to [`FromWorker::NeedParent`]. fds: \[parent file\] when `Ok`;
+    /// the string is the parent's path as opened, or why it was refused.
+    Parent(Result<String, String>),
+    /// Start serving the open image on a frontend (fds per [`FrontendSpec`]).
+    Serve(FrontendSpec),
+    /// Quiesce I/O, flush, close the image; the frontend stays.
+    Pause,
+    /// Reopen after `Pause`, like `Open` (fds: \[leaf\]); the virtual size
+    /// must not change.
+    Unpause {
+        kind: ImageKind,
+        name: String,
+        read_only: bool,
+    },
+    /// Stop the frontend, flush and close the image.
+    Close,
+    Stats,
+    /// Flush and exit.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// The first message after exec, once confined.
+    Ready {
+        pid: u32,
+    },
+    /// The image being opened is differencing; its parent is wanted.
+    NeedParent {
+        child: String,
+        locators: Vec<ParentLocator>,
+        parent_uuid: [u8; 16],
+    },
+    /// The chain is open. `chain` is leaf first.
+    Opened {
+        virtual_size: u64,
+        chain: Vec<String>,
+    },
+    /// The frontend is up (for FUSE: INIT answered).
+    Serving,
+    Ok,
+    Stats(Box<WorkerStats>),
+    Error(String),
+}

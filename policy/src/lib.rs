@@ -1,0 +1,1 @@
+//! Tenant policy: a pure decision function over requests and peer identity.

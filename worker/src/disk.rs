@@ -1,0 +1,312 @@
+//! The disk a worker serves: the open image chain behind a gate that lets
+//! `pause` quiesce I/O and swap the chain while the frontend stays up.
+//!
+//! Frontends never hold an image directly; they call [`Disk::io`] for each
+//! request. While the disk is paused, requests wait (as blktap's queue
+//! does) instead of failing, so the kernel device sees a stall, not errors.
+
+use crate::image::{Image, ImageError};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+use tapjail_common::stats::{FrontendStats, LatencyStats};
+
+#[derive(Debug)]
+enum Gate {
+    Open(Arc<dyn Image>),
+    /// A pause is waiting for in-flight requests to drain.
+    Draining(Arc<dyn Image>),
+    Paused,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Inner {
+    gate: Gate,
+    in_flight: u64,
+}
+
+/// Read, write or other, for latency accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Other,
+}
+
+/// Counters a frontend keeps for `tap-ctl stats`.
+#[derive(Debug, Default)]
+pub struct FrontendCounters {
+    received: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    read_secs: AtomicU64,
+    write_secs: AtomicU64,
+    read_us_total: AtomicU64,
+    read_count: AtomicU64,
+    read_us_max: AtomicU64,
+    write_us_total: AtomicU64,
+    write_count: AtomicU64,
+    write_us_max: AtomicU64,
+}
+
+impl FrontendCounters {
+    pub fn latency(&self) -> LatencyStats {
+        let avg = |t: &AtomicU64, c: &AtomicU64| {
+            t.load(Relaxed).checked_div(c.load(Relaxed)).unwrap_or(0)
+        };
+        LatencyStats {
+            read_avg_us: avg(&self.read_us_total, &self.read_count),
+            write_avg_us: avg(&self.write_us_total, &self.write_count),
+            read_max_us: self.read_us_max.load(Relaxed),
+            write_max_us: self.write_us_max.load(Relaxed),
+        }
+    }
+
+    pub fn frontend(&self, kind: &str) -> FrontendStats {
+        FrontendStats {
+            kind: kind.to_string(),
+            reqs: [self.received.load(Relaxed), self.completed.load(Relaxed)],
+            errors: self.errors.load(Relaxed),
+        }
+    }
+
+    /// Sectors read / written through the frontend (blktap's `secs`).
+    pub fn secs(&self) -> [u64; 2] {
+        [self.read_secs.load(Relaxed), self.write_secs.load(Relaxed)]
+    }
+
+    pub fn outstanding(&self) -> u64 {
+        self.received
+            .load(Relaxed)
+            .saturating_sub(self.completed.load(Relaxed))
+    }
+}
+
+/// The served disk. Cheap to share: frontends keep an `Arc<Disk>`.
+#[derive(Debug)]
+pub struct Disk {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    size: AtomicU64,
+    read_only: std::sync::atomic::AtomicBool,
+    pub counters: FrontendCounters,
+}
+
+/// Why a request could not reach an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk is closed")]
+    Closed,
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+impl DiskError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            DiskError::Closed => libc::EIO,
+            DiskError::Image(e) => e.errno(),
+        }
+    }
+}
+
+impl Disk {
+    pub fn new(image: Arc<dyn Image>) -> Arc<Self> {
+        Arc::new(Disk {
+            size: AtomicU64::new(image.virtual_size()),
+            read_only: image.read_only().into(),
+            inner: Mutex::new(Inner {
+                gate: Gate::Open(image),
+                in_flight: 0,
+            }),
+            changed: Condvar::new(),
+            counters: FrontendCounters::default(),
+        })
+    }
+
+    /// Virtual size; constant for the disk's life (unpause refuses a change).
+    pub fn size(&self) -> u64 {
+        self.size.load(Relaxed)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock is a bug elsewhere; the data is
+        // two plain fields and stays consistent, so keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run one request against the image, waiting while paused.
+    /// `bytes` is the request's data length, for stats.
+    pub fn io<T>(
+        &self,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn Image) -> Result<T, ImageError>,
+    ) -> Result<T, DiskError> {
+        self.counters.received.fetch_add(1, Relaxed);
+        let image = {
+            let mut inner = self.lock();
+            loop {
+                match &inner.gate {
+                    Gate::Open(img) => {
+                        let img = img.clone();
+                        inner.in_flight += 1;
+                        break Some(img);
+                    }
+                    Gate::Closed => break None,
+                    Gate::Draining(_) | Gate::Paused => {
+                        inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+        };
+        let Some(image) = image else {
+            self.counters.completed.fetch_add(1, Relaxed);
+            self.counters.errors.fetch_add(1, Relaxed);
+            return Err(DiskError::Closed);
+        };
+        let start = Instant::now();
+        let result = f(image.as_ref());
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        drop(image);
+        {
+            let mut inner = self.lock();
+            inner.in_flight -= 1;
+            if inner.in_flight == 0 {
+                self.changed.notify_all();
+            }
+        }
+        let c = &self.counters;
+        match kind {
+            IoKind::Read => {
+                c.read_secs.fetch_add(bytes.div_ceil(512), Relaxed);
+                c.read_us_total.fetch_add(us, Relaxed);
+                c.read_count.fetch_add(1, Relaxed);
+                c.read_us_max.fetch_max(us, Relaxed);
+            }
+            IoKind::Write => {
+                c.write_secs.fetch_add(bytes.div_ceil(512), Relaxed);
+                c.write_us_total.fetch_add(us, Relaxed);
+                c.write_count.fetch_add(1, Relaxed);
+                c.write_us_max.fetch_max(us, Relaxed);
+            }
+            IoKind::Other => {}
+        }
+        if result.is_err() {
+            c.errors.fetch_add(1, Relaxed);
+        }
+        c.completed.fetch_add(1, Relaxed);
+        result.map_err(DiskError::from)
+    }
+
+    /// Stop admitting requests, wait for in-flight ones, flush and drop the
+    /// image. Requests arriving meanwhile wait for [`Disk::resume`].
+    pub fn pause(&self) -> Result<(), DiskError> {
+        let mut inner = self.lock();
+        let img = match std::mem::replace(&mut inner.gate, Gate::Paused) {
+            Gate::Open(img) | Gate::Draining(img) => img,
+            Gate::Paused => return Ok(()),
+            Gate::Closed => {
+                inner.gate = Gate::Closed;
+                return Err(DiskError::Closed);
+            }
+        };
+        inner.gate = Gate::Draining(img.clone());
+        while inner.in_flight > 0 {
+            inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
+        let flushed = img.flush();
+        inner.gate = Gate::Paused;
+        drop(inner);
+        flushed?;
+        Ok(())
+    }
+
+    /// Resume after [`Disk::pause`] with a (possibly different) image of the
+    /// same virtual size.
+    pub fn resume(&self, image: Arc<dyn Image>) -> Result<(), ImageError> {
+        if image.virtual_size() != self.size() {
+            return Err(ImageError::InvalidArgument(format!(
+                "new image has virtual size {} but the disk has {}; refusing to change the size under a running device",
+                image.virtual_size(),
+                self.size()
+            )));
+        }
+        self.read_only.store(image.read_only(), Relaxed);
+        let mut inner = self.lock();
+        inner.gate = Gate::Open(image);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Drain, flush and close for good; later requests fail with EIO.
+    pub fn close(&self) -> Result<(), DiskError> {
+        let paused = self.pause();
+        let mut inner = self.lock();
+        inner.gate = Gate::Closed;
+        self.changed.notify_all();
+        match paused {
+            Err(DiskError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Layer counters of the current image (empty while paused).
+    pub fn image_stats(&self) -> Vec<crate::image::LayerStats> {
+        match &self.lock().gate {
+            Gate::Open(img) | Gate::Draining(img) => img.stats(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::raw::RawImage;
+    use std::time::Duration;
+
+    fn disk() -> (tempfile::NamedTempFile, Arc<Disk>) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        (f, Disk::new(Arc::new(img)))
+    }
+
+    #[test]
+    fn paused_disk_holds_requests_until_resumed() {
+        let (f, disk) = disk();
+        disk.pause().unwrap();
+        let d2 = disk.clone();
+        let t = std::thread::spawn(move || d2.io(IoKind::Write, 1, |img| img.write_at(b"x", 0)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "request must wait while paused");
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        disk.resume(Arc::new(img)).unwrap();
+        t.join().unwrap().unwrap();
+        assert_eq!(disk.counters.secs(), [0, 1]);
+    }
+
+    #[test]
+    fn resume_refuses_a_different_size() {
+        let (_f, disk) = disk();
+        disk.pause().unwrap();
+        let g = tempfile::NamedTempFile::new().unwrap();
+        g.as_file().set_len(8192).unwrap();
+        let img = RawImage::open(Box::new(g.reopen().unwrap()), "g", false).unwrap();
+        assert!(disk.resume(Arc::new(img)).is_err());
+    }
+
+    #[test]
+    fn closed_disk_fails_requests_with_eio() {
+        let (_f, disk) = disk();
+        disk.close().unwrap();
+        let err = disk.io(IoKind::Read, 1, |_| Ok(())).unwrap_err();
+        assert_eq!(err.errno(), libc::EIO);
+    }
+}

@@ -1,0 +1,82 @@
+//! The image engine: every disk format tapjail serves, behind one trait.
+//!
+//! The engine parses untrusted bytes, so it lives in the worker (and in the
+//! offline `tap-ctl vhd` tools, which run as the invoking user on that user's
+//! own files), never in the broker. It never opens a path by itself: files
+//! arrive as [`Backing`] objects and parents of a differencing chain are
+//! obtained through a [`ParentOpener`], which offline is the filesystem and
+//! under the broker is a policy-checked request over the control socket.
+
+pub mod backing;
+pub mod error;
+pub mod raw;
+pub mod stats;
+
+pub use backing::Backing;
+pub use error::ImageError;
+
+/// Sector size of every image format we speak, and the unit of the stats.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What one stretch of the virtual disk holds, as NBD `base:allocation`
+/// and `qemu-img map` want to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes from the queried offset that share this status (> 0).
+    pub len: u64,
+    /// Backed by data somewhere in the chain (false: a hole).
+    pub allocated: bool,
+    /// Known to read as zeroes (always true for a hole).
+    pub zero: bool,
+}
+
+/// Per-layer counters, leaf first, as blktap's `stats` reports `images`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Name the layer was opened under (path as the opener knew it).
+    pub name: String,
+    /// `vhd` or `aio`, as tap-ctl's TYPE.
+    pub driver: &'static str,
+    /// Sectors read from / written to this layer.
+    pub hits: [u64; 2],
+    /// Failed read / write requests on this layer.
+    pub fail: [u64; 2],
+}
+
+/// One disk image (or a whole chain of them), seen as a flat virtual disk.
+///
+/// All methods take `&self` so that a frontend can serve several requests
+/// at once from several threads; implementations do their own locking.
+/// Offsets and lengths are in bytes and need not be sector aligned:
+/// partial sectors are handled by read-modify-write inside the image.
+pub trait Image: Send + Sync + std::fmt::Debug {
+    /// Size of the virtual disk in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Whether writes are refused (opened `-R`, or a format that cannot be written).
+    fn read_only(&self) -> bool;
+
+    /// Fill `buf` from `offset`. Unallocated ranges read as the parent's
+    /// data, or zeroes at the root of the chain.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError>;
+
+    /// Write `buf` at `offset`, allocating blocks as needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError>;
+
+    /// Make every write that returned before this call durable.
+    fn flush(&self) -> Result<(), ImageError>;
+
+    /// The range's contents become unspecified (we make them read as zero
+    /// where we can cheaply), and its space may be given back.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError>;
+
+    /// The range reads as zeroes afterwards. `may_unmap` allows doing it by
+    /// deallocating, as NBD's WRITE_ZEROES without NO_HOLE.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), ImageError>;
+
+    /// Status of the bytes starting at `offset`, at most `len` of them.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, ImageError>;
+
+    /// Counters per layer, leaf first.
+    fn stats(&self) -> Vec<LayerStats>;
+}
