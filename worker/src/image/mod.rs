@@ -80,3 +80,52 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// Counters per layer, leaf first.
     fn stats(&self) -> Vec<LayerStats>;
 }
+
+/// Where a differencing image says its parent is, as read from the child.
+/// Untrusted: it came out of an image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentLocator {
+    /// `W2ku` (absolute Windows-style path), `W2ru` (relative), `MacX`
+    /// (file URL), or `name` for the dynamic header's parent unicode name.
+    pub code: String,
+    /// The decoded path, `/`-separated.
+    pub path: String,
+    /// Relative to the child's directory.
+    pub relative: bool,
+}
+
+/// Opens the parent of a differencing image on the engine's behalf.
+///
+/// Offline this resolves locators on the filesystem (relative ones against
+/// the child's directory); in a confined worker it asks the broker, which
+/// resolves, policy-checks and audits, and passes back an fd.
+pub trait ParentOpener {
+    /// Open the parent of the layer named `child` (the name it was opened
+    /// under). Returns the parent's file and the name it was opened under.
+    /// The engine checks the parent's UUID itself.
+    fn open_parent(
+        &mut self,
+        child: &str,
+        locators: &[ParentLocator],
+        parent_uuid: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError>;
+}
+
+/// Open an image (and for VHD, its whole parent chain) as one [`Image`].
+/// Parents are always opened read-only.
+pub fn open_chain(
+    kind: tapjail_common::proto::ImageKind,
+    leaf: Box<dyn Backing>,
+    name: &str,
+    read_only: bool,
+    _opener: &mut dyn ParentOpener,
+) -> Result<std::sync::Arc<dyn Image>, ImageError> {
+    match kind {
+        tapjail_common::proto::ImageKind::Aio => Ok(std::sync::Arc::new(raw::RawImage::open(
+            leaf, name, read_only,
+        )?)),
+        tapjail_common::proto::ImageKind::Vhd => Err(ImageError::Unsupported(
+            "the VHD engine is not built yet".into(),
+        )),
+    }
+}
