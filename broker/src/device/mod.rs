@@ -1,0 +1,69 @@
+//! The kernel side of a minor: what the broker creates so that a worker can
+//! serve a block device, and tears down again.
+//!
+//! One [`DeviceBackend`] per attached minor. The broker drives it through a
+//! fixed sequence, and on a worker's death through the recovery pair:
+//!
+//! ```text
+//! prepare(size, ro) -> Prepared{spec, fds}  --ToWorker::Serve--> worker
+//!                                           <--FromWorker::Serving--
+//! activate(pid) -> device node, published as /dev/tapjail/tapdevN
+//! ... worker dies ...
+//! recover() -> Prepared (fds for the fresh worker)  --Serve--> new worker
+//! recovered(new pid)
+//! ... close / destroy / broker shutdown ...
+//! teardown()   (idempotent; right order even if the worker was killed)
+//! ```
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use tapjail_common::proto::FrontendKind;
+use tapjail_common::worker_proto::FrontendSpec;
+
+/// What the worker gets for [`tapjail_common::worker_proto::ToWorker::Serve`].
+#[derive(Debug)]
+pub struct Prepared {
+    pub spec: FrontendSpec,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Failures creating or removing kernel devices, named by the step.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{step}: {source}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host lacks what this frontend needs; the message names the
+    /// kernel option or device node (e.g. "ublk: /dev/ublk-control missing
+    /// (CONFIG_BLK_DEV_UBLK)").
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The kernel half of one minor's frontend.
+pub trait DeviceBackend: Send + std::fmt::Debug {
+    fn kind(&self) -> FrontendKind;
+
+    /// Create the kernel side for a disk of `size` bytes.
+    fn prepare(&mut self, size: u64, read_only: bool) -> Result<Prepared, DeviceError>;
+
+    /// The worker reported `Serving`: finish setup and return the device
+    /// node (or, for NBD, the socket path) to publish.
+    fn activate(&mut self, worker_pid: u32) -> Result<PathBuf, DeviceError>;
+
+    /// The worker died: make the kernel side ready for a fresh worker and
+    /// return what that worker must be handed. In-flight I/O must survive.
+    fn recover(&mut self) -> Result<Prepared, DeviceError>;
+
+    /// The fresh worker reported `Serving`.
+    fn recovered(&mut self, worker_pid: u32) -> Result<(), DeviceError>;
+
+    /// Remove everything this backend created, in the right order.
+    /// Idempotent, and must work when the worker is already dead.
+    fn teardown(&mut self) -> Result<(), DeviceError>;
+}
