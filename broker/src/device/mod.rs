@@ -15,6 +15,8 @@
 //! teardown()   (idempotent; right order even if the worker was killed)
 //! ```
 
+pub mod ublk;
+
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use tapjail_common::proto::FrontendKind;
