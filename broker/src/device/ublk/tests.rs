@@ -51,9 +51,14 @@ fn ublk_child_entry() {
 }
 
 fn child_serve(cfg: &str) -> Result<(), String> {
-    let mut parts = cfg.splitn(3, '\u{1f}');
+    let mut parts = cfg.splitn(4, '\u{1f}');
     let image = parts.next().ok_or("no image")?;
     let ro = parts.next().ok_or("no ro")? == "1";
+    let stop_ms: u64 = parts
+        .next()
+        .ok_or("no stop")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     let spec: Vec<u32> = parts
         .next()
         .ok_or("no spec")?
@@ -85,6 +90,13 @@ fn child_serve(cfg: &str) -> Result<(), String> {
     let server = fe.start(disk.clone()).map_err(|e| e.to_string())?;
     ready.write_all(b"R").map_err(|e| e.to_string())?;
     drop(ready);
+    if stop_ms > 0 {
+        let stop = server.stopper();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(stop_ms));
+            stop();
+        });
+    }
     server.wait().map_err(|e| e.to_string())?;
     disk.close().map_err(|e| e.to_string())
 }
@@ -93,6 +105,17 @@ fn child_serve(cfg: &str) -> Result<(), String> {
 /// attached. The broker's copy of the char device is closed here, as the
 /// real broker does once the worker has it.
 fn spawn_server(prepared: Prepared, image: &std::path::Path, ro: bool) -> Child {
+    spawn_server_stopping(prepared, image, ro, 0)
+}
+
+/// [`spawn_server`] whose server stops itself `stop_ms` after attaching
+/// (0: never) and then exits cleanly.
+fn spawn_server_stopping(
+    prepared: Prepared,
+    image: &std::path::Path,
+    ro: bool,
+    stop_ms: u64,
+) -> Child {
     let FrontendSpec::Ublk {
         dev_id,
         nr_queues,
@@ -110,7 +133,7 @@ fn spawn_server(prepared: Prepared, image: &std::path::Path, ro: bool) -> Child 
     let char_raw = char_dev.as_raw_fd();
     let wr_raw = wr.as_raw_fd();
     let cfg = format!(
-        "{}\u{1f}{}\u{1f}{dev_id},{nr_queues},{queue_depth},{max_io_bytes}",
+        "{}\u{1f}{}\u{1f}{stop_ms}\u{1f}{dev_id},{nr_queues},{queue_depth},{max_io_bytes}",
         image.display(),
         if ro { "1" } else { "0" }
     );
@@ -558,6 +581,46 @@ fn ublk_sigkilled_server_is_replaced_and_inflight_writes_complete() {
         assert!(in_file == want, "block {b} not in the image file");
     }
     drop(f);
+    be.teardown().expect("teardown");
+    assert!(wait_exit(&mut child, 30).success());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_server_that_stops_by_itself_holds_io_for_its_successor() {
+    say_where();
+    let size = 4u64 << 20;
+    let (_dir, img) = image(size);
+    let mut be = UblkBackend::default();
+    let prepared = be.prepare(size, false).expect("prepare");
+    let mut child = spawn_server_stopping(prepared, &img, false, 300);
+    let dev = be.activate(child.id()).expect("activate");
+    // The server hands its queue back and exits by itself.
+    let st = wait_exit(&mut child, 30);
+    assert!(st.success(), "a stopped server exits cleanly: {st:?}");
+    // I/O issued now waits for a successor instead of failing.
+    let dev2 = dev.clone();
+    let writer = std::thread::spawn(move || {
+        let f = open_direct(&dev2, true)?;
+        let mut a = Aligned::new(4096);
+        fill(a.buf(), 5, 5);
+        f.write_all_at(a.buf(), 8192)?;
+        f.sync_all()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!writer.is_finished(), "I/O must wait for the next server");
+    let prepared = be.recover().expect("recover after a clean exit");
+    let mut child = spawn_server(prepared, &img, false);
+    be.recovered(child.id()).expect("recovered");
+    writer.join().unwrap().expect("the held write completes");
+    let mut want = vec![0u8; 4096];
+    fill(&mut want, 5, 5);
+    let mut got = vec![0u8; 4096];
+    File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut got, 8192)
+        .unwrap();
+    assert!(got == want, "the held write reached the image");
     be.teardown().expect("teardown");
     assert!(wait_exit(&mut child, 30).success());
 }

@@ -86,7 +86,8 @@ pub struct UblkFrontend {
 /// The running queues of a started frontend.
 #[derive(Debug)]
 pub struct UblkServer {
-    threads: Vec<JoinHandle<Result<(), FrontendError>>>,
+    threads: Vec<JoinHandle<()>>,
+    done: mpsc::Receiver<Result<(), FrontendError>>,
     stop: Arc<AtomicBool>,
     // Kept open until every queue thread has dropped its ring.
     _char_dev: Arc<OwnedFd>,
@@ -110,22 +111,32 @@ impl UblkFrontend {
     pub fn start(&self, disk: Arc<Disk>) -> Result<UblkServer, FrontendError> {
         let g = self.geometry;
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(g.nr_queues));
         let mut failure = None;
         for q_id in 0..g.nr_queues {
             let fd = self.char_dev.clone();
             let disk = disk.clone();
             let stop2 = stop.clone();
-            let tx = tx.clone();
+            let ready = ready_tx.clone();
+            let done = done_tx.clone();
             let params = queue::QueueParams {
                 q_id,
                 depth: g.queue_depth,
                 max_io_bytes: g.max_io_bytes,
             };
-            let spawned = std::thread::Builder::new()
-                .name(format!("ublk-q{q_id}"))
-                .spawn(move || queue::run(fd.as_fd(), params, &disk, &stop2, tx));
+            let spawned = spawn_queue_thread(q_id, move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    queue::run(fd.as_fd(), params, &disk, &stop2, ready)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(FrontendError::Protocol(format!(
+                        "ublk queue {q_id} thread panicked"
+                    )))
+                });
+                let _ = done.send(r);
+            });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
@@ -137,10 +148,10 @@ impl UblkFrontend {
                 }
             }
         }
-        drop(tx);
+        drop(ready_tx);
         if failure.is_none() {
             for _ in 0..threads.len() {
-                match rx.recv() {
+                match ready_rx.recv() {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         failure = Some(e);
@@ -157,6 +168,7 @@ impl UblkFrontend {
         }
         let server = UblkServer {
             threads,
+            done: done_rx,
             stop,
             _char_dev: self.char_dev.clone(),
         };
@@ -164,11 +176,23 @@ impl UblkFrontend {
             None => Ok(server),
             Some(e) => {
                 server.stop();
-                let _ = server.wait();
+                let _ = server.join_all();
                 Err(e)
             }
         }
     }
+}
+
+fn spawn_queue_thread(
+    q_id: u16,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    // Under mlockall(MCL_FUTURE) a thread's whole stack is locked memory;
+    // a queue thread needs little.
+    std::thread::Builder::new()
+        .name(format!("ublk-q{q_id}"))
+        .stack_size(256 * 1024)
+        .spawn(f)
 }
 
 impl UblkServer {
@@ -179,21 +203,56 @@ impl UblkServer {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Wait for every queue thread; the first error wins.
-    pub fn wait(self) -> Result<(), FrontendError> {
-        let mut result = Ok(());
-        for t in self.threads {
-            let r = t.join().unwrap_or_else(|_| {
-                Err(FrontendError::Protocol(
-                    "a ublk queue thread panicked".into(),
-                ))
-            });
-            if result.is_ok() {
-                result = r;
+    /// A handle that stops the queues from another thread.
+    pub fn stopper(&self) -> impl FnOnce() + Send + 'static {
+        let stop = self.stop.clone();
+        move || stop.store(true, Ordering::Relaxed)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Wait until every queue has ended: Ok when the driver aborted them
+    /// (device stopped) or [`UblkServer::stop`] was called. A queue that
+    /// fails while the others run is returned at once, as
+    /// [`UblkError::QueueFailed`]: the device is then stuck until a new
+    /// server takes over (see [`Frontend::serve`] for UblkFrontend).
+    pub fn wait(self) -> Result<(), UblkError> {
+        for _ in 0..self.threads.len() {
+            match self.done.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if self.stopping() => {
+                    eprintln!("tapdisk: ublk: while stopping: {e}");
+                }
+                Ok(Err(e)) => return Err(UblkError::QueueFailed(e)),
+                Err(_) => break,
             }
         }
-        result
+        self.join_all().map_err(UblkError::Stopped)
     }
+
+    fn join_all(self) -> Result<(), FrontendError> {
+        for t in self.threads {
+            if t.join().is_err() {
+                return Err(FrontendError::Protocol(
+                    "a ublk queue thread panicked".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How serving ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum UblkError {
+    /// A queue stopped on its own: its requests can only be served again by
+    /// a new worker after the broker's recovery.
+    #[error("{0}")]
+    QueueFailed(FrontendError),
+    #[error("{0}")]
+    Stopped(FrontendError),
 }
 
 impl Frontend for UblkFrontend {
@@ -201,8 +260,19 @@ impl Frontend for UblkFrontend {
         "ublk"
     }
 
+    /// Serve until the device is stopped. A queue failing on its own
+    /// leaves requests that no thread of this process can complete any
+    /// more; the worker then exits, so that the broker sees it die and
+    /// hands the device to a fresh worker (user recovery re-issues them).
     fn serve(&mut self, disk: Arc<Disk>) -> Result<(), FrontendError> {
-        self.start(disk)?.wait()
+        match self.start(disk)?.wait() {
+            Ok(()) => Ok(()),
+            Err(UblkError::Stopped(e)) => Err(e),
+            Err(UblkError::QueueFailed(e)) => {
+                eprintln!("tapdisk: ublk: {e}; exiting so the broker recovers the device");
+                std::process::exit(70);
+            }
+        }
     }
 }
 

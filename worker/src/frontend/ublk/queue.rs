@@ -184,13 +184,14 @@ pub fn run(
                 }
                 UBLK_IO_RES_ABORT => live = live.saturating_sub(1),
                 other => {
-                    // The driver refused the command: this tag is lost.
-                    eprintln!(
-                        "tapdisk: ublk queue {} tag {tag}: command failed: {}",
+                    // The driver refused a command: that tag's request can
+                    // neither complete nor be re-fetched. Only a new server
+                    // (after recovery) can get the queue going again.
+                    break 'serve Err(FrontendError::Protocol(format!(
+                        "ublk queue {} tag {tag}: the driver refused a queue command: {}",
                         q.q_id,
                         std::io::Error::from_raw_os_error(-other.min(-1))
-                    );
-                    live = live.saturating_sub(1);
+                    )));
                 }
             }
         }
