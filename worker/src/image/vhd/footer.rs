@@ -206,6 +206,10 @@ impl Footer {
         self.raw[OFF_HIDDEN]
     }
 
+    pub fn set_creator_app(&mut self, app: [u8; 4]) {
+        self.raw[OFF_CREATOR_APP..OFF_CREATOR_APP + 4].copy_from_slice(&app);
+    }
+
     pub fn set_creator_version(&mut self, v: u32) {
         put32(&mut self.raw, OFF_CREATOR_VERSION, v);
     }
