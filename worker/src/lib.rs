@@ -6,8 +6,11 @@
 //! byte of image data is parsed, `control` the broker-mode request loop and
 //! `standalone` the privilege-separated `tapdisk --nbd` mode.
 
+pub mod control;
 pub mod disk;
 pub mod frontend;
 pub mod image;
 pub mod io;
 pub mod sandbox;
+pub mod standalone;
+pub mod stats;

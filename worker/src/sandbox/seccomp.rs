@@ -118,6 +118,11 @@ const CLONE_FORBIDDEN: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_PARENT
     | libc::CLONE_UNTRACED) as u64;
 
+/// glibc's internal real-time signals (SIGRTMIN is 34 to applications
+/// because glibc keeps 32 and 33 for these).
+const GLIBC_SIGCANCEL: u64 = 32;
+const GLIBC_SIGSETXID: u64 = 33;
+
 // io_uring_register opcodes (linux/io_uring.h).
 const IORING_REGISTER_FILES: u64 = 2;
 const IORING_REGISTER_RESTRICTIONS: u64 = 11;
@@ -278,6 +283,11 @@ pub fn base_rules() -> Vec<Allowed> {
             "sched_yield",
             "spin-then-park in locks",
         ),
+        allow(
+            libc::SYS_sched_getaffinity,
+            "sched_getaffinity",
+            "glibc's malloc reads the CPU mask when a thread first allocates",
+        ),
         allow_if(
             libc::SYS_prctl,
             "prctl",
@@ -291,6 +301,12 @@ pub fn base_rules() -> Vec<Allowed> {
             libc::SYS_rt_sigprocmask,
             "rt_sigprocmask",
             "glibc masks signals around thread creation",
+        ),
+        allow_if(
+            libc::SYS_rt_sigaction,
+            "rt_sigaction",
+            one_of32(0, &[GLIBC_SIGCANCEL, GLIBC_SIGSETXID]),
+            "glibc installs its internal SIGCANCEL/SIGSETXID handlers at the first pthread_create; no other handler",
         ),
         allow(
             libc::SYS_rt_sigreturn,
