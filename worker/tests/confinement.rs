@@ -2,9 +2,9 @@
 //! (or this test binary) as a child process, so the test runner itself is
 //! never confined.
 
-mod common;
+mod support;
 
-use common::*;
+use support::*;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;

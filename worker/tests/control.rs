@@ -1,9 +1,9 @@
 //! Broker mode end to end: this test plays the broker on the control
 //! socket of a real, confined `tapdisk --broker --frontend nbd`.
 
-mod common;
+mod support;
 
-use common::*;
+use support::*;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;

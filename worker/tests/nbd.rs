@@ -2,9 +2,9 @@
 //! hand-rolled client for exact error codes and hostile input. Every test
 //! runs its own standalone `tapdisk --nbd` on an image in a fresh temp dir.
 
-mod common;
+mod support;
 
-use common::*;
+use support::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 

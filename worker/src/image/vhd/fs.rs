@@ -1,0 +1,287 @@
+//! Offline helpers that work on paths: the filesystem [`ParentOpener`] and
+//! opening images by path. Only the `tap-ctl vhd` tools and tests use
+//! these; a confined worker never opens a path (its parents come from the
+//! broker).
+
+use super::create::{create, CreateKind, ParentSpec};
+use super::footer::Footer;
+use super::image::VhdImage;
+use super::layer::{VhdLayer, VhdOptions};
+use super::locator::LocatorCode;
+use crate::image::{Backing, ImageError, ParentLocator, ParentOpener};
+use std::fs::{File, OpenOptions};
+use std::path::{Component, Path, PathBuf};
+
+/// Resolves parent locators on the local filesystem, the way blktap's
+/// `vhd_find_parent` does: relative locators (`./base.vhd`) against the
+/// child's directory, absolute ones as they are. Among the candidates
+/// that exist, the first whose UUID matches wins; failing that the first
+/// that exists (the engine then reports the UUID mismatch).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsParentOpener;
+
+impl FsParentOpener {
+    /// Candidate paths for a parent, in the order they are tried.
+    pub fn candidates(child: &str, locators: &[ParentLocator]) -> Vec<PathBuf> {
+        let dir = Path::new(child)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut out: Vec<PathBuf> = Vec::new();
+        let relative = locators.iter().filter(|l| l.relative);
+        let absolute = locators.iter().filter(|l| !l.relative);
+        for l in relative.chain(absolute) {
+            let p = if l.relative {
+                dir.join(&l.path)
+            } else {
+                PathBuf::from(&l.path)
+            };
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// The UUID in a file's footer, if it has one.
+fn peek_uuid(file: &File) -> Option<[u8; 16]> {
+    let len = Backing::len(file).ok()?;
+    let mut b = [0u8; 512];
+    for off in [len.checked_sub(512)?, 0] {
+        if Backing::read_exact_at(file, &mut b, off).is_ok() {
+            if let Ok(f) = Footer::parse(&b) {
+                return Some(f.uuid());
+            }
+        }
+    }
+    None
+}
+
+impl ParentOpener for FsParentOpener {
+    fn open_parent(
+        &mut self,
+        child: &str,
+        locators: &[ParentLocator],
+        parent_uuid: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError> {
+        let candidates = Self::candidates(child, locators);
+        let mut fallback = None;
+        for c in &candidates {
+            let Ok(f) = File::open(c) else { continue };
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            let name = c.to_string_lossy().into_owned();
+            if peek_uuid(&f) == Some(parent_uuid) {
+                return Ok((Box::new(f), name));
+            }
+            if fallback.is_none() {
+                fallback = Some((f, name));
+            }
+        }
+        match fallback {
+            Some((f, name)) => Ok((Box::new(f), name)),
+            None => Err(ImageError::Parent(format!(
+                "the parent of {child} was not found (tried {})",
+                if candidates.is_empty() {
+                    "nothing: the image records no usable parent locator".to_string()
+                } else {
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ))),
+        }
+    }
+}
+
+/// Open a file for an offline tool, read-write unless `read_only`.
+pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| ImageError::Io {
+            op: "open",
+            offset: 0,
+            source,
+        })
+}
+
+/// Open a VHD and its chain by path, parents found on the filesystem.
+pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<VhdImage, ImageError> {
+    let f = open_file(path, read_only)?;
+    super::chain::open(
+        Box::new(f),
+        &path.to_string_lossy(),
+        read_only,
+        &mut FsParentOpener,
+        options,
+    )
+}
+
+/// Create a new image file at `path` (replacing any file there).
+pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(ImageError::io("create", 0))?;
+    create(&f, size, kind)
+}
+
+/// What a child of `parent` (to be created at `child`) records about it:
+/// UUID, modification time, file name, and locators: `W2ru` with the path
+/// relative to the child's directory (`./base.vhd`, what blktap resolves),
+/// then `W2ku` and `MacX` with the absolute path. Also the parent's
+/// virtual size.
+pub fn parent_spec(child: &Path, parent: &Path) -> Result<(ParentSpec, u64), ImageError> {
+    let pf = open_file(parent, true)?;
+    let mtime = pf
+        .metadata()
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs().saturating_sub(super::footer::VHD_EPOCH))
+        .unwrap_or(0);
+    let layer = VhdLayer::open(
+        Box::new(pf),
+        &parent.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    let abs = normalize(&std::path::absolute(parent).map_err(ImageError::io("resolve path", 0))?);
+    let child_dir = child
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let rel = relative_path(child_dir, &abs)?;
+    let abs_s = abs.to_string_lossy().into_owned();
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((
+        ParentSpec {
+            uuid: layer.uuid(),
+            timestamp: u32::try_from(mtime).unwrap_or(u32::MAX),
+            name,
+            locators: vec![
+                (LocatorCode::W2ru, rel),
+                (LocatorCode::W2ku, abs_s.clone()),
+                (LocatorCode::MacX, abs_s),
+            ],
+        },
+        layer.virtual_size(),
+    ))
+}
+
+/// Create `child` as a differencing image of `parent`, as large as the
+/// parent (`vhd-util snapshot`).
+pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Footer, ImageError> {
+    if let (Ok(a), Ok(b)) = (child.canonicalize(), parent.canonicalize()) {
+        if a == b {
+            return Err(ImageError::InvalidArgument(format!(
+                "{} cannot be its own parent",
+                child.display()
+            )));
+        }
+    }
+    let (spec, size) = parent_spec(child, parent)?;
+    create_path(
+        child,
+        size,
+        &CreateKind::Differencing {
+            block_size,
+            parent: spec,
+        },
+    )
+}
+
+/// The path of `target` relative to the directory `from_dir` (both made
+/// absolute first), in the `./x` / `../x` form blktap writes.
+pub fn relative_path(from_dir: &Path, target: &Path) -> Result<String, ImageError> {
+    let abs = |p: &Path| -> Result<PathBuf, ImageError> {
+        let p = std::path::absolute(p).map_err(ImageError::io("resolve path", 0))?;
+        Ok(normalize(&p))
+    };
+    let from = abs(from_dir)?;
+    let to = abs(target)?;
+    let f: Vec<Component> = from.components().collect();
+    let t: Vec<Component> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = Vec::new();
+    for _ in common..f.len() {
+        parts.push("..".into());
+    }
+    for c in &t[common..] {
+        parts.push(c.as_os_str().to_string_lossy().into_owned());
+    }
+    let rel = parts.join("/");
+    Ok(if rel.starts_with("..") {
+        rel
+    } else {
+        format!("./{rel}")
+    })
+}
+
+/// Lexically remove `.` and `..` components of an absolute path.
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_path_same_dir_is_dot_slash() {
+        let r = relative_path(Path::new("/a/b"), Path::new("/a/b/base.vhd")).unwrap();
+        assert_eq!(r, "./base.vhd");
+        let r = relative_path(Path::new("/a/b"), Path::new("/a/c/base.vhd")).unwrap();
+        assert_eq!(r, "../c/base.vhd");
+        let r = relative_path(Path::new("/a/b/"), Path::new("/a/b/./x/../base.vhd")).unwrap();
+        assert_eq!(r, "./base.vhd");
+    }
+
+    #[test]
+    fn candidates_try_relative_first_against_child_dir() {
+        let locs = vec![
+            ParentLocator {
+                code: "W2ku".into(),
+                path: "/abs/base.vhd".into(),
+                relative: false,
+            },
+            ParentLocator {
+                code: "W2ru".into(),
+                path: "./base.vhd".into(),
+                relative: true,
+            },
+        ];
+        let c = FsParentOpener::candidates("/img/child.vhd", &locs);
+        assert_eq!(
+            c,
+            vec![
+                PathBuf::from("/img/./base.vhd"),
+                PathBuf::from("/abs/base.vhd")
+            ]
+        );
+        let c = FsParentOpener::candidates("child.vhd", &locs[1..]);
+        assert_eq!(c, vec![PathBuf::from("././base.vhd")]);
+    }
+}
