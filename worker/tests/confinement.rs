@@ -4,10 +4,10 @@
 
 mod support;
 
-use support::*;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
+use support::*;
 use tapjail_common::frame::{self, MAX_REQUEST_FRAME};
 use tapjail_common::worker_proto::FromWorker;
 

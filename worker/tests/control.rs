@@ -3,10 +3,10 @@
 
 mod support;
 
-use support::*;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
+use support::*;
 use tapjail_common::frame::{self, MAX_REQUEST_FRAME};
 use tapjail_common::proto::ImageKind;
 use tapjail_common::worker_proto::{FromWorker, FrontendSpec, ToWorker};

@@ -4,9 +4,9 @@
 
 mod support;
 
-use support::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use support::*;
 
 const MIB: usize = 1 << 20;
 

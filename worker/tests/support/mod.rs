@@ -1,7 +1,7 @@
 //! Helpers shared by the tapdisk process tests (confinement, NBD, broker
-//! `tapdisk --nbd`, drive a broker-mode worker over its control socket, and
-//! a minimal NBD client for what qemu cannot show (exact error codes,
-//! hostile input).
+//! mode): start a standalone `tapdisk --nbd`, drive a broker-mode worker
+//! over its control socket, and a minimal NBD client for what qemu cannot
+//! show (exact error codes, hostile input).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
