@@ -16,6 +16,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use tapjail_common::frame;
+use tapjail_common::proto::ImageKind;
+use tapjail_common::worker_proto::{FromWorker, ToWorker};
 use tapjail_worker::disk::Disk;
 use tapjail_worker::frontend::ublk::UblkFrontend;
 use tapjail_worker::image::raw::RawImage;
@@ -95,7 +98,7 @@ fn child_serve(cfg: &str) -> Result<(), String> {
     // SAFETY: likewise for the write end of the readiness pipe.
     let mut ready = unsafe { File::from_raw_fd(CHILD_READY_FD) };
     let fe = UblkFrontend::new(char_dev, &spec).map_err(|e| e.to_string())?;
-    let server = fe.start(disk.clone()).map_err(|e| e.to_string())?;
+    let server = fe.launch(disk.clone()).map_err(|e| e.to_string())?;
     ready.write_all(b"R").map_err(|e| e.to_string())?;
     drop(ready);
     if stop_ms > 0 {
@@ -668,6 +671,179 @@ fn ublk_server_that_stops_by_itself_holds_io_for_its_successor() {
     assert!(got == want, "the held write reached the image");
     be.teardown().expect("teardown");
     assert!(wait_exit(&mut child, 30).success());
+}
+
+/// The real worker binary, built next to this test binary.
+fn tapdisk() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("tapdisk");
+    assert!(
+        p.exists(),
+        "{} missing: cargo build --bin tapdisk",
+        p.display()
+    );
+    p
+}
+
+/// A confined `tapdisk --broker --frontend ublk`, driven over its control
+/// socket the way the broker does: Open the image, Serve the device.
+struct Confined {
+    child: Child,
+    sock: std::os::unix::net::UnixStream,
+}
+
+impl Confined {
+    fn ask(&self, msg: ToWorker, fds: &[std::os::fd::BorrowedFd<'_>]) -> FromWorker {
+        frame::send_on(&self.sock, &msg, fds).expect("send to worker");
+        self.recv()
+    }
+
+    fn recv(&self) -> FromWorker {
+        frame::recv_on::<_, FromWorker>(&self.sock, frame::MAX_REPLY_FRAME)
+            .expect("reply from worker")
+            .0
+    }
+}
+
+fn spawn_confined(prepared: Prepared, image: &std::path::Path, vhd: bool) -> Confined {
+    use std::os::fd::AsFd;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = Command::new(tapdisk());
+    cmd.args([
+        "--broker",
+        "--frontend",
+        "ublk",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+    ]);
+    // SAFETY: only dup2, async-signal-safe, on an fd open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, tapjail_common::worker_proto::CONTROL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn tapdisk");
+    drop(theirs);
+    let w = Confined { child, sock: ours };
+    assert!(
+        matches!(w.recv(), FromWorker::Ready { .. }),
+        "worker not ready"
+    );
+    let leaf: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap()
+        .into();
+    let kind = if vhd { ImageKind::Vhd } else { ImageKind::Aio };
+    let opened = w.ask(
+        ToWorker::Open {
+            kind,
+            name: image.display().to_string(),
+            read_only: false,
+        },
+        &[leaf.as_fd()],
+    );
+    assert!(
+        matches!(opened, FromWorker::Opened { .. }),
+        "open: {opened:?}"
+    );
+    drop(leaf);
+    let mut fds = prepared.fds;
+    let char_dev = fds.remove(0);
+    let served = w.ask(ToWorker::Serve(prepared.spec), &[char_dev.as_fd()]);
+    assert_eq!(served, FromWorker::Serving, "serve");
+    // As the broker: keep no copy of /dev/ublkcN once the worker has it.
+    drop(char_dev);
+    w
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
+    say_where();
+    let size = 16u64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.vhd");
+    vhd::fs::create_path(&img, size, &vhd::create::CreateKind::dynamic()).expect("create vhd");
+    let mut be = UblkBackend::default();
+    let prepared = be.prepare(size, false).expect("prepare");
+    let mut w = spawn_confined(prepared, &img, true);
+    let dev = be.activate(w.child.id()).expect("activate");
+    // The worker really is confined: not root, no capabilities.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.child.id())).unwrap();
+    assert!(status.contains("Uid:\t65534"), "worker uid: {status}");
+    assert!(status.contains("CapEff:\t0000000000000000"), "worker caps");
+    assert!(status.contains("Seccomp:\t2"), "worker seccomp");
+    match w.ask(ToWorker::Stats, &[]) {
+        FromWorker::Stats(st) => assert_eq!(st.frontend.kind, "ublk"),
+        other => panic!("stats: {other:?}"),
+    }
+
+    let f = open_direct(&dev, true).expect("open device");
+    let mut a = Aligned::new(1 << 20);
+    fill(a.buf(), 3, 1);
+    f.write_all_at(a.buf(), 2 << 20)
+        .expect("write through the confined worker");
+    f.sync_all().expect("flush");
+    drop(f);
+
+    // SIGKILL it with a write queued behind the kill; a fresh confined
+    // worker takes over and the write completes.
+    let dev2 = dev.clone();
+    let writer = std::thread::spawn(move || {
+        let f = open_direct(&dev2, true)?;
+        let mut a = Aligned::new(64 << 10);
+        for i in 0..64u64 {
+            fill(a.buf(), 100 + i, 1);
+            f.write_all_at(a.buf(), (8 << 20) + i * (64 << 10))?;
+        }
+        f.sync_all()
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    w.child.kill().unwrap();
+    w.child.wait().unwrap();
+    let prepared = be.recover().expect("recover");
+    let mut w2 = spawn_confined(prepared, &img, true);
+    be.recovered(w2.child.id()).expect("recovered");
+    writer
+        .join()
+        .unwrap()
+        .expect("writes across the kill succeed");
+
+    let f = open_direct(&dev, false).unwrap();
+    let mut got = Aligned::new(1 << 20);
+    f.read_exact_at(got.buf(), 2 << 20).unwrap();
+    assert!(
+        got.buf() == a.buf(),
+        "data written before the kill survives"
+    );
+    let mut got = Aligned::new(64 << 10);
+    let mut want = vec![0u8; 64 << 10];
+    for i in 0..64u64 {
+        fill(&mut want, 100 + i, 1);
+        f.read_exact_at(got.buf(), (8 << 20) + i * (64 << 10))
+            .unwrap();
+        assert!(got.buf() == &want[..], "write {i} across the kill");
+    }
+    drop(f);
+    be.teardown().expect("teardown");
+    assert_eq!(w2.ask(ToWorker::Shutdown, &[]), FromWorker::Ok);
+    assert!(w2.child.wait().unwrap().success());
+    let reopened = vhd::fs::open_vhd(&img, true, Default::default()).expect("VHD reopens");
+    let mut back = vec![0u8; 1 << 20];
+    reopened.read_at(&mut back, 2 << 20).unwrap();
+    assert!(back == a.buf());
 }
 
 #[test]

@@ -76,11 +76,13 @@ impl Geometry {
     }
 }
 
-/// A ublk frontend not yet started.
+/// The ublk frontend: `start` attaches the queues, `serve` waits on them.
 #[derive(Debug)]
 pub struct UblkFrontend {
     char_dev: Arc<OwnedFd>,
     geometry: Geometry,
+    stop: Arc<AtomicBool>,
+    server: Option<UblkServer>,
 }
 
 /// The running queues of a started frontend.
@@ -99,6 +101,8 @@ impl UblkFrontend {
         Ok(UblkFrontend {
             char_dev: Arc::new(char_dev),
             geometry: Geometry::from_spec(spec)?,
+            stop: Arc::new(AtomicBool::new(false)),
+            server: None,
         })
     }
 
@@ -108,9 +112,9 @@ impl UblkFrontend {
 
     /// Start one thread per queue and return once every tag of every
     /// queue is fetched: the broker may then START_DEV (or end recovery).
-    pub fn start(&self, disk: Arc<Disk>) -> Result<UblkServer, FrontendError> {
+    pub fn launch(&self, disk: Arc<Disk>) -> Result<UblkServer, FrontendError> {
         let g = self.geometry;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.stop.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(g.nr_queues));
@@ -187,12 +191,7 @@ fn spawn_queue_thread(
     q_id: u16,
     f: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
-    // Under mlockall(MCL_FUTURE) a thread's whole stack is locked memory;
-    // a queue thread needs little.
-    std::thread::Builder::new()
-        .name(format!("ublk-q{q_id}"))
-        .stack_size(256 * 1024)
-        .spawn(f)
+    super::spawn_thread(&format!("ublk-q{q_id}"), f)
 }
 
 impl UblkServer {
@@ -260,12 +259,30 @@ impl Frontend for UblkFrontend {
         "ublk"
     }
 
-    /// Serve until the device is stopped. A queue failing on its own
-    /// leaves requests that no thread of this process can complete any
-    /// more; the worker then exits, so that the broker sees it die and
-    /// hands the device to a fresh worker (user recovery re-issues them).
+    /// Attach every queue (all tags fetched) before the worker reports
+    /// `Serving`, so that the broker's START_DEV / END_USER_RECOVERY finds
+    /// the device ready.
+    fn start(&mut self, disk: &Arc<Disk>) -> Result<(), FrontendError> {
+        if self.server.is_some() {
+            return Err(FrontendError::Protocol(
+                "ublk queues already started".into(),
+            ));
+        }
+        self.server = Some(self.launch(disk.clone())?);
+        Ok(())
+    }
+
+    /// Serve until the device is stopped or the stopper is called. A queue
+    /// failing on its own leaves requests that no thread of this process
+    /// can complete any more; the worker then exits, so that the broker
+    /// sees it die and hands the device to a fresh worker (user recovery
+    /// re-issues those requests).
     fn serve(&mut self, disk: Arc<Disk>) -> Result<(), FrontendError> {
-        match self.start(disk)?.wait() {
+        let server = match self.server.take() {
+            Some(s) => s,
+            None => self.launch(disk)?,
+        };
+        match server.wait() {
             Ok(()) => Ok(()),
             Err(UblkError::Stopped(e)) => Err(e),
             Err(UblkError::QueueFailed(e)) => {
@@ -273,6 +290,11 @@ impl Frontend for UblkFrontend {
                 std::process::exit(70);
             }
         }
+    }
+
+    fn stopper(&self) -> Option<super::Stopper> {
+        let stop = self.stop.clone();
+        Some(Box::new(move || stop.store(true, Ordering::Relaxed)))
     }
 }
 
