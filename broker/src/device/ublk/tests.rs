@@ -675,6 +675,9 @@ fn ublk_server_that_stops_by_itself_holds_io_for_its_successor() {
 
 /// The real worker binary, built next to this test binary.
 fn tapdisk() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("TAPJAIL_TAPDISK") {
+        return p.into();
+    }
     let exe = std::env::current_exe().expect("current exe");
     let p = exe
         .parent()
