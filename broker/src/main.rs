@@ -150,6 +150,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("tap-broker must run as root (it opens images, creates devices and starts workers under their own uids)");
     }
     let tapdisk = tapdisk_path(&policy)?;
+    let claim = server::SocketClaim::take(&policy.socket)
+        .with_context(|| format!("control socket {}", policy.socket.display()))?;
     let signals = block_signals();
 
     let devices =
@@ -163,8 +165,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", dir.display()))?;
     }
     let audit = AuditLog::open(&policy.audit_log)?;
-    let listener = server::Listener::bind(&policy.socket)
-        .with_context(|| format!("control socket {}", policy.socket.display()))?;
     let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
 
     let memlock = memlock_for_workers(policy.worker_memlock);
@@ -207,6 +207,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("{banner}");
     broker.notice(Event::BrokerStart, None, None, "start", banner);
 
+    let listener = claim
+        .bind()
+        .with_context(|| format!("control socket {}", broker.policy.socket.display()))?;
     let sup = Arc::clone(&broker);
     std::thread::Builder::new()
         .name("supervisor".into())

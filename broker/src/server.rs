@@ -30,10 +30,16 @@ pub struct Listener {
     _lock: LockFile,
 }
 
-impl Listener {
-    /// Bind `path` (mode 0666): refuse if another broker serves it (its
-    /// `PATH.lock` is held); replace a stale socket left by a dead one.
-    pub fn bind(path: &Path) -> anyhow::Result<Listener> {
+/// The right to serve a socket path: `PATH.lock`, held for the broker's
+/// life. Taken before anything else so a second broker stops at once.
+#[derive(Debug)]
+pub struct SocketClaim {
+    path: PathBuf,
+    lock: LockFile,
+}
+
+impl SocketClaim {
+    pub fn take(path: &Path) -> anyhow::Result<SocketClaim> {
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -43,18 +49,28 @@ impl Listener {
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
         let lock = LockFile::acquire(&lock_path)?
             .ok_or_else(|| anyhow::anyhow!("another tap-broker serves {}", path.display()))?;
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(SocketClaim {
+            path: path.to_path_buf(),
+            lock,
+        })
+    }
+
+    /// Bind the socket (mode 0666), replacing a stale one left by a dead
+    /// broker. Done last at startup: a client that can connect is served.
+    pub fn bind(self) -> anyhow::Result<Listener> {
+        let path = self.path;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path)?,
             Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
             Err(_) => {}
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = UnixListener::bind(&path)?;
         // The policy decides who may do what; anyone may ask.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
         Ok(Listener {
             listener,
-            path: path.to_path_buf(),
-            _lock: lock,
+            path,
+            _lock: self.lock,
         })
     }
 }

@@ -190,7 +190,8 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/run/tapjail";
     pub const DEVICE_DIR: &str = tapjail_common::Minor::DEVICE_DIR;
     pub const WORKER_UIDS: (u32, u32) = (300_000, 300_999);
-    pub const WORKER_MEMLOCK_MIB: u64 = 256;
+    // What the worker asks for to be comfortable (worker::sandbox::mlock).
+    pub const WORKER_MEMLOCK_MIB: u64 = 512;
     pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
     pub const WORKER_TIMEOUT_SECS: u32 = 30;
     pub const MAX_CLIENTS: u32 = 64;
@@ -612,7 +613,7 @@ image_roots = ["/srv/bob"]
         assert_eq!(p.worker_uid_count(), 1000);
         assert_eq!(p.frontend, FrontendChoice::Nbd);
         assert_eq!(p.device_dir, Path::new("/dev/tapjail"));
-        assert_eq!(p.worker_memlock, 256 * 1024 * 1024);
+        assert_eq!(p.worker_memlock, 512 * 1024 * 1024);
         assert!(p.respawn);
         let a = p.tenant("alice").unwrap();
         assert_eq!(a.image_roots, vec![PathBuf::from("/srv/alice")]);

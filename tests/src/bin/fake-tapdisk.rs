@@ -6,7 +6,8 @@
 //! uid/gid, no capabilities, no_new_privs, a permissive seccomp filter),
 //! then answers the broker on fd 3. "Images" are raw files; one that starts
 //! with `PARENT:<path>\n` asks the broker for that parent (relative
-//! locator), `HANG\n` makes Open never answer, `CRASH\n` aborts. It never
+//! locator), `HANG\n` makes Open never answer, `CRASH\n` aborts,
+//! `STUBBORN\n` keeps it running after the broker goes away. It never
 //! serves real NBD: it accepts and holds client connections.
 
 use std::fs::File;
@@ -54,6 +55,9 @@ fn confine(uid: u32, gid: u32) {
     }
 }
 
+/// Set by a `STUBBORN` image: outlive the broker.
+static STUBBORN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 struct Chain {
     names: Vec<String>,
     size: u64,
@@ -78,6 +82,9 @@ fn open(
     }
     if head.starts_with("CRASH\n") {
         std::process::abort();
+    }
+    if head.starts_with("STUBBORN\n") {
+        STUBBORN.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     if let Some(rest) = head.strip_prefix("PARENT:") {
         let loc = rest.lines().next().unwrap_or("").to_string();
@@ -126,6 +133,9 @@ fn main() {
     let mut listeners: Vec<UnixListener> = Vec::new();
     loop {
         let Ok((msg, fds)) = frame::recv_on::<_, ToWorker>(&ctl, 1 << 16) else {
+            while STUBBORN.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
             std::process::exit(0);
         };
         let reply = match msg {

@@ -2,6 +2,10 @@
 //! only where a test must force a worker's behaviour), tap-ctl run as
 //! several tenants. Needs root.
 
+mod escapes;
+mod faults;
+mod robustness;
 mod seed;
+mod tenants;
 
 pub use tapjail_tests::*;
