@@ -124,12 +124,12 @@ impl Default for Options {
     }
 }
 
-/// The worker the lifecycle tests use: `TAPJAIL_TEST_WORKER=real|fake`.
-/// Until the real tapdisk's broker mode lands, the default is the fake.
+/// The worker the lifecycle tests use: the real tapdisk, unless
+/// `TAPJAIL_TEST_WORKER=fake` (to tell a broker bug from a worker bug).
 pub fn default_worker() -> WorkerBin {
     match std::env::var("TAPJAIL_TEST_WORKER").as_deref() {
-        Ok("real") => WorkerBin::Real,
-        _ => WorkerBin::Fake,
+        Ok("fake") => WorkerBin::Fake,
+        _ => WorkerBin::Real,
     }
 }
 
@@ -260,6 +260,40 @@ impl Harness {
         let f = std::fs::File::create(&p).expect("image");
         f.set_len(size).expect("size");
         p
+    }
+
+    /// Create a dynamic VHD of `mib` MiB in tenant `name`'s root with
+    /// `tap-ctl vhd create` (the offline tool, as root).
+    pub fn vhd_image(&self, tenant: &str, file: &str, mib: u64) -> PathBuf {
+        let p = self.root(tenant).join(file);
+        let out = Command::new(bin("tap-ctl"))
+            .args(["vhd", "create", "-n"])
+            .arg(&p)
+            .args(["-s", &mib.to_string()])
+            .output()
+            .expect("tap-ctl vhd create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    /// A differencing child of `parent` (any path) at `child`.
+    pub fn vhd_snapshot(&self, child: &Path, parent: &Path) {
+        let out = Command::new(bin("tap-ctl"))
+            .args(["vhd", "snapshot", "-n"])
+            .arg(child)
+            .arg("-p")
+            .arg(parent)
+            .output()
+            .expect("tap-ctl vhd snapshot");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn ctl_cmd(&self, uid: u32, gid: u32, args: &[&str]) -> Command {

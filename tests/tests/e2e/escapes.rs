@@ -165,3 +165,57 @@ fn escapes_parent_outside_roots_is_refused_inside_is_opened_read_only() {
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     h.ok(&ALICE, &["destroy", "-m", "1"]);
 }
+
+/// A real VHD differencing chain: the worker parses the child's parent
+/// locators and asks; the broker opens parents only inside the tenant's
+/// roots.
+#[test]
+fn escapes_vhd_parent_outside_roots_is_refused_inside_is_served() {
+    let h = Harness::start(Options::default());
+    let a = h.root("alice");
+    std::fs::create_dir(a.join("vms")).unwrap();
+    let bob_base = h.vhd_image("bob", "base.vhd", 8);
+    let stolen = a.join("vms/stolen.vhd");
+    h.vhd_snapshot(&stolen, &bob_base);
+    let err = h.fails(
+        &ALICE,
+        &["create", "-a", &format!("vhd:{}", stolen.display())],
+    );
+    assert!(err.contains("outside tenant alice's image roots"), "{err}");
+    let refused: Vec<_> = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "parent_open")
+        .collect();
+    assert!(
+        !refused.is_empty() && refused.iter().all(|l| l["decision"] == "deny"),
+        "{refused:?}"
+    );
+    assert_eq!(h.ok(&ROOT, &["list"]), "");
+
+    let base = h.vhd_image("alice", "base.vhd", 8);
+    let child = a.join("vms/child.vhd");
+    h.vhd_snapshot(&child, &base);
+    h.ok(
+        &ALICE,
+        &["create", "-a", &format!("vhd:{}", child.display())],
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&h.ok(&ALICE, &["stats", "-m", "0"])).unwrap();
+    assert_eq!(stats["images"].as_array().unwrap().len(), 2, "{stats}");
+    assert_eq!(stats["images"][1]["name"], base.to_str().unwrap());
+    let allowed = h
+        .audit_lines()
+        .into_iter()
+        .rfind(|l| l["event"] == "parent_open")
+        .unwrap();
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    // The parent is shared read-only: a writable open of it is refused.
+    assert!(h
+        .fails(
+            &ALICE,
+            &["create", "-a", &format!("vhd:{}", base.display())]
+        )
+        .contains("already open"));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+}

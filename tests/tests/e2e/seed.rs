@@ -10,7 +10,7 @@ fn lines(s: &str) -> Vec<&str> {
 #[test]
 fn seed_session_on_a_terminal_matches_the_wiki() {
     let h = Harness::start(Options::default());
-    let img = h.raw_image("ops", "smalltest.img", 8 << 20);
+    let img = h.vhd_image("ops", "smalltest.vhd", 8);
     let img = img.to_str().unwrap();
     let tty = |args: &[&str]| {
         let (ok, out) = h.ctl_tty(&ROOT, args);
@@ -49,21 +49,22 @@ fn seed_session_on_a_terminal_matches_the_wiki() {
             "-p",
             &pid.to_string(),
             "-a",
-            &format!("aio:{img}")
+            &format!("vhd:{img}")
         ]),
         ""
     );
     assert_eq!(
         tty(&["list"]),
-        format!("{pid:>8}    0    0        aio {img}\n")
+        format!("{pid:>8}    0    0        vhd {img}\n")
     );
     // $ sudo tap-ctl stats -m 0 -p PID
     let stats: serde_json::Value =
         serde_json::from_str(&tty(&["stats", "-m", "0", "-p", &pid.to_string()])).unwrap();
-    assert_eq!(stats["name"], format!("aio:{img}"));
+    assert_eq!(stats["name"], format!("vhd:{img}"));
     assert!(stats["secs"].is_array());
     assert_eq!(stats["images"][0]["name"], img);
-    assert_eq!(stats["images"][0]["driver"]["name"], "aio");
+    assert_eq!(stats["images"][0]["driver"]["name"], "vhd");
+    assert_eq!(stats["images"][0]["driver"]["type"], 4);
     assert!(stats["images"][0]["hits"].is_array() && stats["images"][0]["fail"].is_array());
     assert_eq!(stats["tap"]["minor"], 0);
     assert_eq!(stats["tap"]["frontend"], "nbd");
@@ -198,4 +199,139 @@ fn misuse_gets_clear_errors_and_changes_nothing() {
         format!("pid={pid} minor=0 state=0 args={spec}\n")
     );
     h.ok(&ROOT, &["destroy", "-m", "0"]);
+}
+
+/// Data goes through the broker-made NBD socket into the VHD and survives
+/// destroy + create; the image checks clean afterwards.
+#[test]
+fn seed_vhd_data_round_trips_through_the_served_device() {
+    let h = Harness::start(Options::default());
+    let img = h.vhd_image("alice", "data.vhd", 16);
+    let spec = format!("vhd:{}", img.display());
+    let qemu_io = |sock: &std::path::Path, cmds: &[&str]| {
+        let mut c = std::process::Command::new("qemu-io");
+        if cmds.iter().all(|c| c.starts_with("read")) {
+            c.arg("-r");
+        }
+        c.args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///tapdev0?socket={}", sock.display()),
+        ]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let out = c.output().expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "{cmds:?}: {text}"
+        );
+        text
+    };
+    h.ok(&ALICE, &["create", "-a", &spec]);
+    let sock = std::fs::read_link(h.devices.join("tapdev0")).unwrap();
+    qemu_io(
+        &sock,
+        &[
+            "write -P 0xab 1M 64k",
+            "read -P 0xab 1M 64k",
+            "read -P 0 0 64k",
+        ],
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&h.ok(&ALICE, &["stats", "-m", "0"])).unwrap();
+    assert!(stats["secs"][1].as_u64().unwrap() >= 128, "{stats}");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    let out = std::process::Command::new(bin("tap-ctl"))
+        .args(["vhd", "check", "-n"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h.ok(&ALICE, &["create", "-a", &spec, "-R"]);
+    let sock = std::fs::read_link(h.devices.join("tapdev0")).unwrap();
+    qemu_io(&sock, &["read -P 0xab 1M 64k"]);
+    // A read-only disk refuses writes.
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///tapdev0?socket={}", sock.display()),
+        ])
+        .args(["-c", "write -P 1 0 4k"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("ermission") || text.contains("failed"),
+        "{text}"
+    );
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+}
+
+/// pause closes the image so it can be replaced offline; unpause -a
+/// reopens at a new path of the same size and refuses another size.
+#[test]
+fn seed_pause_unpause_switches_images_of_the_same_size_only() {
+    let h = Harness::start(Options::default());
+    let a = h.vhd_image("alice", "a.vhd", 8);
+    let same = h.root("alice").join("copy.vhd");
+    std::fs::copy(&a, &same).unwrap();
+    let bigger = h.vhd_image("alice", "big.vhd", 16);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", a.display())]);
+    assert!(h
+        .fails(&ALICE, &["unpause", "-m", "0"])
+        .contains("not paused"));
+    h.ok(&ALICE, &["pause", "-m", "0"]);
+    assert!(h
+        .fails(&ALICE, &["pause", "-m", "0"])
+        .contains("already paused"));
+    let err = h.fails(
+        &ALICE,
+        &[
+            "unpause",
+            "-m",
+            "0",
+            "-a",
+            &format!("vhd:{}", bigger.display()),
+        ],
+    );
+    assert!(err.contains("size"), "{err}");
+    assert!(
+        h.ok(&ALICE, &["list"]).contains("state=0x20"),
+        "still paused after a refused unpause"
+    );
+    h.ok(
+        &ALICE,
+        &[
+            "unpause",
+            "-m",
+            "0",
+            "-a",
+            &format!("vhd:{}", same.display()),
+        ],
+    );
+    let list = h.ok(&ALICE, &["list"]);
+    assert!(
+        list.ends_with(&format!("state=0 args=vhd:{}\n", same.display())),
+        "{list}"
+    );
+    // The old file is free again; the new one is held.
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", a.display())]);
+    assert!(h
+        .fails(
+            &ALICE,
+            &["create", "-a", &format!("vhd:{}", same.display())]
+        )
+        .contains("already open"));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    h.ok(&ALICE, &["destroy", "-m", "1"]);
 }
