@@ -218,10 +218,8 @@ impl Broker {
             reason,
             outcome: match &result {
                 Ok((_, outcome)) => Some(format!("ok: {outcome}")),
-                Err(e) if !d.allow => {
-                    let _ = e;
-                    None
-                }
+                // A policy denial's reason is the whole story.
+                Err(_) if !d.allow => None,
                 Err(e) => Some(format!("error ({:?}): {}", e.kind, e.message)),
             },
         };

@@ -191,6 +191,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             p.clone(),
         );
     }
+    if std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "1") {
+        eprintln!(
+            "tap-broker: warning: fs.protected_hardlinks is off: a tenant could hard-link files it cannot read into its image root"
+        );
+    }
     let p = &broker.policy;
     let banner = format!(
         "tap-broker {} serving {} with {explanation}; {} tenant(s); audit {}; state {}; devices {}; workers {} as uids {}..={}",

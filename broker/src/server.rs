@@ -10,14 +10,15 @@ use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::records::LockFile;
 use crate::sys;
+use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::{Reply, Request};
+use tapjail_policy::PeerCred;
 
 /// How long a client may stay silent (between or inside frames).
 pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
@@ -75,9 +76,23 @@ impl SocketClaim {
     }
 }
 
+/// Connections one uid may hold at once, so that nobody (a stranger
+/// included: it is refused only once it says Hello) can take every slot.
+pub const MAX_CLIENTS_PER_UID: usize = 8;
+
+/// How long a new connection has to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Live connections, in total and per uid.
+#[derive(Debug, Default)]
+struct Slots {
+    total: u32,
+    per_uid: HashMap<u32, usize>,
+}
+
 /// Accept clients forever.
 pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
-    let active = Arc::new(AtomicU32::new(0));
+    let slots = Arc::new(Mutex::new(Slots::default()));
     let max = broker.policy.max_clients;
     for stream in listener.incoming() {
         let stream = match stream {
@@ -89,40 +104,63 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
                 continue;
             }
         };
-        if active.load(Ordering::SeqCst) >= max {
-            if let Ok(peer) = sys::peer_cred(&stream) {
-                let r = broker.refuse(
-                    &peer,
-                    None,
-                    "max-clients",
-                    BrokerError::busy(format!(
-                        "tap-broker is serving {max} clients already; try again"
-                    )),
-                );
-                let _ = frame::send_on(&stream, &r, &[]);
+        let Ok(peer) = sys::peer_cred(&stream) else {
+            continue;
+        };
+        let refused = {
+            let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = s.per_uid.get(&peer.uid).copied().unwrap_or(0);
+            if s.total >= max {
+                Some(format!(
+                    "tap-broker is serving {max} clients already; try again"
+                ))
+            } else if mine >= MAX_CLIENTS_PER_UID {
+                Some(format!(
+                    "uid {} already has {MAX_CLIENTS_PER_UID} connections open",
+                    peer.uid
+                ))
+            } else {
+                s.total += 1;
+                *s.per_uid.entry(peer.uid).or_default() += 1;
+                None
             }
+        };
+        if let Some(why) = refused {
+            let r = broker.refuse(&peer, None, "max-clients", BrokerError::busy(why));
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = frame::send_on(&stream, &r, &[]);
             continue;
         }
-        active.fetch_add(1, Ordering::SeqCst);
         let b = Arc::clone(&broker);
-        let a = Arc::clone(&active);
+        let sl = Arc::clone(&slots);
+        let release = move |sl: &Mutex<Slots>| {
+            let mut s = sl.lock().unwrap_or_else(|e| e.into_inner());
+            s.total = s.total.saturating_sub(1);
+            if let Some(n) = s.per_uid.get_mut(&peer.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.per_uid.remove(&peer.uid);
+                }
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("client".into())
             .spawn(move || {
-                client(&b, &stream);
-                a.fetch_sub(1, Ordering::SeqCst);
+                client(&b, &stream, peer);
+                release(&sl);
             });
         if spawned.is_err() {
-            active.fetch_sub(1, Ordering::SeqCst);
+            let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+            s.total = s.total.saturating_sub(1);
+            if let Some(n) = s.per_uid.get_mut(&peer.uid) {
+                *n = n.saturating_sub(1);
+            }
         }
     }
 }
 
-fn client(broker: &Arc<Broker>, stream: &UnixStream) {
-    let Ok(peer) = sys::peer_cred(stream) else {
-        return;
-    };
-    let _ = stream.set_read_timeout(Some(CLIENT_IDLE));
+fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_IDLE));
     let mut greeted = false;
     loop {
@@ -156,6 +194,7 @@ fn client(broker: &Arc<Broker>, stream: &UnixStream) {
             (Request::Hello { .. }, false) => {
                 let r = broker.handle(&peer, &req);
                 greeted = matches!(r, Reply::Hello { .. });
+                let _ = stream.set_read_timeout(Some(CLIENT_IDLE));
                 r
             }
             (Request::Hello { .. }, true) => broker.refuse(

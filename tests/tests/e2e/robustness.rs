@@ -293,3 +293,21 @@ fn restart_second_broker_on_same_socket_is_refused_and_shutdown_cleans_up() {
     let last = h.audit_lines().pop().unwrap();
     assert_eq!(last["event"], "broker_stop", "{last}");
 }
+
+#[test]
+fn idle_connections_cannot_starve_other_users() {
+    let h = Harness::start(Options::default());
+    // Root (this test process) opens 8 connections and says nothing.
+    let idle: Vec<_> = (0..8)
+        .map(|_| std::os::unix::net::UnixStream::connect(&h.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let err = h.fails(&ROOT, &["list"]);
+    assert!(err.contains("already has 8 connections open"), "{err}");
+    // Everyone else is still served.
+    h.ok(&ALICE, &["list"]);
+    // Silent connections are dropped after the Hello timeout (5 s).
+    drop(idle.into_iter().next());
+    assert!(eventually(Duration::from_secs(10), || h.ctl(&ROOT, &["list"]).status.success()));
+    assert!(h.audit_lines().iter().any(|l| l["rule"] == "max-clients"));
+}
