@@ -444,6 +444,11 @@ impl Broker {
     /// remove devices, free minors.
     pub fn shutdown(self: &Arc<Self>) {
         self.stopping.store(true, Ordering::SeqCst);
+        // Let operations in flight finish (they have their own deadlines).
+        let deadline = Instant::now() + self.spawn_cfg.timeout;
+        while self.table().disks.values().any(|d| d.busy) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let minors: Vec<Minor> = self.table().disks.keys().copied().collect();
         let mut problems = Vec::new();
         for m in &minors {
@@ -457,6 +462,14 @@ impl Broker {
             if let Some(w) = self.table().workers.remove(&pid) {
                 w.record.release();
             }
+        }
+        // Whatever a failed destroy left: its worker is gone now, so take
+        // the device down and free the minor regardless.
+        let left: Vec<_> = std::mem::take(&mut self.table().disks)
+            .into_values()
+            .collect();
+        for disk in left {
+            crate::ops::release_disk(disk);
         }
         self.notice(
             Event::BrokerStop,

@@ -857,7 +857,7 @@ impl Broker {
 }
 
 /// Remove a disk that has no worker: device symlink, device, lock file.
-fn release_disk(mut disk: Disk) {
+pub fn release_disk(mut disk: Disk) {
     if let Some(mut dev) = disk.device.take() {
         let _ = dev.teardown();
     }

@@ -60,3 +60,15 @@ fn cli_missing_config_file_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/policy.toml"));
 }
+
+#[test]
+fn cli_example_policy_in_the_repo_is_valid() {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/policy.example.toml");
+    let out = broker().args(["--check", "--config", p]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 tenant(s))"));
+}

@@ -308,6 +308,9 @@ fn idle_connections_cannot_starve_other_users() {
     h.ok(&ALICE, &["list"]);
     // Silent connections are dropped after the Hello timeout (5 s).
     drop(idle.into_iter().next());
-    assert!(eventually(Duration::from_secs(10), || h.ctl(&ROOT, &["list"]).status.success()));
+    assert!(eventually(Duration::from_secs(10), || h
+        .ctl(&ROOT, &["list"])
+        .status
+        .success()));
     assert!(h.audit_lines().iter().any(|l| l["rule"] == "max-clients"));
 }
