@@ -314,3 +314,111 @@ fn idle_connections_cannot_starve_other_users() {
         .success()));
     assert!(h.audit_lines().iter().any(|l| l["rule"] == "max-clients"));
 }
+
+mod raw {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use tapjail_common::frame;
+    use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
+
+    fn hello(s: &UnixStream, version: u32) -> Reply {
+        frame::send_on(s, &Request::Hello { version }, &[]).unwrap();
+        frame::recv_on::<_, Reply>(s, 1 << 20).unwrap().0
+    }
+
+    #[test]
+    fn protocol_version_mismatch_is_refused_with_a_clear_error() {
+        let h = Harness::start(Options::default());
+        let s = UnixStream::connect(&h.socket).unwrap();
+        match hello(&s, PROTOCOL_VERSION + 98) {
+            Reply::Error { kind, message } => {
+                assert_eq!(kind, ErrorKind::Version);
+                assert!(message.contains("matching versions"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = UnixStream::connect(&h.socket).unwrap();
+        frame::send_on(
+            &s,
+            &Request::List {
+                pid: None,
+                minor: None,
+            },
+            &[],
+        )
+        .unwrap();
+        match frame::recv_on::<_, Reply>(&s, 1 << 20).unwrap().0 {
+            Reply::Error { kind, message } => {
+                assert_eq!(kind, ErrorKind::Invalid);
+                assert!(message.contains("first message must be Hello"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frame_closes_only_its_own_connection() {
+        let h = Harness::start(Options::default());
+        let good = UnixStream::connect(&h.socket).unwrap();
+        assert!(matches!(
+            hello(&good, PROTOCOL_VERSION),
+            Reply::Hello { .. }
+        ));
+        for bad in [
+            (u32::MAX).to_be_bytes().to_vec(),       // oversized
+            [0, 0, 0, 3, 0xff, 0xff, 0xff].to_vec(), // malformed
+            [0, 0, 0, 50, 1, 2].to_vec(),            // truncated
+        ] {
+            let mut b = UnixStream::connect(&h.socket).unwrap();
+            b.write_all(&frame_hello()).unwrap();
+            let _ = frame::recv_on::<_, Reply>(&b, 1 << 20).unwrap();
+            b.write_all(&bad).unwrap();
+            b.shutdown(std::net::Shutdown::Write).unwrap();
+            // An error reply, then the broker hangs up.
+            let r = frame::recv_on::<_, Reply>(&b, 1 << 20).unwrap().0;
+            assert!(
+                matches!(
+                    r,
+                    Reply::Error {
+                        kind: ErrorKind::Invalid,
+                        ..
+                    }
+                ),
+                "{r:?}"
+            );
+            let mut rest = Vec::new();
+            assert_eq!(b.read_to_end(&mut rest).unwrap(), 0);
+        }
+        // The good connection is still served, on the same socket.
+        frame::send_on(
+            &good,
+            &Request::List {
+                pid: None,
+                minor: None,
+            },
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(
+            frame::recv_on::<_, Reply>(&good, 1 << 20).unwrap().0,
+            Reply::List(_)
+        ));
+        let errors = h
+            .audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "frame_error")
+            .count();
+        assert_eq!(errors, 3);
+    }
+
+    fn frame_hello() -> Vec<u8> {
+        let p = postcard::to_allocvec(&Request::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .unwrap();
+        let mut v = (p.len() as u32).to_be_bytes().to_vec();
+        v.extend(p);
+        v
+    }
+}
