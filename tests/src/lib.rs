@@ -151,10 +151,12 @@ fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// A worker uid range per test process, so concurrent tests never offer
-/// their brokers the same uids.
+/// A worker uid range per broker (per test process and per harness in
+/// it), so concurrent tests never offer their brokers the same uids.
 fn worker_uid_range() -> (u32, u32) {
-    let slot = std::process::id() % 4000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let slot = (std::process::id().wrapping_mul(64).wrapping_add(n)) % 20_000;
     let lo = 400_000 + slot * 50;
     (lo, lo + 49)
 }
@@ -173,12 +175,13 @@ impl Harness {
         let devices = dir.path().join("dev");
         let policy = dir.path().join("policy.toml");
         let log = dir.path().join("broker.log");
+        let uids = worker_uid_range();
         let mut text = format!(
             "socket = {socket:?}\naudit_log = {audit:?}\nstate_dir = {state:?}\ndevice_dir = {devices:?}\n\
              worker_uids = [{}, {}]\ntapdisk = {:?}\nfrontend = \"nbd\"\nrespawn = {}\n\
              worker_timeout_secs = {}\n{}\n",
-            worker_uid_range().0,
-            worker_uid_range().1,
+            uids.0,
+            uids.1,
             opts.worker.path(),
             opts.respawn,
             opts.worker_timeout_secs,
