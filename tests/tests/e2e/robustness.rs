@@ -297,11 +297,18 @@ fn restart_second_broker_on_same_socket_is_refused_and_shutdown_cleans_up() {
 #[test]
 fn idle_connections_cannot_starve_other_users() {
     let h = Harness::start(Options::default());
-    // Root (this test process) opens 8 connections and says nothing.
-    let idle: Vec<_> = (0..8)
-        .map(|_| std::os::unix::net::UnixStream::connect(&h.socket).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    // Root (this test process) opens 8 connections and says nothing. A
+    // connection the broker refuses at once (the harness's start-up probe
+    // may still hold a slot for a moment) is replaced.
+    let mut idle = Vec::new();
+    while idle.len() < 8 {
+        let s = std::os::unix::net::UnixStream::connect(&h.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        if tapjail_common::frame::recv_on::<_, tapjail_common::proto::Reply>(&s, 1 << 20).is_err() {
+            idle.push(s);
+        }
+    }
     let err = h.fails(&ROOT, &["list"]);
     assert!(err.contains("already has 8 connections open"), "{err}");
     // Everyone else is still served.
