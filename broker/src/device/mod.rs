@@ -15,6 +15,8 @@
 //! teardown()   (idempotent; right order even if the worker was killed)
 //! ```
 
+pub mod factory;
+pub mod nbd;
 pub mod ublk;
 
 use std::os::fd::OwnedFd;

@@ -22,6 +22,7 @@ mod node;
 #[cfg(test)]
 mod tests;
 
+use super::factory::DeviceContext;
 use super::{DeviceBackend, DeviceError, Prepared};
 use ctrl::{Control, CtrlError};
 use std::os::fd::OwnedFd;
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::ublk_abi::*;
 use tapjail_common::worker_proto::FrontendSpec;
+use tapjail_common::Minor;
 
 /// The message when the driver is missing, naming the kernel option.
 pub const UNAVAILABLE: &str =
@@ -113,12 +115,77 @@ struct Dev {
     recovering: bool,
 }
 
+/// Marks the devices we create, in the `ublksrv_flags` word the driver
+/// stores for the server and never interprets: `"tapj"` in the high half,
+/// the minor (or all ones) in the low half. A broker restarting after a
+/// crash finds and removes what its predecessor left by it.
+const OWNER_MARK: u64 = 0x7461_706a_0000_0000;
+
+fn owner_tag(minor: Option<Minor>) -> u64 {
+    OWNER_MARK | minor.map_or(0xffff_ffff, |m| u64::from(m.get()))
+}
+
 /// The ublk [`DeviceBackend`].
 #[derive(Debug, Default)]
 pub struct UblkBackend {
     config: UblkConfig,
+    /// The minor this device serves, recorded in the device (see
+    /// [`OWNER_MARK`]).
+    minor: Option<Minor>,
     ctrl: Option<Control>,
     dev: Option<Dev>,
+}
+
+/// Remove every ublk device a previous broker created for `ctx.minor`
+/// (found by [`OWNER_MARK`]): STOP_DEV fails what I/O it still holds,
+/// DEL_DEV removes it. Returns what was done.
+pub fn cleanup_stale(ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
+    if available().is_err() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<u32> = match std::fs::read_dir("/sys/class/ublk-char") {
+        Ok(d) => d
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("ublkc"))
+                    .and_then(|n| n.parse().ok())
+            })
+            .collect(),
+        Err(_) => return Ok(Vec::new()),
+    };
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ctrl = Control::open().map_err(ctrl_err)?;
+    let want = owner_tag(Some(ctx.minor));
+    let mut done = Vec::new();
+    for id in ids {
+        // Devices of other users may refuse us or vanish meanwhile.
+        let Ok(info) = ctrl.get_dev_info(id) else {
+            continue;
+        };
+        if info.ublksrv_flags != want {
+            continue;
+        }
+        let gone = |e: &CtrlError| e.errno() == Some(libc::ENODEV);
+        match ctrl.stop_dev(id, ctrl::QUICK) {
+            Ok(()) => {}
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(ctrl_err(e)),
+        }
+        match ctrl.del_dev(id, ctrl::QUICK) {
+            Ok(()) => {}
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(ctrl_err(e)),
+        }
+        done.push(format!(
+            "removed stale ublk device {id} of minor {}",
+            ctx.minor.get()
+        ));
+    }
+    Ok(done)
 }
 
 fn ctrl_err(e: CtrlError) -> DeviceError {
@@ -145,12 +212,18 @@ fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeviceError
 }
 
 impl UblkBackend {
-    pub fn new(config: UblkConfig) -> Self {
+    pub fn new(config: UblkConfig, minor: Option<Minor>) -> Self {
         UblkBackend {
             config,
+            minor,
             ctrl: None,
             dev: None,
         }
+    }
+
+    /// The backend of one minor, as the factory builds it.
+    pub fn for_minor(ctx: &DeviceContext) -> Self {
+        UblkBackend::new(UblkConfig::default(), Some(ctx.minor))
     }
 
     /// The device id (`N` of `/dev/ublkbN`), once prepared.
@@ -218,6 +291,7 @@ impl UblkBackend {
             max_io_buf_bytes: cfg.max_io_bytes,
             dev_id: UBLK_DEV_ID_ANY,
             flags: UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_CMD_IOCTL_ENCODE,
+            ublksrv_flags: owner_tag(self.minor),
             ..Default::default()
         };
         let ctrl = self.ctrl()?;
