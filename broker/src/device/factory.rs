@@ -81,7 +81,12 @@ pub fn unavailable(kind: FrontendKind, dev_root: &Path) -> Option<String> {
         ));
     }
     for (path, why) in requirements(kind) {
-        let on_host = dev_root.join(path.trim_start_matches('/'));
+        // The requirements are spelled as absolute /dev paths; `dev_root`
+        // stands for /dev.
+        let rel = path
+            .strip_prefix("/dev/")
+            .unwrap_or(path.trim_start_matches('/'));
+        let on_host = dev_root.join(rel);
         if !on_host.exists() {
             return Some(format!("{}: {path} missing ({why})", kind.as_str()));
         }
@@ -204,6 +209,20 @@ mod tests {
         assert_eq!(
             f.create(Minor::new(1).unwrap()).unwrap().kind(),
             FrontendKind::Nbd
+        );
+    }
+
+    #[test]
+    fn factory_auto_prefers_ublk_when_its_control_node_exists() {
+        let dev = tempfile::tempdir().unwrap();
+        std::fs::write(dev.path().join("ublk-control"), b"").unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Ublk);
+        assert_eq!(f.explanation(), "frontend ublk");
+        let f = DeviceFactory::new(FrontendChoice::Ublk, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(
+            f.create(Minor::new(2).unwrap()).unwrap().kind(),
+            FrontendKind::Ublk
         );
     }
 
