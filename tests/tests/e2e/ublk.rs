@@ -367,3 +367,47 @@ fn ublk_broker_crash_leftovers_are_removed_by_the_next_broker() {
         h.broker_log()
     );
 }
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_pause_holds_io_and_unpause_at_a_new_path_completes_it() {
+    let h = ublk_harness(false);
+    let a = h.vhd_image("alice", "a.vhd", 16);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", a.display())]);
+    let dev = tapdev(&h, 0);
+    h.ok(&ALICE, &["pause", "-m", "0"]);
+    // A snapshot while paused: the new leaf has the old one as parent.
+    let b = h.root("alice").join("b.vhd");
+    h.vhd_snapshot(&b, &a);
+    let dev2 = dev.clone();
+    let writer = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev2)?;
+        let mut buf = vec![0u8; 8192];
+        let off = buf.as_ptr().align_offset(4096);
+        buf[off..off + 4096].fill(0x3c);
+        f.write_all_at(&buf[off..off + 4096], 1 << 20)?;
+        f.sync_all()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!writer.is_finished(), "I/O waits while the disk is paused");
+    h.ok(
+        &ALICE,
+        &["unpause", "-m", "0", "-a", &format!("vhd:{}", b.display())],
+    );
+    writer
+        .join()
+        .unwrap()
+        .expect("the held write completes after unpause");
+    let mut back = vec![0u8; 4096];
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut back, 1 << 20)
+        .unwrap();
+    assert!(back.iter().all(|&x| x == 0x3c));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    vhd_check(&b);
+    vhd_check(&a);
+}
