@@ -624,6 +624,15 @@ impl VhdLayer {
         self.sync()
     }
 
+    /// Write the batmap if it changed, without syncing (offline bulk
+    /// writers that do not need durability).
+    pub fn write_back(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.write_batmap()
+    }
+
     fn write_batmap(&self) -> Result<(), ImageError> {
         let Some(s) = &self.sparse else { return Ok(()) };
         let Some(bm) = &s.batmap else { return Ok(()) };
