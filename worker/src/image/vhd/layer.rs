@@ -510,6 +510,13 @@ impl VhdLayer {
         let wend = wstart + data.len() as u64;
         self.zero_existing(data_start, wstart, alloc.file_len)?;
         self.zero_existing(wend, block_end, alloc.file_len)?;
+        // The whole block must be inside the file before the BAT points at
+        // it (the footer that will follow it may be lost in a crash).
+        if self.file.len().map_err(ImageError::io("stat", 0))? < block_end {
+            self.file
+                .set_len(block_end)
+                .map_err(ImageError::io("extend", block_end))?;
+        }
         if self.options.sync_metadata {
             self.sync()?;
         }
