@@ -132,6 +132,10 @@ pub enum VhdCommand {
 fn hint(e: &ImageError, path: &Path) -> String {
     let p = path.display();
     match e {
+        ImageError::Corrupt {
+            field: "footer.cookie" | "footer",
+            ..
+        } => format!("{p} is not a VHD image (no VHD footer found), or its footer is destroyed"),
         ImageError::Corrupt { .. } => format!(
             "{p} is damaged: run `tap-ctl vhd check -n {p}` to list the problems and \
              `tap-ctl vhd repair -n {p}` to fix what can be fixed"
