@@ -512,7 +512,7 @@ impl VhdLayer {
         self.zero_existing(wend, block_end, alloc.file_len)?;
         // The whole block must be inside the file before the BAT points at
         // it (the footer that will follow it may be lost in a crash).
-        if self.file.len().map_err(ImageError::io("stat", 0))? < block_end {
+        if alloc.file_len.max(wend) < block_end {
             self.file
                 .set_len(block_end)
                 .map_err(ImageError::io("extend", block_end))?;
