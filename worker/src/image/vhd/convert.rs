@@ -76,10 +76,13 @@ fn write_nonzero(sink: &dyn Sink, data: &[u8], offset: u64) -> Result<(), ImageE
 }
 
 /// A batch of extents read by the reader thread: pieces `(offset, len)`
-/// stored back to back in `data`, and how far the reader has got.
+/// stored back to back in the first `used` bytes of `data` (allocated
+/// once, never cleared: every byte handed on was just read), and how far
+/// the reader has got.
 #[derive(Debug, Default)]
 struct Batch {
     data: Vec<u8>,
+    used: usize,
     pieces: Vec<(u64, usize)>,
     done: u64,
 }
@@ -96,7 +99,7 @@ pub fn copy_image(
     let (free_tx, free_rx) = mpsc::channel::<Batch>();
     for _ in 0..DEPTH + 1 {
         let _ = free_tx.send(Batch {
-            data: Vec::with_capacity(BATCH as usize),
+            data: vec![0u8; BATCH as usize],
             ..Batch::default()
         });
     }
@@ -117,16 +120,15 @@ pub fn copy_image(
                 let end = off + ext.len.clamp(1, size - off);
                 if ext.allocated && !ext.zero {
                     while off < end {
-                        let room = BATCH - batch.data.len() as u64;
-                        let n = (end - off).min(room);
-                        let at = batch.data.len();
-                        batch.data.resize(at + n as usize, 0);
-                        if let Err(e) = src.read_at(&mut batch.data[at..], off) {
+                        let at = batch.used;
+                        let n = (end - off).min((batch.data.len() - at) as u64) as usize;
+                        if let Err(e) = src.read_at(&mut batch.data[at..at + n], off) {
                             return fail(e);
                         }
-                        batch.pieces.push((off, n as usize));
-                        off += n;
-                        if batch.data.len() as u64 == BATCH {
+                        batch.pieces.push((off, n));
+                        batch.used += n;
+                        off += n as u64;
+                        if batch.used == batch.data.len() {
                             batch.done = off;
                             if full_tx.send(Ok(batch)).is_err() {
                                 return;
@@ -149,7 +151,7 @@ pub fn copy_image(
                 at += len;
             }
             progress(batch.done, size);
-            batch.data.clear();
+            batch.used = 0;
             batch.pieces.clear();
             let _ = free_tx.send(batch);
         }
