@@ -73,6 +73,8 @@ pub struct UringFile {
 struct Rings {
     idle: Vec<Ring>,
     total: usize,
+    /// Callers waiting for a ring (notifying is a syscall; skip it if none).
+    waiters: usize,
 }
 
 impl std::fmt::Debug for UringFile {
@@ -161,7 +163,9 @@ impl UringFile {
                 }
                 // Others hold rings and will give them back.
                 Err(_) if rings.total > 0 => {
+                    rings.waiters += 1;
                     rings = self.returned.wait(rings).unwrap_or_else(|e| e.into_inner());
+                    rings.waiters -= 1;
                 }
                 Err(e) => return Err(e),
             }
@@ -174,8 +178,11 @@ impl UringFile {
         } else {
             rings.total -= 1;
         }
+        let wake = rings.waiters > 0;
         drop(rings);
-        self.returned.notify_one();
+        if wake {
+            self.returned.notify_one();
+        }
         out
     }
 
