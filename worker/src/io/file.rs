@@ -201,6 +201,9 @@ impl UringFile {
     /// One write of at most MAX_OP bytes; returns bytes written.
     fn op_write(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         let len = buf.len().min(MAX_OP);
+        if !self.direct {
+            return pwrite(self.raw(), &buf[..len], offset);
+        }
         let entry = opcode::Write::new(types::Fixed(0), buf.as_ptr(), len as u32)
             .offset(offset)
             .build();
@@ -299,6 +302,28 @@ impl UringFile {
             self.set_len(old_len.max(want))?;
         }
         Ok(())
+    }
+}
+
+/// A buffered write with `pwrite(2)`. Buffered io_uring writes on ext4
+/// (and most filesystems) cannot be done without blocking, so io_uring
+/// hands every one to a kernel worker thread and wakes us when it is done:
+/// two extra context switches per write, measured at about a third of the
+/// throughput of 4 KiB writes. `pwrite` on the fd we hold does the same
+/// work inline. Direct writes, reads (page-cache hits complete inline),
+/// fsync and fallocate stay on the restricted rings.
+fn pwrite(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: buf is valid for reads of its length for the call.
+        let n = unsafe { libc::pwrite64(fd, buf.as_ptr().cast(), buf.len(), off) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
