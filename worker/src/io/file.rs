@@ -28,6 +28,8 @@
 //! last sector under a striped lock so that two such writes to different
 //! bytes of one sector cannot undo each other. Durability does not depend on
 //! the mode: `sync_data` is an io_uring `FSYNC(DATASYNC)` either way.
+//! Buffered *writes* are the one operation not sent through the rings; see
+//! `pwrite` in this file for why.
 //! Direct I/O keeps tenant data out of the host page cache (no double
 //! caching with the guest, no cross-tenant cache pressure), as blktap does.
 

@@ -2,7 +2,7 @@
 //! parsed. Each step is its own module; [`confine`] runs them in order:
 //!
 //! 1. close every fd not on the keep list ([`fds`])
-//! 2. clear the environment ([`env`])
+//! 2. clear the environment ([`env`](mod@env))
 //! 3. NOFILE, NPROC (a thread budget, see there), CORE=0, MEMLOCK; not
 //!    dumpable ([`rlimit`])
 //! 4. `mlockall(MCL_CURRENT|MCL_FUTURE)` ([`mlock`])
