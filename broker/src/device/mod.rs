@@ -15,6 +15,9 @@
 //! teardown()   (idempotent; right order even if the worker was killed)
 //! ```
 
+pub mod factory;
+pub mod nbd;
+
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use tapjail_common::proto::FrontendKind;

@@ -206,6 +206,10 @@ impl Footer {
         self.raw[OFF_HIDDEN]
     }
 
+    pub fn set_creator_app(&mut self, app: [u8; 4]) {
+        self.raw[OFF_CREATOR_APP..OFF_CREATOR_APP + 4].copy_from_slice(&app);
+    }
+
     pub fn set_creator_version(&mut self, v: u32) {
         put32(&mut self.raw, OFF_CREATOR_VERSION, v);
     }
@@ -221,18 +225,15 @@ impl Footer {
     }
 
     /// Whether the size comes from `current_size` rather than the CHS
-    /// geometry. This is qemu's rule (block/vpc.c, `vpc_open`): Virtual PC
-    /// and qemu's own old images (`vpc `, `qemu`, anything unknown) are
-    /// sized by geometry; Hyper-V (`win `), qemu with force_size (`qem2`),
-    /// disk2vhd (`d2v `), XenConverter (`CTXS`), XenServer/blktap (`tap\0`)
-    /// and Azure (`wa\0\0`) by `current_size`; so is any image whose
-    /// geometry is the maximum one.
+    /// geometry. This is qemu's rule (block/vpc.c, `vpc_ignore_current_size`
+    /// since qemu 10.0): only Virtual PC (`vpc `) and qemu's own old images
+    /// (`qemu`) are sized by geometry; every other creator (`tap\0` of
+    /// blktap and us, `win `, `qem2`, `d2v `, `CTXS`, `wa\0\0`, unknown
+    /// ones) by `current_size`; so is any image whose geometry is the
+    /// maximum one.
     pub fn size_from_current_size(&self) -> bool {
-        const CURRENT_SIZE_CREATORS: [&[u8; 4]; 6] =
-            [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0", b"wa\0\0"];
         let app = self.creator_app();
-        CURRENT_SIZE_CREATORS.iter().any(|c| **c == app)
-            || self.geometry().sectors() == MAX_GEOMETRY_SECTORS
+        !(app == *b"vpc " || app == *b"qemu") || self.geometry().sectors() == MAX_GEOMETRY_SECTORS
     }
 
     /// The size of the virtual disk in bytes, exactly as qemu computes it

@@ -3,11 +3,20 @@
 //! these; a confined worker never opens a path (its parents come from the
 //! broker).
 
+use super::check::{check, Problem};
+use super::coalesce::coalesce_into;
+use super::convert::{copy_image, ImageSink, RawSink};
 use super::create::{create, CreateKind, ParentSpec};
-use super::footer::Footer;
+use super::footer::{format_uuid, Footer};
 use super::image::VhdImage;
+use super::info::{query, Info};
 use super::layer::{VhdLayer, VhdOptions};
 use super::locator::LocatorCode;
+use super::modify::set_parent;
+use super::repair::{repair, RepairReport};
+use super::resize::resize;
+use crate::image::raw::RawImage;
+use crate::image::Image;
 use crate::image::{Backing, ImageError, ParentLocator, ParentOpener};
 use std::fs::{File, OpenOptions};
 use std::path::{Component, Path, PathBuf};
@@ -31,11 +40,16 @@ impl FsParentOpener {
         let relative = locators.iter().filter(|l| l.relative);
         let absolute = locators.iter().filter(|l| !l.relative);
         for l in relative.chain(absolute) {
-            let p = if l.relative {
+            let joined = if l.relative {
                 dir.join(&l.path)
             } else {
                 PathBuf::from(&l.path)
             };
+            // Drop `.` components (harmless to remove, unlike `..`).
+            let p: PathBuf = joined
+                .components()
+                .filter(|c| *c != Component::CurDir)
+                .collect();
             if !out.contains(&p) {
                 out.push(p);
             }
@@ -203,6 +217,190 @@ pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Foo
     )
 }
 
+/// Check a VHD by path, including that its parent (if any) can be found
+/// and carries the UUID it should.
+pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
+    let f = open_file(path, true)?;
+    let mut problems = check(&f);
+    if problems.is_empty() {
+        let layer = VhdLayer::open(
+            Box::new(f),
+            &path.to_string_lossy(),
+            true,
+            VhdOptions::default(),
+        )?;
+        if let Some(uuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) {
+            let locs = layer.parent_locators();
+            match FsParentOpener.open_parent(layer.name(), &locs, uuid) {
+                Err(e) => problems.push(Problem {
+                    field: "parent",
+                    message: e.to_string(),
+                }),
+                Ok((pf, pname)) => match VhdLayer::open(pf, &pname, true, VhdOptions::default()) {
+                    Err(e) => problems.push(Problem {
+                        field: "parent",
+                        message: format!("{pname}: {e}"),
+                    }),
+                    Ok(p) if p.uuid() != uuid => problems.push(Problem {
+                        field: "parent",
+                        message: format!(
+                            "{pname} has UUID {}, the image expects {}",
+                            format_uuid(&p.uuid()),
+                            format_uuid(&uuid)
+                        ),
+                    }),
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Repair a VHD by path.
+pub fn repair_path(path: &Path) -> Result<RepairReport, ImageError> {
+    repair(&open_file(path, false)?)
+}
+
+/// Query a VHD by path; `parent` is the parent as found on the filesystem
+/// (or as recorded, when it cannot be found).
+pub fn query_path(path: &Path) -> Result<Info, ImageError> {
+    let f = open_file(path, true)?;
+    let (mut info, layer) = query(Box::new(f), &path.to_string_lossy())?;
+    if let Some(uuid) = layer.parent_uuid() {
+        let locs = layer.parent_locators();
+        info.parent = match FsParentOpener.open_parent(layer.name(), &locs, uuid) {
+            Ok((_, name)) => Some(name),
+            Err(_) => locs.first().map(|l| l.path.clone()),
+        };
+    }
+    Ok(info)
+}
+
+/// Grow a VHD by path.
+pub fn resize_path(path: &Path, size: u64) -> Result<(), ImageError> {
+    resize(&open_file(path, false)?, size)
+}
+
+/// Point `child` at `parent` (`vhd-util modify -p`).
+pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
+    let (spec, _) = parent_spec(child, parent)?;
+    set_parent(&open_file(child, false)?, &spec)
+}
+
+/// Merge `child` into its parent (found on the filesystem, opened
+/// writable, its own chain read-only). A parent smaller than the child is
+/// grown first. Returns the parent's path and the bytes copied.
+pub fn coalesce_path(
+    child: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(String, u64), ImageError> {
+    let cf = open_file(child, true)?;
+    let layer = VhdLayer::open(
+        Box::new(cf),
+        &child.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    let uuid = layer.parent_uuid().ok_or_else(|| {
+        ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
+    })?;
+    let (_, pname) = FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), uuid)?;
+    let ppath = PathBuf::from(&pname);
+    {
+        let pf = open_file(&ppath, false)?;
+        let pmeta = super::layout::Metadata::read(&pf)?;
+        if pmeta.footer.uuid() != uuid {
+            return Err(ImageError::ParentUuidMismatch {
+                name: pname,
+                expected: format_uuid(&uuid),
+                found: format_uuid(&pmeta.footer.uuid()),
+            });
+        }
+        if pmeta.virtual_size < layer.virtual_size() {
+            resize(&pf, layer.virtual_size())?;
+        }
+    }
+    let parent = open_vhd(
+        &ppath,
+        false,
+        VhdOptions {
+            sync_metadata: false,
+        },
+    )?;
+    let copied = coalesce_into(&layer, &parent, progress)?;
+    Ok((pname, copied))
+}
+
+/// Output formats of [`convert_path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvertTarget {
+    Raw,
+    VhdDynamic { block_size: u32 },
+    VhdFixed,
+}
+
+/// Open any image by path for reading: VHD (with its chain) or raw.
+pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
+    let f = open_file(path, true)?;
+    Ok(if super::is_vhd(&f)? {
+        Box::new(super::chain::open(
+            Box::new(f),
+            &path.to_string_lossy(),
+            true,
+            &mut FsParentOpener,
+            VhdOptions::default(),
+        )?)
+    } else {
+        Box::new(RawImage::open(Box::new(f), &path.to_string_lossy(), true)?)
+    })
+}
+
+/// Convert `src` (format detected) into a new file `dst`.
+pub fn convert_path(
+    src: &Path,
+    dst: &Path,
+    target: ConvertTarget,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
+    let image = open_any(src)?;
+    let size = image.virtual_size();
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .map_err(ImageError::io("create", 0))?;
+    match target {
+        ConvertTarget::Raw => {
+            out.set_len(size)
+                .map_err(ImageError::io("truncate", size))?;
+            copy_image(image.as_ref(), &RawSink(&out), progress)?;
+            out.sync_data().map_err(ImageError::io("fsync", 0))
+        }
+        ConvertTarget::VhdDynamic { .. } | ConvertTarget::VhdFixed => {
+            let vsize = size.div_ceil(512) * 512;
+            let kind = match target {
+                ConvertTarget::VhdDynamic { block_size } => CreateKind::Dynamic { block_size },
+                _ => CreateKind::Fixed,
+            };
+            create(&out, vsize, &kind)?;
+            let dst_img = super::chain::open(
+                Box::new(out),
+                &dst.to_string_lossy(),
+                false,
+                &mut FsParentOpener,
+                VhdOptions {
+                    sync_metadata: false,
+                },
+            )?;
+            copy_image(image.as_ref(), &ImageSink(&dst_img), progress)?;
+            dst_img.flush()
+        }
+    }
+}
+
 /// The path of `target` relative to the directory `from_dir` (both made
 /// absolute first), in the `./x` / `../x` form blktap writes.
 pub fn relative_path(from_dir: &Path, target: &Path) -> Result<String, ImageError> {
@@ -277,11 +475,11 @@ mod tests {
         assert_eq!(
             c,
             vec![
-                PathBuf::from("/img/./base.vhd"),
+                PathBuf::from("/img/base.vhd"),
                 PathBuf::from("/abs/base.vhd")
             ]
         );
         let c = FsParentOpener::candidates("child.vhd", &locs[1..]);
-        assert_eq!(c, vec![PathBuf::from("././base.vhd")]);
+        assert_eq!(c, vec![PathBuf::from("base.vhd")]);
     }
 }

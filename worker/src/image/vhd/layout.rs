@@ -194,7 +194,7 @@ fn choose_footer(
             end = Some((f, FooterSource::EndShort));
         }
     }
-    let copy = if file_len >= FOOTER_SIZE as u64 * 2 {
+    let copy = if file_len >= FOOTER_SIZE as u64 {
         let mut b = [0u8; FOOTER_SIZE];
         read_at(file, &mut b, 0, "read footer copy")?;
         Some(Footer::parse(&b))
