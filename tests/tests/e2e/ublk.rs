@@ -539,6 +539,33 @@ fn hammer(dev: &Path, initial: Vec<u8>, ops: u64) -> Vec<u8> {
     model
 }
 
+/// The last worker that ended served requests both on its queue ring
+/// (direct image I/O) and through the engine (allocations, discards), as
+/// its exit line in the broker log says.
+fn assert_both_paths_served(h: &Harness) {
+    assert!(
+        eventually(Duration::from_secs(30), || h
+            .broker_log()
+            .contains("requests served on the ring")),
+        "{}",
+        h.broker_log()
+    );
+    let log = h.broker_log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("requests served on the ring"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "ublk queue 0: D requests served on the ring, S through the engine"
+    assert!(
+        numbers.len() == 2 && numbers[0] > 0 && numbers[1] > 0,
+        "both paths used: {line}"
+    );
+}
+
 fn read_device(dev: &Path, size: u64) -> Vec<u8> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -604,6 +631,7 @@ fn ublk_mixed_allocating_and_in_place_writes_verify_on_a_dynamic_vhd() {
     eprintln!("stats: {stats}");
     assert_eq!(stats["reqs_outstanding"], 0, "{stats}");
     h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert_both_paths_served(&h);
     vhd_check(&img);
     reread_image(&h, &spec, &want);
     vhd_check(&img);
@@ -646,6 +674,7 @@ fn ublk_mixed_writes_verify_on_a_differencing_chain() {
     // blocks, set bitmap bits, or go in place once their sectors are set.
     let want = hammer(&dev, initial, 150);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert_both_paths_served(&h);
     vhd_check(&leaf);
     vhd_check(&base);
     reread_image(&h, &spec, &want);

@@ -239,6 +239,10 @@ struct Queue<'a, 'd> {
     direct_inflight: usize,
     slow_inflight: usize,
     scratch: Vec<(u16, i32)>,
+    /// Requests served on the ring / through the slow path, reported when
+    /// the queue ends.
+    served_direct: u64,
+    served_slow: u64,
 }
 
 impl<'a, 'd> Queue<'a, 'd> {
@@ -366,6 +370,7 @@ impl<'a, 'd> Queue<'a, 'd> {
         for &(tag, result) in &done {
             if matches!(self.slots.get(usize::from(tag)), Some(Slot::Slow)) {
                 self.slow_inflight -= 1;
+                self.served_slow += 1;
                 self.commit(tag, result)?;
             }
         }
@@ -639,6 +644,7 @@ impl<'a, 'd> Queue<'a, 'd> {
             ..
         } = d;
         let ok = error.is_none();
+        self.served_direct += 1;
         if let Some(m) = &mapping {
             ticket.image().direct_done(m, ok);
         }
@@ -744,6 +750,8 @@ pub fn run(
             direct_inflight: 0,
             slow_inflight: 0,
             scratch: Vec::new(),
+            served_direct: 0,
+            served_slow: 0,
         };
         let early = match fetch_all(&mut queue) {
             Ok(early) => {
@@ -754,6 +762,10 @@ pub fn run(
             Err(e) => return (not_started(q, ready, e), false),
         };
         let result = queue.serve(early);
+        eprintln!(
+            "tapdisk: ublk queue {}: {} requests served on the ring, {} through the engine",
+            q.q_id, queue.served_direct, queue.served_slow
+        );
         // Nothing of ours in the kernel any more when every tag came back
         // aborted and no image I/O is pending on the ring.
         let quiet = queue.live == 0 && queue.direct_inflight == 0;
