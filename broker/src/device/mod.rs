@@ -15,6 +15,10 @@
 //! teardown()   (idempotent; right order even if the worker was killed)
 //! ```
 
+pub mod fuse;
+pub mod fuse_mount;
+pub mod loop_dev;
+
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use tapjail_common::proto::FrontendKind;
@@ -62,6 +66,13 @@ pub trait DeviceBackend: Send + std::fmt::Debug {
 
     /// The fresh worker reported `Serving`.
     fn recovered(&mut self, worker_pid: u32) -> Result<(), DeviceError>;
+
+    /// Whether something above the device holds it (a mounted filesystem,
+    /// device-mapper): the broker refuses a non-forced close or detach
+    /// while it does, since teardown would turn that user's I/O into errors.
+    fn in_use(&self) -> bool {
+        false
+    }
 
     /// Remove everything this backend created, in the right order.
     /// Idempotent, and must work when the worker is already dead.

@@ -31,3 +31,5 @@ pub enum FrontendError {
     #[error("frontend unavailable: {0}")]
     Unavailable(String),
 }
+
+pub mod fuse;

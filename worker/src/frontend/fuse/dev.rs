@@ -1,0 +1,95 @@
+//! The few syscalls the FUSE frontend makes on fds it was handed, each in a
+//! one-line wrapper. The seccomp rules in `sandbox::seccomp::fuse_rules`
+//! list exactly these: read, writev, poll/ppoll, fcntl, eventfd2, write.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+fn cvt(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `read(2)`: on `/dev/fuse`, exactly one request.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    cvt(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// One `writev(2)` of all `parts`: on `/dev/fuse`, exactly one reply.
+pub fn writev(fd: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<usize> {
+    let iov: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let n = libc::c_int::try_from(iov.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: every iovec points into a live slice borrowed for this call;
+    // the kernel only reads them.
+    cvt(unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), n) })
+}
+
+/// Make reads on `fd` return EAGAIN instead of blocking, so that a thread
+/// can also watch its stop eventfd. The flag is on the open file, shared
+/// with the broker's dup, which never reads it.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument and touches no memory.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with an int argument touches no memory.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Wait until `fd` or `stop` is readable (or a signal arrives).
+pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: fds is a live array of two pollfds.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// An eventfd used as a level-triggered "stop" flag: once written it stays
+/// readable (nobody reads it), so every polling thread sees it.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes plain integers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Make an eventfd readable.
+pub fn signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live array.
+    cvt(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) }).map(|_| ())
+}
