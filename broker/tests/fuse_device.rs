@@ -174,11 +174,10 @@ fn worker_main(image: &str) -> ! {
             },
         )
         .map_err(|e| e.to_string())?;
-        fe.on_ready(|| {
-            let mut out = std::io::stdout();
-            let _ = writeln!(out, "ready");
-            let _ = out.flush();
-        });
+        fe.handshake(&disk).map_err(|e| e.to_string())?;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
         let served = fe.serve(disk.clone()).map_err(|e| e.to_string());
         let closed = disk.close().map_err(|e| e.to_string());
         served.and(closed)

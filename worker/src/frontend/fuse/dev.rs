@@ -50,8 +50,9 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Wait until `fd` or `stop` is readable (or a signal arrives).
-pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<()> {
+/// Wait until `fd` or `stop` is readable, a signal arrives or `timeout_ms`
+/// pass (-1: no timeout).
+pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<()> {
     let mut fds = [
         libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -65,7 +66,7 @@ pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<()>
         },
     ];
     // SAFETY: fds is a live array of two pollfds.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

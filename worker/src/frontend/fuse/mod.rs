@@ -52,12 +52,20 @@ use std::sync::{Arc, Mutex};
 
 /// Threads reading `/dev/fuse` when the spec does not say otherwise. With
 /// loop's async direct I/O the kernel keeps up to 128 requests queued, so
-/// more threads than cores still help while some wait on image I/O.
+/// more threads than cores still help while some wait on image I/O; on
+/// this project's 2-core hosts 2–4 threads measured best and 8 worse
+/// (every idle thread wakes for each request).
 pub const DEFAULT_THREADS: usize = 4;
 
 /// Stack per serving thread: the request path is shallow, and with
 /// `mlockall(MCL_FUTURE)` every stack byte is locked memory.
-const THREAD_STACK: usize = 256 * 1024;
+const THREAD_STACK: usize = 128 * 1024;
+
+/// How long the handshake waits for the kernel's INIT. The kernel queues
+/// INIT when the broker mounts, before the worker gets the fd, so it is
+/// normally there at once; the bound only keeps a broken setup from
+/// wedging the worker's control thread.
+const INIT_TIMEOUT_MS: i32 = 30_000;
 
 const PAGE: usize = 4096;
 /// Bytes in front of WRITE data: `fuse_in_header` + `fuse_write_in`.
@@ -104,24 +112,15 @@ impl StopHandle {
     }
 }
 
-type ReadyFn = Box<dyn FnOnce() + Send>;
-
 /// A FUSE connection served by a few threads.
+#[derive(Debug)]
 pub struct FuseFrontend {
     dev: OwnedFd,
     config: FuseConfig,
     stop: Arc<Stop>,
-    on_ready: Option<ReadyFn>,
-    protocol_errors: Arc<AtomicU64>,
-}
-
-impl std::fmt::Debug for FuseFrontend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FuseFrontend")
-            .field("dev", &self.dev)
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
+    /// The connection is usable: INIT answered, or resend delivered.
+    ready: bool,
+    protocol_errors: AtomicU64,
 }
 
 impl FuseFrontend {
@@ -138,8 +137,8 @@ impl FuseFrontend {
                 flag: AtomicBool::new(false),
                 efd,
             }),
-            on_ready: None,
-            protocol_errors: Arc::default(),
+            ready: false,
+            protocol_errors: AtomicU64::new(0),
         })
     }
 
@@ -147,16 +146,86 @@ impl FuseFrontend {
         StopHandle(self.stop.clone())
     }
 
-    /// Called once the connection is usable: INIT answered, or on a
-    /// recovered connection, the resend notification delivered. The worker
-    /// reports `Serving` to the broker from here.
-    pub fn on_ready(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.on_ready = Some(Box::new(f));
-    }
-
     /// Malformed requests seen (each answered EINVAL or dropped).
     pub fn protocol_errors(&self) -> u64 {
         self.protocol_errors.load(Ordering::Relaxed)
+    }
+
+    fn shared(&self, disk: Arc<Disk>) -> Shared<'_> {
+        Shared {
+            dev: self.dev.as_fd(),
+            fs: OneFileFs::new(disk, &self.config.file_name),
+            stop: &self.stop,
+            initialized: AtomicBool::new(false),
+            error: Mutex::new(None),
+            protocol_errors: &self.protocol_errors,
+        }
+    }
+
+    /// Make the connection usable before the broker touches the mount:
+    /// answer INIT, or on a recovered connection send `FUSE_NOTIFY_RESEND`
+    /// (INIT was answered by the dead worker). Runs on the caller's thread;
+    /// the worker reports `Serving` once it returns.
+    pub fn handshake(&mut self, disk: &Arc<Disk>) -> Result<(), FrontendError> {
+        if self.ready {
+            return Ok(());
+        }
+        dev::set_nonblocking(self.dev.as_fd()).map_err(|source| FrontendError::Io {
+            step: "set /dev/fuse non-blocking",
+            source,
+        })?;
+        if self.config.resend {
+            notify_resend(self.dev.as_fd())?;
+            self.ready = true;
+            return Ok(());
+        }
+        let shared = self.shared(disk.clone());
+        let mut buf = IoBuf::new();
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_millis(INIT_TIMEOUT_MS.unsigned_abs().into());
+        while !shared.initialized.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(FrontendError::Protocol(
+                    "fuse: no INIT from the kernel within 30 s".into(),
+                ));
+            }
+            match dev::read(shared.dev, buf.request_area()) {
+                Ok(0) => {
+                    return Err(FrontendError::Protocol(
+                        "fuse: connection closed before INIT".into(),
+                    ))
+                }
+                Ok(n) => process(&shared, &mut buf, n)?,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        let ms = i32::try_from(left.as_millis()).unwrap_or(INIT_TIMEOUT_MS);
+                        dev::wait_readable(shared.dev, shared.stop.efd.as_fd(), ms.max(1))
+                            .map_err(|source| FrontendError::Io {
+                                step: "poll /dev/fuse for INIT",
+                                source,
+                            })?;
+                        if shared.stop.stopped() {
+                            return Err(FrontendError::Protocol(
+                                "fuse: stopped before INIT".into(),
+                            ));
+                        }
+                    }
+                    Some(libc::EINTR) | Some(libc::ENOENT) => {}
+                    _ => {
+                        return Err(FrontendError::Io {
+                            step: "read INIT from /dev/fuse",
+                            source: e,
+                        })
+                    }
+                },
+            }
+            if let Some(e) = shared.take_error() {
+                return Err(e);
+            }
+        }
+        self.ready = true;
+        Ok(())
     }
 }
 
@@ -165,19 +234,12 @@ struct Shared<'a> {
     dev: BorrowedFd<'a>,
     fs: OneFileFs,
     stop: &'a Stop,
-    ready: Mutex<Option<ReadyFn>>,
+    initialized: AtomicBool,
     error: Mutex<Option<FrontendError>>,
     protocol_errors: &'a AtomicU64,
 }
 
 impl Shared<'_> {
-    fn fire_ready(&self) {
-        let f = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(f) = f {
-            f();
-        }
-    }
-
     /// Record the first fatal error and stop every thread.
     fn fail(&self, e: FrontendError) {
         let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -185,6 +247,10 @@ impl Shared<'_> {
             *slot = Some(e);
         }
         self.stop.stop();
+    }
+
+    fn take_error(&self) -> Option<FrontendError> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -194,22 +260,11 @@ impl Frontend for FuseFrontend {
     }
 
     fn serve(&mut self, disk: Arc<Disk>) -> Result<(), FrontendError> {
-        let io = |step| move |source| FrontendError::Io { step, source };
-        dev::set_nonblocking(self.dev.as_fd()).map_err(io("set /dev/fuse non-blocking"))?;
-        let shared = Shared {
-            dev: self.dev.as_fd(),
-            fs: OneFileFs::new(disk, &self.config.file_name),
-            stop: &self.stop,
-            ready: Mutex::new(self.on_ready.take()),
-            error: Mutex::new(None),
-            protocol_errors: &self.protocol_errors,
-        };
-        if self.config.resend {
-            notify_resend(shared.dev)?;
-            shared.fire_ready();
-        }
+        self.handshake(&disk)?;
+        let shared = self.shared(disk);
+        let threads = self.config.threads.max(1);
         std::thread::scope(|s| {
-            for i in 1..self.config.threads.max(1) {
+            for i in 1..threads {
                 let spawned = std::thread::Builder::new()
                     .name(format!("fuse-{i}"))
                     .stack_size(THREAD_STACK)
@@ -217,13 +272,13 @@ impl Frontend for FuseFrontend {
                 if let Err(e) = spawned {
                     // RLIMIT_NPROC or memory: serve with fewer threads
                     // rather than not at all.
-                    eprintln!("tapdisk: fuse: serving with {i} threads: {e}");
+                    eprintln!("tapdisk: fuse: serving with {i} of {threads} threads: {e}");
                     break;
                 }
             }
             serve_thread(&shared);
         });
-        match shared.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        match shared.take_error() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -289,6 +344,9 @@ fn serve_thread(shared: &Shared<'_>) {
     let mut buf = IoBuf::new();
     while !shared.stop.stopped() {
         match dev::read(shared.dev, buf.request_area()) {
+            // /dev/fuse never returns 0; a socket standing in for it does
+            // when its peer is gone.
+            Ok(0) => shared.stop.stop(),
             Ok(n) => {
                 if let Err(e) = process(shared, &mut buf, n) {
                     shared.fail(e);
@@ -296,7 +354,8 @@ fn serve_thread(shared: &Shared<'_>) {
             }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) => {
-                    if let Err(source) = dev::wait_readable(shared.dev, shared.stop.efd.as_fd()) {
+                    if let Err(source) = dev::wait_readable(shared.dev, shared.stop.efd.as_fd(), -1)
+                    {
                         shared.fail(FrontendError::Io {
                             step: "poll /dev/fuse",
                             source,
@@ -346,7 +405,7 @@ fn process(shared: &Shared<'_>, buf: &mut IoBuf, n: usize) -> Result<(), Fronten
         }
         Outcome::Initialized(p) => {
             reply(shared, unique, 0, p.bytes())?;
-            shared.fire_ready();
+            shared.initialized.store(true, Ordering::SeqCst);
             Ok(())
         }
         Outcome::InitRefused(errno) => {
@@ -387,5 +446,155 @@ fn reply(
                 source: e,
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::abi::ReadNe;
+    use super::request::tests::{msg, read_arg, write_arg};
+    use super::*;
+    use crate::image::raw::RawImage;
+    use std::os::fd::FromRawFd;
+    use std::time::Duration;
+
+    /// A SOCK_SEQPACKET pair: one message per read, like /dev/fuse.
+    fn fake_kernel() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a live array of two ints.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: two fresh fds we own.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn send(k: &OwnedFd, m: &[u8]) {
+        assert_eq!(dev::writev(k.as_fd(), &[m]).unwrap(), m.len());
+    }
+
+    /// Receive one reply: (error, unique, payload).
+    fn recv(k: &OwnedFd) -> (i32, u64, Vec<u8>) {
+        let mut b = vec![0u8; MAX_READ + 64];
+        let n = dev::read(k.as_fd(), &mut b).unwrap();
+        let b = &b[..n];
+        assert_eq!(b.u32_at(0).unwrap() as usize, n);
+        (
+            b.u32_at(4).unwrap() as i32,
+            b.u64_at(8).unwrap(),
+            b[abi::OUT_HEADER_LEN..].to_vec(),
+        )
+    }
+
+    fn disk(len: u64) -> (tempfile::NamedTempFile, Arc<Disk>) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(len).unwrap();
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        (f, Disk::new(Arc::new(img)))
+    }
+
+    fn config(resend: bool) -> FuseConfig {
+        FuseConfig {
+            file_name: "disk".into(),
+            resend,
+            threads: 3,
+        }
+    }
+
+    fn init_msg(unique: u64) -> Vec<u8> {
+        let mut a = vec![0u8; 64];
+        abi::Writer::new(&mut a)
+            .u32(0, 7)
+            .u32(4, 41)
+            .u32(12, (abi::FUSE_INIT_EXT | abi::FUSE_ASYNC_DIO) as u32);
+        msg(abi::INIT, unique, 0, &a)
+    }
+
+    #[test]
+    fn server_handshakes_serves_and_stops_on_request() {
+        let (kernel, worker) = fake_kernel();
+        let (_f, disk) = disk(1 << 20);
+        let mut fe = FuseFrontend::new(worker, config(false)).unwrap();
+        send(&kernel, &init_msg(1));
+        fe.handshake(&disk).unwrap();
+        let (err, unique, init) = recv(&kernel);
+        assert_eq!((err, unique), (0, 1));
+        assert_eq!(init.u32_at(0), Some(7));
+        let stop = fe.stop_handle();
+        let d = disk.clone();
+        let server = std::thread::spawn(move || fe.serve(d));
+        // A resent request keeps its marked unique in the reply.
+        let resent = 5 | abi::UNIQUE_RESEND;
+        send(
+            &kernel,
+            &msg(abi::WRITE, resent, fs::FILE_ID, &write_arg(512, b"tap")),
+        );
+        assert_eq!(recv(&kernel).1, resent);
+        send(&kernel, &msg(abi::FORGET, 6, fs::FILE_ID, &[0u8; 8]));
+        send(&kernel, &msg(abi::READ, 7, fs::FILE_ID, &read_arg(511, 5)));
+        let (err, unique, data) = recv(&kernel);
+        assert_eq!((err, unique), (0, 7), "FORGET must not be answered");
+        assert_eq!(data, b"\0tap\0");
+        // A malformed READ is answered EINVAL, and serving goes on.
+        send(&kernel, &msg(abi::READ, 8, fs::FILE_ID, &[0u8; 4]));
+        assert_eq!(recv(&kernel).0, -libc::EINVAL);
+        stop.stop();
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn server_returns_when_the_kernel_side_goes_away() {
+        let (kernel, worker) = fake_kernel();
+        let (_f, disk) = disk(4096);
+        let mut fe = FuseFrontend::new(worker, config(false)).unwrap();
+        send(&kernel, &init_msg(1));
+        fe.handshake(&disk).unwrap();
+        recv(&kernel);
+        let server = std::thread::spawn(move || fe.serve(disk));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(kernel);
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn resend_handshake_sends_the_notification_and_expects_no_init() {
+        let (kernel, worker) = fake_kernel();
+        let (_f, disk) = disk(4096);
+        let mut fe = FuseFrontend::new(worker, config(true)).unwrap();
+        fe.handshake(&disk).unwrap();
+        let (err, unique, payload) = recv(&kernel);
+        assert_eq!((err, unique), (abi::NOTIFY_RESEND, 0));
+        assert!(payload.is_empty());
+        // The first request may be anything: no INIT comes again.
+        let d = disk.clone();
+        let stop = fe.stop_handle();
+        let server = std::thread::spawn(move || fe.serve(d));
+        send(&kernel, &msg(abi::GETATTR, 9, fs::FILE_ID, &[0u8; 16]));
+        let (err, unique, attr) = recv(&kernel);
+        assert_eq!((err, unique), (0, 9));
+        assert_eq!(attr.u64_at(16 + 8), Some(4096));
+        stop.stop();
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn handshake_refuses_an_old_kernel() {
+        let (kernel, worker) = fake_kernel();
+        let (_f, disk) = disk(4096);
+        let mut fe = FuseFrontend::new(worker, config(false)).unwrap();
+        let mut a = vec![0u8; 16];
+        abi::Writer::new(&mut a).u32(0, 7).u32(4, 26);
+        send(&kernel, &msg(abi::INIT, 1, 0, &a));
+        assert!(matches!(
+            fe.handshake(&disk),
+            Err(FrontendError::Unavailable(_))
+        ));
+        assert_eq!(recv(&kernel).0, -libc::EPROTO);
     }
 }
