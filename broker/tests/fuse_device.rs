@@ -11,8 +11,9 @@
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +22,9 @@ use std::time::{Duration, Instant};
 use tapjail_broker::device::fuse::{FuseBackend, FuseOptions, MountAt, Resend};
 use tapjail_broker::device::fuse_mount;
 use tapjail_broker::device::{DeviceBackend, Prepared};
+use tapjail_common::frame::{self, MAX_REQUEST_FRAME};
+use tapjail_common::proto::ImageKind;
+use tapjail_common::worker_proto::{FromWorker, ToWorker};
 use tapjail_worker::disk::Disk;
 use tapjail_worker::frontend::fuse::{FuseConfig, FuseFrontend};
 use tapjail_worker::frontend::Frontend;
@@ -77,6 +81,14 @@ fn main() {
         (
             "fuse_hundred_attach_detach_cycles_leak_nothing",
             fuse_hundred_attach_detach_cycles_leak_nothing,
+        ),
+        (
+            "fuse_confined_tapdisk_serves_a_dynamic_vhd_for_mkfs",
+            fuse_confined_tapdisk_serves_a_dynamic_vhd_for_mkfs,
+        ),
+        (
+            "fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify",
+            fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify,
         ),
     ];
     let trials = tests
@@ -195,11 +207,16 @@ fn worker_main(image: &str) -> ! {
     }
 }
 
-/// A worker child and the line "ready" it prints.
+/// A worker child: this binary in worker mode (it prints "ready" once the
+/// handshake is done), or the real confined `tapdisk` driven over its
+/// control socket the way the broker drives it.
 struct Worker {
     child: Child,
     /// Killed by the test on purpose: its exit status says nothing.
     killed: bool,
+    /// The control socket of a confined tapdisk; dropping it makes the
+    /// worker close its image and exit.
+    control: Option<UnixStream>,
 }
 
 impl Worker {
@@ -244,6 +261,7 @@ impl Worker {
             Ok(line) if line.trim() == "ready" => Ok(Worker {
                 child,
                 killed: false,
+                control: None,
             }),
             other => {
                 let _ = child.kill();
@@ -251,6 +269,71 @@ impl Worker {
                 Err(format!("worker did not become ready: {other:?}").into())
             }
         }
+    }
+
+    /// The real `tapdisk --broker --frontend fuse`: Ready, Open, Serve.
+    fn confined(
+        prepared: Prepared,
+        image: &Path,
+        kind: ImageKind,
+        ro: bool,
+    ) -> Result<Self, Failed> {
+        let tapdisk = target_dir().join("tapdisk");
+        check(
+            tapdisk.exists(),
+            format!(
+                "{} missing: cargo build --workspace --bins",
+                tapdisk.display()
+            ),
+        )?;
+        let (ours, theirs) = UnixStream::pair()?;
+        let raw = theirs.as_raw_fd();
+        let mut cmd = Command::new(tapdisk);
+        cmd.args(["--broker", "--frontend", "fuse"])
+            .stdin(Stdio::null());
+        // SAFETY: only async-signal-safe dup2 in the forked child. The
+        // worker keeps our RLIMIT_MEMLOCK, as under the broker; on hosts
+        // without CAP_SYS_RESOURCE that is a few MiB, which the frontend
+        // must make do with.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(theirs);
+        let mut w = Worker {
+            child,
+            killed: false,
+            control: Some(ours),
+        };
+        ours_recv(&w, |m| matches!(m, FromWorker::Ready { .. }), "Ready")?;
+        let file: OwnedFd = OpenOptions::new().read(true).write(!ro).open(image)?.into();
+        w.send(
+            ToWorker::Open {
+                kind,
+                name: image.display().to_string(),
+                read_only: ro,
+            },
+            &[file.as_fd()],
+        )?;
+        ours_recv(&w, |m| matches!(m, FromWorker::Opened { .. }), "Opened")?;
+        w.send(
+            ToWorker::Serve(prepared.spec),
+            &prepared.fds.iter().map(|f| f.as_fd()).collect::<Vec<_>>(),
+        )?;
+        drop(prepared.fds);
+        ours_recv(&w, |m| matches!(m, FromWorker::Serving), "Serving")?;
+        Ok(w)
+    }
+
+    fn send(&mut self, msg: ToWorker, fds: &[BorrowedFd<'_>]) -> R {
+        let sock = self.control.as_ref().ok_or("not a confined worker")?;
+        frame::send_on(sock, &msg, fds).map_err(|e| format!("send {msg:?}: {e}"))?;
+        Ok(())
     }
 
     fn pid(&self) -> u32 {
@@ -265,6 +348,8 @@ impl Worker {
 
     /// Wait for a clean exit (the connection went away).
     fn wait_exit(&mut self, within: Duration) -> R {
+        // A confined worker exits once its broker (we) hangs up.
+        drop(self.control.take());
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -281,6 +366,23 @@ impl Worker {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+fn ours_recv(w: &Worker, want: impl Fn(&FromWorker) -> bool, what: &str) -> R {
+    let sock = w.control.as_ref().ok_or("not a confined worker")?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let (msg, _fds): (FromWorker, Vec<OwnedFd>) =
+        frame::recv_on(sock, MAX_REQUEST_FRAME).map_err(|e| format!("waiting for {what}: {e}"))?;
+    check(want(&msg), format!("expected {what}, got {msg:?}"))
+}
+
+/// `target/<profile>`, where cargo put the workspace's binaries.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 impl Drop for Worker {
@@ -838,4 +940,140 @@ fn fuse_hundred_attach_detach_cycles_leak_nothing() -> R {
         )?;
     }
     Ok(())
+}
+
+/// A device served by the real confined tapdisk.
+fn bring_up_confined(opts: FuseOptions, image: &Path, size: u64) -> Result<Device, Failed> {
+    let fds_before = open_fds();
+    let mut backend = FuseBackend::new(opts);
+    let prepared = backend.prepare(size, false)?;
+    let worker = Worker::confined(prepared, image, ImageKind::Vhd, false)?;
+    let loop_path = backend.activate(worker.pid())?;
+    let dev = backend.loop_device().ok_or("no loop device")?;
+    let loop_number = dev.number();
+    let conn = backend.connection().ok_or("no connection")?;
+    Ok(Device {
+        backend,
+        worker,
+        loop_path,
+        loop_number,
+        conn,
+        fds_before,
+    })
+}
+
+fn dynamic_vhd(dir: &Path, size: u64) -> Result<PathBuf, Failed> {
+    let p = dir.join("disk.vhd");
+    tapjail_worker::image::vhd::fs::create_path(
+        &p,
+        size,
+        &tapjail_worker::image::vhd::create::CreateKind::dynamic(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
+fn vhd_is_clean(vhd: &Path) -> R {
+    let problems = tapjail_worker::image::vhd::fs::check_path(vhd).map_err(|e| e.to_string())?;
+    check(problems.is_empty(), format!("vhd check: {problems:?}"))
+}
+
+fn fuse_confined_tapdisk_serves_a_dynamic_vhd_for_mkfs() -> R {
+    let tmp = tempfile::tempdir()?;
+    let size = 256 * MIB;
+    let vhd = dynamic_vhd(tmp.path(), size)?;
+    let dev = bring_up_confined(options("confined"), &vhd, size)?;
+    check(
+        dev.backend.loop_device().is_some_and(|d| d.direct_io()),
+        "no direct I/O",
+    )?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&dev.loop_path))?;
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt)?;
+    run(Command::new("mount").arg(&dev.loop_path).arg(&mnt))?;
+    let data = pattern((20 * MIB) as usize, 77);
+    let written = fs::write(mnt.join("f"), &data);
+    let umounted = run(Command::new("umount").arg(&mnt));
+    written?;
+    umounted?;
+    dev.tear_down()?;
+    vhd_is_clean(&vhd)?;
+    let used = fs::metadata(&vhd)?.blocks() * 512;
+    check(used < 96 * MIB, format!("VHD not thin: {used} bytes used"))?;
+    let raw = tmp.path().join("disk.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(&vhd)
+        .arg(&raw))?;
+    run(Command::new("e2fsck").args(["-fn"]).arg(&raw))?;
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /f"])
+        .arg(&raw)
+        .stderr(Stdio::null())
+        .output()?;
+    check(out.stdout == data, "file read back from the VHD differs")
+}
+
+fn fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify() -> R {
+    let tmp = tempfile::tempdir()?;
+    let size = 512 * MIB;
+    let vhd = dynamic_vhd(tmp.path(), size)?;
+    let mut dev = bring_up_confined(options("confined-kill"), &vhd, size)?;
+    check(
+        dev.backend.resend_supported(),
+        "this kernel lacks FUSE_NOTIFY_RESEND",
+    )?;
+    // Write 384 MiB at depth 16 with checksums, then read it all back and
+    // verify: any lost, failed or misplaced write fails fio.
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=kill",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rw=write",
+            "--bs=64k",
+            "--iodepth=16",
+            "--size=384M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=terse",
+        ])
+        .arg(format!("--filename={}", dev.loop_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut held = Vec::new();
+    for round in 1..=3 {
+        std::thread::sleep(Duration::from_millis(300));
+        check(
+            fio.try_wait()?.is_none(),
+            format!("fio finished before kill {round}"),
+        )?;
+        dev.worker.kill();
+        std::thread::sleep(Duration::from_millis(50));
+        held.push(fuse_mount::waiting(dev.conn).unwrap_or(0));
+        let prepared = dev.backend.recover()?;
+        dev.worker = Worker::confined(prepared, &vhd, ImageKind::Vhd, false)?;
+        dev.backend.recovered(dev.worker.pid())?;
+    }
+    let out = fio.wait_with_output()?;
+    check(
+        out.status.success(),
+        format!(
+            "fio failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )?;
+    check(
+        held.iter().any(|&n| n > 0),
+        format!("no kill caught requests in flight: {held:?}"),
+    )?;
+    check(dev.backend.restarts() == 3, "restart count")?;
+    dev.tear_down()?;
+    vhd_is_clean(&vhd)
 }

@@ -1,6 +1,251 @@
 //! `tapdisk`: the confined per-disk worker.
+//!
+//! ```text
+//! tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
+//!     Broker mode: the control socket is fd 3 and nothing else is open.
+//!     Confines itself, sends Ready, then serves broker requests.
+//! tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G]
+//!         [--export NAME] [--cache auto|buffered]
+//!     Standalone: serve one image over NBD on a Unix socket until killed.
+//!     As root the worker runs as 65534:65534 unless --uid/--gid say otherwise.
+//! ```
+//!
+//! Exit status: 0 done, 1 runtime failure, 2 usage error.
 
-fn main() {
-    eprintln!("tapdisk: not built yet");
-    std::process::exit(1);
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use tapjail_common::frame;
+use tapjail_common::proto::{FrontendKind, ImageSpec};
+use tapjail_common::worker_proto::{FromWorker, CONTROL_FD};
+use tapjail_worker::control::Worker;
+use tapjail_worker::io::CacheMode;
+use tapjail_worker::sandbox::{self, Ids, Policy};
+use tapjail_worker::standalone;
+
+const USAGE: &str = "usage:
+  tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
+  tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
+          [--cache auto|buffered]";
+
+#[derive(Debug, Default)]
+struct Args {
+    broker: bool,
+    frontend: Option<FrontendKind>,
+    nbd: Option<String>,
+    image: Option<ImageSpec>,
+    read_only: bool,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    export: String,
+    cache: CacheMode,
+    selftest: Option<String>,
+}
+
+fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args::default();
+    let value = |argv: &mut dyn Iterator<Item = String>, flag: &str| {
+        argv.next().ok_or_else(|| format!("{flag} needs a value"))
+    };
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "--broker" => a.broker = true,
+            "--frontend" => {
+                a.frontend = Some(match value(&mut argv, "--frontend")?.as_str() {
+                    "nbd" => FrontendKind::Nbd,
+                    "fuse" => FrontendKind::Fuse,
+                    "ublk" => FrontendKind::Ublk,
+                    other => {
+                        return Err(format!("unknown frontend {other:?}: use nbd, fuse or ublk"))
+                    }
+                })
+            }
+            "--nbd" => a.nbd = Some(value(&mut argv, "--nbd")?),
+            "-a" => a.image = Some(value(&mut argv, "-a")?.parse()?),
+            "-R" => a.read_only = true,
+            "--uid" => a.uid = Some(number(&value(&mut argv, "--uid")?, "--uid")?),
+            "--gid" => a.gid = Some(number(&value(&mut argv, "--gid")?, "--gid")?),
+            "--export" => a.export = value(&mut argv, "--export")?,
+            "--cache" => {
+                a.cache = match value(&mut argv, "--cache")?.as_str() {
+                    "auto" => CacheMode::Auto,
+                    "buffered" => CacheMode::Buffered,
+                    other => {
+                        return Err(format!(
+                            "unknown cache mode {other:?}: use auto or buffered"
+                        ))
+                    }
+                }
+            }
+            // Hidden: confine like a worker, then try something forbidden.
+            "--selftest-escape" => a.selftest = Some(value(&mut argv, "--selftest-escape")?),
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(a)
+}
+
+fn number(s: &str, flag: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|_| format!("{flag}: {s:?} is not a number"))
+}
+
+fn ids(a: &Args) -> Result<Option<Ids>, String> {
+    match (a.uid, a.gid) {
+        (Some(uid), Some(gid)) => Ok(Some(Ids { uid, gid })),
+        (None, None) => Ok(None),
+        _ => Err("--uid and --gid go together".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("tapdisk: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let requested = match ids(&args) {
+        Ok(i) => i,
+        Err(msg) => {
+            eprintln!("tapdisk: {msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(what) = &args.selftest {
+        return selftest(what, requested);
+    }
+    match (&args.nbd, args.broker) {
+        (Some(socket), false) => {
+            let Some(image) = args.image.clone() else {
+                eprintln!("tapdisk: --nbd needs -a TYPE:PATH\n{USAGE}");
+                return ExitCode::from(2);
+            };
+            let ids = match Policy::choose_ids(requested) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("tapdisk: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = standalone::Options {
+                socket: socket.into(),
+                image,
+                read_only: args.read_only,
+                ids,
+                export_name: args.export.clone(),
+                cache: args.cache,
+            };
+            match standalone::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tapdisk: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        (None, true) => {
+            let Some(frontend) = args.frontend else {
+                eprintln!("tapdisk: --broker needs --frontend\n{USAGE}");
+                return ExitCode::from(2);
+            };
+            broker(frontend, requested, args.cache)
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Broker mode: confine, announce, serve.
+fn broker(frontend: FrontendKind, requested: Option<Ids>, cache: CacheMode) -> ExitCode {
+    if !is_socket(CONTROL_FD) {
+        eprintln!("tapdisk: --broker needs the control socket on fd {CONTROL_FD}");
+        return ExitCode::from(2);
+    }
+    // SAFETY: fd 3 is open (checked above) and handed to us by the broker;
+    // nothing else in this process owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    let confined = Policy::choose_ids(requested).and_then(|ids| {
+        sandbox::confine(&Policy {
+            keep_fds: vec![0, 1, 2, CONTROL_FD],
+            ids,
+            frontend,
+        })
+    });
+    if let Err(e) = confined {
+        eprintln!("tapdisk: {e}");
+        let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
+        return ExitCode::from(1);
+    }
+    match Worker::new(control, frontend, cache).run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tapdisk: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn is_socket(fd: i32) -> bool {
+    // SAFETY: an all-zero stat is valid to overwrite; fstat on any fd number
+    // is harmless (EBADF if closed).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid out-pointer.
+    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
+}
+
+/// `--selftest-escape WHAT`: confine exactly as a broker-mode NBD worker
+/// (without a control socket), then attempt WHAT. Tests run this and assert
+/// how it ends: forbidden syscalls kill the process with SIGSYS; `none`
+/// exits 0, proving the confinement itself does not kill.
+fn selftest(what: &str, requested: Option<Ids>) -> ExitCode {
+    let confined = Policy::choose_ids(requested).and_then(|ids| {
+        sandbox::confine(&Policy {
+            keep_fds: vec![0, 1, 2],
+            ids,
+            frontend: FrontendKind::Nbd,
+        })
+    });
+    if let Err(e) = confined {
+        eprintln!("tapdisk: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!("tapdisk: selftest: confined; attempting {what}");
+    // SAFETY: each arm makes one raw syscall with valid (static or null)
+    // arguments; the point is to see the sandbox stop it.
+    let rc: i64 = unsafe {
+        match what {
+            "none" => return ExitCode::SUCCESS,
+            "open" => libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY).into(),
+            "execve" => {
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let envp = [std::ptr::null()];
+                libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()).into()
+            }
+            "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0).into(),
+            "ptrace" => libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0),
+            "fork" => libc::fork().into(),
+            "thread" => {
+                // Allowed: threads of this process.
+                let t = std::thread::spawn(|| 7);
+                return match t.join() {
+                    Ok(7) => ExitCode::SUCCESS,
+                    _ => ExitCode::from(4),
+                };
+            }
+            other => {
+                eprintln!("tapdisk: selftest: unknown attempt {other:?}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let err = std::io::Error::last_os_error();
+    eprintln!("tapdisk: selftest: {what} returned {rc} ({err}) instead of being stopped");
+    ExitCode::from(3)
 }

@@ -27,6 +27,19 @@ pub enum ImageError {
     Parent(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A differencing chain longer than the engine accepts.
+    #[error("parent chain deeper than {max} images (at {name})")]
+    ChainTooDeep { name: String, max: usize },
+    /// A parent that is already part of the chain (a loop).
+    #[error("parent loop: {name} is already in the chain")]
+    ParentLoop { name: String },
+    /// The parent's UUID is not the one the child recorded.
+    #[error("parent {name} has UUID {found}, but its child expects {expected}")]
+    ParentUuidMismatch {
+        name: String,
+        expected: String,
+        found: String,
+    },
 }
 
 impl ImageError {
@@ -38,6 +51,11 @@ impl ImageError {
         }
     }
 
+    /// Shorthand for an I/O error of operation `op` at `offset`.
+    pub fn io(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> Self {
+        move |source| ImageError::Io { op, offset, source }
+    }
+
     /// Errno a block frontend should return for this error.
     pub fn errno(&self) -> i32 {
         match self {
@@ -45,9 +63,12 @@ impl ImageError {
             ImageError::OutOfRange { .. } | ImageError::InvalidArgument(_) => libc::EINVAL,
             ImageError::ReadOnly => libc::EPERM,
             ImageError::NoSpace(_) => libc::ENOSPC,
-            ImageError::Corrupt { .. } | ImageError::Unsupported(_) | ImageError::Parent(_) => {
-                libc::EIO
-            }
+            ImageError::Corrupt { .. }
+            | ImageError::Unsupported(_)
+            | ImageError::Parent(_)
+            | ImageError::ChainTooDeep { .. }
+            | ImageError::ParentLoop { .. }
+            | ImageError::ParentUuidMismatch { .. } => libc::EIO,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod backing;
 pub mod error;
 pub mod raw;
 pub mod stats;
+pub mod vhd;
 
 pub use backing::Backing;
 pub use error::ImageError;
@@ -118,14 +119,28 @@ pub fn open_chain(
     leaf: Box<dyn Backing>,
     name: &str,
     read_only: bool,
-    _opener: &mut dyn ParentOpener,
+    opener: &mut dyn ParentOpener,
 ) -> Result<std::sync::Arc<dyn Image>, ImageError> {
     match kind {
         tapjail_common::proto::ImageKind::Aio => Ok(std::sync::Arc::new(raw::RawImage::open(
             leaf, name, read_only,
         )?)),
-        tapjail_common::proto::ImageKind::Vhd => Err(ImageError::Unsupported(
-            "the VHD engine is not built yet".into(),
-        )),
+        tapjail_common::proto::ImageKind::Vhd => Ok(std::sync::Arc::new(vhd::open(
+            leaf,
+            name,
+            read_only,
+            opener,
+            vhd::VhdOptions::default(),
+        )?)),
     }
+}
+
+/// Guess the kind of an image file from its bytes: a VHD footer cookie
+/// makes it `vhd`, anything else is raw (`aio`).
+pub fn detect_kind(file: &dyn Backing) -> Result<tapjail_common::proto::ImageKind, ImageError> {
+    Ok(if vhd::is_vhd(file)? {
+        tapjail_common::proto::ImageKind::Vhd
+    } else {
+        tapjail_common::proto::ImageKind::Aio
+    })
 }

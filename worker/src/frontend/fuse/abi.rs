@@ -11,8 +11,8 @@
 pub const KERNEL_VERSION: u32 = 7;
 /// The protocol minor we implement (7.40 added `FUSE_NOTIFY_RESEND`).
 pub const KERNEL_MINOR_VERSION: u32 = 40;
-/// Oldest kernel minor we accept: 7.28 brought `FUSE_MAX_PAGES`, which the
-/// 1 MiB requests below rely on, and fixed every struct size we use.
+/// Oldest kernel minor we accept: 7.28 brought `FUSE_MAX_PAGES`, which our
+/// 256 KiB requests rely on, and fixed every struct size we use.
 pub const MIN_KERNEL_MINOR: u32 = 28;
 /// Minor version that introduced `FUSE_NOTIFY_RESEND` (Linux 6.9).
 pub const RESEND_MINOR: u32 = 40;

@@ -32,7 +32,7 @@ const SMALL_REPLY: usize = abi::ENTRY_OUT_LEN;
 /// Flags we ask for at INIT when the kernel offers them.
 /// - ASYNC_DIO: loop's direct I/O becomes many async requests in flight
 ///   instead of one synchronous request at a time.
-/// - BIG_WRITES + MAX_PAGES: 1 MiB requests instead of 4 KiB / 128 KiB.
+/// - BIG_WRITES + MAX_PAGES: 256 KiB requests instead of 4 KiB / 128 KiB.
 /// - ASYNC_READ: buffered reads (if loop falls back to them) in parallel.
 /// - INIT_EXT: needed for the kernel to read `flags2` at all.
 /// - HAS_RESEND: echoed to say we understand resent requests' unique bit.
@@ -439,7 +439,7 @@ mod tests {
         );
         assert_eq!(flags & abi::FUSE_PARALLEL_DIROPS, 0);
         assert_eq!(b.u32_at(20), Some(MAX_WRITE as u32));
-        assert_eq!(b.u16_at(28), Some(256));
+        assert_eq!(b.u16_at(28), Some((MAX_WRITE / 4096) as u16));
     }
 
     #[test]

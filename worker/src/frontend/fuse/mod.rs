@@ -43,7 +43,7 @@ pub mod fs;
 pub mod request;
 
 use crate::disk::Disk;
-use crate::frontend::{Frontend, FrontendError};
+use crate::frontend::{Frontend, FrontendError, Stopper, THREAD_STACK};
 use fs::{OneFileFs, Outcome};
 use request::{MAX_READ, MAX_WRITE};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -57,15 +57,16 @@ use std::sync::{Arc, Mutex};
 /// (every idle thread wakes for each request).
 pub const DEFAULT_THREADS: usize = 4;
 
-/// Stack per serving thread: the request path is shallow, and with
-/// `mlockall(MCL_FUTURE)` every stack byte is locked memory.
-const THREAD_STACK: usize = 128 * 1024;
-
 /// How long the handshake waits for the kernel's INIT. The kernel queues
 /// INIT when the broker mounts, before the worker gets the fd, so it is
 /// normally there at once; the bound only keeps a broken setup from
 /// wedging the worker's control thread.
 const INIT_TIMEOUT_MS: i32 = 30_000;
+
+/// Kept free under RLIMIT_MEMLOCK for the image engine's own allocations.
+const RESERVE: u64 = 1 << 20;
+/// Per-thread overhead besides stack and buffer (guard page, TLS, tcache).
+const THREAD_OVERHEAD: u64 = 16 * 1024;
 
 const PAGE: usize = 4096;
 /// Bytes in front of WRITE data: `fuse_in_header` + `fuse_write_in`.
@@ -180,7 +181,7 @@ impl FuseFrontend {
             return Ok(());
         }
         let shared = self.shared(disk.clone());
-        let mut buf = IoBuf::new();
+        let mut buf = IoBuf::new()?;
         let deadline = std::time::Instant::now()
             + std::time::Duration::from_millis(INIT_TIMEOUT_MS.unsigned_abs().into());
         while !shared.initialized.load(Ordering::SeqCst) {
@@ -259,16 +260,34 @@ impl Frontend for FuseFrontend {
         "fuse"
     }
 
+    /// Answer INIT (or send the resend notification) on the control thread,
+    /// so the worker reports `Serving` only once the mount is usable.
+    fn start(&mut self, disk: &Arc<Disk>) -> Result<(), FrontendError> {
+        self.handshake(disk)
+    }
+
+    fn stopper(&self) -> Option<Stopper> {
+        let stop = self.stop_handle();
+        Some(Box::new(move || stop.stop()))
+    }
+
     fn serve(&mut self, disk: Arc<Disk>) -> Result<(), FrontendError> {
         self.handshake(&disk)?;
         let shared = self.shared(disk);
-        let threads = self.config.threads.max(1);
+        let threads = plan_threads(self.config.threads, crate::sandbox::mlock::headroom());
+        let mut own = IoBuf::new()?;
         std::thread::scope(|s| {
             for i in 1..threads {
+                // Buffer first: if it does not fit, neither would a thread.
+                let Ok(mut buf) = IoBuf::new() else {
+                    eprintln!("tapdisk: fuse: serving with {i} of {threads} threads (memory)");
+                    break;
+                };
+                let shared = &shared;
                 let spawned = std::thread::Builder::new()
                     .name(format!("fuse-{i}"))
                     .stack_size(THREAD_STACK)
-                    .spawn_scoped(s, || serve_thread(&shared));
+                    .spawn_scoped(s, move || serve_thread(shared, &mut buf));
                 if let Err(e) = spawned {
                     // RLIMIT_NPROC or memory: serve with fewer threads
                     // rather than not at all.
@@ -276,7 +295,7 @@ impl Frontend for FuseFrontend {
                     break;
                 }
             }
-            serve_thread(&shared);
+            serve_thread(&shared, &mut own);
         });
         match shared.take_error() {
             Some(e) => Err(e),
@@ -316,15 +335,27 @@ struct IoBuf {
 }
 
 impl IoBuf {
-    fn new() -> Self {
-        let mem = vec![0u8; MAX_WRITE.max(MAX_READ) + 2 * PAGE];
+    const LEN: usize = MAX_WRITE + 2 * PAGE;
+
+    /// Allocate without aborting: under `mlockall(MCL_FUTURE)` an
+    /// allocation beyond RLIMIT_MEMLOCK fails, and that must become an
+    /// error (fewer threads), not the process aborting.
+    fn new() -> Result<Self, FrontendError> {
+        let mut mem = Vec::new();
+        mem.try_reserve_exact(Self::LEN).map_err(|e| {
+            FrontendError::Unavailable(format!(
+                "fuse: cannot allocate a {} KiB request buffer ({e}); RLIMIT_MEMLOCK too small",
+                Self::LEN / 1024
+            ))
+        })?;
+        mem.resize(Self::LEN, 0);
         let align = mem.as_ptr().align_offset(PAGE);
         // align < PAGE, so data < 2 * PAGE and data + MAX_WRITE fits; and
         // data >= PAGE > WRITE_PREFIX.
-        IoBuf {
+        Ok(IoBuf {
             data: align.min(PAGE - 1) + PAGE,
             mem,
-        }
+        })
     }
     /// Where `read(2)` puts a request: the kernel wants room for
     /// `max_write` plus the WRITE headers.
@@ -340,15 +371,26 @@ impl IoBuf {
     }
 }
 
-fn serve_thread(shared: &Shared<'_>) {
-    let mut buf = IoBuf::new();
+/// How many serving threads fit in `headroom` bytes of lockable memory
+/// (`None`: no limit), at most `wanted` and at least 1 (the caller's).
+fn plan_threads(wanted: usize, headroom: Option<u64>) -> usize {
+    let wanted = wanted.max(1);
+    let Some(room) = headroom else {
+        return wanted;
+    };
+    let per_thread = IoBuf::LEN as u64 + THREAD_STACK as u64 + THREAD_OVERHEAD;
+    let fit = room.saturating_sub(RESERVE) / per_thread;
+    usize::try_from(fit).unwrap_or(usize::MAX).clamp(1, wanted)
+}
+
+fn serve_thread(shared: &Shared<'_>, buf: &mut IoBuf) {
     while !shared.stop.stopped() {
         match dev::read(shared.dev, buf.request_area()) {
             // /dev/fuse never returns 0; a socket standing in for it does
             // when its peer is gone.
             Ok(0) => shared.stop.stop(),
             Ok(n) => {
-                if let Err(e) = process(shared, &mut buf, n) {
+                if let Err(e) = process(shared, buf, n) {
                     shared.fail(e);
                 }
             }
@@ -581,6 +623,18 @@ mod tests {
         assert_eq!(attr.u64_at(16 + 8), Some(4096));
         stop.stop();
         server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn threads_are_planned_from_lockable_memory() {
+        let per = IoBuf::LEN as u64 + THREAD_STACK as u64 + THREAD_OVERHEAD;
+        assert_eq!(plan_threads(4, None), 4);
+        assert_eq!(plan_threads(4, Some(512 << 20)), 4);
+        assert_eq!(plan_threads(4, Some(RESERVE + 2 * per + 1)), 2);
+        // Too little for even one: still 1, whose buffer allocation then
+        // fails with a clear error instead of an abort.
+        assert_eq!(plan_threads(4, Some(0)), 1);
+        assert_eq!(plan_threads(0, None), 1);
     }
 
     #[test]

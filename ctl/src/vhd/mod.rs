@@ -1,0 +1,368 @@
+//! `tap-ctl vhd ...`: offline image tools with vhd-util's verbs and short
+//! flags. Thin: every operation is a library function of the engine
+//! (`tapjail_worker::image::vhd`); this module parses arguments, prints,
+//! and turns errors into messages that name the file and what to do.
+
+mod progress;
+
+use anyhow::{bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tapjail_worker::image::vhd::create::CreateKind;
+use tapjail_worker::image::vhd::fs::{self as vfs, ConvertTarget};
+use tapjail_worker::image::vhd::{VhdOptions, DEFAULT_BLOCK_SIZE};
+use tapjail_worker::image::{Image, ImageError};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutFormat {
+    Raw,
+    Vhd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VhdCommand {
+    /// Create a new image (dynamic unless --fixed).
+    Create {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+        /// Virtual size in MiB.
+        #[arg(short = 's', long = "size", value_name = "MIB")]
+        size: u64,
+        /// Allocate all space up front (a fixed VHD).
+        #[arg(long)]
+        fixed: bool,
+        /// Block size in bytes (power of two; dynamic images).
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
+        block_size: u32,
+    },
+    /// Create a differencing child of PARENT.
+    Snapshot {
+        #[arg(short = 'n', long = "name", value_name = "CHILD")]
+        name: PathBuf,
+        #[arg(short = 'p', long = "parent", value_name = "PARENT")]
+        parent: PathBuf,
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
+        block_size: u32,
+    },
+    /// Show what an image is.
+    Query {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Print only the virtual size in MiB (vhd-util -v).
+        #[arg(short = 'v', long = "virtual-size")]
+        virtual_size: bool,
+        /// Print only the physical size in bytes (vhd-util -s).
+        #[arg(short = 's', long = "physical-size")]
+        physical_size: bool,
+        /// Print only the parent (vhd-util -p).
+        #[arg(short = 'p', long = "parent")]
+        parent: bool,
+    },
+    /// Check consistency; exits non-zero and lists every problem found.
+    Check {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+    },
+    /// Fix footers and batmaps; reports what is left.
+    Repair {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+    },
+    /// Write LENGTH bytes at OFFSET of the virtual disk to stdout.
+    Read {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+        #[arg(short = 'o', long = "offset", value_name = "BYTES")]
+        offset: u64,
+        #[arg(short = 'l', long = "length", value_name = "BYTES")]
+        length: u64,
+    },
+    /// Write stdin into the virtual disk at OFFSET.
+    Write {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+        #[arg(short = 'o', long = "offset", value_name = "BYTES")]
+        offset: u64,
+    },
+    /// Convert SRC (raw or VHD, detected) into a new file DST.
+    Convert {
+        /// Output format.
+        #[arg(short = 'O', long = "output-format", value_enum, default_value_t = OutFormat::Raw)]
+        format: OutFormat,
+        /// With -O vhd: a fixed VHD instead of a dynamic one.
+        #[arg(long)]
+        fixed: bool,
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
+        block_size: u32,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Merge a differencing image into its parent.
+    Coalesce {
+        #[arg(short = 'n', long = "name", value_name = "CHILD")]
+        name: PathBuf,
+    },
+    /// Grow an image to SIZE MiB.
+    Resize {
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: PathBuf,
+        #[arg(short = 's', long = "size", value_name = "MIB")]
+        size: u64,
+    },
+    /// Make NEWPARENT the parent of a differencing image.
+    SetParent {
+        #[arg(short = 'n', long = "name", value_name = "CHILD")]
+        name: PathBuf,
+        #[arg(short = 'p', long = "parent", value_name = "NEWPARENT")]
+        parent: PathBuf,
+    },
+}
+
+/// What to tell the user to do about an engine error on `path`.
+fn hint(e: &ImageError, path: &Path) -> String {
+    let p = path.display();
+    match e {
+        ImageError::Corrupt { .. } => format!(
+            "{p} is damaged: run `tap-ctl vhd check -n {p}` to list the problems and \
+             `tap-ctl vhd repair -n {p}` to fix what can be fixed"
+        ),
+        ImageError::Parent(_) | ImageError::ParentUuidMismatch { .. } => format!(
+            "the parent of {p} is missing or wrong: put it back, or point the image at \
+             the right one with `tap-ctl vhd set-parent -n {p} -p PARENT`"
+        ),
+        ImageError::ParentLoop { .. } | ImageError::ChainTooDeep { .. } => {
+            format!("the parent chain of {p} is broken; fix it with `tap-ctl vhd set-parent`")
+        }
+        ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            format!("{p} does not exist")
+        }
+        ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            format!("you may not access {p}")
+        }
+        _ => format!("while working on {p}"),
+    }
+}
+
+/// Attach the file name and a hint to an engine result.
+fn on<T>(path: &Path, r: Result<T, ImageError>) -> Result<T> {
+    r.map_err(|e| {
+        let h = hint(&e, path);
+        anyhow::Error::new(e).context(h)
+    })
+}
+
+fn mib(size: u64) -> Result<u64> {
+    match size.checked_mul(MIB) {
+        Some(b) if size > 0 => Ok(b),
+        _ => bail!("size must be a positive number of MiB"),
+    }
+}
+
+pub fn run(command: VhdCommand) -> Result<ExitCode> {
+    match command {
+        VhdCommand::Create {
+            name,
+            size,
+            fixed,
+            block_size,
+        } => {
+            let kind = if fixed {
+                CreateKind::Fixed
+            } else {
+                CreateKind::Dynamic { block_size }
+            };
+            on(&name, vfs::create_path(&name, mib(size)?, &kind))?;
+        }
+        VhdCommand::Snapshot {
+            name,
+            parent,
+            block_size,
+        } => {
+            on(&name, vfs::snapshot_path(&name, &parent, block_size))?;
+        }
+        VhdCommand::Query {
+            name,
+            json,
+            virtual_size,
+            physical_size,
+            parent,
+        } => {
+            let info = on(&name, vfs::query_path(&name))?;
+            if virtual_size {
+                println!("{}", info.virtual_size / MIB);
+            } else if physical_size {
+                println!("{}", info.physical_size);
+            } else if parent {
+                println!("{}", info.parent.as_deref().unwrap_or("none"));
+            } else if json {
+                let v = serde_json::json!({
+                    "virtual_size": info.virtual_size,
+                    "type": info.disk_type.as_str(),
+                    "parent": info.parent,
+                    "parent_uuid": info.parent_uuid,
+                    "block_size": info.block_size,
+                    "allocated_blocks": info.allocated_blocks,
+                    "physical_size": info.physical_size,
+                    "uuid": info.uuid,
+                    "creator": info.creator,
+                    "batmap": info.batmap,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("file: {}", name.display());
+                println!("type: {}", info.disk_type.as_str());
+                println!(
+                    "virtual size: {} bytes ({} MiB)",
+                    info.virtual_size,
+                    info.virtual_size / MIB
+                );
+                println!("physical size: {} bytes", info.physical_size);
+                if let Some(bs) = info.block_size {
+                    println!("block size: {bs}");
+                    println!("allocated blocks: {}", info.allocated_blocks);
+                    println!("batmap: {}", info.batmap);
+                }
+                println!("uuid: {}", info.uuid);
+                println!("creator: {}", info.creator);
+                if let Some(p) = &info.parent {
+                    println!("parent: {p}");
+                    println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
+                }
+            }
+        }
+        VhdCommand::Check { name } => {
+            let problems = on(&name, vfs::check_path(&name))?;
+            if problems.is_empty() {
+                println!("{} is valid", name.display());
+            } else {
+                for p in &problems {
+                    println!("{}: {p}", name.display());
+                }
+                eprintln!(
+                    "tap-ctl: {} has {} problem(s); `tap-ctl vhd repair -n {}` fixes footers \
+                     and batmaps",
+                    name.display(),
+                    problems.len(),
+                    name.display()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        VhdCommand::Repair { name } => {
+            let report = on(&name, vfs::repair_path(&name))?;
+            for a in &report.actions {
+                println!("{}: {a}", name.display());
+            }
+            if report.actions.is_empty() {
+                println!("{}: nothing to repair", name.display());
+            }
+            if !report.remaining.is_empty() {
+                for p in &report.remaining {
+                    println!("{}: still wrong: {p}", name.display());
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        VhdCommand::Read {
+            name,
+            offset,
+            length,
+        } => {
+            let img = on(&name, vfs::open_any(&name))?;
+            let mut out = std::io::stdout().lock();
+            let mut buf = vec![0u8; length.min(4 * MIB) as usize];
+            let mut done = 0u64;
+            while done < length {
+                let n = (length - done).min(buf.len() as u64) as usize;
+                on(&name, img.read_at(&mut buf[..n], offset + done))?;
+                out.write_all(&buf[..n]).context("writing to stdout")?;
+                done += n as u64;
+            }
+            out.flush().context("writing to stdout")?;
+        }
+        VhdCommand::Write { name, offset } => {
+            let img = on(&name, open_writable(&name))?;
+            let mut input = std::io::stdin().lock();
+            let mut buf = vec![0u8; 4 * MIB as usize];
+            let mut pos = offset;
+            loop {
+                let n = read_full(&mut input, &mut buf).context("reading stdin")?;
+                if n == 0 {
+                    break;
+                }
+                on(&name, img.write_at(&buf[..n], pos))?;
+                pos += n as u64;
+            }
+            on(&name, img.flush())?;
+        }
+        VhdCommand::Convert {
+            format,
+            fixed,
+            block_size,
+            src,
+            dst,
+        } => {
+            let target = match (format, fixed) {
+                (OutFormat::Raw, true) => bail!("--fixed only applies to -O vhd"),
+                (OutFormat::Raw, false) => ConvertTarget::Raw,
+                (OutFormat::Vhd, true) => ConvertTarget::VhdFixed,
+                (OutFormat::Vhd, false) => ConvertTarget::VhdDynamic { block_size },
+            };
+            let (bar, mut cb) = progress::bar("convert");
+            on(&src, vfs::convert_path(&src, &dst, target, &mut cb))?;
+            if let Some(b) = bar {
+                b.finish();
+            }
+        }
+        VhdCommand::Coalesce { name } => {
+            let (bar, mut cb) = progress::bar("coalesce");
+            let (parent, copied) = on(&name, vfs::coalesce_path(&name, &mut cb))?;
+            if let Some(b) = bar {
+                b.finish();
+            }
+            println!("{}: merged {copied} bytes into {parent}", name.display());
+        }
+        VhdCommand::Resize { name, size } => {
+            on(&name, vfs::resize_path(&name, mib(size)?))?;
+        }
+        VhdCommand::SetParent { name, parent } => {
+            on(&name, vfs::set_parent_path(&name, &parent))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Open a VHD or raw image for writing.
+fn open_writable(path: &Path) -> Result<Box<dyn Image>, ImageError> {
+    let f = vfs::open_file(path, false)?;
+    if tapjail_worker::image::vhd::is_vhd(&f)? {
+        Ok(Box::new(vfs::open_vhd(path, false, VhdOptions::default())?))
+    } else {
+        Ok(Box::new(tapjail_worker::image::raw::RawImage::open(
+            Box::new(f),
+            &path.to_string_lossy(),
+            false,
+        )?))
+    }
+}
+
+/// Read until `buf` is full or EOF.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

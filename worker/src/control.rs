@@ -1,0 +1,399 @@
+//! Broker mode: the request loop on the control socket (fd 3).
+//!
+//! The worker is already confined when this runs. It announces itself with
+//! [`FromWorker::Ready`], then answers each [`ToWorker`] with exactly one
+//! [`FromWorker`]; while opening a differencing chain it asks for parents
+//! with [`FromWorker::NeedParent`] and waits for [`ToWorker::Parent`]
+//! (see [`BrokerParents`]). The frontend runs on its own threads; this
+//! thread only handles control requests.
+//!
+//! Everything arrives as fds; the worker never opens a path.
+
+use crate::disk::Disk;
+use crate::frontend::fuse::{self, FuseConfig, FuseFrontend};
+use crate::frontend::nbd::NbdFrontend;
+use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
+use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
+use crate::io::{CacheMode, UringFile};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use tapjail_common::proto::{FrontendKind, ImageKind};
+use tapjail_common::worker_proto::{self as wp, FromWorker, FrontendSpec, ToWorker};
+
+/// Parents a chain may have; a longer (or cyclic) chain is refused.
+pub const MAX_PARENTS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Asks the broker for parent images over the control socket.
+#[derive(Debug)]
+pub struct BrokerParents<'a> {
+    sock: BorrowedFd<'a>,
+    cache: CacheMode,
+    asked: usize,
+}
+
+impl<'a> BrokerParents<'a> {
+    pub fn new(sock: BorrowedFd<'a>, cache: CacheMode) -> Self {
+        BrokerParents {
+            sock,
+            cache,
+            asked: 0,
+        }
+    }
+}
+
+impl ParentOpener for BrokerParents<'_> {
+    fn open_parent(
+        &mut self,
+        child: &str,
+        locators: &[ParentLocator],
+        parent_uuid: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError> {
+        self.asked += 1;
+        if self.asked > MAX_PARENTS {
+            return Err(ImageError::Parent(format!(
+                "chain longer than {MAX_PARENTS} images"
+            )));
+        }
+        let msg = FromWorker::NeedParent {
+            child: child.to_string(),
+            locators: locators
+                .iter()
+                .map(|l| wp::ParentLocator {
+                    code: l.code.clone(),
+                    path: l.path.clone(),
+                    relative: l.relative,
+                })
+                .collect(),
+            parent_uuid,
+        };
+        let lost = |e: FrameError| ImageError::Parent(format!("asking the broker: {e}"));
+        frame::send(self.sock, &msg, &[]).map_err(lost)?;
+        let (reply, mut fds): (ToWorker, _) =
+            frame::recv(self.sock, MAX_REQUEST_FRAME).map_err(lost)?;
+        match (reply, fds.len()) {
+            (ToWorker::Parent(Ok(name)), 1) => {
+                let fd = fds.remove(0);
+                let file = UringFile::new(fd, self.cache).map_err(|source| ImageError::Io {
+                    op: "setting up parent file",
+                    offset: 0,
+                    source,
+                })?;
+                Ok((Box::new(file), name))
+            }
+            (ToWorker::Parent(Err(why)), _) => Err(ImageError::Parent(why)),
+            (other, n) => Err(ImageError::Parent(format!(
+                "broker answered NeedParent with {other:?} and {n} fds"
+            ))),
+        }
+    }
+}
+
+/// Open an image chain from a leaf fd.
+pub fn open_image(
+    kind: ImageKind,
+    leaf: OwnedFd,
+    name: &str,
+    read_only: bool,
+    cache: CacheMode,
+    parents: &mut dyn ParentOpener,
+) -> Result<Arc<dyn Image>, ImageError> {
+    let file = UringFile::new(leaf, cache).map_err(|source| ImageError::Io {
+        op: "setting up image file",
+        offset: 0,
+        source,
+    })?;
+    image::open_chain(kind, Box::new(file), name, read_only, parents)
+}
+
+fn opened(img: &dyn Image) -> FromWorker {
+    FromWorker::Opened {
+        virtual_size: img.virtual_size(),
+        chain: img.stats().into_iter().map(|l| l.name).collect(),
+    }
+}
+
+/// A frontend serving on its own thread.
+struct Running {
+    kind: &'static str,
+    stop: Option<Stopper>,
+    thread: JoinHandle<Result<(), FrontendError>>,
+}
+
+impl Running {
+    fn stop(self) {
+        if let Some(stop) = self.stop {
+            stop();
+        }
+        match self.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("tapdisk: {} frontend: {e}", self.kind),
+            Err(_) => eprintln!("tapdisk: {} frontend thread panicked", self.kind),
+        }
+    }
+}
+
+/// The open disk and what serves it.
+struct Open {
+    disk: Arc<Disk>,
+    /// `TYPE:PATH` of the leaf, for stats.
+    name: String,
+    paused: bool,
+    frontend: Option<Running>,
+}
+
+/// The worker's state between control requests.
+pub struct Worker {
+    sock: OwnedFd,
+    frontend_kind: FrontendKind,
+    cache: CacheMode,
+    open: Option<Open>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("frontend_kind", &self.frontend_kind)
+            .field("open", &self.open.as_ref().map(|o| &o.name))
+            .finish()
+    }
+}
+
+fn error(msg: impl std::fmt::Display) -> FromWorker {
+    FromWorker::Error(msg.to_string())
+}
+
+impl Worker {
+    /// `frontend_kind` is what the seccomp filter was built for; a `Serve`
+    /// for another frontend is refused.
+    pub fn new(sock: OwnedFd, frontend_kind: FrontendKind, cache: CacheMode) -> Worker {
+        Worker {
+            sock,
+            frontend_kind,
+            cache,
+            open: None,
+        }
+    }
+
+    /// Announce readiness, then serve requests until `Shutdown` or until
+    /// the broker goes away; the image is flushed and closed either way.
+    pub fn run(mut self) -> Result<(), ControlError> {
+        frame::send(
+            self.sock.as_fd(),
+            &FromWorker::Ready {
+                pid: std::process::id(),
+            },
+            &[],
+        )?;
+        loop {
+            let (req, fds): (ToWorker, Vec<OwnedFd>) =
+                match frame::recv(self.sock.as_fd(), MAX_REQUEST_FRAME) {
+                    Ok(m) => m,
+                    Err(FrameError::Closed) => {
+                        // The broker is gone: flush and close, then exit.
+                        if let Err(e) = self.close() {
+                            eprintln!("tapdisk: closing after the broker left: {e}");
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        if let Err(e) = self.close() {
+                            eprintln!("tapdisk: closing after a control error: {e}");
+                        }
+                        return Err(e.into());
+                    }
+                };
+            let shutdown = matches!(req, ToWorker::Shutdown);
+            let reply = self.handle(req, fds);
+            frame::send(self.sock.as_fd(), &reply, &[])?;
+            if shutdown {
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&mut self, req: ToWorker, mut fds: Vec<OwnedFd>) -> FromWorker {
+        match req {
+            ToWorker::Open {
+                kind,
+                name,
+                read_only,
+            } => {
+                if self.open.is_some() {
+                    return error("an image is open already; Close it first");
+                }
+                let Some(leaf) = single_fd(&mut fds) else {
+                    return error("Open needs exactly one fd (the leaf image)");
+                };
+                let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache);
+                match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
+                    Ok(img) => {
+                        let reply = opened(img.as_ref());
+                        self.open = Some(Open {
+                            disk: Disk::new(img),
+                            name: format!("{kind}:{name}"),
+                            paused: false,
+                            frontend: None,
+                        });
+                        reply
+                    }
+                    Err(e) => error(format!("opening {kind}:{name}: {e}")),
+                }
+            }
+            ToWorker::Parent(_) => error("Parent without a NeedParent"),
+            ToWorker::Serve(spec) => self.serve(spec, fds),
+            ToWorker::Pause => match &mut self.open {
+                None => error("no image is open"),
+                Some(open) => match open.disk.pause() {
+                    Ok(()) => {
+                        open.paused = true;
+                        FromWorker::Ok
+                    }
+                    Err(e) => error(format!("pause: {e}")),
+                },
+            },
+            ToWorker::Unpause {
+                kind,
+                name,
+                read_only,
+            } => self.unpause(kind, name, read_only, fds),
+            ToWorker::Close => {
+                if self.open.is_none() {
+                    return error("no image is open");
+                }
+                match self.close() {
+                    Ok(()) => FromWorker::Ok,
+                    Err(e) => error(format!("close: {e}")),
+                }
+            }
+            ToWorker::Stats => {
+                let stats = match &self.open {
+                    None => crate::stats::collect("", None, None),
+                    Some(o) => crate::stats::collect(
+                        &o.name,
+                        Some(&o.disk),
+                        o.frontend.as_ref().map(|f| f.kind),
+                    ),
+                };
+                FromWorker::Stats(Box::new(stats))
+            }
+            ToWorker::Shutdown => match self.close() {
+                Ok(()) => FromWorker::Ok,
+                Err(e) => error(format!("shutdown: {e}")),
+            },
+        }
+    }
+
+    fn unpause(
+        &mut self,
+        kind: ImageKind,
+        name: String,
+        read_only: bool,
+        mut fds: Vec<OwnedFd>,
+    ) -> FromWorker {
+        let Some(open) = &mut self.open else {
+            return error("no image is open");
+        };
+        if !open.paused {
+            return error("the disk is not paused");
+        }
+        let Some(leaf) = single_fd(&mut fds) else {
+            return error("Unpause needs exactly one fd (the leaf image)");
+        };
+        let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache);
+        let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
+            Ok(img) => img,
+            Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
+        };
+        let reply = opened(img.as_ref());
+        match open.disk.resume(img) {
+            Ok(()) => {
+                open.paused = false;
+                open.name = format!("{kind}:{name}");
+                reply
+            }
+            Err(e) => error(format!("unpause: {e}")),
+        }
+    }
+
+    fn serve(&mut self, spec: FrontendSpec, mut fds: Vec<OwnedFd>) -> FromWorker {
+        let Some(open) = &mut self.open else {
+            return error("no image is open");
+        };
+        if open.frontend.is_some() {
+            return error("a frontend is serving already");
+        }
+        if spec.kind() != self.frontend_kind {
+            return error(format!(
+                "this worker was confined for the {} frontend, not {}",
+                self.frontend_kind.as_str(),
+                spec.kind().as_str()
+            ));
+        }
+        let mut frontend: Box<dyn Frontend> = match spec {
+            FrontendSpec::Nbd { export_name } => {
+                let Some(listener) = single_fd(&mut fds) else {
+                    return error("Serve(Nbd) needs exactly one fd (the listening socket)");
+                };
+                Box::new(NbdFrontend::new(listener, export_name))
+            }
+            FrontendSpec::Fuse { file_name, resend } => {
+                let Some(conn) = single_fd(&mut fds) else {
+                    return error("Serve(Fuse) needs exactly one fd (the /dev/fuse connection)");
+                };
+                let config = FuseConfig {
+                    file_name,
+                    resend,
+                    threads: fuse::DEFAULT_THREADS,
+                };
+                match FuseFrontend::new(conn, config) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => return error(format!("fuse frontend: {e}")),
+                }
+            }
+            FrontendSpec::Ublk { .. } => return error("ublk frontend not built"),
+        };
+        if let Err(e) = frontend.start(&open.disk) {
+            return error(format!("starting the {} frontend: {e}", frontend.kind()));
+        }
+        let kind = frontend.kind();
+        let stop = frontend.stopper();
+        let disk = open.disk.clone();
+        match spawn_thread(&format!("frontend-{kind}"), move || frontend.serve(disk)) {
+            Ok(thread) => {
+                open.frontend = Some(Running { kind, stop, thread });
+                FromWorker::Serving
+            }
+            Err(e) => error(format!("starting the {kind} frontend thread: {e}")),
+        }
+    }
+
+    /// Stop the frontend, then flush and close the image.
+    fn close(&mut self) -> Result<(), crate::disk::DiskError> {
+        let Some(mut open) = self.open.take() else {
+            return Ok(());
+        };
+        // Close the disk first so that requests still arriving fail fast
+        // instead of waiting for a resume that will not come.
+        let closed = open.disk.close();
+        if let Some(f) = open.frontend.take() {
+            f.stop();
+        }
+        closed
+    }
+}
+
+fn single_fd(fds: &mut Vec<OwnedFd>) -> Option<OwnedFd> {
+    if fds.len() == 1 {
+        fds.pop()
+    } else {
+        None
+    }
+}

@@ -1,0 +1,485 @@
+//! Offline helpers that work on paths: the filesystem [`ParentOpener`] and
+//! opening images by path. Only the `tap-ctl vhd` tools and tests use
+//! these; a confined worker never opens a path (its parents come from the
+//! broker).
+
+use super::check::{check, Problem};
+use super::coalesce::coalesce_into;
+use super::convert::{copy_image, ImageSink, RawSink};
+use super::create::{create, CreateKind, ParentSpec};
+use super::footer::{format_uuid, Footer};
+use super::image::VhdImage;
+use super::info::{query, Info};
+use super::layer::{VhdLayer, VhdOptions};
+use super::locator::LocatorCode;
+use super::modify::set_parent;
+use super::repair::{repair, RepairReport};
+use super::resize::resize;
+use crate::image::raw::RawImage;
+use crate::image::Image;
+use crate::image::{Backing, ImageError, ParentLocator, ParentOpener};
+use std::fs::{File, OpenOptions};
+use std::path::{Component, Path, PathBuf};
+
+/// Resolves parent locators on the local filesystem, the way blktap's
+/// `vhd_find_parent` does: relative locators (`./base.vhd`) against the
+/// child's directory, absolute ones as they are. Among the candidates
+/// that exist, the first whose UUID matches wins; failing that the first
+/// that exists (the engine then reports the UUID mismatch).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsParentOpener;
+
+impl FsParentOpener {
+    /// Candidate paths for a parent, in the order they are tried.
+    pub fn candidates(child: &str, locators: &[ParentLocator]) -> Vec<PathBuf> {
+        let dir = Path::new(child)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut out: Vec<PathBuf> = Vec::new();
+        let relative = locators.iter().filter(|l| l.relative);
+        let absolute = locators.iter().filter(|l| !l.relative);
+        for l in relative.chain(absolute) {
+            let joined = if l.relative {
+                dir.join(&l.path)
+            } else {
+                PathBuf::from(&l.path)
+            };
+            // Drop `.` components (harmless to remove, unlike `..`).
+            let p: PathBuf = joined
+                .components()
+                .filter(|c| *c != Component::CurDir)
+                .collect();
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// The UUID in a file's footer, if it has one.
+fn peek_uuid(file: &File) -> Option<[u8; 16]> {
+    let len = Backing::len(file).ok()?;
+    let mut b = [0u8; 512];
+    for off in [len.checked_sub(512)?, 0] {
+        if Backing::read_exact_at(file, &mut b, off).is_ok() {
+            if let Ok(f) = Footer::parse(&b) {
+                return Some(f.uuid());
+            }
+        }
+    }
+    None
+}
+
+impl ParentOpener for FsParentOpener {
+    fn open_parent(
+        &mut self,
+        child: &str,
+        locators: &[ParentLocator],
+        parent_uuid: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError> {
+        let candidates = Self::candidates(child, locators);
+        let mut fallback = None;
+        for c in &candidates {
+            let Ok(f) = File::open(c) else { continue };
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            let name = c.to_string_lossy().into_owned();
+            if peek_uuid(&f) == Some(parent_uuid) {
+                return Ok((Box::new(f), name));
+            }
+            if fallback.is_none() {
+                fallback = Some((f, name));
+            }
+        }
+        match fallback {
+            Some((f, name)) => Ok((Box::new(f), name)),
+            None => Err(ImageError::Parent(format!(
+                "the parent of {child} was not found (tried {})",
+                if candidates.is_empty() {
+                    "nothing: the image records no usable parent locator".to_string()
+                } else {
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ))),
+        }
+    }
+}
+
+/// Open a file for an offline tool, read-write unless `read_only`.
+pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| ImageError::Io {
+            op: "open",
+            offset: 0,
+            source,
+        })
+}
+
+/// Open a VHD and its chain by path, parents found on the filesystem.
+pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<VhdImage, ImageError> {
+    let f = open_file(path, read_only)?;
+    super::chain::open(
+        Box::new(f),
+        &path.to_string_lossy(),
+        read_only,
+        &mut FsParentOpener,
+        options,
+    )
+}
+
+/// Create a new image file at `path` (replacing any file there).
+pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(ImageError::io("create", 0))?;
+    create(&f, size, kind)
+}
+
+/// What a child of `parent` (to be created at `child`) records about it:
+/// UUID, modification time, file name, and locators: `W2ru` with the path
+/// relative to the child's directory (`./base.vhd`, what blktap resolves),
+/// then `W2ku` and `MacX` with the absolute path. Also the parent's
+/// virtual size.
+pub fn parent_spec(child: &Path, parent: &Path) -> Result<(ParentSpec, u64), ImageError> {
+    let pf = open_file(parent, true)?;
+    let mtime = pf
+        .metadata()
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs().saturating_sub(super::footer::VHD_EPOCH))
+        .unwrap_or(0);
+    let layer = VhdLayer::open(
+        Box::new(pf),
+        &parent.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    let abs = normalize(&std::path::absolute(parent).map_err(ImageError::io("resolve path", 0))?);
+    let child_dir = child
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let rel = relative_path(child_dir, &abs)?;
+    let abs_s = abs.to_string_lossy().into_owned();
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((
+        ParentSpec {
+            uuid: layer.uuid(),
+            timestamp: u32::try_from(mtime).unwrap_or(u32::MAX),
+            name,
+            locators: vec![
+                (LocatorCode::W2ru, rel),
+                (LocatorCode::W2ku, abs_s.clone()),
+                (LocatorCode::MacX, abs_s),
+            ],
+        },
+        layer.virtual_size(),
+    ))
+}
+
+/// Create `child` as a differencing image of `parent`, as large as the
+/// parent (`vhd-util snapshot`).
+pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Footer, ImageError> {
+    if let (Ok(a), Ok(b)) = (child.canonicalize(), parent.canonicalize()) {
+        if a == b {
+            return Err(ImageError::InvalidArgument(format!(
+                "{} cannot be its own parent",
+                child.display()
+            )));
+        }
+    }
+    let (spec, size) = parent_spec(child, parent)?;
+    create_path(
+        child,
+        size,
+        &CreateKind::Differencing {
+            block_size,
+            parent: spec,
+        },
+    )
+}
+
+/// Check a VHD by path, including that its parent (if any) can be found
+/// and carries the UUID it should.
+pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
+    let f = open_file(path, true)?;
+    let mut problems = check(&f);
+    if problems.is_empty() {
+        let layer = VhdLayer::open(
+            Box::new(f),
+            &path.to_string_lossy(),
+            true,
+            VhdOptions::default(),
+        )?;
+        if let Some(uuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) {
+            let locs = layer.parent_locators();
+            match FsParentOpener.open_parent(layer.name(), &locs, uuid) {
+                Err(e) => problems.push(Problem {
+                    field: "parent",
+                    message: e.to_string(),
+                }),
+                Ok((pf, pname)) => match VhdLayer::open(pf, &pname, true, VhdOptions::default()) {
+                    Err(e) => problems.push(Problem {
+                        field: "parent",
+                        message: format!("{pname}: {e}"),
+                    }),
+                    Ok(p) if p.uuid() != uuid => problems.push(Problem {
+                        field: "parent",
+                        message: format!(
+                            "{pname} has UUID {}, the image expects {}",
+                            format_uuid(&p.uuid()),
+                            format_uuid(&uuid)
+                        ),
+                    }),
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Repair a VHD by path.
+pub fn repair_path(path: &Path) -> Result<RepairReport, ImageError> {
+    repair(&open_file(path, false)?)
+}
+
+/// Query a VHD by path; `parent` is the parent as found on the filesystem
+/// (or as recorded, when it cannot be found).
+pub fn query_path(path: &Path) -> Result<Info, ImageError> {
+    let f = open_file(path, true)?;
+    let (mut info, layer) = query(Box::new(f), &path.to_string_lossy())?;
+    if let Some(uuid) = layer.parent_uuid() {
+        let locs = layer.parent_locators();
+        info.parent = match FsParentOpener.open_parent(layer.name(), &locs, uuid) {
+            Ok((_, name)) => Some(name),
+            Err(_) => locs.first().map(|l| l.path.clone()),
+        };
+    }
+    Ok(info)
+}
+
+/// Grow a VHD by path.
+pub fn resize_path(path: &Path, size: u64) -> Result<(), ImageError> {
+    resize(&open_file(path, false)?, size)
+}
+
+/// Point `child` at `parent` (`vhd-util modify -p`).
+pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
+    let (spec, _) = parent_spec(child, parent)?;
+    set_parent(&open_file(child, false)?, &spec)
+}
+
+/// Merge `child` into its parent (found on the filesystem, opened
+/// writable, its own chain read-only). A parent smaller than the child is
+/// grown first. Returns the parent's path and the bytes copied.
+pub fn coalesce_path(
+    child: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(String, u64), ImageError> {
+    let cf = open_file(child, true)?;
+    let layer = VhdLayer::open(
+        Box::new(cf),
+        &child.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    let uuid = layer.parent_uuid().ok_or_else(|| {
+        ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
+    })?;
+    let (_, pname) = FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), uuid)?;
+    let ppath = PathBuf::from(&pname);
+    {
+        let pf = open_file(&ppath, false)?;
+        let pmeta = super::layout::Metadata::read(&pf)?;
+        if pmeta.footer.uuid() != uuid {
+            return Err(ImageError::ParentUuidMismatch {
+                name: pname,
+                expected: format_uuid(&uuid),
+                found: format_uuid(&pmeta.footer.uuid()),
+            });
+        }
+        if pmeta.virtual_size < layer.virtual_size() {
+            resize(&pf, layer.virtual_size())?;
+        }
+    }
+    let parent = open_vhd(
+        &ppath,
+        false,
+        VhdOptions {
+            sync_metadata: false,
+        },
+    )?;
+    let copied = coalesce_into(&layer, &parent, progress)?;
+    Ok((pname, copied))
+}
+
+/// Output formats of [`convert_path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvertTarget {
+    Raw,
+    VhdDynamic { block_size: u32 },
+    VhdFixed,
+}
+
+/// Open any image by path for reading: VHD (with its chain) or raw.
+pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
+    let f = open_file(path, true)?;
+    Ok(if super::is_vhd(&f)? {
+        Box::new(super::chain::open(
+            Box::new(f),
+            &path.to_string_lossy(),
+            true,
+            &mut FsParentOpener,
+            VhdOptions::default(),
+        )?)
+    } else {
+        Box::new(RawImage::open(Box::new(f), &path.to_string_lossy(), true)?)
+    })
+}
+
+/// Convert `src` (format detected) into a new file `dst`.
+pub fn convert_path(
+    src: &Path,
+    dst: &Path,
+    target: ConvertTarget,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
+    let image = open_any(src)?;
+    let size = image.virtual_size();
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .map_err(ImageError::io("create", 0))?;
+    match target {
+        ConvertTarget::Raw => {
+            out.set_len(size)
+                .map_err(ImageError::io("truncate", size))?;
+            copy_image(image.as_ref(), &RawSink(&out), progress)?;
+            out.sync_data().map_err(ImageError::io("fsync", 0))
+        }
+        ConvertTarget::VhdDynamic { .. } | ConvertTarget::VhdFixed => {
+            let vsize = size.div_ceil(512) * 512;
+            let kind = match target {
+                ConvertTarget::VhdDynamic { block_size } => CreateKind::Dynamic { block_size },
+                _ => CreateKind::Fixed,
+            };
+            create(&out, vsize, &kind)?;
+            let dst_img = super::chain::open(
+                Box::new(out),
+                &dst.to_string_lossy(),
+                false,
+                &mut FsParentOpener,
+                VhdOptions {
+                    sync_metadata: false,
+                },
+            )?;
+            copy_image(image.as_ref(), &ImageSink(&dst_img), progress)?;
+            dst_img.flush()
+        }
+    }
+}
+
+/// The path of `target` relative to the directory `from_dir` (both made
+/// absolute first), in the `./x` / `../x` form blktap writes.
+pub fn relative_path(from_dir: &Path, target: &Path) -> Result<String, ImageError> {
+    let abs = |p: &Path| -> Result<PathBuf, ImageError> {
+        let p = std::path::absolute(p).map_err(ImageError::io("resolve path", 0))?;
+        Ok(normalize(&p))
+    };
+    let from = abs(from_dir)?;
+    let to = abs(target)?;
+    let f: Vec<Component> = from.components().collect();
+    let t: Vec<Component> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = Vec::new();
+    for _ in common..f.len() {
+        parts.push("..".into());
+    }
+    for c in &t[common..] {
+        parts.push(c.as_os_str().to_string_lossy().into_owned());
+    }
+    let rel = parts.join("/");
+    Ok(if rel.starts_with("..") {
+        rel
+    } else {
+        format!("./{rel}")
+    })
+}
+
+/// Lexically remove `.` and `..` components of an absolute path.
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_path_same_dir_is_dot_slash() {
+        let r = relative_path(Path::new("/a/b"), Path::new("/a/b/base.vhd")).unwrap();
+        assert_eq!(r, "./base.vhd");
+        let r = relative_path(Path::new("/a/b"), Path::new("/a/c/base.vhd")).unwrap();
+        assert_eq!(r, "../c/base.vhd");
+        let r = relative_path(Path::new("/a/b/"), Path::new("/a/b/./x/../base.vhd")).unwrap();
+        assert_eq!(r, "./base.vhd");
+    }
+
+    #[test]
+    fn candidates_try_relative_first_against_child_dir() {
+        let locs = vec![
+            ParentLocator {
+                code: "W2ku".into(),
+                path: "/abs/base.vhd".into(),
+                relative: false,
+            },
+            ParentLocator {
+                code: "W2ru".into(),
+                path: "./base.vhd".into(),
+                relative: true,
+            },
+        ];
+        let c = FsParentOpener::candidates("/img/child.vhd", &locs);
+        assert_eq!(
+            c,
+            vec![
+                PathBuf::from("/img/base.vhd"),
+                PathBuf::from("/abs/base.vhd")
+            ]
+        );
+        let c = FsParentOpener::candidates("child.vhd", &locs[1..]);
+        assert_eq!(c, vec![PathBuf::from("base.vhd")]);
+    }
+}

@@ -1,0 +1,101 @@
+//! Step 4: `mlockall(MCL_CURRENT | MCL_FUTURE)`.
+//!
+//! Image data and the worker's state never reach swap, where they would
+//! outlive the worker and be readable by whoever reads the swap device.
+//!
+//! With `MCL_FUTURE`, every later mapping (heap growth, thread stacks, I/O
+//! buffers) is locked too, and once capabilities are dropped each new
+//! mapping must fit under `RLIMIT_MEMLOCK` or fail. So this step also
+//! records how much room is left ([`headroom`]); the frontends size their
+//! threads and buffers from it instead of failing mid-request, and if the
+//! room is below [`MIN_HEADROOM`] the worker refuses to start, naming the
+//! limit. Before locking we cap glibc's malloc at one arena: every extra
+//! arena reserves 64 MiB of address space, all of which would count.
+
+use std::io;
+use std::sync::OnceLock;
+
+/// What a comfortable worker locks: code, heap, thread stacks, I/O buffers
+/// for many requests in flight. The broker sets RLIMIT_MEMLOCK to this
+/// where it can; standalone mode as root raises it itself when permitted.
+pub const MEMLOCK_NEEDED: u64 = 512 << 20;
+/// The least room a worker needs beyond what is locked at confinement
+/// (heap for the image engine, a few threads, small I/O buffers).
+pub const MIN_HEADROOM: u64 = 2 << 20;
+
+/// glibc's `M_ARENA_MAX` mallopt parameter.
+const M_ARENA_MAX: libc::c_int = -8;
+/// One arena, shared by all threads (each still has its own tcache).
+const ARENAS: libc::c_int = 1;
+
+/// Room left under RLIMIT_MEMLOCK right after locking.
+static HEADROOM: OnceLock<u64> = OnceLock::new();
+
+#[derive(Debug, thiserror::Error)]
+pub enum MlockError {
+    #[error(
+        "RLIMIT_MEMLOCK is {limit} bytes but the worker has {locked} bytes locked and needs at least \
+         {needed} bytes to serve; raise RLIMIT_MEMLOCK to at least {needed} bytes (e.g. `ulimit -l \
+         {needed_kib}`; only a process with CAP_SYS_RESOURCE can raise the hard limit)"
+    )]
+    TooSmall {
+        limit: u64,
+        locked: u64,
+        needed: u64,
+        needed_kib: u64,
+    },
+    #[error("mlockall(MCL_CURRENT|MCL_FUTURE) failed: {0}")]
+    Other(#[source] io::Error),
+}
+
+fn too_small(limit: u64, locked: u64) -> MlockError {
+    let needed = locked.saturating_add(MIN_HEADROOM);
+    MlockError::TooSmall {
+        limit,
+        locked,
+        needed,
+        needed_kib: needed.div_ceil(1024),
+    }
+}
+
+pub fn lock_all() -> Result<(), MlockError> {
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe { libc::mallopt(M_ARENA_MAX, ARENAS) };
+    let limit = super::rlimit::get(libc::RLIMIT_MEMLOCK);
+    // SAFETY: mlockall takes flags only.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            // MCL_CURRENT is checked against the whole address space.
+            Some(libc::ENOMEM | libc::EAGAIN | libc::EPERM) => {
+                too_small(limit, status_kib("VmSize:").unwrap_or(0))
+            }
+            _ => MlockError::Other(e),
+        });
+    }
+    let locked = status_kib("VmLck:").unwrap_or(0);
+    if limit != libc::RLIM_INFINITY && limit < locked.saturating_add(MIN_HEADROOM) {
+        return Err(too_small(limit, locked));
+    }
+    let _ = HEADROOM.set(limit.saturating_sub(locked));
+    Ok(())
+}
+
+/// Bytes that may still be locked (mapped) after confinement; `None` when
+/// this process did not lock its memory (tests, offline tools).
+pub fn headroom() -> Option<u64> {
+    HEADROOM.get().copied()
+}
+
+/// A `/proc/self/status` field in bytes (the file reports kB).
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
