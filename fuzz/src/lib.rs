@@ -69,3 +69,27 @@ pub fn open_read(data: &[u8]) {
     }
     let _ = img.leaf().parent_locators();
 }
+
+/// The FUSE frontend's request path: parse one `/dev/fuse` message and, if
+/// it parses, answer it from the one-file filesystem over a small
+/// in-memory disk (writes fail, as the fuzz input is read-only). Anything
+/// but a panic is fine.
+pub fn fuse_request(data: &[u8]) {
+    use std::sync::Arc;
+    use tapjail_worker::disk::Disk;
+    use tapjail_worker::frontend::fuse::fs::{OneFileFs, Outcome};
+    use tapjail_worker::frontend::fuse::request;
+    use tapjail_worker::image::raw::RawImage;
+
+    let Ok(req) = request::parse(data) else {
+        return;
+    };
+    let Ok(img) = RawImage::open(Box::new(MemFile::new(&[0u8; 65536])), "fuzz", false) else {
+        return;
+    };
+    let fs = OneFileFs::new(Disk::new(Arc::new(img)), "disk");
+    if let Outcome::Read(r) = fs.handle(&req) {
+        let mut buf = vec![0u8; request::MAX_READ];
+        let _ = fs.read(&r, &mut buf);
+    }
+}
