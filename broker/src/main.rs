@@ -1,7 +1,249 @@
 //! `tap-broker`: the privileged half. Decides, opens, creates devices,
 //! spawns confined workers; never reads image contents.
+//!
+//! Runs in the foreground (systemd `Type=simple`), logs to stderr, stops
+//! on SIGTERM/SIGINT after destroying every disk it serves.
 
-fn main() {
-    eprintln!("tap-broker: not built yet");
-    std::process::exit(1);
+mod bringup;
+mod broker;
+use tapjail_broker::device;
+mod error;
+mod ops;
+mod records;
+mod server;
+mod sys;
+mod table;
+mod worker;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tapjail_common::audit::{AuditLog, Event};
+use tapjail_policy::Policy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tap-broker",
+    version,
+    about = "tapjail's privileged broker: serves tap-ctl, decides by policy, audits, spawns confined tapdisk workers"
+)]
+struct Args {
+    /// Policy file (TOML). Without it: the embedded default, which serves
+    /// root only, on /run/tapjail/broker.sock, images under /var/lib/tapjail.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    /// Print the embedded default policy and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
+    match path {
+        None => Ok(Policy::embedded_default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            Policy::parse(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid policy:\n{}",
+                    e.render(&p.display().to_string()).trim_end()
+                )
+            })
+        }
+    }
+}
+
+fn tapdisk_path(policy: &Policy) -> anyhow::Result<PathBuf> {
+    let path = match &policy.tapdisk {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locating tap-broker's own executable")?
+            .with_file_name("tapdisk"),
+    };
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "worker binary {} (set `tapdisk = ...` in the policy)",
+            path.display()
+        )
+    })?;
+    if !meta.is_file() || std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0
+    {
+        bail!("worker binary {} is not an executable file", path.display());
+    }
+    Ok(path)
+}
+
+/// RLIMIT_MEMLOCK for workers: the configured amount, raised on the
+/// broker itself first (workers inherit the hard limit). Without
+/// CAP_SYS_RESOURCE the hard limit cannot grow; then workers get what the
+/// broker has, and the operator is told.
+fn memlock_for_workers(wanted: u64) -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let cur = getrlimit(Resource::Memlock);
+    let new = Rlimit {
+        current: cur.current,
+        maximum: Some(wanted).max(cur.maximum.map(|m| m.max(wanted))),
+    };
+    if cur.maximum.is_none_or(|m| m >= wanted) || setrlimit(Resource::Memlock, new).is_ok() {
+        return wanted;
+    }
+    let hard = cur.maximum.unwrap_or(wanted);
+    eprintln!(
+        "tap-broker: worker_memlock_mib asks {} MiB but the hard RLIMIT_MEMLOCK is {} KiB and tap-broker lacks CAP_SYS_RESOURCE to raise it; workers get {} KiB",
+        wanted >> 20,
+        hard >> 10,
+        hard >> 10
+    );
+    hard
+}
+
+/// Block the termination signals in every thread (threads inherit the
+/// mask); the main thread takes them with `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local; pthread_sigmask with valid
+    // pointers. Called before any other thread exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: sigwait reads the set and writes one int we own.
+    let rc = unsafe { libc::sigwait(set, &mut sig) };
+    if rc == 0 {
+        sig
+    } else {
+        libc::SIGTERM
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.print_default_config {
+        print!("{}", tapjail_policy::config::EMBEDDED_DEFAULT);
+        return Ok(());
+    }
+    let policy = load(args.config.as_deref())?;
+    if args.check {
+        println!(
+            "{}: ok ({} tenant(s))",
+            args.config
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "embedded default policy".into()),
+            policy.tenants.len()
+        );
+        return Ok(());
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!("tap-broker must run as root (it opens images, creates devices and starts workers under their own uids)");
+    }
+    let tapdisk = tapdisk_path(&policy)?;
+    let claim = server::SocketClaim::take(&policy.socket)
+        .with_context(|| format!("control socket {}", policy.socket.display()))?;
+    let signals = block_signals();
+
+    let devices =
+        device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
+            .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
+    let state = records::StateDir::create(&policy.state_dir)
+        .with_context(|| format!("state_dir {}", policy.state_dir.display()))?;
+    if let Some(dir) = policy.audit_log.parent() {
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o750)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let audit = AuditLog::open(&policy.audit_log)?;
+    let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
+
+    let memlock = memlock_for_workers(policy.worker_memlock);
+    let spawn_cfg = worker::SpawnConfig {
+        tapdisk,
+        memlock,
+        timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),
+    };
+    let explanation = devices.explanation().to_string();
+    let broker = Arc::new(broker::Broker::new(
+        policy, audit, devices, state, spawn_cfg,
+    )?);
+    for a in &cleanup.actions {
+        eprintln!("tap-broker: cleanup: {a}");
+        broker.notice(Event::Cleanup, None, None, "restart-cleanup", a.clone());
+    }
+    for p in &cleanup.problems {
+        eprintln!("tap-broker: cleanup problem: {p}");
+        broker.notice(
+            Event::Cleanup,
+            None,
+            None,
+            "restart-cleanup-failed",
+            p.clone(),
+        );
+    }
+    if std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "1") {
+        eprintln!(
+            "tap-broker: warning: fs.protected_hardlinks is off: a tenant could hard-link files it cannot read into its image root"
+        );
+    }
+    let p = &broker.policy;
+    let banner = format!(
+        "tap-broker {} serving {} with {explanation}; {} tenant(s); audit {}; state {}; devices {}; workers {} as uids {}..={}",
+        env!("CARGO_PKG_VERSION"),
+        p.socket.display(),
+        p.tenants.len(),
+        p.audit_log.display(),
+        p.state_dir.display(),
+        p.device_dir.display(),
+        broker.spawn_cfg.tapdisk.display(),
+        p.worker_uids.0,
+        p.worker_uids.1,
+    );
+    eprintln!("{banner}");
+    broker.notice(Event::BrokerStart, None, None, "start", banner);
+
+    let listener = claim
+        .bind()
+        .with_context(|| format!("control socket {}", broker.policy.socket.display()))?;
+    let sup = Arc::clone(&broker);
+    std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || sup.supervise())?;
+    let srv = Arc::clone(&broker);
+    let sock = listener.listener.try_clone()?;
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || server::serve(srv, &sock))?;
+
+    loop {
+        match wait_signal(&signals) {
+            libc::SIGHUP => eprintln!("tap-broker: SIGHUP ignored (restart to reload the policy)"),
+            sig => {
+                eprintln!("tap-broker: signal {sig}: destroying every disk and stopping");
+                broker.shutdown();
+                let _ = std::fs::remove_file(&listener.path);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tap-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

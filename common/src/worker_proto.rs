@@ -71,7 +71,8 @@ pub enum ToWorker {
     /// Quiesce I/O, flush, close the image; the frontend stays.
     Pause,
     /// Reopen after `Pause`, like `Open` (fds: \[leaf\]); the virtual size
-    /// must not change.
+    /// must not change. Answered like `Open`: any `NeedParent`s, then
+    /// `Opened` with the new chain (or `Error`, and the disk stays paused).
     Unpause {
         kind: ImageKind,
         name: String,

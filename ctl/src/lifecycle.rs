@@ -1,11 +1,463 @@
-//! Lifecycle commands: tap-ctl allocate, spawn, attach, open, ... via the broker.
+//! Lifecycle commands: tap-ctl allocate, spawn, attach, open, ... via the
+//! broker, printing what blktap's tap-ctl prints.
 
+use crate::client::Client;
 use clap::Subcommand;
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
+use tapjail_common::proto::{ImageSpec, ListEntry, Reply, Request, StatsReply};
+use tapjail_common::stats::{ImageStats, LatencyStats};
+use tapjail_common::Minor;
 
 #[derive(Debug, Subcommand)]
-pub enum LifecycleCommand {}
+pub enum LifecycleCommand {
+    /// Allocate a minor; prints its device path.
+    Allocate {
+        /// Ask for this minor instead of the lowest free one.
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Option<Minor>,
+    },
+    /// Release a minor (it must be detached).
+    Free {
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+    },
+    /// Start a tapdisk worker; prints its pid.
+    Spawn,
+    /// Attach a tapdisk to a minor.
+    Attach {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: u32,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+    },
+    /// Detach a minor's tapdisk; this ends that tapdisk.
+    Detach {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+    },
+    /// Open an image on an attached minor; the device appears.
+    Open {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+        /// TYPE:PATH, TYPE being vhd or aio (raw).
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        image: ImageSpec,
+        /// Read-only.
+        #[arg(short = 'R')]
+        read_only: bool,
+    },
+    /// Close a minor's image; the device goes away.
+    Close {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+        /// Close even if the tapdisk does not answer (it is then killed).
+        #[arg(short = 'f')]
+        force: bool,
+    },
+    /// allocate + spawn + attach + open; prints the device path.
+    Create {
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        image: ImageSpec,
+        #[arg(short = 'R')]
+        read_only: bool,
+        /// Use this minor.
+        #[arg(short = 'e', value_name = "MINOR")]
+        minor: Option<Minor>,
+    },
+    /// close + detach + free (also for a dead tapdisk).
+    Destroy {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+    },
+    /// Quiesce I/O and close the image (for offline snapshot or coalesce).
+    Pause {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+    },
+    /// Reopen a paused image, optionally at a new path of the same size.
+    Unpause {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        image: Option<ImageSpec>,
+    },
+    /// List tapdisks and minors: "pid minor state type file".
+    List {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Option<Minor>,
+        #[arg(short = 't', value_name = "TYPE")]
+        kind: Option<String>,
+        #[arg(short = 'f', value_name = "FILE")]
+        file: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a minor's I/O statistics as JSON.
+    Stats {
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+    },
+}
 
-pub fn run(command: LifecycleCommand) -> anyhow::Result<ExitCode> {
-    match command {}
+/// `-a disk.vhd` relative to the caller's directory, made absolute (the
+/// broker has no idea where the caller is). Lexical only: the broker
+/// refuses symlinks and `..` itself.
+fn absolute(mut spec: ImageSpec) -> anyhow::Result<ImageSpec> {
+    if !Path::new(&spec.path).is_absolute() {
+        spec.path = std::path::absolute(&spec.path)?.display().to_string();
+    }
+    Ok(spec)
+}
+
+pub fn run(command: LifecycleCommand, socket: &Path) -> anyhow::Result<ExitCode> {
+    let tty = std::io::stdout().is_terminal();
+    let (req, list_filter) = match command {
+        LifecycleCommand::Allocate { minor } => (Request::Allocate { minor }, None),
+        LifecycleCommand::Free { minor } => (Request::Free { minor }, None),
+        LifecycleCommand::Spawn => (Request::Spawn, None),
+        LifecycleCommand::Attach { pid, minor } => (Request::Attach { pid, minor }, None),
+        LifecycleCommand::Detach { pid, minor } => (Request::Detach { pid, minor }, None),
+        LifecycleCommand::Open {
+            pid,
+            minor,
+            image,
+            read_only,
+        } => (
+            Request::Open {
+                pid,
+                minor,
+                image: absolute(image)?,
+                read_only,
+            },
+            None,
+        ),
+        LifecycleCommand::Close { pid, minor, force } => {
+            (Request::Close { pid, minor, force }, None)
+        }
+        LifecycleCommand::Create {
+            image,
+            read_only,
+            minor,
+        } => (
+            Request::Create {
+                image: absolute(image)?,
+                read_only,
+                minor,
+            },
+            None,
+        ),
+        LifecycleCommand::Destroy { pid, minor } => (Request::Destroy { pid, minor }, None),
+        LifecycleCommand::Pause { pid, minor } => (Request::Pause { pid, minor }, None),
+        LifecycleCommand::Unpause { pid, minor, image } => (
+            Request::Unpause {
+                pid,
+                minor,
+                image: image.map(absolute).transpose()?,
+            },
+            None,
+        ),
+        LifecycleCommand::List {
+            pid,
+            minor,
+            kind,
+            file,
+            json,
+        } => (Request::List { pid, minor }, Some((kind, file, json))),
+        LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
+    };
+    let client = Client::connect(socket)?;
+    let reply = client.call(&req)?;
+    match reply {
+        Reply::Allocated { device, .. } | Reply::Created { device, .. } => println!("{device}"),
+        Reply::Spawned { pid } => {
+            if tty {
+                println!("tapdisk spawned with pid {pid}");
+            } else {
+                println!("{pid}");
+            }
+        }
+        Reply::List(rows) => {
+            let (kind, file, json) = list_filter.unwrap_or((None, None, false));
+            let rows: Vec<ListEntry> = rows
+                .into_iter()
+                .filter(|r| keep(r, kind.as_deref(), file.as_deref()))
+                .collect();
+            if json {
+                let out: Vec<JsonRow> = rows.iter().map(JsonRow::from).collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for r in &rows {
+                    println!("{}", if tty { row_tty(r) } else { row_dict(r) });
+                }
+            }
+        }
+        Reply::Stats(s) => println!("{}", stats_json(&s)?),
+        Reply::Ok | Reply::Hello { .. } => {}
+        Reply::Error { message, .. } => anyhow::bail!(message),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// blktap's filter: a row without a type (or file) is not excluded by -t (-f).
+fn keep(r: &ListEntry, kind: Option<&str>, file: Option<&str>) -> bool {
+    let t_ok = match (kind, &r.image) {
+        (Some(k), Some(img)) => img.kind.as_str() == k,
+        _ => true,
+    };
+    let f_ok = match (file, &r.image) {
+        (Some(f), Some(img)) => img.path == f,
+        _ => true,
+    };
+    t_ok && f_ok
+}
+
+/// C's `%#x`: `0` for zero, `0x..` otherwise.
+fn c_hex(v: u32) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// `"%8s %4s %4s %10s %s"` with `-` for what is missing, as blktap.
+pub fn row_tty(r: &ListEntry) -> String {
+    let dash = || "-".to_string();
+    format!(
+        "{:>8} {:>4} {:>4} {:>10} {}",
+        r.pid.map_or_else(dash, |p| p.to_string()),
+        r.minor.map_or_else(dash, |m| m.to_string()),
+        r.state.map_or_else(dash, |s| c_hex(s.0)),
+        r.image
+            .as_ref()
+            .map_or_else(dash, |i| i.kind.as_str().to_string()),
+        r.image.as_ref().map_or_else(dash, |i| i.path.clone()),
+    )
+}
+
+/// `pid=%d minor=%d state=%#x args=%s:%s`, only the fields present.
+pub fn row_dict(r: &ListEntry) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = r.pid {
+        parts.push(format!("pid={p}"));
+    }
+    if let Some(m) = r.minor {
+        parts.push(format!("minor={m}"));
+    }
+    if let Some(s) = r.state {
+        parts.push(format!("state={}", c_hex(s.0)));
+    }
+    if let Some(i) = &r.image {
+        parts.push(format!("args={}:{}", i.kind, i.path));
+    }
+    parts.join(" ")
+}
+
+#[derive(Debug, Serialize)]
+struct JsonRow {
+    pid: Option<u32>,
+    minor: Option<u16>,
+    state: Option<u32>,
+    #[serde(rename = "type")]
+    kind: Option<&'static str>,
+    file: Option<String>,
+    read_only: bool,
+    frontend: Option<&'static str>,
+    device: Option<String>,
+    restarts: u32,
+}
+
+impl From<&ListEntry> for JsonRow {
+    fn from(r: &ListEntry) -> Self {
+        JsonRow {
+            pid: r.pid,
+            minor: r.minor.map(|m| m.get()),
+            state: r.state.map(|s| s.0),
+            kind: r.image.as_ref().map(|i| i.kind.as_str()),
+            file: r.image.as_ref().map(|i| i.path.clone()),
+            read_only: r.read_only,
+            frontend: r.frontend.map(|f| f.as_str()),
+            device: r.device.clone(),
+            restarts: r.restarts,
+        }
+    }
+}
+
+/// blktap's keys first (`name`, `secs`, `images`, `tap`,
+/// `reqs_outstanding`), then ours.
+#[derive(Debug, Serialize)]
+struct StatsJson<'a> {
+    name: &'a str,
+    secs: [u64; 2],
+    images: &'a [ImageStats],
+    tap: TapJson<'a>,
+    reqs_outstanding: u64,
+    latency: &'a LatencyStats,
+}
+
+#[derive(Debug, Serialize)]
+struct TapJson<'a> {
+    minor: u16,
+    pid: u32,
+    frontend: Option<&'static str>,
+    reqs: [u64; 2],
+    errors: u64,
+    restarts: u32,
+    worker_frontend: &'a str,
+}
+
+pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
+    let w = &s.worker;
+    serde_json::to_string(&StatsJson {
+        name: &w.name,
+        secs: w.secs,
+        images: &w.images,
+        tap: TapJson {
+            minor: s.minor.get(),
+            pid: s.pid,
+            frontend: s.frontend.map(|f| f.as_str()),
+            reqs: w.frontend.reqs,
+            errors: w.frontend.errors,
+            restarts: s.restarts,
+            worker_frontend: &w.frontend.kind,
+        },
+        reqs_outstanding: w.reqs_outstanding,
+        latency: &w.latency,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapjail_common::proto::ImageKind;
+    use tapjail_common::state::State;
+
+    fn row(
+        pid: Option<u32>,
+        minor: Option<u16>,
+        state: Option<u32>,
+        image: Option<&str>,
+    ) -> ListEntry {
+        ListEntry {
+            pid,
+            minor: minor.map(|m| Minor::new(u64::from(m)).unwrap()),
+            state: state.map(State),
+            image: image.map(|p| ImageSpec {
+                kind: ImageKind::Vhd,
+                path: p.into(),
+            }),
+            read_only: false,
+            frontend: None,
+            device: None,
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn list_tty_rows_match_the_seed_exactly() {
+        assert_eq!(
+            row_tty(&row(None, Some(0), None, None)),
+            "       -    0    -          - -"
+        );
+        assert_eq!(
+            row_tty(&row(Some(5755), None, None, None)),
+            "    5755    -    -          - -"
+        );
+        assert_eq!(
+            row_tty(&row(Some(5755), Some(0), Some(0), None)),
+            "    5755    0    0          - -"
+        );
+        assert_eq!(
+            row_tty(&row(
+                Some(5755),
+                Some(0),
+                Some(0),
+                Some("/home/djs/smalltest.vhd")
+            )),
+            "    5755    0    0        vhd /home/djs/smalltest.vhd"
+        );
+        assert_eq!(
+            row_tty(&row(Some(1), Some(2), Some(0x21), None)),
+            "       1    2 0x21          - -"
+        );
+    }
+
+    #[test]
+    fn list_dict_rows_match_blktap() {
+        assert_eq!(row_dict(&row(None, Some(0), None, None)), "minor=0");
+        assert_eq!(
+            row_dict(&row(Some(7), Some(3), Some(0x20), Some("/a b"))),
+            "pid=7 minor=3 state=0x20 args=vhd:/a b"
+        );
+        assert_eq!(
+            row_dict(&row(Some(7), Some(3), Some(0), None)),
+            "pid=7 minor=3 state=0"
+        );
+    }
+
+    #[test]
+    fn list_type_and_file_filters_keep_rows_without_image() {
+        let bare = row(None, Some(0), None, None);
+        let vhd = row(Some(1), Some(1), Some(0), Some("/x.vhd"));
+        assert!(keep(&bare, Some("aio"), Some("/y")));
+        assert!(!keep(&vhd, Some("aio"), None));
+        assert!(keep(&vhd, Some("vhd"), Some("/x.vhd")));
+        assert!(!keep(&vhd, None, Some("/y")));
+    }
+
+    #[test]
+    fn stats_json_has_blktap_keys_in_order() {
+        let s = StatsReply {
+            minor: Minor::new(0).unwrap(),
+            pid: 5755,
+            frontend: Some(tapjail_common::proto::FrontendKind::Nbd),
+            restarts: 0,
+            worker: tapjail_common::stats::WorkerStats {
+                name: "vhd:/x.vhd".into(),
+                secs: [664, 0],
+                images: vec![ImageStats {
+                    name: "/x.vhd".into(),
+                    hits: [664, 0],
+                    fail: [0, 0],
+                    driver: tapjail_common::stats::DriverStats {
+                        kind: 4,
+                        name: "vhd".into(),
+                        status: None,
+                    },
+                }],
+                ..Default::default()
+            },
+        };
+        let j = stats_json(&s).unwrap();
+        assert!(j.starts_with(r#"{"name":"vhd:/x.vhd","secs":[664,0],"images":[{"name":"/x.vhd","hits":[664,0],"fail":[0,0],"driver":{"type":4,"name":"vhd","status":null}}],"tap":{"minor":0,"pid":5755,"frontend":"nbd""#), "{j}");
+        assert!(j.contains(r#""reqs_outstanding":0"#));
+        assert!(j.contains(r#""latency":{"#));
+    }
+
+    #[test]
+    fn relative_image_path_is_made_absolute() {
+        let s = absolute("aio:disk.img".parse().unwrap()).unwrap();
+        assert!(s.path.starts_with('/'));
+        assert!(s.path.ends_with("/disk.img"));
+    }
 }

@@ -2,8 +2,11 @@
 //! and offline VHD tools that work on the caller's own files.
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod admin;
+mod client;
 mod lifecycle;
 mod vhd;
 
@@ -14,6 +17,15 @@ mod vhd;
     about = "Control tapjail disks and VHD images"
 )]
 struct Cli {
+    /// tap-broker's control socket.
+    #[arg(
+        long,
+        global = true,
+        env = "TAPJAIL_SOCKET",
+        value_name = "PATH",
+        default_value = tapjail_common::proto::DEFAULT_SOCKET
+    )]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,17 +37,27 @@ enum Command {
         #[command(subcommand)]
         command: vhd::VhdCommand,
     },
+    /// Check a tap-broker policy file.
+    Policy {
+        #[command(subcommand)]
+        command: admin::PolicyCommand,
+    },
+    /// Check a tap-broker audit log.
+    Audit {
+        #[command(subcommand)]
+        command: admin::AuditCommand,
+    },
     #[command(flatten)]
     Lifecycle(lifecycle::LifecycleCommand),
 }
 
-// Both subcommand enums are empty until their modules land.
-#[allow(unreachable_code, unused_variables)]
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vhd { command } => vhd::run(command),
-        Command::Lifecycle(command) => lifecycle::run(command),
+        Command::Policy { command } => admin::policy(command),
+        Command::Audit { command } => admin::audit(command),
+        Command::Lifecycle(command) => lifecycle::run(command, &cli.socket),
     };
     match result {
         Ok(code) => code,

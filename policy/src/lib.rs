@@ -1,1 +1,13 @@
-//! Tenant policy: a pure decision function over requests and peer identity.
+//! Tenant policy: a pure decision function over requests and peer identity,
+//! and the `policy.toml` that configures it (and the broker).
+//!
+//! Nothing here makes a syscall: the broker reads the file, supplies the
+//! peer's `SO_PEERCRED` identity and a view of its tables, and enforces
+//! what is decided (e.g. opening a granted image with `openat2`).
+
+pub mod config;
+pub mod decide;
+pub mod path;
+
+pub use config::{Diagnostic, FrontendChoice, Policy, PolicyError, Tenant};
+pub use decide::{decide, decide_parent, BrokerView, Decision, ImageGrant, PeerCred, Scope};

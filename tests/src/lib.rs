@@ -1,1 +1,492 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: a real `tap-broker` in a temp
+//! directory with a test policy, `tap-ctl` run as test tenants (a child
+//! process that drops to the tenant's uid/gid before connecting, so the
+//! test runner itself never changes identity), a pty for the terminal
+//! output format, and readers for the audit log.
+//!
+//! The binaries are taken from the cargo target directory the tests were
+//! built into (`cargo build --workspace --bins`, which `cargo test
+//! --workspace` and `cargo nextest run --workspace` do).
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`, where cargo put this workspace's binaries.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A workspace binary, which must have been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Which tapdisk the broker under test spawns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerBin {
+    /// The real, confined `tapdisk`.
+    Real,
+    /// `fake-tapdisk` (tests/src/bin), for forcing worker behaviours.
+    Fake,
+}
+
+impl WorkerBin {
+    pub fn path(self) -> PathBuf {
+        match self {
+            WorkerBin::Real => bin("tapdisk"),
+            WorkerBin::Fake => bin("fake-tapdisk"),
+        }
+    }
+}
+
+/// A test tenant.
+#[derive(Debug, Clone)]
+pub struct TenantSpec {
+    pub name: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+    pub writable: bool,
+    pub max_disks: u32,
+    pub admin: bool,
+}
+
+pub const ALICE: TenantSpec = TenantSpec {
+    name: "alice",
+    uid: 4242,
+    gid: 4242,
+    writable: true,
+    max_disks: 4,
+    admin: false,
+};
+pub const BOB: TenantSpec = TenantSpec {
+    name: "bob",
+    uid: 4343,
+    gid: 4343,
+    writable: true,
+    max_disks: 4,
+    admin: false,
+};
+/// Read-only tenant.
+pub const CAROL: TenantSpec = TenantSpec {
+    name: "carol",
+    uid: 4444,
+    gid: 4444,
+    writable: false,
+    max_disks: 2,
+    admin: false,
+};
+/// Root, as an admin tenant (root is special only because this says so).
+pub const ROOT: TenantSpec = TenantSpec {
+    name: "ops",
+    uid: 0,
+    gid: 0,
+    writable: true,
+    max_disks: 256,
+    admin: true,
+};
+/// Matches no tenant.
+pub const NOBODY: (u32, u32) = (4545, 4545);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub worker: WorkerBin,
+    pub tenants: Vec<TenantSpec>,
+    pub respawn: bool,
+    pub worker_timeout_secs: u32,
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            worker: default_worker(),
+            tenants: vec![ROOT, ALICE, BOB, CAROL],
+            respawn: false,
+            worker_timeout_secs: 10,
+            extra: String::new(),
+        }
+    }
+}
+
+/// The worker the lifecycle tests use: the real tapdisk, unless
+/// `TAPJAIL_TEST_WORKER=fake` (to tell a broker bug from a worker bug).
+pub fn default_worker() -> WorkerBin {
+    match std::env::var("TAPJAIL_TEST_WORKER").as_deref() {
+        Ok("fake") => WorkerBin::Fake,
+        _ => WorkerBin::Real,
+    }
+}
+
+/// A running broker in its own temp directory.
+#[derive(Debug)]
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub audit: PathBuf,
+    pub state: PathBuf,
+    pub devices: PathBuf,
+    pub policy: PathBuf,
+    pub log: PathBuf,
+    pub opts: Options,
+    broker: Option<Child>,
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A worker uid range per broker (per test process and per harness in
+/// it), so concurrent tests never offer their brokers the same uids.
+fn worker_uid_range() -> (u32, u32) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let slot = (std::process::id().wrapping_mul(64).wrapping_add(n)) % 20_000;
+    let lo = 400_000 + slot * 50;
+    (lo, lo + 49)
+}
+
+impl Harness {
+    pub fn start(opts: Options) -> Harness {
+        let dir = tempfile::Builder::new()
+            .prefix("tapjail-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        // Tenants must be able to reach the socket and nothing else here.
+        chmod(dir.path(), 0o755);
+        let socket = dir.path().join("run/broker.sock");
+        let audit = dir.path().join("log/audit.jsonl");
+        let state = dir.path().join("state");
+        let devices = dir.path().join("dev");
+        let policy = dir.path().join("policy.toml");
+        let log = dir.path().join("broker.log");
+        let uids = worker_uid_range();
+        let mut text = format!(
+            "socket = {socket:?}\naudit_log = {audit:?}\nstate_dir = {state:?}\ndevice_dir = {devices:?}\n\
+             worker_uids = [{}, {}]\ntapdisk = {:?}\nfrontend = \"nbd\"\nrespawn = {}\n\
+             worker_timeout_secs = {}\n{}\n",
+            uids.0,
+            uids.1,
+            opts.worker.path(),
+            opts.respawn,
+            opts.worker_timeout_secs,
+            opts.extra,
+        );
+        for t in &opts.tenants {
+            let root = dir.path().join("images").join(t.name);
+            std::fs::create_dir_all(&root).expect("root");
+            text.push_str(&format!(
+                "\n[[tenant]]\nname = {:?}\nuids = [{}]\nimage_roots = [{:?}]\nwritable = {}\nmax_disks = {}\nadmin = {}\n",
+                t.name, t.uid, root, t.writable, t.max_disks, t.admin
+            ));
+        }
+        std::fs::write(&policy, text).expect("policy");
+        let mut h = Harness {
+            dir,
+            socket,
+            audit,
+            state,
+            devices,
+            policy,
+            log,
+            opts,
+            broker: None,
+        };
+        h.launch();
+        h
+    }
+
+    /// Start tap-broker and wait until it accepts connections.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(bin("tap-broker"))
+            .arg("--config")
+            .arg(&self.policy)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tap-broker");
+        self.broker = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = self
+                .broker
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("tap-broker exited ({st}):\n{}", self.broker_log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tap-broker did not start:\n{}", self.broker_log());
+    }
+
+    pub fn broker_pid(&self) -> u32 {
+        self.broker.as_ref().expect("broker running").id()
+    }
+
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The image root of tenant `name`.
+    pub fn root(&self, name: &str) -> PathBuf {
+        self.dir.path().join("images").join(name)
+    }
+
+    /// Create a raw image of `size` bytes in tenant `name`'s root.
+    pub fn raw_image(&self, tenant: &str, file: &str, size: u64) -> PathBuf {
+        let p = self.root(tenant).join(file);
+        let f = std::fs::File::create(&p).expect("image");
+        f.set_len(size).expect("size");
+        p
+    }
+
+    /// Create a dynamic VHD of `mib` MiB in tenant `name`'s root with
+    /// `tap-ctl vhd create` (the offline tool, as root).
+    pub fn vhd_image(&self, tenant: &str, file: &str, mib: u64) -> PathBuf {
+        let p = self.root(tenant).join(file);
+        let out = Command::new(bin("tap-ctl"))
+            .args(["vhd", "create", "-n"])
+            .arg(&p)
+            .args(["-s", &mib.to_string()])
+            .output()
+            .expect("tap-ctl vhd create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    /// A differencing child of `parent` (any path) at `child`.
+    pub fn vhd_snapshot(&self, child: &Path, parent: &Path) {
+        let out = Command::new(bin("tap-ctl"))
+            .args(["vhd", "snapshot", "-n"])
+            .arg(child)
+            .arg("-p")
+            .arg(parent)
+            .output()
+            .expect("tap-ctl vhd snapshot");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ctl_cmd(&self, uid: u32, gid: u32, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("tap-ctl"));
+        c.arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TAPJAIL_SOCKET");
+        if uid != 0 || gid != 0 {
+            c.uid(uid).gid(gid);
+        }
+        c
+    }
+
+    /// Run tap-ctl as `uid`/`gid` with stdout not a terminal.
+    pub fn ctl_as(&self, uid: u32, gid: u32, args: &[&str]) -> Output {
+        self.ctl_cmd(uid, gid, args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tap-ctl")
+    }
+
+    pub fn ctl(&self, t: &TenantSpec, args: &[&str]) -> Output {
+        self.ctl_as(t.uid, t.gid, args)
+    }
+
+    /// Run tap-ctl and require success; returns stdout.
+    pub fn ok(&self, t: &TenantSpec, args: &[&str]) -> String {
+        let out = self.ctl(t, args);
+        assert!(
+            out.status.success(),
+            "tap-ctl {args:?} as {} failed: {}\n--- broker log ---\n{}",
+            t.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.broker_log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run tap-ctl and require failure; returns stderr.
+    pub fn fails(&self, t: &TenantSpec, args: &[&str]) -> String {
+        let out = self.ctl(t, args);
+        assert!(
+            !out.status.success(),
+            "tap-ctl {args:?} as {} should fail but printed {:?}",
+            t.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Run tap-ctl with stdout on a pseudo-terminal (blktap prints
+    /// differently there); returns what it printed, `\r\n` → `\n`.
+    pub fn ctl_tty(&self, t: &TenantSpec, args: &[&str]) -> (bool, String) {
+        let (master, slave) = openpty();
+        let mut child = self
+            .ctl_cmd(t.uid, t.gid, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(slave))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tap-ctl on a pty");
+        let status = child.wait().expect("wait");
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let mut out = Vec::new();
+        let mut m = std::fs::File::from(master);
+        let mut buf = [0u8; 4096];
+        // Reading the master after the slave closed ends with EIO.
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&out).replace("\r\n", "\n");
+        (status.success(), if status.success() { text } else { err })
+    }
+
+    /// Every audit line, parsed.
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// SIGTERM the broker and wait for it (it destroys every disk first).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.broker.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("tap-broker ignored SIGTERM for 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL the broker (a crash), leaving its state behind.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.broker.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn openpty() -> (OwnedFd, OwnedFd) {
+    let mut master = -1;
+    let mut slave = -1;
+    // SAFETY: openpty writes two fds into our locals; the other pointer
+    // arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Number of fds open in process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+/// Wait up to `limit` for `cond`.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}

@@ -15,9 +15,11 @@
 //! teardown()   (idempotent; right order even if the worker was killed)
 //! ```
 
+pub mod factory;
 pub mod fuse;
 pub mod fuse_mount;
 pub mod loop_dev;
+pub mod nbd;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

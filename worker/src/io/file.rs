@@ -37,7 +37,7 @@ use crate::image::Backing;
 use io_uring::{opcode, types};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Sector size all direct I/O is aligned to.
 pub const DIRECT_ALIGN: u64 = 512;
@@ -62,8 +62,17 @@ pub enum CacheMode {
 pub struct UringFile {
     fd: OwnedFd,
     direct: bool,
-    rings: Mutex<Vec<Ring>>,
+    rings: Mutex<Rings>,
+    /// Signalled when a ring goes back to the pool.
+    returned: Condvar,
     stripes: Vec<Mutex<()>>,
+}
+
+/// The rings of one file: idle ones, and how many exist in all.
+#[derive(Debug, Default)]
+struct Rings {
+    idle: Vec<Ring>,
+    total: usize,
 }
 
 impl std::fmt::Debug for UringFile {
@@ -91,11 +100,15 @@ impl UringFile {
         let mut file = UringFile {
             fd,
             direct: false,
-            rings: Mutex::new(Vec::new()),
+            rings: Mutex::new(Rings::default()),
+            returned: Condvar::new(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         };
         let ring = Ring::for_file(file.fd.as_raw_fd())?;
-        lock(&file.rings).push(ring);
+        let mut rings = lock(&file.rings);
+        rings.idle.push(ring);
+        rings.total = 1;
+        drop(rings);
         if mode == CacheMode::Auto {
             file.direct = file.try_direct()?;
         }
@@ -133,17 +146,36 @@ impl UringFile {
         }
     }
 
+    /// Run `f` on a ring of our own: an idle one, a new one, or — when no
+    /// new ring can be made (fd or memory limits) — the next one returned.
     fn with_ring<T>(&self, f: impl FnOnce(&mut Ring) -> io::Result<T>) -> io::Result<T> {
-        let taken = lock(&self.rings).pop();
-        let mut ring = match taken {
-            Some(r) => r,
-            None => Ring::for_file(self.raw())?,
+        let mut rings = lock(&self.rings);
+        let mut ring = loop {
+            if let Some(r) = rings.idle.pop() {
+                break r;
+            }
+            match Ring::for_file(self.raw()) {
+                Ok(r) => {
+                    rings.total += 1;
+                    break r;
+                }
+                // Others hold rings and will give them back.
+                Err(_) if rings.total > 0 => {
+                    rings = self.returned.wait(rings).unwrap_or_else(|e| e.into_inner());
+                }
+                Err(e) => return Err(e),
+            }
         };
+        drop(rings);
         let out = f(&mut ring);
         let mut rings = lock(&self.rings);
-        if rings.len() < MAX_IDLE_RINGS {
-            rings.push(ring);
+        if rings.idle.len() < MAX_IDLE_RINGS {
+            rings.idle.push(ring);
+        } else {
+            rings.total -= 1;
         }
+        drop(rings);
+        self.returned.notify_one();
         out
     }
 
@@ -447,12 +479,13 @@ mod tests {
     #[test]
     fn uring_file_gives_each_concurrent_request_its_own_ring() {
         let (_t, f) = file_with(8192, CacheMode::Buffered);
-        assert_eq!(lock(&f.rings).len(), 1);
+        assert_eq!(lock(&f.rings).idle.len(), 1);
         f.with_ring(|_held| {
             let mut b = [0u8; 16];
             f.read_exact_at(&mut b, 0) // needs a second ring meanwhile
         })
         .unwrap();
-        assert_eq!(lock(&f.rings).len(), 2);
+        assert_eq!(lock(&f.rings).idle.len(), 2);
+        assert_eq!(lock(&f.rings).total, 2);
     }
 }

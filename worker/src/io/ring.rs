@@ -15,7 +15,7 @@ use std::os::fd::RawFd;
 /// Entries per ring. A ring serves one request at a time for one caller;
 /// the size also caps the kernel's io-wq workers per calling thread (the
 /// kernel sizes a thread's io-wq from the first ring it uses).
-const RING_ENTRIES: u32 = 4;
+const RING_ENTRIES: u32 = 2;
 
 /// A restricted ring with one registered file at index 0.
 pub struct Ring {

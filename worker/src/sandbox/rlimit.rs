@@ -24,7 +24,7 @@
 use std::io;
 
 /// Threads (ours and the kernel's io-wq workers) a worker may have.
-pub const THREAD_BUDGET: u64 = 256;
+pub const THREAD_BUDGET: u64 = 512;
 /// File descriptors a worker may have open.
 pub const NOFILE: u64 = 1024;
 

@@ -263,7 +263,7 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>) -> End {
                     return End::HungUp(format!("skipping a rejected payload: {e}"));
                 }
                 let slot = conn.slots.acquire(1);
-                conn.send(conn.error_reply(req.handle, error, "request refused", vec![slot]));
+                conn.send(conn.error_reply(req.handle, error, reject_reason(error), vec![slot]));
             }
             Decision::Run(cmd) => {
                 let slot = conn.slots.acquire(1);

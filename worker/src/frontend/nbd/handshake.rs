@@ -479,6 +479,47 @@ mod tests {
         ));
     }
 
+    /// A client that sends fixed bytes and swallows whatever we answer.
+    struct Scripted(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn negotiation_never_panics_on_random_client_bytes(
+            flags in 0u32..4,
+            opts in proptest::collection::vec(
+                (0u32..12, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)),
+                0..8,
+            ),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            // Mostly well-framed options with random payloads, then noise.
+            let mut b = flags.to_be_bytes().to_vec();
+            for (opt, data) in &opts {
+                b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                b.extend_from_slice(&opt.to_be_bytes());
+                b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                b.extend_from_slice(data);
+            }
+            b.extend_from_slice(&tail);
+            let _ = negotiate(&mut Scripted(std::io::Cursor::new(b)), &export());
+        }
+    }
+
     #[test]
     fn export_name_option_replies_with_size_and_flags() {
         let (mut c, t) = server();

@@ -405,6 +405,15 @@ pub fn decide(req: &Request, s: &Session) -> Decision {
     }
 }
 
+/// A human-readable reason for a rejected request, for error chunks.
+pub fn reject_reason(error: u32) -> &'static str {
+    match error {
+        NBD_EPERM => "the export is read-only",
+        NBD_ENOSPC => "request extends beyond the end of the export",
+        _ => "invalid request (unknown command or flag, bad range, or block status without a context)",
+    }
+}
+
 /// Map an errno from the disk to the protocol's fixed error set.
 pub fn nbd_error(errno: i32) -> u32 {
     match errno {

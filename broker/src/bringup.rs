@@ -1,0 +1,346 @@
+//! Bringing an image up on a worker: open the leaf beneath its root, let
+//! the worker open the chain (answering its parent requests after a policy
+//! check, each audited), then create the kernel side and have the worker
+//! serve it. Used by open, create, unpause and respawn.
+
+use crate::broker::Broker;
+use crate::device::{DeviceBackend, Prepared};
+use crate::error::BrokerError;
+use crate::sys;
+use crate::table::{FileId, OpenImage};
+use crate::worker::{clean, Opened, ParentRequest, WorkerConn};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use tapjail_common::audit::{Entry, Event, Peer, Verdict};
+use tapjail_common::proto::{ImageKind, ImageSpec};
+use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_common::Minor;
+use tapjail_policy::{decide_parent, ImageGrant};
+
+/// Who the chain is opened for.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    pub minor: Minor,
+    pub owner: &'a str,
+    pub worker_pid: u32,
+    pub worker_uid: u32,
+}
+
+/// The kernel side to serve: a fresh one, or an existing one being
+/// recovered for a fresh worker.
+#[derive(Debug)]
+pub enum DeviceMode<'a> {
+    Fresh,
+    Recover(&'a mut Box<dyn DeviceBackend>),
+}
+
+/// What to open: TYPE, where, how.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageReq<'a> {
+    pub kind: ImageKind,
+    pub grant: &'a ImageGrant,
+    pub read_only: bool,
+    /// Reopen after pause (`ToWorker::Unpause`; no device work).
+    pub unpause: bool,
+}
+
+/// A new backend and what it published (Fresh mode), or nothing (Recover).
+type Served = (Option<Box<dyn DeviceBackend>>, Option<PathBuf>);
+
+/// A served image.
+#[derive(Debug)]
+pub struct Up {
+    pub image: OpenImage,
+    /// The new backend (Fresh mode only).
+    pub device: Option<Box<dyn DeviceBackend>>,
+    /// What the backend published (Fresh mode only).
+    pub node: Option<PathBuf>,
+}
+
+impl Broker {
+    /// Open `grant` with `openat2` beneath its root; errors say why in
+    /// terms of the request (symlink, escape, missing).
+    pub fn open_grant(&self, grant: &ImageGrant, writable: bool) -> Result<File, BrokerError> {
+        let shown = grant.path.display();
+        sys::open_beneath(&grant.root, &grant.relative, writable).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ELOOP) => BrokerError::denied(format!(
+                    "{shown}: refusing a path through a symlink (name the image by its real path)"
+                )),
+                Some(libc::EXDEV) => BrokerError::denied(format!(
+                    "{shown}: resolves outside the image root {}",
+                    grant.root.display()
+                )),
+                Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
+                    BrokerError::not_found(format!("{shown}: no such image file"))
+                }
+                Some(libc::EACCES) | Some(libc::EPERM) => {
+                    BrokerError::denied(format!("{shown}: permission denied"))
+                }
+                Some(libc::EROFS) => BrokerError::denied(format!(
+                    "{shown}: on a read-only filesystem (open it with -R)"
+                )),
+                Some(libc::EISDIR) => BrokerError::invalid(format!("{shown}: is a directory")),
+                _ if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    BrokerError::invalid(format!("{shown}: not a regular file"))
+                }
+                _ => BrokerError::failed(format!("{shown}: {e}")),
+            }
+        })
+    }
+
+    /// Open the chain on the worker and serve it on a device.
+    ///
+    /// On failure nothing is left claimed or created, and the worker is
+    /// told to close what it opened.
+    pub fn bring_up(
+        &self,
+        target: &Target<'_>,
+        conn: &WorkerConn,
+        req: ImageReq<'_>,
+        device: DeviceMode<'_>,
+    ) -> Result<Up, BrokerError> {
+        let ImageReq {
+            kind,
+            grant,
+            read_only,
+            unpause,
+        } = req;
+        let leaf = self.open_grant(grant, !read_only)?;
+        let leaf_id = sys::file_id(&leaf).map_err(|e| BrokerError::failed(e.to_string()))?;
+        let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
+        self.table().claim_files(target.minor, &files)?;
+        let name = grant.path.display().to_string();
+        let msg = if unpause {
+            ToWorker::Unpause {
+                kind,
+                name: name.clone(),
+                read_only,
+            }
+        } else {
+            ToWorker::Open {
+                kind,
+                name: name.clone(),
+                read_only,
+            }
+        };
+        let mut names = vec![grant.path.clone()];
+        let opened = conn.open_chain(&msg, &leaf, &mut |req| {
+            self.resolve_parent(target, &mut names, &mut files, req)
+        });
+        drop(leaf);
+        let opened: Opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                self.table().release_files(target.minor, &files);
+                return Err(e.into());
+            }
+        };
+        let image = OpenImage {
+            spec: ImageSpec { kind, path: name },
+            grant: grant.clone(),
+            read_only,
+            size: opened.virtual_size,
+            chain: opened.chain,
+            files: files.clone(),
+        };
+        if unpause {
+            return Ok(Up {
+                image,
+                device: None,
+                node: None,
+            });
+        }
+        let served = self.serve(target, conn, &image, device);
+        match served {
+            Ok((device, node)) => Ok(Up {
+                image,
+                device,
+                node,
+            }),
+            Err(e) => {
+                let _ = conn.call(&ToWorker::Close, &[]);
+                self.table().release_files(target.minor, &files);
+                Err(e)
+            }
+        }
+    }
+
+    /// Create (or recover) the kernel side and have the worker serve it.
+    fn serve(
+        &self,
+        target: &Target<'_>,
+        conn: &WorkerConn,
+        image: &OpenImage,
+        device: DeviceMode<'_>,
+    ) -> Result<Served, BrokerError> {
+        match device {
+            DeviceMode::Fresh => {
+                let mut dev = self.devices.create(target.minor)?;
+                let result = (|| {
+                    let prepared = dev.prepare(image.size, image.read_only)?;
+                    send_serve(conn, prepared)?;
+                    Ok::<_, BrokerError>(dev.activate(target.worker_pid)?)
+                })();
+                match result {
+                    Ok(node) => Ok((Some(dev), Some(node))),
+                    Err(e) => {
+                        let _ = dev.teardown();
+                        Err(e)
+                    }
+                }
+            }
+            DeviceMode::Recover(dev) => {
+                let prepared = dev.recover()?;
+                send_serve(conn, prepared)?;
+                dev.recovered(target.worker_pid)?;
+                Ok((None, None))
+            }
+        }
+    }
+
+    /// Answer one `NeedParent`: try each locator in order; the first that
+    /// the policy allows and that opens cleanly beneath its root wins.
+    /// Every attempt is audited.
+    fn resolve_parent(
+        &self,
+        target: &Target<'_>,
+        names: &mut Vec<PathBuf>,
+        files: &mut Vec<(FileId, bool)>,
+        req: ParentRequest,
+    ) -> Result<(String, File), String> {
+        let child = PathBuf::from(&req.child);
+        let audit = |locator: Option<&tapjail_common::worker_proto::ParentLocator>,
+                     verdict: Verdict,
+                     rule: &str,
+                     reason: String,
+                     outcome: Option<String>| {
+            let _ = self.audit(&Entry {
+                event: Event::ParentOpen,
+                peer: Some(Peer {
+                    pid: target.worker_pid,
+                    uid: target.worker_uid,
+                    gid: target.worker_uid,
+                }),
+                tenant: Some(target.owner.to_string()),
+                request: Some(serde_json::json!({
+                    "minor": target.minor.get(),
+                    "child": req.child,
+                    "locator": locator,
+                })),
+                decision: verdict,
+                rule: rule.into(),
+                reason,
+                outcome,
+            });
+        };
+        if !names.contains(&child) {
+            let why = format!(
+                "the broker never opened {:?} for this worker",
+                clean(&req.child)
+            );
+            audit(None, Verdict::Deny, "unknown-child", why.clone(), None);
+            return Err(why);
+        }
+        let mut reasons = Vec::new();
+        for loc in &req.locators {
+            let d = decide_parent(&self.policy, target.owner, &child, &loc.path, loc.relative);
+            let Some(grant) = d.image.clone().filter(|_| d.allow) else {
+                audit(Some(loc), Verdict::Deny, d.rule, d.reason.clone(), None);
+                reasons.push(clean(&d.reason));
+                continue;
+            };
+            let file = match self.open_grant(&grant, false) {
+                Ok(f) => f,
+                Err(e) => {
+                    audit(
+                        Some(loc),
+                        Verdict::Deny,
+                        "broker-check",
+                        e.message.clone(),
+                        None,
+                    );
+                    reasons.push(clean(&e.message));
+                    continue;
+                }
+            };
+            let claim = sys::file_id(&file)
+                .map_err(|e| BrokerError::failed(e.to_string()))
+                .and_then(|id| {
+                    self.table().claim_files(target.minor, &[(id, false)])?;
+                    Ok(id)
+                });
+            match claim {
+                Ok(id) => {
+                    files.push((id, false));
+                    names.push(grant.path.clone());
+                    audit(
+                        Some(loc),
+                        Verdict::Allow,
+                        d.rule,
+                        d.reason.clone(),
+                        Some(format!("opened {} read-only", grant.path.display())),
+                    );
+                    return Ok((grant.path.display().to_string(), file));
+                }
+                Err(e) => {
+                    audit(
+                        Some(loc),
+                        Verdict::Deny,
+                        "broker-check",
+                        e.message.clone(),
+                        None,
+                    );
+                    reasons.push(clean(&e.message));
+                }
+            }
+        }
+        if req.locators.is_empty() {
+            let why = format!("{} names no parent locator", clean(&req.child));
+            audit(None, Verdict::Deny, "no-locator", why.clone(), None);
+            return Err(why);
+        }
+        Err(reasons.join("; "))
+    }
+
+    /// Publish `device_dir/tapdevN` → `node`.
+    pub fn publish(&self, minor: Minor, node: &Path) -> Result<PathBuf, BrokerError> {
+        let dir = &self.policy.device_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| BrokerError::failed(format!("creating {}: {e}", dir.display())))?;
+        let link = dir.join(minor.device_name());
+        unpublish(&link)?;
+        std::os::unix::fs::symlink(node, &link)
+            .map_err(|e| BrokerError::failed(format!("creating {}: {e}", link.display())))?;
+        Ok(link)
+    }
+}
+
+/// Remove a published symlink (nothing else).
+pub fn unpublish(link: &Path) -> Result<(), BrokerError> {
+    match std::fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(link)
+            .map_err(|e| BrokerError::failed(format!("removing {}: {e}", link.display()))),
+        Ok(_) => Err(BrokerError::failed(format!(
+            "{} exists and is not a symlink; not touching it",
+            link.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BrokerError::failed(format!("{}: {e}", link.display()))),
+    }
+}
+
+fn send_serve(conn: &WorkerConn, prepared: Prepared) -> Result<(), BrokerError> {
+    let fds: Vec<_> = prepared.fds.iter().map(|f| f.as_fd()).collect();
+    conn.expect(
+        &ToWorker::Serve(prepared.spec.clone()),
+        &fds,
+        &FromWorker::Serving,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Choosing a frontend for this host and constructing its backend per minor.
+//!
+//! `frontend = "auto"` prefers ublk, then FUSE + loop, then NBD. A frontend
+//! is usable when it is built into this broker and the host has what it
+//! needs; every one that is not says why, naming the kernel option.
+//!
+//! New backends plug in at the three functions marked PLUG-IN POINT below.
+
+use super::{nbd, DeviceBackend, DeviceError};
+use std::path::{Path, PathBuf};
+use tapjail_common::proto::FrontendKind;
+use tapjail_common::Minor;
+use tapjail_policy::FrontendChoice;
+
+/// What a backend is constructed from.
+#[derive(Debug, Clone)]
+pub struct DeviceContext {
+    pub minor: Minor,
+    /// The broker's state directory (root-only); backends keep their
+    /// sockets, mount points and such below it.
+    pub state_dir: PathBuf,
+}
+
+/// PLUG-IN POINT 1: which frontends are built into this broker.
+fn built(kind: FrontendKind) -> bool {
+    matches!(kind, FrontendKind::Nbd)
+}
+
+/// PLUG-IN POINT 2: construct the backend of `kind`, or `None` if that
+/// frontend is not built into this broker yet. When `fuse.rs` / `ublk` land:
+/// `FrontendKind::Fuse => Some(fuse::FuseBackend::new(ctx).map(boxed))`.
+fn construct(
+    kind: FrontendKind,
+    ctx: &DeviceContext,
+) -> Option<Result<Box<dyn DeviceBackend>, DeviceError>> {
+    fn boxed<B: DeviceBackend + 'static>(b: B) -> Box<dyn DeviceBackend> {
+        Box::new(b)
+    }
+    match kind {
+        FrontendKind::Nbd => Some(nbd::NbdBackend::new(ctx).map(boxed)),
+        FrontendKind::Fuse | FrontendKind::Ublk => None,
+    }
+}
+
+/// PLUG-IN POINT 3: remove what a previous broker's backend of `kind` left
+/// for `ctx.minor` (sockets, mounts, loop or ublk devices), returning what
+/// was done. The caller holds the minor's lock.
+fn cleanup(kind: FrontendKind, ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
+    match kind {
+        FrontendKind::Nbd => nbd::cleanup_stale(ctx),
+        FrontendKind::Fuse | FrontendKind::Ublk => Ok(Vec::new()),
+    }
+}
+
+/// Host requirements of each frontend: `(path, what provides it)`.
+fn requirements(kind: FrontendKind) -> &'static [(&'static str, &'static str)] {
+    match kind {
+        FrontendKind::Ublk => &[(
+            "/dev/ublk-control",
+            "CONFIG_BLK_DEV_UBLK; try `modprobe ublk_drv`",
+        )],
+        FrontendKind::Fuse => &[
+            ("/dev/fuse", "CONFIG_FUSE_FS; try `modprobe fuse`"),
+            (
+                "/dev/loop-control",
+                "CONFIG_BLK_DEV_LOOP; try `modprobe loop`",
+            ),
+        ],
+        FrontendKind::Nbd => &[],
+    }
+}
+
+/// Why `kind` cannot be used here, or `None` if it can.
+pub fn unavailable(kind: FrontendKind, dev_root: &Path) -> Option<String> {
+    if !built(kind) {
+        return Some(format!(
+            "{}: frontend not built into this tap-broker yet",
+            kind.as_str()
+        ));
+    }
+    for (path, why) in requirements(kind) {
+        let on_host = dev_root.join(path.trim_start_matches('/'));
+        if !on_host.exists() {
+            return Some(format!("{}: {path} missing ({why})", kind.as_str()));
+        }
+    }
+    None
+}
+
+/// The frontend this broker uses for every minor, and why.
+#[derive(Debug, Clone)]
+pub struct DeviceFactory {
+    kind: FrontendKind,
+    explanation: String,
+    state_dir: PathBuf,
+}
+
+impl DeviceFactory {
+    /// Pick the frontend for `choice` on this host (`/dev` as `dev_root`).
+    pub fn new(
+        choice: FrontendChoice,
+        state_dir: &Path,
+        dev_root: &Path,
+    ) -> Result<DeviceFactory, DeviceError> {
+        let order: &[FrontendKind] = match choice {
+            FrontendChoice::Auto => &[FrontendKind::Ublk, FrontendKind::Fuse, FrontendKind::Nbd],
+            FrontendChoice::Ublk => &[FrontendKind::Ublk],
+            FrontendChoice::Fuse => &[FrontendKind::Fuse],
+            FrontendChoice::Nbd => &[FrontendKind::Nbd],
+        };
+        let mut skipped = Vec::new();
+        for &kind in order {
+            match unavailable(kind, dev_root) {
+                None => {
+                    let explanation = if skipped.is_empty() {
+                        format!("frontend {}", kind.as_str())
+                    } else {
+                        format!(
+                            "frontend {} ({} unavailable: {})",
+                            kind.as_str(),
+                            if skipped.len() == 1 {
+                                "preferred one"
+                            } else {
+                                "preferred ones"
+                            },
+                            skipped.join("; ")
+                        )
+                    };
+                    return Ok(DeviceFactory {
+                        kind,
+                        explanation,
+                        state_dir: state_dir.to_path_buf(),
+                    });
+                }
+                Some(why) => skipped.push(why),
+            }
+        }
+        Err(DeviceError::Unavailable(skipped.join("; ")))
+    }
+
+    pub fn kind(&self) -> FrontendKind {
+        self.kind
+    }
+
+    /// One line for the log: which frontend and why the better ones are not used.
+    pub fn explanation(&self) -> &str {
+        &self.explanation
+    }
+
+    fn context(&self, minor: Minor) -> DeviceContext {
+        DeviceContext {
+            minor,
+            state_dir: self.state_dir.clone(),
+        }
+    }
+
+    /// A fresh backend for `minor`.
+    pub fn create(&self, minor: Minor) -> Result<Box<dyn DeviceBackend>, DeviceError> {
+        construct(self.kind, &self.context(minor)).unwrap_or_else(|| {
+            Err(DeviceError::Unavailable(format!(
+                "{}: frontend not built into this tap-broker",
+                self.kind.as_str()
+            )))
+        })
+    }
+
+    /// Clean what any frontend of a previous broker left for `minor`.
+    pub fn cleanup_stale(&self, minor: Minor) -> Vec<Result<String, String>> {
+        let ctx = self.context(minor);
+        let mut out = Vec::new();
+        for kind in [FrontendKind::Ublk, FrontendKind::Fuse, FrontendKind::Nbd] {
+            match cleanup(kind, &ctx) {
+                Ok(done) => out.extend(done.into_iter().map(Ok)),
+                Err(e) => out.push(Err(format!("{}: {e}", kind.as_str()))),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factory_auto_falls_back_to_nbd_and_says_why() {
+        let dev = tempfile::tempdir().unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Nbd);
+        assert!(f.explanation().contains("ublk:"), "{}", f.explanation());
+        assert!(f.explanation().contains("fuse:"), "{}", f.explanation());
+    }
+
+    #[test]
+    fn factory_explicit_unavailable_frontend_names_the_reason() {
+        let dev = tempfile::tempdir().unwrap();
+        let e =
+            DeviceFactory::new(FrontendChoice::Ublk, Path::new("/tmp"), dev.path()).unwrap_err();
+        assert!(e.to_string().starts_with("ublk:"), "{e}");
+        let f = DeviceFactory::new(FrontendChoice::Nbd, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.explanation(), "frontend nbd");
+        assert_eq!(
+            f.create(Minor::new(1).unwrap()).unwrap().kind(),
+            FrontendKind::Nbd
+        );
+    }
+
+    #[test]
+    fn requirements_name_the_kernel_option() {
+        let dev = tempfile::tempdir().unwrap();
+        // Pretend the frontend were built: the requirement message is what
+        // the operator sees once it is.
+        for (path, why) in requirements(FrontendKind::Fuse) {
+            assert!(!dev.path().join(path.trim_start_matches('/')).exists());
+            assert!(why.starts_with("CONFIG_"));
+        }
+        assert!(requirements(FrontendKind::Ublk)[0]
+            .1
+            .contains("CONFIG_BLK_DEV_UBLK"));
+    }
+}

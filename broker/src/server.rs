@@ -1,0 +1,218 @@
+//! The control socket: world-connectable, one thread per client.
+//!
+//! A client is identified by `SO_PEERCRED` at accept time and by nothing it
+//! says. Its first frame must be `Hello`; after that each frame is one
+//! request answered by one reply. A frame that cannot be read (malformed,
+//! oversized, truncated, carrying fds, or a client that stalls mid-frame)
+//! is audited and ends that connection only.
+
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::records::LockFile;
+use crate::sys;
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use tapjail_common::proto::{Reply, Request};
+use tapjail_policy::PeerCred;
+
+/// How long a client may stay silent (between or inside frames).
+pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+
+/// The bound socket and the lock that makes it ours.
+#[derive(Debug)]
+pub struct Listener {
+    pub listener: UnixListener,
+    pub path: PathBuf,
+    _lock: LockFile,
+}
+
+/// The right to serve a socket path: `PATH.lock`, held for the broker's
+/// life. Taken before anything else so a second broker stops at once.
+#[derive(Debug)]
+pub struct SocketClaim {
+    path: PathBuf,
+    lock: LockFile,
+}
+
+impl SocketClaim {
+    pub fn take(path: &Path) -> anyhow::Result<SocketClaim> {
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = LockFile::acquire(&lock_path)?
+            .ok_or_else(|| anyhow::anyhow!("another tap-broker serves {}", path.display()))?;
+        Ok(SocketClaim {
+            path: path.to_path_buf(),
+            lock,
+        })
+    }
+
+    /// Bind the socket (mode 0666), replacing a stale one left by a dead
+    /// broker. Done last at startup: a client that can connect is served.
+    pub fn bind(self) -> anyhow::Result<Listener> {
+        let path = self.path;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path)?,
+            Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        // The policy decides who may do what; anyone may ask.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(Listener {
+            listener,
+            path,
+            _lock: self.lock,
+        })
+    }
+}
+
+/// Connections one uid may hold at once, so that nobody (a stranger
+/// included: it is refused only once it says Hello) can take every slot.
+pub const MAX_CLIENTS_PER_UID: usize = 8;
+
+/// How long a new connection has to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Live connections, in total and per uid.
+#[derive(Debug, Default)]
+struct Slots {
+    total: u32,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// Accept clients forever.
+pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let max = broker.policy.max_clients;
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("tap-broker: accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Ok(peer) = sys::peer_cred(&stream) else {
+            continue;
+        };
+        let refused = {
+            let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = s.per_uid.get(&peer.uid).copied().unwrap_or(0);
+            if s.total >= max {
+                Some(format!(
+                    "tap-broker is serving {max} clients already; try again"
+                ))
+            } else if mine >= MAX_CLIENTS_PER_UID {
+                Some(format!(
+                    "uid {} already has {MAX_CLIENTS_PER_UID} connections open",
+                    peer.uid
+                ))
+            } else {
+                s.total += 1;
+                *s.per_uid.entry(peer.uid).or_default() += 1;
+                None
+            }
+        };
+        if let Some(why) = refused {
+            let r = broker.refuse(&peer, None, "max-clients", BrokerError::busy(why));
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = frame::send_on(&stream, &r, &[]);
+            continue;
+        }
+        let b = Arc::clone(&broker);
+        let sl = Arc::clone(&slots);
+        let release = move |sl: &Mutex<Slots>| {
+            let mut s = sl.lock().unwrap_or_else(|e| e.into_inner());
+            s.total = s.total.saturating_sub(1);
+            if let Some(n) = s.per_uid.get_mut(&peer.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.per_uid.remove(&peer.uid);
+                }
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("client".into())
+            .spawn(move || {
+                client(&b, &stream, peer);
+                release(&sl);
+            });
+        if spawned.is_err() {
+            let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+            s.total = s.total.saturating_sub(1);
+            if let Some(n) = s.per_uid.get_mut(&peer.uid) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_IDLE));
+    let mut greeted = false;
+    loop {
+        let (req, fds) = match frame::recv_on::<_, Request>(stream, MAX_REQUEST_FRAME) {
+            Ok(r) => r,
+            Err(FrameError::Closed) => return,
+            Err(e) => {
+                broker.audit_frame_error(&peer, &e);
+                let _ = frame::send_on(
+                    stream,
+                    &BrokerError::invalid(format!("{e}; closing the connection")).reply(),
+                    &[],
+                );
+                return;
+            }
+        };
+        if !fds.is_empty() {
+            drop(fds);
+            let r = broker.refuse(
+                &peer,
+                Some(&req),
+                "frame",
+                BrokerError::invalid(
+                    "clients may not send file descriptors; closing the connection",
+                ),
+            );
+            let _ = frame::send_on(stream, &r, &[]);
+            return;
+        }
+        let reply = match (&req, greeted) {
+            (Request::Hello { .. }, false) => {
+                let r = broker.handle(&peer, &req);
+                greeted = matches!(r, Reply::Hello { .. });
+                let _ = stream.set_read_timeout(Some(CLIENT_IDLE));
+                r
+            }
+            (Request::Hello { .. }, true) => broker.refuse(
+                &peer,
+                Some(&req),
+                "protocol",
+                BrokerError::invalid("Hello sent twice"),
+            ),
+            (_, false) => broker.refuse(
+                &peer,
+                Some(&req),
+                "protocol",
+                BrokerError::invalid("the first message must be Hello"),
+            ),
+            (_, true) => broker.handle(&peer, &req),
+        };
+        if frame::send_on(stream, &reply, &[]).is_err() || !greeted {
+            return;
+        }
+    }
+}

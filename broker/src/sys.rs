@@ -1,0 +1,313 @@
+//! Small wrappers over the syscalls the broker needs, each doing one thing.
+//! Most go through `rustix` (no `unsafe` here); the few that must run in a
+//! forked child before `exec` live in `spawn.rs`.
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitIdOptions};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use tapjail_policy::PeerCred;
+
+/// The peer's identity as the kernel recorded it at `connect()`.
+pub fn peer_cred(sock: &UnixStream) -> io::Result<PeerCred> {
+    let c = rustix::net::sockopt::socket_peercred(sock)?;
+    Ok(PeerCred {
+        pid: u32::try_from(c.pid.as_raw_nonzero().get()).unwrap_or(0),
+        uid: c.uid.as_raw(),
+        gid: c.gid.as_raw(),
+    })
+}
+
+/// Open `relative` beneath the directory `root`, refusing any path that
+/// leaves it (`..`, absolute symlinks), any symlink at all and any magic
+/// link, and anything but a regular file. Opened non-blocking first so a
+/// FIFO planted in a tenant's root cannot hang the broker, then switched
+/// back to blocking.
+pub fn open_beneath(root: &Path, relative: &Path, writable: bool) -> io::Result<File> {
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let access = if writable {
+        OFlags::RDWR
+    } else {
+        OFlags::RDONLY
+    };
+    let fd = rustix::fs::openat2(
+        &dir,
+        relative,
+        access | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    rustix::fs::fcntl_setfl(&fd, access)?;
+    Ok(File::from(fd))
+}
+
+/// (device, inode) of an open file, to notice one image opened twice.
+pub fn file_id(f: &File) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(f)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let raw = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pid = Pid::from_raw(raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
+}
+
+/// SIGKILL through a pidfd: never hits a recycled pid.
+pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+    match rustix::process::pidfd_send_signal(pidfd, Signal::KILL) {
+        Ok(()) => Ok(()),
+        // Already exited (maybe not yet reaped): nothing to kill.
+        Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Kill our child and wait for it, for workers that never made it into
+/// the broker's tables (so nobody else would reap them).
+pub fn kill_and_reap(pidfd: BorrowedFd<'_>) {
+    let _ = pidfd_kill(pidfd);
+    let _ = rustix::process::waitid(rustix::process::WaitId::PidFd(pidfd), WaitIdOptions::EXITED);
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with status {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
+        }
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSYS => "SIGSYS: seccomp violation",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        _ => "signal",
+    }
+}
+
+/// Reap our child behind `pidfd` if it has exited; `None` if it runs.
+pub fn try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<Exit>> {
+    let st = rustix::process::waitid(
+        rustix::process::WaitId::PidFd(pidfd),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    )?;
+    Ok(st.and_then(|s| {
+        if let Some(sig) = s.terminating_signal() {
+            Some(Exit::Signal(sig))
+        } else {
+            s.exit_status().map(Exit::Code)
+        }
+    }))
+}
+
+/// Whether the process behind `pidfd` has exited (for processes that are
+/// not our children, such as a predecessor's orphaned workers).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let ts = rustix::event::Timespec {
+        tv_sec: i64::from(timeout_ms / 1000),
+        tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
+    };
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A process's identity and confinement, from `/proc/PID/status` and
+/// `/proc/PID/stat`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Real, effective, saved, filesystem.
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub cap_eff: u64,
+    pub no_new_privs: bool,
+    pub seccomp: u32,
+    /// Start time in clock ticks after boot (`stat` field 22): with the
+    /// pid, names one process across pid reuse.
+    pub start_time: u64,
+}
+
+pub fn proc_info(pid: u32) -> io::Result<ProcInfo> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut info = ProcInfo::default();
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/status"));
+    for line in status.lines() {
+        let Some((key, val)) = line.split_once(':') else {
+            continue;
+        };
+        let val = val.trim();
+        match key {
+            "Uid" | "Gid" => {
+                let ids: Vec<u32> = val
+                    .split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                let ids: [u32; 4] = ids.try_into().map_err(|_| bad())?;
+                if key == "Uid" {
+                    info.uids = ids;
+                } else {
+                    info.gids = ids;
+                }
+            }
+            "CapEff" => info.cap_eff = u64::from_str_radix(val, 16).map_err(|_| bad())?,
+            "NoNewPrivs" => info.no_new_privs = val == "1",
+            "Seccomp" => info.seccomp = val.parse().map_err(|_| bad())?,
+            _ => {}
+        }
+    }
+    info.start_time = proc_start_time(pid)?;
+    Ok(info)
+}
+
+pub fn proc_start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after the last ')' are fixed. starttime is field 22, i.e. the
+    // 20th after the ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stat starttime"))
+}
+
+/// Every uid some process on the host runs as (real, effective or saved),
+/// so a worker uid is never one that anything else already uses.
+pub fn uids_in_use() -> std::collections::HashSet<u32> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
+            out.extend(
+                line[4..]
+                    .split_whitespace()
+                    .filter_map(|v| v.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// Take an exclusive, non-blocking `flock`; `Ok(false)` if someone holds it.
+pub fn try_lock(fd: impl AsFd) -> io::Result<bool> {
+    match rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn open_beneath_refuses_symlinks_dotdot_and_non_files() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("ok.img"), b"x").unwrap();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::fs::write(r.join("sub/inner.img"), b"y").unwrap();
+        symlink("/etc/passwd", r.join("abs-link")).unwrap();
+        symlink("ok.img", r.join("rel-link")).unwrap();
+        symlink(r.join("sub"), r.join("dir-link")).unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, r.join("fifo"), Mode::from_raw_mode(0o600)).unwrap();
+
+        assert!(open_beneath(r, Path::new("ok.img"), true).is_ok());
+        assert!(open_beneath(r, Path::new("sub/inner.img"), false).is_ok());
+        for bad in [
+            "abs-link",
+            "rel-link",
+            "dir-link/inner.img",
+            "../x",
+            "sub/../../x",
+            "/etc/passwd",
+            "fifo",
+            "sub",
+            "missing",
+        ] {
+            assert!(open_beneath(r, Path::new(bad), false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn open_beneath_read_only_cannot_write() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("a"), b"x").unwrap();
+        let mut f = open_beneath(root.path(), Path::new("a"), false).unwrap();
+        use std::io::Write;
+        assert!(f.write_all(b"y").is_err());
+    }
+
+    #[test]
+    fn proc_info_reads_self() {
+        let me = proc_info(std::process::id()).unwrap();
+        assert_eq!(me.uids[0], rustix::process::getuid().as_raw());
+        assert!(me.start_time > 0);
+    }
+
+    #[test]
+    // Reaped through the pidfd (try_reap), which clippy cannot see.
+    #[allow(clippy::zombie_processes)]
+    fn pidfd_reaps_child_and_reports_signal() {
+        let child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        assert_eq!(try_reap(fd.as_fd()).unwrap(), None);
+        pidfd_kill(fd.as_fd()).unwrap();
+        assert!(pidfd_exited(fd.as_fd(), 5000).unwrap());
+        assert_eq!(
+            try_reap(fd.as_fd()).unwrap(),
+            Some(Exit::Signal(libc::SIGKILL))
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! The broker's tables: minors ("disks") and workers, who owns them, what
+//! is open where. One mutex guards the whole table; slow work (talking to a
+//! worker, creating devices) happens with the mutex released and the disk
+//! marked `busy`, so concurrent requests on it are refused rather than
+//! interleaved.
+
+use crate::device::DeviceBackend;
+use crate::error::BrokerError;
+use crate::records::{LockFile, MinorRecord, WorkerRecord};
+use crate::sys::Exit;
+use crate::worker::WorkerConn;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tapjail_common::proto::{FrontendKind, ImageSpec, ListEntry};
+use tapjail_common::state::State;
+use tapjail_common::Minor;
+use tapjail_policy::{BrokerView, ImageGrant, Scope};
+
+/// (device, inode) of an image file.
+pub type FileId = (u64, u64);
+
+/// An image chain open on a minor.
+#[derive(Debug, Clone)]
+pub struct OpenImage {
+    /// TYPE and normalized path, as `list` shows it.
+    pub spec: ImageSpec,
+    /// How to open the leaf again (unpause, respawn).
+    pub grant: ImageGrant,
+    pub read_only: bool,
+    pub size: u64,
+    /// Leaf first, as the worker named the layers.
+    pub chain: Vec<String>,
+    /// Every file of the chain, with whether it is open for writing.
+    pub files: Vec<(FileId, bool)>,
+}
+
+/// A worker process.
+#[derive(Debug)]
+pub struct Worker {
+    pub pid: u32,
+    pub owner: String,
+    pub uid: u32,
+    pub pidfd: Arc<OwnedFd>,
+    pub conn: Arc<Mutex<WorkerConn>>,
+    pub minor: Option<Minor>,
+    /// Set by the supervisor when the process has been reaped.
+    pub exit: Option<Exit>,
+    /// The broker asked it to go (detach, destroy, shutdown).
+    pub stopping: bool,
+    pub record: LockFile,
+    pub start_time: u64,
+}
+
+/// An allocated minor.
+#[derive(Debug)]
+pub struct Disk {
+    pub minor: Minor,
+    pub owner: String,
+    pub lock: LockFile,
+    pub worker: Option<u32>,
+    pub image: Option<OpenImage>,
+    pub device: Option<Box<dyn DeviceBackend>>,
+    pub frontend: Option<FrontendKind>,
+    /// What the backend published (device node or NBD socket).
+    pub node: Option<PathBuf>,
+    /// `device_dir/tapdevN`, once published.
+    pub link: Option<PathBuf>,
+    pub state: State,
+    /// An operation is in progress with the table unlocked.
+    pub busy: bool,
+    pub restarts: u32,
+    /// Recent unexpected worker deaths, for the respawn limit.
+    pub deaths: VecDeque<Instant>,
+}
+
+impl Disk {
+    pub fn new(minor: Minor, owner: String, lock: LockFile) -> Disk {
+        Disk {
+            minor,
+            owner,
+            lock,
+            worker: None,
+            image: None,
+            device: None,
+            frontend: None,
+            node: None,
+            link: None,
+            state: State::default(),
+            busy: false,
+            restarts: 0,
+            deaths: VecDeque::new(),
+        }
+    }
+
+    pub fn record(&self) -> MinorRecord {
+        MinorRecord {
+            minor: self.minor.get(),
+            owner: self.owner.clone(),
+            worker: self.worker,
+            image: self.image.as_ref().map(|i| i.spec.to_string()),
+            frontend: self.frontend.map(|f| f.as_str().to_string()),
+            link: self.link.clone(),
+        }
+    }
+
+    /// Save the record in the lock file (best effort: it only serves a
+    /// successor's cleanup, which works without it).
+    pub fn persist(&mut self) {
+        let rec = self.record();
+        if let Err(e) = self.lock.write(&rec) {
+            eprintln!(
+                "tap-broker: cannot write record of minor {}: {e}",
+                self.minor
+            );
+        }
+    }
+}
+
+impl Worker {
+    pub fn record(&self) -> WorkerRecord {
+        WorkerRecord {
+            pid: self.pid,
+            start_time: self.start_time,
+            uid: self.uid,
+            owner: self.owner.clone(),
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        self.exit.is_none()
+    }
+}
+
+/// A spawn in progress: counts against the tenant's limit and holds its uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSpawn {
+    pub owner: String,
+    pub uid: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Table {
+    pub disks: BTreeMap<Minor, Disk>,
+    pub workers: BTreeMap<u32, Worker>,
+    pub pending: Vec<PendingSpawn>,
+    /// Files open (or being opened) on some minor: (minor, writable).
+    pub files: BTreeMap<FileId, Vec<(Minor, bool)>>,
+}
+
+impl BrokerView for Table {
+    fn minor_owner(&self, minor: Minor) -> Option<&str> {
+        self.disks.get(&minor).map(|d| d.owner.as_str())
+    }
+    fn worker_owner(&self, pid: u32) -> Option<&str> {
+        self.workers.get(&pid).map(|w| w.owner.as_str())
+    }
+    fn minors_of(&self, tenant: &str) -> usize {
+        self.disks.values().filter(|d| d.owner == tenant).count()
+    }
+    fn workers_of(&self, tenant: &str) -> usize {
+        self.workers.values().filter(|w| w.owner == tenant).count()
+            + self.pending.iter().filter(|p| p.owner == tenant).count()
+    }
+}
+
+impl Table {
+    pub fn disk(&self, minor: Minor) -> Result<&Disk, BrokerError> {
+        self.disks
+            .get(&minor)
+            .ok_or_else(|| BrokerError::not_found(format!("minor {minor} is not allocated")))
+    }
+
+    pub fn disk_mut(&mut self, minor: Minor) -> Result<&mut Disk, BrokerError> {
+        self.disks
+            .get_mut(&minor)
+            .ok_or_else(|| BrokerError::not_found(format!("minor {minor} is not allocated")))
+    }
+
+    pub fn worker(&self, pid: u32) -> Result<&Worker, BrokerError> {
+        self.workers
+            .get(&pid)
+            .ok_or_else(|| BrokerError::not_found(format!("no tapdisk with pid {pid}")))
+    }
+
+    /// The worker attached to `minor`, checking `-p` if given.
+    pub fn attached(&self, minor: Minor, pid: Option<u32>) -> Result<&Worker, BrokerError> {
+        let disk = self.disk(minor)?;
+        let Some(wpid) = disk.worker else {
+            return Err(BrokerError::busy(format!(
+                "minor {minor} has no tapdisk attached (attach one with `tap-ctl attach -m {minor} -p PID`)"
+            )));
+        };
+        if let Some(p) = pid {
+            if p != wpid {
+                return Err(BrokerError::invalid(format!(
+                    "minor {minor} is attached to tapdisk {wpid}, not {p}"
+                )));
+            }
+        }
+        self.worker(wpid)
+    }
+
+    /// Refuse if another request is working on `minor`.
+    pub fn idle(&self, minor: Minor) -> Result<&Disk, BrokerError> {
+        let d = self.disk(minor)?;
+        if d.busy {
+            return Err(BrokerError::busy(format!(
+                "minor {minor}: another operation is in progress"
+            )));
+        }
+        Ok(d)
+    }
+
+    /// Uids held by live or pending workers.
+    pub fn worker_uids(&self) -> HashSet<u32> {
+        self.workers
+            .values()
+            .filter(|w| w.alive())
+            .map(|w| w.uid)
+            .chain(self.pending.iter().map(|p| p.uid))
+            .collect()
+    }
+
+    /// Register the files of an image being opened on `minor`; refuse if
+    /// that would let two minors write one file, or one write what another
+    /// reads.
+    pub fn claim_files(
+        &mut self,
+        minor: Minor,
+        files: &[(FileId, bool)],
+    ) -> Result<(), BrokerError> {
+        for (id, rw) in files {
+            if let Some(users) = self.files.get(id) {
+                if let Some((m, other_rw)) = users.iter().find(|(m, _)| *m != minor) {
+                    if *rw || *other_rw {
+                        return Err(BrokerError::busy(format!(
+                            "that image file is already open{} on minor {m}",
+                            if *other_rw { " for writing" } else { "" }
+                        )));
+                    }
+                }
+            }
+        }
+        for (id, rw) in files {
+            self.files.entry(*id).or_default().push((minor, *rw));
+        }
+        Ok(())
+    }
+
+    pub fn release_files(&mut self, minor: Minor, files: &[(FileId, bool)]) {
+        for (id, rw) in files {
+            if let Some(users) = self.files.get_mut(id) {
+                if let Some(pos) = users.iter().position(|u| *u == (minor, *rw)) {
+                    users.remove(pos);
+                }
+                if users.is_empty() {
+                    self.files.remove(id);
+                }
+            }
+        }
+    }
+
+    /// `tap-ctl list` rows visible to `tenant` under `scope`: workers (with
+    /// the minor they serve) by pid, then minors without a worker.
+    pub fn list(&self, tenant: &str, scope: Scope) -> Vec<ListEntry> {
+        let visible = |owner: &str| scope == Scope::All || owner == tenant;
+        let mut rows = Vec::new();
+        for w in self.workers.values().filter(|w| visible(&w.owner)) {
+            let disk = w.minor.and_then(|m| self.disks.get(&m));
+            rows.push(match disk {
+                Some(d) => self.disk_row(d, Some(w.pid)),
+                None => ListEntry {
+                    pid: Some(w.pid),
+                    minor: None,
+                    state: None,
+                    image: None,
+                    read_only: false,
+                    frontend: None,
+                    device: None,
+                    restarts: 0,
+                },
+            });
+        }
+        for d in self
+            .disks
+            .values()
+            .filter(|d| visible(&d.owner) && d.worker.is_none())
+        {
+            rows.push(self.disk_row(d, None));
+        }
+        rows
+    }
+
+    fn disk_row(&self, d: &Disk, pid: Option<u32>) -> ListEntry {
+        ListEntry {
+            pid,
+            minor: Some(d.minor),
+            // blktap shows a state only for minors a tapdisk serves.
+            state: pid.map(|_| d.state),
+            image: d.image.as_ref().map(|i| i.spec.clone()),
+            read_only: d.image.as_ref().is_some_and(|i| i.read_only),
+            frontend: d.frontend,
+            device: d.link.as_ref().map(|l| l.display().to_string()),
+            restarts: d.restarts,
+        }
+    }
+}

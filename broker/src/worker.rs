@@ -1,0 +1,537 @@
+//! Spawning tapdisk workers and talking to them.
+//!
+//! A worker is `fork`+`exec` of the tapdisk binary with an empty
+//! environment, `/` as its directory, `/dev/null` on stdin/stdout, the
+//! broker's stderr (the journal) on stderr, the control socket as fd 3 and
+//! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
+//! aimed at a foreground broker reaches only the broker, which then shuts
+//! workers down in order). It confines itself, drops to the uid/gid given on
+//! its command line and says `Ready`; the broker then checks from outside,
+//! in `/proc`, that it really is confined before using it.
+//!
+//! Everything a worker sends is untrusted (it parsed a hostile image):
+//! frames are size-limited, fds from it are refused, strings are cleaned
+//! before they reach a client's terminal or the audit log, and every reply
+//! has a deadline after which the worker is killed.
+
+use crate::sys;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use tapjail_common::proto::FrontendKind;
+use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker, CONTROL_FD};
+
+/// Most parent requests one open may make (a chain deeper than this is
+/// refused: blktap's own limit is far lower in practice).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+/// Most locators the broker will try per parent request.
+pub const MAX_LOCATORS: usize = 16;
+/// Longest worker-supplied string passed on to clients and the audit log.
+pub const MAX_WORKER_TEXT: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start {path}: {source}")]
+    Spawn {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("tapdisk {pid}: {source}")]
+    Frame {
+        pid: u32,
+        #[source]
+        source: FrameError,
+    },
+    #[error("tapdisk {pid} did not answer within {secs} s and was killed")]
+    Timeout { pid: u32, secs: u64 },
+    #[error("tapdisk {pid} broke the protocol: {what}")]
+    Protocol { pid: u32, what: String },
+    #[error("tapdisk {pid}: {message}")]
+    Worker { pid: u32, message: String },
+    #[error("tapdisk {pid} is not confined ({what}); it was killed")]
+    NotConfined { pid: u32, what: String },
+}
+
+/// How to start workers.
+#[derive(Debug, Clone)]
+pub struct SpawnConfig {
+    pub tapdisk: PathBuf,
+    /// RLIMIT_MEMLOCK (soft and hard), bytes.
+    pub memlock: u64,
+    pub timeout: Duration,
+}
+
+/// A freshly started, verified worker.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: u32,
+    pub pidfd: Arc<OwnedFd>,
+    pub conn: WorkerConn,
+    pub start_time: u64,
+}
+
+/// Replace control characters and cap the length of text that came from a
+/// worker, so it cannot forge lines or drive a terminal.
+pub fn clean(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_WORKER_TEXT)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().count() > MAX_WORKER_TEXT {
+        out.push('…');
+    }
+    out
+}
+
+/// Start a worker running as `uid`/`uid` for `frontend` and wait for it to
+/// be confined.
+pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spawned, WorkerError> {
+    let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
+    let memlock = cfg.memlock;
+    let child_fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(&cfg.tapdisk);
+    cmd.arg("--broker")
+        .arg("--frontend")
+        .arg(frontend.as_str())
+        .arg("--uid")
+        .arg(uid.to_string())
+        .arg("--gid")
+        .arg(uid.to_string())
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (dup2, fcntl, setrlimit,
+    // close_range) on plain integers; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || child_setup(child_fd, memlock));
+    }
+    let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
+        path: cfg.tapdisk.display().to_string(),
+        source,
+    })?;
+    drop(theirs);
+    let pid = child.id();
+    // The child is ours and not yet reaped, so its pid cannot have been
+    // reused: this pidfd names exactly it. The supervisor reaps through it.
+    let pidfd = Arc::new(sys::pidfd_open(pid)?);
+    drop(child);
+    let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?;
+    conn.pidfd = Some(pidfd.clone());
+    let fail = |e: WorkerError| {
+        sys::kill_and_reap(pidfd.as_fd());
+        e
+    };
+    let ready = conn.recv().map_err(fail)?;
+    match ready {
+        FromWorker::Ready { pid: said } if said == pid => {}
+        FromWorker::Ready { pid: said } => {
+            return Err(fail(WorkerError::Protocol {
+                pid,
+                what: format!("Ready names pid {said}"),
+            }))
+        }
+        FromWorker::Error(m) => {
+            return Err(fail(WorkerError::Worker {
+                pid,
+                message: clean(&m),
+            }))
+        }
+        other => {
+            return Err(fail(WorkerError::Protocol {
+                pid,
+                what: format!("expected Ready, got {}", variant(&other)),
+            }))
+        }
+    }
+    let info = sys::proc_info(pid).map_err(|e| fail(e.into()))?;
+    if let Some(what) = confinement_problem(&info, uid) {
+        return Err(fail(WorkerError::NotConfined { pid, what }));
+    }
+    Ok(Spawned {
+        pid,
+        pidfd,
+        conn,
+        start_time: info.start_time,
+    })
+}
+
+/// What is wrong with a worker's confinement as `/proc` shows it, if anything.
+pub fn confinement_problem(info: &sys::ProcInfo, uid: u32) -> Option<String> {
+    if info.uids != [uid; 4] {
+        return Some(format!("uids {:?}, expected {uid}", info.uids));
+    }
+    if info.gids != [uid; 4] {
+        return Some(format!("gids {:?}, expected {uid}", info.gids));
+    }
+    if info.cap_eff != 0 {
+        return Some(format!("CapEff {:#x}", info.cap_eff));
+    }
+    if !info.no_new_privs {
+        return Some("NoNewPrivs is 0".into());
+    }
+    if info.seccomp != 2 {
+        return Some(format!("Seccomp is {}, not 2 (filter)", info.seccomp));
+    }
+    None
+}
+
+/// In the forked child: control socket to fd 3, memlock limit, and every
+/// other fd above 3 marked close-on-exec (not closed, so std's exec-error
+/// pipe still works).
+fn child_setup(child_fd: i32, memlock: u64) -> io::Result<()> {
+    let check = |rc: i32| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // The broker blocks its termination signals (a thread sigwaits for
+    // them); the mask survives exec, so clear it for the worker.
+    // SAFETY: sigemptyset/sigprocmask on a local sigset_t.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        check(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &empty,
+            std::ptr::null_mut(),
+        ))?;
+    }
+    if child_fd == CONTROL_FD {
+        // SAFETY: fcntl on an fd this process owns; integer arguments.
+        check(unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) })?;
+    } else {
+        // SAFETY: dup2 onto fd 3; dup2 clears FD_CLOEXEC on the new fd.
+        check(unsafe { libc::dup2(child_fd, CONTROL_FD) })?;
+    }
+    let lim = libc::rlimit {
+        rlim_cur: memlock,
+        rlim_max: memlock,
+    };
+    // SAFETY: setrlimit reads the struct we pass by reference.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) })?;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            CONTROL_FD + 1,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    check(i32::try_from(rc).unwrap_or(-1))
+}
+
+fn variant(m: &FromWorker) -> &'static str {
+    match m {
+        FromWorker::Ready { .. } => "Ready",
+        FromWorker::NeedParent { .. } => "NeedParent",
+        FromWorker::Opened { .. } => "Opened",
+        FromWorker::Serving => "Serving",
+        FromWorker::Ok => "Ok",
+        FromWorker::Stats(_) => "Stats",
+        FromWorker::Error(_) => "Error",
+    }
+}
+
+/// A parent request from the worker, already bounded.
+#[derive(Debug, Clone)]
+pub struct ParentRequest {
+    pub child: String,
+    pub locators: Vec<ParentLocator>,
+}
+
+/// What the worker reported once a chain is open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub virtual_size: u64,
+    pub chain: Vec<String>,
+}
+
+/// The broker's end of one worker's control socket.
+#[derive(Debug)]
+pub struct WorkerConn {
+    sock: UnixStream,
+    pid: u32,
+    timeout: Duration,
+    /// Killed through this when it breaks the protocol or misses a
+    /// deadline: its state is then unknown and it may be hostile.
+    pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl WorkerConn {
+    pub fn new(sock: UnixStream, pid: u32, timeout: Duration) -> io::Result<Self> {
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        Ok(WorkerConn {
+            sock,
+            pid,
+            timeout,
+            pidfd: None,
+        })
+    }
+
+    fn kill(&self) {
+        if let Some(fd) = &self.pidfd {
+            let _ = sys::pidfd_kill(fd.as_fd());
+        }
+    }
+
+    fn frame_err(&self, e: FrameError) -> WorkerError {
+        self.kill();
+        match e {
+            FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                WorkerError::Timeout {
+                    pid: self.pid,
+                    secs: self.timeout.as_secs(),
+                }
+            }
+            other => WorkerError::Frame {
+                pid: self.pid,
+                source: other,
+            },
+        }
+    }
+
+    pub fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), WorkerError> {
+        frame::send_on(&self.sock, msg, fds).map_err(|e| self.frame_err(e))
+    }
+
+    pub fn recv(&self) -> Result<FromWorker, WorkerError> {
+        let (msg, fds) = frame::recv_on::<_, FromWorker>(&self.sock, MAX_REQUEST_FRAME)
+            .map_err(|e| self.frame_err(e))?;
+        if !fds.is_empty() {
+            return Err(self.violation("sent file descriptors".into()));
+        }
+        Ok(msg)
+    }
+
+    /// Send and expect `Ok`/`Serving`/`Stats` as the single answer.
+    pub fn call(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<FromWorker, WorkerError> {
+        self.send(msg, fds)?;
+        match self.recv()? {
+            FromWorker::Error(m) => Err(WorkerError::Worker {
+                pid: self.pid,
+                message: clean(&m),
+            }),
+            FromWorker::NeedParent { .. }
+            | FromWorker::Ready { .. }
+            | FromWorker::Opened { .. } => {
+                Err(self.violation(format!("unexpected answer to {}", to_variant(msg))))
+            }
+            ok => Ok(ok),
+        }
+    }
+
+    /// `call` expecting exactly `want`.
+    pub fn expect(
+        &self,
+        msg: &ToWorker,
+        fds: &[BorrowedFd<'_>],
+        want: &FromWorker,
+    ) -> Result<(), WorkerError> {
+        let got = self.call(msg, fds)?;
+        if &got == want {
+            Ok(())
+        } else {
+            Err(self.violation(format!("answered {} to {}", variant(&got), to_variant(msg))))
+        }
+    }
+
+    /// Send `Open` or `Unpause` with the leaf and answer the worker's parent
+    /// requests with `resolve` until it reports the chain open.
+    pub fn open_chain(
+        &self,
+        msg: &ToWorker,
+        leaf: &File,
+        resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
+    ) -> Result<Opened, WorkerError> {
+        self.send(msg, &[leaf.as_fd()])?;
+        for _ in 0..=MAX_CHAIN_DEPTH {
+            match self.recv()? {
+                FromWorker::NeedParent {
+                    child, locators, ..
+                } => {
+                    if locators.len() > MAX_LOCATORS {
+                        return Err(self.violation(format!(
+                            "{} parent locators (limit {MAX_LOCATORS})",
+                            locators.len()
+                        )));
+                    }
+                    match resolve(ParentRequest { child, locators }) {
+                        Ok((name, file)) => {
+                            self.send(&ToWorker::Parent(Ok(name)), &[file.as_fd()])?
+                        }
+                        Err(why) => self.send(&ToWorker::Parent(Err(why)), &[])?,
+                    }
+                }
+                FromWorker::Opened {
+                    virtual_size,
+                    chain,
+                } => {
+                    return Ok(Opened {
+                        virtual_size,
+                        chain: chain.iter().map(|c| clean(c)).collect(),
+                    })
+                }
+                FromWorker::Error(m) => {
+                    return Err(WorkerError::Worker {
+                        pid: self.pid,
+                        message: clean(&m),
+                    })
+                }
+                other => {
+                    return Err(
+                        self.violation(format!("answered {} while opening", variant(&other)))
+                    )
+                }
+            }
+        }
+        Err(self.violation(format!("chain deeper than {MAX_CHAIN_DEPTH} images")))
+    }
+}
+
+impl WorkerConn {
+    /// A protocol violation: kill the worker and describe it.
+    fn violation(&self, what: String) -> WorkerError {
+        self.kill();
+        WorkerError::Protocol {
+            pid: self.pid,
+            what,
+        }
+    }
+}
+
+fn to_variant(m: &ToWorker) -> &'static str {
+    match m {
+        ToWorker::Open { .. } => "Open",
+        ToWorker::Parent(_) => "Parent",
+        ToWorker::Serve(_) => "Serve",
+        ToWorker::Pause => "Pause",
+        ToWorker::Unpause { .. } => "Unpause",
+        ToWorker::Close => "Close",
+        ToWorker::Stats => "Stats",
+        ToWorker::Shutdown => "Shutdown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_strips_control_chars_and_caps_length() {
+        assert_eq!(clean("a\x1b[2Jb\nc"), "a?[2Jb?c");
+        let long = "x".repeat(MAX_WORKER_TEXT + 10);
+        assert_eq!(clean(&long).chars().count(), MAX_WORKER_TEXT + 1);
+    }
+
+    #[test]
+    fn confinement_problem_names_what_is_missing() {
+        let ok = sys::ProcInfo {
+            uids: [7; 4],
+            gids: [7; 4],
+            cap_eff: 0,
+            no_new_privs: true,
+            seccomp: 2,
+            start_time: 1,
+        };
+        assert_eq!(confinement_problem(&ok, 7), None);
+        let mut bad = ok.clone();
+        bad.uids[2] = 0;
+        assert!(confinement_problem(&bad, 7).unwrap().contains("uids"));
+        let mut bad = ok.clone();
+        bad.seccomp = 0;
+        assert!(confinement_problem(&bad, 7).unwrap().contains("Seccomp"));
+        let mut bad = ok;
+        bad.cap_eff = 1;
+        assert!(confinement_problem(&bad, 7).unwrap().contains("CapEff"));
+    }
+
+    #[test]
+    fn worker_conn_times_out_and_refuses_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::new(a, 42, Duration::from_millis(100)).unwrap();
+        assert!(matches!(
+            conn.recv(),
+            Err(WorkerError::Timeout { pid: 42, .. })
+        ));
+        let f = File::open("/dev/null").unwrap();
+        frame::send_on(&b, &FromWorker::Ok, &[f.as_fd()]).unwrap();
+        assert!(matches!(conn.recv(), Err(WorkerError::Protocol { .. })));
+    }
+
+    #[test]
+    fn open_chain_answers_parent_requests_then_returns_opened() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::new(a, 1, Duration::from_secs(5)).unwrap();
+        let fake = std::thread::spawn(move || {
+            let (_m, fds): (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            assert_eq!(fds.len(), 1);
+            let need = FromWorker::NeedParent {
+                child: "/srv/a/leaf".into(),
+                locators: vec![ParentLocator {
+                    code: "W2ru".into(),
+                    path: "base".into(),
+                    relative: true,
+                }],
+                parent_uuid: [0; 16],
+            };
+            frame::send_on(&b, &need, &[]).unwrap();
+            let (m, fds): (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            assert_eq!(m, ToWorker::Parent(Ok("/srv/a/base".into())));
+            assert_eq!(fds.len(), 1);
+            frame::send_on(&b, &need, &[]).unwrap();
+            let (m, fds): (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            assert_eq!(m, ToWorker::Parent(Err("no".into())));
+            assert!(fds.is_empty());
+            let opened = FromWorker::Opened {
+                virtual_size: 4096,
+                chain: vec!["leaf\x07".into()],
+            };
+            frame::send_on(&b, &opened, &[]).unwrap();
+        });
+        let leaf = File::open("/dev/null").unwrap();
+        let mut n = 0;
+        let msg = ToWorker::Open {
+            kind: tapjail_common::proto::ImageKind::Aio,
+            name: "/srv/a/leaf".into(),
+            read_only: true,
+        };
+        let opened = conn
+            .open_chain(&msg, &leaf, &mut |req| {
+                n += 1;
+                assert_eq!(req.child, "/srv/a/leaf");
+                if n == 1 {
+                    Ok(("/srv/a/base".into(), File::open("/dev/null").unwrap()))
+                } else {
+                    Err("no".into())
+                }
+            })
+            .unwrap();
+        assert_eq!(opened.virtual_size, 4096);
+        assert_eq!(opened.chain, vec!["leaf?".to_string()]);
+        fake.join().unwrap();
+    }
+}

@@ -1,0 +1,61 @@
+//! `tap-ctl policy check FILE` and `tap-ctl audit verify FILE`: offline
+//! checks an administrator runs on the broker's files.
+
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tapjail_policy::Policy;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file; problems are printed as FILE:LINE:COL: message.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check an audit log's hash chain; names the first broken line.
+    Verify { file: PathBuf },
+}
+
+pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    let PolicyCommand::Check { file } = command;
+    let shown = file.display().to_string();
+    let text =
+        std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    match Policy::parse(&text) {
+        Ok(p) => {
+            println!(
+                "{shown}: ok ({} tenant(s), worker uids {}..={}, socket {})",
+                p.tenants.len(),
+                p.worker_uids.0,
+                p.worker_uids.1,
+                p.socket.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprint!("{}", e.render(&shown));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    let AuditCommand::Verify { file } = command;
+    let shown = file.display().to_string();
+    let f = std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    match tapjail_common::audit::verify(std::io::BufReader::new(f)) {
+        Ok(v) => {
+            println!(
+                "{shown}: ok, {} line(s), chain intact; last line's SHA-256 {}",
+                v.lines, v.head
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(b) => {
+            eprintln!("{shown}: chain broken at line {}: {}", b.line, b.message);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

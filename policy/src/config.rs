@@ -1,0 +1,750 @@
+//! `policy.toml`: the broker's settings and its tenants, parsed and
+//! validated with line-numbered errors.
+//!
+//! Parsing goes through "raw" structs whose fields keep their byte spans
+//! (`toml::Spanned`), so that a semantic error (two tenants claiming one
+//! uid, a relative image root...) points at the line that caused it, the
+//! same way a syntax error does.
+
+use crate::path::{normalize_absolute, PathError};
+use serde::Deserialize;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The policy the broker starts with when no `--config` is given: it serves
+/// root only, with images under `/var/lib/tapjail`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// Highest minor number (blktap's limit is 16384 minors).
+pub const MAX_MINOR: u16 = tapjail_common::Minor::COUNT - 1;
+
+/// Most RLIMIT_MEMLOCK the config may give a worker, in MiB (64 GiB).
+pub const MAX_WORKER_MEMLOCK_MIB: u64 = 64 * 1024;
+
+/// Most concurrent client connections the config may allow.
+pub const MAX_CLIENTS_LIMIT: u32 = 4096;
+
+/// Which kernel frontend serves minors (`frontend = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendChoice {
+    /// The best this host supports: ublk, then FUSE + loop, then NBD.
+    Auto,
+    Ublk,
+    Fuse,
+    Nbd,
+}
+
+/// One tenant: who may act as it, and what it may touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: String,
+    /// Peers whose `SO_PEERCRED` uid is one of these act as this tenant.
+    pub uids: Vec<u32>,
+    /// Peers whose `SO_PEERCRED` gid is one of these act as this tenant
+    /// (when no tenant claims their uid).
+    pub gids: Vec<u32>,
+    /// Directories images may be opened under (normalized, absolute).
+    pub image_roots: Vec<PathBuf>,
+    /// `false`: only read-only (`-R`) opens.
+    pub writable: bool,
+    /// Most minors this tenant may hold at once, and most workers.
+    pub max_disks: u32,
+    /// Minors this tenant may allocate (inclusive); `None`: any free minor.
+    pub minors: Option<(u16, u16)>,
+    /// May list and manage (stats, pause, close, detach, destroy, free)
+    /// every tenant's disks. Never needed to open images.
+    pub admin: bool,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub socket: PathBuf,
+    pub audit_log: PathBuf,
+    pub state_dir: PathBuf,
+    /// Where `tapdevN` symlinks are published.
+    pub device_dir: PathBuf,
+    /// Inclusive range of uids (and equal gids) given to workers, one per
+    /// live worker.
+    pub worker_uids: (u32, u32),
+    /// The worker binary; `None`: `tapdisk` next to the broker's executable.
+    pub tapdisk: Option<PathBuf>,
+    pub frontend: FrontendChoice,
+    /// RLIMIT_MEMLOCK given to each worker, in bytes.
+    pub worker_memlock: u64,
+    /// Replace a dead worker serving an open image with a fresh one.
+    pub respawn: bool,
+    /// Most deaths per minor within a minute before it is left DEAD.
+    pub max_restarts_per_minute: u32,
+    /// Seconds a worker has to answer one control message.
+    pub worker_timeout_secs: u32,
+    /// Most concurrent client connections.
+    pub max_clients: u32,
+    pub tenants: Vec<Tenant>,
+}
+
+/// One problem in a policy file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// 1-based; 0 when the problem has no place (e.g. a missing key).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.message)
+        } else {
+            write!(
+                f,
+                "line {}, column {}: {}",
+                self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in a policy file (at least one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl PolicyError {
+    /// One line per problem, each prefixed with `origin:LINE:COL:`, as
+    /// compilers print them.
+    pub fn render(&self, origin: &str) -> String {
+        let mut out = String::new();
+        for d in &self.diagnostics {
+            if d.line == 0 {
+                out.push_str(&format!("{origin}: {}\n", d.message));
+            } else {
+                out.push_str(&format!(
+                    "{origin}:{}:{}: {}\n",
+                    d.line, d.column, d.message
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for d in &self.diagnostics {
+            if !first {
+                f.write_str("; ")?;
+            }
+            first = false;
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    socket: Option<Spanned<String>>,
+    audit_log: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    device_dir: Option<Spanned<String>>,
+    worker_uids: Option<Spanned<Vec<i64>>>,
+    tapdisk: Option<Spanned<String>>,
+    frontend: Option<Spanned<FrontendChoice>>,
+    worker_memlock_mib: Option<Spanned<i64>>,
+    respawn: Option<bool>,
+    max_restarts_per_minute: Option<Spanned<i64>>,
+    worker_timeout_secs: Option<Spanned<i64>>,
+    max_clients: Option<Spanned<i64>>,
+    #[serde(default)]
+    tenant: Vec<Spanned<RawTenant>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: Spanned<String>,
+    #[serde(default)]
+    uids: Vec<Spanned<i64>>,
+    #[serde(default)]
+    gids: Vec<Spanned<i64>>,
+    #[serde(default)]
+    image_roots: Vec<Spanned<String>>,
+    writable: Option<bool>,
+    max_disks: Option<Spanned<i64>>,
+    minors: Option<Spanned<Vec<i64>>>,
+    admin: Option<bool>,
+}
+
+/// Defaults for keys a file leaves out.
+pub mod defaults {
+    pub const SOCKET: &str = tapjail_common::proto::DEFAULT_SOCKET;
+    pub const AUDIT_LOG: &str = "/var/log/tapjail/audit.jsonl";
+    pub const STATE_DIR: &str = "/run/tapjail";
+    pub const DEVICE_DIR: &str = tapjail_common::Minor::DEVICE_DIR;
+    pub const WORKER_UIDS: (u32, u32) = (300_000, 300_999);
+    // What the worker asks for to be comfortable (worker::sandbox::mlock).
+    pub const WORKER_MEMLOCK_MIB: u64 = 512;
+    pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
+    pub const WORKER_TIMEOUT_SECS: u32 = 30;
+    pub const MAX_CLIENTS: u32 = 64;
+    pub const MAX_DISKS: u32 = 8;
+}
+
+/// Accumulates diagnostics against the source text (for line numbers).
+struct Checker<'a> {
+    text: &'a str,
+    diags: Vec<Diagnostic>,
+}
+
+impl<'a> Checker<'a> {
+    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.diags.push(Diagnostic {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn nowhere(&mut self, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            line: 0,
+            column: 0,
+            message: message.into(),
+        });
+    }
+
+    fn abs_path(&mut self, key: &str, v: Option<Spanned<String>>, default: &str) -> PathBuf {
+        match v {
+            None => PathBuf::from(default),
+            Some(s) => {
+                let span = s.span();
+                match normalize_absolute(Path::new(s.get_ref())) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.at(span, format!("{key}: {}", path_problem(s.get_ref(), &e)));
+                        PathBuf::from(default)
+                    }
+                }
+            }
+        }
+    }
+
+    fn int_in<T: TryFrom<i64> + Copy>(
+        &mut self,
+        key: &str,
+        v: &Spanned<i64>,
+        lo: i64,
+        hi: i64,
+        fallback: T,
+    ) -> T {
+        let n = *v.get_ref();
+        if n < lo || n > hi {
+            self.at(
+                v.span(),
+                format!("{key} = {n} is out of range ({lo}..={hi})"),
+            );
+            return fallback;
+        }
+        T::try_from(n).unwrap_or(fallback)
+    }
+}
+
+fn path_problem(path: &str, e: &PathError) -> String {
+    format!("{path:?}: {e}")
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let column = text
+        .get(line_start..offset)
+        .map_or(offset - line_start, |s| s.chars().count())
+        + 1;
+    (line, column)
+}
+
+fn valid_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Policy {
+    /// The embedded default policy (root only).
+    pub fn embedded_default() -> Policy {
+        // The embedded text is validated by a unit test; a failure here is a
+        // build defect, not bad input.
+        match Policy::parse(EMBEDDED_DEFAULT) {
+            Ok(p) => p,
+            Err(e) => panic!("embedded default policy is invalid: {e}"),
+        }
+    }
+
+    /// Parse and validate a policy file's text.
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+        let raw: RawPolicy = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+                return Err(PolicyError {
+                    diagnostics: vec![Diagnostic {
+                        line,
+                        column,
+                        message: e.message().trim().to_string(),
+                    }],
+                });
+            }
+        };
+        let mut c = Checker {
+            text,
+            diags: Vec::new(),
+        };
+        let policy = build(&mut c, raw);
+        if c.diags.is_empty() {
+            Ok(policy)
+        } else {
+            c.diags.sort_by_key(|d| (d.line, d.column));
+            Err(PolicyError {
+                diagnostics: c.diags,
+            })
+        }
+    }
+
+    /// The tenant a peer acts as: the one listing its uid, else the one
+    /// listing its gid, else none (and then it is refused everything).
+    pub fn tenant_for(&self, uid: u32, gid: u32) -> Option<&Tenant> {
+        self.tenants
+            .iter()
+            .find(|t| t.uids.contains(&uid))
+            .or_else(|| self.tenants.iter().find(|t| t.gids.contains(&gid)))
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+
+    /// How many worker uids the range holds (the most live workers).
+    pub fn worker_uid_count(&self) -> u64 {
+        u64::from(self.worker_uids.1) - u64::from(self.worker_uids.0) + 1
+    }
+}
+
+fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
+    let socket = c.abs_path("socket", raw.socket, defaults::SOCKET);
+    let audit_log = c.abs_path("audit_log", raw.audit_log, defaults::AUDIT_LOG);
+    let state_dir = c.abs_path("state_dir", raw.state_dir, defaults::STATE_DIR);
+    let device_dir = c.abs_path("device_dir", raw.device_dir, defaults::DEVICE_DIR);
+    let tapdisk = raw
+        .tapdisk
+        .map(|t| c.abs_path("tapdisk", Some(t), "/usr/libexec/tapjail/tapdisk"));
+
+    let worker_uids = match raw.worker_uids {
+        None => defaults::WORKER_UIDS,
+        Some(w) => {
+            let span = w.span();
+            match w.get_ref().as_slice() {
+                [lo, hi] if *lo >= 1 && lo <= hi && *hi <= i64::from(u32::MAX - 1) => (
+                    u32::try_from(*lo).unwrap_or(1),
+                    u32::try_from(*hi).unwrap_or(1),
+                ),
+                [lo, _] if *lo < 1 => {
+                    c.at(
+                        span,
+                        "worker_uids must not include uid 0 (workers never run as root)",
+                    );
+                    defaults::WORKER_UIDS
+                }
+                [_, _] => {
+                    c.at(
+                        span,
+                        "worker_uids = [FIRST, LAST] needs FIRST <= LAST, both below 4294967295",
+                    );
+                    defaults::WORKER_UIDS
+                }
+                _ => {
+                    c.at(
+                        span,
+                        "worker_uids must be a range [FIRST, LAST] of two uids",
+                    );
+                    defaults::WORKER_UIDS
+                }
+            }
+        }
+    };
+
+    let frontend = raw.frontend.map_or(FrontendChoice::Auto, |f| *f.get_ref());
+    let worker_memlock = raw
+        .worker_memlock_mib
+        .map_or(defaults::WORKER_MEMLOCK_MIB, |m| {
+            c.int_in(
+                "worker_memlock_mib",
+                &m,
+                1,
+                MAX_WORKER_MEMLOCK_MIB as i64,
+                defaults::WORKER_MEMLOCK_MIB,
+            )
+        })
+        * 1024
+        * 1024;
+    let max_restarts_per_minute = raw
+        .max_restarts_per_minute
+        .map_or(defaults::MAX_RESTARTS_PER_MINUTE, |m| {
+            c.int_in("max_restarts_per_minute", &m, 0, 1000, 0)
+        });
+    let worker_timeout_secs = raw
+        .worker_timeout_secs
+        .map_or(defaults::WORKER_TIMEOUT_SECS, |m| {
+            c.int_in(
+                "worker_timeout_secs",
+                &m,
+                1,
+                3600,
+                defaults::WORKER_TIMEOUT_SECS,
+            )
+        });
+    let max_clients = raw.max_clients.map_or(defaults::MAX_CLIENTS, |m| {
+        c.int_in(
+            "max_clients",
+            &m,
+            1,
+            i64::from(MAX_CLIENTS_LIMIT),
+            defaults::MAX_CLIENTS,
+        )
+    });
+
+    if raw.tenant.is_empty() {
+        c.nowhere("no [[tenant]] defined: every client would be refused");
+    }
+    let mut tenants = Vec::new();
+    // (value, tenant index) of every uid, gid, name seen, for duplicates.
+    let mut seen_uid: Vec<(u32, String)> = Vec::new();
+    let mut seen_gid: Vec<(u32, String)> = Vec::new();
+    let mut minor_ranges: Vec<((u16, u16), String)> = Vec::new();
+    for t in raw.tenant {
+        let tspan = t.span();
+        let t = t.into_inner();
+        let name = t.name.get_ref().clone();
+        if !valid_tenant_name(&name) {
+            c.at(
+                t.name.span(),
+                format!("tenant name {name:?} must be 1-64 of a-z, 0-9, '-', '_'"),
+            );
+        }
+        if tenants.iter().any(|o: &Tenant| o.name == name) {
+            c.at(t.name.span(), format!("tenant {name:?} is defined twice"));
+        }
+        if t.uids.is_empty() && t.gids.is_empty() {
+            c.at(
+                tspan.clone(),
+                format!("tenant {name:?} has neither uids nor gids: nobody could act as it"),
+            );
+        }
+        let mut uids = Vec::new();
+        for u in &t.uids {
+            let Some(v) = id(c, "uid", u) else { continue };
+            if (worker_uids.0..=worker_uids.1).contains(&v) {
+                c.at(u.span(), format!("uid {v} of tenant {name:?} is inside worker_uids: a tenant must never share a worker's uid"));
+            }
+            if let Some((_, other)) = seen_uid.iter().find(|(x, _)| *x == v) {
+                c.at(
+                    u.span(),
+                    format!("uid {v} is claimed by tenants {other:?} and {name:?}"),
+                );
+            }
+            seen_uid.push((v, name.clone()));
+            uids.push(v);
+        }
+        let mut gids = Vec::new();
+        for g in &t.gids {
+            let Some(v) = id(c, "gid", g) else { continue };
+            if (worker_uids.0..=worker_uids.1).contains(&v) {
+                c.at(
+                    g.span(),
+                    format!(
+                        "gid {v} of tenant {name:?} is inside worker_uids (workers use equal gids)"
+                    ),
+                );
+            }
+            if let Some((_, other)) = seen_gid.iter().find(|(x, _)| *x == v) {
+                c.at(
+                    g.span(),
+                    format!("gid {v} is claimed by tenants {other:?} and {name:?}"),
+                );
+            }
+            seen_gid.push((v, name.clone()));
+            gids.push(v);
+        }
+        let mut image_roots = Vec::new();
+        for r in &t.image_roots {
+            match normalize_absolute(Path::new(r.get_ref())) {
+                Ok(p) if p == Path::new("/") => c.at(
+                    r.span(),
+                    format!("image root \"/\" would expose the whole host to tenant {name:?}"),
+                ),
+                Ok(p) => image_roots.push(p),
+                Err(e) => c.at(
+                    r.span(),
+                    format!("image root {}", path_problem(r.get_ref(), &e)),
+                ),
+            }
+        }
+        let max_disks = t.max_disks.map_or(defaults::MAX_DISKS, |m| {
+            c.int_in(
+                "max_disks",
+                &m,
+                0,
+                i64::from(tapjail_common::Minor::COUNT),
+                0,
+            )
+        });
+        let minors = t.minors.and_then(|m| {
+            let span = m.span();
+            match m.get_ref().as_slice() {
+                [lo, hi] if *lo >= 0 && lo <= hi && *hi <= i64::from(MAX_MINOR) => {
+                    let r = (u16::try_from(*lo).unwrap_or(0), u16::try_from(*hi).unwrap_or(0));
+                    if let Some((_, other)) = minor_ranges
+                        .iter()
+                        .find(|((a, b), _)| r.0 <= *b && *a <= r.1)
+                    {
+                        c.at(span, format!("minors {}..={} of tenant {name:?} overlap those of tenant {other:?}", r.0, r.1));
+                    }
+                    minor_ranges.push((r, name.clone()));
+                    Some(r)
+                }
+                _ => {
+                    c.at(span, format!("minors must be a range [FIRST, LAST] within 0..={MAX_MINOR}"));
+                    None
+                }
+            }
+        });
+        tenants.push(Tenant {
+            name,
+            uids,
+            gids,
+            image_roots,
+            writable: t.writable.unwrap_or(false),
+            max_disks,
+            minors,
+            admin: t.admin.unwrap_or(false),
+        });
+    }
+
+    Policy {
+        socket,
+        audit_log,
+        state_dir,
+        device_dir,
+        worker_uids,
+        tapdisk,
+        frontend,
+        worker_memlock,
+        respawn: raw.respawn.unwrap_or(true),
+        max_restarts_per_minute,
+        worker_timeout_secs,
+        max_clients,
+        tenants,
+    }
+}
+
+fn id(c: &mut Checker<'_>, what: &str, v: &Spanned<i64>) -> Option<u32> {
+    match u32::try_from(*v.get_ref()) {
+        Ok(x) if x != u32::MAX => Some(x),
+        _ => {
+            c.at(
+                v.span(),
+                format!("{what} {} is not a valid id", v.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+socket = "/tmp/t/broker.sock"
+audit_log = "/tmp/t/audit.jsonl"
+state_dir = "/tmp/t/state"
+worker_uids = [300000, 300999]
+frontend = "nbd"
+
+[[tenant]]
+name = "alice"
+uids = [4242]
+image_roots = ["/srv/alice/"]
+writable = true
+max_disks = 2
+minors = [0, 99]
+
+[[tenant]]
+name = "bob"
+gids = [5000]
+image_roots = ["/srv/bob"]
+"#;
+
+    fn errs(text: &str) -> Vec<Diagnostic> {
+        Policy::parse(text).unwrap_err().diagnostics
+    }
+
+    #[test]
+    fn parse_good_policy_has_every_field() {
+        let p = Policy::parse(GOOD).unwrap();
+        assert_eq!(p.socket, Path::new("/tmp/t/broker.sock"));
+        assert_eq!(p.worker_uids, (300000, 300999));
+        assert_eq!(p.worker_uid_count(), 1000);
+        assert_eq!(p.frontend, FrontendChoice::Nbd);
+        assert_eq!(p.device_dir, Path::new("/dev/tapjail"));
+        assert_eq!(p.worker_memlock, 512 * 1024 * 1024);
+        assert!(p.respawn);
+        let a = p.tenant("alice").unwrap();
+        assert_eq!(a.image_roots, vec![PathBuf::from("/srv/alice")]);
+        assert!(a.writable);
+        assert_eq!(a.max_disks, 2);
+        assert_eq!(a.minors, Some((0, 99)));
+        let b = p.tenant("bob").unwrap();
+        assert!(!b.writable, "writable defaults to false");
+        assert_eq!(b.max_disks, defaults::MAX_DISKS);
+        assert!(!b.admin);
+    }
+
+    #[test]
+    fn tenant_for_prefers_uid_then_gid_then_none() {
+        let p = Policy::parse(GOOD).unwrap();
+        assert_eq!(p.tenant_for(4242, 5000).unwrap().name, "alice");
+        assert_eq!(p.tenant_for(1, 5000).unwrap().name, "bob");
+        assert!(p.tenant_for(0, 0).is_none(), "root is nobody special");
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_root_only() {
+        let p = Policy::embedded_default();
+        assert_eq!(p.socket, Path::new("/run/tapjail/broker.sock"));
+        assert_eq!(p.audit_log, Path::new("/var/log/tapjail/audit.jsonl"));
+        assert_eq!(p.tenants.len(), 1);
+        assert_eq!(
+            p.tenant_for(0, 0).unwrap().image_roots,
+            vec![PathBuf::from("/var/lib/tapjail")]
+        );
+        assert!(p.tenant_for(1000, 1000).is_none());
+    }
+
+    #[test]
+    fn syntax_error_has_line_number() {
+        let d = errs("socket = \"/x\"\n\n[[tenant]\nname = 1\n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 3, "{d:?}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line() {
+        let d = errs("socket = \"/x\"\nsokcet = \"/y\"\n[[tenant]]\nname=\"a\"\nuids=[1]\n");
+        assert_eq!(d[0].line, 2, "{d:?}");
+        assert!(d[0].message.contains("sokcet"), "{d:?}");
+    }
+
+    #[test]
+    fn duplicate_uid_across_tenants_names_both_and_the_line() {
+        let text = "[[tenant]]\nname = \"a\"\nuids = [7]\n[[tenant]]\nname = \"b\"\nuids = [7]\n";
+        let d = errs(text);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 6);
+        assert!(d[0].message.contains("\"a\"") && d[0].message.contains("\"b\""));
+    }
+
+    #[test]
+    fn relative_root_and_dotdot_root_are_rejected() {
+        let text =
+            "[[tenant]]\nname = \"a\"\nuids = [7]\nimage_roots = [\"srv/a\",\n \"/srv/../etc\"]\n";
+        let d = errs(text);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!((d[0].line, d[1].line), (4, 5));
+    }
+
+    #[test]
+    fn root_slash_as_image_root_is_rejected() {
+        let d = errs("[[tenant]]\nname = \"a\"\nuids = [7]\nimage_roots = [\"/\"]\n");
+        assert!(d[0].message.contains("whole host"));
+    }
+
+    #[test]
+    fn tenant_uid_inside_worker_range_is_rejected() {
+        let d = errs("worker_uids = [100, 200]\n[[tenant]]\nname = \"a\"\nuids = [150]\n");
+        assert_eq!(d[0].line, 4);
+        assert!(d[0].message.contains("worker_uids"));
+    }
+
+    #[test]
+    fn worker_uids_must_be_a_nonroot_range() {
+        for bad in ["[0, 10]", "[10, 5]", "[1]", "[1, 2, 3]", "[-5, 3]"] {
+            let d = errs(&format!(
+                "worker_uids = {bad}\n[[tenant]]\nname = \"a\"\nuids = [7]\n"
+            ));
+            assert_eq!(d[0].line, 1, "{bad}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn overlapping_minor_ranges_are_rejected() {
+        let text = "[[tenant]]\nname = \"a\"\nuids = [1]\nminors = [0, 10]\n[[tenant]]\nname = \"b\"\nuids = [2]\nminors = [10, 20]\n";
+        let d = errs(text);
+        assert_eq!(d[0].line, 8);
+        let d = errs("[[tenant]]\nname = \"a\"\nuids = [1]\nminors = [0, 16384]\n");
+        assert_eq!(d[0].line, 4);
+    }
+
+    #[test]
+    fn bad_frontend_value_is_rejected_with_line() {
+        let d = errs("\nfrontend = \"blktap2\"\n[[tenant]]\nname = \"a\"\nuids = [1]\n");
+        assert_eq!(d[0].line, 2);
+    }
+
+    #[test]
+    fn tenant_without_ids_and_bad_name_and_no_tenants_are_rejected() {
+        let d = errs("[[tenant]]\nname = \"Alice!\"\n");
+        assert_eq!(d.len(), 2, "{d:?}");
+        let d = errs("socket = \"/x\"\n");
+        assert_eq!(d[0].line, 0);
+        assert!(d[0].message.contains("no [[tenant]]"));
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_rejected() {
+        let d = errs("worker_memlock_mib = 0\nmax_clients = 100000\n[[tenant]]\nname = \"a\"\nuids = [1]\nmax_disks = -1\n");
+        let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
+        assert_eq!(lines, vec![1, 2, 6]);
+    }
+
+    #[test]
+    fn render_prefixes_origin_line_and_column() {
+        let e = Policy::parse("[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"rel\"]\n")
+            .unwrap_err();
+        let s = e.render("p.toml");
+        assert!(s.starts_with("p.toml:4:16: image root"), "{s}");
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ab\ncd", 99), (2, 3));
+    }
+}

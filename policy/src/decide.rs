@@ -1,0 +1,929 @@
+//! The decision function: may this peer make this request, given who owns
+//! what right now?
+//!
+//! Pure: the broker supplies the peer's `SO_PEERCRED` identity and a
+//! read-only view of its tables; nothing here touches the system. State
+//! errors (unknown minor, open twice...) are the broker's to report; the
+//! policy only answers "is this yours, and within your limits".
+
+use crate::config::{Policy, Tenant};
+use crate::path::{normalize_absolute, normalize_lexically, under_root, PathError};
+use std::path::{Path, PathBuf};
+use tapjail_common::proto::{ImageSpec, Request};
+use tapjail_common::Minor;
+
+/// Who is asking, from `SO_PEERCRED` (never from the message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What the policy may know about the broker's tables: ownership and
+/// counts, by tenant name.
+pub trait BrokerView {
+    /// The tenant holding `minor`, or `None` if it is not allocated.
+    fn minor_owner(&self, minor: Minor) -> Option<&str>;
+    /// The tenant owning worker `pid`, or `None` if no such worker.
+    fn worker_owner(&self, pid: u32) -> Option<&str>;
+    /// Minors `tenant` holds.
+    fn minors_of(&self, tenant: &str) -> usize;
+    /// Live or dead-but-unreleased workers `tenant` owns.
+    fn workers_of(&self, tenant: &str) -> usize;
+}
+
+/// Which rows `list` may show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only the requesting tenant's minors and workers.
+    Own,
+    /// Everything (an `admin` tenant).
+    All,
+}
+
+/// An image the broker may open: `relative` beneath `root`, opened with
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageGrant {
+    /// The normalized full path (`root/relative`), as shown in `list`.
+    pub path: PathBuf,
+    pub root: PathBuf,
+    pub relative: PathBuf,
+    pub read_only: bool,
+}
+
+/// The answer, with the rule that produced it for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    /// Stable identifier of the rule that decided (for audit and tests).
+    pub rule: &'static str,
+    /// Human explanation, sent to the client on denial.
+    pub reason: String,
+    /// The tenant the peer acts as, if any.
+    pub tenant: Option<String>,
+    pub scope: Scope,
+    /// For open/create/unpause -a and parent opens: what may be opened.
+    pub image: Option<ImageGrant>,
+    /// For allocate/create: the minors the broker may pick from.
+    pub minors: Option<(u16, u16)>,
+}
+
+impl Decision {
+    fn deny(tenant: Option<&Tenant>, rule: &'static str, reason: String) -> Self {
+        Decision {
+            allow: false,
+            rule,
+            reason,
+            tenant: tenant.map(|t| t.name.clone()),
+            scope: Scope::Own,
+            image: None,
+            minors: None,
+        }
+    }
+
+    fn allow(t: &Tenant, rule: &'static str, reason: String) -> Self {
+        Decision {
+            allow: true,
+            rule,
+            reason,
+            tenant: Some(t.name.clone()),
+            scope: Scope::Own,
+            image: None,
+            minors: None,
+        }
+    }
+}
+
+/// Decide a client request.
+pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn BrokerView) -> Decision {
+    let Some(t) = policy.tenant_for(peer.uid, peer.gid) else {
+        return Decision::deny(
+            None,
+            "no-tenant",
+            format!(
+                "uid {} gid {} matches no tenant in the broker's policy",
+                peer.uid, peer.gid
+            ),
+        );
+    };
+    match req {
+        Request::Hello { .. } => {
+            Decision::allow(t, "tenant", format!("peer acts as tenant {}", t.name))
+        }
+        Request::List { .. } => {
+            let mut d = Decision::allow(t, "list", format!("tenant {} lists", t.name));
+            if t.admin {
+                d.scope = Scope::All;
+                d.rule = "admin";
+            }
+            d
+        }
+        Request::Allocate { minor } => allocate(t, *minor, view),
+        Request::Spawn => spawn(t, view),
+        Request::Create {
+            image,
+            read_only,
+            minor,
+        } => {
+            let d = allocate(t, *minor, view);
+            if !d.allow {
+                return d;
+            }
+            let s = spawn(t, view);
+            if !s.allow {
+                return s;
+            }
+            with_image(t, image, *read_only, d)
+        }
+        Request::Attach { pid, minor } => {
+            // Attaching joins a worker and a minor; both must be the
+            // tenant's own, admin or not, so that a disk never mixes owners.
+            if let Some(d) = foreign_minor(t, *minor, view, false) {
+                return d;
+            }
+            if let Some(d) = foreign_worker(t, Some(*pid), view, false) {
+                return d;
+            }
+            Decision::allow(
+                t,
+                "own",
+                format!("tenant {} attaches its own worker", t.name),
+            )
+        }
+        Request::Open {
+            pid,
+            minor,
+            image,
+            read_only,
+        } => {
+            if let Some(d) = foreign_minor(t, *minor, view, false)
+                .or_else(|| foreign_worker(t, *pid, view, false))
+            {
+                return d;
+            }
+            let d = Decision::allow(t, "own", String::new());
+            with_image(t, image, *read_only, d)
+        }
+        Request::Unpause { pid, minor, image } => {
+            let admin_ok = image.is_none();
+            if let Some(d) = foreign_minor(t, *minor, view, admin_ok)
+                .or_else(|| foreign_worker(t, *pid, view, admin_ok))
+            {
+                return d;
+            }
+            let d = owned_or_admin(t, *minor, view);
+            match image {
+                // The new image must be one the minor's own tenant may open.
+                Some(image) => {
+                    // Unpause keeps the minor's read-only setting; the
+                    // broker re-checks writability against it. Here the
+                    // image is checked as read-only unless the tenant may
+                    // write, so a read-only tenant can still swap images.
+                    with_image(t, image, !t.writable, d)
+                }
+                None => d,
+            }
+        }
+        Request::Free { minor } => {
+            foreign_minor(t, *minor, view, true).unwrap_or_else(|| owned_or_admin(t, *minor, view))
+        }
+        Request::Detach { pid, minor }
+        | Request::Close { pid, minor, .. }
+        | Request::Destroy { pid, minor }
+        | Request::Pause { pid, minor }
+        | Request::Stats { pid, minor } => foreign_minor(t, *minor, view, true)
+            .or_else(|| foreign_worker(t, *pid, view, true))
+            .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
+    }
+}
+
+/// Decide whether the worker serving `tenant`'s image `child` may have the
+/// parent named by a locator read from that child. The child is trusted
+/// (the broker opened it); the locator is not (it came out of the image).
+/// Parents are always granted read-only.
+pub fn decide_parent(
+    policy: &Policy,
+    tenant: &str,
+    child: &Path,
+    locator: &str,
+    relative: bool,
+) -> Decision {
+    let Some(t) = policy.tenant(tenant) else {
+        return Decision::deny(
+            None,
+            "no-tenant",
+            format!("tenant {tenant:?} is no longer in the policy"),
+        );
+    };
+    let joined = if relative {
+        match child.parent() {
+            Some(dir) => dir.join(locator),
+            None => PathBuf::from(locator),
+        }
+    } else {
+        PathBuf::from(locator)
+    };
+    let path = match normalize_lexically(&joined) {
+        Ok(p) => p,
+        Err(e) => {
+            return Decision::deny(
+                Some(t),
+                "bad-path",
+                format!("parent locator {locator:?} of {}: {e}", child.display()),
+            )
+        }
+    };
+    match grant(t, &path, true) {
+        Ok(g) => {
+            let mut d = Decision::allow(
+                t,
+                "image-root",
+                format!(
+                    "parent {} of {} is under {}",
+                    path.display(),
+                    child.display(),
+                    g.root.display()
+                ),
+            );
+            d.image = Some(g);
+            d
+        }
+        Err(d) => {
+            let mut d = *d;
+            d.reason = format!("parent of {}: {}", child.display(), d.reason);
+            d
+        }
+    }
+}
+
+fn allocate(t: &Tenant, minor: Option<Minor>, view: &dyn BrokerView) -> Decision {
+    let held = view.minors_of(&t.name);
+    if held >= t.max_disks as usize {
+        return Decision::deny(
+            Some(t),
+            "max-disks",
+            format!(
+                "tenant {} already holds {held} minor(s), its limit (max_disks = {})",
+                t.name, t.max_disks
+            ),
+        );
+    }
+    let range = t.minors.unwrap_or((0, crate::config::MAX_MINOR));
+    if let Some(m) = minor {
+        if m.get() < range.0 || m.get() > range.1 {
+            return Decision::deny(
+                Some(t),
+                "minor-range",
+                format!(
+                    "minor {m} is outside tenant {}'s minors {}..={}",
+                    t.name, range.0, range.1
+                ),
+            );
+        }
+        if let Some(d) = foreign_minor(t, m, view, false) {
+            return d;
+        }
+    }
+    let mut d = Decision::allow(
+        t,
+        "own",
+        format!("tenant {} holds {held} of {} minors", t.name, t.max_disks),
+    );
+    d.minors = Some(range);
+    d
+}
+
+fn spawn(t: &Tenant, view: &dyn BrokerView) -> Decision {
+    let n = view.workers_of(&t.name);
+    if n >= t.max_disks as usize {
+        return Decision::deny(
+            Some(t),
+            "max-disks",
+            format!(
+                "tenant {} already has {n} worker(s), its limit (max_disks = {})",
+                t.name, t.max_disks
+            ),
+        );
+    }
+    Decision::allow(
+        t,
+        "own",
+        format!("tenant {} has {n} of {} workers", t.name, t.max_disks),
+    )
+}
+
+/// Denial when `minor` belongs to another tenant (unless `admin_ok` and
+/// the tenant is admin). An unallocated minor is not foreign: the broker
+/// reports it as not found.
+fn foreign_minor(
+    t: &Tenant,
+    minor: Minor,
+    view: &dyn BrokerView,
+    admin_ok: bool,
+) -> Option<Decision> {
+    match view.minor_owner(minor) {
+        Some(owner) if owner != t.name && !(admin_ok && t.admin) => Some(Decision::deny(
+            Some(t),
+            "foreign-minor",
+            format!("minor {minor} does not belong to tenant {}", t.name),
+        )),
+        _ => None,
+    }
+}
+
+fn foreign_worker(
+    t: &Tenant,
+    pid: Option<u32>,
+    view: &dyn BrokerView,
+    admin_ok: bool,
+) -> Option<Decision> {
+    let pid = pid?;
+    match view.worker_owner(pid) {
+        Some(owner) if owner != t.name && !(admin_ok && t.admin) => Some(Decision::deny(
+            Some(t),
+            "foreign-worker",
+            format!("tapdisk {pid} does not belong to tenant {}", t.name),
+        )),
+        _ => None,
+    }
+}
+
+fn owned_or_admin(t: &Tenant, minor: Minor, view: &dyn BrokerView) -> Decision {
+    match view.minor_owner(minor) {
+        Some(owner) if owner != t.name => {
+            let mut d = Decision::allow(
+                t,
+                "admin",
+                format!("admin tenant {} acts on {owner}'s minor {minor}", t.name),
+            );
+            d.scope = Scope::All;
+            d
+        }
+        Some(_) => Decision::allow(
+            t,
+            "own",
+            format!("minor {minor} belongs to tenant {}", t.name),
+        ),
+        None => Decision::allow(t, "absent", format!("minor {minor} is not allocated")),
+    }
+}
+
+fn with_image(t: &Tenant, image: &ImageSpec, read_only: bool, base: Decision) -> Decision {
+    let path = match normalize_absolute(Path::new(&image.path)) {
+        Ok(p) => p,
+        Err(e) => {
+            let rule = if e == PathError::DotDot {
+                "path-escape"
+            } else {
+                "bad-path"
+            };
+            return Decision::deny(Some(t), rule, format!("image path {:?}: {e}", image.path));
+        }
+    };
+    match grant(t, &path, read_only) {
+        Ok(g) => Decision {
+            rule: if base.rule == "own" {
+                "image-root"
+            } else {
+                base.rule
+            },
+            reason: format!("{} is under {}", g.path.display(), g.root.display()),
+            image: Some(g),
+            ..base
+        },
+        Err(d) => *d,
+    }
+}
+
+fn grant(t: &Tenant, path: &Path, read_only: bool) -> Result<ImageGrant, Box<Decision>> {
+    let Some((root, relative)) = under_root(path, &t.image_roots) else {
+        let roots: Vec<String> = t
+            .image_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        return Err(Box::new(Decision::deny(
+            Some(t),
+            "outside-roots",
+            format!(
+                "{} is outside tenant {}'s image roots ({})",
+                path.display(),
+                t.name,
+                if roots.is_empty() {
+                    "none".to_string()
+                } else {
+                    roots.join(", ")
+                }
+            ),
+        )));
+    };
+    if !read_only && !t.writable {
+        return Err(Box::new(Decision::deny(
+            Some(t),
+            "read-only-tenant",
+            format!("tenant {} may open images read-only only (use -R)", t.name),
+        )));
+    }
+    Ok(ImageGrant {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+        relative,
+        read_only,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tapjail_common::proto::ImageKind;
+
+    const POLICY: &str = r#"
+worker_uids = [300000, 300999]
+[[tenant]]
+name = "alice"
+uids = [1000]
+image_roots = ["/srv/alice", "/srv/shared/gold"]
+writable = true
+max_disks = 2
+minors = [0, 9]
+
+[[tenant]]
+name = "bob"
+gids = [2000]
+image_roots = ["/srv/bob"]
+writable = false
+max_disks = 1
+
+[[tenant]]
+name = "ops"
+uids = [0]
+image_roots = ["/srv/ops"]
+writable = true
+admin = true
+"#;
+
+    #[derive(Default)]
+    struct View {
+        minors: HashMap<u16, String>,
+        workers: HashMap<u32, String>,
+    }
+
+    impl BrokerView for View {
+        fn minor_owner(&self, minor: Minor) -> Option<&str> {
+            self.minors.get(&minor.get()).map(String::as_str)
+        }
+        fn worker_owner(&self, pid: u32) -> Option<&str> {
+            self.workers.get(&pid).map(String::as_str)
+        }
+        fn minors_of(&self, tenant: &str) -> usize {
+            self.minors.values().filter(|t| *t == tenant).count()
+        }
+        fn workers_of(&self, tenant: &str) -> usize {
+            self.workers.values().filter(|t| *t == tenant).count()
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::parse(POLICY).unwrap()
+    }
+
+    /// alice holds minor 1 with worker 100; bob holds minor 20 with worker 200.
+    fn view() -> View {
+        let mut v = View::default();
+        v.minors.insert(1, "alice".into());
+        v.workers.insert(100, "alice".into());
+        v.minors.insert(20, "bob".into());
+        v.workers.insert(200, "bob".into());
+        v
+    }
+
+    const ALICE: PeerCred = PeerCred {
+        pid: 1,
+        uid: 1000,
+        gid: 1000,
+    };
+    const BOB: PeerCred = PeerCred {
+        pid: 2,
+        uid: 1500,
+        gid: 2000,
+    };
+    const OPS: PeerCred = PeerCred {
+        pid: 3,
+        uid: 0,
+        gid: 0,
+    };
+    const NOBODY: PeerCred = PeerCred {
+        pid: 4,
+        uid: 31337,
+        gid: 31337,
+    };
+
+    fn m(n: u16) -> Minor {
+        Minor::new(u64::from(n)).unwrap()
+    }
+
+    fn img(path: &str) -> ImageSpec {
+        ImageSpec {
+            kind: ImageKind::Vhd,
+            path: path.into(),
+        }
+    }
+
+    /// Every request that acts on an existing minor (and worker).
+    fn requests_on(minor: u16, pid: u32, path: &str) -> Vec<Request> {
+        let minor = m(minor);
+        vec![
+            Request::Free { minor },
+            Request::Attach { pid, minor },
+            Request::Detach {
+                pid: Some(pid),
+                minor,
+            },
+            Request::Open {
+                pid: Some(pid),
+                minor,
+                image: img(path),
+                read_only: true,
+            },
+            Request::Close {
+                pid: Some(pid),
+                minor,
+                force: false,
+            },
+            Request::Close {
+                pid: None,
+                minor,
+                force: true,
+            },
+            Request::Destroy {
+                pid: Some(pid),
+                minor,
+            },
+            Request::Pause {
+                pid: Some(pid),
+                minor,
+            },
+            Request::Unpause {
+                pid: Some(pid),
+                minor,
+                image: None,
+            },
+            Request::Unpause {
+                pid: None,
+                minor,
+                image: Some(img(path)),
+            },
+            Request::Stats {
+                pid: Some(pid),
+                minor,
+            },
+            Request::Stats { pid: None, minor },
+        ]
+    }
+
+    fn every_request() -> Vec<Request> {
+        let mut v = requests_on(1, 100, "/srv/alice/a.vhd");
+        v.extend([
+            Request::Hello { version: 1 },
+            Request::Allocate { minor: None },
+            Request::Allocate { minor: Some(m(3)) },
+            Request::Spawn,
+            Request::Create {
+                image: img("/srv/alice/a.vhd"),
+                read_only: false,
+                minor: None,
+            },
+            Request::List {
+                pid: None,
+                minor: None,
+            },
+        ]);
+        v
+    }
+
+    #[test]
+    fn decide_peer_matching_no_tenant_is_refused_everything() {
+        let (p, v) = (policy(), view());
+        for req in every_request() {
+            let d = decide(&req, &NOBODY, &p, &v);
+            assert!(!d.allow, "{req:?}");
+            assert_eq!(d.rule, "no-tenant");
+            assert!(d.tenant.is_none());
+            assert!(d.reason.contains("31337"));
+        }
+    }
+
+    #[test]
+    fn decide_cross_tenant_requests_are_all_denied() {
+        let (p, v) = (policy(), view());
+        for req in requests_on(20, 200, "/srv/alice/a.vhd") {
+            let d = decide(&req, &ALICE, &p, &v);
+            assert!(!d.allow, "alice on bob's: {req:?}");
+            assert_eq!(d.rule, "foreign-minor", "{req:?}");
+        }
+        for req in requests_on(1, 100, "/srv/bob/b.vhd") {
+            let d = decide(&req, &BOB, &p, &v);
+            assert!(!d.allow, "bob on alice's: {req:?}");
+            assert_eq!(d.rule, "foreign-minor", "{req:?}");
+        }
+    }
+
+    #[test]
+    fn decide_own_minor_with_foreign_pid_is_denied() {
+        let (p, v) = (policy(), view());
+        for req in requests_on(1, 200, "/srv/alice/a.vhd") {
+            if matches!(
+                req,
+                Request::Free { .. }
+                    | Request::Close { pid: None, .. }
+                    | Request::Stats { pid: None, .. }
+                    | Request::Unpause { pid: None, .. }
+            ) {
+                continue; // no pid in these
+            }
+            let d = decide(&req, &ALICE, &p, &v);
+            assert!(!d.allow, "{req:?}");
+            assert_eq!(d.rule, "foreign-worker", "{req:?}");
+        }
+    }
+
+    #[test]
+    fn decide_own_requests_are_allowed() {
+        let (p, v) = (policy(), view());
+        for req in requests_on(1, 100, "/srv/alice/a.vhd") {
+            let d = decide(&req, &ALICE, &p, &v);
+            assert!(d.allow, "{req:?}: {}", d.reason);
+            assert_eq!(d.tenant.as_deref(), Some("alice"));
+            assert_eq!(d.scope, Scope::Own);
+        }
+    }
+
+    #[test]
+    fn decide_admin_manages_but_never_opens_or_attaches_foreign_disks() {
+        let (p, v) = (policy(), view());
+        for req in requests_on(20, 200, "/srv/ops/x.vhd") {
+            let d = decide(&req, &OPS, &p, &v);
+            let opens = matches!(
+                req,
+                Request::Attach { .. }
+                    | Request::Open { .. }
+                    | Request::Unpause { image: Some(_), .. }
+            );
+            assert_eq!(d.allow, !opens, "{req:?}: {}", d.reason);
+            if d.allow {
+                assert_eq!(d.rule, "admin");
+            }
+        }
+        let d = decide(
+            &Request::List {
+                pid: None,
+                minor: None,
+            },
+            &OPS,
+            &p,
+            &v,
+        );
+        assert_eq!((d.allow, d.scope), (true, Scope::All));
+    }
+
+    #[test]
+    fn decide_list_scope_is_own_for_tenants() {
+        let (p, v) = (policy(), view());
+        for peer in [ALICE, BOB] {
+            let d = decide(
+                &Request::List {
+                    pid: None,
+                    minor: None,
+                },
+                &peer,
+                &p,
+                &v,
+            );
+            assert_eq!((d.allow, d.scope), (true, Scope::Own));
+        }
+    }
+
+    #[test]
+    fn decide_root_is_nobody_special_without_a_tenant() {
+        let p = Policy::parse("[[tenant]]\nname = \"a\"\nuids = [5]\n").unwrap();
+        let d = decide(
+            &Request::List {
+                pid: None,
+                minor: None,
+            },
+            &OPS,
+            &p,
+            &view(),
+        );
+        assert!(!d.allow);
+        assert_eq!(d.rule, "no-tenant");
+    }
+
+    #[test]
+    fn decide_unallocated_minor_is_left_to_the_broker() {
+        let (p, v) = (policy(), view());
+        let d = decide(&Request::Free { minor: m(5) }, &ALICE, &p, &v);
+        assert_eq!((d.allow, d.rule), (true, "absent"));
+    }
+
+    #[test]
+    fn decide_max_disks_limits_allocate_spawn_and_create() {
+        let (p, mut v) = (policy(), view());
+        assert!(decide(&Request::Allocate { minor: None }, &ALICE, &p, &v).allow);
+        assert!(decide(&Request::Spawn, &ALICE, &p, &v).allow);
+        v.minors.insert(2, "alice".into());
+        let d = decide(&Request::Allocate { minor: None }, &ALICE, &p, &v);
+        assert_eq!((d.allow, d.rule), (false, "max-disks"));
+        let create = Request::Create {
+            image: img("/srv/alice/a.vhd"),
+            read_only: false,
+            minor: None,
+        };
+        assert_eq!(decide(&create, &ALICE, &p, &v).rule, "max-disks");
+        v.minors.remove(&2);
+        v.workers.insert(101, "alice".into());
+        assert_eq!(decide(&Request::Spawn, &ALICE, &p, &v).rule, "max-disks");
+        let d = decide(&create, &ALICE, &p, &v);
+        assert_eq!((d.allow, d.rule), (false, "max-disks"));
+        // bob's limit is 1 and he holds one.
+        assert!(!decide(&Request::Allocate { minor: None }, &BOB, &p, &v).allow);
+    }
+
+    #[test]
+    fn decide_allocate_respects_minor_range() {
+        let (p, v) = (policy(), view());
+        let d = decide(&Request::Allocate { minor: None }, &ALICE, &p, &v);
+        assert_eq!(d.minors, Some((0, 9)));
+        let d = decide(&Request::Allocate { minor: Some(m(10)) }, &ALICE, &p, &v);
+        assert_eq!((d.allow, d.rule), (false, "minor-range"));
+        let d = decide(&Request::Allocate { minor: Some(m(9)) }, &ALICE, &p, &v);
+        assert!(d.allow);
+        // No range configured: any minor.
+        let mut v2 = View::default();
+        v2.minors.insert(20, "bob".into());
+        let d = decide(
+            &Request::Allocate { minor: None },
+            &BOB,
+            &p,
+            &View::default(),
+        );
+        assert_eq!(d.minors, Some((0, 16383)));
+        let d = decide(&Request::Allocate { minor: Some(m(20)) }, &ALICE, &p, &v2);
+        assert_eq!(d.rule, "minor-range");
+    }
+
+    #[test]
+    fn decide_open_grants_path_under_the_longest_root() {
+        let (p, v) = (policy(), view());
+        let req = Request::Open {
+            pid: Some(100),
+            minor: m(1),
+            image: img("/srv/shared/gold//base.vhd"),
+            read_only: false,
+        };
+        let d = decide(&req, &ALICE, &p, &v);
+        assert!(d.allow, "{}", d.reason);
+        let g = d.image.unwrap();
+        assert_eq!(g.root, Path::new("/srv/shared/gold"));
+        assert_eq!(g.relative, Path::new("base.vhd"));
+        assert_eq!(g.path, Path::new("/srv/shared/gold/base.vhd"));
+        assert!(!g.read_only);
+        assert_eq!(d.rule, "image-root");
+    }
+
+    #[test]
+    fn decide_open_refuses_escapes_and_foreign_roots() {
+        let (p, v) = (policy(), view());
+        let cases = [
+            ("/srv/alice/../bob/b.vhd", "path-escape"),
+            ("/srv/alice/x/../../etc/shadow", "path-escape"),
+            ("srv/alice/a.vhd", "bad-path"),
+            ("/srv/bob/b.vhd", "outside-roots"),
+            ("/srv/alicex/a.vhd", "outside-roots"),
+            ("/srv/alice", "outside-roots"),
+            ("/etc/shadow", "outside-roots"),
+        ];
+        for (path, rule) in cases {
+            let req = Request::Open {
+                pid: Some(100),
+                minor: m(1),
+                image: img(path),
+                read_only: true,
+            };
+            let d = decide(&req, &ALICE, &p, &v);
+            assert_eq!((d.allow, d.rule), (false, rule), "{path}: {}", d.reason);
+            assert!(d.image.is_none());
+            let create = Request::Create {
+                image: img(path),
+                read_only: true,
+                minor: None,
+            };
+            assert_eq!(decide(&create, &ALICE, &p, &v).rule, rule, "create {path}");
+        }
+    }
+
+    #[test]
+    fn decide_read_only_tenant_needs_dash_r() {
+        let (p, mut v) = (policy(), view());
+        v.minors.clear();
+        v.workers.clear();
+        let rw = Request::Create {
+            image: img("/srv/bob/b.vhd"),
+            read_only: false,
+            minor: None,
+        };
+        let d = decide(&rw, &BOB, &p, &v);
+        assert_eq!((d.allow, d.rule), (false, "read-only-tenant"));
+        let ro = Request::Create {
+            image: img("/srv/bob/b.vhd"),
+            read_only: true,
+            minor: None,
+        };
+        let d = decide(&ro, &BOB, &p, &v);
+        assert!(d.allow);
+        assert!(d.image.unwrap().read_only);
+        assert_eq!(d.minors, Some((0, 16383)));
+    }
+
+    #[test]
+    fn decide_unpause_with_image_checks_the_new_image() {
+        let (p, v) = (policy(), view());
+        let ok = Request::Unpause {
+            pid: None,
+            minor: m(1),
+            image: Some(img("/srv/alice/new.vhd")),
+        };
+        let d = decide(&ok, &ALICE, &p, &v);
+        assert!(d.allow);
+        assert_eq!(d.image.unwrap().relative, Path::new("new.vhd"));
+        let bad = Request::Unpause {
+            pid: None,
+            minor: m(1),
+            image: Some(img("/srv/bob/b.vhd")),
+        };
+        assert_eq!(decide(&bad, &ALICE, &p, &v).rule, "outside-roots");
+    }
+
+    #[test]
+    fn decide_parent_relative_locator_inside_roots_is_read_only() {
+        let p = policy();
+        let d = decide_parent(
+            &p,
+            "alice",
+            Path::new("/srv/alice/vms/leaf.vhd"),
+            "../base.vhd",
+            true,
+        );
+        assert!(d.allow, "{}", d.reason);
+        let g = d.image.unwrap();
+        assert_eq!(g.path, Path::new("/srv/alice/base.vhd"));
+        assert!(g.read_only);
+        let d = decide_parent(
+            &p,
+            "alice",
+            Path::new("/srv/alice/leaf.vhd"),
+            "/srv/shared/gold/g.vhd",
+            false,
+        );
+        assert!(d.allow);
+    }
+
+    #[test]
+    fn decide_parent_outside_roots_is_refused() {
+        let p = policy();
+        let child = Path::new("/srv/alice/leaf.vhd");
+        for (loc, rel, rule) in [
+            ("../bob/b.vhd", true, "outside-roots"),
+            ("../../../../../etc/shadow", true, "bad-path"),
+            ("/srv/bob/b.vhd", false, "outside-roots"),
+            ("C:\\base.vhd", false, "bad-path"),
+            ("/srv/alice", false, "outside-roots"),
+        ] {
+            let d = decide_parent(&p, "alice", child, loc, rel);
+            assert_eq!((d.allow, d.rule), (false, rule), "{loc}: {}", d.reason);
+            assert!(d.reason.contains("leaf.vhd"));
+        }
+        let d = decide_parent(&p, "mallory", child, "/srv/alice/x", false);
+        assert_eq!(d.rule, "no-tenant");
+    }
+
+    #[test]
+    fn decide_hello_identifies_tenant_by_uid_then_gid() {
+        let (p, v) = (policy(), view());
+        assert_eq!(
+            decide(&Request::Hello { version: 1 }, &ALICE, &p, &v)
+                .tenant
+                .as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            decide(&Request::Hello { version: 1 }, &BOB, &p, &v)
+                .tenant
+                .as_deref(),
+            Some("bob")
+        );
+    }
+}

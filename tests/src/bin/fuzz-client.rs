@@ -1,0 +1,150 @@
+//! Throws malformed, oversized, truncated and random frames at tap-broker,
+//! one connection per case, as whatever uid it was started as.
+//!
+//! Usage: fuzz-client SOCKET SEED COUNT
+//! Prints how many cases it sent. Exits 0 unless the broker became
+//! unreachable (which is what the test checks for).
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+use tapjail_common::frame;
+use tapjail_common::proto::{ImageKind, ImageSpec, Request, PROTOCOL_VERSION};
+use tapjail_common::Minor;
+
+/// xorshift64*: deterministic per seed, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn valid_request(r: &mut Rng) -> Request {
+    let m = Minor::new(r.below(16384)).unwrap_or_else(|_| Minor::new(0).expect("0"));
+    let pid = Some(r.below(1 << 22) as u32);
+    match r.below(8) {
+        0 => Request::List {
+            pid: None,
+            minor: None,
+        },
+        1 => Request::Free { minor: m },
+        2 => Request::Stats { pid, minor: m },
+        3 => Request::Close {
+            pid,
+            minor: m,
+            force: true,
+        },
+        4 => Request::Open {
+            pid,
+            minor: m,
+            image: ImageSpec {
+                kind: ImageKind::Vhd,
+                path: "/../../etc/shadow".into(),
+            },
+            read_only: false,
+        },
+        5 => Request::Hello {
+            version: r.below(4) as u32,
+        },
+        6 => Request::Destroy { pid, minor: m },
+        _ => Request::Pause { pid, minor: m },
+    }
+}
+
+fn case(sock: &std::path::Path, r: &mut Rng) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_millis(300)))?;
+    s.set_write_timeout(Some(Duration::from_millis(300)))?;
+    let hello = r.below(2) == 0;
+    if hello {
+        let _ = frame::send_on(
+            &s,
+            &Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            &[],
+        );
+    }
+    let payload = postcard::to_allocvec(&valid_request(r)).unwrap_or_default();
+    match r.below(9) {
+        // Random bytes, any length.
+        0 => {
+            let n = r.below(300) as usize;
+            let _ = s.write_all(&r.bytes(n));
+        }
+        // A huge length prefix.
+        1 => {
+            let _ = s.write_all(&(u32::MAX - r.below(1000) as u32).to_be_bytes());
+            let _ = s.write_all(&r.bytes(64));
+        }
+        // Just over the limit.
+        2 => {
+            let _ = s.write_all(&((64 * 1024 + 1 + r.below(100)) as u32).to_be_bytes());
+        }
+        // Truncated: header promises more than follows.
+        3 => {
+            let _ = s.write_all(&(payload.len() as u32 + 10).to_be_bytes());
+            let _ = s.write_all(&payload);
+        }
+        // Valid length, corrupted payload.
+        4 => {
+            let mut p = payload.clone();
+            if !p.is_empty() {
+                let i = r.below(p.len() as u64) as usize;
+                p[i] ^= 1 + r.below(255) as u8;
+            }
+            let _ = s.write_all(&(p.len() as u32).to_be_bytes());
+            let _ = s.write_all(&p);
+        }
+        // Half a header.
+        5 => {
+            let _ = s.write_all(&[0, 0]);
+        }
+        // A valid request (possibly without Hello first).
+        6 => {
+            let _ = s.write_all(&(payload.len() as u32).to_be_bytes());
+            let _ = s.write_all(&payload);
+        }
+        // A valid request carrying file descriptors.
+        7 => {
+            let f = std::fs::File::open("/dev/null")?;
+            let _ = frame::send_on(&s, &valid_request(r), &[f.as_fd()]);
+        }
+        // Zero-length frame.
+        _ => {
+            let _ = s.write_all(&0u32.to_be_bytes());
+        }
+    }
+    // Read whatever comes back until the broker closes or goes quiet.
+    let _ = frame::recv_on::<_, tapjail_common::proto::Reply>(&s, 1 << 20);
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(sock), Some(seed), Some(count)) = (args.get(1), args.get(2), args.get(3)) else {
+        eprintln!("usage: fuzz-client SOCKET SEED COUNT");
+        std::process::exit(2);
+    };
+    let sock = std::path::PathBuf::from(sock);
+    let mut r = Rng(seed.parse::<u64>().unwrap_or(1) | 1);
+    let count: u64 = count.parse().unwrap_or(100);
+    for i in 0..count {
+        if let Err(e) = case(&sock, &mut r) {
+            eprintln!("case {i}: broker unreachable: {e}");
+            std::process::exit(1);
+        }
+    }
+    println!("{count}");
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: a real tap-broker, real tapdisk workers (the fake one
+//! only where a test must force a worker's behaviour), tap-ctl run as
+//! several tenants. Needs root.
+
+mod escapes;
+mod faults;
+mod robustness;
+mod seed;
+mod tenants;
+
+pub use tapjail_tests::*;
