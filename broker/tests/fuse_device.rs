@@ -440,7 +440,7 @@ struct Device {
 
 fn options(name: &str) -> FuseOptions {
     let mut o = FuseOptions::new(format!("tapjail-test:{name}"));
-    o.timeout = Duration::from_secs(10);
+    o.timeout = Duration::from_secs(60);
     o
 }
 
@@ -813,12 +813,26 @@ fn fuse_stopped_worker_teardown_aborts_after_the_timeout() -> R {
         conn,
         ..
     } = dev;
+    // Wait until every thread of the worker is stopped ("T"), so nothing
+    // it had already read can still be answered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fs::read_to_string(format!("/proc/{pid}/stat"))?
+        .split(") ")
+        .nth(1)
+        .is_some_and(|rest| rest.starts_with('T'))
+    {
+        check(Instant::now() < deadline, "worker did not stop")?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let started = Instant::now();
     let r = backend.teardown();
     let took = started.elapsed();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    check(r.is_err(), "teardown of a wedged worker reported success")?;
+    check(
+        r.is_err(),
+        format!("teardown of a wedged worker reported success after {took:?}"),
+    )?;
     check(
         took < Duration::from_secs(8),
         format!("teardown took {took:?}"),

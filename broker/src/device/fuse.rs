@@ -102,6 +102,9 @@ pub struct FuseBackend {
     restarts: u32,
     /// The connection was aborted: requests fail, so flushing is moot.
     aborted: bool,
+    /// A worker answered INIT (or resent) and has not been reported dead:
+    /// between `recover` and `recovered` nobody serves the connection.
+    serving: bool,
 }
 
 fn io_err(step: impl Into<String>) -> impl FnOnce(io::Error) -> DeviceError {
@@ -124,6 +127,7 @@ impl FuseBackend {
             worker: None,
             restarts: 0,
             aborted: false,
+            serving: false,
         }
     }
 
@@ -302,6 +306,7 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).ok()?;
     // SAFETY: plain integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+
     let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
     // SAFETY: a fresh fd we own.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -370,6 +375,7 @@ impl DeviceBackend for FuseBackend {
             return Ok(dev.path().to_path_buf());
         }
         self.worker = pidfd_open(worker_pid);
+        self.serving = true;
         let file = self.open_file()?;
         let len = file
             .metadata()
@@ -424,11 +430,13 @@ impl DeviceBackend for FuseBackend {
             return Err(DeviceError::Unavailable(why));
         }
         drop(self.worker.take());
+        self.serving = false;
         self.handoff(true)
     }
 
     fn recovered(&mut self, worker_pid: u32) -> Result<(), DeviceError> {
         self.worker = pidfd_open(worker_pid);
+        self.serving = true;
         self.restarts = self.restarts.saturating_add(1);
         Ok(())
     }
@@ -444,9 +452,11 @@ impl DeviceBackend for FuseBackend {
                 first.get_or_insert(e);
             }
         };
-        // Nobody will answer a dead worker's requests: fail them first so
-        // the flush and clear below cannot wait on them.
-        if self.worker_exited() == Some(true) && self.conn.is_some() {
+        // Nobody will answer a dead worker's requests (or, between recover
+        // and recovered, anyone's): fail them first so the flush and clear
+        // below cannot wait on them.
+        let unserved = !self.serving || self.worker_exited() == Some(true);
+        if unserved && self.loop_dev.is_some() && self.conn.is_some() {
             note(self.abort());
         }
         if let Some(mut dev) = self.loop_dev.take() {
