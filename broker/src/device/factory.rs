@@ -6,7 +6,7 @@
 //!
 //! New backends plug in at the three functions marked PLUG-IN POINT below.
 
-use super::{nbd, DeviceBackend, DeviceError};
+use super::{fuse, nbd, DeviceBackend, DeviceError};
 use std::path::{Path, PathBuf};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::Minor;
@@ -23,12 +23,12 @@ pub struct DeviceContext {
 
 /// PLUG-IN POINT 1: which frontends are built into this broker.
 fn built(kind: FrontendKind) -> bool {
-    matches!(kind, FrontendKind::Nbd)
+    matches!(kind, FrontendKind::Nbd | FrontendKind::Fuse)
 }
 
 /// PLUG-IN POINT 2: construct the backend of `kind`, or `None` if that
-/// frontend is not built into this broker yet. When `fuse.rs` / `ublk` land:
-/// `FrontendKind::Fuse => Some(fuse::FuseBackend::new(ctx).map(boxed))`.
+/// frontend is not built into this broker yet. When ublk lands:
+/// `FrontendKind::Ublk => Some(ublk::UblkBackend::new(ctx).map(boxed))`.
 fn construct(
     kind: FrontendKind,
     ctx: &DeviceContext,
@@ -38,7 +38,8 @@ fn construct(
     }
     match kind {
         FrontendKind::Nbd => Some(nbd::NbdBackend::new(ctx).map(boxed)),
-        FrontendKind::Fuse | FrontendKind::Ublk => None,
+        FrontendKind::Fuse => Some(fuse::FuseBackend::from_context(ctx).map(boxed)),
+        FrontendKind::Ublk => None,
     }
 }
 
@@ -48,7 +49,8 @@ fn construct(
 fn cleanup(kind: FrontendKind, ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
     match kind {
         FrontendKind::Nbd => nbd::cleanup_stale(ctx),
-        FrontendKind::Fuse | FrontendKind::Ublk => Ok(Vec::new()),
+        FrontendKind::Fuse => fuse::cleanup_stale(ctx),
+        FrontendKind::Ublk => Ok(Vec::new()),
     }
 }
 
@@ -79,7 +81,11 @@ pub fn unavailable(kind: FrontendKind, dev_root: &Path) -> Option<String> {
         ));
     }
     for (path, why) in requirements(kind) {
-        let on_host = dev_root.join(path.trim_start_matches('/'));
+        // Requirements name `/dev/...` nodes; `dev_root` stands for `/dev`.
+        let rel = path
+            .strip_prefix("/dev/")
+            .unwrap_or(path.trim_start_matches('/'));
+        let on_host = dev_root.join(rel);
         if !on_host.exists() {
             return Some(format!("{}: {path} missing ({why})", kind.as_str()));
         }
@@ -206,12 +212,43 @@ mod tests {
     }
 
     #[test]
+    fn factory_auto_picks_fuse_without_ublk_and_says_why() {
+        let dev = tempfile::tempdir().unwrap();
+        for node in ["fuse", "loop-control"] {
+            std::fs::write(dev.path().join(node), b"").unwrap();
+        }
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Fuse);
+        assert!(
+            f.explanation()
+                .starts_with("frontend fuse (preferred one unavailable: ublk:"),
+            "{}",
+            f.explanation()
+        );
+        assert_eq!(
+            f.create(Minor::new(2).unwrap()).unwrap().kind(),
+            FrontendKind::Fuse
+        );
+        // Without loop, fuse is skipped and says which node is missing.
+        std::fs::remove_file(dev.path().join("loop-control")).unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Nbd);
+        assert!(
+            f.explanation()
+                .contains("fuse: /dev/loop-control missing (CONFIG_BLK_DEV_LOOP"),
+            "{}",
+            f.explanation()
+        );
+    }
+
+    #[test]
     fn requirements_name_the_kernel_option() {
         let dev = tempfile::tempdir().unwrap();
         // Pretend the frontend were built: the requirement message is what
         // the operator sees once it is.
         for (path, why) in requirements(FrontendKind::Fuse) {
-            assert!(!dev.path().join(path.trim_start_matches('/')).exists());
+            assert!(path.starts_with("/dev/"));
+            assert!(!dev.path().join(&path[5..]).exists());
             assert!(why.starts_with("CONFIG_"));
         }
         assert!(requirements(FrontendKind::Ublk)[0]

@@ -20,6 +20,7 @@
 //! (fusectl), which fails every request and unblocks the step, and if even
 //! that is impossible the worker is killed through its pidfd.
 
+use super::factory::DeviceContext;
 use super::fuse_mount::{self, FuseMount};
 use super::loop_dev::{LoopDevice, LoopSetup};
 use super::{DeviceBackend, DeviceError, Prepared};
@@ -27,11 +28,12 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::worker_proto::FrontendSpec;
+use tapjail_common::Minor;
 
 /// The name of the one file on the mount.
 pub const FILE_NAME: &str = "disk";
@@ -131,6 +133,15 @@ impl FuseBackend {
         }
     }
 
+    /// The backend the broker's factory makes for one minor: named after
+    /// the minor in `losetup -l`, mounted detached, or on
+    /// `state_dir/fuse/tapdevN` where the kernel predates detached mounts.
+    pub fn from_context(ctx: &DeviceContext) -> Result<Self, DeviceError> {
+        let mut opts = FuseOptions::new(format!("tapjail:{}", ctx.minor.device_name()));
+        opts.mount = MountAt::DetachedOrDir(mount_dir(&ctx.state_dir, ctx.minor));
+        Ok(FuseBackend::new(opts))
+    }
+
     /// Why this host cannot use FUSE + loop, if it cannot.
     pub fn probe() -> Result<(), DeviceError> {
         for (node, config) in [
@@ -217,43 +228,13 @@ impl FuseBackend {
         aborted.map_err(|e| DeviceError::Failed(e.to_string()))
     }
 
-    /// Run `op` (which may wait on the worker) with a deadline; past it,
-    /// abort the connection so `op` finishes with errors.
-    fn bounded<T: Send>(
-        &mut self,
-        what: &str,
-        op: impl FnOnce() -> T + Send,
-    ) -> (T, Option<DeviceError>) {
-        let timeout = self.opts.timeout;
-        let conn_id = self.connection();
-        let pidfd = self.worker.as_ref().map(|p| p.as_raw_fd());
-        std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel();
-            let h = s.spawn(move || {
-                let v = op();
-                let _ = tx.send(());
-                v
-            });
-            let mut late = None;
-            if rx.recv_timeout(timeout).is_err() {
-                late = Some(DeviceError::Failed(format!(
-                    "fuse: {what}: worker did not answer within {timeout:?}; connection aborted"
-                )));
-                let aborted = conn_id.map(fuse_mount::abort_connection);
-                if !matches!(aborted, Some(Ok(()))) {
-                    if let Some(fd) = pidfd {
-                        // SAFETY: fd is the pidfd self.worker owns, alive for
-                        // this whole scope (self is borrowed mutably).
-                        kill(unsafe { BorrowedFd::borrow_raw(fd) });
-                    }
-                }
-            }
-            let v = match h.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            };
-            (v, late)
-        })
+    /// What a step that may wait on the worker needs to be cut short.
+    fn deadline(&self) -> Deadline<'_> {
+        Deadline {
+            timeout: self.opts.timeout,
+            conn: self.connection(),
+            worker: self.worker.as_ref().map(|p| p.as_fd()),
+        }
     }
 
     fn open_file(&mut self) -> Result<File, DeviceError> {
@@ -269,7 +250,7 @@ impl FuseBackend {
             libc::O_RDWR
         } | libc::O_CLOEXEC
             | libc::O_NOFOLLOW;
-        let (file, late) = self.bounded("open the disk file", move || {
+        let (file, late) = self.deadline().run("open the disk file", move || {
             // SAFETY: root is the O_PATH fd self.mount owns for the whole
             // call (self is borrowed); the path is a live C string.
             let fd = unsafe { libc::openat(root, c"disk".as_ptr(), flags) };
@@ -285,6 +266,87 @@ impl FuseBackend {
             (_, Some(late)) => Err(late),
             (Err(e), None) => Err(io_err("fuse: open the disk file on the mount")(e)),
         }
+    }
+}
+
+/// Where the mount(2) fallback mounts minor `minor`'s filesystem.
+fn mount_dir(state_dir: &Path, minor: Minor) -> PathBuf {
+    state_dir.join("fuse").join(minor.device_name())
+}
+
+/// Remove what a previous broker's FUSE backend left for `ctx.minor`.
+///
+/// A detached mount and its connection die with the broker that held them,
+/// and its loop device (autoclear) with the last close of it, so only the
+/// mount(2) fallback can leave something: a mount on
+/// `state_dir/fuse/tapdevN` (lazily unmounted) and its directory.
+pub fn cleanup_stale(ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
+    let dir = mount_dir(&ctx.state_dir, ctx.minor);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(DeviceError::Failed(format!(
+                "{} exists and is not a directory; not touching it",
+                dir.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(DeviceError::Io {
+                step: format!("inspecting {}", dir.display()),
+                source,
+            })
+        }
+    }
+    fuse_mount::lazy_unmount(&dir).map_err(|e| DeviceError::Failed(e.to_string()))?;
+    std::fs::remove_dir(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
+    Ok(vec![format!(
+        "removed stale FUSE mount point {}",
+        dir.display()
+    )])
+}
+
+/// A bound on a step that may wait on the worker (it serves the requests
+/// the step causes).
+#[derive(Debug)]
+struct Deadline<'a> {
+    timeout: Duration,
+    /// fusectl's name of the connection, to abort it.
+    conn: Option<u32>,
+    /// The worker's pidfd, to kill it when aborting is impossible.
+    worker: Option<BorrowedFd<'a>>,
+}
+
+impl Deadline<'_> {
+    /// Run `op`; if it is not done in time, abort the connection (every
+    /// request fails at once, so `op` finishes with errors) and report it.
+    fn run<T: Send>(&self, what: &str, op: impl FnOnce() -> T + Send) -> (T, Option<DeviceError>) {
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let h = s.spawn(move || {
+                let v = op();
+                let _ = tx.send(());
+                v
+            });
+            let mut late = None;
+            if rx.recv_timeout(self.timeout).is_err() {
+                late = Some(DeviceError::Failed(format!(
+                    "fuse: {what}: worker did not answer within {:?}; connection aborted",
+                    self.timeout
+                )));
+                let aborted = self.conn.map(fuse_mount::abort_connection);
+                if !matches!(aborted, Some(Ok(()))) {
+                    if let Some(pidfd) = self.worker {
+                        kill(pidfd);
+                    }
+                }
+            }
+            let v = match h.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            (v, late)
+        })
     }
 }
 
@@ -396,7 +458,7 @@ impl DeviceBackend for FuseBackend {
         let backing = file.as_raw_fd();
         // LOOP_CONFIGURE stats the file and asks for STATFS (discard
         // granularity): it needs the worker too.
-        let (attached, late) = self.bounded("configure the loop device", move || {
+        let (attached, late) = self.deadline().run("configure the loop device", move || {
             // SAFETY: `file` is owned by this function's frame and outlives
             // the scoped thread that borrows its fd here.
             LoopDevice::attach(unsafe { BorrowedFd::borrow_raw(backing) }, &setup)
@@ -441,6 +503,27 @@ impl DeviceBackend for FuseBackend {
         Ok(())
     }
 
+    fn sync(&mut self, closing: bool) -> Result<(), DeviceError> {
+        let mut result = Ok(());
+        if let (Some(dev), true, false) = (&self.loop_dev, self.serving, self.aborted) {
+            let (r, late) = self.deadline().run("flush the loop device", || dev.flush());
+            result = match (r, late) {
+                (_, Some(late)) => {
+                    // The deadline aborted the connection: nothing is
+                    // served any more, so teardown must not flush again.
+                    self.aborted = true;
+                    Err(late)
+                }
+                (Err(e), None) => Err(DeviceError::Failed(e.to_string())),
+                (Ok(()), None) => Ok(()),
+            };
+        }
+        if closing {
+            self.serving = false;
+        }
+        result
+    }
+
     fn in_use(&self) -> bool {
         self.loop_dev.as_ref().is_some_and(LoopDevice::in_use)
     }
@@ -462,29 +545,33 @@ impl DeviceBackend for FuseBackend {
         if let Some(mut dev) = self.loop_dev.take() {
             let file = self.file.take();
             let flush = !self.aborted;
-            let (r, late) = self.bounded("flush and clear the loop device", move || {
-                // After an abort every request fails: what the page cache
-                // still held is lost with the worker, and saying so again
-                // as a teardown error would only hide that teardown worked.
-                let flushed = if flush { dev.flush() } else { Ok(()) };
-                let cleared = dev.detach();
-                drop(dev);
-                drop(file);
-                flushed.and(cleared)
-            });
+            let (r, late) = self
+                .deadline()
+                .run("flush and clear the loop device", move || {
+                    // After an abort every request fails: what the page cache
+                    // still held is lost with the worker, and saying so again
+                    // as a teardown error would only hide that teardown worked.
+                    let flushed = if flush { dev.flush() } else { Ok(()) };
+                    let cleared = dev.detach();
+                    drop(dev);
+                    drop(file);
+                    flushed.and(cleared)
+                });
             note(r.map_err(|e| DeviceError::Failed(e.to_string())));
             if let Some(late) = late {
                 note(Err(late));
             }
         }
         if let Some(file) = self.file.take() {
-            let (_, late) = self.bounded("close the disk file", move || drop(file));
+            let (_, late) = self
+                .deadline()
+                .run("close the disk file", move || drop(file));
             if let Some(late) = late {
                 note(Err(late));
             }
         }
         if let Some(mut mount) = self.mount.take() {
-            let (r, late) = self.bounded("unmount", move || mount.unmount());
+            let (r, late) = self.deadline().run("unmount", move || mount.unmount());
             note(r.map_err(|e| DeviceError::Failed(e.to_string())));
             if let Some(late) = late {
                 note(Err(late));

@@ -295,7 +295,9 @@ impl Drop for FuseMount {
     }
 }
 
-fn lazy_unmount(dir: &Path) -> Result<(), MountError> {
+/// Detach whatever is mounted on `dir` (lazily: a busy mount goes once its
+/// users are done); not a mount point is fine.
+pub fn lazy_unmount(dir: &Path) -> Result<(), MountError> {
     let target = cstr(&dir.to_string_lossy()).map_err(err("mount point"))?;
     // SAFETY: target is a live NUL-terminated string.
     let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };

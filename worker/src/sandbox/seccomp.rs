@@ -389,6 +389,12 @@ pub fn fuse_rules() -> Vec<Allowed> {
             "ppoll",
             "the same wait where libc implements poll() with ppoll",
         ),
+        allow(
+            libc::SYS_restart_syscall,
+            "restart_syscall",
+            "the kernel resumes an interrupted poll(2) through it (poll always sets a \
+             restart block); io_uring task work interrupts waits like a signal does",
+        ),
         allow_if(
             libc::SYS_eventfd2,
             "eventfd2",
