@@ -101,6 +101,9 @@ pub enum VhdCommand {
         fixed: bool,
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
+        /// Make the output durable (fdatasync) before exiting.
+        #[arg(long)]
+        sync: bool,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -129,6 +132,10 @@ pub enum VhdCommand {
 fn hint(e: &ImageError, path: &Path) -> String {
     let p = path.display();
     match e {
+        ImageError::Corrupt {
+            field: "footer.cookie" | "footer",
+            ..
+        } => format!("{p} is not a VHD image (no VHD footer found), or its footer is destroyed"),
         ImageError::Corrupt { .. } => format!(
             "{p} is damaged: run `tap-ctl vhd check -n {p}` to list the problems and \
              `tap-ctl vhd repair -n {p}` to fix what can be fixed"
@@ -306,6 +313,7 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             format,
             fixed,
             block_size,
+            sync,
             src,
             dst,
         } => {
@@ -316,7 +324,7 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
                 (OutFormat::Vhd, false) => ConvertTarget::VhdDynamic { block_size },
             };
             let (bar, mut cb) = progress::bar("convert");
-            on(&src, vfs::convert_path(&src, &dst, target, &mut cb))?;
+            on(&src, vfs::convert_path(&src, &dst, target, sync, &mut cb))?;
             if let Some(b) = bar {
                 b.finish();
             }

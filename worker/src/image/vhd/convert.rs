@@ -10,12 +10,12 @@
 use crate::image::{Backing, Image, ImageError};
 use std::sync::mpsc;
 
-/// Bytes per read.
-const CHUNK: u64 = 4 << 20;
+/// Bytes handed from the reader to the writer at once (several extents).
+const BATCH: u64 = 16 << 20;
 /// Granularity of zero detection (qemu-img's default `-S 4k`).
 const ZERO_GRAIN: usize = 4096;
-/// Buffers in flight between reader and writer.
-const DEPTH: usize = 4;
+/// Batches in flight between reader and writer.
+const DEPTH: usize = 2;
 
 /// Where converted data goes.
 pub trait Sink: Sync {
@@ -75,6 +75,18 @@ fn write_nonzero(sink: &dyn Sink, data: &[u8], offset: u64) -> Result<(), ImageE
     Ok(())
 }
 
+/// A batch of extents read by the reader thread: pieces `(offset, len)`
+/// stored back to back in the first `used` bytes of `data` (allocated
+/// once, never cleared: every byte handed on was just read), and how far
+/// the reader has got.
+#[derive(Debug, Default)]
+struct Batch {
+    data: Vec<u8>,
+    used: usize,
+    pieces: Vec<(u64, usize)>,
+    done: u64,
+}
+
 /// Copy every allocated, non-zero byte of `src` into `sink`.
 /// `progress(done, total)` reports virtual byte positions.
 pub fn copy_image(
@@ -83,52 +95,65 @@ pub fn copy_image(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let size = src.virtual_size();
-    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(u64, u64, Vec<u8>), ImageError>>(DEPTH);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<Batch, ImageError>>(DEPTH);
+    let (free_tx, free_rx) = mpsc::channel::<Batch>();
     for _ in 0..DEPTH + 1 {
-        let _ = free_tx.send(vec![0u8; CHUNK as usize]);
+        let _ = free_tx.send(Batch {
+            data: vec![0u8; BATCH as usize],
+            ..Batch::default()
+        });
     }
     std::thread::scope(|scope| {
         scope.spawn(move || {
+            let fail = |e| {
+                let _ = full_tx.send(Err(e));
+            };
             let mut off = 0u64;
+            let Ok(mut batch) = free_rx.recv() else {
+                return;
+            };
             while off < size {
                 let ext = match src.block_status(off, (size - off).min(1 << 30)) {
                     Ok(e) => e,
-                    Err(e) => {
-                        let _ = full_tx.send(Err(e));
-                        return;
-                    }
+                    Err(e) => return fail(e),
                 };
-                let len = ext.len.clamp(1, size - off);
-                if !ext.allocated || ext.zero {
-                    // Tell the writer how far we got (for progress).
-                    if full_tx.send(Ok((off + len, 0, Vec::new()))).is_err() {
-                        return;
+                let end = off + ext.len.clamp(1, size - off);
+                if ext.allocated && !ext.zero {
+                    while off < end {
+                        let at = batch.used;
+                        let n = (end - off).min((batch.data.len() - at) as u64) as usize;
+                        if let Err(e) = src.read_at(&mut batch.data[at..at + n], off) {
+                            return fail(e);
+                        }
+                        batch.pieces.push((off, n));
+                        batch.used += n;
+                        off += n as u64;
+                        if batch.used == batch.data.len() {
+                            batch.done = off;
+                            if full_tx.send(Ok(batch)).is_err() {
+                                return;
+                            }
+                            let Ok(b) = free_rx.recv() else { return };
+                            batch = b;
+                        }
                     }
-                    off += len;
-                    continue;
                 }
-                let end = off + len;
-                while off < end {
-                    let n = (end - off).min(CHUNK);
-                    let Ok(mut buf) = free_rx.recv() else { return };
-                    buf.resize(n as usize, 0);
-                    let r = src.read_at(&mut buf, off).map(|()| (off + n, off, buf));
-                    let failed = r.is_err();
-                    if full_tx.send(r).is_err() || failed {
-                        return;
-                    }
-                    off += n;
-                }
+                off = end;
             }
+            batch.done = size;
+            let _ = full_tx.send(Ok(batch));
         });
         for msg in full_rx {
-            let (done, at, buf) = msg?;
-            if !buf.is_empty() {
-                write_nonzero(sink, &buf, at)?;
-                let _ = free_tx.send(buf);
+            let mut batch = msg?;
+            let mut at = 0;
+            for &(off, len) in &batch.pieces {
+                write_nonzero(sink, &batch.data[at..at + len], off)?;
+                at += len;
             }
-            progress(done, size);
+            progress(batch.done, size);
+            batch.used = 0;
+            batch.pieces.clear();
+            let _ = free_tx.send(batch);
         }
         Ok(())
     })

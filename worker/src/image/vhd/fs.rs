@@ -356,11 +356,14 @@ pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
     })
 }
 
-/// Convert `src` (format detected) into a new file `dst`.
+/// Convert `src` (format detected) into a new file `dst`. With `sync` the
+/// output is made durable before returning; like `cp` and `qemu-img
+/// convert`, it is otherwise left to the page cache.
 pub fn convert_path(
     src: &Path,
     dst: &Path,
     target: ConvertTarget,
+    sync: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let image = open_any(src)?;
@@ -377,7 +380,10 @@ pub fn convert_path(
             out.set_len(size)
                 .map_err(ImageError::io("truncate", size))?;
             copy_image(image.as_ref(), &RawSink(&out), progress)?;
-            out.sync_data().map_err(ImageError::io("fsync", 0))
+            if sync {
+                out.sync_data().map_err(ImageError::io("fsync", 0))?;
+            }
+            Ok(())
         }
         ConvertTarget::VhdDynamic { .. } | ConvertTarget::VhdFixed => {
             let vsize = size.div_ceil(512) * 512;
@@ -396,7 +402,11 @@ pub fn convert_path(
                 },
             )?;
             copy_image(image.as_ref(), &ImageSink(&dst_img), progress)?;
-            dst_img.flush()
+            if sync {
+                dst_img.flush()
+            } else {
+                dst_img.leaf().write_back()
+            }
         }
     }
 }

@@ -510,6 +510,13 @@ impl VhdLayer {
         let wend = wstart + data.len() as u64;
         self.zero_existing(data_start, wstart, alloc.file_len)?;
         self.zero_existing(wend, block_end, alloc.file_len)?;
+        // The whole block must be inside the file before the BAT points at
+        // it (the footer that will follow it may be lost in a crash).
+        if alloc.file_len.max(wend) < block_end {
+            self.file
+                .set_len(block_end)
+                .map_err(ImageError::io("extend", block_end))?;
+        }
         if self.options.sync_metadata {
             self.sync()?;
         }
@@ -622,6 +629,15 @@ impl VhdLayer {
         }
         self.write_batmap()?;
         self.sync()
+    }
+
+    /// Write the batmap if it changed, without syncing (offline bulk
+    /// writers that do not need durability).
+    pub fn write_back(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.write_batmap()
     }
 
     fn write_batmap(&self) -> Result<(), ImageError> {

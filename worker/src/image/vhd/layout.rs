@@ -40,8 +40,14 @@ pub enum BatmapState {
     Absent,
     /// Present and valid: the map (`header.size_sectors` sectors).
     Valid { header: BatmapHeader, map: Vec<u8> },
-    /// Expected but unusable; the reason is also a [`Finding`].
-    Ignored { reason: String },
+    /// Expected but unusable; the reason is also a [`Finding`]. `stale`:
+    /// header and map are where they should be and only the contents
+    /// disagree with the checksum (a crash between writing the map and its
+    /// header), so `repair` can rebuild it in place.
+    Ignored {
+        reason: String,
+        stale: Option<BatmapHeader>,
+    },
 }
 
 /// Metadata of a dynamic or differencing image.
@@ -440,7 +446,7 @@ fn read_sparse(
         block_total,
         &mut metadata_end,
     )?;
-    if let BatmapState::Ignored { reason } = &batmap {
+    if let BatmapState::Ignored { reason, .. } = &batmap {
         findings.push(Finding {
             field: "batmap",
             message: reason.clone(),
@@ -541,7 +547,10 @@ fn read_batmap(
     }
     let ignore = |reason: String| {
         Ok(if expected == Some(true) {
-            BatmapState::Ignored { reason }
+            BatmapState::Ignored {
+                reason,
+                stale: None,
+            }
         } else {
             BatmapState::Absent
         })
@@ -601,10 +610,13 @@ fn read_batmap(
     read_at(file, &mut map, header.offset, "read batmap")?;
     let sum = batmap::checksum(&map[..sum_len as usize], header.version);
     if sum != header.checksum {
-        return ignore(format!(
-            "batmap checksum {:#010x} does not match its contents ({sum:#010x})",
-            header.checksum
-        ));
+        return Ok(BatmapState::Ignored {
+            reason: format!(
+                "batmap checksum {:#010x} does not match its contents ({sum:#010x})",
+                header.checksum
+            ),
+            stale: Some(header),
+        });
     }
     Ok(BatmapState::Valid { header, map })
 }

@@ -2,9 +2,11 @@
 //!
 //! - a missing or stale footer (at the end, or the copy at offset 0) is
 //!   rewritten from the good one;
-//! - a batmap that is invalid or overwritten by data (qemu writes blocks
-//!   right after the BAT) is dropped: the creator version becomes 1.1 (so
-//!   blktap no longer requires one) and an intact batmap header is erased;
+//! - a batmap whose contents no longer match its checksum (a crash between
+//!   writing the map and its header) is rebuilt from the sector bitmaps;
+//! - a batmap that is invalid otherwise or overwritten by data (qemu writes
+//!   blocks right after the BAT) is dropped: the creator version becomes 1.1
+//!   (so blktap no longer requires one) and an intact header is erased;
 //! - a batmap that claims blocks are full when they are not is rebuilt.
 //!
 //! BAT entries pointing outside the file or into metadata are reported,
@@ -39,7 +41,40 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
     if let Some(s) = &meta.sparse {
         let spb = (s.block_size / 512) as usize;
         match &s.batmap {
-            BatmapState::Ignored { reason } => {
+            BatmapState::Ignored {
+                reason,
+                stale: Some(header),
+            } => {
+                // Sound header and map whose contents went stale: rebuild
+                // the map from the sector bitmaps.
+                let sum_len = batmap::checksum_len(footer.current_size()) as usize;
+                let mut map = vec![0u8; header.map_bytes() as usize];
+                let mut buf = vec![0u8; s.bitmap_bytes as usize];
+                for (b, &e) in s.bat.iter().enumerate().take(sum_len * 8) {
+                    if e == UNUSED {
+                        continue;
+                    }
+                    let off = u64::from(e) * 512;
+                    file.read_exact_at(&mut buf, off)
+                        .map_err(io("read bitmap", off))?;
+                    if bitmap::is_full(&buf, spb) {
+                        bitmap::set_range(&mut map, b, 1);
+                    }
+                }
+                let h = BatmapHeader {
+                    version: batmap::CURRENT_VERSION,
+                    checksum: batmap::checksum(&map[..sum_len], batmap::CURRENT_VERSION),
+                    ..*header
+                };
+                file.write_all_at(&map, h.offset)
+                    .map_err(io("write batmap", h.offset))?;
+                file.write_all_at(&h.to_bytes(), s.batmap_header_offset)
+                    .map_err(io("write batmap", s.batmap_header_offset))?;
+                report
+                    .actions
+                    .push(format!("rebuilt the batmap ({reason})"));
+            }
+            BatmapState::Ignored { reason, .. } => {
                 footer.set_creator_version(CREATOR_VERSION_OPTIONAL_BATMAP);
                 rewrite_footers = true;
                 // Erase an intact header so blktap does not try it again;
