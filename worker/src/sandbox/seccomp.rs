@@ -389,6 +389,29 @@ pub fn fuse_rules() -> Vec<Allowed> {
             "ppoll",
             "the same wait where libc implements poll() with ppoll",
         ),
+        allow_if(
+            libc::SYS_epoll_create1,
+            "epoll_create1",
+            one_of32(0, &[libc::EPOLL_CLOEXEC as u64]),
+            "each FUSE thread's wait set: /dev/fuse (EPOLLEXCLUSIVE, so one idle thread \
+             wakes per request) and the stop eventfd",
+        ),
+        allow_if(
+            libc::SYS_epoll_ctl,
+            "epoll_ctl",
+            one_of32(1, &[libc::EPOLL_CTL_ADD as u64]),
+            "fill a FUSE thread's wait set once (add only)",
+        ),
+        allow(
+            libc::SYS_epoll_wait,
+            "epoll_wait",
+            "an idle FUSE thread waits for a request or stop",
+        ),
+        allow(
+            libc::SYS_epoll_pwait,
+            "epoll_pwait",
+            "the same wait where libc implements epoll_wait() with epoll_pwait",
+        ),
         allow(
             libc::SYS_restart_syscall,
             "restart_syscall",

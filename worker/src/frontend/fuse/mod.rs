@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex};
 /// more threads than cores still help while some wait on image I/O; on
 /// this project's 2-core hosts 2–4 threads measured best and 8 worse
 /// (every idle thread wakes for each request).
-pub const DEFAULT_THREADS: usize = 4;
+pub const DEFAULT_THREADS: usize = 8;
 
 /// How long the handshake waits for the kernel's INIT. The kernel queues
 /// INIT when the broker mounts, before the worker gets the fd, so it is
@@ -275,6 +275,12 @@ impl Frontend for FuseFrontend {
         self.handshake(&disk)?;
         let shared = self.shared(disk);
         let threads = plan_threads(self.config.threads, crate::sandbox::mlock::headroom());
+        if threads < self.config.threads {
+            eprintln!(
+                "tapdisk: fuse: {threads} of {} serving threads fit under RLIMIT_MEMLOCK",
+                self.config.threads
+            );
+        }
         let mut own = IoBuf::new()?;
         std::thread::scope(|s| {
             for i in 1..threads {
@@ -384,6 +390,16 @@ fn plan_threads(wanted: usize, headroom: Option<u64>) -> usize {
 }
 
 fn serve_thread(shared: &Shared<'_>, buf: &mut IoBuf) {
+    let waiter = match dev::Waiter::new(shared.dev, shared.stop.efd.as_fd()) {
+        Ok(w) => w,
+        Err(source) => {
+            shared.fail(FrontendError::Io {
+                step: "epoll for /dev/fuse",
+                source,
+            });
+            return;
+        }
+    };
     while !shared.stop.stopped() {
         match dev::read(shared.dev, buf.request_area()) {
             // /dev/fuse never returns 0; a socket standing in for it does
@@ -396,10 +412,9 @@ fn serve_thread(shared: &Shared<'_>, buf: &mut IoBuf) {
             }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) => {
-                    if let Err(source) = dev::wait_readable(shared.dev, shared.stop.efd.as_fd(), -1)
-                    {
+                    if let Err(source) = waiter.wait() {
                         shared.fail(FrontendError::Io {
-                            step: "poll /dev/fuse",
+                            step: "epoll_wait on /dev/fuse",
                             source,
                         });
                     }
