@@ -37,6 +37,7 @@ use tapjail_common::Minor;
 
 /// The name of the one file on the mount.
 pub const FILE_NAME: &str = "disk";
+const FILE_NAME_C: &std::ffi::CStr = c"disk";
 
 /// Whether a fresh worker can take over a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +254,7 @@ impl FuseBackend {
         let (file, late) = self.deadline().run("open the disk file", move || {
             // SAFETY: root is the O_PATH fd self.mount owns for the whole
             // call (self is borrowed); the path is a live C string.
-            let fd = unsafe { libc::openat(root, c"disk".as_ptr(), flags) };
+            let fd = unsafe { libc::openat(root, FILE_NAME_C.as_ptr(), flags) };
             if fd < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -603,6 +604,11 @@ mod tests {
         assert_eq!(parse_release("5.15.0-91-generic"), Some((5, 15)));
         assert_eq!(parse_release("6.10rc1"), Some((6, 10)));
         assert_eq!(parse_release("garbage"), None);
+    }
+
+    #[test]
+    fn file_name_constants_agree() {
+        assert_eq!(FILE_NAME_C.to_str(), Ok(FILE_NAME));
     }
 
     #[test]
