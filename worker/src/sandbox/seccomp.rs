@@ -202,6 +202,11 @@ pub fn base_rules() -> Vec<Allowed> {
             "length of an image file we were handed",
         ),
         allow(
+            libc::SYS_pwrite64,
+            "pwrite64",
+            "buffered image writes (io_uring would punt each to a kernel thread; see io::file)",
+        ),
+        allow(
             libc::SYS_ftruncate,
             "ftruncate",
             "Backing::set_len: the VHD engine grows/trims its file",
