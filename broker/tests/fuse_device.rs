@@ -504,6 +504,35 @@ fn leaves_nothing(loop_number: u32, conn: u32) -> R {
     }
 }
 
+/// Wait for `child` (a writer) with a deadline, failing early if the worker
+/// serving its device dies: then nothing would ever answer its I/O.
+fn wait_writer(
+    child: Child,
+    worker: &mut Worker,
+    within: Duration,
+) -> Result<std::process::Output, Failed> {
+    let mut child = child;
+    let deadline = Instant::now() + within;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if let Some(st) = worker.child.try_wait()? {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(
+                format!("the serving worker died mid-I/O ({st}); see dmesg for SIGSYS").into(),
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("writer still running after {within:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     // xorshift: incompressible, reproducible.
     let mut x = seed | 1;
@@ -724,7 +753,7 @@ fn fuse_worker_sigkilled_three_times_mid_io_resend_loses_nothing() -> R {
         dev.worker = Worker::spawn(prepared, &image, false, 10_000)?;
         dev.backend.recovered(dev.worker.pid())?;
     }
-    let out = writer.wait_with_output()?;
+    let out = wait_writer(writer, &mut dev.worker, Duration::from_secs(120))?;
     check(
         out.status.success(),
         format!("writer failed: {}", String::from_utf8_lossy(&out.stderr)),
@@ -1074,7 +1103,7 @@ fn fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify() -> R {
         dev.worker = Worker::confined(prepared, &vhd, ImageKind::Vhd, false)?;
         dev.backend.recovered(dev.worker.pid())?;
     }
-    let out = fio.wait_with_output()?;
+    let out = wait_writer(fio, &mut dev.worker, Duration::from_secs(300))?;
     check(
         out.status.success(),
         format!(

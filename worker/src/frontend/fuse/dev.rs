@@ -20,18 +20,28 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     cvt(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
-/// One `writev(2)` of all `parts`: on `/dev/fuse`, exactly one reply.
+/// Most parts one reply has (header and payload).
+const MAX_PARTS: usize = 2;
+
+/// One `writev(2)` of all `parts` (at most two): on `/dev/fuse`, exactly
+/// one reply. No allocation: under `mlockall` any heap growth can fail, and
+/// the reply path must not.
 pub fn writev(fd: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<usize> {
-    let iov: Vec<libc::iovec> = parts
-        .iter()
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        })
-        .collect();
-    let n = libc::c_int::try_from(iov.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: every iovec points into a live slice borrowed for this call;
-    // the kernel only reads them.
+    if parts.len() > MAX_PARTS {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PARTS];
+    for (slot, p) in iov.iter_mut().zip(parts) {
+        slot.iov_base = p.as_ptr() as *mut libc::c_void;
+        slot.iov_len = p.len();
+    }
+    // parts.len() <= 2.
+    let n = parts.len() as libc::c_int;
+    // SAFETY: the first n iovecs point into live slices borrowed for this
+    // call; the kernel only reads them.
     cvt(unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), n) })
 }
 
