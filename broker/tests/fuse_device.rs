@@ -1082,6 +1082,7 @@ fn fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify() -> R {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ])
         .arg(format!("--filename={}", dev.loop_path.display()))

@@ -315,6 +315,7 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ])
         .arg(format!("--filename={}", dev.display()))
