@@ -106,8 +106,7 @@ pub const NOBODY: (u32, u32) = (4545, 4545);
 #[derive(Debug, Clone)]
 pub struct Options {
     pub worker: WorkerBin,
-    /// The policy's `frontend`: "nbd" (default; needs no kernel driver),
-    /// "fuse", "ublk" or "auto".
+    /// The policy's `frontend` (`nbd` unless a test needs another).
     pub frontend: &'static str,
     pub tenants: Vec<TenantSpec>,
     pub respawn: bool,

@@ -358,7 +358,15 @@ impl Worker {
                     Err(e) => return error(format!("fuse frontend: {e}")),
                 }
             }
-            FrontendSpec::Ublk { .. } => return error("ublk frontend not built"),
+            spec @ FrontendSpec::Ublk { .. } => {
+                let Some(char_dev) = single_fd(&mut fds) else {
+                    return error("Serve(Ublk) needs exactly one fd (/dev/ublkcN)");
+                };
+                match crate::frontend::ublk::UblkFrontend::new(char_dev, &spec) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => return error(format!("ublk: {e}")),
+                }
+            }
         };
         if let Err(e) = frontend.start(&open.disk) {
             return error(format!("starting the {} frontend: {e}", frontend.kind()));

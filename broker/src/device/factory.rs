@@ -6,7 +6,7 @@
 //!
 //! New backends plug in at the three functions marked PLUG-IN POINT below.
 
-use super::{fuse, nbd, DeviceBackend, DeviceError};
+use super::{fuse, nbd, ublk, DeviceBackend, DeviceError};
 use std::path::{Path, PathBuf};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::Minor;
@@ -23,7 +23,10 @@ pub struct DeviceContext {
 
 /// PLUG-IN POINT 1: which frontends are built into this broker.
 fn built(kind: FrontendKind) -> bool {
-    matches!(kind, FrontendKind::Nbd | FrontendKind::Fuse)
+    matches!(
+        kind,
+        FrontendKind::Nbd | FrontendKind::Fuse | FrontendKind::Ublk
+    )
 }
 
 /// PLUG-IN POINT 2: construct the backend of `kind`, or `None` if that
@@ -39,7 +42,7 @@ fn construct(
     match kind {
         FrontendKind::Nbd => Some(nbd::NbdBackend::new(ctx).map(boxed)),
         FrontendKind::Fuse => Some(fuse::FuseBackend::from_context(ctx).map(boxed)),
-        FrontendKind::Ublk => None,
+        FrontendKind::Ublk => Some(Ok(boxed(ublk::UblkBackend::for_minor(ctx)))),
     }
 }
 
@@ -50,7 +53,7 @@ fn cleanup(kind: FrontendKind, ctx: &DeviceContext) -> Result<Vec<String>, Devic
     match kind {
         FrontendKind::Nbd => nbd::cleanup_stale(ctx),
         FrontendKind::Fuse => fuse::cleanup_stale(ctx),
-        FrontendKind::Ublk => Ok(Vec::new()),
+        FrontendKind::Ublk => ublk::cleanup_stale(ctx),
     }
 }
 
@@ -81,7 +84,8 @@ pub fn unavailable(kind: FrontendKind, dev_root: &Path) -> Option<String> {
         ));
     }
     for (path, why) in requirements(kind) {
-        // Requirements name `/dev/...` nodes; `dev_root` stands for `/dev`.
+        // The requirements are spelled as absolute /dev paths; `dev_root`
+        // stands for /dev.
         let rel = path
             .strip_prefix("/dev/")
             .unwrap_or(path.trim_start_matches('/'));
@@ -238,6 +242,20 @@ mod tests {
                 .contains("fuse: /dev/loop-control missing (CONFIG_BLK_DEV_LOOP"),
             "{}",
             f.explanation()
+        );
+    }
+
+    #[test]
+    fn factory_auto_prefers_ublk_when_its_control_node_exists() {
+        let dev = tempfile::tempdir().unwrap();
+        std::fs::write(dev.path().join("ublk-control"), b"").unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Ublk);
+        assert_eq!(f.explanation(), "frontend ublk");
+        let f = DeviceFactory::new(FrontendChoice::Ublk, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(
+            f.create(Minor::new(2).unwrap()).unwrap().kind(),
+            FrontendKind::Ublk
         );
     }
 

@@ -20,6 +20,7 @@ pub mod fuse;
 pub mod fuse_mount;
 pub mod loop_dev;
 pub mod nbd;
+pub mod ublk;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
