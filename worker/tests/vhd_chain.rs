@@ -173,7 +173,9 @@ fn chain_parent_with_another_uuid_is_refused() {
     let child = tmp.path().join("child.vhd");
     create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
     snapshot_path(&child, &base, DEFAULT_BLOCK_SIZE).unwrap();
-    create_path(&base, MIB, &CreateKind::dynamic()).unwrap(); // new UUID
+    // Replace the parent by another image (a new UUID) under its name.
+    std::fs::remove_file(&base).unwrap();
+    create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
     let e = open_vhd(&child, true, VhdOptions::default()).unwrap_err();
     assert!(matches!(e, ImageError::ParentUuidMismatch { .. }), "{e}");
     assert!(check_path(&child)

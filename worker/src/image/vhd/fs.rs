@@ -137,16 +137,44 @@ pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<Vhd
     )
 }
 
-/// Create a new image file at `path` (replacing any file there).
-pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+/// Create the file `path` and fill it with `fill`. The name must be new:
+/// the offline tools never replace an existing file, which could be the
+/// very image being read (`convert a.vhd a.vhd`), a hard link to it, or a
+/// parent in its chain. If `fill` fails, the half-written file is removed
+/// so that nothing that looks like an image but is not is left behind.
+pub fn write_new_file<T>(
+    path: &Path,
+    fill: impl FnOnce(File) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(path)
-        .map_err(ImageError::io("create", 0))?;
-    create(&f, size, kind)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                ImageError::InvalidArgument(format!(
+                    "{} already exists: remove it first or choose another name",
+                    path.display()
+                ))
+            } else {
+                ImageError::Io {
+                    op: "create",
+                    offset: 0,
+                    source,
+                }
+            }
+        })?;
+    let r = fill(f);
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Create a new image file at `path`, which must not exist yet.
+pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+    write_new_file(path, |f| create(&f, size, kind))
 }
 
 /// What a child of `parent` (to be created at `child`) records about it:
@@ -356,7 +384,8 @@ pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
     })
 }
 
-/// Convert `src` (format detected) into a new file `dst`. With `sync` the
+/// Convert `src` (format detected) into a new file `dst` (which must not
+/// exist; a failed conversion removes it again). With `sync` the
 /// output is made durable before returning; like `cp` and `qemu-img
 /// convert`, it is otherwise left to the page cache.
 pub fn convert_path(
@@ -367,19 +396,25 @@ pub fn convert_path(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let image = open_any(src)?;
+    write_new_file(dst, |out| {
+        convert_into(image.as_ref(), out, dst, target, sync, progress)
+    })
+}
+
+fn convert_into(
+    image: &dyn Image,
+    out: File,
+    dst: &Path,
+    target: ConvertTarget,
+    sync: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
     let size = image.virtual_size();
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .map_err(ImageError::io("create", 0))?;
     match target {
         ConvertTarget::Raw => {
             out.set_len(size)
                 .map_err(ImageError::io("truncate", size))?;
-            copy_image(image.as_ref(), &RawSink(&out), progress)?;
+            copy_image(image, &RawSink(&out), progress)?;
             if sync {
                 out.sync_data().map_err(ImageError::io("fsync", 0))?;
             }
@@ -401,7 +436,7 @@ pub fn convert_path(
                     sync_metadata: false,
                 },
             )?;
-            copy_image(image.as_ref(), &ImageSink(&dst_img), progress)?;
+            copy_image(image, &ImageSink(&dst_img), progress)?;
             if sync {
                 dst_img.flush()
             } else {
