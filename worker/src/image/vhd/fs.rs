@@ -82,7 +82,8 @@ impl ParentOpener for FsParentOpener {
         let candidates = Self::candidates(child, locators);
         let mut fallback = None;
         for c in &candidates {
-            let Ok(f) = File::open(c) else { continue };
+            // Not File::open: a locator naming a FIFO must not hang us.
+            let Ok(f) = open_file(c, true) else { continue };
             if !f.metadata().is_ok_and(|m| m.is_file()) {
                 continue;
             }
@@ -112,17 +113,71 @@ impl ParentOpener for FsParentOpener {
     }
 }
 
-/// Open a file for an offline tool, read-write unless `read_only`.
+/// What kind of file `t` is, for "X is a FIFO, not an image file".
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+/// Open a file for an offline tool, read-write unless `read_only`. Only
+/// regular files and block devices are images: anything else is refused
+/// by name. The open itself is non-blocking, so that a FIFO (which would
+/// wait for a writer forever) is refused instead of hanging the tool.
 pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
-    OpenOptions::new()
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = OpenOptions::new()
         .read(true)
         .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|source| ImageError::Io {
-            op: "open",
-            offset: 0,
-            source,
-        })
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EISDIR) => not_an_image(path, "directory"),
+            _ => ImageError::Io {
+                op: "open",
+                offset: 0,
+                source,
+            },
+        })?;
+    let t = f.metadata().map_err(ImageError::io("stat", 0))?.file_type();
+    if !(t.is_file() || t.is_block_device()) {
+        return Err(not_an_image(path, file_kind(t)));
+    }
+    // Back to blocking I/O for the image itself.
+    clear_nonblock(&f).map_err(ImageError::io("fcntl", 0))?;
+    Ok(f)
+}
+
+/// Clear `O_NONBLOCK` on an open file.
+fn clear_nonblock(f: &File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl(F_GETFL) on an fd we own; integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fcntl(F_SETFL) on an fd we own; integer arguments only.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn not_an_image(path: &Path, kind: &str) -> ImageError {
+    ImageError::InvalidArgument(format!(
+        "{} is a {kind}, not an image file (a regular file or a block device)",
+        path.display()
+    ))
 }
 
 /// Open a VHD and its chain by path, parents found on the filesystem.
