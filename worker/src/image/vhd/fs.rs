@@ -301,7 +301,7 @@ pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Foo
 }
 
 /// Check a VHD by path, including that its parent (if any) can be found
-/// and carries the UUID it should.
+/// and carries the UUID it should, and that its whole chain opens.
 pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
     let f = open_file(path, true)?;
     let mut problems = check(&f);
@@ -337,6 +337,16 @@ pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
             }
         }
     }
+    if problems.is_empty() {
+        // The whole chain above must open too (no loop, nothing missing
+        // or damaged further up).
+        if let Err(e) = open_vhd(path, true, VhdOptions::default()) {
+            problems.push(Problem {
+                field: "parent chain",
+                message: e.to_string(),
+            });
+        }
+    }
     Ok(problems)
 }
 
@@ -365,10 +375,56 @@ pub fn resize_path(path: &Path, size: u64) -> Result<(), ImageError> {
     resize(&open_file(path, false)?, size)
 }
 
-/// Point `child` at `parent` (`vhd-util modify -p`).
+/// The UUIDs of the image at `path` and of the parents that can be found
+/// above it, leaf first. The walk stops at the root, at the first parent
+/// that cannot be opened, at a repeated UUID (a loop: that UUID is the
+/// last one returned) or at [`super::MAX_CHAIN_DEPTH`].
+fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
+    let mut layer = VhdLayer::open(
+        Box::new(open_file(path, true)?),
+        &path.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    let mut uuids = vec![layer.uuid()];
+    while uuids.len() < super::MAX_CHAIN_DEPTH {
+        let Some(puuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) else {
+            break;
+        };
+        let Ok((pf, pname)) =
+            FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), puuid)
+        else {
+            break;
+        };
+        let Ok(parent) = VhdLayer::open(pf, &pname, true, VhdOptions::default()) else {
+            break;
+        };
+        let again = uuids.contains(&parent.uuid());
+        uuids.push(parent.uuid());
+        if again {
+            break;
+        }
+        layer = parent;
+    }
+    Ok(uuids)
+}
+
+/// Point `child` at `parent` (`vhd-util modify -p`). Refused when that
+/// would make a loop: `parent` is `child` itself or one of its
+/// descendants (its chain leads back to `child`).
 pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
+    let cf = open_file(child, false)?;
+    let child_uuid = super::layout::Metadata::read(&cf)?.footer.uuid();
+    if chain_uuids(parent)?.contains(&child_uuid) {
+        return Err(ImageError::InvalidArgument(format!(
+            "{} cannot be the parent of {}: it is that image or is based on it, \
+             which would make a parent loop",
+            parent.display(),
+            child.display()
+        )));
+    }
     let (spec, _) = parent_spec(child, parent)?;
-    set_parent(&open_file(child, false)?, &spec)
+    set_parent(&cf, &spec)
 }
 
 /// Merge `child` into its parent (found on the filesystem, opened
