@@ -62,8 +62,43 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tap-ctl: {e:#}");
+            eprintln!("tap-ctl: {}", render(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, `: `-separated, each said once: library
+/// errors often print their source in their own message too (`I/O error
+/// ...: No such file or directory`), which `{:#}` would repeat.
+fn render(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if parts.last().is_some_and(|p| p.contains(&s)) {
+            continue;
+        }
+        parts.push(s);
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_error_with_repeated_source_says_it_once() {
+        // ENOENT, as the engine reports a missing file.
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(tapjail_worker::image::ImageError::Io {
+            op: "open",
+            offset: 0,
+            source: io,
+        })
+        .context("x.vhd does not exist");
+        let r = render(&e);
+        assert_eq!(r.matches("os error 2").count(), 1, "{r}");
+        assert!(r.starts_with("x.vhd does not exist: I/O error open"), "{r}");
     }
 }
