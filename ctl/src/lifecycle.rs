@@ -102,7 +102,8 @@ pub enum LifecycleCommand {
         pid: Option<u32>,
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Option<Minor>,
-        #[arg(short = 't', value_name = "TYPE")]
+        /// Only rows of this image type (vhd, or aio = raw).
+        #[arg(short = 't', value_name = "TYPE", value_parser = ["vhd", "aio", "raw"])]
         kind: Option<String>,
         #[arg(short = 'f', value_name = "FILE")]
         file: Option<String>,
@@ -129,7 +130,11 @@ fn absolute(mut spec: ImageSpec) -> anyhow::Result<ImageSpec> {
     Ok(spec)
 }
 
-pub fn run(command: LifecycleCommand, socket: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    command: LifecycleCommand,
+    socket: &Path,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
     let tty = std::io::stdout().is_terminal();
     let (req, list_filter) = match command {
         LifecycleCommand::Allocate { minor } => (Request::Allocate { minor }, None),
@@ -182,10 +187,14 @@ pub fn run(command: LifecycleCommand, socket: &Path) -> anyhow::Result<ExitCode>
             kind,
             file,
             json,
-        } => (Request::List { pid, minor }, Some((kind, file, json))),
+        } => {
+            // `raw` is what `-a raw:PATH` accepts for aio; rows say aio.
+            let kind = kind.map(|k| if k == "raw" { "aio".to_string() } else { k });
+            (Request::List { pid, minor }, Some((kind, file, json)))
+        }
         LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
     };
-    let client = Client::connect(socket)?;
+    let client = Client::connect(socket, timeout)?;
     let reply = client.call(&req)?;
     match reply {
         Reply::Allocated { device, .. } | Reply::Created { device, .. } => println!("{device}"),

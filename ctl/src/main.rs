@@ -26,6 +26,16 @@ struct Cli {
         default_value = tapjail_common::proto::DEFAULT_SOCKET
     )]
     socket: PathBuf,
+    /// Seconds to wait for tap-broker's answer before giving up.
+    #[arg(
+        long,
+        global = true,
+        env = "TAPJAIL_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = client::DEFAULT_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,7 +67,11 @@ fn main() -> ExitCode {
         Command::Vhd { command } => vhd::run(command),
         Command::Policy { command } => admin::policy(command),
         Command::Audit { command } => admin::audit(command),
-        Command::Lifecycle(command) => lifecycle::run(command, &cli.socket),
+        Command::Lifecycle(command) => lifecycle::run(
+            command,
+            &cli.socket,
+            std::time::Duration::from_secs(cli.timeout),
+        ),
     };
     match result {
         Ok(code) => code,

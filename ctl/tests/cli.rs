@@ -75,3 +75,97 @@ fn cli_audit_verify_and_policy_check_work_offline() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Run tap-ctl; fail the test if it takes longer than `limit`.
+fn run_within(mut c: Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("tap-ctl still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cli_broker_that_never_answers_times_out_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Accept and hold every connection, never answering.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let mut c = ctl();
+    c.arg("--socket")
+        .arg(&sock)
+        .args(["--timeout", "2", "list"]);
+    let out = run_within(c, std::time::Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not answer")
+            && err.contains("2 s")
+            && err.contains(&*sock.to_string_lossy()),
+        "{err}"
+    );
+    assert!(!err.contains("os error 11"), "{err}");
+}
+
+#[test]
+fn cli_peer_that_is_not_tap_broker_is_named_as_such() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("other.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(b"\x00\x00\x00\x05hello");
+            held.push(s);
+        }
+    });
+    let out = ctl()
+        .arg("--socket")
+        .arg(&sock)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is it tap-broker's socket"), "{err}");
+}
+
+#[test]
+fn cli_socket_path_that_is_not_a_socket_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("plain");
+    std::fs::write(&f, b"").unwrap();
+    let out = ctl().arg("--socket").arg(&f).arg("list").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a socket"), "{err}");
+}
+
+#[test]
+fn cli_list_unknown_type_is_a_usage_error() {
+    let out = ctl()
+        .args(["--socket", "/nonexistent/b.sock", "list", "-t", "qcow2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
