@@ -46,14 +46,16 @@ fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
     match path {
         None => Ok(Policy::embedded_default()),
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-            Policy::parse(&text).map_err(|e| {
+            let text =
+                tapjail_common::adminfile::read_text(p, tapjail_policy::config::MAX_POLICY_BYTES)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+            let policy = Policy::parse(&text).map_err(|e| {
                 anyhow::anyhow!(
                     "invalid policy:\n{}",
                     e.render(&p.display().to_string()).trim_end()
                 )
-            })
+            })?;
+            Ok(policy)
         }
     }
 }

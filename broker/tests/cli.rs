@@ -72,3 +72,48 @@ fn cli_example_policy_in_the_repo_is_valid() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 tenant(s))"));
 }
+
+/// `tap-broker --check --config PATH`, failing the test if it hangs.
+fn check_within_10s(p: &std::path::Path) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = broker()
+        .args(["--check", "--config"])
+        .arg(p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("tap-broker --check --config {} hung", p.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cli_config_that_is_a_fifo_or_endless_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.toml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let out = check_within_10s(&fifo);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a regular file"), "{err}");
+    let out = check_within_10s(std::path::Path::new("/dev/zero"));
+    assert!(!out.status.success());
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    let out = check_within_10s(&big);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("larger than"), "{err}");
+}

@@ -3,6 +3,7 @@
 //!
 //! Nothing here decides policy or parses image bytes.
 
+pub mod adminfile;
 pub mod audit;
 pub mod frame;
 pub mod minor;

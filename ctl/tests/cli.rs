@@ -169,3 +169,26 @@ fn cli_list_unknown_type_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+#[test]
+fn cli_policy_check_and_audit_verify_on_a_fifo_or_device_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("f");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for args in [
+        vec!["policy", "check", fifo.to_str().unwrap()],
+        vec!["audit", "verify", fifo.to_str().unwrap()],
+        vec!["policy", "check", "/dev/zero"],
+    ] {
+        let mut c = ctl();
+        c.args(&args);
+        let out = run_within(c, std::time::Duration::from_secs(10));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a regular file"), "{args:?}: {err}");
+    }
+}

@@ -26,6 +26,10 @@ pub const MAX_WORKER_MEMLOCK_MIB: u64 = 64 * 1024;
 /// Most concurrent client connections the config may allow.
 pub const MAX_CLIENTS_LIMIT: u32 = 4096;
 
+/// Largest policy file read (a real one is a few KiB; this keeps a wrong
+/// path such as a log or a device from being read into memory).
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
 /// Which kernel frontend serves minors (`frontend = ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
