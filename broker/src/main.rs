@@ -55,6 +55,11 @@ fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
                     e.render(&p.display().to_string()).trim_end()
                 )
             })?;
+            let warnings = Policy::warnings(&text, &|d| d.is_dir());
+            eprint!(
+                "{}",
+                tapjail_policy::render_warnings(&warnings, &format!("tap-broker: {}", p.display()))
+            );
             Ok(policy)
         }
     }

@@ -192,3 +192,33 @@ fn cli_policy_check_and_audit_verify_on_a_fifo_or_device_fail_at_once() {
         assert!(err.contains("not a regular file"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn cli_policy_check_warns_about_missing_and_shared_image_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("srv");
+    std::fs::create_dir(&shared).unwrap();
+    let pol = dir.path().join("p.toml");
+    std::fs::write(
+        &pol,
+        format!(
+            "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"{}\"]\n\
+             [[tenant]]\nname = \"b\"\nuids = [2]\nimage_roots = [\"{}/b\", \"/nonexistent/x\"]\n",
+            shared.display(),
+            shared.display()
+        ),
+    )
+    .unwrap();
+    let out = ctl().args(["policy", "check"]).arg(&pol).output().unwrap();
+    // Warnings, not errors: the file is usable.
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.toml:8:") && err.contains("warning") && err.contains("/nonexistent/x"),
+        "{err}"
+    );
+    assert!(
+        err.contains("p.toml:8:") && err.contains("tenant \"a\""),
+        "{err}"
+    );
+}
