@@ -142,7 +142,10 @@ impl Client {
                     )
                 }
             }
-            FrameError::Decode(_) | FrameError::TooLarge { .. } | FrameError::TooManyFds => {
+            FrameError::Decode(_)
+            | FrameError::Trailing { .. }
+            | FrameError::TooLarge { .. }
+            | FrameError::TooManyFds => {
                 anyhow!(
                     "the answer from {p} is not understood ({e}): is it tap-broker's socket, \
                      and is tap-broker the same version as tap-ctl?"
