@@ -284,3 +284,41 @@ fn cli_vhd_tools_on_a_fifo_fail_at_once() {
         );
     }
 }
+
+#[test]
+fn cli_coalesce_into_a_read_only_parent_names_the_parent() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let base = tmp.path().join("base.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "8"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&child, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // Root may write a 0444 file: act as nobody then.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_tap-ctl"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+    };
+    let o = c
+        .args(["vhd", "coalesce", "-n", s(&child)])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}, the parent of {}, cannot be opened for writing",
+            base.display(),
+            child.display()
+        )),
+        "{err}"
+    );
+}

@@ -446,8 +446,18 @@ pub fn coalesce_path(
     })?;
     let (_, pname) = FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), uuid)?;
     let ppath = PathBuf::from(&pname);
+    let writable = |r: Result<File, ImageError>| {
+        r.map_err(|e| match e {
+            ImageError::Io { source, .. } => ImageError::InvalidArgument(format!(
+                "{pname}, the parent of {}, cannot be opened for writing, which coalesce \
+                 needs (it merges into the parent): {source}",
+                child.display()
+            )),
+            other => other,
+        })
+    };
     {
-        let pf = open_file(&ppath, false)?;
+        let pf = writable(open_file(&ppath, false))?;
         let pmeta = super::layout::Metadata::read(&pf)?;
         if pmeta.footer.uuid() != uuid {
             return Err(ImageError::ParentUuidMismatch {
