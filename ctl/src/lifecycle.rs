@@ -125,7 +125,14 @@ pub enum LifecycleCommand {
 /// refuses symlinks and `..` itself.
 fn absolute(mut spec: ImageSpec) -> anyhow::Result<ImageSpec> {
     if !Path::new(&spec.path).is_absolute() {
-        spec.path = std::path::absolute(&spec.path)?.display().to_string();
+        let abs = std::path::absolute(&spec.path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot tell where {} is: the current directory is unavailable ({e}); \
+                 give the image's absolute path",
+                spec.path
+            )
+        })?;
+        spec.path = abs.display().to_string();
     }
     Ok(spec)
 }

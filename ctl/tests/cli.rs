@@ -222,3 +222,26 @@ fn cli_policy_check_warns_about_missing_and_shared_image_roots() {
         "{err}"
     );
 }
+
+#[test]
+fn cli_relative_image_path_without_a_current_directory_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && rmdir '{}' && exec '{}' --socket /nonexistent/b.sock create -a vhd:x.vhd",
+            gone.display(),
+            gone.display(),
+            env!("CARGO_BIN_EXE_tap-ctl")
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("x.vhd") && err.contains("current directory"),
+        "{err}"
+    );
+}
