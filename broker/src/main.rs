@@ -166,12 +166,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
     let state = records::StateDir::create(&policy.state_dir)
         .with_context(|| format!("state_dir {}", policy.state_dir.display()))?;
+    let audit_ctx = || format!("audit_log {}", policy.audit_log.display());
     if let Some(dir) = policy.audit_log.parent() {
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o750)
             .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+            .with_context(|| format!("{}: creating {}", audit_ctx(), dir.display()))?;
     }
-    let audit = AuditLog::open(&policy.audit_log)?;
+    let audit = AuditLog::open(&policy.audit_log).with_context(audit_ctx)?;
     let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
 
     let memlock = memlock_for_workers(policy.worker_memlock);
@@ -249,7 +250,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tap-broker: {e:#}");
+            eprintln!("tap-broker: {}", tapjail_common::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -41,6 +41,16 @@ pub struct SocketClaim {
 
 impl SocketClaim {
     pub fn take(path: &Path) -> anyhow::Result<SocketClaim> {
+        // Before anything else (and long before `bind`): a path taken by
+        // something that is not a socket is a configuration error.
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                anyhow::bail!(
+                    "{} exists and is not a socket: remove it or set `socket = ...` in the policy",
+                    path.display()
+                );
+            }
+        }
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)

@@ -82,19 +82,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes, `: `-separated, each said once: library
-/// errors often print their source in their own message too (`I/O error
-/// ...: No such file or directory`), which `{:#}` would repeat.
+/// The error for the terminal: each cause said once.
 fn render(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if parts.last().is_some_and(|p| p.contains(&s)) {
-            continue;
-        }
-        parts.push(s);
-    }
-    parts.join(": ")
+    tapjail_common::error_chain(e.as_ref())
 }
 
 #[cfg(test)]
