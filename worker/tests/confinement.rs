@@ -44,6 +44,13 @@ fn broker_mode_worker_is_confined_as_seen_in_proc_status() {
         uids.iter().all(|&u| u != 0),
         "worker must not run as root: {uids:?}"
     );
+    if is_root() {
+        for ns in ["net", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "worker has its own {ns} namespace");
+        }
+    }
     let vmlck: u64 = st["VmLck"].trim_end_matches(" kB").trim().parse().unwrap();
     assert!(vmlck > 0, "memory must be locked");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -52,6 +59,13 @@ fn broker_mode_worker_is_confined_as_seen_in_proc_status() {
         .find(|l| l.starts_with("Max core file size"))
         .unwrap();
     assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    let nproc = limits
+        .lines()
+        .find(|l| l.starts_with("Max processes"))
+        .unwrap();
+    let v: Vec<&str> = nproc.split_whitespace().collect();
+    assert_eq!(v[2], v[3], "NPROC soft = hard: {nproc}");
+    assert!(v[2].parse::<u64>().is_ok(), "NPROC is bounded: {nproc}");
     // Closing the control socket makes the worker exit cleanly.
     drop(sock);
     assert!(child.wait().unwrap().success());

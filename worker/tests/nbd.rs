@@ -245,3 +245,46 @@ fn standalone_worker_is_confined_and_monitor_stops_cleanly() {
     assert!(srv.stop().success(), "{}", srv.log());
     assert!(!srv.socket.exists(), "socket removed on exit");
 }
+
+#[test]
+fn client_that_stops_reading_does_not_stall_others_and_gets_every_reply_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "disk.img", 16 * MIB, 0x3c);
+    let srv = Standalone::start(dir.path(), &format!("aio:{}", img.display()), &[]);
+    // Client A asks for far more than the socket buffers hold, then stops
+    // reading: its replies back up on the server.
+    let mut a = Client::connect(&srv.socket, true, false);
+    const N: u64 = 64;
+    const LEN: u32 = 128 * 1024;
+    for h in 0..N {
+        a.request(CMD_READ, 0, h, (h % 128) * u64::from(LEN), LEN, &[]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The backed-up replies went to the connection's writer thread.
+    let pid = srv.worker_pid();
+    let comms: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert!(comms.iter().any(|c| c == "nbd-tx"), "{comms:?}");
+    // Client B is served meanwhile.
+    let mut b = Client::connect(&srv.socket, false, false);
+    for h in 0..16 {
+        b.request(CMD_READ, 0, h, h * 4096, 4096, &[]);
+        let r = b.read_reply(4096).unwrap();
+        assert_eq!((r.handle, r.error), (h, 0));
+        assert!(r.data.iter().all(|&x| x == 0x3c));
+    }
+    // A finally reads: every reply arrives whole, none interleaved.
+    let mut seen = vec![false; N as usize];
+    for _ in 0..N {
+        let r = a.read_reply(0).unwrap();
+        assert_eq!(r.error, 0);
+        assert_eq!(r.data.len(), LEN as usize);
+        assert!(r.data.iter().all(|&x| x == 0x3c));
+        assert!(!seen[r.handle as usize], "duplicate reply {}", r.handle);
+        seen[r.handle as usize] = true;
+    }
+    assert!(seen.iter().all(|&s| s));
+}

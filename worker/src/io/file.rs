@@ -28,6 +28,8 @@
 //! last sector under a striped lock so that two such writes to different
 //! bytes of one sector cannot undo each other. Durability does not depend on
 //! the mode: `sync_data` is an io_uring `FSYNC(DATASYNC)` either way.
+//! Buffered *writes* are the one operation not sent through the rings; see
+//! `pwrite` in this file for why.
 //! Direct I/O keeps tenant data out of the host page cache (no double
 //! caching with the guest, no cross-tenant cache pressure), as blktap does.
 
@@ -73,6 +75,8 @@ pub struct UringFile {
 struct Rings {
     idle: Vec<Ring>,
     total: usize,
+    /// Callers waiting for a ring (notifying is a syscall; skip it if none).
+    waiters: usize,
 }
 
 impl std::fmt::Debug for UringFile {
@@ -161,7 +165,9 @@ impl UringFile {
                 }
                 // Others hold rings and will give them back.
                 Err(_) if rings.total > 0 => {
+                    rings.waiters += 1;
                     rings = self.returned.wait(rings).unwrap_or_else(|e| e.into_inner());
+                    rings.waiters -= 1;
                 }
                 Err(e) => return Err(e),
             }
@@ -174,8 +180,11 @@ impl UringFile {
         } else {
             rings.total -= 1;
         }
+        let wake = rings.waiters > 0;
         drop(rings);
-        self.returned.notify_one();
+        if wake {
+            self.returned.notify_one();
+        }
         out
     }
 
@@ -194,6 +203,9 @@ impl UringFile {
     /// One write of at most MAX_OP bytes; returns bytes written.
     fn op_write(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         let len = buf.len().min(MAX_OP);
+        if !self.direct {
+            return pwrite(self.raw(), &buf[..len], offset);
+        }
         let entry = opcode::Write::new(types::Fixed(0), buf.as_ptr(), len as u32)
             .offset(offset)
             .build();
@@ -292,6 +304,28 @@ impl UringFile {
             self.set_len(old_len.max(want))?;
         }
         Ok(())
+    }
+}
+
+/// A buffered write with `pwrite(2)`. Buffered io_uring writes on ext4
+/// (and most filesystems) cannot be done without blocking, so io_uring
+/// hands every one to a kernel worker thread and wakes us when it is done:
+/// two extra context switches per write, measured at about a third of the
+/// throughput of 4 KiB writes. `pwrite` on the fd we hold does the same
+/// work inline. Direct writes, reads (page-cache hits complete inline),
+/// fsync and fallocate stay on the restricted rings.
+fn pwrite(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: buf is valid for reads of its length for the call.
+        let n = unsafe { libc::pwrite64(fd, buf.as_ptr().cast(), buf.len(), off) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 

@@ -2,11 +2,12 @@
 //! parsed. Each step is its own module; [`confine`] runs them in order:
 //!
 //! 1. close every fd not on the keep list ([`fds`])
-//! 2. clear the environment ([`env`])
+//! 2. clear the environment ([`env`](mod@env))
 //! 3. NOFILE, NPROC (a thread budget, see there), CORE=0, MEMLOCK; not
 //!    dumpable ([`rlimit`])
 //! 4. `mlockall(MCL_CURRENT|MCL_FUTURE)` ([`mlock`])
-//! 5. setgroups/setgid/setuid to the worker's own ids ([`ids`])
+//! 5. new IPC/UTS/network namespaces where permitted ([`ns`]), then
+//!    setgroups/setgid/setuid to the worker's own ids ([`ids`])
 //! 6. drop every capability, lock the securebits ([`caps`])
 //! 7. `PR_SET_NO_NEW_PRIVS` ([`nnp`])
 //! 8. deny all filesystem access ([`landlock`])
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod landlock;
 pub mod mlock;
 pub mod nnp;
+pub mod ns;
 pub mod rlimit;
 pub mod seccomp;
 
@@ -108,6 +110,7 @@ pub fn confine(policy: &Policy) -> Result<(), SandboxError> {
         memlock_min: mlock::MEMLOCK_NEEDED,
     })?;
     mlock::lock_all()?;
+    ns::isolate();
     if let Some(ids) = policy.ids {
         ids::switch_to(ids)?;
     }

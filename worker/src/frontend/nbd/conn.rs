@@ -5,17 +5,20 @@
 //!   checks them ([`decide`]), reads write payloads, and queues the work on
 //!   the shared pool — it never waits for the disk, so many requests of one
 //!   connection are in flight at once (bounded by [`MAX_INFLIGHT`]);
-//! - *pool threads* run a request against the disk and send its reply with a
-//!   non-blocking `sendmsg`; if the client is not reading fast enough, the
-//!   rest of the reply goes to the connection's outbox instead of blocking
-//!   the pool thread (a client that stops reading must not stall others);
-//! - the *writer* thread, started the first time a reply does not fit in
-//!   the socket buffer, drains the outbox with blocking sends bounded by
-//!   [`SEND_TIMEOUT`]; a client that does not read for that long is dropped.
+//! - *pool threads* run a request against the disk and queue its reply in
+//!   the connection's outbox; the first one to find nobody sending becomes
+//!   the sender and sends everything queued, its own reply and those that
+//!   other threads queue meanwhile, in as few non-blocking `sendmsg` calls
+//!   as possible (one per batch), while the others go back to work;
+//! - the *writer* thread, started the first time the socket buffer fills
+//!   up, takes over sending with blocking sends bounded by
+//!   [`SEND_TIMEOUT`] until the outbox is empty; a client that does not
+//!   read for that long is dropped. A client that stops reading thus never
+//!   stalls a pool thread, and so never stalls other clients.
 //!
-//! Replies may leave in any order (NBD allows it); bytes of two replies never
-//! interleave because sending happens under the outbox lock, directly only
-//! while the outbox is empty and the writer idle.
+//! Replies may leave in any order (NBD allows it); bytes of two replies
+//! never interleave because only one thread sends at a time and a partly
+//! sent reply stays at the head of the outbox.
 
 use super::pool::{Budget, BudgetGuard, WorkPool};
 use super::proto::*;
@@ -110,7 +113,12 @@ impl Drop for Reply {
 #[derive(Default)]
 struct Outbox {
     queue: VecDeque<Reply>,
-    writer_busy: bool,
+    /// Some thread is sending from the queue right now: everyone else
+    /// only enqueues (and the sender takes their replies along).
+    sending: bool,
+    /// The socket buffer filled up: only the writer thread sends until
+    /// the queue is empty again.
+    congested: bool,
     closed: bool,
     writer: Option<JoinHandle<()>>,
 }
@@ -122,20 +130,47 @@ struct Conn {
     outbox: Mutex<Outbox>,
     wake_writer: Condvar,
     slots: Arc<Budget>,
+    /// This connection's share of the payload budget, so that one client
+    /// that stops reading cannot hold all of it.
+    bytes: Arc<Budget>,
 }
 
-/// Send what `reply` has left; `Ok(true)` when all is sent, `Ok(false)`
-/// when a non-blocking send could not finish.
-fn push_out(sock: &Sock, reply: &mut Reply, nonblocking: bool) -> io::Result<bool> {
-    while reply.sent < reply.total() {
-        match sock.send_vectored(&reply.remaining(), nonblocking) {
+/// Replies sent in one `sendmsg` at most.
+const MAX_BATCH: usize = 64;
+
+/// Send `batch` in order with as few `sendmsg` calls as possible; fully
+/// sent replies are removed (and dropped, releasing their budgets). With
+/// `nonblocking`, stops when the socket is full; what is left stays in
+/// `batch`, the partly sent reply first.
+fn send_batch(sock: &Sock, batch: &mut VecDeque<Reply>, nonblocking: bool) -> io::Result<()> {
+    while !batch.is_empty() {
+        let iov: Vec<IoSlice<'_>> = batch
+            .iter()
+            .flat_map(|r| r.remaining())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let mut n = match sock.send_vectored(&iov, nonblocking) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => reply.sent += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(()),
             Err(e) => return Err(e),
+        };
+        drop(iov);
+        while n > 0 {
+            let Some(front) = batch.front_mut() else {
+                break;
+            };
+            let left = front.total() - front.sent;
+            if n >= left {
+                n -= left;
+                batch.pop_front();
+            } else {
+                front.sent += n;
+                n = 0;
+            }
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 impl Conn {
@@ -146,47 +181,81 @@ impl Conn {
         self.wake_writer.notify_all();
     }
 
-    /// Queue or send a reply (see module doc).
-    fn send(self: &Arc<Self>, mut reply: Reply) {
+    /// Queue a reply and, unless another thread is at it, send everything
+    /// queued (see module doc).
+    fn send(self: &Arc<Self>, reply: Reply) {
         let mut ob = lock(&self.outbox);
         if ob.closed {
             return;
         }
-        if !ob.writer_busy && ob.queue.is_empty() {
-            match push_out(&self.sock, &mut reply, true) {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(_) => return self.hang_up(&mut ob),
-            }
-        }
-        if ob.writer.is_none() {
-            let c = self.clone();
-            match crate::frontend::spawn_thread_sized("nbd-tx", CONN_STACK, move || c.writer()) {
-                Ok(t) => ob.writer = Some(t),
-                Err(_) => return self.hang_up(&mut ob),
-            }
-        }
         ob.queue.push_back(reply);
-        drop(ob);
-        self.wake_writer.notify_one();
+        if ob.sending || ob.congested {
+            return;
+        }
+        ob.sending = true;
+        loop {
+            let take = ob.queue.len().min(MAX_BATCH);
+            let mut batch: VecDeque<Reply> = ob.queue.drain(..take).collect();
+            drop(ob);
+            let r = send_batch(&self.sock, &mut batch, true);
+            let unsent = !batch.is_empty();
+            ob = lock(&self.outbox);
+            if r.is_err() {
+                ob.sending = false;
+                drop(batch);
+                return self.hang_up(&mut ob);
+            }
+            if unsent {
+                // Socket full: hand everything to the writer thread.
+                for r in batch.into_iter().rev() {
+                    ob.queue.push_front(r);
+                }
+                ob.sending = false;
+                ob.congested = true;
+                if ob.writer.is_none() {
+                    let c = self.clone();
+                    match crate::frontend::spawn_thread_sized("nbd-tx", CONN_STACK, move || {
+                        c.writer()
+                    }) {
+                        Ok(t) => ob.writer = Some(t),
+                        Err(_) => return self.hang_up(&mut ob),
+                    }
+                }
+                drop(ob);
+                self.wake_writer.notify_one();
+                return;
+            }
+            if ob.queue.is_empty() || ob.closed {
+                ob.sending = false;
+                return;
+            }
+        }
     }
 
+    /// Drain the queue with blocking sends while the client is slow.
     fn writer(&self) {
         let mut ob = lock(&self.outbox);
         loop {
-            let Some(mut reply) = ob.queue.pop_front() else {
-                if ob.closed {
-                    return;
-                }
+            if ob.closed {
+                return;
+            }
+            if !ob.congested || ob.sending {
                 ob = self.wake_writer.wait(ob).unwrap_or_else(|e| e.into_inner());
                 continue;
-            };
-            ob.writer_busy = true;
+            }
+            if ob.queue.is_empty() {
+                ob.congested = false;
+                continue;
+            }
+            ob.sending = true;
+            let take = ob.queue.len().min(MAX_BATCH);
+            let mut batch: VecDeque<Reply> = ob.queue.drain(..take).collect();
             drop(ob);
-            let r = push_out(&self.sock, &mut reply, false);
-            drop(reply);
+            // Bounded by SO_SNDTIMEO: a client that stops reading is dropped.
+            let r = send_batch(&self.sock, &mut batch, false);
+            drop(batch);
             ob = lock(&self.outbox);
-            ob.writer_busy = false;
+            ob.sending = false;
             if r.is_err() {
                 self.hang_up(&mut ob);
                 return;
@@ -222,6 +291,7 @@ pub fn serve(sock: Arc<Sock>, session: Session, ctx: Arc<ServerCtx>) -> io::Resu
         outbox: Mutex::new(Outbox::default()),
         wake_writer: Condvar::new(),
         slots: Budget::new(MAX_INFLIGHT),
+        bytes: Budget::new((ctx.sizing.inflight_bytes / 4).max(u64::from(ctx.sizing.max_payload))),
     });
     let end = read_loop(&conn, &ctx);
     if matches!(end, End::HungUp(_)) {
@@ -271,6 +341,7 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>) -> End {
                     Command::Read { len, .. } | Command::Write { len, .. } => u64::from(len),
                     _ => 0,
                 };
+                let own = conn.bytes.acquire(payload);
                 let bytes = ctx.bytes.acquire(payload);
                 let data = if let Command::Write { len, .. } = cmd {
                     let mut buf = ctx.bufs.get(len as usize);
@@ -283,7 +354,7 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>) -> End {
                 };
                 let (conn, ctx2) = (conn.clone(), ctx.clone());
                 ctx.pool.submit(Box::new(move || {
-                    execute(&conn, &ctx2, req.handle, cmd, data, vec![slot, bytes]);
+                    execute(&conn, &ctx2, req.handle, cmd, data, vec![slot, own, bytes]);
                 }));
             }
         }

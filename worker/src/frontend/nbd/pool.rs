@@ -21,6 +21,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Queue {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Threads waiting for a job (so that submitting wakes one only when
+    /// somebody sleeps: every notify is a syscall).
+    idle: usize,
 }
 
 struct Inner {
@@ -77,8 +80,11 @@ impl WorkPool {
             return; // dropping the job drops its guards: slots are released
         }
         q.jobs.push_back(job);
+        let wake = q.idle > 0;
         drop(q);
-        self.inner.ready.notify_one();
+        if wake {
+            self.inner.ready.notify_one();
+        }
     }
 
     /// Run what is queued, then stop and join every thread. Must not be
@@ -116,7 +122,9 @@ fn run(inner: &Inner) {
                 if q.closed {
                     return;
                 }
+                q.idle += 1;
                 q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                q.idle -= 1;
             }
         };
         job();
@@ -127,15 +135,21 @@ fn run(inner: &Inner) {
 /// slots): `acquire` waits until the amount fits.
 #[derive(Debug)]
 pub struct Budget {
-    used: Mutex<u64>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
     max: u64,
+}
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    used: u64,
+    waiters: usize,
 }
 
 impl Budget {
     pub fn new(max: u64) -> Arc<Budget> {
         Arc::new(Budget {
-            used: Mutex::new(0),
+            state: Mutex::new(BudgetState::default()),
             freed: Condvar::new(),
             max,
         })
@@ -146,11 +160,13 @@ impl Budget {
     /// gives it back when dropped.
     pub fn acquire(self: &Arc<Self>, n: u64) -> BudgetGuard {
         let n = n.min(self.max);
-        let mut used = lock(&self.used);
-        while *used + n > self.max {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
+        while st.used + n > self.max {
+            st.waiters += 1;
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiters -= 1;
         }
-        *used += n;
+        st.used += n;
         BudgetGuard {
             budget: self.clone(),
             n,
@@ -159,14 +175,16 @@ impl Budget {
 
     /// Wait until nothing is taken.
     pub fn wait_idle(&self) {
-        let mut used = lock(&self.used);
-        while *used > 0 {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
+        while st.used > 0 {
+            st.waiters += 1;
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiters -= 1;
         }
     }
 
     pub fn used(&self) -> u64 {
-        *lock(&self.used)
+        lock(&self.state).used
     }
 }
 
@@ -179,10 +197,13 @@ pub struct BudgetGuard {
 
 impl Drop for BudgetGuard {
     fn drop(&mut self) {
-        let mut used = lock(&self.budget.used);
-        *used -= self.n;
-        drop(used);
-        self.budget.freed.notify_all();
+        let mut st = lock(&self.budget.state);
+        st.used -= self.n;
+        let wake = st.waiters > 0;
+        drop(st);
+        if wake {
+            self.budget.freed.notify_all();
+        }
     }
 }
 

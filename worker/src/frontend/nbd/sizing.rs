@@ -53,7 +53,7 @@ impl Sizing {
         let io_cost = IO_STACK as u64 + THREAD_OVERHEAD;
         let conn_cost = CONN_STACK as u64 + THREAD_OVERHEAD;
         let clamp = |n: u64, lo: usize, hi: usize| (n as usize).clamp(lo, hi);
-        let io_threads = clamp(room / 3 / io_cost, 2, u.io_threads);
+        let io_threads = clamp(room / 2 / io_cost, 2, u.io_threads);
         let max_connections = clamp(room / 6 / conn_cost, 2, u.max_connections);
         let threads = io_threads as u64 * io_cost + max_connections as u64 * conn_cost;
         let left = room.saturating_sub(threads);
