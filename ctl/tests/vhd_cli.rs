@@ -322,3 +322,24 @@ fn cli_coalesce_into_a_read_only_parent_names_the_parent() {
         "{err}"
     );
 }
+
+#[test]
+fn cli_refused_arguments_are_said_without_a_vague_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, err) = stderr_of(&["vhd", "query", "-n", "/dev/zero"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        "tap-ctl: invalid argument: /dev/zero is a character device, not an image file (a regular file or a block device)"
+    );
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    let (_, err) = stderr_of(&["vhd", "resize", "-n", s(&p), "-s", "4"]);
+    assert!(
+        err.starts_with(&format!(
+            "tap-ctl: {}: invalid argument: shrinking from",
+            p.display()
+        )),
+        "{err}"
+    );
+}

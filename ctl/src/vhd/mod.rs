@@ -165,9 +165,19 @@ fn hint(e: &ImageError, path: &Path) -> String {
 
 /// Attach the file name and a hint to an engine result.
 fn on<T>(path: &Path, r: Result<T, ImageError>) -> Result<T> {
-    r.map_err(|e| {
-        let h = hint(&e, path);
-        anyhow::Error::new(e).context(h)
+    r.map_err(|e| match e {
+        // Says what is wrong and what to do; only the file may be missing.
+        ImageError::InvalidArgument(ref m) if m.contains(&*path.to_string_lossy()) => {
+            anyhow::Error::new(e)
+        }
+        ImageError::InvalidArgument(_) => {
+            let p = path.display().to_string();
+            anyhow::Error::new(e).context(p)
+        }
+        e => {
+            let h = hint(&e, path);
+            anyhow::Error::new(e).context(h)
+        }
     })
 }
 
