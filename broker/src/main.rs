@@ -6,7 +6,7 @@
 
 mod bringup;
 mod broker;
-mod device;
+use tapjail_broker::device;
 mod error;
 mod ops;
 mod records;
@@ -46,14 +46,21 @@ fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
     match path {
         None => Ok(Policy::embedded_default()),
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-            Policy::parse(&text).map_err(|e| {
+            let text =
+                tapjail_common::adminfile::read_text(p, tapjail_policy::config::MAX_POLICY_BYTES)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+            let policy = Policy::parse(&text).map_err(|e| {
                 anyhow::anyhow!(
                     "invalid policy:\n{}",
                     e.render(&p.display().to_string()).trim_end()
                 )
-            })
+            })?;
+            let warnings = Policy::warnings(&text, &|d| d.is_dir());
+            eprint!(
+                "{}",
+                tapjail_policy::render_warnings(&warnings, &format!("tap-broker: {}", p.display()))
+            );
+            Ok(policy)
         }
     }
 }
@@ -159,12 +166,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
     let state = records::StateDir::create(&policy.state_dir)
         .with_context(|| format!("state_dir {}", policy.state_dir.display()))?;
+    let audit_ctx = || format!("audit_log {}", policy.audit_log.display());
     if let Some(dir) = policy.audit_log.parent() {
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o750)
             .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+            .with_context(|| format!("{}: creating {}", audit_ctx(), dir.display()))?;
     }
-    let audit = AuditLog::open(&policy.audit_log)?;
+    let audit = AuditLog::open(&policy.audit_log).with_context(audit_ctx)?;
     let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
 
     let memlock = memlock_for_workers(policy.worker_memlock);
@@ -242,7 +250,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tap-broker: {e:#}");
+            eprintln!("tap-broker: {}", tapjail_common::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -418,25 +418,45 @@ impl Broker {
                 "minor {minor} has no image open"
             )));
         }
-        t.disk_mut(minor)?.busy = true;
+        if !force && disk.device.as_ref().is_some_and(|d| d.in_use()) {
+            return Err(BrokerError::busy(format!(
+                "minor {minor}'s device is in use (mounted?): unmount it first, or use -f"
+            )));
+        }
+        let disk = t.disk_mut(minor)?;
+        disk.busy = true;
+        // Out of the table while it flushes (that waits on the worker);
+        // `busy` keeps others off the minor meanwhile.
+        let mut device = disk.device.take();
         drop(t);
         if alive {
-            let r = conn.lock().unwrap_or_else(|e| e.into_inner()).expect(
-                &ToWorker::Close,
-                &[],
-                &FromWorker::Ok,
-            );
+            // Push what the kernel still holds through the worker before it
+            // closes the image; after this the backend no longer waits on it.
+            let synced = device.as_mut().map_or(Ok(()), |d| d.sync(true));
+            let r = match synced {
+                Err(e) if !force => Err(BrokerError::from(e)),
+                _ => conn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .expect(&ToWorker::Close, &[], &FromWorker::Ok)
+                    .map_err(BrokerError::from),
+            };
             if let Err(e) = r {
                 if !force {
+                    if let Ok(disk) = self.table().disk_mut(minor) {
+                        disk.device = device;
+                    }
                     self.clear_busy(minor);
-                    return Err(BrokerError::from(e).context("close (use -f to force)"));
+                    return Err(e.context("close (use -f to force)"));
                 }
                 // Forced: the worker's state is unknown; it goes.
                 let _ = sys::pidfd_kill(pidfd.as_fd());
             }
         }
         let mut t = self.table();
-        t.disk_mut(minor)?.busy = false;
+        let disk = t.disk_mut(minor)?;
+        disk.device = device;
+        disk.busy = false;
         let problems = Self::drop_image_locally(&mut t, minor);
         if problems.is_empty() {
             Ok(())
@@ -582,14 +602,24 @@ impl Broker {
             }
             Ok(())
         })?;
+        // Out of the table while it flushes (that waits on the worker).
+        let mut device = t.disk_mut(minor)?.device.take();
         drop(t);
-        let r = conn.lock().unwrap_or_else(|e| e.into_inner()).expect(
-            &ToWorker::Pause,
-            &[],
-            &FromWorker::Ok,
-        );
+        // What the kernel still holds must be in the image before the
+        // worker closes it for the snapshot.
+        let synced = device
+            .as_mut()
+            .map_or(Ok(()), |d| d.sync(false))
+            .map_err(BrokerError::from);
+        let r = synced.and_then(|()| {
+            conn.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect(&ToWorker::Pause, &[], &FromWorker::Ok)
+                .map_err(BrokerError::from)
+        });
         let mut t = self.table();
         let disk = t.disk_mut(minor)?;
+        disk.device = device;
         disk.busy = false;
         if r.is_ok() {
             disk.state = disk.state.with(State::PAUSED);

@@ -72,3 +72,124 @@ fn cli_example_policy_in_the_repo_is_valid() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 tenant(s))"));
 }
+
+/// `tap-broker --check --config PATH`, failing the test if it hangs.
+fn check_within_10s(p: &std::path::Path) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = broker()
+        .args(["--check", "--config"])
+        .arg(p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("tap-broker --check --config {} hung", p.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cli_config_that_is_a_fifo_or_endless_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.toml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let out = check_within_10s(&fifo);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a regular file"), "{err}");
+    let out = check_within_10s(std::path::Path::new("/dev/zero"));
+    assert!(!out.status.success());
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    let out = check_within_10s(&big);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("larger than"), "{err}");
+}
+
+/// A policy in `dir` with everything under it, plus `extra` lines.
+fn policy_in(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let d = dir.display();
+    let p = dir.join("policy.toml");
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    std::fs::write(
+        &p,
+        format!(
+            "state_dir = \"{d}/state\"\ndevice_dir = \"{d}/dev\"\nworker_uids = [610200, 610209]\n\
+             frontend = \"nbd\"\n{extra}\n[[tenant]]\nname = \"root\"\nuids = [0]\n\
+             image_roots = [\"{d}/img\"]\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn cli_start_failures_name_the_setting_and_say_each_cause_once() {
+    if !is_root() {
+        eprintln!("SKIPPED: tap-broker only starts as root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    // The socket path is taken by a regular file: refused before the
+    // broker announces it serves anything.
+    std::fs::write(dir.path().join("taken"), b"").unwrap();
+    let p = policy_in(
+        dir.path(),
+        &format!("socket = \"{d}/taken\"\naudit_log = \"{d}/a.jsonl\""),
+    );
+    let out = check_within_10s_start(&p);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is not a socket"), "{err}");
+    assert!(!err.contains("serving"), "{err}");
+    // An audit log whose directory cannot be made.
+    let p = policy_in(
+        dir.path(),
+        &format!("socket = \"{d}/b.sock\"\naudit_log = \"/proc/tapjail-qa/audit.jsonl\""),
+    );
+    let out = check_within_10s_start(&p);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("audit_log"), "{err}");
+    assert_eq!(err.matches("(os error").count(), 1, "{err}");
+}
+
+/// Start tap-broker for real; it must fail (and so exit) within 10 s.
+fn check_within_10s_start(p: &std::path::Path) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = broker()
+        .arg("--config")
+        .arg(p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("tap-broker --config {} kept running", p.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}

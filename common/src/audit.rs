@@ -115,6 +115,10 @@ pub enum AuditError {
         #[source]
         source: io::Error,
     },
+    /// The file exists but holds something else: appending to it would
+    /// damage it (audit_log pointing at the wrong file).
+    #[error("{path} is not a tapjail audit log ({why}): refusing to append to it; point audit_log at a new file or an existing audit log")]
+    NotAuditLog { path: String, why: String },
     #[error("cannot write audit log: {0}")]
     Write(#[source] io::Error),
     #[error("cannot encode audit entry: {0}")]
@@ -169,10 +173,28 @@ impl AuditLog {
                 }
             });
         }
+        let meta = file.metadata().map_err(|source| AuditError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(AuditError::NotAuditLog {
+                path: shown,
+                why: "not a regular file".into(),
+            });
+        }
         let tail = read_last_line(&mut file).map_err(|source| AuditError::Tail {
             path: shown.clone(),
             source,
         })?;
+        if let Tail::Complete(line) | Tail::Partial(line) = &tail {
+            if !looks_like_a_record(line) {
+                return Err(AuditError::NotAuditLog {
+                    path: shown,
+                    why: "its last line is not an audit record".into(),
+                });
+            }
+        }
         let (prev, seq) = match tail {
             Tail::Empty => (GENESIS.to_string(), 0),
             Tail::Complete(line) => (hash_hex(&line), last_seq(&line).map_or(0, |s| s + 1)),
@@ -235,6 +257,14 @@ enum Tail {
 
 /// The last line of `file` (without newline), reading backwards at most
 /// [`MAX_LINE`] bytes.
+/// Whether `line` is (or is the start of) a line we write: they all
+/// begin with `{"seq":`. A crash can cut one anywhere, and a cut line is
+/// terminated at the next start, so a prefix counts too.
+fn looks_like_a_record(line: &[u8]) -> bool {
+    const START: &[u8] = b"{\"seq\":";
+    line.starts_with(START) || (!line.is_empty() && START.starts_with(line))
+}
+
 fn read_last_line(file: &mut File) -> io::Result<Tail> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
@@ -504,6 +534,44 @@ mod tests {
         assert!(e.message.contains("JSON"), "{e}");
         std::fs::write(&path, "not json\n").unwrap();
         assert_eq!(check(&path).unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn audit_open_refuses_a_file_that_is_not_an_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        let text = "root:x:0:0:root:/root:/bin/bash\n";
+        std::fs::write(&path, text).unwrap();
+        let e = AuditLog::open(&path).unwrap_err();
+        assert!(e.to_string().contains("not a tapjail audit log"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        // Nor a partial line that is not the start of a record.
+        std::fs::write(&path, "root:x:0:0").unwrap();
+        assert!(AuditLog::open(&path).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "root:x:0:0");
+        // A FIFO is refused by name too.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let e = AuditLog::open(&fifo).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn audit_open_accepts_logs_cut_short_by_crashes() {
+        // Cut in the first bytes of a record, and a record cut short whose
+        // broker then crashed again right after terminating it.
+        for tail in ["{\"se", "{\"seq\":9,\"ti", "{\"seq\":9,\"ti\n"] {
+            let (_d, path) = write_log(2);
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text.push_str(tail);
+            std::fs::write(&path, &text).unwrap();
+            let mut log = AuditLog::open(&path).unwrap_or_else(|e| panic!("{tail:?}: {e}"));
+            log.append(&entry("next")).unwrap();
+        }
     }
 
     #[test]

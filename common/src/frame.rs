@@ -37,6 +37,10 @@ pub enum FrameError {
     TooManyFds,
     #[error("malformed frame: {0}")]
     Decode(postcard::Error),
+    /// The payload held more than one message: not something our own
+    /// peers ever send.
+    #[error("malformed frame: {extra} byte(s) left over after the message")]
+    Trailing { extra: usize },
     #[error("cannot encode message: {0}")]
     Encode(postcard::Error),
 }
@@ -119,7 +123,10 @@ pub fn recv<T: DeserializeOwned>(
         }
         got += n as usize;
     }
-    let msg = postcard::from_bytes(&payload).map_err(FrameError::Decode)?;
+    let (msg, rest) = postcard::take_from_bytes(&payload).map_err(FrameError::Decode)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing { extra: rest.len() });
+    }
     Ok((msg, fds))
 }
 
@@ -317,6 +324,17 @@ mod tests {
         a.write_all(&[0xff, 0xff, 0xff]).unwrap();
         let err = recv_on::<_, Request>(&b, MAX_REQUEST_FRAME).unwrap_err();
         assert!(matches!(err, FrameError::Decode(_)), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_after_the_message_are_refused() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut payload = postcard::to_allocvec(&Request::Spawn).unwrap();
+        payload.extend_from_slice(b"junk");
+        a.write_all(&(payload.len() as u32).to_be_bytes()).unwrap();
+        a.write_all(&payload).unwrap();
+        let err = recv_on::<_, Request>(&b, MAX_REQUEST_FRAME).unwrap_err();
+        assert!(matches!(err, FrameError::Trailing { extra: 4 }), "{err}");
     }
 
     #[test]

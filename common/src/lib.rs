@@ -3,6 +3,7 @@
 //!
 //! Nothing here decides policy or parses image bytes.
 
+pub mod adminfile;
 pub mod audit;
 pub mod frame;
 pub mod minor;
@@ -13,3 +14,19 @@ pub mod ublk_abi;
 pub mod worker_proto;
 
 pub use minor::Minor;
+
+/// An error and its causes, `: `-separated, each said once. Many errors
+/// print their source in their own message too (`I/O error ...: No such
+/// file or directory`), which anyhow's `{:#}` would repeat.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}

@@ -22,9 +22,12 @@ pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     let PolicyCommand::Check { file } = command;
     let shown = file.display().to_string();
     let text =
-        std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+        tapjail_common::adminfile::read_text(&file, tapjail_policy::config::MAX_POLICY_BYTES)
+            .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
     match Policy::parse(&text) {
         Ok(p) => {
+            let warnings = Policy::warnings(&text, &|d| d.is_dir());
+            eprint!("{}", tapjail_policy::render_warnings(&warnings, &shown));
             println!(
                 "{shown}: ok ({} tenant(s), worker uids {}..={}, socket {})",
                 p.tenants.len(),
@@ -44,7 +47,8 @@ pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 pub fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     let AuditCommand::Verify { file } = command;
     let shown = file.display().to_string();
-    let f = std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    let f = tapjail_common::adminfile::open_regular(&file)
+        .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
     match tapjail_common::audit::verify(std::io::BufReader::new(f)) {
         Ok(v) => {
             println!(

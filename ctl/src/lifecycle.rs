@@ -102,7 +102,8 @@ pub enum LifecycleCommand {
         pid: Option<u32>,
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Option<Minor>,
-        #[arg(short = 't', value_name = "TYPE")]
+        /// Only rows of this image type (vhd, or aio = raw).
+        #[arg(short = 't', value_name = "TYPE", value_parser = ["vhd", "aio", "raw"])]
         kind: Option<String>,
         #[arg(short = 'f', value_name = "FILE")]
         file: Option<String>,
@@ -124,12 +125,23 @@ pub enum LifecycleCommand {
 /// refuses symlinks and `..` itself.
 fn absolute(mut spec: ImageSpec) -> anyhow::Result<ImageSpec> {
     if !Path::new(&spec.path).is_absolute() {
-        spec.path = std::path::absolute(&spec.path)?.display().to_string();
+        let abs = std::path::absolute(&spec.path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot tell where {} is: the current directory is unavailable ({e}); \
+                 give the image's absolute path",
+                spec.path
+            )
+        })?;
+        spec.path = abs.display().to_string();
     }
     Ok(spec)
 }
 
-pub fn run(command: LifecycleCommand, socket: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    command: LifecycleCommand,
+    socket: &Path,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
     let tty = std::io::stdout().is_terminal();
     let (req, list_filter) = match command {
         LifecycleCommand::Allocate { minor } => (Request::Allocate { minor }, None),
@@ -182,10 +194,14 @@ pub fn run(command: LifecycleCommand, socket: &Path) -> anyhow::Result<ExitCode>
             kind,
             file,
             json,
-        } => (Request::List { pid, minor }, Some((kind, file, json))),
+        } => {
+            // `raw` is what `-a raw:PATH` accepts for aio; rows say aio.
+            let kind = kind.map(|k| if k == "raw" { "aio".to_string() } else { k });
+            (Request::List { pid, minor }, Some((kind, file, json)))
+        }
         LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
     };
-    let client = Client::connect(socket)?;
+    let client = Client::connect(socket, timeout)?;
     let reply = client.call(&req)?;
     match reply {
         Reply::Allocated { device, .. } | Reply::Created { device, .. } => println!("{device}"),

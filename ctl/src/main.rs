@@ -26,6 +26,16 @@ struct Cli {
         default_value = tapjail_common::proto::DEFAULT_SOCKET
     )]
     socket: PathBuf,
+    /// Seconds to wait for tap-broker's answer before giving up.
+    #[arg(
+        long,
+        global = true,
+        env = "TAPJAIL_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = client::DEFAULT_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,13 +67,42 @@ fn main() -> ExitCode {
         Command::Vhd { command } => vhd::run(command),
         Command::Policy { command } => admin::policy(command),
         Command::Audit { command } => admin::audit(command),
-        Command::Lifecycle(command) => lifecycle::run(command, &cli.socket),
+        Command::Lifecycle(command) => lifecycle::run(
+            command,
+            &cli.socket,
+            std::time::Duration::from_secs(cli.timeout),
+        ),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tap-ctl: {e:#}");
+            eprintln!("tap-ctl: {}", render(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error for the terminal: each cause said once.
+fn render(e: &anyhow::Error) -> String {
+    tapjail_common::error_chain(e.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_error_with_repeated_source_says_it_once() {
+        // ENOENT, as the engine reports a missing file.
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(tapjail_worker::image::ImageError::Io {
+            op: "open",
+            offset: 0,
+            source: io,
+        })
+        .context("x.vhd does not exist");
+        let r = render(&e);
+        assert_eq!(r.matches("os error 2").count(), 1, "{r}");
+        assert!(r.starts_with("x.vhd does not exist: I/O error open"), "{r}");
     }
 }

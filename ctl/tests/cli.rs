@@ -75,3 +75,173 @@ fn cli_audit_verify_and_policy_check_work_offline() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Run tap-ctl; fail the test if it takes longer than `limit`.
+fn run_within(mut c: Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("tap-ctl still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cli_broker_that_never_answers_times_out_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Accept and hold every connection, never answering.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let mut c = ctl();
+    c.arg("--socket")
+        .arg(&sock)
+        .args(["--timeout", "2", "list"]);
+    let out = run_within(c, std::time::Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not answer")
+            && err.contains("2 s")
+            && err.contains(&*sock.to_string_lossy()),
+        "{err}"
+    );
+    assert!(!err.contains("os error 11"), "{err}");
+}
+
+#[test]
+fn cli_peer_that_is_not_tap_broker_is_named_as_such() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("other.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(b"\x00\x00\x00\x05hello");
+            held.push(s);
+        }
+    });
+    let out = ctl()
+        .arg("--socket")
+        .arg(&sock)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is it tap-broker's socket"), "{err}");
+}
+
+#[test]
+fn cli_socket_path_that_is_not_a_socket_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("plain");
+    std::fs::write(&f, b"").unwrap();
+    let out = ctl().arg("--socket").arg(&f).arg("list").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a socket"), "{err}");
+}
+
+#[test]
+fn cli_list_unknown_type_is_a_usage_error() {
+    let out = ctl()
+        .args(["--socket", "/nonexistent/b.sock", "list", "-t", "qcow2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn cli_policy_check_and_audit_verify_on_a_fifo_or_device_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("f");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for args in [
+        vec!["policy", "check", fifo.to_str().unwrap()],
+        vec!["audit", "verify", fifo.to_str().unwrap()],
+        vec!["policy", "check", "/dev/zero"],
+    ] {
+        let mut c = ctl();
+        c.args(&args);
+        let out = run_within(c, std::time::Duration::from_secs(10));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a regular file"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn cli_policy_check_warns_about_missing_and_shared_image_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("srv");
+    std::fs::create_dir(&shared).unwrap();
+    let pol = dir.path().join("p.toml");
+    std::fs::write(
+        &pol,
+        format!(
+            "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"{}\"]\n\
+             [[tenant]]\nname = \"b\"\nuids = [2]\nimage_roots = [\"{}/b\", \"/nonexistent/x\"]\n",
+            shared.display(),
+            shared.display()
+        ),
+    )
+    .unwrap();
+    let out = ctl().args(["policy", "check"]).arg(&pol).output().unwrap();
+    // Warnings, not errors: the file is usable.
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.toml:8:") && err.contains("warning") && err.contains("/nonexistent/x"),
+        "{err}"
+    );
+    assert!(
+        err.contains("p.toml:8:") && err.contains("tenant \"a\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_relative_image_path_without_a_current_directory_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && rmdir '{}' && exec '{}' --socket /nonexistent/b.sock create -a vhd:x.vhd",
+            gone.display(),
+            gone.display(),
+            env!("CARGO_BIN_EXE_tap-ctl")
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("x.vhd") && err.contains("current directory"),
+        "{err}"
+    );
+}

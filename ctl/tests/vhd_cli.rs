@@ -169,3 +169,177 @@ fn cli_check_lists_problems_and_fails_on_a_damaged_image() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
 }
+
+fn stderr_of(args: &[&str]) -> (Option<i32>, String) {
+    let o = tapctl(args, None);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_errors_say_each_cause_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("nope.vhd");
+    let (code, err) = stderr_of(&["vhd", "query", "-n", s(&p)]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn cli_snapshot_errors_name_the_parent_when_the_parent_is_at_fault() {
+    let tmp = tempfile::tempdir().unwrap();
+    let child = tmp.path().join("child.vhd");
+    let missing = tmp.path().join("missing.vhd");
+    let (code, err) = stderr_of(&["vhd", "snapshot", "-n", s(&child), "-p", s(&missing)]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("{} does not exist", missing.display())),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&format!("{} does not exist", child.display())),
+        "{err}"
+    );
+    let not_vhd = tmp.path().join("plain.raw");
+    std::fs::write(&not_vhd, vec![0u8; 4096]).unwrap();
+    let (_, err) = stderr_of(&["vhd", "snapshot", "-n", s(&child), "-p", s(&not_vhd)]);
+    assert!(
+        err.contains(&format!("{} is not a VHD image", not_vhd.display())),
+        "{err}"
+    );
+    assert!(!child.exists());
+}
+
+#[test]
+fn cli_read_past_the_end_fails_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    for (off, len) in [
+        ("5", "18446744073709551615"),
+        ("8388000", "1000"),
+        ("18446744073709551615", "2"),
+    ] {
+        let o = tapctl(&["vhd", "read", "-n", s(&p), "-o", off, "-l", len], None);
+        assert_eq!(o.status.code(), Some(1), "{off} {len}");
+        assert!(
+            o.stdout.is_empty(),
+            "{off} {len}: {} bytes written",
+            o.stdout.len()
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("8388608"), "{err}");
+    }
+}
+
+#[test]
+fn cli_convert_and_create_refuse_an_existing_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    tapctl(&["vhd", "write", "-n", s(&p), "-o", "0"], Some(b"keep me"));
+    let before = std::fs::read(&p).unwrap();
+    let (code, err) = stderr_of(&["vhd", "convert", s(&p), s(&p)]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already exists"), "{err}");
+    let (code, err) = stderr_of(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn cli_vhd_tools_on_a_fifo_fail_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&f).status().unwrap().success());
+    for verb in ["query", "check", "coalesce"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+            .args(["vhd", verb, "-n", s(&f)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("tap-ctl vhd {verb} on a FIFO hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(1), "{verb}");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(
+            err.contains("is a FIFO, not an image file"),
+            "{verb}: {err}"
+        );
+    }
+}
+
+#[test]
+fn cli_coalesce_into_a_read_only_parent_names_the_parent() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let base = tmp.path().join("base.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "8"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&child, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // Root may write a 0444 file: act as nobody then.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_tap-ctl"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+    };
+    let o = c
+        .args(["vhd", "coalesce", "-n", s(&child)])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}, the parent of {}, cannot be opened for writing",
+            base.display(),
+            child.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_refused_arguments_are_said_without_a_vague_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, err) = stderr_of(&["vhd", "query", "-n", "/dev/zero"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        "tap-ctl: invalid argument: /dev/zero is a character device, not an image file (a regular file or a block device)"
+    );
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    let (_, err) = stderr_of(&["vhd", "resize", "-n", s(&p), "-s", "4"]);
+    assert!(
+        err.starts_with(&format!(
+            "tap-ctl: {}: invalid argument: shrinking from",
+            p.display()
+        )),
+        "{err}"
+    );
+}

@@ -28,6 +28,7 @@ fn replay_seeds_and_corpus_never_panic() {
     for (name, data) in &inputs {
         eprintln!("{name}");
         tapjail_fuzz::open_read(data);
+        tapjail_fuzz::write_repair(data);
     }
 }
 
@@ -54,6 +55,7 @@ fn replay_mutated_seeds_never_panic() {
                 d[i] = (x >> 32) as u8;
             }
             tapjail_fuzz::open_read(&d);
+            tapjail_fuzz::write_repair(&d);
         }
     }
 }

@@ -26,6 +26,10 @@ pub const MAX_WORKER_MEMLOCK_MIB: u64 = 64 * 1024;
 /// Most concurrent client connections the config may allow.
 pub const MAX_CLIENTS_LIMIT: u32 = 4096;
 
+/// Largest policy file read (a real one is a few KiB; this keeps a wrong
+/// path such as a log or a device from being read into memory).
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
 /// Which kernel frontend serves minors (`frontend = ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,6 +136,18 @@ impl PolicyError {
         }
         out
     }
+}
+
+/// Warnings as `origin:LINE:COL: warning: message` lines.
+pub fn render_warnings(warnings: &[Diagnostic], origin: &str) -> String {
+    let mut out = String::new();
+    for d in warnings {
+        out.push_str(&format!(
+            "{origin}:{}:{}: warning: {}\n",
+            d.line, d.column, d.message
+        ));
+    }
+    out
 }
 
 impl fmt::Display for PolicyError {
@@ -325,6 +341,65 @@ impl Policy {
                 diagnostics: c.diags,
             })
         }
+    }
+
+    /// Things in a valid policy that are probably mistakes, with their
+    /// lines: an image root that is not an existing directory (`is_dir`
+    /// answers that; the caller looks, this crate makes no syscalls), and
+    /// image roots of two tenants that overlap (each can then open the
+    /// other's images). Empty for text that does not parse.
+    pub fn warnings(text: &str, is_dir: &dyn Fn(&Path) -> bool) -> Vec<Diagnostic> {
+        let Ok(raw) = toml::from_str::<RawPolicy>(text) else {
+            return Vec::new();
+        };
+        let mut c = Checker {
+            text,
+            diags: Vec::new(),
+        };
+        // (tenant, normalized root) of every root seen so far.
+        let mut seen: Vec<(String, PathBuf)> = Vec::new();
+        for t in &raw.tenant {
+            let t = t.get_ref();
+            let name = t.name.get_ref();
+            for r in &t.image_roots {
+                let Ok(root) = normalize_absolute(Path::new(r.get_ref())) else {
+                    continue;
+                };
+                if !is_dir(&root) {
+                    c.at(
+                        r.span(),
+                        format!(
+                            "image root {} of tenant {name:?} is not an existing directory: \
+                             its opens fail until it is created",
+                            root.display()
+                        ),
+                    );
+                }
+                for (other, o) in seen.iter().filter(|(other, _)| other != name) {
+                    let how = if root == *o {
+                        "is also an image root"
+                    } else if root.starts_with(o) {
+                        "lies inside the image root"
+                    } else if o.starts_with(&root) {
+                        "contains the image root"
+                    } else {
+                        continue;
+                    };
+                    c.at(
+                        r.span(),
+                        format!(
+                            "image root {} of tenant {name:?} {how} {} of tenant {other:?}: \
+                             each can open images the other puts there",
+                            root.display(),
+                            o.display()
+                        ),
+                    );
+                }
+                seen.push((name.clone(), root));
+            }
+        }
+        c.diags.sort_by_key(|d| (d.line, d.column));
+        c.diags
     }
 
     /// The tenant a peer acts as: the one listing its uid, else the one
@@ -739,6 +814,48 @@ image_roots = ["/srv/bob"]
             .unwrap_err();
         let s = e.render("p.toml");
         assert!(s.starts_with("p.toml:4:16: image root"), "{s}");
+    }
+
+    #[test]
+    fn warnings_missing_root_and_overlapping_roots_have_lines() {
+        let text = "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"/srv\"]\n\
+                    [[tenant]]\nname = \"b\"\nuids = [2]\nimage_roots = [\"/srv/b\", \"/gone\"]\n\
+                    [[tenant]]\nname = \"c\"\nuids = [3]\nimage_roots = [\"/srv/\", \"/c\"]\n";
+        assert!(Policy::parse(text).is_ok());
+        let w = Policy::warnings(text, &|p| p != Path::new("/gone"));
+        let at = |line: usize, needle: &str| {
+            w.iter()
+                .any(|d| d.line == line && d.message.contains(needle))
+        };
+        assert!(
+            at(
+                8,
+                "/srv/b of tenant \"b\" lies inside the image root /srv of tenant \"a\""
+            ),
+            "{w:?}"
+        );
+        assert!(
+            at(8, "/gone of tenant \"b\" is not an existing directory"),
+            "{w:?}"
+        );
+        assert!(
+            at(
+                12,
+                "/srv of tenant \"c\" is also an image root /srv of tenant \"a\""
+            ),
+            "{w:?}"
+        );
+        assert!(
+            at(
+                12,
+                "/srv of tenant \"c\" contains the image root /srv/b of tenant \"b\""
+            ),
+            "{w:?}"
+        );
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(render_warnings(&w, "p.toml").starts_with("p.toml:8:"));
+        // The embedded default has nothing to warn about but its root.
+        assert!(Policy::warnings(EMBEDDED_DEFAULT, &|_| true).is_empty());
     }
 
     #[test]

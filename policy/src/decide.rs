@@ -398,6 +398,17 @@ fn with_image(t: &Tenant, image: &ImageSpec, read_only: bool, base: Decision) ->
 }
 
 fn grant(t: &Tenant, path: &Path, read_only: bool) -> Result<ImageGrant, Box<Decision>> {
+    if t.image_roots.iter().any(|r| r == path) {
+        return Err(Box::new(Decision::deny(
+            Some(t),
+            "outside-roots",
+            format!(
+                "{} is an image root of tenant {}, not an image: name an image file under it",
+                path.display(),
+                t.name
+            ),
+        )));
+    }
     let Some((root, relative)) = under_root(path, &t.image_roots) else {
         let roots: Vec<String> = t
             .image_roots
@@ -823,6 +834,25 @@ admin = true
             };
             assert_eq!(decide(&create, &ALICE, &p, &v).rule, rule, "create {path}");
         }
+    }
+
+    #[test]
+    fn decide_open_of_an_image_root_itself_says_it_is_the_root() {
+        let (p, v) = (policy(), view());
+        let req = Request::Open {
+            pid: Some(100),
+            minor: m(1),
+            image: img("/srv/alice"),
+            read_only: true,
+        };
+        let d = decide(&req, &ALICE, &p, &v);
+        assert_eq!((d.allow, d.rule), (false, "outside-roots"));
+        assert!(
+            d.reason
+                .contains("is an image root of tenant alice, not an image"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Everything arrives as fds; the worker never opens a path.
 
 use crate::disk::Disk;
+use crate::frontend::fuse::{self, FuseConfig, FuseFrontend};
 use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
@@ -343,7 +344,20 @@ impl Worker {
                 };
                 Box::new(NbdFrontend::new(listener, export_name))
             }
-            FrontendSpec::Fuse { .. } => return error("fuse frontend not built"),
+            FrontendSpec::Fuse { file_name, resend } => {
+                let Some(conn) = single_fd(&mut fds) else {
+                    return error("Serve(Fuse) needs exactly one fd (the /dev/fuse connection)");
+                };
+                let config = FuseConfig {
+                    file_name,
+                    resend,
+                    threads: fuse::DEFAULT_THREADS,
+                };
+                match FuseFrontend::new(conn, config) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => return error(format!("fuse frontend: {e}")),
+                }
+            }
             spec @ FrontendSpec::Ublk { .. } => {
                 let Some(char_dev) = single_fd(&mut fds) else {
                     return error("Serve(Ublk) needs exactly one fd (/dev/ublkcN)");

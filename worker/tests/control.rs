@@ -181,7 +181,7 @@ fn broker_drives_open_serve_stats_pause_unpause_close_shutdown() {
 }
 
 #[test]
-fn fuse_and_ublk_serve_are_refused_until_built() {
+fn fuse_and_ublk_serve_without_their_fd_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), "a.img", 1 << 20, 0);
     for frontend in ["fuse", "ublk"] {
@@ -202,11 +202,11 @@ fn fuse_and_ublk_serve_are_refused_until_built() {
             }
         };
         let r = b.ask(ToWorker::Serve(spec), &[]);
-        // ublk is built: without its /dev/ublkcN fd, Serve is refused.
+        // Both are built: without its fd, Serve is refused.
         let expected = if frontend == "ublk" {
             "/dev/ublkcN"
         } else {
-            "not built"
+            "exactly one fd"
         };
         assert!(
             matches!(r, FromWorker::Error(ref e) if e.contains(expected)),

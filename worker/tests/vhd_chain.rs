@@ -161,7 +161,10 @@ fn chain_parent_loop_is_refused() {
     create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
     snapshot_path(&y, &base, DEFAULT_BLOCK_SIZE).unwrap();
     snapshot_path(&x, &y, DEFAULT_BLOCK_SIZE).unwrap();
-    set_parent_path(&y, &x).unwrap(); // x -> y -> x -> ...
+    // x -> y -> x -> ...: set_parent_path refuses to write this, so
+    // write it below that check (as another tool or a hostile image can).
+    let (spec, _) = tapjail_worker::image::vhd::fs::parent_spec(&y, &x).unwrap();
+    tapjail_worker::image::vhd::modify::set_parent(&open_file(&y, false).unwrap(), &spec).unwrap();
     let e = open_vhd(&x, true, VhdOptions::default()).unwrap_err();
     assert!(matches!(e, ImageError::ParentLoop { .. }), "{e}");
 }
@@ -173,7 +176,9 @@ fn chain_parent_with_another_uuid_is_refused() {
     let child = tmp.path().join("child.vhd");
     create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
     snapshot_path(&child, &base, DEFAULT_BLOCK_SIZE).unwrap();
-    create_path(&base, MIB, &CreateKind::dynamic()).unwrap(); // new UUID
+    // Replace the parent by another image (a new UUID) under its name.
+    std::fs::remove_file(&base).unwrap();
+    create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
     let e = open_vhd(&child, true, VhdOptions::default()).unwrap_err();
     assert!(matches!(e, ImageError::ParentUuidMismatch { .. }), "{e}");
     assert!(check_path(&child)
@@ -248,4 +253,58 @@ fn chain_open_chain_uses_the_parent_opener_with_locators_and_uuid() {
     let mut b = [0u8; 4];
     img.read_at(&mut b, 6).unwrap();
     assert_eq!(&b, b"\0abc");
+}
+
+#[test]
+fn set_parent_path_to_itself_is_refused_and_image_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    let child = tmp.path().join("child.vhd");
+    create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
+    snapshot_path(&child, &base, DEFAULT_BLOCK_SIZE).unwrap();
+    let before = std::fs::read(&child).unwrap();
+    let e = set_parent_path(&child, &child).unwrap_err();
+    assert!(e.to_string().contains("loop"), "{e}");
+    assert_eq!(std::fs::read(&child).unwrap(), before);
+    open_vhd(&child, true, VhdOptions::default()).unwrap();
+}
+
+#[test]
+fn set_parent_path_onto_a_descendant_is_refused_and_chain_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    let c1 = tmp.path().join("c1.vhd");
+    let c2 = tmp.path().join("c2.vhd");
+    create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
+    snapshot_path(&c1, &base, DEFAULT_BLOCK_SIZE).unwrap();
+    snapshot_path(&c2, &c1, DEFAULT_BLOCK_SIZE).unwrap();
+    let before = std::fs::read(&c1).unwrap();
+    let e = set_parent_path(&c1, &c2).unwrap_err();
+    assert!(e.to_string().contains("loop"), "{e}");
+    assert_eq!(std::fs::read(&c1).unwrap(), before);
+    open_vhd(&c2, true, VhdOptions::default()).unwrap();
+}
+
+#[test]
+fn check_path_reports_a_parent_loop_further_up_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    let c1 = tmp.path().join("c1.vhd");
+    let c2 = tmp.path().join("c2.vhd");
+    create_path(&base, MIB, &CreateKind::dynamic()).unwrap();
+    snapshot_path(&c1, &base, DEFAULT_BLOCK_SIZE).unwrap();
+    snapshot_path(&c2, &c1, DEFAULT_BLOCK_SIZE).unwrap();
+    // A loop c1 -> c2 -> c1, written below the path-level refusal (as
+    // another tool, or a hostile image, could have).
+    let (spec, _) = tapjail_worker::image::vhd::fs::parent_spec(&c1, &c2).unwrap();
+    tapjail_worker::image::vhd::modify::set_parent(&open_file(&c1, false).unwrap(), &spec).unwrap();
+    assert!(open_vhd(&c2, true, VhdOptions::default()).is_err());
+    for p in [&c1, &c2] {
+        let problems = check_path(p).unwrap();
+        assert!(
+            problems.iter().any(|x| x.message.contains("loop")),
+            "{}: {problems:?}",
+            p.display()
+        );
+    }
 }

@@ -152,12 +152,15 @@ fn set_creator(path: &Path, app: &[u8; 4]) {
 #[test]
 fn interop_virtual_size_rule_matches_qemu_for_every_creator() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("w.vhd");
     // 10 MiB is not a CHS size, so the two rules give different sizes.
-    for app in [
+    for (i, app) in [
         b"vpc ", b"qemu", b"qem2", b"win ", b"d2v ", b"CTXS", b"tap\0", b"wa\0\0", b"xxxx",
         b"tap ", b"vpc\0",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = dir.path().join(format!("w{i}.vhd"));
         create_path(&p, 10 << 20, &CreateKind::dynamic()).unwrap();
         set_creator(&p, app);
         let ours = open(&p, true).virtual_size();

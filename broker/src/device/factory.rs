@@ -6,7 +6,7 @@
 //!
 //! New backends plug in at the three functions marked PLUG-IN POINT below.
 
-use super::{nbd, ublk, DeviceBackend, DeviceError};
+use super::{fuse, nbd, ublk, DeviceBackend, DeviceError};
 use std::path::{Path, PathBuf};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::Minor;
@@ -23,12 +23,15 @@ pub struct DeviceContext {
 
 /// PLUG-IN POINT 1: which frontends are built into this broker.
 fn built(kind: FrontendKind) -> bool {
-    matches!(kind, FrontendKind::Nbd | FrontendKind::Ublk)
+    matches!(
+        kind,
+        FrontendKind::Nbd | FrontendKind::Fuse | FrontendKind::Ublk
+    )
 }
 
 /// PLUG-IN POINT 2: construct the backend of `kind`, or `None` if that
-/// frontend is not built into this broker yet. When `fuse.rs` / `ublk` land:
-/// `FrontendKind::Fuse => Some(fuse::FuseBackend::new(ctx).map(boxed))`.
+/// frontend is not built into this broker yet. When ublk lands:
+/// `FrontendKind::Ublk => Some(ublk::UblkBackend::new(ctx).map(boxed))`.
 fn construct(
     kind: FrontendKind,
     ctx: &DeviceContext,
@@ -38,8 +41,8 @@ fn construct(
     }
     match kind {
         FrontendKind::Nbd => Some(nbd::NbdBackend::new(ctx).map(boxed)),
+        FrontendKind::Fuse => Some(fuse::FuseBackend::from_context(ctx).map(boxed)),
         FrontendKind::Ublk => Some(Ok(boxed(ublk::UblkBackend::for_minor(ctx)))),
-        FrontendKind::Fuse => None,
     }
 }
 
@@ -49,8 +52,8 @@ fn construct(
 fn cleanup(kind: FrontendKind, ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
     match kind {
         FrontendKind::Nbd => nbd::cleanup_stale(ctx),
+        FrontendKind::Fuse => fuse::cleanup_stale(ctx),
         FrontendKind::Ublk => ublk::cleanup_stale(ctx),
-        FrontendKind::Fuse => Ok(Vec::new()),
     }
 }
 
@@ -213,6 +216,36 @@ mod tests {
     }
 
     #[test]
+    fn factory_auto_picks_fuse_without_ublk_and_says_why() {
+        let dev = tempfile::tempdir().unwrap();
+        for node in ["fuse", "loop-control"] {
+            std::fs::write(dev.path().join(node), b"").unwrap();
+        }
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Fuse);
+        assert!(
+            f.explanation()
+                .starts_with("frontend fuse (preferred one unavailable: ublk:"),
+            "{}",
+            f.explanation()
+        );
+        assert_eq!(
+            f.create(Minor::new(2).unwrap()).unwrap().kind(),
+            FrontendKind::Fuse
+        );
+        // Without loop, fuse is skipped and says which node is missing.
+        std::fs::remove_file(dev.path().join("loop-control")).unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Nbd);
+        assert!(
+            f.explanation()
+                .contains("fuse: /dev/loop-control missing (CONFIG_BLK_DEV_LOOP"),
+            "{}",
+            f.explanation()
+        );
+    }
+
+    #[test]
     fn factory_auto_prefers_ublk_when_its_control_node_exists() {
         let dev = tempfile::tempdir().unwrap();
         std::fs::write(dev.path().join("ublk-control"), b"").unwrap();
@@ -232,7 +265,8 @@ mod tests {
         // Pretend the frontend were built: the requirement message is what
         // the operator sees once it is.
         for (path, why) in requirements(FrontendKind::Fuse) {
-            assert!(!dev.path().join(path.trim_start_matches('/')).exists());
+            assert!(path.starts_with("/dev/"));
+            assert!(!dev.path().join(&path[5..]).exists());
             assert!(why.starts_with("CONFIG_"));
         }
         assert!(requirements(FrontendKind::Ublk)[0]

@@ -16,6 +16,9 @@
 //! ```
 
 pub mod factory;
+pub mod fuse;
+pub mod fuse_mount;
+pub mod loop_dev;
 pub mod nbd;
 pub mod ublk;
 
@@ -66,6 +69,24 @@ pub trait DeviceBackend: Send + std::fmt::Debug {
 
     /// The fresh worker reported `Serving`.
     fn recovered(&mut self, worker_pid: u32) -> Result<(), DeviceError>;
+
+    /// The worker is about to be told to pause or close the image: push
+    /// what the kernel still holds for this device (dirty page cache,
+    /// queued requests) through the worker while it still serves, so a
+    /// paused image is complete and a closed one loses nothing. With
+    /// `closing`, the worker stops serving afterwards: the backend must not
+    /// wait on it again (FUSE: teardown aborts the connection instead of
+    /// flushing into a server that is gone). Default: nothing to push.
+    fn sync(&mut self, _closing: bool) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Whether something above the device holds it (a mounted filesystem,
+    /// device-mapper): the broker refuses a non-forced close or detach
+    /// while it does, since teardown would turn that user's I/O into errors.
+    fn in_use(&self) -> bool {
+        false
+    }
 
     /// Remove everything this backend created, in the right order.
     /// Idempotent, and must work when the worker is already dead.

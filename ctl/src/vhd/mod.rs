@@ -17,6 +17,9 @@ use tapjail_worker::image::{Image, ImageError};
 
 const MIB: u64 = 1 << 20;
 
+/// errno of a full filesystem (Linux).
+const ENOSPC: i32 = 28;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutFormat {
     Raw,
@@ -153,15 +156,28 @@ fn hint(e: &ImageError, path: &Path) -> String {
         ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
             format!("you may not access {p}")
         }
+        ImageError::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
+            format!("the filesystem holding {p} is full: free some space and run the command again")
+        }
         _ => format!("while working on {p}"),
     }
 }
 
 /// Attach the file name and a hint to an engine result.
 fn on<T>(path: &Path, r: Result<T, ImageError>) -> Result<T> {
-    r.map_err(|e| {
-        let h = hint(&e, path);
-        anyhow::Error::new(e).context(h)
+    r.map_err(|e| match e {
+        // Says what is wrong and what to do; only the file may be missing.
+        ImageError::InvalidArgument(ref m) if m.contains(&*path.to_string_lossy()) => {
+            anyhow::Error::new(e)
+        }
+        ImageError::InvalidArgument(_) => {
+            let p = path.display().to_string();
+            anyhow::Error::new(e).context(p)
+        }
+        e => {
+            let h = hint(&e, path);
+            anyhow::Error::new(e).context(h)
+        }
     })
 }
 
@@ -192,6 +208,8 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             parent,
             block_size,
         } => {
+            // What is wrong with the parent is said about the parent.
+            on(&parent, vfs::parent_spec(&name, &parent))?;
             on(&name, vfs::snapshot_path(&name, &parent, block_size))?;
         }
         VhdCommand::Query {
@@ -283,6 +301,14 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             length,
         } => {
             let img = on(&name, vfs::open_any(&name))?;
+            // Refuse a range past the end before writing any of it.
+            let size = img.virtual_size();
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                bail!(
+                    "offset {offset} + length {length} is past the end of {} ({size} bytes)",
+                    name.display()
+                );
+            }
             let mut out = std::io::stdout().lock();
             let mut buf = vec![0u8; length.min(4 * MIB) as usize];
             let mut done = 0u64;
@@ -324,7 +350,23 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
                 (OutFormat::Vhd, false) => ConvertTarget::VhdDynamic { block_size },
             };
             let (bar, mut cb) = progress::bar("convert");
-            on(&src, vfs::convert_path(&src, &dst, target, sync, &mut cb))?;
+            vfs::convert_path(&src, &dst, target, sync, &mut cb).map_err(|e| {
+                // Say which side failed where the error says it.
+                let h = match &e {
+                    ImageError::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
+                        format!(
+                            "no space left to write {}: free some space and run the command \
+                             again (the partial output was removed)",
+                            dst.display()
+                        )
+                    }
+                    ImageError::InvalidArgument(_) => {
+                        format!("cannot convert {} to {}", src.display(), dst.display())
+                    }
+                    _ => hint(&e, &src),
+                };
+                anyhow::Error::new(e).context(h)
+            })?;
             if let Some(b) = bar {
                 b.finish();
             }
@@ -341,6 +383,7 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             on(&name, vfs::resize_path(&name, mib(size)?))?;
         }
         VhdCommand::SetParent { name, parent } => {
+            on(&parent, vfs::parent_spec(&name, &parent))?;
             on(&name, vfs::set_parent_path(&name, &parent))?;
         }
     }

@@ -9,6 +9,7 @@ pub mod ublk;
 use crate::disk::Disk;
 use std::sync::Arc;
 
+pub mod fuse;
 pub mod nbd;
 
 /// Makes a running [`Frontend::serve`] return, from another thread.

@@ -48,7 +48,14 @@ impl Backing for File {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        let m = self.metadata()?;
+        if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) {
+            // stat gives 0 for a block device; its end is its size. All
+            // I/O here is positioned, so moving the offset is harmless.
+            use std::io::Seek;
+            return (&mut &*self).seek(io::SeekFrom::End(0));
+        }
+        Ok(m.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -379,10 +379,59 @@ pub fn nbd_rules() -> Vec<Allowed> {
     ]
 }
 
-/// What the FUSE frontend adds. Reads and writes on `/dev/fuse` are in the
-/// base set; the FUSE frontend extends this list with what it needs.
+/// What the FUSE frontend adds. Requests are `read(2)` and replies
+/// `writev(2)` on the `/dev/fuse` fd we were handed, and O_NONBLOCK is set
+/// with `fcntl(F_SETFL)`, all in the base set; the frontend needs only a
+/// way for its idle threads to wait, and to be told to stop.
 pub fn fuse_rules() -> Vec<Allowed> {
-    Vec::new()
+    vec![
+        allow(
+            libc::SYS_poll,
+            "poll",
+            "idle FUSE threads wait for a request on /dev/fuse or the stop eventfd",
+        ),
+        allow(
+            libc::SYS_ppoll,
+            "ppoll",
+            "the same wait where libc implements poll() with ppoll",
+        ),
+        allow_if(
+            libc::SYS_epoll_create1,
+            "epoll_create1",
+            one_of32(0, &[libc::EPOLL_CLOEXEC as u64]),
+            "each FUSE thread's wait set: /dev/fuse (EPOLLEXCLUSIVE, so one idle thread \
+             wakes per request) and the stop eventfd",
+        ),
+        allow_if(
+            libc::SYS_epoll_ctl,
+            "epoll_ctl",
+            one_of32(1, &[libc::EPOLL_CTL_ADD as u64]),
+            "fill a FUSE thread's wait set once (add only)",
+        ),
+        allow(
+            libc::SYS_epoll_wait,
+            "epoll_wait",
+            "an idle FUSE thread waits for a request or stop",
+        ),
+        allow(
+            libc::SYS_epoll_pwait,
+            "epoll_pwait",
+            "the same wait where libc implements epoll_wait() with epoll_pwait",
+        ),
+        allow(
+            libc::SYS_restart_syscall,
+            "restart_syscall",
+            "the kernel resumes an interrupted poll(2) through it (poll always sets a \
+             restart block); io_uring task work interrupts waits like a signal does",
+        ),
+        allow_if(
+            libc::SYS_eventfd2,
+            "eventfd2",
+            one_of32(1, &[(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) as u64]),
+            "the FUSE frontend's stop flag (an eventfd every serving thread polls); \
+             written with write(2), never read",
+        ),
+    ]
 }
 
 /// What the ublk frontend adds to the base set (which already covers:

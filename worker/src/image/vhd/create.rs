@@ -70,10 +70,40 @@ pub fn validate_block_size(bs: u32) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Write a new image of `size` bytes into `file` (which is truncated
-/// first). Returns its footer.
-pub fn create(file: &dyn Backing, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+/// Check everything `create` would refuse, before it touches the file.
+fn validate(size: u64, kind: &CreateKind) -> Result<(), ImageError> {
     validate_size(size)?;
+    let (block_size, parent) = match kind {
+        CreateKind::Fixed => return Ok(()),
+        CreateKind::Dynamic { block_size } => (*block_size, None),
+        CreateKind::Differencing { block_size, parent } => (*block_size, Some(parent)),
+    };
+    validate_block_size(block_size)?;
+    let entries = size.div_ceil(u64::from(block_size));
+    if entries > MAX_BAT_ENTRIES {
+        return Err(ImageError::InvalidArgument(format!(
+            "{size} bytes in {block_size}-byte blocks needs {entries} blocks, more than \
+             {MAX_BAT_ENTRIES}; use a larger block size"
+        )));
+    }
+    if let Some(p) = parent {
+        if p.locators.len() > LOCATOR_SLOTS {
+            return Err(ImageError::InvalidArgument(
+                "too many parent locators".into(),
+            ));
+        }
+        for (code, path) in &p.locators {
+            locator::encode(*code, path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Write a new image of `size` bytes into `file` (which is truncated
+/// first, once the arguments are known to be good: a bad size or block
+/// size leaves the file as it was). Returns its footer.
+pub fn create(file: &dyn Backing, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+    validate(size, kind)?;
     let uuid = new_uuid()?;
     let now = vhd_now();
     file.set_len(0).map_err(io("truncate", 0))?;
@@ -103,15 +133,8 @@ fn create_sparse(
     uuid: [u8; 16],
     now: u32,
 ) -> Result<Footer, ImageError> {
-    validate_block_size(block_size)?;
-    let entries = size.div_ceil(u64::from(block_size));
-    if entries > MAX_BAT_ENTRIES {
-        return Err(ImageError::InvalidArgument(format!(
-            "{size} bytes in {block_size}-byte blocks needs {entries} blocks, more than \
-             {MAX_BAT_ENTRIES}; use a larger block size"
-        )));
-    }
-    let entries = entries as u32;
+    // Checked by `validate`: at most MAX_BAT_ENTRIES, which fits a u32.
+    let entries = size.div_ceil(u64::from(block_size)) as u32;
     let disk_type = if parent.is_some() {
         DiskType::Differencing
     } else {
@@ -145,11 +168,6 @@ fn create_sparse(
 
     // Parent locators and name.
     if let Some(p) = parent {
-        if p.locators.len() > LOCATOR_SLOTS {
-            return Err(ImageError::InvalidArgument(
-                "too many parent locators".into(),
-            ));
-        }
         header.set_parent(p.uuid, p.timestamp, &p.name);
         for (slot, (code, path)) in p.locators.iter().enumerate() {
             let data = locator::encode(*code, path)?;

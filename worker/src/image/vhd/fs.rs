@@ -82,7 +82,8 @@ impl ParentOpener for FsParentOpener {
         let candidates = Self::candidates(child, locators);
         let mut fallback = None;
         for c in &candidates {
-            let Ok(f) = File::open(c) else { continue };
+            // Not File::open: a locator naming a FIFO must not hang us.
+            let Ok(f) = open_file(c, true) else { continue };
             if !f.metadata().is_ok_and(|m| m.is_file()) {
                 continue;
             }
@@ -112,17 +113,71 @@ impl ParentOpener for FsParentOpener {
     }
 }
 
-/// Open a file for an offline tool, read-write unless `read_only`.
+/// What kind of file `t` is, for "X is a FIFO, not an image file".
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+/// Open a file for an offline tool, read-write unless `read_only`. Only
+/// regular files and block devices are images: anything else is refused
+/// by name. The open itself is non-blocking, so that a FIFO (which would
+/// wait for a writer forever) is refused instead of hanging the tool.
 pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
-    OpenOptions::new()
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = OpenOptions::new()
         .read(true)
         .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|source| ImageError::Io {
-            op: "open",
-            offset: 0,
-            source,
-        })
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EISDIR) => not_an_image(path, "directory"),
+            _ => ImageError::Io {
+                op: "open",
+                offset: 0,
+                source,
+            },
+        })?;
+    let t = f.metadata().map_err(ImageError::io("stat", 0))?.file_type();
+    if !(t.is_file() || t.is_block_device()) {
+        return Err(not_an_image(path, file_kind(t)));
+    }
+    // Back to blocking I/O for the image itself.
+    clear_nonblock(&f).map_err(ImageError::io("fcntl", 0))?;
+    Ok(f)
+}
+
+/// Clear `O_NONBLOCK` on an open file.
+fn clear_nonblock(f: &File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl(F_GETFL) on an fd we own; integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fcntl(F_SETFL) on an fd we own; integer arguments only.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn not_an_image(path: &Path, kind: &str) -> ImageError {
+    ImageError::InvalidArgument(format!(
+        "{} is a {kind}, not an image file (a regular file or a block device)",
+        path.display()
+    ))
 }
 
 /// Open a VHD and its chain by path, parents found on the filesystem.
@@ -137,16 +192,44 @@ pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<Vhd
     )
 }
 
-/// Create a new image file at `path` (replacing any file there).
-pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+/// Create the file `path` and fill it with `fill`. The name must be new:
+/// the offline tools never replace an existing file, which could be the
+/// very image being read (`convert a.vhd a.vhd`), a hard link to it, or a
+/// parent in its chain. If `fill` fails, the half-written file is removed
+/// so that nothing that looks like an image but is not is left behind.
+pub fn write_new_file<T>(
+    path: &Path,
+    fill: impl FnOnce(File) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(path)
-        .map_err(ImageError::io("create", 0))?;
-    create(&f, size, kind)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                ImageError::InvalidArgument(format!(
+                    "{} already exists: remove it first or choose another name",
+                    path.display()
+                ))
+            } else {
+                ImageError::Io {
+                    op: "create",
+                    offset: 0,
+                    source,
+                }
+            }
+        })?;
+    let r = fill(f);
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Create a new image file at `path`, which must not exist yet.
+pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, ImageError> {
+    write_new_file(path, |f| create(&f, size, kind))
 }
 
 /// What a child of `parent` (to be created at `child`) records about it:
@@ -218,7 +301,7 @@ pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Foo
 }
 
 /// Check a VHD by path, including that its parent (if any) can be found
-/// and carries the UUID it should.
+/// and carries the UUID it should, and that its whole chain opens.
 pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
     let f = open_file(path, true)?;
     let mut problems = check(&f);
@@ -254,6 +337,16 @@ pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
             }
         }
     }
+    if problems.is_empty() {
+        // The whole chain above must open too (no loop, nothing missing
+        // or damaged further up).
+        if let Err(e) = open_vhd(path, true, VhdOptions::default()) {
+            problems.push(Problem {
+                field: "parent chain",
+                message: e.to_string(),
+            });
+        }
+    }
     Ok(problems)
 }
 
@@ -282,10 +375,56 @@ pub fn resize_path(path: &Path, size: u64) -> Result<(), ImageError> {
     resize(&open_file(path, false)?, size)
 }
 
-/// Point `child` at `parent` (`vhd-util modify -p`).
+/// The UUIDs of the image at `path` and of the parents that can be found
+/// above it, leaf first. The walk stops at the root, at the first parent
+/// that cannot be opened, at a repeated UUID (a loop: that UUID is the
+/// last one returned) or at [`super::MAX_CHAIN_DEPTH`].
+fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
+    let mut layer = VhdLayer::open(
+        Box::new(open_file(path, true)?),
+        &path.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    let mut uuids = vec![layer.uuid()];
+    while uuids.len() < super::MAX_CHAIN_DEPTH {
+        let Some(puuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) else {
+            break;
+        };
+        let Ok((pf, pname)) =
+            FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), puuid)
+        else {
+            break;
+        };
+        let Ok(parent) = VhdLayer::open(pf, &pname, true, VhdOptions::default()) else {
+            break;
+        };
+        let again = uuids.contains(&parent.uuid());
+        uuids.push(parent.uuid());
+        if again {
+            break;
+        }
+        layer = parent;
+    }
+    Ok(uuids)
+}
+
+/// Point `child` at `parent` (`vhd-util modify -p`). Refused when that
+/// would make a loop: `parent` is `child` itself or one of its
+/// descendants (its chain leads back to `child`).
 pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
+    let cf = open_file(child, false)?;
+    let child_uuid = super::layout::Metadata::read(&cf)?.footer.uuid();
+    if chain_uuids(parent)?.contains(&child_uuid) {
+        return Err(ImageError::InvalidArgument(format!(
+            "{} cannot be the parent of {}: it is that image or is based on it, \
+             which would make a parent loop",
+            parent.display(),
+            child.display()
+        )));
+    }
     let (spec, _) = parent_spec(child, parent)?;
-    set_parent(&open_file(child, false)?, &spec)
+    set_parent(&cf, &spec)
 }
 
 /// Merge `child` into its parent (found on the filesystem, opened
@@ -307,8 +446,18 @@ pub fn coalesce_path(
     })?;
     let (_, pname) = FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), uuid)?;
     let ppath = PathBuf::from(&pname);
+    let writable = |r: Result<File, ImageError>| {
+        r.map_err(|e| match e {
+            ImageError::Io { source, .. } => ImageError::InvalidArgument(format!(
+                "{pname}, the parent of {}, cannot be opened for writing, which coalesce \
+                 needs (it merges into the parent): {source}",
+                child.display()
+            )),
+            other => other,
+        })
+    };
     {
-        let pf = open_file(&ppath, false)?;
+        let pf = writable(open_file(&ppath, false))?;
         let pmeta = super::layout::Metadata::read(&pf)?;
         if pmeta.footer.uuid() != uuid {
             return Err(ImageError::ParentUuidMismatch {
@@ -356,7 +505,8 @@ pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
     })
 }
 
-/// Convert `src` (format detected) into a new file `dst`. With `sync` the
+/// Convert `src` (format detected) into a new file `dst` (which must not
+/// exist; a failed conversion removes it again). With `sync` the
 /// output is made durable before returning; like `cp` and `qemu-img
 /// convert`, it is otherwise left to the page cache.
 pub fn convert_path(
@@ -367,19 +517,25 @@ pub fn convert_path(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let image = open_any(src)?;
+    write_new_file(dst, |out| {
+        convert_into(image.as_ref(), out, dst, target, sync, progress)
+    })
+}
+
+fn convert_into(
+    image: &dyn Image,
+    out: File,
+    dst: &Path,
+    target: ConvertTarget,
+    sync: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
     let size = image.virtual_size();
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .map_err(ImageError::io("create", 0))?;
     match target {
         ConvertTarget::Raw => {
             out.set_len(size)
                 .map_err(ImageError::io("truncate", size))?;
-            copy_image(image.as_ref(), &RawSink(&out), progress)?;
+            copy_image(image, &RawSink(&out), progress)?;
             if sync {
                 out.sync_data().map_err(ImageError::io("fsync", 0))?;
             }
@@ -401,7 +557,7 @@ pub fn convert_path(
                     sync_metadata: false,
                 },
             )?;
-            copy_image(image.as_ref(), &ImageSink(&dst_img), progress)?;
+            copy_image(image, &ImageSink(&dst_img), progress)?;
             if sync {
                 dst_img.flush()
             } else {

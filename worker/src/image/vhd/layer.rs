@@ -503,39 +503,28 @@ impl VhdLayer {
             bitmap::set_range(&mut map, 0, s.sectors_per_block);
         }
         let full = bitmap::is_full(&map, s.sectors_per_block);
-        let io = |r: std::io::Result<()>, op, off| r.map_err(ImageError::io(op, off));
-        io(self.file.write_all_at(&map, start), "write bitmap", start)?;
-        let wstart = data_start + in_block;
-        io(self.file.write_all_at(data, wstart), "write", wstart)?;
-        // Whatever the file already holds in the rest of the data area (an
-        // old footer, stale bytes) must read as zero.
-        let wend = wstart + data.len() as u64;
-        self.zero_existing(data_start, wstart, alloc.file_len)?;
-        self.zero_existing(wend, block_end, alloc.file_len)?;
-        // The whole block must be inside the file before the BAT points at
-        // it (the footer that will follow it may be lost in a crash).
-        if alloc.file_len.max(wend) < block_end {
-            self.file
-                .set_len(block_end)
-                .map_err(ImageError::io("extend", block_end))?;
-        }
-        if self.options.sync_metadata {
-            self.sync()?;
-        }
+        // What the file holds where the block goes (normally just the end
+        // footer), to put back if the allocation fails half-way (a full
+        // disk): the image then stays exactly as valid as it was.
+        let old_len = alloc.file_len;
+        let saved_end = old_len.min(block_end + FOOTER_SIZE as u64);
+        let mut saved = vec![0u8; saved_end.saturating_sub(start) as usize];
+        self.file
+            .read_exact_at(&mut saved, start)
+            .map_err(ImageError::io("read", start))?;
         let table = s.header.table_offset() + block as u64 * 4;
-        io(
-            self.file.write_all_at(&sector.to_be_bytes(), table),
-            "write BAT",
-            table,
-        )?;
-        if self.options.sync_metadata {
-            self.sync()?;
+        let mut bat_written = false;
+        let placed = self.place_block(
+            &map,
+            data,
+            (data_start, in_block, block_end, old_len),
+            (table, sector),
+            &mut bat_written,
+        );
+        if let Err(e) = placed {
+            self.undo_allocation(table, bat_written, old_len, start, &saved);
+            return Err(e);
         }
-        io(
-            self.file.write_all_at(&self.footer_bytes, block_end),
-            "write footer",
-            block_end,
-        )?;
         alloc.data_end = block_end;
         alloc.file_len = alloc.file_len.max(block_end + FOOTER_SIZE as u64);
         if full {
@@ -545,6 +534,80 @@ impl VhdLayer {
         }
         s.bat.write().unwrap_or_else(|p| p.into_inner())[block] = sector;
         Ok(())
+    }
+
+    /// The writes of a block allocation, in their crash-safe order:
+    /// bitmap and data, the rest of the block zeroed, then the BAT entry,
+    /// then the footer at the new end. `bat_written` says how far it got.
+    fn place_block(
+        &self,
+        map: &[u8],
+        data: &[u8],
+        (data_start, in_block, block_end, file_len): (u64, u64, u64, u64),
+        (table, sector): (u64, u32),
+        bat_written: &mut bool,
+    ) -> Result<(), ImageError> {
+        let io = |r: std::io::Result<()>, op, off| r.map_err(ImageError::io(op, off));
+        let start = data_start - map.len() as u64;
+        io(self.file.write_all_at(map, start), "write bitmap", start)?;
+        let wstart = data_start + in_block;
+        io(self.file.write_all_at(data, wstart), "write", wstart)?;
+        // Whatever the file already holds in the rest of the data area (an
+        // old footer, stale bytes) must read as zero.
+        let wend = wstart + data.len() as u64;
+        self.zero_existing(data_start, wstart, file_len)?;
+        self.zero_existing(wend, block_end, file_len)?;
+        // The whole block must be inside the file before the BAT points at
+        // it (the footer that will follow it may be lost in a crash).
+        if file_len.max(wend) < block_end {
+            self.file
+                .set_len(block_end)
+                .map_err(ImageError::io("extend", block_end))?;
+        }
+        if self.options.sync_metadata {
+            self.sync()?;
+        }
+        io(
+            self.file.write_all_at(&sector.to_be_bytes(), table),
+            "write BAT",
+            table,
+        )?;
+        *bat_written = true;
+        if self.options.sync_metadata {
+            self.sync()?;
+        }
+        io(
+            self.file.write_all_at(&self.footer_bytes, block_end),
+            "write footer",
+            block_end,
+        )
+    }
+
+    /// Best-effort return to the state before a failed allocation: no BAT
+    /// entry, the old length, the old bytes (the old end footer) at
+    /// `start`. Shrinking first gives back the space the new block took,
+    /// so on a full disk the old bytes fit again. If the BAT entry cannot
+    /// be taken back (or made durable), nothing else is undone: the entry
+    /// must keep pointing at a block that lies inside the file.
+    fn undo_allocation(
+        &self,
+        table: u64,
+        bat_written: bool,
+        old_len: u64,
+        start: u64,
+        saved: &[u8],
+    ) {
+        if bat_written {
+            let cleared = self.file.write_all_at(&UNUSED.to_be_bytes(), table);
+            if cleared.is_err() || (self.options.sync_metadata && self.sync().is_err()) {
+                return;
+            }
+        }
+        let _ = self.file.set_len(old_len);
+        let _ = self.file.write_all_at(saved, start);
+        if self.options.sync_metadata {
+            let _ = self.sync();
+        }
     }
 
     /// Write zeroes over `[from, to)` where it lies inside the first

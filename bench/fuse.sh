@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# FUSE + loop benchmark: tapjail's block device against its two peers, in
+# one run, one table.
+#
+#   sudo bench/fuse.sh            (env: SIZE_MIB=1024 RUNTIME=8 REPEAT=3)
+#
+#   (a) loop (direct I/O) over a raw file                      the ceiling
+#   (b) tapjail: tap-broker (frontend fuse) + `tap-ctl create` on a dynamic
+#       VHD: confined tapdisk, FUSE, loop (direct I/O)         what we ship
+#   (c) qemu-storage-daemon, vpc driver (cache.direct=on) on the same kind
+#       of dynamic VHD, `--export type=fuse`, + loop (direct I/O)
+#   (r) tapjail on a raw file (`aio:`): (r)/(a) is the cost of the FUSE hop
+#       alone, (b)/(r) the cost of the VHD format (whose data blocks follow
+#       a 512-byte bitmap, so they are not 4 KiB-aligned in the file)
+#
+# Every image is filled first (reads hit data, writes overwrite allocated
+# blocks). Then fio (libaio, O_DIRECT) runs 4 KiB random read and write at
+# depth 32 and 1 MiB sequential read and write at depth 8, RUNTIME seconds
+# each; the three devices take turns per job and each job is repeated
+# REPEAT times, keeping the best (the machine is shared). Prints IOPS for
+# 4 KiB jobs, MB/s for 1 MiB jobs, and the ratios b/a and b/c.
+set -euo pipefail
+
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNTIME=${RUNTIME:-8}
+REPEAT=${REPEAT:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+die() { echo "bench: $*" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || die "run as root (loop devices, FUSE mounts)"
+for tool in fio qemu-img qemu-storage-daemon losetup python3; do
+    command -v "$tool" >/dev/null || die "$tool not installed (apt-get install fio qemu-utils qemu-system-common util-linux python3)"
+done
+
+cargo build --quiet --release --workspace --bins --manifest-path "$ROOT/Cargo.toml"
+BIN=$ROOT/target/release
+
+WORK=$(mktemp -d /var/tmp/tapjail-bench-fuse.XXXXXX)
+chmod 755 "$WORK"
+BROKER_PID= QSD_PID= LOOP_A= LOOP_C= MINOR= MINOR_R=
+cleanup() {
+    set +e
+    [ -n "$MINOR" ] && "$BIN/tap-ctl" --socket "$WORK/run/broker.sock" destroy -m "$MINOR" >/dev/null
+    [ -n "$MINOR_R" ] && "$BIN/tap-ctl" --socket "$WORK/run/broker.sock" destroy -m "$MINOR_R" >/dev/null
+    [ -n "$BROKER_PID" ] && { kill -TERM "$BROKER_PID"; wait "$BROKER_PID"; } 2>/dev/null
+    [ -n "$LOOP_C" ] && losetup -d "$LOOP_C"
+    [ -n "$QSD_PID" ] && { kill -TERM "$QSD_PID"; wait "$QSD_PID"; } 2>/dev/null
+    [ -n "$LOOP_A" ] && losetup -d "$LOOP_A"
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- (a) loop over raw ------------------------------------------------------
+truncate -s "${SIZE_MIB}M" "$WORK/a.raw"
+LOOP_A=$(losetup --direct-io=on -f --show "$WORK/a.raw")
+
+# --- (b) tapjail --------------------------------------------------------------
+mkdir -p "$WORK/images"
+cat >"$WORK/policy.toml" <<EOF
+socket = "$WORK/run/broker.sock"
+audit_log = "$WORK/log/audit.jsonl"
+state_dir = "$WORK/state"
+device_dir = "$WORK/dev"
+worker_uids = [390000, 390049]
+tapdisk = "$BIN/tapdisk"
+frontend = "fuse"
+
+[[tenant]]
+name = "bench"
+uids = [0]
+image_roots = ["$WORK/images"]
+writable = true
+max_disks = 4
+admin = true
+EOF
+"$BIN/tap-ctl" vhd create -n "$WORK/images/b.vhd" -s "$SIZE_MIB" >/dev/null
+"$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
+BROKER_PID=$!
+CTL="$BIN/tap-ctl --socket $WORK/run/broker.sock"
+for _ in $(seq 100); do $CTL list >/dev/null 2>&1 && break; sleep 0.1; done
+DEV_B=$($CTL create -a "vhd:$WORK/images/b.vhd") || { cat "$WORK/broker.log"; die "tap-ctl create failed"; }
+MINOR=${DEV_B##*tapdev}
+truncate -s "${SIZE_MIB}M" "$WORK/images/r.raw"
+DEV_R=$($CTL create -a "aio:$WORK/images/r.raw") || { cat "$WORK/broker.log"; die "tap-ctl create (raw) failed"; }
+MINOR_R=${DEV_R##*tapdev}
+
+# --- (c) qemu-storage-daemon FUSE export + loop --------------------------------
+"$BIN/tap-ctl" vhd create -n "$WORK/c.vhd" -s "$SIZE_MIB" >/dev/null
+touch "$WORK/c.export"
+start_qsd() {
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$WORK/c.vhd,cache.direct=on,aio=$1" \
+        --blockdev driver=vpc,node-name=d,file=f \
+        --export "type=fuse,id=e,node-name=d,mountpoint=$WORK/c.export,writable=on" \
+        >"$WORK/qsd.log" 2>&1 &
+    QSD_PID=$!
+    for _ in $(seq 100); do
+        [ "$(stat -c %s "$WORK/c.export")" -gt 0 ] && return 0
+        kill -0 "$QSD_PID" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+start_qsd io_uring || { QSD_PID=; start_qsd native; } || { cat "$WORK/qsd.log"; die "qemu-storage-daemon did not export"; }
+LOOP_C=$(losetup --direct-io=on -f --show "$WORK/c.export")
+
+DEVS=("$LOOP_A" "$DEV_B" "$LOOP_C" "$DEV_R")
+
+# --- fill -----------------------------------------------------------------------
+for d in "${DEVS[@]}"; do
+    fio --name=fill --filename="$d" --ioengine=libaio --direct=1 --rw=write --bs=1M \
+        --iodepth=8 --size="${SIZE_MIB}M" --output=/dev/null
+done
+
+# --- measure --------------------------------------------------------------------
+# fio_once DEV RW BS DEPTH -> "IOPS MBps"
+fio_once() {
+    fio --name=j --filename="$1" --ioengine=libaio --direct=1 --rw="$2" --bs="$3" \
+        --iodepth="$4" --runtime="$RUNTIME" --time_based --size="${SIZE_MIB}M" \
+        --random_generator=lfsr --output-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+d = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+print("%.0f %.1f" % (d["iops"], d["bw_bytes"] / 1e6))'
+}
+
+JOBS=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
+declare -A BEST
+for job in "${JOBS[@]}"; do
+    read -r rw bs depth <<<"$job"
+    for _ in $(seq "$REPEAT"); do
+        for i in 0 1 2 3; do
+            read -r iops mbps < <(fio_once "${DEVS[$i]}" "$rw" "$bs" "$depth")
+            v=$([ "$bs" = 4k ] && echo "$iops" || echo "$mbps")
+            key="$job/$i"
+            if [ -z "${BEST[$key]:-}" ] || python3 -c "import sys; sys.exit(0 if $v > ${BEST[$key]} else 1)"; then
+                BEST[$key]=$v
+            fi
+        done
+    done
+done
+
+# --- table ----------------------------------------------------------------------
+fe=$(grep -o 'frontend [a-z]*' "$WORK/broker.log" | head -1)
+echo
+echo "tapjail FUSE + loop: ${SIZE_MIB} MiB images, filled; fio libaio O_DIRECT; best of $REPEAT x ${RUNTIME}s; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "  (a) loop --direct-io over a raw file"
+echo "  (b) tapjail $fe: tap-ctl create on a dynamic VHD ($DEV_B -> $(readlink "$DEV_B"))"
+echo "  (c) qemu-storage-daemon $(qemu-storage-daemon --version | head -1 | grep -o '[0-9][0-9.]*' | head -1) vpc cache.direct=on, --export type=fuse, + loop --direct-io"
+echo "  (r) tapjail on the raw file (aio:): r/a = the FUSE hop alone"
+printf '%-22s %14s %14s %14s %7s %7s %14s %7s\n' job "(a)" "(b)" "(c)" "b/a" "b/c" "(r)" "r/a"
+for job in "${JOBS[@]}"; do
+    read -r rw bs depth <<<"$job"
+    unit=$([ "$bs" = 4k ] && echo IOPS || echo MB/s)
+    a=${BEST["$job/0"]} b=${BEST["$job/1"]} c=${BEST["$job/2"]} r=${BEST["$job/3"]}
+    read -r ba bc ra < <(python3 -c "print('%.2f %.2f %.2f' % ($b / $a if $a else 0, $b / $c if $c else 0, $r / $a if $a else 0))")
+    printf '%-22s %9s %4s %9s %4s %9s %4s %7s %7s %9s %4s %7s\n' "$bs $rw QD$depth" "$a" "$unit" "$b" "$unit" "$c" "$unit" "$ba" "$bc" "$r" "$unit" "$ra"
+done

@@ -1,0 +1,4 @@
+//! The broker's library half: what `tap-broker` is built from, exposed so
+//! the integration tests can drive single pieces (a device backend) too.
+
+pub mod device;
