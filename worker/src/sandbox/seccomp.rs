@@ -450,10 +450,12 @@ pub fn fuse_rules() -> Vec<Allowed> {
 #[allow(clippy::unnecessary_cast)]
 pub fn ublk_rules() -> Vec<Allowed> {
     vec![
-        allow(
+        allow_if(
             libc::SYS_eventfd2,
             "eventfd2",
-            "one eventfd per ublk queue: slow-path threads wake the queue ring, which reads it",
+            one_of32(1, &[libc::EFD_CLOEXEC as u64]),
+            "one eventfd per ublk queue, made as its thread starts: slow-path threads \
+             write it to wake the queue ring, whose READ on the registered fd takes the count",
         ),
         allow_if(
             libc::SYS_io_uring_register,
@@ -633,6 +635,10 @@ mod tests {
     fn ublk_adds_only_its_eventfd_and_the_file_slot_update() {
         let extra: Vec<&str> = ublk_rules().iter().map(|r| r.name).collect();
         assert_eq!(extra, ["eventfd2", "io_uring_register"]);
+        assert_eq!(
+            ublk_rules()[0].when,
+            vec![vec![eq32(1, libc::EFD_CLOEXEC as u64)]]
+        );
         let update = &ublk_rules()[1];
         assert_eq!(
             update.when,
