@@ -12,6 +12,23 @@ use tapjail_tests::*;
 
 const MIB: u64 = 1 << 20;
 
+/// FUSE tests take turns, here and in `broker/tests/fuse_device.rs` (and in
+/// other checkouts on this host): a loop device one test frees is taken at
+/// once by another's FUSE disk (whose backing file is also `/disk`), which
+/// would make "left bound" checks see a neighbour's device.
+fn serial() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/tapjail-fuse-loop-tests.lock")
+        .expect("lock file");
+    // SAFETY: flock on an fd we own; blocks until the lock is ours.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
 fn fuse_harness(respawn: bool) -> Harness {
     Harness::start(Options {
         frontend: "fuse",
@@ -110,6 +127,7 @@ fn sha(path: &Path) -> String {
 
 #[test]
 fn fuse_mkfs_write_50mb_destroy_recreate_file_is_identical_and_image_clean() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "disk.vhd", 256);
     let spec = format!("vhd:{}", vhd.display());
@@ -153,6 +171,7 @@ fn fuse_mkfs_write_50mb_destroy_recreate_file_is_identical_and_image_clean() {
 
 #[test]
 fn fuse_read_only_open_refuses_writes_and_leaves_the_image_unchanged() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "ro.vhd", 16);
     // Put data in it first, read-write.
@@ -191,6 +210,7 @@ fn fuse_read_only_open_refuses_writes_and_leaves_the_image_unchanged() {
 
 #[test]
 fn fuse_differencing_chain_leaves_its_parent_byte_identical() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let parent = h.vhd_image(ROOT.name, "base.vhd", 32);
     let dev = create(&h, &format!("vhd:{}", parent.display()), &[]);
@@ -227,6 +247,7 @@ fn fuse_differencing_chain_leaves_its_parent_byte_identical() {
 
 #[test]
 fn fuse_hundred_create_destroy_cycles_leak_nothing() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "cycle.vhd", 8);
     let spec = format!("vhd:{}", vhd.display());
@@ -298,6 +319,7 @@ fn worker_pid(h: &Harness) -> u32 {
 
 #[test]
 fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
+    let _turn = serial();
     let h = fuse_harness(true);
     let vhd = h.vhd_image(ROOT.name, "kill.vhd", 512);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
@@ -386,6 +408,7 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
 
 #[test]
 fn fuse_close_of_a_mounted_device_is_refused_unless_forced() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "busy.vhd", 64);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
@@ -405,6 +428,7 @@ fn fuse_close_of_a_mounted_device_is_refused_unless_forced() {
 
 #[test]
 fn fuse_pause_pushes_the_page_cache_into_the_image() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "pause.vhd", 16);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
@@ -433,6 +457,7 @@ fn fuse_pause_pushes_the_page_cache_into_the_image() {
 
 #[test]
 fn fuse_broker_shutdown_takes_every_device_down() {
+    let _turn = serial();
     let mut h = fuse_harness(false);
     let a = h.vhd_image(ROOT.name, "a.vhd", 8);
     let b = h.vhd_image(ROOT.name, "b.vhd", 8);

@@ -12,6 +12,7 @@ pub mod error;
 pub mod raw;
 pub mod stats;
 pub mod vhd;
+pub mod zeroes;
 
 pub use backing::Backing;
 pub use error::ImageError;

@@ -50,13 +50,12 @@ impl RawImage {
 
     /// Zero by writing zeroes, when punching holes is not available.
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<(), ImageError> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        use super::zeroes::{ZEROES, ZERO_CHUNK};
         let end = offset + len;
         while offset < end {
-            let n = CHUNK.min(end - offset) as usize;
+            let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
             self.file
-                .write_all_at(&zeroes[..n], offset)
+                .write_all_at(&ZEROES[..n], offset)
                 .map_err(|source| ImageError::Io {
                     op: "write",
                     offset,

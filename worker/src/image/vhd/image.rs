@@ -4,13 +4,13 @@
 
 use super::footer::DiskType;
 use super::layer::VhdLayer;
+use crate::image::zeroes::{ZEROES, ZERO_CHUNK};
 use crate::image::{Extent, Image, ImageError, LayerStats, SECTOR_SIZE};
 use std::sync::{Mutex, MutexGuard};
 
 /// Stripes serializing read-modify-write of partial sectors.
 const RMW_STRIPES: usize = 64;
 /// Largest zero buffer used by write_zeroes.
-const ZERO_CHUNK: u64 = 1 << 20;
 /// block_status merges at most this many runs into one extent.
 const MAX_STATUS_RUNS: usize = 4096;
 
@@ -153,10 +153,9 @@ impl VhdImage {
 
     fn zero_by_writing(&self, mut offset: u64, len: u64) -> Result<(), ImageError> {
         let end = offset + len;
-        let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
         while offset < end {
-            let n = (end - offset).min(ZERO_CHUNK) as usize;
-            self.write_at(&zeroes[..n], offset)?;
+            let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
+            self.write_at(&ZEROES[..n], offset)?;
             offset += n as u64;
         }
         Ok(())

@@ -22,6 +22,7 @@ use super::header::Header;
 use super::layout::{BatmapState, Metadata};
 use super::locator;
 use crate::image::stats::LayerCounters;
+use crate::image::zeroes::{ZEROES, ZERO_CHUNK};
 use crate::image::{Backing, ImageError, LayerStats, ParentLocator};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,8 +31,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 const BITMAP_SHARDS: usize = 16;
 /// Partial-block bitmaps cached per shard (full blocks need none).
 const BITMAPS_PER_SHARD: usize = 256;
-/// Largest zero buffer written at once.
-const ZERO_CHUNK: usize = 1 << 20;
 
 /// How a layer is opened.
 #[derive(Debug, Clone, Copy)]
@@ -501,15 +500,20 @@ impl VhdLayer {
             bitmap::set_range(&mut map, 0, s.sectors_per_block);
         }
         let full = bitmap::is_full(&map, s.sectors_per_block);
-        // What the file holds where the block goes (normally just the end
-        // footer), to put back if the allocation fails half-way (a full
-        // disk): the image then stays exactly as valid as it was.
+        // The end footer, if the block goes over it, to put back if the
+        // allocation fails half-way (a full disk): the image then stays
+        // exactly as valid as it was. Nothing else there needs saving:
+        // everything from `data_end` on but that footer is referenced by
+        // no BAT entry (say, a block a crash left unlinked), and copying
+        // it could mean megabytes of locked memory in the worker.
         let old_len = alloc.file_len;
+        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(start);
         let saved_end = old_len.min(block_end + FOOTER_SIZE as u64);
-        let mut saved = vec![0u8; saved_end.saturating_sub(start) as usize];
+        let mut saved = [0u8; FOOTER_SIZE];
+        let saved = &mut saved[..saved_end.saturating_sub(saved_at) as usize];
         self.file
-            .read_exact_at(&mut saved, start)
-            .map_err(ImageError::io("read", start))?;
+            .read_exact_at(saved, saved_at)
+            .map_err(ImageError::io("read", saved_at))?;
         let table = s.header.table_offset() + block as u64 * 4;
         let mut bat_written = false;
         let placed = self.place_block(
@@ -520,7 +524,7 @@ impl VhdLayer {
             &mut bat_written,
         );
         if let Err(e) = placed {
-            self.undo_allocation(table, bat_written, old_len, start, &saved);
+            self.undo_allocation(table, bat_written, old_len, saved_at, saved);
             return Err(e);
         }
         alloc.data_end = block_end;
@@ -619,11 +623,10 @@ impl VhdLayer {
         if from >= to {
             return Ok(());
         }
-        let zeroes = vec![0u8; ((to - from) as usize).min(ZERO_CHUNK)];
         while from < to {
-            let n = ((to - from) as usize).min(ZERO_CHUNK);
+            let n = (to - from).min(ZERO_CHUNK as u64) as usize;
             self.file
-                .write_all_at(&zeroes[..n], from)
+                .write_all_at(&ZEROES[..n], from)
                 .map_err(ImageError::io("write", from))?;
             from += n as u64;
         }
