@@ -358,13 +358,14 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
                 let l = list(&h);
                 l[0]["restarts"].as_u64() == Some(round) && l[0]["pid"].as_u64() != Some(pid.into())
             }),
-            "no restart {round}: {:?}\n{:?}",
+            "no restart {round}: {:?}\n{:?}\n{}",
             list(&h),
             h.audit_lines()
                 .into_iter()
                 .filter(|l| l["event"] == "worker_respawn")
                 .map(|l| l["reason"].clone())
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            h.broker_log()
         );
     }
     // The broker respawns dead workers, so fio must finish; bound the wait
@@ -476,4 +477,44 @@ fn fuse_broker_shutdown_takes_every_device_down() {
         assert!(!alive(w), "worker {w} survived the broker");
     }
     assert!(fs::read_dir(&h.devices).map_or(true, |d| d.count() == 0));
+}
+
+/// With respawn off nobody will serve a dead worker's device again: I/O
+/// on it must fail, not hang its caller in the kernel, and the minor must
+/// still close cleanly afterwards.
+#[test]
+fn fuse_dead_worker_without_respawn_fails_io_instead_of_hanging() {
+    let _turn = serial();
+    let h = fuse_harness(false);
+    let vhd = h.vhd_image(ROOT.name, "dead.vhd", 16);
+    let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
+    let pid = worker_pid(&h);
+    // SAFETY: kill(2) on a worker pid the broker reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(
+        eventually(Duration::from_secs(20), || list(&h)[0]["state"]
+            .as_u64()
+            .is_some_and(|s| s & 1 != 0)),
+        "the killed worker's minor is not DEAD: {:?}",
+        list(&h)
+    );
+    let mut dd = Command::new("dd")
+        .arg(format!("if={}", dev.display()))
+        .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dd");
+    let finished = eventually(Duration::from_secs(30), || {
+        dd.try_wait().ok().flatten().is_some()
+    });
+    if !finished {
+        let _ = dd.kill();
+    }
+    assert!(finished, "a read of a dead, unserved device hangs");
+    let status = dd.wait().unwrap();
+    assert!(!status.success(), "a read of a dead device succeeded");
+    h.ok(&ROOT, &["destroy", "-m", "0"]);
+    assert!(list(&h).is_empty(), "{:?}", list(&h));
 }

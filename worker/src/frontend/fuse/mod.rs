@@ -65,8 +65,9 @@ pub const DEFAULT_THREADS: usize = 8;
 const INIT_TIMEOUT_MS: i32 = 30_000;
 
 /// Kept free under RLIMIT_MEMLOCK for the image engine's own allocations
-/// (a block allocation zero-fills through a 1 MiB buffer): with only 1 MiB
-/// kept, a worker under an 8 MiB limit aborted on an allocation failure.
+/// (BAT and bitmap caches, control frames). The engine no longer makes
+/// block-sized allocations while serving (see `image::zeroes`), but with
+/// only 1 MiB kept a worker under an 8 MiB limit once aborted on one.
 const RESERVE: u64 = 2 << 20;
 /// Per-thread overhead besides stack and buffer (guard page, TLS, tcache).
 const THREAD_OVERHEAD: u64 = 16 * 1024;
