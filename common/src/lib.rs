@@ -9,6 +9,7 @@ pub mod minor;
 pub mod proto;
 pub mod state;
 pub mod stats;
+pub mod ublk_abi;
 pub mod worker_proto;
 
 pub use minor::Minor;

@@ -106,6 +106,8 @@ pub const NOBODY: (u32, u32) = (4545, 4545);
 #[derive(Debug, Clone)]
 pub struct Options {
     pub worker: WorkerBin,
+    /// The policy's `frontend` (`nbd` unless a test needs another).
+    pub frontend: &'static str,
     pub tenants: Vec<TenantSpec>,
     pub respawn: bool,
     pub worker_timeout_secs: u32,
@@ -116,6 +118,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             worker: default_worker(),
+            frontend: "nbd",
             tenants: vec![ROOT, ALICE, BOB, CAROL],
             respawn: false,
             worker_timeout_secs: 10,
@@ -178,11 +181,12 @@ impl Harness {
         let uids = worker_uid_range();
         let mut text = format!(
             "socket = {socket:?}\naudit_log = {audit:?}\nstate_dir = {state:?}\ndevice_dir = {devices:?}\n\
-             worker_uids = [{}, {}]\ntapdisk = {:?}\nfrontend = \"nbd\"\nrespawn = {}\n\
+             worker_uids = [{}, {}]\ntapdisk = {:?}\nfrontend = {:?}\nrespawn = {}\n\
              worker_timeout_secs = {}\n{}\n",
             uids.0,
             uids.1,
             opts.worker.path(),
+            opts.frontend,
             opts.respawn,
             opts.worker_timeout_secs,
             opts.extra,

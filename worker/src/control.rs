@@ -344,7 +344,15 @@ impl Worker {
                 Box::new(NbdFrontend::new(listener, export_name))
             }
             FrontendSpec::Fuse { .. } => return error("fuse frontend not built"),
-            FrontendSpec::Ublk { .. } => return error("ublk frontend not built"),
+            spec @ FrontendSpec::Ublk { .. } => {
+                let Some(char_dev) = single_fd(&mut fds) else {
+                    return error("Serve(Ublk) needs exactly one fd (/dev/ublkcN)");
+                };
+                match crate::frontend::ublk::UblkFrontend::new(char_dev, &spec) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => return error(format!("ublk: {e}")),
+                }
+            }
         };
         if let Err(e) = frontend.start(&open.disk) {
             return error(format!("starting the {} frontend: {e}", frontend.kind()));

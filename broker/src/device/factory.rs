@@ -6,7 +6,7 @@
 //!
 //! New backends plug in at the three functions marked PLUG-IN POINT below.
 
-use super::{nbd, DeviceBackend, DeviceError};
+use super::{nbd, ublk, DeviceBackend, DeviceError};
 use std::path::{Path, PathBuf};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::Minor;
@@ -23,7 +23,7 @@ pub struct DeviceContext {
 
 /// PLUG-IN POINT 1: which frontends are built into this broker.
 fn built(kind: FrontendKind) -> bool {
-    matches!(kind, FrontendKind::Nbd)
+    matches!(kind, FrontendKind::Nbd | FrontendKind::Ublk)
 }
 
 /// PLUG-IN POINT 2: construct the backend of `kind`, or `None` if that
@@ -38,7 +38,8 @@ fn construct(
     }
     match kind {
         FrontendKind::Nbd => Some(nbd::NbdBackend::new(ctx).map(boxed)),
-        FrontendKind::Fuse | FrontendKind::Ublk => None,
+        FrontendKind::Ublk => Some(Ok(boxed(ublk::UblkBackend::for_minor(ctx)))),
+        FrontendKind::Fuse => None,
     }
 }
 
@@ -48,7 +49,8 @@ fn construct(
 fn cleanup(kind: FrontendKind, ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
     match kind {
         FrontendKind::Nbd => nbd::cleanup_stale(ctx),
-        FrontendKind::Fuse | FrontendKind::Ublk => Ok(Vec::new()),
+        FrontendKind::Ublk => ublk::cleanup_stale(ctx),
+        FrontendKind::Fuse => Ok(Vec::new()),
     }
 }
 
@@ -79,7 +81,12 @@ pub fn unavailable(kind: FrontendKind, dev_root: &Path) -> Option<String> {
         ));
     }
     for (path, why) in requirements(kind) {
-        let on_host = dev_root.join(path.trim_start_matches('/'));
+        // The requirements are spelled as absolute /dev paths; `dev_root`
+        // stands for /dev.
+        let rel = path
+            .strip_prefix("/dev/")
+            .unwrap_or(path.trim_start_matches('/'));
+        let on_host = dev_root.join(rel);
         if !on_host.exists() {
             return Some(format!("{}: {path} missing ({why})", kind.as_str()));
         }
@@ -202,6 +209,20 @@ mod tests {
         assert_eq!(
             f.create(Minor::new(1).unwrap()).unwrap().kind(),
             FrontendKind::Nbd
+        );
+    }
+
+    #[test]
+    fn factory_auto_prefers_ublk_when_its_control_node_exists() {
+        let dev = tempfile::tempdir().unwrap();
+        std::fs::write(dev.path().join("ublk-control"), b"").unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Ublk);
+        assert_eq!(f.explanation(), "frontend ublk");
+        let f = DeviceFactory::new(FrontendChoice::Ublk, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(
+            f.create(Minor::new(2).unwrap()).unwrap().kind(),
+            FrontendKind::Ublk
         );
     }
 

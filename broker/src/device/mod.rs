@@ -17,6 +17,7 @@
 
 pub mod factory;
 pub mod nbd;
+pub mod ublk;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

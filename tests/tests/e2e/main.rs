@@ -7,5 +7,6 @@ mod faults;
 mod robustness;
 mod seed;
 mod tenants;
+mod ublk;
 
 pub use tapjail_tests::*;

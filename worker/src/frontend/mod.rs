@@ -4,6 +4,8 @@
 //! `/dev/fuse` connection, a `/dev/ublkcN`) and serves a shared [`Disk`]
 //! until told to stop.
 
+pub mod ublk;
+
 use crate::disk::Disk;
 use std::sync::Arc;
 

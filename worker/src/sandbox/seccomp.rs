@@ -384,9 +384,19 @@ pub fn fuse_rules() -> Vec<Allowed> {
     Vec::new()
 }
 
-/// What the ublk frontend adds. Queue I/O is io_uring `URING_CMD` on the
-/// char device and the descriptor buffer is an mmap, both in the base set;
-/// the ublk frontend extends this list with what it needs.
+/// What the ublk frontend adds: nothing. Everything it does is in the base
+/// set, under the same conditions:
+/// - per queue, a ring set up disabled (`io_uring_setup`), given the char
+///   device as its one registered file, restricted to `IORING_OP_URING_CMD`
+///   on registered files and enabled (`io_uring_register` FILES /
+///   RESTRICTIONS / ENABLE_RINGS); FETCH_REQ / COMMIT_AND_FETCH_REQ and the
+///   waits go through `io_uring_enter`;
+/// - the queue's descriptor array is a read-only shared `mmap` of
+///   `/dev/ublkcN` and the request buffers an anonymous one (never
+///   executable, as the base rule demands);
+/// - request data is copied by the driver into and out of those buffers
+///   (no `UBLK_F_USER_COPY`, so no pread/pwrite on the char device);
+/// - one thread per queue (`clone` for threads only).
 pub fn ublk_rules() -> Vec<Allowed> {
     Vec::new()
 }

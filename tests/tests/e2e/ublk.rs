@@ -1,0 +1,413 @@
+//! The ublk frontend end to end: a real tap-broker with `frontend = "ublk"`,
+//! real confined tapdisk workers, tap-ctl, and the kernel's ublk driver.
+//!
+//! This host's kernel has no `ublk_drv`, so these tests are `#[ignore]`d in
+//! ordinary runs; `.ci/nestvm-tests` runs them inside nestvm (a 6.12 kernel
+//! with the driver, plus loop and ext4 loaded from `.ci/nestvm-modules`).
+
+use crate::*;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const NEEDS: &str = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests";
+
+fn ublk_harness(respawn: bool) -> Harness {
+    let _ = NEEDS;
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "no /dev/ublk-control: these tests run inside nestvm (.ci/nestvm-tests)"
+    );
+    Harness::start(Options {
+        frontend: "ublk",
+        respawn,
+        ..Options::default()
+    })
+}
+
+fn rows(h: &Harness, t: &TenantSpec) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&h.ok(t, &["list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// `/dev/tapjail/tapdevN` of the harness (its device dir), checked to lead
+/// to a ublk block device.
+fn tapdev(h: &Harness, minor: u64) -> PathBuf {
+    let link = h.devices.join(format!("tapdev{minor}"));
+    let target = std::fs::read_link(&link).expect("tapdev symlink");
+    assert!(
+        target.to_string_lossy().starts_with("/dev/ublkb"),
+        "{} -> {}",
+        link.display(),
+        target.display()
+    );
+    link
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: kill(2) on a worker pid this test created through the broker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+fn tasks_in_d_state() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) {
+            if let Some((head, tail)) = stat.rsplit_once(')') {
+                if tail.trim_start().starts_with('D') {
+                    out.push(format!("{head})"));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn ublk_char_devices() -> Vec<String> {
+    std::fs::read_dir("/sys/class/ublk-char")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn vhd_check(img: &Path) {
+    let out = Command::new(bin("tap-ctl"))
+        .args(["vhd", "check", "-n"])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tap-ctl vhd check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_mkfs_mount_write_remount_round_trips_on_tapdev() {
+    let h = ublk_harness(false);
+    let img = h.vhd_image("alice", "fs.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let row = rows(&h, &ALICE).remove(0);
+    assert_eq!(row["frontend"], "ublk", "{row}");
+    let dev = tapdev(&h, 0);
+    let stats: serde_json::Value =
+        serde_json::from_str(&h.ok(&ALICE, &["stats", "-m", "0"])).unwrap();
+    assert!(
+        stats.to_string().contains("\"ublk\""),
+        "stats name the frontend: {stats}"
+    );
+
+    let mnt = tempfile::tempdir().unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
+    run(Command::new("mount").arg(&dev).arg(mnt.path()));
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(mnt.path().join("data"), &data).unwrap();
+    run(Command::new("umount").arg(mnt.path()));
+    run(Command::new("mount").arg(&dev).arg(mnt.path()));
+    assert!(
+        std::fs::read(mnt.path().join("data")).unwrap() == data,
+        "file survives the remount"
+    );
+    run(Command::new("umount").arg(mnt.path()));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    vhd_check(&img);
+
+    // And again on a fresh device over the same image: the data was in
+    // the VHD, not in some cache of the first device.
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let dev = tapdev(&h, 0);
+    run(Command::new("mount").arg(&dev).arg(mnt.path()));
+    assert!(std::fs::read(mnt.path().join("data")).unwrap() == data);
+    run(Command::new("umount").arg(mnt.path()));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_read_only_disk_refuses_writes() {
+    let h = ublk_harness(false);
+    let img = h.raw_image("alice", "ro.img", 4 << 20);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[0xa5; 4096], 0)
+        .unwrap();
+    h.ok(
+        &ALICE,
+        &["create", "-R", "-a", &format!("aio:{}", img.display())],
+    );
+    let row = rows(&h, &ALICE).remove(0);
+    assert_eq!(row["read_only"], true, "{row}");
+    let dev = tapdev(&h, 0);
+    let target = std::fs::read_link(&dev).unwrap();
+    let name = target.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{name}/ro"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .and_then(|f| {
+            let mut buf = vec![0u8; 8192];
+            let off = buf.as_ptr().align_offset(4096);
+            f.write_all_at(&buf[off..off + 4096], 0)?;
+            buf[0] = 1;
+            Ok(())
+        });
+    assert!(write.is_err(), "a write to a read-only disk must fail");
+    let mut back = vec![0u8; 4096];
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0xa5), "reads still work");
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0xa5), "image unchanged");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_discard_reaches_the_image() {
+    let h = ublk_harness(false);
+    let size = 16u64 << 20;
+    let img = h.raw_image("alice", "d.img", size);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&vec![0x5au8; size as usize], 0)
+        .unwrap();
+    let blocks_before = std::fs::metadata(&img).unwrap().blocks();
+    h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
+    let dev = tapdev(&h, 0);
+    run(Command::new("blkdiscard")
+        .args([
+            "-o",
+            &(4u64 << 20).to_string(),
+            "-l",
+            &(8u64 << 20).to_string(),
+        ])
+        .arg(&dev));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    let f = std::fs::File::open(&img).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for mib in 0..16u64 {
+        f.read_exact_at(&mut buf, mib << 20).unwrap();
+        let want = if (4..12).contains(&mib) { 0 } else { 0x5a };
+        assert!(buf.iter().all(|&b| b == want), "MiB {mib}");
+    }
+    let blocks_after = std::fs::metadata(&img).unwrap().blocks();
+    assert!(
+        blocks_after + (8 << 20) / 512 <= blocks_before,
+        "8 MiB given back to the filesystem: {blocks_before} -> {blocks_after} blocks"
+    );
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_verifying_writer_survives_three_worker_sigkills() {
+    let h = ublk_harness(true);
+    let img = h.vhd_image("alice", "v.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let dev = tapdev(&h, 0);
+    let fio = Command::new("sh")
+        .arg("-c")
+        .arg("command -v fio")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        fio,
+        "fio is needed (apt-get install fio on the host: the VM shares its root)"
+    );
+    let out_path = h.dir.path().join("fio.json");
+    // Write 48 MiB at random 4 KiB offsets (allocating VHD blocks as it
+    // goes), then read everything back and check each block's crc32c.
+    let mut writer = Command::new("fio")
+        .args([
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=48M",
+            "--iodepth=16",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--eta=never",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--output={}", out_path.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fio");
+    let mut last_pid = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
+    for round in 1..=3u64 {
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "fio finished before kill {round}; make it write more"
+        );
+        sigkill(last_pid);
+        let t0 = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                let r = rows(&h, &ALICE);
+                r.len() == 1 && r[0]["restarts"] == round && r[0]["state"] == 0
+            }),
+            "round {round}: {:?}\n{}",
+            rows(&h, &ALICE),
+            h.broker_log()
+        );
+        let row = rows(&h, &ALICE).remove(0);
+        let pid = row["pid"].as_u64().unwrap() as u32;
+        assert_ne!(pid, last_pid);
+        last_pid = pid;
+        eprintln!(
+            "kill {round}: replaced by tapdisk {pid} in {} ms",
+            t0.elapsed().as_millis()
+        );
+    }
+    let status = writer.wait().unwrap();
+    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "fio failed: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio saw an I/O error: {job}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
+        "everything written"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
+        "everything read back and verified"
+    );
+    assert!(tasks_in_d_state().is_empty(), "{:?}", tasks_in_d_state());
+    let respawns = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "worker_respawn" && l["rule"] == "respawn")
+        .count();
+    assert_eq!(respawns, 3, "each replacement is audited");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    vhd_check(&img);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_fifty_create_destroy_cycles_leave_no_device_behind() {
+    let h = ublk_harness(false);
+    let img = h.vhd_image("alice", "c.vhd", 8);
+    let before = ublk_char_devices();
+    for i in 0..50 {
+        h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+        if i % 10 == 0 {
+            let dev = tapdev(&h, 0);
+            let mut b = vec![0u8; 4096];
+            std::fs::File::open(&dev)
+                .unwrap()
+                .read_exact_at(&mut b, 0)
+                .unwrap();
+        }
+        h.ok(&ALICE, &["destroy", "-m", "0"]);
+    }
+    assert_eq!(ublk_char_devices(), before, "/sys/class/ublk-char");
+    assert!(ublk_char_devices().is_empty(), "{:?}", ublk_char_devices());
+    vhd_check(&img);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_broker_crash_leftovers_are_removed_by_the_next_broker() {
+    let mut h = ublk_harness(false);
+    let img = h.raw_image("alice", "k.img", 4 << 20);
+    h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
+    assert_eq!(ublk_char_devices().len(), 1);
+    h.crash();
+    // Its worker goes when the control socket closes; the device stays.
+    assert_eq!(ublk_char_devices().len(), 1);
+    h.launch();
+    assert!(
+        eventually(Duration::from_secs(30), || ublk_char_devices().is_empty()),
+        "stale ublk device removed: {:?}\n{}",
+        ublk_char_devices(),
+        h.broker_log()
+    );
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_pause_holds_io_and_unpause_at_a_new_path_completes_it() {
+    let h = ublk_harness(false);
+    let a = h.vhd_image("alice", "a.vhd", 16);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", a.display())]);
+    let dev = tapdev(&h, 0);
+    h.ok(&ALICE, &["pause", "-m", "0"]);
+    // A snapshot while paused: the new leaf has the old one as parent.
+    let b = h.root("alice").join("b.vhd");
+    h.vhd_snapshot(&b, &a);
+    let dev2 = dev.clone();
+    let writer = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev2)?;
+        let mut buf = vec![0u8; 8192];
+        let off = buf.as_ptr().align_offset(4096);
+        buf[off..off + 4096].fill(0x3c);
+        f.write_all_at(&buf[off..off + 4096], 1 << 20)?;
+        f.sync_all()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!writer.is_finished(), "I/O waits while the disk is paused");
+    h.ok(
+        &ALICE,
+        &["unpause", "-m", "0", "-a", &format!("vhd:{}", b.display())],
+    );
+    writer
+        .join()
+        .unwrap()
+        .expect("the held write completes after unpause");
+    let mut back = vec![0u8; 4096];
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut back, 1 << 20)
+        .unwrap();
+    assert!(back.iter().all(|&x| x == 0x3c));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    vhd_check(&b);
+    vhd_check(&a);
+}
