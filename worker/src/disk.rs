@@ -174,13 +174,55 @@ impl Disk {
         let result = f(image.as_ref());
         let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         drop(image);
-        {
+        self.leave();
+        self.account(kind, bytes, us, result.is_ok());
+        result.map_err(DiskError::from)
+    }
+
+    /// [`Disk::io`] for a request that may be answered without waiting
+    /// (`f` returns `None` when it would have to wait, e.g. a read that
+    /// misses the page cache). Never blocks: returns `None` without
+    /// counting anything when the disk is not open (paused, draining,
+    /// closed) or `f` declined, and the caller then runs the request with
+    /// [`Disk::io`] as usual.
+    pub fn try_io<T>(
+        &self,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn Image) -> Option<T>,
+    ) -> Option<T> {
+        let image = {
             let mut inner = self.lock();
-            inner.in_flight -= 1;
-            if inner.in_flight == 0 {
-                self.changed.notify_all();
-            }
+            let Gate::Open(img) = &inner.gate else {
+                return None;
+            };
+            let img = img.clone();
+            inner.in_flight += 1;
+            img
+        };
+        let start = Instant::now();
+        let result = f(image.as_ref());
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        drop(image);
+        self.leave();
+        if result.is_some() {
+            self.counters.received.fetch_add(1, Relaxed);
+            self.account(kind, bytes, us, true);
         }
+        result
+    }
+
+    /// A request is done with the image.
+    fn leave(&self) {
+        let mut inner = self.lock();
+        inner.in_flight -= 1;
+        if inner.in_flight == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Count a finished request.
+    fn account(&self, kind: IoKind, bytes: u64, us: u64, ok: bool) {
         let c = &self.counters;
         match kind {
             IoKind::Read => {
@@ -197,11 +239,10 @@ impl Disk {
             }
             IoKind::Other => {}
         }
-        if result.is_err() {
+        if !ok {
             c.errors.fetch_add(1, Relaxed);
         }
         c.completed.fetch_add(1, Relaxed);
-        result.map_err(DiskError::from)
     }
 
     /// Stop admitting requests, wait for in-flight ones, flush and drop the

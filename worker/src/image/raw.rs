@@ -89,6 +89,15 @@ impl Image for RawImage {
         self.counters.on_read(buf.len() as u64, r)
     }
 
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let done = self.check_range(offset, buf.len() as u64).is_ok()
+            && self.file.read_exact_at_nowait(buf, offset);
+        if done {
+            self.counters.read(buf.len() as u64);
+        }
+        done
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;

@@ -289,8 +289,26 @@ impl VhdLayer {
     /// status, and its file offset if this layer holds it.
     /// `offset` must be below the virtual size.
     pub fn map(&self, offset: u64, max: u64) -> Result<(u64, Option<u64>), ImageError> {
+        self.map_with(offset, max, true)?.ok_or_else(|| {
+            ImageError::InvalidArgument("block bitmap not loaded".into()) // not reached: loading was allowed
+        })
+    }
+
+    /// [`Self::map`] without reading from the file: `None` when the answer
+    /// needs a sector bitmap that is not cached (fully written blocks and
+    /// holes never do).
+    pub fn map_cached(&self, offset: u64, max: u64) -> Option<(u64, Option<u64>)> {
+        self.map_with(offset, max, false).ok().flatten()
+    }
+
+    fn map_with(
+        &self,
+        offset: u64,
+        max: u64,
+        load: bool,
+    ) -> Result<Option<(u64, Option<u64>)>, ImageError> {
         let Some(s) = &self.sparse else {
-            return Ok((max, Some(offset)));
+            return Ok(Some((max, Some(offset))));
         };
         let block = (offset >> s.block_shift) as usize;
         let in_block = offset & (s.block_size - 1);
@@ -305,22 +323,29 @@ impl VhdLayer {
                     len += s.block_size;
                     b += 1;
                 }
-                return Ok((len.min(max), None));
+                return Ok(Some((len.min(max), None)));
             }
             entry
         };
         let data = u64::from(entry) * 512 + s.bitmap_bytes;
         if Self::is_full(s, block) {
-            return Ok((to_block_end.min(max), Some(data + in_block)));
+            return Ok(Some((to_block_end.min(max), Some(data + in_block))));
         }
-        let map = self.bitmap(s, block, entry)?;
+        let map = if load {
+            self.bitmap(s, block, entry)?
+        } else {
+            match lock(&s.bitmaps[block % BITMAP_SHARDS]).get(&(block as u32)) {
+                Some(m) => m.clone(),
+                None => return Ok(None),
+            }
+        };
         if Self::is_full(s, block) {
-            return Ok((to_block_end.min(max), Some(data + in_block)));
+            return Ok(Some((to_block_end.min(max), Some(data + in_block))));
         }
         let sector = (in_block / 512) as usize;
         let (present, n) = bitmap::run(&map, sector, s.sectors_per_block);
         let run = (sector + n) as u64 * 512 - in_block;
-        Ok((run.min(max), present.then_some(data + in_block)))
+        Ok(Some((run.min(max), present.then_some(data + in_block))))
     }
 
     /// The sector bitmap of an allocated block, from the cache or the file.
@@ -366,6 +391,13 @@ impl VhdLayer {
             .read_exact_at(buf, file_offset)
             .map_err(ImageError::io("read", file_offset));
         self.counters.on_read(buf.len() as u64, r)
+    }
+
+    /// [`Self::read_data`] only from the page cache (see
+    /// [`Backing::read_exact_at_nowait`]). Not counted in the stats: the
+    /// caller counts once the whole request succeeded.
+    pub fn read_data_nowait(&self, buf: &mut [u8], file_offset: u64) -> bool {
+        self.file.read_exact_at_nowait(buf, file_offset)
     }
 
     fn sync(&self) -> Result<(), ImageError> {
