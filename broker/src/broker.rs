@@ -419,7 +419,20 @@ impl Broker {
     /// After an operation on `minor` (or a death): replace a dead worker
     /// that was serving an image, if allowed.
     pub fn after_op(self: &Arc<Self>, minor: Minor) {
-        if !self.policy.respawn || self.stopping.load(Ordering::SeqCst) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if !self.policy.respawn {
+            // Nobody will serve a dead worker's device again: fail its
+            // waiting I/O rather than leave its callers hanging.
+            let mut t = self.table();
+            if let Some(d) = t.disks.get_mut(&minor) {
+                if d.state.contains(State::DEAD) && !d.busy {
+                    if let Some(dev) = d.device.as_mut() {
+                        let _ = dev.abandon();
+                    }
+                }
+            }
             return;
         }
         let wanted = {

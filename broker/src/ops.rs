@@ -778,6 +778,7 @@ impl Broker {
         let owner = disk.owner.clone();
         let old_pid = disk.worker;
         if disk.deaths.len() > self.policy.max_restarts_per_minute as usize {
+            let abandoned = device.abandon();
             disk.device = Some(device);
             drop(t);
             self.notice(
@@ -786,9 +787,10 @@ impl Broker {
                 Some(owner),
                 "respawn-limit",
                 format!(
-                    "minor {minor}: {} worker deaths within a minute (limit {}); left DEAD",
+                    "minor {minor}: {} worker deaths within a minute (limit {}); left DEAD{}",
                     self.policy.max_restarts_per_minute + 1,
-                    self.policy.max_restarts_per_minute
+                    self.policy.max_restarts_per_minute,
+                    abandon_note(abandoned),
                 ),
             );
             return;
@@ -797,6 +799,10 @@ impl Broker {
         // The dead worker's files claims are re-made by the new open.
         t.release_files(minor, &image.files);
         let result = self.replace_worker(t, minor, &owner, &image, &mut device);
+        let abandoned = match &result {
+            Ok(_) => Ok(()),
+            Err(_) => device.abandon(),
+        };
         let mut t = self.table();
         let Some(disk) = t.disks.get_mut(&minor) else {
             return;
@@ -837,7 +843,10 @@ impl Broker {
                     None,
                     Some(owner),
                     "respawn-failed",
-                    format!("minor {minor}: could not replace its dead tapdisk: {e}; left DEAD"),
+                    format!(
+                        "minor {minor}: could not replace its dead tapdisk: {e}; left DEAD{}",
+                        abandon_note(abandoned)
+                    ),
                 );
             }
         }
@@ -895,4 +904,12 @@ pub fn release_disk(mut disk: Disk) {
         let _ = unpublish(&link);
     }
     disk.lock.release();
+}
+
+/// What a notice about a disk left DEAD adds about its waiting I/O.
+fn abandon_note(r: Result<(), crate::device::DeviceError>) -> String {
+    match r {
+        Ok(()) => "; its pending I/O fails".into(),
+        Err(e) => format!("; failing its pending I/O failed too: {e}"),
+    }
 }

@@ -94,7 +94,10 @@ fn main() {
     let trials = tests
         .into_iter()
         .map(|(name, f)| {
-            let t = Trial::test(name, f);
+            let t = Trial::test(name, move || {
+                let _turn = serial()?;
+                f()
+            });
             match &skip {
                 Some(why) => t.with_ignored_flag(true).with_kind(why.as_str()),
                 None => t,
@@ -102,6 +105,23 @@ fn main() {
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
+}
+
+/// FUSE tests take turns, here and in `tests/tests/fuse_lifecycle.rs` (and
+/// in other checkouts on this host): a loop device one test frees is taken
+/// at once by another's FUSE disk (whose backing file is also `/disk`),
+/// which would make the "left bound" checks see a neighbour's device.
+fn serial() -> Result<File, Failed> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/tapjail-fuse-loop-tests.lock")?;
+    // SAFETY: flock on an fd we own; blocks until the lock is ours.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(f)
 }
 
 fn skip_reason() -> Option<String> {

@@ -12,6 +12,23 @@ use tapjail_tests::*;
 
 const MIB: u64 = 1 << 20;
 
+/// FUSE tests take turns, here and in `broker/tests/fuse_device.rs` (and in
+/// other checkouts on this host): a loop device one test frees is taken at
+/// once by another's FUSE disk (whose backing file is also `/disk`), which
+/// would make "left bound" checks see a neighbour's device.
+fn serial() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/tapjail-fuse-loop-tests.lock")
+        .expect("lock file");
+    // SAFETY: flock on an fd we own; blocks until the lock is ours.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
 fn fuse_harness(respawn: bool) -> Harness {
     Harness::start(Options {
         frontend: "fuse",
@@ -110,6 +127,7 @@ fn sha(path: &Path) -> String {
 
 #[test]
 fn fuse_mkfs_write_50mb_destroy_recreate_file_is_identical_and_image_clean() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "disk.vhd", 256);
     let spec = format!("vhd:{}", vhd.display());
@@ -153,6 +171,7 @@ fn fuse_mkfs_write_50mb_destroy_recreate_file_is_identical_and_image_clean() {
 
 #[test]
 fn fuse_read_only_open_refuses_writes_and_leaves_the_image_unchanged() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "ro.vhd", 16);
     // Put data in it first, read-write.
@@ -191,6 +210,7 @@ fn fuse_read_only_open_refuses_writes_and_leaves_the_image_unchanged() {
 
 #[test]
 fn fuse_differencing_chain_leaves_its_parent_byte_identical() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let parent = h.vhd_image(ROOT.name, "base.vhd", 32);
     let dev = create(&h, &format!("vhd:{}", parent.display()), &[]);
@@ -227,6 +247,7 @@ fn fuse_differencing_chain_leaves_its_parent_byte_identical() {
 
 #[test]
 fn fuse_hundred_create_destroy_cycles_leak_nothing() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "cycle.vhd", 8);
     let spec = format!("vhd:{}", vhd.display());
@@ -298,6 +319,7 @@ fn worker_pid(h: &Harness) -> u32 {
 
 #[test]
 fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
+    let _turn = serial();
     let h = fuse_harness(true);
     let vhd = h.vhd_image(ROOT.name, "kill.vhd", 512);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
@@ -336,13 +358,14 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
                 let l = list(&h);
                 l[0]["restarts"].as_u64() == Some(round) && l[0]["pid"].as_u64() != Some(pid.into())
             }),
-            "no restart {round}: {:?}\n{:?}",
+            "no restart {round}: {:?}\n{:?}\n{}",
             list(&h),
             h.audit_lines()
                 .into_iter()
                 .filter(|l| l["event"] == "worker_respawn")
                 .map(|l| l["reason"].clone())
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            h.broker_log()
         );
     }
     // The broker respawns dead workers, so fio must finish; bound the wait
@@ -386,6 +409,7 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
 
 #[test]
 fn fuse_close_of_a_mounted_device_is_refused_unless_forced() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "busy.vhd", 64);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
@@ -405,6 +429,7 @@ fn fuse_close_of_a_mounted_device_is_refused_unless_forced() {
 
 #[test]
 fn fuse_pause_pushes_the_page_cache_into_the_image() {
+    let _turn = serial();
     let h = fuse_harness(false);
     let vhd = h.vhd_image(ROOT.name, "pause.vhd", 16);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
@@ -433,6 +458,7 @@ fn fuse_pause_pushes_the_page_cache_into_the_image() {
 
 #[test]
 fn fuse_broker_shutdown_takes_every_device_down() {
+    let _turn = serial();
     let mut h = fuse_harness(false);
     let a = h.vhd_image(ROOT.name, "a.vhd", 8);
     let b = h.vhd_image(ROOT.name, "b.vhd", 8);
@@ -451,4 +477,44 @@ fn fuse_broker_shutdown_takes_every_device_down() {
         assert!(!alive(w), "worker {w} survived the broker");
     }
     assert!(fs::read_dir(&h.devices).map_or(true, |d| d.count() == 0));
+}
+
+/// With respawn off nobody will serve a dead worker's device again: I/O
+/// on it must fail, not hang its caller in the kernel, and the minor must
+/// still close cleanly afterwards.
+#[test]
+fn fuse_dead_worker_without_respawn_fails_io_instead_of_hanging() {
+    let _turn = serial();
+    let h = fuse_harness(false);
+    let vhd = h.vhd_image(ROOT.name, "dead.vhd", 16);
+    let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
+    let pid = worker_pid(&h);
+    // SAFETY: kill(2) on a worker pid the broker reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(
+        eventually(Duration::from_secs(20), || list(&h)[0]["state"]
+            .as_u64()
+            .is_some_and(|s| s & 1 != 0)),
+        "the killed worker's minor is not DEAD: {:?}",
+        list(&h)
+    );
+    let mut dd = Command::new("dd")
+        .arg(format!("if={}", dev.display()))
+        .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dd");
+    let finished = eventually(Duration::from_secs(30), || {
+        dd.try_wait().ok().flatten().is_some()
+    });
+    if !finished {
+        let _ = dd.kill();
+    }
+    assert!(finished, "a read of a dead, unserved device hangs");
+    let status = dd.wait().unwrap();
+    assert!(!status.success(), "a read of a dead device succeeded");
+    h.ok(&ROOT, &["destroy", "-m", "0"]);
+    assert!(list(&h).is_empty(), "{:?}", list(&h));
 }

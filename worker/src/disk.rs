@@ -223,15 +223,47 @@ impl Disk {
         self.counters.errors.fetch_add(1, Relaxed);
     }
 
-    /// A ticket's request is over: let pause/close proceed, then count it.
-    fn complete(&self, kind: IoKind, bytes: u64, us: u64, ok: bool) {
-        {
+    /// [`Disk::io`] for a request that may be answered without waiting
+    /// (`f` returns `None` when it would have to wait, e.g. a read that
+    /// misses the page cache). Never blocks: returns `None` without
+    /// counting anything when the disk is not open (paused, draining,
+    /// closed) or `f` declined, and the caller then runs the request with
+    /// [`Disk::io`] as usual.
+    pub fn try_io<T>(
+        &self,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn Image) -> Option<T>,
+    ) -> Option<T> {
+        let ticket = {
             let mut inner = self.lock();
-            inner.in_flight -= 1;
-            if inner.in_flight == 0 {
-                self.changed.notify_all();
-            }
+            let Gate::Open(img) = &inner.gate else {
+                return None;
+            };
+            let img = img.clone();
+            self.ticket(&mut inner, img)
+        };
+        let result = f(ticket.image());
+        if result.is_some() {
+            self.counters.received.fetch_add(1, Relaxed);
+            ticket.finish(kind, bytes, true);
+        } else {
+            ticket.release();
         }
+        result
+    }
+
+    /// A request is done with the image: let pause/close proceed.
+    fn leave(&self) {
+        let mut inner = self.lock();
+        inner.in_flight -= 1;
+        if inner.in_flight == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Count a finished request.
+    fn account(&self, kind: IoKind, bytes: u64, us: u64, ok: bool) {
         let c = &self.counters;
         match kind {
             IoKind::Read => {
@@ -370,12 +402,21 @@ impl Ticket<'_> {
         result.map_err(DiskError::from)
     }
 
+    /// Out of flight without being counted: the request was declined
+    /// and will be run again (see [`Disk::try_io`]).
+    fn release(mut self) {
+        if self.image.take().is_some() {
+            self.disk.leave();
+        }
+    }
+
     fn end(&mut self, kind: IoKind, bytes: u64, ok: bool) {
         // The image goes before pause may proceed (a pause flushes and
         // drops it, expecting to hold the last reference).
         if self.image.take().is_some() {
             let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.disk.complete(kind, bytes, us, ok);
+            self.disk.leave();
+            self.disk.account(kind, bytes, us, ok);
         }
     }
 }
@@ -463,6 +504,21 @@ mod tests {
         drop(ticket);
         disk.pause().unwrap();
         assert_eq!(disk.counters.frontend("ublk").errors, 1);
+        assert_eq!(disk.counters.outstanding(), 0);
+    }
+
+    #[test]
+    fn try_io_declined_counts_nothing_and_lets_pause_proceed() {
+        let (f, disk) = disk();
+        assert_eq!(disk.try_io(IoKind::Read, 512, |_| None::<()>), None);
+        disk.pause().unwrap();
+        let stats = disk.counters.frontend("ublk");
+        assert_eq!((stats.errors, disk.counters.secs()), (0, [0, 0]));
+        assert_eq!(disk.try_io(IoKind::Read, 512, |_| Some(())), None, "paused");
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        disk.resume(Arc::new(img)).unwrap();
+        assert_eq!(disk.try_io(IoKind::Read, 512, |_| Some(7)), Some(7));
+        assert_eq!(disk.counters.secs(), [1, 0]);
         assert_eq!(disk.counters.outstanding(), 0);
     }
 

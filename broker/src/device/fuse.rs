@@ -529,6 +529,14 @@ impl DeviceBackend for FuseBackend {
         self.loop_dev.as_ref().is_some_and(LoopDevice::in_use)
     }
 
+    fn abandon(&mut self) -> Result<(), DeviceError> {
+        self.serving = false;
+        if self.aborted {
+            return Ok(());
+        }
+        self.abort()
+    }
+
     fn teardown(&mut self) -> Result<(), DeviceError> {
         let mut first: Option<DeviceError> = None;
         let mut note = |r: Result<(), DeviceError>| {

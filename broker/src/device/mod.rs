@@ -88,6 +88,17 @@ pub trait DeviceBackend: Send + std::fmt::Debug {
         false
     }
 
+    /// No worker will serve this device again until it is closed (the
+    /// respawn limit was hit, respawn is off, or a respawn failed): make
+    /// the I/O waiting on it fail now instead of hanging its callers
+    /// (blktap fails a dead tapdisk's requests the same way). The device
+    /// node stays until `close`/`destroy`, so `tap-ctl list` still shows
+    /// the DEAD minor. Default: nothing waits (NBD's socket closes with
+    /// the worker).
+    fn abandon(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
     /// Remove everything this backend created, in the right order.
     /// Idempotent, and must work when the worker is already dead.
     fn teardown(&mut self) -> Result<(), DeviceError>;

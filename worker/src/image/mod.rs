@@ -13,6 +13,7 @@ pub mod error;
 pub mod raw;
 pub mod stats;
 pub mod vhd;
+pub mod zeroes;
 
 pub use backing::Backing;
 pub use direct::{DirectFile, Mapping, Segment, SyncFiles, Target};
@@ -62,6 +63,18 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// Fill `buf` from `offset`. Unallocated ranges read as the parent's
     /// data, or zeroes at the root of the chain.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError>;
+
+    /// Fill `buf` from `offset` only if no step has to wait for a device:
+    /// the mapping is known in memory and the data is in the page cache.
+    /// Returns `false` (and leaves `buf` unspecified) when it would have
+    /// to wait or fails in any way; the caller then uses
+    /// [`Image::read_at`] on a thread that may block. A frontend uses this
+    /// to answer cache hits on the thread that received the request,
+    /// without handing it to another thread. Default: never.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let _ = (buf, offset);
+        false
+    }
 
     /// Write `buf` at `offset`, allocating blocks as needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError>;

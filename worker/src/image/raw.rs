@@ -52,13 +52,12 @@ impl RawImage {
 
     /// Zero by writing zeroes, when punching holes is not available.
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<(), ImageError> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        use super::zeroes::{ZEROES, ZERO_CHUNK};
         let end = offset + len;
         while offset < end {
-            let n = CHUNK.min(end - offset) as usize;
+            let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
             self.file
-                .write_all_at(&zeroes[..n], offset)
+                .write_all_at(&ZEROES[..n], offset)
                 .map_err(|source| ImageError::Io {
                     op: "write",
                     offset,
@@ -90,6 +89,15 @@ impl Image for RawImage {
                 source,
             });
         self.counters.on_read(buf.len() as u64, r)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let done = self.check_range(offset, buf.len() as u64).is_ok()
+            && self.file.read_exact_at_nowait(buf, offset);
+        if done {
+            self.counters.read(buf.len() as u64);
+        }
+        done
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {

@@ -386,6 +386,37 @@ impl Backing for UringFile {
         Ok(())
     }
 
+    /// A buffered read with `RWF_NOWAIT`: the kernel copies what is in the
+    /// page cache and answers `EAGAIN` instead of waiting for the device
+    /// (a miss still starts readahead, which the slow path then finds), and
+    /// io_uring completes the request with `EAGAIN` rather than handing it
+    /// to a kernel worker. A direct file never qualifies: its reads always
+    /// wait for the device.
+    fn read_exact_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        if self.direct {
+            return false;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let Some(at) = offset.checked_add(done as u64) else {
+                return false;
+            };
+            let rest = &mut buf[done..];
+            let len = rest.len().min(MAX_OP);
+            let entry = opcode::Read::new(types::Fixed(0), rest.as_mut_ptr(), len as u32)
+                .offset(at)
+                .rw_flags(libc::RWF_NOWAIT)
+                .build();
+            // SAFETY: `rest` is exclusively borrowed for the whole call and
+            // `run` returns only after the read completed.
+            match self.with_ring(|r| unsafe { r.run(entry) }) {
+                Ok(n) if n > 0 => done += n as usize,
+                _ => return false,
+            }
+        }
+        true
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let entry = opcode::Fallocate::new(types::Fixed(0), len)
             .offset(offset)

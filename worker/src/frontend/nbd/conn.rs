@@ -16,6 +16,15 @@
 //!   read for that long is dropped. A client that stops reading thus never
 //!   stalls a pool thread, and so never stalls other clients.
 //!
+//! Small reads are first tried on the reader itself, without waiting
+//! ([`Disk::try_io`] / `Image::read_at_nowait`: metadata in memory, data
+//! in the page cache). A hit is answered right there, with no handoff to a
+//! pool thread (two futex calls and two context switches saved per
+//! request), and its reply is held back until the reader has parsed every
+//! request already received, then sent with the others in one `sendmsg`.
+//! A miss goes to the pool as any other request; after a run of misses
+//! (direct I/O, a cold cache) the reader stops trying for a while.
+//!
 //! Replies may leave in any order (NBD allows it); bytes of two replies
 //! never interleave because only one thread sends at a time and a partly
 //! sent reply stays at the head of the outbox.
@@ -38,6 +47,12 @@ pub const MAX_INFLIGHT: u64 = 64;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Buffered reading of request headers and small payloads.
 const READ_BUFFER: usize = 128 * 1024;
+/// Reads up to this size are tried on the reader thread first.
+const INLINE_MAX: u32 = 128 * 1024;
+/// After this many inline misses in a row, stop trying for a while...
+const INLINE_GIVE_UP: u32 = 8;
+/// ...for this many read requests.
+const INLINE_BACKOFF: u32 = 256;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -184,12 +199,17 @@ impl Conn {
     /// Queue a reply and, unless another thread is at it, send everything
     /// queued (see module doc).
     fn send(self: &Arc<Self>, reply: Reply) {
+        self.send_all(std::iter::once(reply));
+    }
+
+    /// [`Conn::send`] for several replies at once.
+    fn send_all(self: &Arc<Self>, replies: impl IntoIterator<Item = Reply>) {
         let mut ob = lock(&self.outbox);
         if ob.closed {
             return;
         }
-        ob.queue.push_back(reply);
-        if ob.sending || ob.congested {
+        ob.queue.extend(replies);
+        if ob.queue.is_empty() || ob.sending || ob.congested {
             return;
         }
         ob.sending = true;
@@ -293,7 +313,10 @@ pub fn serve(sock: Arc<Sock>, session: Session, ctx: Arc<ServerCtx>) -> io::Resu
         slots: Budget::new(MAX_INFLIGHT),
         bytes: Budget::new((ctx.sizing.inflight_bytes / 4).max(u64::from(ctx.sizing.max_payload))),
     });
-    let end = read_loop(&conn, &ctx);
+    let mut inline = Inline::default();
+    let end = read_loop(&conn, &ctx, &mut inline);
+    // Replies to requests answered on the reader that are still held back.
+    inline.flush(&conn);
     if matches!(end, End::HungUp(_)) {
         conn.hang_up(&mut lock(&conn.outbox));
     }
@@ -312,9 +335,74 @@ pub fn serve(sock: Arc<Sock>, session: Session, ctx: Arc<ServerCtx>) -> io::Resu
     Ok(end)
 }
 
-fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>) -> End {
+/// Requests answered on the reader thread (see module doc).
+#[derive(Default)]
+struct Inline {
+    /// Replies held back until the reader would block.
+    replies: Vec<Reply>,
+    /// Inline attempts that missed in a row.
+    misses: u32,
+    /// Read requests left before trying again after a run of misses.
+    skip: u32,
+}
+
+impl Inline {
+    fn flush(&mut self, conn: &Arc<Conn>) {
+        if !self.replies.is_empty() {
+            conn.send_all(self.replies.drain(..));
+        }
+    }
+
+    /// Whether to try the next read inline.
+    fn should_try(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    fn missed(&mut self) {
+        self.misses += 1;
+        if self.misses >= INLINE_GIVE_UP {
+            self.misses = 0;
+            self.skip = INLINE_BACKOFF;
+        }
+    }
+}
+
+/// The request's slot and its payload bytes (this connection's share and
+/// the server's). Tries without waiting first; before waiting, sends the
+/// held-back replies, which hold budget themselves.
+fn acquire(
+    conn: &Arc<Conn>,
+    ctx: &ServerCtx,
+    payload: u64,
+    inline: &mut Inline,
+) -> Vec<BudgetGuard> {
+    let fast = conn.slots.try_acquire(1).and_then(|slot| {
+        let own = conn.bytes.try_acquire(payload)?;
+        let bytes = ctx.bytes.try_acquire(payload)?;
+        Some(vec![slot, own, bytes])
+    });
+    if let Some(guards) = fast {
+        return guards;
+    }
+    inline.flush(conn);
+    vec![
+        conn.slots.acquire(1),
+        conn.bytes.acquire(payload),
+        ctx.bytes.acquire(payload),
+    ]
+}
+
+fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>, inline: &mut Inline) -> End {
     let mut rd = BufReader::with_capacity(READ_BUFFER, &*conn.sock);
     loop {
+        if rd.buffer().len() < REQUEST_SIZE {
+            // The next read may block: let the held-back replies go first.
+            inline.flush(conn);
+        }
         let mut hb = [0u8; REQUEST_SIZE];
         match rd.read_exact(&mut hb) {
             Ok(()) => {}
@@ -329,22 +417,45 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>) -> End {
             Decision::HangUp(why) => return End::HungUp(why.into()),
             Decision::Disconnect => return End::Clean,
             Decision::Reject { error, skip } => {
+                if rd.buffer().len() < skip as usize {
+                    inline.flush(conn);
+                }
                 if let Err(e) = io::copy(&mut (&mut rd).take(u64::from(skip)), &mut io::sink()) {
                     return End::HungUp(format!("skipping a rejected payload: {e}"));
                 }
-                let slot = conn.slots.acquire(1);
-                conn.send(conn.error_reply(req.handle, error, reject_reason(error), vec![slot]));
+                let guards = acquire(conn, ctx, 0, inline);
+                conn.send(conn.error_reply(req.handle, error, reject_reason(error), guards));
             }
             Decision::Run(cmd) => {
-                let slot = conn.slots.acquire(1);
                 let payload = match cmd {
                     Command::Read { len, .. } | Command::Write { len, .. } => u64::from(len),
                     _ => 0,
                 };
-                let own = conn.bytes.acquire(payload);
-                let bytes = ctx.bytes.acquire(payload);
+                let guards = acquire(conn, ctx, payload, inline);
+                if let Command::Read { offset, len } = cmd {
+                    if len <= INLINE_MAX && inline.should_try() {
+                        let mut buf = ctx.bufs.get(len as usize);
+                        let hit = ctx.disk.try_io(IoKind::Read, len.into(), |img| {
+                            img.read_at_nowait(&mut buf, offset).then_some(())
+                        });
+                        if hit.is_some() {
+                            inline.misses = 0;
+                            let reply = read_reply(conn, ctx, req.handle, offset, len, buf, guards);
+                            inline.replies.push(reply);
+                            if inline.replies.len() >= MAX_BATCH {
+                                inline.flush(conn);
+                            }
+                            continue;
+                        }
+                        inline.missed();
+                        ctx.bufs.put(buf);
+                    }
+                }
                 let data = if let Command::Write { len, .. } = cmd {
                     let mut buf = ctx.bufs.get(len as usize);
+                    if rd.buffer().len() < len as usize {
+                        inline.flush(conn);
+                    }
                     if let Err(e) = rd.read_exact(&mut buf) {
                         return End::HungUp(format!("reading a write payload: {e}"));
                     }
@@ -354,11 +465,35 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>) -> End {
                 };
                 let (conn, ctx2) = (conn.clone(), ctx.clone());
                 ctx.pool.submit(Box::new(move || {
-                    execute(&conn, &ctx2, req.handle, cmd, data, vec![slot, own, bytes]);
+                    execute(&conn, &ctx2, req.handle, cmd, data, guards);
                 }));
             }
         }
     }
+}
+
+/// The reply to a successful read of `len` bytes into `buf`.
+fn read_reply(
+    conn: &Conn,
+    ctx: &ServerCtx,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    buf: AlignedBuf,
+    guards: Vec<BudgetGuard>,
+) -> Reply {
+    if len == 0 && conn.session.structured {
+        ctx.bufs.put(buf);
+        return Reply::new(none_chunk(handle).to_vec(), guards);
+    }
+    let head = if conn.session.structured {
+        offset_data_header(handle, offset, len).to_vec()
+    } else {
+        simple_reply(0, handle).to_vec()
+    };
+    let mut r = Reply::new(head, guards);
+    r.data = Some((buf, ctx.bufs.clone()));
+    r
 }
 
 fn disk_error(conn: &Conn, handle: u64, e: &DiskError, guards: Vec<BudgetGuard>) -> Reply {
@@ -386,20 +521,7 @@ fn execute(
                     ctx.bufs.put(buf);
                     disk_error(conn, handle, &e, guards)
                 }
-                Ok(()) if len == 0 && conn.session.structured => {
-                    ctx.bufs.put(buf);
-                    Reply::new(none_chunk(handle).to_vec(), guards)
-                }
-                Ok(()) => {
-                    let head = if conn.session.structured {
-                        offset_data_header(handle, offset, len).to_vec()
-                    } else {
-                        simple_reply(0, handle).to_vec()
-                    };
-                    let mut r = Reply::new(head, guards);
-                    r.data = Some((buf, ctx.bufs.clone()));
-                    r
-                }
+                Ok(()) => read_reply(conn, ctx, handle, offset, len, buf, guards),
             }
         }
         Command::Write { offset, len, fua } => {

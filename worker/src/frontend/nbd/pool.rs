@@ -173,6 +173,20 @@ impl Budget {
         }
     }
 
+    /// [`Budget::acquire`] without waiting: `None` if `n` does not fit now.
+    pub fn try_acquire(self: &Arc<Self>, n: u64) -> Option<BudgetGuard> {
+        let n = n.min(self.max);
+        let mut st = lock(&self.state);
+        if st.used + n > self.max {
+            return None;
+        }
+        st.used += n;
+        Some(BudgetGuard {
+            budget: self.clone(),
+            n,
+        })
+    }
+
     /// Wait until nothing is taken.
     pub fn wait_idle(&self) {
         let mut st = lock(&self.state);
@@ -241,5 +255,17 @@ mod tests {
         t.join().unwrap();
         assert_eq!(b.used(), 0);
         let _big = b.acquire(1000); // clamped, does not deadlock
+    }
+
+    #[test]
+    fn budget_try_acquire_fails_instead_of_waiting() {
+        let b = Budget::new(10);
+        let g = b.try_acquire(8).unwrap();
+        assert!(b.try_acquire(5).is_none());
+        let small = b.try_acquire(2).unwrap();
+        drop(g);
+        assert!(b.try_acquire(5).is_some());
+        drop(small);
+        assert_eq!(b.used(), 0);
     }
 }

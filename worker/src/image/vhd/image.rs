@@ -4,13 +4,14 @@
 
 use super::footer::DiskType;
 use super::layer::VhdLayer;
+use super::MAX_CHAIN_DEPTH;
+use crate::image::zeroes::{ZEROES, ZERO_CHUNK};
 use crate::image::{Extent, Image, ImageError, LayerStats, SECTOR_SIZE};
 use std::sync::{Mutex, MutexGuard};
 
 /// Stripes serializing read-modify-write of partial sectors.
 const RMW_STRIPES: usize = 64;
 /// Largest zero buffer used by write_zeroes.
-const ZERO_CHUNK: u64 = 1 << 20;
 /// block_status merges at most this many runs into one extent.
 const MAX_STATUS_RUNS: usize = 4096;
 
@@ -104,6 +105,59 @@ impl VhdImage {
         Ok(())
     }
 
+    /// [`Self::read_from`] without waiting for a device (see
+    /// [`Image::read_at_nowait`]); false as soon as a piece would. Bytes
+    /// read per layer are added to `hits` (counted only if the whole read
+    /// succeeds, since a failed attempt is repeated by `read_at`).
+    fn read_from_nowait(
+        &self,
+        level: usize,
+        buf: &mut [u8],
+        offset: u64,
+        hits: &mut [u64; MAX_CHAIN_DEPTH],
+    ) -> bool {
+        let Some(layer) = self.layers.get(level) else {
+            buf.fill(0);
+            return true;
+        };
+        if level >= hits.len() {
+            return false; // deeper than any chain we open
+        }
+        let size = layer.virtual_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            if off >= size {
+                buf[done..].fill(0);
+                break;
+            }
+            let max = ((buf.len() - done) as u64).min(size - off);
+            let Some((n, loc)) = layer.map_cached(off, max) else {
+                return false;
+            };
+            let n = n.clamp(1, max) as usize;
+            let piece = &mut buf[done..done + n];
+            let ok = match loc {
+                Some(file_off) => {
+                    hits[level] += n as u64;
+                    layer.read_data_nowait(piece, file_off)
+                }
+                None if layer.disk_type() == DiskType::Differencing => {
+                    self.read_from_nowait(level + 1, piece, off, hits)
+                }
+                None => {
+                    piece.fill(0);
+                    true
+                }
+            };
+            if !ok {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+
     /// Status of the run at `offset` through layers `level..`.
     fn status_from(&self, level: usize, offset: u64, len: u64) -> Result<Extent, ImageError> {
         let hole = |len| Extent {
@@ -155,10 +209,9 @@ impl VhdImage {
 
     fn zero_by_writing(&self, mut offset: u64, len: u64) -> Result<(), ImageError> {
         let end = offset + len;
-        let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
         while offset < end {
-            let n = (end - offset).min(ZERO_CHUNK) as usize;
-            self.write_at(&zeroes[..n], offset)?;
+            let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
+            self.write_at(&ZEROES[..n], offset)?;
             offset += n as u64;
         }
         Ok(())
@@ -177,6 +230,20 @@ impl Image for VhdImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         self.check_range(offset, buf.len() as u64)?;
         self.read_from(0, buf, offset)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let mut hits = [0u64; MAX_CHAIN_DEPTH];
+        let done = self.check_range(offset, buf.len() as u64).is_ok()
+            && self.read_from_nowait(0, buf, offset, &mut hits);
+        if done {
+            for (layer, &bytes) in self.layers.iter().zip(&hits) {
+                if bytes > 0 {
+                    layer.counters.read(bytes);
+                }
+            }
+        }
+        done
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {

@@ -22,6 +22,7 @@ use super::header::Header;
 use super::layout::{BatmapState, Metadata};
 use super::locator;
 use crate::image::stats::LayerCounters;
+use crate::image::zeroes::{ZEROES, ZERO_CHUNK};
 use crate::image::{Backing, ImageError, LayerStats, ParentLocator};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,8 +33,6 @@ mod direct;
 const BITMAP_SHARDS: usize = 16;
 /// Partial-block bitmaps cached per shard (full blocks need none).
 const BITMAPS_PER_SHARD: usize = 256;
-/// Largest zero buffer written at once.
-const ZERO_CHUNK: usize = 1 << 20;
 
 /// How a layer is opened.
 #[derive(Debug, Clone, Copy)]
@@ -292,8 +291,26 @@ impl VhdLayer {
     /// status, and its file offset if this layer holds it.
     /// `offset` must be below the virtual size.
     pub fn map(&self, offset: u64, max: u64) -> Result<(u64, Option<u64>), ImageError> {
+        self.map_with(offset, max, true)?.ok_or_else(|| {
+            ImageError::InvalidArgument("block bitmap not loaded".into()) // not reached: loading was allowed
+        })
+    }
+
+    /// [`Self::map`] without reading from the file: `None` when the answer
+    /// needs a sector bitmap that is not cached (fully written blocks and
+    /// holes never do).
+    pub fn map_cached(&self, offset: u64, max: u64) -> Option<(u64, Option<u64>)> {
+        self.map_with(offset, max, false).ok().flatten()
+    }
+
+    fn map_with(
+        &self,
+        offset: u64,
+        max: u64,
+        load: bool,
+    ) -> Result<Option<(u64, Option<u64>)>, ImageError> {
         let Some(s) = &self.sparse else {
-            return Ok((max, Some(offset)));
+            return Ok(Some((max, Some(offset))));
         };
         let block = (offset >> s.block_shift) as usize;
         let in_block = offset & (s.block_size - 1);
@@ -308,22 +325,29 @@ impl VhdLayer {
                     len += s.block_size;
                     b += 1;
                 }
-                return Ok((len.min(max), None));
+                return Ok(Some((len.min(max), None)));
             }
             entry
         };
         let data = u64::from(entry) * 512 + s.bitmap_bytes;
         if Self::is_full(s, block) {
-            return Ok((to_block_end.min(max), Some(data + in_block)));
+            return Ok(Some((to_block_end.min(max), Some(data + in_block))));
         }
-        let map = self.bitmap(s, block, entry)?;
+        let map = if load {
+            self.bitmap(s, block, entry)?
+        } else {
+            match lock(&s.bitmaps[block % BITMAP_SHARDS]).get(&(block as u32)) {
+                Some(m) => m.clone(),
+                None => return Ok(None),
+            }
+        };
         if Self::is_full(s, block) {
-            return Ok((to_block_end.min(max), Some(data + in_block)));
+            return Ok(Some((to_block_end.min(max), Some(data + in_block))));
         }
         let sector = (in_block / 512) as usize;
         let (present, n) = bitmap::run(&map, sector, s.sectors_per_block);
         let run = (sector + n) as u64 * 512 - in_block;
-        Ok((run.min(max), present.then_some(data + in_block)))
+        Ok(Some((run.min(max), present.then_some(data + in_block))))
     }
 
     /// The sector bitmap of an allocated block, from the cache or the file.
@@ -369,6 +393,13 @@ impl VhdLayer {
             .read_exact_at(buf, file_offset)
             .map_err(ImageError::io("read", file_offset));
         self.counters.on_read(buf.len() as u64, r)
+    }
+
+    /// [`Self::read_data`] only from the page cache (see
+    /// [`Backing::read_exact_at_nowait`]). Not counted in the stats: the
+    /// caller counts once the whole request succeeded.
+    pub fn read_data_nowait(&self, buf: &mut [u8], file_offset: u64) -> bool {
+        self.file.read_exact_at_nowait(buf, file_offset)
     }
 
     fn sync(&self) -> Result<(), ImageError> {
@@ -503,15 +534,20 @@ impl VhdLayer {
             bitmap::set_range(&mut map, 0, s.sectors_per_block);
         }
         let full = bitmap::is_full(&map, s.sectors_per_block);
-        // What the file holds where the block goes (normally just the end
-        // footer), to put back if the allocation fails half-way (a full
-        // disk): the image then stays exactly as valid as it was.
+        // The end footer, if the block goes over it, to put back if the
+        // allocation fails half-way (a full disk): the image then stays
+        // exactly as valid as it was. Nothing else there needs saving:
+        // everything from `data_end` on but that footer is referenced by
+        // no BAT entry (say, a block a crash left unlinked), and copying
+        // it could mean megabytes of locked memory in the worker.
         let old_len = alloc.file_len;
+        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(start);
         let saved_end = old_len.min(block_end + FOOTER_SIZE as u64);
-        let mut saved = vec![0u8; saved_end.saturating_sub(start) as usize];
+        let mut saved = [0u8; FOOTER_SIZE];
+        let saved = &mut saved[..saved_end.saturating_sub(saved_at) as usize];
         self.file
-            .read_exact_at(&mut saved, start)
-            .map_err(ImageError::io("read", start))?;
+            .read_exact_at(saved, saved_at)
+            .map_err(ImageError::io("read", saved_at))?;
         let table = s.header.table_offset() + block as u64 * 4;
         let mut bat_written = false;
         let placed = self.place_block(
@@ -522,7 +558,7 @@ impl VhdLayer {
             &mut bat_written,
         );
         if let Err(e) = placed {
-            self.undo_allocation(table, bat_written, old_len, start, &saved);
+            self.undo_allocation(table, bat_written, old_len, saved_at, saved);
             return Err(e);
         }
         alloc.data_end = block_end;
@@ -621,11 +657,10 @@ impl VhdLayer {
         if from >= to {
             return Ok(());
         }
-        let zeroes = vec![0u8; ((to - from) as usize).min(ZERO_CHUNK)];
         while from < to {
-            let n = ((to - from) as usize).min(ZERO_CHUNK);
+            let n = (to - from).min(ZERO_CHUNK as u64) as usize;
             self.file
-                .write_all_at(&zeroes[..n], from)
+                .write_all_at(&ZEROES[..n], from)
                 .map_err(ImageError::io("write", from))?;
             from += n as u64;
         }

@@ -1,54 +1,14 @@
 //! The layer's side of direct mappings (see [`crate::image::direct`]):
-//! lookups answered from metadata in memory only, and deallocation that
-//! respects pinned blocks.
-//!
-//! Kept apart from the synchronous engine in `layer.rs` on purpose: these
-//! methods never read or write the file except for the deallocation itself,
-//! so a frontend may call the lookups on a thread that must never block.
+//! whether a flush needs more than a data sync, and deallocation that
+//! respects pinned blocks. The lookups themselves are
+//! [`VhdLayer::map_cached`], answered from metadata in memory only, so a
+//! frontend may call them on a thread that must never block.
 
-use super::{bitmap, lock, Sparse, VhdLayer, BITMAP_SHARDS, UNUSED};
+use super::{lock, Sparse, VhdLayer, BITMAP_SHARDS, UNUSED};
 use crate::image::ImageError;
 use std::sync::atomic::Ordering;
 
 impl VhdLayer {
-    /// [`VhdLayer::map`] from memory only: `None` when the answer would
-    /// need a sector bitmap that is not cached (the synchronous path then
-    /// loads it, so the next lookup of that block succeeds).
-    /// `offset` must be below the virtual size and `max` > 0.
-    pub fn map_cached(&self, offset: u64, max: u64) -> Option<(u64, Option<u64>)> {
-        let Some(s) = &self.sparse else {
-            return Some((max, Some(offset)));
-        };
-        let block = usize::try_from(offset >> s.block_shift).ok()?;
-        let in_block = offset & (s.block_size - 1);
-        let to_block_end = s.block_size - in_block;
-        let entry = {
-            let bat = s.bat.read().unwrap_or_else(|p| p.into_inner());
-            let entry = *bat.get(block)?;
-            if entry == UNUSED {
-                let mut len = to_block_end;
-                let mut b = block + 1;
-                while len < max && b < bat.len() && bat[b] == UNUSED {
-                    len += s.block_size;
-                    b += 1;
-                }
-                return Some((len.min(max), None));
-            }
-            entry
-        };
-        let data = u64::from(entry) * 512 + s.bitmap_bytes;
-        if Self::is_full(s, block) {
-            return Some((to_block_end.min(max), Some(data + in_block)));
-        }
-        let map = lock(&s.bitmaps[block % BITMAP_SHARDS])
-            .get(&(block as u32))?
-            .clone();
-        let sector = (in_block / 512) as usize;
-        let (present, n) = bitmap::run(&map, sector, s.sectors_per_block);
-        let run = ((sector + n) as u64 * 512).saturating_sub(in_block).max(1);
-        Some((run.min(max), present.then_some(data + in_block)))
-    }
-
     /// The batmap changed since it was last written (a flush must write it,
     /// so a plain data sync is not a full flush).
     pub fn batmap_dirty(&self) -> bool {
