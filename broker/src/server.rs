@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::{Reply, Request};
 use tapjail_policy::PeerCred;
@@ -100,82 +100,20 @@ struct Slots {
     per_uid: HashMap<u32, usize>,
 }
 
-/// Refused connections of one uid are audited at most once per this
-/// interval (with a count of those not written since).
-pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Rate limit for auditing refused connections. A refusal costs the
-/// client one `connect(2)` but the broker an fsync'd audit line written
-/// on the accept thread: unlimited, one uid holding its 8 slots and
-/// connecting in a loop slowed everyone's requests 40-fold and grew the
-/// log by megabytes a minute (filling the disk would stop the broker,
-/// which fails closed). Every refusal is still counted in the log.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    /// Per uid: when its last refusal was written, how many were refused
-    /// since without a line, and the last peer refused.
-    per_uid: HashMap<u32, (Instant, u64, PeerCred)>,
-}
-
-impl RefusalLog {
-    /// A refusal of `peer` at `now`: `Some(n)` if it is to be audited now
-    /// (`n` earlier ones were not), `None` if it is only counted.
-    fn note(&mut self, peer: PeerCred, now: Instant) -> Option<u64> {
-        match self.per_uid.get_mut(&peer.uid) {
-            Some((last, n, p)) if now.duration_since(*last) < REFUSAL_AUDIT_INTERVAL => {
-                *n += 1;
-                *p = peer;
-                None
-            }
-            Some((last, n, p)) => {
-                let unwritten = *n;
-                *last = now;
-                *n = 0;
-                *p = peer;
-                Some(unwritten)
-            }
-            None => {
-                self.per_uid.insert(peer.uid, (now, 0, peer));
-                Some(0)
-            }
-        }
-    }
-
-    /// Refusals counted but not yet written, of uids quiet for a whole
-    /// interval: the last peer and the count, each reported once. Entries
-    /// with nothing pending are forgotten then.
-    fn overdue(&mut self, now: Instant) -> Vec<(PeerCred, u64)> {
-        let mut out = Vec::new();
-        self.per_uid.retain(|_, (last, n, peer)| {
-            if now.duration_since(*last) < REFUSAL_AUDIT_INTERVAL {
-                return true;
-            }
-            if *n > 0 {
-                out.push((*peer, *n));
-            }
-            false
-        });
-        out
-    }
-}
-
 /// Accept clients forever.
 pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     let max = broker.policy.max_clients;
-    let mut refusals = RefusalLog::default();
+    // Counted denials of a uid that went quiet are written once its window
+    // ends, not only when someone else is next refused.
+    let b = Arc::clone(&broker);
+    let _ = std::thread::Builder::new()
+        .name("denial-summary".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            b.flush_denials(false);
+        });
     for stream in listener.incoming() {
-        for (peer, n) in refusals.overdue(Instant::now()) {
-            broker.refuse(
-                &peer,
-                None,
-                "max-clients",
-                BrokerError::busy(format!(
-                    "{n} more connection(s) of uid {} refused: too many open",
-                    peer.uid
-                )),
-            );
-        }
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -207,17 +145,9 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
             }
         };
         if let Some(why) = refused {
-            let r = match refusals.note(peer, Instant::now()) {
-                Some(0) => broker.refuse(&peer, None, "max-clients", BrokerError::busy(why)),
-                Some(n) => broker.refuse(
-                    &peer,
-                    None,
-                    "max-clients",
-                    BrokerError::busy(format!("{why} ({n} more refused since the last such line)")),
-                ),
-                // Counted; written with the next line for this uid.
-                None => BrokerError::busy(why).reply(),
-            };
+            // Rate-limited per uid (crate::denials): beyond its budget a
+            // refusal is counted, not written at once.
+            let r = broker.refuse(&peer, None, "max-clients", BrokerError::busy(why));
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = frame::send_on(&stream, &r, &[]);
             continue;
@@ -305,36 +235,5 @@ fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
         if frame::send_on(stream, &reply, &[]).is_err() || !greeted {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusal_log_writes_one_line_per_uid_per_interval_and_counts_the_rest() {
-        let p = |uid| PeerCred {
-            pid: 1,
-            uid,
-            gid: uid,
-        };
-        let mut log = RefusalLog::default();
-        let t0 = Instant::now();
-        assert_eq!(log.note(p(7), t0), Some(0));
-        for i in 1..=100 {
-            assert_eq!(log.note(p(7), t0 + Duration::from_millis(i)), None);
-        }
-        // Another uid is not held back by uid 7's flood.
-        assert_eq!(log.note(p(8), t0 + Duration::from_millis(5)), Some(0));
-        let later = t0 + REFUSAL_AUDIT_INTERVAL + Duration::from_millis(1);
-        assert_eq!(log.note(p(7), later), Some(100));
-        assert_eq!(log.note(p(7), later + Duration::from_millis(1)), None);
-        // A uid that went quiet has its count reported once, then is forgotten.
-        let quiet = later + REFUSAL_AUDIT_INTERVAL * 2;
-        assert_eq!(log.overdue(quiet), vec![(p(7), 1)]);
-        assert!(log.overdue(quiet).is_empty());
-        assert!(log.per_uid.is_empty());
-        assert_eq!(log.note(p(7), quiet), Some(0));
     }
 }

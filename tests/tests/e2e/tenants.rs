@@ -2,6 +2,8 @@
 //! `list` shows only one's own, limits hold, strangers get nothing.
 
 use crate::*;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
 
 fn create(h: &Harness, t: &TenantSpec, file: &str, ro: bool) -> (String, String) {
     let img = h.raw_image(t.name, file, 1 << 20);
@@ -144,6 +146,58 @@ fn tenants_stranger_is_refused_everything() {
         .iter()
         .all(|l| l["rule"] == "no-tenant" && l.get("tenant").is_none()));
     assert_eq!(h.ok(&ROOT, &["list"]), "");
+}
+
+#[test]
+fn tenants_stranger_flood_is_counted_not_written_line_by_line() {
+    let mut h = Harness::start(Options::default());
+    // 400 connections, each a Hello from a uid that matches no tenant.
+    let out = std::process::Command::new(bin("fuzz-client"))
+        .args([h.socket.to_str().unwrap(), "1", "400", "hello"])
+        .uid(NOBODY.0)
+        .gid(NOBODY.1)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", h.broker_log());
+    let full = |h: &Harness| {
+        denials(h, NOBODY.0)
+            .into_iter()
+            .filter(|l| l["rule"] == "no-tenant")
+            .count() as u64
+    };
+    // A handful in full (one window's budget, two if the flood straddled
+    // a window), not 400 fsync'd lines.
+    let written = full(&h);
+    assert!((10..=20).contains(&written), "{written} lines in full");
+    // Everyone else is served meanwhile.
+    h.ok(&ALICE, &["list"]);
+    // The count is written once the window ends, without any new event.
+    let summaries = |h: &Harness| -> Vec<serde_json::Value> {
+        h.audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "denials_suppressed")
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(25), || !summaries(&h).is_empty()),
+        "no summary line\n{}",
+        h.broker_log()
+    );
+    h.stop();
+    let s = summaries(&h);
+    let counted: u64 = s
+        .iter()
+        .map(|l| l["request"]["suppressed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted + full(&h), 400, "every denial accounted for: {s:?}");
+    assert!(s.iter().all(|l| l["peer"]["uid"] == NOBODY.0
+        && l["rule"] == "rate-limit"
+        && l["reason"]
+            .as_str()
+            .unwrap()
+            .contains("further denied request(s) of kinds {no-tenant} suppressed")));
+    let out = h.ctl(&ROOT, &["audit", "verify", h.audit.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
 }
 
 #[test]
