@@ -491,3 +491,27 @@ fn cli_write_failing_half_way_puts_the_old_contents_back() {
     );
     ok(&["vhd", "check", "-n", s(&p)]);
 }
+
+#[test]
+fn cli_query_escapes_parent_names_read_from_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The image's author picked the parent's name: it clears the screen.
+    let base = tmp.path().join("b\x1b[2J\x1b]0;x\x07ase.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "8"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    for args in [
+        vec!["vhd", "query", "-n", s(&child), "-p"],
+        vec!["vhd", "query", "-n", s(&child)],
+    ] {
+        let out = ok(&args);
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+        assert!(out.contains("b\\x1b[2J\\x1b]0;x\\x07ase.vhd"), "{out}");
+    }
+    // JSON keeps the real name (serde escapes it).
+    let q = query(&child);
+    assert!(q["parent"]
+        .as_str()
+        .unwrap()
+        .ends_with("b\x1b[2J\x1b]0;x\x07ase.vhd"));
+}

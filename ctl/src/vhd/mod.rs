@@ -5,6 +5,7 @@
 
 mod progress;
 
+use crate::escape::escape;
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use std::io::{Read, Write};
@@ -235,7 +236,8 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             } else if physical_size {
                 println!("{}", info.physical_size);
             } else if parent {
-                println!("{}", info.parent.as_deref().unwrap_or("none"));
+                // Names come out of the image: escaped for the terminal.
+                println!("{}", escape(info.parent.as_deref().unwrap_or("none")));
             } else if json {
                 let v = serde_json::json!({
                     "virtual_size": info.virtual_size,
@@ -265,9 +267,9 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
                     println!("batmap: {}", info.batmap);
                 }
                 println!("uuid: {}", info.uuid);
-                println!("creator: {}", info.creator);
+                println!("creator: {}", escape(&info.creator));
                 if let Some(p) = &info.parent {
-                    println!("parent: {p}");
+                    println!("parent: {}", escape(p));
                     println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
                 }
             }
@@ -278,7 +280,7 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
                 println!("{} is valid", name.display());
             } else {
                 for p in &problems {
-                    println!("{}: {p}", name.display());
+                    println!("{}: {}", name.display(), escape(&p.to_string()));
                 }
                 eprintln!(
                     "tap-ctl: {} has {} problem(s); `tap-ctl vhd repair -n {}` fixes footers \
@@ -293,14 +295,18 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
         VhdCommand::Repair { name } => {
             let report = on(&name, vfs::repair_path(&name))?;
             for a in &report.actions {
-                println!("{}: {a}", name.display());
+                println!("{}: {}", name.display(), escape(&a.to_string()));
             }
             if report.actions.is_empty() {
                 println!("{}: nothing to repair", name.display());
             }
             if !report.remaining.is_empty() {
                 for p in &report.remaining {
-                    println!("{}: still wrong: {p}", name.display());
+                    println!(
+                        "{}: still wrong: {}",
+                        name.display(),
+                        escape(&p.to_string())
+                    );
                 }
                 return Ok(ExitCode::FAILURE);
             }
@@ -381,7 +387,11 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             if let Some(b) = bar {
                 b.finish();
             }
-            println!("{}: merged {copied} bytes into {parent}", name.display());
+            println!(
+                "{}: merged {copied} bytes into {}",
+                name.display(),
+                escape(&parent.to_string())
+            );
         }
         VhdCommand::Resize { name, size } => {
             on(&name, vfs::resize_path(&name, mib(size)?))?;

@@ -235,3 +235,31 @@ fn tenants_limits_and_read_only_are_enforced() {
         h.ok(&ROOT, &["destroy", "-m", m]);
     }
 }
+
+#[test]
+fn tenants_file_names_cannot_drive_the_admins_terminal() {
+    let h = Harness::start(Options::default());
+    // alice names her image so that, printed raw, it would retitle the
+    // admin's terminal, clear it, and forge a row of bob's.
+    let evil = "x\x1b]0;owned\x07\x1b[2J\n    6666    1    0        vhd b.img";
+    let img = h.raw_image("alice", evil, 1 << 20);
+    h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
+    let (ok, tty) = h.ctl_tty(&ROOT, &["list"]);
+    assert!(ok, "{tty}");
+    let plain = h.ok(&ROOT, &["list"]);
+    for out in [&tty, &plain] {
+        assert_eq!(out.lines().count(), 1, "{out:?}");
+        assert!(!out.trim_end().chars().any(|c| c.is_control()), "{out:?}");
+        assert!(
+            out.contains("x\\x1b]0;owned\\x07\\x1b[2J\\x0a    6666"),
+            "{out}"
+        );
+    }
+    // An error that quotes the name is escaped too.
+    let err = h.fails(&ROOT, &["detach", "-m", "0"]);
+    assert!(!err.trim_end().chars().any(|c| c.is_control()), "{err:?}");
+    // JSON keeps the name exactly (serde escapes it).
+    let rows: serde_json::Value = serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+    assert_eq!(rows[0]["file"], img.to_str().unwrap());
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+}
