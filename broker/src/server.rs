@@ -93,10 +93,24 @@ pub const MAX_CLIENTS_PER_UID: usize = 8;
 /// How long a new connection has to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Live connections, in total and per uid.
+/// Connections one uid that matches no tenant may hold at once. It is
+/// refused everything at Hello, so it never needs more than one (two:
+/// the slot of a connection just answered is freed a moment later).
+pub const MAX_STRANGER_CLIENTS_PER_UID: usize = 2;
+
+/// The share of `max_clients` that peers matching no tenant may hold
+/// together (1/8, at least 1). Without it, a user with a subordinate uid
+/// range (a user namespace) could present dozens of uids, hold every slot
+/// with silent connections and lock every tenant out.
+pub fn stranger_slots(max_clients: u32) -> u32 {
+    (max_clients / 8).max(1)
+}
+
+/// Live connections, in total, of strangers, and per uid.
 #[derive(Debug, Default)]
 struct Slots {
     total: u32,
+    strangers: u32,
     per_uid: HashMap<u32, usize>,
 }
 
@@ -126,20 +140,37 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         let Ok(peer) = sys::peer_cred(&stream) else {
             continue;
         };
+        let stranger = broker.policy.tenant_for(peer.uid, peer.gid).is_none();
         let refused = {
             let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
             let mine = s.per_uid.get(&peer.uid).copied().unwrap_or(0);
+            let per_uid = if stranger {
+                MAX_STRANGER_CLIENTS_PER_UID
+            } else {
+                MAX_CLIENTS_PER_UID
+            };
             if s.total >= max {
                 Some(format!(
                     "tap-broker is serving {max} clients already; try again"
                 ))
-            } else if mine >= MAX_CLIENTS_PER_UID {
+            } else if stranger && s.strangers >= stranger_slots(max) {
                 Some(format!(
-                    "uid {} already has {MAX_CLIENTS_PER_UID} connections open",
-                    peer.uid
+                    "tap-broker is serving {} clients that match no tenant already; try again",
+                    stranger_slots(max)
+                ))
+            } else if mine >= per_uid {
+                Some(format!(
+                    "uid {} already has {} open",
+                    peer.uid,
+                    if per_uid == 1 {
+                        "a connection".to_string()
+                    } else {
+                        format!("{per_uid} connections")
+                    }
                 ))
             } else {
                 s.total += 1;
+                s.strangers += u32::from(stranger);
                 *s.per_uid.entry(peer.uid).or_default() += 1;
                 None
             }
@@ -157,6 +188,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         let release = move |sl: &Mutex<Slots>| {
             let mut s = sl.lock().unwrap_or_else(|e| e.into_inner());
             s.total = s.total.saturating_sub(1);
+            s.strangers = s.strangers.saturating_sub(u32::from(stranger));
             if let Some(n) = s.per_uid.get_mut(&peer.uid) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -173,6 +205,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         if spawned.is_err() {
             let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
             s.total = s.total.saturating_sub(1);
+            s.strangers = s.strangers.saturating_sub(u32::from(stranger));
             if let Some(n) = s.per_uid.get_mut(&peer.uid) {
                 *n = n.saturating_sub(1);
             }

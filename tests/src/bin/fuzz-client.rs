@@ -2,6 +2,8 @@
 //! one connection per case, as whatever uid it was started as.
 //!
 //! Usage: fuzz-client SOCKET SEED COUNT [hello]
+//! With `hold`, it opens COUNT connections, says nothing on them, prints
+//! `held` and keeps them for 10 s (a slot hog).
 //! With `hello`, every case is one well-formed Hello and its answer (a
 //! flood of exactly COUNT requests, each decided and audited once).
 //! Prints how many cases it sent. Exits 0 unless the broker became
@@ -159,6 +161,15 @@ fn main() {
     let sock = std::path::PathBuf::from(sock);
     let mut r = Rng(seed.parse::<u64>().unwrap_or(1) | 1);
     let count: u64 = count.parse().unwrap_or(100);
+    if args.get(4).is_some_and(|a| a == "hold") {
+        let held: Vec<UnixStream> = (0..count)
+            .filter_map(|_| UnixStream::connect(&sock).ok())
+            .collect();
+        println!("held {}", held.len());
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(10));
+        return;
+    }
     let only_hello = args.get(4).is_some_and(|a| a == "hello");
     for i in 0..count {
         let r = if only_hello {
