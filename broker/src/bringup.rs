@@ -65,6 +65,16 @@ impl Broker {
     pub fn open_grant(&self, grant: &ImageGrant, writable: bool) -> Result<File, BrokerError> {
         let shown = grant.path.display();
         sys::open_beneath(&grant.root, &grant.relative, writable).map_err(|e| {
+            if e.get_ref()
+                .is_some_and(|x| x.is::<sys::RootThroughSymlink>())
+            {
+                return BrokerError::denied(format!(
+                    "{shown}: its image root {} is reached through a symlink: refused (an \
+                     admin must name the root's real path in the policy, and keep it out of \
+                     tenants' reach)",
+                    grant.root.display()
+                ));
+            }
             match e.raw_os_error() {
                 Some(libc::ELOOP) => BrokerError::denied(format!(
                     "{shown}: refusing a path through a symlink (name the image by its real path)"

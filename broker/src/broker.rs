@@ -7,6 +7,7 @@
 //! be written the broker stops serving (fail closed): it answers every
 //! later request with an error rather than act without a record.
 
+use crate::denials::{Admit, DenialLimiter, Summary};
 use crate::device::factory::DeviceFactory;
 use crate::error::BrokerError;
 use crate::records::StateDir;
@@ -38,6 +39,8 @@ pub type Done = (Reply, String);
 pub struct Broker {
     pub policy: Policy,
     audit: Mutex<AuditState>,
+    /// Budget for denials anyone can cause (taken before `audit`).
+    denials: Mutex<DenialLimiter>,
     table: Mutex<Table>,
     /// Signalled whenever the supervisor records a worker's exit.
     exited: Condvar,
@@ -67,6 +70,7 @@ impl Broker {
                 log: audit,
                 broken: None,
             }),
+            denials: Mutex::new(DenialLimiter::default()),
             table: Mutex::new(Table::default()),
             exited: Condvar::new(),
             devices,
@@ -101,6 +105,62 @@ impl Broker {
         }
     }
 
+    /// Record a decision. Denials that anyone can cause (of a peer that
+    /// matches no tenant, or of the connection limit) go through the
+    /// [`DenialLimiter`]: beyond its budget they are counted, and the
+    /// count is written as one `denials_suppressed` line per uid per
+    /// window. Everything else is written at once.
+    fn record(&self, peer: &PeerCred, entry: &Entry) -> Result<(), BrokerError> {
+        let limited = entry.decision == Verdict::Deny
+            && (entry.tenant.is_none() || entry.rule == "max-clients");
+        if !limited {
+            return self.audit(entry);
+        }
+        // Held while writing, so a window's summary precedes the next
+        // window's lines; lock order is denials, then audit.
+        let mut l = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for s in l.due(now, false) {
+            self.audit_summary(&s)?;
+        }
+        match l.admit(*peer, &entry.rule, now) {
+            Admit::Full => self.audit(entry),
+            Admit::Counted => self.audit_healthy(),
+        }
+    }
+
+    /// Write the summaries of ended windows (of every window if `all`).
+    /// Called every second, and at shutdown with `all`, so that a uid that
+    /// went quiet has its count written too.
+    pub fn flush_denials(&self, all: bool) {
+        let mut l = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        for s in l.due(Instant::now(), all) {
+            let _ = self.audit_summary(&s);
+        }
+    }
+
+    fn audit_summary(&self, s: &Summary) -> Result<(), BrokerError> {
+        let p = &s.last_peer;
+        self.audit(&Entry {
+            event: Event::DenialsSuppressed,
+            peer: Some(peer_of(p)),
+            tenant: s
+                .uid
+                .and_then(|_| self.policy.tenant_for(p.uid, p.gid))
+                .map(|t| t.name.clone()),
+            request: Some(serde_json::json!({
+                "uid": s.uid,
+                "suppressed": s.suppressed,
+                "kinds": s.kinds,
+                "window_secs": s.span.as_secs(),
+            })),
+            decision: Verdict::Deny,
+            rule: "rate-limit".into(),
+            reason: s.describe(),
+            outcome: None,
+        })
+    }
+
     fn audit_healthy(&self) -> Result<(), BrokerError> {
         let a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
         match &a.broken {
@@ -132,19 +192,22 @@ impl Broker {
 
     /// A frame that could not be read; the connection is closed after this.
     pub fn audit_frame_error(&self, peer: &PeerCred, err: &FrameError) {
-        let _ = self.audit(&Entry {
-            event: Event::FrameError,
-            peer: Some(peer_of(peer)),
-            tenant: self
-                .policy
-                .tenant_for(peer.uid, peer.gid)
-                .map(|t| t.name.clone()),
-            request: None,
-            decision: Verdict::Deny,
-            rule: "frame".into(),
-            reason: err.to_string(),
-            outcome: Some("connection closed".into()),
-        });
+        let _ = self.record(
+            peer,
+            &Entry {
+                event: Event::FrameError,
+                peer: Some(peer_of(peer)),
+                tenant: self
+                    .policy
+                    .tenant_for(peer.uid, peer.gid)
+                    .map(|t| t.name.clone()),
+                request: None,
+                decision: Verdict::Deny,
+                rule: "frame".into(),
+                reason: err.to_string(),
+                outcome: Some("connection closed".into()),
+            },
+        );
     }
 
     /// Refuse a request for a reason outside the policy (protocol misuse).
@@ -168,7 +231,7 @@ impl Broker {
             reason: err.message.clone(),
             outcome: None,
         };
-        match self.audit(&entry) {
+        match self.record(peer, &entry) {
             Ok(()) => err.reply(),
             Err(e) => e.reply(),
         }
@@ -223,7 +286,7 @@ impl Broker {
                 Err(e) => Some(format!("error ({:?}): {}", e.kind, e.message)),
             },
         };
-        if let Err(e) = self.audit(&entry) {
+        if let Err(e) = self.record(peer, &entry) {
             return e.reply();
         }
         match result {
@@ -484,6 +547,8 @@ impl Broker {
         for disk in left {
             crate::ops::release_disk(disk);
         }
+        // Every denial counted so far is in the log before it ends.
+        self.flush_denials(true);
         self.notice(
             Event::BrokerStop,
             None,

@@ -6,6 +6,7 @@
 
 mod bringup;
 mod broker;
+mod denials;
 use tapjail_broker::device;
 mod error;
 mod ops;

@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::{Reply, Request};
 use tapjail_policy::PeerCred;
@@ -93,89 +93,41 @@ pub const MAX_CLIENTS_PER_UID: usize = 8;
 /// How long a new connection has to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Live connections, in total and per uid.
+/// Connections one uid that matches no tenant may hold at once. It is
+/// refused everything at Hello, so it never needs more than one (two:
+/// the slot of a connection just answered is freed a moment later).
+pub const MAX_STRANGER_CLIENTS_PER_UID: usize = 2;
+
+/// The share of `max_clients` that peers matching no tenant may hold
+/// together (1/8, at least 1). Without it, a user with a subordinate uid
+/// range (a user namespace) could present dozens of uids, hold every slot
+/// with silent connections and lock every tenant out.
+pub fn stranger_slots(max_clients: u32) -> u32 {
+    (max_clients / 8).max(1)
+}
+
+/// Live connections, in total, of strangers, and per uid.
 #[derive(Debug, Default)]
 struct Slots {
     total: u32,
+    strangers: u32,
     per_uid: HashMap<u32, usize>,
-}
-
-/// Refused connections of one uid are audited at most once per this
-/// interval (with a count of those not written since).
-pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Rate limit for auditing refused connections. A refusal costs the
-/// client one `connect(2)` but the broker an fsync'd audit line written
-/// on the accept thread: unlimited, one uid holding its 8 slots and
-/// connecting in a loop slowed everyone's requests 40-fold and grew the
-/// log by megabytes a minute (filling the disk would stop the broker,
-/// which fails closed). Every refusal is still counted in the log.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    /// Per uid: when its last refusal was written, how many were refused
-    /// since without a line, and the last peer refused.
-    per_uid: HashMap<u32, (Instant, u64, PeerCred)>,
-}
-
-impl RefusalLog {
-    /// A refusal of `peer` at `now`: `Some(n)` if it is to be audited now
-    /// (`n` earlier ones were not), `None` if it is only counted.
-    fn note(&mut self, peer: PeerCred, now: Instant) -> Option<u64> {
-        match self.per_uid.get_mut(&peer.uid) {
-            Some((last, n, p)) if now.duration_since(*last) < REFUSAL_AUDIT_INTERVAL => {
-                *n += 1;
-                *p = peer;
-                None
-            }
-            Some((last, n, p)) => {
-                let unwritten = *n;
-                *last = now;
-                *n = 0;
-                *p = peer;
-                Some(unwritten)
-            }
-            None => {
-                self.per_uid.insert(peer.uid, (now, 0, peer));
-                Some(0)
-            }
-        }
-    }
-
-    /// Refusals counted but not yet written, of uids quiet for a whole
-    /// interval: the last peer and the count, each reported once. Entries
-    /// with nothing pending are forgotten then.
-    fn overdue(&mut self, now: Instant) -> Vec<(PeerCred, u64)> {
-        let mut out = Vec::new();
-        self.per_uid.retain(|_, (last, n, peer)| {
-            if now.duration_since(*last) < REFUSAL_AUDIT_INTERVAL {
-                return true;
-            }
-            if *n > 0 {
-                out.push((*peer, *n));
-            }
-            false
-        });
-        out
-    }
 }
 
 /// Accept clients forever.
 pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     let max = broker.policy.max_clients;
-    let mut refusals = RefusalLog::default();
+    // Counted denials of a uid that went quiet are written once its window
+    // ends, not only when someone else is next refused.
+    let b = Arc::clone(&broker);
+    let _ = std::thread::Builder::new()
+        .name("denial-summary".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            b.flush_denials(false);
+        });
     for stream in listener.incoming() {
-        for (peer, n) in refusals.overdue(Instant::now()) {
-            broker.refuse(
-                &peer,
-                None,
-                "max-clients",
-                BrokerError::busy(format!(
-                    "{n} more connection(s) of uid {} refused: too many open",
-                    peer.uid
-                )),
-            );
-        }
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -188,36 +140,45 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         let Ok(peer) = sys::peer_cred(&stream) else {
             continue;
         };
+        let stranger = broker.policy.tenant_for(peer.uid, peer.gid).is_none();
         let refused = {
             let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
             let mine = s.per_uid.get(&peer.uid).copied().unwrap_or(0);
+            let per_uid = if stranger {
+                MAX_STRANGER_CLIENTS_PER_UID
+            } else {
+                MAX_CLIENTS_PER_UID
+            };
             if s.total >= max {
                 Some(format!(
                     "tap-broker is serving {max} clients already; try again"
                 ))
-            } else if mine >= MAX_CLIENTS_PER_UID {
+            } else if stranger && s.strangers >= stranger_slots(max) {
                 Some(format!(
-                    "uid {} already has {MAX_CLIENTS_PER_UID} connections open",
-                    peer.uid
+                    "tap-broker is serving {} clients that match no tenant already; try again",
+                    stranger_slots(max)
+                ))
+            } else if mine >= per_uid {
+                Some(format!(
+                    "uid {} already has {} open",
+                    peer.uid,
+                    if per_uid == 1 {
+                        "a connection".to_string()
+                    } else {
+                        format!("{per_uid} connections")
+                    }
                 ))
             } else {
                 s.total += 1;
+                s.strangers += u32::from(stranger);
                 *s.per_uid.entry(peer.uid).or_default() += 1;
                 None
             }
         };
         if let Some(why) = refused {
-            let r = match refusals.note(peer, Instant::now()) {
-                Some(0) => broker.refuse(&peer, None, "max-clients", BrokerError::busy(why)),
-                Some(n) => broker.refuse(
-                    &peer,
-                    None,
-                    "max-clients",
-                    BrokerError::busy(format!("{why} ({n} more refused since the last such line)")),
-                ),
-                // Counted; written with the next line for this uid.
-                None => BrokerError::busy(why).reply(),
-            };
+            // Rate-limited per uid (crate::denials): beyond its budget a
+            // refusal is counted, not written at once.
+            let r = broker.refuse(&peer, None, "max-clients", BrokerError::busy(why));
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = frame::send_on(&stream, &r, &[]);
             continue;
@@ -227,6 +188,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         let release = move |sl: &Mutex<Slots>| {
             let mut s = sl.lock().unwrap_or_else(|e| e.into_inner());
             s.total = s.total.saturating_sub(1);
+            s.strangers = s.strangers.saturating_sub(u32::from(stranger));
             if let Some(n) = s.per_uid.get_mut(&peer.uid) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -243,6 +205,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         if spawned.is_err() {
             let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
             s.total = s.total.saturating_sub(1);
+            s.strangers = s.strangers.saturating_sub(u32::from(stranger));
             if let Some(n) = s.per_uid.get_mut(&peer.uid) {
                 *n = n.saturating_sub(1);
             }
@@ -305,36 +268,5 @@ fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
         if frame::send_on(stream, &reply, &[]).is_err() || !greeted {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusal_log_writes_one_line_per_uid_per_interval_and_counts_the_rest() {
-        let p = |uid| PeerCred {
-            pid: 1,
-            uid,
-            gid: uid,
-        };
-        let mut log = RefusalLog::default();
-        let t0 = Instant::now();
-        assert_eq!(log.note(p(7), t0), Some(0));
-        for i in 1..=100 {
-            assert_eq!(log.note(p(7), t0 + Duration::from_millis(i)), None);
-        }
-        // Another uid is not held back by uid 7's flood.
-        assert_eq!(log.note(p(8), t0 + Duration::from_millis(5)), Some(0));
-        let later = t0 + REFUSAL_AUDIT_INTERVAL + Duration::from_millis(1);
-        assert_eq!(log.note(p(7), later), Some(100));
-        assert_eq!(log.note(p(7), later + Duration::from_millis(1)), None);
-        // A uid that went quiet has its count reported once, then is forgotten.
-        let quiet = later + REFUSAL_AUDIT_INTERVAL * 2;
-        assert_eq!(log.overdue(quiet), vec![(p(7), 1)]);
-        assert!(log.overdue(quiet).is_empty());
-        assert!(log.per_uid.is_empty());
-        assert_eq!(log.note(p(7), quiet), Some(0));
     }
 }

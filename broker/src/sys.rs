@@ -21,17 +21,34 @@ pub fn peer_cred(sock: &UnixStream) -> io::Result<PeerCred> {
     })
 }
 
+/// An image root that can only be reached through a symlink (which a
+/// tenant may have planted, or the policy names a path with a symlink).
+#[derive(Debug, thiserror::Error)]
+#[error("the image root is reached through a symlink")]
+pub struct RootThroughSymlink;
+
 /// Open `relative` beneath the directory `root`, refusing any path that
 /// leaves it (`..`, absolute symlinks), any symlink at all and any magic
 /// link, and anything but a regular file. Opened non-blocking first so a
 /// FIFO planted in a tenant's root cannot hang the broker, then switched
 /// back to blocking.
+///
+/// The root itself is opened without following symlinks either: it is
+/// often inside a directory its tenant owns (`/home/alice/vms`), and a
+/// tenant who replaced it with a symlink to `/etc` would otherwise have
+/// every name below resolved inside `/etc`, by root.
 pub fn open_beneath(root: &Path, relative: &Path, writable: bool) -> io::Result<File> {
-    let dir = rustix::fs::open(
+    let dir = rustix::fs::openat2(
+        rustix::fs::CWD,
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => io::Error::other(RootThroughSymlink),
+        e => e.into(),
+    })?;
     let access = if writable {
         OFlags::RDWR
     } else {
@@ -275,6 +292,29 @@ mod tests {
         ] {
             assert!(open_beneath(r, Path::new(bad), false).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn open_beneath_refuses_a_root_reached_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        // A tenant replaced its root (in a directory it owns) by a symlink
+        // to a directory with files it may not read.
+        std::fs::create_dir(t.join("victim")).unwrap();
+        std::fs::write(t.join("victim/secret"), b"s").unwrap();
+        std::fs::create_dir(t.join("home")).unwrap();
+        symlink(t.join("victim"), t.join("home/vms")).unwrap();
+        let e = open_beneath(&t.join("home/vms"), Path::new("secret"), false).unwrap_err();
+        assert!(
+            e.get_ref().is_some_and(|x| x.is::<RootThroughSymlink>()),
+            "{e}"
+        );
+        // A symlink further up is refused the same way.
+        symlink(t.join("home"), t.join("link")).unwrap();
+        std::fs::create_dir(t.join("home/real")).unwrap();
+        std::fs::write(t.join("home/real/a.img"), b"x").unwrap();
+        assert!(open_beneath(&t.join("link/real"), Path::new("a.img"), false).is_err());
+        assert!(open_beneath(&t.join("home/real"), Path::new("a.img"), false).is_ok());
     }
 
     #[test]

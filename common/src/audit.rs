@@ -48,6 +48,10 @@ pub enum Event {
     BrokerStop,
     /// Leftovers of a previous broker removed.
     Cleanup,
+    /// How many denials of one uid were counted but not written in full
+    /// in one window (the broker's rate limit on denials anyone can
+    /// cause: see `broker/src/denials.rs`).
+    DenialsSuppressed,
 }
 
 /// The verdict recorded on a line.

@@ -2,6 +2,7 @@
 //! broker, printing what blktap's tap-ctl prints.
 
 use crate::client::Client;
+use crate::escape::escape;
 use clap::Subcommand;
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -204,7 +205,9 @@ pub fn run(
     let client = Client::connect(socket, timeout)?;
     let reply = client.call(&req)?;
     match reply {
-        Reply::Allocated { device, .. } | Reply::Created { device, .. } => println!("{device}"),
+        Reply::Allocated { device, .. } | Reply::Created { device, .. } => {
+            println!("{}", escape(&device))
+        }
         Reply::Spawned { pid } => {
             if tty {
                 println!("tapdisk spawned with pid {pid}");
@@ -267,7 +270,7 @@ pub fn row_tty(r: &ListEntry) -> String {
         r.image
             .as_ref()
             .map_or_else(dash, |i| i.kind.as_str().to_string()),
-        r.image.as_ref().map_or_else(dash, |i| i.path.clone()),
+        r.image.as_ref().map_or_else(dash, |i| escape(&i.path)),
     )
 }
 
@@ -284,7 +287,7 @@ pub fn row_dict(r: &ListEntry) -> String {
         parts.push(format!("state={}", c_hex(s.0)));
     }
     if let Some(i) = &r.image {
-        parts.push(format!("args={}:{}", i.kind, i.path));
+        parts.push(format!("args={}:{}", i.kind, escape(&i.path)));
     }
     parts.join(" ")
 }
@@ -429,6 +432,22 @@ mod tests {
             row_dict(&row(Some(7), Some(3), Some(0), None)),
             "pid=7 minor=3 state=0"
         );
+    }
+
+    #[test]
+    fn list_rows_escape_control_characters_in_paths() {
+        // A tenant's file name that would retitle the admin's terminal,
+        // clear it, and forge a second row.
+        let evil =
+            "/srv/alice/x\x1b]0;owned\x07\x1b[2J\n    6666    1    0        vhd /srv/bob/b.vhd";
+        let r = row(Some(7), Some(3), Some(0), Some(evil));
+        for line in [row_tty(&r), row_dict(&r)] {
+            assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+            assert!(
+                line.contains("x\\x1b]0;owned\\x07\\x1b[2J\\x0a    6666"),
+                "{line}"
+            );
+        }
     }
 
     #[test]

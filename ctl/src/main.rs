@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod admin;
 mod client;
+mod escape;
 mod lifecycle;
 mod vhd;
 
@@ -82,9 +83,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error for the terminal: each cause said once.
+/// The error for the terminal: each cause said once, on one line, with
+/// what came from others (file names, names read out of images) escaped.
 fn render(e: &anyhow::Error) -> String {
-    tapjail_common::error_chain(e.as_ref())
+    escape::escape(&tapjail_common::error_chain(e.as_ref()))
 }
 
 #[cfg(test)]

@@ -343,3 +343,175 @@ fn cli_refused_arguments_are_said_without_a_vague_prefix() {
         "{err}"
     );
 }
+
+/// tap-ctl with `stdin` fed from a thread (it may stop reading early).
+fn tapctl_fed(args: &[&str], stdin: Vec<u8>, fsize: Option<u64>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tap-ctl"));
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(limit) = fsize {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                // Growing the file past `limit` fails with EFBIG (the
+                // signal it would also raise is ignored).
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = c.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    out
+}
+
+fn read_back(p: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let o = tapctl(
+        &[
+            "vhd",
+            "read",
+            "-n",
+            s(p),
+            "-o",
+            &offset.to_string(),
+            "-l",
+            &len.to_string(),
+        ],
+        None,
+    );
+    assert!(o.status.success());
+    o.stdout
+}
+
+#[test]
+fn cli_write_past_the_end_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "16"]);
+    // 6 MiB at 12 MiB of a 16 MiB disk: the first 4 MiB would fit.
+    let data = vec![0xabu8; 6 << 20];
+    let o = tapctl_fed(
+        &[
+            "vhd",
+            "write",
+            "-n",
+            s(&p),
+            "-o",
+            &(12u64 << 20).to_string(),
+        ],
+        data,
+        None,
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("past the end") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(read_back(&p, 12 << 20, 4 << 20), vec![0u8; 4 << 20]);
+    assert_eq!(query(&p)["allocated_blocks"], 0);
+}
+
+#[test]
+fn cli_write_input_of_the_wrong_length_or_too_long_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "100"]);
+    let before = std::fs::read(&p).unwrap();
+    let w = |len: Option<&str>, data: Vec<u8>| {
+        let mut args = vec!["vhd", "write", "-n", s(&p), "-o", "0"];
+        if let Some(l) = len {
+            args.extend(["-l", l]);
+        }
+        let o = tapctl_fed(&args, data, None);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = w(Some("1000"), vec![1u8; 999]);
+    assert!(err.contains("held 999 bytes, not the 1000"), "{err}");
+    let err = w(Some("1000"), vec![1u8; 1001]);
+    assert!(err.contains("held 1001 bytes, not the 1000"), "{err}");
+    let err = w(None, vec![1u8; (64 << 20) + 1]);
+    assert!(err.contains("more than 67108864 bytes"), "{err}");
+    assert!(err.contains("nothing was written"), "{err}");
+    let err = w(Some("67108865"), Vec::new());
+    assert!(err.contains("more than tap-ctl vhd write takes"), "{err}");
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    // Exactly as long as promised: written.
+    let o = tapctl_fed(
+        &["vhd", "write", "-n", s(&p), "-o", "7", "-l", "3"],
+        b"abc".to_vec(),
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_back(&p, 6, 5), b"\0abc\0");
+}
+
+#[test]
+fn cli_write_failing_half_way_puts_the_old_contents_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "16"]);
+    let old: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let o = tapctl_fed(&["vhd", "write", "-n", s(&p), "-o", "0"], old.clone(), None);
+    assert!(o.status.success());
+    // 6 MiB over three 2 MiB blocks; the file may grow by one more block
+    // only, so the third block's allocation fails after the second's
+    // data is in.
+    let len = std::fs::metadata(&p).unwrap().len();
+    let new = vec![0x5au8; 6 << 20];
+    let o = tapctl_fed(
+        &["vhd", "write", "-n", s(&p), "-o", "0"],
+        new,
+        Some(len + (2 << 20) + (64 << 10)),
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("previous contents were written back"), "{err}");
+    let mut want = old;
+    want.resize(6 << 20, 0);
+    assert!(
+        read_back(&p, 0, 6 << 20) == want,
+        "part of the input was kept"
+    );
+    ok(&["vhd", "check", "-n", s(&p)]);
+}
+
+#[test]
+fn cli_query_escapes_parent_names_read_from_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The image's author picked the parent's name: it clears the screen.
+    let base = tmp.path().join("b\x1b[2J\x1b]0;x\x07ase.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "8"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    for args in [
+        vec!["vhd", "query", "-n", s(&child), "-p"],
+        vec!["vhd", "query", "-n", s(&child)],
+    ] {
+        let out = ok(&args);
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+        assert!(out.contains("b\\x1b[2J\\x1b]0;x\\x07ase.vhd"), "{out}");
+    }
+    // JSON keeps the real name (serde escapes it).
+    let q = query(&child);
+    assert!(q["parent"]
+        .as_str()
+        .unwrap()
+        .ends_with("b\x1b[2J\x1b]0;x\x07ase.vhd"));
+}

@@ -5,6 +5,7 @@
 
 mod progress;
 
+use crate::escape::escape;
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use std::io::{Read, Write};
@@ -87,12 +88,17 @@ pub enum VhdCommand {
         #[arg(short = 'l', long = "length", value_name = "BYTES")]
         length: u64,
     },
-    /// Write stdin into the virtual disk at OFFSET.
+    /// Write stdin (at most 64 MiB) into the virtual disk at OFFSET, all
+    /// or nothing: the whole input is read and checked first, and a write
+    /// that fails part-way puts the previous contents back.
     Write {
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         #[arg(short = 'o', long = "offset", value_name = "BYTES")]
         offset: u64,
+        /// Expect exactly this many bytes on stdin; write nothing otherwise.
+        #[arg(short = 'l', long = "length", value_name = "BYTES")]
+        length: Option<u64>,
     },
     /// Convert SRC (raw or VHD, detected) into a new file DST.
     Convert {
@@ -165,7 +171,12 @@ fn hint(e: &ImageError, path: &Path) -> String {
 
 /// Attach the file name and a hint to an engine result.
 fn on<T>(path: &Path, r: Result<T, ImageError>) -> Result<T> {
-    r.map_err(|e| match e {
+    r.map_err(|e| explain(path, e))
+}
+
+/// An engine error on `path`, with the file name and a hint.
+fn explain(path: &Path, e: ImageError) -> anyhow::Error {
+    match e {
         // Says what is wrong and what to do; only the file may be missing.
         ImageError::InvalidArgument(ref m) if m.contains(&*path.to_string_lossy()) => {
             anyhow::Error::new(e)
@@ -178,7 +189,7 @@ fn on<T>(path: &Path, r: Result<T, ImageError>) -> Result<T> {
             let h = hint(&e, path);
             anyhow::Error::new(e).context(h)
         }
-    })
+    }
 }
 
 fn mib(size: u64) -> Result<u64> {
@@ -225,7 +236,8 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             } else if physical_size {
                 println!("{}", info.physical_size);
             } else if parent {
-                println!("{}", info.parent.as_deref().unwrap_or("none"));
+                // Names come out of the image: escaped for the terminal.
+                println!("{}", escape(info.parent.as_deref().unwrap_or("none")));
             } else if json {
                 let v = serde_json::json!({
                     "virtual_size": info.virtual_size,
@@ -255,9 +267,9 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
                     println!("batmap: {}", info.batmap);
                 }
                 println!("uuid: {}", info.uuid);
-                println!("creator: {}", info.creator);
+                println!("creator: {}", escape(&info.creator));
                 if let Some(p) = &info.parent {
-                    println!("parent: {p}");
+                    println!("parent: {}", escape(p));
                     println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
                 }
             }
@@ -268,7 +280,7 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
                 println!("{} is valid", name.display());
             } else {
                 for p in &problems {
-                    println!("{}: {p}", name.display());
+                    println!("{}: {}", name.display(), escape(&p.to_string()));
                 }
                 eprintln!(
                     "tap-ctl: {} has {} problem(s); `tap-ctl vhd repair -n {}` fixes footers \
@@ -283,14 +295,18 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
         VhdCommand::Repair { name } => {
             let report = on(&name, vfs::repair_path(&name))?;
             for a in &report.actions {
-                println!("{}: {a}", name.display());
+                println!("{}: {}", name.display(), escape(&a.to_string()));
             }
             if report.actions.is_empty() {
                 println!("{}: nothing to repair", name.display());
             }
             if !report.remaining.is_empty() {
                 for p in &report.remaining {
-                    println!("{}: still wrong: {p}", name.display());
+                    println!(
+                        "{}: still wrong: {}",
+                        name.display(),
+                        escape(&p.to_string())
+                    );
                 }
                 return Ok(ExitCode::FAILURE);
             }
@@ -320,20 +336,14 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             }
             out.flush().context("writing to stdout")?;
         }
-        VhdCommand::Write { name, offset } => {
+        VhdCommand::Write {
+            name,
+            offset,
+            length,
+        } => {
+            let data = read_input(&mut std::io::stdin().lock(), length)?;
             let img = on(&name, open_writable(&name))?;
-            let mut input = std::io::stdin().lock();
-            let mut buf = vec![0u8; 4 * MIB as usize];
-            let mut pos = offset;
-            loop {
-                let n = read_full(&mut input, &mut buf).context("reading stdin")?;
-                if n == 0 {
-                    break;
-                }
-                on(&name, img.write_at(&buf[..n], pos))?;
-                pos += n as u64;
-            }
-            on(&name, img.flush())?;
+            write_all_or_nothing(img.as_ref(), &name, &data, offset)?;
         }
         VhdCommand::Convert {
             format,
@@ -377,7 +387,11 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             if let Some(b) = bar {
                 b.finish();
             }
-            println!("{}: merged {copied} bytes into {parent}", name.display());
+            println!(
+                "{}: merged {copied} bytes into {}",
+                name.display(),
+                escape(&parent.to_string())
+            );
         }
         VhdCommand::Resize { name, size } => {
             on(&name, vfs::resize_path(&name, mib(size)?))?;
@@ -404,16 +418,104 @@ fn open_writable(path: &Path) -> Result<Box<dyn Image>, ImageError> {
     }
 }
 
-/// Read until `buf` is full or EOF.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Most `tap-ctl vhd write` takes in one go: it holds the input and the
+/// range's previous contents in memory to be all-or-nothing.
+pub const MAX_WRITE: u64 = 64 * MIB;
+
+/// All of `input` (at most [`MAX_WRITE`] bytes, exactly `expected` if
+/// given), before anything is written.
+fn read_input(input: &mut impl Read, expected: Option<u64>) -> Result<Vec<u8>> {
+    if let Some(l) = expected.filter(|l| *l > MAX_WRITE) {
+        bail!(
+            "-l {l} is more than tap-ctl vhd write takes at once ({MAX_WRITE} bytes): \
+             split the input, or build the image with `tap-ctl vhd convert`; nothing was written"
+        );
+    }
+    let mut data = Vec::new();
+    input
+        .take(MAX_WRITE + 1)
+        .read_to_end(&mut data)
+        .context("reading stdin; nothing was written")?;
+    let got = data.len() as u64;
+    if got > MAX_WRITE {
+        bail!(
+            "stdin holds more than {MAX_WRITE} bytes, the most tap-ctl vhd write takes at \
+             once: split the input, or build the image with `tap-ctl vhd convert`; nothing \
+             was written"
+        );
+    }
+    if let Some(l) = expected.filter(|l| *l != got) {
+        bail!("stdin held {got} bytes, not the {l} given with -l; nothing was written");
+    }
+    Ok(data)
+}
+
+/// Piece sizes of `tap-ctl vhd write`: writes, and comparisons when
+/// putting old contents back.
+const WRITE_CHUNK: usize = 4 << 20;
+const RESTORE_PIECE: usize = 64 << 10;
+
+/// Put `old` back at `offset`, piece by piece, writing only the pieces that
+/// now read differently: a piece the failed write never changed (say, in
+/// a block it could not allocate) is not written, so putting back does not
+/// need the space that just ran out.
+fn restore(img: &dyn Image, old: &[u8], offset: u64) -> Result<(), ImageError> {
+    let mut now = vec![0u8; RESTORE_PIECE.min(old.len())];
+    for (i, piece) in old.chunks(RESTORE_PIECE).enumerate() {
+        let at = offset + (i * RESTORE_PIECE) as u64;
+        let cur = &mut now[..piece.len()];
+        img.read_at(cur, at)?;
+        if cur != piece {
+            img.write_at(piece, at)?;
         }
     }
-    Ok(n)
+    img.flush()
+}
+
+/// Write `data` at `offset` of `img`, all or nothing: the range is checked
+/// first, its previous contents saved, and if any write (or the flush)
+/// fails they are written back. Only if that fails too may part of
+/// `data` remain, and the error says which range to check.
+fn write_all_or_nothing(img: &dyn Image, name: &Path, data: &[u8], offset: u64) -> Result<()> {
+    let size = img.virtual_size();
+    let len = data.len() as u64;
+    let Some(end) = offset.checked_add(len).filter(|e| *e <= size) else {
+        bail!(
+            "offset {offset} + {len} bytes of input is past the end of {} ({size} bytes); \
+             nothing was written",
+            name.display()
+        );
+    };
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut old = vec![0u8; data.len()];
+    on(name, img.read_at(&mut old, offset))
+        .context("reading the range's current contents; nothing was written")?;
+    // How far the writes got (the failed one included): only that much
+    // can need putting back.
+    let mut tried = 0usize;
+    let written = (|| {
+        for chunk in data.chunks(WRITE_CHUNK) {
+            let at = offset + tried as u64;
+            tried += chunk.len();
+            img.write_at(chunk, at)?;
+        }
+        img.flush()
+    })();
+    let Err(e) = written else {
+        return Ok(());
+    };
+    let e = explain(name, e);
+    match restore(img, &old[..tried], offset) {
+        Ok(()) => Err(e.context(format!(
+            "writing {len} bytes at offset {offset} failed; the previous contents were \
+             written back, so none of the input was kept"
+        ))),
+        Err(undo) => Err(e.context(format!(
+            "writing {len} bytes at offset {offset} failed, and so did writing the previous \
+             contents back ({undo}): bytes {offset}..{end} of {} may hold part of the input",
+            name.display()
+        ))),
+    }
 }

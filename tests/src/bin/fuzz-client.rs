@@ -1,7 +1,11 @@
 //! Throws malformed, oversized, truncated and random frames at tap-broker,
 //! one connection per case, as whatever uid it was started as.
 //!
-//! Usage: fuzz-client SOCKET SEED COUNT
+//! Usage: fuzz-client SOCKET SEED COUNT [hello]
+//! With `hold`, it opens COUNT connections, says nothing on them, prints
+//! `held` and keeps them for 10 s (a slot hog).
+//! With `hello`, every case is one well-formed Hello and its answer (a
+//! flood of exactly COUNT requests, each decided and audited once).
 //! Prints how many cases it sent. Exits 0 unless the broker became
 //! unreachable (which is what the test checks for).
 
@@ -131,6 +135,23 @@ fn case(sock: &std::path::Path, r: &mut Rng) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One connection, one valid Hello, its answer.
+fn hello(sock: &std::path::Path) -> std::io::Result<()> {
+    let s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    frame::send_on(
+        &s,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+        &[],
+    )
+    .map_err(std::io::Error::other)?;
+    frame::recv_on::<_, tapjail_common::proto::Reply>(&s, 1 << 20)
+        .map_err(std::io::Error::other)?;
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(sock), Some(seed), Some(count)) = (args.get(1), args.get(2), args.get(3)) else {
@@ -140,8 +161,23 @@ fn main() {
     let sock = std::path::PathBuf::from(sock);
     let mut r = Rng(seed.parse::<u64>().unwrap_or(1) | 1);
     let count: u64 = count.parse().unwrap_or(100);
+    if args.get(4).is_some_and(|a| a == "hold") {
+        let held: Vec<UnixStream> = (0..count)
+            .filter_map(|_| UnixStream::connect(&sock).ok())
+            .collect();
+        println!("held {}", held.len());
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(10));
+        return;
+    }
+    let only_hello = args.get(4).is_some_and(|a| a == "hello");
     for i in 0..count {
-        if let Err(e) = case(&sock, &mut r) {
+        let r = if only_hello {
+            hello(&sock)
+        } else {
+            case(&sock, &mut r)
+        };
+        if let Err(e) = r {
             eprintln!("case {i}: broker unreachable: {e}");
             std::process::exit(1);
         }

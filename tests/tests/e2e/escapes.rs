@@ -78,6 +78,35 @@ fn escapes_dotdot_and_symlinks_are_refused_and_audited() {
     h.ok(&ALICE, &["destroy", "-m", "0"]);
 }
 
+#[test]
+fn escapes_root_swapped_for_a_symlink_is_refused() {
+    let h = Harness::start(Options::default());
+    // alice's root lives in a directory she controls (as /home/alice/vms
+    // would): she moves it away and puts a symlink to a directory with a
+    // file only root may read in its place.
+    let a = h.root("alice");
+    let victim = h.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("secret"), vec![0x42u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(
+        victim.join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::rename(&a, h.dir.path().join("alice-moved")).unwrap();
+    symlink(&victim, &a).unwrap();
+    let path = format!("aio:{}/secret", a.display());
+    let err = h.fails(&ALICE, &["create", "-a", &path]);
+    assert!(err.contains("reached through a symlink"), "{err}");
+    let l = last_decision(&h);
+    assert_eq!(
+        (&l["decision"], &l["rule"]),
+        (&"deny".into(), &"broker-check".into()),
+        "{l}"
+    );
+    assert_eq!(h.ok(&ROOT, &["list"]), "");
+}
+
 fn rustix_mkfifo(p: &std::path::Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: mkfifo with a valid NUL-terminated path.

@@ -1,6 +1,7 @@
 //! Leaks, hostile clients, tamper evidence, restarts.
 
 use crate::*;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -427,5 +428,38 @@ mod raw {
         let mut v = (p.len() as u32).to_be_bytes().to_vec();
         v.extend(p);
         v
+    }
+}
+
+#[test]
+fn strangers_with_many_uids_cannot_take_every_connection_slot() {
+    let h = Harness::start(Options::default());
+    // 20 uids that match no tenant (as a user namespace with a subordinate
+    // uid range can present), 8 silent connections each: 160 > the 64
+    // slots there are.
+    let mut hogs: Vec<std::process::Child> = (0..20u32)
+        .map(|i| {
+            std::process::Command::new(bin("fuzz-client"))
+                .args([h.socket.to_str().unwrap(), "1", "8", "hold"])
+                .uid(NOBODY.0 + 1 + i)
+                .gid(NOBODY.1 + 1 + i)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in &mut hogs {
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(line.starts_with("held"), "{line}");
+    }
+    // Every hog is connected (their silent connections live for 5 s):
+    // tenants are still served.
+    h.ok(&ALICE, &["list"]);
+    h.ok(&BOB, &["list"]);
+    for mut c in hogs {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }

@@ -2,6 +2,8 @@
 //! `list` shows only one's own, limits hold, strangers get nothing.
 
 use crate::*;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
 
 fn create(h: &Harness, t: &TenantSpec, file: &str, ro: bool) -> (String, String) {
     let img = h.raw_image(t.name, file, 1 << 20);
@@ -147,6 +149,68 @@ fn tenants_stranger_is_refused_everything() {
 }
 
 #[test]
+fn tenants_stranger_flood_is_counted_not_written_line_by_line() {
+    let mut h = Harness::start(Options::default());
+    // 400 connections, each a Hello from a uid that matches no tenant.
+    let out = std::process::Command::new(bin("fuzz-client"))
+        .args([h.socket.to_str().unwrap(), "1", "400", "hello"])
+        .uid(NOBODY.0)
+        .gid(NOBODY.1)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", h.broker_log());
+    // Lines in full: its Hellos' denials, and refusals at the connection
+    // limit (a connection just answered may still hold its slot).
+    let full = |h: &Harness| {
+        denials(h, NOBODY.0)
+            .into_iter()
+            .filter(|l| l["event"] == "request")
+            .count() as u64
+    };
+    // A handful in full (one window's budget, two if the flood straddled
+    // a window), not 400 fsync'd lines.
+    let written = full(&h);
+    assert!((10..=20).contains(&written), "{written} lines in full");
+    // Everyone else is served meanwhile.
+    h.ok(&ALICE, &["list"]);
+    // The count is written once the window ends, without any new event.
+    let summaries = |h: &Harness| -> Vec<serde_json::Value> {
+        h.audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "denials_suppressed")
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(25), || !summaries(&h).is_empty()),
+        "no summary line\n{}",
+        h.broker_log()
+    );
+    h.stop();
+    let s = summaries(&h);
+    let counted: u64 = s
+        .iter()
+        .map(|l| l["request"]["suppressed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted + full(&h), 400, "every denial accounted for: {s:?}");
+    assert!(
+        s.iter().all(|l| l["peer"]["uid"] == NOBODY.0
+            && l["rule"] == "rate-limit"
+            && l["request"]["kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|k| k == "no-tenant" || k == "max-clients")
+            && l["reason"]
+                .as_str()
+                .unwrap()
+                .contains("further denied request(s) of kinds {")),
+        "{s:?}"
+    );
+    let out = h.ctl(&ROOT, &["audit", "verify", h.audit.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
 fn tenants_limits_and_read_only_are_enforced() {
     let h = Harness::start(Options::default());
     let img = h.raw_image("carol", "c.img", 1 << 20);
@@ -180,4 +244,32 @@ fn tenants_limits_and_read_only_are_enforced() {
     for m in ["0", "1", "2"] {
         h.ok(&ROOT, &["destroy", "-m", m]);
     }
+}
+
+#[test]
+fn tenants_file_names_cannot_drive_the_admins_terminal() {
+    let h = Harness::start(Options::default());
+    // alice names her image so that, printed raw, it would retitle the
+    // admin's terminal, clear it, and forge a row of bob's.
+    let evil = "x\x1b]0;owned\x07\x1b[2J\n    6666    1    0        vhd b.img";
+    let img = h.raw_image("alice", evil, 1 << 20);
+    h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
+    let (ok, tty) = h.ctl_tty(&ROOT, &["list"]);
+    assert!(ok, "{tty}");
+    let plain = h.ok(&ROOT, &["list"]);
+    for out in [&tty, &plain] {
+        assert_eq!(out.lines().count(), 1, "{out:?}");
+        assert!(!out.trim_end().chars().any(|c| c.is_control()), "{out:?}");
+        assert!(
+            out.contains("x\\x1b]0;owned\\x07\\x1b[2J\\x0a    6666"),
+            "{out}"
+        );
+    }
+    // An error that quotes the name is escaped too.
+    let err = h.fails(&ROOT, &["detach", "-m", "0"]);
+    assert!(!err.trim_end().chars().any(|c| c.is_control()), "{err:?}");
+    // JSON keeps the name exactly (serde escapes it).
+    let rows: serde_json::Value = serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+    assert_eq!(rows[0]["file"], img.to_str().unwrap());
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
 }
