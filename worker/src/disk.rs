@@ -24,6 +24,8 @@ enum Gate {
 struct Inner {
     gate: Gate,
     in_flight: u64,
+    /// Bumped by every resume: which image a [`Ticket`] was admitted to.
+    generation: u64,
 }
 
 /// Read, write or other, for latency accounting.
@@ -119,6 +121,7 @@ impl Disk {
             inner: Mutex::new(Inner {
                 gate: Gate::Open(image),
                 in_flight: 0,
+                generation: 0,
             }),
             changed: Condvar::new(),
             counters: FrontendCounters::default(),
@@ -149,14 +152,13 @@ impl Disk {
         f: impl FnOnce(&dyn Image) -> Result<T, ImageError>,
     ) -> Result<T, DiskError> {
         self.counters.received.fetch_add(1, Relaxed);
-        let image = {
+        let admitted = {
             let mut inner = self.lock();
             loop {
                 match &inner.gate {
                     Gate::Open(img) => {
                         let img = img.clone();
-                        inner.in_flight += 1;
-                        break Some(img);
+                        break Some(self.ticket(&mut inner, img));
                     }
                     Gate::Closed => break None,
                     Gate::Draining(_) | Gate::Paused => {
@@ -165,18 +167,60 @@ impl Disk {
                 }
             }
         };
-        let Some(image) = image else {
-            self.counters.completed.fetch_add(1, Relaxed);
-            self.counters.errors.fetch_add(1, Relaxed);
-            return Err(DiskError::Closed);
-        };
-        let start = Instant::now();
-        let result = f(image.as_ref());
-        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        drop(image);
-        self.leave();
-        self.account(kind, bytes, us, result.is_ok());
-        result.map_err(DiskError::from)
+        match admitted {
+            Some(ticket) => ticket.run(kind, bytes, f),
+            None => {
+                self.refuse();
+                Err(DiskError::Closed)
+            }
+        }
+    }
+
+    /// Admit one request without waiting, for frontends that keep many
+    /// requests in flight on one thread (ublk's queue rings): while the
+    /// disk is open the request gets a [`Ticket`], which holds the image
+    /// and counts as in flight — `pause` and `close` wait for it — until it
+    /// is finished or dropped, on any thread. While paused it is
+    /// [`Admission::Held`]: the caller hands it to a thread that may block
+    /// in [`Disk::io`].
+    pub fn try_admit(&self) -> Admission<'_> {
+        let mut inner = self.lock();
+        match &inner.gate {
+            Gate::Open(img) => {
+                let img = img.clone();
+                self.counters.received.fetch_add(1, Relaxed);
+                Admission::Now(self.ticket(&mut inner, img))
+            }
+            Gate::Draining(_) | Gate::Paused => Admission::Held,
+            Gate::Closed => {
+                self.counters.received.fetch_add(1, Relaxed);
+                self.refuse();
+                Admission::Closed
+            }
+        }
+    }
+
+    /// The generation of the open image, `None` while paused or closed.
+    /// Files a frontend registered for an older generation are stale.
+    pub fn open_generation(&self) -> Option<u64> {
+        let inner = self.lock();
+        matches!(inner.gate, Gate::Open(_)).then_some(inner.generation)
+    }
+
+    fn ticket(&self, inner: &mut Inner, image: Arc<dyn Image>) -> Ticket<'_> {
+        inner.in_flight += 1;
+        Ticket {
+            disk: self,
+            image: Some(image),
+            generation: inner.generation,
+            start: Instant::now(),
+        }
+    }
+
+    /// Count a request refused because the disk is closed.
+    fn refuse(&self) {
+        self.counters.completed.fetch_add(1, Relaxed);
+        self.counters.errors.fetch_add(1, Relaxed);
     }
 
     /// [`Disk::io`] for a request that may be answered without waiting
@@ -191,28 +235,25 @@ impl Disk {
         bytes: u64,
         f: impl FnOnce(&dyn Image) -> Option<T>,
     ) -> Option<T> {
-        let image = {
+        let ticket = {
             let mut inner = self.lock();
             let Gate::Open(img) = &inner.gate else {
                 return None;
             };
             let img = img.clone();
-            inner.in_flight += 1;
-            img
+            self.ticket(&mut inner, img)
         };
-        let start = Instant::now();
-        let result = f(image.as_ref());
-        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        drop(image);
-        self.leave();
+        let result = f(ticket.image());
         if result.is_some() {
             self.counters.received.fetch_add(1, Relaxed);
-            self.account(kind, bytes, us, true);
+            ticket.finish(kind, bytes, true);
+        } else {
+            ticket.release();
         }
         result
     }
 
-    /// A request is done with the image.
+    /// A request is done with the image: let pause/close proceed.
     fn leave(&self) {
         let mut inner = self.lock();
         inner.in_flight -= 1;
@@ -281,6 +322,7 @@ impl Disk {
         self.read_only.store(image.read_only(), Relaxed);
         let mut inner = self.lock();
         inner.gate = Gate::Open(image);
+        inner.generation += 1;
         self.changed.notify_all();
         Ok(())
     }
@@ -303,6 +345,85 @@ impl Disk {
             Gate::Open(img) | Gate::Draining(img) => img.stats(),
             _ => Vec::new(),
         }
+    }
+}
+
+/// What [`Disk::try_admit`] decided.
+#[derive(Debug)]
+pub enum Admission<'d> {
+    /// Go ahead, on the ticket's image.
+    Now(Ticket<'d>),
+    /// Paused (or pausing): serve it with [`Disk::io`], which waits.
+    Held,
+    /// Closed for good: the request fails with EIO (already counted).
+    Closed,
+}
+
+/// One admitted request (see [`Disk::try_admit`]). Finishing it (or
+/// dropping it, which counts as a failure) ends its time in flight.
+#[derive(Debug)]
+pub struct Ticket<'d> {
+    disk: &'d Disk,
+    /// Always `Some` until finished.
+    image: Option<Arc<dyn Image>>,
+    generation: u64,
+    start: Instant,
+}
+
+impl Ticket<'_> {
+    /// The image this request was admitted to.
+    pub fn image(&self) -> &dyn Image {
+        // `image` is taken only by `end`, which runs when the ticket is
+        // consumed (finish, run after `f`, drop): never before this call.
+        self.image
+            .as_deref()
+            .expect("a ticket holds its image until it is finished")
+    }
+
+    /// See [`Disk::open_generation`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The request is done: `bytes` transferred (for stats), `ok` or not.
+    pub fn finish(mut self, kind: IoKind, bytes: u64, ok: bool) {
+        self.end(kind, bytes, ok);
+    }
+
+    /// Run the request synchronously on this thread and finish it.
+    pub fn run<T>(
+        mut self,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn Image) -> Result<T, ImageError>,
+    ) -> Result<T, DiskError> {
+        let result = f(self.image());
+        self.end(kind, bytes, result.is_ok());
+        result.map_err(DiskError::from)
+    }
+
+    /// Out of flight without being counted: the request was declined
+    /// and will be run again (see [`Disk::try_io`]).
+    fn release(mut self) {
+        if self.image.take().is_some() {
+            self.disk.leave();
+        }
+    }
+
+    fn end(&mut self, kind: IoKind, bytes: u64, ok: bool) {
+        // The image goes before pause may proceed (a pause flushes and
+        // drops it, expecting to hold the last reference).
+        if self.image.take().is_some() {
+            let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.disk.leave();
+            self.disk.account(kind, bytes, us, ok);
+        }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.end(IoKind::Other, 0, false);
     }
 }
 
@@ -341,6 +462,64 @@ mod tests {
         g.as_file().set_len(8192).unwrap();
         let img = RawImage::open(Box::new(g.reopen().unwrap()), "g", false).unwrap();
         assert!(disk.resume(Arc::new(img)).is_err());
+    }
+
+    #[test]
+    fn pause_waits_for_an_admitted_ticket_finished_on_another_thread() {
+        let (f, disk) = disk();
+        let Admission::Now(ticket) = disk.try_admit() else {
+            panic!("an open disk admits");
+        };
+        assert_eq!(ticket.generation(), 0);
+        assert_eq!(disk.open_generation(), Some(0));
+        let d2 = disk.clone();
+        let pauser = std::thread::spawn(move || d2.pause());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pauser.is_finished(), "pause waits for the ticket");
+        assert!(matches!(disk.try_admit(), Admission::Held));
+        std::thread::scope(|s| {
+            s.spawn(move || ticket.finish(IoKind::Write, 4096, true));
+        });
+        pauser.join().unwrap().unwrap();
+        assert!(matches!(disk.try_admit(), Admission::Held));
+        assert_eq!(disk.open_generation(), None);
+        assert_eq!(disk.counters.secs(), [0, 8]);
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        disk.resume(Arc::new(img)).unwrap();
+        match disk.try_admit() {
+            Admission::Now(t) => assert_eq!(t.generation(), 1, "a new image, a new generation"),
+            other => panic!("{other:?}"),
+        }
+        disk.close().unwrap();
+        assert!(matches!(disk.try_admit(), Admission::Closed));
+        assert_eq!(disk.counters.outstanding(), 0);
+    }
+
+    #[test]
+    fn dropped_ticket_counts_as_a_failure_and_lets_pause_proceed() {
+        let (_f, disk) = disk();
+        let Admission::Now(ticket) = disk.try_admit() else {
+            panic!("an open disk admits");
+        };
+        drop(ticket);
+        disk.pause().unwrap();
+        assert_eq!(disk.counters.frontend("ublk").errors, 1);
+        assert_eq!(disk.counters.outstanding(), 0);
+    }
+
+    #[test]
+    fn try_io_declined_counts_nothing_and_lets_pause_proceed() {
+        let (f, disk) = disk();
+        assert_eq!(disk.try_io(IoKind::Read, 512, |_| None::<()>), None);
+        disk.pause().unwrap();
+        let stats = disk.counters.frontend("ublk");
+        assert_eq!((stats.errors, disk.counters.secs()), (0, [0, 0]));
+        assert_eq!(disk.try_io(IoKind::Read, 512, |_| Some(())), None, "paused");
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        disk.resume(Arc::new(img)).unwrap();
+        assert_eq!(disk.try_io(IoKind::Read, 512, |_| Some(7)), Some(7));
+        assert_eq!(disk.counters.secs(), [1, 0]);
+        assert_eq!(disk.counters.outstanding(), 0);
     }
 
     #[test]

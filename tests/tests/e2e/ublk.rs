@@ -411,3 +411,271 @@ fn ublk_pause_holds_io_and_unpause_at_a_new_path_completes_it() {
     vhd_check(&b);
     vhd_check(&a);
 }
+
+/// A page-aligned buffer for O_DIRECT I/O on the device.
+struct Aligned {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + 4096];
+        let off = raw.as_ptr().align_offset(4096);
+        Aligned { raw, off, len }
+    }
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= self.len);
+        &mut self.raw[self.off..self.off + len]
+    }
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn blkdiscard(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BLKDISCARD: libc::c_ulong = 0x1277; // _IO(0x12, 119)
+    let range = [offset, len];
+    // SAFETY: BLKDISCARD reads two u64 from the pointer, which points at a
+    // local array; the fd is a block device we opened.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKDISCARD, range.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+const HAMMER_BLOCK: u64 = 2 << 20; // the VHDs' block size
+const HAMMER_THREADS: u64 = 8;
+
+/// Threads that each own every `HAMMER_THREADS`th VHD block write random
+/// 4-64 KiB pieces (allocating a block on its first write, in place after),
+/// read random ranges back and check them, and now and then discard a whole
+/// block, all at once on one device; then everything is read back.
+/// Returns the expected contents of the disk.
+fn hammer(dev: &Path, initial: Vec<u8>, ops: u64) -> Vec<u8> {
+    let size = initial.len() as u64;
+    let blocks = size / HAMMER_BLOCK;
+    let model = std::sync::Arc::new(std::sync::Mutex::new(initial));
+    let threads: Vec<_> = (0..HAMMER_THREADS)
+        .map(|t| {
+            let dev = dev.to_path_buf();
+            let model = model.clone();
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&dev)
+                    .unwrap();
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ ((t + 1) * 0x1234_5678_9abc);
+                let mut buf = Aligned::new(64 << 10);
+                let mine: Vec<u64> = (t..blocks).step_by(HAMMER_THREADS as usize).collect();
+                let (mut writes, mut reads, mut discards) = (0u32, 0u32, 0u32);
+                for op in 0..ops {
+                    let block = mine[(xorshift(&mut rng) % mine.len() as u64) as usize];
+                    let len = (1 + xorshift(&mut rng) % 16) * 4096;
+                    let off =
+                        block * HAMMER_BLOCK + (xorshift(&mut rng) % (HAMMER_BLOCK / 4096)) * 4096;
+                    let len = len.min((block + 1) * HAMMER_BLOCK - off);
+                    let (o, l) = (off as usize, len as usize);
+                    match xorshift(&mut rng) % 20 {
+                        0 => {
+                            let start = block * HAMMER_BLOCK;
+                            blkdiscard(&f, start, HAMMER_BLOCK).unwrap();
+                            let s = start as usize;
+                            model.lock().unwrap()[s..s + HAMMER_BLOCK as usize].fill(0);
+                            discards += 1;
+                        }
+                        1..=12 => {
+                            let data = buf.get(l);
+                            let mut x = (t << 48) ^ op ^ 0x5555;
+                            for chunk in data.chunks_mut(8) {
+                                chunk.copy_from_slice(
+                                    &xorshift(&mut x).to_le_bytes()[..chunk.len()],
+                                );
+                            }
+                            f.write_all_at(data, off).unwrap();
+                            model.lock().unwrap()[o..o + l].copy_from_slice(data);
+                            writes += 1;
+                        }
+                        _ => {
+                            let data = buf.get(l);
+                            f.read_exact_at(data, off).unwrap();
+                            let m = model.lock().unwrap();
+                            assert!(
+                                data[..] == m[o..o + l],
+                                "thread {t} op {op}: read of {l} at {off} differs"
+                            );
+                            reads += 1;
+                        }
+                    }
+                }
+                (writes, reads, discards)
+            })
+        })
+        .collect();
+    let mut totals = (0, 0, 0);
+    for t in threads {
+        let (w, r, d) = t.join().expect("a hammer thread failed");
+        totals = (totals.0 + w, totals.1 + r, totals.2 + d);
+    }
+    eprintln!(
+        "hammer: {} writes, {} verified reads, {} discards",
+        totals.0, totals.1, totals.2
+    );
+    assert!(totals.0 > 0 && totals.1 > 0 && totals.2 > 0, "{totals:?}");
+    let model = std::sync::Arc::try_unwrap(model)
+        .unwrap()
+        .into_inner()
+        .unwrap();
+    assert!(read_device(dev, size) == model, "the whole disk reads back");
+    model
+}
+
+/// The last worker that ended served requests both on its queue ring
+/// (direct image I/O) and through the engine (allocations, discards), as
+/// its exit line in the broker log says.
+fn assert_both_paths_served(h: &Harness) {
+    assert!(
+        eventually(Duration::from_secs(30), || h
+            .broker_log()
+            .contains("requests served on the ring")),
+        "{}",
+        h.broker_log()
+    );
+    let log = h.broker_log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("requests served on the ring"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "ublk queue 0: D requests served on the ring, S through the engine"
+    assert!(
+        numbers.len() == 2 && numbers[0] > 0 && numbers[1] > 0,
+        "both paths used: {line}"
+    );
+}
+
+fn read_device(dev: &Path, size: u64) -> Vec<u8> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut buf = Aligned::new(1 << 20);
+    let mut off = 0;
+    while off < size {
+        let b = buf.get(1 << 20);
+        f.read_exact_at(b, off).unwrap();
+        out.extend_from_slice(b);
+        off += 1 << 20;
+    }
+    out
+}
+
+/// Where the data is, after the device is gone: a new device on the
+/// same image reads `want`.
+fn reread_image(h: &Harness, spec: &str, want: &[u8]) {
+    h.ok(&ALICE, &["create", "-a", spec]);
+    let dev = tapdev(h, 0);
+    assert!(
+        read_device(&dev, want.len() as u64) == want,
+        "the image holds what the device acknowledged"
+    );
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_mixed_allocating_and_in_place_writes_verify_on_a_dynamic_vhd() {
+    let h = ublk_harness(false);
+    let mib = 64;
+    let img = h.vhd_image("alice", "m.vhd", mib);
+    let spec = format!("vhd:{}", img.display());
+    h.ok(&ALICE, &["create", "-a", &spec]);
+    let dev = tapdev(&h, 0);
+    // Every other block written up front: writes there go in place on the
+    // ring, writes elsewhere allocate through the engine.
+    let mut initial = vec![0u8; (mib << 20) as usize];
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev)
+            .unwrap();
+        let mut buf = Aligned::new(1 << 20);
+        for block in (0..mib / 2).step_by(2) {
+            for mib_in in 0..2 {
+                let off = block * HAMMER_BLOCK + mib_in * (1 << 20);
+                let b = buf.get(1 << 20);
+                b.fill((block as u8).wrapping_mul(31) | 1);
+                f.write_all_at(b, off).unwrap();
+                initial[off as usize..off as usize + (1 << 20)].copy_from_slice(b);
+            }
+        }
+    }
+    let want = hammer(&dev, initial, 150);
+    let stats: serde_json::Value =
+        serde_json::from_str(&h.ok(&ALICE, &["stats", "-m", "0"])).unwrap();
+    eprintln!("stats: {stats}");
+    assert_eq!(stats["reqs_outstanding"], 0, "{stats}");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert_both_paths_served(&h);
+    vhd_check(&img);
+    reread_image(&h, &spec, &want);
+    vhd_check(&img);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_mixed_writes_verify_on_a_differencing_chain() {
+    let h = ublk_harness(false);
+    let mib = 32;
+    let base = h.vhd_image("alice", "base.vhd", mib);
+    // The parent gets data in its first half, through a device of its own.
+    let mut initial = vec![0u8; (mib << 20) as usize];
+    h.ok(
+        &ALICE,
+        &["create", "-a", &format!("vhd:{}", base.display())],
+    );
+    {
+        let dev = tapdev(&h, 0);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev)
+            .unwrap();
+        let mut buf = Aligned::new(1 << 20);
+        for m in 0..mib / 2 {
+            let b = buf.get(1 << 20);
+            b.fill((m as u8).wrapping_mul(17) | 3);
+            f.write_all_at(b, m << 20).unwrap();
+            initial[(m << 20) as usize..((m + 1) << 20) as usize].copy_from_slice(b);
+        }
+    }
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    let leaf = h.root("alice").join("leaf.vhd");
+    h.vhd_snapshot(&leaf, &base);
+    let spec = format!("vhd:{}", leaf.display());
+    h.ok(&ALICE, &["create", "-a", &spec]);
+    let dev = tapdev(&h, 0);
+    // Reads come from the leaf, the parent or zeroes; writes allocate leaf
+    // blocks, set bitmap bits, or go in place once their sectors are set.
+    let want = hammer(&dev, initial, 150);
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert_both_paths_served(&h);
+    vhd_check(&leaf);
+    vhd_check(&base);
+    reread_image(&h, &spec, &want);
+}

@@ -27,6 +27,11 @@ pub trait Backing: Send + Sync + std::fmt::Debug {
     /// Give the range's space back to the filesystem; it reads as zeroes
     /// afterwards. Filesystems without hole punching return `Unsupported`.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The open file underneath, for frontends that queue their own I/O
+    /// on it (see [`super::direct`]); `None` if there is none.
+    fn direct_fd(&self) -> Option<super::DirectFile> {
+        None
+    }
     /// Read exactly `buf.len()` bytes at `offset` only if that needs no
     /// waiting for a device (page-cache hits); `false` when it would wait
     /// or fails in any way, and then `buf` holds unspecified bytes. Lets a
@@ -68,6 +73,16 @@ impl Backing for File {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         punch_hole_fd(self.as_raw_fd(), offset, len)
+    }
+
+    fn direct_fd(&self) -> Option<super::DirectFile> {
+        let fd = self.as_raw_fd();
+        // SAFETY: F_GETFL takes no argument; an invalid fd only yields EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        (flags >= 0).then_some(super::DirectFile {
+            fd,
+            o_direct: flags & libc::O_DIRECT != 0,
+        })
     }
 }
 

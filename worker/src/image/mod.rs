@@ -8,6 +8,7 @@
 //! under the broker is a policy-checked request over the control socket.
 
 pub mod backing;
+pub mod direct;
 pub mod error;
 pub mod raw;
 pub mod stats;
@@ -15,6 +16,7 @@ pub mod vhd;
 pub mod zeroes;
 
 pub use backing::Backing;
+pub use direct::{DirectFile, Mapping, Segment, SyncFiles, Target};
 pub use error::ImageError;
 
 /// Sector size of every image format we speak, and the unit of the stats.
@@ -93,6 +95,33 @@ pub trait Image: Send + Sync + std::fmt::Debug {
 
     /// Counters per layer, leaf first.
     fn stats(&self) -> Vec<LayerStats>;
+
+    /// The files [`Image::map_direct`] mappings point into, by index.
+    /// Empty (the default) when the image offers no direct mappings.
+    fn direct_files(&self) -> Vec<DirectFile> {
+        Vec::new()
+    }
+
+    /// Where `len` bytes at `offset` live, when the request can be served
+    /// by plain positioned reads (`write` false) or writes on
+    /// [`Image::direct_files`] with no metadata change at all, decided from
+    /// metadata in memory without doing I/O. `None` (the default) means:
+    /// use [`Image::read_at`] / [`Image::write_at`]. See [`direct`] for what
+    /// keeps a mapping valid while its I/O runs.
+    fn map_direct(&self, _offset: u64, _len: u64, _write: bool) -> Option<Mapping> {
+        None
+    }
+
+    /// Account a mapping's I/O in the layer counters once it is done
+    /// (`ok`: every piece transferred in full).
+    fn direct_done(&self, _mapping: &Mapping, _ok: bool) {}
+
+    /// Which [`Image::direct_files`] a flush must `fdatasync`, when that
+    /// alone makes every completed write durable; `None` (the default)
+    /// means: call [`Image::flush`].
+    fn direct_sync(&self) -> Option<SyncFiles> {
+        None
+    }
 }
 
 /// Where a differencing image says its parent is, as read from the child.

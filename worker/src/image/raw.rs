@@ -1,7 +1,9 @@
 //! Raw images (tap-ctl's `aio:`): the file is the disk, byte for byte.
 
 use super::stats::LayerCounters;
-use super::{Backing, Extent, Image, ImageError, LayerStats};
+use super::{
+    Backing, DirectFile, Extent, Image, ImageError, LayerStats, Mapping, SyncFiles, Target,
+};
 
 #[derive(Debug)]
 pub struct RawImage {
@@ -158,6 +160,36 @@ impl Image for RawImage {
 
     fn stats(&self) -> Vec<LayerStats> {
         vec![self.counters.snapshot(&self.name, "aio")]
+    }
+
+    fn direct_files(&self) -> Vec<DirectFile> {
+        self.file.direct_fd().into_iter().collect()
+    }
+
+    /// A raw image is its file: every in-range request maps one to one.
+    /// Nothing is ever deallocated under a mapping (a discard punches a
+    /// hole, which a concurrent write simply fills again), so no pins.
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<Mapping> {
+        if len == 0 || (write && self.read_only) || self.check_range(offset, len).is_err() {
+            return None;
+        }
+        self.file.direct_fd()?;
+        let mut m = Mapping::new(write);
+        m.push(len, Target::File { file: 0, offset });
+        Some(m)
+    }
+
+    fn direct_done(&self, mapping: &Mapping, ok: bool) {
+        let r = if ok { Ok(()) } else { Err(()) };
+        if mapping.is_write() {
+            let _ = self.counters.on_write(mapping.total(), r);
+        } else {
+            let _ = self.counters.on_read(mapping.total(), r);
+        }
+    }
+
+    fn direct_sync(&self) -> Option<SyncFiles> {
+        Some(SyncFiles(u64::from(!self.read_only)))
     }
 }
 

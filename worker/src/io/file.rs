@@ -431,6 +431,13 @@ impl Backing for UringFile {
             Err(e) => Err(e),
         }
     }
+
+    fn direct_fd(&self) -> Option<crate::image::DirectFile> {
+        Some(crate::image::DirectFile {
+            fd: self.raw(),
+            o_direct: self.direct,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,7 @@ const GLIBC_SIGSETXID: u64 = 33;
 
 // io_uring_register opcodes (linux/io_uring.h).
 const IORING_REGISTER_FILES: u64 = 2;
+const IORING_REGISTER_FILES_UPDATE: u64 = 6;
 const IORING_REGISTER_RESTRICTIONS: u64 = 11;
 const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
 
@@ -433,21 +434,37 @@ pub fn fuse_rules() -> Vec<Allowed> {
     ]
 }
 
-/// What the ublk frontend adds: nothing. Everything it does is in the base
-/// set, under the same conditions:
-/// - per queue, a ring set up disabled (`io_uring_setup`), given the char
-///   device as its one registered file, restricted to `IORING_OP_URING_CMD`
-///   on registered files and enabled (`io_uring_register` FILES /
-///   RESTRICTIONS / ENABLE_RINGS); FETCH_REQ / COMMIT_AND_FETCH_REQ and the
-///   waits go through `io_uring_enter`;
-/// - the queue's descriptor array is a read-only shared `mmap` of
-///   `/dev/ublkcN` and the request buffers an anonymous one (never
-///   executable, as the base rule demands);
-/// - request data is copied by the driver into and out of those buffers
-///   (no `UBLK_F_USER_COPY`, so no pread/pwrite on the char device);
-/// - one thread per queue (`clone` for threads only).
+/// What the ublk frontend adds to the base set (which already covers:
+/// per queue, a ring set up disabled with `io_uring_setup`, its file table,
+/// restrictions and enabling through `io_uring_register` FILES /
+/// RESTRICTIONS / ENABLE_RINGS, commands and waits through
+/// `io_uring_enter`; the descriptor array as a read-only shared `mmap` of
+/// `/dev/ublkcN` and the request buffers as an anonymous one, never
+/// executable; buffered image writes with `pwrite64`; waking the queue with
+/// `write` on its eventfd; threads with `clone`). Request data is copied by
+/// the driver into and out of the buffers (no `UBLK_F_USER_COPY`, so no
+/// pread/pwrite on the char device). Image I/O runs on the queue rings,
+/// which are restricted to URING_CMD, READ, WRITE and FSYNC on registered
+/// files (see `frontend::ublk::queue`).
+// The libc constants' types differ between architectures.
+#[allow(clippy::unnecessary_cast)]
 pub fn ublk_rules() -> Vec<Allowed> {
-    Vec::new()
+    vec![
+        allow_if(
+            libc::SYS_eventfd2,
+            "eventfd2",
+            one_of32(1, &[libc::EFD_CLOEXEC as u64]),
+            "one eventfd per ublk queue, made as its thread starts: slow-path threads \
+             write it to wake the queue ring, whose READ on the registered fd takes the count",
+        ),
+        allow_if(
+            libc::SYS_io_uring_register,
+            "io_uring_register",
+            one_of32(1, &[IORING_REGISTER_FILES_UPDATE]),
+            "put the (re)opened image's files into a ublk queue ring's file slots; \
+             the ring's restrictions allow this one register op and nothing else",
+        ),
+    ]
 }
 
 /// The full allowlist for a worker serving `frontend`.
@@ -612,6 +629,32 @@ mod tests {
         ] {
             assert!(!names.contains(&bad), "{bad} must not be allowed");
         }
+    }
+
+    #[test]
+    fn ublk_adds_only_its_eventfd_and_the_file_slot_update() {
+        let extra: Vec<&str> = ublk_rules().iter().map(|r| r.name).collect();
+        assert_eq!(extra, ["eventfd2", "io_uring_register"]);
+        assert_eq!(
+            ublk_rules()[0].when,
+            vec![vec![eq32(1, libc::EFD_CLOEXEC as u64)]]
+        );
+        let update = &ublk_rules()[1];
+        assert_eq!(
+            update.when,
+            vec![vec![eq32(1, IORING_REGISTER_FILES_UPDATE)]]
+        );
+        let nbd: Vec<&str> = rules_for(FrontendKind::Nbd)
+            .iter()
+            .map(|r| r.name)
+            .collect();
+        assert!(!nbd.contains(&"eventfd2"));
+        assert!(rules_for(FrontendKind::Nbd)
+            .iter()
+            .filter(|r| r.name == "io_uring_register")
+            .all(|r| !r
+                .when
+                .contains(&vec![eq32(1, IORING_REGISTER_FILES_UPDATE)])));
     }
 
     #[test]

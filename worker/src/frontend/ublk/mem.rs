@@ -140,6 +140,47 @@ impl IoBuffers {
     }
 }
 
+impl IoBuffers {
+    /// `tag`'s buffer, `len` bytes of it, as a region another thread may
+    /// work on (the slow path) while the queue thread leaves the tag alone.
+    pub fn region(&self, tag: u16, len: usize) -> Option<TagRegion> {
+        if tag >= self.depth || len > self.per_tag {
+            return None;
+        }
+        let at = usize::from(tag) * self.per_tag;
+        // SAFETY: at + len <= the mapping's length (checked above), so the
+        // pointer stays inside the mapping and is non-null.
+        let ptr = unsafe { NonNull::new_unchecked(self.map.ptr.as_ptr().add(at)) };
+        Some(TagRegion { ptr, len })
+    }
+}
+
+/// One tag's buffer handed to another thread (see [`IoBuffers::region`]).
+#[derive(Debug)]
+pub struct TagRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory inside `IoBuffers`; whoever holds the
+// region is its only user until it hands the tag back (see `as_mut_slice`).
+unsafe impl Send for TagRegion {}
+
+impl TagRegion {
+    /// The bytes.
+    ///
+    /// # Safety
+    /// The `IoBuffers` it came from must outlive the returned slice, and
+    /// nothing else (the queue thread, the driver) may touch this tag's
+    /// buffer meanwhile: the tag is owned by the region's holder from the
+    /// request's arrival until its commit.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: in bounds (see `region`); exclusivity and lifetime are
+        // the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@
 mod mem;
 mod queue;
 mod request;
+mod slow;
 
 use super::{Frontend, FrontendError};
 use crate::disk::Disk;

@@ -1,7 +1,8 @@
 //! One ublk request: decoded from the driver's descriptor, run against the
 //! disk, answered with the value COMMIT_AND_FETCH carries back.
 
-use crate::disk::{Disk, IoKind};
+use crate::disk::{Disk, DiskError, IoKind, Ticket};
+use crate::image::{Image, ImageError};
 use tapjail_common::ublk_abi::*;
 
 /// What the driver asks for, with byte offsets and lengths.
@@ -66,60 +67,72 @@ pub fn decode(desc: &UblksrvIoDesc, max_io: u32) -> Result<Request, i32> {
     }
 }
 
-/// Run `req` on `disk`; `buf` is the tag's buffer (at least the request's
-/// length for READ/WRITE). Returns bytes done for READ/WRITE, 0 for the
-/// rest, or a negative errno.
-pub fn execute(disk: &Disk, req: Request, buf: &mut [u8]) -> i32 {
-    let errno = |e: crate::disk::DiskError| -e.errno().abs().max(1);
-    // Lengths are bounded by the buffer size (at most 32 MiB).
-    let done = |len: usize| i32::try_from(len).unwrap_or(i32::MAX);
+impl Request {
+    /// For stats: what kind of request, and its data bytes.
+    pub fn accounting(&self) -> (IoKind, u64) {
+        match *self {
+            Request::Read { len, .. } => (IoKind::Read, len as u64),
+            Request::Write { len, .. } => (IoKind::Write, len as u64),
+            _ => (IoKind::Other, 0),
+        }
+    }
+
+    /// What a successful request answers: bytes for READ/WRITE, else 0.
+    pub fn done_value(&self) -> i32 {
+        match *self {
+            // Lengths are bounded by the buffer size (at most 32 MiB).
+            Request::Read { len, .. } | Request::Write { len, .. } => {
+                i32::try_from(len).unwrap_or(i32::MAX)
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// Run `req` against `img` synchronously.
+fn apply(img: &dyn Image, req: Request, buf: &mut [u8]) -> Result<(), ImageError> {
+    fn data(buf: &mut [u8], len: usize) -> Result<&mut [u8], ImageError> {
+        buf.get_mut(..len)
+            .ok_or_else(|| ImageError::InvalidArgument("request longer than its buffer".into()))
+    }
     match req {
-        Request::Read { offset, len } => {
-            let Some(buf) = buf.get_mut(..len) else {
-                return -libc::EINVAL;
-            };
-            match disk.io(IoKind::Read, len as u64, |img| img.read_at(buf, offset)) {
-                Ok(()) => done(len),
-                Err(e) => errno(e),
-            }
-        }
+        Request::Read { offset, len } => img.read_at(data(buf, len)?, offset),
         Request::Write { offset, len, fua } => {
-            let Some(buf) = buf.get(..len) else {
-                return -libc::EINVAL;
-            };
-            let r = disk.io(IoKind::Write, len as u64, |img| {
-                img.write_at(buf, offset)?;
-                if fua {
-                    img.flush()?;
-                }
-                Ok(())
-            });
-            match r {
-                Ok(()) => done(len),
-                Err(e) => errno(e),
+            img.write_at(data(buf, len)?, offset)?;
+            if fua {
+                img.flush()?;
             }
+            Ok(())
         }
-        Request::Flush => match disk.io(IoKind::Other, 0, |img| img.flush()) {
-            Ok(()) => 0,
-            Err(e) => errno(e),
-        },
-        Request::Discard { offset, len } => {
-            match disk.io(IoKind::Other, 0, |img| img.discard(offset, len)) {
-                Ok(()) => 0,
-                Err(e) => errno(e),
-            }
-        }
+        Request::Flush => img.flush(),
+        Request::Discard { offset, len } => img.discard(offset, len),
         Request::WriteZeroes {
             offset,
             len,
             may_unmap,
-        } => match disk.io(IoKind::Other, 0, |img| {
-            img.write_zeroes(offset, len, may_unmap)
-        }) {
-            Ok(()) => 0,
-            Err(e) => errno(e),
-        },
+        } => img.write_zeroes(offset, len, may_unmap),
     }
+}
+
+fn answer(req: &Request, r: Result<(), DiskError>) -> i32 {
+    match r {
+        Ok(()) => req.done_value(),
+        Err(e) => -e.errno().abs().max(1),
+    }
+}
+
+/// Run `req` on `disk`, waiting while it is paused; `buf` is the tag's
+/// buffer (at least the request's length for READ/WRITE). Returns bytes
+/// done for READ/WRITE, 0 for the rest, or a negative errno.
+pub fn execute(disk: &Disk, req: Request, buf: &mut [u8]) -> i32 {
+    let (kind, bytes) = req.accounting();
+    answer(&req, disk.io(kind, bytes, |img| apply(img, req, buf)))
+}
+
+/// As [`execute`], for a request already admitted with `ticket`.
+pub fn execute_admitted(ticket: Ticket<'_>, req: Request, buf: &mut [u8]) -> i32 {
+    let (kind, bytes) = req.accounting();
+    answer(&req, ticket.run(kind, bytes, |img| apply(img, req, buf)))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ const MAX_STATUS_RUNS: usize = 4096;
 pub struct VhdImage {
     layers: Vec<VhdLayer>,
     rmw: Vec<Mutex<()>>,
+    pub(super) direct: super::direct::DirectState,
 }
 
 impl VhdImage {
@@ -35,6 +36,7 @@ impl VhdImage {
             ));
         }
         Ok(VhdImage {
+            direct: super::direct::DirectState::new(&layers),
             layers,
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
         })
@@ -302,7 +304,11 @@ impl Image for VhdImage {
                     if !leaf.block_allocated(block as usize) {
                         // Reads as zero already.
                     } else if whole && may_unmap {
-                        leaf.deallocate(block as usize)?;
+                        // A block with direct I/O in flight keeps its
+                        // place; it is zeroed in place instead.
+                        if !leaf.deallocate_unless(block as usize, || self.direct.busy(block))? {
+                            self.zero_by_writing(pos, piece_end - pos)?;
+                        }
                     } else {
                         self.zero_by_writing(pos, piece_end - pos)?;
                     }
@@ -335,5 +341,21 @@ impl Image for VhdImage {
 
     fn stats(&self) -> Vec<LayerStats> {
         self.layers.iter().map(|l| l.stats()).collect()
+    }
+
+    fn direct_files(&self) -> Vec<crate::image::DirectFile> {
+        self.direct_files_impl()
+    }
+
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<crate::image::Mapping> {
+        self.map_direct_impl(offset, len, write)
+    }
+
+    fn direct_done(&self, mapping: &crate::image::Mapping, ok: bool) {
+        self.direct_done_impl(mapping, ok)
+    }
+
+    fn direct_sync(&self) -> Option<crate::image::SyncFiles> {
+        self.direct_sync_impl()
     }
 }

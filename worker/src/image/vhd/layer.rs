@@ -28,6 +28,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+mod direct;
+
 const BITMAP_SHARDS: usize = 16;
 /// Partial-block bitmaps cached per shard (full blocks need none).
 const BITMAPS_PER_SHARD: usize = 256;
@@ -674,37 +676,10 @@ impl VhdLayer {
 
     /// Deallocate a whole block of a dynamic image: the BAT entry first,
     /// then its space is given back. Never used on differencing images,
-    /// where it would expose the parent's data.
+    /// where it would expose the parent's data. Ignores direct mappings:
+    /// the served image uses [`VhdLayer::deallocate_unless`].
     pub fn deallocate(&self, block: usize) -> Result<(), ImageError> {
-        if self.read_only {
-            return Err(ImageError::ReadOnly);
-        }
-        let Some(s) = self.sparse.as_ref().filter(|s| !s.differencing) else {
-            return Err(ImageError::InvalidArgument(
-                "only dynamic images deallocate blocks".into(),
-            ));
-        };
-        let _alloc = lock(&s.alloc);
-        let entry = s.bat.read().unwrap_or_else(|p| p.into_inner())[block];
-        if entry == UNUSED {
-            return Ok(());
-        }
-        let table = s.header.table_offset() + block as u64 * 4;
-        self.file
-            .write_all_at(&UNUSED.to_be_bytes(), table)
-            .map_err(ImageError::io("write BAT", table))?;
-        if self.options.sync_metadata {
-            self.sync()?;
-        }
-        s.bat.write().unwrap_or_else(|p| p.into_inner())[block] = UNUSED;
-        lock(&s.bitmaps[block % BITMAP_SHARDS]).remove(&(block as u32));
-        self.set_full(s, block, false);
-        let start = u64::from(entry) * 512;
-        match self.file.punch_hole(start, s.bitmap_bytes + s.block_size) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
-            Err(e) => Err(ImageError::io("punch hole", start)(e)),
-        }
+        self.deallocate_unless(block, || false).map(drop)
     }
 
     /// Zero a byte range of a fixed image by punching a hole (false if the

@@ -25,6 +25,7 @@ pub mod check;
 pub mod coalesce;
 pub mod convert;
 pub mod create;
+pub mod direct;
 mod endian;
 pub mod footer;
 pub mod fs;

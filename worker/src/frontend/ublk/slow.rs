@@ -1,0 +1,228 @@
+//! The slow path of a ublk queue: a few threads that run requests through
+//! the synchronous image engine, so that the queue's ring never waits for
+//! one.
+//!
+//! Requests land here when no direct mapping serves them: a first write to
+//! a VHD block (allocation, with its syncs), a sector bitmap to update or
+//! to load, partial mappings, discard and write-zeroes, a flush that must
+//! write metadata, and every request while the disk is paused (those wait
+//! in [`Disk::io`] here, not on the ring). A finished request goes onto a
+//! done list and the queue thread is woken through an eventfd that its ring
+//! always has a READ pending on; the queue thread then commits it, as only
+//! that thread may talk to the driver about its queue.
+
+use super::mem::TagRegion;
+use super::request::{self, Request};
+use crate::disk::{Disk, Ticket};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Slow-path threads per queue. Allocations serialize on the image's
+/// allocation lock anyway; a few threads let a write that allocates, a
+/// discard and a metadata flush overlap, and the direct path carries the
+/// bulk of the traffic.
+pub const SLOW_THREADS: usize = 4;
+
+/// Stack of a slow-path thread: it runs the image engine, like an NBD I/O
+/// thread (see `nbd::sizing::IO_STACK`).
+pub const SLOW_STACK: usize = 64 * 1024;
+
+/// One request for the slow path.
+#[derive(Debug)]
+pub struct Job<'d> {
+    pub tag: u16,
+    pub req: Request,
+    /// The tag's buffer, owned by the job until its result is taken.
+    pub buf: TagRegion,
+    /// Admitted already (the image it must run on); `None` when the disk
+    /// was paused: then it waits for admission in [`Disk::io`].
+    pub ticket: Option<Ticket<'d>>,
+}
+
+#[derive(Debug, Default)]
+struct Jobs<'d> {
+    queue: VecDeque<Job<'d>>,
+    closed: bool,
+}
+
+/// The shared state of one queue's slow path.
+#[derive(Debug)]
+pub struct SlowPath<'d> {
+    jobs: Mutex<Jobs<'d>>,
+    more: Condvar,
+    done: Mutex<Vec<(u16, i32)>>,
+    wake: EventFd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain queues: a panicking holder leaves them consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<'d> SlowPath<'d> {
+    pub fn new() -> io::Result<Self> {
+        Ok(SlowPath {
+            jobs: Mutex::new(Jobs {
+                queue: VecDeque::new(),
+                closed: false,
+            }),
+            more: Condvar::new(),
+            done: Mutex::new(Vec::new()),
+            wake: EventFd::new()?,
+        })
+    }
+
+    /// The eventfd the queue ring reads to learn of finished jobs.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.0.as_raw_fd()
+    }
+
+    pub fn submit(&self, job: Job<'d>) {
+        lock(&self.jobs).queue.push_back(job);
+        self.more.notify_one();
+    }
+
+    /// Finished jobs since the last call: (tag, result to commit).
+    pub fn take_done(&self, into: &mut Vec<(u16, i32)>) {
+        into.append(&mut lock(&self.done));
+    }
+
+    /// No more jobs: threads end once the queue is empty.
+    pub fn close(&self) {
+        lock(&self.jobs).closed = true;
+        self.more.notify_all();
+    }
+
+    /// A slow-path thread: run jobs until closed.
+    pub fn serve(&self, disk: &'d Disk) {
+        loop {
+            let job = {
+                let mut jobs = lock(&self.jobs);
+                loop {
+                    if let Some(j) = jobs.queue.pop_front() {
+                        break j;
+                    }
+                    if jobs.closed {
+                        return;
+                    }
+                    jobs = self.more.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let Job {
+                tag,
+                req,
+                mut buf,
+                ticket,
+            } = job;
+            // SAFETY: the queue thread handed this tag over with the job and
+            // touches neither it nor its buffer until it takes the result
+            // from the done list; the buffers outlive this thread (it is
+            // scoped inside the queue's run, which owns them).
+            let data = unsafe { buf.as_mut_slice() };
+            let result = match ticket {
+                Some(t) => request::execute_admitted(t, req, data),
+                None => request::execute(disk, req, data),
+            };
+            lock(&self.done).push((tag, result));
+            if let Err(e) = self.wake.signal() {
+                // Cannot happen with a counter far from overflow; the queue
+                // also polls the done list on its periodic wakeup.
+                eprintln!("tapdisk: ublk: waking the queue: {e}");
+            }
+        }
+    }
+}
+
+/// An eventfd counter (blocking: the ring's READ on it then waits for a
+/// signal instead of failing with EAGAIN).
+#[derive(Debug)]
+struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes plain integers and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn signal(&self) -> io::Result<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local array to our own eventfd.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n == 8 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::Admission;
+    use crate::frontend::ublk::mem::IoBuffers;
+    use crate::image::raw::RawImage;
+    use std::sync::Arc;
+
+    #[test]
+    fn slow_path_runs_jobs_and_signals_the_eventfd() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        let disk = Disk::new(Arc::new(img));
+        let bufs = IoBuffers::new(2, 8192).unwrap();
+        let slow = SlowPath::new().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| slow.serve(&disk));
+            let Admission::Now(t) = disk.try_admit() else {
+                panic!("open disk");
+            };
+            slow.submit(Job {
+                tag: 1,
+                req: Request::Write {
+                    offset: 4096,
+                    len: 8192,
+                    fua: false,
+                },
+                buf: bufs.region(1, 8192).unwrap(),
+                ticket: Some(t),
+            });
+            slow.submit(Job {
+                tag: 0,
+                req: Request::Read {
+                    offset: 1 << 20,
+                    len: 512,
+                },
+                buf: bufs.region(0, 512).unwrap(),
+                ticket: None,
+            });
+            let mut counter = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local array from our eventfd.
+            let n = unsafe { libc::read(slow.wake_fd(), counter.as_mut_ptr().cast(), 8) };
+            assert_eq!(n, 8, "woken");
+            let mut done = Vec::new();
+            while done.len() < 2 {
+                slow.take_done(&mut done);
+                std::thread::yield_now();
+            }
+            slow.close();
+            done.sort_unstable();
+            assert_eq!(done[0].0, 0);
+            assert!(done[0].1 < 0, "read past the end fails: {done:?}");
+            assert_eq!(done[1], (1, 8192));
+        });
+        assert_eq!(
+            disk.counters.secs()[1],
+            16,
+            "the admitted write was counted"
+        );
+        assert_eq!(disk.counters.outstanding(), 0);
+    }
+}
