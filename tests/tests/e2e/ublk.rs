@@ -679,3 +679,47 @@ fn ublk_mixed_writes_verify_on_a_differencing_chain() {
     vhd_check(&base);
     reread_image(&h, &spec, &want);
 }
+
+/// With respawn off nobody will end the recovery of a dead worker's
+/// device: the broker stops it, so I/O waiting on it fails instead of
+/// hanging in the kernel, and the minor still destroys cleanly.
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_dead_worker_without_respawn_fails_io_instead_of_hanging() {
+    let h = ublk_harness(false);
+    let img = h.vhd_image("alice", "dead.vhd", 16);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let dev = std::fs::canonicalize(tapdev(&h, 0)).unwrap();
+    let pid = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
+    sigkill(pid);
+    assert!(
+        eventually(Duration::from_secs(60), || rows(&h, &ALICE)[0]["state"]
+            .as_u64()
+            .is_some_and(|s| s & 1 != 0)),
+        "the killed worker's minor is not DEAD: {:?}",
+        rows(&h, &ALICE)
+    );
+    let mut dd = Command::new("dd")
+        .arg(format!("if={}", dev.display()))
+        .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let finished = eventually(Duration::from_secs(120), || {
+        dd.try_wait().ok().flatten().is_some()
+    });
+    if !finished {
+        let _ = dd.kill();
+    }
+    assert!(finished, "a read of a dead, unserved ublk device hangs");
+    assert!(
+        !dd.wait().unwrap().success(),
+        "a read of a dead device succeeded"
+    );
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert!(rows(&h, &ALICE).is_empty());
+    assert!(ublk_char_devices().is_empty(), "{:?}", ublk_char_devices());
+    assert!(tasks_in_d_state().is_empty(), "{:?}", tasks_in_d_state());
+}

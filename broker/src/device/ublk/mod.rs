@@ -511,6 +511,30 @@ impl DeviceBackend for UblkBackend {
         Ok(())
     }
 
+    /// STOP_DEV now, DEL_DEV at teardown. With `UBLK_F_USER_RECOVERY` a
+    /// device whose server died holds its I/O until a new server ends the
+    /// recovery; stopping it removes the gendisk, which fails that I/O.
+    fn abandon(&mut self) -> Result<(), DeviceError> {
+        let Some(dev_id) = self
+            .dev
+            .as_ref()
+            .filter(|d| d.started)
+            .map(|d| d.info.dev_id)
+        else {
+            return Ok(());
+        };
+        match self.ctrl()?.stop_dev(dev_id, WORKER_WAIT) {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::ENODEV) => {}
+            Err(e) => return Err(ctrl_err(e)),
+        }
+        if let Some(d) = self.dev.as_mut() {
+            d.started = false;
+            d.worker_attached = false;
+        }
+        Ok(())
+    }
+
     fn teardown(&mut self) -> Result<(), DeviceError> {
         let Some(dev_id) = self.dev_id() else {
             self.ctrl = None;
