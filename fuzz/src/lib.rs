@@ -214,3 +214,54 @@ pub fn write_repair(data: &[u8]) {
         }
     }
 }
+
+/// A hostile NBD client: the input is everything it sends. The first part
+/// drives the fixed-newstyle negotiation (options of any length, names,
+/// queries); if it reaches transmission, the rest is cut into 28-byte
+/// requests, each parsed and checked against the session as the
+/// connection does before touching the image. Anything but a panic, an
+/// overflow or a huge allocation is fine. Returns how many requests were
+/// checked (so the replay test knows its seeds get past negotiation).
+pub fn nbd_client(data: &[u8]) -> usize {
+    use std::io::{Cursor, Read, Write};
+    use tapjail_worker::frontend::nbd::handshake::{negotiate, ExportInfo, Outcome};
+    use tapjail_worker::frontend::nbd::proto::{decide, parse_request, REQUEST_SIZE};
+
+    /// Reads the client's bytes, swallows the server's.
+    struct Client<'a>(Cursor<&'a [u8]>);
+    impl Read for Client<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Client<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let export = ExportInfo {
+        name: "disk".into(),
+        size: 1 << 30,
+        read_only: data.last().is_some_and(|b| b & 1 != 0),
+        description: "fuzz".into(),
+        max_payload: 32 << 20,
+    };
+    let mut client = Client(Cursor::new(data));
+    let Ok(Outcome::Transmission(session)) = negotiate(&mut client, &export) else {
+        return 0;
+    };
+    let at = (client.0.position() as usize).min(data.len());
+    let mut checked = 0;
+    for chunk in data[at..].chunks_exact(REQUEST_SIZE) {
+        let b: &[u8; REQUEST_SIZE] = chunk.try_into().expect("chunks_exact");
+        if let Ok(req) = parse_request(b) {
+            let _ = decide(&req, &session);
+            checked += 1;
+        }
+    }
+    checked
+}
