@@ -56,7 +56,7 @@ fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
                     e.render(&p.display().to_string()).trim_end()
                 )
             })?;
-            let warnings = Policy::warnings(&text, &|d| d.is_dir());
+            let warnings = Policy::warnings(&text, &tapjail_policy::RootProbe::look);
             eprint!(
                 "{}",
                 tapjail_policy::render_warnings(&warnings, &format!("tap-broker: {}", p.display()))

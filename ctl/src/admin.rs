@@ -26,7 +26,7 @@ pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
     match Policy::parse(&text) {
         Ok(p) => {
-            let warnings = Policy::warnings(&text, &|d| d.is_dir());
+            let warnings = Policy::warnings(&text, &tapjail_policy::RootProbe::look);
             eprint!("{}", tapjail_policy::render_warnings(&warnings, &shown));
             println!(
                 "{shown}: ok ({} tenant(s), worker uids {}..={}, socket {})",

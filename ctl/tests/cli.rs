@@ -224,6 +224,43 @@ fn cli_policy_check_warns_about_missing_and_shared_image_roots() {
 }
 
 #[test]
+fn cli_policy_check_warns_about_a_root_reached_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let pol = dir.path().join("p.toml");
+    std::fs::write(
+        &pol,
+        format!(
+            "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"{}\", \"{}\"]\n",
+            real.display(),
+            link.display()
+        ),
+    )
+    .unwrap();
+    let out = ctl().args(["policy", "check"]).arg(&pol).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let real = std::fs::canonicalize(&real).unwrap();
+    assert!(
+        err.contains("p.toml:4:")
+            && err.contains(&format!(
+                "{} of tenant \"a\" is reached through a symlink",
+                link.display()
+            ))
+            && err.contains(&format!("(it is {})", real.display())),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("reached through a symlink").count(),
+        1,
+        "only the link warns: {err}"
+    );
+}
+
+#[test]
 fn cli_relative_image_path_without_a_current_directory_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let gone = dir.path().join("gone");

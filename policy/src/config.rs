@@ -302,6 +302,31 @@ fn valid_tenant_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// What the caller found at an image root's path (see [`Policy::warnings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootProbe {
+    /// A directory, reached without a symlink.
+    Dir,
+    /// Nothing there, or not a directory.
+    Missing,
+    /// A directory, but some component of the path is a symlink; this is
+    /// the real path.
+    ThroughSymlink(PathBuf),
+}
+
+impl RootProbe {
+    /// Look at `root` on this host. The one place this crate touches the
+    /// filesystem, for its callers (`tap-broker` at start, `tap-ctl policy
+    /// check`); no decision calls it.
+    pub fn look(root: &Path) -> RootProbe {
+        match std::fs::canonicalize(root) {
+            Ok(real) if real.is_dir() && real == root => RootProbe::Dir,
+            Ok(real) if real.is_dir() => RootProbe::ThroughSymlink(real),
+            _ => RootProbe::Missing,
+        }
+    }
+}
+
 impl Policy {
     /// The embedded default policy (root only).
     pub fn embedded_default() -> Policy {
@@ -344,11 +369,12 @@ impl Policy {
     }
 
     /// Things in a valid policy that are probably mistakes, with their
-    /// lines: an image root that is not an existing directory (`is_dir`
-    /// answers that; the caller looks, this crate makes no syscalls), and
-    /// image roots of two tenants that overlap (each can then open the
-    /// other's images). Empty for text that does not parse.
-    pub fn warnings(text: &str, is_dir: &dyn Fn(&Path) -> bool) -> Vec<Diagnostic> {
+    /// lines: an image root that is not an existing directory or that is
+    /// reached through a symlink (`probe` answers; the caller looks, this
+    /// crate makes no syscalls), and image roots of two tenants that
+    /// overlap (each can then open the other's images). Empty for text
+    /// that does not parse.
+    pub fn warnings(text: &str, probe: &dyn Fn(&Path) -> RootProbe) -> Vec<Diagnostic> {
         let Ok(raw) = toml::from_str::<RawPolicy>(text) else {
             return Vec::new();
         };
@@ -365,15 +391,26 @@ impl Policy {
                 let Ok(root) = normalize_absolute(Path::new(r.get_ref())) else {
                     continue;
                 };
-                if !is_dir(&root) {
-                    c.at(
+                match probe(&root) {
+                    RootProbe::Dir => {}
+                    RootProbe::Missing => c.at(
                         r.span(),
                         format!(
                             "image root {} of tenant {name:?} is not an existing directory: \
                              its opens fail until it is created",
                             root.display()
                         ),
-                    );
+                    ),
+                    RootProbe::ThroughSymlink(real) => c.at(
+                        r.span(),
+                        format!(
+                            "image root {} of tenant {name:?} is reached through a symlink \
+                             (it is {}): tap-broker follows no symlink to a root, so every \
+                             open under it is refused; name the real path",
+                            root.display(),
+                            real.display()
+                        ),
+                    ),
                 }
                 for (other, o) in seen.iter().filter(|(other, _)| other != name) {
                     let how = if root == *o {
@@ -822,7 +859,15 @@ image_roots = ["/srv/bob"]
                     [[tenant]]\nname = \"b\"\nuids = [2]\nimage_roots = [\"/srv/b\", \"/gone\"]\n\
                     [[tenant]]\nname = \"c\"\nuids = [3]\nimage_roots = [\"/srv/\", \"/c\"]\n";
         assert!(Policy::parse(text).is_ok());
-        let w = Policy::warnings(text, &|p| p != Path::new("/gone"));
+        let w = Policy::warnings(text, &|p| {
+            if p == Path::new("/gone") {
+                RootProbe::Missing
+            } else if p == Path::new("/c") {
+                RootProbe::ThroughSymlink(PathBuf::from("/real/c"))
+            } else {
+                RootProbe::Dir
+            }
+        });
         let at = |line: usize, needle: &str| {
             w.iter()
                 .any(|d| d.line == line && d.message.contains(needle))
@@ -852,10 +897,17 @@ image_roots = ["/srv/bob"]
             ),
             "{w:?}"
         );
-        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(
+            at(
+                12,
+                "/c of tenant \"c\" is reached through a symlink (it is /real/c)"
+            ),
+            "{w:?}"
+        );
+        assert_eq!(w.len(), 5, "{w:?}");
         assert!(render_warnings(&w, "p.toml").starts_with("p.toml:8:"));
         // The embedded default has nothing to warn about but its root.
-        assert!(Policy::warnings(EMBEDDED_DEFAULT, &|_| true).is_empty());
+        assert!(Policy::warnings(EMBEDDED_DEFAULT, &|_| RootProbe::Dir).is_empty());
     }
 
     #[test]

@@ -9,5 +9,7 @@ pub mod config;
 pub mod decide;
 pub mod path;
 
-pub use config::{render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, Tenant};
+pub use config::{
+    render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
+};
 pub use decide::{decide, decide_parent, BrokerView, Decision, ImageGrant, PeerCred, Scope};
