@@ -2,7 +2,8 @@
 # FUSE + loop benchmark: tapjail's block device against its two peers, in
 # one run, one table.
 #
-#   sudo bench/fuse.sh            (env: SIZE_MIB=1024 RUNTIME=8 REPEAT=3)
+#   sudo bench/fuse.sh            (env: SIZE_MIB=1024 RUNTIME=6 REPEAT=5,
+#                                  TAPDISK=path to compare another worker build)
 #
 #   (a) loop (direct I/O) over a raw file                      the ceiling
 #   (b) tapjail: tap-broker (frontend fuse) + `tap-ctl create` on a dynamic
@@ -16,14 +17,15 @@
 # Every image is filled first (reads hit data, writes overwrite allocated
 # blocks). Then fio (libaio, O_DIRECT) runs 4 KiB random read and write at
 # depth 32 and 1 MiB sequential read and write at depth 8, RUNTIME seconds
-# each; the three devices take turns per job and each job is repeated
-# REPEAT times, keeping the best (the machine is shared). Prints IOPS for
-# 4 KiB jobs, MB/s for 1 MiB jobs, and the ratios b/a and b/c.
+# each; the devices take turns per job (a b c r, a b c r, ...) and each job
+# is repeated REPEAT times. The machine is shared, so it prints the median
+# and the spread (min-max) of each: IOPS for 4 KiB jobs, MB/s for 1 MiB
+# jobs, and the ratios of the medians b/a, b/c and r/a.
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-1024}
-RUNTIME=${RUNTIME:-8}
-REPEAT=${REPEAT:-3}
+RUNTIME=${RUNTIME:-6}
+REPEAT=${REPEAT:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "bench: $*" >&2; exit 2; }
@@ -34,6 +36,7 @@ done
 
 cargo build --quiet --release --workspace --bins --manifest-path "$ROOT/Cargo.toml"
 BIN=$ROOT/target/release
+TAPDISK=${TAPDISK:-$BIN/tapdisk}
 
 WORK=$(mktemp -d /var/tmp/tapjail-bench-fuse.XXXXXX)
 chmod 755 "$WORK"
@@ -62,7 +65,7 @@ audit_log = "$WORK/log/audit.jsonl"
 state_dir = "$WORK/state"
 device_dir = "$WORK/dev"
 worker_uids = [390000, 390049]
-tapdisk = "$BIN/tapdisk"
+tapdisk = "$TAPDISK"
 frontend = "fuse"
 
 [[tenant]]
@@ -126,17 +129,14 @@ print("%.0f %.1f" % (d["iops"], d["bw_bytes"] / 1e6))'
 }
 
 JOBS=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
-declare -A BEST
+declare -A SAMPLES
 for job in "${JOBS[@]}"; do
     read -r rw bs depth <<<"$job"
     for _ in $(seq "$REPEAT"); do
         for i in 0 1 2 3; do
             read -r iops mbps < <(fio_once "${DEVS[$i]}" "$rw" "$bs" "$depth")
             v=$([ "$bs" = 4k ] && echo "$iops" || echo "$mbps")
-            key="$job/$i"
-            if [ -z "${BEST[$key]:-}" ] || python3 -c "import sys; sys.exit(0 if $v > ${BEST[$key]} else 1)"; then
-                BEST[$key]=$v
-            fi
+            SAMPLES["$job/$i"]+="$v "
         done
     done
 done
@@ -144,16 +144,27 @@ done
 # --- table ----------------------------------------------------------------------
 fe=$(grep -o 'frontend [a-z]*' "$WORK/broker.log" | head -1)
 echo
-echo "tapjail FUSE + loop: ${SIZE_MIB} MiB images, filled; fio libaio O_DIRECT; best of $REPEAT x ${RUNTIME}s; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "tapjail FUSE + loop: ${SIZE_MIB} MiB images, filled; fio libaio O_DIRECT; median (min-max) of $REPEAT x ${RUNTIME}s, devices alternating; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "  (a) loop --direct-io over a raw file"
 echo "  (b) tapjail $fe: tap-ctl create on a dynamic VHD ($DEV_B -> $(readlink "$DEV_B"))"
 echo "  (c) qemu-storage-daemon $(qemu-storage-daemon --version | head -1 | grep -o '[0-9][0-9.]*' | head -1) vpc cache.direct=on, --export type=fuse, + loop --direct-io"
 echo "  (r) tapjail on the raw file (aio:): r/a = the FUSE hop alone"
-printf '%-22s %14s %14s %14s %7s %7s %14s %7s\n' job "(a)" "(b)" "(c)" "b/a" "b/c" "(r)" "r/a"
+{ grep -h 'fuse: .*RLIMIT_MEMLOCK' "$WORK/broker.log" || true; } | sort -u | sed 's/^/  note: /'
 for job in "${JOBS[@]}"; do
     read -r rw bs depth <<<"$job"
     unit=$([ "$bs" = 4k ] && echo IOPS || echo MB/s)
-    a=${BEST["$job/0"]} b=${BEST["$job/1"]} c=${BEST["$job/2"]} r=${BEST["$job/3"]}
-    read -r ba bc ra < <(python3 -c "print('%.2f %.2f %.2f' % ($b / $a if $a else 0, $b / $c if $c else 0, $r / $a if $a else 0))")
-    printf '%-22s %9s %4s %9s %4s %9s %4s %7s %7s %9s %4s %7s\n' "$bs $rw QD$depth" "$a" "$unit" "$b" "$unit" "$c" "$unit" "$ba" "$bc" "$r" "$unit" "$ra"
-done
+    echo "$bs $rw QD$depth|$unit|${SAMPLES["$job/0"]}|${SAMPLES["$job/1"]}|${SAMPLES["$job/2"]}|${SAMPLES["$job/3"]}"
+done | python3 -c '
+import statistics, sys
+def cell(xs):
+    fmt = "%.0f" if max(xs) >= 1000 else "%.1f"
+    return (fmt % statistics.median(xs)) + " (" + (fmt % min(xs)) + "-" + (fmt % max(xs)) + ")"
+print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s" % ("job", "unit", "(a)", "(b)", "(c)", "b/a", "b/c", "(r)", "r/a"))
+for line in sys.stdin:
+    job, unit, *cols = line.rstrip("\n").split("|")
+    a, b, c, r = ([float(x) for x in col.split()] for col in cols)
+    ma, mb, mc, mr = (statistics.median(x) for x in (a, b, c, r))
+    ratio = lambda x, y: "%.2f" % (x / y) if y else "-"
+    print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s" % (job, unit, cell(a), cell(b), cell(c),
+          ratio(mb, ma), ratio(mb, mc), cell(r), ratio(mr, ma)))
+'

@@ -249,7 +249,8 @@ impl OneFileFs {
         Ok(len)
     }
 
-    fn write(&self, node: u64, offset: u64, data: &[u8]) -> Outcome {
+    /// Serve a WRITE of `data` (at most [`MAX_WRITE`] bytes) at `offset`.
+    pub fn write(&self, node: u64, offset: u64, data: &[u8]) -> Outcome {
         if node != FILE_ID {
             return Outcome::Err(if node == abi::ROOT_ID {
                 libc::EISDIR

@@ -10,11 +10,12 @@ use super::abi::{self, ReadNe};
 
 /// Largest WRITE payload we negotiate (`max_write`) and so accept.
 ///
-/// Every serving thread holds a buffer of this size, and in a confined
-/// worker all of it is locked memory (`mlockall`), often under a few MiB of
-/// RLIMIT_MEMLOCK headroom: 256 KiB lets four threads fit where 1 MiB
-/// allowed one, and measured no clear loss for 1 MiB I/O (loop's 1 MiB
-/// bios become four requests in flight at once). It is a constant, not
+/// Every `read(2)` of the device needs a buffer of this size (the pool in
+/// `buf`), and in a confined worker all of it is locked memory
+/// (`mlockall`), often under a few MiB of RLIMIT_MEMLOCK headroom: 256 KiB
+/// lets four such buffers fit where 1 MiB allowed one, and measured no
+/// clear loss for 1 MiB I/O (loop's 1 MiB bios become four requests in
+/// flight at once). It is a constant, not
 /// sized from the limit, because a fresh worker on a recovered connection
 /// must accept the `max_write` its predecessor negotiated.
 pub const MAX_WRITE: usize = 256 << 10;
