@@ -327,20 +327,43 @@ impl WorkerConn {
         Ok(msg)
     }
 
-    /// Send and expect `Ok`/`Serving`/`Stats` as the single answer.
+    /// Refuse to start an exchange while the worker has already said
+    /// something: that would be read as the answer to our request, and
+    /// every later answer would be one behind.
+    fn ensure_quiet(&self) -> Result<(), WorkerError> {
+        let mut byte = [0u8; 1];
+        // SAFETY: byte is valid for 1 byte; MSG_PEEK leaves the data queued.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            return Err(self.violation(
+                "sent an unsolicited message (an answer to a request never made)".into(),
+            ));
+        }
+        // 0 (closed) or EAGAIN (quiet): the exchange itself reports a close.
+        Ok(())
+    }
+
+    /// Send and expect the one answer that fits `msg` (`Serving` for
+    /// `Serve`, `Stats` for `Stats`, `Ok` otherwise), or `Error`.
     pub fn call(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<FromWorker, WorkerError> {
+        self.ensure_quiet()?;
         self.send(msg, fds)?;
         match self.recv()? {
             FromWorker::Error(m) => Err(WorkerError::Worker {
                 pid: self.pid,
                 message: clean(&m),
             }),
-            FromWorker::NeedParent { .. }
-            | FromWorker::Ready { .. }
-            | FromWorker::Opened { .. } => {
-                Err(self.violation(format!("unexpected answer to {}", to_variant(msg))))
+            got if answers(msg, &got) => Ok(got),
+            got => {
+                Err(self.violation(format!("answered {} to {}", variant(&got), to_variant(msg))))
             }
-            ok => Ok(ok),
         }
     }
 
@@ -367,6 +390,7 @@ impl WorkerConn {
         leaf: &File,
         resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
     ) -> Result<Opened, WorkerError> {
+        self.ensure_quiet()?;
         self.send(msg, &[leaf.as_fd()])?;
         for _ in 0..=MAX_CHAIN_DEPTH {
             match self.recv()? {
@@ -421,6 +445,19 @@ impl WorkerConn {
             what,
         }
     }
+}
+
+/// Whether `got` is the (non-error) answer the protocol gives to `msg`.
+fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
+    matches!(
+        (msg, got),
+        (ToWorker::Serve(_), FromWorker::Serving)
+            | (ToWorker::Stats, FromWorker::Stats(_))
+            | (
+                ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown,
+                FromWorker::Ok
+            )
+    )
 }
 
 fn to_variant(m: &ToWorker) -> &'static str {
@@ -480,6 +517,34 @@ mod tests {
         let f = File::open("/dev/null").unwrap();
         frame::send_on(&b, &FromWorker::Ok, &[f.as_fd()]).unwrap();
         assert!(matches!(conn.recv(), Err(WorkerError::Protocol { .. })));
+    }
+
+    #[test]
+    fn worker_conn_refuses_wrong_and_unsolicited_answers() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::new(a, 9, Duration::from_secs(5)).unwrap();
+        // Serving is no answer to Stats.
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            frame::send_on(&b, &FromWorker::Serving, &[]).unwrap();
+            b
+        });
+        let err = conn.call(&ToWorker::Stats, &[]).unwrap_err().to_string();
+        assert!(err.contains("answered Serving to Stats"), "{err}");
+        let b = fake.join().unwrap();
+        // Something said before the broker asks is never taken as the answer.
+        frame::send_on(&b, &FromWorker::Ok, &[]).unwrap();
+        let err = conn.call(&ToWorker::Pause, &[]).unwrap_err().to_string();
+        assert!(err.contains("unsolicited"), "{err}");
+        // A quiet worker answering in turn is fine.
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::new(a, 9, Duration::from_secs(5)).unwrap();
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            frame::send_on(&b, &FromWorker::Ok, &[]).unwrap();
+        });
+        assert_eq!(conn.call(&ToWorker::Pause, &[]).unwrap(), FromWorker::Ok);
+        fake.join().unwrap();
     }
 
     #[test]
