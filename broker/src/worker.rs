@@ -22,7 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::FrontendKind;
@@ -273,6 +273,8 @@ pub struct WorkerConn {
     /// Killed through this when it breaks the protocol or misses a
     /// deadline: its state is then unknown and it may be hostile.
     pidfd: Option<Arc<OwnedFd>>,
+    /// Why the broker killed it, for the audit line of its exit.
+    killed: Arc<OnceLock<String>>,
 }
 
 impl WorkerConn {
@@ -284,18 +286,27 @@ impl WorkerConn {
             pid,
             timeout,
             pidfd: None,
+            killed: Arc::default(),
         })
     }
 
-    fn kill(&self) {
+    /// Set (once) to why the broker killed this worker; the supervisor
+    /// puts it in the audit line of the worker's exit.
+    pub fn kill_note(&self) -> Arc<OnceLock<String>> {
+        self.killed.clone()
+    }
+
+    /// Kill the worker for `err`, noting why first.
+    fn kill(&self, err: WorkerError) -> WorkerError {
+        let _ = self.killed.set(err.to_string());
         if let Some(fd) = &self.pidfd {
             let _ = sys::pidfd_kill(fd.as_fd());
         }
+        err
     }
 
     fn frame_err(&self, e: FrameError) -> WorkerError {
-        self.kill();
-        match e {
+        let err = match e {
             FrameError::Io(io)
                 if matches!(
                     io.kind(),
@@ -311,7 +322,8 @@ impl WorkerConn {
                 pid: self.pid,
                 source: other,
             },
-        }
+        };
+        self.kill(err)
     }
 
     pub fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), WorkerError> {
@@ -439,11 +451,10 @@ impl WorkerConn {
 impl WorkerConn {
     /// A protocol violation: kill the worker and describe it.
     fn violation(&self, what: String) -> WorkerError {
-        self.kill();
-        WorkerError::Protocol {
+        self.kill(WorkerError::Protocol {
             pid: self.pid,
             what,
-        }
+        })
     }
 }
 

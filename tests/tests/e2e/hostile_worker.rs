@@ -100,8 +100,28 @@ impl Scene {
     }
 
     /// The audit log has alice's failed request whose outcome says `why`
-    /// and names a tapdisk pid, and that worker's exit.
+    /// and names a tapdisk pid, and that worker's exit, which says the
+    /// broker killed it for `why`.
     fn audited(&self, why: &str) -> u32 {
+        let pid = self.audited_failure(why);
+        let exit = self
+            .h
+            .audit_lines()
+            .into_iter()
+            .find(|l| l["event"] == "worker_exit" && l["peer"]["pid"] == pid)
+            .unwrap();
+        assert_eq!(exit["rule"], "worker-killed", "{exit}");
+        let reason = exit["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("killed by tap-broker") && reason.contains(why),
+            "{exit}"
+        );
+        pid
+    }
+
+    /// The audit log has alice's failed request whose outcome says `why`
+    /// and names a tapdisk pid, and that worker's exit.
+    fn audited_failure(&self, why: &str) -> u32 {
         let h = &self.h;
         let lines = h.audit_lines();
         let req = lines
@@ -123,8 +143,15 @@ impl Scene {
         pid
     }
 
-    /// alice's create of `line` fails with `why`; everything else holds.
+    /// alice's create of `line` fails with `why` and the broker kills the
+    /// worker for it; everything else holds.
     fn create_refused(&self, file: &str, line: &[u8], why: &str) {
+        self.create_refused_with(file, line, why, true)
+    }
+
+    /// Like `create_refused`, but the worker may have exited on its own
+    /// first (`killed` false: it closes the socket and exits).
+    fn create_refused_with(&self, file: &str, line: &[u8], why: &str, killed: bool) {
         let spec = self.image(file, line);
         let err = self.h.fails(&ALICE, &["create", "-a", &spec]);
         assert!(
@@ -133,7 +160,33 @@ impl Scene {
             String::from_utf8_lossy(line)
         );
         assert!(err.contains("tapdisk"), "{err}");
-        self.audited(why);
+        if killed {
+            self.audited(why);
+        } else {
+            self.audited_failure(why);
+        }
+        self.alice_left_nothing();
+        self.others_unharmed();
+    }
+
+    /// alice's create of `line` fails with `why` said by the worker, which
+    /// is then stopped (it followed the protocol); everything else holds.
+    fn create_failed(&self, file: &str, line: &[u8], why: &str) {
+        let spec = self.image(file, line);
+        let err = self.h.fails(&ALICE, &["create", "-a", &spec]);
+        assert!(
+            err.contains(why),
+            "{}: {err}",
+            String::from_utf8_lossy(line)
+        );
+        let pid = self.audited_failure(why);
+        let exit = self
+            .h
+            .audit_lines()
+            .into_iter()
+            .find(|l| l["event"] == "worker_exit" && l["peer"]["pid"] == pid)
+            .unwrap();
+        assert_eq!(exit["rule"], "worker-exit", "{exit}");
         self.alice_left_nothing();
         self.others_unharmed();
     }
@@ -191,20 +244,22 @@ fn hostile_worker_oversized_or_truncated_frame_is_refused() {
         b"FRAMELEN:4294967295:hang",
         "frame of 4294967295 bytes exceeds the 65536-byte limit",
     );
-    s.create_refused(
+    s.create_refused_with(
         "huge-close.img",
         b"FRAMELEN:4294967295:close",
         "exceeds the 65536-byte limit",
+        false,
     );
     s.create_refused(
         "just-over.img",
         b"FRAMELEN:65537:hang",
         "frame of 65537 bytes exceeds",
     );
-    s.create_refused(
+    s.create_refused_with(
         "cut.img",
         b"FRAMELEN:60000:close",
         "in the middle of a frame",
+        false,
     );
     s.create_refused(
         "stall.img",
@@ -326,7 +381,7 @@ fn hostile_worker_absurd_parent_paths_are_refused_and_audited() {
     ];
     for (file, line, why) in cases {
         let before = s.h.audit_lines().len();
-        s.create_refused(file, line, why);
+        s.create_failed(file, line, why);
         let denied: Vec<_> = s.h.audit_lines()[before..]
             .iter()
             .filter(|l| l["event"] == "parent_open")
