@@ -426,10 +426,19 @@ impl WorkerConn {
                     virtual_size,
                     chain,
                 } => {
+                    // Names only (shown and audited), but bounded like the
+                    // parent requests that made the chain.
+                    if chain.is_empty() || chain.len() > MAX_CHAIN_DEPTH + 1 {
+                        return Err(self.violation(format!(
+                            "reported a chain of {} images (1 to {} allowed)",
+                            chain.len(),
+                            MAX_CHAIN_DEPTH + 1
+                        )));
+                    }
                     return Ok(Opened {
                         virtual_size,
                         chain: chain.iter().map(|c| clean(c)).collect(),
-                    })
+                    });
                 }
                 FromWorker::Error(m) => {
                     return Err(WorkerError::Worker {

@@ -17,7 +17,8 @@
 //! - `FRAMELEN:<n>:hang|close` sends a header claiming `n` bytes, 3 bytes of
 //!   payload, then hangs or exits;
 //! - `REPLY:<msg>` answers Open with `<msg>` (see [`forged`]) instead of
-//!   `Opened`; `EXTRA:<msg>` sends `<msg>` right after `Opened`;
+//!   `Opened` (`LongChain`, `NoChain`: an `Opened` with 20000 or no
+//!   images); `EXTRA:<msg>` sends `<msg>` right after `Opened`;
 //!   `LATE:<msg>` sends `<msg>` unasked 300 ms after `Serving`;
 //! - `FLOOD:<n>:<path>` asks for the parent `<path>` `n` times;
 //!   `LOCATORS:<n>:<path>` asks once with `n` locators;
@@ -98,6 +99,14 @@ fn forged(name: &str) -> FromWorker {
         "Opened" => FromWorker::Opened {
             virtual_size: 1 << 20,
             chain: vec!["FORGED".into()],
+        },
+        "LongChain" => FromWorker::Opened {
+            virtual_size: 1 << 20,
+            chain: vec!["x".into(); 20_000],
+        },
+        "NoChain" => FromWorker::Opened {
+            virtual_size: 1 << 20,
+            chain: Vec::new(),
         },
         "NeedParent" => FromWorker::NeedParent {
             child: "FORGED".into(),

@@ -278,6 +278,16 @@ fn hostile_worker_wrong_reply_to_open_is_refused() {
             &format!("answered {msg} while opening"),
         );
     }
+    s.create_refused(
+        "long-chain.img",
+        b"REPLY:LongChain",
+        "reported a chain of 20000 images",
+    );
+    s.create_refused(
+        "no-chain.img",
+        b"REPLY:NoChain",
+        "reported a chain of 0 images",
+    );
     // An extra message after Opened: seen before Serve is sent, or read as
     // the answer to Serve, which it is not.
     s.create_refused("extra-ok.img", b"EXTRA:Ok", "broke the protocol");
