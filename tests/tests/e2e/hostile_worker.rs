@@ -19,9 +19,14 @@ struct Scene {
 }
 
 fn scene() -> Scene {
+    scene_with(false)
+}
+
+fn scene_with(respawn: bool) -> Scene {
     let h = Harness::start(Options {
         worker: WorkerBin::Fake,
         worker_timeout_secs: 3,
+        respawn,
         ..Options::default()
     });
     let img = h.raw_image("bob", "b.img", 1 << 20);
@@ -431,6 +436,46 @@ fn hostile_worker_passing_fds_is_refused_and_nothing_leaks() {
     std::thread::sleep(Duration::from_millis(800));
     s.h.ok(&ALICE, &["destroy", "-m", "1"]);
     assert!(eventually(Duration::from_secs(5), || !alive(pid)));
+    s.alice_left_nothing();
+    s.others_unharmed();
+}
+
+#[test]
+fn hostile_worker_killed_for_a_violation_is_respawned_and_killed_again() {
+    let s = scene_with(true);
+    let pid = s.create_served("late-stats.img", b"LATE:Stats");
+    std::thread::sleep(Duration::from_millis(800));
+    let err = s.h.fails(&ALICE, &["stats", "-m", "1"]);
+    assert!(err.contains("unsolicited"), "{err}");
+    assert_eq!(s.audited("unsolicited"), pid);
+    // Replaced by a fresh worker on the same device, which reopens the
+    // same image and misbehaves the same way.
+    let rows = || -> serde_json::Value {
+        serde_json::from_str(&s.h.ok(&ALICE, &["list", "--json"])).unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = rows();
+            r[0]["restarts"] == 1 && r[0]["state"] == 0 && r[0]["pid"] != pid
+        }),
+        "{}",
+        rows()
+    );
+    let second = rows()[0]["pid"].as_u64().unwrap() as u32;
+    std::thread::sleep(Duration::from_millis(800));
+    let err = s.h.fails(&ALICE, &["stats", "-m", "1"]);
+    assert!(err.contains("unsolicited"), "{err}");
+    assert_eq!(s.audited("unsolicited"), second);
+    assert!(s
+        .h
+        .audit_lines()
+        .iter()
+        .any(|l| l["event"] == "worker_respawn" && l["rule"] == "respawn"));
+    s.others_unharmed();
+    // Whatever state the respawns reached, destroy clears it.
+    assert!(eventually(Duration::from_secs(10), || {
+        s.h.ctl(&ALICE, &["destroy", "-m", "1"]).status.success()
+    }));
     s.alice_left_nothing();
     s.others_unharmed();
 }
