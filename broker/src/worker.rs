@@ -11,8 +11,11 @@
 //!
 //! Everything a worker sends is untrusted (it parsed a hostile image):
 //! frames are size-limited, fds from it are refused, strings are cleaned
-//! before they reach a client's terminal or the audit log, and every reply
-//! has a deadline after which the worker is killed.
+//! before they reach a client's terminal or the audit log, every reply
+//! has a deadline after which the worker is killed, and an answer that does
+//! not fit the request, or a message nobody asked for, gets it killed too
+//! (rather than shifting every later answer by one). Why the broker killed a
+//! worker is kept for the audit line of its exit.
 
 use crate::sys;
 use std::fs::File;
