@@ -442,6 +442,7 @@ impl Broker {
         };
         w.exit = Some(exit);
         let (owner, uid, minor, stopping) = (w.owner.clone(), w.uid, w.minor, w.stopping);
+        let killed = w.killed.get().cloned();
         if !stopping {
             match minor.and_then(|m| t.disks.get_mut(&m)) {
                 Some(d) => {
@@ -459,10 +460,10 @@ impl Broker {
         }
         self.exited.notify_all();
         drop(t);
-        let (rule, what) = if stopping {
-            ("worker-exit", "stopped")
-        } else {
-            ("worker-death", "died")
+        let (rule, what) = match (&killed, stopping) {
+            (Some(why), _) => ("worker-killed", format!("was killed by tap-broker ({why})")),
+            (None, true) => ("worker-exit", "stopped".to_string()),
+            (None, false) => ("worker-death", "died".to_string()),
         };
         self.notice(
             Event::WorkerExit,

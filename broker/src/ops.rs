@@ -163,6 +163,7 @@ impl Broker {
             owner: tenant.to_string(),
             uid,
             pidfd: s.pidfd,
+            killed: s.conn.kill_note(),
             conn: Arc::new(Mutex::new(s.conn)),
             minor: None,
             exit: None,

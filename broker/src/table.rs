@@ -52,6 +52,9 @@ pub struct Worker {
     pub stopping: bool,
     pub record: LockFile,
     pub start_time: u64,
+    /// Why the broker killed it (protocol violation, missed deadline), if
+    /// it did: named in the audit line of its exit.
+    pub killed: Arc<std::sync::OnceLock<String>>,
 }
 
 /// An allocated minor.

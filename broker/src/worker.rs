@@ -11,8 +11,11 @@
 //!
 //! Everything a worker sends is untrusted (it parsed a hostile image):
 //! frames are size-limited, fds from it are refused, strings are cleaned
-//! before they reach a client's terminal or the audit log, and every reply
-//! has a deadline after which the worker is killed.
+//! before they reach a client's terminal or the audit log, every reply
+//! has a deadline after which the worker is killed, and an answer that does
+//! not fit the request, or a message nobody asked for, gets it killed too
+//! (rather than shifting every later answer by one). Why the broker killed a
+//! worker is kept for the audit line of its exit.
 
 use crate::sys;
 use std::fs::File;
@@ -22,7 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::FrontendKind;
@@ -273,6 +276,8 @@ pub struct WorkerConn {
     /// Killed through this when it breaks the protocol or misses a
     /// deadline: its state is then unknown and it may be hostile.
     pidfd: Option<Arc<OwnedFd>>,
+    /// Why the broker killed it, for the audit line of its exit.
+    killed: Arc<OnceLock<String>>,
 }
 
 impl WorkerConn {
@@ -284,18 +289,27 @@ impl WorkerConn {
             pid,
             timeout,
             pidfd: None,
+            killed: Arc::default(),
         })
     }
 
-    fn kill(&self) {
+    /// Set (once) to why the broker killed this worker; the supervisor
+    /// puts it in the audit line of the worker's exit.
+    pub fn kill_note(&self) -> Arc<OnceLock<String>> {
+        self.killed.clone()
+    }
+
+    /// Kill the worker for `err`, noting why first.
+    fn kill(&self, err: WorkerError) -> WorkerError {
+        let _ = self.killed.set(err.to_string());
         if let Some(fd) = &self.pidfd {
             let _ = sys::pidfd_kill(fd.as_fd());
         }
+        err
     }
 
     fn frame_err(&self, e: FrameError) -> WorkerError {
-        self.kill();
-        match e {
+        let err = match e {
             FrameError::Io(io)
                 if matches!(
                     io.kind(),
@@ -311,7 +325,8 @@ impl WorkerConn {
                 pid: self.pid,
                 source: other,
             },
-        }
+        };
+        self.kill(err)
     }
 
     pub fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), WorkerError> {
@@ -327,20 +342,43 @@ impl WorkerConn {
         Ok(msg)
     }
 
-    /// Send and expect `Ok`/`Serving`/`Stats` as the single answer.
+    /// Refuse to start an exchange while the worker has already said
+    /// something: that would be read as the answer to our request, and
+    /// every later answer would be one behind.
+    fn ensure_quiet(&self) -> Result<(), WorkerError> {
+        let mut byte = [0u8; 1];
+        // SAFETY: byte is valid for 1 byte; MSG_PEEK leaves the data queued.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            return Err(self.violation(
+                "sent an unsolicited message (an answer to a request never made)".into(),
+            ));
+        }
+        // 0 (closed) or EAGAIN (quiet): the exchange itself reports a close.
+        Ok(())
+    }
+
+    /// Send and expect the one answer that fits `msg` (`Serving` for
+    /// `Serve`, `Stats` for `Stats`, `Ok` otherwise), or `Error`.
     pub fn call(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<FromWorker, WorkerError> {
+        self.ensure_quiet()?;
         self.send(msg, fds)?;
         match self.recv()? {
             FromWorker::Error(m) => Err(WorkerError::Worker {
                 pid: self.pid,
                 message: clean(&m),
             }),
-            FromWorker::NeedParent { .. }
-            | FromWorker::Ready { .. }
-            | FromWorker::Opened { .. } => {
-                Err(self.violation(format!("unexpected answer to {}", to_variant(msg))))
+            got if answers(msg, &got) => Ok(got),
+            got => {
+                Err(self.violation(format!("answered {} to {}", variant(&got), to_variant(msg))))
             }
-            ok => Ok(ok),
         }
     }
 
@@ -367,6 +405,7 @@ impl WorkerConn {
         leaf: &File,
         resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
     ) -> Result<Opened, WorkerError> {
+        self.ensure_quiet()?;
         self.send(msg, &[leaf.as_fd()])?;
         for _ in 0..=MAX_CHAIN_DEPTH {
             match self.recv()? {
@@ -390,10 +429,19 @@ impl WorkerConn {
                     virtual_size,
                     chain,
                 } => {
+                    // Names only (shown and audited), but bounded like the
+                    // parent requests that made the chain.
+                    if chain.is_empty() || chain.len() > MAX_CHAIN_DEPTH + 1 {
+                        return Err(self.violation(format!(
+                            "reported a chain of {} images (1 to {} allowed)",
+                            chain.len(),
+                            MAX_CHAIN_DEPTH + 1
+                        )));
+                    }
                     return Ok(Opened {
                         virtual_size,
                         chain: chain.iter().map(|c| clean(c)).collect(),
-                    })
+                    });
                 }
                 FromWorker::Error(m) => {
                     return Err(WorkerError::Worker {
@@ -415,12 +463,24 @@ impl WorkerConn {
 impl WorkerConn {
     /// A protocol violation: kill the worker and describe it.
     fn violation(&self, what: String) -> WorkerError {
-        self.kill();
-        WorkerError::Protocol {
+        self.kill(WorkerError::Protocol {
             pid: self.pid,
             what,
-        }
+        })
     }
+}
+
+/// Whether `got` is the (non-error) answer the protocol gives to `msg`.
+fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
+    matches!(
+        (msg, got),
+        (ToWorker::Serve(_), FromWorker::Serving)
+            | (ToWorker::Stats, FromWorker::Stats(_))
+            | (
+                ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown,
+                FromWorker::Ok
+            )
+    )
 }
 
 fn to_variant(m: &ToWorker) -> &'static str {
@@ -480,6 +540,34 @@ mod tests {
         let f = File::open("/dev/null").unwrap();
         frame::send_on(&b, &FromWorker::Ok, &[f.as_fd()]).unwrap();
         assert!(matches!(conn.recv(), Err(WorkerError::Protocol { .. })));
+    }
+
+    #[test]
+    fn worker_conn_refuses_wrong_and_unsolicited_answers() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::new(a, 9, Duration::from_secs(5)).unwrap();
+        // Serving is no answer to Stats.
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            frame::send_on(&b, &FromWorker::Serving, &[]).unwrap();
+            b
+        });
+        let err = conn.call(&ToWorker::Stats, &[]).unwrap_err().to_string();
+        assert!(err.contains("answered Serving to Stats"), "{err}");
+        let b = fake.join().unwrap();
+        // Something said before the broker asks is never taken as the answer.
+        frame::send_on(&b, &FromWorker::Ok, &[]).unwrap();
+        let err = conn.call(&ToWorker::Pause, &[]).unwrap_err().to_string();
+        assert!(err.contains("unsolicited"), "{err}");
+        // A quiet worker answering in turn is fine.
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::new(a, 9, Duration::from_secs(5)).unwrap();
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            frame::send_on(&b, &FromWorker::Ok, &[]).unwrap();
+        });
+        assert_eq!(conn.call(&ToWorker::Pause, &[]).unwrap(), FromWorker::Ok);
+        fake.join().unwrap();
     }
 
     #[test]

@@ -99,29 +99,16 @@ pub fn recv<T: DeserializeOwned>(
     let mut payload = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        // SAFETY: the buffer is valid for len - got bytes from that offset.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                payload[got..].as_mut_ptr().cast(),
-                len - got,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
-        }
+        // recvmsg, not recv: fds riding on payload bytes are taken (and
+        // refused by the caller) rather than silently dropped by the kernel.
+        let n = recvmsg_fds(sock.as_raw_fd(), &mut payload[got..], &mut fds)?;
         if n == 0 {
             return Err(FrameError::Truncated {
                 got: got + HEADER,
                 want: len + HEADER,
             });
         }
-        got += n as usize;
+        got += n;
     }
     let (msg, rest) = postcard::take_from_bytes(&payload).map_err(FrameError::Decode)?;
     if !rest.is_empty() {
@@ -290,6 +277,20 @@ mod tests {
         let (rep, fds): (Reply, _) = recv_on(&a, MAX_REPLY_FRAME).unwrap();
         assert_eq!(rep, Reply::Spawned { pid: 7 });
         assert!(fds.is_empty());
+    }
+
+    #[test]
+    fn fds_on_payload_bytes_are_taken_not_dropped() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let payload = postcard::to_allocvec(&Request::Spawn).unwrap();
+        (&a).write_all(&(payload.len() as u32).to_be_bytes())
+            .unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let sent = sendmsg_fds(a.as_raw_fd(), &payload, &[file.as_raw_fd()]).unwrap();
+        assert_eq!(sent, payload.len());
+        let (req, fds): (Request, _) = recv_on(&b, MAX_REQUEST_FRAME).unwrap();
+        assert_eq!(req, Request::Spawn);
+        assert_eq!(fds.len(), 1, "the caller sees the fd and can refuse it");
     }
 
     #[test]

@@ -9,10 +9,28 @@
 //! locator), `HANG\n` makes Open never answer, `CRASH\n` aborts,
 //! `STUBBORN\n` keeps it running after the broker goes away. It never
 //! serves real NBD: it accepts and holds client connections.
+//!
+//! Hostile behaviours (a worker taken over by its image, in
+//! `tests/tests/e2e/hostile_worker.rs`), chosen by the image's first line:
+//! - `GARBAGE` answers Open with a frame whose payload is not a `FromWorker`;
+//!   `NOISE` answers with bytes that are not a frame at all;
+//! - `FRAMELEN:<n>:hang|close` sends a header claiming `n` bytes, 3 bytes of
+//!   payload, then hangs or exits;
+//! - `REPLY:<msg>` answers Open with `<msg>` (see [`forged`]) instead of
+//!   `Opened` (`LongChain`, `NoChain`: an `Opened` with 20000 or no
+//!   images); `EXTRA:<msg>` sends `<msg>` right after `Opened`;
+//!   `LATE:<msg>` sends `<msg>` unasked 300 ms after `Serving`;
+//! - `FLOOD:<n>:<path>` asks for the parent `<path>` `n` times;
+//!   `LOCATORS:<n>:<path>` asks once with `n` locators;
+//!   `LONGPARENT:<n>` asks for a parent path of `2n` bytes;
+//!   `CHILD:<child>:<path>` asks for the parent of a file it was never given;
+//! - `FDS:<n>` answers Open with `n` fds attached (on the header, or with
+//!   `FDS:<n>:payload` on the payload bytes); `LATEFDS:<frames>:<n>` sends
+//!   `frames` unasked frames with `n` fds each after `Serving`.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use tapjail_common::frame;
 use tapjail_common::proto::ImageKind;
@@ -62,6 +80,246 @@ struct Chain {
     names: Vec<String>,
     size: u64,
     kind: ImageKind,
+    /// The image's first line, for the hostile behaviours that act later.
+    line: String,
+}
+
+/// A message named in a hostile image, sent where it does not belong.
+fn forged(name: &str) -> FromWorker {
+    match name {
+        "Ready" => FromWorker::Ready {
+            pid: std::process::id(),
+        },
+        "Serving" => FromWorker::Serving,
+        "Ok" => FromWorker::Ok,
+        "Stats" => FromWorker::Stats(Box::new(WorkerStats {
+            name: "FORGED".into(),
+            ..Default::default()
+        })),
+        "Opened" => FromWorker::Opened {
+            virtual_size: 1 << 20,
+            chain: vec!["FORGED".into()],
+        },
+        "LongChain" => FromWorker::Opened {
+            virtual_size: 1 << 20,
+            chain: vec!["x".into(); 20_000],
+        },
+        "NoChain" => FromWorker::Opened {
+            virtual_size: 1 << 20,
+            chain: Vec::new(),
+        },
+        "NeedParent" => FromWorker::NeedParent {
+            child: "FORGED".into(),
+            locators: Vec::new(),
+            parent_uuid: [0; 16],
+        },
+        other => FromWorker::Error(format!("FORGED {other}")),
+    }
+}
+
+/// `sendmsg` with any number of fds (the frame module refuses more than
+/// `MAX_FDS`, which is what the test is about).
+fn send_raw_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) {
+    let bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; control holds one cmsg with all fds;
+    // iov and control outlive the sendmsg call.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr(),
+            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+            fds.len(),
+        );
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+    }
+}
+
+/// Send `msg` framed, with `n` fds on the header or on the payload.
+fn send_with_fds(ctl: &UnixStream, msg: &FromWorker, n: usize, on_payload: bool) {
+    let payload = postcard::to_allocvec(msg).expect("encode");
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    let files: Vec<File> = (0..n)
+        .map(|_| File::open("/dev/null").expect("/dev/null"))
+        .collect();
+    let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    // The SCM_RIGHTS limit per message is 253 fds.
+    let raw = &raw[..raw.len().min(253)];
+    if on_payload {
+        let _ = (&*ctl).write_all(&frame[..4]);
+        send_raw_fds(ctl.as_raw_fd(), &frame[4..], raw);
+    } else {
+        send_raw_fds(ctl.as_raw_fd(), &frame, raw);
+    }
+}
+
+/// Ask for a parent and wait for the answer; the parent's name on success.
+fn need_parent(
+    ctl: &UnixStream,
+    child: String,
+    locators: Vec<ParentLocator>,
+) -> Result<String, String> {
+    let need = FromWorker::NeedParent {
+        child,
+        locators,
+        parent_uuid: [0; 16],
+    };
+    frame::send_on(ctl, &need, &[]).map_err(|e| e.to_string())?;
+    let (reply, pfds): (ToWorker, _) = frame::recv_on(ctl, 1 << 16).map_err(|e| e.to_string())?;
+    match reply {
+        ToWorker::Parent(Ok(pname)) if pfds.len() == 1 => Ok(pname),
+        ToWorker::Parent(Err(why)) => Err(format!("parent refused: {why}")),
+        other => Err(format!("unexpected {other:?}")),
+    }
+}
+
+fn locator(path: &str) -> ParentLocator {
+    let relative = !path.starts_with('/');
+    ParentLocator {
+        code: if relative { "W2ru" } else { "W2ku" }.into(),
+        path: path.into(),
+        relative,
+    }
+}
+
+/// Behaviours that act while the broker waits for the answer to Open.
+/// `Some(reply)` replaces the normal answer.
+fn hostile_open(ctl: &UnixStream, name: &str, line: &str) -> Option<Result<Chain, String>> {
+    let mut w = ctl;
+    let (word, rest) = line.split_once(':').unwrap_or((line, ""));
+    let sleep = || std::thread::sleep(std::time::Duration::from_secs(3600));
+    match word {
+        "GARBAGE" => {
+            // A well-formed header, then a payload no FromWorker decodes from
+            // (variant index 0xff.. is out of range).
+            let _ = w.write_all(&[0, 0, 0, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x42]);
+            sleep();
+        }
+        "NOISE" => {
+            let _ = w.write_all(b"GET / HTTP/1.1\r\nHost: broker\r\n\r\n\x00\xff\xfe");
+            sleep();
+        }
+        "FRAMELEN" => {
+            let (n, then) = rest.split_once(':').unwrap_or((rest, "hang"));
+            let n: u32 = n.parse().unwrap_or(u32::MAX);
+            let _ = w.write_all(&n.to_be_bytes());
+            let _ = w.write_all(&[1, 2, 3]);
+            if then == "close" {
+                std::process::exit(0);
+            }
+            sleep();
+        }
+        "REPLY" => {
+            let _ = frame::send_on(ctl, &forged(rest), &[]);
+            sleep();
+        }
+        "FLOOD" => {
+            let (n, path) = rest.split_once(':').unwrap_or(("100", rest));
+            let n: usize = n.parse().unwrap_or(100);
+            let mut names = vec![name.to_string()];
+            for _ in 0..n {
+                match need_parent(ctl, name.to_string(), vec![locator(path)]) {
+                    Ok(p) => names.push(p),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            return Some(Ok(Chain {
+                names,
+                size: 1 << 20,
+                kind: ImageKind::Aio,
+                line: line.into(),
+            }));
+        }
+        "LOCATORS" => {
+            let (n, path) = rest.split_once(':').unwrap_or(("100", rest));
+            let n: usize = n.parse().unwrap_or(100);
+            let locs = vec![locator(path); n];
+            return Some(need_parent(ctl, name.to_string(), locs).map(|p| Chain {
+                names: vec![name.to_string(), p],
+                size: 1 << 20,
+                kind: ImageKind::Aio,
+                line: line.into(),
+            }));
+        }
+        "LONGPARENT" => {
+            let n: usize = rest.parse().unwrap_or(1000);
+            let path = "x/".repeat(n);
+            return Some(
+                need_parent(ctl, name.to_string(), vec![locator(&path)]).map(|p| Chain {
+                    names: vec![name.to_string(), p],
+                    size: 1 << 20,
+                    kind: ImageKind::Aio,
+                    line: line.into(),
+                }),
+            );
+        }
+        "CHILD" => {
+            let (child, path) = rest.split_once(':').unwrap_or((rest, "base.img"));
+            return Some(
+                need_parent(ctl, child.to_string(), vec![locator(path)]).map(|p| Chain {
+                    names: vec![name.to_string(), p],
+                    size: 1 << 20,
+                    kind: ImageKind::Aio,
+                    line: line.into(),
+                }),
+            );
+        }
+        "FDS" => {
+            let (n, where_) = rest.split_once(':').unwrap_or((rest, "header"));
+            let opened = FromWorker::Opened {
+                virtual_size: 1 << 20,
+                chain: vec![name.to_string()],
+            };
+            send_with_fds(ctl, &opened, n.parse().unwrap_or(8), where_ == "payload");
+            sleep();
+        }
+        _ => {}
+    }
+    None
+}
+
+/// Behaviours that act once the broker thinks the disk is served.
+fn hostile_serving(ctl: &UnixStream, line: &str) {
+    let (word, rest) = line.split_once(':').unwrap_or((line, ""));
+    let Ok(ctl) = ctl.try_clone() else {
+        return;
+    };
+    match word {
+        "LATE" => {
+            let msg = forged(rest);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let _ = frame::send_on(&ctl, &msg, &[]);
+            });
+        }
+        "LATEFDS" => {
+            let (frames, n) = rest.split_once(':').unwrap_or(("10", "8"));
+            let frames: usize = frames.parse().unwrap_or(10);
+            let n: usize = n.parse().unwrap_or(8);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                for _ in 0..frames {
+                    send_with_fds(&ctl, &FromWorker::Ok, n, false);
+                }
+            });
+        }
+        _ => {}
+    }
 }
 
 fn open(
@@ -76,6 +334,10 @@ fn open(
     let mut head = [0u8; 512];
     let n = file.read(&mut head).map_err(|e| e.to_string())?;
     let head = String::from_utf8_lossy(&head[..n]).to_string();
+    let line = head.lines().next().unwrap_or("").to_string();
+    if let Some(r) = hostile_open(ctl, &name, &line) {
+        return r;
+    }
     let mut names = vec![name.clone()];
     if head.starts_with("HANG\n") {
         std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -107,7 +369,12 @@ fn open(
             other => return Err(format!("unexpected {other:?}")),
         }
     }
-    Ok(Chain { names, size, kind })
+    Ok(Chain {
+        names,
+        size,
+        kind,
+        line,
+    })
 }
 
 fn main() {
@@ -163,6 +430,9 @@ fn main() {
                         }
                     });
                     listeners.push(l);
+                    if let Some(c) = &chain {
+                        hostile_serving(&ctl, &c.line);
+                    }
                     FromWorker::Serving
                 }
                 None => FromWorker::Error("no listening socket".into()),
@@ -210,8 +480,16 @@ fn main() {
             ToWorker::Shutdown => std::process::exit(0),
             ToWorker::Parent(_) => FromWorker::Error("unexpected Parent".into()),
         };
+        let opened = matches!(reply, FromWorker::Opened { .. });
         if !send(&reply) {
             std::process::exit(0);
+        }
+        if let Some(extra) = chain
+            .as_ref()
+            .filter(|_| opened)
+            .and_then(|c| c.line.strip_prefix("EXTRA:"))
+        {
+            send(&forged(extra));
         }
     }
 }

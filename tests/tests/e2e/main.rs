@@ -4,6 +4,7 @@
 
 mod escapes;
 mod faults;
+mod hostile_worker;
 mod robustness;
 mod seed;
 mod tenants;
