@@ -137,7 +137,7 @@ pub struct UblkBackend {
 }
 
 /// Remove every ublk device a previous broker created for `ctx.minor`
-/// (found by [`OWNER_MARK`]): STOP_DEV fails what I/O it still holds,
+/// (found by the owner mark in `ublksrv_flags`): STOP_DEV fails what I/O it still holds,
 /// DEL_DEV removes it. Returns what was done.
 pub fn cleanup_stale(ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
     if available().is_err() {
