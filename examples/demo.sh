@@ -69,7 +69,9 @@ cleanup() {
     fi
     echo "== done; the image stays at $IMAGE"
 }
-trap cleanup INT TERM EXIT
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 
 if $CTL list >/dev/null 2>&1; then
     echo "== using the tap-broker already serving $SOCKET"
