@@ -265,3 +265,36 @@ pub fn nbd_client(data: &[u8]) -> usize {
     }
     checked
 }
+
+/// What libFuzzer left for `target` in this checkout (`corpus/TARGET` and
+/// `artifacts/TARGET`; absent in CI), for the stable replay tests.
+pub fn local_corpus(target: &str) -> Vec<Vec<u8>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    for dir in ["corpus", "artifacts"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Ok(b) = std::fs::read(e.path()) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+/// The replay tests' mutation source: xorshift64, so every CI run tries
+/// the same mutations and a failure reproduces.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}

@@ -3,8 +3,6 @@
 //! mutations of them (byte flips, length and size fields pushed to their
 //! limits, truncation), plus any local corpus.
 
-use std::path::Path;
-
 const WRITE_IN_LEN: usize = 40;
 
 fn msg(opcode: u32, unique: u64, nodeid: u64, arg: &[u8]) -> Vec<u8> {
@@ -54,36 +52,20 @@ fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
-fn corpus() -> Vec<Vec<u8>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut out = Vec::new();
-    for dir in ["corpus/fuse_request", "artifacts/fuse_request"] {
-        let Ok(rd) = std::fs::read_dir(root.join(dir)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            out.push(std::fs::read(e.path()).unwrap());
-        }
-    }
-    out
-}
-
 #[test]
 fn fuse_seeds_and_corpus_never_panic() {
-    for m in seeds().iter().chain(corpus().iter()) {
+    for m in seeds()
+        .iter()
+        .chain(tapjail_fuzz::local_corpus("fuse_request").iter())
+    {
         tapjail_fuzz::fuse_request(m);
     }
 }
 
 #[test]
 fn fuse_mutated_messages_never_panic() {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = tapjail_fuzz::XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut next = || rng.next_u64();
     let interesting: [u32; 6] = [0, 1, 39, 40, 0x7fff_ffff, u32::MAX];
     for seed in seeds() {
         for _ in 0..2000 {

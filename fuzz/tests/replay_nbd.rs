@@ -3,8 +3,6 @@
 //! thousands of mutations of them (byte flips, option and request length
 //! fields pushed to their limits, truncation), plus any local corpus.
 
-use std::path::Path;
-
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 
@@ -82,20 +80,6 @@ fn seeds() -> Vec<Vec<u8>> {
     sessions
 }
 
-fn corpus() -> Vec<Vec<u8>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut out = Vec::new();
-    for dir in ["corpus/nbd_client", "artifacts/nbd_client"] {
-        let Ok(rd) = std::fs::read_dir(root.join(dir)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            out.push(std::fs::read(e.path()).unwrap());
-        }
-    }
-    out
-}
-
 #[test]
 fn nbd_seeds_and_corpus_never_panic() {
     // The well-formed sessions get through negotiation to every request
@@ -107,20 +91,15 @@ fn nbd_seeds_and_corpus_never_panic() {
         let want = if i + 1 == seeds.len() { 0 } else { 9 };
         assert_eq!(checked, want, "seed {i}");
     }
-    for m in corpus() {
+    for m in tapjail_fuzz::local_corpus("nbd_client") {
         tapjail_fuzz::nbd_client(&m);
     }
 }
 
 #[test]
 fn nbd_mutated_sessions_never_panic() {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = tapjail_fuzz::XorShift(0x2545_F491_4F6C_DD1D);
+    let mut next = || rng.next_u64();
     let interesting: [u32; 7] = [0, 1, 4, 28, 0x7fff_ffff, 0x8000_0000, u32::MAX];
     for seed in seeds() {
         for _ in 0..3000 {
