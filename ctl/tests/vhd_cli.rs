@@ -515,3 +515,18 @@ fn cli_query_escapes_parent_names_read_from_the_image() {
         .unwrap()
         .ends_with("b\x1b[2J\x1b]0;x\x07ase.vhd"));
 }
+
+#[test]
+fn cli_create_size_zero_or_past_64_bits_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.vhd");
+    let p = p.to_str().unwrap();
+    let out = tapctl(&["vhd", "create", "-n", p, "-s", "0"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("positive number of MiB"));
+    let out = tapctl(&["vhd", "create", "-n", p, "-s", "99999999999999"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not fit in 64 bits"), "{err}");
+    assert!(!std::path::Path::new(p).exists());
+}

@@ -194,8 +194,11 @@ fn explain(path: &Path, e: ImageError) -> anyhow::Error {
 
 fn mib(size: u64) -> Result<u64> {
     match size.checked_mul(MIB) {
-        Some(b) if size > 0 => Ok(b),
-        _ => bail!("size must be a positive number of MiB"),
+        _ if size == 0 => bail!("size must be a positive number of MiB"),
+        Some(b) => Ok(b),
+        None => {
+            bail!("size {size} MiB does not fit in 64 bits of bytes; a VHD holds at most 2040 GiB")
+        }
     }
 }
 
