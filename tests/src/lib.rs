@@ -494,3 +494,23 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Read one 4 KiB block of `dev` with O_DIRECT (no page cache to answer
+/// for the device) and wait up to `limit`: `Some(succeeded)`, or `None`
+/// when the read still hangs then (the reader is killed, which a task in
+/// D state ignores, so the caller should fail at once).
+pub fn direct_read_outcome(dev: &std::path::Path, limit: Duration) -> Option<bool> {
+    let mut dd = std::process::Command::new("dd")
+        .arg(format!("if={}", dev.display()))
+        .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dd");
+    if !eventually(limit, || dd.try_wait().ok().flatten().is_some()) {
+        let _ = dd.kill();
+        return None;
+    }
+    Some(dd.wait().expect("dd").success())
+}

@@ -498,23 +498,10 @@ fn fuse_dead_worker_without_respawn_fails_io_instead_of_hanging() {
         "the killed worker's minor is not DEAD: {:?}",
         list(&h)
     );
-    let mut dd = Command::new("dd")
-        .arg(format!("if={}", dev.display()))
-        .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dd");
-    let finished = eventually(Duration::from_secs(30), || {
-        dd.try_wait().ok().flatten().is_some()
-    });
-    if !finished {
-        let _ = dd.kill();
+    match direct_read_outcome(&dev, Duration::from_secs(30)) {
+        None => panic!("a read of a dead, unserved device hangs"),
+        Some(ok) => assert!(!ok, "a read of a dead device succeeded"),
     }
-    assert!(finished, "a read of a dead, unserved device hangs");
-    let status = dd.wait().unwrap();
-    assert!(!status.success(), "a read of a dead device succeeded");
     h.ok(&ROOT, &["destroy", "-m", "0"]);
     assert!(list(&h).is_empty(), "{:?}", list(&h));
 }

@@ -699,25 +699,10 @@ fn ublk_dead_worker_without_respawn_fails_io_instead_of_hanging() {
         "the killed worker's minor is not DEAD: {:?}",
         rows(&h, &ALICE)
     );
-    let mut dd = Command::new("dd")
-        .arg(format!("if={}", dev.display()))
-        .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let finished = eventually(Duration::from_secs(120), || {
-        dd.try_wait().ok().flatten().is_some()
-    });
-    if !finished {
-        let _ = dd.kill();
+    match direct_read_outcome(&dev, Duration::from_secs(120)) {
+        None => panic!("a read of a dead, unserved ublk device hangs"),
+        Some(ok) => assert!(!ok, "a read of a dead device succeeded"),
     }
-    assert!(finished, "a read of a dead, unserved ublk device hangs");
-    assert!(
-        !dd.wait().unwrap().success(),
-        "a read of a dead device succeeded"
-    );
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(rows(&h, &ALICE).is_empty());
     assert!(ublk_char_devices().is_empty(), "{:?}", ublk_char_devices());
