@@ -10,6 +10,7 @@ pub mod minor;
 pub mod proto;
 pub mod state;
 pub mod stats;
+pub mod sys;
 pub mod ublk_abi;
 pub mod worker_proto;
 

@@ -12,4 +12,6 @@ pub mod path;
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
 };
-pub use decide::{decide, decide_parent, BrokerView, Decision, ImageGrant, PeerCred, Scope};
+pub use decide::{
+    decide, decide_parent, BrokerView, Decision, ImageGrant, OpenAs, PeerCred, Scope,
+};
