@@ -9,6 +9,7 @@ mod broker;
 mod denials;
 use tapjail_broker::device;
 mod error;
+mod image_open;
 mod ops;
 mod records;
 mod server;

@@ -225,7 +225,10 @@ impl<'de> Deserialize<'de> for RawRoot {
                     shared_readonly: false,
                 })
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RawRoot, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RawRoot, A::Error> {
                 let mut path = None;
                 let mut shared_readonly = None;
                 while let Some(k) = m.next_key::<String>()? {
@@ -1023,10 +1026,18 @@ image_roots = ["/srv/bob"]
         assert_eq!(t.shared_roots, vec![PathBuf::from("/srv/gold")]);
         for (bad, line, needle) in [
             ("{ path = \"/g\", shared_readonly = \"yes\" }", 4, "bool"),
-            ("{ path = \"/g\", shared = true }", 4, "unknown field `shared`"),
+            (
+                "{ path = \"/g\", shared = true }",
+                4,
+                "unknown field `shared`",
+            ),
             ("{ shared_readonly = true }", 4, "missing field `path`"),
             ("{ path = \"g\", shared_readonly = true }", 4, "\"g\""),
-            ("\"/srv/x\", { path = \"/srv/x/gold\", shared_readonly = true }", 1, "overlaps"),
+            (
+                "\"/srv/x\", { path = \"/srv/x/gold\", shared_readonly = true }",
+                1,
+                "overlaps",
+            ),
             ("\"/srv/x\", \"/srv/x/\"", 4, "listed twice"),
         ] {
             let d = errs(&format!(

@@ -906,7 +906,12 @@ admin = true
             read_only,
         };
         let d = decide(&open(false), &ALICE, &p, &v);
-        assert_eq!((d.allow, d.rule), (false, "shared-readonly"), "{}", d.reason);
+        assert_eq!(
+            (d.allow, d.rule),
+            (false, "shared-readonly"),
+            "{}",
+            d.reason
+        );
         assert!(d.reason.contains("-R"), "{}", d.reason);
         let d = decide(&open(true), &ALICE, &p, &v);
         assert!(d.allow, "{}", d.reason);
