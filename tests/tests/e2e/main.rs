@@ -5,6 +5,7 @@
 mod escapes;
 mod faults;
 mod hostile_worker;
+mod image_open;
 mod robustness;
 mod seed;
 mod tenants;
