@@ -68,7 +68,22 @@ impl Broker {
         grant: &ImageGrant,
         writable: bool,
     ) -> Result<image_open::Opened, BrokerError> {
-        image_open::open(grant, writable, self.open_deadline())
+        // A file this broker already serves is refused with the minor
+        // that holds it (its lock would refuse it anyway).
+        let local = |id: FileId| {
+            let t = self.table();
+            let (m, other_rw) = t
+                .files
+                .get(&id)?
+                .iter()
+                .find(|(_, other_rw)| writable || *other_rw)
+                .copied()?;
+            Some(BrokerError::busy(format!(
+                "that image file is already open{} on minor {m}",
+                if other_rw { " for writing" } else { "" }
+            )))
+        };
+        image_open::open(grant, writable, self.open_deadline(), &local)
     }
 
     /// How long one image open may take: the worker's deadline, at most

@@ -26,7 +26,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
-use tapjail_common::sys::{BeneathError, FileStat};
+use tapjail_common::sys::BeneathError;
 use tapjail_policy::ImageGrant;
 
 /// An image opened (and locked) for a tenant.
@@ -43,9 +43,54 @@ fn cstring(p: &Path, shown: &str) -> Result<CString, BrokerError> {
         .map_err(|_| BrokerError::invalid(format!("{shown}: the path contains a NUL byte")))
 }
 
+/// How long a lock whose holder has no fd anywhere is waited for: a
+/// worker that just closed an image (or died) may still have it in an
+/// io_uring's registered files, which the kernel drops a moment later.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Open `grant` for its tenant, read-write if `writable`, waiting at most
-/// `deadline`. Errors say why in terms of the request.
-pub fn open(grant: &ImageGrant, writable: bool, deadline: Duration) -> Result<Opened, BrokerError> {
+/// `deadline` per attempt. On a lock conflict `local` is asked first
+/// whether this broker itself serves the file (to say so); a lock held by
+/// no visible process is retried for up to [`LINGER`]. Errors say why in
+/// terms of the request.
+pub fn open(
+    grant: &ImageGrant,
+    writable: bool,
+    deadline: Duration,
+    local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
+) -> Result<Opened, BrokerError> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match open_once(grant, writable, deadline)? {
+            Ok(o) => return Ok(o),
+            Err(helper::Outcome::Lock(locks::LockFailure::Conflict(byte), st)) => {
+                if let Some(e) = local((st.dev, st.ino)) {
+                    return Err(e);
+                }
+                let holders = locks::holders(st.dev, st.ino, byte);
+                if holders.is_empty() && started.elapsed() < LINGER {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                    continue;
+                }
+                return Err(BrokerError::busy(in_use(
+                    &grant.path.display().to_string(),
+                    byte,
+                    &holders,
+                )));
+            }
+            Err(o) => return Err(explain(o, grant, &grant.path.display().to_string())),
+        }
+    }
+}
+
+/// One attempt: the helper's answer, or an error that ends the open.
+fn open_once(
+    grant: &ImageGrant,
+    writable: bool,
+    deadline: Duration,
+) -> Result<Result<Opened, helper::Outcome>, BrokerError> {
     let shown = grant.path.display().to_string();
     let root_shown = grant.root.display();
     if writable && grant.shared {
@@ -79,13 +124,10 @@ pub fn open(grant: &ImageGrant, writable: bool, deadline: Duration) -> Result<Op
         helper::HelperError::TooManyStuck => BrokerError::busy(format!("{shown}: {e}")),
         e => BrokerError::failed(format!("{shown}: {e}")),
     })?;
-    match got {
-        Ok((fd, st)) => Ok(Opened {
-            file: File::from(fd),
-            id: (st.dev, st.ino),
-        }),
-        Err(o) => Err(explain(o, grant, &shown)),
-    }
+    Ok(got.map(|(fd, st)| Opened {
+        file: File::from(fd),
+        id: (st.dev, st.ino),
+    }))
 }
 
 fn explain(o: helper::Outcome, grant: &ImageGrant, shown: &str) -> BrokerError {
@@ -156,7 +198,7 @@ fn explain(o: helper::Outcome, grant: &ImageGrant, shown: &str) -> BrokerError {
             std::io::Error::from_raw_os_error(e)
         )),
         Outcome::Lock(locks::LockFailure::Conflict(byte), st) => {
-            BrokerError::busy(in_use(shown, byte, &st))
+            BrokerError::busy(in_use(shown, byte, &locks::holders(st.dev, st.ino, byte)))
         }
     }
 }
@@ -170,8 +212,7 @@ fn owners(o: &[u32]) -> String {
 
 /// "IMAGE is in use: PROCESS is writing it", naming the holder when
 /// `/proc` shows it.
-fn in_use(shown: &str, byte: i64, st: &FileStat) -> String {
-    let holders = locks::holders(st.dev, st.ino, byte);
+fn in_use(shown: &str, byte: i64, holders: &[locks::Holder]) -> String {
     let who = if holders.is_empty() {
         "another process (qemu or another tapjail broker)".to_string()
     } else {
@@ -233,11 +274,15 @@ mod tests {
 
     const D: Duration = Duration::from_secs(5);
 
+    fn open_t(g: &ImageGrant, writable: bool, d: Duration) -> Result<Opened, BrokerError> {
+        open(g, writable, d, &|_| None)
+    }
+
     #[test]
     fn image_open_hands_a_tenant_only_her_own_single_link_files() {
         let (dir, r) = root();
         file(&r.join("mine.img"), TENANT, 0o600);
-        assert!(open(&grant(&r, "mine.img", false), true, D).is_ok());
+        assert!(open_t(&grant(&r, "mine.img", false), true, D).is_ok());
         // A root-only file hard-linked into her root (what she can do
         // herself where fs.protected_hardlinks=0): her credentials cannot
         // open it, and it is not hers.
@@ -245,26 +290,26 @@ mod tests {
         file(&secret, 0, 0o600);
         std::fs::hard_link(&secret, r.join("link.img")).unwrap();
         for writable in [true, false] {
-            let e = open(&grant(&r, "link.img", false), writable, D).unwrap_err();
+            let e = open_t(&grant(&r, "link.img", false), writable, D).unwrap_err();
             assert!(e.message.contains("permission denied for uid 54321"), "{e}");
         }
         // Readable by her but someone else's: refused as not hers.
         chmod(&secret, 0o644);
-        let e = open(&grant(&r, "link.img", false), false, D).unwrap_err();
+        let e = open_t(&grant(&r, "link.img", false), false, D).unwrap_err();
         assert!(e.message.contains("owned by uid 0"), "{e}");
         // Her own file with a second name somewhere: refused.
         file(&r.join("two.img"), TENANT, 0o600);
         std::fs::hard_link(r.join("two.img"), dir.path().join("elsewhere")).unwrap();
-        let e = open(&grant(&r, "two.img", false), false, D).unwrap_err();
+        let e = open_t(&grant(&r, "two.img", false), false, D).unwrap_err();
         assert!(e.message.contains("has 2 hard links"), "{e}");
         // A root she may not search, or not reach, is refused with her
         // uid named.
         chmod(&r, 0o700);
         chown(&r, Some(0), Some(0)).unwrap();
-        let e = open(&grant(&r, "mine.img", false), false, D).unwrap_err();
+        let e = open_t(&grant(&r, "mine.img", false), false, D).unwrap_err();
         assert!(e.message.contains("permission denied for uid 54321"), "{e}");
         chmod(dir.path(), 0o700);
-        let e = open(&grant(&r, "mine.img", false), false, D).unwrap_err();
+        let e = open_t(&grant(&r, "mine.img", false), false, D).unwrap_err();
         assert!(e.message.contains("uid 54321 may not reach"), "{e}");
     }
 
@@ -274,10 +319,10 @@ mod tests {
         file(&r.join("gold.vhd"), 0, 0o644);
         file(&r.join("private.vhd"), 0, 0o600);
         let g = grant(&r, "gold.vhd", true);
-        assert!(open(&g, false, D).is_ok());
-        let e = open(&g, true, D).unwrap_err();
+        assert!(open_t(&g, false, D).is_ok());
+        let e = open_t(&g, true, D).unwrap_err();
         assert!(e.message.contains("shared read-only"), "{e}");
-        let e = open(&grant(&r, "private.vhd", true), false, D).unwrap_err();
+        let e = open_t(&grant(&r, "private.vhd", true), false, D).unwrap_err();
         assert!(e.message.contains("permission denied"), "{e}");
     }
 
@@ -286,21 +331,21 @@ mod tests {
         let (_dir, r) = root();
         file(&r.join("a.img"), TENANT, 0o600);
         let g = grant(&r, "a.img", false);
-        let w = open(&g, true, D).unwrap();
-        let e = open(&g, true, D).unwrap_err();
+        let w = open_t(&g, true, D).unwrap();
+        let e = open_t(&g, true, D).unwrap_err();
         assert!(
             e.message.contains("in use: held by another process")
                 && e.message.contains("allows no other writer"),
             "{e}"
         );
-        assert!(open(&g, false, D)
+        assert!(open_t(&g, false, D)
             .unwrap_err()
             .message
             .contains("is writing it"));
         drop(w);
-        let r1 = open(&g, false, D).unwrap();
-        let _r2 = open(&g, false, D).unwrap();
-        assert!(open(&g, true, D).is_err());
+        let r1 = open_t(&g, false, D).unwrap();
+        let _r2 = open_t(&g, false, D).unwrap();
+        assert!(open_t(&g, true, D).is_err());
         drop(r1);
     }
 
@@ -311,7 +356,7 @@ mod tests {
         let inner = tempfile::tempdir().unwrap();
         file(&inner.path().join("x.img"), TENANT, 0o600);
         let m = Mount::bind(inner.path(), &r.join("mnt"));
-        let e = open(&grant(&r, "mnt/x.img", false), false, D).unwrap_err();
+        let e = open_t(&grant(&r, "mnt/x.img", false), false, D).unwrap_err();
         assert!(e.message.contains("crosses a mount point"), "{e}");
         drop(m);
     }
@@ -337,7 +382,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let m = Mount::fuse(&r, fuse.as_raw_fd());
         let started = std::time::Instant::now();
-        let e = open(&grant(&r, "x.img", false), false, Duration::from_secs(1)).unwrap_err();
+        let e = open_t(&grant(&r, "x.img", false), false, Duration::from_secs(1)).unwrap_err();
         let took = started.elapsed();
         assert!(e.message.contains("took longer than 1 s"), "{e}");
         assert!(took < Duration::from_secs(4), "{took:?}");
