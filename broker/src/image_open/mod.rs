@@ -48,6 +48,9 @@ fn cstring(p: &Path, shown: &str) -> Result<CString, BrokerError> {
 /// io_uring's registered files, which the kernel drops a moment later.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Within this, a conflict is retried without looking for its holder.
+const QUICK_RETRIES: Duration = Duration::from_millis(100);
+
 /// Open `grant` for its tenant, read-write if `writable`, waiting at most
 /// `deadline` per attempt. On a lock conflict `local` is asked first
 /// whether this broker itself serves the file (to say so); a lock held by
@@ -60,13 +63,21 @@ pub fn open(
     local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
 ) -> Result<Opened, BrokerError> {
     let started = std::time::Instant::now();
-    let mut pause = Duration::from_millis(10);
+    let mut pause = Duration::from_millis(5);
     loop {
         match open_once(grant, writable, deadline)? {
             Ok(o) => return Ok(o),
             Err(helper::Outcome::Lock(locks::LockFailure::Conflict(byte), st)) => {
                 if let Some(e) = local((st.dev, st.ino)) {
                     return Err(e);
+                }
+                // A lock let go a moment ago is common (an image reopened
+                // right after its worker stopped): retry a few times before
+                // the costlier search for a holder.
+                if started.elapsed() < QUICK_RETRIES {
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                    continue;
                 }
                 let holders = locks::holders(st.dev, st.ino, byte);
                 if holders.is_empty() && started.elapsed() < LINGER {
