@@ -15,6 +15,7 @@ mod server;
 mod sys;
 mod table;
 mod worker;
+mod worker_log;
 
 use anyhow::{bail, Context};
 use clap::Parser;

@@ -1,8 +1,9 @@
 //! Spawning tapdisk workers and talking to them.
 //!
 //! A worker is `fork`+`exec` of the tapdisk binary with an empty
-//! environment, `/` as its directory, `/dev/null` on stdin/stdout, the
-//! broker's stderr (the journal) on stderr, the control socket as fd 3 and
+//! environment, `/` as its directory, `/dev/null` on stdin/stdout, a pipe
+//! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
+//! lines, never raw bytes in the journal), the control socket as fd 3 and
 //! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
 //! aimed at a foreground broker reaches only the broker, which then shuts
 //! workers down in order). It confines itself, drops to the uid/gid given on
@@ -118,6 +119,7 @@ pub fn clean(text: &str) -> String {
 /// be confined.
 pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spawned, WorkerError> {
     let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
+    let (log_r, log_w) = crate::worker_log::pipe()?;
     let memlock = cfg.memlock;
     let child_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(&cfg.tapdisk);
@@ -132,7 +134,7 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::from(log_w))
         .process_group(0);
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (dup2, fcntl, setrlimit,
@@ -145,7 +147,10 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
         source,
     })?;
     drop(theirs);
+    // The child holds the only write end now (the Command's copy goes with it).
+    drop(cmd);
     let pid = child.id();
+    crate::worker_log::forward(log_r, pid);
     // The child is ours and not yet reaped, so its pid cannot have been
     // reused: this pidfd names exactly it. The supervisor reaps through it.
     let pidfd = Arc::new(sys::pidfd_open(pid)?);
@@ -622,6 +627,53 @@ mod tests {
         });
         assert_eq!(conn.call(&ToWorker::Pause, &[]).unwrap(), FromWorker::Ok);
         fake.join().unwrap();
+    }
+
+    #[test]
+    fn slow_parent_rounds_cannot_stretch_an_open_past_the_operation_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Each round comes well within the 1 s per-message timeout.
+        let conn = WorkerConn::new(a, 5, Duration::from_secs(1))
+            .unwrap()
+            .with_op_timeout(Duration::from_millis(1500));
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            let need = FromWorker::NeedParent {
+                child: "/srv/a/leaf".into(),
+                locators: vec![],
+                parent_uuid: [0; 16],
+            };
+            let mut rounds = 0;
+            loop {
+                std::thread::sleep(Duration::from_millis(300));
+                if frame::send_on(&b, &need, &[]).is_err()
+                    || frame::recv_on::<_, ToWorker>(&b, 1 << 16).is_err()
+                {
+                    return rounds;
+                }
+                rounds += 1;
+            }
+        });
+        let leaf = File::open("/dev/null").unwrap();
+        let msg = ToWorker::Open {
+            kind: tapjail_common::proto::ImageKind::Aio,
+            name: "/srv/a/leaf".into(),
+            read_only: true,
+        };
+        let t0 = Instant::now();
+        let err = conn
+            .open_chain(&msg, &leaf, &mut |_| Err("no".into()))
+            .unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, WorkerError::OperationTimeout { pid: 5, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("operation_timeout_secs"), "{err}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        drop(conn);
+        let rounds = fake.join().unwrap();
+        assert!((3..=6).contains(&rounds), "{rounds} rounds");
     }
 
     #[test]
