@@ -894,6 +894,32 @@ image_roots = ["/srv/bob"]
     }
 
     #[test]
+    fn deadlines_and_tenant_connection_caps_parse_default_and_are_bounded() {
+        let p = Policy::parse("[[tenant]]\nname = \"a\"\ngids = [1]\n").unwrap();
+        assert_eq!(p.operation_timeout_secs, defaults::OPERATION_TIMEOUT_SECS);
+        assert_eq!(
+            p.client_frame_timeout_secs,
+            defaults::CLIENT_FRAME_TIMEOUT_SECS
+        );
+        assert_eq!(p.tenants[0].max_clients, defaults::TENANT_MAX_CLIENTS);
+        let p = Policy::parse(
+            "operation_timeout_secs = 7\nclient_frame_timeout_secs = 2\n[[tenant]]\nname = \"a\"\ngids = [1]\nmax_clients = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.operation_timeout_secs,
+                p.client_frame_timeout_secs,
+                p.tenants[0].max_clients
+            ),
+            (7, 2, 3)
+        );
+        let d = errs("operation_timeout_secs = 0\nclient_frame_timeout_secs = 601\n[[tenant]]\nname = \"a\"\nuids = [1]\nmax_clients = 0\n");
+        let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
+        assert_eq!(lines, vec![1, 2, 6], "{d:?}");
+    }
+
+    #[test]
     fn render_prefixes_origin_line_and_column() {
         let e = Policy::parse("[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"rel\"]\n")
             .unwrap_err();

@@ -39,12 +39,12 @@ fn deadline_client_trickling_a_frame_is_disconnected_within_the_frame_deadline()
     let started = Instant::now();
     let trickler = std::thread::spawn(move || {
         let mut sent = 0usize;
-        let header = 1000u32.to_be_bytes();
-        for i in 0..1004 {
+        let mut bytes = 1000u32.to_be_bytes().to_vec();
+        bytes.resize(1004, 0);
+        for b in bytes {
             if st.load(Ordering::SeqCst) {
                 break;
             }
-            let b = if i < 4 { header[i] } else { 0 };
             if w.write_all(&[b]).is_err() {
                 break;
             }
@@ -55,8 +55,7 @@ fn deadline_client_trickling_a_frame_is_disconnected_within_the_frame_deadline()
     });
     // The disconnect is what we wait for (a safety limit far above the
     // deadline keeps a regression from hanging the suite).
-    (&s).set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut got = Vec::new();
     let end = (&s).read_to_end(&mut got);
     let took = started.elapsed();
