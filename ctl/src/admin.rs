@@ -28,6 +28,19 @@ pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         Ok(p) => {
             let warnings = Policy::warnings(&text, &tapjail_policy::RootProbe::look);
             eprint!("{}", tapjail_policy::render_warnings(&warnings, &shown));
+            let range = p.worker_uids;
+            match tapjail_policy::idmap::clashes(&p.id_files, range, &tapjail_policy::IdFiles::look)
+            {
+                Ok(c) if c.is_empty() => {}
+                Ok(c) => {
+                    eprintln!("{shown}: {}", tapjail_policy::idmap::describe(&c, range));
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => {
+                    eprintln!("{shown}: cannot check that worker_uids are free: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             println!(
                 "{shown}: ok ({} tenant(s), worker uids {}..={}, socket {})",
                 p.tenants.len(),

@@ -87,6 +87,12 @@ pub struct Policy {
     pub worker_timeout_secs: u32,
     /// Most concurrent client connections.
     pub max_clients: u32,
+    /// Length of the audit log's denial budget window (seconds; 10
+    /// unless a test needs a window that outlasts its flood).
+    pub audit_window_secs: u32,
+    /// Where to look for ids others own (`subuid_file`, ... keys; the
+    /// real `/etc` files unless a test points elsewhere).
+    pub id_files: crate::idmap::IdFiles,
     pub tenants: Vec<Tenant>,
 }
 
@@ -179,6 +185,11 @@ struct RawPolicy {
     max_restarts_per_minute: Option<Spanned<i64>>,
     worker_timeout_secs: Option<Spanned<i64>>,
     max_clients: Option<Spanned<i64>>,
+    audit_window_secs: Option<Spanned<i64>>,
+    subuid_file: Option<Spanned<String>>,
+    subgid_file: Option<Spanned<String>>,
+    passwd_file: Option<Spanned<String>>,
+    group_file: Option<Spanned<String>>,
     #[serde(default)]
     tenant: Vec<Spanned<RawTenant>>,
 }
@@ -205,7 +216,15 @@ pub mod defaults {
     pub const AUDIT_LOG: &str = "/var/log/tapjail/audit.jsonl";
     pub const STATE_DIR: &str = "/run/tapjail";
     pub const DEVICE_DIR: &str = tapjail_common::Minor::DEVICE_DIR;
-    pub const WORKER_UIDS: (u32, u32) = (300_000, 300_999);
+    /// Above everything that hands out ids: useradd's subordinate ranges
+    /// (SUB_UID_MIN 100000 .. SUB_UID_MAX 600100000), systemd's dynamic
+    /// users (61184-65519) and nspawn container ranges (524288 ..
+    /// 1879048191), LXD/Incus's default map (1000000 .. 1001000000); below
+    /// 2^31 (tools that keep uids in a signed int) and systemd's "foreign"
+    /// range (2147352576..). `tap-broker` still checks the host's files
+    /// (crate::idmap).
+    pub const WORKER_UIDS: (u32, u32) = (2_000_000_000, 2_000_000_999);
+    pub const AUDIT_WINDOW_SECS: u32 = 10;
     // What the worker asks for to be comfortable (worker::sandbox::mlock).
     pub const WORKER_MEMLOCK_MIB: u64 = 512;
     pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
@@ -541,6 +560,41 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         )
     });
 
+    let audit_window_secs = raw
+        .audit_window_secs
+        .map_or(defaults::AUDIT_WINDOW_SECS, |m| {
+            c.int_in(
+                "audit_window_secs",
+                &m,
+                1,
+                86_400,
+                defaults::AUDIT_WINDOW_SECS,
+            )
+        });
+    let std_ids = crate::idmap::IdFiles::default();
+    let id_files = crate::idmap::IdFiles {
+        subuid: c.abs_path(
+            "subuid_file",
+            raw.subuid_file,
+            &std_ids.subuid.to_string_lossy(),
+        ),
+        subgid: c.abs_path(
+            "subgid_file",
+            raw.subgid_file,
+            &std_ids.subgid.to_string_lossy(),
+        ),
+        passwd: c.abs_path(
+            "passwd_file",
+            raw.passwd_file,
+            &std_ids.passwd.to_string_lossy(),
+        ),
+        group: c.abs_path(
+            "group_file",
+            raw.group_file,
+            &std_ids.group.to_string_lossy(),
+        ),
+    };
+
     if raw.tenant.is_empty() {
         c.nowhere("no [[tenant]] defined: every client would be refused");
     }
@@ -671,6 +725,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         max_restarts_per_minute,
         worker_timeout_secs,
         max_clients,
+        audit_window_secs,
+        id_files,
         tenants,
     }
 }
