@@ -162,8 +162,12 @@ fn escaped_len(c: char) -> usize {
 /// `s` if it is at most [`MAX_FIELD`] bytes escaped; otherwise its longest
 /// prefix that fits with a note of the full length and SHA-256.
 pub fn cap_str(s: &str) -> std::borrow::Cow<'_, str> {
-    let total: usize = s.chars().map(escaped_len).sum();
-    if total <= MAX_FIELD {
+    // Stop counting at the cap: a long value is walked once, by the hash.
+    let mut total = 0;
+    if s.chars().all(|c| {
+        total += escaped_len(c);
+        total <= MAX_FIELD
+    }) {
         return std::borrow::Cow::Borrowed(s);
     }
     let note = format!(

@@ -2,6 +2,7 @@
 //! only where a test must force a worker's behaviour), tap-ctl run as
 //! several tenants. Needs root.
 
+mod audit_flood;
 mod escapes;
 mod faults;
 mod hostile_worker;
