@@ -3,6 +3,7 @@
 //! several tenants. Needs root.
 
 mod audit_flood;
+mod audit_rotation;
 mod escapes;
 mod faults;
 mod hostile_worker;
