@@ -861,6 +861,30 @@ image_roots = ["/srv/bob"]
     }
 
     #[test]
+    fn audit_window_and_id_files_have_defaults_and_are_checked() {
+        let p = Policy::parse(GOOD).unwrap();
+        assert_eq!(p.audit_window_secs, 10);
+        assert_eq!(p.id_files, crate::idmap::IdFiles::default());
+        let p = Policy::parse(&format!(
+            "audit_window_secs = 3600\nsubuid_file = \"/t/subuid\"\n{GOOD}"
+        ))
+        .unwrap();
+        assert_eq!(p.audit_window_secs, 3600);
+        assert_eq!(p.id_files.subuid, Path::new("/t/subuid"));
+        let d = errs(&format!(
+            "audit_window_secs = 0\npasswd_file = \"etc/passwd\"\n{GOOD}"
+        ));
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(
+            d[0].message
+                .contains("audit_window_secs = 0 is out of range"),
+            "{d:?}"
+        );
+        assert!(d[1].message.starts_with("passwd_file:"), "{d:?}");
+        assert_eq!((d[0].line, d[1].line), (1, 2));
+    }
+
+    #[test]
     fn worker_uids_must_be_a_nonroot_range() {
         for bad in ["[0, 10]", "[10, 5]", "[1]", "[1, 2, 3]", "[-5, 3]"] {
             let d = errs(&format!(
