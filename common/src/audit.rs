@@ -338,12 +338,19 @@ impl AuditLog {
     pub fn reopen(&mut self) -> Result<Reopened, AuditError> {
         use std::os::unix::fs::MetadataExt;
         let cur = self.file.metadata().map_err(AuditError::Write)?;
+        let shown = self.path.display().to_string();
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if m.dev() == cur.dev() && m.ino() == cur.ino() {
-                return Ok(Reopened::Same);
+                if cur.len() > 0 || self.prev == GENESIS {
+                    return Ok(Reopened::Same);
+                }
+                // Emptied in place (logrotate's `copytruncate`): start the
+                // file with the same link to what it held before.
+                let previous = format!("{shown} as it was before it was truncated (copytruncate)");
+                self.append(&rotated_entry(&previous, &self.prev, self.seq))?;
+                return Ok(Reopened::Rotated { previous });
             }
         }
-        let shown = self.path.display().to_string();
         let (file, tail) = open_locked(&self.path)?;
         if !matches!(tail, Tail::Empty) {
             return Err(AuditError::NotAuditLog {
@@ -357,23 +364,7 @@ impl AuditLog {
                 |p| p.display().to_string(),
             );
         let old = std::mem::replace(&mut self.file, file);
-        let entry = Entry {
-            event: Event::Rotated,
-            peer: None,
-            tenant: None,
-            request: Some(serde_json::json!({
-                "previous_file": previous,
-                "previous_last_hash": self.prev,
-                "previous_last_seq": self.seq.checked_sub(1),
-            })),
-            decision: Verdict::Notice,
-            rule: "rotate".into(),
-            reason: format!(
-                "audit log reopened (SIGHUP); this file continues the chain of {previous}"
-            ),
-            outcome: None,
-        };
-        if let Err(e) = self.append(&entry) {
+        if let Err(e) = self.append(&rotated_entry(&previous, &self.prev, self.seq)) {
             // Keep writing where the chain is intact.
             let new = std::mem::replace(&mut self.file, old);
             let _ = new.set_len(0);
@@ -386,6 +377,25 @@ impl AuditLog {
     /// The path the log is written at.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The first line of a reopened log: `append` sets its `prev` (the
+/// chain); the line records that hash too, with the previous file's name.
+fn rotated_entry(previous: &str, last_hash: &str, next_seq: u64) -> Entry {
+    Entry {
+        event: Event::Rotated,
+        peer: None,
+        tenant: None,
+        request: Some(serde_json::json!({
+            "previous_file": previous,
+            "previous_last_hash": last_hash,
+            "previous_last_seq": next_seq.checked_sub(1),
+        })),
+        decision: Verdict::Notice,
+        rule: "rotate".into(),
+        reason: format!("audit log reopened (SIGHUP); this file continues the chain of {previous}"),
+        outcome: None,
     }
 }
 
@@ -1078,6 +1088,28 @@ mod tests {
         std::fs::write(&f2, t).unwrap();
         let e = verify_paths(&[&f2, &f1, &path]).unwrap_err();
         assert_eq!(e.file, f2.display().to_string(), "{e}");
+    }
+
+    #[test]
+    fn audit_reopen_after_copytruncate_chains_to_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let copy = dir.path().join("audit.jsonl.1");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(&entry("one")).unwrap();
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(matches!(log.reopen().unwrap(), Reopened::Rotated { .. }));
+        log.append(&entry("two")).unwrap();
+        let all = verify_paths(&[&copy, &path]).unwrap();
+        assert_eq!(all[1].1.lines, 2);
+        // Reopened again with lines in it: nothing to do.
+        assert_eq!(log.reopen().unwrap(), Reopened::Same);
     }
 
     #[test]

@@ -7,11 +7,10 @@ use crate::*;
 use std::time::Duration;
 
 fn hup(h: &Harness) {
-    // SAFETY: kill(2) on the broker this test started.
-    assert_eq!(
-        unsafe { libc::kill(h.broker_pid() as i32, libc::SIGHUP) },
-        0
-    );
+    let pid = h.broker_pid() as i32;
+    // SAFETY: kill(2) on the broker this test started; no memory involved.
+    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert_eq!(rc, 0);
 }
 
 fn first_line(p: &std::path::Path) -> Option<serde_json::Value> {
