@@ -4,6 +4,7 @@
 
 mod audit_flood;
 mod audit_rotation;
+mod deadlines;
 mod escapes;
 mod faults;
 mod hostile_worker;
@@ -11,5 +12,6 @@ mod robustness;
 mod seed;
 mod tenants;
 mod ublk;
+mod worker_log;
 
 pub use tapjail_tests::*;
