@@ -112,6 +112,15 @@ fn audit_flood_of_hostile_paths_is_bounded_per_uid_and_for_all_strangers() {
         );
         strangers += bytes;
     }
+    let most = want
+        .keys()
+        .map(|u| per.get(u).map_or(0, |p| p.0))
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "13 stranger uids, {} frames: {strangers} bytes in all, at most {most} from one uid",
+        want.values().sum::<u64>()
+    );
     assert!(
         strangers <= WINDOW_BYTES_STRANGERS,
         "strangers added {strangers} bytes"
@@ -158,6 +167,7 @@ fn audit_flood_of_a_tenants_denied_requests_is_bounded() {
     let lines = lines_after(&h, start);
     let per = by_uid(&lines);
     let (bytes, full, counted) = per[&u64::from(BOB.uid)];
+    eprintln!("tenant: {n} denied Opens, {bytes} bytes ({full} lines in full, {counted} counted)");
     assert!(bytes <= WINDOW_BYTES_PER_UID, "bob added {bytes} bytes");
     // Hello is allowed and written; every denial is in full or counted.
     assert_eq!(full + counted, n, "every denial accounted for");
