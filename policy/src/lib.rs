@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod decide;
+pub mod idmap;
 pub mod path;
 
 pub use config::{
@@ -15,3 +16,4 @@ pub use config::{
 pub use decide::{
     decide, decide_parent, BrokerView, Decision, ImageGrant, OpenAs, PeerCred, Scope,
 };
+pub use idmap::{IdClash, IdFiles};
