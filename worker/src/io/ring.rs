@@ -4,7 +4,8 @@
 //! `IORING_REGISTER_RESTRICTIONS` allowing only the four opcodes the
 //! backing uses (READ, WRITE, FSYNC, FALLOCATE), only on registered files
 //! (`IOSQE_FIXED_FILE` required, no other SQE flag allowed), and no further
-//! `io_uring_register` operation at all, and only then is it enabled.
+//! `io_uring_register` operation but `UNREGISTER_FILES`, and only then is
+//! it enabled.
 //! A compromised worker holding such a ring can do nothing with it that it
 //! could not do with the one fd it already has.
 
@@ -20,6 +21,20 @@ const RING_ENTRIES: u32 = 2;
 /// A restricted ring with one registered file at index 0.
 pub struct Ring {
     ring: IoUring,
+}
+
+/// `IORING_UNREGISTER_FILES`.
+const IORING_UNREGISTER_FILES: u8 = 3;
+
+/// Let go of the file before the ring goes: the kernel tears a closed ring
+/// down asynchronously (seconds later when io-wq workers idle out), and
+/// until then its registered file stays open, with the image's
+/// qemu-compatible lock (broker `image_open::locks`) on it. Unregistering
+/// drops it now, so a paused or closed image is free when the worker says so.
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let _ = self.ring.submitter().unregister_files();
+    }
 }
 
 impl std::fmt::Debug for Ring {
@@ -53,6 +68,8 @@ impl Ring {
             .collect();
         res.push(Restriction::sqe_flags_allowed(fixed));
         res.push(Restriction::sqe_flags_required(fixed));
+        // The one register operation left: dropping the file (see Drop).
+        res.push(Restriction::register_op(IORING_UNREGISTER_FILES));
         sub.register_restrictions(&mut res)
             .map_err(|e| annotate(e, "io_uring_register(RESTRICTIONS)"))?;
         sub.register_enable_rings()

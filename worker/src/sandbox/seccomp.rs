@@ -125,6 +125,7 @@ const GLIBC_SIGSETXID: u64 = 33;
 
 // io_uring_register opcodes (linux/io_uring.h).
 const IORING_REGISTER_FILES: u64 = 2;
+const IORING_UNREGISTER_FILES: u64 = 3;
 const IORING_REGISTER_FILES_UPDATE: u64 = 6;
 const IORING_REGISTER_RESTRICTIONS: u64 = 11;
 const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
@@ -229,11 +230,13 @@ pub fn base_rules() -> Vec<Allowed> {
                 1,
                 &[
                     IORING_REGISTER_FILES,
+                    IORING_UNREGISTER_FILES,
                     IORING_REGISTER_RESTRICTIONS,
                     IORING_REGISTER_ENABLE_RINGS,
                 ],
             ),
-            "set up a new ring: register its one file, its restrictions, then enable it",
+            "set up a new ring: register its one file, its restrictions, then enable it; \
+             unregister the file before closing it (so the image and its lock go at once)",
         ),
         // --- memory ---
         allow(libc::SYS_brk, "brk", "malloc's main arena"),
