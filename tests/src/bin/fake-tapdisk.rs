@@ -3,7 +3,8 @@
 //! a parent request read from the image, a hang, a crash).
 //!
 //! It confines itself the minimum the broker checks from outside (own
-//! uid/gid, no capabilities, no_new_privs, a permissive seccomp filter),
+//! network and mount namespaces, own uid/gid, not dumpable, no
+//! capabilities, no_new_privs, a permissive seccomp filter),
 //! then answers the broker on fd 3. "Images" are raw files; one that starts
 //! with `PARENT:<path>\n` asks the broker for that parent (relative
 //! locator), `HANG\n` makes Open never answer, `CRASH\n` aborts,
@@ -46,9 +47,11 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn confine(uid: u32, gid: u32) {
     // SAFETY: plain syscalls with integer arguments or pointers to locals.
     unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS), 0);
         assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
         assert_eq!(libc::setresgid(gid, gid, gid), 0);
         assert_eq!(libc::setresuid(uid, uid, uid), 0);
+        assert_eq!(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0), 0);
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
         let mut allow = libc::sock_filter {
             code: (libc::BPF_RET | libc::BPF_K) as u16,
