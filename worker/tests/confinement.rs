@@ -303,6 +303,42 @@ fn child_landlock_open() {
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
 }
 
+/// Where `fs.suid_dumpable` is 1 the kernel makes a process dumpable
+/// again when it switches uid, so only `PR_SET_DUMPABLE 0` *after* the
+/// switch keeps the worker's memory from its uid's other processes (with
+/// the default 0 the order does not show). The sysctl is machine-wide, so
+/// this runs only inside nestvm's throwaway VM (`.ci/nestvm-tests`).
+#[test]
+#[ignore = "run inside nestvm: sets the machine-wide fs.suid_dumpable"]
+fn nestvm_worker_is_not_dumpable_even_where_a_uid_switch_makes_processes_dumpable() {
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::env::var("TAPJAIL_IN_NESTVM").as_deref(),
+        Ok("1"),
+        "this test changes fs.suid_dumpable: run it through .ci/nestvm-tests"
+    );
+    const KNOB: &str = "/proc/sys/fs/suid_dumpable";
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(KNOB, &self.0);
+        }
+    }
+    let _restore = Restore(std::fs::read_to_string(KNOB).unwrap());
+    std::fs::write(KNOB, "1").unwrap();
+    let (mut child, sock) = spawn_broker_mode("nbd", None);
+    let pid = ready_pid(&sock);
+    let meta = std::fs::metadata(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(
+        meta.uid(),
+        0,
+        "worker is dumpable: its /proc files belong to uid {}",
+        meta.uid()
+    );
+    drop(sock);
+    assert!(child.wait().unwrap().success());
+}
+
 /// Where landlock would be the only barrier (it does not cover stat before
 /// ABI 5), the empty root still leaves nothing to find.
 #[test]

@@ -9,5 +9,6 @@ mod robustness;
 mod seed;
 mod tenants;
 mod ublk;
+mod worker_confinement;
 
 pub use tapjail_tests::*;
