@@ -317,7 +317,7 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
     use tapjail_worker::io::ring::{run_one, Uring};
 
     let mut rings: Vec<(&str, Uring)> = Vec::new();
-    match tapjail_worker::io::pool::take_for_test() {
+    match tapjail_worker::io::pool::take_for_selftest() {
         Some(r) => rings.push(("image-file ring", r.into_raw())),
         None => {
             eprintln!("tapdisk: selftest: no pre-made image-file ring");

@@ -303,6 +303,38 @@ fn child_landlock_open() {
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
 }
 
+/// A worker started as root must get its own namespaces: if it cannot (here
+/// CAP_SYS_ADMIN is taken from its bounding set, so root's unshare fails
+/// with EPERM) it refuses to run instead of serving in the host's.
+#[test]
+fn root_worker_that_cannot_unshare_refuses_to_run() {
+    if !is_root() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    /// linux/capability.h
+    const CAP_SYS_ADMIN: libc::c_ulong = 21;
+    let mut cmd = Command::new(TAPDISK);
+    cmd.args(["--selftest-escape", "none"]);
+    // SAFETY: prctl with integer arguments is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("confinement step 4 (namespaces): unshare(CLONE_NEWIPC)"),
+        "{err}"
+    );
+}
+
 /// Where `fs.suid_dumpable` is 1 the kernel makes a process dumpable
 /// again when it switches uid, so only `PR_SET_DUMPABLE 0` *after* the
 /// switch keeps the worker's memory from its uid's other processes (with

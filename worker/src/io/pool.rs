@@ -94,9 +94,9 @@ pub fn ring_count() -> usize {
     lock().total
 }
 
-/// Take an idle ring out of a sealed pool for good, for attack tests that
-/// try what its restrictions forbid.
-pub fn take_for_test() -> Option<Ring> {
+/// Take an idle ring out of the pool for good, for the selftest's attacks
+/// on what its restrictions forbid (`tapdisk --selftest-escape ring-*`).
+pub fn take_for_selftest() -> Option<Ring> {
     let mut st = lock();
     let p = st.idle.pop()?;
     st.total -= 1;
