@@ -97,7 +97,7 @@ mod tests {
     fn render_error_with_repeated_source_says_it_once() {
         // ENOENT, as the engine reports a missing file.
         let io = std::io::Error::from_raw_os_error(2);
-        let e = anyhow::Error::new(tapjail_worker::image::ImageError::Io {
+        let e = anyhow::Error::new(tapjail_image::ImageError::Io {
             op: "open",
             offset: 0,
             source: io,

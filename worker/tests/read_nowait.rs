@@ -13,7 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use tapjail_worker::image::raw::RawImage;
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{create_path, snapshot_path, FsParentOpener};
+use tapjail_ctl::files::{create_path, snapshot_path, FsParentOpener};
 use tapjail_worker::image::vhd::{chain, VhdImage, VhdOptions, DEFAULT_BLOCK_SIZE};
 use tapjail_worker::image::{Backing, Image, ImageError, ParentLocator, ParentOpener};
 use tapjail_worker::io::{CacheMode, UringFile};

@@ -1,6 +1,6 @@
 //! `tap-ctl vhd ...`: offline image tools with vhd-util's verbs and short
 //! flags. Thin: every operation is a library function of the engine
-//! (`tapjail_worker::image::vhd`); this module parses arguments, prints,
+//! (`tapjail_image::vhd`); this module parses arguments, prints,
 //! and turns errors into messages that name the file and what to do.
 
 mod progress;
@@ -11,10 +11,10 @@ use clap::{Subcommand, ValueEnum};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{self as vfs, ConvertTarget};
-use tapjail_worker::image::vhd::{VhdOptions, DEFAULT_BLOCK_SIZE};
-use tapjail_worker::image::{Image, ImageError};
+use tapjail_image::vhd::create::CreateKind;
+use tapjail_ctl::files::{self as vfs, ConvertTarget};
+use tapjail_image::vhd::{VhdOptions, DEFAULT_BLOCK_SIZE};
+use tapjail_image::{Image, ImageError};
 
 const MIB: u64 = 1 << 20;
 
@@ -410,10 +410,10 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
 /// Open a VHD or raw image for writing.
 fn open_writable(path: &Path) -> Result<Box<dyn Image>, ImageError> {
     let f = vfs::open_file(path, false)?;
-    if tapjail_worker::image::vhd::is_vhd(&f)? {
+    if tapjail_image::vhd::is_vhd(&f)? {
         Ok(Box::new(vfs::open_vhd(path, false, VhdOptions::default())?))
     } else {
-        Ok(Box::new(tapjail_worker::image::raw::RawImage::open(
+        Ok(Box::new(tapjail_image::raw::RawImage::open(
             Box::new(f),
             &path.to_string_lossy(),
             false,

@@ -3,21 +3,21 @@
 //! these; a confined worker never opens a path (its parents come from the
 //! broker).
 
-use super::check::{check, Problem};
-use super::coalesce::coalesce_into;
-use super::convert::{copy_image, ImageSink, RawSink};
-use super::create::{create, CreateKind, ParentSpec};
-use super::footer::{format_uuid, Footer};
-use super::image::VhdImage;
-use super::info::{query, Info};
-use super::layer::{VhdLayer, VhdOptions};
-use super::locator::LocatorCode;
-use super::modify::set_parent;
-use super::repair::{repair, RepairReport};
-use super::resize::resize;
-use crate::image::raw::RawImage;
-use crate::image::Image;
-use crate::image::{Backing, ImageError, ParentLocator, ParentOpener};
+use tapjail_image::vhd::check::{check, Problem};
+use tapjail_image::vhd::coalesce::coalesce_into;
+use tapjail_image::vhd::convert::{copy_image, ImageSink, RawSink};
+use tapjail_image::vhd::create::{create, CreateKind, ParentSpec};
+use tapjail_image::vhd::footer::{format_uuid, Footer};
+use tapjail_image::vhd::image::VhdImage;
+use tapjail_image::vhd::info::{query, Info};
+use tapjail_image::vhd::layer::{VhdLayer, VhdOptions};
+use tapjail_image::vhd::locator::LocatorCode;
+use tapjail_image::vhd::modify::set_parent;
+use tapjail_image::vhd::repair::{repair, RepairReport};
+use tapjail_image::vhd::resize::resize;
+use tapjail_image::raw::RawImage;
+use tapjail_image::Image;
+use tapjail_image::{Backing, ImageError, ParentLocator, ParentOpener};
 use std::fs::{File, OpenOptions};
 use std::path::{Component, Path, PathBuf};
 
@@ -183,7 +183,7 @@ fn not_an_image(path: &Path, kind: &str) -> ImageError {
 /// Open a VHD and its chain by path, parents found on the filesystem.
 pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<VhdImage, ImageError> {
     let f = open_file(path, read_only)?;
-    super::chain::open(
+    tapjail_image::vhd::chain::open(
         Box::new(f),
         &path.to_string_lossy(),
         read_only,
@@ -244,7 +244,7 @@ pub fn parent_spec(child: &Path, parent: &Path) -> Result<(ParentSpec, u64), Ima
         .ok()
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs().saturating_sub(super::footer::VHD_EPOCH))
+        .map(|d| d.as_secs().saturating_sub(tapjail_image::vhd::footer::VHD_EPOCH))
         .unwrap_or(0);
     let layer = VhdLayer::open(
         Box::new(pf),
@@ -378,7 +378,7 @@ pub fn resize_path(path: &Path, size: u64) -> Result<(), ImageError> {
 /// The UUIDs of the image at `path` and of the parents that can be found
 /// above it, leaf first. The walk stops at the root, at the first parent
 /// that cannot be opened, at a repeated UUID (a loop: that UUID is the
-/// last one returned) or at [`super::MAX_CHAIN_DEPTH`].
+/// last one returned) or at [`tapjail_image::vhd::MAX_CHAIN_DEPTH`].
 fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
     let mut layer = VhdLayer::open(
         Box::new(open_file(path, true)?),
@@ -387,7 +387,7 @@ fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
         VhdOptions::default(),
     )?;
     let mut uuids = vec![layer.uuid()];
-    while uuids.len() < super::MAX_CHAIN_DEPTH {
+    while uuids.len() < tapjail_image::vhd::MAX_CHAIN_DEPTH {
         let Some(puuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) else {
             break;
         };
@@ -414,7 +414,7 @@ fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
 /// descendants (its chain leads back to `child`).
 pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
     let cf = open_file(child, false)?;
-    let child_uuid = super::layout::Metadata::read(&cf)?.footer.uuid();
+    let child_uuid = tapjail_image::vhd::layout::Metadata::read(&cf)?.footer.uuid();
     if chain_uuids(parent)?.contains(&child_uuid) {
         return Err(ImageError::InvalidArgument(format!(
             "{} cannot be the parent of {}: it is that image or is based on it, \
@@ -458,7 +458,7 @@ pub fn coalesce_path(
     };
     {
         let pf = writable(open_file(&ppath, false))?;
-        let pmeta = super::layout::Metadata::read(&pf)?;
+        let pmeta = tapjail_image::vhd::layout::Metadata::read(&pf)?;
         if pmeta.footer.uuid() != uuid {
             return Err(ImageError::ParentUuidMismatch {
                 name: pname,
@@ -492,8 +492,8 @@ pub enum ConvertTarget {
 /// Open any image by path for reading: VHD (with its chain) or raw.
 pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
     let f = open_file(path, true)?;
-    Ok(if super::is_vhd(&f)? {
-        Box::new(super::chain::open(
+    Ok(if tapjail_image::vhd::is_vhd(&f)? {
+        Box::new(tapjail_image::vhd::chain::open(
             Box::new(f),
             &path.to_string_lossy(),
             true,
@@ -548,7 +548,7 @@ fn convert_into(
                 _ => CreateKind::Fixed,
             };
             create(&out, vsize, &kind)?;
-            let dst_img = super::chain::open(
+            let dst_img = tapjail_image::vhd::chain::open(
                 Box::new(out),
                 &dst.to_string_lossy(),
                 false,
