@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use tapjail_worker::image::vhd::{self, VhdImage, VhdOptions};
+use tapjail_worker::image::vhd::{VhdImage, VhdOptions};
 use tapjail_worker::image::Image;
 
 /// Run a command and return its stdout; panic with its stderr on failure.
