@@ -1,8 +1,26 @@
-//! Offline helpers that work on paths: the filesystem [`ParentOpener`] and
-//! opening images by path. Only the `tap-ctl vhd` tools and tests use
-//! these; a confined worker never opens a path (its parents come from the
-//! broker).
+//! The offline tools' file handling: opening images by path, creating new
+//! files, and finding the parents of a differencing image. The engine
+//! (`tapjail-image`) never opens a path; `tap-ctl vhd` does it here.
+//!
+//! Every operation goes through [`Paths`], so that the same code runs
+//! unconfined ([`Local`], as tests and the privsep parent use it) and in
+//! the confined image parser, where each file is asked for over a socket
+//! ([`crate::privsep`]).
+//!
+//! # Which parent is followed
+//! A differencing image names its parent in locators that come out of the
+//! (untrusted) image. Only *relative* locators are followed, only to a
+//! file beneath the child's own directory, and through no symbolic link
+//! (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`): an image
+//! cannot make a tool run as root read `/etc/shadow` into a conversion,
+//! nor coalesce into a file elsewhere. Absolute locators are ignored. A
+//! parent anywhere else is used only when the user names it
+//! (`--parent PATH`).
 
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::path::{Component, Path, PathBuf};
+use tapjail_image::raw::RawImage;
 use tapjail_image::vhd::check::{check, Problem};
 use tapjail_image::vhd::coalesce::coalesce_into;
 use tapjail_image::vhd::convert::{copy_image, ImageSink, RawSink};
@@ -15,47 +33,185 @@ use tapjail_image::vhd::locator::LocatorCode;
 use tapjail_image::vhd::modify::set_parent;
 use tapjail_image::vhd::repair::{repair, RepairReport};
 use tapjail_image::vhd::resize::resize;
-use tapjail_image::raw::RawImage;
 use tapjail_image::Image;
 use tapjail_image::{Backing, ImageError, ParentLocator, ParentOpener};
-use std::fs::{File, OpenOptions};
-use std::path::{Component, Path, PathBuf};
 
-/// Resolves parent locators on the local filesystem, the way blktap's
-/// `vhd_find_parent` does: relative locators (`./base.vhd`) against the
-/// child's directory, absolute ones as they are. Among the candidates
-/// that exist, the first whose UUID matches wins; failing that the first
-/// that exists (the engine then reports the UUID mismatch).
+/// The rule, said where a parent is refused or not found.
+pub const PARENT_RULE: &str = "tap-ctl follows only relative parent locators to a file beneath \
+     the image's own directory, through no symbolic link; name the parent with --parent PATH";
+
+/// How the offline tools get at files. Each method is one request the
+/// confined parser may make of its unconfined parent.
+pub trait Paths {
+    /// Open a file named on the command line (read-write if `write`).
+    fn open(&mut self, path: &Path, write: bool) -> Result<File, ImageError>;
+    /// Create the new file `path` (it must not exist yet).
+    fn create(&mut self, path: &Path) -> Result<File, ImageError>;
+    /// Remove a file this tool created (after a failed fill).
+    fn remove(&mut self, path: &Path);
+    /// The parent of `child` named on the command line, if one was.
+    fn named_parent(
+        &mut self,
+        child: &str,
+        write: bool,
+    ) -> Option<Result<(File, String), ImageError>>;
+    /// Open the file one locator of `child` names, under the rule of this
+    /// module. Returns the file and the name it was opened under.
+    fn locate(
+        &mut self,
+        child: &str,
+        locator: &ParentLocator,
+        write: bool,
+    ) -> Result<(File, String), ImageError>;
+}
+
+/// Direct, unconfined access to the filesystem.
+#[derive(Debug, Default, Clone)]
+pub struct Local {
+    /// Parents named by the user: (child name, parent path).
+    named: Vec<(String, PathBuf)>,
+}
+
+impl Local {
+    /// Use `parent` as the parent of `leaf` whatever its locators say.
+    pub fn with_parent(mut self, leaf: &Path, parent: &Path) -> Self {
+        self.named
+            .push((leaf.to_string_lossy().into_owned(), parent.to_path_buf()));
+        self
+    }
+}
+
+impl Paths for Local {
+    fn open(&mut self, path: &Path, write: bool) -> Result<File, ImageError> {
+        open_file(path, !write)
+    }
+
+    fn create(&mut self, path: &Path) -> Result<File, ImageError> {
+        create_new_file(path)
+    }
+
+    fn remove(&mut self, path: &Path) {
+        let _ = std::fs::remove_file(path);
+    }
+
+    fn named_parent(
+        &mut self,
+        child: &str,
+        write: bool,
+    ) -> Option<Result<(File, String), ImageError>> {
+        let (_, p) = self.named.iter().find(|(c, _)| c == child)?;
+        Some(open_file(p, !write).map(|f| (f, p.to_string_lossy().into_owned())))
+    }
+
+    fn locate(
+        &mut self,
+        child: &str,
+        locator: &ParentLocator,
+        write: bool,
+    ) -> Result<(File, String), ImageError> {
+        locate_beneath(child, locator, write)
+    }
+}
+
+/// The [`ParentOpener`] of the offline tools: parents through a [`Paths`].
+#[derive(Debug)]
+pub struct Opener<'a, P: Paths + ?Sized>(pub &'a mut P);
+
+impl<P: Paths + ?Sized> ParentOpener for Opener<'_, P> {
+    fn open_parent(
+        &mut self,
+        child: &str,
+        locators: &[ParentLocator],
+        parent_uuid: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError> {
+        let (f, name) = open_parent_via(self.0, child, locators, parent_uuid, false)?;
+        Ok((Box::new(f), name))
+    }
+}
+
+/// [`Opener`] over [`Local`]: parents found on the filesystem, unconfined.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FsParentOpener;
 
-impl FsParentOpener {
-    /// Candidate paths for a parent, in the order they are tried.
-    pub fn candidates(child: &str, locators: &[ParentLocator]) -> Vec<PathBuf> {
-        let dir = Path::new(child)
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut out: Vec<PathBuf> = Vec::new();
-        let relative = locators.iter().filter(|l| l.relative);
-        let absolute = locators.iter().filter(|l| !l.relative);
-        for l in relative.chain(absolute) {
-            let joined = if l.relative {
-                dir.join(&l.path)
-            } else {
-                PathBuf::from(&l.path)
-            };
-            // Drop `.` components (harmless to remove, unlike `..`).
-            let p: PathBuf = joined
-                .components()
-                .filter(|c| *c != Component::CurDir)
-                .collect();
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        }
-        out
+impl ParentOpener for FsParentOpener {
+    fn open_parent(
+        &mut self,
+        child: &str,
+        locators: &[ParentLocator],
+        parent_uuid: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError> {
+        Opener(&mut Local::default()).open_parent(child, locators, parent_uuid)
     }
+}
+
+/// The directory a child's relative locators are resolved in.
+fn dir_of(child: &str) -> Option<&Path> {
+    Path::new(child)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Why a locator was not followed, for the message listing them all.
+fn refused(why: String) -> ImageError {
+    ImageError::Parent(why)
+}
+
+/// Open the file `locator` names for the layer `child`, if the rule allows
+/// it: relative, beneath `child`'s directory, no `..`, no symbolic link.
+pub fn locate_beneath(
+    child: &str,
+    locator: &ParentLocator,
+    write: bool,
+) -> Result<(File, String), ImageError> {
+    let rel = Path::new(&locator.path);
+    if !locator.relative || rel.is_absolute() {
+        return Err(refused(
+            "ignored: absolute locators are not followed".into(),
+        ));
+    }
+    if rel.components().any(|c| c == Component::ParentDir) {
+        return Err(refused(
+            "refused: it leads out of the image's directory (`..`)".into(),
+        ));
+    }
+    let clean: PathBuf = rel
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .collect();
+    if clean.as_os_str().is_empty() {
+        return Err(refused("refused: it names no file".into()));
+    }
+    let dir = dir_of(child).unwrap_or(Path::new("."));
+    let dirf = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(dir)
+            .map_err(ImageError::io("open directory", 0))?
+    };
+    let flags = if write { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_NONBLOCK;
+    let fd = crate::sys::openat2_beneath(dirf.as_fd(), &clean, flags).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                refused("refused: a symbolic link is on its way (none is followed)".into())
+            }
+            Some(libc::EXDEV) => refused("refused: it leads out of the image's directory".into()),
+            _ => ImageError::Io {
+                op: "open",
+                offset: 0,
+                source: e,
+            },
+        }
+    })?;
+    let f = File::from(fd);
+    let name = match dir_of(child) {
+        Some(d) => d.join(&clean),
+        None => clean,
+    };
+    check_kind(&f, &name)?;
+    crate::sys::clear_nonblock(f.as_fd()).map_err(ImageError::io("fcntl", 0))?;
+    Ok((f, name.to_string_lossy().into_owned()))
 }
 
 /// The UUID in a file's footer, if it has one.
@@ -72,45 +228,60 @@ fn peek_uuid(file: &File) -> Option<[u8; 16]> {
     None
 }
 
-impl ParentOpener for FsParentOpener {
-    fn open_parent(
-        &mut self,
-        child: &str,
-        locators: &[ParentLocator],
-        parent_uuid: [u8; 16],
-    ) -> Result<(Box<dyn Backing>, String), ImageError> {
-        let candidates = Self::candidates(child, locators);
-        let mut fallback = None;
-        for c in &candidates {
-            // Not File::open: a locator naming a FIFO must not hang us.
-            let Ok(f) = open_file(c, true) else { continue };
-            if !f.metadata().is_ok_and(|m| m.is_file()) {
-                continue;
-            }
-            let name = c.to_string_lossy().into_owned();
-            if peek_uuid(&f) == Some(parent_uuid) {
-                return Ok((Box::new(f), name));
-            }
-            if fallback.is_none() {
-                fallback = Some((f, name));
-            }
+/// Find the parent of `child`: the one named on the command line, else the
+/// first locator (under the rule) whose file carries `uuid`, else the
+/// first that opens (the engine then reports the UUID mismatch).
+pub fn open_parent_via<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &str,
+    locators: &[ParentLocator],
+    uuid: [u8; 16],
+    write: bool,
+) -> Result<(File, String), ImageError> {
+    if let Some(r) = paths.named_parent(child, write) {
+        return r;
+    }
+    let mut tried: Vec<String> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    let mut fallback = None;
+    // Relative locators first: the ones that can be followed.
+    let ordered = locators
+        .iter()
+        .filter(|l| l.relative)
+        .chain(locators.iter().filter(|l| !l.relative));
+    for l in ordered {
+        if seen.contains(&l.path.as_str()) {
+            continue;
         }
-        match fallback {
-            Some((f, name)) => Ok((Box::new(f), name)),
-            None => Err(ImageError::Parent(format!(
-                "the parent of {child} was not found (tried {})",
-                if candidates.is_empty() {
-                    "nothing: the image records no usable parent locator".to_string()
-                } else {
-                    candidates
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+        seen.push(&l.path);
+        match paths.locate(child, l, write) {
+            Ok((f, name)) => {
+                if peek_uuid(&f) == Some(uuid) {
+                    return Ok((f, name));
                 }
-            ))),
+                if fallback.is_none() {
+                    fallback = Some((f, name));
+                }
+            }
+            Err(e) => {
+                let why = match e {
+                    ImageError::Parent(m) => m,
+                    other => other.to_string(),
+                };
+                tried.push(format!("{} {:?}: {why}", l.code, l.path));
+            }
         }
     }
+    fallback.ok_or_else(|| {
+        ImageError::Parent(format!(
+            "the parent of {child} was not found ({}); {PARENT_RULE}",
+            if tried.is_empty() {
+                "the image records no parent locator".to_string()
+            } else {
+                tried.join("; ")
+            }
+        ))
+    })
 }
 
 /// What kind of file `t` is, for "X is a FIFO, not an image file".
@@ -134,7 +305,7 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
 /// by name. The open itself is non-blocking, so that a FIFO (which would
 /// wait for a writer forever) is refused instead of hanging the tool.
 pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let f = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -148,27 +319,18 @@ pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
                 source,
             },
         })?;
-    let t = f.metadata().map_err(ImageError::io("stat", 0))?.file_type();
-    if !(t.is_file() || t.is_block_device()) {
-        return Err(not_an_image(path, file_kind(t)));
-    }
+    check_kind(&f, path)?;
     // Back to blocking I/O for the image itself.
-    clear_nonblock(&f).map_err(ImageError::io("fcntl", 0))?;
+    crate::sys::clear_nonblock(f.as_fd()).map_err(ImageError::io("fcntl", 0))?;
     Ok(f)
 }
 
-/// Clear `O_NONBLOCK` on an open file.
-fn clear_nonblock(f: &File) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let fd = f.as_raw_fd();
-    // SAFETY: fcntl(F_GETFL) on an fd we own; integer arguments only.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fcntl(F_SETFL) on an fd we own; integer arguments only.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
+/// Refuse anything but a regular file or a block device, by name.
+fn check_kind(f: &File, path: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = f.metadata().map_err(ImageError::io("stat", 0))?.file_type();
+    if !(t.is_file() || t.is_block_device()) {
+        return Err(not_an_image(path, file_kind(t)));
     }
     Ok(())
 }
@@ -180,28 +342,9 @@ fn not_an_image(path: &Path, kind: &str) -> ImageError {
     ))
 }
 
-/// Open a VHD and its chain by path, parents found on the filesystem.
-pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<VhdImage, ImageError> {
-    let f = open_file(path, read_only)?;
-    tapjail_image::vhd::chain::open(
-        Box::new(f),
-        &path.to_string_lossy(),
-        read_only,
-        &mut FsParentOpener,
-        options,
-    )
-}
-
-/// Create the file `path` and fill it with `fill`. The name must be new:
-/// the offline tools never replace an existing file, which could be the
-/// very image being read (`convert a.vhd a.vhd`), a hard link to it, or a
-/// parent in its chain. If `fill` fails, the half-written file is removed
-/// so that nothing that looks like an image but is not is left behind.
-pub fn write_new_file<T>(
-    path: &Path,
-    fill: impl FnOnce(File) -> Result<T, ImageError>,
-) -> Result<T, ImageError> {
-    let f = OpenOptions::new()
+/// Create the new file `path`, refusing an existing one by name.
+pub fn create_new_file(path: &Path) -> Result<File, ImageError> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
@@ -219,10 +362,53 @@ pub fn write_new_file<T>(
                     source,
                 }
             }
-        })?;
+        })
+}
+
+/// Open a VHD and its chain by path, parents found on the filesystem.
+pub fn open_vhd(path: &Path, read_only: bool, options: VhdOptions) -> Result<VhdImage, ImageError> {
+    open_vhd_in(&mut Local::default(), path, read_only, options)
+}
+
+/// Open a VHD and its chain by path, through `paths`.
+pub fn open_vhd_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    read_only: bool,
+    options: VhdOptions,
+) -> Result<VhdImage, ImageError> {
+    let f = paths.open(path, !read_only)?;
+    tapjail_image::vhd::chain::open(
+        Box::new(f),
+        &path.to_string_lossy(),
+        read_only,
+        &mut Opener(paths),
+        options,
+    )
+}
+
+/// Create the file `path` and fill it with `fill`. The name must be new:
+/// the offline tools never replace an existing file, which could be the
+/// very image being read (`convert a.vhd a.vhd`), a hard link to it, or a
+/// parent in its chain. If `fill` fails, the half-written file is removed
+/// so that nothing that looks like an image but is not is left behind.
+pub fn write_new_file<T>(
+    path: &Path,
+    fill: impl FnOnce(File) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    write_new_file_in(&mut Local::default(), path, fill)
+}
+
+/// [`write_new_file`] through `paths`.
+pub fn write_new_file_in<P: Paths + ?Sized, T>(
+    paths: &mut P,
+    path: &Path,
+    fill: impl FnOnce(File) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    let f = paths.create(path)?;
     let r = fill(f);
     if r.is_err() {
-        let _ = std::fs::remove_file(path);
+        paths.remove(path);
     }
     r
 }
@@ -238,13 +424,25 @@ pub fn create_path(path: &Path, size: u64, kind: &CreateKind) -> Result<Footer, 
 /// then `W2ku` and `MacX` with the absolute path. Also the parent's
 /// virtual size.
 pub fn parent_spec(child: &Path, parent: &Path) -> Result<(ParentSpec, u64), ImageError> {
-    let pf = open_file(parent, true)?;
+    parent_spec_in(&mut Local::default(), child, parent)
+}
+
+/// [`parent_spec`] through `paths`.
+pub fn parent_spec_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    parent: &Path,
+) -> Result<(ParentSpec, u64), ImageError> {
+    let pf = paths.open(parent, false)?;
     let mtime = pf
         .metadata()
         .ok()
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs().saturating_sub(tapjail_image::vhd::footer::VHD_EPOCH))
+        .map(|d| {
+            d.as_secs()
+                .saturating_sub(tapjail_image::vhd::footer::VHD_EPOCH)
+        })
         .unwrap_or(0);
     let layer = VhdLayer::open(
         Box::new(pf),
@@ -278,9 +476,8 @@ pub fn parent_spec(child: &Path, parent: &Path) -> Result<(ParentSpec, u64), Ima
     ))
 }
 
-/// Create `child` as a differencing image of `parent`, as large as the
-/// parent (`vhd-util snapshot`).
-pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Footer, ImageError> {
+/// Refuse making `child` its own parent (both exist and are one file).
+pub fn not_own_parent(child: &Path, parent: &Path) -> Result<(), ImageError> {
     if let (Ok(a), Ok(b)) = (child.canonicalize(), parent.canonicalize()) {
         if a == b {
             return Err(ImageError::InvalidArgument(format!(
@@ -289,21 +486,45 @@ pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Foo
             )));
         }
     }
-    let (spec, size) = parent_spec(child, parent)?;
-    create_path(
-        child,
-        size,
-        &CreateKind::Differencing {
-            block_size,
-            parent: spec,
-        },
-    )
+    Ok(())
+}
+
+/// Create `child` as a differencing image of `parent`, as large as the
+/// parent (`vhd-util snapshot`).
+pub fn snapshot_path(child: &Path, parent: &Path, block_size: u32) -> Result<Footer, ImageError> {
+    not_own_parent(child, parent)?;
+    snapshot_in(&mut Local::default(), child, parent, block_size)
+}
+
+/// [`snapshot_path`] through `paths` (the caller checks [`not_own_parent`]).
+pub fn snapshot_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    parent: &Path,
+    block_size: u32,
+) -> Result<Footer, ImageError> {
+    let (spec, size) = parent_spec_in(paths, child, parent)?;
+    write_new_file_in(paths, child, |f| {
+        create(
+            &f,
+            size,
+            &CreateKind::Differencing {
+                block_size,
+                parent: spec,
+            },
+        )
+    })
 }
 
 /// Check a VHD by path, including that its parent (if any) can be found
 /// and carries the UUID it should, and that its whole chain opens.
 pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
-    let f = open_file(path, true)?;
+    check_in(&mut Local::default(), path)
+}
+
+/// [`check_path`] through `paths`.
+pub fn check_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Vec<Problem>, ImageError> {
+    let f = paths.open(path, false)?;
     let mut problems = check(&f);
     if problems.is_empty() {
         let layer = VhdLayer::open(
@@ -314,33 +535,35 @@ pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
         )?;
         if let Some(uuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) {
             let locs = layer.parent_locators();
-            match FsParentOpener.open_parent(layer.name(), &locs, uuid) {
+            match open_parent_via(paths, layer.name(), &locs, uuid, false) {
                 Err(e) => problems.push(Problem {
                     field: "parent",
                     message: e.to_string(),
                 }),
-                Ok((pf, pname)) => match VhdLayer::open(pf, &pname, true, VhdOptions::default()) {
-                    Err(e) => problems.push(Problem {
-                        field: "parent",
-                        message: format!("{pname}: {e}"),
-                    }),
-                    Ok(p) if p.uuid() != uuid => problems.push(Problem {
-                        field: "parent",
-                        message: format!(
-                            "{pname} has UUID {}, the image expects {}",
-                            format_uuid(&p.uuid()),
-                            format_uuid(&uuid)
-                        ),
-                    }),
-                    Ok(_) => {}
-                },
+                Ok((pf, pname)) => {
+                    match VhdLayer::open(Box::new(pf), &pname, true, VhdOptions::default()) {
+                        Err(e) => problems.push(Problem {
+                            field: "parent",
+                            message: format!("{pname}: {e}"),
+                        }),
+                        Ok(p) if p.uuid() != uuid => problems.push(Problem {
+                            field: "parent",
+                            message: format!(
+                                "{pname} has UUID {}, the image expects {}",
+                                format_uuid(&p.uuid()),
+                                format_uuid(&uuid)
+                            ),
+                        }),
+                        Ok(_) => {}
+                    }
+                }
             }
         }
     }
     if problems.is_empty() {
         // The whole chain above must open too (no loop, nothing missing
         // or damaged further up).
-        if let Err(e) = open_vhd(path, true, VhdOptions::default()) {
+        if let Err(e) = open_vhd_in(paths, path, true, VhdOptions::default()) {
             problems.push(Problem {
                 field: "parent chain",
                 message: e.to_string(),
@@ -352,17 +575,30 @@ pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
 
 /// Repair a VHD by path.
 pub fn repair_path(path: &Path) -> Result<RepairReport, ImageError> {
-    repair(&open_file(path, false)?)
+    repair_in(&mut Local::default(), path)
+}
+
+/// [`repair_path`] through `paths`.
+pub fn repair_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+) -> Result<RepairReport, ImageError> {
+    repair(&paths.open(path, true)?)
 }
 
 /// Query a VHD by path; `parent` is the parent as found on the filesystem
 /// (or as recorded, when it cannot be found).
 pub fn query_path(path: &Path) -> Result<Info, ImageError> {
-    let f = open_file(path, true)?;
+    query_in(&mut Local::default(), path)
+}
+
+/// [`query_path`] through `paths`.
+pub fn query_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Info, ImageError> {
+    let f = paths.open(path, false)?;
     let (mut info, layer) = query(Box::new(f), &path.to_string_lossy())?;
     if let Some(uuid) = layer.parent_uuid() {
         let locs = layer.parent_locators();
-        info.parent = match FsParentOpener.open_parent(layer.name(), &locs, uuid) {
+        info.parent = match open_parent_via(paths, layer.name(), &locs, uuid, false) {
             Ok((_, name)) => Some(name),
             Err(_) => locs.first().map(|l| l.path.clone()),
         };
@@ -372,16 +608,25 @@ pub fn query_path(path: &Path) -> Result<Info, ImageError> {
 
 /// Grow a VHD by path.
 pub fn resize_path(path: &Path, size: u64) -> Result<(), ImageError> {
-    resize(&open_file(path, false)?, size)
+    resize_in(&mut Local::default(), path, size)
+}
+
+/// [`resize_path`] through `paths`.
+pub fn resize_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    size: u64,
+) -> Result<(), ImageError> {
+    resize(&paths.open(path, true)?, size)
 }
 
 /// The UUIDs of the image at `path` and of the parents that can be found
 /// above it, leaf first. The walk stops at the root, at the first parent
 /// that cannot be opened, at a repeated UUID (a loop: that UUID is the
-/// last one returned) or at [`tapjail_image::vhd::MAX_CHAIN_DEPTH`].
-fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
+/// last one returned) or at the engine's longest chain.
+fn chain_uuids<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
     let mut layer = VhdLayer::open(
-        Box::new(open_file(path, true)?),
+        Box::new(paths.open(path, false)?),
         &path.to_string_lossy(),
         true,
         VhdOptions::default(),
@@ -392,11 +637,11 @@ fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
             break;
         };
         let Ok((pf, pname)) =
-            FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), puuid)
+            open_parent_via(paths, layer.name(), &layer.parent_locators(), puuid, false)
         else {
             break;
         };
-        let Ok(parent) = VhdLayer::open(pf, &pname, true, VhdOptions::default()) else {
+        let Ok(parent) = VhdLayer::open(Box::new(pf), &pname, true, VhdOptions::default()) else {
             break;
         };
         let again = uuids.contains(&parent.uuid());
@@ -413,9 +658,20 @@ fn chain_uuids(path: &Path) -> Result<Vec<[u8; 16]>, ImageError> {
 /// would make a loop: `parent` is `child` itself or one of its
 /// descendants (its chain leads back to `child`).
 pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
-    let cf = open_file(child, false)?;
-    let child_uuid = tapjail_image::vhd::layout::Metadata::read(&cf)?.footer.uuid();
-    if chain_uuids(parent)?.contains(&child_uuid) {
+    set_parent_in(&mut Local::default(), child, parent)
+}
+
+/// [`set_parent_path`] through `paths`.
+pub fn set_parent_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    parent: &Path,
+) -> Result<(), ImageError> {
+    let cf = paths.open(child, true)?;
+    let child_uuid = tapjail_image::vhd::layout::Metadata::read(&cf)?
+        .footer
+        .uuid();
+    if chain_uuids(paths, parent)?.contains(&child_uuid) {
         return Err(ImageError::InvalidArgument(format!(
             "{} cannot be the parent of {}: it is that image or is based on it, \
              which would make a parent loop",
@@ -423,18 +679,28 @@ pub fn set_parent_path(child: &Path, parent: &Path) -> Result<(), ImageError> {
             child.display()
         )));
     }
-    let (spec, _) = parent_spec(child, parent)?;
+    let (spec, _) = parent_spec_in(paths, child, parent)?;
     set_parent(&cf, &spec)
 }
 
-/// Merge `child` into its parent (found on the filesystem, opened
-/// writable, its own chain read-only). A parent smaller than the child is
-/// grown first. Returns the parent's path and the bytes copied.
+/// Merge `child` into its parent (found under the locator rule, or named,
+/// and opened writable; its own chain read-only). A parent smaller than
+/// the child is grown first. Returns the parent's name and the bytes
+/// copied.
 pub fn coalesce_path(
     child: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(String, u64), ImageError> {
-    let cf = open_file(child, true)?;
+    coalesce_in(&mut Local::default(), child, progress)
+}
+
+/// [`coalesce_path`] through `paths`.
+pub fn coalesce_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(String, u64), ImageError> {
+    let cf = paths.open(child, false)?;
     let layer = VhdLayer::open(
         Box::new(cf),
         &child.to_string_lossy(),
@@ -444,35 +710,37 @@ pub fn coalesce_path(
     let uuid = layer.parent_uuid().ok_or_else(|| {
         ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
     })?;
-    let (_, pname) = FsParentOpener.open_parent(layer.name(), &layer.parent_locators(), uuid)?;
-    let ppath = PathBuf::from(&pname);
-    let writable = |r: Result<File, ImageError>| {
-        r.map_err(|e| match e {
-            ImageError::Io { source, .. } => ImageError::InvalidArgument(format!(
+    let locs = layer.parent_locators();
+    let (pf, pname) = match open_parent_via(paths, layer.name(), &locs, uuid, true) {
+        Ok(found) => found,
+        Err(e) => {
+            // Say so when the parent is there but not writable.
+            let Ok((_, pname)) = open_parent_via(paths, layer.name(), &locs, uuid, false) else {
+                return Err(e);
+            };
+            return Err(ImageError::InvalidArgument(format!(
                 "{pname}, the parent of {}, cannot be opened for writing, which coalesce \
-                 needs (it merges into the parent): {source}",
+                 needs (it merges into the parent): {e}",
                 child.display()
-            )),
-            other => other,
-        })
+            )));
+        }
     };
-    {
-        let pf = writable(open_file(&ppath, false))?;
-        let pmeta = tapjail_image::vhd::layout::Metadata::read(&pf)?;
-        if pmeta.footer.uuid() != uuid {
-            return Err(ImageError::ParentUuidMismatch {
-                name: pname,
-                expected: format_uuid(&uuid),
-                found: format_uuid(&pmeta.footer.uuid()),
-            });
-        }
-        if pmeta.virtual_size < layer.virtual_size() {
-            resize(&pf, layer.virtual_size())?;
-        }
+    let pmeta = tapjail_image::vhd::layout::Metadata::read(&pf)?;
+    if pmeta.footer.uuid() != uuid {
+        return Err(ImageError::ParentUuidMismatch {
+            name: pname,
+            expected: format_uuid(&uuid),
+            found: format_uuid(&pmeta.footer.uuid()),
+        });
     }
-    let parent = open_vhd(
-        &ppath,
+    if pmeta.virtual_size < layer.virtual_size() {
+        resize(&pf, layer.virtual_size())?;
+    }
+    let parent = tapjail_image::vhd::chain::open(
+        Box::new(pf),
+        &pname,
         false,
+        &mut Opener(paths),
         VhdOptions {
             sync_metadata: false,
         },
@@ -489,23 +757,63 @@ pub enum ConvertTarget {
     VhdFixed,
 }
 
-/// Open any image by path for reading: VHD (with its chain) or raw.
-pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
-    let f = open_file(path, true)?;
-    Ok(if tapjail_image::vhd::is_vhd(&f)? {
-        Box::new(tapjail_image::vhd::chain::open(
-            Box::new(f),
-            &path.to_string_lossy(),
-            true,
-            &mut FsParentOpener,
-            VhdOptions::default(),
-        )?)
-    } else {
-        Box::new(RawImage::open(Box::new(f), &path.to_string_lossy(), true)?)
-    })
+/// What a source image is, as the user says (`-f`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    Raw,
+    Vhd,
 }
 
-/// Convert `src` (format detected) into a new file `dst` (which must not
+/// Open any image by path for reading: VHD (with its chain) or raw,
+/// probed without guessing ([`open_any_in`]).
+pub fn open_any(path: &Path) -> Result<Box<dyn Image>, ImageError> {
+    open_any_in(&mut Local::default(), path, None, false)
+}
+
+/// Open an image through `paths` as `format`, or, without one, as a VHD
+/// if it shows any sign of being one and as raw only if it shows none: a
+/// file that looks like a VHD but does not open as one is refused, never
+/// silently taken for raw ([`tapjail_image::vhd::probe`]).
+pub fn open_any_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    format: Option<SourceFormat>,
+    write: bool,
+) -> Result<Box<dyn Image>, ImageError> {
+    let f = paths.open(path, write)?;
+    let name = path.to_string_lossy();
+    let vhd = |paths: &mut P, f: File| -> Result<Box<dyn Image>, ImageError> {
+        Ok(Box::new(tapjail_image::vhd::chain::open(
+            Box::new(f),
+            &name,
+            !write,
+            &mut Opener(paths),
+            VhdOptions::default(),
+        )?))
+    };
+    match format {
+        Some(SourceFormat::Raw) => Ok(Box::new(RawImage::open(Box::new(f), &name, !write)?)),
+        Some(SourceFormat::Vhd) => vhd(paths, f),
+        None => match tapjail_image::vhd::probe::vhd_sign(&f)? {
+            None => Ok(Box::new(RawImage::open(Box::new(f), &name, !write)?)),
+            // A VHD whose footer or header does not parse is not taken
+            // for raw; other errors (a missing parent) are the VHD's own.
+            Some(sign) => vhd(paths, f).map_err(|e| match e {
+                ImageError::Corrupt { .. } | ImageError::Unsupported(_) => {
+                    ImageError::InvalidArgument(format!(
+                        "{} shows {sign} but does not open as a VHD ({e}); it is not taken \
+                     for raw: say `-f vhd` to see only the VHD error, or `-f raw` if it \
+                     really is a raw disk image",
+                        path.display()
+                    ))
+                }
+                other => other,
+            }),
+        },
+    }
+}
+
+/// Convert `src` (format probed) into a new file `dst` (which must not
 /// exist; a failed conversion removes it again). With `sync` the
 /// output is made durable before returning; like `cp` and `qemu-img
 /// convert`, it is otherwise left to the page cache.
@@ -516,8 +824,29 @@ pub fn convert_path(
     sync: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
-    let image = open_any(src)?;
-    write_new_file(dst, |out| {
+    convert_in(
+        &mut Local::default(),
+        src,
+        None,
+        dst,
+        target,
+        sync,
+        progress,
+    )
+}
+
+/// [`convert_path`] through `paths`, the source's format given or probed.
+pub fn convert_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    src: &Path,
+    format: Option<SourceFormat>,
+    dst: &Path,
+    target: ConvertTarget,
+    sync: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
+    let image = open_any_in(paths, src, format, false)?;
+    write_new_file_in(paths, dst, |out| {
         convert_into(image.as_ref(), out, dst, target, sync, progress)
     })
 }
@@ -548,11 +877,12 @@ fn convert_into(
                 _ => CreateKind::Fixed,
             };
             create(&out, vsize, &kind)?;
+            // A new dynamic or fixed VHD has no parent to look for.
             let dst_img = tapjail_image::vhd::chain::open(
                 Box::new(out),
                 &dst.to_string_lossy(),
                 false,
-                &mut FsParentOpener,
+                &mut NoParents,
                 VhdOptions {
                     sync_metadata: false,
                 },
@@ -564,6 +894,20 @@ fn convert_into(
                 dst_img.leaf().write_back()
             }
         }
+    }
+}
+
+/// The opener of an image that has no parent.
+struct NoParents;
+
+impl ParentOpener for NoParents {
+    fn open_parent(
+        &mut self,
+        child: &str,
+        _: &[ParentLocator],
+        _: [u8; 16],
+    ) -> Result<(Box<dyn Backing>, String), ImageError> {
+        Err(ImageError::Parent(format!("{child} has no parent")))
     }
 }
 
@@ -621,31 +965,5 @@ mod tests {
         assert_eq!(r, "../c/base.vhd");
         let r = relative_path(Path::new("/a/b/"), Path::new("/a/b/./x/../base.vhd")).unwrap();
         assert_eq!(r, "./base.vhd");
-    }
-
-    #[test]
-    fn candidates_try_relative_first_against_child_dir() {
-        let locs = vec![
-            ParentLocator {
-                code: "W2ku".into(),
-                path: "/abs/base.vhd".into(),
-                relative: false,
-            },
-            ParentLocator {
-                code: "W2ru".into(),
-                path: "./base.vhd".into(),
-                relative: true,
-            },
-        ];
-        let c = FsParentOpener::candidates("/img/child.vhd", &locs);
-        assert_eq!(
-            c,
-            vec![
-                PathBuf::from("/img/base.vhd"),
-                PathBuf::from("/abs/base.vhd")
-            ]
-        );
-        let c = FsParentOpener::candidates("child.vhd", &locs[1..]);
-        assert_eq!(c, vec![PathBuf::from("base.vhd")]);
     }
 }

@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 
 /// The error for the terminal: each cause said once, on one line, with
 /// what came from others (file names, names read out of images) escaped.
-fn render(e: &anyhow::Error) -> String {
+pub(crate) fn render(e: &anyhow::Error) -> String {
     escape::escape(&tapjail_common::error_chain(e.as_ref()))
 }
 

@@ -7,10 +7,10 @@ mod common;
 use common::*;
 use std::path::Path;
 use tapjail_common::proto::ImageKind;
-use tapjail_worker::image::vhd::create::{create, CreateKind, ParentSpec};
 use tapjail_ctl::files::{
     check_path, coalesce_path, create_path, open_file, open_vhd, set_parent_path, snapshot_path,
 };
+use tapjail_worker::image::vhd::create::{create, CreateKind, ParentSpec};
 use tapjail_worker::image::vhd::locator::LocatorCode;
 use tapjail_worker::image::vhd::{VhdOptions, DEFAULT_BLOCK_SIZE, MAX_CHAIN_DEPTH};
 use tapjail_worker::image::{open_chain, Backing, Image, ImageError, ParentLocator, ParentOpener};

@@ -9,8 +9,8 @@ use common::*;
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_ctl::files::{check_path, create_path, open_file, FsParentOpener};
+use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_worker::image::vhd::{self as vhd, VhdOptions};
 use tapjail_worker::image::{Backing, Image};
 

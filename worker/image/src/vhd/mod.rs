@@ -36,6 +36,7 @@ pub mod layer;
 pub mod layout;
 pub mod locator;
 pub mod modify;
+pub mod probe;
 pub mod repair;
 pub mod resize;
 
