@@ -263,6 +263,7 @@ impl Paths for Remote {
 }
 
 /// The parent's side: answers requests within the grant.
+#[derive(Debug)]
 struct Server {
     grant: Grant,
     /// Names of layers handed out: only their parents may be looked for.
@@ -403,6 +404,7 @@ impl Server {
 }
 
 /// Why a request got no file.
+#[derive(Debug)]
 enum Refusal {
     NotNamed,
     Failed(ImageError),
@@ -411,5 +413,106 @@ enum Refusal {
 impl From<ImageError> for Refusal {
     fn from(e: ImageError) -> Self {
         Refusal::Failed(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(r: Result<Option<(File, String)>, Refusal>) -> String {
+        match r {
+            Err(Refusal::Failed(e)) => e.to_string(),
+            Err(Refusal::NotNamed) => "not named".into(),
+            Ok(_) => panic!("granted"),
+        }
+    }
+
+    fn bytes(p: &Path) -> Vec<u8> {
+        p.as_os_str().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn privsep_server_gives_only_what_the_command_line_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("a.img");
+        let other = tmp.path().join("b.img");
+        let base = tmp.path().join("base.img");
+        for p in [&img, &other, &base] {
+            std::fs::write(p, [0u8; 512]).unwrap();
+        }
+        let out = tmp.path().join("out.img");
+        let mut srv = Server::new(Grant {
+            open: vec![(img.clone(), false)],
+            create: Some(out.clone()),
+            ..Grant::default()
+        });
+        let loc = |path: &str| Loc {
+            code: "W2ru".into(),
+            path: path.into(),
+            relative: true,
+        };
+        let leaf = img.to_string_lossy().into_owned();
+        // A parent is looked for only for a layer handed out.
+        let e = refusal(srv.answer(Ask::Locate {
+            child: leaf.clone(),
+            loc: loc("./base.img"),
+            write: false,
+        }));
+        assert!(e.contains("not opened by this tool"), "{e}");
+        let e = refusal(srv.answer(Ask::Open {
+            path: bytes(&other),
+            write: false,
+        }));
+        assert!(e.contains("was not named on the command line"), "{e}");
+        let e = refusal(srv.answer(Ask::Open {
+            path: bytes(&img),
+            write: true,
+        }));
+        assert!(e.contains("was not named on the command line"), "{e}");
+        assert!(srv
+            .answer(Ask::Open {
+                path: bytes(&img),
+                write: false,
+            })
+            .unwrap()
+            .is_some());
+        // Now its parent may be found, read-only only (not a coalesce).
+        let e = refusal(srv.answer(Ask::Locate {
+            child: leaf.clone(),
+            loc: loc("./base.img"),
+            write: true,
+        }));
+        assert!(e.contains("may only be read"), "{e}");
+        let (_, name) = srv
+            .answer(Ask::Locate {
+                child: leaf.clone(),
+                loc: loc("./base.img"),
+                write: false,
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(Path::new(&name), base);
+        assert_eq!(
+            refusal(srv.answer(Ask::NamedParent {
+                child: leaf,
+                write: false
+            })),
+            "not named"
+        );
+        // One new file, the named one; only it may be removed.
+        let e = refusal(srv.answer(Ask::Create {
+            path: bytes(&other),
+        }));
+        assert!(e.contains("creating"), "{e}");
+        srv.answer(Ask::Create { path: bytes(&out) }).unwrap();
+        assert!(refusal(srv.answer(Ask::Create { path: bytes(&out) })).contains("creating"));
+        srv.answer(Ask::Remove {
+            path: bytes(&other),
+        })
+        .unwrap();
+        assert!(other.exists());
+        srv.answer(Ask::Remove { path: bytes(&out) }).unwrap();
+        assert!(!out.exists());
     }
 }

@@ -84,7 +84,10 @@ fn chain_snapshot_records_relative_and_absolute_locators() {
     std::fs::create_dir(tmp.path().join("kids")).unwrap();
     let child = tmp.path().join("kids/child.vhd");
     snapshot_path(&child, &base, DEFAULT_BLOCK_SIZE).unwrap();
-    let img = open(&child, true);
+    // The parent is outside the child's directory: only named is it used.
+    let mut named = tapjail_ctl::files::Local::default().with_parent(&child, &base);
+    let img =
+        tapjail_ctl::files::open_vhd_in(&mut named, &child, true, Default::default()).unwrap();
     let locs = img.leaf().parent_locators();
     assert!(locs
         .iter()
