@@ -476,6 +476,17 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
     ))
 }
 
+/// Whether `parent` lies outside the directory tree of `child` (its
+/// relative locator starts with `..`), so that the offline tools will
+/// follow it only when named with `--parent`.
+pub fn parent_outside(child: &Path, parent: &Path) -> bool {
+    let dir = child
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    relative_path(dir, parent).is_ok_and(|r| r.starts_with(".."))
+}
+
 /// Refuse making `child` its own parent (both exist and are one file).
 pub fn not_own_parent(child: &Path, parent: &Path) -> Result<(), ImageError> {
     if let (Ok(a), Ok(b)) = (child.canonicalize(), parent.canonicalize()) {

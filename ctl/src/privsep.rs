@@ -15,7 +15,7 @@ use crate::files::{self, Paths};
 use crate::sys::{self, Exit, Forked};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -157,7 +157,10 @@ pub fn run_confined(
     match sys::fork().map_err(PrivsepError::Fork)? {
         Forked::Child => {
             drop(ours);
-            let code = match confine::confine() {
+            let confined = sys::close_stray_fds(theirs.as_raw_fd())
+                .map_err(|e| format!("cannot close inherited file descriptors: {e}"))
+                .and_then(|()| confine::confine().map_err(|e| e.to_string()));
+            let code = match confined {
                 Ok(_) => body(&mut Remote { sock: theirs }),
                 Err(e) => {
                     eprintln!("tap-ctl: {e}");

@@ -193,3 +193,26 @@ pub fn landlock_restrict_self(ruleset: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) })
         .map(drop)
 }
+
+/// Close every fd from 3 up except `keep`: the confined parser starts
+/// with stdio and its socket only, whatever its caller leaked to it.
+pub fn close_stray_fds(keep: RawFd) -> io::Result<()> {
+    let close = |first: RawFd, last: RawFd| -> io::Result<()> {
+        if first > last {
+            return Ok(());
+        }
+        // SAFETY: integer arguments only; closing fds nobody in this
+        // single-threaded child uses (the caller keeps what it needs).
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first as libc::c_uint,
+                last as libc::c_uint,
+                0u32,
+            )
+        })
+        .map(drop)
+    };
+    close(3, keep - 1)?;
+    close((keep + 1).max(3), RawFd::MAX)
+}

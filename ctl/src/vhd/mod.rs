@@ -371,6 +371,19 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
+/// Say when a parent just recorded will not be found by the locator rule.
+fn note_outside(child: &Path, parent: &Path) {
+    if vfs::parent_outside(child, parent) {
+        eprintln!(
+            "tap-ctl: note: {} is not beneath the directory of {}: other `tap-ctl vhd` \
+             commands use it only when named with --parent {}",
+            parent.display(),
+            child.display(),
+            parent.display()
+        );
+    }
+}
+
 /// The body of every image verb, run in the confined child: files come
 /// from `paths`. Returns the exit code.
 fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) -> Result<i32> {
@@ -404,6 +417,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             // What is wrong with the parent is said about the parent.
             on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
             on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            note_outside(&name, &parent);
         }
         VhdCommand::Query {
             name,
@@ -602,6 +616,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
         VhdCommand::SetParent { name, parent } => {
             on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
             on(&name, vfs::set_parent_in(paths, &name, &parent))?;
+            note_outside(&name, &parent);
         }
     }
     Ok(0)
