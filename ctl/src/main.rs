@@ -1,5 +1,6 @@
 //! `tap-ctl`: blktap-compatible lifecycle commands (talking to tap-broker)
-//! and offline VHD tools that work on the caller's own files.
+//! and offline VHD tools that work on the caller's own files, parsing them
+//! in a confined child (`tapjail_ctl::privsep`).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -216,3 +216,34 @@ pub fn close_stray_fds(keep: RawFd) -> io::Result<()> {
     close(3, keep - 1)?;
     close((keep + 1).max(3), RawFd::MAX)
 }
+
+/// `capset` to no capabilities at all (effective, permitted, inheritable)
+/// for the calling thread: a root parser keeps none of root's powers.
+pub fn drop_all_caps() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and the two data words (version 3 takes two) live
+    // for the call; the kernel only reads them.
+    check(unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) })
+        .map(drop)
+}

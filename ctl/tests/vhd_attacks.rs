@@ -223,7 +223,7 @@ fn status_field(pid: u32, field: &str) -> String {
 }
 
 #[test]
-fn image_verbs_parse_in_a_child_under_seccomp_and_no_new_privs() {
+fn image_verbs_parse_in_a_child_under_seccomp_without_privileges() {
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("a.vhd");
     ok(&["vhd", "create", "-n", s(&img), "-s", "16"]);
@@ -256,6 +256,8 @@ fn image_verbs_parse_in_a_child_under_seccomp_and_no_new_privs() {
         .unwrap();
     assert_eq!(status_field(parser, "Seccomp"), "2");
     assert_eq!(status_field(parser, "NoNewPrivs"), "1");
+    assert_eq!(status_field(parser, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(parser, "CapPrm"), "0000000000000000");
     // The parent, which opens files, parses nothing and stays as it was.
     assert_eq!(status_field(c.id(), "Seccomp"), "0");
     let mut rest = Vec::new();

@@ -3,7 +3,7 @@
 //! An image is untrusted input and `tap-ctl vhd` often runs as root, so the
 //! bytes are parsed by a forked child that first gives up the filesystem
 //! (`landlock`: a ruleset that handles every access right and grants
-//! none) and most system calls (`seccomp`: an allowlist in which no call
+//! none), every capability, and most system calls (`seccomp`: an allowlist in which no call
 //! opens, creates or removes a path, nor execs, makes sockets or signals
 //! others). It gets its files from the unconfined parent over a socket
 //! ([`crate::privsep`]), which opens only what the command line names and
@@ -24,6 +24,8 @@ use crate::sys;
 /// A step of confinement that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {
+    #[error("cannot drop capabilities: {0}")]
+    Caps(std::io::Error),
     #[error("cannot set no_new_privs: {0}")]
     NoNewPrivs(std::io::Error),
     #[error("cannot apply the landlock ruleset: {0}")]
@@ -45,11 +47,13 @@ pub struct Confined {
     pub landlock_abi: Option<u32>,
 }
 
-/// Confine the calling thread (and its future threads) for good: no new
-/// privileges, a deny-all landlock domain, then the seccomp allowlist.
+/// Confine the calling thread (and its future threads) for good: no
+/// capabilities, no new privileges, a deny-all landlock domain, then the
+/// seccomp allowlist.
 /// Call in a single-threaded process.
 pub fn confine() -> Result<Confined, ConfineError> {
     let filter = seccomp::program().ok_or(ConfineError::Arch)?;
+    sys::drop_all_caps().map_err(ConfineError::Caps)?;
     sys::no_new_privs().map_err(ConfineError::NoNewPrivs)?;
     let landlock_abi = landlock::deny_all().map_err(ConfineError::Landlock)?;
     sys::seccomp_filter(&filter).map_err(ConfineError::Seccomp)?;

@@ -216,8 +216,9 @@ fn hint(e: &ImageError, path: &Path) -> String {
              `tap-ctl vhd repair -n {p}` to fix what can be fixed"
         ),
         ImageError::Parent(_) | ImageError::ParentUuidMismatch { .. } => format!(
-            "the parent of {p} is missing or wrong: put it back, or point the image at \
-             the right one with `tap-ctl vhd set-parent -n {p} -p PARENT`"
+            "the parent of {p} is missing, wrong, or not where tap-ctl looks: put it back, \
+             name it with --parent PARENT, or point the image at the right one with \
+             `tap-ctl vhd set-parent -n {p} -p PARENT`"
         ),
         ImageError::ParentLoop { .. } | ImageError::ChainTooDeep { .. } => {
             format!("the parent chain of {p} is broken; fix it with `tap-ctl vhd set-parent`")
