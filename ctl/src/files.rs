@@ -18,7 +18,7 @@
 //! (`--parent PATH`).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use tapjail_image::raw::RawImage;
 use tapjail_image::vhd::check::{check, Problem};
@@ -65,11 +65,36 @@ pub trait Paths {
     ) -> Result<(File, String), ImageError>;
 }
 
+/// The directories of the layers opened so far, each pinned (an `O_PATH`
+/// fd) when its layer was opened: a layer's parents are looked for in the
+/// directory it was opened from, even if someone renames or replaces that
+/// directory's path meanwhile.
+#[derive(Debug, Default)]
+pub struct Dirs(Vec<(String, OwnedFd)>);
+
+impl Dirs {
+    /// The pinned directory of the layer opened as `name`.
+    pub fn get(&self, name: &str) -> Option<BorrowedFd<'_>> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.as_fd())
+    }
+
+    /// Remember `dir` as the directory of `name` (the first one stays).
+    pub fn insert(&mut self, name: &str, dir: OwnedFd) {
+        if self.get(name).is_none() {
+            self.0.push((name.to_string(), dir));
+        }
+    }
+}
+
 /// Direct, unconfined access to the filesystem.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Local {
     /// Parents named by the user: (child name, parent path).
     named: Vec<(String, PathBuf)>,
+    dirs: Dirs,
 }
 
 impl Local {
@@ -83,7 +108,9 @@ impl Local {
 
 impl Paths for Local {
     fn open(&mut self, path: &Path, write: bool) -> Result<File, ImageError> {
-        open_file(path, !write)
+        let (f, dir) = open_named(path, write)?;
+        self.dirs.insert(&path.to_string_lossy(), dir);
+        Ok(f)
     }
 
     fn create(&mut self, path: &Path) -> Result<File, ImageError> {
@@ -100,7 +127,11 @@ impl Paths for Local {
         write: bool,
     ) -> Option<Result<(File, String), ImageError>> {
         let (_, p) = self.named.iter().find(|(c, _)| c == child)?;
-        Some(open_file(p, !write).map(|f| (f, p.to_string_lossy().into_owned())))
+        let p = p.clone();
+        Some(
+            self.open(&p, write)
+                .map(|f| (f, p.to_string_lossy().into_owned())),
+        )
     }
 
     fn locate(
@@ -109,7 +140,15 @@ impl Paths for Local {
         locator: &ParentLocator,
         write: bool,
     ) -> Result<(File, String), ImageError> {
-        locate_beneath(child, locator, write)
+        // A child this Local did not open (a caller's own opener) has its
+        // directory looked up now.
+        let dir = match self.dirs.get(child) {
+            Some(d) => d.try_clone_to_owned().map_err(ImageError::io("dup", 0))?,
+            None => open_dir(dir_of(child).unwrap_or(Path::new(".")))?,
+        };
+        let (f, name, pdir) = locate_beneath(dir.as_fd(), dir_of(child), locator, write)?;
+        self.dirs.insert(&name, pdir);
+        Ok((f, name))
     }
 }
 
@@ -156,13 +195,27 @@ fn refused(why: String) -> ImageError {
     ImageError::Parent(why)
 }
 
-/// Open the file `locator` names for the layer `child`, if the rule allows
-/// it: relative, beneath `child`'s directory, no `..`, no symbolic link.
+/// Open the directory `dir` as an `O_PATH` fd, to pin it.
+fn open_dir(dir: &Path) -> Result<OwnedFd, ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .map(OwnedFd::from)
+        .map_err(ImageError::io("open", 0))
+}
+
+/// Open the file `locator` names for a layer whose directory is `dir`
+/// (known to the user as `dir_name`), if the rule allows it: relative,
+/// beneath `dir`, no `..`, no symbolic link. Returns the file, the name
+/// it was opened under, and its own directory, pinned.
 pub fn locate_beneath(
-    child: &str,
+    dir: BorrowedFd<'_>,
+    dir_name: Option<&Path>,
     locator: &ParentLocator,
     write: bool,
-) -> Result<(File, String), ImageError> {
+) -> Result<(File, String, OwnedFd), ImageError> {
     let rel = Path::new(&locator.path);
     if !locator.relative || rel.is_absolute() {
         return Err(refused(
@@ -178,21 +231,15 @@ pub fn locate_beneath(
         .components()
         .filter(|c| *c != Component::CurDir)
         .collect();
-    if clean.as_os_str().is_empty() {
+    let Some(base) = clean.file_name() else {
         return Err(refused("refused: it names no file".into()));
-    }
-    let dir = dir_of(child).unwrap_or(Path::new("."));
-    let dirf = {
-        use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-            .open(dir)
-            .map_err(ImageError::io("open directory", 0))?
     };
-    let flags = if write { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_NONBLOCK;
-    let fd = crate::sys::openat2_beneath(dirf.as_fd(), &clean, flags).map_err(|e| {
-        match e.raw_os_error() {
+    let sub = clean
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let beneath = |d: BorrowedFd<'_>, p: &Path, flags| {
+        crate::sys::openat2_beneath(d, p, flags).map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => {
                 refused("refused: a symbolic link is on its way (none is followed)".into())
             }
@@ -202,16 +249,18 @@ pub fn locate_beneath(
                 offset: 0,
                 source: e,
             },
-        }
-    })?;
-    let f = File::from(fd);
-    let name = match dir_of(child) {
+        })
+    };
+    let pdir = beneath(dir, sub, libc::O_PATH | libc::O_DIRECTORY)?;
+    let flags = if write { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_NONBLOCK;
+    let f = File::from(beneath(pdir.as_fd(), Path::new(base), flags)?);
+    let name = match dir_name {
         Some(d) => d.join(&clean),
         None => clean,
     };
     check_kind(&f, &name)?;
     crate::sys::clear_nonblock(f.as_fd()).map_err(ImageError::io("fcntl", 0))?;
-    Ok((f, name.to_string_lossy().into_owned()))
+    Ok((f, name.to_string_lossy().into_owned(), pdir))
 }
 
 /// The UUID in a file's footer, if it has one.
@@ -305,24 +354,37 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
 /// by name. The open itself is non-blocking, so that a FIFO (which would
 /// wait for a writer forever) is refused instead of hanging the tool.
 pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| match source.raw_os_error() {
+    open_named(path, !read_only).map(|(f, _)| f)
+}
+
+/// [`open_file`], returning also the file's directory, pinned: the
+/// directory is opened first and the file in it, so both are the ones
+/// the path named at the same moment.
+pub fn open_named(path: &Path, write: bool) -> Result<(File, OwnedFd), ImageError> {
+    let Some(base) = path.file_name() else {
+        return Err(not_an_image(path, "directory"));
+    };
+    let dir = open_dir(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )?;
+    let flags = if write { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_NONBLOCK;
+    let fd = crate::sys::openat2(dir.as_raw_fd(), Path::new(base), flags, 0).map_err(|source| {
+        match source.raw_os_error() {
             Some(libc::EISDIR) => not_an_image(path, "directory"),
             _ => ImageError::Io {
                 op: "open",
                 offset: 0,
                 source,
             },
-        })?;
+        }
+    })?;
+    let f = File::from(fd);
     check_kind(&f, path)?;
     // Back to blocking I/O for the image itself.
     crate::sys::clear_nonblock(f.as_fd()).map_err(ImageError::io("fcntl", 0))?;
-    Ok(f)
+    Ok((f, dir))
 }
 
 /// Refuse anything but a regular file or a block device, by name.
@@ -976,5 +1038,33 @@ mod tests {
         assert_eq!(r, "../c/base.vhd");
         let r = relative_path(Path::new("/a/b/"), Path::new("/a/b/./x/../base.vhd")).unwrap();
         assert_eq!(r, "./base.vhd");
+    }
+
+    #[test]
+    fn parent_is_looked_for_in_the_directory_the_child_was_opened_from() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let b = tmp.path().join("b");
+        for (d, byte) in [(&a, b'A'), (&b, b'B')] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("base.img"), [byte; 512]).unwrap();
+        }
+        std::fs::write(a.join("leaf.img"), [0u8; 512]).unwrap();
+        let leaf = a.join("leaf.img");
+        let mut local = Local::default();
+        local.open(&leaf, false).unwrap();
+        // The directory's path now leads elsewhere: not followed.
+        std::fs::rename(&a, tmp.path().join("a-moved")).unwrap();
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        let loc = ParentLocator {
+            code: "W2ru".into(),
+            path: "./base.img".into(),
+            relative: true,
+        };
+        let (f, name) = local.locate(&leaf.to_string_lossy(), &loc, false).unwrap();
+        let mut got = [0u8; 1];
+        Backing::read_exact_at(&f, &mut got, 0).unwrap();
+        assert_eq!(got, [b'A']);
+        assert_eq!(Path::new(&name), a.join("base.img"));
     }
 }

@@ -269,8 +269,9 @@ impl Paths for Remote {
 #[derive(Debug)]
 struct Server {
     grant: Grant,
-    /// Names of layers handed out: only their parents may be looked for.
-    handed: Vec<String>,
+    /// Layers handed out, with their pinned directories: only their
+    /// parents may be looked for, and only there.
+    dirs: files::Dirs,
     created: Option<PathBuf>,
 }
 
@@ -278,7 +279,7 @@ impl Server {
     fn new(grant: Grant) -> Self {
         Server {
             grant,
-            handed: Vec::new(),
+            dirs: files::Dirs::default(),
             created: None,
         }
     }
@@ -327,9 +328,9 @@ impl Server {
                 {
                     return Err(not_granted(path.display().to_string()));
                 }
-                let f = files::open_file(&path, !write)?;
+                let (f, dir) = files::open_named(&path, write)?;
                 let name = path.to_string_lossy().into_owned();
-                self.hand(&name);
+                self.dirs.insert(&name, dir);
                 Ok(Some((f, name)))
             }
             Ask::Create { path } => {
@@ -359,9 +360,9 @@ impl Server {
                 else {
                     return Err(Refusal::NotNamed);
                 };
-                let f = files::open_file(parent, !write)?;
+                let (f, dir) = files::open_named(parent, write)?;
                 let name = parent.to_string_lossy().into_owned();
-                self.hand(&name);
+                self.dirs.insert(&name, dir);
                 Ok(Some((f, name)))
             }
             Ask::Locate { child, loc, write } => {
@@ -371,8 +372,16 @@ impl Server {
                     path: loc.path,
                     relative: loc.relative,
                 };
-                let (f, name) = files::locate_beneath(&child, &loc, write)?;
-                self.hand(&name);
+                let dir = self.dirs.get(&child).ok_or_else(|| {
+                    Refusal::Failed(ImageError::Parent(format!(
+                        "{child} was not opened by this tool: its parent is not looked for"
+                    )))
+                })?;
+                let dir_name = Path::new(&child)
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty());
+                let (f, name, pdir) = files::locate_beneath(dir, dir_name, &loc, write)?;
+                self.dirs.insert(&name, pdir);
                 Ok(Some((f, name)))
             }
         }
@@ -381,7 +390,7 @@ impl Server {
     /// Parents are looked for only for layers handed out, and writable
     /// only for the leaf's own parent when the command merges into it.
     fn may_look_for_parent_of(&self, child: &str, write: bool) -> Result<(), Refusal> {
-        if !self.handed.iter().any(|h| h == child) {
+        if self.dirs.get(child).is_none() {
             return Err(Refusal::Failed(ImageError::Parent(format!(
                 "{child} was not opened by this tool: its parent is not looked for"
             ))));
@@ -397,12 +406,6 @@ impl Server {
             ))));
         }
         Ok(())
-    }
-
-    fn hand(&mut self, name: &str) {
-        if !self.handed.iter().any(|h| h == name) {
-            self.handed.push(name.to_string());
-        }
     }
 }
 

@@ -27,13 +27,19 @@ pub fn openat2_beneath(dir: BorrowedFd<'_>, rel: &Path, flags: libc::c_int) -> i
     openat2(dir.as_raw_fd(), rel, flags, resolve)
 }
 
-/// `openat2(dir, path, flags | O_CLOEXEC | O_NOCTTY, resolve)`; `dir` may
-/// be `AT_FDCWD`.
+/// `openat2(dir, path, flags | O_CLOEXEC | O_NOCTTY, resolve)` (no
+/// O_NOCTTY with O_PATH); `dir` may be `AT_FDCWD`.
 pub fn openat2(dir: RawFd, path: &Path, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
     let c = cstring(path)?;
     // SAFETY: open_how is plain data; all-zero is its valid empty value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    // openat2 refuses O_NOCTTY (and any flag but a few) with O_PATH.
+    let noctty = if flags & libc::O_PATH == 0 {
+        libc::O_NOCTTY
+    } else {
+        0
+    };
+    how.flags = (flags | libc::O_CLOEXEC | noctty) as u64;
     how.resolve = resolve;
     // SAFETY: `c` and `how` outlive the call and the size is how's own;
     // the kernel only reads them. A bad `dir` is an error, not UB.
