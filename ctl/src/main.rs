@@ -95,6 +95,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
     fn render_error_with_repeated_source_says_it_once() {
         // ENOENT, as the engine reports a missing file.
         let io = std::io::Error::from_raw_os_error(2);

@@ -12,7 +12,7 @@ mod progress;
 
 use crate::escape::escape;
 use anyhow::{bail, Context, Result};
-use clap::{Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,6 +46,30 @@ impl From<InFormat> for SourceFormat {
             InFormat::Raw => SourceFormat::Raw,
             InFormat::Vhd => SourceFormat::Vhd,
         }
+    }
+}
+
+/// `--parent PATH`: a parent the locator rule would not find.
+#[derive(Debug, Clone, Args)]
+pub struct ParentArg {
+    /// The parent image, wherever it is (otherwise only relative parent
+    /// locators to a file beneath the image's directory are followed).
+    #[arg(long = "parent", visible_alias = "parent-path", value_name = "PATH")]
+    pub parent_path: Option<PathBuf>,
+}
+
+/// `-f raw|vhd`: what the source image is.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct FormatArg {
+    /// The image's format; without it a file showing any sign of a VHD
+    /// is opened as one (never silently as raw).
+    #[arg(short = 'f', long = "format", value_enum, value_name = "FORMAT")]
+    pub source_format: Option<InFormat>,
+}
+
+impl FormatArg {
+    fn get(self) -> Option<SourceFormat> {
+        self.source_format.map(Into::into)
     }
 }
 
@@ -99,10 +123,8 @@ pub enum VhdCommand {
     Check {
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
-        /// The parent image, wherever it is (only relative locators
-        /// beneath the image's directory are followed otherwise).
-        #[arg(long = "parent", visible_alias = "parent-path", value_name = "PATH")]
-        parent_path: Option<PathBuf>,
+        #[command(flatten)]
+        parent_path: ParentArg,
     },
     /// Fix footers and batmaps; reports what is left.
     Repair {
@@ -117,14 +139,10 @@ pub enum VhdCommand {
         offset: u64,
         #[arg(short = 'l', long = "length", value_name = "BYTES")]
         length: u64,
-        /// The image's format; without it a file showing any sign of a
-        /// VHD is opened as one (never silently as raw).
-        #[arg(short = 'f', long = "format", value_enum, value_name = "FORMAT")]
-        source_format: Option<InFormat>,
-        /// The parent image, wherever it is (only relative locators
-        /// beneath the image's directory are followed otherwise).
-        #[arg(long = "parent", visible_alias = "parent-path", value_name = "PATH")]
-        parent_path: Option<PathBuf>,
+        #[command(flatten)]
+        source_format: FormatArg,
+        #[command(flatten)]
+        parent_path: ParentArg,
     },
     /// Write stdin (at most 64 MiB) into the virtual disk at OFFSET, all
     /// or nothing: the whole input is read and checked first, and a write
@@ -137,14 +155,10 @@ pub enum VhdCommand {
         /// Expect exactly this many bytes on stdin; write nothing otherwise.
         #[arg(short = 'l', long = "length", value_name = "BYTES")]
         length: Option<u64>,
-        /// The image's format; without it a file showing any sign of a
-        /// VHD is opened as one (never silently as raw).
-        #[arg(short = 'f', long = "format", value_enum, value_name = "FORMAT")]
-        source_format: Option<InFormat>,
-        /// The parent image, wherever it is (only relative locators
-        /// beneath the image's directory are followed otherwise).
-        #[arg(long = "parent", visible_alias = "parent-path", value_name = "PATH")]
-        parent_path: Option<PathBuf>,
+        #[command(flatten)]
+        source_format: FormatArg,
+        #[command(flatten)]
+        parent_path: ParentArg,
     },
     /// Convert SRC (raw or VHD: -f, or probed without guessing) into a new
     /// file DST.
@@ -160,14 +174,10 @@ pub enum VhdCommand {
         /// Make the output durable (fdatasync) before exiting.
         #[arg(long)]
         sync: bool,
-        /// The image's format; without it a file showing any sign of a
-        /// VHD is opened as one (never silently as raw).
-        #[arg(short = 'f', long = "format", value_enum, value_name = "FORMAT")]
-        source_format: Option<InFormat>,
-        /// The parent image, wherever it is (only relative locators
-        /// beneath the image's directory are followed otherwise).
-        #[arg(long = "parent", visible_alias = "parent-path", value_name = "PATH")]
-        parent_path: Option<PathBuf>,
+        #[command(flatten)]
+        source_format: FormatArg,
+        #[command(flatten)]
+        parent_path: ParentArg,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -175,10 +185,8 @@ pub enum VhdCommand {
     Coalesce {
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
-        /// The parent to merge into, wherever it is (only relative
-        /// locators beneath the image's directory are followed otherwise).
-        #[arg(long = "parent", visible_alias = "parent-path", value_name = "PATH")]
-        parent_path: Option<PathBuf>,
+        #[command(flatten)]
+        parent_path: ParentArg,
     },
     /// Grow an image to SIZE MiB.
     Resize {
@@ -279,6 +287,7 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
     let named = |leaf: &PathBuf, parent: &Option<PathBuf>| {
         parent.as_ref().map(|p| (leaf.clone(), p.clone()))
     };
+    let arg = |a: &ParentArg| a.parent_path.clone();
     Ok(match command {
         C::Create { .. } | C::ConfineCheck { .. } => Grant::default(),
         C::Snapshot { name, parent, .. } => {
@@ -291,13 +300,17 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
         }
         C::Query {
             name, parent_path, ..
-        }
-        | C::Check { name, parent_path }
+        } => Grant {
+            open: vec![ro(name)],
+            named_parent: named(name, parent_path),
+            ..Grant::default()
+        },
+        C::Check { name, parent_path }
         | C::Read {
             name, parent_path, ..
         } => Grant {
             open: vec![ro(name)],
-            named_parent: named(name, parent_path),
+            named_parent: named(name, &arg(parent_path)),
             ..Grant::default()
         },
         C::Repair { name } | C::Resize { name, .. } => Grant {
@@ -308,7 +321,7 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             name, parent_path, ..
         } => Grant {
             open: vec![rw(name)],
-            named_parent: named(name, parent_path),
+            named_parent: named(name, &arg(parent_path)),
             ..Grant::default()
         },
         C::Convert {
@@ -319,12 +332,12 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
         } => Grant {
             open: vec![ro(src)],
             create: Some(dst.clone()),
-            named_parent: named(src, parent_path),
+            named_parent: named(src, &arg(parent_path)),
             ..Grant::default()
         },
         C::Coalesce { name, parent_path } => Grant {
             open: vec![ro(name)],
-            named_parent: named(name, parent_path),
+            named_parent: named(name, &arg(parent_path)),
             parent_writable: true,
             ..Grant::default()
         },
@@ -518,7 +531,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
         } => {
             let img = on(
                 &name,
-                vfs::open_any_in(paths, &name, source_format.map(Into::into), false),
+                vfs::open_any_in(paths, &name, source_format.get(), false),
             )?;
             // Refuse a range past the end before writing any of it.
             let size = img.virtual_size();
@@ -548,7 +561,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             let data = input.unwrap_or_default();
             let img = on(
                 &name,
-                vfs::open_any_in(paths, &name, source_format.map(Into::into), true),
+                vfs::open_any_in(paths, &name, source_format.get(), true),
             )?;
             write_all_or_nothing(img.as_ref(), &name, &data, offset)?;
         }
@@ -572,7 +585,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             vfs::convert_in(
                 paths,
                 &src,
-                source_format.map(Into::into),
+                source_format.get(),
                 &dst,
                 target,
                 sync,
