@@ -3,7 +3,7 @@
 //! standalone mode and the broker do for workers).
 //!
 //! The parent never reads image bytes. It answers the child's requests
-//! ([`Ask`]) from a [`Grant`] made from the command line before the fork:
+//! (`Ask`) from a [`Grant`] made from the command line before the fork:
 //! the named files in the named modes, the one new output file, and
 //! parents of layers it has handed out, found under the locator rule of
 //! [`crate::files`] or named with `--parent`. A child taken over by a

@@ -178,10 +178,12 @@ pub fn open_chain(
     }
 }
 
-/// Guess the kind of an image file from its bytes: a VHD footer cookie
-/// makes it `vhd`, anything else is raw (`aio`).
+/// The kind of an image file from its bytes, without guessing in the
+/// dangerous direction: any sign of a VHD ([`vhd::probe::vhd_sign`]) makes
+/// it `vhd` (which then opens or is refused), and only a file with none is
+/// raw (`aio`).
 pub fn detect_kind(file: &dyn Backing) -> Result<tapjail_common::proto::ImageKind, ImageError> {
-    Ok(if vhd::is_vhd(file)? {
+    Ok(if vhd::probe::vhd_sign(file)?.is_some() {
         tapjail_common::proto::ImageKind::Vhd
     } else {
         tapjail_common::proto::ImageKind::Aio
