@@ -4,14 +4,22 @@
 //! Runs in the foreground (systemd `Type=simple`), logs to stderr, stops
 //! on SIGTERM/SIGINT after destroying every disk it serves.
 
+mod audit;
 mod bringup;
 mod broker;
 mod denials;
+mod dispatch;
 use tapjail_broker::device;
 mod error;
+#[cfg(test)]
+mod faults;
+mod lease;
+mod lifecycle;
 mod ops;
+mod publish;
 mod records;
 mod server;
+mod supervisor;
 mod sys;
 mod table;
 mod worker;
@@ -177,7 +185,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
 
     let memlock = memlock_for_workers(policy.worker_memlock);
-    let spawn_cfg = worker::SpawnConfig {
+    let spawn_cfg = supervisor::process::SpawnConfig {
         tapdisk,
         memlock,
         timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),
