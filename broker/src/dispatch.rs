@@ -169,3 +169,150 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::factory::DeviceFactory;
+    use crate::records::StateDir;
+    use crate::supervisor::process::SpawnConfig;
+    use std::path::Path;
+    use std::time::Duration;
+    use tapjail_common::audit::AuditLog;
+    use tapjail_common::Minor;
+    use tapjail_policy::Policy;
+
+    /// A broker serving uid 0 as tenant `root`, NBD frontend, no worker
+    /// binary (enough for the requests that need no worker).
+    fn broker(dir: &Path) -> Arc<Broker> {
+        let text = format!(
+            "socket = {:?}\naudit_log = {:?}\nstate_dir = {:?}\ndevice_dir = {:?}\nfrontend = \"nbd\"\n\
+             [[tenant]]\nname = \"root\"\nuids = [0]\nimage_roots = [{:?}]\nadmin = true\n",
+            dir.join("sock"),
+            dir.join("audit.jsonl"),
+            dir.join("state"),
+            dir.join("dev"),
+            dir.join("images"),
+        );
+        let policy = Policy::parse(&text).expect("policy");
+        let audit = AuditLog::open(&dir.join("audit.jsonl")).expect("audit");
+        let devices = DeviceFactory::new(policy.frontend, &dir.join("state"), Path::new("/dev"))
+            .expect("nbd");
+        let state = StateDir::create(&dir.join("state")).expect("state");
+        let spawn = SpawnConfig {
+            tapdisk: dir.join("no-tapdisk"),
+            memlock: 0,
+            timeout: Duration::from_secs(1),
+        };
+        Arc::new(Broker::new(policy, audit, devices, state, spawn).expect("broker"))
+    }
+
+    /// `chattr +i` on a file until dropped.
+    struct Immutable(std::path::PathBuf);
+
+    impl Immutable {
+        fn set(p: &Path) -> Immutable {
+            let st = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(p)
+                .status()
+                .expect("chattr (e2fsprogs) is needed to make the audit log fail");
+            assert!(st.success(), "chattr +i {}: {st}", p.display());
+            Immutable(p.to_path_buf())
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    const ROOT: PeerCred = PeerCred {
+        pid: 1,
+        uid: 0,
+        gid: 0,
+    };
+
+    fn m(n: u64) -> Minor {
+        Minor::new(n).unwrap()
+    }
+
+    fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn panic_inside_an_operation_is_answered_audited_and_leaves_the_minor_usable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = broker(tmp.path());
+        let alloc = Request::Allocate { minor: Some(m(3)) };
+        assert!(matches!(b.handle(&ROOT, &alloc), Reply::Allocated { .. }));
+        crate::faults::panic_at("destroy");
+        let destroy = Request::Destroy {
+            pid: None,
+            minor: m(3),
+        };
+        // The panic happens with minor 3 leased; this thread survives it.
+        let r = b.handle(&ROOT, &destroy);
+        let Reply::Error { kind, message } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(kind, ErrorKind::Failed);
+        assert!(message.contains("internal error"), "{message}");
+        let last = audit_lines(tmp.path()).pop().unwrap();
+        assert!(
+            last["outcome"].as_str().unwrap().contains("panic"),
+            "{last}"
+        );
+        // The lease gave the minor back: listed, idle, destroyable.
+        let list = b.handle(
+            &ROOT,
+            &Request::List {
+                pid: None,
+                minor: None,
+            },
+        );
+        let Reply::List(rows) = list else {
+            panic!("{list:?}")
+        };
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].minor, Some(m(3)));
+        assert_eq!(b.handle(&ROOT, &destroy), Reply::Ok);
+        // And the minor can be allocated again.
+        assert!(matches!(b.handle(&ROOT, &alloc), Reply::Allocated { .. }));
+    }
+
+    #[test]
+    fn decision_line_precedes_the_act_and_a_failed_one_refuses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = broker(tmp.path());
+        let alloc = Request::Allocate { minor: Some(m(5)) };
+        assert!(matches!(b.handle(&ROOT, &alloc), Reply::Allocated { .. }));
+        let lines = audit_lines(tmp.path());
+        let [decision, outcome] = &lines[lines.len() - 2..] else {
+            unreachable!()
+        };
+        assert_eq!(decision["outcome"], crate::audit::PENDING, "{decision}");
+        assert_eq!(decision["decision"], "allow");
+        assert!(outcome["outcome"].as_str().unwrap().starts_with("ok"));
+        // The decision line of the next request cannot be written (the
+        // file is made immutable under the open fd: writes fail EPERM): it
+        // is refused and minor 6 is never allocated.
+        let _immutable = Immutable::set(&tmp.path().join("audit.jsonl"));
+        let r = b.handle(&ROOT, &Request::Allocate { minor: Some(m(6)) });
+        assert!(
+            matches!(&r, Reply::Error { message, .. } if message.contains("audit log")),
+            "{r:?}"
+        );
+        assert!(!b.table().disks.contains_key(&m(6)));
+        assert!(b.state.lock_minor(m(6)).unwrap().is_some(), "no lock taken");
+    }
+}

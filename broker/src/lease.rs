@@ -51,13 +51,17 @@ impl<'a> Lease<'a> {
     }
 
     pub fn phase(&self) -> &Phase {
-        self.phase.as_ref().expect("lease holds a phase until it ends")
+        self.phase
+            .as_ref()
+            .expect("lease holds a phase until it ends")
     }
 
     /// Change the held phase as irreversible work happens (a torn-down
     /// device, a new worker), so that a failure puts back the truth.
     pub fn phase_mut(&mut self) -> &mut Phase {
-        self.phase.as_mut().expect("lease holds a phase until it ends")
+        self.phase
+            .as_mut()
+            .expect("lease holds a phase until it ends")
     }
 
     /// Take the held phase out to rebuild it; `commit` or `set` puts one back.
@@ -78,8 +82,9 @@ impl<'a> Lease<'a> {
     /// End the operation and free the minor (destroy, a failed create).
     pub fn discard(mut self) {
         let phase = self.phase.take();
-        let disk = self.lock().disks.remove(&self.minor);
-        if let Some(mut disk) = disk {
+        let mut t = self.lock();
+        t.set_files(self.minor, &[]);
+        if let Some(mut disk) = t.disks.remove(&self.minor) {
             if let Some(p) = phase {
                 disk.restore_for_release(p);
             }

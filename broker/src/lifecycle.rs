@@ -309,4 +309,3 @@ fn busy(minor: Minor, op: &str) -> BrokerError {
         "minor {minor}: another operation ({op}) is in progress"
     ))
 }
-

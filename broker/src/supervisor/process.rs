@@ -12,6 +12,7 @@
 
 use crate::sys;
 use crate::worker::{clean, variant, WorkerConn, WorkerError};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -19,7 +20,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-use std::io;
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::worker_proto::{FromWorker, CONTROL_FD};
 
