@@ -34,6 +34,20 @@ pub struct ParentCtx<'a> {
     pub child: &'a str,
 }
 
+/// A reaped worker, for its audit line.
+#[derive(Debug)]
+pub struct WorkerExit {
+    pub pid: u32,
+    pub uid: u32,
+    pub owner: String,
+    pub minor: Option<Minor>,
+    /// Why the broker killed it, if it did.
+    pub killed: Option<String>,
+    /// The broker asked it to go.
+    pub stopping: bool,
+    pub exit: crate::sys::Exit,
+}
+
 impl Broker {
     /// Append to the audit log; on failure stop serving.
     pub fn audit(&self, entry: &Entry) -> Result<(), BrokerError> {
@@ -279,29 +293,22 @@ impl Broker {
     }
 
     /// A worker exited: why, and whether the broker asked it to.
-    pub fn audit_worker_exit(
-        &self,
-        pid: u32,
-        uid: u32,
-        owner: String,
-        minor: Option<Minor>,
-        killed: Option<String>,
-        stopping: bool,
-        exit: crate::sys::Exit,
-    ) {
-        let (rule, what) = match (&killed, stopping) {
+    pub fn audit_worker_exit(&self, x: WorkerExit) {
+        let (rule, what) = match (&x.killed, x.stopping) {
             (Some(why), _) => ("worker-killed", format!("was killed by tap-broker ({why})")),
             (None, true) => ("worker-exit", "stopped".to_string()),
             (None, false) => ("worker-death", "died".to_string()),
         };
+        let (pid, uid) = (x.pid, x.uid);
         self.notice(
             Event::WorkerExit,
             Some(Peer { pid, uid, gid: uid }),
-            Some(owner),
+            Some(x.owner),
             rule,
             format!(
-                "tapdisk {pid}{} {what}: {exit}",
-                minor.map(|m| format!(" (minor {m})")).unwrap_or_default()
+                "tapdisk {pid}{} {what}: {}",
+                x.minor.map(|m| format!(" (minor {m})")).unwrap_or_default(),
+                x.exit
             ),
         );
     }

@@ -3,6 +3,45 @@
 //!
 //! Runs in the foreground (systemd `Type=simple`), logs to stderr, stops
 //! on SIGTERM/SIGINT after destroying every disk it serves.
+//!
+//! # Modules, top to bottom (each uses only those below it)
+//!
+//! - `server`: the control socket, one thread per client.
+//! - `dispatch`: request → policy → audited decision → operation → reply.
+//! - `ops`: the operations, one module per group of verbs.
+//! - `supervisor`: workers started (confinement checked), watched, reaped,
+//!   stopped, respawned.
+//! - `bringup`: an image opened beneath its root, its chain opened by the
+//!   worker (parents decided and audited), the device created.
+//! - `audit`: the recorder; every audit line is built there.
+//! - `lease`, `lifecycle`, `table`: a minor's phase, the lease operations
+//!   hold it by, and the tables of minors, workers and open files.
+//! - `worker` (a worker's control socket), `device` (kernel backends),
+//!   `records` (`state_dir`), `publish`, `denials`, `sys` (syscalls).
+//!
+//! # A minor's life (phases × verbs)
+//!
+//! ```text
+//!             Allocated    Attached       Serving        Paused        Dead
+//! allocate    (new)
+//! attach      → Attached   busy           busy           busy          busy
+//! open        no worker    → Serving      busy           busy          dead
+//! pause       no worker    no image       → Paused       busy          dead
+//! unpause     no worker    not paused     not paused     → Serving     dead
+//! stats       no worker    ok             ok             ok            dead
+//! close       no worker    no image       → Attached*    → Attached*   → Dead*
+//! detach      no worker    → Allocated    busy           busy          → Allocated
+//! free        → (freed)    busy           busy           busy          → (freed)
+//! destroy     → (freed)    → (freed)      → (freed)      → (freed)     → (freed)
+//! create      (new) → Serving, or nothing on failure
+//! worker dies              → Dead         → Dead         → Dead
+//! respawn                                                              → Serving
+//! ```
+//!
+//! `*` marks blktap's CLOSED bit. `respawn` applies to a dead minor that
+//! was serving and not paused (`Phase::wants_respawn`). Every move from
+//! one column to another happens through a lease; a request on a leased
+//! minor is refused as busy.
 
 mod audit;
 mod bringup;

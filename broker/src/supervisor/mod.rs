@@ -5,6 +5,7 @@
 
 pub mod process;
 
+use crate::audit::WorkerExit;
 use crate::bringup::{DeviceMode, ImageReq, Target};
 use crate::broker::Broker;
 use crate::error::BrokerError;
@@ -217,7 +218,15 @@ impl Broker {
         }
         self.exited.notify_all();
         drop(t);
-        self.audit_worker_exit(pid, uid, owner, minor, killed, stopping, exit);
+        self.audit_worker_exit(WorkerExit {
+            pid,
+            uid,
+            owner,
+            minor,
+            killed,
+            stopping,
+            exit,
+        });
         if let (false, Some(m)) = (stopping, minor) {
             self.after_op(m);
         }
