@@ -4,13 +4,23 @@
 use crate::denials::DenialLimiter;
 use crate::device::factory::DeviceFactory;
 use crate::records::StateDir;
-use crate::supervisor::process::SpawnConfig;
 use crate::table::Table;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 use tapjail_common::audit::AuditLog;
 use tapjail_policy::Policy;
+
+/// How to start workers.
+#[derive(Debug, Clone)]
+pub struct SpawnConfig {
+    pub tapdisk: PathBuf,
+    /// RLIMIT_MEMLOCK (soft and hard), bytes.
+    pub memlock: u64,
+    pub timeout: Duration,
+}
 
 /// The audit log and whether it still works.
 #[derive(Debug)]

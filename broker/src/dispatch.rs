@@ -173,9 +173,9 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::SpawnConfig;
     use crate::device::factory::DeviceFactory;
     use crate::records::StateDir;
-    use crate::supervisor::process::SpawnConfig;
     use std::path::Path;
     use std::time::Duration;
     use tapjail_common::audit::AuditLog;

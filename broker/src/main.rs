@@ -14,6 +14,7 @@
 //! - `bringup`: an image opened beneath its root, its chain opened by the
 //!   worker (parents decided and audited), the device created.
 //! - `audit`: the recorder; every audit line is built there.
+//! - `broker`: what all of the above share (policy, tables, audit log).
 //! - `lease`, `lifecycle`, `table`: a minor's phase, the lease operations
 //!   hold it by, and the tables of minors, workers and open files.
 //! - `worker` (a worker's control socket), `device` (kernel backends),
@@ -224,7 +225,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
 
     let memlock = memlock_for_workers(policy.worker_memlock);
-    let spawn_cfg = supervisor::process::SpawnConfig {
+    let spawn_cfg = broker::SpawnConfig {
         tapdisk,
         memlock,
         timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),

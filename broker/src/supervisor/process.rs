@@ -10,27 +10,17 @@
 //! its command line and says `Ready`; the broker then checks in `/proc`
 //! that it really is confined ([`confinement_problem`]).
 
+use crate::broker::SpawnConfig;
 use crate::sys;
 use crate::worker::{clean, variant, WorkerConn, WorkerError};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::worker_proto::{FromWorker, CONTROL_FD};
-
-/// How to start workers.
-#[derive(Debug, Clone)]
-pub struct SpawnConfig {
-    pub tapdisk: PathBuf,
-    /// RLIMIT_MEMLOCK (soft and hard), bytes.
-    pub memlock: u64,
-    pub timeout: Duration,
-}
 
 /// A freshly started, verified worker.
 #[derive(Debug)]
