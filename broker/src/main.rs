@@ -60,7 +60,7 @@ mod publish;
 mod records;
 mod server;
 mod supervisor;
-mod sys;
+use tapjail_broker::sys;
 mod table;
 mod worker;
 
@@ -158,33 +158,6 @@ fn memlock_for_workers(wanted: u64) -> u64 {
     hard
 }
 
-/// Block the termination signals in every thread (threads inherit the
-/// mask); the main thread takes them with `sigwait`.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset manipulation on a local; pthread_sigmask with valid
-    // pointers. Called before any other thread exists.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig: libc::c_int = 0;
-    // SAFETY: sigwait reads the set and writes one int we own.
-    let rc = unsafe { libc::sigwait(set, &mut sig) };
-    if rc == 0 {
-        sig
-    } else {
-        libc::SIGTERM
-    }
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
     if args.print_default_config {
         print!("{}", tapjail_policy::config::EMBEDDED_DEFAULT);
@@ -208,7 +181,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let tapdisk = tapdisk_path(&policy)?;
     let claim = server::SocketClaim::take(&policy.socket)
         .with_context(|| format!("control socket {}", policy.socket.display()))?;
-    let signals = block_signals();
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and only the main thread's sigwait takes them.
+    let signals = tapjail_common::signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+        .context("blocking termination signals")?;
 
     let devices =
         device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
@@ -283,7 +259,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || server::serve(srv, &sock))?;
 
     loop {
-        match wait_signal(&signals) {
+        match signals.wait().unwrap_or(libc::SIGTERM) {
             libc::SIGHUP => eprintln!("tap-broker: SIGHUP ignored (restart to reload the policy)"),
             sig => {
                 eprintln!("tap-broker: signal {sig}: destroying every disk and stopping");

@@ -140,16 +140,7 @@ fn child_setup(child_fd: i32, memlock: u64) -> io::Result<()> {
     };
     // The broker blocks its termination signals (a thread sigwaits for
     // them); the mask survives exec, so clear it for the worker.
-    // SAFETY: sigemptyset/sigprocmask on a local sigset_t.
-    unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        check(libc::sigprocmask(
-            libc::SIG_SETMASK,
-            &empty,
-            std::ptr::null_mut(),
-        ))?;
-    }
+    tapjail_common::signals::unblock_all()?;
     if child_fd == CONTROL_FD {
         // SAFETY: fcntl on an fd this process owns; integer arguments.
         check(unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) })?;
