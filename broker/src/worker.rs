@@ -19,11 +19,7 @@ use std::time::Duration;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker};
 
-/// Most parent requests one open may make (a chain deeper than this is
-/// refused: blktap's own limit is far lower in practice).
-pub const MAX_CHAIN_DEPTH: usize = 64;
-/// Most locators the broker will try per parent request.
-pub const MAX_LOCATORS: usize = 16;
+pub use tapjail_common::worker_proto::{MAX_CHAIN_DEPTH, MAX_LOCATORS};
 /// Longest worker-supplied string passed on to clients and the audit log.
 pub const MAX_WORKER_TEXT: usize = 1024;
 
