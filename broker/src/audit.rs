@@ -207,19 +207,8 @@ impl Broker {
         req: &Request,
         d: &Decision,
     ) -> Result<(), BrokerError> {
-        self.record(
-            peer,
-            &Entry {
-                event: Event::Request,
-                peer: Some(peer_of(peer)),
-                tenant: d.tenant.clone(),
-                request: serde_json::to_value(req).ok(),
-                decision: Verdict::Allow,
-                rule: d.rule.to_string(),
-                reason: d.reason.clone(),
-                outcome: Some(PENDING.into()),
-            },
-        )
+        let line = request_line(peer, req, d, Verdict::Allow, None, Some(PENDING.into()));
+        self.record(peer, &line)
     }
 
     /// The line that closes a request: a policy denial (its reason is the
@@ -232,32 +221,23 @@ impl Broker {
         result: &Result<Done, BrokerError>,
     ) -> Result<(), BrokerError> {
         let denied = matches!(result, Err(e) if e.kind == ErrorKind::Denied);
-        let (rule, reason) = match result {
-            // Policy allowed it but a broker check (openat2) refused.
-            Err(e) if d.allow && denied => ("broker-check".to_string(), e.message.clone()),
-            _ => (d.rule.to_string(), d.reason.clone()),
+        let verdict = if d.allow && !denied {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
         };
-        self.record(
-            peer,
-            &Entry {
-                event: Event::Request,
-                peer: Some(peer_of(peer)),
-                tenant: d.tenant.clone(),
-                request: serde_json::to_value(req).ok(),
-                decision: if d.allow && !denied {
-                    Verdict::Allow
-                } else {
-                    Verdict::Deny
-                },
-                rule,
-                reason,
-                outcome: match result {
-                    Ok((_, outcome)) => Some(format!("ok: {outcome}")),
-                    Err(_) if !d.allow => None,
-                    Err(e) => Some(format!("error ({:?}): {}", e.kind, e.message)),
-                },
-            },
-        )
+        // Policy allowed it but a broker check (openat2) refused.
+        let check = match result {
+            Err(e) if d.allow && denied => Some(e.message.clone()),
+            _ => None,
+        };
+        let outcome = match result {
+            Ok((_, outcome)) => Some(format!("ok: {outcome}")),
+            Err(_) if !d.allow => None,
+            Err(e) => Some(format!("error ({:?}): {}", e.kind, e.message)),
+        };
+        let line = request_line(peer, req, d, verdict, check, outcome);
+        self.record(peer, &line)
     }
 
     /// One line about a worker's parent request. An allowed locator gets
@@ -316,16 +296,41 @@ impl Broker {
     /// A panic inside an operation: the request failed, the minor it held
     /// was given back, the broker serves on.
     pub fn audit_panic(&self, peer: &PeerCred, req: &Request, d: &Decision, what: &str) {
-        let _ = self.audit(&Entry {
-            event: Event::Request,
-            peer: Some(peer_of(peer)),
-            tenant: d.tenant.clone(),
-            request: serde_json::to_value(req).ok(),
-            decision: Verdict::Allow,
-            rule: d.rule.to_string(),
-            reason: d.reason.clone(),
-            outcome: Some(format!("error (Failed): internal error (panic: {what})")),
-        });
+        let outcome = format!("error (Failed): internal error (panic: {what})");
+        let _ = self.audit(&request_line(
+            peer,
+            req,
+            d,
+            Verdict::Allow,
+            None,
+            Some(outcome),
+        ));
+    }
+}
+
+/// A request's line; `check` is the message of a broker check that refused
+/// what the policy allowed (rule `broker-check`).
+fn request_line(
+    peer: &PeerCred,
+    req: &Request,
+    d: &Decision,
+    decision: Verdict,
+    check: Option<String>,
+    outcome: Option<String>,
+) -> Entry {
+    let (rule, reason) = match check {
+        Some(why) => ("broker-check".to_string(), why),
+        None => (d.rule.to_string(), d.reason.clone()),
+    };
+    Entry {
+        event: Event::Request,
+        peer: Some(peer_of(peer)),
+        tenant: d.tenant.clone(),
+        request: serde_json::to_value(req).ok(),
+        decision,
+        rule,
+        reason,
+        outcome,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::{closed, drop_served, live_worker, no_image, problems_result, Live};
 use crate::audit::Done;
-use crate::bringup::{DeviceMode, ImageReq, Target, Up};
+use crate::bringup::{ImageReq, Up};
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::lease::Lease;
@@ -69,22 +69,13 @@ impl Broker {
             .clone()
             .ok_or_else(|| BrokerError::failed("policy allowed open without an image grant"))?;
         let owner = self.table().disk(minor)?.owner.clone();
-        let target = Target {
-            minor,
-            owner: &owner,
-            worker_pid: w.pid,
-            worker_uid: w.uid,
+        let ir = ImageReq {
+            kind: req.kind,
+            grant: &grant,
+            read_only: req.read_only || grant.read_only,
+            unpause: false,
         };
-        let up = {
-            let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
-            let ir = ImageReq {
-                kind: req.kind,
-                grant: &grant,
-                read_only: req.read_only || grant.read_only,
-                unpause: false,
-            };
-            self.bring_up(&target, &conn, ir, DeviceMode::Fresh)?
-        };
+        let up = self.bring_up_on(w, minor, &owner, ir)?;
         let chain = up.image.chain.join(" <- ");
         let served = self.install(minor, up)?;
         let link = served.link.display().to_string();

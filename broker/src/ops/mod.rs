@@ -8,6 +8,8 @@ mod minors;
 mod pause;
 mod stats;
 
+use crate::bringup::{DeviceMode, ImageReq, Target, Up};
+use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::lifecycle::{Phase, Served};
 use crate::table::{Table, Worker};
@@ -50,6 +52,27 @@ impl Live {
             pidfd: w.pidfd.clone(),
             alive: w.alive(),
         }
+    }
+}
+
+impl Broker {
+    /// Open `req` on `w` for `minor` (of `owner`): the chain, and the
+    /// device too unless it is an unpause.
+    fn bring_up_on(
+        &self,
+        w: &Live,
+        minor: Minor,
+        owner: &str,
+        req: ImageReq<'_>,
+    ) -> Result<Up, BrokerError> {
+        let target = Target {
+            minor,
+            owner,
+            worker_pid: w.pid,
+            worker_uid: w.uid,
+        };
+        let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
+        self.bring_up(&target, &conn, req, DeviceMode::Fresh)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::{dead, live_worker, no_image};
 use crate::audit::Done;
-use crate::bringup::{DeviceMode, ImageReq, Target};
+use crate::bringup::ImageReq;
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::lease::Lease;
@@ -81,33 +81,25 @@ impl Broker {
             (Some(g), Some(k)) => (k, g.clone()),
             _ => (old.spec.kind, old.grant.clone()),
         };
-        let target = Target {
-            minor,
-            owner: &owner,
-            worker_pid: w.pid,
-            worker_uid: w.uid,
-        };
         // The paused image's files stay claimed until the lease ends with
         // the new image's (or, on failure, the old one's).
-        let up = {
-            let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
-            let req = ImageReq {
-                kind,
-                grant: &grant,
-                read_only: old.read_only,
-                unpause: true,
-            };
-            match self.bring_up(&target, &conn, req, DeviceMode::Fresh) {
-                Ok(up) if up.image.size != old.size => {
-                    // The worker should have refused; put it back in pause.
-                    let _ = conn.call(&ToWorker::Pause, &[]);
-                    Err(BrokerError::invalid(format!(
-                        "{} has virtual size {} but the paused disk has {}: refused",
-                        up.image.spec, up.image.size, old.size
-                    )))
-                }
-                other => other,
+        let req = ImageReq {
+            kind,
+            grant: &grant,
+            read_only: old.read_only,
+            unpause: true,
+        };
+        let up = match self.bring_up_on(&w, minor, &owner, req) {
+            Ok(up) if up.image.size != old.size => {
+                // The worker should have refused; put it back in pause.
+                let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = conn.call(&ToWorker::Pause, &[]);
+                Err(BrokerError::invalid(format!(
+                    "{} has virtual size {} but the paused disk has {}: refused",
+                    up.image.spec, up.image.size, old.size
+                )))
             }
+            other => other,
         };
         let result = up.map(|up| {
             if let Phase::Paused { worker, mut served } =

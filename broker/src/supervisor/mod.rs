@@ -289,19 +289,11 @@ impl Broker {
         };
         let old_pid = lease.phase().worker();
         if over_limit {
-            let abandoned = lease.phase_mut().served_mut().map(|s| s.device.abandon());
-            drop(lease);
-            self.notice(
-                Event::WorkerRespawn,
-                None,
-                Some(owner),
-                "respawn-limit",
-                format!(
-                    "minor {minor}: {} worker deaths within a minute (limit {limit}); left DEAD{}",
-                    limit + 1,
-                    abandon_note(abandoned.unwrap_or(Ok(()))),
-                ),
+            let why = format!(
+                "{} worker deaths within a minute (limit {limit})",
+                limit + 1
             );
+            self.leave_dead(lease, owner, "respawn-limit", why);
             return;
         }
         match self.replace_worker(&mut lease, &owner) {
@@ -333,20 +325,29 @@ impl Broker {
                 );
             }
             Err(e) => {
-                let abandoned = lease.phase_mut().served_mut().map(|s| s.device.abandon());
-                drop(lease);
-                self.notice(
-                    Event::WorkerRespawn,
-                    None,
-                    Some(owner),
-                    "respawn-failed",
-                    format!(
-                        "minor {minor}: could not replace its dead tapdisk: {e}; left DEAD{}",
-                        abandon_note(abandoned.unwrap_or(Ok(())))
-                    ),
-                );
+                let why = format!("could not replace its dead tapdisk: {e}");
+                self.leave_dead(lease, owner, "respawn-failed", why);
             }
         }
+    }
+
+    /// No worker will serve the leased dead minor again: fail the I/O
+    /// waiting on its device, and say so.
+    fn leave_dead(&self, mut lease: Lease<'_>, owner: String, rule: &str, why: String) {
+        let minor = lease.minor();
+        let abandoned = lease.phase_mut().served_mut().map(|s| s.device.abandon());
+        drop(lease);
+        let note = match abandoned.unwrap_or(Ok(())) {
+            Ok(()) => "; its pending I/O fails".to_string(),
+            Err(e) => format!("; failing its pending I/O failed too: {e}"),
+        };
+        self.notice(
+            Event::WorkerRespawn,
+            None,
+            Some(owner),
+            rule,
+            format!("minor {minor}: {why}; left DEAD{note}"),
+        );
     }
 
     /// Start a worker and have it serve the leased dead minor's image on
@@ -407,13 +408,5 @@ impl Broker {
                 Err(e)
             }
         }
-    }
-}
-
-/// What a notice about a disk left DEAD adds about its waiting I/O.
-fn abandon_note(r: Result<(), crate::device::DeviceError>) -> String {
-    match r {
-        Ok(()) => "; its pending I/O fails".into(),
-        Err(e) => format!("; failing its pending I/O failed too: {e}"),
     }
 }
