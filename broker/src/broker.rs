@@ -19,7 +19,12 @@ pub struct SpawnConfig {
     pub tapdisk: PathBuf,
     /// RLIMIT_MEMLOCK (soft and hard), bytes.
     pub memlock: u64,
+    /// For each message a worker sends, the whole of it.
     pub timeout: Duration,
+    /// For a whole exchange of several messages (an open and every parent
+    /// request it makes), so that a worker answering each message just in
+    /// time cannot make it last for ever.
+    pub op_timeout: Duration,
 }
 
 /// The audit log and whether it still works.

@@ -203,6 +203,7 @@ mod tests {
             tapdisk: dir.join("no-tapdisk"),
             memlock: 0,
             timeout: Duration::from_secs(1),
+            op_timeout: Duration::from_secs(1),
         };
         Arc::new(Broker::new(policy, audit, devices, state, spawn).expect("broker"))
     }

@@ -283,6 +283,7 @@ impl Disk {
     /// successor's cleanup, which works without it).
     pub fn persist(&mut self) {
         let rec = self.record();
+        crate::worker_log::tag(self.minor, rec.worker);
         if let Err(e) = self.lock.write(&rec) {
             eprintln!(
                 "tap-broker: cannot write record of minor {}: {e}",

@@ -15,11 +15,14 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use std::time::{Duration, Instant};
+use tapjail_common::frame::{self, Deadline, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker};
 
 pub use tapjail_common::worker_proto::{MAX_CHAIN_DEPTH, MAX_LOCATORS};
+/// Operation deadline of a connection nobody configured (the policy's
+/// default `operation_timeout_secs`).
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest worker-supplied string passed on to clients and the audit log.
 pub const MAX_WORKER_TEXT: usize = 1024;
 
@@ -41,6 +44,15 @@ pub enum WorkerError {
     },
     #[error("tapdisk {pid} did not answer within {secs} s and was killed")]
     Timeout { pid: u32, secs: u64 },
+    #[error(
+        "tapdisk {pid} did not finish {what} within the {secs} s operation deadline \
+         (operation_timeout_secs) and was killed"
+    )]
+    OperationTimeout {
+        pid: u32,
+        what: &'static str,
+        secs: u64,
+    },
     #[error("tapdisk {pid} broke the protocol: {what}")]
     Protocol { pid: u32, what: String },
     #[error("tapdisk {pid}: {message}")]
@@ -95,6 +107,7 @@ pub struct WorkerConn {
     sock: UnixStream,
     pid: u32,
     timeout: Duration,
+    op_timeout: Duration,
     /// Killed through this when it breaks the protocol or misses a
     /// deadline: its state is then unknown and it may be hostile.
     pidfd: Option<Arc<OwnedFd>>,
@@ -110,6 +123,7 @@ impl WorkerConn {
             sock,
             pid,
             timeout,
+            op_timeout: DEFAULT_OP_TIMEOUT,
             pidfd: None,
             killed: Arc::default(),
         })
@@ -118,6 +132,12 @@ impl WorkerConn {
     /// Kill the worker through `pidfd` when it breaks the protocol.
     pub fn set_pidfd(&mut self, pidfd: Arc<OwnedFd>) {
         self.pidfd = Some(pidfd);
+    }
+
+    /// Bound every multi-message exchange (see [`crate::broker::SpawnConfig::op_timeout`]).
+    pub fn with_op_timeout(mut self, op_timeout: Duration) -> Self {
+        self.op_timeout = op_timeout;
+        self
     }
 
     /// Set (once) to why the broker killed this worker; the supervisor
@@ -136,7 +156,23 @@ impl WorkerConn {
     }
 
     fn frame_err(&self, e: FrameError) -> WorkerError {
+        self.frame_err_within(e, None)
+    }
+
+    /// `op`: the operation's name and deadline, when one bounds this read.
+    fn frame_err_within(&self, e: FrameError, op: Option<(&'static str, Instant)>) -> WorkerError {
         let err = match e {
+            FrameError::Deadline { .. } => match op {
+                Some((what, end)) if Instant::now() >= end => WorkerError::OperationTimeout {
+                    pid: self.pid,
+                    what,
+                    secs: self.op_timeout.as_secs(),
+                },
+                _ => WorkerError::Timeout {
+                    pid: self.pid,
+                    secs: self.timeout.as_secs(),
+                },
+            },
             FrameError::Io(io)
                 if matches!(
                     io.kind(),
@@ -161,8 +197,20 @@ impl WorkerConn {
     }
 
     pub fn recv(&self) -> Result<FromWorker, WorkerError> {
-        let (msg, fds) = frame::recv_on::<_, FromWorker>(&self.sock, MAX_REQUEST_FRAME)
-            .map_err(|e| self.frame_err(e))?;
+        self.recv_within(None)
+    }
+
+    /// Receive one message, all of it within the per-message timeout (not
+    /// per read: a worker trickling bytes gains nothing) and, with `op`,
+    /// before the operation's deadline.
+    fn recv_within(&self, op: Option<(&'static str, Instant)>) -> Result<FromWorker, WorkerError> {
+        let mut by = Instant::now() + self.timeout;
+        if let Some((_, end)) = op {
+            by = by.min(end);
+        }
+        let (msg, fds) =
+            frame::recv_on_by::<_, FromWorker>(&self.sock, MAX_REQUEST_FRAME, Deadline::at(by))
+                .map_err(|e| self.frame_err_within(e, op))?;
         if !fds.is_empty() {
             return Err(self.violation("sent file descriptors".into()));
         }
@@ -232,10 +280,11 @@ impl WorkerConn {
         leaf: &File,
         resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
     ) -> Result<Opened, WorkerError> {
+        let op = ("opening the image chain", Instant::now() + self.op_timeout);
         self.ensure_quiet()?;
         self.send(msg, &[leaf.as_fd()])?;
         for _ in 0..=MAX_CHAIN_DEPTH {
-            match self.recv()? {
+            match self.recv_within(Some(op))? {
                 FromWorker::NeedParent {
                     child, locators, ..
                 } => {
@@ -373,6 +422,53 @@ mod tests {
         });
         assert_eq!(conn.call(&ToWorker::Pause, &[]).unwrap(), FromWorker::Ok);
         fake.join().unwrap();
+    }
+
+    #[test]
+    fn slow_parent_rounds_cannot_stretch_an_open_past_the_operation_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Each round comes well within the 1 s per-message timeout.
+        let conn = WorkerConn::new(a, 5, Duration::from_secs(1))
+            .unwrap()
+            .with_op_timeout(Duration::from_millis(1500));
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            let need = FromWorker::NeedParent {
+                child: "/srv/a/leaf".into(),
+                locators: vec![],
+                parent_uuid: [0; 16],
+            };
+            let mut rounds = 0;
+            loop {
+                std::thread::sleep(Duration::from_millis(300));
+                if frame::send_on(&b, &need, &[]).is_err()
+                    || frame::recv_on::<_, ToWorker>(&b, 1 << 16).is_err()
+                {
+                    return rounds;
+                }
+                rounds += 1;
+            }
+        });
+        let leaf = File::open("/dev/null").unwrap();
+        let msg = ToWorker::Open {
+            kind: tapjail_common::proto::ImageKind::Aio,
+            name: "/srv/a/leaf".into(),
+            read_only: true,
+        };
+        let t0 = Instant::now();
+        let err = conn
+            .open_chain(&msg, &leaf, &mut |_| Err("no".into()))
+            .unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, WorkerError::OperationTimeout { pid: 5, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("operation_timeout_secs"), "{err}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        drop(conn);
+        let rounds = fake.join().unwrap();
+        assert!((3..=6).contains(&rounds), "{rounds} rounds");
     }
 
     #[test]

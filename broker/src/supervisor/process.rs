@@ -2,8 +2,9 @@
 //! confined before the broker uses it.
 //!
 //! A worker is `fork`+`exec` of the tapdisk binary with an empty
-//! environment, `/` as its directory, `/dev/null` on stdin/stdout, the
-//! broker's stderr (the journal) on stderr, the control socket as fd 3 and
+//! environment, `/` as its directory, `/dev/null` on stdin/stdout, a pipe
+//! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
+//! lines, never raw bytes in the journal), the control socket as fd 3 and
 //! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
 //! aimed at a foreground broker reaches only the broker, which then shuts
 //! workers down in order). It confines itself, drops to the uid/gid given on
@@ -35,6 +36,7 @@ pub struct Spawned {
 /// be confined.
 pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spawned, WorkerError> {
     let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
+    let (log_r, log_w) = crate::worker_log::pipe()?;
     let memlock = cfg.memlock;
     let child_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(&cfg.tapdisk);
@@ -49,7 +51,7 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::from(log_w))
         .process_group(0);
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (dup2, fcntl, setrlimit,
@@ -62,12 +64,15 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
         source,
     })?;
     drop(theirs);
+    // The child holds the only write end now (the Command's copy goes with it).
+    drop(cmd);
     let pid = child.id();
+    crate::worker_log::forward(log_r, pid);
     // The child is ours and not yet reaped, so its pid cannot have been
     // reused: this pidfd names exactly it. The supervisor reaps through it.
     let pidfd = Arc::new(sys::pidfd_open(pid)?);
     drop(child);
-    let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?;
+    let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?.with_op_timeout(cfg.op_timeout);
     conn.set_pidfd(pidfd.clone());
     let fail = |e: WorkerError| {
         sys::kill_and_reap(pidfd.as_fd());
