@@ -136,6 +136,8 @@ impl Broker {
             match t.workers.get_mut(&pid) {
                 Some(w) => {
                     w.minor = Some(minor);
+                    // Its stderr lines name the minor from now on.
+                    crate::worker_log::tag(minor, Some(pid));
                     Live::of(w)
                 }
                 None => {
