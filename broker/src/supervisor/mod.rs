@@ -243,13 +243,16 @@ impl Broker {
         let Some(Ok(phase)) = t.disks.get_mut(&minor).map(|d| d.phase_mut()) else {
             return;
         };
-        if !phase.wants_respawn() {
+        if !matches!(phase, Phase::Dead { .. }) {
             return;
         }
         if !self.policy.respawn {
             if let Some(s) = phase.served_mut() {
                 let _ = s.device.abandon();
             }
+            return;
+        }
+        if !phase.wants_respawn() {
             return;
         }
         drop(t);
@@ -323,6 +326,9 @@ impl Broker {
                         restarts.unwrap_or(0)
                     ),
                 );
+                // A replacement that died already is replaced in turn
+                // (within the respawn limit).
+                self.after_op(minor);
             }
             Err(e) => {
                 let why = format!("could not replace its dead tapdisk: {e}");
