@@ -12,7 +12,7 @@
 use crate::sys;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -221,17 +221,7 @@ impl WorkerConn {
     /// something: that would be read as the answer to our request, and
     /// every later answer would be one behind.
     fn ensure_quiet(&self) -> Result<(), WorkerError> {
-        let mut byte = [0u8; 1];
-        // SAFETY: byte is valid for 1 byte; MSG_PEEK leaves the data queued.
-        let n = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                byte.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
+        if sys::has_queued_data(&self.sock) {
             return Err(self.violation(
                 "sent an unsolicited message (an answer to a request never made)".into(),
             ));

@@ -234,3 +234,53 @@ fn faults_create_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
     assert!(h.fails(&ROOT, &["list"]).contains("audit log"));
     h.stop();
 }
+
+#[test]
+fn faults_parent_is_refused_and_nothing_exists_when_its_decision_cannot_be_audited() {
+    let h = std::sync::Arc::new(Harness::start(Options {
+        worker: WorkerBin::Fake,
+        ..Options::default()
+    }));
+    h.raw_image("alice", "base.img", 1 << 20);
+    // Five parent requests, 300 ms apart: the log breaks after the first.
+    let img = h.root("alice").join("slow.img");
+    std::fs::write(&img, b"SLOWPARENT:5:300:base.img\n").unwrap();
+    let h2 = h.clone();
+    let spec = format!("aio:{}", img.display());
+    let create = std::thread::spawn(move || h2.ctl(&ALICE, &["create", "-a", &spec]));
+    let opened = |h: &Harness| {
+        h.audit_lines().iter().any(|l| {
+            l["event"] == "parent_open"
+                && l["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("opened"))
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || opened(&h)),
+        "no parent opened:\n{}",
+        h.broker_log()
+    );
+    let guard = Immutable::set(&h.audit);
+    let out = create.join().unwrap();
+    drop(guard);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "create succeeded without a record");
+    assert!(err.contains("audit log cannot be written"), "{err}");
+    // Only the first parent was opened, on record; the rest were refused
+    // before anything was opened, and nothing of the create is left.
+    let parents = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "parent_open")
+        .count();
+    assert_eq!(parents, 2, "one decision and one outcome line");
+    let empty =
+        |p: std::path::PathBuf| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none());
+    assert!(empty(h.devices.clone()) && empty(h.state.join("nbd")));
+    assert!(empty(h.state.join("minors")));
+    assert!(eventually(Duration::from_secs(10), || children_of(
+        h.broker_pid()
+    )
+    .is_empty()));
+}
