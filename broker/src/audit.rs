@@ -8,7 +8,7 @@
 //! that change nothing (hello, list, stats) and denials get one line.
 
 use crate::broker::Broker;
-use crate::denials::{Admit, Summary};
+use crate::denials::{Admit, Denials, Summary};
 use crate::error::BrokerError;
 use std::time::Instant;
 use tapjail_common::audit::{Entry, Event, Peer, Verdict};
@@ -67,17 +67,17 @@ impl Broker {
         }
     }
 
-    /// Record a decision. Denials that anyone can cause (of a peer that
-    /// matches no tenant, or of the connection limit) go through the
-    /// [`crate::denials::DenialLimiter`]: beyond its budget they are
-    /// counted, and the count is written as one `denials_suppressed` line
-    /// per uid per window. Everything else is written at once.
+    /// Record a decision. Denials go through the [`Denials`] budgets
+    /// (strangers' and protocol errors' by kind only): beyond its budget
+    /// a denial is counted, and the count is written as one
+    /// `denials_suppressed` line per uid per window. Everything else is
+    /// written at once, in full.
     fn record(&self, peer: &PeerCred, entry: &Entry) -> Result<(), BrokerError> {
-        let limited = entry.decision == Verdict::Deny
-            && (entry.tenant.is_none() || entry.rule == "max-clients");
-        if !limited {
+        let Some(class) = Denials::class_of(entry) else {
             return self.audit(entry);
-        }
+        };
+        // Capped once here, so the budget counts the bytes written.
+        let entry = Denials::shape(class, entry).bounded();
         // Held while writing, so a window's summary precedes the next
         // window's lines; lock order is denials, then audit.
         let mut l = self.denials.lock().unwrap_or_else(|e| e.into_inner());
@@ -85,8 +85,8 @@ impl Broker {
         for s in l.due(now, false) {
             self.audit_summary(&s)?;
         }
-        match l.admit(*peer, &entry.rule, now) {
-            Admit::Full => self.audit(entry),
+        match l.admit(class, *peer, &entry.rule, entry.line_len(), now) {
+            Admit::Full => self.audit(&entry),
             Admit::Counted => self.audit_healthy(),
         }
     }
@@ -103,24 +103,29 @@ impl Broker {
 
     fn audit_summary(&self, s: &Summary) -> Result<(), BrokerError> {
         let p = &s.last_peer;
-        self.audit(&Entry {
-            event: Event::DenialsSuppressed,
-            peer: Some(peer_of(p)),
-            tenant: s
-                .uid
-                .and_then(|_| self.policy.tenant_for(p.uid, p.gid))
-                .map(|t| t.name.clone()),
-            request: Some(serde_json::json!({
-                "uid": s.uid,
-                "suppressed": s.suppressed,
-                "kinds": s.kinds,
-                "window_secs": s.span.as_secs(),
-            })),
-            decision: Verdict::Deny,
-            rule: "rate-limit".into(),
-            reason: s.describe(),
-            outcome: None,
-        })
+        let tenant = s
+            .uid
+            .and_then(|_| self.policy.tenant_for(p.uid, p.gid))
+            .map(|t| t.name.clone());
+        self.audit(&s.entry(tenant))
+    }
+
+    /// Reopen the audit log after rotation (SIGHUP); see
+    /// [`tapjail_common::audit::AuditLog::reopen`]. A failure is reported
+    /// and writing goes on in the old file.
+    pub fn reopen_audit(&self) -> String {
+        let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        match a.log.reopen() {
+            Ok(tapjail_common::audit::Reopened::Same) => format!(
+                "{} was not rotated; still writing it",
+                a.log.path().display()
+            ),
+            Ok(tapjail_common::audit::Reopened::Rotated { previous }) => format!(
+                "audit log reopened: {} continues the chain of {previous}",
+                a.log.path().display()
+            ),
+            Err(e) => format!("cannot reopen the audit log ({e}); still writing the old file"),
+        }
     }
 
     /// Whether the log still works (nothing is written).

@@ -1,7 +1,7 @@
 //! The broker: what every part of it shares. See the crate doc (`main.rs`)
 //! for the modules and the lifecycle of a minor.
 
-use crate::denials::DenialLimiter;
+use crate::denials::Denials;
 use crate::device::factory::DeviceFactory;
 use crate::records::StateDir;
 use crate::table::Table;
@@ -40,8 +40,8 @@ pub struct Broker {
     pub policy: Policy,
     /// The audit recorder's log (`crate::audit`).
     pub(crate) audit: Mutex<AuditState>,
-    /// Budget for denials anyone can cause (taken before `audit`).
-    pub(crate) denials: Mutex<DenialLimiter>,
+    /// Budgets for denials (taken before `audit`).
+    pub(crate) denials: Mutex<Denials>,
     pub(crate) table: Mutex<Table>,
     /// Signalled whenever the supervisor records a worker's exit.
     pub(crate) exited: Condvar,
@@ -65,13 +65,14 @@ impl Broker {
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
+        let window = Duration::from_secs(u64::from(policy.audit_window_secs));
         Ok(Broker {
             policy,
             audit: Mutex::new(AuditState {
                 log: audit,
                 broken: None,
             }),
-            denials: Mutex::new(DenialLimiter::default()),
+            denials: Mutex::new(Denials::new(window)),
             table: Mutex::new(Table::default()),
             exited: Condvar::new(),
             devices,

@@ -2,6 +2,8 @@
 //! only where a test must force a worker's behaviour), tap-ctl run as
 //! several tenants. Needs root.
 
+mod audit_flood;
+mod audit_rotation;
 mod deadlines;
 mod escapes;
 mod faults;
@@ -10,6 +12,7 @@ mod robustness;
 mod seed;
 mod tenants;
 mod ublk;
+mod worker_confinement;
 mod worker_log;
 
 pub use tapjail_tests::*;
