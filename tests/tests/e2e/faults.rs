@@ -247,6 +247,7 @@ fn faults_parent_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
     // Five parent requests, 300 ms apart: the log breaks after the first.
     let img = h.root("alice").join("slow.img");
     std::fs::write(&img, b"SLOWPARENT:5:300:base.img\n").unwrap();
+    h.own(&img);
     let h2 = h.clone();
     let spec = format!("aio:{}", img.display());
     let create = std::thread::spawn(move || h2.ctl(&ALICE, &["create", "-a", &spec]));
