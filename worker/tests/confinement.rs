@@ -36,7 +36,10 @@ fn broker_mode_worker_is_confined_as_seen_in_proc_status() {
         .split_whitespace()
         .map(|u| u.parse().unwrap())
         .collect();
-    if is_root() {
+    if require(
+        is_root(),
+        "root: only a worker started as root drops to nobody",
+    ) {
         assert_eq!(uids, vec![65534; 4], "root workers drop to nobody");
         assert_eq!(st["CapBnd"], "0000000000000000", "bounding set emptied");
     }
@@ -44,7 +47,10 @@ fn broker_mode_worker_is_confined_as_seen_in_proc_status() {
         uids.iter().all(|&u| u != 0),
         "worker must not run as root: {uids:?}"
     );
-    if is_root() {
+    if require(
+        is_root(),
+        "root: only root can give the worker its own namespaces",
+    ) {
         for ns in ["net", "ipc", "uts"] {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
@@ -180,8 +186,7 @@ fn child_landlock_open() {
 
 #[test]
 fn dropping_caps_after_switching_ids_leaves_nothing() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to switch ids");
+    if !require(is_root(), "needs root to switch ids") {
         return;
     }
     assert!(in_child("child_ids_and_caps").success());
