@@ -475,6 +475,11 @@ fn bring_up(
     let dev = backend.loop_device().ok_or("no loop device")?;
     let loop_number = dev.number();
     check(dev.direct_io(), "loop did not grant direct I/O over FUSE")?;
+    let dio = fs::read_to_string(format!("/sys/block/loop{loop_number}/loop/dio"))?;
+    check(
+        dio.trim() == "1",
+        format!("/sys/block/loop{loop_number}/loop/dio is {dio:?}, not 1"),
+    )?;
     let conn = backend.connection().ok_or("no connection")?;
     Ok(Device {
         backend,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tapjail_tests::*;
-use tapjail_testsupport::{fio_verify_writer, fuse_loop_turn, pattern};
+use tapjail_testsupport::{fio_verify_writer, fuse_loop_turn, holds_open_direct, pattern};
 
 const MIB: u64 = 1 << 20;
 
@@ -300,6 +300,23 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
     let h = fuse_harness(true);
     let vhd = h.vhd_image(ROOT.name, "kill.vhd", 512);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
+    // Direct on both sides: the worker's image fd as the kernel holds it
+    // (the temp dir is a disk filesystem), and the loop device over FUSE.
+    assert_eq!(
+        holds_open_direct(worker_pid(&h), &vhd),
+        Some(true),
+        "the worker's image fd is O_DIRECT"
+    );
+    let node = loop_node(&dev);
+    let name = node.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(
+        fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+            .unwrap()
+            .trim(),
+        "1",
+        "{} does direct I/O to its FUSE file",
+        node.display()
+    );
     // 384 MiB at depth 16, checksummed, then read back and verified: any
     // failed, lost or misplaced write fails fio.
     let fio = fio_verify_writer(&dev, "384M").spawn().expect("fio");

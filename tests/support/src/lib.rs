@@ -15,6 +15,9 @@ mod process;
 
 pub use data::{pattern, Aligned};
 pub use fio::fio_verify_writer;
-pub use kernel::{fuse_loop_turn, tasks_in_d_state, ublk_char_devices};
+pub use kernel::{
+    dir_supports_o_direct, fd_flags, fuse_loop_turn, holds_open_direct, tasks_in_d_state,
+    ublk_char_devices,
+};
 pub use precondition::{have, in_ci, is_root, require};
 pub use process::output_within;
