@@ -50,35 +50,6 @@ pub fn fuse_loop_turn() -> std::io::Result<File> {
     Ok(f)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fd_flags_and_holds_open_direct_see_what_the_kernel_holds() {
-        use std::os::fd::AsRawFd;
-        let dir = std::env::temp_dir();
-        let p = dir.join(format!("tapjail-flags-{}", std::process::id()));
-        std::fs::write(&p, b"x").unwrap();
-        let f = File::open(&p).unwrap();
-        let me = std::process::id();
-        assert_eq!(
-            fd_flags(me, f.as_raw_fd()).unwrap() & libc::O_ACCMODE,
-            libc::O_RDONLY
-        );
-        assert_eq!(holds_open_direct(me, &p), Some(false));
-        drop(f);
-        assert_eq!(holds_open_direct(me, &p), None);
-        std::fs::remove_file(&p).unwrap();
-    }
-
-    #[test]
-    fn this_test_is_not_in_d_state() {
-        let me = format!("{} (", std::process::id());
-        assert!(tasks_in_d_state().iter().all(|t| !t.starts_with(&me)));
-    }
-}
-
 /// The open flags of fd `fd` of process `pid`, from `/proc/PID/fdinfo`
 /// (what the kernel really holds, whatever the process believes).
 pub fn fd_flags(pid: u32, fd: i32) -> Option<i32> {
@@ -122,4 +93,33 @@ pub fn dir_supports_o_direct(dir: &std::path::Path) -> bool {
             });
     let _ = std::fs::remove_file(&probe);
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_flags_and_holds_open_direct_see_what_the_kernel_holds() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir();
+        let p = dir.join(format!("tapjail-flags-{}", std::process::id()));
+        std::fs::write(&p, b"x").unwrap();
+        let f = File::open(&p).unwrap();
+        let me = std::process::id();
+        assert_eq!(
+            fd_flags(me, f.as_raw_fd()).unwrap() & libc::O_ACCMODE,
+            libc::O_RDONLY
+        );
+        assert_eq!(holds_open_direct(me, &p), Some(false));
+        drop(f);
+        assert_eq!(holds_open_direct(me, &p), None);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn this_test_is_not_in_d_state() {
+        let me = format!("{} (", std::process::id());
+        assert!(tasks_in_d_state().iter().all(|t| !t.starts_with(&me)));
+    }
 }
