@@ -274,15 +274,25 @@ fn client_that_stops_reading_does_not_stall_others_and_gets_every_reply_later() 
     for h in 0..N {
         a.request(CMD_READ, 0, h, (h % 128) * u64::from(LEN), LEN, &[]);
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // The backed-up replies went to the connection's writer thread.
+    // The backed-up replies go to the connection's writer thread: wait
+    // for it to exist (the event), not for a time.
     let pid = srv.worker_pid();
-    let comms: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .collect();
-    assert!(comms.iter().any(|c| c == "nbd-tx"), "{comms:?}");
+    let comms = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !comms().iter().any(|c| c == "nbd-tx") {
+        assert!(
+            std::time::Instant::now() < limit,
+            "no nbd-tx writer thread: {:?}",
+            comms()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // Client B is served meanwhile.
     let mut b = Client::connect(&srv.socket, false, false);
     for h in 0..16 {
