@@ -15,6 +15,7 @@ mod server;
 mod sys;
 mod table;
 mod worker;
+mod worker_log;
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -181,6 +182,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         tapdisk,
         memlock,
         timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),
+        op_timeout: Duration::from_secs(u64::from(policy.operation_timeout_secs)),
     };
     let explanation = devices.explanation().to_string();
     let broker = Arc::new(broker::Broker::new(

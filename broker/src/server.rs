@@ -11,12 +11,13 @@ use crate::error::BrokerError;
 use crate::records::LockFile;
 use crate::sys;
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use std::time::{Duration, Instant};
+use tapjail_common::frame::{self, Deadline, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::{Reply, Request};
 use tapjail_policy::PeerCred;
 
@@ -106,12 +107,56 @@ pub fn stranger_slots(max_clients: u32) -> u32 {
     (max_clients / 8).max(1)
 }
 
-/// Live connections, in total, of strangers, and per uid.
+/// Live connections, in total, of strangers, per uid and per tenant.
 #[derive(Debug, Default)]
 struct Slots {
     total: u32,
     strangers: u32,
     per_uid: HashMap<u32, usize>,
+    per_tenant: HashMap<String, u32>,
+}
+
+impl Slots {
+    fn release(&mut self, uid: u32, stranger: bool, tenant: Option<&str>) {
+        self.total = self.total.saturating_sub(1);
+        self.strangers = self.strangers.saturating_sub(u32::from(stranger));
+        if let Some(n) = self.per_uid.get_mut(&uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+            }
+        }
+        if let Some(t) = tenant {
+            if let Some(n) = self.per_tenant.get_mut(t) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_tenant.remove(t);
+                }
+            }
+        }
+    }
+}
+
+/// When the next frame from a client must have arrived: its Hello within
+/// [`HELLO_TIMEOUT`] of connecting, later ones after at most
+/// [`CLIENT_IDLE`] of silence; either way the whole frame within
+/// `frame_timeout` of its first byte (a client trickling bytes just inside
+/// a per-read timeout would otherwise hold its slot for ever).
+pub fn client_deadline(connected: Instant, greeted: bool, frame_timeout: Duration) -> Deadline {
+    if greeted {
+        Deadline {
+            first_byte: Some(Instant::now() + CLIENT_IDLE),
+            whole_frame: Some(frame_timeout),
+            end: None,
+        }
+    } else {
+        let hello_by = connected + HELLO_TIMEOUT;
+        Deadline {
+            first_byte: Some(hello_by),
+            whole_frame: Some(frame_timeout),
+            end: Some(hello_by),
+        }
+    }
 }
 
 /// Accept clients forever.
@@ -140,7 +185,11 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         let Ok(peer) = sys::peer_cred(&stream) else {
             continue;
         };
-        let stranger = broker.policy.tenant_for(peer.uid, peer.gid).is_none();
+        let tenant = broker
+            .policy
+            .tenant_for(peer.uid, peer.gid)
+            .map(|t| (t.name.clone(), t.max_clients));
+        let stranger = tenant.is_none();
         let refused = {
             let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
             let mine = s.per_uid.get(&peer.uid).copied().unwrap_or(0);
@@ -158,6 +207,13 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
                     "tap-broker is serving {} clients that match no tenant already; try again",
                     stranger_slots(max)
                 ))
+            } else if let Some((name, cap)) = tenant
+                .as_ref()
+                .filter(|(name, cap)| s.per_tenant.get(name).copied().unwrap_or(0) >= *cap)
+            {
+                Some(format!(
+                    "tenant {name} already has {cap} connections open (its max_clients)"
+                ))
             } else if mine >= per_uid {
                 Some(format!(
                     "uid {} already has {} open",
@@ -172,6 +228,9 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
                 s.total += 1;
                 s.strangers += u32::from(stranger);
                 *s.per_uid.entry(peer.uid).or_default() += 1;
+                if let Some((name, _)) = &tenant {
+                    *s.per_tenant.entry(name.clone()).or_default() += 1;
+                }
                 None
             }
         };
@@ -185,49 +244,44 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         }
         let b = Arc::clone(&broker);
         let sl = Arc::clone(&slots);
-        let release = move |sl: &Mutex<Slots>| {
-            let mut s = sl.lock().unwrap_or_else(|e| e.into_inner());
-            s.total = s.total.saturating_sub(1);
-            s.strangers = s.strangers.saturating_sub(u32::from(stranger));
-            if let Some(n) = s.per_uid.get_mut(&peer.uid) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    s.per_uid.remove(&peer.uid);
-                }
-            }
-        };
+        let tenant_name = tenant.map(|(name, _)| name);
+        let t2 = tenant_name.clone();
         let spawned = std::thread::Builder::new()
             .name("client".into())
             .spawn(move || {
                 client(&b, &stream, peer);
-                release(&sl);
+                sl.lock().unwrap_or_else(|e| e.into_inner()).release(
+                    peer.uid,
+                    stranger,
+                    t2.as_deref(),
+                );
             });
         if spawned.is_err() {
-            let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
-            s.total = s.total.saturating_sub(1);
-            s.strangers = s.strangers.saturating_sub(u32::from(stranger));
-            if let Some(n) = s.per_uid.get_mut(&peer.uid) {
-                *n = n.saturating_sub(1);
-            }
+            slots.lock().unwrap_or_else(|e| e.into_inner()).release(
+                peer.uid,
+                stranger,
+                tenant_name.as_deref(),
+            );
         }
     }
 }
 
 fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
-    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(CLIENT_IDLE));
+    let connected = Instant::now();
+    let frame_timeout = Duration::from_secs(u64::from(broker.policy.client_frame_timeout_secs));
+    // Replies, too, must be taken whole within the frame timeout.
+    let send =
+        |reply: &Reply| frame::send_by(stream.as_fd(), reply, &[], Instant::now() + frame_timeout);
     let mut greeted = false;
     loop {
-        let (req, fds) = match frame::recv_on::<_, Request>(stream, MAX_REQUEST_FRAME) {
+        let deadline = client_deadline(connected, greeted, frame_timeout);
+        let (req, fds) = match frame::recv_on_by::<_, Request>(stream, MAX_REQUEST_FRAME, deadline)
+        {
             Ok(r) => r,
             Err(FrameError::Closed) => return,
             Err(e) => {
                 broker.audit_frame_error(&peer, &e);
-                let _ = frame::send_on(
-                    stream,
-                    &BrokerError::invalid(format!("{e}; closing the connection")).reply(),
-                    &[],
-                );
+                let _ = send(&BrokerError::invalid(format!("{e}; closing the connection")).reply());
                 return;
             }
         };
@@ -241,14 +295,13 @@ fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
                     "clients may not send file descriptors; closing the connection",
                 ),
             );
-            let _ = frame::send_on(stream, &r, &[]);
+            let _ = send(&r);
             return;
         }
         let reply = match (&req, greeted) {
             (Request::Hello { .. }, false) => {
                 let r = broker.handle(&peer, &req);
                 greeted = matches!(r, Reply::Hello { .. });
-                let _ = stream.set_read_timeout(Some(CLIENT_IDLE));
                 r
             }
             (Request::Hello { .. }, true) => broker.refuse(
@@ -265,7 +318,7 @@ fn client(broker: &Arc<Broker>, stream: &UnixStream, peer: PeerCred) {
             ),
             (_, true) => broker.handle(&peer, &req),
         };
-        if frame::send_on(stream, &reply, &[]).is_err() || !greeted {
+        if send(&reply).is_err() || !greeted {
             return;
         }
     }

@@ -112,6 +112,7 @@ impl Disk {
     /// Save the record in the lock file (best effort: it only serves a
     /// successor's cleanup, which works without it).
     pub fn persist(&mut self) {
+        crate::worker_log::tag(self.minor, self.worker);
         let rec = self.record();
         if let Err(e) = self.lock.write(&rec) {
             eprintln!(

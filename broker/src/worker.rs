@@ -1,8 +1,9 @@
 //! Spawning tapdisk workers and talking to them.
 //!
 //! A worker is `fork`+`exec` of the tapdisk binary with an empty
-//! environment, `/` as its directory, `/dev/null` on stdin/stdout, the
-//! broker's stderr (the journal) on stderr, the control socket as fd 3 and
+//! environment, `/` as its directory, `/dev/null` on stdin/stdout, a pipe
+//! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
+//! lines, never raw bytes in the journal), the control socket as fd 3 and
 //! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
 //! aimed at a foreground broker reaches only the broker, which then shuts
 //! workers down in order). It confines itself, drops to the uid/gid given on
@@ -26,8 +27,8 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use std::time::{Duration, Instant};
+use tapjail_common::frame::{self, Deadline, FrameError, MAX_REQUEST_FRAME};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker, CONTROL_FD};
 
@@ -36,6 +37,9 @@ use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker, CONTROL_
 pub const MAX_CHAIN_DEPTH: usize = 64;
 /// Most locators the broker will try per parent request.
 pub const MAX_LOCATORS: usize = 16;
+/// Operation deadline of a connection nobody configured (the policy's
+/// default `operation_timeout_secs`).
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest worker-supplied string passed on to clients and the audit log.
 pub const MAX_WORKER_TEXT: usize = 1024;
 
@@ -57,6 +61,15 @@ pub enum WorkerError {
     },
     #[error("tapdisk {pid} did not answer within {secs} s and was killed")]
     Timeout { pid: u32, secs: u64 },
+    #[error(
+        "tapdisk {pid} did not finish {what} within the {secs} s operation deadline \
+         (operation_timeout_secs) and was killed"
+    )]
+    OperationTimeout {
+        pid: u32,
+        what: &'static str,
+        secs: u64,
+    },
     #[error("tapdisk {pid} broke the protocol: {what}")]
     Protocol { pid: u32, what: String },
     #[error("tapdisk {pid}: {message}")]
@@ -71,7 +84,12 @@ pub struct SpawnConfig {
     pub tapdisk: PathBuf,
     /// RLIMIT_MEMLOCK (soft and hard), bytes.
     pub memlock: u64,
+    /// For each message a worker sends, the whole of it.
     pub timeout: Duration,
+    /// For a whole exchange of several messages (an open and every parent
+    /// request it makes), so that a worker answering each message just in
+    /// time cannot make it last for ever.
+    pub op_timeout: Duration,
 }
 
 /// A freshly started, verified worker.
@@ -101,6 +119,7 @@ pub fn clean(text: &str) -> String {
 /// be confined.
 pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spawned, WorkerError> {
     let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
+    let (log_r, log_w) = crate::worker_log::pipe()?;
     let memlock = cfg.memlock;
     let child_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(&cfg.tapdisk);
@@ -115,7 +134,7 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::from(log_w))
         .process_group(0);
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (dup2, fcntl, setrlimit,
@@ -128,12 +147,15 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
         source,
     })?;
     drop(theirs);
+    // The child holds the only write end now (the Command's copy goes with it).
+    drop(cmd);
     let pid = child.id();
+    crate::worker_log::forward(log_r, pid);
     // The child is ours and not yet reaped, so its pid cannot have been
     // reused: this pidfd names exactly it. The supervisor reaps through it.
     let pidfd = Arc::new(sys::pidfd_open(pid)?);
     drop(child);
-    let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?;
+    let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?.with_op_timeout(cfg.op_timeout);
     conn.pidfd = Some(pidfd.clone());
     let fail = |e: WorkerError| {
         sys::kill_and_reap(pidfd.as_fd());
@@ -273,6 +295,7 @@ pub struct WorkerConn {
     sock: UnixStream,
     pid: u32,
     timeout: Duration,
+    op_timeout: Duration,
     /// Killed through this when it breaks the protocol or misses a
     /// deadline: its state is then unknown and it may be hostile.
     pidfd: Option<Arc<OwnedFd>>,
@@ -288,9 +311,16 @@ impl WorkerConn {
             sock,
             pid,
             timeout,
+            op_timeout: DEFAULT_OP_TIMEOUT,
             pidfd: None,
             killed: Arc::default(),
         })
+    }
+
+    /// Bound every multi-message exchange (see [`SpawnConfig::op_timeout`]).
+    pub fn with_op_timeout(mut self, op_timeout: Duration) -> Self {
+        self.op_timeout = op_timeout;
+        self
     }
 
     /// Set (once) to why the broker killed this worker; the supervisor
@@ -309,7 +339,23 @@ impl WorkerConn {
     }
 
     fn frame_err(&self, e: FrameError) -> WorkerError {
+        self.frame_err_within(e, None)
+    }
+
+    /// `op`: the operation's name and deadline, when one bounds this read.
+    fn frame_err_within(&self, e: FrameError, op: Option<(&'static str, Instant)>) -> WorkerError {
         let err = match e {
+            FrameError::Deadline { .. } => match op {
+                Some((what, end)) if Instant::now() >= end => WorkerError::OperationTimeout {
+                    pid: self.pid,
+                    what,
+                    secs: self.op_timeout.as_secs(),
+                },
+                _ => WorkerError::Timeout {
+                    pid: self.pid,
+                    secs: self.timeout.as_secs(),
+                },
+            },
             FrameError::Io(io)
                 if matches!(
                     io.kind(),
@@ -334,8 +380,20 @@ impl WorkerConn {
     }
 
     pub fn recv(&self) -> Result<FromWorker, WorkerError> {
-        let (msg, fds) = frame::recv_on::<_, FromWorker>(&self.sock, MAX_REQUEST_FRAME)
-            .map_err(|e| self.frame_err(e))?;
+        self.recv_within(None)
+    }
+
+    /// Receive one message, all of it within the per-message timeout (not
+    /// per read: a worker trickling bytes gains nothing) and, with `op`,
+    /// before the operation's deadline.
+    fn recv_within(&self, op: Option<(&'static str, Instant)>) -> Result<FromWorker, WorkerError> {
+        let mut by = Instant::now() + self.timeout;
+        if let Some((_, end)) = op {
+            by = by.min(end);
+        }
+        let (msg, fds) =
+            frame::recv_on_by::<_, FromWorker>(&self.sock, MAX_REQUEST_FRAME, Deadline::at(by))
+                .map_err(|e| self.frame_err_within(e, op))?;
         if !fds.is_empty() {
             return Err(self.violation("sent file descriptors".into()));
         }
@@ -405,10 +463,11 @@ impl WorkerConn {
         leaf: &File,
         resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
     ) -> Result<Opened, WorkerError> {
+        let op = ("opening the image chain", Instant::now() + self.op_timeout);
         self.ensure_quiet()?;
         self.send(msg, &[leaf.as_fd()])?;
         for _ in 0..=MAX_CHAIN_DEPTH {
-            match self.recv()? {
+            match self.recv_within(Some(op))? {
                 FromWorker::NeedParent {
                     child, locators, ..
                 } => {
@@ -568,6 +627,53 @@ mod tests {
         });
         assert_eq!(conn.call(&ToWorker::Pause, &[]).unwrap(), FromWorker::Ok);
         fake.join().unwrap();
+    }
+
+    #[test]
+    fn slow_parent_rounds_cannot_stretch_an_open_past_the_operation_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Each round comes well within the 1 s per-message timeout.
+        let conn = WorkerConn::new(a, 5, Duration::from_secs(1))
+            .unwrap()
+            .with_op_timeout(Duration::from_millis(1500));
+        let fake = std::thread::spawn(move || {
+            let _: (ToWorker, _) = frame::recv_on(&b, 1 << 16).unwrap();
+            let need = FromWorker::NeedParent {
+                child: "/srv/a/leaf".into(),
+                locators: vec![],
+                parent_uuid: [0; 16],
+            };
+            let mut rounds = 0;
+            loop {
+                std::thread::sleep(Duration::from_millis(300));
+                if frame::send_on(&b, &need, &[]).is_err()
+                    || frame::recv_on::<_, ToWorker>(&b, 1 << 16).is_err()
+                {
+                    return rounds;
+                }
+                rounds += 1;
+            }
+        });
+        let leaf = File::open("/dev/null").unwrap();
+        let msg = ToWorker::Open {
+            kind: tapjail_common::proto::ImageKind::Aio,
+            name: "/srv/a/leaf".into(),
+            read_only: true,
+        };
+        let t0 = Instant::now();
+        let err = conn
+            .open_chain(&msg, &leaf, &mut |_| Err("no".into()))
+            .unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, WorkerError::OperationTimeout { pid: 5, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("operation_timeout_secs"), "{err}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        drop(conn);
+        let rounds = fake.join().unwrap();
+        assert!((3..=6).contains(&rounds), "{rounds} rounds");
     }
 
     #[test]

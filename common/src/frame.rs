@@ -13,6 +13,7 @@ use serde::Serialize;
 use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 /// Largest frame the broker accepts from tap-ctl or a worker.
 pub const MAX_REQUEST_FRAME: usize = 64 * 1024;
@@ -43,6 +44,59 @@ pub enum FrameError {
     Trailing { extra: usize },
     #[error("cannot encode message: {0}")]
     Encode(postcard::Error),
+    /// A [`Deadline`] passed: the peer was silent too long, or sent part
+    /// of a frame and then too little too slowly.
+    #[error("{}", deadline_text(*.got, *.want))]
+    Deadline { got: usize, want: Option<usize> },
+}
+
+fn deadline_text(got: usize, want: Option<usize>) -> String {
+    match (got, want) {
+        (0, _) => "no frame arrived before the deadline".into(),
+        (got, Some(want)) => {
+            format!("only {got} of {want} frame bytes arrived before the deadline")
+        }
+        (got, None) => format!("only {got} frame bytes arrived before the deadline"),
+    }
+}
+
+/// When a frame must have arrived (or left), as absolute times.
+///
+/// Socket timeouts (`SO_RCVTIMEO`) apply to each read, so a peer that
+/// trickles one byte just inside that timeout holds the other side for as
+/// long as it likes. A `Deadline` bounds the whole frame instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deadline {
+    /// By when the first byte must arrive (`None`: no limit of its own).
+    pub first_byte: Option<Instant>,
+    /// How long the rest of the frame may take once its first byte came.
+    pub whole_frame: Option<Duration>,
+    /// A hard end for everything (an operation's deadline).
+    pub end: Option<Instant>,
+}
+
+impl Deadline {
+    /// Everything by `at`.
+    pub fn at(at: Instant) -> Deadline {
+        Deadline {
+            first_byte: Some(at),
+            whole_frame: None,
+            end: Some(at),
+        }
+    }
+
+    /// The earliest of `end` and, depending on whether the frame has
+    /// started, `first_byte` or start + `whole_frame`.
+    fn effective(&self, started: Option<Instant>) -> Option<Instant> {
+        let phase = match started {
+            None => self.first_byte,
+            Some(t) => self.whole_frame.and_then(|w| t.checked_add(w)),
+        };
+        match (phase, self.end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Send `msg` with `fds` attached.
@@ -51,23 +105,7 @@ pub fn send<T: Serialize>(
     msg: &T,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), FrameError> {
-    if fds.len() > MAX_FDS {
-        return Err(FrameError::TooManyFds);
-    }
-    let payload = postcard::to_allocvec(msg).map_err(FrameError::Encode)?;
-    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
-        len: payload.len(),
-        max: u32::MAX as usize,
-    })?;
-    let mut frame = Vec::with_capacity(HEADER + payload.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(&payload);
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let sent = sendmsg_fds(sock.as_raw_fd(), &frame, &raw)?;
-    if sent < frame.len() {
-        write_all(sock.as_raw_fd(), &frame[sent..])?;
-    }
-    Ok(())
+    send_inner(sock, msg, fds, None)
 }
 
 /// Receive one frame of at most `max` payload bytes.
@@ -78,11 +116,42 @@ pub fn recv<T: DeserializeOwned>(
     sock: BorrowedFd<'_>,
     max: usize,
 ) -> Result<(T, Vec<OwnedFd>), FrameError> {
+    recv_by(sock, max, Deadline::default())
+}
+
+/// [`recv`], but the frame must arrive within `deadline` (a whole-frame
+/// bound, not a per-read one: see [`Deadline`]).
+pub fn recv_by<T: DeserializeOwned>(
+    sock: BorrowedFd<'_>,
+    max: usize,
+    deadline: Deadline,
+) -> Result<(T, Vec<OwnedFd>), FrameError> {
+    let fd = sock.as_raw_fd();
+    let mut started: Option<Instant> = None;
+    let mut read = |buf: &mut [u8], fds: &mut Vec<OwnedFd>, got: usize, want: Option<usize>| {
+        let by = deadline.effective(started);
+        let n = match by {
+            None => recvmsg_fds(fd, buf, fds, 0)?,
+            Some(by) => loop {
+                if !wait_for(fd, libc::POLLIN, by)? {
+                    return Err(FrameError::Deadline { got, want });
+                }
+                match recvmsg_fds(fd, buf, fds, libc::MSG_DONTWAIT) {
+                    Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    r => break r?,
+                }
+            },
+        };
+        if started.is_none() && n > 0 {
+            started = Some(Instant::now());
+        }
+        Ok::<usize, FrameError>(n)
+    };
     let mut header = [0u8; HEADER];
     let mut fds = Vec::new();
     let mut got = 0;
     while got < HEADER {
-        let n = recvmsg_fds(sock.as_raw_fd(), &mut header[got..], &mut fds)?;
+        let n = read(&mut header[got..], &mut fds, got, None)?;
         if n == 0 {
             return Err(if got == 0 {
                 FrameError::Closed
@@ -101,7 +170,12 @@ pub fn recv<T: DeserializeOwned>(
     while got < len {
         // recvmsg, not recv: fds riding on payload bytes are taken (and
         // refused by the caller) rather than silently dropped by the kernel.
-        let n = recvmsg_fds(sock.as_raw_fd(), &mut payload[got..], &mut fds)?;
+        let n = read(
+            &mut payload[got..],
+            &mut fds,
+            got + HEADER,
+            Some(len + HEADER),
+        )?;
         if n == 0 {
             return Err(FrameError::Truncated {
                 got: got + HEADER,
@@ -117,20 +191,127 @@ pub fn recv<T: DeserializeOwned>(
     Ok((msg, fds))
 }
 
-fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
+/// [`send`], but the whole frame must be taken by the peer before `by`:
+/// a peer that reads its answer a byte at a time cannot hold us.
+pub fn send_by<T: Serialize>(
+    sock: BorrowedFd<'_>,
+    msg: &T,
+    fds: &[BorrowedFd<'_>],
+    by: Instant,
+) -> Result<(), FrameError> {
+    send_inner(sock, msg, fds, Some(by))
+}
+
+fn send_inner<T: Serialize>(
+    sock: BorrowedFd<'_>,
+    msg: &T,
+    fds: &[BorrowedFd<'_>],
+    by: Option<Instant>,
+) -> Result<(), FrameError> {
+    if fds.len() > MAX_FDS {
+        return Err(FrameError::TooManyFds);
+    }
+    let payload = postcard::to_allocvec(msg).map_err(FrameError::Encode)?;
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
+        len: payload.len(),
+        max: u32::MAX as usize,
+    })?;
+    let mut frame = Vec::with_capacity(HEADER + payload.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let fd = sock.as_raw_fd();
+    let late = |sent: usize| FrameError::Deadline {
+        got: sent,
+        want: Some(frame.len()),
+    };
+    // The fds ride on the first sendmsg that moves any byte.
+    let sent = loop {
+        if let Some(by) = by {
+            if !wait_for(fd, libc::POLLOUT, by)? {
+                return Err(late(0));
+            }
+        }
+        let flags = if by.is_some() { libc::MSG_DONTWAIT } else { 0 };
+        match sendmsg_fds(fd, &frame, &raw, flags) {
+            Err(e) if by.is_some() && e.kind() == io::ErrorKind::WouldBlock => {}
+            r => break r?,
+        }
+    };
+    write_all(fd, &frame, sent, by).map_err(|e| match e {
+        WriteError::Late(n) => late(n),
+        WriteError::Io(e) => FrameError::Io(e),
+    })
+}
+
+enum WriteError {
+    Io(io::Error),
+    /// The deadline passed with this many bytes sent.
+    Late(usize),
+}
+
+fn write_all(
+    fd: RawFd,
+    frame: &[u8],
+    mut sent: usize,
+    by: Option<Instant>,
+) -> Result<(), WriteError> {
+    while sent < frame.len() {
+        if let Some(by) = by {
+            match wait_for(fd, libc::POLLOUT, by) {
+                Ok(true) => {}
+                Ok(false) => return Err(WriteError::Late(sent)),
+                Err(FrameError::Io(e)) => return Err(WriteError::Io(e)),
+                Err(_) => return Err(WriteError::Late(sent)),
+            }
+        }
+        let buf = &frame[sent..];
+        let flags = libc::MSG_NOSIGNAL | if by.is_some() { libc::MSG_DONTWAIT } else { 0 };
         // SAFETY: buf is a valid slice for its length.
-        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
+            if e.kind() == io::ErrorKind::Interrupted
+                || (by.is_some() && e.kind() == io::ErrorKind::WouldBlock)
+            {
                 continue;
             }
-            return Err(e);
+            return Err(WriteError::Io(e));
         }
-        buf = &buf[n as usize..];
+        sent += n as usize;
     }
     Ok(())
+}
+
+/// Wait until `fd` is ready for `events` or `by` passes; `false` if it
+/// passed. Errors and hang-ups count as ready (the read or write that
+/// follows reports them).
+fn wait_for(fd: RawFd, events: libc::c_short, by: Instant) -> Result<bool, FrameError> {
+    loop {
+        let now = Instant::now();
+        if now >= by {
+            return Ok(false);
+        }
+        // Round up, so that we never wake just before `by` and spin.
+        let ms = (by - now).as_micros().div_ceil(1000);
+        let ms = i32::try_from(ms).unwrap_or(i32::MAX);
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: p is one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        if rc > 0 {
+            return Ok(true);
+        }
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+        }
+    }
 }
 
 /// Bytes of fd payload in an `SCM_RIGHTS` message; `nfds` ≤ [`MAX_FDS`].
@@ -145,7 +326,7 @@ fn cmsg_space(nfds: usize) -> usize {
     unsafe { libc::CMSG_SPACE(fd_bytes(nfds)) as usize }
 }
 
-fn sendmsg_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+fn sendmsg_fds(fd: RawFd, data: &[u8], fds: &[RawFd], flags: libc::c_int) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -182,7 +363,7 @@ fn sendmsg_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     }
     loop {
         // SAFETY: msg points at live iov and control buffers.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | flags) };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -193,7 +374,12 @@ fn sendmsg_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     }
 }
 
-fn recvmsg_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, FrameError> {
+fn recvmsg_fds(
+    fd: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: libc::c_int,
+) -> Result<usize, FrameError> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -207,7 +393,7 @@ fn recvmsg_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usiz
     msg.msg_controllen = control.len();
     let n = loop {
         // SAFETY: msg points at live iov and control buffers.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         if n >= 0 {
             break n as usize;
         }
@@ -251,6 +437,15 @@ pub fn send_on<S: AsFd, T: Serialize>(
 }
 
 /// Convenience for callers holding anything that is an fd.
+pub fn recv_on_by<S: AsFd, T: DeserializeOwned>(
+    sock: &S,
+    max: usize,
+    deadline: Deadline,
+) -> Result<(T, Vec<OwnedFd>), FrameError> {
+    recv_by(sock.as_fd(), max, deadline)
+}
+
+/// Convenience for callers holding anything that is an fd.
 pub fn recv_on<S: AsFd, T: DeserializeOwned>(
     sock: &S,
     max: usize,
@@ -286,7 +481,7 @@ mod tests {
         (&a).write_all(&(payload.len() as u32).to_be_bytes())
             .unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
-        let sent = sendmsg_fds(a.as_raw_fd(), &payload, &[file.as_raw_fd()]).unwrap();
+        let sent = sendmsg_fds(a.as_raw_fd(), &payload, &[file.as_raw_fd()], 0).unwrap();
         assert_eq!(sent, payload.len());
         let (req, fds): (Request, _) = recv_on(&b, MAX_REQUEST_FRAME).unwrap();
         assert_eq!(req, Request::Spawn);
@@ -346,6 +541,124 @@ mod tests {
             recv_on::<_, Request>(&b, MAX_REQUEST_FRAME).unwrap_err(),
             FrameError::Closed
         ));
+    }
+
+    #[test]
+    fn trickled_frame_misses_its_whole_frame_deadline() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        // A generous per-read timeout: each byte below arrives well within it.
+        b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let trickler = std::thread::spawn(move || {
+            a.write_all(&100u32.to_be_bytes()).unwrap();
+            // One byte every 20 ms until the receiver gives up.
+            while stop_rx.recv_timeout(Duration::from_millis(20)).is_err() {
+                if a.write_all(&[0]).is_err() {
+                    break;
+                }
+            }
+        });
+        let t0 = Instant::now();
+        let dl = Deadline {
+            first_byte: Some(t0 + Duration::from_secs(30)),
+            whole_frame: Some(Duration::from_millis(300)),
+            end: None,
+        };
+        let err = recv_on_by::<_, Request>(&b, MAX_REQUEST_FRAME, dl).unwrap_err();
+        let took = t0.elapsed();
+        stop_tx.send(()).unwrap();
+        trickler.join().unwrap();
+        match err {
+            FrameError::Deadline { got, want } => {
+                assert!(got > HEADER && got < 104, "{got}");
+                assert_eq!(want, Some(104));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn silent_peer_misses_its_first_byte_deadline_and_end_caps_everything() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        let t0 = Instant::now();
+        let err = recv_on_by::<_, Request>(
+            &b,
+            MAX_REQUEST_FRAME,
+            Deadline::at(t0 + Duration::from_millis(100)),
+        )
+        .unwrap_err();
+        assert!(matches!(err, FrameError::Deadline { got: 0, .. }), "{err}");
+        assert!(err.to_string().contains("no frame arrived"), "{err}");
+        // `end` wins over a later whole-frame deadline.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[0, 0]).unwrap();
+        let err = recv_on_by::<_, Request>(
+            &b,
+            MAX_REQUEST_FRAME,
+            Deadline {
+                first_byte: None,
+                whole_frame: Some(Duration::from_secs(60)),
+                end: Some(Instant::now() + Duration::from_millis(100)),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, FrameError::Deadline { got: 2, want: None }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn frame_in_pieces_within_its_deadline_is_received() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let payload = postcard::to_allocvec(&Request::Spawn).unwrap();
+            let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+            frame.extend(payload);
+            for byte in frame {
+                (&a).write_all(&[byte]).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            a
+        });
+        let dl = Deadline {
+            first_byte: Some(Instant::now() + Duration::from_secs(10)),
+            whole_frame: Some(Duration::from_secs(10)),
+            end: None,
+        };
+        let (req, fds): (Request, _) = recv_on_by(&b, MAX_REQUEST_FRAME, dl).unwrap();
+        assert_eq!(req, Request::Spawn);
+        assert!(fds.is_empty());
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn send_to_a_peer_that_does_not_read_misses_its_deadline() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        // Far more than a socket buffer holds.
+        let big = vec![7u8; 8 << 20];
+        let t0 = Instant::now();
+        let err = send_by(a.as_fd(), &big, &[], t0 + Duration::from_millis(200)).unwrap_err();
+        match err {
+            FrameError::Deadline { got, want } => {
+                assert!(got < want.unwrap(), "{got} {want:?}");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // A small frame to a reading peer goes through.
+        let (a, b) = UnixStream::pair().unwrap();
+        send_by(
+            a.as_fd(),
+            &Request::Spawn,
+            &[],
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        let (req, _): (Request, _) = recv_on(&b, MAX_REQUEST_FRAME).unwrap();
+        assert_eq!(req, Request::Spawn);
     }
 
     proptest::proptest! {

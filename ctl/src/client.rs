@@ -155,7 +155,8 @@ impl Client {
                 "tap-broker at {p} closed the connection without answering ({e}); its log or \
                  audit log says why"
             ),
-            FrameError::Io(_) | FrameError::Encode(_) => {
+            // Deadline: tap-ctl bounds its waits with socket timeouts.
+            FrameError::Io(_) | FrameError::Encode(_) | FrameError::Deadline { .. } => {
                 anyhow!("talking to tap-broker at {p}: {e}")
             }
         }

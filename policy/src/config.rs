@@ -61,6 +61,9 @@ pub struct Tenant {
     /// May list and manage (stats, pause, close, detach, destroy, free)
     /// every tenant's disks. Never needed to open images.
     pub admin: bool,
+    /// Most connections all of this tenant's peers may hold at once (a
+    /// tenant matched by gid has many uids, each with its own per-uid cap).
+    pub max_clients: u32,
 }
 
 /// The whole configuration file.
@@ -85,6 +88,11 @@ pub struct Policy {
     pub max_restarts_per_minute: u32,
     /// Seconds a worker has to answer one control message.
     pub worker_timeout_secs: u32,
+    /// Seconds one whole operation with a worker may take, every message
+    /// of it (an open with all its parent requests) included.
+    pub operation_timeout_secs: u32,
+    /// Seconds a client has to send a whole frame once its first byte came.
+    pub client_frame_timeout_secs: u32,
     /// Most concurrent client connections.
     pub max_clients: u32,
     pub tenants: Vec<Tenant>,
@@ -178,6 +186,8 @@ struct RawPolicy {
     respawn: Option<bool>,
     max_restarts_per_minute: Option<Spanned<i64>>,
     worker_timeout_secs: Option<Spanned<i64>>,
+    operation_timeout_secs: Option<Spanned<i64>>,
+    client_frame_timeout_secs: Option<Spanned<i64>>,
     max_clients: Option<Spanned<i64>>,
     #[serde(default)]
     tenant: Vec<Spanned<RawTenant>>,
@@ -197,6 +207,7 @@ struct RawTenant {
     max_disks: Option<Spanned<i64>>,
     minors: Option<Spanned<Vec<i64>>>,
     admin: Option<bool>,
+    max_clients: Option<Spanned<i64>>,
 }
 
 /// Defaults for keys a file leaves out.
@@ -210,6 +221,9 @@ pub mod defaults {
     pub const WORKER_MEMLOCK_MIB: u64 = 512;
     pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
     pub const WORKER_TIMEOUT_SECS: u32 = 30;
+    pub const OPERATION_TIMEOUT_SECS: u32 = 120;
+    pub const CLIENT_FRAME_TIMEOUT_SECS: u32 = 10;
+    pub const TENANT_MAX_CLIENTS: u32 = 16;
     pub const MAX_CLIENTS: u32 = 64;
     pub const MAX_DISKS: u32 = 8;
 }
@@ -531,6 +545,28 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
                 defaults::WORKER_TIMEOUT_SECS,
             )
         });
+    let operation_timeout_secs =
+        raw.operation_timeout_secs
+            .map_or(defaults::OPERATION_TIMEOUT_SECS, |m| {
+                c.int_in(
+                    "operation_timeout_secs",
+                    &m,
+                    1,
+                    3600,
+                    defaults::OPERATION_TIMEOUT_SECS,
+                )
+            });
+    let client_frame_timeout_secs =
+        raw.client_frame_timeout_secs
+            .map_or(defaults::CLIENT_FRAME_TIMEOUT_SECS, |m| {
+                c.int_in(
+                    "client_frame_timeout_secs",
+                    &m,
+                    1,
+                    600,
+                    defaults::CLIENT_FRAME_TIMEOUT_SECS,
+                )
+            });
     let max_clients = raw.max_clients.map_or(defaults::MAX_CLIENTS, |m| {
         c.int_in(
             "max_clients",
@@ -626,6 +662,15 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
                 0,
             )
         });
+        let tenant_clients = t.max_clients.map_or(defaults::TENANT_MAX_CLIENTS, |m| {
+            c.int_in(
+                "max_clients",
+                &m,
+                1,
+                i64::from(MAX_CLIENTS_LIMIT),
+                defaults::TENANT_MAX_CLIENTS,
+            )
+        });
         let minors = t.minors.and_then(|m| {
             let span = m.span();
             match m.get_ref().as_slice() {
@@ -655,6 +700,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             max_disks,
             minors,
             admin: t.admin.unwrap_or(false),
+            max_clients: tenant_clients,
         });
     }
 
@@ -670,6 +716,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         respawn: raw.respawn.unwrap_or(true),
         max_restarts_per_minute,
         worker_timeout_secs,
+        operation_timeout_secs,
+        client_frame_timeout_secs,
         max_clients,
         tenants,
     }
@@ -843,6 +891,32 @@ image_roots = ["/srv/bob"]
         let d = errs("worker_memlock_mib = 0\nmax_clients = 100000\n[[tenant]]\nname = \"a\"\nuids = [1]\nmax_disks = -1\n");
         let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
         assert_eq!(lines, vec![1, 2, 6]);
+    }
+
+    #[test]
+    fn deadlines_and_tenant_connection_caps_parse_default_and_are_bounded() {
+        let p = Policy::parse("[[tenant]]\nname = \"a\"\ngids = [1]\n").unwrap();
+        assert_eq!(p.operation_timeout_secs, defaults::OPERATION_TIMEOUT_SECS);
+        assert_eq!(
+            p.client_frame_timeout_secs,
+            defaults::CLIENT_FRAME_TIMEOUT_SECS
+        );
+        assert_eq!(p.tenants[0].max_clients, defaults::TENANT_MAX_CLIENTS);
+        let p = Policy::parse(
+            "operation_timeout_secs = 7\nclient_frame_timeout_secs = 2\n[[tenant]]\nname = \"a\"\ngids = [1]\nmax_clients = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.operation_timeout_secs,
+                p.client_frame_timeout_secs,
+                p.tenants[0].max_clients
+            ),
+            (7, 2, 3)
+        );
+        let d = errs("operation_timeout_secs = 0\nclient_frame_timeout_secs = 601\n[[tenant]]\nname = \"a\"\nuids = [1]\nmax_clients = 0\n");
+        let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
+        assert_eq!(lines, vec![1, 2, 6], "{d:?}");
     }
 
     #[test]

@@ -24,6 +24,10 @@
 //!   `LOCATORS:<n>:<path>` asks once with `n` locators;
 //!   `LONGPARENT:<n>` asks for a parent path of `2n` bytes;
 //!   `CHILD:<child>:<path>` asks for the parent of a file it was never given;
+//!   `SLOWPARENT:<n>:<ms>:<path>` asks for `<path>` `n` times, waiting
+//!   `<ms>` before each request (each in time, the whole open not);
+//! - `STDERR` writes terminal escapes, a forged broker line, a 100 KB line
+//!   and 5000 lines to its stderr, then opens normally;
 //! - `FDS:<n>` answers Open with `n` fds attached (on the header, or with
 //!   `FDS:<n>:payload` on the payload bytes); `LATEFDS:<frames>:<n>` sends
 //!   `frames` unasked frames with `n` fds each after `Serving`.
@@ -282,6 +286,36 @@ fn hostile_open(ctl: &UnixStream, name: &str, line: &str) -> Option<Result<Chain
                     line: line.into(),
                 }),
             );
+        }
+        "SLOWPARENT" => {
+            let mut it = rest.splitn(3, ':');
+            let n: usize = it.next().and_then(|v| v.parse().ok()).unwrap_or(100);
+            let ms: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(1000);
+            let path = it.next().unwrap_or("base.img");
+            let mut names = vec![name.to_string()];
+            for _ in 0..n {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                match need_parent(ctl, name.to_string(), vec![locator(path)]) {
+                    Ok(p) => names.push(p),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            return Some(Ok(Chain {
+                names,
+                size: 1 << 20,
+                kind: ImageKind::Aio,
+                line: line.into(),
+            }));
+        }
+        "STDERR" => {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(b"\x1b[2J\x1b]0;pwned\x07tap-broker: forged line\rOVERWRITE\n");
+            let mut long = vec![b'A'; 100_000];
+            long.push(b'\n');
+            let _ = e.write_all(&long);
+            for i in 0..5000 {
+                let _ = writeln!(e, "flood {i}");
+            }
         }
         "FDS" => {
             let (n, where_) = rest.split_once(':').unwrap_or((rest, "header"));

@@ -4,6 +4,9 @@
 //! Usage: fuzz-client SOCKET SEED COUNT [hello]
 //! With `hold`, it opens COUNT connections, says nothing on them, prints
 //! `held` and keeps them for 10 s (a slot hog).
+//! With `hellohold`, it opens COUNT connections one after another, says
+//! Hello on each and prints `greeted G refused R: FIRST-REFUSAL`, then
+//! keeps the greeted ones until its stdin closes (a tenant's slot hog).
 //! With `hello`, every case is one well-formed Hello and its answer (a
 //! flood of exactly COUNT requests, each decided and audited once).
 //! Prints how many cases it sent. Exits 0 unless the broker became
@@ -152,6 +155,25 @@ fn hello(sock: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Connect and say Hello: the open connection if greeted, else why not.
+fn greet(sock: &std::path::Path) -> std::io::Result<Result<UnixStream, String>> {
+    let s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // A refused connection may be closed before our Hello is written.
+    let _ = frame::send_on(
+        &s,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+        &[],
+    );
+    match frame::recv_on::<_, tapjail_common::proto::Reply>(&s, 1 << 20) {
+        Ok((tapjail_common::proto::Reply::Hello { .. }, _)) => Ok(Ok(s)),
+        Ok((other, _)) => Ok(Err(format!("{other:?}"))),
+        Err(e) => Ok(Err(e.to_string())),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(sock), Some(seed), Some(count)) = (args.get(1), args.get(2), args.get(3)) else {
@@ -168,6 +190,30 @@ fn main() {
         println!("held {}", held.len());
         let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_secs(10));
+        return;
+    }
+    if args.get(4).is_some_and(|a| a == "hellohold") {
+        let mut held = Vec::new();
+        let mut refused = 0;
+        let mut first_refusal = String::new();
+        for _ in 0..count {
+            match greet(&sock) {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(why)) => {
+                    refused += 1;
+                    if first_refusal.is_empty() {
+                        first_refusal = why;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("broker unreachable: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        println!("greeted {} refused {refused}: {first_refusal}", held.len());
+        let _ = std::io::stdout().flush();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
         return;
     }
     let only_hello = args.get(4).is_some_and(|a| a == "hello");

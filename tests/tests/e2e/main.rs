@@ -2,6 +2,7 @@
 //! only where a test must force a worker's behaviour), tap-ctl run as
 //! several tenants. Needs root.
 
+mod deadlines;
 mod escapes;
 mod faults;
 mod hostile_worker;
@@ -9,5 +10,6 @@ mod robustness;
 mod seed;
 mod tenants;
 mod ublk;
+mod worker_log;
 
 pub use tapjail_tests::*;
