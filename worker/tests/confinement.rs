@@ -165,9 +165,10 @@ fn premade_rings_refuse_socket_connect_statx_and_openat() {
 /// `/etc/shadow` and `/root` do not exist for it.
 #[test]
 fn worker_of_every_frontend_has_an_empty_root_in_its_own_mount_namespace() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root (a worker started as root gets an empty root)");
+    if !require(
+        is_root(),
+        "needs root (a worker started as root gets an empty root)",
+    ) {
         return;
     }
     for fe in FRONTENDS {
@@ -205,9 +206,7 @@ fn worker_of_every_frontend_has_an_empty_root_in_its_own_mount_namespace() {
 #[test]
 fn worker_is_not_dumpable_after_switching_uid() {
     use std::os::unix::fs::MetadataExt;
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root to switch uid");
+    if !require(is_root(), "needs root to switch uid") {
         return;
     }
     let (mut child, sock) = spawn_broker_mode("nbd", None);
@@ -314,9 +313,7 @@ fn child_landlock_open() {
 /// with EPERM) it refuses to run instead of serving in the host's.
 #[test]
 fn root_worker_that_cannot_unshare_refuses_to_run() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root");
+    if !require(is_root(), "needs root") {
         return;
     }
     /// linux/capability.h
@@ -381,9 +378,7 @@ fn nestvm_worker_is_not_dumpable_even_where_a_uid_switch_makes_processes_dumpabl
 /// ABI 5), the empty root still leaves nothing to find.
 #[test]
 fn empty_root_hides_host_paths_from_stat_behind_landlock() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root to unshare a mount namespace");
+    if !require(is_root(), "needs root to unshare a mount namespace") {
         return;
     }
     assert!(in_child("child_empty_root_stat").success());
