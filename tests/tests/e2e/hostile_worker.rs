@@ -245,19 +245,6 @@ impl Scene {
     }
 }
 
-/// Client connections the broker has open on its control socket: accepted
-/// sockets show the listener's path in /proc/net/unix, so every line with
-/// that path but the listener's own.
-fn control_connections(h: &Harness) -> usize {
-    let path = h.socket.to_string_lossy().to_string();
-    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
-    let n = table
-        .lines()
-        .filter(|l| l.split_whitespace().nth(7) == Some(path.as_str()))
-        .count();
-    n.saturating_sub(1)
-}
-
 fn worker_pid_in(text: &str) -> u32 {
     let at = text.find("tapdisk ").expect("names a tapdisk") + "tapdisk ".len();
     text[at..]

@@ -32,6 +32,10 @@ fn cycles_200_create_destroy_leave_nothing_behind() {
     h.ok(&ALICE, &["create", "-a", &spec]);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(eventually(Duration::from_secs(5), || children_of(broker).is_empty()));
+    // Measure once the broker has closed its end of tap-ctl's connection.
+    assert!(eventually(Duration::from_secs(10), || control_connections(
+        &h
+    ) == 0));
     let fds = fd_count(broker);
     for i in 0..200 {
         let dev = h.ok(&ALICE, &["create", "-a", &spec]);
