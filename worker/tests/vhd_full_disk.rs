@@ -12,8 +12,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tapjail_ctl::files::{check_path, create_path, open_file, FsParentOpener};
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{check_path, create_path, open_file, FsParentOpener};
 use tapjail_worker::image::vhd::{self as vhd, VhdOptions};
 use tapjail_worker::image::{Backing, Image, ImageError};
 
@@ -161,7 +161,7 @@ fn full_disk_during_allocation_leaves_a_differencing_image_clean() {
     drop(img);
     let fresh = |name: &str| {
         let p = tmp.path().join(name);
-        tapjail_worker::image::vhd::fs::snapshot_path(&p, &base, BS).unwrap();
+        tapjail_ctl::files::snapshot_path(&p, &base, BS).unwrap();
         p
     };
     let p = fresh("probe.vhd");

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
-use tapjail_testsupport::{is_root, require};
-use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{
+use tapjail_ctl::files::{
     check_path, convert_path, create_path, open_any, open_file, query_path, snapshot_path,
     ConvertTarget,
 };
+use tapjail_testsupport::{is_root, require};
+use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_worker::image::ImageError;
 
 fn mkfifo(p: &Path) {

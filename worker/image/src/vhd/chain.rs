@@ -1,0 +1,63 @@
+//! Opening a differencing chain: each parent comes from a [`ParentOpener`]
+//! (the filesystem offline, the broker in a confined worker), is opened
+//! read-only, and must carry the UUID its child recorded. Loops and chains
+//! deeper than [`MAX_CHAIN_DEPTH`] are refused.
+
+use super::footer::{format_uuid, DiskType};
+use super::image::VhdImage;
+use super::layer::{VhdLayer, VhdOptions};
+use super::MAX_CHAIN_DEPTH;
+use crate::{Backing, ImageError, ParentOpener};
+use std::collections::HashSet;
+
+/// Open `leaf` and all its parents.
+pub fn open(
+    leaf: Box<dyn Backing>,
+    name: &str,
+    read_only: bool,
+    opener: &mut dyn ParentOpener,
+    options: VhdOptions,
+) -> Result<VhdImage, ImageError> {
+    let first = VhdLayer::open(leaf, name, read_only, options)?;
+    let mut seen = HashSet::from([first.uuid()]);
+    let mut layers = vec![first];
+    loop {
+        let cur = &layers[layers.len() - 1];
+        if cur.disk_type() != DiskType::Differencing {
+            break;
+        }
+        if layers.len() >= MAX_CHAIN_DEPTH {
+            return Err(ImageError::ChainTooDeep {
+                name: cur.name().to_string(),
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        let expected = cur.parent_uuid().unwrap_or_default();
+        if expected == [0; 16] {
+            return Err(ImageError::Unsupported(format!(
+                "{}: the parent is a raw image (null parent UUID)",
+                cur.name()
+            )));
+        }
+        let locators = cur.parent_locators();
+        let (file, pname) = opener.open_parent(cur.name(), &locators, expected)?;
+        let parent = VhdLayer::open(file, &pname, true, options).map_err(|e| match e {
+            ImageError::Corrupt { .. } | ImageError::Io { .. } => {
+                ImageError::Parent(format!("{pname}: {e}"))
+            }
+            other => other,
+        })?;
+        if parent.uuid() != expected {
+            return Err(ImageError::ParentUuidMismatch {
+                name: pname,
+                expected: format_uuid(&expected),
+                found: format_uuid(&parent.uuid()),
+            });
+        }
+        if !seen.insert(parent.uuid()) {
+            return Err(ImageError::ParentLoop { name: pname });
+        }
+        layers.push(parent);
+    }
+    VhdImage::from_layers(layers)
+}

@@ -1,0 +1,751 @@
+//! One VHD file, opened: maps virtual offsets to file offsets and writes
+//! its own blocks. It knows nothing of parents; [`super::image`] walks the
+//! chain.
+//!
+//! Concurrency: every method takes `&self`. The BAT is behind an `RwLock`
+//! (readers and writers of allocated blocks only take it briefly for
+//! reading); allocation and deallocation are serialized by one mutex; sector
+//! bitmaps are cached in sharded mutexes that also serialize the
+//! read-modify-write of one block's bitmap. Blocks known to be fully
+//! written ("full", the in-memory batmap) skip their bitmap entirely.
+//!
+//! Crash safety of allocation (new block): bitmap and data are written at
+//! the old end of the file, then the BAT entry, then the footer at the new
+//! end, with a data sync between steps when `sync_metadata` is on. For an
+//! allocated block, data is written before its bitmap bits are set.
+
+use super::bat::UNUSED;
+use super::batmap::{self, BatmapHeader};
+use super::bitmap;
+use super::footer::{DiskType, Footer, FOOTER_SIZE};
+use super::header::Header;
+use super::layout::{BatmapState, Metadata};
+use super::locator;
+use crate::stats::LayerCounters;
+use crate::zeroes::{ZEROES, ZERO_CHUNK};
+use crate::{Backing, ImageError, LayerStats, ParentLocator};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+mod direct;
+
+const BITMAP_SHARDS: usize = 16;
+/// Partial-block bitmaps cached per shard (full blocks need none).
+const BITMAPS_PER_SHARD: usize = 256;
+
+/// How a layer is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct VhdOptions {
+    /// Sync data between the steps of a block allocation and before a
+    /// bitmap update, so that a crash leaves either the old or the new
+    /// contents. Offline bulk writers (convert) turn it off and sync once.
+    pub sync_metadata: bool,
+}
+
+impl Default for VhdOptions {
+    fn default() -> Self {
+        VhdOptions {
+            sync_metadata: true,
+        }
+    }
+}
+
+/// The on-disk batmap we keep up to date (when the image had a valid one).
+#[derive(Debug)]
+struct BatmapDisk {
+    header_offset: u64,
+    header: Mutex<BatmapHeader>,
+    sum_len: u64,
+}
+
+#[derive(Debug)]
+struct AllocState {
+    /// Where the next block goes.
+    data_end: u64,
+    /// Known length of the file.
+    file_len: u64,
+}
+
+#[derive(Debug)]
+struct Sparse {
+    header: Header,
+    block_size: u64,
+    block_shift: u32,
+    bitmap_bytes: u64,
+    sectors_per_block: usize,
+    differencing: bool,
+    bat: RwLock<Vec<u32>>,
+    /// One bit per block: fully written (every sector bit set).
+    full: Vec<AtomicU64>,
+    /// Blocks below this index may be recorded in the on-disk batmap.
+    batmap_bits: u64,
+    batmap: Option<BatmapDisk>,
+    batmap_dirty: AtomicBool,
+    bitmaps: Vec<Mutex<HashMap<u32, Arc<[u8]>>>>,
+    alloc: Mutex<AllocState>,
+}
+
+/// One opened VHD file.
+#[derive(Debug)]
+pub struct VhdLayer {
+    file: Box<dyn Backing>,
+    name: String,
+    footer: Footer,
+    footer_bytes: [u8; FOOTER_SIZE],
+    virtual_size: u64,
+    read_only: bool,
+    options: VhdOptions,
+    sparse: Option<Sparse>,
+    pub(crate) counters: LayerCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the protected
+    // state half-updated in a way later users could not cope with (they
+    // re-read from disk), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VhdLayer {
+    /// Parse and validate `file` as a VHD.
+    pub fn open(
+        file: Box<dyn Backing>,
+        name: &str,
+        read_only: bool,
+        options: VhdOptions,
+    ) -> Result<VhdLayer, ImageError> {
+        let meta = Metadata::read(file.as_ref())?;
+        Self::from_metadata(file, name, read_only, options, meta)
+    }
+
+    pub(crate) fn from_metadata(
+        file: Box<dyn Backing>,
+        name: &str,
+        read_only: bool,
+        options: VhdOptions,
+        meta: Metadata,
+    ) -> Result<VhdLayer, ImageError> {
+        let footer_bytes = meta.footer.to_bytes();
+        let sparse = match meta.sparse {
+            None => None,
+            Some(s) => {
+                let n = s.bat.len();
+                let full: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+                let sum_len = batmap::checksum_len(meta.footer.current_size());
+                let (batmap, batmap_bits) = match &s.batmap {
+                    BatmapState::Valid { header, map } => {
+                        let bits = (n as u64).min(sum_len * 8).min(map.len() as u64 * 8);
+                        for (b, &e) in s.bat.iter().enumerate().take(bits as usize) {
+                            if e != UNUSED && bitmap::test(map, b) {
+                                full[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
+                            }
+                        }
+                        (
+                            Some(BatmapDisk {
+                                header_offset: s.batmap_header_offset,
+                                header: Mutex::new(*header),
+                                sum_len,
+                            }),
+                            bits,
+                        )
+                    }
+                    _ => (None, 0),
+                };
+                Some(Sparse {
+                    block_size: u64::from(s.block_size),
+                    block_shift: s.block_size.trailing_zeros(),
+                    bitmap_bytes: u64::from(s.bitmap_bytes),
+                    sectors_per_block: (s.block_size / 512) as usize,
+                    differencing: meta.footer.disk_type == DiskType::Differencing,
+                    header: s.header,
+                    bat: RwLock::new(s.bat),
+                    full,
+                    batmap_bits,
+                    batmap,
+                    batmap_dirty: AtomicBool::new(false),
+                    bitmaps: (0..BITMAP_SHARDS)
+                        .map(|_| Mutex::new(HashMap::new()))
+                        .collect(),
+                    alloc: Mutex::new(AllocState {
+                        data_end: s.data_end,
+                        file_len: meta.file_len,
+                    }),
+                })
+            }
+        };
+        Ok(VhdLayer {
+            file,
+            name: name.to_string(),
+            footer_bytes,
+            virtual_size: meta.virtual_size,
+            footer: meta.footer,
+            read_only,
+            options,
+            sparse,
+            counters: LayerCounters::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn uuid(&self) -> [u8; 16] {
+        self.footer.uuid()
+    }
+    pub fn header(&self) -> Option<&Header> {
+        self.sparse.as_ref().map(|s| &s.header)
+    }
+    pub fn block_size(&self) -> Option<u64> {
+        self.sparse.as_ref().map(|s| s.block_size)
+    }
+    pub fn file(&self) -> &dyn Backing {
+        self.file.as_ref()
+    }
+
+    /// Number of allocated blocks (for fixed images: 0).
+    pub fn allocated_blocks(&self) -> u64 {
+        self.sparse.as_ref().map_or(0, |s| {
+            s.bat
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|&&e| e != UNUSED)
+                .count() as u64
+        })
+    }
+
+    pub fn stats(&self) -> LayerStats {
+        self.counters.snapshot(&self.name, "vhd")
+    }
+
+    /// The parent's UUID (differencing images only).
+    pub fn parent_uuid(&self) -> Option<[u8; 16]> {
+        match &self.sparse {
+            Some(s) if s.differencing => Some(s.header.parent_uuid()),
+            _ => None,
+        }
+    }
+
+    /// Decoded parent locators in header order, then the parent's unicode
+    /// name. Locators that cannot be decoded are skipped (check reports
+    /// them).
+    pub fn parent_locators(&self) -> Vec<ParentLocator> {
+        let Some(s) = self.sparse.as_ref().filter(|s| s.differencing) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for loc in s.header.locators.iter().filter(|l| l.code.is_readable()) {
+            let mut buf = vec![0u8; loc.data_len as usize]; // bounded by MAX_LOCATOR_LEN at open
+            if self.file.read_exact_at(&mut buf, loc.data_offset).is_err() {
+                continue;
+            }
+            if let Ok(l) = locator::decode(loc.code, &buf) {
+                if !out.contains(&l) {
+                    out.push(l);
+                }
+            }
+        }
+        if let Some(name) = s.header.parent_name() {
+            if !name.is_empty() && !name.contains('\0') {
+                out.push(ParentLocator {
+                    code: "name".into(),
+                    relative: !name.starts_with('/'),
+                    path: name,
+                });
+            }
+        }
+        out
+    }
+
+    fn is_full(s: &Sparse, block: usize) -> bool {
+        s.full[block / 64].load(Ordering::Acquire) & (1 << (block % 64)) != 0
+    }
+
+    fn set_full(&self, s: &Sparse, block: usize, full: bool) {
+        let bit = 1u64 << (block % 64);
+        let old = if full {
+            s.full[block / 64].fetch_or(bit, Ordering::AcqRel)
+        } else {
+            s.full[block / 64].fetch_and(!bit, Ordering::AcqRel)
+        };
+        if (old & bit != 0) != full && (block as u64) < s.batmap_bits && !self.read_only {
+            s.batmap_dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Where the bytes at `offset` live in this layer: the length of the
+    /// run from `offset` (at most `max`, at least 1 byte) that shares one
+    /// status, and its file offset if this layer holds it.
+    /// `offset` must be below the virtual size.
+    pub fn map(&self, offset: u64, max: u64) -> Result<(u64, Option<u64>), ImageError> {
+        self.map_with(offset, max, true)?.ok_or_else(|| {
+            ImageError::InvalidArgument("block bitmap not loaded".into()) // not reached: loading was allowed
+        })
+    }
+
+    /// [`Self::map`] without reading from the file: `None` when the answer
+    /// needs a sector bitmap that is not cached (fully written blocks and
+    /// holes never do).
+    pub fn map_cached(&self, offset: u64, max: u64) -> Option<(u64, Option<u64>)> {
+        self.map_with(offset, max, false).ok().flatten()
+    }
+
+    fn map_with(
+        &self,
+        offset: u64,
+        max: u64,
+        load: bool,
+    ) -> Result<Option<(u64, Option<u64>)>, ImageError> {
+        let Some(s) = &self.sparse else {
+            return Ok(Some((max, Some(offset))));
+        };
+        let block = (offset >> s.block_shift) as usize;
+        let in_block = offset & (s.block_size - 1);
+        let to_block_end = s.block_size - in_block;
+        let entry = {
+            let bat = s.bat.read().unwrap_or_else(|p| p.into_inner());
+            let entry = bat[block];
+            if entry == UNUSED {
+                let mut len = to_block_end;
+                let mut b = block + 1;
+                while len < max && b < bat.len() && bat[b] == UNUSED {
+                    len += s.block_size;
+                    b += 1;
+                }
+                return Ok(Some((len.min(max), None)));
+            }
+            entry
+        };
+        let data = u64::from(entry) * 512 + s.bitmap_bytes;
+        if Self::is_full(s, block) {
+            return Ok(Some((to_block_end.min(max), Some(data + in_block))));
+        }
+        let map = if load {
+            self.bitmap(s, block, entry)?
+        } else {
+            match lock(&s.bitmaps[block % BITMAP_SHARDS]).get(&(block as u32)) {
+                Some(m) => m.clone(),
+                None => return Ok(None),
+            }
+        };
+        if Self::is_full(s, block) {
+            return Ok(Some((to_block_end.min(max), Some(data + in_block))));
+        }
+        let sector = (in_block / 512) as usize;
+        let (present, n) = bitmap::run(&map, sector, s.sectors_per_block);
+        let run = (sector + n) as u64 * 512 - in_block;
+        Ok(Some((run.min(max), present.then_some(data + in_block))))
+    }
+
+    /// The sector bitmap of an allocated block, from the cache or the file.
+    /// A full bitmap marks the block full instead of being cached.
+    fn bitmap(&self, s: &Sparse, block: usize, entry: u32) -> Result<Arc<[u8]>, ImageError> {
+        let mut shard = lock(&s.bitmaps[block % BITMAP_SHARDS]);
+        self.bitmap_locked(s, &mut shard, block, entry)
+    }
+
+    fn bitmap_locked(
+        &self,
+        s: &Sparse,
+        shard: &mut HashMap<u32, Arc<[u8]>>,
+        block: usize,
+        entry: u32,
+    ) -> Result<Arc<[u8]>, ImageError> {
+        if let Some(m) = shard.get(&(block as u32)) {
+            return Ok(m.clone());
+        }
+        let off = u64::from(entry) * 512;
+        let mut buf = vec![0u8; s.bitmap_bytes as usize];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(ImageError::io("read bitmap", off))?;
+        let map: Arc<[u8]> = buf.into();
+        if bitmap::is_full(&map, s.sectors_per_block) {
+            self.set_full(s, block, true);
+        } else {
+            if shard.len() >= BITMAPS_PER_SHARD {
+                if let Some(&k) = shard.keys().next() {
+                    shard.remove(&k);
+                }
+            }
+            shard.insert(block as u32, map.clone());
+        }
+        Ok(map)
+    }
+
+    /// Read file bytes this layer holds (as returned by [`Self::map`]).
+    pub fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<(), ImageError> {
+        let r = self
+            .file
+            .read_exact_at(buf, file_offset)
+            .map_err(ImageError::io("read", file_offset));
+        self.counters.on_read(buf.len() as u64, r)
+    }
+
+    /// [`Self::read_data`] only from the page cache (see
+    /// [`Backing::read_exact_at_nowait`]). Not counted in the stats: the
+    /// caller counts once the whole request succeeded.
+    pub fn read_data_nowait(&self, buf: &mut [u8], file_offset: u64) -> bool {
+        self.file.read_exact_at_nowait(buf, file_offset)
+    }
+
+    fn sync(&self) -> Result<(), ImageError> {
+        self.file.sync_data().map_err(ImageError::io("fsync", 0))
+    }
+
+    /// Write whole sectors at a sector-aligned `offset` within the disk.
+    pub fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+        debug_assert!(offset.is_multiple_of(512) && buf.len().is_multiple_of(512));
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        let r = self.write_sectors_inner(buf, offset);
+        self.counters.on_write(buf.len() as u64, r)
+    }
+
+    fn write_sectors_inner(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+        let Some(s) = &self.sparse else {
+            return self
+                .file
+                .write_all_at(buf, offset)
+                .map_err(ImageError::io("write", offset));
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let block = (off >> s.block_shift) as usize;
+            let in_block = off & (s.block_size - 1);
+            let n = ((s.block_size - in_block) as usize).min(buf.len() - done);
+            self.write_in_block(s, block, in_block, &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_in_block(
+        &self,
+        s: &Sparse,
+        block: usize,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<(), ImageError> {
+        let entry = s.bat.read().unwrap_or_else(|p| p.into_inner())[block];
+        if entry == UNUSED {
+            return self.allocate(s, block, in_block, data);
+        }
+        let off = u64::from(entry) * 512 + s.bitmap_bytes + in_block;
+        self.file
+            .write_all_at(data, off)
+            .map_err(ImageError::io("write", off))?;
+        if !Self::is_full(s, block) {
+            let first = (in_block / 512) as usize;
+            self.mark_sectors(s, block, entry, first, data.len() / 512)?;
+        }
+        Ok(())
+    }
+
+    /// Set bitmap bits after their data was written.
+    fn mark_sectors(
+        &self,
+        s: &Sparse,
+        block: usize,
+        entry: u32,
+        first: usize,
+        count: usize,
+    ) -> Result<(), ImageError> {
+        let mut shard = lock(&s.bitmaps[block % BITMAP_SHARDS]);
+        if Self::is_full(s, block) {
+            return Ok(());
+        }
+        let current = self.bitmap_locked(s, &mut shard, block, entry)?;
+        if Self::is_full(s, block) {
+            return Ok(());
+        }
+        let mut map = current.to_vec();
+        if !bitmap::set_range(&mut map, first, count) {
+            return Ok(());
+        }
+        if self.options.sync_metadata {
+            self.sync()?;
+        }
+        // Write only the bitmap sectors that changed.
+        let lo = (first / 8) / 512 * 512;
+        let hi = ((first + count - 1) / 8 / 512 + 1) * 512;
+        let off = u64::from(entry) * 512 + lo as u64;
+        self.file
+            .write_all_at(&map[lo..hi], off)
+            .map_err(ImageError::io("write bitmap", off))?;
+        if bitmap::is_full(&map, s.sectors_per_block) {
+            shard.remove(&(block as u32));
+            self.set_full(s, block, true);
+        } else {
+            shard.insert(block as u32, map.into());
+        }
+        Ok(())
+    }
+
+    /// Allocate `block` at the end of the file with `data` at `in_block`.
+    fn allocate(
+        &self,
+        s: &Sparse,
+        block: usize,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<(), ImageError> {
+        let mut alloc = lock(&s.alloc);
+        // Another writer may have allocated it while we waited.
+        if s.bat.read().unwrap_or_else(|p| p.into_inner())[block] != UNUSED {
+            drop(alloc);
+            return self.write_in_block(s, block, in_block, data);
+        }
+        let start = alloc.data_end;
+        let sector = u32::try_from(start / 512)
+            .ok()
+            .filter(|&x| x != UNUSED)
+            .ok_or_else(|| {
+                ImageError::NoSpace(format!(
+                    "{}: the file would grow past what a BAT entry can address",
+                    self.name
+                ))
+            })?;
+        let data_start = start + s.bitmap_bytes;
+        let block_end = data_start + s.block_size;
+        let mut map = vec![0u8; s.bitmap_bytes as usize];
+        let first = (in_block / 512) as usize;
+        if s.differencing {
+            bitmap::set_range(&mut map, first, data.len() / 512);
+        } else {
+            // A dynamic image reads clear sectors as zero and so does the
+            // zero-filled data area: mark it all present (as qemu does), so
+            // the block is full and never needs its bitmap again.
+            bitmap::set_range(&mut map, 0, s.sectors_per_block);
+        }
+        let full = bitmap::is_full(&map, s.sectors_per_block);
+        // The end footer, if the block goes over it, to put back if the
+        // allocation fails half-way (a full disk): the image then stays
+        // exactly as valid as it was. Nothing else there needs saving:
+        // everything from `data_end` on but that footer is referenced by
+        // no BAT entry (say, a block a crash left unlinked), and copying
+        // it could mean megabytes of locked memory in the worker.
+        let old_len = alloc.file_len;
+        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(start);
+        let saved_end = old_len.min(block_end + FOOTER_SIZE as u64);
+        let mut saved = [0u8; FOOTER_SIZE];
+        let saved = &mut saved[..saved_end.saturating_sub(saved_at) as usize];
+        self.file
+            .read_exact_at(saved, saved_at)
+            .map_err(ImageError::io("read", saved_at))?;
+        let table = s.header.table_offset() + block as u64 * 4;
+        let mut bat_written = false;
+        let placed = self.place_block(
+            &map,
+            data,
+            (data_start, in_block, block_end, old_len),
+            (table, sector),
+            &mut bat_written,
+        );
+        if let Err(e) = placed {
+            self.undo_allocation(table, bat_written, old_len, saved_at, saved);
+            return Err(e);
+        }
+        alloc.data_end = block_end;
+        alloc.file_len = alloc.file_len.max(block_end + FOOTER_SIZE as u64);
+        if full {
+            self.set_full(s, block, true);
+        } else {
+            lock(&s.bitmaps[block % BITMAP_SHARDS]).insert(block as u32, map.into());
+        }
+        s.bat.write().unwrap_or_else(|p| p.into_inner())[block] = sector;
+        Ok(())
+    }
+
+    /// The writes of a block allocation, in their crash-safe order:
+    /// bitmap and data, the rest of the block zeroed, then the BAT entry,
+    /// then the footer at the new end. `bat_written` says how far it got.
+    fn place_block(
+        &self,
+        map: &[u8],
+        data: &[u8],
+        (data_start, in_block, block_end, file_len): (u64, u64, u64, u64),
+        (table, sector): (u64, u32),
+        bat_written: &mut bool,
+    ) -> Result<(), ImageError> {
+        let io = |r: std::io::Result<()>, op, off| r.map_err(ImageError::io(op, off));
+        let start = data_start - map.len() as u64;
+        io(self.file.write_all_at(map, start), "write bitmap", start)?;
+        let wstart = data_start + in_block;
+        io(self.file.write_all_at(data, wstart), "write", wstart)?;
+        // Whatever the file already holds in the rest of the data area (an
+        // old footer, stale bytes) must read as zero.
+        let wend = wstart + data.len() as u64;
+        self.zero_existing(data_start, wstart, file_len)?;
+        self.zero_existing(wend, block_end, file_len)?;
+        // The whole block must be inside the file before the BAT points at
+        // it (the footer that will follow it may be lost in a crash).
+        if file_len.max(wend) < block_end {
+            self.file
+                .set_len(block_end)
+                .map_err(ImageError::io("extend", block_end))?;
+        }
+        if self.options.sync_metadata {
+            self.sync()?;
+        }
+        io(
+            self.file.write_all_at(&sector.to_be_bytes(), table),
+            "write BAT",
+            table,
+        )?;
+        *bat_written = true;
+        if self.options.sync_metadata {
+            self.sync()?;
+        }
+        io(
+            self.file.write_all_at(&self.footer_bytes, block_end),
+            "write footer",
+            block_end,
+        )
+    }
+
+    /// Best-effort return to the state before a failed allocation: no BAT
+    /// entry, the old length, the old bytes (the old end footer) at
+    /// `start`. Shrinking first gives back the space the new block took,
+    /// so on a full disk the old bytes fit again. If the BAT entry cannot
+    /// be taken back (or made durable), nothing else is undone: the entry
+    /// must keep pointing at a block that lies inside the file.
+    fn undo_allocation(
+        &self,
+        table: u64,
+        bat_written: bool,
+        old_len: u64,
+        start: u64,
+        saved: &[u8],
+    ) {
+        if bat_written {
+            let cleared = self.file.write_all_at(&UNUSED.to_be_bytes(), table);
+            if cleared.is_err() || (self.options.sync_metadata && self.sync().is_err()) {
+                return;
+            }
+        }
+        let _ = self.file.set_len(old_len);
+        let _ = self.file.write_all_at(saved, start);
+        if self.options.sync_metadata {
+            let _ = self.sync();
+        }
+    }
+
+    /// Write zeroes over `[from, to)` where it lies inside the first
+    /// `file_len` bytes.
+    fn zero_existing(&self, from: u64, to: u64, file_len: u64) -> Result<(), ImageError> {
+        let to = to.min(file_len);
+        self.write_zero_bytes(from, to)
+    }
+
+    fn write_zero_bytes(&self, mut from: u64, to: u64) -> Result<(), ImageError> {
+        if from >= to {
+            return Ok(());
+        }
+        while from < to {
+            let n = (to - from).min(ZERO_CHUNK as u64) as usize;
+            self.file
+                .write_all_at(&ZEROES[..n], from)
+                .map_err(ImageError::io("write", from))?;
+            from += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether `block` is allocated (sparse images only).
+    pub fn block_allocated(&self, block: usize) -> bool {
+        self.sparse
+            .as_ref()
+            .is_some_and(|s| s.bat.read().unwrap_or_else(|p| p.into_inner())[block] != UNUSED)
+    }
+
+    /// Deallocate a whole block of a dynamic image: the BAT entry first,
+    /// then its space is given back. Never used on differencing images,
+    /// where it would expose the parent's data. Ignores direct mappings:
+    /// the served image uses [`VhdLayer::deallocate_unless`].
+    pub fn deallocate(&self, block: usize) -> Result<(), ImageError> {
+        self.deallocate_unless(block, || false).map(drop)
+    }
+
+    /// Zero a byte range of a fixed image by punching a hole (false if the
+    /// filesystem cannot).
+    pub fn punch_fixed(&self, offset: u64, len: u64) -> Result<bool, ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        match self.file.punch_hole(offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
+            Err(e) => Err(ImageError::io("punch hole", offset)(e)),
+        }
+    }
+
+    /// Write the batmap if it changed, then make everything durable.
+    pub fn flush(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.write_batmap()?;
+        self.sync()
+    }
+
+    /// Write the batmap if it changed, without syncing (offline bulk
+    /// writers that do not need durability).
+    pub fn write_back(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.write_batmap()
+    }
+
+    fn write_batmap(&self) -> Result<(), ImageError> {
+        let Some(s) = &self.sparse else { return Ok(()) };
+        let Some(bm) = &s.batmap else { return Ok(()) };
+        if !s.batmap_dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut header = lock(&bm.header);
+        let mut map = vec![0u8; header.map_bytes() as usize];
+        for b in 0..s.batmap_bits as usize {
+            if Self::is_full(s, b) {
+                bitmap::set_range(&mut map, b, 1);
+            }
+        }
+        header.version = batmap::CURRENT_VERSION;
+        header.checksum = batmap::checksum(&map[..bm.sum_len as usize], header.version);
+        let r = self
+            .file
+            .write_all_at(&map, header.offset)
+            .and_then(|()| self.file.write_all_at(&header.to_bytes(), bm.header_offset))
+            .map_err(ImageError::io("write batmap", header.offset));
+        if r.is_err() {
+            s.batmap_dirty.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
+impl Drop for VhdLayer {
+    fn drop(&mut self) {
+        // Best effort, like tapdisk's close: the batmap is an optimisation
+        // and a stale one is safe (it only ever lacks bits).
+        if !self.read_only {
+            let _ = self.write_batmap();
+        }
+    }
+}

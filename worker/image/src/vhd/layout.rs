@@ -1,0 +1,622 @@
+//! Reading and validating everything a VHD file says about itself: which
+//! footer to trust, the dynamic header, the BAT, the batmap and the parent
+//! locators, each bounds-checked against the file and against each other.
+//!
+//! A hostile image gets an [`ImageError::Corrupt`] naming the field, never a
+//! panic, an overflow or an allocation larger than the `MAX_*` limits.
+
+use super::bat::{self, UNUSED};
+use super::batmap::{self, BatmapHeader};
+use super::bitmap::bitmap_bytes;
+use super::footer::{DiskType, Footer, FOOTER_SIZE};
+use super::header::{Header, HEADER_SIZE};
+use super::locator::MAX_LOCATOR_LEN;
+use super::MAX_BAT_ENTRIES;
+use crate::{Backing, ImageError};
+
+/// A non-fatal finding: the image opens, but `check` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Where the footer we use came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FooterSource {
+    /// The last 512 bytes of the file.
+    End,
+    /// The last 511 bytes (some writers leave a short footer).
+    EndShort,
+    /// The copy at offset 0 (dynamic and differencing images only), used
+    /// when the end of the file holds no valid footer.
+    Copy,
+}
+
+/// What became of the batmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatmapState {
+    /// The image has none (not a blktap image, or an old one).
+    Absent,
+    /// Present and valid: the map (`header.size_sectors` sectors).
+    Valid { header: BatmapHeader, map: Vec<u8> },
+    /// Expected but unusable; the reason is also a [`Finding`]. `stale`:
+    /// header and map are where they should be and only the contents
+    /// disagree with the checksum (a crash between writing the map and its
+    /// header), so `repair` can rebuild it in place.
+    Ignored {
+        reason: String,
+        stale: Option<BatmapHeader>,
+    },
+}
+
+/// Metadata of a dynamic or differencing image.
+#[derive(Debug, Clone)]
+pub struct Sparse {
+    pub header: Header,
+    pub block_size: u32,
+    pub bitmap_bytes: u32,
+    /// One entry per block of the virtual disk (not `max_table_entries`).
+    pub bat: Vec<u32>,
+    pub batmap: BatmapState,
+    /// Blocks (of the whole table) allocated but beyond the virtual size.
+    pub allocated_beyond_size: u32,
+    /// Offset of the batmap header sector (right after the padded BAT).
+    pub batmap_header_offset: u64,
+    /// First byte after every metadata structure.
+    pub metadata_end: u64,
+    /// Where the next block goes: after all metadata and all blocks.
+    pub data_end: u64,
+}
+
+/// Everything validated about one VHD file.
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    pub file_len: u64,
+    pub footer: Footer,
+    pub footer_source: FooterSource,
+    /// A valid footer sits at the end of the file (full or short).
+    pub end_footer_ok: bool,
+    pub virtual_size: u64,
+    pub sparse: Option<Sparse>,
+    pub findings: Vec<Finding>,
+}
+
+/// A byte range of the file with a name, for overlap checks.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    start: u64,
+    end: u64,
+    what: &'static str,
+}
+
+impl Region {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        start < self.end && self.start < end
+    }
+}
+
+fn read_at(
+    file: &dyn Backing,
+    buf: &mut [u8],
+    off: u64,
+    what: &'static str,
+) -> Result<(), ImageError> {
+    file.read_exact_at(buf, off)
+        .map_err(ImageError::io(what, off))
+}
+
+impl Metadata {
+    /// Read and validate strictly: any inconsistency is an error.
+    pub fn read(file: &dyn Backing) -> Result<Metadata, ImageError> {
+        Self::read_with(file, true)
+    }
+
+    /// With `strict` false, bad BAT entries and locators become findings
+    /// (and are treated as absent) so that `check` can list every problem;
+    /// an unusable footer or header is still an error.
+    pub fn read_with(file: &dyn Backing, strict: bool) -> Result<Metadata, ImageError> {
+        let file_len = file.len().map_err(ImageError::io("stat", 0))?;
+        let mut findings = Vec::new();
+        let (footer, footer_source, end_footer_ok) = choose_footer(file, file_len, &mut findings)?;
+        let virtual_size = footer.virtual_size()?;
+        let footer_len = match footer_source {
+            FooterSource::EndShort => FOOTER_SIZE as u64 - 1,
+            _ => FOOTER_SIZE as u64,
+        };
+        // Where data may end: before the end footer when there is one.
+        let limit = if end_footer_ok {
+            file_len - footer_len
+        } else {
+            file_len
+        };
+        let sparse = match footer.disk_type {
+            DiskType::Fixed => {
+                if virtual_size > limit {
+                    return Err(ImageError::corrupt(
+                        "footer.current_size",
+                        format!(
+                            "a {virtual_size}-byte fixed disk needs {} bytes of file, \
+                             the file has {file_len} (truncated?)",
+                            virtual_size + footer_len
+                        ),
+                    ));
+                }
+                None
+            }
+            DiskType::Dynamic | DiskType::Differencing => Some(read_sparse(
+                file,
+                &footer,
+                virtual_size,
+                file_len,
+                limit,
+                strict,
+                &mut findings,
+            )?),
+        };
+        Ok(Metadata {
+            file_len,
+            footer,
+            footer_source,
+            end_footer_ok,
+            virtual_size,
+            sparse,
+            findings,
+        })
+    }
+}
+
+/// Pick the footer to trust (see the module docs of `vhd` for why).
+fn choose_footer(
+    file: &dyn Backing,
+    file_len: u64,
+    findings: &mut Vec<Finding>,
+) -> Result<(Footer, FooterSource, bool), ImageError> {
+    if file_len < FOOTER_SIZE as u64 - 1 {
+        return Err(ImageError::corrupt(
+            "footer",
+            format!("the file is {file_len} bytes, too short for a VHD footer"),
+        ));
+    }
+    let mut end_err = None;
+    let mut end = None;
+    if file_len >= FOOTER_SIZE as u64 {
+        let mut b = [0u8; FOOTER_SIZE];
+        read_at(file, &mut b, file_len - FOOTER_SIZE as u64, "read footer")?;
+        match Footer::parse(&b) {
+            Ok(f) => end = Some((f, FooterSource::End)),
+            Err(e) => end_err = Some(e),
+        }
+    }
+    if end.is_none() && (file_len + 1).is_multiple_of(512) {
+        let mut b = [0u8; FOOTER_SIZE - 1];
+        read_at(
+            file,
+            &mut b,
+            file_len - (FOOTER_SIZE as u64 - 1),
+            "read footer",
+        )?;
+        if let Ok(f) = Footer::parse(&b) {
+            end = Some((f, FooterSource::EndShort));
+        }
+    }
+    let copy = if file_len >= FOOTER_SIZE as u64 {
+        let mut b = [0u8; FOOTER_SIZE];
+        read_at(file, &mut b, 0, "read footer copy")?;
+        Some(Footer::parse(&b))
+    } else {
+        None
+    };
+    match (end, copy) {
+        // A fixed image's first sector is guest data, whatever it looks like.
+        (Some((f, src)), _) if f.disk_type == DiskType::Fixed => Ok((f, src, true)),
+        (Some((f, src)), Some(Ok(c))) if c.disk_type.is_sparse() => {
+            if c.uuid() != f.uuid() {
+                // The end of the file is not ours (an interrupted block
+                // allocation left guest data there): trust the copy.
+                findings.push(Finding {
+                    field: "footer",
+                    message: "the footer at the end of the file belongs to another image; \
+                              using the copy at offset 0"
+                        .into(),
+                });
+                Ok((c, FooterSource::Copy, false))
+            } else {
+                if c.to_bytes() != f.to_bytes() {
+                    findings.push(Finding {
+                        field: "footer",
+                        message: "the footer copy at offset 0 differs from the footer at the end"
+                            .into(),
+                    });
+                }
+                Ok((f, src, true))
+            }
+        }
+        (Some((f, src)), copy) => {
+            if let Some(Err(e)) = copy {
+                findings.push(Finding {
+                    field: "footer",
+                    message: format!("the footer copy at offset 0 is invalid: {e}"),
+                });
+            }
+            Ok((f, src, true))
+        }
+        (None, Some(Ok(c))) if c.disk_type.is_sparse() => {
+            findings.push(Finding {
+                field: "footer",
+                message: "no valid footer at the end of the file (interrupted write?); \
+                          using the copy at offset 0"
+                    .into(),
+            });
+            Ok((c, FooterSource::Copy, false))
+        }
+        (None, _) => Err(end_err.unwrap_or_else(|| {
+            ImageError::corrupt("footer.cookie", "no VHD footer at the end of the file")
+        })),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_sparse(
+    file: &dyn Backing,
+    footer: &Footer,
+    virtual_size: u64,
+    file_len: u64,
+    limit: u64,
+    strict: bool,
+    findings: &mut Vec<Finding>,
+) -> Result<Sparse, ImageError> {
+    let differencing = footer.disk_type == DiskType::Differencing;
+    // --- dynamic header
+    let data_offset = footer.data_offset();
+    if data_offset < FOOTER_SIZE as u64
+        || !data_offset.is_multiple_of(512)
+        || data_offset
+            .checked_add(HEADER_SIZE as u64)
+            .is_none_or(|e| e > limit)
+    {
+        return Err(ImageError::corrupt(
+            "footer.data_offset",
+            format!(
+                "dynamic header at {data_offset:#x} is not a sector-aligned offset \
+                 inside a {file_len}-byte file past the footer copy"
+            ),
+        ));
+    }
+    let mut hb = [0u8; HEADER_SIZE];
+    read_at(file, &mut hb, data_offset, "read dynamic header")?;
+    let header = Header::parse(&hb)?;
+    let block_size = header.block_size();
+    let bm_bytes = bitmap_bytes(block_size);
+
+    // --- sizes and the BAT
+    let n_blocks = virtual_size.div_ceil(u64::from(block_size));
+    if n_blocks > MAX_BAT_ENTRIES {
+        return Err(ImageError::corrupt(
+            "header.block_size",
+            format!(
+                "a {virtual_size}-byte disk in {block_size}-byte blocks needs {n_blocks} \
+                 blocks, more than the maximum of {MAX_BAT_ENTRIES}"
+            ),
+        ));
+    }
+    let max_entries = header.max_table_entries();
+    if u64::from(max_entries) > MAX_BAT_ENTRIES {
+        return Err(ImageError::corrupt(
+            "header.max_table_entries",
+            format!("{max_entries} is more than the maximum of {MAX_BAT_ENTRIES}"),
+        ));
+    }
+    if u64::from(max_entries) < n_blocks {
+        return Err(ImageError::corrupt(
+            "header.max_table_entries",
+            format!(
+                "{max_entries} entries of {block_size} bytes cover less than the \
+                 {virtual_size}-byte disk"
+            ),
+        ));
+    }
+    let table_offset = header.table_offset();
+    let table_bytes = bat::table_bytes(max_entries);
+    if table_offset % 512 != 0 || table_offset < FOOTER_SIZE as u64 || table_offset > limit {
+        return Err(ImageError::corrupt(
+            "header.table_offset",
+            format!("BAT at {table_offset:#x} is not a sector-aligned offset inside the file"),
+        ));
+    }
+    let table_end = table_offset
+        .checked_add(table_bytes)
+        .filter(|&e| e <= limit)
+        .ok_or_else(|| {
+            ImageError::corrupt(
+                "header.max_table_entries",
+                format!(
+                    "a BAT of {max_entries} entries at {table_offset:#x} runs past the end \
+                     of the {file_len}-byte file"
+                ),
+            )
+        })?;
+    let header_region = Region {
+        start: data_offset,
+        end: data_offset + HEADER_SIZE as u64,
+        what: "the dynamic header",
+    };
+    let copy_region = Region {
+        start: 0,
+        end: FOOTER_SIZE as u64,
+        what: "the footer copy",
+    };
+    let bat_region = Region {
+        start: table_offset,
+        end: table_end,
+        what: "the BAT",
+    };
+    for r in [copy_region, header_region] {
+        if r.overlaps(bat_region.start, bat_region.end) {
+            return Err(ImageError::corrupt(
+                "header.table_offset",
+                format!("the BAT at {table_offset:#x} overlaps {}", r.what),
+            ));
+        }
+    }
+    let mut regions = vec![copy_region, header_region, bat_region];
+
+    // --- parent locators (differencing only)
+    if differencing {
+        for (i, loc) in header.locators.iter().enumerate() {
+            if !loc.is_used() {
+                continue;
+            }
+            let r = check_locator(i, loc, limit, &regions);
+            match r {
+                Ok(Some(region)) => regions.push(region),
+                Ok(None) => {}
+                Err(e) if strict => return Err(e),
+                Err(e) => findings.push(finding_of(e)),
+            }
+        }
+    }
+    let mut metadata_end = regions.iter().map(|r| r.end).max().unwrap_or(0);
+
+    // --- every BAT entry: inside the file, clear of metadata and of other blocks
+    let table = bat::read(file, table_offset, max_entries)?;
+    let block_total = u64::from(bm_bytes) + u64::from(block_size);
+    let mut starts: Vec<(u64, u32)> = Vec::new();
+    let mut bat_entries = Vec::with_capacity(n_blocks as usize);
+    let mut allocated_beyond_size = 0u32;
+    for (i, &e) in table.iter().enumerate() {
+        let idx = i as u32; // i < max_entries <= MAX_BAT_ENTRIES
+        let mut entry = e;
+        if e != UNUSED {
+            let start = u64::from(e) * 512;
+            let end = start + block_total; // < 2^41 + 2^27: no overflow
+            let problem = if end > limit {
+                Some(format!(
+                    "entry {idx} points at sector {e}; its block ends at byte {end}, \
+                     past the end of the {file_len}-byte file"
+                ))
+            } else {
+                regions
+                    .iter()
+                    .find(|r| r.overlaps(start, end))
+                    .map(|r| format!("entry {idx}: block at sector {e} overlaps {}", r.what))
+            };
+            match problem {
+                Some(msg) if strict => return Err(ImageError::corrupt("bat", msg)),
+                Some(msg) => {
+                    findings.push(Finding {
+                        field: "bat",
+                        message: msg,
+                    });
+                    entry = UNUSED;
+                }
+                None => starts.push((start, idx)),
+            }
+        }
+        if u64::from(idx) < n_blocks {
+            bat_entries.push(entry);
+        } else if entry != UNUSED {
+            allocated_beyond_size += 1;
+        }
+    }
+    starts.sort_unstable();
+    for w in starts.windows(2) {
+        if w[0].0 + block_total > w[1].0 {
+            let msg = format!("blocks {} and {} overlap in the file", w[0].1, w[1].1);
+            if strict {
+                return Err(ImageError::corrupt("bat", msg));
+            }
+            findings.push(Finding {
+                field: "bat",
+                message: msg,
+            });
+        }
+    }
+    let blocks_end = starts.last().map(|s| s.0 + block_total).unwrap_or(0);
+
+    // --- batmap
+    let batmap_header_offset = table_end;
+    let batmap = read_batmap(
+        file,
+        footer,
+        batmap_header_offset,
+        limit,
+        &regions,
+        &starts,
+        block_total,
+        &mut metadata_end,
+    )?;
+    if let BatmapState::Ignored { reason, .. } = &batmap {
+        findings.push(Finding {
+            field: "batmap",
+            message: reason.clone(),
+        });
+    }
+    let data_end = super::endian::round_up_sector(metadata_end.max(blocks_end))
+        .ok_or_else(|| ImageError::corrupt("bat", "offsets overflow"))?;
+    Ok(Sparse {
+        header,
+        block_size,
+        bitmap_bytes: bm_bytes,
+        bat: bat_entries,
+        batmap,
+        allocated_beyond_size,
+        batmap_header_offset,
+        metadata_end,
+        data_end,
+    })
+}
+
+fn finding_of(e: ImageError) -> Finding {
+    match e {
+        ImageError::Corrupt { field, reason } => Finding {
+            field,
+            message: reason,
+        },
+        other => Finding {
+            field: "image",
+            message: other.to_string(),
+        },
+    }
+}
+
+fn check_locator(
+    i: usize,
+    loc: &super::locator::LocatorEntry,
+    limit: u64,
+    regions: &[Region],
+) -> Result<Option<Region>, ImageError> {
+    let space = loc.space_bytes().ok_or_else(|| {
+        ImageError::corrupt(
+            "header.parent_locator.data_space",
+            format!(
+                "slot {i}: {} is neither sectors nor whole sectors of bytes",
+                loc.data_space
+            ),
+        )
+    })?;
+    if loc.data_len > MAX_LOCATOR_LEN || u64::from(loc.data_len) > space {
+        return Err(ImageError::corrupt(
+            "header.parent_locator.data_len",
+            format!(
+                "slot {i}: {} bytes in {space} bytes of space (at most {MAX_LOCATOR_LEN})",
+                loc.data_len
+            ),
+        ));
+    }
+    if space == 0 {
+        return Ok(None);
+    }
+    let start = loc.data_offset;
+    let end = start
+        .checked_add(space)
+        .filter(|&e| e <= limit && start.is_multiple_of(512))
+        .ok_or_else(|| {
+            ImageError::corrupt(
+                "header.parent_locator.data_offset",
+                format!("slot {i}: {start:#x} is not a sector inside the file"),
+            )
+        })?;
+    if let Some(r) = regions.iter().find(|r| r.overlaps(start, end)) {
+        return Err(ImageError::corrupt(
+            "header.parent_locator.data_offset",
+            format!("slot {i}: locator data overlaps {}", r.what),
+        ));
+    }
+    Ok(Some(Region {
+        start,
+        end,
+        what: "a parent locator",
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_batmap(
+    file: &dyn Backing,
+    footer: &Footer,
+    hdr_off: u64,
+    limit: u64,
+    regions: &[Region],
+    blocks: &[(u64, u32)],
+    block_total: u64,
+    metadata_end: &mut u64,
+) -> Result<BatmapState, ImageError> {
+    let expected = footer.batmap_expected();
+    if expected == Some(false) {
+        return Ok(BatmapState::Absent);
+    }
+    let ignore = |reason: String| {
+        Ok(if expected == Some(true) {
+            BatmapState::Ignored {
+                reason,
+                stale: None,
+            }
+        } else {
+            BatmapState::Absent
+        })
+    };
+    let hdr_end = hdr_off + batmap::HEADER_BYTES as u64;
+    if hdr_end > limit {
+        return ignore("the batmap header would lie past the end of the file".into());
+    }
+    let overlapping_block = |start: u64, end: u64| {
+        // `blocks` is sorted by start: find the first block ending after `start`.
+        let i = blocks.partition_point(|b| b.0 + block_total <= start);
+        blocks.get(i).filter(|b| b.0 < end).map(|b| b.1)
+    };
+    if let Some(b) = overlapping_block(hdr_off, hdr_end) {
+        return ignore(format!(
+            "the batmap header is overwritten by block {b} (written by a tool that does \
+             not know batmaps, such as qemu); it is ignored"
+        ));
+    }
+    let mut hb = [0u8; batmap::HEADER_BYTES];
+    read_at(file, &mut hb, hdr_off, "read batmap header")?;
+    let header = match BatmapHeader::parse(&hb) {
+        Ok(h) => h,
+        Err(why) => return ignore(format!("batmap header: {why}")),
+    };
+    *metadata_end = (*metadata_end).max(hdr_end);
+    let map_bytes = header.map_bytes();
+    let sum_len = batmap::checksum_len(footer.current_size());
+    if map_bytes > batmap::MAX_BATMAP_BYTES || map_bytes < sum_len {
+        return ignore(format!(
+            "batmap of {map_bytes} bytes, expected at least {sum_len} and at most {}",
+            batmap::MAX_BATMAP_BYTES
+        ));
+    }
+    let map_end = match header
+        .offset
+        .checked_add(map_bytes)
+        .filter(|&e| e <= limit && header.offset % 512 == 0)
+    {
+        Some(e) => e,
+        None => return ignore("batmap map lies outside the file".into()),
+    };
+    if let Some(r) = regions.iter().find(|r| r.overlaps(header.offset, map_end)) {
+        return ignore(format!("batmap map overlaps {}", r.what));
+    }
+    if hdr_off < map_end && header.offset < hdr_end {
+        return ignore("batmap map overlaps its header".into());
+    }
+    *metadata_end = (*metadata_end).max(map_end);
+    if let Some(b) = overlapping_block(header.offset, map_end) {
+        return ignore(format!(
+            "the batmap is overwritten by block {b} (written by a tool that does not \
+             know batmaps, such as qemu); it is ignored"
+        ));
+    }
+    let mut map = vec![0u8; map_bytes as usize]; // <= MAX_BATMAP_BYTES
+    read_at(file, &mut map, header.offset, "read batmap")?;
+    let sum = batmap::checksum(&map[..sum_len as usize], header.version);
+    if sum != header.checksum {
+        return Ok(BatmapState::Ignored {
+            reason: format!(
+                "batmap checksum {:#010x} does not match its contents ({sum:#010x})",
+                header.checksum
+            ),
+            stale: Some(header),
+        });
+    }
+    Ok(BatmapState::Valid { header, map })
+}
