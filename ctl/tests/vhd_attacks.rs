@@ -265,3 +265,55 @@ fn image_verbs_parse_in_a_child_under_seccomp_without_privileges() {
     assert_eq!(rest.len() + 1, 16 << 20);
     assert!(c.wait().unwrap().success());
 }
+
+/// Run tap-ctl under an address-space limit of 1 GiB (`ulimit -v`), as a
+/// host with strict overcommit or a limited service would.
+fn tapctl_limited(args: &[&str]) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Set slot `slot`'s parent locator `data_len` (dynamic header at 512,
+/// locators at header offset 576, 24 bytes each) and fix the checksum.
+fn set_locator_len(p: &Path, slot: usize, len: u32) {
+    let mut b = std::fs::read(p).unwrap();
+    let at = 512 + 576 + slot * 24 + 8;
+    b[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    let h = &mut b[512..512 + 1024];
+    h[36..40].fill(0);
+    let sum = !h.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    h[36..40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(p, &b).unwrap();
+}
+
+#[test]
+fn check_and_repair_of_a_4gib_locator_length_allocate_nothing_of_that_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "4"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    // The limit itself leaves the tools working on a sound image.
+    let o = tapctl_limited(&["vhd", "check", "-n", s(&child)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for len in [u32::MAX, 0x4000_0000, 16 << 10 | 1] {
+        set_locator_len(&child, 0, len);
+        for verb in ["check", "repair"] {
+            let o = tapctl_limited(&["vhd", verb, "-n", s(&child)]);
+            let out = String::from_utf8_lossy(&o.stdout);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{verb} {len}: {out} {err}");
+            assert!(!err.contains("memory allocation"), "{verb} {len}: {err}");
+            assert!(
+                out.contains("parent_locator.data_len") && out.contains(&len.to_string()),
+                "{verb} {len}: {out} {err}"
+            );
+        }
+    }
+}

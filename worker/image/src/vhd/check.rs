@@ -91,7 +91,13 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
         }
         if meta.footer.disk_type == DiskType::Differencing {
             for (i, loc) in s.header.locators.iter().enumerate() {
-                if !loc.code.is_readable() {
+                // A length `Metadata` already flagged is never a buffer
+                // size: the file says it, so it may be 4 GiB.
+                let len_ok = loc.data_len <= locator::MAX_LOCATOR_LEN
+                    && loc
+                        .space_bytes()
+                        .is_some_and(|space| u64::from(loc.data_len) <= space);
+                if !loc.code.is_readable() || !len_ok {
                     continue;
                 }
                 let mut data = vec![0u8; loc.data_len as usize];
