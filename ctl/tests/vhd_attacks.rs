@@ -317,3 +317,86 @@ fn check_and_repair_of_a_4gib_locator_length_allocate_nothing_of_that_size() {
         }
     }
 }
+
+fn footer_sum(sector: &mut [u8]) {
+    sector[64..68].fill(0);
+    let sum = !sector
+        .iter()
+        .fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    sector[64..68].copy_from_slice(&sum.to_be_bytes());
+}
+
+fn write_stdin(p: &Path, offset: &str, data: &[u8]) -> std::process::ExitStatus {
+    Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(["vhd", "write", "-n", s(p), "-o", offset])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait()
+        })
+        .unwrap()
+}
+
+#[test]
+fn repair_rebuilds_both_damaged_footers_from_the_intact_header_and_never_reads_it_as_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Damage: one wrong cookie byte with the checksum fixed (the fields
+    // survive), and both footers zeroed (only the header survives).
+    for wipe in [false, true] {
+        let p = tmp.path().join(format!("d{wipe}.vhd"));
+        ok(&["vhd", "create", "-n", s(&p), "-s", "4"]);
+        assert!(write_stdin(&p, "0", b"FIRST-BLOCK").success());
+        assert!(write_stdin(&p, "3145728", b"SECOND-BLOCK").success());
+        let size_before = ok(&["vhd", "query", "-n", s(&p), "-v"]);
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        for at in [0, n - 512] {
+            if wipe {
+                b[at..at + 512].fill(0);
+            } else {
+                b[at + 3] ^= 0x20;
+                footer_sum(&mut b[at..at + 512]);
+            }
+        }
+        std::fs::write(&p, &b).unwrap();
+
+        let err = refused(&["vhd", "read", "-n", s(&p), "-o", "0", "-l", "11"]);
+        assert!(err.contains("cxsparse") || err.contains("damaged"), "{err}");
+        assert_ne!(write_stdin(&p, "0", b"CLOBBER").code(), Some(0));
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b,
+            "a refused write changed the file"
+        );
+
+        let out = String::from_utf8(ok(&["vhd", "repair", "-n", s(&p)])).unwrap();
+        assert!(out.contains("rebuilt the footer"), "{out}");
+        if wipe {
+            assert!(out.contains("new UUID"), "{out}");
+        }
+        ok(&["vhd", "check", "-n", s(&p)]);
+        assert_eq!(
+            ok(&["vhd", "read", "-n", s(&p), "-o", "0", "-l", "11"]),
+            b"FIRST-BLOCK"
+        );
+        assert_eq!(
+            ok(&["vhd", "read", "-n", s(&p), "-o", "3145728", "-l", "12"]),
+            b"SECOND-BLOCK"
+        );
+        assert_eq!(ok(&["vhd", "query", "-n", s(&p), "-v"]), size_before);
+        // qemu reads the repaired file as a VHD holding the same data.
+        let raw = tmp.path().join("q.raw");
+        let o = Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw", s(&p), s(&raw)])
+            .output()
+            .expect("qemu-img is needed for the interop check");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = std::fs::read(&raw).unwrap();
+        assert_eq!(&r[..11], b"FIRST-BLOCK");
+        assert_eq!(&r[3145728..3145740], b"SECOND-BLOCK");
+    }
+}
