@@ -95,6 +95,8 @@ pub struct VhdLayer {
     footer_bytes: [u8; FOOTER_SIZE],
     virtual_size: u64,
     read_only: bool,
+    /// blktap's keyhash is set: opened read-only only.
+    encrypted: bool,
     options: VhdOptions,
     sparse: Option<Sparse>,
     pub(crate) counters: LayerCounters,
@@ -105,6 +107,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // state half-updated in a way later users could not cope with (they
     // re-read from disk), so poisoning is ignored.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The refusal to write into an image blktap encrypts (see
+/// [`super::batmap::BatmapHeader::keyhash_set`]).
+pub(crate) fn encrypted_error(name: &str) -> ImageError {
+    ImageError::Unsupported(format!(
+        "{name} is encrypted (its batmap header carries blktap's keyhash); tapjail has no \
+         tapdisk crypto and will not write plaintext into it or into a child of it: \
+         open it read-only, or write to it with blktap's tapdisk"
+    ))
 }
 
 impl VhdLayer {
@@ -127,6 +139,10 @@ impl VhdLayer {
         meta: Metadata,
     ) -> Result<VhdLayer, ImageError> {
         let footer_bytes = meta.footer.to_bytes();
+        let encrypted = meta.sparse.as_ref().is_some_and(|s| s.encrypted);
+        if encrypted && !read_only {
+            return Err(encrypted_error(name));
+        }
         let sparse = match meta.sparse {
             None => None,
             Some(s) => {
@@ -181,6 +197,7 @@ impl VhdLayer {
             virtual_size: meta.virtual_size,
             footer: meta.footer,
             read_only,
+            encrypted,
             options,
             sparse,
             counters: LayerCounters::default(),
@@ -201,6 +218,10 @@ impl VhdLayer {
     }
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+    /// Whether blktap's keyhash says tapdisk encrypts this image.
+    pub fn encrypted(&self) -> bool {
+        self.encrypted
     }
     pub fn uuid(&self) -> [u8; 16] {
         self.footer.uuid()
