@@ -109,6 +109,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Alignment of a block's data area in the file, as libvhd and tapdisk
+/// place new blocks (`getpagesize()`): direct I/O on 4K-native disks and
+/// the direct io_uring path then get aligned requests.
+pub const DATA_ALIGN: u64 = 4096;
+
+/// Where a new block goes when the data ends at `data_end`: the first
+/// sector from there on at which its data, after the `bitmap_bytes` of
+/// sector bitmap, starts on a [`DATA_ALIGN`] boundary (libvhd's `gap`).
+/// Blocks already in the file stay where they are, aligned or not.
+pub fn aligned_block_start(data_end: u64, bitmap_bytes: u64) -> Option<u64> {
+    let data = data_end.checked_add(bitmap_bytes)?;
+    Some(data.checked_next_multiple_of(DATA_ALIGN)? - bitmap_bytes)
+}
+
 /// The refusal to write into an image blktap encrypts (see
 /// [`super::batmap::BatmapHeader::keyhash_set`]).
 pub(crate) fn encrypted_error(name: &str) -> ImageError {
@@ -532,7 +546,13 @@ impl VhdLayer {
             drop(alloc);
             return self.write_in_block(s, block, in_block, data);
         }
-        let start = alloc.data_end;
+        let gap_start = alloc.data_end;
+        let start = aligned_block_start(gap_start, s.bitmap_bytes).ok_or_else(|| {
+            ImageError::NoSpace(format!(
+                "{}: the file would grow past 2^64 bytes",
+                self.name
+            ))
+        })?;
         let sector = u32::try_from(start / 512)
             .ok()
             .filter(|&x| x != UNUSED)
@@ -562,7 +582,7 @@ impl VhdLayer {
         // no BAT entry (say, a block a crash left unlinked), and copying
         // it could mean megabytes of locked memory in the worker.
         let old_len = alloc.file_len;
-        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(start);
+        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(gap_start);
         let saved_end = old_len.min(block_end + FOOTER_SIZE as u64);
         let mut saved = [0u8; FOOTER_SIZE];
         let saved = &mut saved[..saved_end.saturating_sub(saved_at) as usize];
@@ -574,7 +594,7 @@ impl VhdLayer {
         let placed = self.place_block(
             &map,
             data,
-            (data_start, in_block, block_end, old_len),
+            (gap_start, data_start, in_block, block_end, old_len),
             (table, sector),
             &mut bat_written,
         );
@@ -594,13 +614,14 @@ impl VhdLayer {
     }
 
     /// The writes of a block allocation, in their crash-safe order:
-    /// bitmap and data, the rest of the block zeroed, then the BAT entry,
-    /// then the footer at the new end. `bat_written` says how far it got.
+    /// bitmap and data, the rest of the block and the alignment gap before
+    /// it zeroed, then the BAT entry, then the footer at the new end.
+    /// `bat_written` says how far it got.
     fn place_block(
         &self,
         map: &[u8],
         data: &[u8],
-        (data_start, in_block, block_end, file_len): (u64, u64, u64, u64),
+        (gap_start, data_start, in_block, block_end, file_len): (u64, u64, u64, u64, u64),
         (table, sector): (u64, u32),
         bat_written: &mut bool,
     ) -> Result<(), ImageError> {
@@ -612,6 +633,7 @@ impl VhdLayer {
         // Whatever the file already holds in the rest of the data area (an
         // old footer, stale bytes) must read as zero.
         let wend = wstart + data.len() as u64;
+        self.zero_existing(gap_start, start, file_len)?;
         self.zero_existing(data_start, wstart, file_len)?;
         self.zero_existing(wend, block_end, file_len)?;
         // The whole block must be inside the file before the BAT points at
