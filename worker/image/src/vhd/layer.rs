@@ -78,6 +78,11 @@ struct Sparse {
     bat: RwLock<Vec<u32>>,
     /// One bit per block: fully written (every sector bit set).
     full: Vec<AtomicU64>,
+    /// One bit per block whose `full` bit comes from the on-disk batmap
+    /// and has not been checked against the block's sector bitmap yet.
+    /// The batmap is a hint: the first use of such a block reads the
+    /// bitmap, and one bit that disagrees invalidates every unchecked one.
+    hinted: Vec<AtomicU64>,
     /// Blocks below this index may be recorded in the on-disk batmap.
     batmap_bits: u64,
     batmap: Option<BatmapDisk>,
@@ -162,6 +167,8 @@ impl VhdLayer {
             Some(s) => {
                 let n = s.bat.len();
                 let full: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+                let hinted: Vec<AtomicU64> =
+                    (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
                 let sum_len = batmap::checksum_len(meta.footer.current_size());
                 let (batmap, batmap_bits) = match &s.batmap {
                     BatmapState::Valid { header, map } => {
@@ -169,6 +176,7 @@ impl VhdLayer {
                         for (b, &e) in s.bat.iter().enumerate().take(bits as usize) {
                             if e != UNUSED && bitmap::test(map, b) {
                                 full[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
+                                hinted[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
                             }
                         }
                         (
@@ -191,6 +199,7 @@ impl VhdLayer {
                     header: s.header,
                     bat: RwLock::new(s.bat),
                     full,
+                    hinted,
                     batmap_bits,
                     batmap,
                     batmap_dirty: AtomicBool::new(false),
@@ -305,6 +314,50 @@ impl VhdLayer {
         out
     }
 
+    /// Check `block`'s batmap bit against its sector bitmap if nobody has
+    /// yet (see [`Sparse::hinted`]). With `load` false nothing is read:
+    /// `false` then means the bit is still unchecked.
+    fn verify_hint(
+        &self,
+        s: &Sparse,
+        block: usize,
+        entry: u32,
+        load: bool,
+    ) -> Result<bool, ImageError> {
+        let bit = 1u64 << (block % 64);
+        if s.hinted[block / 64].load(Ordering::Acquire) & bit == 0 {
+            return Ok(true);
+        }
+        if !load {
+            return Ok(false);
+        }
+        let shard = lock(&s.bitmaps[block % BITMAP_SHARDS]);
+        if s.hinted[block / 64].load(Ordering::Acquire) & bit == 0 {
+            return Ok(true);
+        }
+        let off = u64::from(entry) * 512;
+        let mut buf = vec![0u8; s.bitmap_bytes as usize];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(ImageError::io("read bitmap", off))?;
+        drop(shard);
+        if bitmap::is_full(&buf, s.sectors_per_block) {
+            s.hinted[block / 64].fetch_and(!bit, Ordering::AcqRel);
+            return Ok(true);
+        }
+        // The batmap lied about this block, so it may about any: drop
+        // every unchecked bit (their bitmaps are read on use) and have the
+        // batmap rewritten from what is known.
+        for (h, f) in s.hinted.iter().zip(&s.full) {
+            let unchecked = h.swap(0, Ordering::AcqRel);
+            f.fetch_and(!unchecked, Ordering::AcqRel);
+        }
+        if s.batmap.is_some() && !self.read_only {
+            s.batmap_dirty.store(true, Ordering::Release);
+        }
+        Ok(true)
+    }
+
     fn is_full(s: &Sparse, block: usize) -> bool {
         s.full[block / 64].load(Ordering::Acquire) & (1 << (block % 64)) != 0
     }
@@ -365,6 +418,9 @@ impl VhdLayer {
             entry
         };
         let data = u64::from(entry) * 512 + s.bitmap_bytes;
+        if !self.verify_hint(s, block, entry, load)? {
+            return Ok(None);
+        }
         if Self::is_full(s, block) {
             return Ok(Some((to_block_end.min(max), Some(data + in_block))));
         }
@@ -481,6 +537,7 @@ impl VhdLayer {
         if entry == UNUSED {
             return self.allocate(s, block, in_block, data);
         }
+        self.verify_hint(s, block, entry, true)?;
         let off = u64::from(entry) * 512 + s.bitmap_bytes + in_block;
         self.file
             .write_all_at(data, off)
