@@ -656,7 +656,10 @@ pub fn repair_in<P: Paths + ?Sized>(
     paths: &mut P,
     path: &Path,
 ) -> Result<RepairReport, ImageError> {
-    repair(&paths.open(path, true)?)
+    let mut report = repair(&paths.open(path, true)?)?;
+    // What is left, parents included, exactly as `check` lists it.
+    report.remaining = check_in(paths, path)?;
+    Ok(report)
 }
 
 /// Query a VHD by path; `parent` is the parent as found on the filesystem

@@ -491,14 +491,18 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("{} is valid", name.display());
             } else {
                 for p in &problems {
-                    println!("{}: {}", name.display(), escape(&p.to_string()));
+                    println!(
+                        "{}: {} ({})",
+                        name.display(),
+                        escape(&p.to_string()),
+                        p.fix_hint()
+                    );
                 }
                 eprintln!(
-                    "tap-ctl: {} has {} problem(s); `tap-ctl vhd repair -n {}` fixes footers \
-                     and batmaps",
+                    "tap-ctl: {} has {} problem(s); {}",
                     name.display(),
                     problems.len(),
-                    name.display()
+                    fix_summary(&problems, &name)
                 );
                 return Ok(1);
             }
@@ -509,14 +513,15 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("{}: {}", name.display(), escape(&a.to_string()));
             }
             if report.actions.is_empty() {
-                println!("{}: nothing to repair", name.display());
+                println!("{}: nothing that repair fixes", name.display());
             }
             if !report.remaining.is_empty() {
                 for p in &report.remaining {
                     println!(
-                        "{}: still wrong: {}",
+                        "{}: repair cannot fix: {} ({})",
                         name.display(),
-                        escape(&p.to_string())
+                        escape(&p.to_string()),
+                        p.fix_hint()
                     );
                 }
                 return Ok(1);
@@ -736,4 +741,25 @@ fn write_all_or_nothing(img: &dyn Image, name: &Path, data: &[u8], offset: u64) 
             name.display()
         ))),
     }
+}
+
+/// The closing line of `check`: which tools fix what it found.
+fn fix_summary(problems: &[tapjail_image::vhd::check::Problem], name: &Path) -> String {
+    use tapjail_image::vhd::check::Fix;
+    let n = name.display();
+    let mut out = Vec::new();
+    if problems.iter().any(|p| p.fix() == Fix::Repair) {
+        out.push(format!(
+            "`tap-ctl vhd repair -n {n}` fixes footers and batmaps"
+        ));
+    }
+    if problems.iter().any(|p| p.fix() == Fix::SetParent) {
+        out.push(format!(
+            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent"
+        ));
+    }
+    if problems.iter().any(|p| p.fix() == Fix::None) {
+        out.push("the rest no tool fixes without losing data".into());
+    }
+    out.join("; ")
 }
