@@ -58,6 +58,14 @@ fn edit_footers(p: &Path, f: impl Fn(&mut [u8])) {
     std::fs::write(p, &b).unwrap();
 }
 
+/// (kind, create flag, footer edit, text `check` must print).
+type Case = (
+    &'static str,
+    &'static str,
+    Box<dyn Fn(&mut [u8])>,
+    &'static str,
+);
+
 fn set_size(sector: &mut [u8], size: u64) {
     sector[48..56].copy_from_slice(&size.to_be_bytes());
 }
@@ -65,7 +73,7 @@ fn set_size(sector: &mut [u8], size: u64) {
 #[test]
 fn check_flags_bad_sizes_and_versions_and_names_no_false_fix() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut [u8])>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "fixed",
             "--fixed",
