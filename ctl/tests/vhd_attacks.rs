@@ -400,3 +400,27 @@ fn repair_rebuilds_both_damaged_footers_from_the_intact_header_and_never_reads_i
         assert_eq!(&r[3145728..3145740], b"SECOND-BLOCK");
     }
 }
+
+#[test]
+fn repair_of_a_truncated_image_keeps_every_byte_of_the_cut_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("t.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    assert!(write_stdin(&p, "0", &[0x11; 4096]).success());
+    assert!(write_stdin(&p, "2097152", &vec![0x22; 2 << 20]).success());
+    assert!(write_stdin(&p, "6291456", &[0x33; 4096]).success());
+    // Cut the file in the middle of the last block: its BAT entry now
+    // runs past the end, and no footer is left at the end.
+    let full = std::fs::read(&p).unwrap();
+    let cut = full.len() - (1 << 20) - 300;
+    std::fs::write(&p, &full[..cut]).unwrap();
+    let o = tapctl(&["vhd", "repair", "-n", s(&p)]);
+    assert_eq!(o.status.code(), Some(1), "the cut block is still short");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("repair cannot fix: bat"), "{out}");
+    let after = std::fs::read(&p).unwrap();
+    assert!(after.len() >= cut, "repair shrank {cut} to {}", after.len());
+    // Past the two footers and the batmap it rewrote, every byte is kept.
+    let first_block = 3584;
+    assert_eq!(&after[first_block..cut], &full[first_block..cut]);
+}

@@ -163,15 +163,18 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
             Some(s) => {
                 file.write_all_at(&bytes, 0)
                     .map_err(io("write footer", 0))?;
-                s.data_end
-            }
-            None => {
-                let len = match meta.footer_source {
-                    FooterSource::EndShort => FOOTER_SIZE as u64 - 1,
-                    _ => FOOTER_SIZE as u64,
+                // Never over or below bytes the file holds: a BAT entry
+                // flagged as running past the end (a truncated file) still
+                // owns what is left of its block, and an unreferenced
+                // block is not known to be garbage. Repair never shrinks.
+                let held = if meta.end_footer_ok {
+                    meta.file_len - footer_len(meta.footer_source)
+                } else {
+                    meta.file_len
                 };
-                meta.file_len - len
+                s.data_end.max(held.next_multiple_of(512))
             }
+            None => meta.file_len - footer_len(meta.footer_source),
         };
         file.write_all_at(&bytes, end)
             .map_err(io("write footer", end))?;
@@ -184,6 +187,14 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
     file.sync_data().map_err(io("fsync", 0))?;
     report.remaining = check(file);
     Ok(report)
+}
+
+/// Bytes the end footer takes where it was found.
+fn footer_len(source: FooterSource) -> u64 {
+    match source {
+        FooterSource::EndShort => FOOTER_SIZE as u64 - 1,
+        _ => FOOTER_SIZE as u64,
+    }
 }
 
 /// No footer opens, but the dynamic header at 512 does: write a rebuilt
