@@ -140,3 +140,46 @@ fn image_whose_keyhash_says_encrypted_is_refused_for_writing_and_left_untouched(
     assert_eq!(std::fs::read(&child).unwrap(), before);
     assert_eq!(std::fs::read(&p).unwrap(), b);
 }
+
+#[test]
+fn block_size_other_than_2mib_is_warned_at_create_and_shown_by_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (bs, warned) in [("524288", true), ("4194304", true), ("2097152", false)] {
+        let p = tmp.path().join(format!("b{bs}.vhd"));
+        let o = tapctl(
+            &["vhd", "create", "-n", s(&p), "-s", "8", "--block-size", bs],
+            None,
+        );
+        assert!(o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            err.contains("warning") && err.contains("blktap") && err.contains(bs),
+            warned,
+            "{bs}: {err}"
+        );
+        let q = String::from_utf8(ok(&["vhd", "query", "-n", s(&p)], None)).unwrap();
+        assert_eq!(q.contains("blktap cannot use"), warned, "{q}");
+        let j: serde_json::Value =
+            serde_json::from_slice(&ok(&["vhd", "query", "-n", s(&p), "--json"], None)).unwrap();
+        assert_eq!(j["blktap_compatible_block_size"], !warned);
+        let c = tmp.path().join(format!("c{bs}.vhd"));
+        let o = tapctl(
+            &[
+                "vhd",
+                "snapshot",
+                "-n",
+                s(&c),
+                "-p",
+                s(&p),
+                "--block-size",
+                bs,
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).contains("warning"),
+            warned
+        );
+    }
+}

@@ -363,6 +363,9 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             CreateKind::Dynamic { block_size }
         };
         on(&name, vfs::create_path(&name, mib(size)?, &kind))?;
+        if !fixed {
+            warn_block_size(&name, block_size);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let grant = grant(&command)?;
@@ -431,6 +434,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             // What is wrong with the parent is said about the parent.
             on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
             on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            warn_block_size(&name, block_size);
             note_outside(&name, &parent);
         }
         VhdCommand::Query {
@@ -456,6 +460,9 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                     "parent": info.parent,
                     "parent_uuid": info.parent_uuid,
                     "block_size": info.block_size,
+                    "blktap_compatible_block_size": info
+                        .block_size
+                        .map(|b| b == u64::from(tapjail_image::vhd::DEFAULT_BLOCK_SIZE)),
                     "allocated_blocks": info.allocated_blocks,
                     "physical_size": info.physical_size,
                     "uuid": info.uuid,
@@ -473,7 +480,11 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 );
                 println!("physical size: {} bytes", info.physical_size);
                 if let Some(bs) = info.block_size {
-                    println!("block size: {bs}");
+                    if bs == u64::from(tapjail_image::vhd::DEFAULT_BLOCK_SIZE) {
+                        println!("block size: {bs}");
+                    } else {
+                        println!("block size: {bs} ({})", BLKTAP_BLOCK_SIZE_NOTE);
+                    }
                     println!("allocated blocks: {}", info.allocated_blocks);
                     println!("batmap: {}", info.batmap);
                 }
@@ -762,4 +773,18 @@ fn fix_summary(problems: &[tapjail_image::vhd::check::Problem], name: &Path) -> 
         out.push("the rest no tool fixes without losing data".into());
     }
     out.join("; ")
+}
+
+/// Why a block size other than 2 MiB matters (issue 13 item 6).
+const BLKTAP_BLOCK_SIZE_NOTE: &str = "not 2 MiB: blktap's libvhd and tapdisk assume 2 MiB blocks, \
+     so blktap cannot use this image (vhd-util check accepts it, then reads go wrong)";
+
+/// Say on stderr that an image just made will not work with blktap.
+fn warn_block_size(name: &Path, block_size: u32) {
+    if block_size != tapjail_image::vhd::DEFAULT_BLOCK_SIZE {
+        eprintln!(
+            "tap-ctl: warning: {}: block size {block_size} is {BLKTAP_BLOCK_SIZE_NOTE}",
+            name.display()
+        );
+    }
 }
