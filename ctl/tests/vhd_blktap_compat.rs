@@ -183,3 +183,54 @@ fn block_size_other_than_2mib_is_warned_at_create_and_shown_by_query() {
         );
     }
 }
+
+#[test]
+fn query_p_prints_the_resolved_absolute_parent_and_json_keeps_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(tmp.path()).unwrap();
+    std::fs::create_dir_all(root.join("kids")).unwrap();
+    std::fs::create_dir_all(root.join("base")).unwrap();
+    let in_root = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+            .args(args)
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    in_root(&["vhd", "create", "-n", "base/b.vhd", "-s", "4"]);
+    in_root(&["vhd", "snapshot", "-n", "kids/c.vhd", "-p", "base/b.vhd"]);
+    let want = format!("{}\n", root.join("base/b.vhd").display());
+    // Found through --parent-path, and only recorded (outside kids/).
+    assert_eq!(
+        in_root(&[
+            "vhd",
+            "query",
+            "-n",
+            "kids/c.vhd",
+            "-p",
+            "--parent-path",
+            "kids/../base/b.vhd"
+        ]),
+        want
+    );
+    assert_eq!(in_root(&["vhd", "query", "-n", "kids/c.vhd", "-p"]), want);
+    let j: serde_json::Value = serde_json::from_str(&in_root(&[
+        "vhd",
+        "query",
+        "-n",
+        "kids/c.vhd",
+        "--json",
+        "--parent-path",
+        "kids/../base/b.vhd",
+    ]))
+    .unwrap();
+    assert_eq!(j["parent"], "kids/../base/b.vhd");
+    assert_eq!(j["parent_resolved"], want.trim_end());
+}

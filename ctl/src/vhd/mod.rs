@@ -451,13 +451,16 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             } else if physical_size {
                 println!("{}", info.physical_size);
             } else if parent {
-                // Names come out of the image: escaped for the terminal.
-                println!("{}", escape(info.parent.as_deref().unwrap_or("none")));
+                // As vhd-util query -p: the parent's absolute, resolved
+                // path. Names come out of the image: escaped for the terminal.
+                let shown = info.parent.as_deref().map(resolved_path);
+                println!("{}", escape(shown.as_deref().unwrap_or("none")));
             } else if json {
                 let v = serde_json::json!({
                     "virtual_size": info.virtual_size,
                     "type": info.disk_type.as_str(),
                     "parent": info.parent,
+                    "parent_resolved": info.parent.as_deref().map(resolved_path),
                     "parent_uuid": info.parent_uuid,
                     "block_size": info.block_size,
                     "blktap_compatible_block_size": info
@@ -787,4 +790,31 @@ fn warn_block_size(name: &Path, block_size: u32) {
             name.display()
         );
     }
+}
+
+/// `path` made absolute (against the working directory) with `.` and `..`
+/// taken out lexically, as `vhd-util query -p` prints a parent. Lexical is
+/// exact here: parents are never reached through symlinks.
+fn resolved_path(path: &str) -> String {
+    use std::path::Component;
+    let p = Path::new(path);
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        match std::env::current_dir() {
+            Ok(cwd) => cwd.join(p),
+            Err(_) => p.to_path_buf(),
+        }
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out.to_string_lossy().into_owned()
 }
