@@ -1,6 +1,8 @@
-//! Small wrappers over the syscalls the broker needs, each doing one thing.
-//! Most go through `rustix` (no `unsafe` here); the few that must run in a
-//! forked child before `exec` live in `spawn.rs`.
+//! Small wrappers over the syscalls the broker needs, each doing one thing
+//! and written once (the device backends use them too). They go through
+//! `rustix` (no `unsafe` here); what must run in a forked child before
+//! `exec` lives in the binary's `supervisor/process.rs`, signal masks in
+//! `tapjail_common::signals`.
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitIdOptions};
@@ -267,6 +269,14 @@ pub fn uids_in_use() -> std::collections::HashSet<u32> {
         }
     }
     out
+}
+
+/// Whether bytes are queued on `sock` (peeked, not consumed; never
+/// blocks). A closed or quiet socket has none.
+pub fn has_queued_data(sock: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(sock, &mut byte[..], flags), Ok((n, _)) if n > 0)
 }
 
 /// Take an exclusive, non-blocking `flock`; `Ok(false)` if someone holds it.
