@@ -202,3 +202,20 @@ fn repair_and_check_agree_on_a_missing_parent_and_name_set_parent() {
     );
     assert_eq!(std::fs::read(&child).unwrap(), before);
 }
+
+#[test]
+fn bat_messages_use_one_unit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("u.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    let mut b = std::fs::read(&p).unwrap();
+    b[1536..1540].copy_from_slice(&0x00ff_0000u32.to_be_bytes()); // past the end
+    b[1540..1544].copy_from_slice(&1u32.to_be_bytes()); // over the header
+    std::fs::write(&p, &b).unwrap();
+    let (out, _) = check_fails(&p);
+    let bat: Vec<&str> = out.lines().filter(|l| l.contains(" bat: ")).collect();
+    assert_eq!(bat.len(), 2, "{out}");
+    for l in bat {
+        assert!(l.contains("bytes") && !l.contains("sector"), "{l}");
+    }
+}

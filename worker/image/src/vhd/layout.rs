@@ -410,14 +410,16 @@ fn read_sparse(
             let end = start + block_total; // < 2^41 + 2^27: no overflow
             let problem = if end > limit {
                 Some(format!(
-                    "entry {idx} points at sector {e}; its block ends at byte {end}, \
-                     past the end of the {file_len}-byte file"
+                    "entry {idx} puts its block at bytes {start}..{end}, past the end \
+                     of the {file_len}-byte file"
                 ))
             } else {
-                regions
-                    .iter()
-                    .find(|r| r.overlaps(start, end))
-                    .map(|r| format!("entry {idx}: block at sector {e} overlaps {}", r.what))
+                regions.iter().find(|r| r.overlaps(start, end)).map(|r| {
+                    format!(
+                        "entry {idx} puts its block at bytes {start}..{end}, over {}",
+                        r.what
+                    )
+                })
             };
             match problem {
                 Some(msg) if strict => return Err(ImageError::corrupt("bat", msg)),
