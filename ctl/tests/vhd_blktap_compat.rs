@@ -181,6 +181,27 @@ fn block_size_other_than_2mib_is_warned_at_create_and_shown_by_query() {
             String::from_utf8_lossy(&o.stderr).contains("warning"),
             warned
         );
+        let raw = tmp.path().join(format!("r{bs}.raw"));
+        std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+        let v = tmp.path().join(format!("v{bs}.vhd"));
+        let o = tapctl(
+            &[
+                "vhd",
+                "convert",
+                "-O",
+                "vhd",
+                "--block-size",
+                bs,
+                s(&raw),
+                s(&v),
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).contains("warning"),
+            warned
+        );
     }
 }
 

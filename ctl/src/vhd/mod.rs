@@ -627,6 +627,9 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 };
                 anyhow::Error::new(e).context(h)
             })?;
+            if let ConvertTarget::VhdDynamic { block_size } = target {
+                warn_block_size(&dst, block_size);
+            }
             if let Some(b) = bar {
                 b.finish();
             }
