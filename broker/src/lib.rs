@@ -2,3 +2,4 @@
 //! the integration tests can drive single pieces (a device backend) too.
 
 pub mod device;
+pub mod fdstore;
