@@ -11,6 +11,7 @@ use tapjail_broker::device;
 mod error;
 mod ops;
 mod records;
+mod resync;
 mod server;
 mod sys;
 mod table;

@@ -272,6 +272,7 @@ fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Ok => "Ok",
         FromWorker::Stats(_) => "Stats",
         FromWorker::Error(_) => "Error",
+        FromWorker::Resynced { .. } => "Resynced",
     }
 }
 
@@ -552,6 +553,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Close => "Close",
         ToWorker::Stats => "Stats",
         ToWorker::Shutdown => "Shutdown",
+        ToWorker::Resync { .. } => "Resync",
     }
 }
 
