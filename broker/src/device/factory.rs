@@ -174,6 +174,30 @@ impl DeviceFactory {
         })
     }
 
+    /// Take over `minor`'s live device from a broker that is gone, from
+    /// its record and the fds kept for it. The frontend is the recorded
+    /// one (a broker restarted with another `frontend` still adopts).
+    pub fn adopt(
+        &self,
+        minor: Minor,
+        h: &super::Handoff,
+        fds: &mut super::KeptFds,
+    ) -> Result<Box<dyn DeviceBackend>, DeviceError> {
+        let ctx = self.context(minor);
+        let mut b: Box<dyn DeviceBackend> = match h.kind.as_str() {
+            "fuse" => Box::new(super::fuse::FuseBackend::adopt(&ctx, h, fds)?),
+            "nbd" => Box::new(super::nbd::NbdBackend::adopt(&ctx, fds)?),
+            "ublk" => Box::new(super::ublk::UblkBackend::adopt(&ctx, h)?),
+            other => {
+                return Err(DeviceError::Failed(format!(
+                    "unknown frontend {other:?} in the record"
+                )))
+            }
+        };
+        b.adopted(None);
+        Ok(b)
+    }
+
     /// Clean what any frontend of a previous broker left for `minor`.
     pub fn cleanup_stale(&self, minor: Minor) -> Vec<Result<String, String>> {
         let ctx = self.context(minor);
