@@ -18,6 +18,7 @@
 pub mod factory;
 pub mod fuse;
 pub mod fuse_mount;
+pub mod kept;
 pub mod loop_dev;
 pub mod nbd;
 pub mod ublk;

@@ -115,3 +115,45 @@ impl FdStore {
         }
     }
 }
+
+/// Names kept in a store for one owner (a worker, a device), removed
+/// from the store when this is dropped: whatever path takes the owner
+/// down, its fds do not outlive it in the store. A broker that exits on
+/// purpose to be restarted leaves without dropping (`process::exit`).
+#[derive(Debug)]
+pub struct Kept {
+    store: std::sync::Arc<FdStore>,
+    names: Vec<String>,
+}
+
+impl Kept {
+    /// Put every `(name, fd)` in `store`; on error, remove what was put.
+    pub fn put(
+        store: &std::sync::Arc<FdStore>,
+        fds: &[(String, BorrowedFd<'_>)],
+    ) -> Result<Kept, FdStoreError> {
+        let mut kept = Kept {
+            store: store.clone(),
+            names: Vec::with_capacity(fds.len()),
+        };
+        for (name, fd) in fds {
+            store.put(name, *fd)?;
+            kept.names.push(name.clone());
+        }
+        Ok(kept)
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        for n in &self.names {
+            if let Err(e) = self.store.remove(n) {
+                eprintln!("tap-broker: {}: removing {n}: {e}", self.store.kind());
+            }
+        }
+    }
+}
