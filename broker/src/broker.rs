@@ -441,6 +441,8 @@ impl Broker {
             return;
         };
         w.exit = Some(exit);
+        // Its control socket and stderr pipe need not outlive us any more.
+        drop(w.kept.take());
         let (owner, uid, minor, stopping) = (w.owner.clone(), w.uid, w.minor, w.stopping);
         let killed = w.killed.get().cloned();
         if !stopping {
@@ -517,15 +519,20 @@ impl Broker {
         }
     }
 
-    /// Tear everything down (SIGTERM/SIGINT): close images, stop workers,
-    /// remove devices, free minors.
-    pub fn shutdown(self: &Arc<Self>) {
+    /// Refuse new requests and let operations in flight finish (they have
+    /// their own deadlines).
+    pub fn quiesce(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // Let operations in flight finish (they have their own deadlines).
         let deadline = Instant::now() + self.spawn_cfg.timeout;
         while self.table().disks.values().any(|d| d.busy) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Tear everything down (SIGTERM/SIGINT): close images, stop workers,
+    /// remove devices, free minors.
+    pub fn shutdown(self: &Arc<Self>) {
+        self.quiesce();
         let minors: Vec<Minor> = self.table().disks.keys().copied().collect();
         let mut problems = Vec::new();
         for m in &minors {

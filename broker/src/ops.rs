@@ -170,6 +170,7 @@ impl Broker {
             stopping: false,
             start_time: s.start_time,
             record,
+            kept: s.kept,
         };
         let rec = w.record();
         let w = Worker {

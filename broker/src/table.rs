@@ -55,6 +55,8 @@ pub struct Worker {
     /// Why the broker killed it (protocol violation, missed deadline), if
     /// it did: named in the audit line of its exit.
     pub killed: Arc<std::sync::OnceLock<String>>,
+    /// Its fds in the store while it is in the table (see `fdstore`).
+    pub kept: Option<tapjail_broker::fdstore::Kept>,
 }
 
 /// An allocated minor.
@@ -106,6 +108,9 @@ impl Disk {
             image: self.image.as_ref().map(|i| i.spec.to_string()),
             frontend: self.frontend.map(|f| f.as_str().to_string()),
             link: self.link.clone(),
+            state: self.state.0,
+            restarts: self.restarts,
+            served: crate::adopt::served_record(self),
         }
     }
 

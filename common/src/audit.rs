@@ -52,6 +52,9 @@ pub enum Event {
     /// in one window (the broker's rate limit on denials anyone can
     /// cause: see `broker/src/denials.rs`).
     DenialsSuppressed,
+    /// A worker, minor or kept fd left by a previous broker was taken
+    /// over, or refused (and why).
+    Adopt,
 }
 
 /// The verdict recorded on a line.
