@@ -62,6 +62,14 @@ pub struct Adoption {
     pub dead: Vec<Minor>,
 }
 
+/// An adopted worker's pidfd, connection, kept fds and answer to Resync.
+type Checked = (
+    Arc<OwnedFd>,
+    WorkerConn,
+    Option<Kept>,
+    crate::resync::WorkerHas,
+);
+
 /// What a worker said when it was adopted.
 struct Live {
     has: crate::resync::WorkerHas,
@@ -84,7 +92,10 @@ impl Broker {
             let Ok(Some(mut lock)) = LockFile::acquire(&path) else {
                 continue;
             };
-            let Some(rec) = lock.read::<WorkerRecord>().filter(|r| u64::from(r.pid) == pid) else {
+            let Some(rec) = lock
+                .read::<WorkerRecord>()
+                .filter(|r| u64::from(r.pid) == pid)
+            else {
                 continue; // clean_predecessor drops it
             };
             let peer = Peer {
@@ -107,7 +118,10 @@ impl Broker {
                                 .map(|i| format!("has {i} open"))
                                 .unwrap_or_else(|| "no image open".into()),
                             if has.discarded > 0 {
-                                format!("; discarded {} stale byte(s) on its control socket", has.discarded)
+                                format!(
+                                    "; discarded {} stale byte(s) on its control socket",
+                                    has.discarded
+                                )
                             } else {
                                 String::new()
                             }
@@ -117,7 +131,9 @@ impl Broker {
                     live.insert(rec.pid, Live { has });
                     out.workers += 1;
                 }
-                Err(why) => {
+                Err((why, lock)) => {
+                    // Handled here (gone, or killed): not clean_predecessor's.
+                    lock.release();
                     self.adopt_notice(
                         "adopt-worker-refused",
                         Some(rec.owner.clone()),
@@ -202,7 +218,36 @@ impl Broker {
         mut lock: LockFile,
         store: &Arc<FdStore>,
         held: &mut BTreeMap<String, OwnedFd>,
-    ) -> Result<(Worker, crate::resync::WorkerHas), String> {
+    ) -> Result<(Worker, crate::resync::WorkerHas), (String, LockFile)> {
+        match self.check_worker(rec, &mut lock, store, held) {
+            Ok((pidfd, conn, kept, has)) => Ok((
+                Worker {
+                    pid: rec.pid,
+                    owner: rec.owner.clone(),
+                    uid: rec.uid,
+                    pidfd,
+                    killed: conn.kill_note(),
+                    conn: Arc::new(Mutex::new(conn)),
+                    minor: None,
+                    exit: None,
+                    stopping: false,
+                    record: lock,
+                    start_time: rec.start_time,
+                    kept,
+                },
+                has,
+            )),
+            Err(why) => Err((why, lock)),
+        }
+    }
+
+    fn check_worker(
+        &self,
+        rec: &WorkerRecord,
+        lock: &mut LockFile,
+        store: &Arc<FdStore>,
+        held: &mut BTreeMap<String, OwnedFd>,
+    ) -> Result<Checked, String> {
         let pid = rec.pid;
         let [ctl_name, log_name] = kept_names(pid);
         let ctl = held.remove(&ctl_name);
@@ -218,6 +263,10 @@ impl Broker {
                 return Err(format!("no longer running ({e})"));
             }
         };
+        if sys::pidfd_exited(pidfd.as_fd(), 0).unwrap_or(false) {
+            drop_kept();
+            return Err("no longer running (exited, not yet reaped by its new parent)".into());
+        }
         // After the pidfd: if these match now, the pidfd is that process.
         let info = sys::proc_info(pid).map_err(|e| format!("reading /proc/{pid}: {e}"));
         let checked = info.and_then(|info| {
@@ -272,23 +321,7 @@ impl Broker {
             .with_op_timeout(self.spawn_cfg.op_timeout);
         conn.set_pidfd(pidfd.clone());
         let _ = lock.write(rec);
-        Ok((
-            Worker {
-                pid,
-                owner: rec.owner.clone(),
-                uid: rec.uid,
-                pidfd,
-                killed: conn.kill_note(),
-                conn: Arc::new(Mutex::new(conn)),
-                minor: None,
-                exit: None,
-                stopping: false,
-                record: lock,
-                start_time: rec.start_time,
-                kept,
-            },
-            has,
-        ))
+        Ok((pidfd, conn, kept, has))
     }
 
     /// Adopt one minor; `Ok(true)` when its worker is gone (respawn rules).
@@ -360,7 +393,11 @@ impl Broker {
             disk.deaths.push_back(Instant::now());
         }
         disk.persist();
-        let files = disk.image.as_ref().map(|i| i.files.clone()).unwrap_or_default();
+        let files = disk
+            .image
+            .as_ref()
+            .map(|i| i.files.clone())
+            .unwrap_or_default();
         let owner = rec.owner.clone();
         let image = disk.image.as_ref().map(|i| i.spec.to_string());
         let mut t = self.table();
@@ -425,7 +462,10 @@ impl Broker {
         self.flush_denials(true);
         let (disks, workers) = {
             let t = self.table();
-            (t.disks.len(), t.workers.values().filter(|w| w.alive()).count())
+            (
+                t.disks.len(),
+                t.workers.values().filter(|w| w.alive()).count(),
+            )
         };
         self.notice(
             Event::BrokerStop,

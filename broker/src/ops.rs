@@ -539,7 +539,14 @@ impl Broker {
                 "minor {minor} has no tapdisk attached, not {p}"
             )));
         }
-        if has_image {
+        if has_image && !has_worker {
+            // Adopted with its worker gone: nothing to ask, just take down.
+            let mut t = t;
+            let problems = Self::drop_image_locally(&mut t, minor);
+            if !problems.is_empty() {
+                return Err(BrokerError::failed(problems.join("; ")));
+            }
+        } else if has_image {
             self.close(t, pid, minor, true)?;
         } else {
             drop(t);

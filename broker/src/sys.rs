@@ -116,7 +116,10 @@ impl std::fmt::Display for Exit {
         match self {
             Exit::Code(c) => write!(f, "exited with status {c}"),
             Exit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
-            Exit::Unknown => write!(f, "exited (how is unknown: adopted, not this broker's child)"),
+            Exit::Unknown => write!(
+                f,
+                "exited (how is unknown: adopted, not this broker's child)"
+            ),
         }
     }
 }

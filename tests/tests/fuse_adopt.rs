@@ -57,18 +57,19 @@ fn rows(h: &Harness) -> Vec<(u64, u64, String)> {
 /// Write requests the worker of minor 0 has completed (from `stats`).
 fn writes(h: &Harness) -> u64 {
     let pid = list(h)[0]["pid"].as_u64().expect("a worker");
-    let s: serde_json::Value = serde_json::from_str(&h.ok(
-        &ROOT,
-        &["stats", "-m", "0", "-p", &pid.to_string()],
-    ))
-    .expect("stats JSON");
+    let s: serde_json::Value =
+        serde_json::from_str(&h.ok(&ROOT, &["stats", "-m", "0", "-p", &pid.to_string()]))
+            .expect("stats JSON");
     s["images"][0]["hits"][1].as_u64().expect("write hits")
 }
 
 fn create(h: &Harness, image: &Path) -> PathBuf {
     PathBuf::from(
-        h.ok(&ROOT, &["create", "-a", &format!("aio:{}", image.display())])
-            .trim(),
+        h.ok(
+            &ROOT,
+            &["create", "-a", &format!("aio:{}", image.display())],
+        )
+        .trim(),
     )
 }
 
@@ -166,7 +167,11 @@ fn three_restarts_under_fio(restart: &mut dyn FnMut(&mut Harness, u32)) {
         .join("fdholder.sock")
         .exists()));
     let out = h.ctl(&ROOT, &["audit", "verify", h.audit.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -228,7 +233,10 @@ fn worker_killed_while_no_broker_runs_is_respawned_when_it_returns() {
         .audit_lines()
         .iter()
         .any(|a| a["event"] == "worker_respawn" && a["rule"] == "respawn"));
-    assert_eq!(direct_read_outcome(&dev, Duration::from_secs(10)), Some(true));
+    assert_eq!(
+        direct_read_outcome(&dev, Duration::from_secs(10)),
+        Some(true)
+    );
 }
 
 #[test]
