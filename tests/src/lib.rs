@@ -482,6 +482,20 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Whether process `pid` is an fd holder (`tap-broker --fd-holder`).
+pub fn is_fd_holder(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--fd-holder"))
+}
+
+/// The tapdisk workers among `broker`'s children (not its fd holder).
+pub fn workers_of(broker: u32) -> Vec<u32> {
+    children_of(broker)
+        .into_iter()
+        .filter(|p| !is_fd_holder(*p))
+        .collect()
+}
+
 /// Number of fds open in process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -143,7 +143,7 @@ fn faults_hung_worker_is_killed_at_its_deadline_and_broker_keeps_serving() {
         "",
         "the failed create left nothing"
     );
-    assert!(children_of(h.broker_pid()).is_empty(), "hung worker reaped");
+    assert!(workers_of(h.broker_pid()).is_empty(), "hung worker reaped");
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn faults_worker_crashing_on_open_fails_the_request_cleanly() {
     let err = h.fails(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     assert!(err.contains("tapdisk"), "{err}");
     assert_eq!(h.ok(&ALICE, &["list"]), "");
-    assert!(eventually(Duration::from_secs(5), || children_of(
+    assert!(eventually(Duration::from_secs(5), || workers_of(
         h.broker_pid()
     )
     .is_empty()));

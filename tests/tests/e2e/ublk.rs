@@ -356,7 +356,13 @@ fn ublk_broker_crash_leftovers_are_removed_by_the_next_broker() {
     let img = h.raw_image("alice", "k.img", 4 << 20);
     h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     assert_eq!(ublk_char_devices().len(), 1);
+    // Nothing can be adopted once the fd holder is gone too.
+    let holder = children_of(h.broker_pid())
+        .into_iter()
+        .find(|p| is_fd_holder(*p))
+        .expect("the broker runs an fd holder");
     h.crash();
+    sigkill(holder);
     // Its worker goes when the control socket closes; the device stays.
     assert_eq!(ublk_char_devices().len(), 1);
     h.launch();
@@ -366,6 +372,81 @@ fn ublk_broker_crash_leftovers_are_removed_by_the_next_broker() {
         ublk_char_devices(),
         h.broker_log()
     );
+}
+
+/// The broker is `kill -9`ed three times under a verifying writer: the
+/// ublk device and its worker keep serving while no broker runs, the next
+/// broker adopts them (same minor, pid, image), and fio sees no error.
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
+    let mut h = ublk_harness(true);
+    let img = h.vhd_image("alice", "a.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let dev = tapdev(&h, 0);
+    let out_path = h.dir.path().join("fio.json");
+    let mut writer = Command::new("fio")
+        .args([
+            "--name=adopt",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--iodepth=16",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rate_iops=600",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--eta=never",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--output={}", out_path.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fio (apt-get install fio on the host: the VM shares its root)");
+    let shown = |h: &Harness| -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+        rows(h, &ALICE)
+            .into_iter()
+            .map(|r| (r["minor"].clone(), r["pid"].clone(), r["image"].clone()))
+            .collect()
+    };
+    let writes = |h: &Harness| -> u64 {
+        let pid = rows(h, &ALICE)[0]["pid"].as_u64().unwrap().to_string();
+        let s: serde_json::Value =
+            serde_json::from_str(&h.ok(&ALICE, &["stats", "-m", "0", "-p", &pid])).unwrap();
+        s["images"][0]["hits"][1].as_u64().unwrap_or(0)
+    };
+    let worker = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
+    for round in 1..=3usize {
+        let before = shown(&h);
+        let w0 = writes(&h);
+        assert!(
+            eventually(Duration::from_secs(30), || writes(&h) >= w0 + 200),
+            "round {round}: no write progress"
+        );
+        assert!(writer.try_wait().unwrap().is_none(), "fio ended early");
+        h.crash();
+        assert!(alive(worker), "round {round}: the worker outlives the broker");
+        h.launch();
+        assert_eq!(shown(&h), before, "round {round}: list changed");
+    }
+    let status = writer.wait().unwrap();
+    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "fio failed: {report}\n{}", h.broker_log());
+    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
+    assert_eq!(v["jobs"][0]["error"], 0, "fio saw an I/O error");
+    let adopted = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "adopt" && l["rule"] == "adopt-minor")
+        .count();
+    assert_eq!(adopted, 3);
+    assert_eq!(rows(&h, &ALICE)[0]["restarts"], 0, "never respawned");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    vhd_check(&img);
 }
 
 #[test]
