@@ -23,9 +23,10 @@ fn serial() -> std::fs::File {
 }
 
 fn harness(respawn: bool) -> Harness {
-    // SAFETY: geteuid cannot fail.
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        euid == 0,
         "these tests need root (FUSE mounts, loop devices)"
     );
     Harness::start(Options {

@@ -89,8 +89,7 @@ impl Scene {
             h.ok(&ALICE, &["list"])
         );
         assert!(
-            eventually(Duration::from_secs(10), || workers_of(h.broker_pid())
-                .len()
+            eventually(Duration::from_secs(10), || workers_of(h.broker_pid()).len()
                 == 1),
             "hostile worker not reaped: {:?}",
             workers_of(h.broker_pid())

@@ -262,7 +262,11 @@ fn restart_after_crash_without_kept_fds_kills_orphans_and_frees_everything() {
         2,
         "{lines:?}"
     );
-    assert_eq!(reasons("adopt", "adopt-minor-refused").len(), 2, "{lines:?}");
+    assert_eq!(
+        reasons("adopt", "adopt-minor-refused").len(),
+        2,
+        "{lines:?}"
+    );
     let cleanup = reasons("cleanup", "restart-cleanup");
     assert_eq!(
         cleanup.iter().filter(|c| c.contains("freed minor")).count(),

@@ -429,7 +429,10 @@ fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
         );
         assert!(writer.try_wait().unwrap().is_none(), "fio ended early");
         h.crash();
-        assert!(alive(worker), "round {round}: the worker outlives the broker");
+        assert!(
+            alive(worker),
+            "round {round}: the worker outlives the broker"
+        );
         h.launch();
         assert_eq!(shown(&h), before, "round {round}: list changed");
     }
