@@ -7,7 +7,7 @@
 //! be written the broker stops serving (fail closed): it answers every
 //! later request with an error rather than act without a record.
 
-use crate::denials::{Admit, DenialLimiter, Summary};
+use crate::denials::{Admit, Denials, Summary};
 use crate::device::factory::DeviceFactory;
 use crate::error::BrokerError;
 use crate::records::StateDir;
@@ -39,8 +39,8 @@ pub type Done = (Reply, String);
 pub struct Broker {
     pub policy: Policy,
     audit: Mutex<AuditState>,
-    /// Budget for denials anyone can cause (taken before `audit`).
-    denials: Mutex<DenialLimiter>,
+    /// Budgets for denials (taken before `audit`).
+    denials: Mutex<Denials>,
     table: Mutex<Table>,
     /// Signalled whenever the supervisor records a worker's exit.
     exited: Condvar,
@@ -64,13 +64,14 @@ impl Broker {
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
+        let window = Duration::from_secs(u64::from(policy.audit_window_secs));
         Ok(Broker {
             policy,
             audit: Mutex::new(AuditState {
                 log: audit,
                 broken: None,
             }),
-            denials: Mutex::new(DenialLimiter::default()),
+            denials: Mutex::new(Denials::new(window)),
             table: Mutex::new(Table::default()),
             exited: Condvar::new(),
             devices,
@@ -105,17 +106,17 @@ impl Broker {
         }
     }
 
-    /// Record a decision. Denials that anyone can cause (of a peer that
-    /// matches no tenant, or of the connection limit) go through the
-    /// [`DenialLimiter`]: beyond its budget they are counted, and the
-    /// count is written as one `denials_suppressed` line per uid per
-    /// window. Everything else is written at once.
+    /// Record a decision. Denials go through the [`Denials`] budgets
+    /// (strangers' and protocol errors' by kind only): beyond its budget
+    /// a denial is counted, and the count is written as one
+    /// `denials_suppressed` line per uid per window. Everything else is
+    /// written at once, in full.
     fn record(&self, peer: &PeerCred, entry: &Entry) -> Result<(), BrokerError> {
-        let limited = entry.decision == Verdict::Deny
-            && (entry.tenant.is_none() || entry.rule == "max-clients");
-        if !limited {
+        let Some(class) = Denials::class_of(entry) else {
             return self.audit(entry);
-        }
+        };
+        // Capped once here, so the budget counts the bytes written.
+        let entry = Denials::shape(class, entry).bounded();
         // Held while writing, so a window's summary precedes the next
         // window's lines; lock order is denials, then audit.
         let mut l = self.denials.lock().unwrap_or_else(|e| e.into_inner());
@@ -123,8 +124,8 @@ impl Broker {
         for s in l.due(now, false) {
             self.audit_summary(&s)?;
         }
-        match l.admit(*peer, &entry.rule, now) {
-            Admit::Full => self.audit(entry),
+        match l.admit(class, *peer, &entry.rule, entry.line_len(), now) {
+            Admit::Full => self.audit(&entry),
             Admit::Counted => self.audit_healthy(),
         }
     }
@@ -141,24 +142,29 @@ impl Broker {
 
     fn audit_summary(&self, s: &Summary) -> Result<(), BrokerError> {
         let p = &s.last_peer;
-        self.audit(&Entry {
-            event: Event::DenialsSuppressed,
-            peer: Some(peer_of(p)),
-            tenant: s
-                .uid
-                .and_then(|_| self.policy.tenant_for(p.uid, p.gid))
-                .map(|t| t.name.clone()),
-            request: Some(serde_json::json!({
-                "uid": s.uid,
-                "suppressed": s.suppressed,
-                "kinds": s.kinds,
-                "window_secs": s.span.as_secs(),
-            })),
-            decision: Verdict::Deny,
-            rule: "rate-limit".into(),
-            reason: s.describe(),
-            outcome: None,
-        })
+        let tenant = s
+            .uid
+            .and_then(|_| self.policy.tenant_for(p.uid, p.gid))
+            .map(|t| t.name.clone());
+        self.audit(&s.entry(tenant))
+    }
+
+    /// Reopen the audit log after rotation (SIGHUP); see
+    /// [`AuditLog::reopen`]. A failure is reported and writing goes on in
+    /// the old file.
+    pub fn reopen_audit(&self) -> String {
+        let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        match a.log.reopen() {
+            Ok(tapjail_common::audit::Reopened::Same) => format!(
+                "{} was not rotated; still writing it",
+                a.log.path().display()
+            ),
+            Ok(tapjail_common::audit::Reopened::Rotated { previous }) => format!(
+                "audit log reopened: {} continues the chain of {previous}",
+                a.log.path().display()
+            ),
+            Err(e) => format!("cannot reopen the audit log ({e}); still writing the old file"),
+        }
     }
 
     fn audit_healthy(&self) -> Result<(), BrokerError> {

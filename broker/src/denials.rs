@@ -1,48 +1,117 @@
-//! Rate limit for auditing denials that anyone can cause.
+//! Budget for auditing denials.
 //!
 //! The control socket is world-connectable, and every decision is
-//! appended to the audit log and fsync'd before the reply. A local user
-//! who matches no tenant (or a uid that keeps hitting the connection
-//! limit) therefore costs the broker one fsync'd line per `connect(2)`:
-//! unlimited, such a loop slowed everyone's requests 40-fold and grew the
-//! log by megabytes a minute, and a full disk stops the broker for
-//! everyone (it fails closed when the log cannot be written).
+//! appended to the audit log and fsync'd before the reply. Unlimited, a
+//! loop of refused requests costs the broker one fsync'd line each, and
+//! a full disk stops the broker for everyone (it fails closed when the
+//! log cannot be written). Counting lines was not enough: a peer that
+//! matched no tenant sent Open frames with a 65,500-byte path of `\x01`,
+//! 393 KB of escaped JSON per line, 1.4 GB an hour from one uid.
 //!
-//! So these denials go through a budget: per uid, the first
-//! [`DENIALS_IN_FULL`] in a window of [`DENIAL_WINDOW`] are written in
-//! full; the rest are counted and written as one `denials_suppressed`
-//! line per uid per window, hash-chained like every other line
-//! ("uid 1234: 5000 further denied requests of kinds {no-tenant}
-//! suppressed in the last 10 s"). All uids together get at most
-//! [`FULL_LINES_PER_WINDOW`] full lines per window, and at most
-//! [`MAX_TRACKED_UIDS`] uids are counted one by one (more, as a user
-//! namespace with a subordinate uid range can present, share one
-//! "other uids" count), so the log grows by a bounded number of lines per
-//! window however many uids take part. Every denial is still accounted
-//! for: in full, or in a count.
+//! So, besides the cap on every logged string (`tapjail_common::audit`,
+//! 4 KiB) and logging strangers' requests by kind only, denials go
+//! through byte and line budgets per window ([`Budget`]): per uid, the
+//! first lines that fit in its budget are written in full; the rest are
+//! counted and written as one `denials_suppressed` line per uid per
+//! window ("uid 1234: 5000 further denied request(s) of kinds
+//! {no-tenant} suppressed in the last 10 s"), hash-chained like every
+//! other line. Room for that line is reserved in the budgets, so one uid
+//! adds at most [`BYTES_PER_UID`] per window, and all peers of a class
+//! together at most [`BYTES_TOTAL`] however many uids a user namespace
+//! presents (beyond [`MAX_TRACKED_UIDS`] they share one count). Every
+//! denial is still accounted for: in full, or in a count.
 //!
-//! Tenants' own denials are not limited here: a tenant is a configured,
-//! accountable user, and its attempts at other tenants' disks are exactly
-//! what the log is for. Only the connection limit (`max-clients`) is
-//! limited for everyone, as it was before.
+//! Two classes, each with its own budgets, so that strangers cannot use
+//! up the tenants' budget: strangers (peers matching no tenant, and
+//! refusals at the connection limit) and tenants. A tenant's denials are
+//! budgeted too, but more generously in lines: they are accountable
+//! users, and their attempts at other tenants' disks are what the log is
+//! for. Allowed requests are never limited.
 //!
 //! Pure bookkeeping with an injected clock; the broker writes the lines.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
+use tapjail_common::audit::{Entry, Event, Peer, Verdict};
 use tapjail_policy::PeerCred;
 
-/// Length of one accounting window.
-pub const DENIAL_WINDOW: Duration = Duration::from_secs(10);
+/// Most bytes one uid's denials add to the log per window, its summary
+/// line included.
+pub const BYTES_PER_UID: u64 = 64 * 1024;
 
-/// Denials of one uid written in full per window.
-pub const DENIALS_IN_FULL: u32 = 10;
+/// Most bytes all uids of one class add per window, summaries included.
+pub const BYTES_TOTAL: u64 = 1024 * 1024;
 
-/// Full lines of limited denials per window, all uids together.
-pub const FULL_LINES_PER_WINDOW: u32 = 100;
-
-/// Uids counted individually; beyond this, one shared count.
+/// Uids counted individually per class; beyond this, one shared count.
 pub const MAX_TRACKED_UIDS: usize = 256;
+
+/// Bytes kept back in a budget for each summary line it may need.
+pub const SUMMARY_RESERVE: u64 = 1024;
+
+/// Most rule names a summary lists (they come from the broker and the
+/// policy, a small fixed set; the cap keeps the line within
+/// [`SUMMARY_RESERVE`] whatever happens).
+const MAX_KINDS: usize = 8;
+
+/// Whose denial it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A peer matching no tenant, or a refusal at the connection limit.
+    Stranger,
+    /// A tenant's own denied request.
+    Tenant,
+}
+
+/// The limits of one class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub window: Duration,
+    /// Lines one uid may write in full per window.
+    pub lines_per_uid: u32,
+    pub bytes_per_uid: u64,
+    /// Lines all uids together may write in full per window.
+    pub lines_total: u32,
+    pub bytes_total: u64,
+    pub max_uids: usize,
+}
+
+impl Budget {
+    /// Strangers: 10 lines per uid, 100 for all, within the byte budgets.
+    pub fn strangers(window: Duration) -> Budget {
+        Budget {
+            window,
+            lines_per_uid: 10,
+            bytes_per_uid: BYTES_PER_UID,
+            lines_total: 100,
+            bytes_total: BYTES_TOTAL,
+            max_uids: MAX_TRACKED_UIDS,
+        }
+    }
+
+    /// Tenants: bytes decide (64 KiB is ~130 typical denials per window).
+    pub fn tenants(window: Duration) -> Budget {
+        Budget {
+            window,
+            lines_per_uid: 1000,
+            bytes_per_uid: BYTES_PER_UID,
+            lines_total: 10_000,
+            bytes_total: BYTES_TOTAL,
+            max_uids: MAX_TRACKED_UIDS,
+        }
+    }
+
+    /// Bytes of full lines one uid may write (its summary's room kept).
+    fn uid_room(&self) -> u64 {
+        self.bytes_per_uid.saturating_sub(SUMMARY_RESERVE)
+    }
+
+    /// Bytes of full lines all uids may write (every summary's room kept).
+    fn total_room(&self) -> u64 {
+        let summaries = u64::try_from(self.max_uids + 1).unwrap_or(u64::MAX);
+        self.bytes_total
+            .saturating_sub(summaries.saturating_mul(SUMMARY_RESERVE))
+    }
+}
 
 /// Whether a denial is written now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +125,14 @@ pub enum Admit {
 /// One window's count of denials not written in full.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
+    pub class: Class,
     /// `None`: the shared count of uids beyond [`MAX_TRACKED_UIDS`].
     pub uid: Option<u32>,
     /// The last peer counted (for the line's `peer`).
     pub last_peer: PeerCred,
     pub suppressed: u64,
+    /// Bytes the suppressed lines would have taken.
+    pub suppressed_bytes: u64,
     /// The rules that denied them (`no-tenant`, `frame`, ...).
     pub kinds: BTreeSet<String>,
     /// How long the window lasted when it was summarized.
@@ -85,13 +157,40 @@ impl Summary {
             self.span.as_secs().max(1)
         )
     }
+
+    /// The summary as an audit entry (`tenant`: the peer's tenant, if any).
+    pub fn entry(&self, tenant: Option<String>) -> Entry {
+        let p = &self.last_peer;
+        Entry {
+            event: Event::DenialsSuppressed,
+            peer: Some(Peer {
+                pid: p.pid,
+                uid: p.uid,
+                gid: p.gid,
+            }),
+            tenant,
+            request: Some(serde_json::json!({
+                "uid": self.uid,
+                "suppressed": self.suppressed,
+                "suppressed_bytes": self.suppressed_bytes,
+                "kinds": self.kinds,
+                "window_secs": self.span.as_secs(),
+            })),
+            decision: Verdict::Deny,
+            rule: "rate-limit".into(),
+            reason: self.describe(),
+            outcome: None,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Bucket {
     start: Instant,
     written: u32,
+    bytes: u64,
     suppressed: u64,
+    suppressed_bytes: u64,
     kinds: BTreeSet<String>,
     last_peer: PeerCred,
 }
@@ -101,75 +200,62 @@ impl Bucket {
         Bucket {
             start: now,
             written: 0,
+            bytes: 0,
             suppressed: 0,
+            suppressed_bytes: 0,
             kinds: BTreeSet::new(),
             last_peer: peer,
         }
     }
 
-    fn summary(&self, uid: Option<u32>, now: Instant) -> Option<Summary> {
+    fn summary(&self, class: Class, uid: Option<u32>, now: Instant) -> Option<Summary> {
         (self.suppressed > 0).then(|| Summary {
+            class,
             uid,
             last_peer: self.last_peer,
             suppressed: self.suppressed,
+            suppressed_bytes: self.suppressed_bytes,
             kinds: self.kinds.clone(),
             span: now.saturating_duration_since(self.start),
         })
     }
 }
 
-/// The per-uid budget.
+/// The budget of one class.
 #[derive(Debug)]
 pub struct DenialLimiter {
-    window: Duration,
-    in_full: u32,
-    total_in_full: u32,
-    max_uids: usize,
+    class: Class,
+    budget: Budget,
     per_uid: HashMap<u32, Bucket>,
     others: Option<Bucket>,
-    /// The shared budget's window: its start and full lines written.
-    total: Option<(Instant, u32)>,
-}
-
-impl Default for DenialLimiter {
-    fn default() -> Self {
-        DenialLimiter::new(
-            DENIAL_WINDOW,
-            DENIALS_IN_FULL,
-            FULL_LINES_PER_WINDOW,
-            MAX_TRACKED_UIDS,
-        )
-    }
+    /// The shared budget's window: its start, full lines and bytes written.
+    total: Option<(Instant, u32, u64)>,
 }
 
 impl DenialLimiter {
-    pub fn new(
-        window: Duration,
-        in_full: u32,
-        total_in_full: u32,
-        max_uids: usize,
-    ) -> DenialLimiter {
+    pub fn new(class: Class, budget: Budget) -> DenialLimiter {
         DenialLimiter {
-            window,
-            in_full,
-            total_in_full,
-            max_uids,
+            class,
+            budget,
             per_uid: HashMap::new(),
             others: None,
             total: None,
         }
     }
 
-    /// A denial of `peer` by rule `kind` at `now`. Call [`Self::due`]
-    /// first so that an ended window is summarized before a new one opens.
-    pub fn admit(&mut self, peer: PeerCred, kind: &str, now: Instant) -> Admit {
-        let window = self.window;
-        let (start, total_written) = self.total.get_or_insert((now, 0));
-        if now.saturating_duration_since(*start) >= window {
+    /// A denial of `peer` by rule `kind`, whose line takes `bytes`, at
+    /// `now`. Call [`Self::due`] first so that an ended window is
+    /// summarized before a new one opens.
+    pub fn admit(&mut self, peer: PeerCred, kind: &str, bytes: usize, now: Instant) -> Admit {
+        let b = self.budget;
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        let (start, total_lines, total_bytes) = self.total.get_or_insert((now, 0, 0));
+        if now.saturating_duration_since(*start) >= b.window {
             *start = now;
-            *total_written = 0;
+            *total_lines = 0;
+            *total_bytes = 0;
         }
-        let tracked = self.per_uid.contains_key(&peer.uid) || self.per_uid.len() < self.max_uids;
+        let tracked = self.per_uid.contains_key(&peer.uid) || self.per_uid.len() < b.max_uids;
         let bucket = if tracked {
             self.per_uid
                 .entry(peer.uid)
@@ -178,14 +264,26 @@ impl DenialLimiter {
             self.others.get_or_insert_with(|| Bucket::new(now, peer))
         };
         bucket.last_peer = peer;
-        if bucket.written < self.in_full && *total_written < self.total_in_full {
+        let fits = bucket.written < b.lines_per_uid
+            && bucket.bytes.saturating_add(bytes) <= b.uid_room()
+            && *total_lines < b.lines_total
+            && total_bytes.saturating_add(bytes) <= b.total_room();
+        if fits {
             bucket.written += 1;
-            *total_written += 1;
+            bucket.bytes += bytes;
+            *total_lines += 1;
+            *total_bytes += bytes;
             Admit::Full
         } else {
             bucket.suppressed = bucket.suppressed.saturating_add(1);
-            if !bucket.kinds.contains(kind) {
-                bucket.kinds.insert(kind.to_string());
+            bucket.suppressed_bytes = bucket.suppressed_bytes.saturating_add(bytes);
+            if !bucket.kinds.contains(kind) && bucket.kinds.len() < MAX_KINDS {
+                bucket.kinds.insert(
+                    tapjail_common::audit::cap_str(kind)
+                        .chars()
+                        .take(64)
+                        .collect(),
+                );
             }
             Admit::Counted
         }
@@ -195,20 +293,83 @@ impl DenialLimiter {
     /// window, if `all`: at shutdown). Ended windows are forgotten, so a
     /// uid's next denial starts a fresh budget.
     pub fn due(&mut self, now: Instant, all: bool) -> Vec<Summary> {
-        let window = self.window;
+        let window = self.budget.window;
+        let class = self.class;
         let over = |b: &Bucket| all || now.saturating_duration_since(b.start) >= window;
         let mut out = Vec::new();
         self.per_uid.retain(|uid, b| {
             if !over(b) {
                 return true;
             }
-            out.extend(b.summary(Some(*uid), now));
+            out.extend(b.summary(class, Some(*uid), now));
             false
         });
         if self.others.as_ref().is_some_and(over) {
-            out.extend(self.others.take().and_then(|b| b.summary(None, now)));
+            out.extend(self.others.take().and_then(|b| b.summary(class, None, now)));
         }
         out.sort_by_key(|s| s.uid.map_or(u64::MAX, u64::from));
+        out
+    }
+}
+
+/// Both classes' budgets, as the broker keeps them.
+#[derive(Debug)]
+pub struct Denials {
+    strangers: DenialLimiter,
+    tenants: DenialLimiter,
+}
+
+impl Denials {
+    pub fn new(window: Duration) -> Denials {
+        Denials {
+            strangers: DenialLimiter::new(Class::Stranger, Budget::strangers(window)),
+            tenants: DenialLimiter::new(Class::Tenant, Budget::tenants(window)),
+        }
+    }
+
+    /// Which budget `entry` goes through, if any: denials only.
+    pub fn class_of(entry: &Entry) -> Option<Class> {
+        if entry.decision != Verdict::Deny {
+            return None;
+        }
+        Some(if entry.tenant.is_none() || entry.rule == "max-clients" {
+            Class::Stranger
+        } else {
+            Class::Tenant
+        })
+    }
+
+    /// What of `entry` is written: a stranger's request and any
+    /// protocol error's by kind only (nobody accountable chose that
+    /// payload), everything else as it is (strings capped when written).
+    pub fn shape(class: Class, entry: &Entry) -> Entry {
+        let protocol = matches!(entry.rule.as_str(), "protocol" | "frame");
+        if class == Class::Stranger || protocol {
+            entry.clone().kind_only()
+        } else {
+            entry.clone()
+        }
+    }
+
+    /// A denial by rule `kind` whose line takes `bytes` ([`Entry::line_len`]).
+    pub fn admit(
+        &mut self,
+        class: Class,
+        peer: PeerCred,
+        kind: &str,
+        bytes: usize,
+        now: Instant,
+    ) -> Admit {
+        let l = match class {
+            Class::Stranger => &mut self.strangers,
+            Class::Tenant => &mut self.tenants,
+        };
+        l.admit(peer, kind, bytes, now)
+    }
+
+    pub fn due(&mut self, now: Instant, all: bool) -> Vec<Summary> {
+        let mut out = self.strangers.due(now, all);
+        out.extend(self.tenants.due(now, all));
         out
     }
 }
@@ -227,14 +388,130 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// Line budgets only (bytes plentiful), as before bytes were counted.
+    fn lim(lines_per_uid: u32, lines_total: u32, max_uids: usize) -> DenialLimiter {
+        DenialLimiter::new(
+            Class::Stranger,
+            Budget {
+                window: Duration::from_secs(10),
+                lines_per_uid,
+                bytes_per_uid: u64::MAX,
+                lines_total,
+                bytes_total: u64::MAX,
+                max_uids,
+            },
+        )
+    }
+
+    /// The line of the 65,500-byte `\x01` path, as a stranger's (kind
+    /// only) and as a tenant's (capped) entry.
+    fn hostile(tenant: Option<&str>) -> Entry {
+        let path = "\x01".repeat(65_500);
+        Entry {
+            event: Event::Request,
+            peer: Some(Peer {
+                pid: 1,
+                uid: 7,
+                gid: 7,
+            }),
+            tenant: tenant.map(String::from),
+            request: Some(serde_json::json!({"Open": {"image": {"kind": "Vhd", "path": path}}})),
+            decision: Verdict::Deny,
+            rule: if tenant.is_some() {
+                "outside-roots"
+            } else {
+                "no-tenant"
+            }
+            .into(),
+            reason: format!("{path} is outside your image roots"),
+            outcome: None,
+        }
+    }
+
+    /// Bytes written for a flood of `n` copies of `entry` from `uids`
+    /// uids in one window: full lines plus summary lines, as the broker
+    /// writes them.
+    fn flood(entry: &Entry, uids: u32, n: u32) -> (u64, u64, u64) {
+        let mut d = Denials::new(Duration::from_secs(10));
+        let class = Denials::class_of(entry).unwrap();
+        let shaped = Denials::shape(class, entry).bounded();
+        let len = shaped.line_len();
+        let t0 = Instant::now();
+        let mut per_uid: HashMap<u32, u64> = HashMap::new();
+        let mut counted = 0;
+        for i in 0..n {
+            let uid = 10_000 + i % uids;
+            if d.admit(class, p(uid), &shaped.rule, len, t0) == Admit::Full {
+                *per_uid.entry(uid).or_default() += len as u64;
+            } else {
+                counted += 1;
+            }
+        }
+        let sums = d.due(t0 + Duration::from_secs(10), false);
+        let mut total: u64 = per_uid.values().sum();
+        for s in &sums {
+            let len = s.entry(Some("t".repeat(64))).line_len() as u64;
+            assert!(len <= SUMMARY_RESERVE, "summary line of {len} bytes");
+            total += len;
+            if let Some(uid) = s.uid {
+                *per_uid.entry(uid).or_default() += len;
+            }
+        }
+        let sum_counted: u64 = sums.iter().map(|s| s.suppressed).sum();
+        assert_eq!(sum_counted, counted, "every denial accounted for");
+        (per_uid.values().copied().max().unwrap_or(0), total, counted)
+    }
+
+    #[test]
+    fn denials_hostile_paths_stay_within_the_byte_budgets() {
+        // One stranger, 2000 frames: a few lines by kind only.
+        let (one, total, _) = flood(&hostile(None), 1, 2000);
+        assert!(
+            one <= BYTES_PER_UID && total <= BYTES_PER_UID,
+            "{one} {total}"
+        );
+        // 300 stranger uids: each within its budget, all within 1 MiB.
+        let (one, total, _) = flood(&hostile(None), 300, 6000);
+        assert!(one <= BYTES_PER_UID, "{one}");
+        assert!(total <= BYTES_TOTAL, "{total}");
+        // A tenant's denials keep the (capped) path, and are budgeted.
+        let e = hostile(Some("bob"));
+        assert!(Denials::shape(Class::Tenant, &e).line_len() > 4096);
+        let (one, _, counted) = flood(&e, 1, 2000);
+        assert!(one <= BYTES_PER_UID, "{one}");
+        assert!(counted > 1900, "{counted}");
+        // 300 uids of one tenant (a gid match): within 1 MiB all told.
+        let (_, total, _) = flood(&e, 300, 3000);
+        assert!(total <= BYTES_TOTAL, "{total}");
+    }
+
+    #[test]
+    fn denials_strangers_and_protocol_errors_are_logged_by_kind() {
+        let e = Denials::shape(Class::Stranger, &hostile(None));
+        assert_eq!(e.request, Some(serde_json::json!({"kind": "Open"})));
+        let mut proto = hostile(Some("bob"));
+        proto.rule = "protocol".into();
+        assert_eq!(
+            Denials::shape(Class::Tenant, &proto).request,
+            Some(serde_json::json!({"kind": "Open"}))
+        );
+        let mut allowed = hostile(Some("bob"));
+        allowed.decision = Verdict::Allow;
+        assert_eq!(
+            Denials::class_of(&allowed),
+            None,
+            "allowed lines are never limited"
+        );
+    }
+
     #[test]
     fn denials_first_n_in_full_then_one_summary_per_window() {
-        let mut l = DenialLimiter::new(Duration::from_secs(10), 3, 100, 10);
+        let mut l = lim(3, 100, 10);
         let t0 = Instant::now();
         let admits: Vec<Admit> = (0..1000)
             .map(|i| {
                 let kind = if i % 2 == 0 { "no-tenant" } else { "frame" };
-                l.admit(p(7), kind, t0 + MS * i)
+                l.admit(p(7), kind, 100, t0 + MS * i)
             })
             .collect();
         assert_eq!(admits.iter().filter(|a| **a == Admit::Full).count(), 3);
@@ -256,21 +533,24 @@ mod tests {
         // Reported once; the next window starts with a full budget.
         assert!(l.due(t0 + Duration::from_secs(30), false).is_empty());
         assert_eq!(
-            l.admit(p(7), "no-tenant", t0 + Duration::from_secs(31)),
+            l.admit(p(7), "no-tenant", 100, t0 + Duration::from_secs(31)),
             Admit::Full
         );
     }
 
     #[test]
     fn denials_of_one_uid_do_not_use_up_another_uids_budget() {
-        let mut l = DenialLimiter::new(Duration::from_secs(10), 2, 100, 10);
+        let mut l = lim(2, 100, 10);
         let t0 = Instant::now();
         for i in 0..50 {
-            l.admit(p(7), "no-tenant", t0 + MS * i);
+            l.admit(p(7), "no-tenant", 100, t0 + MS * i);
         }
-        assert_eq!(l.admit(p(8), "no-tenant", t0 + MS * 60), Admit::Full);
-        assert_eq!(l.admit(p(8), "no-tenant", t0 + MS * 61), Admit::Full);
-        assert_eq!(l.admit(p(8), "no-tenant", t0 + MS * 62), Admit::Counted);
+        assert_eq!(l.admit(p(8), "no-tenant", 100, t0 + MS * 60), Admit::Full);
+        assert_eq!(l.admit(p(8), "no-tenant", 100, t0 + MS * 61), Admit::Full);
+        assert_eq!(
+            l.admit(p(8), "no-tenant", 100, t0 + MS * 62),
+            Admit::Counted
+        );
         let s = l.due(t0, true);
         assert_eq!(
             s.iter().map(|s| (s.uid, s.suppressed)).collect::<Vec<_>>(),
@@ -281,12 +561,12 @@ mod tests {
     #[test]
     fn denials_of_many_uids_stay_within_the_shared_budget() {
         // 10 000 uids (a user namespace's subordinate range), 5 each.
-        let mut l = DenialLimiter::new(Duration::from_secs(10), 3, 50, 100);
+        let mut l = lim(3, 50, 100);
         let t0 = Instant::now();
         let mut full = 0;
         for uid in 0..10_000u32 {
             for _ in 0..5 {
-                if l.admit(p(uid), "no-tenant", t0 + MS) == Admit::Full {
+                if l.admit(p(uid), "no-tenant", 100, t0 + MS) == Admit::Full {
                     full += 1;
                 }
             }
@@ -303,9 +583,9 @@ mod tests {
 
     #[test]
     fn denials_summary_of_a_quiet_window_is_empty() {
-        let mut l = DenialLimiter::new(Duration::from_secs(10), 3, 100, 10);
+        let mut l = lim(3, 100, 10);
         let t0 = Instant::now();
-        l.admit(p(7), "no-tenant", t0);
+        l.admit(p(7), "no-tenant", 100, t0);
         assert!(l.due(t0 + Duration::from_secs(11), false).is_empty());
         assert!(l.per_uid.is_empty());
     }

@@ -157,6 +157,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let policy = load(args.config.as_deref())?;
+    // Worker uids must be nobody else's (subordinate ranges, passwd, group).
+    let range = policy.worker_uids;
+    match tapjail_policy::idmap::clashes(&policy.id_files, range, &tapjail_policy::IdFiles::look) {
+        Ok(c) if c.is_empty() => {}
+        Ok(c) => bail!("{}", tapjail_policy::idmap::describe(&c, range)),
+        Err(e) => bail!("cannot check that worker_uids are free: {e}"),
+    }
     if args.check {
         println!(
             "{}: ok ({} tenant(s))",
@@ -279,7 +286,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     loop {
         match wait_signal(&signals) {
-            libc::SIGHUP => eprintln!("tap-broker: SIGHUP ignored (restart to reload the policy)"),
+            // logrotate: reopen the audit log (the policy is not reloaded).
+            libc::SIGHUP => eprintln!("tap-broker: SIGHUP: {}", broker.reopen_audit()),
             libc::SIGTERM => {
                 eprintln!(
                     "tap-broker: SIGTERM: stopping; every disk stays served for the next tap-broker \

@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `prev` of a log's first line.
@@ -52,6 +52,9 @@ pub enum Event {
     /// in one window (the broker's rate limit on denials anyone can
     /// cause: see `broker/src/denials.rs`).
     DenialsSuppressed,
+    /// The first line of a log reopened after rotation (SIGHUP): it
+    /// chains to the last line of the previous file and names it.
+    Rotated,
     /// A worker, minor or kept fd left by a previous broker was taken
     /// over, or refused (and why).
     Adopt,
@@ -132,6 +135,147 @@ pub enum AuditError {
     Encode(#[from] serde_json::Error),
 }
 
+/// Longest a logged string may be, counted as JSON-escaped bytes (a
+/// control byte costs six: `\u0001`). A longer one keeps a prefix and
+/// says how long the whole value was and its SHA-256, so the line stays
+/// bounded and the value can still be matched against a file or a
+/// request seen elsewhere.
+pub const MAX_FIELD: usize = 4096;
+
+/// Most items of one JSON array kept in a logged request.
+pub const MAX_ARRAY: usize = 64;
+
+/// Most bytes a logged request may take as JSON after its strings are
+/// capped; beyond it only its kind, length and SHA-256 are kept.
+pub const MAX_REQUEST_JSON: usize = 16 * 1024;
+
+/// Upper bound on what [`AuditLog::append`] adds around an entry's JSON
+/// (`seq`, `time`, `prev`, the newline).
+pub const LINE_OVERHEAD: usize = 160;
+
+/// Bytes `c` takes inside a JSON string as serde_json writes it.
+fn escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if u32::from(c) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// `s` if it is at most [`MAX_FIELD`] bytes escaped; otherwise its longest
+/// prefix that fits with a note of the full length and SHA-256.
+pub fn cap_str(s: &str) -> std::borrow::Cow<'_, str> {
+    // Stop counting at the cap: a long value is walked once, by the hash.
+    let mut total = 0;
+    if s.chars().all(|c| {
+        total += escaped_len(c);
+        total <= MAX_FIELD
+    }) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let note = format!(
+        "…[cut: {} bytes in all, sha256 {}]",
+        s.len(),
+        hash_hex(s.as_bytes())
+    );
+    let room = MAX_FIELD.saturating_sub(note.len());
+    let mut used = 0;
+    let mut end = 0;
+    for (i, c) in s.char_indices() {
+        let n = escaped_len(c);
+        if used + n > room {
+            break;
+        }
+        used += n;
+        end = i + c.len_utf8();
+    }
+    std::borrow::Cow::Owned(format!("{}{note}", &s[..end]))
+}
+
+/// The request's kind: the variant name of an externally tagged enum
+/// (`{"Open": {...}}` or `"Spawn"`), or `"?"`.
+pub fn request_kind(v: &serde_json::Value) -> String {
+    let kind = match v {
+        serde_json::Value::String(s) => s.as_str(),
+        serde_json::Value::Object(m) if m.len() == 1 => m.keys().next().map_or("?", String::as_str),
+        _ => "?",
+    };
+    cap_str(kind).into_owned()
+}
+
+/// `v` with every string capped by [`cap_str`] and arrays cut at
+/// [`MAX_ARRAY`] items; if it is still larger than [`MAX_REQUEST_JSON`],
+/// only its kind, size and hash.
+fn cap_value(v: &serde_json::Value) -> serde_json::Value {
+    fn walk(v: &serde_json::Value, depth: u32) -> serde_json::Value {
+        use serde_json::Value as V;
+        match v {
+            V::String(s) => V::String(cap_str(s).into_owned()),
+            _ if depth > 16 => V::String("…[nested too deep]".into()),
+            V::Array(a) => {
+                let mut out: Vec<V> = a
+                    .iter()
+                    .take(MAX_ARRAY)
+                    .map(|x| walk(x, depth + 1))
+                    .collect();
+                if a.len() > MAX_ARRAY {
+                    out.push(V::String(format!("…[{} more items]", a.len() - MAX_ARRAY)));
+                }
+                V::Array(out)
+            }
+            V::Object(m) => V::Object(
+                m.iter()
+                    .map(|(k, x)| (cap_str(k).into_owned(), walk(x, depth + 1)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    let capped = walk(v, 0);
+    let len = serde_json::to_vec(&capped).map_or(usize::MAX, |b| b.len());
+    if len <= MAX_REQUEST_JSON {
+        return capped;
+    }
+    let whole = serde_json::to_vec(v).unwrap_or_default();
+    serde_json::json!({
+        "kind": request_kind(v),
+        "cut": format!("{} bytes of JSON in all, sha256 {}", whole.len(), hash_hex(&whole)),
+    })
+}
+
+impl Entry {
+    /// The entry as it is written: every string capped ([`cap_str`]),
+    /// the request bounded. [`AuditLog::append`] applies this to every
+    /// entry, so no caller can write an unbounded line.
+    pub fn bounded(&self) -> Entry {
+        Entry {
+            event: self.event,
+            peer: self.peer,
+            tenant: self.tenant.as_deref().map(|t| cap_str(t).into_owned()),
+            request: self.request.as_ref().map(cap_value),
+            decision: self.decision,
+            rule: cap_str(&self.rule).into_owned(),
+            reason: cap_str(&self.reason).into_owned(),
+            outcome: self.outcome.as_deref().map(|o| cap_str(o).into_owned()),
+        }
+    }
+
+    /// The entry with its request reduced to its kind (`{"kind":
+    /// "Open"}`): for denials of peers that match no tenant and for
+    /// protocol errors, whose payload nobody accountable chose.
+    pub fn kind_only(mut self) -> Entry {
+        if let Some(r) = &self.request {
+            self.request = Some(serde_json::json!({ "kind": request_kind(r) }));
+        }
+        self
+    }
+
+    /// Bytes this entry's line takes in the log, at most (for budgets).
+    pub fn line_len(&self) -> usize {
+        serde_json::to_vec(&self.bounded()).map_or(MAX_LINE, |b| b.len()) + LINE_OVERHEAD
+    }
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn hash_hex(bytes: &[u8]) -> String {
     let digest: [u8; 32] = Sha256::digest(bytes).into();
@@ -148,60 +292,25 @@ pub fn hash_hex(bytes: &[u8]) -> String {
 #[derive(Debug)]
 pub struct AuditLog {
     file: File,
+    path: PathBuf,
     prev: String,
     seq: u64,
+}
+
+/// What [`AuditLog::reopen`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reopened {
+    /// The path still names the file being written: nothing to do.
+    Same,
+    /// A new file was started; its first line chains to `previous`.
+    Rotated { previous: String },
 }
 
 impl AuditLog {
     /// Open (creating, mode 0600) and lock `path`, continuing the chain from
     /// its last line.
     pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
-        let shown = path.display().to_string();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|source| AuditError::Open {
-                path: shown.clone(),
-                source,
-            })?;
-        // SAFETY: flock on an fd we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                AuditError::Locked(shown)
-            } else {
-                AuditError::Open {
-                    path: shown,
-                    source: e,
-                }
-            });
-        }
-        let meta = file.metadata().map_err(|source| AuditError::Open {
-            path: shown.clone(),
-            source,
-        })?;
-        if !meta.is_file() {
-            return Err(AuditError::NotAuditLog {
-                path: shown,
-                why: "not a regular file".into(),
-            });
-        }
-        let tail = read_last_line(&mut file).map_err(|source| AuditError::Tail {
-            path: shown.clone(),
-            source,
-        })?;
-        if let Tail::Complete(line) | Tail::Partial(line) = &tail {
-            if !looks_like_a_record(line) {
-                return Err(AuditError::NotAuditLog {
-                    path: shown,
-                    why: "its last line is not an audit record".into(),
-                });
-            }
-        }
+        let (mut file, tail) = open_locked(path)?;
         let (prev, seq) = match tail {
             Tail::Empty => (GENESIS.to_string(), 0),
             Tail::Complete(line) => (hash_hex(&line), last_seq(&line).map_or(0, |s| s + 1)),
@@ -213,12 +322,142 @@ impl AuditLog {
                 (hash_hex(&line), 0)
             }
         };
-        Ok(AuditLog { file, prev, seq })
+        Ok(AuditLog {
+            file,
+            path: path.to_path_buf(),
+            prev,
+            seq,
+        })
     }
 
+    /// Reopen the log's path after it was rotated (logrotate renamed the
+    /// file and the broker got SIGHUP). The new file's first line is a
+    /// [`Event::Rotated`] line whose `prev` is the old file's last hash
+    /// and which names the old file (as it is called now), so the chain
+    /// runs on across files (`tap-ctl audit verify OLD NEW`). A path that
+    /// still names the current file is left alone; a new file that
+    /// already holds lines is refused (its chain would fork) and writing
+    /// continues in the old one.
+    pub fn reopen(&mut self) -> Result<Reopened, AuditError> {
+        use std::os::unix::fs::MetadataExt;
+        let cur = self.file.metadata().map_err(AuditError::Write)?;
+        let shown = self.path.display().to_string();
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.dev() == cur.dev() && m.ino() == cur.ino() {
+                if cur.len() > 0 || self.prev == GENESIS {
+                    return Ok(Reopened::Same);
+                }
+                // Emptied in place (logrotate's `copytruncate`): start the
+                // file with the same link to what it held before.
+                let previous = format!("{shown} as it was before it was truncated (copytruncate)");
+                self.append(&rotated_entry(&previous, &self.prev, self.seq))?;
+                return Ok(Reopened::Rotated { previous });
+            }
+        }
+        let (file, tail) = open_locked(&self.path)?;
+        if !matches!(tail, Tail::Empty) {
+            return Err(AuditError::NotAuditLog {
+                path: shown,
+                why: "it already holds lines, and a rotated log must start empty to continue the chain".into(),
+            });
+        }
+        let previous = std::fs::read_link(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+            .map_or_else(
+                |_| format!("{shown} (before rotation)"),
+                |p| p.display().to_string(),
+            );
+        let old = std::mem::replace(&mut self.file, file);
+        if let Err(e) = self.append(&rotated_entry(&previous, &self.prev, self.seq)) {
+            // Keep writing where the chain is intact.
+            let new = std::mem::replace(&mut self.file, old);
+            let _ = new.set_len(0);
+            return Err(e);
+        }
+        drop(old);
+        Ok(Reopened::Rotated { previous })
+    }
+
+    /// The path the log is written at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The first line of a reopened log: `append` sets its `prev` (the
+/// chain); the line records that hash too, with the previous file's name.
+fn rotated_entry(previous: &str, last_hash: &str, next_seq: u64) -> Entry {
+    Entry {
+        event: Event::Rotated,
+        peer: None,
+        tenant: None,
+        request: Some(serde_json::json!({
+            "previous_file": previous,
+            "previous_last_hash": last_hash,
+            "previous_last_seq": next_seq.checked_sub(1),
+        })),
+        decision: Verdict::Notice,
+        rule: "rotate".into(),
+        reason: format!("audit log reopened (SIGHUP); this file continues the chain of {previous}"),
+        outcome: None,
+    }
+}
+
+/// Open (creating, mode 0600) and flock `path`, and read its last line.
+fn open_locked(path: &Path) -> Result<(File, Tail), AuditError> {
+    let shown = path.display().to_string();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| AuditError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+    // SAFETY: flock on an fd we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            AuditError::Locked(shown)
+        } else {
+            AuditError::Open {
+                path: shown,
+                source: e,
+            }
+        });
+    }
+    let meta = file.metadata().map_err(|source| AuditError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(AuditError::NotAuditLog {
+            path: shown,
+            why: "not a regular file".into(),
+        });
+    }
+    let tail = read_last_line(&mut file).map_err(|source| AuditError::Tail {
+        path: shown.clone(),
+        source,
+    })?;
+    if let Tail::Complete(line) | Tail::Partial(line) = &tail {
+        if !looks_like_a_record(line) {
+            return Err(AuditError::NotAuditLog {
+                path: shown,
+                why: "its last line is not an audit record".into(),
+            });
+        }
+    }
+    Ok((file, tail))
+}
+
+impl AuditLog {
     /// Append `entry` as one line and make it durable before returning.
     /// On failure the file is truncated back so the chain stays intact.
     pub fn append(&mut self, entry: &Entry) -> Result<(), AuditError> {
+        let entry = &entry.bounded();
         let line = Line {
             seq: self.seq,
             time: rfc3339(SystemTime::now()),
@@ -314,8 +553,21 @@ fn last_seq(line: &[u8]) -> Option<u64> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub lines: u64,
-    /// Hash of the last line (GENESIS for an empty log).
+    /// Hash of the last line (the chain's start hash for an empty log).
     pub head: String,
+    /// `seq` of the last line, if any line had one.
+    pub last_seq: Option<u64>,
+    /// Set when the file starts with a [`Event::Rotated`] line: the file
+    /// it says it continues (checked only if that file is verified with
+    /// it, [`verify_files`]).
+    pub continues: Option<Continuation>,
+}
+
+/// What a log's first `rotated` line says about the file before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continuation {
+    pub previous_file: String,
+    pub previous_last_hash: String,
 }
 
 /// The first line at which the chain is broken.
@@ -327,10 +579,25 @@ pub struct Broken {
     pub message: String,
 }
 
-/// Check every line's `prev` against the hash of the line before it.
-pub fn verify<R: BufRead>(mut reader: R) -> Result<Verified, Broken> {
-    let mut expected = GENESIS.to_string();
-    let mut prev_seq: Option<u64> = None;
+/// Check every line's `prev` against the hash of the line before it. The
+/// first line must carry the genesis hash, unless it is a `rotated` line
+/// (the file continues a rotated-away one; see [`Verified::continues`]).
+pub fn verify<R: BufRead>(reader: R) -> Result<Verified, Broken> {
+    verify_after(reader, None)
+}
+
+/// Where the previous file of a rotated series left the chain.
+#[derive(Debug, Clone)]
+struct After<'a> {
+    name: &'a str,
+    head: &'a str,
+    last_seq: Option<u64>,
+}
+
+fn verify_after<R: BufRead>(mut reader: R, after: Option<After<'_>>) -> Result<Verified, Broken> {
+    let mut expected = after.as_ref().map_or(GENESIS, |a| a.head).to_string();
+    let mut prev_seq: Option<u64> = after.as_ref().and_then(|a| a.last_seq);
+    let mut continues = None;
     let mut n: u64 = 0;
     let mut buf = Vec::new();
     loop {
@@ -346,6 +613,8 @@ pub fn verify<R: BufRead>(mut reader: R) -> Result<Verified, Broken> {
             return Ok(Verified {
                 lines: n,
                 head: expected,
+                last_seq: prev_seq,
+                continues,
             });
         }
         n += 1;
@@ -364,17 +633,45 @@ pub fn verify<R: BufRead>(mut reader: R) -> Result<Verified, Broken> {
             .get("prev")
             .and_then(|p| p.as_str())
             .ok_or_else(|| broken("has no \"prev\" field".into()))?;
+        let rotated = v.get("event").and_then(|e| e.as_str()) == Some("rotated");
+        if n == 1 && rotated {
+            let recorded = v
+                .pointer("/request/previous_last_hash")
+                .and_then(|h| h.as_str());
+            if recorded != Some(prev) {
+                return Err(broken(format!(
+                    "a rotated line whose prev ({prev}) differs from the hash it records ({}): altered",
+                    recorded.unwrap_or("none")
+                )));
+            }
+            let previous_file = v
+                .pointer("/request/previous_file")
+                .and_then(|f| f.as_str())
+                .unwrap_or("?")
+                .to_string();
+            if after.is_none() {
+                // The first file given: where it came from is not checked.
+                expected = prev.to_string();
+            }
+            continues = Some(Continuation {
+                previous_file,
+                previous_last_hash: prev.to_string(),
+            });
+        }
         if prev != expected {
-            return Err(broken(if n == 1 {
-                format!(
-                    "prev is {prev}, but the first line of a log must have the genesis hash: lines were removed from the start"
-                )
-            } else {
-                format!(
+            return Err(broken(match (&after, n) {
+                (None, 1) => format!(
+                    "prev is {prev}, but the first line of a log must have the genesis hash (or be a `rotated` line): lines were removed from the start"
+                ),
+                (Some(a), 1) => format!(
+                    "prev is {prev}, but the last line of {} hashes to {expected}: this file does not continue that one (files out of order, a rotated file missing between them, or {} altered or extended after rotation)",
+                    a.name, a.name
+                ),
+                _ => format!(
                     "prev is {prev}, but SHA-256 of line {} is {expected}: line {} was altered, or lines were removed or inserted before line {n}",
                     n - 1,
                     n - 1
-                )
+                ),
             }));
         }
         let seq = v.get("seq").and_then(|s| s.as_u64());
@@ -382,14 +679,50 @@ pub fn verify<R: BufRead>(mut reader: R) -> Result<Verified, Broken> {
             // A broker restart may continue any chain, but seq never goes back.
             if s <= p {
                 return Err(broken(format!(
-                    "seq {s} does not follow seq {p} of line {}",
-                    n - 1
+                    "seq {s} does not follow seq {p} of {}",
+                    if n == 1 {
+                        after.as_ref().map_or("the line before".to_string(), |a| {
+                            format!("the last line of {}", a.name)
+                        })
+                    } else {
+                        format!("line {}", n - 1)
+                    }
                 )));
             }
         }
         prev_seq = seq.or(prev_seq);
         expected = hash_hex(line);
     }
+}
+
+/// A break in a series of files, naming the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: chain broken at {broken}")]
+pub struct BrokenIn {
+    pub file: String,
+    pub broken: Broken,
+}
+
+/// Verify rotated files given oldest first: each file's chain, and that
+/// each file after the first starts where the one before it ended (its
+/// first line's `prev` is the previous file's last hash). Returns each
+/// file's result in order.
+pub fn verify_files<R: BufRead>(
+    files: impl IntoIterator<Item = (String, R)>,
+) -> Result<Vec<(String, Verified)>, BrokenIn> {
+    let mut done: Vec<(String, Verified)> = Vec::new();
+    for (name, reader) in files {
+        let after = done.last().map(|(n, v)| After {
+            name: n,
+            head: &v.head,
+            last_seq: v.last_seq,
+        });
+        match verify_after(reader, after) {
+            Ok(v) => done.push((name, v)),
+            Err(broken) => return Err(BrokenIn { file: name, broken }),
+        }
+    }
+    Ok(done)
 }
 
 /// `2024-05-01T12:34:56.789Z` for `t` (UTC).
@@ -590,13 +923,15 @@ mod tests {
             check(&path).unwrap(),
             Verified {
                 lines: 0,
-                head: GENESIS.into()
+                head: GENESIS.into(),
+                last_seq: None,
+                continues: None,
             }
         );
     }
 
     #[test]
-    fn audit_oversized_request_is_logged_without_body() {
+    fn audit_oversized_request_is_logged_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a");
         let mut log = AuditLog::open(&path).unwrap();
@@ -604,9 +939,199 @@ mod tests {
         e.request = Some(serde_json::Value::String("x".repeat(MAX_LINE)));
         log.append(&e).unwrap();
         assert_eq!(check(&path).unwrap().lines, 1);
-        assert!(std::fs::read_to_string(&path)
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("bytes in all"));
+        assert!(text.len() < 2 * MAX_FIELD, "{}", text.len());
+    }
+
+    #[test]
+    fn audit_hostile_path_yields_a_bounded_line_with_length_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut log = AuditLog::open(&path).unwrap();
+        let hostile = "\x01".repeat(65_500);
+        let mut e = entry(&hostile);
+        e.request = Some(serde_json::json!({"Open": {"image": {"kind": "Vhd", "path": hostile}}}));
+        e.outcome = Some(hostile.clone());
+        e.tenant = Some(hostile.clone());
+        let estimate = e.line_len();
+        log.append(&e).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Four capped strings of at most MAX_FIELD escaped bytes each.
+        assert!(text.len() <= 4 * MAX_FIELD + 1024, "{} bytes", text.len());
+        assert!(
+            text.len() <= estimate,
+            "{} > estimate {estimate}",
+            text.len()
+        );
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        let p = v["request"]["Open"]["image"]["path"].as_str().unwrap();
+        assert!(p.starts_with("\x01\x01"));
+        let note = format!(
+            "65500 bytes in all, sha256 {}",
+            hash_hex(hostile.as_bytes())
+        );
+        for field in [
+            p,
+            v["reason"].as_str().unwrap(),
+            v["tenant"].as_str().unwrap(),
+        ] {
+            assert!(field.contains(&note), "{field:.80}");
+            assert!(serde_json::to_string(field).unwrap().len() <= MAX_FIELD + 2);
+        }
+        assert_eq!(check(&path).unwrap().lines, 1);
+    }
+
+    #[test]
+    fn audit_cap_keeps_short_strings_and_cuts_on_char_boundaries() {
+        assert!(matches!(
+            cap_str("short"),
+            std::borrow::Cow::Borrowed("short")
+        ));
+        let exact = "a".repeat(MAX_FIELD);
+        assert_eq!(cap_str(&exact), exact.as_str());
+        let long = "é".repeat(MAX_FIELD);
+        let c = cap_str(&long);
+        assert!(
+            c.len() <= MAX_FIELD && c.contains("bytes in all"),
+            "{}",
+            c.len()
+        );
+        // Many small strings in a big array are bounded too.
+        let big = serde_json::Value::Array(vec![serde_json::json!("x".repeat(4000)); 1000]);
+        let mut e = entry("r");
+        e.request = Some(big);
+        let b = e.bounded();
+        assert!(serde_json::to_vec(&b.request).unwrap().len() <= MAX_REQUEST_JSON);
+        assert!(b.request.unwrap()["cut"]
+            .as_str()
             .unwrap()
-            .contains("too large"));
+            .contains("sha256"));
+    }
+
+    #[test]
+    fn audit_kind_only_drops_the_payload() {
+        let e = entry("r").kind_only();
+        assert_eq!(e.request, Some(serde_json::json!({"kind": "Free"})));
+        let mut e = entry("r");
+        e.request = Some(serde_json::json!("Spawn"));
+        assert_eq!(
+            e.kind_only().request,
+            Some(serde_json::json!({"kind": "Spawn"}))
+        );
+    }
+
+    fn rotate(path: &Path, log: &mut AuditLog, to: &str) -> std::path::PathBuf {
+        let old = path.with_file_name(to);
+        std::fs::rename(path, &old).unwrap();
+        let r = log.reopen().unwrap();
+        assert_eq!(
+            r,
+            Reopened::Rotated {
+                previous: old.display().to_string()
+            }
+        );
+        old
+    }
+
+    fn verify_paths(paths: &[&Path]) -> Result<Vec<(String, Verified)>, BrokenIn> {
+        verify_files(paths.iter().map(|p| {
+            (
+                p.display().to_string(),
+                io::BufReader::new(File::open(p).unwrap()),
+            )
+        }))
+    }
+
+    #[test]
+    fn audit_rotation_chains_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(&entry("one")).unwrap();
+        log.append(&entry("two")).unwrap();
+        // Nothing renamed: nothing to do.
+        assert_eq!(log.reopen().unwrap(), Reopened::Same);
+        let f2 = rotate(&path, &mut log, "audit.jsonl.2");
+        log.append(&entry("three")).unwrap();
+        let f1 = rotate(&path, &mut log, "audit.jsonl.1");
+        log.append(&entry("four")).unwrap();
+        let old_head = check(&f2).unwrap().head;
+        let text = std::fs::read_to_string(&f1).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["event"], "rotated");
+        assert_eq!(first["prev"], old_head.as_str());
+        assert_eq!(first["seq"], 2);
+        assert_eq!(first["request"]["previous_file"], f2.to_str().unwrap());
+        // In order, the whole chain verifies.
+        let all = verify_paths(&[&f2, &f1, &path]).unwrap();
+        assert_eq!(
+            all.iter().map(|(_, v)| v.lines).collect::<Vec<_>>(),
+            [2, 2, 2]
+        );
+        // Alone, a rotated file verifies and says what it continues.
+        let alone = check(&path).unwrap();
+        assert_eq!(alone.continues.unwrap().previous_file, f1.to_str().unwrap());
+        // A missing file in the middle, or the wrong order, is named.
+        let e = verify_paths(&[&f2, &path]).unwrap_err();
+        assert_eq!(e.file, path.display().to_string());
+        assert_eq!(e.broken.line, 1);
+        assert!(e.broken.message.contains("does not continue"), "{e}");
+        let e = verify_paths(&[&f1, &f2]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("{}: chain broken at line 1", f2.display())),
+            "{e}"
+        );
+        // A line appended to the old file after rotation breaks the link.
+        let mut t = std::fs::read_to_string(&f2).unwrap();
+        let last = t.lines().last().unwrap().to_string();
+        t.push_str(&last.replace("two", "TWO"));
+        t.push('\n');
+        std::fs::write(&f2, t).unwrap();
+        let e = verify_paths(&[&f2, &f1, &path]).unwrap_err();
+        assert_eq!(e.file, f2.display().to_string(), "{e}");
+    }
+
+    #[test]
+    fn audit_reopen_after_copytruncate_chains_to_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let copy = dir.path().join("audit.jsonl.1");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(&entry("one")).unwrap();
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(matches!(log.reopen().unwrap(), Reopened::Rotated { .. }));
+        log.append(&entry("two")).unwrap();
+        let all = verify_paths(&[&copy, &path]).unwrap();
+        assert_eq!(all[1].1.lines, 2);
+        // Reopened again with lines in it: nothing to do.
+        assert_eq!(log.reopen().unwrap(), Reopened::Same);
+    }
+
+    #[test]
+    fn audit_reopen_refuses_a_new_file_that_already_has_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(&entry("one")).unwrap();
+        std::fs::rename(&path, dir.path().join("old")).unwrap();
+        {
+            let mut other = AuditLog::open(&path).unwrap();
+            other.append(&entry("someone else's")).unwrap();
+        }
+        let e = log.reopen().unwrap_err();
+        assert!(e.to_string().contains("must start empty"), "{e}");
+        // Writing goes on in the old file, chain intact.
+        log.append(&entry("two")).unwrap();
+        assert_eq!(check(&dir.path().join("old")).unwrap().lines, 2);
+        assert_eq!(check(&path).unwrap().lines, 1);
     }
 
     #[test]

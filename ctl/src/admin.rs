@@ -15,7 +15,12 @@ pub enum PolicyCommand {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check an audit log's hash chain; names the first broken line.
-    Verify { file: PathBuf },
+    /// Rotated files are given oldest first (`audit.jsonl.2 audit.jsonl.1
+    /// audit.jsonl`): each must continue the chain of the one before.
+    Verify {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
@@ -28,6 +33,19 @@ pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         Ok(p) => {
             let warnings = Policy::warnings(&text, &tapjail_policy::RootProbe::look);
             eprint!("{}", tapjail_policy::render_warnings(&warnings, &shown));
+            let range = p.worker_uids;
+            match tapjail_policy::idmap::clashes(&p.id_files, range, &tapjail_policy::IdFiles::look)
+            {
+                Ok(c) if c.is_empty() => {}
+                Ok(c) => {
+                    eprintln!("{shown}: {}", tapjail_policy::idmap::describe(&c, range));
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => {
+                    eprintln!("{shown}: cannot check that worker_uids are free: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             println!(
                 "{shown}: ok ({} tenant(s), worker uids {}..={}, socket {})",
                 p.tenants.len(),
@@ -45,20 +63,42 @@ pub fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Verify { file } = command;
-    let shown = file.display().to_string();
-    let f = tapjail_common::adminfile::open_regular(&file)
-        .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
-    match tapjail_common::audit::verify(std::io::BufReader::new(f)) {
-        Ok(v) => {
-            println!(
-                "{shown}: ok, {} line(s), chain intact; last line's SHA-256 {}",
-                v.lines, v.head
-            );
+    let AuditCommand::Verify { files } = command;
+    let mut opened = Vec::new();
+    for file in &files {
+        let shown = file.display().to_string();
+        let f = tapjail_common::adminfile::open_regular(file)
+            .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+        opened.push((shown, std::io::BufReader::new(f)));
+    }
+    let several = opened.len() > 1;
+    match tapjail_common::audit::verify_files(opened) {
+        Ok(done) => {
+            for (i, (shown, v)) in done.iter().enumerate() {
+                let link = match (&v.continues, i) {
+                    (Some(c), 0) => format!(
+                        "; continues {} (last hash {}), not checked: give that file first to check the link",
+                        crate::escape::escape(&c.previous_file),
+                        c.previous_last_hash
+                    ),
+                    (Some(_), _) => "; continues the file before it".to_string(),
+                    (None, _) => String::new(),
+                };
+                println!(
+                    "{shown}: ok, {} line(s), chain intact; last line's SHA-256 {}{link}",
+                    v.lines, v.head
+                );
+            }
+            if several {
+                println!("{} file(s): one unbroken chain", done.len());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(b) => {
-            eprintln!("{shown}: chain broken at line {}: {}", b.line, b.message);
+            eprintln!(
+                "{}: chain broken at line {}: {}",
+                b.file, b.broken.line, b.broken.message
+            );
             Ok(ExitCode::FAILURE)
         }
     }

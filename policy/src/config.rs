@@ -95,6 +95,12 @@ pub struct Policy {
     pub client_frame_timeout_secs: u32,
     /// Most concurrent client connections.
     pub max_clients: u32,
+    /// Length of the audit log's denial budget window (seconds; 10
+    /// unless a test needs a window that outlasts its flood).
+    pub audit_window_secs: u32,
+    /// Where to look for ids others own (`subuid_file`, ... keys; the
+    /// real `/etc` files unless a test points elsewhere).
+    pub id_files: crate::idmap::IdFiles,
     pub tenants: Vec<Tenant>,
 }
 
@@ -189,6 +195,11 @@ struct RawPolicy {
     operation_timeout_secs: Option<Spanned<i64>>,
     client_frame_timeout_secs: Option<Spanned<i64>>,
     max_clients: Option<Spanned<i64>>,
+    audit_window_secs: Option<Spanned<i64>>,
+    subuid_file: Option<Spanned<String>>,
+    subgid_file: Option<Spanned<String>>,
+    passwd_file: Option<Spanned<String>>,
+    group_file: Option<Spanned<String>>,
     #[serde(default)]
     tenant: Vec<Spanned<RawTenant>>,
 }
@@ -216,7 +227,15 @@ pub mod defaults {
     pub const AUDIT_LOG: &str = "/var/log/tapjail/audit.jsonl";
     pub const STATE_DIR: &str = "/run/tapjail";
     pub const DEVICE_DIR: &str = tapjail_common::Minor::DEVICE_DIR;
-    pub const WORKER_UIDS: (u32, u32) = (300_000, 300_999);
+    /// Above everything that hands out ids: useradd's subordinate ranges
+    /// (SUB_UID_MIN 100000 .. SUB_UID_MAX 600100000), systemd's dynamic
+    /// users (61184-65519) and nspawn container ranges (524288 ..
+    /// 1879048191), LXD/Incus's default map (1000000 .. 1001000000); below
+    /// 2^31 (tools that keep uids in a signed int) and systemd's "foreign"
+    /// range (2147352576..). `tap-broker` still checks the host's files
+    /// (crate::idmap).
+    pub const WORKER_UIDS: (u32, u32) = (2_000_000_000, 2_000_000_999);
+    pub const AUDIT_WINDOW_SECS: u32 = 10;
     // What the worker asks for to be comfortable (worker::sandbox::mlock).
     pub const WORKER_MEMLOCK_MIB: u64 = 512;
     pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
@@ -577,6 +596,41 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         )
     });
 
+    let audit_window_secs = raw
+        .audit_window_secs
+        .map_or(defaults::AUDIT_WINDOW_SECS, |m| {
+            c.int_in(
+                "audit_window_secs",
+                &m,
+                1,
+                86_400,
+                defaults::AUDIT_WINDOW_SECS,
+            )
+        });
+    let std_ids = crate::idmap::IdFiles::default();
+    let id_files = crate::idmap::IdFiles {
+        subuid: c.abs_path(
+            "subuid_file",
+            raw.subuid_file,
+            &std_ids.subuid.to_string_lossy(),
+        ),
+        subgid: c.abs_path(
+            "subgid_file",
+            raw.subgid_file,
+            &std_ids.subgid.to_string_lossy(),
+        ),
+        passwd: c.abs_path(
+            "passwd_file",
+            raw.passwd_file,
+            &std_ids.passwd.to_string_lossy(),
+        ),
+        group: c.abs_path(
+            "group_file",
+            raw.group_file,
+            &std_ids.group.to_string_lossy(),
+        ),
+    };
+
     if raw.tenant.is_empty() {
         c.nowhere("no [[tenant]] defined: every client would be refused");
     }
@@ -719,6 +773,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         operation_timeout_secs,
         client_frame_timeout_secs,
         max_clients,
+        audit_window_secs,
+        id_files,
         tenants,
     }
 }
@@ -850,6 +906,30 @@ image_roots = ["/srv/bob"]
         let d = errs("worker_uids = [100, 200]\n[[tenant]]\nname = \"a\"\nuids = [150]\n");
         assert_eq!(d[0].line, 4);
         assert!(d[0].message.contains("worker_uids"));
+    }
+
+    #[test]
+    fn audit_window_and_id_files_have_defaults_and_are_checked() {
+        let p = Policy::parse(GOOD).unwrap();
+        assert_eq!(p.audit_window_secs, 10);
+        assert_eq!(p.id_files, crate::idmap::IdFiles::default());
+        let p = Policy::parse(&format!(
+            "audit_window_secs = 3600\nsubuid_file = \"/t/subuid\"\n{GOOD}"
+        ))
+        .unwrap();
+        assert_eq!(p.audit_window_secs, 3600);
+        assert_eq!(p.id_files.subuid, Path::new("/t/subuid"));
+        let d = errs(&format!(
+            "audit_window_secs = 0\npasswd_file = \"etc/passwd\"\n{GOOD}"
+        ));
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(
+            d[0].message
+                .contains("audit_window_secs = 0 is out of range"),
+            "{d:?}"
+        );
+        assert!(d[1].message.starts_with("passwd_file:"), "{d:?}");
+        assert_eq!((d[0].line, d[1].line), (1, 2));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 
 pub mod config;
 pub mod decide;
+pub mod idmap;
 pub mod path;
 
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
 };
 pub use decide::{decide, decide_parent, BrokerView, Decision, ImageGrant, PeerCred, Scope};
+pub use idmap::{IdClash, IdFiles};

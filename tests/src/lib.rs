@@ -155,12 +155,15 @@ fn chmod(p: &Path, mode: u32) {
 }
 
 /// A worker uid range per broker (per test process and per harness in
-/// it), so concurrent tests never offer their brokers the same uids.
+/// it), so concurrent tests never offer their brokers the same uids. Taken
+/// from just above the default range (2000000000..), like it outside what
+/// useradd and systemd hand out: the broker refuses worker uids that meet
+/// the host's /etc/subuid, /etc/subgid, passwd or group entries.
 fn worker_uid_range() -> (u32, u32) {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let slot = (std::process::id().wrapping_mul(64).wrapping_add(n)) % 20_000;
-    let lo = 400_000 + slot * 50;
+    let lo = 2_000_100_000 + slot * 50;
     (lo, lo + 49)
 }
 

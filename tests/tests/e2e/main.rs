@@ -2,6 +2,8 @@
 //! only where a test must force a worker's behaviour), tap-ctl run as
 //! several tenants. Needs root.
 
+mod audit_flood;
+mod audit_rotation;
 mod deadlines;
 mod escapes;
 mod faults;
