@@ -351,24 +351,40 @@ fn ublk_fifty_create_destroy_cycles_leave_no_device_behind() {
 
 #[test]
 #[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
-fn ublk_broker_crash_leftovers_are_removed_by_the_next_broker() {
+fn ublk_broker_crash_with_its_worker_gone_is_adopted_dead_and_destroy_removes_it() {
     let mut h = ublk_harness(false);
     let img = h.raw_image("alice", "k.img", 4 << 20);
     h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     assert_eq!(ublk_char_devices().len(), 1);
-    // Nothing can be adopted once the fd holder is gone too.
+    // Without the fd holder the worker's control socket closes and it
+    // exits; the ublk device needs no kept fd, so it is still adopted.
     let holder = children_of(h.broker_pid())
         .into_iter()
         .find(|p| is_fd_holder(*p))
         .expect("the broker runs an fd holder");
     h.crash();
     sigkill(holder);
-    // Its worker goes when the control socket closes; the device stays.
     assert_eq!(ublk_char_devices().len(), 1);
     h.launch();
+    let adopted = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "adopt" && l["rule"] == "adopt-minor")
+        .count();
+    assert_eq!(adopted, 1, "{}", h.broker_log());
+    // Respawn is off: its I/O fails instead of hanging...
+    let dev = tapdev(&h, 0);
+    assert_eq!(
+        direct_read_outcome(&dev, Duration::from_secs(60)),
+        Some(false),
+        "{}",
+        h.broker_log()
+    );
+    // ...and destroy removes the device.
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(
         eventually(Duration::from_secs(30), || ublk_char_devices().is_empty()),
-        "stale ublk device removed: {:?}\n{}",
+        "ublk device removed: {:?}\n{}",
         ublk_char_devices(),
         h.broker_log()
     );
