@@ -257,3 +257,71 @@ fn worker_killed_while_no_broker_runs_fails_io_cleanly_without_respawn() {
     h.ok(&ROOT, &["destroy", "-m", "0"]);
     assert_eq!(list(&h).len(), 0);
 }
+
+/// `tap-broker --down` takes down what a broker left on purpose: it adopts
+/// everything, then destroys it all and exits (the fd holder goes too).
+#[test]
+fn down_takes_every_disk_a_stopped_broker_left_down() {
+    let _turn = serial();
+    let mut h = harness(true);
+    let img = h.raw_image(ROOT.name, "d.img", 8 << 20);
+    let dev = create(&h, &img);
+    let worker = list(&h)[0]["pid"].as_u64().unwrap() as u32;
+    h.stop_for_restart();
+    assert!(alive(worker), "SIGTERM leaves the disk served");
+    assert_eq!(
+        direct_read_outcome(&dev, Duration::from_secs(10)),
+        Some(true)
+    );
+    let out = Command::new(bin("tap-broker"))
+        .env_remove("NOTIFY_SOCKET")
+        .args(["--config", h.policy.to_str().unwrap(), "--down"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(eventually(Duration::from_secs(10), || !alive(worker)));
+    assert!(std::fs::read_dir(&h.devices).unwrap().next().is_none());
+    assert!(eventually(Duration::from_secs(5), || !h
+        .state
+        .join("fdholder.sock")
+        .exists()));
+    h.launch();
+    assert!(list(&h).is_empty());
+}
+
+/// A worker is trusted no more after a restart than before: one whose
+/// answer to `Resync` does not match the record (here a fake that claims
+/// to have nothing open) is killed, audited, and its disk follows the
+/// respawn rules instead of being served by it.
+#[test]
+fn an_adopted_worker_that_misreports_its_state_is_killed() {
+    let mut h = Harness::start(Options {
+        worker: WorkerBin::Fake,
+        tenants: vec![ROOT],
+        ..Options::default()
+    });
+    let img = h.raw_image(ROOT.name, "e.img", 1 << 20);
+    h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())]);
+    let worker = list(&h)[0]["pid"].as_u64().unwrap() as u32;
+    h.crash();
+    assert!(alive(worker));
+    h.launch();
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(worker)),
+        "{}",
+        h.broker_log()
+    );
+    assert_eq!(adopt_lines(&h, "adopt-worker"), 1);
+    let killed = h.audit_lines().into_iter().find(|l| {
+        l["event"] == "worker_exit"
+            && l["rule"] == "worker-killed"
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not adopted") && r.contains("the record says aio:"))
+    });
+    assert!(killed.is_some(), "{:?}", h.audit_lines());
+}
