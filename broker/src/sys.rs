@@ -192,6 +192,12 @@ pub struct ProcInfo {
     /// Start time in clock ticks after boot (`stat` field 22): with the
     /// pid, names one process across pid reuse.
     pub start_time: u64,
+    /// Inodes of its network and mount namespaces (0: unreadable).
+    pub net_ns: u64,
+    pub mnt_ns: u64,
+    /// Owner of `/proc/PID/status`: the kernel gives a non-dumpable
+    /// process's /proc files to root, a dumpable one's to its euid.
+    pub proc_owner: u32,
 }
 
 pub fn proc_info(pid: u32) -> io::Result<ProcInfo> {
@@ -223,7 +229,19 @@ pub fn proc_info(pid: u32) -> io::Result<ProcInfo> {
         }
     }
     info.start_time = proc_start_time(pid)?;
+    info.net_ns = ns_inode(pid, "net");
+    info.mnt_ns = ns_inode(pid, "mnt");
+    info.proc_owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(format!("/proc/{pid}/status"))?);
     Ok(info)
+}
+
+/// The inode of `/proc/PID/ns/NAME`, which identifies the namespace; 0 if
+/// it cannot be read.
+pub fn ns_inode(pid: u32, name: &str) -> u64 {
+    std::fs::metadata(format!("/proc/{pid}/ns/{name}"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0)
 }
 
 pub fn proc_start_time(pid: u32) -> io::Result<u64> {
@@ -346,6 +364,9 @@ mod tests {
         let me = proc_info(std::process::id()).unwrap();
         assert_eq!(me.uids[0], rustix::process::getuid().as_raw());
         assert!(me.start_time > 0);
+        assert_ne!(me.net_ns, 0);
+        assert_ne!(me.mnt_ns, 0);
+        assert_ne!(me.net_ns, me.mnt_ns);
     }
 
     #[test]

@@ -245,6 +245,20 @@ pub fn confinement_problem(info: &sys::ProcInfo, uid: u32) -> Option<String> {
     if info.seccomp != 2 {
         return Some(format!("Seccomp is {}, not 2 (filter)", info.seccomp));
     }
+    if info.proc_owner != 0 {
+        return Some(format!(
+            "dumpable (its /proc files belong to uid {}, not root)",
+            info.proc_owner
+        ));
+    }
+    // Its own network and mount namespaces (the latter with an empty root),
+    // never the host's, which are ours.
+    let me = std::process::id();
+    for (name, theirs) in [("net", info.net_ns), ("mnt", info.mnt_ns)] {
+        if theirs == 0 || theirs == sys::ns_inode(me, name) {
+            return Some(format!("in the host's {name} namespace"));
+        }
+    }
     None
 }
 
@@ -615,8 +629,21 @@ mod tests {
             no_new_privs: true,
             seccomp: 2,
             start_time: 1,
+            net_ns: 1,
+            mnt_ns: 2,
+            proc_owner: 0,
         };
         assert_eq!(confinement_problem(&ok, 7), None);
+        let me = std::process::id();
+        let mut bad = ok.clone();
+        bad.net_ns = sys::ns_inode(me, "net");
+        assert!(confinement_problem(&bad, 7).unwrap().contains("host's net"));
+        let mut bad = ok.clone();
+        bad.mnt_ns = sys::ns_inode(me, "mnt");
+        assert!(confinement_problem(&bad, 7).unwrap().contains("host's mnt"));
+        let mut bad = ok.clone();
+        bad.proc_owner = 7;
+        assert!(confinement_problem(&bad, 7).unwrap().contains("dumpable"));
         let mut bad = ok.clone();
         bad.uids[2] = 0;
         assert!(confinement_problem(&bad, 7).unwrap().contains("uids"));

@@ -98,6 +98,12 @@ pub const UBLK_IO_RES_ABORT: i32 = -libc::ENODEV;
 
 /// Tags are 16 bits but the driver caps a queue at this depth.
 pub const UBLK_MAX_QUEUE_DEPTH: u16 = 4096;
+
+/// Queues and depth of the devices the broker creates. A confined worker
+/// makes its queue rings before it learns the device's geometry, so both
+/// sides agree on these (`tapdisk --ublk-queues/--ublk-depth` overrides).
+pub const UBLK_DEFAULT_NR_QUEUES: u16 = 1;
+pub const UBLK_DEFAULT_QUEUE_DEPTH: u16 = 64;
 pub const UBLK_QID_BITS: u32 = 12;
 pub const UBLK_MAX_NR_QUEUES: u32 = 1 << UBLK_QID_BITS;
 /// A single request buffer is at most 32 MiB (`UBLK_IO_BUF_BITS` = 25).

@@ -44,13 +44,18 @@ pub enum WorkerBin {
     Real,
     /// `fake-tapdisk` (tests/src/bin), for forcing worker behaviours.
     Fake,
+    /// `fake-tapdisk` leaving out one confinement step the broker checks
+    /// from outside: `"hostns"` (stays in the host's net and mount
+    /// namespaces) or `"dumpable"` (dumpable after its uid switch). Run
+    /// through a symlink whose name tells the fake which.
+    FakeSkipping(&'static str),
 }
 
 impl WorkerBin {
     pub fn path(self) -> PathBuf {
         match self {
             WorkerBin::Real => bin("tapdisk"),
-            WorkerBin::Fake => bin("fake-tapdisk"),
+            WorkerBin::Fake | WorkerBin::FakeSkipping(_) => bin("fake-tapdisk"),
         }
     }
 }
@@ -182,13 +187,21 @@ impl Harness {
         let policy = dir.path().join("policy.toml");
         let log = dir.path().join("broker.log");
         let uids = worker_uid_range();
+        let worker = match opts.worker {
+            WorkerBin::FakeSkipping(step) => {
+                let link = dir.path().join(format!("fake-tapdisk-skip-{step}"));
+                std::os::unix::fs::symlink(opts.worker.path(), &link).expect("symlink");
+                link
+            }
+            w => w.path(),
+        };
         let mut text = format!(
             "socket = {socket:?}\naudit_log = {audit:?}\nstate_dir = {state:?}\ndevice_dir = {devices:?}\n\
              worker_uids = [{}, {}]\ntapdisk = {:?}\nfrontend = {:?}\nrespawn = {}\n\
              worker_timeout_secs = {}\n{}\n",
             uids.0,
             uids.1,
-            opts.worker.path(),
+            worker,
             opts.frontend,
             opts.respawn,
             opts.worker_timeout_secs,

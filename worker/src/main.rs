@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
+//!         [--ublk-queues N --ublk-depth D]
 //!     Broker mode: the control socket is fd 3 and nothing else is open.
-//!     Confines itself, sends Ready, then serves broker requests.
+//!     Confines itself, sends Ready, then serves broker requests. For ublk,
+//!     the queue geometry the device will have (default: the broker's).
 //! tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G]
 //!         [--export NAME] [--cache auto|buffered]
 //!     Standalone: serve one image over NBD on a Unix socket until killed.
@@ -16,14 +18,19 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use tapjail_common::frame;
 use tapjail_common::proto::{FrontendKind, ImageSpec};
+use tapjail_common::ublk_abi::UBLK_MAX_QUEUE_DEPTH;
 use tapjail_common::worker_proto::{FromWorker, CONTROL_FD};
 use tapjail_worker::control::Worker;
+use tapjail_worker::frontend::ublk::rings::QueueRings;
+use tapjail_worker::frontend::ublk::MAX_QUEUES;
 use tapjail_worker::io::CacheMode;
+use tapjail_worker::sandbox::rings::RingPlan;
 use tapjail_worker::sandbox::{self, Ids, Policy};
 use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
   tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
+          [--ublk-queues N --ublk-depth D]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
 
@@ -38,6 +45,7 @@ struct Args {
     gid: Option<u32>,
     export: String,
     cache: CacheMode,
+    queues: QueueRings,
     selftest: Option<String>,
 }
 
@@ -65,6 +73,14 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--uid" => a.uid = Some(number(&value(&mut argv, "--uid")?, "--uid")?),
             "--gid" => a.gid = Some(number(&value(&mut argv, "--gid")?, "--gid")?),
             "--export" => a.export = value(&mut argv, "--export")?,
+            "--ublk-queues" => {
+                let v = value(&mut argv, "--ublk-queues")?;
+                a.queues.queues = bounded(&v, "--ublk-queues", MAX_QUEUES)?;
+            }
+            "--ublk-depth" => {
+                let v = value(&mut argv, "--ublk-depth")?;
+                a.queues.depth = bounded(&v, "--ublk-depth", UBLK_MAX_QUEUE_DEPTH)?;
+            }
             "--cache" => {
                 a.cache = match value(&mut argv, "--cache")?.as_str() {
                     "auto" => CacheMode::Auto,
@@ -88,6 +104,29 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
 fn number(s: &str, flag: &str) -> Result<u32, String> {
     s.parse()
         .map_err(|_| format!("{flag}: {s:?} is not a number"))
+}
+
+fn bounded(s: &str, flag: &str, max: u16) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{flag}: {s:?} is not a number from 1 to {max}")),
+    }
+}
+
+/// The confinement of a broker-mode worker (and of the selftest, which
+/// must attack exactly what a real worker has).
+fn worker_policy(
+    frontend: FrontendKind,
+    ids: Option<Ids>,
+    keep_fds: Vec<i32>,
+    queues: QueueRings,
+) -> Policy {
+    Policy {
+        keep_fds,
+        ids,
+        frontend,
+        rings: RingPlan::for_frontend(frontend, queues),
+    }
 }
 
 fn ids(a: &Args) -> Result<Option<Ids>, String> {
@@ -117,7 +156,8 @@ fn main() -> ExitCode {
         }
     };
     if let Some(what) = &args.selftest {
-        return selftest(what, requested);
+        let frontend = args.frontend.unwrap_or(FrontendKind::Nbd);
+        return selftest(what, frontend, requested, args.queues);
     }
     match (&args.nbd, args.broker) {
         (Some(socket), false) => {
@@ -153,7 +193,7 @@ fn main() -> ExitCode {
                 eprintln!("tapdisk: --broker needs --frontend\n{USAGE}");
                 return ExitCode::from(2);
             };
-            broker(frontend, requested, args.cache)
+            broker(frontend, requested, args.cache, args.queues)
         }
         _ => {
             eprintln!("{USAGE}");
@@ -163,7 +203,12 @@ fn main() -> ExitCode {
 }
 
 /// Broker mode: confine, announce, serve.
-fn broker(frontend: FrontendKind, requested: Option<Ids>, cache: CacheMode) -> ExitCode {
+fn broker(
+    frontend: FrontendKind,
+    requested: Option<Ids>,
+    cache: CacheMode,
+    queues: QueueRings,
+) -> ExitCode {
     if !is_socket(CONTROL_FD) {
         eprintln!("tapdisk: --broker needs the control socket on fd {CONTROL_FD}");
         return ExitCode::from(2);
@@ -172,11 +217,12 @@ fn broker(frontend: FrontendKind, requested: Option<Ids>, cache: CacheMode) -> E
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confined = Policy::choose_ids(requested).and_then(|ids| {
-        sandbox::confine(&Policy {
-            keep_fds: vec![0, 1, 2, CONTROL_FD],
-            ids,
+        sandbox::confine(&worker_policy(
             frontend,
-        })
+            ids,
+            vec![0, 1, 2, CONTROL_FD],
+            queues,
+        ))
     });
     if let Err(e) = confined {
         eprintln!("tapdisk: {e}");
@@ -200,23 +246,29 @@ fn is_socket(fd: i32) -> bool {
     unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
 }
 
-/// `--selftest-escape WHAT`: confine exactly as a broker-mode NBD worker
-/// (without a control socket), then attempt WHAT. Tests run this and assert
-/// how it ends: forbidden syscalls kill the process with SIGSYS; `none`
-/// exits 0, proving the confinement itself does not kill.
-fn selftest(what: &str, requested: Option<Ids>) -> ExitCode {
-    let confined = Policy::choose_ids(requested).and_then(|ids| {
-        sandbox::confine(&Policy {
-            keep_fds: vec![0, 1, 2],
-            ids,
-            frontend: FrontendKind::Nbd,
-        })
-    });
+/// `--selftest-escape WHAT [--frontend F]`: confine exactly as a
+/// broker-mode worker for F (NBD by default; without a control socket),
+/// then attempt WHAT. Tests run this and assert how it ends: forbidden
+/// syscalls kill the process with SIGSYS; `none` exits 0, proving the
+/// confinement itself does not kill; `ring-*` submit an operation to a ring
+/// made before confinement and exit 0 only if every submission was refused
+/// with EACCES (see [`ring_attack`]).
+fn selftest(
+    what: &str,
+    frontend: FrontendKind,
+    requested: Option<Ids>,
+    queues: QueueRings,
+) -> ExitCode {
+    let confined = Policy::choose_ids(requested)
+        .and_then(|ids| sandbox::confine(&worker_policy(frontend, ids, vec![0, 1, 2], queues)));
     if let Err(e) = confined {
         eprintln!("tapdisk: {e}");
         return ExitCode::from(1);
     }
     eprintln!("tapdisk: selftest: confined; attempting {what}");
+    if let Some(op) = what.strip_prefix("ring-") {
+        return ring_attack(op, frontend, queues);
+    }
     // SAFETY: each arm makes one raw syscall with valid (static or null)
     // arguments; the point is to see the sandbox stop it.
     let rc: i64 = unsafe {
@@ -231,6 +283,11 @@ fn selftest(what: &str, requested: Option<Ids>) -> ExitCode {
             "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0).into(),
             "ptrace" => libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0),
             "fork" => libc::fork().into(),
+            "io_uring_setup" => {
+                // The issue 11 escape: a ring of our own, unrestricted.
+                let mut params = [0u8; 120]; // struct io_uring_params
+                libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr())
+            }
             "thread" => {
                 // Allowed: threads of this process.
                 let t = std::thread::spawn(|| 7);
@@ -248,4 +305,102 @@ fn selftest(what: &str, requested: Option<Ids>) -> ExitCode {
     let err = std::io::Error::last_os_error();
     eprintln!("tapdisk: selftest: {what} returned {rc} ({err}) instead of being stopped");
     ExitCode::from(3)
+}
+
+/// Submit `op` (socket, connect, statx, openat) on every kind of ring this
+/// worker made before confinement — an image-file ring, and for ublk a
+/// queue ring — once as is and once flagged as on a registered file (so
+/// both the flags rule and the opcode rule are exercised). Exit 0 if
+/// every attempt completed with EACCES, 3 otherwise.
+fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode {
+    use io_uring::{opcode, squeue, types};
+    use tapjail_worker::io::ring::{run_one, Uring};
+
+    let mut rings: Vec<(&str, Uring)> = Vec::new();
+    match tapjail_worker::io::pool::take_for_selftest() {
+        Some(r) => rings.push(("image-file ring", r.into_raw())),
+        None => {
+            eprintln!("tapdisk: selftest: no pre-made image-file ring");
+            return ExitCode::from(3);
+        }
+    }
+    if frontend == FrontendKind::Ublk {
+        match tapjail_worker::frontend::ublk::rings::take(queues.depth) {
+            Ok(r) => {
+                if let Err(e) = r.submitter().register_enable_rings() {
+                    eprintln!("tapdisk: selftest: enabling a ublk queue ring: {e}");
+                    return ExitCode::from(3);
+                }
+                rings.push(("ublk queue ring", r));
+            }
+            Err(e) => {
+                eprintln!("tapdisk: selftest: no pre-made ublk queue ring: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    }
+    // Targets of the attack in issue 11: a root-owned socket, root's files.
+    let mut addr: libc::sockaddr_un = unsafe_zeroed_sockaddr_un();
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(b"/run/tapjail-attack.sock") {
+        *d = *s as libc::c_char;
+    }
+    let mut statx_buf = [0u8; 256];
+    let mut all_refused = true;
+    for (name, ring) in &mut rings {
+        for fixed in [false, true] {
+            let sqe = match op {
+                "socket" => opcode::Socket::new(libc::AF_UNIX, libc::SOCK_STREAM, 0).build(),
+                "connect" => opcode::Connect::new(
+                    types::Fd(0),
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as u32,
+                )
+                .build(),
+                "statx" => opcode::Statx::new(
+                    types::Fd(libc::AT_FDCWD),
+                    c"/etc/shadow".as_ptr(),
+                    statx_buf.as_mut_ptr().cast(),
+                )
+                .mask(libc::STATX_BASIC_STATS)
+                .build(),
+                "openat" => {
+                    opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/etc/shadow".as_ptr()).build()
+                }
+                other => {
+                    eprintln!("tapdisk: selftest: unknown ring attempt {other:?}");
+                    return ExitCode::from(2);
+                }
+            };
+            let sqe = if fixed {
+                sqe.flags(squeue::Flags::FIXED_FILE)
+            } else {
+                sqe
+            };
+            // SAFETY: the SQE points at `addr`, `statx_buf` and static
+            // strings, all alive until `run_one` returns with the CQE.
+            let res = unsafe { run_one(ring, sqe) };
+            match res {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                    eprintln!(
+                        "tapdisk: selftest: {op} on the {name} (fixed={fixed}): refused: {e}"
+                    );
+                }
+                other => {
+                    eprintln!("tapdisk: selftest: {op} on the {name} (fixed={fixed}) was not refused: {other:?}");
+                    all_refused = false;
+                }
+            }
+        }
+    }
+    if all_refused {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
+
+fn unsafe_zeroed_sockaddr_un() -> libc::sockaddr_un {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
 }

@@ -81,7 +81,18 @@ fn broker_mode_worker_closes_fds_it_was_not_meant_to_have() {
         .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
         .collect();
     fds.sort();
-    assert_eq!(fds, vec![0, 1, 2, 3], "only stdio and the control socket");
+    // Besides stdio and the control socket, only the io_uring rings made
+    // before confinement (see sandbox::rings).
+    let (basic, rest): (Vec<u32>, Vec<u32>) = fds.into_iter().partition(|&fd| fd <= 3);
+    assert_eq!(basic, vec![0, 1, 2, 3], "stdio and the control socket");
+    for fd in rest {
+        let what = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert_eq!(
+            what.to_str(),
+            Some("anon_inode:[io_uring]"),
+            "fd {fd} is neither stdio, the control socket nor a ring"
+        );
+    }
     drop(sock);
     child.wait().unwrap();
 }
@@ -91,6 +102,120 @@ fn selftest(what: &str) -> std::process::ExitStatus {
         .args(["--selftest-escape", what])
         .status()
         .unwrap()
+}
+
+/// The selftest for `frontend`: confined exactly as `tapdisk --broker
+/// --frontend FRONTEND`, then attempting `what`.
+fn selftest_for(frontend: &str, what: &str) -> std::process::Output {
+    Command::new(TAPDISK)
+        .args(["--selftest-escape", what, "--frontend", frontend])
+        .output()
+        .unwrap()
+}
+
+const FRONTENDS: [&str; 3] = ["nbd", "fuse", "ublk"];
+
+/// Issue 11's escape: after confinement, a ring of one's own (whose
+/// operations seccomp never sees). io_uring_setup is off every allowlist.
+#[test]
+fn confined_worker_of_every_frontend_is_killed_when_it_makes_a_ring() {
+    for fe in FRONTENDS {
+        let out = selftest_for(fe, "io_uring_setup");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{fe}: expected death by SIGSYS, got {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The rings made before confinement refuse everything the attack did
+/// through its own ring: sockets, connecting to a host socket, stat and
+/// open of host paths (EACCES from the ring's restrictions, with and
+/// without IOSQE_FIXED_FILE), for the file rings and ublk's queue rings.
+#[test]
+fn premade_rings_refuse_socket_connect_statx_and_openat() {
+    for fe in FRONTENDS {
+        for op in ["socket", "connect", "statx", "openat"] {
+            let out = selftest_for(fe, &format!("ring-{op}"));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{fe} ring-{op}: {:?}\n{err}",
+                out.status
+            );
+            let refused = err.matches("refused: ").count();
+            let rings = if fe == "ublk" { 2 } else { 1 };
+            assert_eq!(refused, 2 * rings, "{fe} ring-{op}: {err}");
+            assert!(!err.contains("not refused"), "{fe} ring-{op}: {err}");
+        }
+    }
+}
+
+/// Seen from outside through `/proc/PID/root`: the worker's root is an
+/// empty, read-only tmpfs, the only mount in its own mount namespace;
+/// `/etc/shadow` and `/root` do not exist for it.
+#[test]
+fn worker_of_every_frontend_has_an_empty_root_in_its_own_mount_namespace() {
+    if !is_root() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
+        eprintln!("SKIPPED: needs root (a worker started as root gets an empty root)");
+        return;
+    }
+    for fe in FRONTENDS {
+        let (mut child, sock) = spawn_broker_mode(fe, None);
+        let pid = ready_pid(&sock);
+        let root = format!("/proc/{pid}/root");
+        let entries: Vec<_> = std::fs::read_dir(&root).unwrap().collect();
+        assert!(entries.is_empty(), "{fe}: root not empty: {entries:?}");
+        for p in ["etc/shadow", "root", "etc", "proc", "dev"] {
+            let e = std::fs::symlink_metadata(format!("{root}/{p}")).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{fe}: /{p}: {e}");
+        }
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let lines: Vec<&str> = mounts.lines().collect();
+        assert_eq!(lines.len(), 1, "{fe}: one mount only: {mounts}");
+        let fields: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(fields[4], "/", "{fe}: {mounts}");
+        assert!(
+            fields[5].split(',').any(|o| o == "ro"),
+            "{fe}: read-only: {mounts}"
+        );
+        assert!(lines[0].contains(" - tmpfs "), "{fe}: tmpfs: {mounts}");
+        for ns in ["mnt", "net"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "{fe}: worker has its own {ns} namespace");
+        }
+        drop(sock);
+        assert!(child.wait().unwrap().success());
+    }
+}
+
+/// Not dumpable after the uid switch (which resets the flag): the kernel
+/// then gives the process's /proc files to root instead of the worker's uid.
+#[test]
+fn worker_is_not_dumpable_after_switching_uid() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
+        eprintln!("SKIPPED: needs root to switch uid");
+        return;
+    }
+    let (mut child, sock) = spawn_broker_mode("nbd", None);
+    let pid = ready_pid(&sock);
+    let st = proc_status(pid);
+    assert!(st["Uid"].starts_with("65534"), "{}", st["Uid"]);
+    let meta = std::fs::metadata(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (0, 0),
+        "a dumpable worker's /proc files belong to its uid"
+    );
+    drop(sock);
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -176,6 +301,123 @@ fn child_landlock_open() {
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     let e = std::fs::read_dir("/").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+}
+
+/// A worker started as root must get its own namespaces: if it cannot (here
+/// CAP_SYS_ADMIN is taken from its bounding set, so root's unshare fails
+/// with EPERM) it refuses to run instead of serving in the host's.
+#[test]
+fn root_worker_that_cannot_unshare_refuses_to_run() {
+    if !is_root() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    /// linux/capability.h
+    const CAP_SYS_ADMIN: libc::c_ulong = 21;
+    let mut cmd = Command::new(TAPDISK);
+    cmd.args(["--selftest-escape", "none"]);
+    // SAFETY: prctl with integer arguments is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("confinement step 4 (namespaces): unshare(CLONE_NEWIPC)"),
+        "{err}"
+    );
+}
+
+/// Where `fs.suid_dumpable` is 1 the kernel makes a process dumpable
+/// again when it switches uid, so only `PR_SET_DUMPABLE 0` *after* the
+/// switch keeps the worker's memory from its uid's other processes (with
+/// the default 0 the order does not show). The sysctl is machine-wide, so
+/// this runs only inside nestvm's throwaway VM (`.ci/nestvm-tests`).
+#[test]
+#[ignore = "run inside nestvm: sets the machine-wide fs.suid_dumpable"]
+fn nestvm_worker_is_not_dumpable_even_where_a_uid_switch_makes_processes_dumpable() {
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::env::var("TAPJAIL_IN_NESTVM").as_deref(),
+        Ok("1"),
+        "this test changes fs.suid_dumpable: run it through .ci/nestvm-tests"
+    );
+    const KNOB: &str = "/proc/sys/fs/suid_dumpable";
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(KNOB, &self.0);
+        }
+    }
+    let _restore = Restore(std::fs::read_to_string(KNOB).unwrap());
+    std::fs::write(KNOB, "1").unwrap();
+    let (mut child, sock) = spawn_broker_mode("nbd", None);
+    let pid = ready_pid(&sock);
+    let meta = std::fs::metadata(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(
+        meta.uid(),
+        0,
+        "worker is dumpable: its /proc files belong to uid {}",
+        meta.uid()
+    );
+    drop(sock);
+    assert!(child.wait().unwrap().success());
+}
+
+/// Where landlock would be the only barrier (it does not cover stat before
+/// ABI 5), the empty root still leaves nothing to find.
+#[test]
+fn empty_root_hides_host_paths_from_stat_behind_landlock() {
+    if !is_root() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
+        eprintln!("SKIPPED: needs root to unshare a mount namespace");
+        return;
+    }
+    assert!(in_child("child_empty_root_stat").success());
+}
+
+#[test]
+#[ignore = "runs only as a child of empty_root_hides_host_paths_from_stat_behind_landlock"]
+fn child_empty_root_stat() {
+    if std::env::var_os("TAPJAIL_CONFINEMENT_CHILD").is_none() {
+        return;
+    }
+    use tapjail_worker::sandbox::{landlock, mount, ns};
+    // Landlock alone lets stat through: the hole the empty root closes.
+    let probe = std::thread::spawn(|| {
+        landlock::deny_all().unwrap();
+        std::fs::metadata("/etc/passwd").map(|m| m.len())
+    });
+    assert!(
+        probe.join().unwrap().is_ok(),
+        "landlock alone hides nothing from stat"
+    );
+    assert!(!ns::isolate().unwrap().is_empty());
+    mount::empty_root().unwrap();
+    landlock::deny_all().unwrap();
+    for p in [
+        "/etc/shadow",
+        "/etc/passwd",
+        "/root",
+        "/proc/self",
+        "/dev/null",
+    ] {
+        let e = std::fs::metadata(p).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{p}: {e}");
+    }
+    // Nothing can be created in it either.
+    let e = std::fs::create_dir("/x").unwrap_err();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)),
+        "{e}"
+    );
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! a parent request read from the image, a hang, a crash).
 //!
 //! It confines itself the minimum the broker checks from outside (own
-//! uid/gid, no capabilities, no_new_privs, a permissive seccomp filter),
+//! network and mount namespaces, own uid/gid, not dumpable, no
+//! capabilities, no_new_privs, a permissive seccomp filter),
 //! then answers the broker on fd 3. "Images" are raw files; one that starts
 //! with `PARENT:<path>\n` asks the broker for that parent (relative
 //! locator), `HANG\n` makes Open never answer, `CRASH\n` aborts,
@@ -47,12 +48,18 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-fn confine(uid: u32, gid: u32) {
+/// `skip`: a confinement step to leave out (see `WorkerBin::FakeSkipping`).
+fn confine(uid: u32, gid: u32, skip: &str) {
     // SAFETY: plain syscalls with integer arguments or pointers to locals.
     unsafe {
+        if skip != "hostns" {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS), 0);
+        }
         assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
         assert_eq!(libc::setresgid(gid, gid, gid), 0);
         assert_eq!(libc::setresuid(uid, uid, uid), 0);
+        let dumpable = libc::c_ulong::from(skip == "dumpable");
+        assert_eq!(libc::prctl(libc::PR_SET_DUMPABLE, dumpable, 0, 0, 0), 0);
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
         let mut allow = libc::sock_filter {
             code: (libc::BPF_RET | libc::BPF_K) as u16,
@@ -425,7 +432,13 @@ fn main() {
         .unwrap_or(65534);
     // SAFETY: fd 3 is the control socket the broker handed us.
     let ctl = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
-    confine(uid, gid);
+    let skip = std::path::Path::new(&args[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("fake-tapdisk-skip-"))
+        .unwrap_or("")
+        .to_string();
+    confine(uid, gid, &skip);
     let send = |m: &FromWorker| frame::send_on(&ctl, m, &[]).is_ok();
     send(&FromWorker::Ready {
         pid: std::process::id(),

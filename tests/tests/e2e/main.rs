@@ -12,6 +12,7 @@ mod robustness;
 mod seed;
 mod tenants;
 mod ublk;
+mod worker_confinement;
 mod worker_log;
 
 pub use tapjail_tests::*;

@@ -1,12 +1,13 @@
 //! [`UringFile`]: the [`Backing`] a confined worker runs its images on.
 //!
 //! # Rings
-//! Each file keeps a small pool of restricted rings (see [`super::ring`]).
-//! A request takes an idle ring (or makes one), submits, waits, and puts it
-//! back, so as many requests are in flight on a file as there are threads
-//! calling into it (the NBD frontend's pool, ublk's queues), each with one
-//! `io_uring_enter` per operation. No ring is shared between two requests at
-//! the same time, so there is no completion routing and no extra thread hop.
+//! Requests run on the process's pool of restricted rings (see
+//! [`super::pool`]), in which each open file has a slot. A request takes an
+//! idle ring, submits, waits, and puts it back, so as many requests are in
+//! flight as there are rings and threads calling in (the NBD frontend's
+//! pool, ublk's slow path), each with one `io_uring_enter` per operation.
+//! No ring is shared between two requests at the same time, so there is no
+//! completion routing and no extra thread hop.
 //!
 //! # Direct or buffered
 //! [`CacheMode::Auto`] turns `O_DIRECT` on (with `F_SETFL`, on the open file
@@ -34,19 +35,18 @@
 //! caching with the guest, no cross-tenant cache pressure), as blktap does.
 
 use super::buf::AlignedBuf;
+use super::pool::Slot;
 use super::ring::Ring;
 use crate::image::Backing;
 use io_uring::{opcode, types};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 /// Sector size all direct I/O is aligned to.
 pub const DIRECT_ALIGN: u64 = 512;
 /// Largest single io_uring read/write (the SQE length is 32-bit).
 const MAX_OP: usize = 1 << 30;
-/// Idle rings kept per file; more are closed when returned.
-const MAX_IDLE_RINGS: usize = 64;
 /// Stripes of the read-modify-write lock.
 const STRIPES: usize = 64;
 
@@ -64,19 +64,9 @@ pub enum CacheMode {
 pub struct UringFile {
     fd: OwnedFd,
     direct: bool,
-    rings: Mutex<Rings>,
-    /// Signalled when a ring goes back to the pool.
-    returned: Condvar,
+    /// This file's slot in every ring of the pool.
+    slot: Slot,
     stripes: Vec<Mutex<()>>,
-}
-
-/// The rings of one file: idle ones, and how many exist in all.
-#[derive(Debug, Default)]
-struct Rings {
-    idle: Vec<Ring>,
-    total: usize,
-    /// Callers waiting for a ring (notifying is a syscall; skip it if none).
-    waiters: usize,
 }
 
 impl std::fmt::Debug for UringFile {
@@ -98,21 +88,16 @@ fn aligned(x: u64) -> bool {
 
 impl UringFile {
     /// Take over `fd` (an image file opened by the broker or the
-    /// standalone parent). Makes one ring up front so that a host without
-    /// io_uring fails here, clearly, rather than on the first request.
+    /// standalone parent). Claims the file's slot in the ring pool, which
+    /// fails here, clearly, on a host without io_uring rather than on the
+    /// first request.
     pub fn new(fd: OwnedFd, mode: CacheMode) -> io::Result<UringFile> {
         let mut file = UringFile {
             fd,
             direct: false,
-            rings: Mutex::new(Rings::default()),
-            returned: Condvar::new(),
+            slot: Slot::claim()?,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         };
-        let ring = Ring::for_file(file.fd.as_raw_fd())?;
-        let mut rings = lock(&file.rings);
-        rings.idle.push(ring);
-        rings.total = 1;
-        drop(rings);
         if mode == CacheMode::Auto {
             file.direct = file.try_direct()?;
         }
@@ -150,48 +135,20 @@ impl UringFile {
         }
     }
 
-    /// Run `f` on a ring of our own: an idle one, a new one, or — when no
-    /// new ring can be made (fd or memory limits) — the next one returned.
+    /// Run `f` on an idle ring of the pool, with this file in its slot.
     fn with_ring<T>(&self, f: impl FnOnce(&mut Ring) -> io::Result<T>) -> io::Result<T> {
-        let mut rings = lock(&self.rings);
-        let mut ring = loop {
-            if let Some(r) = rings.idle.pop() {
-                break r;
-            }
-            match Ring::for_file(self.raw()) {
-                Ok(r) => {
-                    rings.total += 1;
-                    break r;
-                }
-                // Others hold rings and will give them back.
-                Err(_) if rings.total > 0 => {
-                    rings.waiters += 1;
-                    rings = self.returned.wait(rings).unwrap_or_else(|e| e.into_inner());
-                    rings.waiters -= 1;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        drop(rings);
-        let out = f(&mut ring);
-        let mut rings = lock(&self.rings);
-        if rings.idle.len() < MAX_IDLE_RINGS {
-            rings.idle.push(ring);
-        } else {
-            rings.total -= 1;
-        }
-        let wake = rings.waiters > 0;
-        drop(rings);
-        if wake {
-            self.returned.notify_one();
-        }
-        out
+        self.slot.with_ring(self.raw(), f)
+    }
+
+    /// This file in SQEs.
+    fn fixed(&self) -> types::Fixed {
+        types::Fixed(self.slot.index())
     }
 
     /// One read of at most MAX_OP bytes; returns bytes read (0 at EOF).
     fn op_read(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let len = buf.len().min(MAX_OP);
-        let entry = opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), len as u32)
+        let entry = opcode::Read::new(self.fixed(), buf.as_mut_ptr(), len as u32)
             .offset(offset)
             .build();
         // SAFETY: buf is exclusively borrowed for the whole call and `run`
@@ -206,7 +163,7 @@ impl UringFile {
         if !self.direct {
             return pwrite(self.raw(), &buf[..len], offset);
         }
-        let entry = opcode::Write::new(types::Fixed(0), buf.as_ptr(), len as u32)
+        let entry = opcode::Write::new(self.fixed(), buf.as_ptr(), len as u32)
             .offset(offset)
             .build();
         // SAFETY: buf is borrowed for the whole call and `run` returns only
@@ -358,7 +315,7 @@ impl Backing for UringFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        let entry = opcode::Fsync::new(types::Fixed(0))
+        let entry = opcode::Fsync::new(self.fixed())
             .flags(types::FsyncFlags::DATASYNC)
             .build();
         // SAFETY: fsync references no memory.
@@ -403,7 +360,7 @@ impl Backing for UringFile {
             };
             let rest = &mut buf[done..];
             let len = rest.len().min(MAX_OP);
-            let entry = opcode::Read::new(types::Fixed(0), rest.as_mut_ptr(), len as u32)
+            let entry = opcode::Read::new(self.fixed(), rest.as_mut_ptr(), len as u32)
                 .offset(at)
                 .rw_flags(libc::RWF_NOWAIT)
                 .build();
@@ -418,7 +375,7 @@ impl Backing for UringFile {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let entry = opcode::Fallocate::new(types::Fixed(0), len)
+        let entry = opcode::Fallocate::new(self.fixed(), len)
             .offset(offset)
             .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
             .build();
@@ -551,13 +508,38 @@ mod tests {
     #[test]
     fn uring_file_gives_each_concurrent_request_its_own_ring() {
         let (_t, f) = file_with(8192, CacheMode::Buffered);
-        assert_eq!(lock(&f.rings).idle.len(), 1);
         f.with_ring(|_held| {
             let mut b = [0u8; 16];
             f.read_exact_at(&mut b, 0) // needs a second ring meanwhile
         })
         .unwrap();
-        assert_eq!(lock(&f.rings).idle.len(), 2);
-        assert_eq!(lock(&f.rings).total, 2);
+    }
+
+    #[test]
+    fn files_sharing_the_ring_pool_each_read_their_own_data_across_slot_reuse() {
+        let (_a, a) = file_with(8192, CacheMode::Buffered);
+        for round in 0..4u8 {
+            // A fresh file takes a slot a closed one may have had; every
+            // ring must serve the new file, not what the slot held before.
+            let t = tempfile::tempdir().unwrap();
+            let p = t.path().join("b");
+            std::fs::write(&p, vec![round.wrapping_add(0xa0); 4096]).unwrap();
+            let fd: OwnedFd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .into();
+            let b = UringFile::new(fd, CacheMode::Buffered).unwrap();
+            let mut x = AlignedBuf::zeroed(4096);
+            let mut y = AlignedBuf::zeroed(4096);
+            a.read_exact_at(&mut x, 4096).unwrap();
+            b.read_exact_at(&mut y, 0).unwrap();
+            assert_eq!(&x[..], &pattern_at(4096, 4096)[..]);
+            assert!(
+                y.iter().all(|&v| v == round.wrapping_add(0xa0)),
+                "round {round}"
+            );
+        }
     }
 }

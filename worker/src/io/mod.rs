@@ -7,6 +7,7 @@
 
 pub mod buf;
 pub mod file;
+pub mod pool;
 pub mod ring;
 
 pub use buf::{AlignedBuf, BufPool};

@@ -1,4 +1,4 @@
-//! Step 6: drop every capability.
+//! Step 9: drop every capability.
 //!
 //! The bounding and ambient sets go first (emptying the bounding set needs
 //! `CAP_SETPCAP`, which we still hold thanks to `PR_SET_KEEPCAPS` when we

@@ -1,4 +1,4 @@
-//! Step 5: switch to the worker's own uid and gid.
+//! Step 8: switch to the worker's own uid and gid.
 //!
 //! Supplementary groups are dropped, then gid, then uid (in that order: once
 //! the uid is not 0 the gid can no longer be changed). We keep the permitted

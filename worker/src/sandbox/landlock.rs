@@ -1,4 +1,4 @@
-//! Step 8: a landlock ruleset that denies all filesystem access.
+//! Step 11: a landlock ruleset that denies all filesystem access.
 //!
 //! The worker never opens a path: every file it uses arrives as an fd. So
 //! the ruleset handles every filesystem right and grants none. Landlock ABI 1

@@ -1,4 +1,4 @@
-//! Step 4: `mlockall(MCL_CURRENT | MCL_FUTURE)`.
+//! Step 7: `mlockall(MCL_CURRENT | MCL_FUTURE)`.
 //!
 //! Image data and the worker's state never reach swap, where they would
 //! outlive the worker and be readable by whoever reads the swap device.
@@ -58,7 +58,10 @@ fn too_small(limit: u64, locked: u64) -> MlockError {
     }
 }
 
-pub fn lock_all() -> Result<(), MlockError> {
+/// `status` is this process's `/proc/self/status`, opened before the root
+/// went empty (see `super::mount`); without it the locked size is unknown
+/// and taken as 0.
+pub fn lock_all(status: Option<&std::fs::File>) -> Result<(), MlockError> {
     // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(M_ARENA_MAX, ARENAS) };
     let limit = super::rlimit::get(libc::RLIMIT_MEMLOCK);
@@ -68,12 +71,12 @@ pub fn lock_all() -> Result<(), MlockError> {
         return Err(match e.raw_os_error() {
             // MCL_CURRENT is checked against the whole address space.
             Some(libc::ENOMEM | libc::EAGAIN | libc::EPERM) => {
-                too_small(limit, status_kib("VmSize:").unwrap_or(0))
+                too_small(limit, status_kib(status, "VmSize:").unwrap_or(0))
             }
             _ => MlockError::Other(e),
         });
     }
-    let locked = status_kib("VmLck:").unwrap_or(0);
+    let locked = status_kib(status, "VmLck:").unwrap_or(0);
     if limit != libc::RLIM_INFINITY && limit < locked.saturating_add(MIN_HEADROOM) {
         return Err(too_small(limit, locked));
     }
@@ -88,8 +91,11 @@ pub fn headroom() -> Option<u64> {
 }
 
 /// A `/proc/self/status` field in bytes (the file reports kB).
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+fn status_kib(file: Option<&std::fs::File>, field: &str) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 8192];
+    let n = file?.read_at(&mut buf, 0).ok()?;
+    let status = String::from_utf8_lossy(&buf[..n]);
     let kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix(field))?

@@ -3,29 +3,33 @@
 //!
 //! 1. close every fd not on the keep list ([`fds`])
 //! 2. clear the environment ([`env`](mod@env))
-//! 3. NOFILE, NPROC (a thread budget, see there), CORE=0, MEMLOCK; not
-//!    dumpable ([`rlimit`])
-//! 4. `mlockall(MCL_CURRENT|MCL_FUTURE)` ([`mlock`])
-//! 5. new IPC/UTS/network namespaces where permitted ([`ns`]), then
-//!    setgroups/setgid/setuid to the worker's own ids ([`ids`])
-//! 6. drop every capability, lock the securebits ([`caps`])
-//! 7. `PR_SET_NO_NEW_PRIVS` ([`nnp`])
-//! 8. deny all filesystem access ([`landlock`])
-//! 9. the allowlist for the frontend, on all threads ([`seccomp`])
-//!
-//! and then, per io_uring ring as it is created, `IORING_REGISTER_RESTRICTIONS`
-//! (see `crate::io::ring`), because io_uring operations bypass seccomp.
+//! 3. NOFILE, NPROC (a thread budget, see there), CORE=0, MEMLOCK ([`rlimit`])
+//! 4. new IPC/UTS/network/mount namespaces, required as root ([`ns`])
+//! 5. an empty read-only root in that mount namespace ([`mount`])
+//! 6. every io_uring ring the worker will use, made and restricted
+//!    ([`rings`]): io_uring operations bypass seccomp, which refuses
+//!    `io_uring_setup` from step 12 on
+//! 7. `mlockall(MCL_CURRENT|MCL_FUTURE)` ([`mlock`]), rings included
+//! 8. setgroups/setgid/setuid to the worker's own ids ([`ids`]), then not
+//!    dumpable ([`dumpable`]; the switch resets the flag)
+//! 9. drop every capability, lock the securebits ([`caps`])
+//! 10. `PR_SET_NO_NEW_PRIVS` ([`nnp`])
+//! 11. deny all filesystem access ([`landlock`])
+//! 12. the allowlist for the frontend, on all threads ([`seccomp`])
 //!
 //! [`confine`] must run while the process is single-threaded.
 
 pub mod caps;
+pub mod dumpable;
 pub mod env;
 pub mod fds;
 pub mod ids;
 pub mod landlock;
 pub mod mlock;
+pub mod mount;
 pub mod nnp;
 pub mod ns;
+pub mod rings;
 pub mod rlimit;
 pub mod seccomp;
 
@@ -49,6 +53,8 @@ pub struct Policy {
     pub ids: Option<Ids>,
     /// Chooses the seccomp rule set.
     pub frontend: FrontendKind,
+    /// The io_uring rings to make before seccomp.
+    pub rings: rings::RingPlan,
 }
 
 impl Policy {
@@ -82,17 +88,25 @@ pub enum SandboxError {
     Fds(#[source] std::io::Error),
     #[error("confinement step 3 (rlimits): {0}")]
     Rlimit(#[from] rlimit::RlimitError),
-    #[error("confinement step 4 (mlockall): {0}")]
+    #[error("confinement step 4 (namespaces): {0}")]
+    Namespaces(#[from] ns::NsError),
+    #[error("confinement step 5 (empty root): {0}")]
+    EmptyRoot(#[from] mount::MountError),
+    #[error("confinement step 6 (io_uring rings): {0}")]
+    Rings(#[source] std::io::Error),
+    #[error("confinement step 7 (mlockall): {0}")]
     Mlock(#[from] mlock::MlockError),
-    #[error("confinement step 5 (uid/gid): {0}")]
+    #[error("confinement step 8 (uid/gid): {0}")]
     Ids(#[from] ids::IdsError),
-    #[error("confinement step 6 (capabilities): {0}")]
+    #[error("confinement step 8 (PR_SET_DUMPABLE 0): {0}")]
+    Dumpable(#[source] std::io::Error),
+    #[error("confinement step 9 (capabilities): {0}")]
     Caps(#[from] caps::CapsError),
-    #[error("confinement step 7 (no_new_privs): {0}")]
+    #[error("confinement step 10 (no_new_privs): {0}")]
     NoNewPrivs(#[source] std::io::Error),
-    #[error("confinement step 8 (landlock): {0}")]
+    #[error("confinement step 11 (landlock): {0}")]
     Landlock(#[from] landlock::LandlockError),
-    #[error("confinement step 9 (seccomp): {0}")]
+    #[error("confinement step 12 (seccomp): {0}")]
     Seccomp(#[from] seccomp::SeccompError),
 }
 
@@ -109,11 +123,18 @@ pub fn confine(policy: &Policy) -> Result<(), SandboxError> {
         uid,
         memlock_min: mlock::MEMLOCK_NEEDED,
     })?;
-    mlock::lock_all()?;
-    ns::isolate();
+    // Read after the root is gone, by the mlock step; closed after it.
+    let status = std::fs::File::open("/proc/self/status").ok();
+    if !ns::isolate()?.is_empty() {
+        mount::empty_root()?;
+    }
+    rings::prepare(&policy.rings).map_err(SandboxError::Rings)?;
+    mlock::lock_all(status.as_ref())?;
+    drop(status);
     if let Some(ids) = policy.ids {
         ids::switch_to(ids)?;
     }
+    dumpable::off().map_err(SandboxError::Dumpable)?;
     caps::drop_all()?;
     nnp::set().map_err(SandboxError::NoNewPrivs)?;
     landlock::deny_all()?;

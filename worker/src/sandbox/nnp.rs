@@ -1,4 +1,4 @@
-//! Step 7: `PR_SET_NO_NEW_PRIVS`.
+//! Step 10: `PR_SET_NO_NEW_PRIVS`.
 //!
 //! After this no execve can grant privileges (setuid bits, file
 //! capabilities), and it is what lets an unprivileged process install

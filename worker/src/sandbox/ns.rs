@@ -1,25 +1,56 @@
-//! Step 5a (before the uid switch, which takes the privilege it needs):
-//! new IPC, UTS and network namespaces, where the kernel allows.
+//! Step 4 (before the uid switch, which takes the privilege it needs):
+//! new IPC, UTS, network and mount namespaces.
 //!
-//! Defence in depth behind seccomp (which already refuses `socket`): the
-//! worker sees no host network interfaces, no host abstract Unix sockets and
-//! no host SysV IPC objects. Sockets it was handed keep working; they belong
-//! to the namespace they were made in. Unprivileged workers, or hosts that
-//! forbid new namespaces, simply keep the host's (best effort, as DESIGN
-//! says: "new namespaces where the kernel allows").
+//! Defence in depth behind seccomp (which already refuses `socket`) and the
+//! ring restrictions: the worker sees no host network interfaces, no host
+//! abstract Unix sockets, no host SysV IPC objects and, with [`super::mount`],
+//! no host path at all. Sockets it was handed keep working; they belong to
+//! the namespace they were made in.
+//!
+//! A worker started as root (by the broker, or standalone as root) must get
+//! every namespace: a failure is an error, and the broker also checks the
+//! result from outside. An unprivileged worker cannot unshare and keeps the
+//! host's (it has no more reach than the user who started it).
 
-/// Enter what we can; returns the namespaces entered.
-pub fn isolate() -> Vec<&'static str> {
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+#[error("unshare(CLONE_NEW{name}): {source}")]
+pub struct NsError {
+    pub name: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Whether this process may (and so must) enter new namespaces.
+pub fn privileged() -> bool {
+    super::ids::current_uids().1 == 0
+}
+
+/// Enter new IPC, UTS, network and mount namespaces; returns the ones
+/// entered. As root every one is required; otherwise none is attempted.
+pub fn isolate() -> Result<Vec<&'static str>, NsError> {
     let mut entered = Vec::new();
-    for (flag, name) in [
-        (libc::CLONE_NEWIPC, "ipc"),
-        (libc::CLONE_NEWUTS, "uts"),
-        (libc::CLONE_NEWNET, "net"),
-    ] {
-        // SAFETY: unshare takes flags only; the process is single-threaded.
-        if unsafe { libc::unshare(flag) } == 0 {
-            entered.push(name);
-        }
+    if !privileged() {
+        return Ok(entered);
     }
-    entered
+    for (flag, name) in [
+        (libc::CLONE_NEWIPC, "IPC"),
+        (libc::CLONE_NEWUTS, "UTS"),
+        (libc::CLONE_NEWNET, "NET"),
+        (libc::CLONE_NEWNS, "NS"),
+    ] {
+        unshare(flag).map_err(|source| NsError { name, source })?;
+        entered.push(name);
+    }
+    Ok(entered)
+}
+
+fn unshare(flag: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes flags only; the process is single-threaded.
+    if unsafe { libc::unshare(flag) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

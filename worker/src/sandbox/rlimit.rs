@@ -1,10 +1,9 @@
-//! Step 3: resource limits, and no core dumps.
+//! Step 3: resource limits.
 //!
 //! - `RLIMIT_NOFILE`: a fixed small table; the worker never needs more than
 //!   its image chain, its rings and its clients.
-//! - `RLIMIT_CORE` = 0 and `PR_SET_DUMPABLE` = 0: a crashing worker must not
-//!   write image contents to disk, and other processes of the same uid must
-//!   not ptrace it or read its memory through /proc.
+//! - `RLIMIT_CORE` = 0: a crashing worker must not write image contents to
+//!   disk (not dumpable, see `super::dumpable`, also stops core dumps).
 //! - `RLIMIT_MEMLOCK`: raised to what the worker needs when we may (root,
 //!   before the uid switch); otherwise left as the spawner set it, and the
 //!   mlock step reports clearly if it is too small.
@@ -61,14 +60,6 @@ pub fn apply(limits: &Limits) -> Result<(), RlimitError> {
         // Only root can raise a hard limit; otherwise keep what we were
         // given and let the mlock step explain.
         let _ = set(libc::RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK", limits.memlock_min);
-    }
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(RlimitError {
-            resource: "PR_SET_DUMPABLE",
-            value: 0,
-            source: io::Error::last_os_error(),
-        });
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Step 9: the seccomp allowlist, installed on every thread at once.
+//! Step 12: the seccomp allowlist, installed on every thread at once.
 //!
 //! The filter is data: [`base_rules`] holds what every worker needs, and one
 //! function per frontend ([`nbd_rules`], [`fuse_rules`], [`ublk_rules`]) adds
@@ -17,7 +17,9 @@
 //! syscall must be allowed by the allowlist *and* not be in the errno list.
 //!
 //! io_uring operations do not pass through seccomp; they are restricted per
-//! ring (see `crate::io::ring`).
+//! ring (see `crate::io::ring`), and every ring is made before this filter
+//! is loaded: `io_uring_setup` is not on any list, so no ring can be made
+//! after confinement.
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
@@ -124,9 +126,7 @@ const GLIBC_SIGCANCEL: u64 = 32;
 const GLIBC_SIGSETXID: u64 = 33;
 
 // io_uring_register opcodes (linux/io_uring.h).
-const IORING_REGISTER_FILES: u64 = 2;
 const IORING_REGISTER_FILES_UPDATE: u64 = 6;
-const IORING_REGISTER_RESTRICTIONS: u64 = 11;
 const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
 
 /// What every worker needs, whatever its frontend.
@@ -213,27 +213,17 @@ pub fn base_rules() -> Vec<Allowed> {
             "Backing::set_len: the VHD engine grows/trims its file",
         ),
         allow(
-            libc::SYS_io_uring_setup,
-            "io_uring_setup",
-            "one small ring per image file and concurrent request",
-        ),
-        allow(
             libc::SYS_io_uring_enter,
             "io_uring_enter",
-            "submit image reads/writes/fsync/fallocate and wait for them",
+            "submit image reads/writes/fsync/fallocate on the rings made before confinement \
+             and wait for them",
         ),
         allow_if(
             libc::SYS_io_uring_register,
             "io_uring_register",
-            one_of32(
-                1,
-                &[
-                    IORING_REGISTER_FILES,
-                    IORING_REGISTER_RESTRICTIONS,
-                    IORING_REGISTER_ENABLE_RINGS,
-                ],
-            ),
-            "set up a new ring: register its one file, its restrictions, then enable it",
+            one_of32(1, &[IORING_REGISTER_FILES_UPDATE]),
+            "put an image file the worker holds into (or out of) its slot of a pre-made ring; \
+             each ring's restrictions allow this one register op and nothing else",
         ),
         // --- memory ---
         allow(libc::SYS_brk, "brk", "malloc's main arena"),
@@ -435,9 +425,8 @@ pub fn fuse_rules() -> Vec<Allowed> {
 }
 
 /// What the ublk frontend adds to the base set (which already covers:
-/// per queue, a ring set up disabled with `io_uring_setup`, its file table,
-/// restrictions and enabling through `io_uring_register` FILES /
-/// RESTRICTIONS / ENABLE_RINGS, commands and waits through
+/// per queue, filling the slots of a ring made before confinement with
+/// `io_uring_register` FILES_UPDATE, commands and waits through
 /// `io_uring_enter`; the descriptor array as a read-only shared `mmap` of
 /// `/dev/ublkcN` and the request buffers as an anonymous one, never
 /// executable; buffered image writes with `pwrite64`; waking the queue with
@@ -445,7 +434,7 @@ pub fn fuse_rules() -> Vec<Allowed> {
 /// the driver into and out of the buffers (no `UBLK_F_USER_COPY`, so no
 /// pread/pwrite on the char device). Image I/O runs on the queue rings,
 /// which are restricted to URING_CMD, READ, WRITE and FSYNC on registered
-/// files (see `frontend::ublk::queue`).
+/// files (see `frontend::ublk::rings`).
 // The libc constants' types differ between architectures.
 #[allow(clippy::unnecessary_cast)]
 pub fn ublk_rules() -> Vec<Allowed> {
@@ -460,9 +449,9 @@ pub fn ublk_rules() -> Vec<Allowed> {
         allow_if(
             libc::SYS_io_uring_register,
             "io_uring_register",
-            one_of32(1, &[IORING_REGISTER_FILES_UPDATE]),
-            "put the (re)opened image's files into a ublk queue ring's file slots; \
-             the ring's restrictions allow this one register op and nothing else",
+            one_of32(1, &[IORING_REGISTER_ENABLE_RINGS]),
+            "a queue thread enables its pre-made (disabled, restricted) ring, which makes it \
+             the ring's only submitter",
         ),
     ]
 }
@@ -626,23 +615,26 @@ mod tests {
             "init_module",
             "setuid",
             "prlimit64",
+            "io_uring_setup",
+            "pivot_root",
+            "chroot",
         ] {
             assert!(!names.contains(&bad), "{bad} must not be allowed");
         }
     }
 
     #[test]
-    fn ublk_adds_only_its_eventfd_and_the_file_slot_update() {
+    fn ublk_adds_only_its_eventfd_and_enabling_its_rings() {
         let extra: Vec<&str> = ublk_rules().iter().map(|r| r.name).collect();
         assert_eq!(extra, ["eventfd2", "io_uring_register"]);
         assert_eq!(
             ublk_rules()[0].when,
             vec![vec![eq32(1, libc::EFD_CLOEXEC as u64)]]
         );
-        let update = &ublk_rules()[1];
+        let enable = &ublk_rules()[1];
         assert_eq!(
-            update.when,
-            vec![vec![eq32(1, IORING_REGISTER_FILES_UPDATE)]]
+            enable.when,
+            vec![vec![eq32(1, IORING_REGISTER_ENABLE_RINGS)]]
         );
         let nbd: Vec<&str> = rules_for(FrontendKind::Nbd)
             .iter()
@@ -654,7 +646,27 @@ mod tests {
             .filter(|r| r.name == "io_uring_register")
             .all(|r| !r
                 .when
-                .contains(&vec![eq32(1, IORING_REGISTER_FILES_UPDATE)])));
+                .contains(&vec![eq32(1, IORING_REGISTER_ENABLE_RINGS)])));
+    }
+
+    #[test]
+    fn no_frontend_may_make_a_ring_or_register_anything_but_slot_updates() {
+        for kind in [FrontendKind::Nbd, FrontendKind::Fuse, FrontendKind::Ublk] {
+            let rules = rules_for(kind);
+            assert!(
+                rules.iter().all(|r| r.nr != libc::SYS_io_uring_setup),
+                "{kind:?}: io_uring_setup must not be allowed"
+            );
+            for r in rules.iter().filter(|r| r.name == "io_uring_register") {
+                for alt in &r.when {
+                    assert!(
+                        *alt == vec![eq32(1, IORING_REGISTER_FILES_UPDATE)]
+                            || *alt == vec![eq32(1, IORING_REGISTER_ENABLE_RINGS)],
+                        "{kind:?}: io_uring_register {alt:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -73,8 +73,8 @@ pub struct UblkConfig {
 impl Default for UblkConfig {
     fn default() -> Self {
         UblkConfig {
-            nr_queues: 1,
-            queue_depth: 64,
+            nr_queues: tapjail_common::ublk_abi::UBLK_DEFAULT_NR_QUEUES,
+            queue_depth: tapjail_common::ublk_abi::UBLK_DEFAULT_QUEUE_DEPTH,
             max_io_bytes: 128 * 1024,
         }
     }

@@ -11,7 +11,10 @@
 mod mem;
 mod queue;
 mod request;
+pub mod rings;
 mod slow;
+
+pub use slow::SLOW_THREADS;
 
 use super::{Frontend, FrontendError};
 use crate::disk::Disk;

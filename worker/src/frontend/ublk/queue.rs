@@ -42,13 +42,13 @@
 //! pread/pwrite on the char device per request for no saving.
 //!
 //! # Ring restrictions
-//! The ring is restricted like a seccomp filter: created disabled, given a
-//! file table of the char device, the slow path's eventfd and empty slots
-//! for the image files, limited to `URING_CMD`, `READ`, `WRITE` and `FSYNC`
-//! on registered files only, and to one registration op after it is
-//! enabled (`FILES_UPDATE`, to put the image's files into their slots when
-//! an image is opened after a pause), then enabled. The image fds are ones
-//! the worker already holds; the ring adds no reach.
+//! The ring is restricted like a seccomp filter and made before
+//! confinement ([`super::rings`]): limited to `URING_CMD`, `READ`, `WRITE`
+//! and `FSYNC` on registered files only, and to one registration op
+//! (`FILES_UPDATE`), with which the queue thread puts the char device, the
+//! slow path's eventfd and, later, the image's files (again after a pause)
+//! into its slots. The fds are ones the worker already holds; the ring adds
+//! no reach.
 
 use super::mem::{DescArray, IoBuffers};
 use super::request::{self, Request};
@@ -57,7 +57,8 @@ use crate::disk::{Admission, Disk, Ticket};
 use crate::frontend::FrontendError;
 use crate::image::direct::{MAX_DIRECT_FILES, MAX_SEGMENTS};
 use crate::image::{DirectFile, Mapping, SyncFiles, Target};
-use io_uring::{cqueue, opcode, register::Restriction, squeue, types, IoUring};
+use crate::io::ring::Uring;
+use io_uring::{opcode, squeue, types};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,10 +73,7 @@ const STOP_POLL: Duration = Duration::from_millis(500);
 const CHAR_FILE: types::Fixed = types::Fixed(0);
 const WAKE_FILE: types::Fixed = types::Fixed(1);
 /// Image file `i` of the current image is in slot `FIRST_IMAGE_SLOT + i`.
-const FIRST_IMAGE_SLOT: u32 = 2;
-
-/// `io_uring_register` op the ring may use once enabled.
-const IORING_REGISTER_FILES_UPDATE: u8 = 6;
+pub(super) const FIRST_IMAGE_SLOT: u32 = 2;
 
 /// What a completion is for, in the top half of its `user_data`; the low
 /// half is the tag (bits 0-15) and, for image I/O, the piece (16-23).
@@ -99,48 +97,18 @@ fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> FrontendError {
     move |source| FrontendError::Io { step, source }
 }
 
-/// A queue's ring: commands on the char device, image I/O on registered
-/// image files, reads of the slow path's eventfd; nothing else.
+/// A queue's ring (made before confinement, see [`super::rings`]) with the
+/// char device and the slow path's eventfd in its first slots, enabled by
+/// this (the queue) thread, which makes it the ring's only submitter.
 fn restricted_ring(
     char_fd: BorrowedFd<'_>,
     wake_fd: RawFd,
     depth: u16,
-) -> Result<IoUring<squeue::Entry, cqueue::Entry>, FrontendError> {
-    // Each tag has at most one command or MAX_SEGMENTS image SQEs queued;
-    // a full SQ is flushed by `push`. The CQ holds everything that can be
-    // in flight at once, so completions never overflow.
-    let sq = (u32::from(depth) * 2).next_power_of_two();
-    let cq = (u32::from(depth) * (MAX_SEGMENTS as u32 + 1) + 1).next_power_of_two();
-    // Only this thread ever submits, and it collects completions only when
-    // it waits: task work (the driver hands requests over through it) then
-    // runs in batches at that point instead of interrupting request
-    // handling (SINGLE_ISSUER + DEFER_TASKRUN, Linux 6.1+). The ring is
-    // enabled by the calling (queue) thread, which makes it the issuer.
-    let ring = IoUring::<squeue::Entry, cqueue::Entry>::builder()
-        .setup_r_disabled()
-        .setup_cqsize(cq)
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(sq)
-        .map_err(io("io_uring_setup for a ublk queue"))?;
+) -> Result<Uring, FrontendError> {
+    let ring = super::rings::take(depth)?;
     let sub = ring.submitter();
-    let mut table = vec![-1; FIRST_IMAGE_SLOT as usize + MAX_DIRECT_FILES];
-    table[0] = char_fd.as_raw_fd();
-    table[1] = wake_fd;
-    sub.register_files(&table).map_err(io(
-        "register /dev/ublkcN and the queue's eventfd with the ring",
-    ))?;
-    let fixed = squeue::Flags::FIXED_FILE.bits();
-    sub.register_restrictions(&mut [
-        Restriction::sqe_op(opcode::UringCmd16::CODE),
-        Restriction::sqe_op(opcode::Read::CODE),
-        Restriction::sqe_op(opcode::Write::CODE),
-        Restriction::sqe_op(opcode::Fsync::CODE),
-        Restriction::sqe_flags_allowed(fixed),
-        Restriction::sqe_flags_required(fixed),
-        Restriction::register_op(IORING_REGISTER_FILES_UPDATE),
-    ])
-    .map_err(io("io_uring restrictions for a ublk queue"))?;
+    sub.register_files_update(0, &[char_fd.as_raw_fd(), wake_fd])
+        .map_err(io("put /dev/ublkcN and the queue's eventfd into the ring"))?;
     sub.register_enable_rings()
         .map_err(io("enable the ublk queue ring"))?;
     Ok(ring)
@@ -165,10 +133,7 @@ fn queue_cmd(op: u32, q: &QueueParams, tag: u16, result: i32, addr: u64) -> sque
 /// Memory the entry points at must stay valid until its completion is
 /// reaped (tag buffers and the wake counter live as long as `run`, and are
 /// leaked if the ring goes while I/O on them may still be in flight).
-unsafe fn push(
-    ring: &mut IoUring<squeue::Entry, cqueue::Entry>,
-    sqe: &squeue::Entry,
-) -> Result<(), FrontendError> {
+unsafe fn push(ring: &mut Uring, sqe: &squeue::Entry) -> Result<(), FrontendError> {
     // SAFETY: the caller's promise.
     if unsafe { ring.submission().push(sqe) }.is_err() {
         ring.submit().map_err(io("io_uring_enter (ublk queue)"))?;
@@ -226,7 +191,7 @@ struct Queue<'a, 'd> {
     q: QueueParams,
     disk: &'d Disk,
     stop: &'a AtomicBool,
-    ring: IoUring<squeue::Entry, cqueue::Entry>,
+    ring: Uring,
     descs: &'a DescArray,
     bufs: &'a mut IoBuffers,
     slow: &'a SlowPath<'d>,
