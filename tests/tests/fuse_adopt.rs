@@ -150,7 +150,17 @@ fn three_restarts_under_fio(restart: &mut dyn FnMut(&mut Harness, u32)) {
             "round {round}: no write progress\n{}",
             h.broker_log()
         );
+        let t0 = std::time::Instant::now();
+        let w1 = writes(&h);
         restart(&mut h, round);
+        let back = t0.elapsed();
+        let w2 = writes(&h);
+        eprintln!(
+            "round {round}: broker back and serving tap-ctl after {} ms; \
+             {} writes completed by the worker meanwhile",
+            back.as_millis(),
+            w2.saturating_sub(w1)
+        );
         assert!(alive(worker), "round {round}: the worker died");
         assert_eq!(rows(&h), before, "round {round}: list changed");
         assert_eq!(adopt_lines(&h, "adopt-minor"), round as usize);
@@ -324,4 +334,44 @@ fn an_adopted_worker_that_misreports_its_state_is_killed() {
                 .is_some_and(|r| r.contains("not adopted") && r.contains("the record says aio:"))
     });
     assert!(killed.is_some(), "{:?}", h.audit_lines());
+}
+
+/// NBD: the listening socket is kept, so a client reaches the same worker
+/// on the same socket after the broker was `kill -9`ed and came back.
+#[test]
+fn nbd_disk_survives_a_broker_crash_on_the_same_socket() {
+    let mut h = Harness::start(Options {
+        tenants: vec![ROOT],
+        ..Options::default()
+    });
+    let img = h.raw_image(ROOT.name, "n.img", 4 << 20);
+    h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())]);
+    let sock = std::fs::read_link(h.devices.join("tapdev0")).unwrap();
+    let qemu_io = |cmd: &str| {
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                &format!("nbd+unix:///tapdev0?socket={}", sock.display()),
+                "-c",
+                cmd,
+            ])
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "{cmd}: {text}"
+        );
+    };
+    qemu_io("write -P 0x5a 64k 64k");
+    let before = rows(&h);
+    h.crash();
+    h.launch();
+    assert_eq!(rows(&h), before, "{}", h.broker_log());
+    qemu_io("read -P 0x5a 64k 64k");
+    qemu_io("write -P 0x6b 0 4k");
+    h.stop();
+    assert_eq!(&std::fs::read(&img).unwrap()[..4096], &[0x6b; 4096][..]);
 }
