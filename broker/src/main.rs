@@ -288,6 +288,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         match wait_signal(&signals) {
             // logrotate: reopen the audit log (the policy is not reloaded).
             libc::SIGHUP => eprintln!("tap-broker: SIGHUP: {}", broker.reopen_audit()),
+            libc::SIGTERM if matches!(*store, FdStore::None) => {
+                eprintln!(
+                    "tap-broker: SIGTERM: no fd store, so no disk could outlive this broker: destroying every disk and stopping"
+                );
+                broker.shutdown();
+                let _ = std::fs::remove_file(&listener.path);
+                return Ok(());
+            }
             libc::SIGTERM => {
                 eprintln!(
                     "tap-broker: SIGTERM: stopping; every disk stays served for the next tap-broker \

@@ -141,6 +141,14 @@ fn three_restarts_under_fio(restart: &mut dyn FnMut(&mut Harness, u32)) {
     let img = h.raw_image(ROOT.name, "a.img", 64 << 20);
     let dev = create(&h, &img);
     let worker = list(&h)[0]["pid"].as_u64().unwrap() as u32;
+    // The fd holder runs with no capability and no way to gain one.
+    let holder = children_of(h.broker_pid())
+        .into_iter()
+        .find(|p| is_fd_holder(*p))
+        .expect("an fd holder");
+    let status = std::fs::read_to_string(format!("/proc/{holder}/status")).unwrap();
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     let fio = fio(&dev);
     for round in 1..=3u32 {
         let before = rows(&h);
