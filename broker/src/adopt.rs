@@ -18,10 +18,12 @@
 
 use crate::broker::Broker;
 use crate::device::KeptFds;
+use crate::lifecycle::{Phase, Served};
 use crate::records::{LockFile, MinorRecord, ServedRecord, WorkerRecord};
+use crate::supervisor::process::{confinement_problem, kept_names};
 use crate::sys;
 use crate::table::{Disk, OpenImage, Worker};
-use crate::worker::{confinement_problem, kept_names, WorkerConn};
+use crate::worker::WorkerConn;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -34,10 +36,10 @@ use tapjail_common::state::State;
 use tapjail_common::Minor;
 use tapjail_policy::ImageGrant;
 
-/// The adoption record of a disk that serves an image on a live device.
-pub fn served_record(d: &Disk) -> Option<ServedRecord> {
-    let image = d.image.as_ref()?;
-    let (device, _) = d.device.as_ref()?.handoff()?;
+/// The adoption record of an image served on a live device.
+pub fn served_record(s: &Served) -> Option<ServedRecord> {
+    let image = &s.image;
+    let (device, _) = s.device.handoff()?;
     Some(ServedRecord {
         kind: image.spec.kind,
         path: image.grant.path.clone(),
@@ -88,6 +90,8 @@ impl Broker {
         let mut held: BTreeMap<String, OwnedFd> = held.into_iter().collect();
         let mut out = Adoption::default();
         let mut live: BTreeMap<u32, Live> = BTreeMap::new();
+        // Refused workers (gone, or killed), kept for their minors' entries.
+        let mut gone: BTreeMap<u32, (WorkerRecord, LockFile)> = BTreeMap::new();
         for (pid, path) in self.state.entries("workers", "") {
             let Ok(Some(mut lock)) = LockFile::acquire(&path) else {
                 continue;
@@ -133,7 +137,7 @@ impl Broker {
                 }
                 Err((why, lock)) => {
                     // Handled here (gone, or killed): not clean_predecessor's.
-                    lock.release();
+                    gone.insert(rec.pid, (rec.clone(), lock));
                     self.adopt_notice(
                         "adopt-worker-refused",
                         Some(rec.owner.clone()),
@@ -164,7 +168,7 @@ impl Broker {
                     .filter_map(|k| held.remove(k).map(|fd| (k[prefix.len()..].to_string(), fd)))
                     .collect(),
             );
-            match self.adopt_minor(minor, &rec, lock, &mut fds, &live) {
+            match self.adopt_minor(minor, &rec, lock, &mut fds, &live, &mut gone) {
                 Ok(dead) => {
                     out.disks += 1;
                     if dead {
@@ -187,6 +191,9 @@ impl Broker {
                     );
                 }
             }
+        }
+        for (_, (_, lock)) in gone {
+            lock.release();
         }
         // Adopted workers that no adopted minor claims but whose record
         // says they served one were killed above; the rest are unattached.
@@ -332,85 +339,110 @@ impl Broker {
         lock: LockFile,
         fds: &mut KeptFds,
         live: &BTreeMap<u32, Live>,
+        gone: &mut BTreeMap<u32, (WorkerRecord, LockFile)>,
     ) -> Result<bool, String> {
-        let mut disk = Disk::new(minor, rec.owner.clone(), lock);
-        disk.state = State(rec.state);
-        disk.restarts = rec.restarts;
-        disk.link = rec.link.clone();
-        let worker = rec.worker.filter(|p| live.contains_key(p));
-        let dead = rec.worker.is_some() && worker.is_none() && rec.served.is_some();
-        if let Some(sr) = &rec.served {
-            let device = self
-                .devices
-                .adopt(minor, &sr.device, fds)
-                .map_err(|e| format!("its device: {e}"))?;
-            disk.frontend = Some(device.kind());
-            disk.node = Some(sr.device.node.clone());
-            disk.device = Some(device);
-            disk.image = Some(open_image(sr));
-            // The link must still name the device (a tenant cannot write
-            // device_dir, but check rather than trust).
-            let link_ok = rec
-                .link
-                .as_ref()
-                .is_some_and(|l| std::fs::read_link(l).is_ok_and(|t| t == sr.device.node));
-            if !link_ok {
-                disk.link = Some(
-                    self.publish(minor, &sr.device.node)
+        let bits = State(rec.state);
+        let (paused, closed) = (bits.contains(State::PAUSED), bits.contains(State::CLOSED));
+        let served = match &rec.served {
+            None => None,
+            Some(sr) => {
+                let mut device = self
+                    .devices
+                    .adopt(minor, &sr.device, fds)
+                    .map_err(|e| format!("its device: {e}"))?;
+                device.adopted(rec.worker.filter(|p| live.contains_key(p)));
+                // The link must still name the device (a tenant cannot
+                // write device_dir, but check rather than trust).
+                let link = match rec
+                    .link
+                    .as_ref()
+                    .filter(|l| std::fs::read_link(l).is_ok_and(|t| t == sr.device.node))
+                {
+                    Some(l) => l.clone(),
+                    None => self
+                        .publish(minor, &sr.device.node)
                         .map_err(|e| format!("publishing its device: {}", e.message))?,
+                };
+                Some(Served {
+                    image: open_image(sr),
+                    device,
+                    link,
+                })
+            }
+        };
+        if let (Some(pid), Some(s), Some(l)) =
+            (rec.worker, &served, rec.worker.and_then(|p| live.get(&p)))
+        {
+            let has = &l.has;
+            let want = format!("{}:{}", s.image.spec.kind, s.image.grant.path.display());
+            let agrees = if paused {
+                has.image.is_some() && has.paused
+            } else {
+                has.image.as_deref() == Some(want.as_str()) && has.serving && !has.paused
+            };
+            if !agrees {
+                // The supervisor sees it exit and the respawn rules apply,
+                // as for any worker that dies.
+                self.kill_adopted(
+                    pid,
+                    &format!(
+                        "it reports {:?} (serving {}, paused {}), the record says {want}",
+                        has.image, has.serving, has.paused
+                    ),
                 );
             }
-            if let Some(pid) = worker {
-                let has = &live[&pid].has;
-                let want = format!("{}:{}", sr.kind, sr.path.display());
-                let paused = disk.state.contains(State::PAUSED);
-                let agrees = if paused {
-                    has.image.is_some() && has.paused
-                } else {
-                    has.image.as_deref() == Some(want.as_str()) && has.serving && !has.paused
-                };
-                if !agrees {
-                    // The supervisor sees it exit and the respawn rules
-                    // apply, as for any worker that dies.
-                    self.kill_adopted(
-                        pid,
-                        &format!(
-                            "it reports {:?} (serving {}, paused {}), the record says {want}",
-                            has.image, has.serving, has.paused
-                        ),
-                    );
-                }
-            }
-            if let Some(d) = disk.device.as_mut() {
-                d.adopted(worker);
-            }
         }
-        // A worker that is gone is forgotten; the minor is DEAD until the
-        // respawn rules replace it.
-        disk.worker = worker;
+        let files = served
+            .as_ref()
+            .map(|s| s.image.files.clone())
+            .unwrap_or_default();
+        let image = served.as_ref().map(|s| s.image.spec.to_string());
+        let alive = rec.worker.filter(|p| live.contains_key(p));
+        let phase = match (rec.worker, alive, served) {
+            (None, _, None) => Phase::Allocated,
+            (None, _, Some(_)) => {
+                return Err("its record has an image but no worker".into());
+            }
+            (Some(w), Some(_), None) => Phase::Attached { worker: w, closed },
+            (Some(w), Some(_), Some(served)) if paused => Phase::Paused { worker: w, served },
+            (Some(w), Some(_), Some(served)) => Phase::Serving { worker: w, served },
+            (Some(w), None, served) => Phase::Dead {
+                worker: w,
+                served,
+                paused,
+                closed,
+            },
+        };
+        let dead = phase.wants_respawn() || matches!(phase, Phase::Dead { .. });
+        let mut disk = Disk::new(minor, rec.owner.clone(), lock);
+        disk.restarts = rec.restarts;
         if dead {
-            disk.state = disk.state.with(State::DEAD);
             disk.deaths.push_back(Instant::now());
         }
+        if let Ok(p) = disk.phase_mut() {
+            *p = phase;
+        }
         disk.persist();
-        let files = disk
-            .image
-            .as_ref()
-            .map(|i| i.files.clone())
-            .unwrap_or_default();
         let owner = rec.owner.clone();
-        let image = disk.image.as_ref().map(|i| i.spec.to_string());
         let mut t = self.table();
         if let Err(e) = t.claim_files(minor, &files) {
             // Another adopted minor claims the same file for writing: the
             // records disagree with each other; take this one down.
             drop(t);
-            crate::ops::release_disk(disk);
+            disk.release();
             return Err(format!("its image files: {}", e.message));
         }
         if let Some(pid) = rec.worker {
-            if let Some(w) = t.workers.get_mut(&pid) {
-                w.minor = Some(minor);
+            match t.workers.get_mut(&pid) {
+                Some(w) => w.minor = Some(minor),
+                None => {
+                    // Gone while no broker ran: an exited entry, as the
+                    // supervisor leaves a worker that died, so `list`,
+                    // `destroy` and respawn treat it as any dead worker.
+                    if let Some(w) = exited_worker(pid, minor, &owner, gone) {
+                        t.workers.insert(pid, w);
+                    }
+                }
             }
         }
         t.disks.insert(minor, disk);
@@ -431,6 +463,36 @@ impl Broker {
         );
         Ok(dead)
     }
+}
+
+/// A table entry for worker `pid`, which is gone: its record and lock (kept
+/// from the refusal), a pidfd of a process that has already been reaped
+/// (so nothing can ever be signalled through it) and a control socket
+/// whose other end is closed.
+fn exited_worker(
+    pid: u32,
+    minor: Minor,
+    owner: &str,
+    gone: &mut BTreeMap<u32, (WorkerRecord, LockFile)>,
+) -> Option<Worker> {
+    let (rec, record) = gone.remove(&pid)?;
+    let pidfd = Arc::new(sys::reaped_pidfd().ok()?);
+    let (ours, _theirs) = UnixStream::pair().ok()?;
+    let conn = WorkerConn::new(ours, pid, std::time::Duration::from_secs(1)).ok()?;
+    Some(Worker {
+        pid,
+        owner: owner.to_string(),
+        uid: rec.uid,
+        pidfd,
+        killed: conn.kill_note(),
+        conn: Arc::new(Mutex::new(conn)),
+        minor: Some(minor),
+        exit: Some(sys::Exit::Unknown),
+        stopping: false,
+        record,
+        start_time: rec.start_time,
+        kept: None,
+    })
 }
 
 fn open_image(sr: &ServedRecord) -> OpenImage {

@@ -3,6 +3,7 @@
 //! check, each audited), then create the kernel side and have the worker
 //! serve it. Used by open, create, unpause and respawn.
 
+use crate::audit::{ParentCtx, PENDING};
 use crate::broker::Broker;
 use crate::device::{DeviceBackend, Prepared};
 use crate::error::BrokerError;
@@ -11,11 +12,10 @@ use crate::table::{FileId, OpenImage};
 use crate::worker::{clean, Opened, ParentRequest, WorkerConn};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use tapjail_common::audit::{Entry, Event, Peer, Verdict};
+use tapjail_common::audit::Verdict;
 use tapjail_common::proto::{ImageKind, ImageSpec};
-use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker};
 use tapjail_common::Minor;
 use tapjail_policy::{decide_parent, ImageGrant};
 
@@ -213,7 +213,8 @@ impl Broker {
 
     /// Answer one `NeedParent`: try each locator in order; the first that
     /// the policy allows and that opens cleanly beneath its root wins.
-    /// Every attempt is audited.
+    /// Every attempt is audited, an allowed one before the broker opens
+    /// anything: if that line cannot be written the parent is refused.
     fn resolve_parent(
         &self,
         target: &Target<'_>,
@@ -222,94 +223,76 @@ impl Broker {
         req: ParentRequest,
     ) -> Result<(String, File), String> {
         let child = PathBuf::from(&req.child);
-        let audit = |locator: Option<&tapjail_common::worker_proto::ParentLocator>,
-                     verdict: Verdict,
-                     rule: &str,
-                     reason: String,
-                     outcome: Option<String>| {
-            let _ = self.audit(&Entry {
-                event: Event::ParentOpen,
-                peer: Some(Peer {
-                    pid: target.worker_pid,
-                    uid: target.worker_uid,
-                    gid: target.worker_uid,
-                }),
-                tenant: Some(target.owner.to_string()),
-                request: Some(serde_json::json!({
-                    "minor": target.minor.get(),
-                    "child": req.child,
-                    "locator": locator,
-                })),
-                decision: verdict,
-                rule: rule.into(),
-                reason,
-                outcome,
-            });
+        let ctx = ParentCtx {
+            minor: target.minor,
+            owner: target.owner,
+            worker_pid: target.worker_pid,
+            worker_uid: target.worker_uid,
+            child: &req.child,
+        };
+        // A denial's line is written best effort (nothing is opened).
+        let deny = |loc: Option<&ParentLocator>, rule: &str, why: String| {
+            let _ = self.audit_parent(&ctx, loc, Verdict::Deny, rule, why, None);
         };
         if !names.contains(&child) {
             let why = format!(
                 "the broker never opened {:?} for this worker",
                 clean(&req.child)
             );
-            audit(None, Verdict::Deny, "unknown-child", why.clone(), None);
+            deny(None, "unknown-child", why.clone());
             return Err(why);
         }
         let mut reasons = Vec::new();
         for loc in &req.locators {
             let d = decide_parent(&self.policy, target.owner, &child, &loc.path, loc.relative);
             let Some(grant) = d.image.clone().filter(|_| d.allow) else {
-                audit(Some(loc), Verdict::Deny, d.rule, d.reason.clone(), None);
+                deny(Some(loc), d.rule, d.reason.clone());
                 reasons.push(clean(&d.reason));
                 continue;
             };
-            let file = match self.open_grant(&grant, false) {
-                Ok(f) => f,
-                Err(e) => {
-                    audit(
-                        Some(loc),
-                        Verdict::Deny,
-                        "broker-check",
-                        e.message.clone(),
-                        None,
-                    );
-                    reasons.push(clean(&e.message));
-                    continue;
-                }
-            };
-            let claim = sys::file_id(&file)
-                .map_err(|e| BrokerError::failed(e.to_string()))
-                .and_then(|id| {
-                    self.table().claim_files(target.minor, &[(id, false)])?;
-                    Ok(id)
-                });
-            match claim {
-                Ok(id) => {
+            let decided = self.audit_parent(
+                &ctx,
+                Some(loc),
+                Verdict::Allow,
+                d.rule,
+                d.reason.clone(),
+                Some(PENDING.into()),
+            );
+            if let Err(e) = decided {
+                return Err(format!("parent refused: {e}"));
+            }
+            let opened = self.open_grant(&grant, false).and_then(|file| {
+                let id = sys::file_id(&file).map_err(|e| BrokerError::failed(e.to_string()))?;
+                self.table().claim_files(target.minor, &[(id, false)])?;
+                Ok((id, file))
+            });
+            match opened {
+                Ok((id, file)) => {
                     files.push((id, false));
                     names.push(grant.path.clone());
-                    audit(
+                    let done = self.audit_parent(
+                        &ctx,
                         Some(loc),
                         Verdict::Allow,
                         d.rule,
                         d.reason.clone(),
                         Some(format!("opened {} read-only", grant.path.display())),
                     );
+                    if let Err(e) = done {
+                        // The claim goes with the failed open (release_files).
+                        return Err(format!("parent refused: {e}"));
+                    }
                     return Ok((grant.path.display().to_string(), file));
                 }
                 Err(e) => {
-                    audit(
-                        Some(loc),
-                        Verdict::Deny,
-                        "broker-check",
-                        e.message.clone(),
-                        None,
-                    );
+                    deny(Some(loc), "broker-check", e.message.clone());
                     reasons.push(clean(&e.message));
                 }
             }
         }
         if req.locators.is_empty() {
             let why = format!("{} names no parent locator", clean(&req.child));
-            audit(None, Verdict::Deny, "no-locator", why.clone(), None);
+            deny(None, "no-locator", why.clone());
             return Err(why);
         }
         Err(reasons.join("; "))
@@ -317,31 +300,7 @@ impl Broker {
 
     /// Publish `device_dir/tapdevN` → `node`.
     pub fn publish(&self, minor: Minor, node: &Path) -> Result<PathBuf, BrokerError> {
-        let dir = &self.policy.device_dir;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| BrokerError::failed(format!("creating {}: {e}", dir.display())))?;
-        let link = dir.join(minor.device_name());
-        unpublish(&link)?;
-        std::os::unix::fs::symlink(node, &link)
-            .map_err(|e| BrokerError::failed(format!("creating {}: {e}", link.display())))?;
-        Ok(link)
-    }
-}
-
-/// Remove a published symlink (nothing else).
-pub fn unpublish(link: &Path) -> Result<(), BrokerError> {
-    match std::fs::symlink_metadata(link) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(link)
-            .map_err(|e| BrokerError::failed(format!("removing {}: {e}", link.display()))),
-        Ok(_) => Err(BrokerError::failed(format!(
-            "{} exists and is not a symlink; not touching it",
-            link.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(BrokerError::failed(format!("{}: {e}", link.display()))),
+        crate::publish::publish(&self.policy.device_dir, minor, node)
     }
 }
 

@@ -3,3 +3,4 @@
 
 pub mod device;
 pub mod fdstore;
+pub mod sys;

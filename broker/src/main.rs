@@ -4,20 +4,70 @@
 //! Runs in the foreground (systemd `Type=simple`), logs to stderr.
 //! SIGTERM (`systemctl stop`/`restart`, an upgrade) stops it and leaves
 //! every disk served: the workers keep running, their fds are kept (see
-//! `tapjail_broker::fdstore`), and the next tap-broker adopts them.
-//! SIGINT (Ctrl-C) destroys every disk first, as does `--down`.
+//! `tapjail_broker::fdstore`), and the next tap-broker adopts them
+//! (`adopt`). SIGINT (Ctrl-C) destroys every disk first, as does `--down`.
+//!
+//! # Modules, top to bottom (each uses only those below it)
+//!
+//! - `server`: the control socket, one thread per client.
+//! - `dispatch`: request → policy → audited decision → operation → reply.
+//! - `ops`: the operations, one module per group of verbs.
+//! - `supervisor`: workers started (confinement checked), watched, reaped,
+//!   stopped, respawned.
+//! - `bringup`: an image opened beneath its root, its chain opened by the
+//!   worker (parents decided and audited), the device created.
+//! - `audit`: the recorder; every audit line is built there.
+//! - `broker`: what all of the above share (policy, tables, audit log).
+//! - `lease`, `lifecycle`, `table`: a minor's phase, the lease operations
+//!   hold it by, and the tables of minors, workers and open files.
+//! - `adopt`: a predecessor's workers and devices taken over at start;
+//!   `resync`: a taken-over control stream brought back in step.
+//! - `worker` (a worker's control socket), `device` (kernel backends),
+//!   `records` (`state_dir`), `publish`, `denials`, `sys` (syscalls).
+//!
+//! # A minor's life (phases × verbs)
+//!
+//! ```text
+//!             Allocated    Attached       Serving        Paused        Dead
+//! allocate    (new)
+//! attach      → Attached   busy           busy           busy          busy
+//! open        no worker    → Serving      busy           busy          dead
+//! pause       no worker    no image       → Paused       busy          dead
+//! unpause     no worker    not paused     not paused     → Serving     dead
+//! stats       no worker    ok             ok             ok            dead
+//! close       no worker    no image       → Attached*    → Attached*   → Dead*
+//! detach      no worker    → Allocated    busy           busy          → Allocated
+//! free        → (freed)    busy           busy           busy          → (freed)
+//! destroy     → (freed)    → (freed)      → (freed)      → (freed)     → (freed)
+//! create      (new) → Serving, or nothing on failure
+//! worker dies              → Dead         → Dead         → Dead
+//! respawn                                                              → Serving
+//! ```
+//!
+//! `*` marks blktap's CLOSED bit. `respawn` applies to a dead minor that
+//! was serving and not paused (`Phase::wants_respawn`). Every move from
+//! one column to another happens through a lease; a request on a leased
+//! minor is refused as busy.
 
 mod adopt;
+mod audit;
 mod bringup;
 mod broker;
 mod denials;
+mod dispatch;
 use tapjail_broker::device;
 mod error;
+#[cfg(test)]
+mod faults;
+mod lease;
+mod lifecycle;
 mod ops;
+mod publish;
 mod records;
 mod resync;
 mod server;
-mod sys;
+mod supervisor;
+use tapjail_broker::sys;
 mod table;
 mod worker;
 mod worker_log;
@@ -124,33 +174,6 @@ fn memlock_for_workers(wanted: u64) -> u64 {
     hard
 }
 
-/// Block the termination signals in every thread (threads inherit the
-/// mask); the main thread takes them with `sigwait`.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset manipulation on a local; pthread_sigmask with valid
-    // pointers. Called before any other thread exists.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig: libc::c_int = 0;
-    // SAFETY: sigwait reads the set and writes one int we own.
-    let rc = unsafe { libc::sigwait(set, &mut sig) };
-    if rc == 0 {
-        sig
-    } else {
-        libc::SIGTERM
-    }
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
     if args.print_default_config {
         print!("{}", tapjail_policy::config::EMBEDDED_DEFAULT);
@@ -181,7 +204,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let tapdisk = tapdisk_path(&policy)?;
     let claim = server::SocketClaim::take(&policy.socket)
         .with_context(|| format!("control socket {}", policy.socket.display()))?;
-    let signals = block_signals();
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and only the main thread's sigwait takes them.
+    let signals = tapjail_common::signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+        .context("blocking termination signals")?;
 
     let devices =
         device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
@@ -209,7 +235,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let devices = devices.with_store(store.clone());
 
     let memlock = memlock_for_workers(policy.worker_memlock);
-    let spawn_cfg = worker::SpawnConfig {
+    let spawn_cfg = broker::SpawnConfig {
         tapdisk,
         memlock,
         timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),
@@ -285,7 +311,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || server::serve(srv, &sock))?;
 
     loop {
-        match wait_signal(&signals) {
+        match signals.wait().unwrap_or(libc::SIGTERM) {
             // logrotate: reopen the audit log (the policy is not reloaded).
             libc::SIGHUP => eprintln!("tap-broker: SIGHUP: {}", broker.reopen_audit()),
             libc::SIGTERM if matches!(*store, FdStore::None) => {

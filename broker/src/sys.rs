@@ -1,6 +1,8 @@
-//! Small wrappers over the syscalls the broker needs, each doing one thing.
-//! Most go through `rustix` (no `unsafe` here); the few that must run in a
-//! forked child before `exec` live in `spawn.rs`.
+//! Small wrappers over the syscalls the broker needs, each doing one thing
+//! and written once (the device backends use them too). They go through
+//! `rustix` (no `unsafe` here); what must run in a forked child before
+//! `exec` lives in the binary's `supervisor/process.rs`, signal masks in
+//! `tapjail_common::signals`.
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitIdOptions};
@@ -92,6 +94,20 @@ pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
         Err(rustix::io::Errno::SRCH) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A pidfd of a process that has exited and been reaped: a stand-in for a
+/// worker that is gone, through which no signal can reach anyone (a pidfd
+/// names its process, never a later one with the same pid).
+pub fn reaped_pidfd() -> io::Result<OwnedFd> {
+    let mut child = std::process::Command::new("/bin/true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let fd = pidfd_open(child.id());
+    child.wait()?;
+    fd
 }
 
 /// Kill our child and wait for it, for workers that never made it into
@@ -282,6 +298,14 @@ pub fn uids_in_use() -> std::collections::HashSet<u32> {
         }
     }
     out
+}
+
+/// Whether bytes are queued on `sock` (peeked, not consumed; never
+/// blocks). A closed or quiet socket has none.
+pub fn has_queued_data(sock: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(sock, &mut byte[..], flags), Ok((n, _)) if n > 0)
 }
 
 /// Take an exclusive, non-blocking `flock`; `Ok(false)` if someone holds it.

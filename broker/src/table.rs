@@ -1,41 +1,20 @@
 //! The broker's tables: minors ("disks") and workers, who owns them, what
 //! is open where. One mutex guards the whole table; slow work (talking to a
-//! worker, creating devices) happens with the mutex released and the disk
-//! marked `busy`, so concurrent requests on it are refused rather than
-//! interleaved.
+//! worker, creating devices) happens with the mutex released and the minor
+//! leased ([`crate::lifecycle::Lease`]), so concurrent requests on it are
+//! refused rather than interleaved.
 
-use crate::device::DeviceBackend;
 use crate::error::BrokerError;
-use crate::records::{LockFile, MinorRecord, WorkerRecord};
+pub use crate::lifecycle::{Disk, FileId, OpenImage};
+use crate::records::{LockFile, WorkerRecord};
 use crate::sys::Exit;
 use crate::worker::WorkerConn;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tapjail_common::proto::{FrontendKind, ImageSpec, ListEntry};
-use tapjail_common::state::State;
+use tapjail_common::proto::ListEntry;
 use tapjail_common::Minor;
-use tapjail_policy::{BrokerView, ImageGrant, Scope};
-
-/// (device, inode) of an image file.
-pub type FileId = (u64, u64);
-
-/// An image chain open on a minor.
-#[derive(Debug, Clone)]
-pub struct OpenImage {
-    /// TYPE and normalized path, as `list` shows it.
-    pub spec: ImageSpec,
-    /// How to open the leaf again (unpause, respawn).
-    pub grant: ImageGrant,
-    pub read_only: bool,
-    pub size: u64,
-    /// Leaf first, as the worker named the layers.
-    pub chain: Vec<String>,
-    /// Every file of the chain, with whether it is open for writing.
-    pub files: Vec<(FileId, bool)>,
-}
+use tapjail_policy::{BrokerView, Scope};
 
 /// A worker process.
 #[derive(Debug)]
@@ -57,75 +36,6 @@ pub struct Worker {
     pub killed: Arc<std::sync::OnceLock<String>>,
     /// Its fds in the store while it is in the table (see `fdstore`).
     pub kept: Option<tapjail_broker::fdstore::Kept>,
-}
-
-/// An allocated minor.
-#[derive(Debug)]
-pub struct Disk {
-    pub minor: Minor,
-    pub owner: String,
-    pub lock: LockFile,
-    pub worker: Option<u32>,
-    pub image: Option<OpenImage>,
-    pub device: Option<Box<dyn DeviceBackend>>,
-    pub frontend: Option<FrontendKind>,
-    /// What the backend published (device node or NBD socket).
-    pub node: Option<PathBuf>,
-    /// `device_dir/tapdevN`, once published.
-    pub link: Option<PathBuf>,
-    pub state: State,
-    /// An operation is in progress with the table unlocked.
-    pub busy: bool,
-    pub restarts: u32,
-    /// Recent unexpected worker deaths, for the respawn limit.
-    pub deaths: VecDeque<Instant>,
-}
-
-impl Disk {
-    pub fn new(minor: Minor, owner: String, lock: LockFile) -> Disk {
-        Disk {
-            minor,
-            owner,
-            lock,
-            worker: None,
-            image: None,
-            device: None,
-            frontend: None,
-            node: None,
-            link: None,
-            state: State::default(),
-            busy: false,
-            restarts: 0,
-            deaths: VecDeque::new(),
-        }
-    }
-
-    pub fn record(&self) -> MinorRecord {
-        MinorRecord {
-            minor: self.minor.get(),
-            owner: self.owner.clone(),
-            worker: self.worker,
-            image: self.image.as_ref().map(|i| i.spec.to_string()),
-            frontend: self.frontend.map(|f| f.as_str().to_string()),
-            link: self.link.clone(),
-            state: self.state.0,
-            restarts: self.restarts,
-            served: crate::adopt::served_record(self),
-        }
-    }
-
-    /// Save the record in the lock file (best effort: it only serves a
-    /// successor's cleanup, which works without it).
-    pub fn persist(&mut self) {
-        crate::worker_log::tag(self.minor, self.worker);
-        let rec = self.record();
-        if let Err(e) = self.lock.write(&rec) {
-            eprintln!(
-                "tap-broker: cannot write record of minor {}: {e}",
-                self.minor
-            );
-        }
-    }
 }
 
 impl Worker {
@@ -196,8 +106,7 @@ impl Table {
 
     /// The worker attached to `minor`, checking `-p` if given.
     pub fn attached(&self, minor: Minor, pid: Option<u32>) -> Result<&Worker, BrokerError> {
-        let disk = self.disk(minor)?;
-        let Some(wpid) = disk.worker else {
+        let Some(wpid) = self.disk(minor)?.phase()?.worker() else {
             return Err(BrokerError::busy(format!(
                 "minor {minor} has no tapdisk attached (attach one with `tap-ctl attach -m {minor} -p PID`)"
             )));
@@ -212,15 +121,12 @@ impl Table {
         self.worker(wpid)
     }
 
-    /// Refuse if another request is working on `minor`.
-    pub fn idle(&self, minor: Minor) -> Result<&Disk, BrokerError> {
-        let d = self.disk(minor)?;
-        if d.busy {
-            return Err(BrokerError::busy(format!(
-                "minor {minor}: another operation is in progress"
-            )));
-        }
-        Ok(d)
+    /// Whether worker `pid` has exited without the broker asking it to:
+    /// a phase naming it is then `Dead`.
+    pub fn died_unasked(&self, pid: u32) -> bool {
+        self.workers
+            .get(&pid)
+            .is_some_and(|w| !w.alive() && !w.stopping)
     }
 
     /// Uids held by live or pending workers.
@@ -259,6 +165,18 @@ impl Table {
         Ok(())
     }
 
+    /// Make `minor`'s claims exactly `files` (what its phase holds), once
+    /// an operation on it ends, however it ended.
+    pub fn set_files(&mut self, minor: Minor, files: &[(FileId, bool)]) {
+        self.files.retain(|_, users| {
+            users.retain(|(m, _)| *m != minor);
+            !users.is_empty()
+        });
+        for (id, rw) in files {
+            self.files.entry(*id).or_default().push((minor, *rw));
+        }
+    }
+
     pub fn release_files(&mut self, minor: Minor, files: &[(FileId, bool)]) {
         for (id, rw) in files {
             if let Some(users) = self.files.get_mut(id) {
@@ -280,7 +198,7 @@ impl Table {
         for w in self.workers.values().filter(|w| visible(&w.owner)) {
             let disk = w.minor.and_then(|m| self.disks.get(&m));
             rows.push(match disk {
-                Some(d) => self.disk_row(d, Some(w.pid)),
+                Some(d) => row(d, d.shown(), Some(w.pid)),
                 None => ListEntry {
                     pid: Some(w.pid),
                     minor: None,
@@ -293,27 +211,26 @@ impl Table {
                 },
             });
         }
-        for d in self
-            .disks
-            .values()
-            .filter(|d| visible(&d.owner) && d.worker.is_none())
-        {
-            rows.push(self.disk_row(d, None));
+        for d in self.disks.values().filter(|d| visible(&d.owner)) {
+            let shown = d.shown();
+            if shown.worker.is_none() {
+                rows.push(row(d, shown, None));
+            }
         }
         rows
     }
+}
 
-    fn disk_row(&self, d: &Disk, pid: Option<u32>) -> ListEntry {
-        ListEntry {
-            pid,
-            minor: Some(d.minor),
-            // blktap shows a state only for minors a tapdisk serves.
-            state: pid.map(|_| d.state),
-            image: d.image.as_ref().map(|i| i.spec.clone()),
-            read_only: d.image.as_ref().is_some_and(|i| i.read_only),
-            frontend: d.frontend,
-            device: d.link.as_ref().map(|l| l.display().to_string()),
-            restarts: d.restarts,
-        }
+fn row(d: &Disk, s: crate::lifecycle::Shown, pid: Option<u32>) -> ListEntry {
+    ListEntry {
+        pid,
+        minor: Some(d.minor),
+        // blktap shows a state only for minors a tapdisk serves.
+        state: pid.map(|_| s.state),
+        image: s.image,
+        read_only: s.read_only,
+        frontend: s.frontend,
+        device: s.link.as_ref().map(|l| l.display().to_string()),
+        restarts: d.restarts,
     }
 }

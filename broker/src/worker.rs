@@ -1,14 +1,5 @@
-//! Spawning tapdisk workers and talking to them.
-//!
-//! A worker is `fork`+`exec` of the tapdisk binary with an empty
-//! environment, `/` as its directory, `/dev/null` on stdin/stdout, a pipe
-//! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
-//! lines, never raw bytes in the journal), the control socket as fd 3 and
-//! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
-//! aimed at a foreground broker reaches only the broker, which then shuts
-//! workers down in order). It confines itself, drops to the uid/gid given on
-//! its command line and says `Ready`; the broker then checks from outside,
-//! in `/proc`, that it really is confined before using it.
+//! Talking to a tapdisk worker over its control socket (starting one is
+//! [`crate::supervisor::process`]).
 //!
 //! Everything a worker sends is untrusted (it parsed a hostile image):
 //! frames are size-limited, fds from it are refused, strings are cleaned
@@ -21,22 +12,14 @@
 use crate::sys;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tapjail_common::frame::{self, Deadline, FrameError, MAX_REQUEST_FRAME};
-use tapjail_common::proto::FrontendKind;
-use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker, CONTROL_FD};
+use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker};
 
-/// Most parent requests one open may make (a chain deeper than this is
-/// refused: blktap's own limit is far lower in practice).
-pub const MAX_CHAIN_DEPTH: usize = 64;
-/// Most locators the broker will try per parent request.
-pub const MAX_LOCATORS: usize = 16;
+pub use tapjail_common::worker_proto::{MAX_CHAIN_DEPTH, MAX_LOCATORS};
 /// Operation deadline of a connection nobody configured (the policy's
 /// default `operation_timeout_secs`).
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,40 +61,6 @@ pub enum WorkerError {
     NotConfined { pid: u32, what: String },
 }
 
-/// How to start workers.
-#[derive(Debug, Clone)]
-pub struct SpawnConfig {
-    pub tapdisk: PathBuf,
-    /// Where each worker's control socket and stderr pipe are kept, so
-    /// that it outlives this broker (see `crate::fdstore`).
-    pub store: Option<Arc<tapjail_broker::fdstore::FdStore>>,
-    /// RLIMIT_MEMLOCK (soft and hard), bytes.
-    pub memlock: u64,
-    /// For each message a worker sends, the whole of it.
-    pub timeout: Duration,
-    /// For a whole exchange of several messages (an open and every parent
-    /// request it makes), so that a worker answering each message just in
-    /// time cannot make it last for ever.
-    pub op_timeout: Duration,
-}
-
-/// A freshly started, verified worker.
-#[derive(Debug)]
-pub struct Spawned {
-    pub pid: u32,
-    pub pidfd: Arc<OwnedFd>,
-    pub conn: WorkerConn,
-    pub start_time: u64,
-    /// Its control socket and stderr pipe in the fd store (`wPID.ctl`,
-    /// `wPID.log`), removed when this is dropped.
-    pub kept: Option<tapjail_broker::fdstore::Kept>,
-}
-
-/// The store names of worker `pid`'s control socket and stderr pipe.
-pub fn kept_names(pid: u32) -> [String; 2] {
-    [format!("w{pid}.ctl"), format!("w{pid}.log")]
-}
-
 /// Replace control characters and cap the length of text that came from a
 /// worker, so it cannot forge lines or drive a terminal.
 pub fn clean(text: &str) -> String {
@@ -126,191 +75,7 @@ pub fn clean(text: &str) -> String {
     out
 }
 
-/// Start a worker running as `uid`/`uid` for `frontend` and wait for it to
-/// be confined.
-pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spawned, WorkerError> {
-    let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
-    let (log_r, log_w) = crate::worker_log::pipe()?;
-    let memlock = cfg.memlock;
-    let child_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(&cfg.tapdisk);
-    cmd.arg("--broker")
-        .arg("--frontend")
-        .arg(frontend.as_str())
-        .arg("--uid")
-        .arg(uid.to_string())
-        .arg("--gid")
-        .arg(uid.to_string())
-        .env_clear()
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log_w))
-        .process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (dup2, fcntl, setrlimit,
-    // close_range) on plain integers; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || child_setup(child_fd, memlock));
-    }
-    let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
-        path: cfg.tapdisk.display().to_string(),
-        source,
-    })?;
-    drop(theirs);
-    // The child holds the only write end now (the Command's copy goes with it).
-    drop(cmd);
-    let pid = child.id();
-    let keep = match &cfg.store {
-        Some(_) => Some((ours.try_clone()?, OwnedFd::from(log_r.try_clone()?))),
-        None => None,
-    };
-    crate::worker_log::forward(log_r, pid);
-    // The child is ours and not yet reaped, so its pid cannot have been
-    // reused: this pidfd names exactly it. The supervisor reaps through it.
-    let pidfd = Arc::new(sys::pidfd_open(pid)?);
-    drop(child);
-    let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?.with_op_timeout(cfg.op_timeout);
-    conn.pidfd = Some(pidfd.clone());
-    let fail = |e: WorkerError| {
-        sys::kill_and_reap(pidfd.as_fd());
-        e
-    };
-    let ready = conn.recv().map_err(fail)?;
-    match ready {
-        FromWorker::Ready { pid: said } if said == pid => {}
-        FromWorker::Ready { pid: said } => {
-            return Err(fail(WorkerError::Protocol {
-                pid,
-                what: format!("Ready names pid {said}"),
-            }))
-        }
-        FromWorker::Error(m) => {
-            return Err(fail(WorkerError::Worker {
-                pid,
-                message: clean(&m),
-            }))
-        }
-        other => {
-            return Err(fail(WorkerError::Protocol {
-                pid,
-                what: format!("expected Ready, got {}", variant(&other)),
-            }))
-        }
-    }
-    let info = sys::proc_info(pid).map_err(|e| fail(e.into()))?;
-    if let Some(what) = confinement_problem(&info, uid) {
-        return Err(fail(WorkerError::NotConfined { pid, what }));
-    }
-    let kept = match (&cfg.store, &keep) {
-        (Some(store), Some((ctl, log))) => {
-            let [c, l] = kept_names(pid);
-            match tapjail_broker::fdstore::Kept::put(store, &[(c, ctl.as_fd()), (l, log.as_fd())]) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    eprintln!(
-                        "tap-broker: tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
-                         it would not survive a broker restart",
-                        store.kind()
-                    );
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
-    Ok(Spawned {
-        pid,
-        pidfd,
-        conn,
-        start_time: info.start_time,
-        kept,
-    })
-}
-
-/// What is wrong with a worker's confinement as `/proc` shows it, if anything.
-pub fn confinement_problem(info: &sys::ProcInfo, uid: u32) -> Option<String> {
-    if info.uids != [uid; 4] {
-        return Some(format!("uids {:?}, expected {uid}", info.uids));
-    }
-    if info.gids != [uid; 4] {
-        return Some(format!("gids {:?}, expected {uid}", info.gids));
-    }
-    if info.cap_eff != 0 {
-        return Some(format!("CapEff {:#x}", info.cap_eff));
-    }
-    if !info.no_new_privs {
-        return Some("NoNewPrivs is 0".into());
-    }
-    if info.seccomp != 2 {
-        return Some(format!("Seccomp is {}, not 2 (filter)", info.seccomp));
-    }
-    if info.proc_owner != 0 {
-        return Some(format!(
-            "dumpable (its /proc files belong to uid {}, not root)",
-            info.proc_owner
-        ));
-    }
-    // Its own network and mount namespaces (the latter with an empty root),
-    // never the host's, which are ours.
-    let me = std::process::id();
-    for (name, theirs) in [("net", info.net_ns), ("mnt", info.mnt_ns)] {
-        if theirs == 0 || theirs == sys::ns_inode(me, name) {
-            return Some(format!("in the host's {name} namespace"));
-        }
-    }
-    None
-}
-
-/// In the forked child: control socket to fd 3, memlock limit, and every
-/// other fd above 3 marked close-on-exec (not closed, so std's exec-error
-/// pipe still works).
-fn child_setup(child_fd: i32, memlock: u64) -> io::Result<()> {
-    let check = |rc: i32| {
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
-    // The broker blocks its termination signals (a thread sigwaits for
-    // them); the mask survives exec, so clear it for the worker.
-    // SAFETY: sigemptyset/sigprocmask on a local sigset_t.
-    unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        check(libc::sigprocmask(
-            libc::SIG_SETMASK,
-            &empty,
-            std::ptr::null_mut(),
-        ))?;
-    }
-    if child_fd == CONTROL_FD {
-        // SAFETY: fcntl on an fd this process owns; integer arguments.
-        check(unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) })?;
-    } else {
-        // SAFETY: dup2 onto fd 3; dup2 clears FD_CLOEXEC on the new fd.
-        check(unsafe { libc::dup2(child_fd, CONTROL_FD) })?;
-    }
-    let lim = libc::rlimit {
-        rlim_cur: memlock,
-        rlim_max: memlock,
-    };
-    // SAFETY: setrlimit reads the struct we pass by reference.
-    check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) })?;
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            CONTROL_FD + 1,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    check(i32::try_from(rc).unwrap_or(-1))
-}
-
-fn variant(m: &FromWorker) -> &'static str {
+pub(crate) fn variant(m: &FromWorker) -> &'static str {
     match m {
         FromWorker::Ready { .. } => "Ready",
         FromWorker::NeedParent { .. } => "NeedParent",
@@ -365,12 +130,12 @@ impl WorkerConn {
         })
     }
 
-    /// Kill through this pidfd when the worker breaks the protocol.
+    /// Kill the worker through `pidfd` when it breaks the protocol.
     pub fn set_pidfd(&mut self, pidfd: Arc<OwnedFd>) {
         self.pidfd = Some(pidfd);
     }
 
-    /// Bound every multi-message exchange (see [`SpawnConfig::op_timeout`]).
+    /// Bound every multi-message exchange (see [`crate::broker::SpawnConfig::op_timeout`]).
     pub fn with_op_timeout(mut self, op_timeout: Duration) -> Self {
         self.op_timeout = op_timeout;
         self
@@ -457,17 +222,7 @@ impl WorkerConn {
     /// something: that would be read as the answer to our request, and
     /// every later answer would be one behind.
     fn ensure_quiet(&self) -> Result<(), WorkerError> {
-        let mut byte = [0u8; 1];
-        // SAFETY: byte is valid for 1 byte; MSG_PEEK leaves the data queued.
-        let n = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                byte.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
+        if sys::has_queued_data(&self.sock) {
             return Err(self.violation(
                 "sent an unsolicited message (an answer to a request never made)".into(),
             ));
@@ -618,41 +373,6 @@ mod tests {
         assert_eq!(clean("a\x1b[2Jb\nc"), "a?[2Jb?c");
         let long = "x".repeat(MAX_WORKER_TEXT + 10);
         assert_eq!(clean(&long).chars().count(), MAX_WORKER_TEXT + 1);
-    }
-
-    #[test]
-    fn confinement_problem_names_what_is_missing() {
-        let ok = sys::ProcInfo {
-            uids: [7; 4],
-            gids: [7; 4],
-            cap_eff: 0,
-            no_new_privs: true,
-            seccomp: 2,
-            start_time: 1,
-            net_ns: 1,
-            mnt_ns: 2,
-            proc_owner: 0,
-        };
-        assert_eq!(confinement_problem(&ok, 7), None);
-        let me = std::process::id();
-        let mut bad = ok.clone();
-        bad.net_ns = sys::ns_inode(me, "net");
-        assert!(confinement_problem(&bad, 7).unwrap().contains("host's net"));
-        let mut bad = ok.clone();
-        bad.mnt_ns = sys::ns_inode(me, "mnt");
-        assert!(confinement_problem(&bad, 7).unwrap().contains("host's mnt"));
-        let mut bad = ok.clone();
-        bad.proc_owner = 7;
-        assert!(confinement_problem(&bad, 7).unwrap().contains("dumpable"));
-        let mut bad = ok.clone();
-        bad.uids[2] = 0;
-        assert!(confinement_problem(&bad, 7).unwrap().contains("uids"));
-        let mut bad = ok.clone();
-        bad.seccomp = 0;
-        assert!(confinement_problem(&bad, 7).unwrap().contains("Seccomp"));
-        let mut bad = ok;
-        bad.cap_eff = 1;
-        assert!(confinement_problem(&bad, 7).unwrap().contains("CapEff"));
     }
 
     #[test]

@@ -14,6 +14,15 @@ use serde::{Deserialize, Serialize};
 /// The fd number of the control socket in a worker spawned by the broker.
 pub const CONTROL_FD: i32 = 3;
 
+/// Longest image chain, leaf included (the VHD engine refuses a deeper
+/// one). Also the most `NeedParent` requests one open may make: the
+/// worker refuses to ask more, and the broker kills a worker that does.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// Most parent locators one `NeedParent` may carry; the broker kills a
+/// worker that sends more (a VHD header has 8 slots).
+pub const MAX_LOCATORS: usize = 16;
+
 /// Frontend-specific setup, with the fds that go along (see each variant).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FrontendSpec {

@@ -24,7 +24,7 @@ use tapjail_common::proto::{FrontendKind, ImageKind};
 use tapjail_common::worker_proto::{self as wp, FromWorker, FrontendSpec, ToWorker};
 
 /// Parents a chain may have; a longer (or cyclic) chain is refused.
-pub const MAX_PARENTS: usize = 64;
+pub const MAX_PARENTS: usize = tapjail_common::worker_proto::MAX_CHAIN_DEPTH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

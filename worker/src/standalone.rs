@@ -40,6 +40,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use tapjail_common::frame::{self, MAX_REQUEST_FRAME};
 use tapjail_common::proto::{FrontendKind, ImageSpec};
+use tapjail_common::signals::Blocked;
 use tapjail_common::worker_proto::{FromWorker, FrontendSpec, ParentLocator, ToWorker, CONTROL_FD};
 
 /// What `tapdisk --nbd` was asked to do.
@@ -380,40 +381,21 @@ fn open_parent(
 }
 
 /// Signals the monitor waits for, blocked so that `sigwait` takes them.
-struct Signals(libc::sigset_t);
-
-fn block_signals() -> Result<Signals, StandaloneError> {
-    // SAFETY: sigset manipulation on a local; pthread_sigmask on our thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD] {
-            libc::sigaddset(&mut set, s);
-        }
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(StandaloneError::Io(
-                "blocking signals",
-                io::Error::from_raw_os_error(rc),
-            ));
-        }
-        Ok(Signals(set))
-    }
+fn block_signals() -> Result<Blocked, StandaloneError> {
+    tapjail_common::signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD])
+        .map_err(|e| StandaloneError::Io("blocking signals", e))
 }
 
 /// Wait for a signal or the worker's death.
 fn supervise(
-    signals: &Signals,
+    signals: &Blocked,
     sock: std::os::fd::BorrowedFd<'_>,
     child: &mut Child,
 ) -> Result<(), StandaloneError> {
     loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: the set is initialised; sig is a valid out-pointer.
-        let rc = unsafe { libc::sigwait(&signals.0, &mut sig) };
-        if rc != 0 {
+        let Ok(sig) = signals.wait() else {
             continue;
-        }
+        };
         if sig == libc::SIGCHLD {
             match child.try_wait() {
                 Ok(Some(status)) => return Err(StandaloneError::WorkerDied(status)),

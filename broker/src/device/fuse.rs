@@ -235,14 +235,7 @@ impl FuseBackend {
     /// `Some(true)` when the worker has exited, `None` when unknown.
     fn worker_exited(&self) -> Option<bool> {
         let pidfd = self.worker.as_ref()?;
-        let mut p = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: p is one live pollfd; timeout 0 never blocks.
-        let rc = unsafe { libc::poll(&mut p, 1, 0) };
-        (rc >= 0).then_some(rc > 0)
+        crate::sys::pidfd_exited(pidfd.as_fd(), 0).ok()
     }
 
     /// Make every request on the connection fail now, so nothing waits on
@@ -388,28 +381,14 @@ impl Deadline<'_> {
     }
 }
 
-/// SIGKILL through a pidfd (no pid reuse race).
+/// SIGKILL through a pidfd (no pid reuse race); a worker already gone
+/// is fine.
 fn kill(pidfd: BorrowedFd<'_>) {
-    // SAFETY: plain integer arguments; a null siginfo is allowed.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-    }
+    let _ = crate::sys::pidfd_kill(pidfd);
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).ok()?;
-    // SAFETY: plain integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-
-    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
-    // SAFETY: a fresh fd we own.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::sys::pidfd_open(pid).ok()
 }
 
 /// FUSE_NOTIFY_RESEND arrived in Linux 6.9.

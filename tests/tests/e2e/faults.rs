@@ -162,3 +162,125 @@ fn faults_worker_crashing_on_open_fails_the_request_cleanly() {
     )
     .is_empty()));
 }
+
+/// `chattr +i` on a file until dropped: writes through fds already open
+/// on it fail with EPERM, a real audit write failure.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(p: &std::path::Path) -> Immutable {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .status()
+            .expect("chattr (e2fsprogs) is needed to make the audit log fail");
+        assert!(st.success(), "chattr +i {}: {st}", p.display());
+        Immutable(p.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn faults_create_is_refused_and_nothing_exists_when_its_decision_cannot_be_audited() {
+    use std::os::unix::net::UnixStream;
+    use tapjail_common::frame;
+    use tapjail_common::proto::{ImageKind, ImageSpec, Reply, Request, PROTOCOL_VERSION};
+    let mut h = Harness::start(Options::default());
+    let img = h.raw_image("ops", "a.img", 1 << 20);
+    let s = UnixStream::connect(&h.socket).unwrap();
+    let call = |req: &Request| {
+        frame::send_on(&s, req, &[]).unwrap();
+        frame::recv_on::<_, Reply>(&s, 1 << 20).unwrap().0
+    };
+    let hello = call(&Request::Hello {
+        version: PROTOCOL_VERSION,
+    });
+    assert!(matches!(hello, Reply::Hello { .. }), "{hello:?}");
+    let lines_before = h.audit_lines().len();
+    // The log fails under the broker's open fd, mid-run.
+    let guard = Immutable::set(&h.audit);
+    let r = call(&Request::Create {
+        image: ImageSpec {
+            kind: ImageKind::Aio,
+            path: img.display().to_string(),
+        },
+        read_only: false,
+        minor: None,
+    });
+    let Reply::Error { message, .. } = &r else {
+        panic!("create without an audit record: {r:?}")
+    };
+    assert!(message.contains("audit log cannot be written"), "{message}");
+    // Nothing was done: no device, no minor, no worker, no record.
+    let empty =
+        |p: std::path::PathBuf| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none());
+    assert!(empty(h.devices.clone()) && empty(h.state.join("nbd")));
+    assert!(std::fs::read_dir(h.state.join("minors"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(children_of(h.broker_pid()).is_empty());
+    drop(guard);
+    assert_eq!(h.audit_lines().len(), lines_before, "no line about it");
+    // The broker stays closed until restarted.
+    assert!(h.fails(&ROOT, &["list"]).contains("audit log"));
+    h.stop();
+}
+
+#[test]
+fn faults_parent_is_refused_and_nothing_exists_when_its_decision_cannot_be_audited() {
+    let h = std::sync::Arc::new(Harness::start(Options {
+        worker: WorkerBin::Fake,
+        ..Options::default()
+    }));
+    h.raw_image("alice", "base.img", 1 << 20);
+    // Five parent requests, 300 ms apart: the log breaks after the first.
+    let img = h.root("alice").join("slow.img");
+    std::fs::write(&img, b"SLOWPARENT:5:300:base.img\n").unwrap();
+    let h2 = h.clone();
+    let spec = format!("aio:{}", img.display());
+    let create = std::thread::spawn(move || h2.ctl(&ALICE, &["create", "-a", &spec]));
+    let opened = |h: &Harness| {
+        h.audit_lines().iter().any(|l| {
+            l["event"] == "parent_open"
+                && l["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("opened"))
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || opened(&h)),
+        "no parent opened:\n{}",
+        h.broker_log()
+    );
+    let guard = Immutable::set(&h.audit);
+    let out = create.join().unwrap();
+    drop(guard);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "create succeeded without a record");
+    assert!(err.contains("audit log cannot be written"), "{err}");
+    // Only the first parent was opened, on record; the rest were refused
+    // before anything was opened, and nothing of the create is left.
+    let parents = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "parent_open")
+        .count();
+    assert_eq!(parents, 2, "one decision and one outcome line");
+    let empty =
+        |p: std::path::PathBuf| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none());
+    assert!(empty(h.devices.clone()) && empty(h.state.join("nbd")));
+    assert!(empty(h.state.join("minors")));
+    assert!(eventually(Duration::from_secs(10), || children_of(
+        h.broker_pid()
+    )
+    .is_empty()));
+}

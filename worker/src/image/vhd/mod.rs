@@ -58,7 +58,7 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 /// blocks, or blktap's preallocation for the maximum size in 2 MiB blocks.
 pub const MAX_BAT_ENTRIES: u64 = 1 << 23;
 /// Longest chain, leaf included.
-pub const MAX_CHAIN_DEPTH: usize = 64;
+pub use tapjail_common::worker_proto::MAX_CHAIN_DEPTH;
 
 /// Open a VHD (fixed, dynamic or differencing with its whole chain).
 /// Parents come from `opener` and are opened read-only.

@@ -1,0 +1,320 @@
+//! A request's way through the broker: policy decision, the decision's
+//! audit line, the operation, the outcome's audit line, the reply.
+//!
+//! The decision and the start of the operation happen under one lock of
+//! the table, so ownership cannot change between them. A panic inside an
+//! operation is caught here: the request fails with an error, the panic is
+//! audited, the minor it held is given back by its lease, and the client's
+//! thread serves on.
+
+use crate::audit::Done;
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::table::Table;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
+use tapjail_policy::{decide, Decision, PeerCred};
+
+/// Whether `req` changes state (and so is audited before it is carried out).
+fn changes_state(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::Hello { .. } | Request::List { .. } | Request::Stats { .. }
+    )
+}
+
+/// The minor a request names, to respawn its worker if a panic left it dead.
+fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
+    match req {
+        Request::Free { minor }
+        | Request::Attach { minor, .. }
+        | Request::Detach { minor, .. }
+        | Request::Open { minor, .. }
+        | Request::Close { minor, .. }
+        | Request::Destroy { minor, .. }
+        | Request::Pause { minor, .. }
+        | Request::Unpause { minor, .. }
+        | Request::Stats { minor, .. } => Some(*minor),
+        _ => None,
+    }
+}
+
+impl Broker {
+    /// Decide, audit the decision, execute, audit the outcome, reply.
+    pub fn handle(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
+        if let Err(e) = self.audit_healthy() {
+            return e.reply();
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return BrokerError::failed("tap-broker is shutting down").reply();
+        }
+        let t = self.table();
+        let d = decide(req, peer, &self.policy, &*t);
+        if !d.allow {
+            drop(t);
+            let result = Err(BrokerError::denied(d.reason.clone()));
+            return self.finish(peer, req, &d, result);
+        }
+        // Fail closed: nothing is done that is not on record first.
+        if changes_state(req) {
+            if let Err(e) = self.audit_decision(peer, req, &d) {
+                return e.reply();
+            }
+        }
+        let run = catch_unwind(AssertUnwindSafe(|| self.execute(t, req, &d)));
+        let result = match run {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic_text(&*panic);
+                eprintln!("tap-broker: panic while serving {req:?}: {what}");
+                self.audit_panic(peer, req, &d, &what);
+                if let Some(m) = minor_of(req) {
+                    self.after_op(m);
+                }
+                return BrokerError::failed(format!(
+                    "tap-broker hit an internal error ({what}); nothing was changed on the minor it held: report this bug"
+                ))
+                .reply();
+            }
+        };
+        self.finish(peer, req, &d, result)
+    }
+
+    fn finish(
+        &self,
+        peer: &PeerCred,
+        req: &Request,
+        d: &Decision,
+        result: Result<Done, BrokerError>,
+    ) -> Reply {
+        if let Err(e) = self.audit_outcome(peer, req, d, &result) {
+            return e.reply();
+        }
+        match result {
+            Ok((reply, _)) => reply,
+            Err(e) => e.reply(),
+        }
+    }
+
+    fn execute(
+        self: &Arc<Self>,
+        t: MutexGuard<'_, Table>,
+        req: &Request,
+        d: &Decision,
+    ) -> Result<Done, BrokerError> {
+        let tenant = d
+            .tenant
+            .clone()
+            .ok_or_else(|| BrokerError::failed("policy allowed a request without a tenant"))?;
+        match req {
+            Request::Hello { version } => {
+                drop(t);
+                if *version != PROTOCOL_VERSION {
+                    return Err(BrokerError::new(
+                        ErrorKind::Version,
+                        format!(
+                            "tap-ctl speaks protocol {version}, this tap-broker speaks {PROTOCOL_VERSION}: use matching versions"
+                        ),
+                    ));
+                }
+                Ok((
+                    Reply::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                    format!("tenant {tenant}"),
+                ))
+            }
+            Request::List { pid, minor } => {
+                let rows: Vec<_> = t
+                    .list(&tenant, d.scope)
+                    .into_iter()
+                    .filter(|r| pid.is_none_or(|p| r.pid == Some(p)))
+                    .filter(|r| minor.is_none_or(|m| r.minor == Some(m)))
+                    .collect();
+                let n = rows.len();
+                Ok((Reply::List(rows), format!("{n} row(s)")))
+            }
+            Request::Allocate { minor } => self.op_allocate(t, &tenant, d, *minor),
+            Request::Free { minor } => self.op_free(t, *minor),
+            Request::Spawn => self.op_spawn(t, &tenant),
+            Request::Attach { pid, minor } => self.op_attach(t, *pid, *minor),
+            Request::Detach { pid, minor } => self.op_detach(t, *pid, *minor),
+            Request::Open {
+                pid,
+                minor,
+                image,
+                read_only,
+            } => self.op_open(t, *pid, *minor, image.kind, d, *read_only),
+            Request::Close { pid, minor, force } => self.op_close(t, *pid, *minor, *force),
+            Request::Create {
+                image,
+                read_only,
+                minor,
+            } => self.op_create(t, &tenant, d, image.kind, *read_only, *minor),
+            Request::Destroy { pid, minor } => self.op_destroy(t, *pid, *minor),
+            Request::Pause { pid, minor } => self.op_pause(t, *pid, *minor),
+            Request::Unpause { pid, minor, image } => {
+                self.op_unpause(t, *pid, *minor, image.as_ref().map(|i| i.kind), d)
+            }
+            Request::Stats { pid, minor } => self.op_stats(t, *pid, *minor),
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::SpawnConfig;
+    use crate::device::factory::DeviceFactory;
+    use crate::records::StateDir;
+    use std::path::Path;
+    use std::time::Duration;
+    use tapjail_common::audit::AuditLog;
+    use tapjail_common::Minor;
+    use tapjail_policy::Policy;
+
+    /// A broker serving uid 0 as tenant `root`, NBD frontend, no worker
+    /// binary (enough for the requests that need no worker).
+    fn broker(dir: &Path) -> Arc<Broker> {
+        let text = format!(
+            "socket = {:?}\naudit_log = {:?}\nstate_dir = {:?}\ndevice_dir = {:?}\nfrontend = \"nbd\"\n\
+             [[tenant]]\nname = \"root\"\nuids = [0]\nimage_roots = [{:?}]\nadmin = true\n",
+            dir.join("sock"),
+            dir.join("audit.jsonl"),
+            dir.join("state"),
+            dir.join("dev"),
+            dir.join("images"),
+        );
+        let policy = Policy::parse(&text).expect("policy");
+        let audit = AuditLog::open(&dir.join("audit.jsonl")).expect("audit");
+        let devices = DeviceFactory::new(policy.frontend, &dir.join("state"), Path::new("/dev"))
+            .expect("nbd");
+        let state = StateDir::create(&dir.join("state")).expect("state");
+        let spawn = SpawnConfig {
+            tapdisk: dir.join("no-tapdisk"),
+            memlock: 0,
+            timeout: Duration::from_secs(1),
+            op_timeout: Duration::from_secs(1),
+            store: None,
+        };
+        Arc::new(Broker::new(policy, audit, devices, state, spawn).expect("broker"))
+    }
+
+    /// `chattr +i` on a file until dropped.
+    struct Immutable(std::path::PathBuf);
+
+    impl Immutable {
+        fn set(p: &Path) -> Immutable {
+            let st = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(p)
+                .status()
+                .expect("chattr (e2fsprogs) is needed to make the audit log fail");
+            assert!(st.success(), "chattr +i {}: {st}", p.display());
+            Immutable(p.to_path_buf())
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    const ROOT: PeerCred = PeerCred {
+        pid: 1,
+        uid: 0,
+        gid: 0,
+    };
+
+    fn m(n: u64) -> Minor {
+        Minor::new(n).unwrap()
+    }
+
+    fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn panic_inside_an_operation_is_answered_audited_and_leaves_the_minor_usable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = broker(tmp.path());
+        let alloc = Request::Allocate { minor: Some(m(3)) };
+        assert!(matches!(b.handle(&ROOT, &alloc), Reply::Allocated { .. }));
+        crate::faults::panic_at("destroy");
+        let destroy = Request::Destroy {
+            pid: None,
+            minor: m(3),
+        };
+        // The panic happens with minor 3 leased; this thread survives it.
+        let r = b.handle(&ROOT, &destroy);
+        let Reply::Error { kind, message } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(kind, ErrorKind::Failed);
+        assert!(message.contains("internal error"), "{message}");
+        let last = audit_lines(tmp.path()).pop().unwrap();
+        assert!(
+            last["outcome"].as_str().unwrap().contains("panic"),
+            "{last}"
+        );
+        // The lease gave the minor back: listed, idle, destroyable.
+        let list = b.handle(
+            &ROOT,
+            &Request::List {
+                pid: None,
+                minor: None,
+            },
+        );
+        let Reply::List(rows) = list else {
+            panic!("{list:?}")
+        };
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].minor, Some(m(3)));
+        assert_eq!(b.handle(&ROOT, &destroy), Reply::Ok);
+        // And the minor can be allocated again.
+        assert!(matches!(b.handle(&ROOT, &alloc), Reply::Allocated { .. }));
+    }
+
+    #[test]
+    fn decision_line_precedes_the_act_and_a_failed_one_refuses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = broker(tmp.path());
+        let alloc = Request::Allocate { minor: Some(m(5)) };
+        assert!(matches!(b.handle(&ROOT, &alloc), Reply::Allocated { .. }));
+        let lines = audit_lines(tmp.path());
+        let [decision, outcome] = &lines[lines.len() - 2..] else {
+            unreachable!()
+        };
+        assert_eq!(decision["outcome"], crate::audit::PENDING, "{decision}");
+        assert_eq!(decision["decision"], "allow");
+        assert!(outcome["outcome"].as_str().unwrap().starts_with("ok"));
+        // The decision line of the next request cannot be written (the
+        // file is made immutable under the open fd: writes fail EPERM): it
+        // is refused and minor 6 is never allocated.
+        let _immutable = Immutable::set(&tmp.path().join("audit.jsonl"));
+        let r = b.handle(&ROOT, &Request::Allocate { minor: Some(m(6)) });
+        assert!(
+            matches!(&r, Reply::Error { message, .. } if message.contains("audit log")),
+            "{r:?}"
+        );
+        assert!(!b.table().disks.contains_key(&m(6)));
+        assert!(b.state.lock_minor(m(6)).unwrap().is_some(), "no lock taken");
+    }
+}

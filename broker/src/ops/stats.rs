@@ -1,0 +1,62 @@
+//! stats: the worker's counters, with its untrusted text cleaned.
+
+use super::live_worker;
+use crate::audit::Done;
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::lease::Lease;
+use crate::table::Table;
+use crate::worker::clean;
+use std::sync::{Arc, MutexGuard};
+use tapjail_common::proto::{Reply, StatsReply};
+use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_common::Minor;
+
+impl Broker {
+    pub fn op_stats(
+        self: &Arc<Self>,
+        t: MutexGuard<'_, Table>,
+        pid: Option<u32>,
+        minor: Minor,
+    ) -> Result<Done, BrokerError> {
+        let w = live_worker(&t, minor, pid)?;
+        let disk = t.disk(minor)?;
+        let (frontend, restarts) = (disk.shown().frontend, disk.restarts);
+        // Held so that the answer is about the phase it was asked in.
+        let lease = Lease::take(&self.table, t, minor, "stats", |_, _| Ok(()))?;
+        let r = w
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .call(&ToWorker::Stats, &[]);
+        drop(lease);
+        self.after_op(minor);
+        let mut ws = match r? {
+            FromWorker::Stats(ws) => *ws,
+            _ => {
+                return Err(BrokerError::failed(format!(
+                    "tapdisk {} answered Stats with something else",
+                    w.pid
+                )))
+            }
+        };
+        // Worker text is untrusted.
+        ws.name = clean(&ws.name);
+        ws.frontend.kind = clean(&ws.frontend.kind);
+        for img in &mut ws.images {
+            img.name = clean(&img.name);
+            img.driver.name = clean(&img.driver.name);
+            img.driver.status = img.driver.status.as_deref().map(clean);
+        }
+        Ok((
+            Reply::Stats(Box::new(StatsReply {
+                minor,
+                pid: w.pid,
+                frontend,
+                restarts,
+                worker: ws,
+            })),
+            format!("stats of minor {minor}"),
+        ))
+    }
+}

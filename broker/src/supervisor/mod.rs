@@ -1,0 +1,421 @@
+//! The worker supervisor: every worker is started ([`Broker::spawn_worker`],
+//! confinement checked in [`process`]), watched ([`Broker::supervise`]),
+//! reaped ([`Broker::on_exit`]), stopped ([`Broker::stop_worker`]) and
+//! replaced ([`Broker::respawn`]) here, and nowhere else.
+
+pub mod process;
+
+use crate::audit::WorkerExit;
+use crate::bringup::{DeviceMode, ImageReq, Target};
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::lease::Lease;
+use crate::lifecycle::{Phase, Served};
+use crate::sys::{self, Exit};
+use crate::table::{PendingSpawn, Table, Worker};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tapjail_common::audit::{Event, Peer};
+use tapjail_common::worker_proto::ToWorker;
+use tapjail_common::Minor;
+
+impl Broker {
+    /// Spawn a worker for `tenant`. Consumes the guard (spawning is slow).
+    pub fn spawn_worker(
+        self: &Arc<Self>,
+        mut t: MutexGuard<'_, Table>,
+        tenant: &str,
+    ) -> Result<u32, BrokerError> {
+        let (lo, hi) = self.policy.worker_uids;
+        let taken = t.worker_uids();
+        let on_host = sys::uids_in_use();
+        let uid = (lo..=hi)
+            .find(|u| !taken.contains(u) && !on_host.contains(u))
+            .ok_or_else(|| {
+                BrokerError::busy(format!(
+                    "all worker uids {lo}..={hi} are in use: no more tapdisks can run"
+                ))
+            })?;
+        let pending = PendingSpawn {
+            owner: tenant.to_string(),
+            uid,
+        };
+        t.pending.push(pending.clone());
+        drop(t);
+        let spawned = process::spawn(&self.spawn_cfg, self.devices.kind(), uid);
+        let mut t = self.table();
+        if let Some(i) = t.pending.iter().position(|p| *p == pending) {
+            t.pending.remove(i);
+        }
+        let s = spawned?;
+        let record = match self.state.lock_worker(s.pid) {
+            Ok(r) => r,
+            Err(e) => {
+                sys::kill_and_reap(s.pidfd.as_fd());
+                return Err(BrokerError::failed(format!("worker record: {e}")));
+            }
+        };
+        let mut w = Worker {
+            pid: s.pid,
+            owner: tenant.to_string(),
+            uid,
+            pidfd: s.pidfd,
+            killed: s.conn.kill_note(),
+            conn: Arc::new(Mutex::new(s.conn)),
+            minor: None,
+            exit: None,
+            stopping: false,
+            start_time: s.start_time,
+            record,
+            kept: s.kept,
+        };
+        let rec = w.record();
+        // Best effort, like the minors' records.
+        let _ = w.record.write(&rec);
+        t.workers.insert(s.pid, w);
+        drop(t);
+        self.wake_supervisor();
+        Ok(s.pid)
+    }
+
+    /// Ask a worker to exit; kill it if it does not within the timeout.
+    /// Returns once it has been reaped (or after a last grace period).
+    pub fn stop_worker(&self, pid: u32) {
+        let (conn, pidfd) = {
+            let mut t = self.table();
+            let Some(w) = t.workers.get_mut(&pid) else {
+                return;
+            };
+            w.stopping = true;
+            if !w.alive() {
+                return;
+            }
+            (w.conn.clone(), w.pidfd.clone())
+        };
+        if let Ok(c) = conn.try_lock() {
+            let _ = c.send(&ToWorker::Shutdown, &[]);
+        }
+        if !self.wait_exit(pid, self.spawn_cfg.timeout) {
+            let _ = sys::pidfd_kill(pidfd.as_fd());
+            if !self.wait_exit(pid, Duration::from_secs(5)) {
+                eprintln!("tap-broker: tapdisk {pid} survives SIGKILL (D state?)");
+            }
+        }
+    }
+
+    /// Forget a worker that has stopped (or is being discarded).
+    pub fn forget_worker(&self, pid: u32) {
+        if let Some(w) = self.table().workers.remove(&pid) {
+            w.record.release();
+        }
+    }
+
+    /// Wake the supervisor so it watches newly added workers.
+    pub fn wake_supervisor(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// Wait until worker `pid` has been reaped, up to `limit`.
+    pub fn wait_exit(&self, pid: u32, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut t = self.table();
+        loop {
+            match t.workers.get(&pid) {
+                None => return true,
+                Some(w) if w.exit.is_some() => return true,
+                Some(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            t = self
+                .exited
+                .wait_timeout(t, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The supervisor loop: watch every live worker's pidfd; reap and
+    /// handle each exit the moment it happens.
+    pub fn supervise(self: Arc<Self>) {
+        loop {
+            let watch: Vec<(u32, Arc<OwnedFd>)> = self
+                .table()
+                .workers
+                .values()
+                .filter(|w| w.alive())
+                .map(|w| (w.pid, w.pidfd.clone()))
+                .collect();
+            let mut fds = Vec::with_capacity(watch.len() + 1);
+            fds.push(rustix::event::PollFd::new(
+                &self.wake,
+                rustix::event::PollFlags::IN,
+            ));
+            for (_, fd) in &watch {
+                fds.push(rustix::event::PollFd::new(
+                    fd.as_ref(),
+                    rustix::event::PollFlags::IN,
+                ));
+            }
+            let timeout = rustix::event::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
+                continue;
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop(fds);
+            if ready[0] {
+                let mut buf = [0u8; 8];
+                let _ = rustix::io::read(&self.wake, &mut buf);
+            }
+            for (i, (pid, fd)) in watch.iter().enumerate() {
+                if !ready[i + 1] {
+                    continue;
+                }
+                match sys::try_reap(fd.as_fd()) {
+                    Ok(Some(exit)) => self.on_exit(*pid, exit),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("tap-broker: waitid on tapdisk {pid}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// A worker was reaped. A minor it served becomes `Dead` now, or, if
+    /// an operation holds it, when that operation's lease ends.
+    fn on_exit(self: &Arc<Self>, pid: u32, exit: Exit) {
+        let mut t = self.table();
+        let Some(w) = t.workers.get_mut(&pid) else {
+            return;
+        };
+        w.exit = Some(exit);
+        // Its control socket and stderr pipe need not outlive us any more.
+        drop(w.kept.take());
+        let (owner, uid, minor, stopping) = (w.owner.clone(), w.uid, w.minor, w.stopping);
+        let killed = w.killed.get().cloned();
+        if !stopping {
+            match minor.and_then(|m| t.disks.get_mut(&m)) {
+                Some(d) => {
+                    d.deaths.push_back(Instant::now());
+                    if let Ok(phase) = d.phase_mut() {
+                        if phase.worker() == Some(pid) {
+                            let p = std::mem::replace(phase, Phase::Allocated);
+                            *phase = p.into_dead();
+                        }
+                    }
+                    d.persist();
+                }
+                None => {
+                    // Unattached: it held nothing; forget it.
+                    if let Some(w) = t.workers.remove(&pid) {
+                        w.record.release();
+                    }
+                }
+            }
+        }
+        self.exited.notify_all();
+        drop(t);
+        self.audit_worker_exit(WorkerExit {
+            pid,
+            uid,
+            owner,
+            minor,
+            killed,
+            stopping,
+            exit,
+        });
+        if let (false, Some(m)) = (stopping, minor) {
+            self.after_op(m);
+        }
+    }
+
+    /// After an operation on `minor` (or a death): replace a dead worker
+    /// that was serving an image, if allowed; if not, fail its device's
+    /// waiting I/O rather than leave its callers hanging.
+    pub fn after_op(self: &Arc<Self>, minor: Minor) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut t = self.table();
+        let Some(Ok(phase)) = t.disks.get_mut(&minor).map(|d| d.phase_mut()) else {
+            return;
+        };
+        if !matches!(phase, Phase::Dead { .. }) {
+            return;
+        }
+        if !self.policy.respawn {
+            if let Some(s) = phase.served_mut() {
+                let _ = s.device.abandon();
+            }
+            return;
+        }
+        if !phase.wants_respawn() {
+            return;
+        }
+        drop(t);
+        let me = Arc::clone(self);
+        let _ = std::thread::Builder::new()
+            .name(format!("respawn-{minor}"))
+            .spawn(move || me.respawn(minor));
+    }
+
+    /// Replace the dead worker of `minor` with a fresh one on the same
+    /// kernel device (DeviceBackend::recover), reopening the same chain.
+    pub fn respawn(self: Arc<Self>, minor: Minor) {
+        let mut t = self.table();
+        let limit = self.policy.max_restarts_per_minute as usize;
+        let Ok(disk) = t.disk_mut(minor) else {
+            return;
+        };
+        let now = Instant::now();
+        while disk
+            .deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            disk.deaths.pop_front();
+        }
+        let over_limit = disk.deaths.len() > limit;
+        let owner = disk.owner.clone();
+        let lease = Lease::take(&self.table, t, minor, "respawn", |_, p| {
+            if p.wants_respawn() {
+                Ok(())
+            } else {
+                Err(BrokerError::busy("nothing to respawn"))
+            }
+        });
+        let Ok(mut lease) = lease else {
+            return;
+        };
+        let old_pid = lease.phase().worker();
+        if over_limit {
+            let why = format!(
+                "{} worker deaths within a minute (limit {limit})",
+                limit + 1
+            );
+            self.leave_dead(lease, owner, "respawn-limit", why);
+            return;
+        }
+        match self.replace_worker(&mut lease, &owner) {
+            Ok((pid, uid, next)) => {
+                let restarts = {
+                    let mut t = self.table();
+                    if let Some(old) = old_pid.and_then(|p| t.workers.remove(&p)) {
+                        old.record.release();
+                    }
+                    if let Some(w) = t.workers.get_mut(&pid) {
+                        w.minor = Some(minor);
+                    }
+                    t.disk_mut(minor).map(|d| {
+                        d.restarts += 1;
+                        d.restarts
+                    })
+                };
+                lease.commit(next);
+                self.notice(
+                    Event::WorkerRespawn,
+                    Some(Peer { pid, uid, gid: uid }),
+                    Some(owner),
+                    "respawn",
+                    format!(
+                        "minor {minor}: dead tapdisk {} replaced by tapdisk {pid} (restart {})",
+                        old_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                        restarts.unwrap_or(0)
+                    ),
+                );
+                // A replacement that died already is replaced in turn
+                // (within the respawn limit).
+                self.after_op(minor);
+            }
+            Err(e) => {
+                let why = format!("could not replace its dead tapdisk: {e}");
+                self.leave_dead(lease, owner, "respawn-failed", why);
+            }
+        }
+    }
+
+    /// No worker will serve the leased dead minor again: fail the I/O
+    /// waiting on its device, and say so.
+    fn leave_dead(&self, mut lease: Lease<'_>, owner: String, rule: &str, why: String) {
+        let minor = lease.minor();
+        let abandoned = lease.phase_mut().served_mut().map(|s| s.device.abandon());
+        drop(lease);
+        let note = match abandoned.unwrap_or(Ok(())) {
+            Ok(()) => "; its pending I/O fails".to_string(),
+            Err(e) => format!("; failing its pending I/O failed too: {e}"),
+        };
+        self.notice(
+            Event::WorkerRespawn,
+            None,
+            Some(owner),
+            rule,
+            format!("minor {minor}: {why}; left DEAD{note}"),
+        );
+    }
+
+    /// Start a worker and have it serve the leased dead minor's image on
+    /// its existing device. Returns the phase to commit.
+    fn replace_worker(
+        self: &Arc<Self>,
+        lease: &mut Lease<'_>,
+        owner: &str,
+    ) -> Result<(u32, u32, Phase), BrokerError> {
+        let minor = lease.minor();
+        let pid = self.spawn_worker(self.table(), owner)?;
+        let (uid, conn) = {
+            let t = self.table();
+            let w = t.worker(pid)?;
+            (w.uid, w.conn.clone())
+        };
+        let target = Target {
+            minor,
+            owner,
+            worker_pid: pid,
+            worker_uid: uid,
+        };
+        let Some(served) = lease.phase_mut().served_mut() else {
+            return Err(BrokerError::failed("nothing to respawn"));
+        };
+        let image = served.image.clone();
+        let up = {
+            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let req = ImageReq {
+                kind: image.spec.kind,
+                grant: &image.grant,
+                read_only: image.read_only,
+                unpause: false,
+            };
+            self.bring_up(&target, &conn, req, DeviceMode::Recover(&mut served.device))
+        };
+        match up {
+            Ok(up) => {
+                let Phase::Dead {
+                    served: Some(old), ..
+                } = std::mem::replace(lease.phase_mut(), Phase::Allocated)
+                else {
+                    unreachable!("leased as a dead, served minor");
+                };
+                let next = Phase::Serving {
+                    worker: pid,
+                    served: Served {
+                        image: up.image,
+                        device: old.device,
+                        link: old.link,
+                    },
+                };
+                Ok((pid, uid, next))
+            }
+            Err(e) => {
+                self.stop_worker(pid);
+                self.forget_worker(pid);
+                Err(e)
+            }
+        }
+    }
+}
