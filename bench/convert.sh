@@ -46,7 +46,7 @@ RT=()
 if [[ ${BENCH_RT:-1} != 0 && $(id -u) == 0 ]] && command -v chrt > /dev/null; then
   RT=(chrt -f 10)
 fi
-OURS=("${RT[@]}" "$TAPCTL" vhd convert -O raw "$img" "$work/out.raw")
+OURS=("${RT[@]}" "$TAPCTL" vhd convert -f vhd -O raw "$img" "$work/out.raw")
 QEMU=("${RT[@]}" qemu-img convert -f vpc -O raw "$img" "$work/out.raw")
 
 # One timed run of "$@" into a fresh output: prints "wall cpu" in seconds.

@@ -1027,7 +1027,7 @@ fn bring_up_confined(opts: FuseOptions, image: &Path, size: u64) -> Result<Devic
 
 fn dynamic_vhd(dir: &Path, size: u64) -> Result<PathBuf, Failed> {
     let p = dir.join("disk.vhd");
-    tapjail_worker::image::vhd::fs::create_path(
+    tapjail_ctl::files::create_path(
         &p,
         size,
         &tapjail_worker::image::vhd::create::CreateKind::dynamic(),
@@ -1037,7 +1037,7 @@ fn dynamic_vhd(dir: &Path, size: u64) -> Result<PathBuf, Failed> {
 }
 
 fn vhd_is_clean(vhd: &Path) -> R {
-    let problems = tapjail_worker::image::vhd::fs::check_path(vhd).map_err(|e| e.to_string())?;
+    let problems = tapjail_ctl::files::check_path(vhd).map_err(|e| e.to_string())?;
     check(problems.is_empty(), format!("vhd check: {problems:?}"))
 }
 

@@ -1,5 +1,6 @@
 //! `tap-ctl`: blktap-compatible lifecycle commands (talking to tap-broker)
-//! and offline VHD tools that work on the caller's own files.
+//! and offline VHD tools that work on the caller's own files, parsing them
+//! in a confined child (`tapjail_ctl::privsep`).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
 
 /// The error for the terminal: each cause said once, on one line, with
 /// what came from others (file names, names read out of images) escaped.
-fn render(e: &anyhow::Error) -> String {
+pub(crate) fn render(e: &anyhow::Error) -> String {
     escape::escape(&tapjail_common::error_chain(e.as_ref()))
 }
 
@@ -94,10 +95,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
     fn render_error_with_repeated_source_says_it_once() {
         // ENOENT, as the engine reports a missing file.
         let io = std::io::Error::from_raw_os_error(2);
-        let e = anyhow::Error::new(tapjail_worker::image::ImageError::Io {
+        let e = anyhow::Error::new(tapjail_image::ImageError::Io {
             op: "open",
             offset: 0,
             source: io,

@@ -5,8 +5,8 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
-use tapjail_worker::image::vhd::{check, repair, VhdImage, VhdLayer, VhdOptions};
-use tapjail_worker::image::{Backing, Image};
+use tapjail_image::vhd::{check, repair, VhdImage, VhdLayer, VhdOptions};
+use tapjail_image::{Backing, Image};
 
 /// An in-memory file holding the fuzz input, so that nothing reaches the
 /// disk. Read-only unless made with [`MemFile::writable`] (then it grows
@@ -111,7 +111,7 @@ pub fn fuse_request(data: &[u8]) {
     use tapjail_worker::disk::Disk;
     use tapjail_worker::frontend::fuse::fs::{OneFileFs, Outcome};
     use tapjail_worker::frontend::fuse::request;
-    use tapjail_worker::image::raw::RawImage;
+    use tapjail_image::raw::RawImage;
 
     let Ok(req) = request::parse(data) else {
         return;

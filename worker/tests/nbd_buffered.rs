@@ -7,7 +7,8 @@
 mod support;
 
 use support::*;
-use tapjail_worker::image::vhd::{create::CreateKind, fs as vhdfs, DEFAULT_BLOCK_SIZE};
+use tapjail_ctl::files as vhdfs;
+use tapjail_worker::image::vhd::{create::CreateKind, DEFAULT_BLOCK_SIZE};
 use tapjail_worker::image::Image;
 
 const MIB: u64 = 1 << 20;

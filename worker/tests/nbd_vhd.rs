@@ -7,7 +7,8 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 use support::*;
-use tapjail_worker::image::vhd::{create::CreateKind, fs as vhdfs, DEFAULT_BLOCK_SIZE};
+use tapjail_ctl::files as vhdfs;
+use tapjail_worker::image::vhd::{create::CreateKind, DEFAULT_BLOCK_SIZE};
 
 const MIB: u64 = 1 << 20;
 
@@ -110,7 +111,7 @@ fn differencing_chain_writes_land_in_the_leaf_and_the_parent_is_unchanged() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("read 524288/524288"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("failed"));
-    let leaf = tapjail_worker::image::vhd::fs::open_vhd(&child, true, Default::default()).unwrap();
+    let leaf = tapjail_ctl::files::open_vhd(&child, true, Default::default()).unwrap();
     let mut buf = vec![0u8; 512 * 1024];
     tapjail_worker::image::Image::read_at(&leaf, &mut buf, MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0x22));

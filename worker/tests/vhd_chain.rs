@@ -7,10 +7,10 @@ mod common;
 use common::*;
 use std::path::Path;
 use tapjail_common::proto::ImageKind;
-use tapjail_worker::image::vhd::create::{create, CreateKind, ParentSpec};
-use tapjail_worker::image::vhd::fs::{
+use tapjail_ctl::files::{
     check_path, coalesce_path, create_path, open_file, open_vhd, set_parent_path, snapshot_path,
 };
+use tapjail_worker::image::vhd::create::{create, CreateKind, ParentSpec};
 use tapjail_worker::image::vhd::locator::LocatorCode;
 use tapjail_worker::image::vhd::{VhdOptions, DEFAULT_BLOCK_SIZE, MAX_CHAIN_DEPTH};
 use tapjail_worker::image::{open_chain, Backing, Image, ImageError, ParentLocator, ParentOpener};
@@ -84,7 +84,10 @@ fn chain_snapshot_records_relative_and_absolute_locators() {
     std::fs::create_dir(tmp.path().join("kids")).unwrap();
     let child = tmp.path().join("kids/child.vhd");
     snapshot_path(&child, &base, DEFAULT_BLOCK_SIZE).unwrap();
-    let img = open(&child, true);
+    // The parent is outside the child's directory: only named is it used.
+    let mut named = tapjail_ctl::files::Local::default().with_parent(&child, &base);
+    let img =
+        tapjail_ctl::files::open_vhd_in(&mut named, &child, true, Default::default()).unwrap();
     let locs = img.leaf().parent_locators();
     assert!(locs
         .iter()
@@ -163,7 +166,7 @@ fn chain_parent_loop_is_refused() {
     snapshot_path(&x, &y, DEFAULT_BLOCK_SIZE).unwrap();
     // x -> y -> x -> ...: set_parent_path refuses to write this, so
     // write it below that check (as another tool or a hostile image can).
-    let (spec, _) = tapjail_worker::image::vhd::fs::parent_spec(&y, &x).unwrap();
+    let (spec, _) = tapjail_ctl::files::parent_spec(&y, &x).unwrap();
     tapjail_worker::image::vhd::modify::set_parent(&open_file(&y, false).unwrap(), &spec).unwrap();
     let e = open_vhd(&x, true, VhdOptions::default()).unwrap_err();
     assert!(matches!(e, ImageError::ParentLoop { .. }), "{e}");
@@ -296,7 +299,7 @@ fn check_path_reports_a_parent_loop_further_up_the_chain() {
     snapshot_path(&c2, &c1, DEFAULT_BLOCK_SIZE).unwrap();
     // A loop c1 -> c2 -> c1, written below the path-level refusal (as
     // another tool, or a hostile image, could have).
-    let (spec, _) = tapjail_worker::image::vhd::fs::parent_spec(&c1, &c2).unwrap();
+    let (spec, _) = tapjail_ctl::files::parent_spec(&c1, &c2).unwrap();
     tapjail_worker::image::vhd::modify::set_parent(&open_file(&c1, false).unwrap(), &spec).unwrap();
     assert!(open_vhd(&c2, true, VhdOptions::default()).is_err());
     for p in [&c1, &c2] {

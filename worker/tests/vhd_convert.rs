@@ -10,8 +10,8 @@ use common::*;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use tapjail_ctl::files::{convert_path, create_path, snapshot_path, ConvertTarget};
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{convert_path, create_path, snapshot_path, ConvertTarget};
 use tapjail_worker::image::vhd::DEFAULT_BLOCK_SIZE;
 use tapjail_worker::image::Image;
 

@@ -5,9 +5,9 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
+use tapjail_ctl::files::{create_path, open_file, snapshot_path};
 use tapjail_worker::image::vhd::check::check;
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{create_path, open_file, snapshot_path};
 use tapjail_worker::image::vhd::{VhdLayer, VhdOptions, DEFAULT_BLOCK_SIZE};
 use tapjail_worker::image::{Image, ImageError};
 

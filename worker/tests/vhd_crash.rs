@@ -11,10 +11,10 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{
+use tapjail_ctl::files::{
     check_path, create_path, open_file, repair_path, snapshot_path, FsParentOpener,
 };
+use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_worker::image::vhd::{self as vhd, VhdOptions};
 use tapjail_worker::image::{Backing, Image};
 

@@ -9,9 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tapjail_ctl::files::{create_path, snapshot_path};
 use tapjail_worker::image::raw::RawImage;
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{create_path, snapshot_path};
 use tapjail_worker::image::vhd::DEFAULT_BLOCK_SIZE;
 use tapjail_worker::image::{Image, Mapping, Segment, SyncFiles, Target};
 

@@ -9,8 +9,8 @@ use common::*;
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use tapjail_ctl::files::{check_path, create_path, open_file, FsParentOpener};
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{check_path, create_path, open_file, FsParentOpener};
 use tapjail_worker::image::vhd::{self as vhd, VhdOptions};
 use tapjail_worker::image::{Backing, Image};
 
@@ -124,7 +124,7 @@ fn full_disk_during_allocation_leaves_a_differencing_image_clean() {
         512 + u64::from(BS) + 200,
     ] {
         let p = tmp.path().join(format!("c{extra}.vhd"));
-        tapjail_worker::image::vhd::fs::snapshot_path(&p, &base, BS).unwrap();
+        tapjail_ctl::files::snapshot_path(&p, &base, BS).unwrap();
         run(&p, extra);
     }
 }

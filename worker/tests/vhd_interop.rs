@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use std::path::Path;
+use tapjail_ctl::files::{check_path, create_path, repair_path};
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{check_path, create_path, repair_path};
 use tapjail_worker::image::Image;
 
 /// Writes qemu-io performs: (offset, length, pattern byte).

@@ -8,8 +8,8 @@ use common::*;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tapjail_ctl::files::{check_path, coalesce_path, create_path, snapshot_path};
 use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{check_path, coalesce_path, create_path, snapshot_path};
 use tapjail_worker::image::vhd::VhdImage;
 use tapjail_worker::image::Image;
 

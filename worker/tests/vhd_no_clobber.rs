@@ -8,10 +8,8 @@ mod common;
 
 use common::*;
 use std::path::Path;
+use tapjail_ctl::files::{convert_path, create_path, open_file, snapshot_path, ConvertTarget};
 use tapjail_worker::image::vhd::create::{create, CreateKind};
-use tapjail_worker::image::vhd::fs::{
-    convert_path, create_path, open_file, snapshot_path, ConvertTarget,
-};
 use tapjail_worker::image::vhd::DEFAULT_BLOCK_SIZE;
 use tapjail_worker::image::{Image, ImageError};
 

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
-use tapjail_worker::image::vhd::create::CreateKind;
-use tapjail_worker::image::vhd::fs::{
+use tapjail_ctl::files::{
     check_path, convert_path, create_path, open_any, open_file, query_path, snapshot_path,
     ConvertTarget,
 };
+use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_worker::image::ImageError;
 
 fn mkfifo(p: &Path) {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use tapjail_worker::image::vhd::{self, VhdImage, VhdOptions};
+use tapjail_worker::image::vhd::{VhdImage, VhdOptions};
 use tapjail_worker::image::Image;
 
 /// Run a command and return its stdout; panic with its stderr on failure.
@@ -68,7 +68,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn open(path: &Path, read_only: bool) -> VhdImage {
-    vhd::fs::open_vhd(path, read_only, VhdOptions::default())
+    tapjail_ctl::files::open_vhd(path, read_only, VhdOptions::default())
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 

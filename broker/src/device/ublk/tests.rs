@@ -81,7 +81,7 @@ fn child_serve(cfg: &str) -> Result<(), String> {
     };
     let img: Arc<dyn Image> = if image.ends_with(".vhd") {
         Arc::new(
-            vhd::fs::open_vhd(std::path::Path::new(image), ro, Default::default())
+            tapjail_ctl::files::open_vhd(std::path::Path::new(image), ro, Default::default())
                 .map_err(|e| e.to_string())?,
         )
     } else {
@@ -496,7 +496,7 @@ fn sigkill_scenario(vhd: bool) {
         let kind = vhd::create::CreateKind::Dynamic {
             block_size: 128 << 10,
         };
-        vhd::fs::create_path(&path, size, &kind).expect("create vhd");
+        tapjail_ctl::files::create_path(&path, size, &kind).expect("create vhd");
         (dir, path)
     } else {
         image(size)
@@ -618,7 +618,10 @@ fn sigkill_scenario(vhd: bool) {
 
     // The image itself, reopened from scratch, holds the same data.
     let reopened: Box<dyn Image> = if vhd {
-        Box::new(vhd::fs::open_vhd(&img, true, Default::default()).expect("VHD reopens cleanly"))
+        Box::new(
+            tapjail_ctl::files::open_vhd(&img, true, Default::default())
+                .expect("VHD reopens cleanly"),
+        )
     } else {
         Box::new(RawImage::open(Box::new(File::open(&img).unwrap()), "raw", true).unwrap())
     };
@@ -778,7 +781,8 @@ fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
     let size = 16u64 << 20;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.vhd");
-    vhd::fs::create_path(&img, size, &vhd::create::CreateKind::dynamic()).expect("create vhd");
+    tapjail_ctl::files::create_path(&img, size, &vhd::create::CreateKind::dynamic())
+        .expect("create vhd");
     let mut be = UblkBackend::default();
     let prepared = be.prepare(size, false).expect("prepare");
     let mut w = spawn_confined(prepared, &img, true);
@@ -843,7 +847,8 @@ fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
     be.teardown().expect("teardown");
     assert_eq!(w2.ask(ToWorker::Shutdown, &[]), FromWorker::Ok);
     assert!(w2.child.wait().unwrap().success());
-    let reopened = vhd::fs::open_vhd(&img, true, Default::default()).expect("VHD reopens");
+    let reopened =
+        tapjail_ctl::files::open_vhd(&img, true, Default::default()).expect("VHD reopens");
     let mut back = vec![0u8; 1 << 20];
     reopened.read_at(&mut back, 2 << 20).unwrap();
     assert!(back == a.buf());

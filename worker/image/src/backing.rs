@@ -36,7 +36,7 @@ pub trait Backing: Send + Sync + std::fmt::Debug {
     /// waiting for a device (page-cache hits); `false` when it would wait
     /// or fails in any way, and then `buf` holds unspecified bytes. Lets a
     /// frontend answer cache hits on the thread that received the request
-    /// (see [`crate::image::Image::read_at_nowait`]). Default: never.
+    /// (see [`crate::Image::read_at_nowait`]). Default: never.
     fn read_exact_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
         let _ = (buf, offset);
         false

@@ -2,7 +2,7 @@
 //! where the block (bitmap, then data) starts, or all ones if unallocated.
 
 use super::endian::be32;
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 pub const UNUSED: u32 = 0xFFFF_FFFF;
 

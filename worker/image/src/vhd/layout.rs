@@ -12,7 +12,7 @@ use super::footer::{DiskType, Footer, FOOTER_SIZE};
 use super::header::{Header, HEADER_SIZE};
 use super::locator::MAX_LOCATOR_LEN;
 use super::MAX_BAT_ENTRIES;
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 /// A non-fatal finding: the image opens, but `check` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

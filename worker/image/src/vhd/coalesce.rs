@@ -4,7 +4,7 @@
 
 use super::footer::DiskType;
 use super::layer::VhdLayer;
-use crate::image::{Image, ImageError};
+use crate::{Image, ImageError};
 
 /// Bytes copied per step.
 const CHUNK: u64 = 4 << 20;

@@ -14,7 +14,7 @@ use super::footer::{Footer, CREATOR_TAP, CREATOR_VERSION_OPTIONAL_BATMAP, FOOTER
 use super::header::HEADER_SIZE;
 use super::layout::{BatmapState, FooterSource, Metadata};
 use super::MAX_BAT_ENTRIES;
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 fn io(op: &'static str, off: u64) -> impl FnOnce(std::io::Error) -> ImageError {
     ImageError::io(op, off)

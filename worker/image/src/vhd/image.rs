@@ -5,8 +5,8 @@
 use super::footer::DiskType;
 use super::layer::VhdLayer;
 use super::MAX_CHAIN_DEPTH;
-use crate::image::zeroes::{ZEROES, ZERO_CHUNK};
-use crate::image::{Extent, Image, ImageError, LayerStats, SECTOR_SIZE};
+use crate::zeroes::{ZEROES, ZERO_CHUNK};
+use crate::{Extent, Image, ImageError, LayerStats, SECTOR_SIZE};
 use std::sync::{Mutex, MutexGuard};
 
 /// Stripes serializing read-modify-write of partial sectors.
@@ -343,19 +343,19 @@ impl Image for VhdImage {
         self.layers.iter().map(|l| l.stats()).collect()
     }
 
-    fn direct_files(&self) -> Vec<crate::image::DirectFile> {
+    fn direct_files(&self) -> Vec<crate::DirectFile> {
         self.direct_files_impl()
     }
 
-    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<crate::image::Mapping> {
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<crate::Mapping> {
         self.map_direct_impl(offset, len, write)
     }
 
-    fn direct_done(&self, mapping: &crate::image::Mapping, ok: bool) {
+    fn direct_done(&self, mapping: &crate::Mapping, ok: bool) {
         self.direct_done_impl(mapping, ok)
     }
 
-    fn direct_sync(&self) -> Option<crate::image::SyncFiles> {
+    fn direct_sync(&self) -> Option<crate::SyncFiles> {
         self.direct_sync_impl()
     }
 }

@@ -6,9 +6,9 @@
 //! One concern per module: [`footer`], [`header`], [`bat`], [`bitmap`],
 //! [`batmap`], [`locator`] and [`geometry`] parse and write the on-disk
 //! structures; [`layout`] validates a whole file; [`layer`] serves one file;
-//! [`image`] serves a chain as an [`crate::image::Image`]; [`chain`] opens
-//! one through a [`crate::image::ParentOpener`]; [`fs`] has the offline
-//! filesystem opener.
+//! [`image`] serves a chain as an [`crate::Image`]; [`chain`] opens
+//! one through a [`crate::ParentOpener`]. Opening files by path is the
+//! offline tool's business (`tap-ctl`'s `files` module), never the engine's.
 //!
 //! Which footer is trusted: the one at the end of the file (as blktap).
 //! For a fixed image it is the only one (the first sector is guest data,
@@ -28,7 +28,6 @@ pub mod create;
 pub mod direct;
 mod endian;
 pub mod footer;
-pub mod fs;
 pub mod geometry;
 pub mod header;
 pub mod image;
@@ -37,6 +36,7 @@ pub mod layer;
 pub mod layout;
 pub mod locator;
 pub mod modify;
+pub mod probe;
 pub mod repair;
 pub mod resize;
 

@@ -1,8 +1,9 @@
 //! The image engine: every disk format tapjail serves, behind one trait.
 //!
-//! The engine parses untrusted bytes, so it lives in the worker (and in the
-//! offline `tap-ctl vhd` tools, which run as the invoking user on that user's
-//! own files), never in the broker. It never opens a path by itself: files
+//! The engine parses untrusted bytes, so it runs in the confined worker
+//! and in the confined offline `tap-ctl vhd` tools, never in the broker.
+//! It is a crate of its own so that `tap-ctl` links it without the worker's
+//! sandbox, io_uring and frontends. It never opens a path by itself: files
 //! arrive as [`Backing`] objects and parents of a differencing chain are
 //! obtained through a [`ParentOpener`], which offline is the filesystem and
 //! under the broker is a policy-checked request over the control socket.
@@ -177,10 +178,12 @@ pub fn open_chain(
     }
 }
 
-/// Guess the kind of an image file from its bytes: a VHD footer cookie
-/// makes it `vhd`, anything else is raw (`aio`).
+/// The kind of an image file from its bytes, without guessing in the
+/// dangerous direction: any sign of a VHD ([`vhd::probe::vhd_sign`]) makes
+/// it `vhd` (which then opens or is refused), and only a file with none is
+/// raw (`aio`).
 pub fn detect_kind(file: &dyn Backing) -> Result<tapjail_common::proto::ImageKind, ImageError> {
-    Ok(if vhd::is_vhd(file)? {
+    Ok(if vhd::probe::vhd_sign(file)?.is_some() {
         tapjail_common::proto::ImageKind::Vhd
     } else {
         tapjail_common::proto::ImageKind::Aio

@@ -5,7 +5,7 @@ use super::bitmap;
 use super::footer::DiskType;
 use super::layout::{BatmapState, Finding, Metadata};
 use super::locator;
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use super::footer::{DiskType, FOOTER_SIZE};
 use super::header::LOCATOR_SLOTS;
 use super::layout::Metadata;
 use super::locator::{self, LocatorCode, LocatorEntry};
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 fn io(op: &'static str, off: u64) -> impl FnOnce(std::io::Error) -> ImageError {
     ImageError::io(op, off)

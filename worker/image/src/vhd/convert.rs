@@ -34,7 +34,7 @@
 //! only ~10% wall time, and would turn a source truncated by someone else
 //! during the copy into a SIGBUS crash instead of an error: not taken.
 
-use crate::image::{Image, ImageError};
+use crate::{Image, ImageError};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;

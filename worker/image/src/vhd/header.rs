@@ -4,7 +4,7 @@
 use super::endian::{be32, be64, checksum, put32, put64};
 use super::locator::{LocatorCode, LocatorEntry};
 use super::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use crate::image::ImageError;
+use crate::ImageError;
 
 pub const HEADER_SIZE: usize = 1024;
 pub const COOKIE: &[u8; 8] = b"cxsparse";

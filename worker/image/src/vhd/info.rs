@@ -3,7 +3,7 @@
 use super::footer::{format_uuid, DiskType};
 use super::layer::VhdLayer;
 use super::layout::{BatmapState, Metadata};
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 /// Facts about one VHD file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use super::footer::{format_uuid, DiskType};
 use super::image::VhdImage;
 use super::layer::{VhdLayer, VhdOptions};
 use super::MAX_CHAIN_DEPTH;
-use crate::image::{Backing, ImageError, ParentOpener};
+use crate::{Backing, ImageError, ParentOpener};
 use std::collections::HashSet;
 
 /// Open `leaf` and all its parents.

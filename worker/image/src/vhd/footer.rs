@@ -4,7 +4,7 @@
 use super::endian::{be32, be64, checksum, put32, put64};
 use super::geometry::{Chs, MAX_GEOMETRY_SECTORS};
 use super::MAX_VIRTUAL_SIZE;
-use crate::image::ImageError;
+use crate::ImageError;
 
 pub const FOOTER_SIZE: usize = 512;
 pub const COOKIE: &[u8; 8] = b"conectix";

@@ -1,8 +1,8 @@
-//! Direct mappings of a VHD chain (see [`crate::image::direct`]).
+//! Direct mappings of a VHD chain (see [`crate::direct`]).
 //!
 //! What maps, decided from metadata in memory only:
 //! - reads, sector run by sector run, through the chain as
-//!   [`VhdImage::read_at`](crate::image::Image::read_at) walks it: sectors
+//!   [`VhdImage::read_at`](crate::Image::read_at) walks it: sectors
 //!   present in a layer map to that layer's file, ranges unallocated at the
 //!   root (or beyond a smaller parent) map to zeroes. Parents are read-only
 //!   for the whole life of the chain, so a mapping into one can never go
@@ -28,8 +28,8 @@
 
 use super::footer::DiskType;
 use super::VhdImage;
-use crate::image::direct::{Pins, MAX_DIRECT_FILES, MAX_SEGMENTS};
-use crate::image::{DirectFile, Image, Mapping, SyncFiles, Target, SECTOR_SIZE};
+use crate::direct::{Pins, MAX_DIRECT_FILES, MAX_SEGMENTS};
+use crate::{DirectFile, Image, Mapping, SyncFiles, Target, SECTOR_SIZE};
 use std::sync::Arc;
 
 /// What a chain needs for direct mappings, fixed when it is opened.

@@ -1,11 +1,11 @@
-//! The layer's side of direct mappings (see [`crate::image::direct`]):
+//! The layer's side of direct mappings (see [`crate::direct`]):
 //! whether a flush needs more than a data sync, and deallocation that
 //! respects pinned blocks. The lookups themselves are
 //! [`VhdLayer::map_cached`], answered from metadata in memory only, so a
 //! frontend may call them on a thread that must never block.
 
 use super::{lock, Sparse, VhdLayer, BITMAP_SHARDS, UNUSED};
-use crate::image::ImageError;
+use crate::ImageError;
 use std::sync::atomic::Ordering;
 
 impl VhdLayer {

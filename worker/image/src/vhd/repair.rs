@@ -18,7 +18,7 @@ use super::bitmap;
 use super::check::{check, Problem};
 use super::footer::{CREATOR_VERSION_OPTIONAL_BATMAP, FOOTER_SIZE};
 use super::layout::{BatmapState, FooterSource, Metadata};
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 /// What `repair` did and what is still wrong.
 #[derive(Debug, Clone, Default)]

@@ -5,7 +5,7 @@
 //! (UTF-16LE, `\`-separated). Windows writes absolute `W2ku` paths with a
 //! drive letter. Decoding is careful: these bytes are untrusted.
 
-use crate::image::{ImageError, ParentLocator};
+use crate::{ImageError, ParentLocator};
 
 /// Longest locator payload we read (a 4096-byte path in UTF-16 is 8 KiB).
 pub const MAX_LOCATOR_LEN: u32 = 16 << 10;

@@ -12,7 +12,7 @@ use super::footer::{new_uuid, vhd_now, DiskType, Footer, FOOTER_SIZE};
 use super::header::{Header, HEADER_SIZE, LOCATOR_SLOTS};
 use super::locator::{self, LocatorCode, LocatorEntry};
 use super::{DEFAULT_BLOCK_SIZE, MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
-use crate::image::{Backing, ImageError};
+use crate::{Backing, ImageError};
 
 /// Smallest block size `create` accepts (opening accepts 512 like qemu).
 pub const MIN_CREATE_BLOCK_SIZE: u32 = 4096;

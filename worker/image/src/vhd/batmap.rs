@@ -7,7 +7,7 @@
 //! batmap is detected (overlap with a block) and ignored.
 
 use super::endian::{be32, be64, put32, put64};
-use crate::image::ImageError;
+use crate::ImageError;
 
 pub const COOKIE: &[u8; 8] = b"tdbatmap";
 pub const HEADER_BYTES: usize = 512;

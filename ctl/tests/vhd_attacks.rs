@@ -1,0 +1,267 @@
+//! Attacks on the offline tools through hostile images: `tap-ctl vhd` runs
+//! as root on files a guest or tenant wrote, so it must follow no parent
+//! locator out of the image's directory, must not take a broken VHD for
+//! raw, and must parse with no way to open a path.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn tapctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> Vec<u8> {
+    let o = tapctl(args);
+    assert!(
+        o.status.success(),
+        "tap-ctl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+/// Runs and must fail; returns stderr.
+fn refused(args: &[&str]) -> String {
+    let o = tapctl(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "tap-ctl {args:?} should fail: {err}"
+    );
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const SECRET: &[u8] = b"TOPSECRET-host-only-bytes-0123456789";
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A VHD in `dir` holding SECRET at offset 0, standing for a host file
+/// (another tenant's image, a gold master) whose UUID an attacker knows.
+fn host_secret(dir: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let secret = dir.join("secret.vhd");
+    ok(&["vhd", "create", "-n", s(&secret), "-s", "4"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(["vhd", "write", "-n", s(&secret), "-o", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(SECRET)?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(o.success());
+    secret
+}
+
+#[test]
+fn convert_of_a_raw_disk_holding_a_vhd_with_an_absolute_locator_reads_no_host_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = host_secret(&tmp.path().join("host"));
+    // The guest's raw disk holds, byte for byte, a differencing VHD whose
+    // parent is the host file: its relative locator (../host/secret.vhd
+    // from where it was made) leads nowhere from vm/, so only the
+    // absolute locators name the secret.
+    let guest = tmp.path().join("guest");
+    std::fs::create_dir_all(guest.join("vm")).unwrap();
+    let forged = guest.join("forged.vhd");
+    ok(&["vhd", "snapshot", "-n", s(&forged), "-p", s(&secret)]);
+    let disk = guest.join("vm/disk.raw");
+    std::fs::rename(&forged, &disk).unwrap();
+
+    let out = guest.join("vm/out.raw");
+    let err = refused(&["vhd", "convert", s(&disk), s(&out)]);
+    assert!(!out.exists(), "no output may be left behind");
+    assert!(
+        err.contains("absolute locators are not followed") && err.contains("--parent PATH"),
+        "{err}"
+    );
+    // Read the image's virtual disk too: same rule.
+    let err = refused(&["vhd", "read", "-n", s(&disk), "-o", "0", "-l", "512"]);
+    assert!(err.contains("absolute locators are not followed"), "{err}");
+
+    // Said to be raw, it is copied as the bytes it is: no secret in them.
+    ok(&["vhd", "convert", "-f", "raw", s(&disk), s(&out)]);
+    let copied = std::fs::read(&out).unwrap();
+    assert_eq!(copied, std::fs::read(&disk).unwrap());
+    assert!(!contains(&copied, SECRET));
+}
+
+#[test]
+fn parent_locator_leaving_the_directory_or_through_a_symlink_is_refused_with_the_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = host_secret(&tmp.path().join("elsewhere"));
+
+    // `..`: the child in b/ records ../elsewhere/secret.vhd.
+    std::fs::create_dir_all(tmp.path().join("b")).unwrap();
+    let up = tmp.path().join("b/child.vhd");
+    ok(&["vhd", "snapshot", "-n", s(&up), "-p", s(&elsewhere)]);
+
+    // A symlink as the parent file, and one as a directory on the way.
+    let d = tmp.path().join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, d.join("link.vhd")).unwrap();
+    let via_file = d.join("via-file.vhd");
+    ok(&[
+        "vhd",
+        "snapshot",
+        "-n",
+        s(&via_file),
+        "-p",
+        s(&d.join("link.vhd")),
+    ]);
+    std::os::unix::fs::symlink(tmp.path().join("elsewhere"), d.join("sub")).unwrap();
+    let via_dir = d.join("via-dir.vhd");
+    ok(&[
+        "vhd",
+        "snapshot",
+        "-n",
+        s(&via_dir),
+        "-p",
+        s(&d.join("sub/secret.vhd")),
+    ]);
+
+    for (child, why) in [
+        (&up, "leads out of the image's directory"),
+        (&via_file, "a symbolic link is on its way"),
+        (&via_dir, "a symbolic link is on its way"),
+    ] {
+        let out = tmp.path().join("out.raw");
+        let err = refused(&["vhd", "convert", s(child), s(&out)]);
+        assert!(!out.exists());
+        assert!(err.contains(why), "{}: {err}", child.display());
+        assert!(
+            err.contains(
+                "only relative parent locators to a file beneath the image's own directory"
+            ),
+            "{err}"
+        );
+        let err = refused(&["vhd", "check", "-n", s(child)]);
+        assert!(err.contains("problem"), "{err}");
+
+        // Named by the user, the same parent is used.
+        ok(&[
+            "vhd",
+            "convert",
+            "--parent",
+            s(&elsewhere),
+            s(child),
+            s(&out),
+        ]);
+        assert!(std::fs::read(&out).unwrap().starts_with(SECRET));
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+#[test]
+fn vhd_with_a_damaged_cookie_is_not_converted_as_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fixed.vhd");
+    ok(&["vhd", "create", "--fixed", "-n", s(&img), "-s", "1"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let n = b.len();
+    b[n - 512..n - 504].copy_from_slice(b"CONECTIX");
+    std::fs::write(&img, &b).unwrap();
+
+    let out = tmp.path().join("out.raw");
+    let err = refused(&["vhd", "convert", s(&img), s(&out)]);
+    assert!(!out.exists());
+    assert!(
+        err.contains("damaged cookie") && err.contains("-f raw"),
+        "{err}"
+    );
+    let err = refused(&["vhd", "read", "-n", s(&img), "-o", "0", "-l", "512"]);
+    assert!(err.contains("damaged cookie"), "{err}");
+    let err = refused(&["vhd", "convert", "-f", "vhd", s(&img), s(&out)]);
+    assert!(err.contains("cookie"), "{err}");
+    assert!(!out.exists());
+    // The user may still say it is raw, and gets its bytes.
+    ok(&["vhd", "convert", "-f", "raw", s(&img), s(&out)]);
+    assert_eq!(std::fs::read(&out).unwrap(), b);
+}
+
+#[test]
+fn confined_parser_cannot_open_a_path() {
+    let o = tapctl(&["vhd", "confine-check", "/etc/passwd"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for how in ["open", "openat2"] {
+        assert!(
+            text.contains(&format!(
+                "{how} /etc/passwd: refused: Operation not permitted"
+            )),
+            "{text}"
+        );
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn image_verbs_parse_in_a_child_under_seccomp_without_privileges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("a.vhd");
+    ok(&["vhd", "create", "-n", s(&img), "-s", "16"]);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args([
+            "vhd",
+            "read",
+            "-n",
+            s(&img),
+            "-o",
+            "0",
+            "-l",
+            &(16 << 20).to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = c.stdout.take().unwrap();
+    // The first byte comes from the parser, so it exists and is confined;
+    // it cannot finish before we read the other 16 MiB.
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", c.id())).unwrap();
+    let parser: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("tap-ctl has a parser child")
+        .parse()
+        .unwrap();
+    assert_eq!(status_field(parser, "Seccomp"), "2");
+    assert_eq!(status_field(parser, "NoNewPrivs"), "1");
+    assert_eq!(status_field(parser, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(parser, "CapPrm"), "0000000000000000");
+    // The parent, which opens files, parses nothing and stays as it was.
+    assert_eq!(status_field(c.id(), "Seccomp"), "0");
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len() + 1, 16 << 20);
+    assert!(c.wait().unwrap().success());
+}
