@@ -242,8 +242,8 @@ fn worker_flushes_and_exits_when_the_broker_goes_away() {
 /// `Resync` while serving reports the open image.
 #[test]
 fn resync_ends_an_orphaned_parent_request_and_reports_what_is_open() {
-    use tapjail_worker::image::vhd::create::CreateKind;
     use tapjail_ctl::files::{create_path, snapshot_path};
+    use tapjail_worker::image::vhd::create::CreateKind;
     use tapjail_worker::image::vhd::DEFAULT_BLOCK_SIZE;
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vhd");
