@@ -227,7 +227,7 @@ fn faults_create_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
         .unwrap()
         .next()
         .is_none());
-    assert!(children_of(h.broker_pid()).is_empty());
+    assert!(workers_of(h.broker_pid()).is_empty());
     drop(guard);
     assert_eq!(h.audit_lines().len(), lines_before, "no line about it");
     // The broker stays closed until restarted.
@@ -279,7 +279,7 @@ fn faults_parent_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
         |p: std::path::PathBuf| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none());
     assert!(empty(h.devices.clone()) && empty(h.state.join("nbd")));
     assert!(empty(h.state.join("minors")));
-    assert!(eventually(Duration::from_secs(10), || children_of(
+    assert!(eventually(Duration::from_secs(10), || workers_of(
         h.broker_pid()
     )
     .is_empty()));
