@@ -392,6 +392,20 @@ impl Broker {
                 );
             }
         }
+        // Attached without an image on record: a worker that has one open
+        // (a crash between its open and the broker's record of it) is in
+        // a state nobody recorded.
+        if let (Some(pid), None) = (rec.worker, &served) {
+            if let Some(l) = live.get(&pid).filter(|l| l.has.image.is_some()) {
+                self.kill_adopted(
+                    pid,
+                    &format!(
+                        "it reports {:?} open, the record says no image",
+                        l.has.image
+                    ),
+                );
+            }
+        }
         let files = served
             .as_ref()
             .map(|s| s.image.files.clone())
