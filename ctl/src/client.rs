@@ -108,9 +108,22 @@ impl Client {
         self.stream.set_write_timeout(Some(wait))?;
         self.stream.set_read_timeout(Some(wait))?;
         let sent = frame::send_on(&self.stream, req, &[]);
-        let (reply, fds): (Reply, _) = sent
-            .and_then(|()| frame::recv_on(&self.stream, MAX_REPLY_FRAME))
-            .map_err(|e| self.frame_error(&e, wait, hello))?;
+        // A broker that refuses a connection (too many open) writes its
+        // answer and closes without reading our request, so the send may
+        // fail with EPIPE while the refusal waits unread in the socket:
+        // read it before reporting the send error.
+        let peer_closed = |e: &FrameError| {
+            matches!(e, FrameError::Io(io) if matches!(
+                io.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ))
+        };
+        let received = match sent {
+            Err(e) if !peer_closed(&e) => Err(e),
+            Err(e) => frame::recv_on(&self.stream, MAX_REPLY_FRAME).map_err(|_| e),
+            Ok(()) => frame::recv_on(&self.stream, MAX_REPLY_FRAME),
+        };
+        let (reply, fds): (Reply, _) = received.map_err(|e| self.frame_error(&e, wait, hello))?;
         drop(fds);
         match reply {
             Reply::Error { kind, message } => Err(Refused { kind, message }.into()),

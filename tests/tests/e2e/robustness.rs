@@ -27,11 +27,18 @@ fn cycles_200_create_destroy_leave_nothing_behind() {
     let img = h.raw_image("alice", "a.img", 4 << 20);
     let spec = format!("aio:{}", img.display());
     let broker = h.broker_pid();
+    // Pipes the broker inherited from the test runner stay open throughout.
+    let inherited_pipes = pipes_of(broker);
     // One cycle first so that lazily created things (dirs, threads' stacks)
     // exist before we measure.
     h.ok(&ALICE, &["create", "-a", &spec]);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(eventually(Duration::from_secs(5), || workers_of(broker).is_empty()));
+    // A reaped worker's stderr pipe is closed by its log reader once that
+    // has drained it, a moment after the reap: wait for that before taking
+    // the baseline.
+    assert!(eventually(Duration::from_secs(5), || pipes_of(broker)
+        == inherited_pipes));
     let fds = fd_count(broker);
     for i in 0..200 {
         let dev = h.ok(&ALICE, &["create", "-a", &spec]);
