@@ -334,14 +334,21 @@ fn an_adopted_worker_that_misreports_its_state_is_killed() {
         h.broker_log()
     );
     assert_eq!(adopt_lines(&h, "adopt-worker"), 1);
-    let killed = h.audit_lines().into_iter().find(|l| {
-        l["event"] == "worker_exit"
-            && l["rule"] == "worker-killed"
-            && l["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("not adopted") && r.contains("the record says aio:"))
-    });
-    assert!(killed.is_some(), "{:?}", h.audit_lines());
+    // The supervisor writes the exit's audit line once it sees the exit.
+    let killed = |h: &Harness| {
+        h.audit_lines().into_iter().any(|l| {
+            l["event"] == "worker_exit"
+                && l["rule"] == "worker-killed"
+                && l["reason"].as_str().is_some_and(|r| {
+                    r.contains("not adopted") && r.contains("the record says aio:")
+                })
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || killed(&h)),
+        "{:?}",
+        h.audit_lines()
+    );
 }
 
 /// NBD: the listening socket is kept, so a client reaches the same worker
