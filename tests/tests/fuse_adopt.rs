@@ -244,14 +244,17 @@ fn worker_killed_while_no_broker_runs_is_respawned_when_it_returns() {
     };
     h.launch();
     assert_eq!(reader.join().unwrap(), Some(true), "{}", h.broker_log());
-    let l = list(&h);
-    assert_eq!(l[0]["restarts"], 1, "{l:?}");
-    assert_ne!(l[0]["pid"].as_u64(), Some(u64::from(dead)));
+    // The respawn is recorded once the new worker's phase is settled.
+    assert!(
+        eventually(Duration::from_secs(10), || list(&h)[0]["restarts"] == 1
+            && h.audit_lines().iter().any(
+                |a| a["event"] == "worker_respawn" && a["rule"] == "respawn"
+            )),
+        "{:?}",
+        list(&h)
+    );
+    assert_ne!(list(&h)[0]["pid"].as_u64(), Some(u64::from(dead)));
     assert_eq!(adopt_lines(&h, "adopt-worker-refused"), 1);
-    assert!(h
-        .audit_lines()
-        .iter()
-        .any(|a| a["event"] == "worker_respawn" && a["rule"] == "respawn"));
     assert_eq!(
         direct_read_outcome(&dev, Duration::from_secs(10)),
         Some(true)
