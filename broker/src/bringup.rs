@@ -7,7 +7,7 @@ use crate::audit::{ParentCtx, PENDING};
 use crate::broker::Broker;
 use crate::device::{DeviceBackend, Prepared};
 use crate::error::BrokerError;
-use crate::sys;
+use crate::image_open;
 use crate::table::{FileId, OpenImage};
 use crate::worker::{clean, Opened, ParentRequest, WorkerConn};
 use std::fs::File;
@@ -17,7 +17,7 @@ use tapjail_common::audit::Verdict;
 use tapjail_common::proto::{ImageKind, ImageSpec};
 use tapjail_common::worker_proto::{FromWorker, ParentLocator, ToWorker};
 use tapjail_common::Minor;
-use tapjail_policy::{decide_parent, ImageGrant};
+use tapjail_policy::{decide_parent, ImageGrant, OpenAs};
 
 /// Who the chain is opened for.
 #[derive(Debug, Clone)]
@@ -60,45 +60,36 @@ pub struct Up {
 }
 
 impl Broker {
-    /// Open `grant` with `openat2` beneath its root; errors say why in
-    /// terms of the request (symlink, escape, missing).
-    pub fn open_grant(&self, grant: &ImageGrant, writable: bool) -> Result<File, BrokerError> {
-        let shown = grant.path.display();
-        sys::open_beneath(&grant.root, &grant.relative, writable).map_err(|e| {
-            if e.get_ref()
-                .is_some_and(|x| x.is::<sys::RootThroughSymlink>())
-            {
-                return BrokerError::denied(format!(
-                    "{shown}: its image root {} is reached through a symlink: refused (an \
-                     admin must name the root's real path in the policy, and keep it out of \
-                     tenants' reach)",
-                    grant.root.display()
-                ));
-            }
-            match e.raw_os_error() {
-                Some(libc::ELOOP) => BrokerError::denied(format!(
-                    "{shown}: refusing a path through a symlink (name the image by its real path)"
-                )),
-                Some(libc::EXDEV) => BrokerError::denied(format!(
-                    "{shown}: resolves outside the image root {}",
-                    grant.root.display()
-                )),
-                Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
-                    BrokerError::not_found(format!("{shown}: no such image file"))
-                }
-                Some(libc::EACCES) | Some(libc::EPERM) => {
-                    BrokerError::denied(format!("{shown}: permission denied"))
-                }
-                Some(libc::EROFS) => BrokerError::denied(format!(
-                    "{shown}: on a read-only filesystem (open it with -R)"
-                )),
-                Some(libc::EISDIR) => BrokerError::invalid(format!("{shown}: is a directory")),
-                _ if e.kind() == std::io::ErrorKind::InvalidInput => {
-                    BrokerError::invalid(format!("{shown}: not a regular file"))
-                }
-                _ => BrokerError::failed(format!("{shown}: {e}")),
-            }
-        })
+    /// Open `grant` for its tenant (her credentials, beneath its root,
+    /// locked against other writers, within a deadline): see
+    /// [`crate::image_open`].
+    pub fn open_grant(
+        &self,
+        grant: &ImageGrant,
+        writable: bool,
+    ) -> Result<image_open::Opened, BrokerError> {
+        // A file this broker already serves is refused with the minor
+        // that holds it (its lock would refuse it anyway).
+        let local = |id: FileId| {
+            let t = self.table();
+            let (m, other_rw) = t
+                .files
+                .get(&id)?
+                .iter()
+                .find(|(_, other_rw)| writable || *other_rw)
+                .copied()?;
+            Some(BrokerError::busy(format!(
+                "that image file is already open{} on minor {m}",
+                if other_rw { " for writing" } else { "" }
+            )))
+        };
+        image_open::open(grant, writable, self.open_deadline(), &local)
+    }
+
+    /// How long one image open may take: the worker's deadline, at most
+    /// 10 s (a local open takes microseconds).
+    fn open_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.policy.worker_timeout_secs.min(10)))
     }
 
     /// Open the chain on the worker and serve it on a device.
@@ -118,8 +109,10 @@ impl Broker {
             read_only,
             unpause,
         } = req;
-        let leaf = self.open_grant(grant, !read_only)?;
-        let leaf_id = sys::file_id(&leaf).map_err(|e| BrokerError::failed(e.to_string()))?;
+        let image_open::Opened {
+            file: leaf,
+            id: leaf_id,
+        } = self.open_grant(grant, !read_only)?;
         let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
         self.table().claim_files(target.minor, &files)?;
         let name = grant.path.display().to_string();
@@ -138,7 +131,7 @@ impl Broker {
         };
         let mut names = vec![grant.path.clone()];
         let opened = conn.open_chain(&msg, &leaf, &mut |req| {
-            self.resolve_parent(target, &mut names, &mut files, req)
+            self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
         drop(leaf);
         let opened: Opened = match opened {
@@ -218,6 +211,7 @@ impl Broker {
     fn resolve_parent(
         &self,
         target: &Target<'_>,
+        open_as: &OpenAs,
         names: &mut Vec<PathBuf>,
         files: &mut Vec<(FileId, bool)>,
         req: ParentRequest,
@@ -244,7 +238,14 @@ impl Broker {
         }
         let mut reasons = Vec::new();
         for loc in &req.locators {
-            let d = decide_parent(&self.policy, target.owner, &child, &loc.path, loc.relative);
+            let d = decide_parent(
+                &self.policy,
+                target.owner,
+                open_as,
+                &child,
+                &loc.path,
+                loc.relative,
+            );
             let Some(grant) = d.image.clone().filter(|_| d.allow) else {
                 deny(Some(loc), d.rule, d.reason.clone());
                 reasons.push(clean(&d.reason));
@@ -261,8 +262,8 @@ impl Broker {
             if let Err(e) = decided {
                 return Err(format!("parent refused: {e}"));
             }
-            let opened = self.open_grant(&grant, false).and_then(|file| {
-                let id = sys::file_id(&file).map_err(|e| BrokerError::failed(e.to_string()))?;
+            let opened = self.open_grant(&grant, false).and_then(|opened| {
+                let image_open::Opened { file, id } = opened;
                 self.table().claim_files(target.minor, &[(id, false)])?;
                 Ok((id, file))
             });

@@ -59,6 +59,7 @@ use tapjail_broker::device;
 mod error;
 #[cfg(test)]
 mod faults;
+mod image_open;
 mod lease;
 mod lifecycle;
 mod ops;

@@ -1,16 +1,15 @@
 //! Small wrappers over the syscalls the broker needs, each doing one thing
 //! and written once (the device backends use them too). They go through
 //! `rustix` (no `unsafe` here); what must run in a forked child before
-//! `exec` lives in the binary's `supervisor/process.rs`, signal masks in
-//! `tapjail_common::signals`.
+//! `exec` lives in the binary's `supervisor/process.rs`, the open helper's
+//! child in `image_open/helper.rs`, signal masks in
+//! `tapjail_common::signals`. Opening beneath a root is
+//! `tapjail_common::sys::open_beneath`.
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitIdOptions};
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use tapjail_policy::PeerCred;
 
 /// The peer's identity as the kernel recorded it at `connect()`.
@@ -21,63 +20,6 @@ pub fn peer_cred(sock: &UnixStream) -> io::Result<PeerCred> {
         uid: c.uid.as_raw(),
         gid: c.gid.as_raw(),
     })
-}
-
-/// An image root that can only be reached through a symlink (which a
-/// tenant may have planted, or the policy names a path with a symlink).
-#[derive(Debug, thiserror::Error)]
-#[error("the image root is reached through a symlink")]
-pub struct RootThroughSymlink;
-
-/// Open `relative` beneath the directory `root`, refusing any path that
-/// leaves it (`..`, absolute symlinks), any symlink at all and any magic
-/// link, and anything but a regular file. Opened non-blocking first so a
-/// FIFO planted in a tenant's root cannot hang the broker, then switched
-/// back to blocking.
-///
-/// The root itself is opened without following symlinks either: it is
-/// often inside a directory its tenant owns (`/home/alice/vms`), and a
-/// tenant who replaced it with a symlink to `/etc` would otherwise have
-/// every name below resolved inside `/etc`, by root.
-pub fn open_beneath(root: &Path, relative: &Path, writable: bool) -> io::Result<File> {
-    let dir = rustix::fs::openat2(
-        rustix::fs::CWD,
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::LOOP => io::Error::other(RootThroughSymlink),
-        e => e.into(),
-    })?;
-    let access = if writable {
-        OFlags::RDWR
-    } else {
-        OFlags::RDONLY
-    };
-    let fd = rustix::fs::openat2(
-        &dir,
-        relative,
-        access | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )?;
-    let st = rustix::fs::fstat(&fd)?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    rustix::fs::fcntl_setfl(&fd, access)?;
-    Ok(File::from(fd))
-}
-
-/// (device, inode) of an open file, to notice one image opened twice.
-pub fn file_id(f: &File) -> io::Result<(u64, u64)> {
-    let st = rustix::fs::fstat(f)?;
-    Ok((st.st_dev, st.st_ino))
 }
 
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -320,68 +262,6 @@ pub fn try_lock(fd: impl AsFd) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
-
-    #[test]
-    fn open_beneath_refuses_symlinks_dotdot_and_non_files() {
-        let root = tempfile::tempdir().unwrap();
-        let r = root.path();
-        std::fs::write(r.join("ok.img"), b"x").unwrap();
-        std::fs::create_dir(r.join("sub")).unwrap();
-        std::fs::write(r.join("sub/inner.img"), b"y").unwrap();
-        symlink("/etc/passwd", r.join("abs-link")).unwrap();
-        symlink("ok.img", r.join("rel-link")).unwrap();
-        symlink(r.join("sub"), r.join("dir-link")).unwrap();
-        rustix::fs::mkfifoat(rustix::fs::CWD, r.join("fifo"), Mode::from_raw_mode(0o600)).unwrap();
-
-        assert!(open_beneath(r, Path::new("ok.img"), true).is_ok());
-        assert!(open_beneath(r, Path::new("sub/inner.img"), false).is_ok());
-        for bad in [
-            "abs-link",
-            "rel-link",
-            "dir-link/inner.img",
-            "../x",
-            "sub/../../x",
-            "/etc/passwd",
-            "fifo",
-            "sub",
-            "missing",
-        ] {
-            assert!(open_beneath(r, Path::new(bad), false).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn open_beneath_refuses_a_root_reached_through_a_symlink() {
-        let tmp = tempfile::tempdir().unwrap();
-        let t = tmp.path();
-        // A tenant replaced its root (in a directory it owns) by a symlink
-        // to a directory with files it may not read.
-        std::fs::create_dir(t.join("victim")).unwrap();
-        std::fs::write(t.join("victim/secret"), b"s").unwrap();
-        std::fs::create_dir(t.join("home")).unwrap();
-        symlink(t.join("victim"), t.join("home/vms")).unwrap();
-        let e = open_beneath(&t.join("home/vms"), Path::new("secret"), false).unwrap_err();
-        assert!(
-            e.get_ref().is_some_and(|x| x.is::<RootThroughSymlink>()),
-            "{e}"
-        );
-        // A symlink further up is refused the same way.
-        symlink(t.join("home"), t.join("link")).unwrap();
-        std::fs::create_dir(t.join("home/real")).unwrap();
-        std::fs::write(t.join("home/real/a.img"), b"x").unwrap();
-        assert!(open_beneath(&t.join("link/real"), Path::new("a.img"), false).is_err());
-        assert!(open_beneath(&t.join("home/real"), Path::new("a.img"), false).is_ok());
-    }
-
-    #[test]
-    fn open_beneath_read_only_cannot_write() {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::write(root.path().join("a"), b"x").unwrap();
-        let mut f = open_beneath(root.path(), Path::new("a"), false).unwrap();
-        use std::io::Write;
-        assert!(f.write_all(b"y").is_err());
-    }
 
     #[test]
     fn proc_info_reads_self() {

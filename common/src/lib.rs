@@ -11,6 +11,7 @@ pub mod proto;
 pub mod signals;
 pub mod state;
 pub mod stats;
+pub mod sys;
 pub mod ublk_abi;
 pub mod worker_proto;
 

@@ -52,6 +52,10 @@ pub struct Tenant {
     pub gids: Vec<u32>,
     /// Directories images may be opened under (normalized, absolute).
     pub image_roots: Vec<PathBuf>,
+    /// Those of `image_roots` marked `shared_readonly` (gold masters):
+    /// opened read-only only, and a file there need not be owned by the
+    /// tenant nor have a single link (it must still be readable by her).
+    pub shared_roots: Vec<PathBuf>,
     /// `false`: only read-only (`-R`) opens.
     pub writable: bool,
     /// Most minors this tenant may hold at once, and most workers.
@@ -213,12 +217,67 @@ struct RawTenant {
     #[serde(default)]
     gids: Vec<Spanned<i64>>,
     #[serde(default)]
-    image_roots: Vec<Spanned<String>>,
+    image_roots: Vec<Spanned<RawRoot>>,
     writable: Option<bool>,
     max_disks: Option<Spanned<i64>>,
     minors: Option<Spanned<Vec<i64>>>,
     admin: Option<bool>,
     max_clients: Option<Spanned<i64>>,
+}
+
+/// One entry of `image_roots`: a path, or a table with the path and the
+/// root's own keys (`{ path = "/srv/gold", shared_readonly = true }`).
+#[derive(Debug)]
+struct RawRoot {
+    path: String,
+    shared_readonly: bool,
+}
+
+impl<'de> Deserialize<'de> for RawRoot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawRoot;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a path, or a table { path = \"...\", shared_readonly = true }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawRoot, E> {
+                Ok(RawRoot {
+                    path: v.to_string(),
+                    shared_readonly: false,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RawRoot, A::Error> {
+                let mut path = None;
+                let mut shared_readonly = None;
+                while let Some(k) = m.next_key::<String>()? {
+                    match k.as_str() {
+                        "path" if path.is_none() => path = Some(m.next_value::<String>()?),
+                        "shared_readonly" if shared_readonly.is_none() => {
+                            shared_readonly = Some(m.next_value::<bool>()?)
+                        }
+                        "path" | "shared_readonly" => {
+                            return Err(serde::de::Error::duplicate_field("image root key"))
+                        }
+                        other => {
+                            return Err(serde::de::Error::unknown_field(
+                                other,
+                                &["path", "shared_readonly"],
+                            ))
+                        }
+                    }
+                }
+                Ok(RawRoot {
+                    path: path.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    shared_readonly: shared_readonly.unwrap_or(false),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Defaults for keys a file leaves out.
@@ -415,15 +474,16 @@ impl Policy {
             text,
             diags: Vec::new(),
         };
-        // (tenant, normalized root) of every root seen so far.
-        let mut seen: Vec<(String, PathBuf)> = Vec::new();
+        // (tenant, normalized root, shared_readonly) of every root so far.
+        let mut seen: Vec<(String, PathBuf, bool)> = Vec::new();
         for t in &raw.tenant {
             let t = t.get_ref();
             let name = t.name.get_ref();
             for r in &t.image_roots {
-                let Ok(root) = normalize_absolute(Path::new(r.get_ref())) else {
+                let Ok(root) = normalize_absolute(Path::new(&r.get_ref().path)) else {
                     continue;
                 };
+                let shared = r.get_ref().shared_readonly;
                 match probe(&root) {
                     RootProbe::Dir => {}
                     RootProbe::Missing => c.at(
@@ -445,8 +505,12 @@ impl Policy {
                         ),
                     ),
                 }
-                for (other, o) in seen.iter().filter(|(other, _)| other != name) {
-                    let how = if root == *o {
+                for (other, o, o_shared) in seen.iter().filter(|(other, _, _)| other != name) {
+                    let how = if root == *o && shared && *o_shared {
+                        // A gold-master directory shared on purpose: no
+                        // tenant may open anything there writable.
+                        continue;
+                    } else if root == *o {
                         "is also an image root"
                     } else if root.starts_with(o) {
                         "lies inside the image root"
@@ -465,7 +529,7 @@ impl Policy {
                         ),
                     );
                 }
-                seen.push((name.clone(), root));
+                seen.push((name.clone(), root, shared));
             }
         }
         c.diags.sort_by_key(|d| (d.line, d.column));
@@ -694,17 +758,50 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             gids.push(v);
         }
         let mut image_roots = Vec::new();
+        let mut shared_roots = Vec::new();
         for r in &t.image_roots {
-            match normalize_absolute(Path::new(r.get_ref())) {
+            let raw_root = r.get_ref();
+            match normalize_absolute(Path::new(&raw_root.path)) {
                 Ok(p) if p == Path::new("/") => c.at(
                     r.span(),
                     format!("image root \"/\" would expose the whole host to tenant {name:?}"),
                 ),
-                Ok(p) => image_roots.push(p),
+                Ok(p) if image_roots.contains(&p) => c.at(
+                    r.span(),
+                    format!(
+                        "image root {} is listed twice for tenant {name:?}",
+                        p.display()
+                    ),
+                ),
+                Ok(p) => {
+                    if raw_root.shared_readonly {
+                        shared_roots.push(p.clone());
+                    }
+                    image_roots.push(p)
+                }
                 Err(e) => c.at(
                     r.span(),
-                    format!("image root {}", path_problem(r.get_ref(), &e)),
+                    format!("image root {}", path_problem(&raw_root.path, &e)),
                 ),
+            }
+        }
+        // A shared root nested in (or containing) an ordinary root of the
+        // same tenant would make the rules for one file depend on which
+        // root matched first.
+        for s in &shared_roots {
+            if let Some(o) = image_roots
+                .iter()
+                .find(|o| *o != s && (o.starts_with(s) || s.starts_with(o)))
+            {
+                c.at(
+                    tspan.clone(),
+                    format!(
+                        "shared_readonly image root {} of tenant {name:?} overlaps its image \
+                         root {}: keep gold masters in a directory of their own",
+                        s.display(),
+                        o.display()
+                    ),
+                );
             }
         }
         let max_disks = t.max_disks.map_or(defaults::MAX_DISKS, |m| {
@@ -750,6 +847,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             uids,
             gids,
             image_roots,
+            shared_roots,
             writable: t.writable.unwrap_or(false),
             max_disks,
             minors,
@@ -1062,6 +1160,54 @@ image_roots = ["/srv/bob"]
         assert!(render_warnings(&w, "p.toml").starts_with("p.toml:8:"));
         // The embedded default has nothing to warn about but its root.
         assert!(Policy::warnings(EMBEDDED_DEFAULT, &|_| RootProbe::Dir).is_empty());
+    }
+
+    #[test]
+    fn shared_readonly_roots_parse_and_bad_ones_are_rejected_with_lines() {
+        let p = Policy::parse(
+            "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [\"/srv/a\",\n  { path = \"/srv/gold/\", shared_readonly = true },\n  { path = \"/srv/b\" }]\n",
+        )
+        .unwrap();
+        let t = p.tenant("a").unwrap();
+        assert_eq!(
+            t.image_roots,
+            vec![
+                PathBuf::from("/srv/a"),
+                PathBuf::from("/srv/gold"),
+                PathBuf::from("/srv/b")
+            ]
+        );
+        assert_eq!(t.shared_roots, vec![PathBuf::from("/srv/gold")]);
+        for (bad, line, needle) in [
+            ("{ path = \"/g\", shared_readonly = \"yes\" }", 4, "bool"),
+            (
+                "{ path = \"/g\", shared = true }",
+                4,
+                "unknown field `shared`",
+            ),
+            ("{ shared_readonly = true }", 4, "missing field `path`"),
+            ("{ path = \"g\", shared_readonly = true }", 4, "\"g\""),
+            (
+                "\"/srv/x\", { path = \"/srv/x/gold\", shared_readonly = true }",
+                1,
+                "overlaps",
+            ),
+            ("\"/srv/x\", \"/srv/x/\"", 4, "listed twice"),
+        ] {
+            let d = errs(&format!(
+                "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [{bad}]\n"
+            ));
+            assert_eq!(d[0].line, line, "{bad}: {d:?}");
+            assert!(d[0].message.contains(needle), "{bad}: {d:?}");
+        }
+        // Two tenants sharing one gold-master root on purpose: no warning;
+        // an ordinary root shared is still one.
+        let text = "[[tenant]]\nname = \"a\"\nuids = [1]\nimage_roots = [{ path = \"/g\", shared_readonly = true }]\n\
+                    [[tenant]]\nname = \"b\"\nuids = [2]\nimage_roots = [{ path = \"/g\", shared_readonly = true }, \"/h\"]\n\
+                    [[tenant]]\nname = \"c\"\nuids = [3]\nimage_roots = [\"/h\"]\n";
+        let w = Policy::warnings(text, &|_| RootProbe::Dir);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].message.contains("/h of tenant \"c\" is also"), "{w:?}");
     }
 
     #[test]

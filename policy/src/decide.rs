@@ -42,8 +42,36 @@ pub enum Scope {
     All,
 }
 
+/// Whose credentials the broker opens an image with, and whose files it
+/// may hand over: the requesting peer's, so that a tenant never gets a
+/// file she could not open herself (a hard link to a root-only file in
+/// her root, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAs {
+    /// fsuid/fsgid of the open (no supplementary groups).
+    pub uid: u32,
+    pub gid: u32,
+    /// A file outside a shared root must be owned by one of these (the
+    /// peer's uid and the tenant's configured uids).
+    pub owners: Vec<u32>,
+}
+
+impl OpenAs {
+    /// The identity of `peer` acting as tenant `t`.
+    pub fn peer(peer: &PeerCred, t: &Tenant) -> OpenAs {
+        let mut owners = vec![peer.uid];
+        owners.extend(t.uids.iter().copied().filter(|u| *u != peer.uid));
+        OpenAs {
+            uid: peer.uid,
+            gid: peer.gid,
+            owners,
+        }
+    }
+}
+
 /// An image the broker may open: `relative` beneath `root`, opened with
-/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`.
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+/// RESOLVE_NO_XDEV)` with the credentials in `open_as`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageGrant {
     /// The normalized full path (`root/relative`), as shown in `list`.
@@ -51,6 +79,11 @@ pub struct ImageGrant {
     pub root: PathBuf,
     pub relative: PathBuf,
     pub read_only: bool,
+    /// Who opens it (and must own it, unless `shared`).
+    pub open_as: OpenAs,
+    /// `root` is a `shared_readonly` root: read-only opens only; the file
+    /// need not be the tenant's own nor have a single link.
+    pub shared: bool,
 }
 
 /// The answer, with the rule that produced it for the audit log.
@@ -135,7 +168,7 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
             if !s.allow {
                 return s;
             }
-            with_image(t, image, *read_only, d)
+            with_image(t, peer, image, *read_only, d)
         }
         Request::Attach { pid, minor } => {
             // Attaching joins a worker and a minor; both must be the
@@ -164,7 +197,7 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
                 return d;
             }
             let d = Decision::allow(t, "own", String::new());
-            with_image(t, image, *read_only, d)
+            with_image(t, peer, image, *read_only, d)
         }
         Request::Unpause { pid, minor, image } => {
             let admin_ok = image.is_none();
@@ -181,7 +214,10 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
                     // broker re-checks writability against it. Here the
                     // image is checked as read-only unless the tenant may
                     // write, so a read-only tenant can still swap images.
-                    with_image(t, image, !t.writable, d)
+                    // A shared read-only root is checked as read-only
+                    // too; the broker refuses to open it writable.
+                    let ro = !t.writable || in_shared_root(t, &image.path);
+                    with_image(t, peer, image, ro, d)
                 }
                 None => d,
             }
@@ -206,6 +242,7 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
 pub fn decide_parent(
     policy: &Policy,
     tenant: &str,
+    open_as: &OpenAs,
     child: &Path,
     locator: &str,
     relative: bool,
@@ -235,7 +272,7 @@ pub fn decide_parent(
             )
         }
     };
-    match grant(t, &path, true) {
+    match grant(t, open_as, &path, true) {
         Ok(g) => {
             let mut d = Decision::allow(
                 t,
@@ -370,7 +407,21 @@ fn owned_or_admin(t: &Tenant, minor: Minor, view: &dyn BrokerView) -> Decision {
     }
 }
 
-fn with_image(t: &Tenant, image: &ImageSpec, read_only: bool, base: Decision) -> Decision {
+/// Whether `path` lies in one of `t`'s `shared_readonly` roots.
+fn in_shared_root(t: &Tenant, path: &str) -> bool {
+    normalize_absolute(Path::new(path))
+        .ok()
+        .and_then(|p| under_root(&p, &t.image_roots).map(|(root, _)| root.to_path_buf()))
+        .is_some_and(|root| t.shared_roots.contains(&root))
+}
+
+fn with_image(
+    t: &Tenant,
+    peer: &PeerCred,
+    image: &ImageSpec,
+    read_only: bool,
+    base: Decision,
+) -> Decision {
     let path = match normalize_absolute(Path::new(&image.path)) {
         Ok(p) => p,
         Err(e) => {
@@ -382,7 +433,7 @@ fn with_image(t: &Tenant, image: &ImageSpec, read_only: bool, base: Decision) ->
             return Decision::deny(Some(t), rule, format!("image path {:?}: {e}", image.path));
         }
     };
-    match grant(t, &path, read_only) {
+    match grant(t, &OpenAs::peer(peer, t), &path, read_only) {
         Ok(g) => Decision {
             rule: if base.rule == "own" {
                 "image-root"
@@ -397,7 +448,12 @@ fn with_image(t: &Tenant, image: &ImageSpec, read_only: bool, base: Decision) ->
     }
 }
 
-fn grant(t: &Tenant, path: &Path, read_only: bool) -> Result<ImageGrant, Box<Decision>> {
+fn grant(
+    t: &Tenant,
+    open_as: &OpenAs,
+    path: &Path,
+    read_only: bool,
+) -> Result<ImageGrant, Box<Decision>> {
     if t.image_roots.iter().any(|r| r == path) {
         return Err(Box::new(Decision::deny(
             Some(t),
@@ -437,11 +493,26 @@ fn grant(t: &Tenant, path: &Path, read_only: bool) -> Result<ImageGrant, Box<Dec
             format!("tenant {} may open images read-only only (use -R)", t.name),
         )));
     }
+    let shared = t.shared_roots.iter().any(|r| r == root);
+    if shared && !read_only {
+        return Err(Box::new(Decision::deny(
+            Some(t),
+            "shared-readonly",
+            format!(
+                "{} is in the shared read-only image root {}: open it with -R (or use it as \
+                 a parent)",
+                path.display(),
+                root.display()
+            ),
+        )));
+    }
     Ok(ImageGrant {
         path: path.to_path_buf(),
         root: root.to_path_buf(),
         relative,
         read_only,
+        open_as: open_as.clone(),
+        shared,
     })
 }
 
@@ -456,7 +527,7 @@ worker_uids = [300000, 300999]
 [[tenant]]
 name = "alice"
 uids = [1000]
-image_roots = ["/srv/alice", "/srv/shared/gold"]
+image_roots = ["/srv/alice", "/srv/shared/gold", { path = "/srv/gold", shared_readonly = true }]
 writable = true
 max_disks = 2
 minors = [0, 9]
@@ -786,6 +857,101 @@ admin = true
         assert_eq!(d.rule, "minor-range");
     }
 
+    fn alice_as() -> OpenAs {
+        OpenAs {
+            uid: 1000,
+            gid: 1000,
+            owners: vec![1000],
+        }
+    }
+
+    #[test]
+    fn decide_open_grant_opens_as_the_peer_and_owners_are_its_tenants_uids() {
+        let (p, v) = (policy(), view());
+        let req = Request::Open {
+            pid: Some(100),
+            minor: m(1),
+            image: img("/srv/alice/a.img"),
+            read_only: false,
+        };
+        let g = decide(&req, &ALICE, &p, &v).image.unwrap();
+        assert_eq!(g.open_as, alice_as());
+        assert!(!g.shared);
+        // bob acts through his gid: the open is his uid and gid, and only
+        // his own uid may own the file.
+        let req = Request::Open {
+            pid: Some(200),
+            minor: m(5),
+            image: img("/srv/bob/b.img"),
+            read_only: true,
+        };
+        let g = decide(&req, &BOB, &p, &v).image.unwrap();
+        assert_eq!(
+            g.open_as,
+            OpenAs {
+                uid: 1500,
+                gid: 2000,
+                owners: vec![1500]
+            }
+        );
+    }
+
+    #[test]
+    fn decide_shared_readonly_root_is_read_only_and_marked_shared() {
+        let (p, v) = (policy(), view());
+        let open = |read_only| Request::Open {
+            pid: Some(100),
+            minor: m(1),
+            image: img("/srv/gold/base.vhd"),
+            read_only,
+        };
+        let d = decide(&open(false), &ALICE, &p, &v);
+        assert_eq!(
+            (d.allow, d.rule),
+            (false, "shared-readonly"),
+            "{}",
+            d.reason
+        );
+        assert!(d.reason.contains("-R"), "{}", d.reason);
+        let d = decide(&open(true), &ALICE, &p, &v);
+        assert!(d.allow, "{}", d.reason);
+        let g = d.image.unwrap();
+        assert!(g.shared && g.read_only);
+        // A parent there is granted, shared.
+        let d = decide_parent(
+            &p,
+            "alice",
+            &alice_as(),
+            Path::new("/srv/alice/leaf.vhd"),
+            "/srv/gold/base.vhd",
+            false,
+        );
+        assert!(d.allow && d.image.unwrap().shared);
+        // Unpause onto a gold master is checked as read-only (the broker
+        // keeps the paused disk's mode and refuses a writable one).
+        let d = decide(
+            &Request::Unpause {
+                pid: None,
+                minor: m(1),
+                image: Some(img("/srv/gold/base.vhd")),
+            },
+            &ALICE,
+            &p,
+            &v,
+        );
+        assert!(d.allow && d.image.unwrap().shared, "{}", d.reason);
+        // An ordinary root is not shared.
+        let d = decide_parent(
+            &p,
+            "alice",
+            &alice_as(),
+            Path::new("/srv/alice/leaf.vhd"),
+            "/srv/shared/gold/g.vhd",
+            false,
+        );
+        assert!(!d.image.unwrap().shared);
+    }
+
     #[test]
     fn decide_open_grants_path_under_the_longest_root() {
         let (p, v) = (policy(), view());
@@ -903,6 +1069,7 @@ admin = true
         let d = decide_parent(
             &p,
             "alice",
+            &alice_as(),
             Path::new("/srv/alice/vms/leaf.vhd"),
             "../base.vhd",
             true,
@@ -914,6 +1081,7 @@ admin = true
         let d = decide_parent(
             &p,
             "alice",
+            &alice_as(),
             Path::new("/srv/alice/leaf.vhd"),
             "/srv/shared/gold/g.vhd",
             false,
@@ -932,11 +1100,11 @@ admin = true
             ("C:\\base.vhd", false, "bad-path"),
             ("/srv/alice", false, "outside-roots"),
         ] {
-            let d = decide_parent(&p, "alice", child, loc, rel);
+            let d = decide_parent(&p, "alice", &alice_as(), child, loc, rel);
             assert_eq!((d.allow, d.rule), (false, rule), "{loc}: {}", d.reason);
             assert!(d.reason.contains("leaf.vhd"));
         }
-        let d = decide_parent(&p, "mallory", child, "/srv/alice/x", false);
+        let d = decide_parent(&p, "mallory", &alice_as(), child, "/srv/alice/x", false);
         assert_eq!(d.rule, "no-tenant");
     }
 

@@ -13,5 +13,7 @@ pub mod path;
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
 };
-pub use decide::{decide, decide_parent, BrokerView, Decision, ImageGrant, PeerCred, Scope};
+pub use decide::{
+    decide, decide_parent, BrokerView, Decision, ImageGrant, OpenAs, PeerCred, Scope,
+};
 pub use idmap::{IdClash, IdFiles};

@@ -284,16 +284,34 @@ impl Harness {
         self.dir.path().join("images").join(name)
     }
 
-    /// Create a raw image of `size` bytes in tenant `name`'s root.
+    /// Give `path` to the tenant whose image root holds it (the broker
+    /// opens only a tenant's own files, with her credentials); a path in
+    /// no root is left as it is.
+    pub fn own(&self, path: &Path) {
+        let Some(t) = self
+            .opts
+            .tenants
+            .iter()
+            .find(|t| path.starts_with(self.root(t.name)))
+        else {
+            return;
+        };
+        std::os::unix::fs::chown(path, Some(t.uid), Some(t.gid)).expect("chown image");
+    }
+
+    /// Create a raw image of `size` bytes in tenant `name`'s root, owned
+    /// by that tenant.
     pub fn raw_image(&self, tenant: &str, file: &str, size: u64) -> PathBuf {
         let p = self.root(tenant).join(file);
         let f = std::fs::File::create(&p).expect("image");
         f.set_len(size).expect("size");
+        self.own(&p);
         p
     }
 
     /// Create a dynamic VHD of `mib` MiB in tenant `name`'s root with
-    /// `tap-ctl vhd create` (the offline tool, as root).
+    /// `tap-ctl vhd create` (the offline tool, as root), owned by the
+    /// tenant.
     pub fn vhd_image(&self, tenant: &str, file: &str, mib: u64) -> PathBuf {
         let p = self.root(tenant).join(file);
         let out = Command::new(bin("tap-ctl"))
@@ -307,6 +325,7 @@ impl Harness {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        self.own(&p);
         p
     }
 
@@ -324,6 +343,7 @@ impl Harness {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        self.own(child);
     }
 
     fn ctl_cmd(&self, uid: u32, gid: u32, args: &[&str]) -> Command {

@@ -18,8 +18,8 @@
 //! Parent requests come from a worker that parsed a possibly hostile image,
 //! so the monitor treats them as untrusted: it opens a parent only as a
 //! regular file *beneath the leaf's directory* (`openat2` with
-//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`, the
-//! same rule the broker applies with its allowed roots), read-only, and at
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//! RESOLVE_NO_XDEV`, through the same wrapper the broker uses with its allowed roots), read-only, and at
 //! most [`crate::control::MAX_PARENTS`] times. An image cannot make a root
 //! monitor hand out `/etc/shadow`.
 //!
@@ -32,7 +32,7 @@ use crate::io::CacheMode;
 use crate::sandbox::Ids;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
@@ -312,47 +312,13 @@ fn beneath(leaf_dir: &OwnedFd, loc: &ParentLocator) -> Option<PathBuf> {
     (!clean.as_os_str().is_empty()).then_some(clean)
 }
 
-/// `openat2(leaf_dir, rel, O_RDONLY, RESOLVE_BENEATH|NO_SYMLINKS|NO_MAGICLINKS)`.
-fn openat2_beneath(dir: RawFd, rel: &Path) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-    const RESOLVE_BENEATH: u64 = 0x08;
-    let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64,
-        mode: 0,
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-    };
+/// Open a parent read-only beneath the leaf's directory, with the rules
+/// the broker applies (`tapjail_common::sys::open_beneath`).
+fn openat2_beneath(dir: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(rel.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: c and how are valid for the call; size matches the struct.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir,
-            c.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a new fd that nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let file = std::fs::File::from(fd);
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    // Back to blocking mode (O_NONBLOCK only kept FIFOs from hanging us).
-    // SAFETY: F_SETFL with integer flags on our own fd.
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
-    Ok(file.into())
+    let (fd, _) = tapjail_common::sys::open_beneath(dir.as_fd(), &c, false)?;
+    Ok(fd)
 }
 
 /// Try the worker's locators in order; the first that opens wins.
@@ -369,7 +335,7 @@ fn open_parent(
             ));
             continue;
         };
-        match openat2_beneath(leaf_dir.as_raw_fd(), &rel) {
+        match openat2_beneath(leaf_dir, &rel) {
             Ok(fd) => return Ok((rel.display().to_string(), fd)),
             Err(e) => tried.push(format!("{} {:?}: {e}", loc.code, loc.path)),
         }

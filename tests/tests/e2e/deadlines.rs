@@ -98,6 +98,7 @@ fn deadline_worker_answering_each_parent_request_in_time_cannot_stretch_an_open(
     // timeout, 30 s in all (and a chain of 31 images is within limits).
     let img = h.root("alice").join("slow.img");
     std::fs::write(&img, b"SLOWPARENT:30:1000:base.img\n").unwrap();
+    h.own(&img);
     let t0 = Instant::now();
     let err = h.fails(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     let took = t0.elapsed();

@@ -22,6 +22,7 @@ fn escapes_dotdot_and_symlinks_are_refused_and_audited() {
     symlink("/proc/self/root/etc", a.join("magic")).unwrap();
     std::fs::create_dir(a.join("sub")).unwrap();
     rustix_mkfifo(&a.join("fifo.img"));
+    h.own(&a.join("fifo.img"));
 
     let cases: Vec<(String, &str)> = vec![
         (format!("{}/../bob/b.img", a.display()), "'..'"),
@@ -132,6 +133,7 @@ fn escapes_parent_outside_roots_is_refused_inside_is_opened_read_only() {
     let leaf = |name: &str, parent: &str| {
         let p = a.join("vms").join(name);
         std::fs::write(&p, format!("PARENT:{parent}\n")).unwrap();
+        h.own(&p);
         format!("aio:{}", p.display())
     };
     let bad = [

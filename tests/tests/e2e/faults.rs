@@ -120,6 +120,7 @@ fn faults_hung_worker_is_killed_at_its_deadline_and_broker_keeps_serving() {
     });
     let img = h.root("alice").join("hang.img");
     std::fs::write(&img, "HANG\n").unwrap();
+    h.own(&img);
     let h = std::sync::Arc::new(h);
     let h2 = h.clone();
     let slow = std::thread::spawn(move || {
@@ -154,6 +155,7 @@ fn faults_worker_crashing_on_open_fails_the_request_cleanly() {
     });
     let img = h.root("alice").join("crash.img");
     std::fs::write(&img, "CRASH\n").unwrap();
+    h.own(&img);
     let err = h.fails(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     assert!(err.contains("tapdisk"), "{err}");
     assert_eq!(h.ok(&ALICE, &["list"]), "");
@@ -245,6 +247,7 @@ fn faults_parent_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
     // Five parent requests, 300 ms apart: the log breaks after the first.
     let img = h.root("alice").join("slow.img");
     std::fs::write(&img, b"SLOWPARENT:5:300:base.img\n").unwrap();
+    h.own(&img);
     let h2 = h.clone();
     let spec = format!("aio:{}", img.display());
     let create = std::thread::spawn(move || h2.ctl(&ALICE, &["create", "-a", &spec]));

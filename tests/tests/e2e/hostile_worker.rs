@@ -50,6 +50,7 @@ impl Scene {
         let mut content = line.to_vec();
         content.push(b'\n');
         std::fs::write(&p, content).unwrap();
+        self.h.own(&p);
         format!("aio:{}", p.display())
     }
 

@@ -8,6 +8,7 @@ mod deadlines;
 mod escapes;
 mod faults;
 mod hostile_worker;
+mod image_open;
 mod robustness;
 mod seed;
 mod tenants;

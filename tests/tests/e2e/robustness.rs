@@ -222,6 +222,7 @@ fn restart_after_crash_without_kept_fds_kills_orphans_and_frees_everything() {
     });
     let stubborn = h.root("alice").join("s.img");
     std::fs::write(&stubborn, "STUBBORN\n").unwrap();
+    h.own(&stubborn);
     h.ok(
         &ALICE,
         &["create", "-a", &format!("aio:{}", stubborn.display())],

@@ -285,6 +285,7 @@ fn seed_pause_unpause_switches_images_of_the_same_size_only() {
     let a = h.vhd_image("alice", "a.vhd", 8);
     let same = h.root("alice").join("copy.vhd");
     std::fs::copy(&a, &same).unwrap();
+    h.own(&same);
     let bigger = h.vhd_image("alice", "big.vhd", 16);
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", a.display())]);
     assert!(h

@@ -13,6 +13,7 @@ fn worker_log_escapes_cuts_and_rate_limits_a_hostile_workers_output() {
     });
     let img = h.root("alice").join("noisy.img");
     std::fs::write(&img, b"STDERR\n").unwrap();
+    h.own(&img);
     h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     let rows: serde_json::Value = serde_json::from_str(&h.ok(&ALICE, &["list", "--json"])).unwrap();
     let pid = rows[0]["pid"].as_u64().unwrap();

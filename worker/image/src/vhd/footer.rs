@@ -113,7 +113,10 @@ impl Footer {
         if &raw[..8] != COOKIE {
             return Err(ImageError::corrupt(
                 "footer.cookie",
-                format!("expected \"conectix\", found {:?}", show_cookie(&raw[..8])),
+                // The bytes found are not quoted: an error may reach someone
+                // who could not read the file (defence in depth; the broker
+                // opens only files the tenant may read).
+                "expected \"conectix\": this is not a VHD footer",
             ));
         }
         let stored = be32(&raw, OFF_CHECKSUM);

@@ -52,10 +52,8 @@ impl Header {
         if &raw[..8] != COOKIE {
             return Err(ImageError::corrupt(
                 "header.cookie",
-                format!(
-                    "expected \"cxsparse\", found {:?}",
-                    super::footer::show_cookie(&raw[..8])
-                ),
+                // Not quoted, as for the footer's cookie.
+                "expected \"cxsparse\": this is not a VHD dynamic header",
             ));
         }
         let stored = be32(&raw, OFF_CHECKSUM);

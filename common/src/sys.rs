@@ -1,0 +1,225 @@
+//! The one `openat2` wrapper the broker and the standalone monitor share:
+//! open a regular file *beneath* a directory fd, never through a symlink,
+//! a magic link or a mount point.
+//!
+//! It allocates nothing and calls only raw syscalls, so the broker can run
+//! it in a forked helper process (where only async-signal-safe code may
+//! run) with a tenant's credentials and a deadline.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// `RESOLVE_NO_XDEV`: no mount point may be crossed (a FUSE or NFS mount
+/// planted under an image root is refused, not waited on).
+pub const RESOLVE_NO_XDEV: u64 = 0x01;
+/// `RESOLVE_NO_MAGICLINKS`: no `/proc/PID/fd/N`-style links.
+pub const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+/// `RESOLVE_NO_SYMLINKS`: no symlink anywhere in the path.
+pub const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+/// `RESOLVE_BENEATH`: the path may not leave the directory (`..`, `/`).
+pub const RESOLVE_BENEATH: u64 = 0x08;
+
+/// Everything [`open_beneath`] applies.
+pub const BENEATH_STRICT: u64 =
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+
+/// The kernel's `struct open_how`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenHow {
+    pub flags: u64,
+    pub mode: u64,
+    pub resolve: u64,
+}
+
+/// Why an open beneath a directory failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BeneathError {
+    /// The kernel refused (`ELOOP`: a symlink; `EXDEV`: left the directory
+    /// or crossed a mount; `ENOENT`, `EACCES`...).
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Os(i32),
+    /// It opened, but is a directory, FIFO, socket or device.
+    #[error("not a regular file")]
+    NotRegular,
+}
+
+impl BeneathError {
+    /// The errno, for callers that map it to their own messages.
+    pub fn errno(self) -> Option<i32> {
+        match self {
+            BeneathError::Os(e) => Some(e),
+            BeneathError::NotRegular => None,
+        }
+    }
+}
+
+impl From<BeneathError> for std::io::Error {
+    fn from(e: BeneathError) -> Self {
+        match e {
+            BeneathError::Os(n) => std::io::Error::from_raw_os_error(n),
+            BeneathError::NotRegular => std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        }
+    }
+}
+
+/// What `fstat` said about an opened file (owner, links, identity).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u64,
+    pub mode: u32,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// `openat2(dir, path, how)`; `dir` may be `None` for `AT_FDCWD`.
+pub fn openat2(dir: Option<BorrowedFd<'_>>, path: &CStr, how: &OpenHow) -> Result<OwnedFd, i32> {
+    let dirfd: RawFd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: `path` is NUL-terminated, `how` points to a live `open_how`
+    // whose size we pass; the kernel reads both and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| libc::EBADF)?;
+    // SAFETY: openat2 just returned this fd; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstat`, without allocating.
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<FileStat, i32> {
+    // SAFETY: an all-zero `struct stat` is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer for the duration of the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(errno());
+    }
+    Ok(FileStat {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        nlink: st.st_nlink,
+        mode: st.st_mode,
+    })
+}
+
+/// Open `rel` beneath the directory `dir` as a regular file, read-only or
+/// read-write, refusing `..`, absolute paths, every symlink and magic link,
+/// and any mount point crossed. Opened `O_NONBLOCK` so a FIFO cannot hang
+/// the caller, then switched back to blocking. Returns the fd and its
+/// `fstat` (so the caller need not stat a file on a filesystem that might
+/// not answer).
+pub fn open_beneath(
+    dir: BorrowedFd<'_>,
+    rel: &CStr,
+    writable: bool,
+) -> Result<(OwnedFd, FileStat), BeneathError> {
+    let access = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    let flags = access | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+    let how = OpenHow {
+        flags: u64::try_from(flags).map_err(|_| BeneathError::Os(libc::EINVAL))?,
+        mode: 0,
+        resolve: BENEATH_STRICT,
+    };
+    let fd = openat2(Some(dir), rel, &how).map_err(BeneathError::Os)?;
+    let st = fstat(fd.as_fd()).map_err(BeneathError::Os)?;
+    if st.mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(BeneathError::NotRegular);
+    }
+    // SAFETY: F_SETFL with integer flags on an fd we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, access) } != 0 {
+        return Err(BeneathError::Os(errno()));
+    }
+    Ok((fd, st))
+}
+
+/// Open a directory by path without following any symlink or magic link
+/// (`O_PATH`), for use as the `dir` of [`open_beneath`].
+pub fn open_dir_nofollow(path: &CStr) -> Result<OwnedFd, i32> {
+    let how = OpenHow {
+        flags: u64::try_from(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .map_err(|_| libc::EINVAL)?,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    openat2(None, path, &how)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn c(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    #[test]
+    fn open_beneath_refuses_escapes_links_and_non_files() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("ok.img"), b"x").unwrap();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::fs::write(r.join("sub/in.img"), b"y").unwrap();
+        std::os::unix::fs::symlink("ok.img", r.join("link")).unwrap();
+        let dir = open_dir_nofollow(&CString::new(r.as_os_str().as_bytes()).unwrap()).unwrap();
+        let (_, st) = open_beneath(dir.as_fd(), &c("ok.img"), true).unwrap();
+        assert_eq!(st.nlink, 1);
+        assert!(open_beneath(dir.as_fd(), &c("sub/in.img"), false).is_ok());
+        assert_eq!(
+            open_beneath(dir.as_fd(), &c("link"), false).unwrap_err(),
+            BeneathError::Os(libc::ELOOP)
+        );
+        assert_eq!(
+            open_beneath(dir.as_fd(), &c("../x"), false).unwrap_err(),
+            BeneathError::Os(libc::EXDEV)
+        );
+        assert_eq!(
+            open_beneath(dir.as_fd(), &c("/etc/passwd"), false).unwrap_err(),
+            BeneathError::Os(libc::EXDEV)
+        );
+        assert_eq!(
+            open_beneath(dir.as_fd(), &c("sub"), true).unwrap_err(),
+            BeneathError::Os(libc::EISDIR)
+        );
+        // A read-only open of a directory succeeds in the kernel; the
+        // regular-file check is what refuses it.
+        assert_eq!(
+            open_beneath(dir.as_fd(), &c("sub"), false).unwrap_err(),
+            BeneathError::NotRegular
+        );
+    }
+
+    #[test]
+    fn open_beneath_refuses_to_cross_a_mount_point() {
+        // /proc is a mount point under /: reaching it from a directory
+        // fd of / crosses a mount.
+        let dir = open_dir_nofollow(&c("/")).unwrap();
+        assert_eq!(
+            open_beneath(dir.as_fd(), &c("proc/version"), false).unwrap_err(),
+            BeneathError::Os(libc::EXDEV)
+        );
+    }
+}
