@@ -56,6 +56,16 @@ pub struct ServedRecord {
     pub root: PathBuf,
     pub relative: PathBuf,
     pub grant_read_only: bool,
+    /// Who the grant opens as (fsuid/fsgid) and who may own the file.
+    #[serde(default)]
+    pub open_uid: u32,
+    #[serde(default)]
+    pub open_gid: u32,
+    #[serde(default)]
+    pub owners: Vec<u32>,
+    /// A `shared_readonly` root's grant.
+    #[serde(default)]
+    pub shared: bool,
     pub read_only: bool,
     pub size: u64,
     pub chain: Vec<String>,
