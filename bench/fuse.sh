@@ -20,13 +20,17 @@
 # each; the devices take turns per job (a b c r, a b c r, ...) and each job
 # is repeated REPEAT times. The machine is shared, so it prints the median
 # and the spread (min-max) of each: IOPS for 4 KiB jobs, MB/s for 1 MiB
-# jobs, and the ratios of the medians b/a, b/c and r/a.
+# jobs, and the ratios of the medians b/a, b/c and r/a. It reports the cache
+# mode every side really ran with (each loop's dio flag, each server's image
+# fd flags; bench/cache-mode.sh), with a WARNING for any that fell back.
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-1024}
 RUNTIME=${RUNTIME:-6}
 REPEAT=${REPEAT:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/cache-mode.sh
+. "$ROOT/bench/cache-mode.sh"
 
 die() { echo "bench: $*" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || die "run as root (loop devices, FUSE mounts)"
@@ -104,8 +108,23 @@ start_qsd() {
     done
     return 1
 }
-start_qsd io_uring || { QSD_PID=; start_qsd native; } || { cat "$WORK/qsd.log"; die "qemu-storage-daemon did not export"; }
+QSD_AIO=io_uring
+start_qsd io_uring || {
+    echo "bench: WARNING: qemu-storage-daemon aio=io_uring failed ($(tail -1 "$WORK/qsd.log")); (c) falls back to aio=native" >&2
+    QSD_PID= QSD_AIO=native
+    start_qsd native
+} || { cat "$WORK/qsd.log"; die "qemu-storage-daemon did not export"; }
 LOOP_C=$(losetup --direct-io=on -f --show "$WORK/c.export")
+
+# --- the cache mode each side really runs with ----------------------------------
+CTL_ARGS=("$BIN/tap-ctl" --socket "$WORK/run/broker.sock")
+cache_report "(a) loop over raw" direct "$(loop_mode "$LOOP_A")"
+cache_report "(b) tapdisk image fd" direct "$(fd_mode "$(worker_pid "${CTL_ARGS[@]}" "$MINOR")" "$WORK/images/b.vhd")"
+cache_report "(b) loop over FUSE" direct "$(loop_mode "$DEV_B")"
+cache_report "(c) qemu-storage-daemon aio=$QSD_AIO image fd" direct "$(fd_mode "$QSD_PID" "$WORK/c.vhd")"
+cache_report "(c) loop over the FUSE export" direct "$(loop_mode "$LOOP_C")"
+cache_report "(r) tapdisk image fd" direct "$(fd_mode "$(worker_pid "${CTL_ARGS[@]}" "$MINOR_R")" "$WORK/images/r.raw")"
+cache_report "(r) loop over FUSE" direct "$(loop_mode "$DEV_R")"
 
 DEVS=("$LOOP_A" "$DEV_B" "$LOOP_C" "$DEV_R")
 
@@ -168,3 +187,4 @@ for line in sys.stdin:
     print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s" % (job, unit, cell(a), cell(b), cell(c),
           ratio(mb, ma), ratio(mb, mc), cell(r), ratio(mr, ma)))
 '
+cache_summary

@@ -14,7 +14,9 @@
 # each server (which goes first alternates) and gives one ratio. Prints the
 # median IOPS of each and the median ratio tapdisk/qemu-nbd with its spread
 # (min..max) over ROUNDS rounds. As root, servers and client run under the
-# same real-time round-robin priority (BENCH_RT=0 turns that off).
+# same real-time round-robin priority (BENCH_RT=0 turns that off). Reports
+# the cache mode each server's image fd really has (bench/cache-mode.sh),
+# with a WARNING when it is not the mode of the pair.
 set -euo pipefail
 
 COUNT=${1:-60000}
@@ -22,6 +24,8 @@ FORMAT=${2:-vhd}
 ROUNDS=${3:-5}
 SIZE=256M
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/cache-mode.sh
+. "$ROOT/bench/cache-mode.sh"
 
 for tool in qemu-img qemu-nbd qemu-io; do
   command -v "$tool" >/dev/null || { echo "bench: $tool not installed (apt-get install qemu-utils)" >&2; exit 2; }
@@ -106,6 +110,12 @@ run_mode() { # label, tapdisk args, qemu-nbd args
   local label=$1 t q i op
   start_servers "$2" "$3"
   [ "$label" = direct ] && grep -h "serving" "$WORK/tapdisk.log" | sed 's/^/  /' >&2
+  # What each side really runs with, from the kernel's view of its image fd.
+  local want=buffered tpid
+  [ "$label" = direct ] && want=direct
+  tpid=$(sed -n 's/.*worker pid \([0-9]*\).*/\1/p' "$WORK/tapdisk.log" | head -1)
+  cache_report "$label: tapdisk worker $tpid, image fd" "$want" "$(fd_mode "$tpid" "$IMG_T")"
+  cache_report "$label: qemu-nbd ${PIDS[1]}, image fd" "$want" "$(fd_mode "${PIDS[1]}" "$IMG_Q")"
   for op in read write; do
     : > "$WORK/$label.$op"
     for ((i = 0; i < ROUNDS; i++)); do
@@ -136,3 +146,4 @@ for label in direct buffered; do
   done
 done
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+cache_summary

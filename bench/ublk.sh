@@ -11,7 +11,9 @@
 # fio: 4 KiB random reads, then random writes, depth 32, libaio, O_DIRECT on
 # the block device, over a fully written 128 MiB disk. Runs alternate
 # loop/ublk so drift on the shared machine hits both. Prints IOPS and the
-# ratio ublk/loop.
+# ratio ublk/loop, and the cache mode each side really ran with (the loop's
+# dio flag, the worker's image fd flags; bench/cache-mode.sh), loudly when
+# one fell back to the page cache.
 set -euo pipefail
 SECS=${1:-10}
 REPEAT=${2:-3}
@@ -33,6 +35,7 @@ set -euo pipefail
 BIN=$1 SECS=$2 REPEAT=$3 FORMAT=$4
 echo "bench: inside nestvm: kernel $(uname -r), $(nproc) vCPUs" >&2
 ./.ci/nestvm-modules load
+. ./bench/cache-mode.sh
 W=$(mktemp -d /tmp/ublk-bench.XXXXXX)
 mkdir -p "$W/images" "$W/dev"
 SIZE_MIB=128
@@ -76,8 +79,15 @@ fi
 UBLK=$W/dev/tapdev0
 echo "bench: $UBLK -> $(readlink "$UBLK") ($(grep -o 'frontend [a-z]*' "$W/broker.log" | head -1))" >&2
 truncate -s "${SIZE_MIB}M" "$W/disk.raw"
-LOOP=$(losetup -f --show "$W/disk.raw")
+LOOP=$(losetup --direct-io=on -f --show "$W/disk.raw")
 echo "bench: loop device $LOOP on a raw file" >&2
+# What each side really runs with: the loop's own I/O to its file, and the
+# worker's image fd as the kernel holds it (both fall back to the page cache
+# where the guest's filesystem refuses O_DIRECT; then this says so).
+IMG=$W/images/disk.img; [ "$FORMAT" = vhd ] && IMG=$W/images/disk.vhd
+cache_report "loop over raw" direct "$(loop_mode "$LOOP")"
+cache_report "ublk tapdisk image fd" direct \
+  "$(fd_mode "$(worker_pid "$BIN/tap-ctl" --socket "$W/broker.sock" 0)" "$IMG")"
 
 # Write every block of both, so reads hit data and VHD writes overwrite.
 for dev in "$LOOP" "$UBLK"; do
@@ -108,6 +118,7 @@ for op in randread randwrite; do
   l=${BEST[loop,$op]}; u=${BEST[ublk,$op]}
   printf '%-10s %12s %12s %8s\n' "$op" "$l" "$u" "$(awk -v u="$u" -v l="$l" 'BEGIN { printf "%.2fx", u / l }')"
 done
+cache_summary
 GUEST_EOF
 
 echo "bench: 4 KiB random I/O, depth 32, ${SECS} s per run, best of $REPEAT, ublk on $FORMAT; inside ONE nestvm run" >&2

@@ -2,6 +2,8 @@
 //! `cargo test --workspace` build the binary the e2e tests drive).
 
 use std::process::Command;
+use std::time::Duration;
+use tapjail_testsupport::{is_root, output_within, require};
 
 fn broker() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tap-broker"))
@@ -75,24 +77,10 @@ fn cli_example_policy_in_the_repo_is_valid() {
 
 /// `tap-broker --check --config PATH`, failing the test if it hangs.
 fn check_within_10s(p: &std::path::Path) -> std::process::Output {
-    use std::process::Stdio;
-    let mut child = broker()
-        .args(["--check", "--config"])
-        .arg(p)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > std::time::Duration::from_secs(10) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("tap-broker --check --config {} hung", p.display());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    output_within(
+        broker().args(["--check", "--config"]).arg(p),
+        Duration::from_secs(10),
+    )
 }
 
 #[test]
@@ -135,15 +123,9 @@ fn policy_in(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     p
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn cli_start_failures_name_the_setting_and_say_each_cause_once() {
-    if !is_root() {
-        eprintln!("SKIPPED: tap-broker only starts as root");
+    if !require(is_root(), "tap-broker only starts as root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -174,22 +156,5 @@ fn cli_start_failures_name_the_setting_and_say_each_cause_once() {
 
 /// Start tap-broker for real; it must fail (and so exit) within 10 s.
 fn check_within_10s_start(p: &std::path::Path) -> std::process::Output {
-    use std::process::Stdio;
-    let mut child = broker()
-        .arg("--config")
-        .arg(p)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > std::time::Duration::from_secs(10) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("tap-broker --config {} kept running", p.display());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    output_within(broker().arg("--config").arg(p), Duration::from_secs(10))
 }

@@ -25,6 +25,7 @@ use tapjail_broker::device::{DeviceBackend, Prepared};
 use tapjail_common::frame::{self, MAX_REQUEST_FRAME};
 use tapjail_common::proto::ImageKind;
 use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_testsupport::{fio_verify_writer, fuse_loop_turn, in_ci, is_root, pattern, Aligned};
 use tapjail_worker::disk::Disk;
 use tapjail_worker::frontend::fuse::{FuseConfig, FuseFrontend};
 use tapjail_worker::frontend::Frontend;
@@ -93,40 +94,35 @@ fn main() {
     ];
     let trials = tests
         .into_iter()
-        .map(|(name, f)| {
-            let t = Trial::test(name, move || {
+        .map(|(name, f)| match &skip {
+            // A CI run must not turn green by skipping: the missing
+            // precondition fails every test, by name.
+            Some(why) if in_ci() => {
+                let why = why.clone();
+                Trial::test(name, move || {
+                    Err(format!("precondition missing under CI=true: {why}").into())
+                })
+            }
+            Some(why) => Trial::test(name, f)
+                .with_ignored_flag(true)
+                .with_kind(why.as_str()),
+            None => Trial::test(name, move || {
                 let _turn = serial()?;
                 f()
-            });
-            match &skip {
-                Some(why) => t.with_ignored_flag(true).with_kind(why.as_str()),
-                None => t,
-            }
+            }),
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
 }
 
-/// FUSE tests take turns, here and in `tests/tests/fuse_lifecycle.rs` (and
-/// in other checkouts on this host): a loop device one test frees is taken
-/// at once by another's FUSE disk (whose backing file is also `/disk`),
-/// which would make the "left bound" checks see a neighbour's device.
+/// FUSE tests take turns with every other FUSE + loop test on this host
+/// (see [`fuse_loop_turn`]).
 fn serial() -> Result<File, Failed> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/tapjail-fuse-loop-tests.lock")?;
-    // SAFETY: flock on an fd we own; blocks until the lock is ours.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(f)
+    Ok(fuse_loop_turn()?)
 }
 
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Some("needs-root".into());
     }
     for node in ["/dev/fuse", "/dev/loop-control"] {
@@ -479,6 +475,11 @@ fn bring_up(
     let dev = backend.loop_device().ok_or("no loop device")?;
     let loop_number = dev.number();
     check(dev.direct_io(), "loop did not grant direct I/O over FUSE")?;
+    let dio = fs::read_to_string(format!("/sys/block/loop{loop_number}/loop/dio"))?;
+    check(
+        dio.trim() == "1",
+        format!("/sys/block/loop{loop_number}/loop/dio is {dio:?}, not 1"),
+    )?;
     let conn = backend.connection().ok_or("no connection")?;
     Ok(Device {
         backend,
@@ -553,20 +554,6 @@ fn wait_writer(
     }
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    // xorshift: incompressible, reproducible.
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 fn read_direct(path: &Path, len: usize) -> Result<Vec<u8>, Failed> {
     // Through the page cache of a fresh open is fine after O_DIRECT writes,
     // but read the device O_DIRECT anyway so nothing stale can hide.
@@ -575,35 +562,18 @@ fn read_direct(path: &Path, len: usize) -> Result<Vec<u8>, Failed> {
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
     let mut out = Vec::with_capacity(len);
-    let mut buf = AlignedBuf::new(MIB as usize);
+    let mut buf = Aligned::new(MIB as usize);
     let mut off = 0u64;
     while out.len() < len {
-        let n = f.read_at(buf.as_mut(), off)?;
+        let n = f.read_at(buf.buf(), off)?;
         if n == 0 {
             break;
         }
-        out.extend_from_slice(&buf.as_mut()[..n]);
+        out.extend_from_slice(&buf.buf()[..n]);
         off += n as u64;
     }
     out.truncate(len);
     Ok(out)
-}
-
-struct AlignedBuf {
-    mem: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let mem = vec![0u8; len + 4096];
-        let off = mem.as_ptr().align_offset(4096);
-        AlignedBuf { mem, off, len }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.mem[self.off..self.off + self.len]
-    }
 }
 
 // ----------------------------------------------------------------- tests
@@ -660,8 +630,8 @@ fn fuse_loop_read_only_refuses_writes_and_image_is_unchanged() -> R {
         .custom_flags(libc::O_DIRECT)
         .open(&dev.loop_path)
         .and_then(|f| {
-            let mut buf = AlignedBuf::new(4096);
-            f.write_all_at(buf.as_mut(), 0)
+            let mut buf = Aligned::new(4096);
+            f.write_all_at(buf.buf(), 0)
         })
         .err()
         .ok_or("wrote to a read-only device")?;
@@ -690,10 +660,10 @@ fn fuse_loop_discard_punches_holes_in_the_image() -> R {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&dev.loop_path)?;
-        let mut buf = AlignedBuf::new(MIB as usize);
-        buf.as_mut().copy_from_slice(&pattern(MIB as usize, 3));
+        let mut buf = Aligned::new(MIB as usize);
+        buf.buf().copy_from_slice(&pattern(MIB as usize, 3));
         for i in 0..8 {
-            f.write_all_at(buf.as_mut(), i * MIB)?;
+            f.write_all_at(buf.buf(), i * MIB)?;
         }
         f.sync_all()?;
     }
@@ -916,9 +886,9 @@ fn fuse_dir_mount_fallback_serves_and_is_removed() -> R {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&dev.loop_path)?;
-        let mut buf = AlignedBuf::new(MIB as usize);
-        buf.as_mut().copy_from_slice(&pattern(MIB as usize, 11));
-        f.write_all_at(buf.as_mut(), MIB)?;
+        let mut buf = Aligned::new(MIB as usize);
+        buf.buf().copy_from_slice(&pattern(MIB as usize, 11));
+        f.write_all_at(buf.buf(), MIB)?;
     }
     dev.tear_down()?;
     check(!point.exists(), "mount point directory left behind")?;
@@ -983,9 +953,9 @@ fn fuse_hundred_attach_detach_cycles_leak_nothing() -> R {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&dev.loop_path)?;
-        let mut buf = AlignedBuf::new(4096);
-        buf.as_mut().fill(i as u8);
-        f.write_all_at(buf.as_mut(), i * 4096)?;
+        let mut buf = Aligned::new(4096);
+        buf.buf().fill(i as u8);
+        f.write_all_at(buf.buf(), i * 4096)?;
         drop(f);
         conns.push((dev.loop_number, dev.conn));
         dev.tear_down()?;
@@ -1090,26 +1060,7 @@ fn fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify() -> R {
     )?;
     // Write 384 MiB at depth 16 with checksums, then read it all back and
     // verify: any lost, failed or misplaced write fails fio.
-    let mut fio = Command::new("fio")
-        .args([
-            "--name=kill",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--rw=write",
-            "--bs=64k",
-            "--iodepth=16",
-            "--size=384M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ])
-        .arg(format!("--filename={}", dev.loop_path.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut fio = fio_verify_writer(&dev.loop_path, "384M").spawn()?;
     let mut held = Vec::new();
     for round in 1..=3 {
         std::thread::sleep(Duration::from_millis(300));

@@ -107,23 +107,22 @@ impl Client {
         // Also bounds a send to a broker that stopped reading.
         self.stream.set_write_timeout(Some(wait))?;
         self.stream.set_read_timeout(Some(wait))?;
-        let sent = frame::send_on(&self.stream, req, &[]);
-        // A broker that refuses a connection (too many open) writes its
-        // answer and closes without reading our request, so the send may
-        // fail with EPIPE while the refusal waits unread in the socket:
-        // read it before reporting the send error.
-        let peer_closed = |e: &FrameError| {
-            matches!(e, FrameError::Io(io) if matches!(
-                io.kind(),
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-            ))
-        };
-        let received = match sent {
-            Err(e) if !peer_closed(&e) => Err(e),
-            Err(e) => frame::recv_on(&self.stream, MAX_REPLY_FRAME).map_err(|_| e),
+        let (reply, fds): (Reply, _) = match frame::send_on(&self.stream, req, &[]) {
             Ok(()) => frame::recv_on(&self.stream, MAX_REPLY_FRAME),
-        };
-        let (reply, fds): (Reply, _) = received.map_err(|e| self.frame_error(&e, wait, hello))?;
+            // A broker that refuses a connection (too many open) answers
+            // and closes at once, maybe before our request is written: its
+            // answer is still in our socket and says why.
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                frame::recv_on(&self.stream, MAX_REPLY_FRAME).map_err(|_| FrameError::Io(e))
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| self.frame_error(&e, wait, hello))?;
         drop(fds);
         match reply {
             Reply::Error { kind, message } => Err(Refused { kind, message }.into()),
@@ -173,5 +172,39 @@ impl Client {
                 anyhow!("talking to tap-broker at {p}: {e}")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The broker refused the connection and closed it before our request
+    /// went out (it does so when a tenant has too many open): the send
+    /// fails with EPIPE, but the refusal is in our socket and is what the
+    /// user must see, not "Broken pipe".
+    #[test]
+    fn refusal_sent_before_the_broker_closed_is_read_after_a_broken_pipe() {
+        let (ours, broker) = UnixStream::pair().unwrap();
+        let refusal = Reply::Error {
+            kind: ErrorKind::Busy,
+            message: "tenant alice already has 8 connections open (its max_clients)".into(),
+        };
+        frame::send_on(&broker, &refusal, &[]).unwrap();
+        drop(broker);
+        let client = Client {
+            stream: ours,
+            path: PathBuf::from("/run/tapjail/broker.sock"),
+            timeout: Duration::from_secs(10),
+        };
+        let err = client
+            .call(&Request::List {
+                pid: None,
+                minor: None,
+            })
+            .unwrap_err();
+        let refused = err.downcast_ref::<Refused>().expect("the broker's refusal");
+        assert_eq!(refused.kind, ErrorKind::Busy);
+        assert!(refused.message.contains("8 connections open"), "{err}");
     }
 }

@@ -3,6 +3,7 @@
 //! binary the e2e tests drive).
 
 use std::process::Command;
+use tapjail_testsupport::output_within;
 
 fn ctl() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tap-ctl"));
@@ -78,22 +79,7 @@ fn cli_audit_verify_and_policy_check_work_offline() {
 
 /// Run tap-ctl; fail the test if it takes longer than `limit`.
 fn run_within(mut c: Command, limit: std::time::Duration) -> std::process::Output {
-    use std::process::Stdio;
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > limit {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("tap-ctl still running after {limit:?}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    output_within(&mut c, limit)
 }
 
 #[test]

@@ -532,6 +532,19 @@ pub fn workers_of(broker: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Client connections the broker has open on its control socket: accepted
+/// sockets show the listener's path in /proc/net/unix, so every line with
+/// that path but the listener's own.
+pub fn control_connections(h: &Harness) -> usize {
+    let path = h.socket.to_string_lossy().to_string();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let n = table
+        .lines()
+        .filter(|l| l.split_whitespace().nth(7) == Some(path.as_str()))
+        .count();
+    n.saturating_sub(1)
+}
+
 /// Number of fds open in process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

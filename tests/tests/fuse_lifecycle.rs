@@ -9,24 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tapjail_tests::*;
+use tapjail_testsupport::{fio_verify_writer, fuse_loop_turn, holds_open_direct, pattern};
 
 const MIB: u64 = 1 << 20;
 
-/// FUSE tests take turns, here and in `broker/tests/fuse_device.rs` (and in
-/// other checkouts on this host): a loop device one test frees is taken at
-/// once by another's FUSE disk (whose backing file is also `/disk`), which
-/// would make "left bound" checks see a neighbour's device.
+/// FUSE tests take turns with every other FUSE + loop test on this host
+/// (see [`fuse_loop_turn`]).
 fn serial() -> std::fs::File {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/tapjail-fuse-loop-tests.lock")
-        .expect("lock file");
-    // SAFETY: flock on an fd we own; blocks until the lock is ours.
-    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
-    f
+    fuse_loop_turn().expect("the FUSE + loop test lock")
 }
 
 fn fuse_harness(respawn: bool) -> Harness {
@@ -78,19 +68,6 @@ fn bound_to_fuse(node: &Path) -> bool {
 /// `list --json` as values.
 fn list(h: &Harness) -> Vec<serde_json::Value> {
     serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).expect("list --json")
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 fn mount(dev: &Path, at: &Path) {
@@ -323,29 +300,26 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
     let h = fuse_harness(true);
     let vhd = h.vhd_image(ROOT.name, "kill.vhd", 512);
     let dev = create(&h, &format!("vhd:{}", vhd.display()), &[]);
+    // Direct on both sides: the worker's image fd as the kernel holds it
+    // (the temp dir is a disk filesystem), and the loop device over FUSE.
+    assert_eq!(
+        holds_open_direct(worker_pid(&h), &vhd),
+        Some(true),
+        "the worker's image fd is O_DIRECT"
+    );
+    let node = loop_node(&dev);
+    let name = node.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(
+        fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+            .unwrap()
+            .trim(),
+        "1",
+        "{} does direct I/O to its FUSE file",
+        node.display()
+    );
     // 384 MiB at depth 16, checksummed, then read back and verified: any
     // failed, lost or misplaced write fails fio.
-    let fio = Command::new("fio")
-        .args([
-            "--name=kill",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--rw=write",
-            "--bs=64k",
-            "--iodepth=16",
-            "--size=384M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ])
-        .arg(format!("--filename={}", dev.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("fio");
+    let fio = fio_verify_writer(&dev, "384M").spawn().expect("fio");
     let mut killed = Vec::new();
     for round in 1..=3u64 {
         std::thread::sleep(Duration::from_millis(400));

@@ -36,7 +36,10 @@ fn broker_mode_worker_is_confined_as_seen_in_proc_status() {
         .split_whitespace()
         .map(|u| u.parse().unwrap())
         .collect();
-    if is_root() {
+    if require(
+        is_root(),
+        "root: only a worker started as root drops to nobody",
+    ) {
         assert_eq!(uids, vec![65534; 4], "root workers drop to nobody");
         assert_eq!(st["CapBnd"], "0000000000000000", "bounding set emptied");
     }
@@ -44,7 +47,10 @@ fn broker_mode_worker_is_confined_as_seen_in_proc_status() {
         uids.iter().all(|&u| u != 0),
         "worker must not run as root: {uids:?}"
     );
-    if is_root() {
+    if require(
+        is_root(),
+        "root: only root can give the worker its own namespaces",
+    ) {
         for ns in ["net", "ipc", "uts"] {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
@@ -159,9 +165,10 @@ fn premade_rings_refuse_socket_connect_statx_and_openat() {
 /// `/etc/shadow` and `/root` do not exist for it.
 #[test]
 fn worker_of_every_frontend_has_an_empty_root_in_its_own_mount_namespace() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root (a worker started as root gets an empty root)");
+    if !require(
+        is_root(),
+        "needs root (a worker started as root gets an empty root)",
+    ) {
         return;
     }
     for fe in FRONTENDS {
@@ -199,9 +206,7 @@ fn worker_of_every_frontend_has_an_empty_root_in_its_own_mount_namespace() {
 #[test]
 fn worker_is_not_dumpable_after_switching_uid() {
     use std::os::unix::fs::MetadataExt;
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root to switch uid");
+    if !require(is_root(), "needs root to switch uid") {
         return;
     }
     let (mut child, sock) = spawn_broker_mode("nbd", None);
@@ -308,9 +313,7 @@ fn child_landlock_open() {
 /// with EPERM) it refuses to run instead of serving in the host's.
 #[test]
 fn root_worker_that_cannot_unshare_refuses_to_run() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root");
+    if !require(is_root(), "needs root") {
         return;
     }
     /// linux/capability.h
@@ -375,9 +378,7 @@ fn nestvm_worker_is_not_dumpable_even_where_a_uid_switch_makes_processes_dumpabl
 /// ABI 5), the empty root still leaves nothing to find.
 #[test]
 fn empty_root_hides_host_paths_from_stat_behind_landlock() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
-        eprintln!("SKIPPED: needs root to unshare a mount namespace");
+    if !require(is_root(), "needs root to unshare a mount namespace") {
         return;
     }
     assert!(in_child("child_empty_root_stat").success());
@@ -422,8 +423,7 @@ fn child_empty_root_stat() {
 
 #[test]
 fn dropping_caps_after_switching_ids_leaves_nothing() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to switch ids");
+    if !require(is_root(), "needs root to switch ids") {
         return;
     }
     assert!(in_child("child_ids_and_caps").success());

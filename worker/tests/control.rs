@@ -130,9 +130,27 @@ fn broker_drives_open_serve_stats_pause_unpause_close_shutdown() {
     // Pause: requests wait instead of failing.
     assert_eq!(b.ask(ToWorker::Pause, &[]), FromWorker::Ok);
     c.request(CMD_READ, 0, 3, 0, 512, &[]);
-    c.s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    assert!(c.read_reply(0).is_err(), "no reply while paused");
+    // Held, not lost: wait until the worker counts it outstanding (the
+    // event), then no reply may be waiting on the socket.
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    while b.stats().reqs_outstanding != 1 {
+        assert!(
+            std::time::Instant::now() < limit,
+            "the paused worker never took the request: {:?}",
+            b.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut byte = [0u8; 1];
+    c.s.set_nonblocking(true).unwrap();
+    // A byte read here would be a reply (and fails the test anyway).
+    let peek = std::io::Read::read(&mut c.s, &mut byte);
+    c.s.set_nonblocking(false).unwrap();
+    assert!(
+        matches!(&peek, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "no reply while paused: {peek:?}"
+    );
+    assert_eq!(b.stats().reqs_outstanding, 1, "still held");
     // Unpause refuses an image of another size...
     let small = raw_image(dir.path(), "small.img", 1 << 19, 0);
     let f: OwnedFd = std::fs::File::open(&small).unwrap().into();

@@ -12,7 +12,10 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn qemu_io_writes_and_reads_back_through_the_export() {
-    if !have("qemu-io") {
+    if !require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -39,7 +42,10 @@ fn qemu_io_writes_and_reads_back_through_the_export() {
 
 #[test]
 fn discard_and_write_zeroes_then_read_gives_zeroes() {
-    if !have("qemu-io") {
+    if !require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -76,7 +82,10 @@ fn read_only_export_refuses_writes_with_eperm() {
     let r = c.read_reply(512).unwrap();
     assert_eq!(r.error, 0);
     assert!(r.data.iter().all(|&b| b == 7));
-    if have("qemu-io") {
+    if require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
         let (ok, _) = qemu_io(&srv.url(), &["write -P 1 0 4k"]);
         assert!(!ok, "qemu-io must not be able to write a read-only export");
     }
@@ -86,7 +95,10 @@ fn read_only_export_refuses_writes_with_eperm() {
 
 #[test]
 fn several_concurrent_clients_each_see_their_own_writes() {
-    if !have("qemu-io") {
+    if !require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -239,7 +251,10 @@ fn standalone_worker_is_confined_and_monitor_stops_cleanly() {
     assert_eq!(st["Seccomp"], "2");
     assert_eq!(st["NoNewPrivs"], "1");
     assert_eq!(st["CapEff"], "0000000000000000");
-    if is_root() {
+    if require(
+        is_root(),
+        "root: only a worker started as root drops to nobody",
+    ) {
         assert!(st["Uid"].starts_with("65534"), "{}", st["Uid"]);
     }
     assert!(srv.stop().success(), "{}", srv.log());
@@ -259,15 +274,25 @@ fn client_that_stops_reading_does_not_stall_others_and_gets_every_reply_later() 
     for h in 0..N {
         a.request(CMD_READ, 0, h, (h % 128) * u64::from(LEN), LEN, &[]);
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // The backed-up replies went to the connection's writer thread.
+    // The backed-up replies go to the connection's writer thread: wait
+    // for it to exist (the event), not for a time.
     let pid = srv.worker_pid();
-    let comms: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .collect();
-    assert!(comms.iter().any(|c| c == "nbd-tx"), "{comms:?}");
+    let comms = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !comms().iter().any(|c| c == "nbd-tx") {
+        assert!(
+            std::time::Instant::now() < limit,
+            "no nbd-tx writer thread: {:?}",
+            comms()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // Client B is served meanwhile.
     let mut b = Client::connect(&srv.socket, false, false);
     for h in 0..16 {

@@ -15,7 +15,10 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn buffered_export_reads_through_a_chain_with_many_requests_in_flight() {
-    if !have("qemu-io") {
+    if !require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,10 @@ fn dynamic_vhd(path: &Path, size: u64) {
 
 #[test]
 fn qemu_img_map_over_nbd_shows_the_holes_of_a_dynamic_vhd() {
-    if !have("qemu-img") || !have("qemu-io") {
+    if !require(
+        have("qemu-img") && have("qemu-io"),
+        "qemu-img and qemu-io are not installed (apt install qemu-utils)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -62,7 +65,10 @@ fn qemu_img_map_over_nbd_shows_the_holes_of_a_dynamic_vhd() {
 
 #[test]
 fn differencing_chain_writes_land_in_the_leaf_and_the_parent_is_unchanged() {
-    if !have("qemu-io") {
+    if !require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use tapjail_ctl::files::{create_path, snapshot_path, FsParentOpener};
+use tapjail_testsupport::require;
 use tapjail_worker::image::raw::RawImage;
 use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_worker::image::vhd::{chain, VhdImage, VhdOptions, DEFAULT_BLOCK_SIZE};
@@ -156,8 +157,10 @@ fn read_nowait_declines_a_page_cache_miss_and_counts_hits_once() {
     // again; so evict before each probe and require declines, not all.
     let mut declined = 0;
     for i in 0..8u64 {
-        if !evict(&base) {
-            eprintln!("SKIPPED: cannot evict the page cache on this filesystem");
+        if !require(
+            evict(&base),
+            "cannot evict the page cache on this filesystem (tmpfs? set TMPDIR to a disk filesystem)",
+        ) {
             return;
         }
         let off = 2 * MIB + i * 256 * 1024;
@@ -188,7 +191,10 @@ fn read_nowait_on_raw_and_direct_files() {
     assert!(!raw.read_at_nowait(&mut buf, MIB - 10), "out of range");
     // A direct file always waits for the device: never inline.
     let direct = uring(&p, CacheMode::Auto);
-    if direct.is_direct() {
+    if require(
+        direct.is_direct(),
+        "O_DIRECT on the temp dir's filesystem (tmpfs? set TMPDIR to a disk filesystem)",
+    ) {
         let mut b = tapjail_worker::io::AlignedBuf::zeroed(4096);
         assert!(!direct.read_exact_at_nowait(&mut b, 0));
     }

@@ -11,6 +11,7 @@ use tapjail_ctl::files::{
     check_path, convert_path, create_path, open_any, open_file, query_path, snapshot_path,
     ConvertTarget,
 };
+use tapjail_testsupport::{is_root, require};
 use tapjail_worker::image::vhd::create::CreateKind;
 use tapjail_worker::image::ImageError;
 
@@ -116,19 +117,18 @@ impl Drop for Loop {
 
 #[test]
 fn block_device_is_an_image_of_its_real_size() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root for a loop device");
+    if !require(is_root(), "needs root for a loop device") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("disk.img");
     let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&f, &data).unwrap();
-    let Some(dev) = Loop::over(&f) else {
-        eprintln!("SKIPPED: losetup cannot attach a loop device here");
+    let dev = Loop::over(&f);
+    if !require(dev.is_some(), "losetup cannot attach a loop device here") {
         return;
-    };
+    }
+    let dev = dev.unwrap();
     let img = open_any(Path::new(&dev.0)).unwrap();
     assert_eq!(img.virtual_size(), data.len() as u64);
     let mut got = vec![0u8; data.len()];

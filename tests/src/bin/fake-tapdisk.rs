@@ -32,6 +32,10 @@
 //! - `FDS:<n>` answers Open with `n` fds attached (on the header, or with
 //!   `FDS:<n>:payload` on the payload bytes); `LATEFDS:<frames>:<n>` sends
 //!   `frames` unasked frames with `n` fds each after `Serving`.
+//!
+//! It says on stderr (the broker's log) when a delayed act is done
+//! (`fake-tapdisk PID: sent unasked`, `fake-tapdisk PID: hanging on Open`),
+//! so tests wait for that event instead of sleeping.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -346,6 +350,7 @@ fn hostile_serving(ctl: &UnixStream, line: &str) {
             std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(300));
                 let _ = frame::send_on(&ctl, &msg, &[]);
+                eprintln!("fake-tapdisk {}: sent unasked", std::process::id());
             });
         }
         "LATEFDS" => {
@@ -357,6 +362,7 @@ fn hostile_serving(ctl: &UnixStream, line: &str) {
                 for _ in 0..frames {
                     send_with_fds(&ctl, &FromWorker::Ok, n, false);
                 }
+                eprintln!("fake-tapdisk {}: sent unasked", std::process::id());
             });
         }
         _ => {}
@@ -381,6 +387,7 @@ fn open(
     }
     let mut names = vec![name.clone()];
     if head.starts_with("HANG\n") {
+        eprintln!("fake-tapdisk {}: hanging on Open", std::process::id());
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
     if head.starts_with("CRASH\n") {

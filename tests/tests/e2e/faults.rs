@@ -126,8 +126,14 @@ fn faults_hung_worker_is_killed_at_its_deadline_and_broker_keeps_serving() {
     let slow = std::thread::spawn(move || {
         h2.fails(&ALICE, &["create", "-a", &format!("aio:{}", img.display())])
     });
-    // Meanwhile others are served.
-    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile (the worker hangs on Open) others are served.
+    assert!(
+        eventually(Duration::from_secs(30), || h
+            .broker_log()
+            .contains(": hanging on Open")),
+        "the fake worker never got the Open:\n{}",
+        h.broker_log()
+    );
     let t0 = std::time::Instant::now();
     h.ok(&BOB, &["list"]);
     assert!(

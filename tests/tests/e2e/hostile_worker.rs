@@ -34,7 +34,13 @@ fn scene_with(respawn: bool) -> Scene {
     let bob_sock = std::fs::read_link(h.devices.join("tapdev0")).unwrap();
     // alice's legitimate parent, for the behaviours that ask for one.
     h.raw_image("alice", "base.img", 1 << 20);
-    std::thread::sleep(Duration::from_millis(100));
+    // Baseline once the broker holds no client connection (tap-ctl has
+    // exited, but the broker closes its end when it sees that).
+    assert!(
+        eventually(Duration::from_secs(10), || control_connections(&h) == 0),
+        "the broker keeps {} client connections",
+        control_connections(&h)
+    );
     let baseline_fds = fd_count(h.broker_pid());
     Scene {
         h,
@@ -207,6 +213,20 @@ impl Scene {
         rows[0]["pid"].as_u64().unwrap() as u32
     }
 
+    /// Wait until fake worker `pid` says it has sent its unasked frames
+    /// (they are then in the broker's socket, whatever the broker does).
+    fn sent_unasked(&self, pid: u32) {
+        let said = format!("fake-tapdisk {pid}: sent unasked");
+        assert!(
+            eventually(Duration::from_secs(30), || self
+                .h
+                .broker_log()
+                .contains(&said)),
+            "tapdisk {pid} never sent its unasked frames:\n{}",
+            self.h.broker_log()
+        );
+    }
+
     /// alice's minor 1 is DEAD, refuses work clearly, and destroy clears it.
     fn dead_then_destroyed(&self, pid: u32) {
         let h = &self.h;
@@ -303,7 +323,7 @@ fn hostile_worker_unsolicited_reply_kills_it_and_is_never_taken_as_an_answer() {
     let s = scene();
     // A Stats "reply" to a request never sent, while the disk is idle.
     let pid = s.create_served("late-stats.img", b"LATE:Stats");
-    std::thread::sleep(Duration::from_millis(800));
+    s.sent_unasked(pid);
     let err = s.h.fails(&ALICE, &["stats", "-m", "1"]);
     assert!(err.contains("unsolicited"), "{err}");
     assert!(!err.contains("FORGED"), "{err}");
@@ -336,7 +356,7 @@ fn hostile_worker_extra_serving_does_not_shift_later_answers() {
     }
     // Unsolicited Ready while idle, caught by a pause.
     let pid = s.create_served("late-ready.img", b"LATE:Ready");
-    std::thread::sleep(Duration::from_millis(800));
+    s.sent_unasked(pid);
     let err = s.h.fails(&ALICE, &["pause", "-m", "1"]);
     assert!(err.contains("unsolicited"), "{err}");
     s.dead_then_destroyed(pid);
@@ -429,13 +449,13 @@ fn hostile_worker_passing_fds_is_refused_and_nothing_leaks() {
     // Unasked frames full of fds while idle: caught at the next request;
     // none of them stays open in the broker after destroy.
     let pid = s.create_served("latefds.img", b"LATEFDS:50:8");
-    std::thread::sleep(Duration::from_millis(800));
+    s.sent_unasked(pid);
     let err = s.h.fails(&ALICE, &["stats", "-m", "1"]);
     assert!(err.contains("unsolicited"), "{err}");
     s.dead_then_destroyed(pid);
     // And when the next request is the destroy itself.
     let pid = s.create_served("latefds2.img", b"LATEFDS:50:8");
-    std::thread::sleep(Duration::from_millis(800));
+    s.sent_unasked(pid);
     s.h.ok(&ALICE, &["destroy", "-m", "1"]);
     assert!(eventually(Duration::from_secs(5), || !alive(pid)));
     s.alice_left_nothing();
@@ -446,7 +466,7 @@ fn hostile_worker_passing_fds_is_refused_and_nothing_leaks() {
 fn hostile_worker_killed_for_a_violation_is_respawned_and_killed_again() {
     let s = scene_with(true);
     let pid = s.create_served("late-stats.img", b"LATE:Stats");
-    std::thread::sleep(Duration::from_millis(800));
+    s.sent_unasked(pid);
     let err = s.h.fails(&ALICE, &["stats", "-m", "1"]);
     assert!(err.contains("unsolicited"), "{err}");
     assert_eq!(s.audited("unsolicited"), pid);
@@ -464,7 +484,7 @@ fn hostile_worker_killed_for_a_violation_is_respawned_and_killed_again() {
         rows()
     );
     let second = rows()[0]["pid"].as_u64().unwrap() as u32;
-    std::thread::sleep(Duration::from_millis(800));
+    s.sent_unasked(second);
     let err = s.h.fails(&ALICE, &["stats", "-m", "1"]);
     assert!(err.contains("unsolicited"), "{err}");
     assert_eq!(s.audited("unsolicited"), second);

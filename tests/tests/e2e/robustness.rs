@@ -39,6 +39,10 @@ fn cycles_200_create_destroy_leave_nothing_behind() {
     // the baseline.
     assert!(eventually(Duration::from_secs(5), || pipes_of(broker)
         == inherited_pipes));
+    // Measure once the broker has closed its end of tap-ctl's connection.
+    assert!(eventually(Duration::from_secs(10), || control_connections(
+        &h
+    ) == 0));
     let fds = fd_count(broker);
     for i in 0..200 {
         let dev = h.ok(&ALICE, &["create", "-a", &spec]);
@@ -245,9 +249,16 @@ fn restart_after_crash_without_kept_fds_kills_orphans_and_frees_everything() {
     // SAFETY: kill(2) on the holder pid found above.
     unsafe { libc::kill(holder as i32, libc::SIGKILL) };
     assert!(eventually(Duration::from_secs(5), || !alive(holder)));
+    // The plain worker exits when its broker and the fd holder are gone (the event that
+    // shows both noticed); the stubborn one stays.
     assert!(
-        pids.iter().any(|p| alive(*p)),
-        "the stubborn worker outlived its broker"
+        eventually(Duration::from_secs(20), || pids
+            .iter()
+            .filter(|p| alive(**p))
+            .count()
+            == 1),
+        "want exactly the stubborn worker left: {:?}",
+        pids.iter().map(|p| (p, alive(*p))).collect::<Vec<_>>()
     );
     assert!(
         h.devices.join("tapdev0").exists(),

@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tapjail_testsupport::{tasks_in_d_state, ublk_char_devices, Aligned};
 
 const NEEDS: &str = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests";
 
@@ -62,30 +63,6 @@ fn run(cmd: &mut Command) -> String {
 fn sigkill(pid: u32) {
     // SAFETY: kill(2) on a worker pid this test created through the broker.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-}
-
-fn tasks_in_d_state() -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) {
-            if let Some((head, tail)) = stat.rsplit_once(')') {
-                if tail.trim_start().starts_with('D') {
-                    out.push(format!("{head})"));
-                }
-            }
-        }
-    }
-    out
-}
-
-fn ublk_char_devices() -> Vec<String> {
-    std::fs::read_dir("/sys/class/ublk-char")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn vhd_check(img: &Path) {
@@ -517,25 +494,6 @@ fn ublk_pause_holds_io_and_unpause_at_a_new_path_completes_it() {
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     vhd_check(&b);
     vhd_check(&a);
-}
-
-/// A page-aligned buffer for O_DIRECT I/O on the device.
-struct Aligned {
-    raw: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + 4096];
-        let off = raw.as_ptr().align_offset(4096);
-        Aligned { raw, off, len }
-    }
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        assert!(len <= self.len);
-        &mut self.raw[self.off..self.off + len]
-    }
 }
 
 fn xorshift(x: &mut u64) -> u64 {

@@ -442,12 +442,27 @@ mod tests {
 
     #[test]
     fn uring_file_is_direct_on_a_sector_multiple_file_on_disk() {
-        // The temp dir is usually a disk filesystem (ext4 here), which
-        // supports O_DIRECT with 512-byte sectors.
-        let (_t, f) = file_with(8192, CacheMode::Auto);
+        use tapjail_testsupport::{dir_supports_o_direct, fd_flags, require};
+        let me = std::process::id();
         let (_t2, g) = file_with(8191, CacheMode::Auto);
         assert!(!g.is_direct(), "odd-length files stay buffered");
-        eprintln!("direct on this filesystem: {}", f.is_direct());
+        assert_eq!(fd_flags(me, g.raw()).unwrap() & libc::O_DIRECT, 0);
+        if !require(
+            dir_supports_o_direct(&std::env::temp_dir()),
+            "O_DIRECT in the temp dir (set TMPDIR to a filesystem that has it)",
+        ) {
+            return;
+        }
+        // Direct as the file says, and as the kernel holds the fd.
+        let (_t, f) = file_with(8192, CacheMode::Auto);
+        assert!(f.is_direct(), "a sector-multiple file on disk goes direct");
+        assert_ne!(
+            fd_flags(me, f.raw()).unwrap() & libc::O_DIRECT,
+            0,
+            "O_DIRECT set on the open file"
+        );
+        let (_t3, b) = file_with(8192, CacheMode::Buffered);
+        assert_eq!(fd_flags(me, b.raw()).unwrap() & libc::O_DIRECT, 0);
     }
 
     #[test]

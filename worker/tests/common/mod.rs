@@ -54,17 +54,10 @@ pub fn qemu_raw(path: &Path, dir: &Path) -> Vec<u8> {
     b
 }
 
-/// Byte `i` of a deterministic pattern with seed `seed`.
+/// `len` deterministic bytes for `seed` (the shared test pattern, with
+/// the seed first as these tests have always called it).
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    tapjail_testsupport::pattern(len, seed)
 }
 
 pub fn open(path: &Path, read_only: bool) -> VhdImage {

@@ -9,30 +9,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub const TAPDISK: &str = env!("CARGO_BIN_EXE_tapdisk");
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Whether `prog` is on PATH; tests that need it say so and stop if not.
-pub fn have(prog: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {prog}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        eprintln!("SKIPPED: {prog} is not installed");
-    }
-    found
-}
+#[allow(unused_imports)] // each test file uses its own subset
+pub use tapjail_testsupport::{have, is_root, require};
 
 /// A raw image of `size` bytes filled with `fill`, in `dir`.
 pub fn raw_image(dir: &Path, name: &str, size: usize, fill: u8) -> PathBuf {

@@ -19,8 +19,8 @@
 
 mod ctrl;
 mod node;
-#[cfg(test)]
-mod tests;
+
+pub use ctrl::CONTROL_PATH;
 
 use super::factory::DeviceContext;
 use super::{DeviceBackend, DeviceError, Prepared};

@@ -1,24 +1,29 @@
-//! Functional tests against the real ublk driver: the broker side of this
-//! module creates devices, the worker's ublk frontend serves them in a
+//! Functional tests against the real ublk driver: the broker's ublk
+//! backend creates devices, the worker's ublk frontend serves them in a
 //! child process (this test binary re-executed), and the tests do I/O on
-//! `/dev/ublkbN`, kill the server and recover.
+//! `/dev/ublkbN`, kill the server and recover. The FUSE backend's kernel
+//! tests are their sibling, `fuse_device.rs`.
 //!
 //! They need `ublk_drv`, which this host's kernel lacks, so they are
 //! `#[ignore]`d in ordinary runs and run inside nestvm by
 //! `.ci/nestvm-tests` (`--ignored`), which says so in its output.
 
-use super::*;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tapjail_broker::device::ublk::{available, UblkBackend, CONTROL_PATH};
+use tapjail_broker::device::{DeviceBackend, DeviceError, Prepared};
 use tapjail_common::frame;
-use tapjail_common::proto::ImageKind;
-use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_common::proto::{FrontendKind, ImageKind};
+use tapjail_common::worker_proto::{FromWorker, FrontendSpec, ToWorker};
+use tapjail_testsupport::{tasks_in_d_state, ublk_char_devices, Aligned};
 use tapjail_worker::disk::Disk;
 use tapjail_worker::frontend::ublk::UblkFrontend;
 use tapjail_worker::image::raw::RawImage;
@@ -29,11 +34,10 @@ const CHILD_ENV: &str = "TAPJAIL_UBLK_TEST_CHILD";
 const CHILD_CHAR_FD: i32 = 3;
 const CHILD_READY_FD: i32 = 4;
 
-/// The name libtest knows this module's child entry by.
+/// The name libtest knows the child entry by (a top-level test of this
+/// integration test binary).
 fn child_test_name() -> String {
-    let path = module_path!();
-    let in_crate = path.split_once("::").map_or(path, |(_, rest)| rest);
-    format!("{in_crate}::ublk_child_entry")
+    "ublk_child_entry".into()
 }
 
 /// Entry point of the serving child; does nothing unless started by
@@ -224,24 +228,6 @@ fn image(len: u64) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
-/// A 4 KiB-aligned buffer for O_DIRECT.
-struct Aligned {
-    v: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let v = vec![0u8; len + 4096];
-        let off = (4096 - (v.as_ptr() as usize % 4096)) % 4096;
-        Aligned { v, off, len }
-    }
-    fn buf(&mut self) -> &mut [u8] {
-        &mut self.v[self.off..self.off + self.len]
-    }
-}
-
 fn open_direct(path: &std::path::Path, write: bool) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
@@ -269,37 +255,12 @@ fn fill(buf: &mut [u8], block: u64, round: u64) {
     }
 }
 
-fn ublk_char_devices() -> Vec<String> {
-    std::fs::read_dir("/sys/class/ublk-char")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn tasks_in_d_state() -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) {
-            // pid (comm) S ...: the state follows the last ')'.
-            if let Some((head, tail)) = stat.rsplit_once(')') {
-                if tail.trim_start().starts_with('D') {
-                    out.push(format!("{head})"));
-                }
-            }
-        }
-    }
-    out
-}
-
 fn say_where() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     eprintln!(
         "ublk test running on kernel {} with {}",
         release.trim(),
-        ctrl::CONTROL_PATH
+        CONTROL_PATH
     );
 }
 
@@ -857,7 +818,7 @@ fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
 #[test]
 fn ublk_unavailable_without_control_node_names_config() {
     // Runs everywhere: on a host without the driver, prepare must say why.
-    if Path::new(ctrl::CONTROL_PATH).exists() {
+    if Path::new(CONTROL_PATH).exists() {
         assert!(available().is_ok());
         return;
     }

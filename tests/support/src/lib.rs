@@ -1,0 +1,23 @@
+//! What the tapjail test suites share, so that each helper exists once:
+//! preconditions that cannot pass by skipping under CI ([`require`]),
+//! deterministic data and aligned buffers, kernel-state probes, the
+//! turn-taking lock of the FUSE + loop tests, bounded child processes and
+//! the fio verify writer.
+//!
+//! A dev-dependency of the other crates only; it depends on none of them,
+//! so no crate's tests form a cycle through it.
+
+mod data;
+mod fio;
+mod kernel;
+mod precondition;
+mod process;
+
+pub use data::{pattern, Aligned};
+pub use fio::fio_verify_writer;
+pub use kernel::{
+    dir_supports_o_direct, fd_flags, fuse_loop_turn, holds_open_direct, tasks_in_d_state,
+    ublk_char_devices,
+};
+pub use precondition::{have, in_ci, is_root, require};
+pub use process::output_within;
