@@ -67,16 +67,20 @@ impl Broker {
         &self,
         grant: &ImageGrant,
         writable: bool,
+        minor: Minor,
     ) -> Result<image_open::Opened, BrokerError> {
-        // A file this broker already serves is refused with the minor
-        // that holds it (its lock would refuse it anyway).
+        // A file this broker already serves on another minor is refused
+        // with the minor that holds it (its lock would refuse it anyway).
+        // `minor`'s own claim is no holder: a respawn or unpause reopens
+        // what its dead or paused worker held, whose lock may linger a
+        // moment in that worker's io_uring after it let go.
         let local = |id: FileId| {
             let t = self.table();
             let (m, other_rw) = t
                 .files
                 .get(&id)?
                 .iter()
-                .find(|(_, other_rw)| writable || *other_rw)
+                .find(|(m, other_rw)| *m != minor && (writable || *other_rw))
                 .copied()?;
             Some(BrokerError::busy(format!(
                 "that image file is already open{} on minor {m}",
@@ -112,7 +116,7 @@ impl Broker {
         let image_open::Opened {
             file: leaf,
             id: leaf_id,
-        } = self.open_grant(grant, !read_only)?;
+        } = self.open_grant(grant, !read_only, target.minor)?;
         let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
         self.table().claim_files(target.minor, &files)?;
         let name = grant.path.display().to_string();
@@ -262,7 +266,7 @@ impl Broker {
             if let Err(e) = decided {
                 return Err(format!("parent refused: {e}"));
             }
-            let opened = self.open_grant(&grant, false).and_then(|opened| {
+            let opened = self.open_grant(&grant, false, target.minor).and_then(|opened| {
                 let image_open::Opened { file, id } = opened;
                 self.table().claim_files(target.minor, &[(id, false)])?;
                 Ok((id, file))

@@ -656,7 +656,10 @@ pub fn repair_in<P: Paths + ?Sized>(
     paths: &mut P,
     path: &Path,
 ) -> Result<RepairReport, ImageError> {
-    repair(&paths.open(path, true)?)
+    let mut report = repair(&paths.open(path, true)?)?;
+    // What is left, parents included, exactly as `check` lists it.
+    report.remaining = check_in(paths, path)?;
+    Ok(report)
 }
 
 /// Query a VHD by path; `parent` is the parent as found on the filesystem
@@ -673,7 +676,16 @@ pub fn query_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Info, I
         let locs = layer.parent_locators();
         info.parent = match open_parent_via(paths, layer.name(), &locs, uuid, false) {
             Ok((_, name)) => Some(name),
-            Err(_) => locs.first().map(|l| l.path.clone()),
+            // Not found: the first locator, taken from the child's
+            // directory as it is written (the caller's view of the path).
+            Err(_) => locs.first().map(|l| {
+                if l.relative {
+                    let dir = path.parent().unwrap_or(Path::new(""));
+                    dir.join(&l.path).to_string_lossy().into_owned()
+                } else {
+                    l.path.clone()
+                }
+            }),
         };
     }
     Ok(info)

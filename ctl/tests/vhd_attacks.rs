@@ -265,3 +265,162 @@ fn image_verbs_parse_in_a_child_under_seccomp_without_privileges() {
     assert_eq!(rest.len() + 1, 16 << 20);
     assert!(c.wait().unwrap().success());
 }
+
+/// Run tap-ctl under an address-space limit of 1 GiB (`ulimit -v`), as a
+/// host with strict overcommit or a limited service would.
+fn tapctl_limited(args: &[&str]) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Set slot `slot`'s parent locator `data_len` (dynamic header at 512,
+/// locators at header offset 576, 24 bytes each) and fix the checksum.
+fn set_locator_len(p: &Path, slot: usize, len: u32) {
+    let mut b = std::fs::read(p).unwrap();
+    let at = 512 + 576 + slot * 24 + 8;
+    b[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    let h = &mut b[512..512 + 1024];
+    h[36..40].fill(0);
+    let sum = !h.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    h[36..40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(p, &b).unwrap();
+}
+
+#[test]
+fn check_and_repair_of_a_4gib_locator_length_allocate_nothing_of_that_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "4"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    // The limit itself leaves the tools working on a sound image.
+    let o = tapctl_limited(&["vhd", "check", "-n", s(&child)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for len in [u32::MAX, 0x4000_0000, 16 << 10 | 1] {
+        set_locator_len(&child, 0, len);
+        for verb in ["check", "repair"] {
+            let o = tapctl_limited(&["vhd", verb, "-n", s(&child)]);
+            let out = String::from_utf8_lossy(&o.stdout);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{verb} {len}: {out} {err}");
+            assert!(!err.contains("memory allocation"), "{verb} {len}: {err}");
+            assert!(
+                out.contains("parent_locator.data_len") && out.contains(&len.to_string()),
+                "{verb} {len}: {out} {err}"
+            );
+        }
+    }
+}
+
+fn footer_sum(sector: &mut [u8]) {
+    sector[64..68].fill(0);
+    let sum = !sector
+        .iter()
+        .fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    sector[64..68].copy_from_slice(&sum.to_be_bytes());
+}
+
+fn write_stdin(p: &Path, offset: &str, data: &[u8]) -> std::process::ExitStatus {
+    Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(["vhd", "write", "-n", s(p), "-o", offset])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait()
+        })
+        .unwrap()
+}
+
+#[test]
+fn repair_rebuilds_both_damaged_footers_from_the_intact_header_and_never_reads_it_as_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Damage: one wrong cookie byte with the checksum fixed (the fields
+    // survive), and both footers zeroed (only the header survives).
+    for wipe in [false, true] {
+        let p = tmp.path().join(format!("d{wipe}.vhd"));
+        ok(&["vhd", "create", "-n", s(&p), "-s", "4"]);
+        assert!(write_stdin(&p, "0", b"FIRST-BLOCK").success());
+        assert!(write_stdin(&p, "3145728", b"SECOND-BLOCK").success());
+        let size_before = ok(&["vhd", "query", "-n", s(&p), "-v"]);
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        for at in [0, n - 512] {
+            if wipe {
+                b[at..at + 512].fill(0);
+            } else {
+                b[at + 3] ^= 0x20;
+                footer_sum(&mut b[at..at + 512]);
+            }
+        }
+        std::fs::write(&p, &b).unwrap();
+
+        let err = refused(&["vhd", "read", "-n", s(&p), "-o", "0", "-l", "11"]);
+        assert!(err.contains("cxsparse") || err.contains("damaged"), "{err}");
+        assert_ne!(write_stdin(&p, "0", b"CLOBBER").code(), Some(0));
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b,
+            "a refused write changed the file"
+        );
+
+        let out = String::from_utf8(ok(&["vhd", "repair", "-n", s(&p)])).unwrap();
+        assert!(out.contains("rebuilt the footer"), "{out}");
+        if wipe {
+            assert!(out.contains("new UUID"), "{out}");
+        }
+        ok(&["vhd", "check", "-n", s(&p)]);
+        assert_eq!(
+            ok(&["vhd", "read", "-n", s(&p), "-o", "0", "-l", "11"]),
+            b"FIRST-BLOCK"
+        );
+        assert_eq!(
+            ok(&["vhd", "read", "-n", s(&p), "-o", "3145728", "-l", "12"]),
+            b"SECOND-BLOCK"
+        );
+        assert_eq!(ok(&["vhd", "query", "-n", s(&p), "-v"]), size_before);
+        // qemu reads the repaired file as a VHD holding the same data.
+        let raw = tmp.path().join("q.raw");
+        let o = Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw", s(&p), s(&raw)])
+            .output()
+            .expect("qemu-img is needed for the interop check");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = std::fs::read(&raw).unwrap();
+        assert_eq!(&r[..11], b"FIRST-BLOCK");
+        assert_eq!(&r[3145728..3145740], b"SECOND-BLOCK");
+    }
+}
+
+#[test]
+fn repair_of_a_truncated_image_keeps_every_byte_of_the_cut_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("t.vhd");
+    ok(&["vhd", "create", "-n", s(&p), "-s", "8"]);
+    assert!(write_stdin(&p, "0", &[0x11; 4096]).success());
+    assert!(write_stdin(&p, "2097152", &vec![0x22; 2 << 20]).success());
+    assert!(write_stdin(&p, "6291456", &[0x33; 4096]).success());
+    // Cut the file in the middle of the last block: its BAT entry now
+    // runs past the end, and no footer is left at the end.
+    let full = std::fs::read(&p).unwrap();
+    let cut = full.len() - (1 << 20) - 300;
+    std::fs::write(&p, &full[..cut]).unwrap();
+    let o = tapctl(&["vhd", "repair", "-n", s(&p)]);
+    assert_eq!(o.status.code(), Some(1), "the cut block is still short");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("repair cannot fix: bat"), "{out}");
+    let after = std::fs::read(&p).unwrap();
+    assert!(after.len() >= cut, "repair shrank {cut} to {}", after.len());
+    // Past the two footers and the batmap it rewrote, every byte is kept.
+    let first_block = 3584;
+    assert_eq!(&after[first_block..cut], &full[first_block..cut]);
+}

@@ -363,6 +363,9 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
             CreateKind::Dynamic { block_size }
         };
         on(&name, vfs::create_path(&name, mib(size)?, &kind))?;
+        if !fixed {
+            warn_block_size(&name, block_size);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let grant = grant(&command)?;
@@ -431,6 +434,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             // What is wrong with the parent is said about the parent.
             on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
             on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            warn_block_size(&name, block_size);
             note_outside(&name, &parent);
         }
         VhdCommand::Query {
@@ -447,15 +451,21 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             } else if physical_size {
                 println!("{}", info.physical_size);
             } else if parent {
-                // Names come out of the image: escaped for the terminal.
-                println!("{}", escape(info.parent.as_deref().unwrap_or("none")));
+                // As vhd-util query -p: the parent's absolute, resolved
+                // path. Names come out of the image: escaped for the terminal.
+                let shown = info.parent.as_deref().map(resolved_path);
+                println!("{}", escape(shown.as_deref().unwrap_or("none")));
             } else if json {
                 let v = serde_json::json!({
                     "virtual_size": info.virtual_size,
                     "type": info.disk_type.as_str(),
                     "parent": info.parent,
+                    "parent_resolved": info.parent.as_deref().map(resolved_path),
                     "parent_uuid": info.parent_uuid,
                     "block_size": info.block_size,
+                    "blktap_compatible_block_size": info
+                        .block_size
+                        .map(|b| b == u64::from(tapjail_image::vhd::DEFAULT_BLOCK_SIZE)),
                     "allocated_blocks": info.allocated_blocks,
                     "physical_size": info.physical_size,
                     "uuid": info.uuid,
@@ -473,7 +483,11 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 );
                 println!("physical size: {} bytes", info.physical_size);
                 if let Some(bs) = info.block_size {
-                    println!("block size: {bs}");
+                    if bs == u64::from(tapjail_image::vhd::DEFAULT_BLOCK_SIZE) {
+                        println!("block size: {bs}");
+                    } else {
+                        println!("block size: {bs} ({})", BLKTAP_BLOCK_SIZE_NOTE);
+                    }
                     println!("allocated blocks: {}", info.allocated_blocks);
                     println!("batmap: {}", info.batmap);
                 }
@@ -491,14 +505,18 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("{} is valid", name.display());
             } else {
                 for p in &problems {
-                    println!("{}: {}", name.display(), escape(&p.to_string()));
+                    println!(
+                        "{}: {} ({})",
+                        name.display(),
+                        escape(&p.to_string()),
+                        p.fix_hint()
+                    );
                 }
                 eprintln!(
-                    "tap-ctl: {} has {} problem(s); `tap-ctl vhd repair -n {}` fixes footers \
-                     and batmaps",
+                    "tap-ctl: {} has {} problem(s); {}",
                     name.display(),
                     problems.len(),
-                    name.display()
+                    fix_summary(&problems, &name)
                 );
                 return Ok(1);
             }
@@ -509,14 +527,15 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("{}: {}", name.display(), escape(&a.to_string()));
             }
             if report.actions.is_empty() {
-                println!("{}: nothing to repair", name.display());
+                println!("{}: nothing that repair fixes", name.display());
             }
             if !report.remaining.is_empty() {
                 for p in &report.remaining {
                     println!(
-                        "{}: still wrong: {}",
+                        "{}: repair cannot fix: {} ({})",
                         name.display(),
-                        escape(&p.to_string())
+                        escape(&p.to_string()),
+                        p.fix_hint()
                     );
                 }
                 return Ok(1);
@@ -608,6 +627,9 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 };
                 anyhow::Error::new(e).context(h)
             })?;
+            if let ConvertTarget::VhdDynamic { block_size } = target {
+                warn_block_size(&dst, block_size);
+            }
             if let Some(b) = bar {
                 b.finish();
             }
@@ -736,4 +758,66 @@ fn write_all_or_nothing(img: &dyn Image, name: &Path, data: &[u8], offset: u64) 
             name.display()
         ))),
     }
+}
+
+/// The closing line of `check`: which tools fix what it found.
+fn fix_summary(problems: &[tapjail_image::vhd::check::Problem], name: &Path) -> String {
+    use tapjail_image::vhd::check::Fix;
+    let n = name.display();
+    let mut out = Vec::new();
+    if problems.iter().any(|p| p.fix() == Fix::Repair) {
+        out.push(format!(
+            "`tap-ctl vhd repair -n {n}` fixes footers and batmaps"
+        ));
+    }
+    if problems.iter().any(|p| p.fix() == Fix::SetParent) {
+        out.push(format!(
+            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent"
+        ));
+    }
+    if problems.iter().any(|p| p.fix() == Fix::None) {
+        out.push("the rest no tool fixes without losing data".into());
+    }
+    out.join("; ")
+}
+
+/// Why a block size other than 2 MiB matters (issue 13 item 6).
+const BLKTAP_BLOCK_SIZE_NOTE: &str = "not 2 MiB: blktap's libvhd and tapdisk assume 2 MiB blocks, \
+     so blktap cannot use this image (vhd-util check accepts it, then reads go wrong)";
+
+/// Say on stderr that an image just made will not work with blktap.
+fn warn_block_size(name: &Path, block_size: u32) {
+    if block_size != tapjail_image::vhd::DEFAULT_BLOCK_SIZE {
+        eprintln!(
+            "tap-ctl: warning: {}: block size {block_size} is {BLKTAP_BLOCK_SIZE_NOTE}",
+            name.display()
+        );
+    }
+}
+
+/// `path` made absolute (against the working directory) with `.` and `..`
+/// taken out lexically, as `vhd-util query -p` prints a parent. Lexical is
+/// exact here: parents are never reached through symlinks.
+fn resolved_path(path: &str) -> String {
+    use std::path::Component;
+    let p = Path::new(path);
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        match std::env::current_dir() {
+            Ok(cwd) => cwd.join(p),
+            Err(_) => p.to_path_buf(),
+        }
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out.to_string_lossy().into_owned()
 }

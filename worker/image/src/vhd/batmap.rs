@@ -20,6 +20,14 @@ const OFF_OFFSET: usize = 8;
 const OFF_SIZE: usize = 16;
 const OFF_VERSION: usize = 20;
 const OFF_CHECKSUM: usize = 24;
+/// First byte tapjail does not own: blktap's `marker` (28), then its
+/// `keyhash` (cookie at 29, 32-byte nonce, 32-byte SHA-256 hash) and 418
+/// reserved bytes. They are carried through every rewrite unchanged.
+pub const OFF_REST: usize = 28;
+pub const REST_BYTES: usize = HEADER_BYTES - OFF_REST;
+/// `keyhash.cookie`, 1 when tapdisk's crypto keyhash is set (the image's
+/// data is encrypted).
+const REST_KEYHASH_COOKIE: usize = 29 - OFF_REST;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatmapHeader {
@@ -29,6 +37,8 @@ pub struct BatmapHeader {
     pub size_sectors: u32,
     pub version: u32,
     pub checksum: u32,
+    /// Bytes 28..512 as read (marker, keyhash, reserved): not ours.
+    pub rest: [u8; REST_BYTES],
 }
 
 impl BatmapHeader {
@@ -37,11 +47,15 @@ impl BatmapHeader {
         if b.len() < 28 || &b[..8] != COOKIE {
             return Err("no tdbatmap cookie".into());
         }
+        let mut rest = [0u8; REST_BYTES];
+        let tail = &b[OFF_REST..b.len().min(HEADER_BYTES)];
+        rest[..tail.len()].copy_from_slice(tail);
         let h = BatmapHeader {
             offset: be64(b, OFF_OFFSET),
             size_sectors: be32(b, OFF_SIZE),
             version: be32(b, OFF_VERSION),
             checksum: be32(b, OFF_CHECKSUM),
+            rest,
         };
         if h.version > CURRENT_VERSION {
             return Err(format!("unknown batmap version {:#010x}", h.version));
@@ -56,7 +70,31 @@ impl BatmapHeader {
         put32(&mut b, OFF_SIZE, self.size_sectors);
         put32(&mut b, OFF_VERSION, self.version);
         put32(&mut b, OFF_CHECKSUM, self.checksum);
+        b[OFF_REST..].copy_from_slice(&self.rest);
         b
+    }
+
+    /// A header for a new map: marker, keyhash and reserved bytes zero.
+    pub fn new(offset: u64, size_sectors: u32, version: u32, checksum: u32) -> BatmapHeader {
+        BatmapHeader {
+            offset,
+            size_sectors,
+            version,
+            checksum,
+            rest: [0; REST_BYTES],
+        }
+    }
+
+    /// blktap's generic `marker` byte (`vhd-util set -f marker`).
+    pub fn marker(&self) -> u8 {
+        self.rest[0]
+    }
+
+    /// Whether blktap's keyhash is set: tapdisk encrypts this image's data
+    /// with a key whose hash this is. tapjail has no crypto, so it must
+    /// not write plaintext into such an image.
+    pub fn keyhash_set(&self) -> bool {
+        self.rest[REST_KEYHASH_COOKIE] != 0
     }
 
     pub fn map_bytes(&self) -> u64 {
@@ -102,25 +140,33 @@ mod tests {
 
     #[test]
     fn batmap_header_roundtrips() {
-        let h = BatmapHeader {
-            offset: 4096,
-            size_sectors: 2,
-            version: CURRENT_VERSION,
-            checksum: 0x1234,
-        };
+        let h = BatmapHeader::new(4096, 2, CURRENT_VERSION, 0x1234);
         assert_eq!(BatmapHeader::parse(&h.to_bytes()).unwrap(), h);
+    }
+
+    #[test]
+    fn batmap_header_keeps_marker_keyhash_and_reserved_bytes() {
+        let mut b = BatmapHeader::new(4096, 2, CURRENT_VERSION, 0x1234).to_bytes();
+        for (i, x) in b[OFF_REST..].iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(7).wrapping_add(3);
+        }
+        b[28] = 1;
+        b[29] = 0;
+        let mut h = BatmapHeader::parse(&b).unwrap();
+        assert_eq!(h.marker(), 1);
+        assert!(!h.keyhash_set());
+        h.checksum = 0x5678;
+        let out = h.to_bytes();
+        assert_eq!(&out[OFF_REST..], &b[OFF_REST..]);
+        assert_eq!(&out[24..28], &0x5678u32.to_be_bytes());
+        b[29] = 1;
+        assert!(BatmapHeader::parse(&b).unwrap().keyhash_set());
     }
 
     #[test]
     fn batmap_header_without_cookie_is_not_one() {
         assert!(BatmapHeader::parse(&[0xff; 512]).is_err());
-        let mut b = BatmapHeader {
-            offset: 0,
-            size_sectors: 1,
-            version: CURRENT_VERSION + 1,
-            checksum: 0,
-        }
-        .to_bytes();
+        let mut b = BatmapHeader::new(0, 1, CURRENT_VERSION + 1, 0).to_bytes();
         assert!(BatmapHeader::parse(&b).is_err());
         b[0] = 0;
         assert!(BatmapHeader::parse(&b).is_err());

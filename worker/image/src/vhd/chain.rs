@@ -57,6 +57,11 @@ pub fn open(
         if !seen.insert(parent.uuid()) {
             return Err(ImageError::ParentLoop { name: pname });
         }
+        // A writable child of an encrypted parent would hold plaintext
+        // next to ciphertext: tapdisk encrypts the whole chain.
+        if parent.encrypted() && !read_only {
+            return Err(super::layer::encrypted_error(&pname));
+        }
         layers.push(parent);
     }
     VhdImage::from_layers(layers)

@@ -2,7 +2,7 @@
 
 use super::bat::UNUSED;
 use super::bitmap;
-use super::footer::DiskType;
+use super::footer::{DiskType, FILE_FORMAT_VERSION};
 use super::layout::{BatmapState, Finding, Metadata};
 use super::locator;
 use crate::{Backing, ImageError};
@@ -13,6 +13,39 @@ pub struct Problem {
     /// The structure at fault (`footer`, `bat`, `batmap`, ...).
     pub field: &'static str,
     pub message: String,
+}
+
+/// Which tool fixes a problem, as `check` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fix {
+    /// `tap-ctl vhd repair`: footers and batmaps.
+    Repair,
+    /// `tap-ctl vhd set-parent`: where the parent is.
+    SetParent,
+    /// Nothing rewrites this without guessing at data.
+    None,
+}
+
+impl Problem {
+    /// The tool that fixes this problem.
+    pub fn fix(&self) -> Fix {
+        match self.field {
+            "footer" | "footer.cookie" | "footer.checksum" | "batmap" => Fix::Repair,
+            "parent" | "parent chain" | "header.parent_uuid" => Fix::SetParent,
+            _ => Fix::None,
+        }
+    }
+
+    /// What to do about it, for the end of a message.
+    pub fn fix_hint(&self) -> &'static str {
+        match self.fix() {
+            Fix::Repair => "`tap-ctl vhd repair` fixes this",
+            Fix::SetParent => {
+                "`tap-ctl vhd set-parent` fixes this (`repair` does not touch parents)"
+            }
+            Fix::None => "no tool fixes this without losing data: restore the image from a copy",
+        }
+    }
 }
 
 impl std::fmt::Display for Problem {
@@ -52,6 +85,7 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
         Err(e) => return vec![e.into()],
     };
     let mut problems: Vec<Problem> = meta.findings.iter().cloned().map(Into::into).collect();
+    footer_problems(&meta, &mut problems);
     if let Some(s) = &meta.sparse {
         let batmap = match &s.batmap {
             BatmapState::Valid { map, .. } => Some(map),
@@ -80,6 +114,32 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
                 });
             }
         }
+        if let Some(m) = batmap {
+            let n = (s.bat.len() as u64).min(sum_bits).min(m.len() as u64 * 8) as usize;
+            let bogus: Vec<usize> = (0..n)
+                .filter(|&b| s.bat[b] == UNUSED && bitmap::test(m, b))
+                .collect();
+            if let Some(&first) = bogus.first() {
+                problems.push(Problem {
+                    field: "batmap",
+                    message: format!(
+                        "{} unallocated block(s) (first: block {first}) are marked fully written",
+                        bogus.len()
+                    ),
+                });
+            }
+        }
+        if meta.footer.disk_type == DiskType::Dynamic {
+            let h = &s.header;
+            if h.parent_uuid() != [0; 16] || h.locators.iter().any(|l| l.is_used()) {
+                problems.push(Problem {
+                    field: "footer.disk_type",
+                    message: "the footer says dynamic, but the dynamic header names a parent: \
+                              a differencing image relabelled, whose parent's data is not shown"
+                        .into(),
+                });
+            }
+        }
         if s.allocated_beyond_size > 0 {
             problems.push(Problem {
                 field: "bat",
@@ -91,7 +151,13 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
         }
         if meta.footer.disk_type == DiskType::Differencing {
             for (i, loc) in s.header.locators.iter().enumerate() {
-                if !loc.code.is_readable() {
+                // A length `Metadata` already flagged is never a buffer
+                // size: the file says it, so it may be 4 GiB.
+                let len_ok = loc.data_len <= locator::MAX_LOCATOR_LEN
+                    && loc
+                        .space_bytes()
+                        .is_some_and(|space| u64::from(loc.data_len) <= space);
+                if !loc.code.is_readable() || !len_ok {
                     continue;
                 }
                 let mut data = vec![0u8; loc.data_len as usize];
@@ -121,4 +187,37 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
 /// modify images and refuse broken ones.
 pub fn metadata_for_update(file: &dyn Backing) -> Result<Metadata, ImageError> {
     Metadata::read(file)
+}
+
+/// Footer fields that open but serve a disk other than the one meant.
+fn footer_problems(meta: &Metadata, problems: &mut Vec<Problem>) {
+    let f = &meta.footer;
+    let version = f.file_format_version();
+    if version != FILE_FORMAT_VERSION {
+        problems.push(Problem {
+            field: "footer.version",
+            message: format!(
+                "file format version {}.{} (only 1.0 exists)",
+                version >> 16,
+                version & 0xffff
+            ),
+        });
+    }
+    if f.size_from_current_size() && !f.current_size().is_multiple_of(512) {
+        problems.push(Problem {
+            field: "footer.current_size",
+            message: format!(
+                "{} bytes is not a whole number of 512-byte sectors; the last {} bytes \
+                 are not served",
+                f.current_size(),
+                f.current_size() % 512
+            ),
+        });
+    }
+    if meta.virtual_size == 0 {
+        problems.push(Problem {
+            field: "footer.current_size",
+            message: "the disk is 0 bytes long: every read fails".into(),
+        });
+    }
 }

@@ -154,12 +154,12 @@ fn create_sparse(
     let map_sectors = batmap::map_sectors(entries, size)?;
     let map = vec![0u8; map_sectors as usize * 512];
     let sum_len = batmap::checksum_len(size) as usize;
-    let bm_header = BatmapHeader {
-        offset: off + batmap::HEADER_BYTES as u64,
-        size_sectors: map_sectors,
-        version: batmap::CURRENT_VERSION,
-        checksum: batmap::checksum(&map[..sum_len], batmap::CURRENT_VERSION),
-    };
+    let bm_header = BatmapHeader::new(
+        off + batmap::HEADER_BYTES as u64,
+        map_sectors,
+        batmap::CURRENT_VERSION,
+        batmap::checksum(&map[..sum_len], batmap::CURRENT_VERSION),
+    );
     file.write_all_at(&bm_header.to_bytes(), off)
         .map_err(io("write batmap", off))?;
     file.write_all_at(&map, bm_header.offset)

@@ -134,6 +134,20 @@ impl Footer {
         Ok(Footer { raw, disk_type })
     }
 
+    /// A footer from a sector whose cookie or checksum is damaged but whose
+    /// fields are not (for `repair`): the cookie is restored and the
+    /// checksum recomputed on write. `None` unless the file format version
+    /// and the disk type are a VHD's, so arbitrary data is not taken.
+    pub fn from_damaged(sector: &[u8; FOOTER_SIZE]) -> Option<Footer> {
+        let mut raw = *sector;
+        raw[..8].copy_from_slice(COOKIE);
+        if be32(&raw, OFF_VERSION) != FILE_FORMAT_VERSION {
+            return None;
+        }
+        let disk_type = DiskType::from_code(be32(&raw, OFF_TYPE))?;
+        Some(Footer { raw, disk_type })
+    }
+
     /// A fresh footer as we create images: creator `tap\0`, geometry from
     /// the size, a random UUID.
     pub fn new(disk_type: DiskType, size: u64, uuid: [u8; 16], timestamp: u32) -> Footer {

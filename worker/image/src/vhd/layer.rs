@@ -78,6 +78,11 @@ struct Sparse {
     bat: RwLock<Vec<u32>>,
     /// One bit per block: fully written (every sector bit set).
     full: Vec<AtomicU64>,
+    /// One bit per block whose `full` bit comes from the on-disk batmap
+    /// and has not been checked against the block's sector bitmap yet.
+    /// The batmap is a hint: the first use of such a block reads the
+    /// bitmap, and one bit that disagrees invalidates every unchecked one.
+    hinted: Vec<AtomicU64>,
     /// Blocks below this index may be recorded in the on-disk batmap.
     batmap_bits: u64,
     batmap: Option<BatmapDisk>,
@@ -95,6 +100,8 @@ pub struct VhdLayer {
     footer_bytes: [u8; FOOTER_SIZE],
     virtual_size: u64,
     read_only: bool,
+    /// blktap's keyhash is set: opened read-only only.
+    encrypted: bool,
     options: VhdOptions,
     sparse: Option<Sparse>,
     pub(crate) counters: LayerCounters,
@@ -105,6 +112,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // state half-updated in a way later users could not cope with (they
     // re-read from disk), so poisoning is ignored.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Alignment of a block's data area in the file, as libvhd and tapdisk
+/// place new blocks (`getpagesize()`): direct I/O on 4K-native disks and
+/// the direct io_uring path then get aligned requests.
+pub const DATA_ALIGN: u64 = 4096;
+
+/// Where a new block goes when the data ends at `data_end`: the first
+/// sector from there on at which its data, after the `bitmap_bytes` of
+/// sector bitmap, starts on a [`DATA_ALIGN`] boundary (libvhd's `gap`).
+/// Blocks already in the file stay where they are, aligned or not.
+pub fn aligned_block_start(data_end: u64, bitmap_bytes: u64) -> Option<u64> {
+    let data = data_end.checked_add(bitmap_bytes)?;
+    Some(data.checked_next_multiple_of(DATA_ALIGN)? - bitmap_bytes)
+}
+
+/// The refusal to write into an image blktap encrypts (see
+/// [`super::batmap::BatmapHeader::keyhash_set`]).
+pub(crate) fn encrypted_error(name: &str) -> ImageError {
+    ImageError::Unsupported(format!(
+        "{name} is encrypted (its batmap header carries blktap's keyhash); tapjail has no \
+         tapdisk crypto and will not write plaintext into it or into a child of it: \
+         open it read-only, or write to it with blktap's tapdisk"
+    ))
 }
 
 impl VhdLayer {
@@ -127,11 +158,17 @@ impl VhdLayer {
         meta: Metadata,
     ) -> Result<VhdLayer, ImageError> {
         let footer_bytes = meta.footer.to_bytes();
+        let encrypted = meta.sparse.as_ref().is_some_and(|s| s.encrypted);
+        if encrypted && !read_only {
+            return Err(encrypted_error(name));
+        }
         let sparse = match meta.sparse {
             None => None,
             Some(s) => {
                 let n = s.bat.len();
                 let full: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+                let hinted: Vec<AtomicU64> =
+                    (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
                 let sum_len = batmap::checksum_len(meta.footer.current_size());
                 let (batmap, batmap_bits) = match &s.batmap {
                     BatmapState::Valid { header, map } => {
@@ -139,6 +176,7 @@ impl VhdLayer {
                         for (b, &e) in s.bat.iter().enumerate().take(bits as usize) {
                             if e != UNUSED && bitmap::test(map, b) {
                                 full[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
+                                hinted[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
                             }
                         }
                         (
@@ -161,6 +199,7 @@ impl VhdLayer {
                     header: s.header,
                     bat: RwLock::new(s.bat),
                     full,
+                    hinted,
                     batmap_bits,
                     batmap,
                     batmap_dirty: AtomicBool::new(false),
@@ -181,6 +220,7 @@ impl VhdLayer {
             virtual_size: meta.virtual_size,
             footer: meta.footer,
             read_only,
+            encrypted,
             options,
             sparse,
             counters: LayerCounters::default(),
@@ -201,6 +241,10 @@ impl VhdLayer {
     }
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+    /// Whether blktap's keyhash says tapdisk encrypts this image.
+    pub fn encrypted(&self) -> bool {
+        self.encrypted
     }
     pub fn uuid(&self) -> [u8; 16] {
         self.footer.uuid()
@@ -270,6 +314,50 @@ impl VhdLayer {
         out
     }
 
+    /// Check `block`'s batmap bit against its sector bitmap if nobody has
+    /// yet (see [`Sparse::hinted`]). With `load` false nothing is read:
+    /// `false` then means the bit is still unchecked.
+    fn verify_hint(
+        &self,
+        s: &Sparse,
+        block: usize,
+        entry: u32,
+        load: bool,
+    ) -> Result<bool, ImageError> {
+        let bit = 1u64 << (block % 64);
+        if s.hinted[block / 64].load(Ordering::Acquire) & bit == 0 {
+            return Ok(true);
+        }
+        if !load {
+            return Ok(false);
+        }
+        let shard = lock(&s.bitmaps[block % BITMAP_SHARDS]);
+        if s.hinted[block / 64].load(Ordering::Acquire) & bit == 0 {
+            return Ok(true);
+        }
+        let off = u64::from(entry) * 512;
+        let mut buf = vec![0u8; s.bitmap_bytes as usize];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(ImageError::io("read bitmap", off))?;
+        drop(shard);
+        if bitmap::is_full(&buf, s.sectors_per_block) {
+            s.hinted[block / 64].fetch_and(!bit, Ordering::AcqRel);
+            return Ok(true);
+        }
+        // The batmap lied about this block, so it may about any: drop
+        // every unchecked bit (their bitmaps are read on use) and have the
+        // batmap rewritten from what is known.
+        for (h, f) in s.hinted.iter().zip(&s.full) {
+            let unchecked = h.swap(0, Ordering::AcqRel);
+            f.fetch_and(!unchecked, Ordering::AcqRel);
+        }
+        if s.batmap.is_some() && !self.read_only {
+            s.batmap_dirty.store(true, Ordering::Release);
+        }
+        Ok(true)
+    }
+
     fn is_full(s: &Sparse, block: usize) -> bool {
         s.full[block / 64].load(Ordering::Acquire) & (1 << (block % 64)) != 0
     }
@@ -330,6 +418,9 @@ impl VhdLayer {
             entry
         };
         let data = u64::from(entry) * 512 + s.bitmap_bytes;
+        if !self.verify_hint(s, block, entry, load)? {
+            return Ok(None);
+        }
         if Self::is_full(s, block) {
             return Ok(Some((to_block_end.min(max), Some(data + in_block))));
         }
@@ -446,6 +537,7 @@ impl VhdLayer {
         if entry == UNUSED {
             return self.allocate(s, block, in_block, data);
         }
+        self.verify_hint(s, block, entry, true)?;
         let off = u64::from(entry) * 512 + s.bitmap_bytes + in_block;
         self.file
             .write_all_at(data, off)
@@ -511,7 +603,13 @@ impl VhdLayer {
             drop(alloc);
             return self.write_in_block(s, block, in_block, data);
         }
-        let start = alloc.data_end;
+        let gap_start = alloc.data_end;
+        let start = aligned_block_start(gap_start, s.bitmap_bytes).ok_or_else(|| {
+            ImageError::NoSpace(format!(
+                "{}: the file would grow past 2^64 bytes",
+                self.name
+            ))
+        })?;
         let sector = u32::try_from(start / 512)
             .ok()
             .filter(|&x| x != UNUSED)
@@ -541,7 +639,7 @@ impl VhdLayer {
         // no BAT entry (say, a block a crash left unlinked), and copying
         // it could mean megabytes of locked memory in the worker.
         let old_len = alloc.file_len;
-        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(start);
+        let saved_at = old_len.saturating_sub(FOOTER_SIZE as u64).max(gap_start);
         let saved_end = old_len.min(block_end + FOOTER_SIZE as u64);
         let mut saved = [0u8; FOOTER_SIZE];
         let saved = &mut saved[..saved_end.saturating_sub(saved_at) as usize];
@@ -553,7 +651,7 @@ impl VhdLayer {
         let placed = self.place_block(
             &map,
             data,
-            (data_start, in_block, block_end, old_len),
+            (gap_start, data_start, in_block, block_end, old_len),
             (table, sector),
             &mut bat_written,
         );
@@ -573,13 +671,14 @@ impl VhdLayer {
     }
 
     /// The writes of a block allocation, in their crash-safe order:
-    /// bitmap and data, the rest of the block zeroed, then the BAT entry,
-    /// then the footer at the new end. `bat_written` says how far it got.
+    /// bitmap and data, the rest of the block and the alignment gap before
+    /// it zeroed, then the BAT entry, then the footer at the new end.
+    /// `bat_written` says how far it got.
     fn place_block(
         &self,
         map: &[u8],
         data: &[u8],
-        (data_start, in_block, block_end, file_len): (u64, u64, u64, u64),
+        (gap_start, data_start, in_block, block_end, file_len): (u64, u64, u64, u64, u64),
         (table, sector): (u64, u32),
         bat_written: &mut bool,
     ) -> Result<(), ImageError> {
@@ -591,6 +690,7 @@ impl VhdLayer {
         // Whatever the file already holds in the rest of the data area (an
         // old footer, stale bytes) must read as zero.
         let wend = wstart + data.len() as u64;
+        self.zero_existing(gap_start, start, file_len)?;
         self.zero_existing(data_start, wstart, file_len)?;
         self.zero_existing(wend, block_end, file_len)?;
         // The whole block must be inside the file before the BAT points at

@@ -67,6 +67,9 @@ pub struct Sparse {
     pub metadata_end: u64,
     /// Where the next block goes: after all metadata and all blocks.
     pub data_end: u64,
+    /// A batmap header (valid or not) carries blktap's keyhash: tapdisk
+    /// encrypts this image's data, so nothing may write plaintext to it.
+    pub encrypted: bool,
 }
 
 /// Everything validated about one VHD file.
@@ -104,6 +107,21 @@ fn read_at(
 ) -> Result<(), ImageError> {
     file.read_exact_at(buf, off)
         .map_err(ImageError::io(what, off))
+}
+
+impl Sparse {
+    /// The batmap header as read, valid or stale (not one that is absent
+    /// or unparsable).
+    pub fn batmap_header(&self) -> Option<&BatmapHeader> {
+        match &self.batmap {
+            BatmapState::Valid { header, .. } => Some(header),
+            BatmapState::Ignored {
+                stale: Some(header),
+                ..
+            } => Some(header),
+            _ => None,
+        }
+    }
 }
 
 impl Metadata {
@@ -392,14 +410,16 @@ fn read_sparse(
             let end = start + block_total; // < 2^41 + 2^27: no overflow
             let problem = if end > limit {
                 Some(format!(
-                    "entry {idx} points at sector {e}; its block ends at byte {end}, \
-                     past the end of the {file_len}-byte file"
+                    "entry {idx} puts its block at bytes {start}..{end}, past the end \
+                     of the {file_len}-byte file"
                 ))
             } else {
-                regions
-                    .iter()
-                    .find(|r| r.overlaps(start, end))
-                    .map(|r| format!("entry {idx}: block at sector {e} overlaps {}", r.what))
+                regions.iter().find(|r| r.overlaps(start, end)).map(|r| {
+                    format!(
+                        "entry {idx} puts its block at bytes {start}..{end}, over {}",
+                        r.what
+                    )
+                })
             };
             match problem {
                 Some(msg) if strict => return Err(ImageError::corrupt("bat", msg)),
@@ -436,6 +456,7 @@ fn read_sparse(
 
     // --- batmap
     let batmap_header_offset = table_end;
+    let mut encrypted = false;
     let batmap = read_batmap(
         file,
         footer,
@@ -445,6 +466,7 @@ fn read_sparse(
         &starts,
         block_total,
         &mut metadata_end,
+        &mut encrypted,
     )?;
     if let BatmapState::Ignored { reason, .. } = &batmap {
         findings.push(Finding {
@@ -464,6 +486,7 @@ fn read_sparse(
         batmap_header_offset,
         metadata_end,
         data_end,
+        encrypted,
     })
 }
 
@@ -540,6 +563,7 @@ fn read_batmap(
     blocks: &[(u64, u32)],
     block_total: u64,
     metadata_end: &mut u64,
+    encrypted: &mut bool,
 ) -> Result<BatmapState, ImageError> {
     let expected = footer.batmap_expected();
     if expected == Some(false) {
@@ -576,6 +600,7 @@ fn read_batmap(
         Ok(h) => h,
         Err(why) => return ignore(format!("batmap header: {why}")),
     };
+    *encrypted = header.keyhash_set();
     *metadata_end = (*metadata_end).max(hdr_end);
     let map_bytes = header.map_bytes();
     let sum_len = batmap::checksum_len(footer.current_size());

@@ -9,6 +9,12 @@
 //!   (so blktap no longer requires one) and an intact header is erased;
 //! - a batmap that claims blocks are full when they are not is rebuilt.
 //!
+//! - both footers damaged (a bad cookie or checksum) while the dynamic
+//!   header at 512 is intact: the footer is rebuilt from a damaged copy
+//!   whose fields still read as a VHD footer, else from the header and the
+//!   layout (size = `max_table_entries` x `block_size`, a new UUID, said in
+//!   the report), and the file is never taken for raw;
+//!
 //! BAT entries pointing outside the file or into metadata are reported,
 //! not "fixed": clearing them would lose data silently.
 
@@ -16,8 +22,12 @@ use super::bat::UNUSED;
 use super::batmap::{self, BatmapHeader};
 use super::bitmap;
 use super::check::{check, Problem};
-use super::footer::{CREATOR_VERSION_OPTIONAL_BATMAP, FOOTER_SIZE};
+use super::footer::{
+    new_uuid, vhd_now, DiskType, Footer, CREATOR_VERSION_OPTIONAL_BATMAP, FOOTER_SIZE,
+};
+use super::header::{Header, HEADER_SIZE};
 use super::layout::{BatmapState, FooterSource, Metadata};
+use super::MAX_VIRTUAL_SIZE;
 use crate::{Backing, ImageError};
 
 /// What `repair` did and what is still wrong.
@@ -32,8 +42,17 @@ fn io(op: &'static str, off: u64) -> impl FnOnce(std::io::Error) -> ImageError {
 }
 
 pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
-    let meta = Metadata::read_with(file, false)?;
     let mut report = RepairReport::default();
+    let meta = match Metadata::read_with(file, false) {
+        Ok(m) => m,
+        Err(e) => match rebuild_footer(file)? {
+            Some((action, meta)) => {
+                report.actions.push(action);
+                meta
+            }
+            None => return Err(e),
+        },
+    };
     let mut footer = meta.footer.clone();
     let mut rewrite_footers = !meta.findings.iter().all(|f| f.field != "footer")
         || meta.footer_source == FooterSource::EndShort;
@@ -144,15 +163,18 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
             Some(s) => {
                 file.write_all_at(&bytes, 0)
                     .map_err(io("write footer", 0))?;
-                s.data_end
-            }
-            None => {
-                let len = match meta.footer_source {
-                    FooterSource::EndShort => FOOTER_SIZE as u64 - 1,
-                    _ => FOOTER_SIZE as u64,
+                // Never over or below bytes the file holds: a BAT entry
+                // flagged as running past the end (a truncated file) still
+                // owns what is left of its block, and an unreferenced
+                // block is not known to be garbage. Repair never shrinks.
+                let held = if meta.end_footer_ok {
+                    meta.file_len - footer_len(meta.footer_source)
+                } else {
+                    meta.file_len
                 };
-                meta.file_len - len
+                s.data_end.max(held.next_multiple_of(512))
             }
+            None => meta.file_len - footer_len(meta.footer_source),
         };
         file.write_all_at(&bytes, end)
             .map_err(io("write footer", end))?;
@@ -165,4 +187,80 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
     file.sync_data().map_err(io("fsync", 0))?;
     report.remaining = check(file);
     Ok(report)
+}
+
+/// Bytes the end footer takes where it was found.
+fn footer_len(source: FooterSource) -> u64 {
+    match source {
+        FooterSource::EndShort => FOOTER_SIZE as u64 - 1,
+        _ => FOOTER_SIZE as u64,
+    }
+}
+
+/// No footer opens, but the dynamic header at 512 does: write a rebuilt
+/// footer copy at offset 0, so that [`Metadata`] takes it and the rest of
+/// `repair` rewrites the end footer where the layout puts it. The old
+/// first sector is put back if the file still does not open, so a failed
+/// attempt changes nothing. `None` when there is no intact header.
+fn rebuild_footer(file: &dyn Backing) -> Result<Option<(String, Metadata)>, ImageError> {
+    let len = file.len().map_err(io("stat", 0))?;
+    if len < (FOOTER_SIZE + HEADER_SIZE) as u64 {
+        return Ok(None);
+    }
+    let mut hb = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut hb, FOOTER_SIZE as u64)
+        .map_err(io("read dynamic header", FOOTER_SIZE as u64))?;
+    let Ok(header) = Header::parse(&hb) else {
+        return Ok(None);
+    };
+    let mut first = [0u8; FOOTER_SIZE];
+    file.read_exact_at(&mut first, 0)
+        .map_err(io("read footer copy", 0))?;
+    let mut last = [0u8; FOOTER_SIZE];
+    let last_off = len - FOOTER_SIZE as u64;
+    file.read_exact_at(&mut last, last_off)
+        .map_err(io("read footer", last_off))?;
+    let damaged = [
+        (&last, "the damaged footer at the end"),
+        (&first, "the damaged footer copy at offset 0"),
+    ]
+    .into_iter()
+    .find_map(|(b, what)| {
+        Footer::from_damaged(b)
+            .filter(|f| f.disk_type.is_sparse() && f.data_offset() == FOOTER_SIZE as u64)
+            .map(|f| (f, what))
+    });
+    let (footer, action) = match damaged {
+        Some((f, what)) => (f, format!("rebuilt the footer from {what}")),
+        None => {
+            let size = u64::from(header.max_table_entries()) * u64::from(header.block_size());
+            if size == 0 || size > MAX_VIRTUAL_SIZE {
+                return Ok(None);
+            }
+            let ty = if header.parent_uuid() == [0; 16] {
+                DiskType::Dynamic
+            } else {
+                DiskType::Differencing
+            };
+            (
+                Footer::new(ty, size, new_uuid()?, vhd_now()),
+                format!(
+                    "rebuilt the footer from the dynamic header: a {} disk of {size} bytes \
+                     (BAT entries x block size) with a new UUID; re-point its children \
+                     with `tap-ctl vhd set-parent`",
+                    ty.as_str()
+                ),
+            )
+        }
+    };
+    file.write_all_at(&footer.to_bytes(), 0)
+        .map_err(io("write footer copy", 0))?;
+    match Metadata::read_with(file, false) {
+        Ok(meta) => Ok(Some((action, meta))),
+        Err(_) => {
+            file.write_all_at(&first, 0)
+                .map_err(io("restore footer copy", 0))?;
+            Ok(None)
+        }
+    }
 }

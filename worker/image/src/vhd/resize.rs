@@ -114,12 +114,16 @@ pub fn resize(file: &dyn Backing, new_size: u64) -> Result<(), ImageError> {
             // A fresh, all-clear batmap: it claims nothing, so it is safe.
             let sectors = batmap::map_sectors(needed, new_size)?;
             let map = vec![0u8; sectors as usize * 512];
-            let h = BatmapHeader {
-                offset: end + batmap::HEADER_BYTES as u64,
-                size_sectors: sectors,
-                version: batmap::CURRENT_VERSION,
-                checksum: batmap::checksum(&map[..sum_len as usize], batmap::CURRENT_VERSION),
-            };
+            let mut h = BatmapHeader::new(
+                end + batmap::HEADER_BYTES as u64,
+                sectors,
+                batmap::CURRENT_VERSION,
+                batmap::checksum(&map[..sum_len as usize], batmap::CURRENT_VERSION),
+            );
+            // The marker and keyhash move with the map.
+            if let Some(old) = s.batmap_header() {
+                h.rest = old.rest;
+            }
             file.write_all_at(&h.to_bytes(), end)
                 .map_err(io("write batmap", end))?;
             file.write_all_at(&map, h.offset)
