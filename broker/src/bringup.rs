@@ -266,11 +266,13 @@ impl Broker {
             if let Err(e) = decided {
                 return Err(format!("parent refused: {e}"));
             }
-            let opened = self.open_grant(&grant, false, target.minor).and_then(|opened| {
-                let image_open::Opened { file, id } = opened;
-                self.table().claim_files(target.minor, &[(id, false)])?;
-                Ok((id, file))
-            });
+            let opened = self
+                .open_grant(&grant, false, target.minor)
+                .and_then(|opened| {
+                    let image_open::Opened { file, id } = opened;
+                    self.table().claim_files(target.minor, &[(id, false)])?;
+                    Ok((id, file))
+                });
             match opened {
                 Ok((id, file)) => {
                     files.push((id, false));
