@@ -63,8 +63,10 @@ cleanup() {
         $CTL destroy -m "$MINOR" || true
     fi
     if [ -n "$BROKER_PID" ]; then
+        # SIGINT: take every disk down (SIGTERM would leave them served
+        # for the next tap-broker to adopt).
         echo "== stopping tap-broker ($BROKER_PID)"
-        kill -TERM "$BROKER_PID" 2>/dev/null || true
+        kill -INT "$BROKER_PID" 2>/dev/null || true
         wait "$BROKER_PID" 2>/dev/null || true
     fi
     echo "== done; the image stays at $IMAGE"

@@ -17,6 +17,9 @@ use tapjail_policy::Policy;
 #[derive(Debug, Clone)]
 pub struct SpawnConfig {
     pub tapdisk: PathBuf,
+    /// Where each worker's control socket and stderr pipe are kept, so
+    /// that it outlives this broker (see `tapjail_broker::fdstore`).
+    pub store: Option<std::sync::Arc<tapjail_broker::fdstore::FdStore>>,
     /// RLIMIT_MEMLOCK (soft and hard), bytes.
     pub memlock: u64,
     /// For each message a worker sends, the whole of it.

@@ -204,6 +204,7 @@ mod tests {
             memlock: 0,
             timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(1),
+            store: None,
         };
         Arc::new(Broker::new(policy, audit, devices, state, spawn).expect("broker"))
     }

@@ -2,4 +2,5 @@
 //! the integration tests can drive single pieces (a device backend) too.
 
 pub mod device;
+pub mod fdstore;
 pub mod sys;

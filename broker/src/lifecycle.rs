@@ -276,6 +276,14 @@ impl Disk {
             image: s.image.map(|i| i.to_string()),
             frontend: s.frontend.map(|f| f.as_str().to_string()),
             link: s.link,
+            state: s.state.0,
+            restarts: self.restarts,
+            // While leased, the last settled record (with what a successor
+            // needs) stays in the file: persist runs on settle only.
+            served: match &self.slot {
+                Slot::Idle(p) => p.served().and_then(crate::adopt::served_record),
+                Slot::Leased { .. } => None,
+            },
         }
     }
 

@@ -1,8 +1,11 @@
 //! `tap-broker`: the privileged half. Decides, opens, creates devices,
 //! spawns confined workers; never reads image contents.
 //!
-//! Runs in the foreground (systemd `Type=simple`), logs to stderr, stops
-//! on SIGTERM/SIGINT after destroying every disk it serves.
+//! Runs in the foreground (systemd `Type=simple`), logs to stderr.
+//! SIGTERM (`systemctl stop`/`restart`, an upgrade) stops it and leaves
+//! every disk served: the workers keep running, their fds are kept (see
+//! `tapjail_broker::fdstore`), and the next tap-broker adopts them
+//! (`adopt`). SIGINT (Ctrl-C) destroys every disk first, as does `--down`.
 //!
 //! # Modules, top to bottom (each uses only those below it)
 //!
@@ -17,6 +20,8 @@
 //! - `broker`: what all of the above share (policy, tables, audit log).
 //! - `lease`, `lifecycle`, `table`: a minor's phase, the lease operations
 //!   hold it by, and the tables of minors, workers and open files.
+//! - `adopt`: a predecessor's workers and devices taken over at start;
+//!   `resync`: a taken-over control stream brought back in step.
 //! - `worker` (a worker's control socket), `device` (kernel backends),
 //!   `records` (`state_dir`), `publish`, `denials`, `sys` (syscalls).
 //!
@@ -44,6 +49,7 @@
 //! one column to another happens through a lease; a request on a leased
 //! minor is refused as busy.
 
+mod adopt;
 mod audit;
 mod bringup;
 mod broker;
@@ -59,6 +65,7 @@ mod lifecycle;
 mod ops;
 mod publish;
 mod records;
+mod resync;
 mod server;
 mod supervisor;
 use tapjail_broker::sys;
@@ -71,6 +78,7 @@ use clap::Parser;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tapjail_broker::fdstore::FdStore;
 use tapjail_common::audit::{AuditLog, Event};
 use tapjail_policy::Policy;
 
@@ -91,6 +99,13 @@ struct Args {
     /// Print the embedded default policy and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Take every disk down (adopting what a previous tap-broker left,
+    /// then destroying it all) and exit, instead of serving.
+    #[arg(long)]
+    down: bool,
+    /// Internal: run as the fd holder tap-broker starts for itself.
+    #[arg(long, hide = true)]
+    fd_holder: bool,
 }
 
 fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
@@ -207,7 +222,18 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("{}: creating {}", audit_ctx(), dir.display()))?;
     }
     let audit = AuditLog::open(&policy.audit_log).with_context(audit_ctx)?;
-    let cleanup = records::clean_predecessor(&state, &devices, &policy.device_dir);
+    let exe = std::env::current_exe().context("locating tap-broker's own executable")?;
+    let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!(
+                "tap-broker: warning: no fd store ({e}): disks will not survive a restart of tap-broker"
+            );
+            (FdStore::None, Vec::new())
+        }
+    };
+    let store = Arc::new(store);
+    let devices = devices.with_store(store.clone());
 
     let memlock = memlock_for_workers(policy.worker_memlock);
     let spawn_cfg = broker::SpawnConfig {
@@ -215,11 +241,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         memlock,
         timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),
         op_timeout: Duration::from_secs(u64::from(policy.operation_timeout_secs)),
+        store: Some(store.clone()),
     };
     let explanation = devices.explanation().to_string();
     let broker = Arc::new(broker::Broker::new(
         policy, audit, devices, state, spawn_cfg,
     )?);
+    let sup = Arc::clone(&broker);
+    std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || sup.supervise())?;
+    let held_n = held.len();
+    let adopted = broker.adopt(&store, held);
+    let cleanup =
+        records::clean_predecessor(&broker.state, &broker.devices, &broker.policy.device_dir);
     for a in &cleanup.actions {
         eprintln!("tap-broker: cleanup: {a}");
         broker.notice(Event::Cleanup, None, None, "restart-cleanup", a.clone());
@@ -241,7 +276,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let p = &broker.policy;
     let banner = format!(
-        "tap-broker {} serving {} with {explanation}; {} tenant(s); audit {}; state {}; devices {}; workers {} as uids {}..={}",
+        "tap-broker {} serving {} with {explanation}; {} tenant(s); audit {}; state {}; devices {}; workers {} as uids {}..={}; fds kept in the {} ({held_n} handed back: adopted {} minor(s), {} tapdisk(s))",
         env!("CARGO_PKG_VERSION"),
         p.socket.display(),
         p.tenants.len(),
@@ -251,17 +286,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         broker.spawn_cfg.tapdisk.display(),
         p.worker_uids.0,
         p.worker_uids.1,
+        store.kind(),
+        adopted.disks,
+        adopted.workers,
     );
     eprintln!("{banner}");
     broker.notice(Event::BrokerStart, None, None, "start", banner);
+    // Disks whose worker died while no broker ran: respawn rules.
+    for m in &adopted.dead {
+        broker.after_op(*m);
+    }
+    if args.down {
+        eprintln!("tap-broker: --down: destroying every disk");
+        broker.shutdown();
+        return Ok(());
+    }
 
     let listener = claim
         .bind()
         .with_context(|| format!("control socket {}", broker.policy.socket.display()))?;
-    let sup = Arc::clone(&broker);
-    std::thread::Builder::new()
-        .name("supervisor".into())
-        .spawn(move || sup.supervise())?;
     let srv = Arc::clone(&broker);
     let sock = listener.listener.try_clone()?;
     std::thread::Builder::new()
@@ -272,6 +315,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         match signals.wait().unwrap_or(libc::SIGTERM) {
             // logrotate: reopen the audit log (the policy is not reloaded).
             libc::SIGHUP => eprintln!("tap-broker: SIGHUP: {}", broker.reopen_audit()),
+            libc::SIGTERM if matches!(*store, FdStore::None) => {
+                eprintln!(
+                    "tap-broker: SIGTERM: no fd store, so no disk could outlive this broker: destroying every disk and stopping"
+                );
+                broker.shutdown();
+                let _ = std::fs::remove_file(&listener.path);
+                return Ok(());
+            }
+            libc::SIGTERM => {
+                eprintln!(
+                    "tap-broker: SIGTERM: stopping; every disk stays served for the next tap-broker \
+                     (SIGINT or `tap-broker --down` takes them down)"
+                );
+                broker.leave_for_successor();
+                let _ = std::fs::remove_file(&listener.path);
+                // Without dropping anything: a dropped device tears itself down.
+                std::process::exit(0);
+            }
             sig => {
                 eprintln!("tap-broker: signal {sig}: destroying every disk and stopping");
                 broker.shutdown();
@@ -283,7 +344,11 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
+    let args = Args::parse();
+    if args.fd_holder {
+        return tapjail_broker::fdstore::holder::main();
+    }
+    match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tap-broker: {}", tapjail_common::error_chain(e.as_ref()));

@@ -36,6 +36,42 @@ pub struct MinorRecord {
     pub image: Option<String>,
     pub frontend: Option<String>,
     pub link: Option<PathBuf>,
+    /// blktap state bits.
+    #[serde(default)]
+    pub state: u32,
+    #[serde(default)]
+    pub restarts: u32,
+    /// What a successor needs to take the served image and its device
+    /// over (see `crate::adopt`).
+    #[serde(default)]
+    pub served: Option<ServedRecord>,
+}
+
+/// An image served on a live device, as a successor adopts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedRecord {
+    pub kind: tapjail_common::proto::ImageKind,
+    /// The grant the image was opened by (to open it again on respawn).
+    pub path: PathBuf,
+    pub root: PathBuf,
+    pub relative: PathBuf,
+    pub grant_read_only: bool,
+    /// Who the grant opens as (fsuid/fsgid) and who may own the file.
+    #[serde(default)]
+    pub open_uid: u32,
+    #[serde(default)]
+    pub open_gid: u32,
+    #[serde(default)]
+    pub owners: Vec<u32>,
+    /// A `shared_readonly` root's grant.
+    #[serde(default)]
+    pub shared: bool,
+    pub read_only: bool,
+    pub size: u64,
+    pub chain: Vec<String>,
+    /// (device, inode) of every file of the chain, and whether writable.
+    pub files: Vec<((u64, u64), bool)>,
+    pub device: crate::device::Handoff,
 }
 
 /// What a worker's lock file says about it.
@@ -156,7 +192,7 @@ impl StateDir {
     }
 
     /// Lock files present in `sub` (for cleanup), as (number, path).
-    fn entries(&self, sub: &str, prefix: &str) -> Vec<(u64, PathBuf)> {
+    pub fn entries(&self, sub: &str, prefix: &str) -> Vec<(u64, PathBuf)> {
         let Ok(dir) = std::fs::read_dir(self.root.join(sub)) else {
             return Vec::new();
         };

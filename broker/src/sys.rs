@@ -38,6 +38,20 @@ pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// A pidfd of a process that has exited and been reaped: a stand-in for a
+/// worker that is gone, through which no signal can reach anyone (a pidfd
+/// names its process, never a later one with the same pid).
+pub fn reaped_pidfd() -> io::Result<OwnedFd> {
+    let mut child = std::process::Command::new("/bin/true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let fd = pidfd_open(child.id());
+    child.wait()?;
+    fd
+}
+
 /// Kill our child and wait for it, for workers that never made it into
 /// the broker's tables (so nobody else would reap them).
 pub fn kill_and_reap(pidfd: BorrowedFd<'_>) {
@@ -50,6 +64,9 @@ pub fn kill_and_reap(pidfd: BorrowedFd<'_>) {
 pub enum Exit {
     Code(i32),
     Signal(i32),
+    /// A process this broker adopted (not its child): it is gone, but only
+    /// its parent (init) learns how.
+    Unknown,
 }
 
 impl std::fmt::Display for Exit {
@@ -57,6 +74,10 @@ impl std::fmt::Display for Exit {
         match self {
             Exit::Code(c) => write!(f, "exited with status {c}"),
             Exit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
+            Exit::Unknown => write!(
+                f,
+                "exited (how is unknown: adopted, not this broker's child)"
+            ),
         }
     }
 }
@@ -75,10 +96,18 @@ fn signal_name(s: i32) -> &'static str {
 
 /// Reap our child behind `pidfd` if it has exited; `None` if it runs.
 pub fn try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<Exit>> {
-    let st = rustix::process::waitid(
+    let st = match rustix::process::waitid(
         rustix::process::WaitId::PidFd(pidfd),
         WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-    )?;
+    ) {
+        Ok(st) => st,
+        // Not our child (an adopted worker): its pidfd polls readable
+        // once it has exited; init reaps it.
+        Err(rustix::io::Errno::CHILD) => {
+            return Ok(pidfd_exited(pidfd, 0)?.then_some(Exit::Unknown))
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(st.and_then(|s| {
         if let Some(sig) = s.terminating_signal() {
             Some(Exit::Signal(sig))

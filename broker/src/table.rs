@@ -34,6 +34,8 @@ pub struct Worker {
     /// Why the broker killed it (protocol violation, missed deadline), if
     /// it did: named in the audit line of its exit.
     pub killed: Arc<std::sync::OnceLock<String>>,
+    /// Its fds in the store while it is in the table (see `fdstore`).
+    pub kept: Option<tapjail_broker::fdstore::Kept>,
 }
 
 impl Worker {

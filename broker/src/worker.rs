@@ -84,6 +84,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Ok => "Ok",
         FromWorker::Stats(_) => "Stats",
         FromWorker::Error(_) => "Error",
+        FromWorker::Resynced { .. } => "Resynced",
     }
 }
 
@@ -359,6 +360,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Close => "Close",
         ToWorker::Stats => "Stats",
         ToWorker::Shutdown => "Shutdown",
+        ToWorker::Resync { .. } => "Resync",
     }
 }
 

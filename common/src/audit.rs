@@ -55,6 +55,9 @@ pub enum Event {
     /// The first line of a log reopened after rotation (SIGHUP): it
     /// chains to the last line of the previous file and names it.
     Rotated,
+    /// A worker, minor or kept fd left by a previous broker was taken
+    /// over, or refused (and why).
+    Adopt,
 }
 
 /// The verdict recorded on a line.

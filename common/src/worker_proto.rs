@@ -92,6 +92,14 @@ pub enum ToWorker {
     Stats,
     /// Flush and exit.
     Shutdown,
+    /// A broker that started again takes over this worker. The control
+    /// stream may still hold what its predecessor never read (a reply, or
+    /// a `NeedParent` it never answered): the worker abandons any exchange
+    /// in progress (an open being made fails) and answers `Resynced` with
+    /// the same nonce; the broker discards every byte before that answer.
+    Resync {
+        nonce: [u8; 16],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,4 +124,13 @@ pub enum FromWorker {
     Ok,
     Stats(Box<WorkerStats>),
     Error(String),
+    /// Answer to [`ToWorker::Resync`], with what the worker has: the
+    /// `TYPE:PATH` of its open image, whether a frontend serves it and
+    /// whether it is paused. The broker checks this against its record.
+    Resynced {
+        nonce: [u8; 16],
+        image: Option<String>,
+        serving: bool,
+        paused: bool,
+    },
 }

@@ -233,12 +233,19 @@ impl Harness {
 
     /// Start tap-broker and wait until it accepts connections.
     pub fn launch(&mut self) {
+        self.launch_bin(&bin("tap-broker"));
+    }
+
+    /// Start the tap-broker binary at `exe` (a copy elsewhere stands for
+    /// an upgrade) and wait until it accepts connections.
+    pub fn launch_bin(&mut self, exe: &Path) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(bin("tap-broker"))
+        let child = Command::new(exe)
+            .env_remove("NOTIFY_SOCKET")
             .arg("--config")
             .arg(&self.policy)
             .stdin(Stdio::null())
@@ -427,11 +434,21 @@ impl Harness {
             .collect()
     }
 
-    /// SIGTERM the broker and wait for it (it destroys every disk first).
+    /// SIGINT the broker and wait for it (it destroys every disk first).
     pub fn stop(&mut self) {
+        self.signal_and_wait(libc::SIGINT);
+    }
+
+    /// SIGTERM the broker and wait for it: a planned restart, which leaves
+    /// every disk served for the next broker.
+    pub fn stop_for_restart(&mut self) {
+        self.signal_and_wait(libc::SIGTERM);
+    }
+
+    fn signal_and_wait(&mut self, sig: i32) {
         if let Some(mut c) = self.broker.take() {
             // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(c.id() as i32, sig) };
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 if c.try_wait().ok().flatten().is_some() {
@@ -440,7 +457,7 @@ impl Harness {
                 if Instant::now() > deadline {
                     let _ = c.kill();
                     let _ = c.wait();
-                    panic!("tap-broker ignored SIGTERM for 60 s");
+                    panic!("tap-broker ignored signal {sig} for 60 s");
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -499,6 +516,20 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Whether process `pid` is an fd holder (`tap-broker --fd-holder`).
+pub fn is_fd_holder(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--fd-holder"))
+}
+
+/// The tapdisk workers among `broker`'s children (not its fd holder).
+pub fn workers_of(broker: u32) -> Vec<u32> {
+    children_of(broker)
+        .into_iter()
+        .filter(|p| !is_fd_holder(*p))
+        .collect()
 }
 
 /// Client connections the broker has open on its control socket: accepted

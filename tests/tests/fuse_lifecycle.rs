@@ -259,9 +259,9 @@ fn fuse_hundred_create_destroy_cycles_leak_nothing() {
         assert!(!dev.exists(), "cycle {i}: tapdev link left");
     }
     assert!(
-        eventually(Duration::from_secs(10), || children_of(broker).is_empty()),
+        eventually(Duration::from_secs(10), || workers_of(broker).is_empty()),
         "workers left: {:?}",
-        children_of(broker)
+        workers_of(broker)
     );
     let fds = fd_count(broker);
     assert!(fds <= fds_before, "broker fds: {fds_before} -> {fds}");
@@ -441,7 +441,7 @@ fn fuse_broker_shutdown_takes_every_device_down() {
         .map(|v| loop_node(&create(&h, &format!("vhd:{}", v.display()), &[])))
         .collect();
     let broker = h.broker_pid();
-    let workers = children_of(broker);
+    let workers = workers_of(broker);
     assert_eq!(workers.len(), 2);
     h.stop();
     for n in &nodes {

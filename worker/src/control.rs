@@ -15,6 +15,7 @@ use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
 use crate::io::{CacheMode, UringFile};
+use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,6 +38,8 @@ pub struct BrokerParents<'a> {
     sock: BorrowedFd<'a>,
     cache: CacheMode,
     asked: usize,
+    /// Set when a new broker's `Resync` arrived instead of a `Parent`.
+    resync: Option<&'a Cell<Option<[u8; 16]>>>,
 }
 
 impl<'a> BrokerParents<'a> {
@@ -45,7 +48,15 @@ impl<'a> BrokerParents<'a> {
             sock,
             cache,
             asked: 0,
+            resync: None,
         }
+    }
+
+    /// Note a `Resync` that interrupts the exchange in `slot` (the
+    /// control loop answers it once the open has failed).
+    pub fn on_resync(mut self, slot: &'a Cell<Option<[u8; 16]>>) -> Self {
+        self.resync = Some(slot);
+        self
     }
 }
 
@@ -89,6 +100,14 @@ impl ParentOpener for BrokerParents<'_> {
                 Ok((Box::new(file), name))
             }
             (ToWorker::Parent(Err(why)), _) => Err(ImageError::Parent(why)),
+            (ToWorker::Resync { nonce }, 0) if self.resync.is_some() => {
+                if let Some(slot) = self.resync {
+                    slot.set(Some(nonce));
+                }
+                Err(ImageError::Parent(
+                    "the broker restarted while this image was being opened".into(),
+                ))
+            }
             (other, n) => Err(ImageError::Parent(format!(
                 "broker answered NeedParent with {other:?} and {n} fds"
             ))),
@@ -155,6 +174,8 @@ pub struct Worker {
     frontend_kind: FrontendKind,
     cache: CacheMode,
     open: Option<Open>,
+    /// A `Resync` that arrived in the middle of an exchange.
+    resync: Cell<Option<[u8; 16]>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -179,6 +200,17 @@ impl Worker {
             frontend_kind,
             cache,
             open: None,
+            resync: Cell::new(None),
+        }
+    }
+
+    /// The answer to `Resync`: what this worker has now.
+    fn resynced(&self, nonce: [u8; 16]) -> FromWorker {
+        FromWorker::Resynced {
+            nonce,
+            image: self.open.as_ref().map(|o| o.name.clone()),
+            serving: self.open.as_ref().is_some_and(|o| o.frontend.is_some()),
+            paused: self.open.as_ref().is_some_and(|o| o.paused),
         }
     }
 
@@ -211,7 +243,12 @@ impl Worker {
                     }
                 };
             let shutdown = matches!(req, ToWorker::Shutdown);
-            let reply = self.handle(req, fds);
+            let mut reply = self.handle(req, fds);
+            // A new broker took over mid-exchange: whoever asked is gone,
+            // so its answer is dropped and the new broker's is sent.
+            if let Some(nonce) = self.resync.take() {
+                reply = self.resynced(nonce);
+            }
             frame::send(self.sock.as_fd(), &reply, &[])?;
             if shutdown {
                 return Ok(());
@@ -232,7 +269,8 @@ impl Worker {
                 let Some(leaf) = single_fd(&mut fds) else {
                     return error("Open needs exactly one fd (the leaf image)");
                 };
-                let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache);
+                let mut parents =
+                    BrokerParents::new(self.sock.as_fd(), self.cache).on_resync(&self.resync);
                 match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
@@ -284,6 +322,7 @@ impl Worker {
                 };
                 FromWorker::Stats(Box::new(stats))
             }
+            ToWorker::Resync { nonce } => self.resynced(nonce),
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),
@@ -307,7 +346,7 @@ impl Worker {
         let Some(leaf) = single_fd(&mut fds) else {
             return error("Unpause needs exactly one fd (the leaf image)");
         };
-        let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache);
+        let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache).on_resync(&self.resync);
         let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
             Ok(img) => img,
             Err(e) => return error(format!("reopening {kind}:{name}: {e}")),

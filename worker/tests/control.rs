@@ -252,3 +252,65 @@ fn worker_flushes_and_exits_when_the_broker_goes_away() {
     assert!(closed_by_server(&mut c.s));
     assert_eq!(std::fs::read(&img).unwrap()[4096..4608], [0x77; 512]);
 }
+
+/// A broker that died mid-open left the worker waiting for a `Parent`; the
+/// next broker's `Resync` ends that exchange (the open fails, nothing is
+/// left half open), the stale answer is never sent, and `Resynced` tells
+/// the truth. Then the same worker opens and serves normally, and a
+/// `Resync` while serving reports the open image.
+#[test]
+fn resync_ends_an_orphaned_parent_request_and_reports_what_is_open() {
+    use tapjail_ctl::files::{create_path, snapshot_path};
+    use tapjail_worker::image::vhd::create::CreateKind;
+    use tapjail_worker::image::vhd::DEFAULT_BLOCK_SIZE;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    create_path(
+        &base,
+        1 << 20,
+        &CreateKind::Dynamic {
+            block_size: DEFAULT_BLOCK_SIZE,
+        },
+    )
+    .unwrap();
+    snapshot_path(&child, &base, DEFAULT_BLOCK_SIZE).unwrap();
+    let b = Broker::start();
+    let f: OwnedFd = std::fs::File::open(&child).unwrap().into();
+    let need = b.ask(
+        ToWorker::Open {
+            kind: ImageKind::Vhd,
+            name: child.display().to_string(),
+            read_only: true,
+        },
+        &[f.as_fd()],
+    );
+    assert!(matches!(need, FromWorker::NeedParent { .. }), "{need:?}");
+    // The "old broker" is gone; a new one resyncs instead of answering.
+    let nonce = [0x5a; 16];
+    let r = b.ask(ToWorker::Resync { nonce }, &[]);
+    assert_eq!(
+        r,
+        FromWorker::Resynced {
+            nonce,
+            image: None,
+            serving: false,
+            paused: false
+        }
+    );
+    // Nothing else was queued: the stream is in step.
+    let img = raw_image(dir.path(), "a.img", 1 << 20, 0);
+    assert!(matches!(b.open(&img, false), FromWorker::Opened { .. }));
+    serve_nbd(&b, dir.path());
+    let r = b.ask(ToWorker::Resync { nonce: [1; 16] }, &[]);
+    assert_eq!(
+        r,
+        FromWorker::Resynced {
+            nonce: [1; 16],
+            image: Some(format!("aio:{}", img.display())),
+            serving: true,
+            paused: false
+        }
+    );
+    assert_eq!(b.ask(ToWorker::Shutdown, &[]), FromWorker::Ok);
+}

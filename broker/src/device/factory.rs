@@ -103,6 +103,8 @@ pub struct DeviceFactory {
     kind: FrontendKind,
     explanation: String,
     state_dir: PathBuf,
+    /// Where active devices keep their fds (see `crate::fdstore`).
+    store: Option<std::sync::Arc<crate::fdstore::FdStore>>,
 }
 
 impl DeviceFactory {
@@ -140,6 +142,7 @@ impl DeviceFactory {
                         kind,
                         explanation,
                         state_dir: state_dir.to_path_buf(),
+                        store: None,
                     });
                 }
                 Some(why) => skipped.push(why),
@@ -150,6 +153,19 @@ impl DeviceFactory {
 
     pub fn kind(&self) -> FrontendKind {
         self.kind
+    }
+
+    /// Keep every active device's fds in `store`.
+    pub fn with_store(mut self, store: std::sync::Arc<crate::fdstore::FdStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    fn kept(&self, minor: Minor, b: Box<dyn DeviceBackend>) -> Box<dyn DeviceBackend> {
+        match &self.store {
+            Some(s) => Box::new(super::kept::KeptDevice::new(b, minor, s.clone())),
+            None => b,
+        }
     }
 
     /// One line for the log: which frontend and why the better ones are not used.
@@ -166,11 +182,46 @@ impl DeviceFactory {
 
     /// A fresh backend for `minor`.
     pub fn create(&self, minor: Minor) -> Result<Box<dyn DeviceBackend>, DeviceError> {
-        construct(self.kind, &self.context(minor)).unwrap_or_else(|| {
-            Err(DeviceError::Unavailable(format!(
-                "{}: frontend not built into this tap-broker",
-                self.kind.as_str()
-            )))
+        construct(self.kind, &self.context(minor))
+            .unwrap_or_else(|| {
+                Err(DeviceError::Unavailable(format!(
+                    "{}: frontend not built into this tap-broker",
+                    self.kind.as_str()
+                )))
+            })
+            .map(|b| self.kept(minor, b))
+    }
+
+    /// Take over `minor`'s live device from a broker that is gone, from
+    /// its record and the fds kept for it. The frontend is the recorded
+    /// one (a broker restarted with another `frontend` still adopts).
+    pub fn adopt(
+        &self,
+        minor: Minor,
+        h: &super::Handoff,
+        fds: &mut super::KeptFds,
+    ) -> Result<Box<dyn DeviceBackend>, DeviceError> {
+        let ctx = self.context(minor);
+        let mut b: Box<dyn DeviceBackend> = match h.kind.as_str() {
+            "fuse" => Box::new(super::fuse::FuseBackend::adopt(&ctx, h, fds)?),
+            "nbd" => Box::new(super::nbd::NbdBackend::adopt(&ctx, fds)?),
+            "ublk" => Box::new(super::ublk::UblkBackend::adopt(&ctx, h)?),
+            other => {
+                return Err(DeviceError::Failed(format!(
+                    "unknown frontend {other:?} in the record"
+                )))
+            }
+        };
+        b.adopted(None);
+        Ok(match &self.store {
+            Some(s) => {
+                let mut k = super::kept::KeptDevice::new(b, minor, s.clone());
+                // Keep them again under this broker's guard (the store
+                // handed back copies of what it held).
+                k.keep();
+                Box::new(k)
+            }
+            None => b,
         })
     }
 

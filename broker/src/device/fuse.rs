@@ -23,7 +23,7 @@
 use super::factory::DeviceContext;
 use super::fuse_mount::{self, FuseMount};
 use super::loop_dev::{LoopDevice, LoopSetup};
-use super::{DeviceBackend, DeviceError, Prepared};
+use super::{DeviceBackend, DeviceError, Handoff, KeptFds, Prepared};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -141,6 +141,43 @@ impl FuseBackend {
         let mut opts = FuseOptions::new(format!("tapjail:{}", ctx.minor.device_name()));
         opts.mount = MountAt::DetachedOrDir(mount_dir(&ctx.state_dir, ctx.minor));
         Ok(FuseBackend::new(opts))
+    }
+
+    /// Take over a live device from a broker that is gone: the
+    /// connection, the mount's root, the disk file and the loop device,
+    /// checked against each other (the loop device must be bound to that
+    /// very file on that mount).
+    pub fn adopt(ctx: &DeviceContext, h: &Handoff, fds: &mut KeptFds) -> Result<Self, DeviceError> {
+        let what = "fuse: adopting";
+        let conn = fds.take(what, "fuse")?;
+        let root = fds.take(what, "mount")?;
+        let file = File::from(fds.take(what, "file")?);
+        let loop_file = File::from(fds.take(what, "loop")?);
+        let number = h
+            .loop_number
+            .ok_or_else(|| DeviceError::Failed(format!("{what}: no loop number recorded")))?;
+        let mount = FuseMount::adopt(root, h.mount_dir.clone())
+            .map_err(|e| DeviceError::Failed(format!("{what}: {e}")))?;
+        // The file must live on this mount (same superblock; statx
+        // without sync, so a dead server is not asked).
+        let on = fuse_mount::connection_id(file.as_fd())
+            .map_err(io_err("fuse: statx the adopted disk file"))?;
+        if on != mount.connection() {
+            return Err(DeviceError::Failed(format!(
+                "{what}: the kept disk file is not on the kept mount"
+            )));
+        }
+        let loop_dev = LoopDevice::adopt(loop_file, number)
+            .map_err(|e| DeviceError::Failed(format!("{what}: {e}")))?;
+        let mut b = FuseBackend::from_context(ctx)?;
+        b.read_only = h.read_only;
+        b.size = h.size;
+        b.conn = Some(conn);
+        b.mount = Some(mount);
+        b.file = Some(file);
+        b.loop_dev = Some(loop_dev);
+        b.restarts = h.restarts;
+        Ok(b)
     }
 
     /// Why this host cannot use FUSE + loop, if it cannot.
@@ -506,6 +543,38 @@ impl DeviceBackend for FuseBackend {
 
     fn in_use(&self) -> bool {
         self.loop_dev.as_ref().is_some_and(LoopDevice::in_use)
+    }
+
+    fn handoff(&self) -> Option<(Handoff, Vec<(&'static str, BorrowedFd<'_>)>)> {
+        let conn = self.conn.as_ref()?.as_fd();
+        let mount = self.mount.as_ref()?;
+        let file = self.file.as_ref()?.as_fd();
+        let dev = self.loop_dev.as_ref()?;
+        let fds = vec![
+            ("fuse", conn),
+            ("mount", mount.root()?),
+            ("file", file),
+            ("loop", dev.fd()?),
+        ];
+        Some((
+            Handoff {
+                kind: "fuse".into(),
+                size: self.size,
+                read_only: self.read_only,
+                restarts: self.restarts,
+                node: dev.path().to_path_buf(),
+                loop_number: Some(dev.number()),
+                mount_dir: mount.dir().map(Path::to_path_buf),
+                ublk_dev_id: None,
+                roles: fds.iter().map(|(r, _)| r.to_string()).collect(),
+            },
+            fds,
+        ))
+    }
+
+    fn adopted(&mut self, worker_pid: Option<u32>) {
+        self.worker = worker_pid.and_then(pidfd_open);
+        self.serving = self.worker.is_some();
     }
 
     fn abandon(&mut self) -> Result<(), DeviceError> {

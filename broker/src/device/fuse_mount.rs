@@ -260,6 +260,20 @@ impl FuseMount {
         })
     }
 
+    /// Take over a mount from a broker that is gone, by its root fd
+    /// (and its directory, for a mount(2) fallback mount).
+    pub fn adopt(root: OwnedFd, dir: Option<PathBuf>) -> Result<Self, MountError> {
+        Self::finish(dir.map_or(Kind::Detached, Kind::Dir), root)
+    }
+
+    /// Where a mount(2) fallback mount is (none for a detached one).
+    pub fn dir(&self) -> Option<&Path> {
+        match &self.kind {
+            Kind::Dir(d) => Some(d),
+            Kind::Detached => None,
+        }
+    }
+
     /// The mount's root directory, for `openat`.
     pub fn root(&self) -> Option<BorrowedFd<'_>> {
         self.root.as_ref().map(|r| r.as_fd())
@@ -314,7 +328,9 @@ pub fn lazy_unmount(dir: &Path) -> Result<(), MountError> {
 /// The connection's fusectl name: the superblock's device number in the
 /// kernel's encoding (major << 20 | minor). `AT_STATX_DONT_SYNC` keeps the
 /// stat from asking the (maybe not yet running) FUSE server.
-fn connection_id(root: BorrowedFd<'_>) -> io::Result<u32> {
+/// fusectl's name of the connection behind `fd` (a file or directory on
+/// the mount), without asking the server.
+pub fn connection_id(root: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: statx is plain data; zeroed is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: path is a live empty string, stx a live struct statx.

@@ -198,6 +198,43 @@ impl LoopDevice {
         Err(LoopError::NoFreeDevice(MAX_ATTEMPTS))
     }
 
+    /// Take over a configured loop device from a broker that is gone:
+    /// `file` is its open of `/dev/loopN`. Checked against sysfs only (an
+    /// ioctl such as LOOP_GET_STATUS64 would ask the backing file's FUSE
+    /// server, which may be dead right now).
+    pub fn adopt(file: File, number: u32) -> Result<Self, LoopError> {
+        let bad = |what: String| LoopError::Io {
+            step: "adopting the loop device",
+            source: io::Error::other(what),
+        };
+        let st = file.metadata().map_err(io_err("stat loop device"))?;
+        let sys = format!("/sys/block/loop{number}");
+        let want = std::fs::read_to_string(format!("{sys}/dev"))
+            .map_err(|e| bad(format!("{sys}/dev: {e}")))?;
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&st);
+        let got = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+        if !std::os::unix::fs::FileTypeExt::is_block_device(&st.file_type()) || want.trim() != got {
+            return Err(bad(format!(
+                "the kept fd is {got}, not /dev/loop{number} ({})",
+                want.trim()
+            )));
+        }
+        let direct_io =
+            std::fs::read_to_string(format!("{sys}/loop/dio")).is_ok_and(|v| v.trim() == "1");
+        Ok(LoopDevice {
+            file: Some(file),
+            number,
+            path: PathBuf::from(format!("/dev/loop{number}")),
+            direct_io,
+        })
+    }
+
+    /// The open device, to be kept while no broker runs (autoclear
+    /// unbinds it at its last close).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd())
+    }
+
     /// `/dev/loopN`.
     pub fn path(&self) -> &Path {
         &self.path

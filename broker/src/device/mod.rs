@@ -18,11 +18,14 @@
 pub mod factory;
 pub mod fuse;
 pub mod fuse_mount;
+pub mod kept;
 pub mod loop_dev;
 pub mod nbd;
 pub mod ublk;
 
-use std::os::fd::OwnedFd;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::worker_proto::FrontendSpec;
@@ -50,6 +53,41 @@ pub enum DeviceError {
     Unavailable(String),
     #[error("{0}")]
     Failed(String),
+}
+
+/// What a broker that starts again needs to take over a live device,
+/// besides the fds (kept by role name, see [`DeviceBackend::handoff`]).
+/// Written to the minor's root-only record in `state_dir`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// `fuse`, `nbd` or `ublk`.
+    pub kind: String,
+    pub size: u64,
+    pub read_only: bool,
+    /// Workers that took over after a death.
+    pub restarts: u32,
+    /// What `activate` returned (device node or NBD socket).
+    pub node: PathBuf,
+    pub loop_number: Option<u32>,
+    pub mount_dir: Option<PathBuf>,
+    pub ublk_dev_id: Option<u32>,
+    /// Roles of the fds kept alongside.
+    pub roles: Vec<String>,
+}
+
+/// Fds a successor gets back, by role; taking a missing one is an error
+/// naming it.
+#[derive(Debug, Default)]
+pub struct KeptFds(pub BTreeMap<String, OwnedFd>);
+
+impl KeptFds {
+    pub fn take(&mut self, what: &str, role: &str) -> Result<OwnedFd, DeviceError> {
+        self.0.remove(role).ok_or_else(|| {
+            DeviceError::Failed(format!(
+                "{what}: the {role} fd was not kept while no broker ran"
+            ))
+        })
+    }
 }
 
 /// The kernel half of one minor's frontend.
@@ -98,6 +136,17 @@ pub trait DeviceBackend: Send + std::fmt::Debug {
     fn abandon(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
+
+    /// An active device: what must be kept for a successor broker, the
+    /// record and the fds by role. `None` while not active (then a
+    /// successor cannot take it over and cleans it up instead).
+    fn handoff(&self) -> Option<(Handoff, Vec<(&'static str, BorrowedFd<'_>)>)> {
+        None
+    }
+
+    /// This backend was taken over from a broker that is gone; the worker
+    /// serving it, if it still lives, is `worker_pid`.
+    fn adopted(&mut self, _worker_pid: Option<u32>) {}
 
     /// Remove everything this backend created, in the right order.
     /// Idempotent, and must work when the worker is already dead.

@@ -73,6 +73,22 @@ impl NbdBackend {
         })
     }
 
+    /// Take over the listening socket from a broker that is gone; it must
+    /// be bound at this minor's socket path.
+    pub fn adopt(ctx: &DeviceContext, fds: &mut super::KeptFds) -> Result<Self, DeviceError> {
+        let mut b = NbdBackend::new(ctx)?;
+        let l = UnixListener::from(fds.take("nbd: adopting", "listen")?);
+        let at = l.local_addr().ok();
+        if at.as_ref().and_then(|a| a.as_pathname()) != Some(b.socket_path.as_path()) {
+            return Err(DeviceError::Failed(format!(
+                "nbd: adopting: the kept socket is not bound at {}",
+                b.socket_path.display()
+            )));
+        }
+        b.listener = Some(l);
+        Ok(b)
+    }
+
     fn worker_fds(&self) -> Result<Prepared, DeviceError> {
         let listener = self
             .listener
@@ -130,6 +146,24 @@ impl DeviceBackend for NbdBackend {
 
     fn recovered(&mut self, _worker_pid: u32) -> Result<(), DeviceError> {
         Ok(())
+    }
+
+    fn handoff(
+        &self,
+    ) -> Option<(
+        super::Handoff,
+        Vec<(&'static str, std::os::fd::BorrowedFd<'_>)>,
+    )> {
+        let l = self.listener.as_ref()?;
+        Some((
+            super::Handoff {
+                kind: "nbd".into(),
+                node: self.socket_path.clone(),
+                roles: vec!["listen".into()],
+                ..Default::default()
+            },
+            vec![("listen", std::os::fd::AsFd::as_fd(l))],
+        ))
     }
 
     fn teardown(&mut self) -> Result<(), DeviceError> {

@@ -296,15 +296,20 @@ impl Broker {
         Ok((Reply::Ok, format!("minor {minor} destroyed")))
     }
 
-    /// Tear everything down (SIGTERM/SIGINT): close images, stop workers,
-    /// remove devices, free minors.
-    pub fn shutdown(self: &Arc<Self>) {
+    /// Refuse new requests and let operations in flight finish (they have
+    /// their own deadlines).
+    pub fn quiesce(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // Let operations in flight finish (they have their own deadlines).
         let deadline = Instant::now() + self.spawn_cfg.timeout;
         while self.table().disks.values().any(|d| d.is_leased()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Tear everything down (SIGINT, `--down`): close images, stop workers,
+    /// remove devices, free minors.
+    pub fn shutdown(self: &Arc<Self>) {
+        self.quiesce();
         let minors: Vec<Minor> = self.table().disks.keys().copied().collect();
         let mut problems = Vec::new();
         for m in &minors {

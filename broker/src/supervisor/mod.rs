@@ -69,6 +69,7 @@ impl Broker {
             stopping: false,
             start_time: s.start_time,
             record,
+            kept: s.kept,
         };
         let rec = w.record();
         // Best effort, like the minors' records.
@@ -194,6 +195,8 @@ impl Broker {
             return;
         };
         w.exit = Some(exit);
+        // Its control socket and stderr pipe need not outlive us any more.
+        drop(w.kept.take());
         let (owner, uid, minor, stopping) = (w.owner.clone(), w.uid, w.minor, w.stopping);
         let killed = w.killed.get().cloned();
         if !stopping {

@@ -30,6 +30,14 @@ pub struct Spawned {
     pub pidfd: Arc<OwnedFd>,
     pub conn: WorkerConn,
     pub start_time: u64,
+    /// Its control socket and stderr pipe in the fd store (`wPID.ctl`,
+    /// `wPID.log`), removed when this is dropped.
+    pub kept: Option<tapjail_broker::fdstore::Kept>,
+}
+
+/// The store names of worker `pid`'s control socket and stderr pipe.
+pub fn kept_names(pid: u32) -> [String; 2] {
+    [format!("w{pid}.ctl"), format!("w{pid}.log")]
 }
 
 /// Start a worker running as `uid`/`uid` for `frontend` and wait for it to
@@ -67,6 +75,10 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
     // The child holds the only write end now (the Command's copy goes with it).
     drop(cmd);
     let pid = child.id();
+    let keep = match &cfg.store {
+        Some(_) => Some((ours.try_clone()?, OwnedFd::from(log_r.try_clone()?))),
+        None => None,
+    };
     crate::worker_log::forward(log_r, pid);
     // The child is ours and not yet reaped, so its pid cannot have been
     // reused: this pidfd names exactly it. The supervisor reaps through it.
@@ -104,7 +116,25 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
     if let Some(what) = confinement_problem(&info, uid) {
         return Err(fail(WorkerError::NotConfined { pid, what }));
     }
+    let kept = match (&cfg.store, &keep) {
+        (Some(store), Some((ctl, log))) => {
+            let [c, l] = kept_names(pid);
+            match tapjail_broker::fdstore::Kept::put(store, &[(c, ctl.as_fd()), (l, log.as_fd())]) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    eprintln!(
+                        "tap-broker: tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
+                         it would not survive a broker restart",
+                        store.kind()
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     Ok(Spawned {
+        kept,
         pid,
         pidfd,
         conn,

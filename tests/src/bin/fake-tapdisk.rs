@@ -533,6 +533,12 @@ fn main() {
             }
             ToWorker::Shutdown => std::process::exit(0),
             ToWorker::Parent(_) => FromWorker::Error("unexpected Parent".into()),
+            ToWorker::Resync { nonce } => FromWorker::Resynced {
+                nonce,
+                image: None,
+                serving: false,
+                paused: false,
+            },
         };
         let opened = matches!(reply, FromWorker::Opened { .. });
         if !send(&reply) {

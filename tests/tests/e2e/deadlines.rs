@@ -120,10 +120,10 @@ fn deadline_worker_answering_each_parent_request_in_time_cannot_stretch_an_open(
         .ok(&ALICE, &["list"])
         .is_empty()));
     assert!(
-        eventually(Duration::from_secs(10), || children_of(h.broker_pid())
+        eventually(Duration::from_secs(10), || workers_of(h.broker_pid())
             .is_empty()),
         "worker not reaped: {:?}",
-        children_of(h.broker_pid())
+        workers_of(h.broker_pid())
     );
     h.ok(&BOB, &["list"]);
 }

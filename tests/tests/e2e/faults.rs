@@ -150,7 +150,7 @@ fn faults_hung_worker_is_killed_at_its_deadline_and_broker_keeps_serving() {
         "",
         "the failed create left nothing"
     );
-    assert!(children_of(h.broker_pid()).is_empty(), "hung worker reaped");
+    assert!(workers_of(h.broker_pid()).is_empty(), "hung worker reaped");
 }
 
 #[test]
@@ -165,7 +165,7 @@ fn faults_worker_crashing_on_open_fails_the_request_cleanly() {
     let err = h.fails(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     assert!(err.contains("tapdisk"), "{err}");
     assert_eq!(h.ok(&ALICE, &["list"]), "");
-    assert!(eventually(Duration::from_secs(5), || children_of(
+    assert!(eventually(Duration::from_secs(5), || workers_of(
         h.broker_pid()
     )
     .is_empty()));
@@ -235,7 +235,7 @@ fn faults_create_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
         .unwrap()
         .next()
         .is_none());
-    assert!(children_of(h.broker_pid()).is_empty());
+    assert!(workers_of(h.broker_pid()).is_empty());
     drop(guard);
     assert_eq!(h.audit_lines().len(), lines_before, "no line about it");
     // The broker stays closed until restarted.
@@ -288,7 +288,7 @@ fn faults_parent_is_refused_and_nothing_exists_when_its_decision_cannot_be_audit
         |p: std::path::PathBuf| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none());
     assert!(empty(h.devices.clone()) && empty(h.state.join("nbd")));
     assert!(empty(h.state.join("minors")));
-    assert!(eventually(Duration::from_secs(10), || children_of(
+    assert!(eventually(Duration::from_secs(10), || workers_of(
         h.broker_pid()
     )
     .is_empty()));

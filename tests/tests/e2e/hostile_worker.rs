@@ -96,11 +96,10 @@ impl Scene {
             h.ok(&ALICE, &["list"])
         );
         assert!(
-            eventually(Duration::from_secs(10), || children_of(h.broker_pid())
-                .len()
+            eventually(Duration::from_secs(10), || workers_of(h.broker_pid()).len()
                 == 1),
             "hostile worker not reaped: {:?}",
-            children_of(h.broker_pid())
+            workers_of(h.broker_pid())
         );
         assert!(
             eventually(Duration::from_secs(5), || fd_count(h.broker_pid())

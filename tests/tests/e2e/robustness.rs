@@ -33,7 +33,7 @@ fn cycles_200_create_destroy_leave_nothing_behind() {
     // exist before we measure.
     h.ok(&ALICE, &["create", "-a", &spec]);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
-    assert!(eventually(Duration::from_secs(5), || children_of(broker).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || workers_of(broker).is_empty()));
     // A reaped worker's stderr pipe is closed by its log reader once that
     // has drained it, a moment after the reap: wait for that before taking
     // the baseline.
@@ -54,9 +54,9 @@ fn cycles_200_create_destroy_leave_nothing_behind() {
         h.ok(&ALICE, &["destroy", "-m", "0"]);
     }
     assert!(
-        eventually(Duration::from_secs(5), || children_of(broker).is_empty()),
+        eventually(Duration::from_secs(5), || workers_of(broker).is_empty()),
         "workers left: {:?}",
-        children_of(broker)
+        workers_of(broker)
     );
     assert!(
         eventually(Duration::from_secs(5), || fd_count(broker) == fds),
@@ -107,7 +107,7 @@ fn cycles_concurrent_tenants_do_not_interfere() {
         t.join().unwrap();
     }
     assert_eq!(h.ok(&ROOT, &["list"]), "");
-    assert!(eventually(Duration::from_secs(5), || children_of(
+    assert!(eventually(Duration::from_secs(5), || workers_of(
         h.broker_pid()
     )
     .is_empty()));
@@ -215,8 +215,11 @@ fn policy_check_reports_line_numbers() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:5:16"));
 }
 
+/// A crashed broker's disks are adopted by the next one when their fds
+/// were kept (`tests/fuse_adopt.rs`); when the fd holder is gone too,
+/// nothing can be adopted and everything is taken down, audited.
 #[test]
-fn restart_after_crash_kills_orphans_and_frees_everything() {
+fn restart_after_crash_without_kept_fds_kills_orphans_and_frees_everything() {
     let mut h = Harness::start(Options {
         worker: WorkerBin::Fake,
         ..Options::default()
@@ -238,8 +241,15 @@ fn restart_after_crash_kills_orphans_and_frees_everything() {
         .map(|r| r["pid"].as_u64().unwrap() as u32)
         .collect();
     assert_eq!(pids.len(), 2);
+    let holder = children_of(h.broker_pid())
+        .into_iter()
+        .find(|p| is_fd_holder(*p))
+        .expect("the broker runs an fd holder");
     h.crash();
-    // The plain worker exits when its broker goes away (the event that
+    // SAFETY: kill(2) on the holder pid found above.
+    unsafe { libc::kill(holder as i32, libc::SIGKILL) };
+    assert!(eventually(Duration::from_secs(5), || !alive(holder)));
+    // The plain worker exits when its broker and the fd holder are gone (the event that
     // shows both noticed); the stubborn one stays.
     assert!(
         eventually(Duration::from_secs(20), || pids
@@ -258,18 +268,25 @@ fn restart_after_crash_kills_orphans_and_frees_everything() {
     assert!(eventually(Duration::from_secs(5), || pids
         .iter()
         .all(|p| !alive(*p))));
-    let cleanup: Vec<String> = h
-        .audit_lines()
-        .into_iter()
-        .filter(|l| l["event"] == "cleanup")
-        .map(|l| l["reason"].as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        cleanup
+    let lines = h.audit_lines();
+    let reasons = |event: &str, rule: &str| -> Vec<String> {
+        lines
             .iter()
-            .any(|c| c.contains("killed orphaned tapdisk")),
-        "{cleanup:?}"
+            .filter(|l| l["event"] == event && l["rule"] == rule)
+            .map(|l| l["reason"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        reasons("adopt", "adopt-worker-refused").len(),
+        2,
+        "{lines:?}"
     );
+    assert_eq!(
+        reasons("adopt", "adopt-minor-refused").len(),
+        2,
+        "{lines:?}"
+    );
+    let cleanup = reasons("cleanup", "restart-cleanup");
     assert_eq!(
         cleanup.iter().filter(|c| c.contains("freed minor")).count(),
         2,
@@ -303,9 +320,12 @@ fn restart_second_broker_on_same_socket_is_refused_and_shutdown_cleans_up() {
     h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     let pid = h.broker_pid();
     let kids = children_of(pid);
-    assert_eq!(kids.len(), 1);
+    assert_eq!(workers_of(pid).len(), 1, "{kids:?}");
     h.stop();
-    assert!(kids.iter().all(|k| !alive(*k)));
+    // SIGINT: the worker and the (now empty) fd holder are gone.
+    assert!(eventually(Duration::from_secs(5), || kids
+        .iter()
+        .all(|k| !alive(*k))));
     assert!(!h.socket.exists());
     assert!(dir_entries(&h.devices).is_empty());
     assert!(dir_entries(&h.state.join("minors")).is_empty());

@@ -328,21 +328,128 @@ fn ublk_fifty_create_destroy_cycles_leave_no_device_behind() {
 
 #[test]
 #[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
-fn ublk_broker_crash_leftovers_are_removed_by_the_next_broker() {
+fn ublk_broker_crash_with_its_worker_gone_is_adopted_dead_and_destroy_removes_it() {
     let mut h = ublk_harness(false);
     let img = h.raw_image("alice", "k.img", 4 << 20);
     h.ok(&ALICE, &["create", "-a", &format!("aio:{}", img.display())]);
     assert_eq!(ublk_char_devices().len(), 1);
+    // Without the fd holder the worker's control socket closes and it
+    // exits; the ublk device needs no kept fd, so it is still adopted.
+    let holder = children_of(h.broker_pid())
+        .into_iter()
+        .find(|p| is_fd_holder(*p))
+        .expect("the broker runs an fd holder");
     h.crash();
-    // Its worker goes when the control socket closes; the device stays.
+    sigkill(holder);
     assert_eq!(ublk_char_devices().len(), 1);
     h.launch();
+    let adopted = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "adopt" && l["rule"] == "adopt-minor")
+        .count();
+    assert_eq!(adopted, 1, "{}", h.broker_log());
+    // Respawn is off: its I/O fails instead of hanging...
+    let dev = tapdev(&h, 0);
+    assert_eq!(
+        direct_read_outcome(&dev, Duration::from_secs(60)),
+        Some(false),
+        "{}",
+        h.broker_log()
+    );
+    // ...and destroy removes the device.
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(
         eventually(Duration::from_secs(30), || ublk_char_devices().is_empty()),
-        "stale ublk device removed: {:?}\n{}",
+        "ublk device removed: {:?}\n{}",
         ublk_char_devices(),
         h.broker_log()
     );
+}
+
+/// The broker is `kill -9`ed three times under a verifying writer: the
+/// ublk device and its worker keep serving while no broker runs, the next
+/// broker adopts them (same minor, pid, image), and fio sees no error.
+#[test]
+#[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
+fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
+    let mut h = ublk_harness(true);
+    let img = h.vhd_image("alice", "a.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let dev = tapdev(&h, 0);
+    let out_path = h.dir.path().join("fio.json");
+    let mut writer = Command::new("fio")
+        .args([
+            "--name=adopt",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--iodepth=16",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rate_iops=600",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--eta=never",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--output={}", out_path.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fio (apt-get install fio on the host: the VM shares its root)");
+    let shown = |h: &Harness| -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+        rows(h, &ALICE)
+            .into_iter()
+            .map(|r| (r["minor"].clone(), r["pid"].clone(), r["image"].clone()))
+            .collect()
+    };
+    // Writes the kernel completed on the device (its sysfs stat), so the
+    // count does not depend on which worker path served them.
+    let node = std::fs::read_link(&dev).expect("tapdev link");
+    let stat = format!(
+        "/sys/class/block/{}/stat",
+        node.file_name().unwrap().to_string_lossy()
+    );
+    let writes = |_: &Harness| -> u64 {
+        std::fs::read_to_string(&stat)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(4).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    };
+    let worker = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
+    for round in 1..=3usize {
+        let before = shown(&h);
+        let w0 = writes(&h);
+        assert!(
+            eventually(Duration::from_secs(30), || writes(&h) >= w0 + 200),
+            "round {round}: no write progress"
+        );
+        assert!(writer.try_wait().unwrap().is_none(), "fio ended early");
+        h.crash();
+        assert!(
+            alive(worker),
+            "round {round}: the worker outlives the broker"
+        );
+        h.launch();
+        assert_eq!(shown(&h), before, "round {round}: list changed");
+    }
+    let status = writer.wait().unwrap();
+    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "fio failed: {report}\n{}", h.broker_log());
+    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
+    assert_eq!(v["jobs"][0]["error"], 0, "fio saw an I/O error");
+    let adopted = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "adopt" && l["rule"] == "adopt-minor")
+        .count();
+    assert_eq!(adopted, 3);
+    assert_eq!(rows(&h, &ALICE)[0]["restarts"], 0, "never respawned");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    vhd_check(&img);
 }
 
 #[test]

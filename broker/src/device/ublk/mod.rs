@@ -226,6 +226,43 @@ impl UblkBackend {
         UblkBackend::new(UblkConfig::default(), Some(ctx.minor))
     }
 
+    /// Take over device `h.ublk_dev_id` from a broker that is gone. The
+    /// broker holds no fd of a ublk device (the worker holds
+    /// `/dev/ublkcN`), so there is nothing to get back: the device must
+    /// still carry this minor's owner mark and be live or waiting for
+    /// recovery (its worker died).
+    pub fn adopt(ctx: &DeviceContext, h: &super::Handoff) -> Result<Self, DeviceError> {
+        let dev_id = h
+            .ublk_dev_id
+            .ok_or_else(|| DeviceError::Failed("ublk: adopting: no device id recorded".into()))?;
+        let mut b = UblkBackend::for_minor(ctx);
+        let want = owner_tag(b.minor);
+        let ctrl = b.ctrl()?;
+        let info = ctrl.get_dev_info(dev_id).map_err(ctrl_err)?;
+        if info.ublksrv_flags != want {
+            return Err(DeviceError::Failed(format!(
+                "ublk: device {dev_id} is not minor {}'s (owner mark {:#x})",
+                ctx.minor, info.ublksrv_flags
+            )));
+        }
+        if !matches!(info.state, UBLK_S_DEV_LIVE | UBLK_S_DEV_QUIESCED) {
+            return Err(DeviceError::Failed(format!(
+                "ublk: device {dev_id} is in state {}, not live",
+                info.state
+            )));
+        }
+        let p = ctrl.get_params(dev_id).map_err(ctrl_err)?;
+        b.dev = Some(Dev {
+            info,
+            char_major: p.devt.char_major,
+            char_minor: p.devt.char_minor,
+            started: true,
+            worker_attached: true,
+            recovering: false,
+        });
+        Ok(b)
+    }
+
     /// The device id (`N` of `/dev/ublkbN`), once prepared.
     pub fn dev_id(&self) -> Option<u32> {
         self.dev.as_ref().map(|d| d.info.dev_id)
@@ -509,6 +546,24 @@ impl DeviceBackend for UblkBackend {
             d.worker_attached = true;
         }
         Ok(())
+    }
+
+    fn handoff(
+        &self,
+    ) -> Option<(
+        super::Handoff,
+        Vec<(&'static str, std::os::fd::BorrowedFd<'_>)>,
+    )> {
+        let d = self.dev.as_ref().filter(|d| d.started)?;
+        Some((
+            super::Handoff {
+                kind: "ublk".into(),
+                node: node::block_path(d.info.dev_id),
+                ublk_dev_id: Some(d.info.dev_id),
+                ..Default::default()
+            },
+            Vec::new(),
+        ))
     }
 
     /// STOP_DEV now, DEL_DEV at teardown. With `UBLK_F_USER_RECOVERY` a
