@@ -3,36 +3,12 @@
 //! without reading, and all-zero stretches of data are not written, so
 //! they stay holes in the output.
 //!
-//! Where the time goes (measured on ext4, 512 MiB of data, see
-//! `bench/convert.sh`): almost all of it is the kernel copying into
-//! freshly allocated page-cache pages of the output, and ext4's delayed
-//! allocation bookkeeping for every block written (extent-status tree,
-//! space reservation, quota). Buffered writes to one file are serialized
-//! by its inode lock, so the write side is one stream whatever we do.
-//! The design therefore keeps everything else off that stream:
-//!
-//! - A reader thread fetches allocated extents in chunks small enough to
-//!   stay in the CPU cache between the read copy and the write copy, and
-//!   finds the non-zero runs itself, so the writer only writes.
-//! - A raw output has its space allocated (`fallocate`) run by run just
-//!   before the run is written: a write into allocated blocks skips the
-//!   delayed-allocation path, which halves the cost of a buffered write
-//!   (0.21 s -> 0.13 s for 512 MiB in 1 MiB writes); writeback afterwards
-//!   is no slower (`sync` ~1.0 s either way).
-//!
-//! Tried and measured slower, so not used: `copy_file_range` from the VHD
-//! into the raw file (ext4 has no reflink; the kernel splices through a
-//! 64 KiB pipe: 0.38 s vs 0.32 s for pread+pwrite, 0.28 s vs 0.17 s with
-//! both preallocated and pipelined, and two threads only contend on the
-//! inode lock); `O_DIRECT` output (the disk takes ~250-400 MB/s whatever
-//! the queue depth: 1.2-2.5 s, against 0.2 s into the page cache, which is
-//! where qemu-img leaves its output too); writing through a shared
-//! mapping of the output (a page fault and block reservation per 4 KiB:
-//! 1.1-1.4 s); 2-16 MiB chunks (the data falls out of the cache between
-//! the two copies). Writing straight from a mapping of the source (the
-//! reader only scanning it for zeroes) saves the read copy, ~25% CPU but
-//! only ~10% wall time, and would turn a source truncated by someone else
-//! during the copy into a SIGBUS crash instead of an error: not taken.
+//! The output is written by one stream (buffered writes to one file
+//! serialize on its inode lock), so everything else is kept off it: a
+//! reader thread fetches allocated extents in cache-sized chunks and finds
+//! the non-zero runs, and a raw output's space is allocated run by run
+//! just before the run is written (skipping delayed allocation). What was
+//! measured, and the designs tried and dropped: `bench/README.md`.
 
 use crate::{Image, ImageError};
 use std::fs::File;
