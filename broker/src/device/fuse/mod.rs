@@ -23,7 +23,7 @@
 use super::factory::DeviceContext;
 use super::fuse_mount::FuseMount;
 use super::loop_dev::{LoopDevice, LoopSetup};
-use super::{DeviceBackend, DeviceError, Handoff, Prepared};
+use super::{DeviceBackend, DeviceError, Handoff, HandoffFds, Prepared};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -352,7 +352,7 @@ impl DeviceBackend for FuseBackend {
         self.loop_dev.as_ref().is_some_and(LoopDevice::in_use)
     }
 
-    fn handoff(&self) -> Option<(Handoff, Vec<(&'static str, BorrowedFd<'_>)>)> {
+    fn handoff(&self) -> Option<HandoffFds<'_>> {
         let conn = self.conn.as_ref()?.as_fd();
         let mount = self.mount.as_ref()?;
         let file = self.file.as_ref()?.as_fd();

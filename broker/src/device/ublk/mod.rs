@@ -348,12 +348,7 @@ impl DeviceBackend for UblkBackend {
         Ok(())
     }
 
-    fn handoff(
-        &self,
-    ) -> Option<(
-        super::Handoff,
-        Vec<(&'static str, std::os::fd::BorrowedFd<'_>)>,
-    )> {
+    fn handoff(&self) -> Option<super::HandoffFds<'_>> {
         let d = self.dev.as_ref().filter(|d| d.started)?;
         Some((
             super::Handoff {
