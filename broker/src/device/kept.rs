@@ -4,7 +4,7 @@
 //! succeeds the backend's [`DeviceBackend::handoff`] fds are put in the
 //! store as `mN.ROLE`; `teardown` (and dropping) removes them again.
 
-use super::{DeviceBackend, DeviceError, Handoff, Prepared};
+use super::{DeviceBackend, DeviceError, HandoffFds, Prepared};
 use crate::fdstore::{FdStore, Kept};
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
@@ -87,7 +87,7 @@ impl DeviceBackend for KeptDevice {
     fn abandon(&mut self) -> Result<(), DeviceError> {
         self.inner.abandon()
     }
-    fn handoff(&self) -> Option<(Handoff, Vec<(&'static str, BorrowedFd<'_>)>)> {
+    fn handoff(&self) -> Option<HandoffFds<'_>> {
         self.inner.handoff()
     }
     fn adopted(&mut self, worker_pid: Option<u32>) {

@@ -75,6 +75,10 @@ pub struct Handoff {
     pub roles: Vec<String>,
 }
 
+/// What [`DeviceBackend::handoff`] gives for an active device: its record
+/// and the fds a successor must be kept, by role name.
+pub type HandoffFds<'a> = (Handoff, Vec<(&'static str, BorrowedFd<'a>)>);
+
 /// Fds a successor gets back, by role; taking a missing one is an error
 /// naming it.
 #[derive(Debug, Default)]
@@ -140,7 +144,7 @@ pub trait DeviceBackend: Send + std::fmt::Debug {
     /// An active device: what must be kept for a successor broker, the
     /// record and the fds by role. `None` while not active (then a
     /// successor cannot take it over and cleans it up instead).
-    fn handoff(&self) -> Option<(Handoff, Vec<(&'static str, BorrowedFd<'_>)>)> {
+    fn handoff(&self) -> Option<HandoffFds<'_>> {
         None
     }
 

@@ -148,12 +148,7 @@ impl DeviceBackend for NbdBackend {
         Ok(())
     }
 
-    fn handoff(
-        &self,
-    ) -> Option<(
-        super::Handoff,
-        Vec<(&'static str, std::os::fd::BorrowedFd<'_>)>,
-    )> {
+    fn handoff(&self) -> Option<super::HandoffFds<'_>> {
         let l = self.listener.as_ref()?;
         Some((
             super::Handoff {

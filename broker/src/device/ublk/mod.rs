@@ -19,15 +19,20 @@
 
 mod ctrl;
 mod node;
+mod params;
+mod recovery;
+mod stale;
 
 pub use ctrl::CONTROL_PATH;
+pub use params::UblkConfig;
+pub use stale::cleanup_stale;
 
 use super::factory::DeviceContext;
 use super::{DeviceBackend, DeviceError, Prepared};
 use ctrl::{Control, CtrlError};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::ublk_abi::*;
 use tapjail_common::worker_proto::FrontendSpec;
@@ -41,9 +46,6 @@ pub const UNAVAILABLE: &str =
 /// queues, and STOP_DEV for requests a live worker holds. Generous:
 /// emulated test machines are slow.
 const WORKER_WAIT: Duration = Duration::from_secs(60);
-/// How long recovery waits for the kernel to notice the dead worker
-/// (device QUIESCED and its `/dev/ublkcN` file released).
-const QUIESCE_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether this host can use the ublk frontend.
 pub fn available() -> Result<(), DeviceError> {
@@ -51,51 +53,6 @@ pub fn available() -> Result<(), DeviceError> {
         Ok(())
     } else {
         Err(DeviceError::Unavailable(UNAVAILABLE.into()))
-    }
-}
-
-/// Queue geometry of the devices we create.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UblkConfig {
-    /// Hardware queues, one worker thread each. One by default: on 6.12 a
-    /// worker that dies after some but not all of several queues attached
-    /// leaves a device that START_USER_RECOVERY cannot safely reset, and
-    /// one queue cannot be half attached.
-    pub nr_queues: u16,
-    /// Requests in flight per queue.
-    pub queue_depth: u16,
-    /// Largest request in bytes; the worker keeps one buffer this big per
-    /// tag, so `nr_queues * queue_depth * max_io_bytes` of its (locked)
-    /// memory goes to buffers.
-    pub max_io_bytes: u32,
-}
-
-impl Default for UblkConfig {
-    fn default() -> Self {
-        UblkConfig {
-            nr_queues: tapjail_common::ublk_abi::UBLK_DEFAULT_NR_QUEUES,
-            queue_depth: tapjail_common::ublk_abi::UBLK_DEFAULT_QUEUE_DEPTH,
-            max_io_bytes: 128 * 1024,
-        }
-    }
-}
-
-impl UblkConfig {
-    fn validate(&self) -> Result<(), DeviceError> {
-        let ok = self.nr_queues >= 1
-            && u32::from(self.nr_queues) <= UBLK_MAX_NR_QUEUES
-            && self.queue_depth >= 1
-            && self.queue_depth <= UBLK_MAX_QUEUE_DEPTH
-            && self.max_io_bytes >= 4096
-            && self.max_io_bytes <= UBLK_MAX_IO_BUF_BYTES
-            && self.max_io_bytes & 4095 == 0;
-        if ok {
-            Ok(())
-        } else {
-            Err(DeviceError::Failed(format!(
-                "ublk: invalid queue geometry {self:?}"
-            )))
-        }
     }
 }
 
@@ -136,58 +93,6 @@ pub struct UblkBackend {
     dev: Option<Dev>,
 }
 
-/// Remove every ublk device a previous broker created for `ctx.minor`
-/// (found by the owner mark in `ublksrv_flags`): STOP_DEV fails what I/O it still holds,
-/// DEL_DEV removes it. Returns what was done.
-pub fn cleanup_stale(ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
-    if available().is_err() {
-        return Ok(Vec::new());
-    }
-    let ids: Vec<u32> = match std::fs::read_dir("/sys/class/ublk-char") {
-        Ok(d) => d
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("ublkc"))
-                    .and_then(|n| n.parse().ok())
-            })
-            .collect(),
-        Err(_) => return Ok(Vec::new()),
-    };
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut ctrl = Control::open().map_err(ctrl_err)?;
-    let want = owner_tag(Some(ctx.minor));
-    let mut done = Vec::new();
-    for id in ids {
-        // Devices of other users may refuse us or vanish meanwhile.
-        let Ok(info) = ctrl.get_dev_info(id) else {
-            continue;
-        };
-        if info.ublksrv_flags != want {
-            continue;
-        }
-        let gone = |e: &CtrlError| e.errno() == Some(libc::ENODEV);
-        match ctrl.stop_dev(id, ctrl::QUICK) {
-            Ok(()) => {}
-            Err(e) if gone(&e) => continue,
-            Err(e) => return Err(ctrl_err(e)),
-        }
-        match ctrl.del_dev(id, ctrl::QUICK) {
-            Ok(()) => {}
-            Err(e) if gone(&e) => {}
-            Err(e) => return Err(ctrl_err(e)),
-        }
-        done.push(format!(
-            "removed stale ublk device {id} of minor {}",
-            ctx.minor.get()
-        ));
-    }
-    Ok(done)
-}
-
 fn ctrl_err(e: CtrlError) -> DeviceError {
     match e {
         CtrlError::Os { cmd, source } => DeviceError::Io {
@@ -226,43 +131,6 @@ impl UblkBackend {
         UblkBackend::new(UblkConfig::default(), Some(ctx.minor))
     }
 
-    /// Take over device `h.ublk_dev_id` from a broker that is gone. The
-    /// broker holds no fd of a ublk device (the worker holds
-    /// `/dev/ublkcN`), so there is nothing to get back: the device must
-    /// still carry this minor's owner mark and be live or waiting for
-    /// recovery (its worker died).
-    pub fn adopt(ctx: &DeviceContext, h: &super::Handoff) -> Result<Self, DeviceError> {
-        let dev_id = h
-            .ublk_dev_id
-            .ok_or_else(|| DeviceError::Failed("ublk: adopting: no device id recorded".into()))?;
-        let mut b = UblkBackend::for_minor(ctx);
-        let want = owner_tag(b.minor);
-        let ctrl = b.ctrl()?;
-        let info = ctrl.get_dev_info(dev_id).map_err(ctrl_err)?;
-        if info.ublksrv_flags != want {
-            return Err(DeviceError::Failed(format!(
-                "ublk: device {dev_id} is not minor {}'s (owner mark {:#x})",
-                ctx.minor, info.ublksrv_flags
-            )));
-        }
-        if !matches!(info.state, UBLK_S_DEV_LIVE | UBLK_S_DEV_QUIESCED) {
-            return Err(DeviceError::Failed(format!(
-                "ublk: device {dev_id} is in state {}, not live",
-                info.state
-            )));
-        }
-        let p = ctrl.get_params(dev_id).map_err(ctrl_err)?;
-        b.dev = Some(Dev {
-            info,
-            char_major: p.devt.char_major,
-            char_minor: p.devt.char_minor,
-            started: true,
-            worker_attached: true,
-            recovering: false,
-        });
-        Ok(b)
-    }
-
     /// The device id (`N` of `/dev/ublkbN`), once prepared.
     pub fn dev_id(&self) -> Option<u32> {
         self.dev.as_ref().map(|d| d.info.dev_id)
@@ -282,40 +150,6 @@ impl UblkBackend {
             queue_depth: dev.info.queue_depth,
             max_io_bytes: dev.info.max_io_buf_bytes,
             recovering,
-        }
-    }
-
-    fn params(info: &UblksrvCtrlDevInfo, size: u64, read_only: bool) -> UblkParams {
-        let mut attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA;
-        if read_only {
-            attrs |= UBLK_ATTR_READ_ONLY;
-        }
-        // Discard and write-zeroes requests are split by the block layer at
-        // this size; 1 GiB keeps every request's byte count in a u32.
-        let max_discard_sectors = (1u32 << 30) >> 9;
-        UblkParams {
-            len: std::mem::size_of::<UblkParams>() as u32,
-            types: UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD,
-            basic: UblkParamBasic {
-                attrs,
-                logical_bs_shift: 9,
-                physical_bs_shift: 12,
-                io_opt_shift: 12,
-                io_min_shift: 9,
-                max_sectors: info.max_io_buf_bytes >> 9,
-                chunk_sectors: 0,
-                dev_sectors: size >> 9,
-                virt_boundary_mask: 0,
-            },
-            discard: UblkParamDiscard {
-                discard_alignment: 0,
-                discard_granularity: 4096,
-                max_discard_sectors: if read_only { 0 } else { max_discard_sectors },
-                max_write_zeroes_sectors: if read_only { 0 } else { max_discard_sectors },
-                max_discard_segments: 1,
-                reserved0: 0,
-            },
-            ..Default::default()
         }
     }
 
@@ -387,40 +221,6 @@ impl UblkBackend {
                 undo(ctrl);
                 Err(e)
             }
-        }
-    }
-
-    /// Wait until the kernel has quiesced the device after its worker died
-    /// and released the dead worker's `/dev/ublkcN`, then start recovery.
-    fn start_recovery(&mut self, dev_id: u32) -> Result<(), DeviceError> {
-        let ctrl = self.ctrl()?;
-        let deadline = Instant::now() + QUIESCE_WAIT;
-        let mut last_state;
-        loop {
-            let info = ctrl.get_dev_info(dev_id).map_err(ctrl_err)?;
-            last_state = info.state;
-            match info.state {
-                UBLK_S_DEV_QUIESCED => match ctrl.start_user_recovery(dev_id) {
-                    Ok(()) => return Ok(()),
-                    // The dead worker's file is not released yet.
-                    Err(e) if e.errno() == Some(libc::EBUSY) => {}
-                    Err(e) => return Err(ctrl_err(e)),
-                },
-                UBLK_S_DEV_LIVE => {}
-                state => {
-                    return Err(DeviceError::Failed(format!(
-                        "ublk: device {dev_id} is in state {state}, not recoverable"
-                    )))
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(DeviceError::Failed(format!(
-                    "ublk: device {dev_id} not ready for recovery after {} s (state {last_state}; \
-                     is the old worker really gone and every fd of /dev/ublkc{dev_id} closed?)",
-                    QUIESCE_WAIT.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -548,12 +348,7 @@ impl DeviceBackend for UblkBackend {
         Ok(())
     }
 
-    fn handoff(
-        &self,
-    ) -> Option<(
-        super::Handoff,
-        Vec<(&'static str, std::os::fd::BorrowedFd<'_>)>,
-    )> {
+    fn handoff(&self) -> Option<super::HandoffFds<'_>> {
         let d = self.dev.as_ref().filter(|d| d.started)?;
         Some((
             super::Handoff {

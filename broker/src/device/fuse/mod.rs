@@ -21,19 +21,30 @@
 //! that is impossible the worker is killed through its pidfd.
 
 use super::factory::DeviceContext;
-use super::fuse_mount::{self, FuseMount};
+use super::fuse_mount::FuseMount;
 use super::loop_dev::{LoopDevice, LoopSetup};
-use super::{DeviceBackend, DeviceError, Handoff, KeptFds, Prepared};
+use super::{DeviceBackend, DeviceError, Handoff, HandoffFds, Prepared};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Duration;
 use tapjail_common::proto::FrontendKind;
-use tapjail_common::worker_proto::FrontendSpec;
-use tapjail_common::Minor;
+
+mod abort;
+mod handoff;
+mod kernel;
+mod stale;
+#[cfg(test)]
+mod tests;
+
+use abort::pidfd_open;
+use kernel::kernel_version;
+use stale::mount_dir;
+
+pub use kernel::kernel_has_resend;
+pub use stale::cleanup_stale;
 
 /// The name of the one file on the mount.
 pub const FILE_NAME: &str = "disk";
@@ -143,43 +154,6 @@ impl FuseBackend {
         Ok(FuseBackend::new(opts))
     }
 
-    /// Take over a live device from a broker that is gone: the
-    /// connection, the mount's root, the disk file and the loop device,
-    /// checked against each other (the loop device must be bound to that
-    /// very file on that mount).
-    pub fn adopt(ctx: &DeviceContext, h: &Handoff, fds: &mut KeptFds) -> Result<Self, DeviceError> {
-        let what = "fuse: adopting";
-        let conn = fds.take(what, "fuse")?;
-        let root = fds.take(what, "mount")?;
-        let file = File::from(fds.take(what, "file")?);
-        let loop_file = File::from(fds.take(what, "loop")?);
-        let number = h
-            .loop_number
-            .ok_or_else(|| DeviceError::Failed(format!("{what}: no loop number recorded")))?;
-        let mount = FuseMount::adopt(root, h.mount_dir.clone())
-            .map_err(|e| DeviceError::Failed(format!("{what}: {e}")))?;
-        // The file must live on this mount (same superblock; statx
-        // without sync, so a dead server is not asked).
-        let on = fuse_mount::connection_id(file.as_fd())
-            .map_err(io_err("fuse: statx the adopted disk file"))?;
-        if on != mount.connection() {
-            return Err(DeviceError::Failed(format!(
-                "{what}: the kept disk file is not on the kept mount"
-            )));
-        }
-        let loop_dev = LoopDevice::adopt(loop_file, number)
-            .map_err(|e| DeviceError::Failed(format!("{what}: {e}")))?;
-        let mut b = FuseBackend::from_context(ctx)?;
-        b.read_only = h.read_only;
-        b.size = h.size;
-        b.conn = Some(conn);
-        b.mount = Some(mount);
-        b.file = Some(file);
-        b.loop_dev = Some(loop_dev);
-        b.restarts = h.restarts;
-        Ok(b)
-    }
-
     /// Why this host cannot use FUSE + loop, if it cannot.
     pub fn probe() -> Result<(), DeviceError> {
         for (node, config) in [
@@ -215,59 +189,6 @@ impl FuseBackend {
         self.restarts
     }
 
-    fn handoff(&self, resend: bool) -> Result<Prepared, DeviceError> {
-        let conn = self
-            .conn
-            .as_ref()
-            .ok_or_else(|| DeviceError::Failed("fuse: no connection (not prepared)".into()))?;
-        let dup = conn
-            .try_clone()
-            .map_err(io_err("fuse: dup /dev/fuse connection"))?;
-        Ok(Prepared {
-            spec: FrontendSpec::Fuse {
-                file_name: FILE_NAME.into(),
-                resend,
-            },
-            fds: vec![dup],
-        })
-    }
-
-    /// `Some(true)` when the worker has exited, `None` when unknown.
-    fn worker_exited(&self) -> Option<bool> {
-        let pidfd = self.worker.as_ref()?;
-        crate::sys::pidfd_exited(pidfd.as_fd(), 0).ok()
-    }
-
-    /// Make every request on the connection fail now, so nothing waits on
-    /// the worker any more. Escalates to killing the worker when fusectl
-    /// is unavailable.
-    fn abort(&mut self) -> Result<(), DeviceError> {
-        self.aborted = true;
-        let Some(conn_id) = self.connection() else {
-            drop(self.conn.take());
-            return Ok(());
-        };
-        let aborted = fuse_mount::abort_connection(conn_id);
-        if aborted.is_err() {
-            if let Some(pidfd) = &self.worker {
-                kill(pidfd.as_fd());
-            }
-        }
-        // With the worker gone this is the last reference: closing it also
-        // aborts the connection.
-        drop(self.conn.take());
-        aborted.map_err(|e| DeviceError::Failed(e.to_string()))
-    }
-
-    /// What a step that may wait on the worker needs to be cut short.
-    fn deadline(&self) -> Deadline<'_> {
-        Deadline {
-            timeout: self.opts.timeout,
-            conn: self.connection(),
-            worker: self.worker.as_ref().map(|p| p.as_fd()),
-        }
-    }
-
     fn open_file(&mut self) -> Result<File, DeviceError> {
         let root = self
             .mount
@@ -298,120 +219,6 @@ impl FuseBackend {
             (Err(e), None) => Err(io_err("fuse: open the disk file on the mount")(e)),
         }
     }
-}
-
-/// Where the mount(2) fallback mounts minor `minor`'s filesystem.
-fn mount_dir(state_dir: &Path, minor: Minor) -> PathBuf {
-    state_dir.join("fuse").join(minor.device_name())
-}
-
-/// Remove what a previous broker's FUSE backend left for `ctx.minor`.
-///
-/// A detached mount and its connection die with the broker that held them,
-/// and its loop device (autoclear) with the last close of it, so only the
-/// mount(2) fallback can leave something: a mount on
-/// `state_dir/fuse/tapdevN` (lazily unmounted) and its directory.
-pub fn cleanup_stale(ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
-    let dir = mount_dir(&ctx.state_dir, ctx.minor);
-    match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(DeviceError::Failed(format!(
-                "{} exists and is not a directory; not touching it",
-                dir.display()
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DeviceError::Io {
-                step: format!("inspecting {}", dir.display()),
-                source,
-            })
-        }
-    }
-    fuse_mount::lazy_unmount(&dir).map_err(|e| DeviceError::Failed(e.to_string()))?;
-    std::fs::remove_dir(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
-    Ok(vec![format!(
-        "removed stale FUSE mount point {}",
-        dir.display()
-    )])
-}
-
-/// A bound on a step that may wait on the worker (it serves the requests
-/// the step causes).
-#[derive(Debug)]
-struct Deadline<'a> {
-    timeout: Duration,
-    /// fusectl's name of the connection, to abort it.
-    conn: Option<u32>,
-    /// The worker's pidfd, to kill it when aborting is impossible.
-    worker: Option<BorrowedFd<'a>>,
-}
-
-impl Deadline<'_> {
-    /// Run `op`; if it is not done in time, abort the connection (every
-    /// request fails at once, so `op` finishes with errors) and report it.
-    fn run<T: Send>(&self, what: &str, op: impl FnOnce() -> T + Send) -> (T, Option<DeviceError>) {
-        std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel();
-            let h = s.spawn(move || {
-                let v = op();
-                let _ = tx.send(());
-                v
-            });
-            let mut late = None;
-            if rx.recv_timeout(self.timeout).is_err() {
-                late = Some(DeviceError::Failed(format!(
-                    "fuse: {what}: worker did not answer within {:?}; connection aborted",
-                    self.timeout
-                )));
-                let aborted = self.conn.map(fuse_mount::abort_connection);
-                if !matches!(aborted, Some(Ok(()))) {
-                    if let Some(pidfd) = self.worker {
-                        kill(pidfd);
-                    }
-                }
-            }
-            let v = match h.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            };
-            (v, late)
-        })
-    }
-}
-
-/// SIGKILL through a pidfd (no pid reuse race); a worker already gone
-/// is fine.
-fn kill(pidfd: BorrowedFd<'_>) {
-    let _ = crate::sys::pidfd_kill(pidfd);
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    crate::sys::pidfd_open(pid).ok()
-}
-
-/// FUSE_NOTIFY_RESEND arrived in Linux 6.9.
-pub fn kernel_has_resend() -> bool {
-    kernel_version().is_some_and(|v| v >= (6, 9))
-}
-
-fn kernel_version() -> Option<(u32, u32)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    parse_release(&release)
-}
-
-fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.trim().split(['.', '-']);
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts
-        .next()?
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()?;
-    Some((major, minor))
 }
 
 impl DeviceBackend for FuseBackend {
@@ -545,7 +352,7 @@ impl DeviceBackend for FuseBackend {
         self.loop_dev.as_ref().is_some_and(LoopDevice::in_use)
     }
 
-    fn handoff(&self) -> Option<(Handoff, Vec<(&'static str, BorrowedFd<'_>)>)> {
+    fn handoff(&self) -> Option<HandoffFds<'_>> {
         let conn = self.conn.as_ref()?.as_fd();
         let mount = self.mount.as_ref()?;
         let file = self.file.as_ref()?.as_fd();
@@ -646,32 +453,5 @@ impl DeviceBackend for FuseBackend {
 impl Drop for FuseBackend {
     fn drop(&mut self) {
         let _ = self.teardown();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn release_strings_parse_to_major_minor() {
-        assert_eq!(parse_release("6.18.44-fc-v782\n"), Some((6, 18)));
-        assert_eq!(parse_release("6.9.0"), Some((6, 9)));
-        assert_eq!(parse_release("5.15.0-91-generic"), Some((5, 15)));
-        assert_eq!(parse_release("6.10rc1"), Some((6, 10)));
-        assert_eq!(parse_release("garbage"), None);
-    }
-
-    #[test]
-    fn file_name_constants_agree() {
-        assert_eq!(FILE_NAME_C.to_str(), Ok(FILE_NAME));
-    }
-
-    #[test]
-    fn unprepared_backend_tears_down_cleanly_twice() {
-        let mut b = FuseBackend::new(FuseOptions::new("t"));
-        b.teardown().unwrap();
-        b.teardown().unwrap();
-        assert!(b.recover().is_err() || !b.resend_supported());
     }
 }
