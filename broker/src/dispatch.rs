@@ -181,6 +181,7 @@ mod tests {
     use tapjail_common::audit::AuditLog;
     use tapjail_common::Minor;
     use tapjail_policy::Policy;
+    use tapjail_testsupport::Immutable;
 
     /// A broker serving uid 0 as tenant `root`, NBD frontend, no worker
     /// binary (enough for the requests that need no worker).
@@ -207,30 +208,6 @@ mod tests {
             store: None,
         };
         Arc::new(Broker::new(policy, audit, devices, state, spawn).expect("broker"))
-    }
-
-    /// `chattr +i` on a file until dropped.
-    struct Immutable(std::path::PathBuf);
-
-    impl Immutable {
-        fn set(p: &Path) -> Immutable {
-            let st = std::process::Command::new("chattr")
-                .arg("+i")
-                .arg(p)
-                .status()
-                .expect("chattr (e2fsprogs) is needed to make the audit log fail");
-            assert!(st.success(), "chattr +i {}: {st}", p.display());
-            Immutable(p.to_path_buf())
-        }
-    }
-
-    impl Drop for Immutable {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr")
-                .arg("-i")
-                .arg(&self.0)
-                .status();
-        }
     }
 
     const ROOT: PeerCred = PeerCred {

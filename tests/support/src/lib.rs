@@ -9,12 +9,14 @@
 
 mod data;
 mod fio;
+mod immutable;
 mod kernel;
 mod precondition;
 mod process;
 
 pub use data::{pattern, Aligned};
 pub use fio::fio_verify_writer;
+pub use immutable::Immutable;
 pub use kernel::{
     dir_supports_o_direct, fd_flags, fuse_loop_turn, holds_open_direct, tasks_in_d_state,
     ublk_char_devices,

@@ -4,6 +4,7 @@
 
 use crate::*;
 use std::time::Duration;
+use tapjail_testsupport::Immutable;
 
 fn json_rows(h: &Harness, t: &TenantSpec) -> Vec<serde_json::Value> {
     serde_json::from_str::<serde_json::Value>(&h.ok(t, &["list", "--json"]))
@@ -169,31 +170,6 @@ fn faults_worker_crashing_on_open_fails_the_request_cleanly() {
         h.broker_pid()
     )
     .is_empty()));
-}
-
-/// `chattr +i` on a file until dropped: writes through fds already open
-/// on it fail with EPERM, a real audit write failure.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn set(p: &std::path::Path) -> Immutable {
-        let st = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(p)
-            .status()
-            .expect("chattr (e2fsprogs) is needed to make the audit log fail");
-        assert!(st.success(), "chattr +i {}: {st}", p.display());
-        Immutable(p.to_path_buf())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]
