@@ -68,7 +68,7 @@ impl Broker {
             Ok(r) => r,
             Err(panic) => {
                 let what = panic_text(&*panic);
-                eprintln!("tap-broker: panic while serving {req:?}: {what}");
+                tapjail_common::log_line!("tap-broker: panic while serving {req:?}: {what}");
                 self.audit_panic(peer, req, &d, &what);
                 if let Some(m) = minor_of(req) {
                     self.after_op(m);

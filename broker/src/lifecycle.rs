@@ -293,7 +293,7 @@ impl Disk {
         let rec = self.record();
         crate::worker_log::tag(self.minor, rec.worker);
         if let Err(e) = self.lock.write(&rec) {
-            eprintln!(
+            tapjail_common::log_line!(
                 "tap-broker: cannot write record of minor {}: {e}",
                 self.minor
             );

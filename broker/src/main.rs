@@ -166,7 +166,7 @@ fn memlock_for_workers(wanted: u64) -> u64 {
         return wanted;
     }
     let hard = cur.maximum.unwrap_or(wanted);
-    eprintln!(
+    tapjail_common::log_line!(
         "tap-broker: worker_memlock_mib asks {} MiB but the hard RLIMIT_MEMLOCK is {} KiB and tap-broker lacks CAP_SYS_RESOURCE to raise it; workers get {} KiB",
         wanted >> 20,
         hard >> 10,
@@ -226,7 +226,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!(
+            tapjail_common::log_line!(
                 "tap-broker: warning: no fd store ({e}): disks will not survive a restart of tap-broker"
             );
             (FdStore::None, Vec::new())
@@ -256,11 +256,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cleanup =
         records::clean_predecessor(&broker.state, &broker.devices, &broker.policy.device_dir);
     for a in &cleanup.actions {
-        eprintln!("tap-broker: cleanup: {a}");
+        tapjail_common::log_line!("tap-broker: cleanup: {a}");
         broker.notice(Event::Cleanup, None, None, "restart-cleanup", a.clone());
     }
     for p in &cleanup.problems {
-        eprintln!("tap-broker: cleanup problem: {p}");
+        tapjail_common::log_line!("tap-broker: cleanup problem: {p}");
         broker.notice(
             Event::Cleanup,
             None,
@@ -270,7 +270,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "1") {
-        eprintln!(
+        tapjail_common::log_line!(
             "tap-broker: warning: fs.protected_hardlinks is off: a tenant could hard-link files it cannot read into its image root"
         );
     }
@@ -290,14 +290,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         adopted.disks,
         adopted.workers,
     );
-    eprintln!("{banner}");
+    tapjail_common::log_line!("{banner}");
     broker.notice(Event::BrokerStart, None, None, "start", banner);
     // Disks whose worker died while no broker ran: respawn rules.
     for m in &adopted.dead {
         broker.after_op(*m);
     }
     if args.down {
-        eprintln!("tap-broker: --down: destroying every disk");
+        tapjail_common::log_line!("tap-broker: --down: destroying every disk");
         broker.shutdown();
         return Ok(());
     }
@@ -314,9 +314,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     loop {
         match signals.wait().unwrap_or(libc::SIGTERM) {
             // logrotate: reopen the audit log (the policy is not reloaded).
-            libc::SIGHUP => eprintln!("tap-broker: SIGHUP: {}", broker.reopen_audit()),
+            libc::SIGHUP => {
+                tapjail_common::log_line!("tap-broker: SIGHUP: {}", broker.reopen_audit())
+            }
             libc::SIGTERM if matches!(*store, FdStore::None) => {
-                eprintln!(
+                tapjail_common::log_line!(
                     "tap-broker: SIGTERM: no fd store, so no disk could outlive this broker: destroying every disk and stopping"
                 );
                 broker.shutdown();
@@ -324,7 +326,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
             libc::SIGTERM => {
-                eprintln!(
+                tapjail_common::log_line!(
                     "tap-broker: SIGTERM: stopping; every disk stays served for the next tap-broker \
                      (SIGINT or `tap-broker --down` takes them down)"
                 );
@@ -334,7 +336,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 std::process::exit(0);
             }
             sig => {
-                eprintln!("tap-broker: signal {sig}: destroying every disk and stopping");
+                tapjail_common::log_line!(
+                    "tap-broker: signal {sig}: destroying every disk and stopping"
+                );
                 broker.shutdown();
                 let _ = std::fs::remove_file(&listener.path);
                 return Ok(());
@@ -351,7 +355,7 @@ fn main() -> std::process::ExitCode {
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tap-broker: {}", tapjail_common::error_chain(e.as_ref()));
+            tapjail_common::log_line!("tap-broker: {}", tapjail_common::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -177,7 +177,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                eprintln!("tap-broker: accept: {e}");
+                tapjail_common::log_line!("tap-broker: accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }

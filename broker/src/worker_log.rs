@@ -70,7 +70,7 @@ pub fn forward(pipe: io::PipeReader, pid: u32) {
         });
     if let Err(e) = spawned {
         // The worker's writes then fail with EPIPE; it keeps working.
-        eprintln!("tap-broker: no log reader for tapdisk[{pid}]: {e}");
+        tapjail_common::log_line!("tap-broker: no log reader for tapdisk[{pid}]: {e}");
     }
 }
 

@@ -32,3 +32,21 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+/// `eprintln!`, but the whole line in one `write(2)`.
+///
+/// Standard error is unbuffered and `eprintln!` writes each formatted piece
+/// separately, so whoever reads our log while we run (the broker relaying a
+/// worker's stderr, an operator's `tail -f`, a test waiting for "serving ...
+/// (worker pid N)") could see half a line: a truncated pid or count reads as
+/// a different, valid-looking number. Formatting first and writing once
+/// keeps every line whole (a pipe write of at most `PIPE_BUF` bytes is also
+/// atomic against other writers).
+#[macro_export]
+macro_rules! log_line {
+    ($($arg:tt)*) => {{
+        let mut line = ::std::format!($($arg)*);
+        line.push('\n');
+        let _ = ::std::io::Write::write_all(&mut ::std::io::stderr().lock(), line.as_bytes());
+    }};
+}

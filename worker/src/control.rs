@@ -153,8 +153,8 @@ impl Running {
         }
         match self.thread.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("tapdisk: {} frontend: {e}", self.kind),
-            Err(_) => eprintln!("tapdisk: {} frontend thread panicked", self.kind),
+            Ok(Err(e)) => tapjail_common::log_line!("tapdisk: {} frontend: {e}", self.kind),
+            Err(_) => tapjail_common::log_line!("tapdisk: {} frontend thread panicked", self.kind),
         }
     }
 }
@@ -231,13 +231,17 @@ impl Worker {
                     Err(FrameError::Closed) => {
                         // The broker is gone: flush and close, then exit.
                         if let Err(e) = self.close() {
-                            eprintln!("tapdisk: closing after the broker left: {e}");
+                            tapjail_common::log_line!(
+                                "tapdisk: closing after the broker left: {e}"
+                            );
                         }
                         return Ok(());
                     }
                     Err(e) => {
                         if let Err(e) = self.close() {
-                            eprintln!("tapdisk: closing after a control error: {e}");
+                            tapjail_common::log_line!(
+                                "tapdisk: closing after a control error: {e}"
+                            );
                         }
                         return Err(e.into());
                     }

@@ -142,16 +142,16 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(msg) => {
             if !msg.is_empty() {
-                eprintln!("tapdisk: {msg}");
+                tapjail_common::log_line!("tapdisk: {msg}");
             }
-            eprintln!("{USAGE}");
+            tapjail_common::log_line!("{USAGE}");
             return ExitCode::from(2);
         }
     };
     let requested = match ids(&args) {
         Ok(i) => i,
         Err(msg) => {
-            eprintln!("tapdisk: {msg}\n{USAGE}");
+            tapjail_common::log_line!("tapdisk: {msg}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -162,13 +162,13 @@ fn main() -> ExitCode {
     match (&args.nbd, args.broker) {
         (Some(socket), false) => {
             let Some(image) = args.image.clone() else {
-                eprintln!("tapdisk: --nbd needs -a TYPE:PATH\n{USAGE}");
+                tapjail_common::log_line!("tapdisk: --nbd needs -a TYPE:PATH\n{USAGE}");
                 return ExitCode::from(2);
             };
             let ids = match Policy::choose_ids(requested) {
                 Ok(i) => i,
                 Err(e) => {
-                    eprintln!("tapdisk: {e}");
+                    tapjail_common::log_line!("tapdisk: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -183,20 +183,20 @@ fn main() -> ExitCode {
             match standalone::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("tapdisk: {e}");
+                    tapjail_common::log_line!("tapdisk: {e}");
                     ExitCode::from(1)
                 }
             }
         }
         (None, true) => {
             let Some(frontend) = args.frontend else {
-                eprintln!("tapdisk: --broker needs --frontend\n{USAGE}");
+                tapjail_common::log_line!("tapdisk: --broker needs --frontend\n{USAGE}");
                 return ExitCode::from(2);
             };
             broker(frontend, requested, args.cache, args.queues)
         }
         _ => {
-            eprintln!("{USAGE}");
+            tapjail_common::log_line!("{USAGE}");
             ExitCode::from(2)
         }
     }
@@ -210,7 +210,7 @@ fn broker(
     queues: QueueRings,
 ) -> ExitCode {
     if !is_socket(CONTROL_FD) {
-        eprintln!("tapdisk: --broker needs the control socket on fd {CONTROL_FD}");
+        tapjail_common::log_line!("tapdisk: --broker needs the control socket on fd {CONTROL_FD}");
         return ExitCode::from(2);
     }
     // SAFETY: fd 3 is open (checked above) and handed to us by the broker;
@@ -225,14 +225,14 @@ fn broker(
         ))
     });
     if let Err(e) = confined {
-        eprintln!("tapdisk: {e}");
+        tapjail_common::log_line!("tapdisk: {e}");
         let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
         return ExitCode::from(1);
     }
     match Worker::new(control, frontend, cache).run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tapdisk: {e}");
+            tapjail_common::log_line!("tapdisk: {e}");
             ExitCode::from(1)
         }
     }
@@ -262,10 +262,10 @@ fn selftest(
     let confined = Policy::choose_ids(requested)
         .and_then(|ids| sandbox::confine(&worker_policy(frontend, ids, vec![0, 1, 2], queues)));
     if let Err(e) = confined {
-        eprintln!("tapdisk: {e}");
+        tapjail_common::log_line!("tapdisk: {e}");
         return ExitCode::from(1);
     }
-    eprintln!("tapdisk: selftest: confined; attempting {what}");
+    tapjail_common::log_line!("tapdisk: selftest: confined; attempting {what}");
     if let Some(op) = what.strip_prefix("ring-") {
         return ring_attack(op, frontend, queues);
     }
@@ -297,13 +297,15 @@ fn selftest(
                 };
             }
             other => {
-                eprintln!("tapdisk: selftest: unknown attempt {other:?}");
+                tapjail_common::log_line!("tapdisk: selftest: unknown attempt {other:?}");
                 return ExitCode::from(2);
             }
         }
     };
     let err = std::io::Error::last_os_error();
-    eprintln!("tapdisk: selftest: {what} returned {rc} ({err}) instead of being stopped");
+    tapjail_common::log_line!(
+        "tapdisk: selftest: {what} returned {rc} ({err}) instead of being stopped"
+    );
     ExitCode::from(3)
 }
 
@@ -320,7 +322,7 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
     match tapjail_worker::io::pool::take_for_selftest() {
         Some(r) => rings.push(("image-file ring", r.into_raw())),
         None => {
-            eprintln!("tapdisk: selftest: no pre-made image-file ring");
+            tapjail_common::log_line!("tapdisk: selftest: no pre-made image-file ring");
             return ExitCode::from(3);
         }
     }
@@ -328,13 +330,13 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
         match tapjail_worker::frontend::ublk::rings::take(queues.depth) {
             Ok(r) => {
                 if let Err(e) = r.submitter().register_enable_rings() {
-                    eprintln!("tapdisk: selftest: enabling a ublk queue ring: {e}");
+                    tapjail_common::log_line!("tapdisk: selftest: enabling a ublk queue ring: {e}");
                     return ExitCode::from(3);
                 }
                 rings.push(("ublk queue ring", r));
             }
             Err(e) => {
-                eprintln!("tapdisk: selftest: no pre-made ublk queue ring: {e}");
+                tapjail_common::log_line!("tapdisk: selftest: no pre-made ublk queue ring: {e}");
                 return ExitCode::from(3);
             }
         }
@@ -368,7 +370,7 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
                     opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/etc/shadow".as_ptr()).build()
                 }
                 other => {
-                    eprintln!("tapdisk: selftest: unknown ring attempt {other:?}");
+                    tapjail_common::log_line!("tapdisk: selftest: unknown ring attempt {other:?}");
                     return ExitCode::from(2);
                 }
             };
@@ -382,12 +384,12 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
             let res = unsafe { run_one(ring, sqe) };
             match res {
                 Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
-                    eprintln!(
+                    tapjail_common::log_line!(
                         "tapdisk: selftest: {op} on the {name} (fixed={fixed}): refused: {e}"
                     );
                 }
                 other => {
-                    eprintln!("tapdisk: selftest: {op} on the {name} (fixed={fixed}) was not refused: {other:?}");
+                    tapjail_common::log_line!("tapdisk: selftest: {op} on the {name} (fixed={fixed}) was not refused: {other:?}");
                     all_refused = false;
                 }
             }

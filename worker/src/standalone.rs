@@ -124,7 +124,7 @@ pub fn run(opts: &Options) -> Result<(), StandaloneError> {
         let _ = child.wait();
         return Err(e);
     }
-    eprintln!(
+    tapjail_common::log_line!(
         "tapdisk: serving {}:{} on nbd+unix:///{}?socket={} (worker pid {})",
         opts.image.kind,
         opts.image.path,

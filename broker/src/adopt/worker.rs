@@ -111,7 +111,9 @@ impl Broker {
                 s,
                 &[(ctl_name.clone(), c.as_fd()), (log_name.clone(), l.as_fd())],
             )
-            .map_err(|e| eprintln!("tap-broker: tapdisk {pid}: keeping its fds: {e}"))
+            .map_err(|e| {
+                tapjail_common::log_line!("tap-broker: tapdisk {pid}: keeping its fds: {e}")
+            })
             .ok(),
             _ => None,
         };

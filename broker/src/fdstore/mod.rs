@@ -152,7 +152,7 @@ impl Drop for Kept {
     fn drop(&mut self) {
         for n in &self.names {
             if let Err(e) = self.store.remove(n) {
-                eprintln!("tap-broker: {}: removing {n}: {e}", self.store.kind());
+                tapjail_common::log_line!("tap-broker: {}: removing {n}: {e}", self.store.kind());
             }
         }
     }

@@ -385,7 +385,7 @@ mod tests {
         {
             Ok(f) => f,
             Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("skipped: /dev/fuse: {e}");
+                tapjail_common::log_line!("skipped: /dev/fuse: {e}");
                 return;
             }
             Err(e) => panic!("/dev/fuse: {e}"),

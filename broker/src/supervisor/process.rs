@@ -122,7 +122,7 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
             match tapjail_broker::fdstore::Kept::put(store, &[(c, ctl.as_fd()), (l, log.as_fd())]) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    eprintln!(
+                    tapjail_common::log_line!(
                         "tap-broker: tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
                          it would not survive a broker restart",
                         store.kind()

@@ -57,7 +57,12 @@ impl Standalone {
     fn wait_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.log().contains("serving") && UnixStream::connect(&self.socket).is_ok() {
+            // The whole "serving ... (worker pid N)" line, not a prefix.
+            let serving = self
+                .log()
+                .split_inclusive('\n')
+                .any(|l| l.contains("serving") && l.ends_with(")\n"));
+            if serving && UnixStream::connect(&self.socket).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -76,8 +81,12 @@ impl Standalone {
     /// The confined worker's pid, from the monitor's "serving" line.
     pub fn worker_pid(&self) -> u32 {
         let log = self.log();
-        let at = log.find("worker pid ").expect("worker pid in log") + "worker pid ".len();
-        log[at..]
+        let line = log
+            .split_inclusive('\n')
+            .find(|l| l.contains("worker pid ") && l.ends_with(")\n"))
+            .unwrap_or_else(|| panic!("no complete \"worker pid\" line in:\n{log}"));
+        let at = line.find("worker pid ").unwrap() + "worker pid ".len();
+        line[at..]
             .split(|c: char| !c.is_ascii_digit())
             .next()
             .unwrap()

@@ -292,7 +292,7 @@ impl Frontend for FuseFrontend {
         let shared = self.shared(disk);
         let plan = Plan::new(self.config.threads, crate::sandbox::mlock::headroom());
         if plan.threads < self.config.threads {
-            eprintln!(
+            tapjail_common::log_line!(
                 "tapdisk: fuse: {} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
                 plan.threads, self.config.threads, plan.big
             );
@@ -304,7 +304,7 @@ impl Frontend for FuseFrontend {
             for i in 1..plan.threads {
                 // Buffer first: if it does not fit, neither would a thread.
                 let Ok(mut buf) = IoBuf::small() else {
-                    eprintln!(
+                    tapjail_common::log_line!(
                         "tapdisk: fuse: serving with {i} of {} threads (memory)",
                         plan.threads
                     );
@@ -318,7 +318,7 @@ impl Frontend for FuseFrontend {
                 if let Err(e) = spawned {
                     // RLIMIT_NPROC or memory: serve with fewer threads
                     // rather than not at all.
-                    eprintln!(
+                    tapjail_common::log_line!(
                         "tapdisk: fuse: serving with {i} of {} threads: {e}",
                         plan.threads
                     );

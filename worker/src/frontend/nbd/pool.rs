@@ -64,7 +64,9 @@ impl WorkPool {
                 Ok(t) => lock(&pool.threads).push(t),
                 Err(e) if i > 0 => {
                     // Fewer threads is slower, not wrong.
-                    eprintln!("tapdisk: {name}: started {i} of {threads} I/O threads: {e}");
+                    tapjail_common::log_line!(
+                        "tapdisk: {name}: started {i} of {threads} I/O threads: {e}"
+                    );
                     break;
                 }
                 Err(e) => return Err(e),

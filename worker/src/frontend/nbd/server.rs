@@ -42,7 +42,7 @@ pub struct NbdFrontend {
 }
 
 pub(crate) fn log(msg: std::fmt::Arguments<'_>) {
-    eprintln!("tapdisk[{}]: nbd: {msg}", std::process::id());
+    tapjail_common::log_line!("tapdisk[{}]: nbd: {msg}", std::process::id());
 }
 
 impl NbdFrontend {

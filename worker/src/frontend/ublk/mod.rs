@@ -226,7 +226,7 @@ impl UblkServer {
             match self.done.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) if self.stopping() => {
-                    eprintln!("tapdisk: ublk: while stopping: {e}");
+                    tapjail_common::log_line!("tapdisk: ublk: while stopping: {e}");
                 }
                 Ok(Err(e)) => return Err(UblkError::QueueFailed(e)),
                 Err(_) => break,
@@ -290,7 +290,9 @@ impl Frontend for UblkFrontend {
             Ok(()) => Ok(()),
             Err(UblkError::Stopped(e)) => Err(e),
             Err(UblkError::QueueFailed(e)) => {
-                eprintln!("tapdisk: ublk: {e}; exiting so the broker recovers the device");
+                tapjail_common::log_line!(
+                    "tapdisk: ublk: {e}; exiting so the broker recovers the device"
+                );
                 std::process::exit(70);
             }
         }

@@ -444,7 +444,7 @@ impl<'a, 'd> Queue<'a, 'd> {
                 .submitter()
                 .register_files_update(FIRST_IMAGE_SLOT, &fds)
             {
-                eprintln!(
+                tapjail_common::log_line!(
                     "tapdisk: ublk queue {}: image files not registered with the ring ({e}); serving through the engine",
                     self.q.q_id
                 );
@@ -727,9 +727,11 @@ pub fn run(
             Err(e) => return (not_started(q, ready, e), false),
         };
         let result = queue.serve(early);
-        eprintln!(
+        tapjail_common::log_line!(
             "tapdisk: ublk queue {}: {} requests served on the ring, {} through the engine",
-            q.q_id, queue.served_direct, queue.served_slow
+            q.q_id,
+            queue.served_direct,
+            queue.served_slow
         );
         // Nothing of ours in the kernel any more when every tag came back
         // aborted and no image I/O is pending on the ring.
