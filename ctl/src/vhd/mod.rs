@@ -16,6 +16,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tapjail_ctl::raw_parent as raw;
 use tapjail_ctl::files::{self as vfs, ConvertTarget, Paths, SourceFormat};
 use tapjail_ctl::privsep::{self, Grant};
 use tapjail_image::vhd::create::CreateKind;
@@ -97,6 +98,10 @@ pub enum VhdCommand {
         parent: PathBuf,
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
+        /// PARENT is a raw disk image, not a VHD (vhd-util snapshot -m);
+        /// the child is as large as the file.
+        #[arg(short = 'm', long = "raw-parent")]
+        raw_parent: bool,
     },
     /// Show what an image is.
     Query {
@@ -430,10 +435,21 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             name,
             parent,
             block_size,
+            raw_parent,
         } => {
-            // What is wrong with the parent is said about the parent.
-            on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
-            on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            if raw_parent {
+                on(&name, raw::snapshot_raw_in(paths, &name, &parent, block_size))?;
+            } else {
+                // What is wrong with the parent is said about the parent;
+                // a raw file given without -m is told about -m.
+                if let Err(e) = vfs::parent_spec_in(paths, &name, &parent) {
+                    if let Some(h) = raw::raw_parent_hint(paths, &parent) {
+                        return Err(anyhow::Error::new(e).context(h));
+                    }
+                    return Err(explain(&parent, e));
+                }
+                on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            }
             warn_block_size(&name, block_size);
             note_outside(&name, &parent);
         }
@@ -462,6 +478,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                     "parent": info.parent,
                     "parent_resolved": info.parent.as_deref().map(resolved_path),
                     "parent_uuid": info.parent_uuid,
+                    "parent_raw": info.parent_raw(),
                     "block_size": info.block_size,
                     "blktap_compatible_block_size": info
                         .block_size
@@ -495,7 +512,11 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("creator: {}", escape(&info.creator));
                 if let Some(p) = &info.parent {
                     println!("parent: {}", escape(p));
-                    println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
+                    if info.parent_raw() {
+                        println!("parent type: raw (null parent uuid)");
+                    } else {
+                        println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
+                    }
                 }
             }
         }

@@ -172,12 +172,7 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
                     });
                 }
             }
-            if s.header.parent_uuid() == [0; 16] {
-                problems.push(Problem {
-                    field: "header.parent_uuid",
-                    message: "null parent UUID (raw parents are not supported)".into(),
-                });
-            }
+            // A null parent UUID marks a raw parent (libvhd's `vhd_parent_raw`).
         }
     }
     problems

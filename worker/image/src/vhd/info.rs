@@ -53,3 +53,11 @@ pub fn query(file: Box<dyn Backing>, name: &str) -> Result<(Info, VhdLayer), Ima
     };
     Ok((info, layer))
 }
+
+impl Info {
+    /// Whether the parent is a raw file (a null parent UUID, as libvhd's
+    /// `vhd_parent_raw`).
+    pub fn parent_raw(&self) -> bool {
+        self.parent_uuid.as_deref() == Some(&*format_uuid(&[0; 16]))
+    }
+}
