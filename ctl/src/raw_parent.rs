@@ -44,7 +44,11 @@ pub fn snapshot_raw_in<P: Paths + ?Sized>(
 ) -> Result<Footer, ImageError> {
     let pf = paths.open(parent, false)?;
     let pname = parent.display().to_string();
-    not_a_vhd(&pf, &pname, "a raw parent (-m); drop -m to snapshot it as a VHD")?;
+    not_a_vhd(
+        &pf,
+        &pname,
+        "a raw parent (-m); drop -m to snapshot it as a VHD",
+    )?;
     let size = Backing::len(&pf).map_err(ImageError::io("stat", 0))?;
     validate_size(size).map_err(|_| {
         ImageError::InvalidArgument(format!(
@@ -123,8 +127,7 @@ pub fn coalesce_raw_in<P: Paths + ?Sized>(
     let (pf, pname) = match open_parent_via(paths, child.name(), &locs, [0; 16], true) {
         Ok(found) => found,
         Err(e) => {
-            let Ok((_, pname)) = open_parent_via(paths, child.name(), &locs, [0; 16], false)
-            else {
+            let Ok((_, pname)) = open_parent_via(paths, child.name(), &locs, [0; 16], false) else {
                 return Err(e);
             };
             return Err(ImageError::InvalidArgument(format!(
@@ -135,8 +138,40 @@ pub fn coalesce_raw_in<P: Paths + ?Sized>(
         }
     };
     not_a_vhd(&pf, &pname, "the raw parent the image records")?;
-    let parent = tapjail_image::vhd::layer::raw::open_raw_parent(child, Box::new(pf), &pname, false)?;
+    let parent =
+        tapjail_image::vhd::layer::raw::open_raw_parent(child, Box::new(pf), &pname, false)?;
     let parent = VhdImage::from_layers(vec![parent])?;
     let copied = coalesce_into(child, &parent, progress)?;
     Ok((pname, copied))
+}
+
+/// Point the differencing image `child` at the raw file `parent`
+/// (`vhd-util modify -p PARENT -m`): null parent UUID, the file's mtime,
+/// name and locators. A file that looks like a VHD, or is shorter than
+/// the child's virtual size, is refused.
+pub fn set_raw_parent_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    parent: &Path,
+) -> Result<(), ImageError> {
+    let cf = paths.open(child, true)?;
+    let want = tapjail_image::vhd::layout::Metadata::read(&cf)?.virtual_size;
+    let pf = paths.open(parent, false)?;
+    let pname = parent.display().to_string();
+    not_a_vhd(
+        &pf,
+        &pname,
+        "a raw parent (-m); drop -m to make it a VHD parent",
+    )?;
+    let have = Backing::len(&pf).map_err(ImageError::io("stat", 0))?;
+    if have < want {
+        return Err(ImageError::InvalidArgument(too_small(
+            &pname,
+            &child.display().to_string(),
+            have,
+            want,
+        )));
+    }
+    let spec = parent_record(child, parent, &pf)?;
+    tapjail_image::vhd::modify::set_parent(&cf, &spec)
 }

@@ -16,9 +16,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tapjail_ctl::raw_parent as raw;
 use tapjail_ctl::files::{self as vfs, ConvertTarget, Paths, SourceFormat};
 use tapjail_ctl::privsep::{self, Grant};
+use tapjail_ctl::raw_parent as raw;
 use tapjail_image::vhd::create::CreateKind;
 use tapjail_image::vhd::DEFAULT_BLOCK_SIZE;
 use tapjail_image::{Image, ImageError};
@@ -206,6 +206,9 @@ pub enum VhdCommand {
         name: PathBuf,
         #[arg(short = 'p', long = "parent", value_name = "NEWPARENT")]
         parent: PathBuf,
+        /// NEWPARENT is a raw disk image, not a VHD (vhd-util modify -m).
+        #[arg(short = 'm', long = "raw-parent")]
+        raw_parent: bool,
     },
     /// Confine as the image verbs do, then try to open PATH: shows that
     /// the parser can open nothing (exits 0 when the open is refused).
@@ -346,7 +349,7 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             parent_writable: true,
             ..Grant::default()
         },
-        C::SetParent { name, parent } => Grant {
+        C::SetParent { name, parent, .. } => Grant {
             open: vec![rw(name), ro(parent)],
             ..Grant::default()
         },
@@ -438,7 +441,10 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             raw_parent,
         } => {
             if raw_parent {
-                on(&name, raw::snapshot_raw_in(paths, &name, &parent, block_size))?;
+                on(
+                    &name,
+                    raw::snapshot_raw_in(paths, &name, &parent, block_size),
+                )?;
             } else {
                 // What is wrong with the parent is said about the parent;
                 // a raw file given without -m is told about -m.
@@ -670,9 +676,17 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
         VhdCommand::Resize { name, size } => {
             on(&name, vfs::resize_in(paths, &name, mib(size)?))?;
         }
-        VhdCommand::SetParent { name, parent } => {
-            on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
-            on(&name, vfs::set_parent_in(paths, &name, &parent))?;
+        VhdCommand::SetParent {
+            name,
+            parent,
+            raw_parent,
+        } => {
+            if raw_parent {
+                on(&name, raw::set_raw_parent_in(paths, &name, &parent))?;
+            } else {
+                on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
+                on(&name, vfs::set_parent_in(paths, &name, &parent))?;
+            }
             note_outside(&name, &parent);
         }
     }

@@ -67,7 +67,12 @@ pub fn open_raw_parent(
     let parent = VhdLayer::open_raw(file, name, read_only)?;
     let (have, want) = (parent.virtual_size(), child.virtual_size());
     if have < want {
-        return Err(ImageError::Parent(too_small(name, child.name(), have, want)));
+        return Err(ImageError::Parent(too_small(
+            name,
+            child.name(),
+            have,
+            want,
+        )));
     }
     Ok(parent)
 }
