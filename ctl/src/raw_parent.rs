@@ -77,7 +77,7 @@ pub fn raw_parent_hint<P: Paths + ?Sized>(paths: &mut P, parent: &Path) -> Optio
     let pf = paths.open(parent, false).ok()?;
     match vhd_sign(&pf) {
         Ok(None) => Some(format!(
-            "{} is not a VHD (no VHD footer or header in it); if it is a raw disk image, \
+            "{} is not a VHD image (no VHD footer or header in it); if it is a raw disk image, \
              say -m (--raw-parent) to make a child of a raw parent, as `vhd-util snapshot -m`",
             parent.display()
         )),
@@ -137,7 +137,6 @@ pub fn coalesce_raw_in<P: Paths + ?Sized>(
             )));
         }
     };
-    not_a_vhd(&pf, &pname, "the raw parent the image records")?;
     let parent =
         tapjail_image::vhd::layer::raw::open_raw_parent(child, Box::new(pf), &pname, false)?;
     let parent = VhdImage::from_layers(vec![parent])?;

@@ -248,3 +248,17 @@ fn raw_parent_coalesce_writes_the_childs_sectors_into_the_file() {
         4 * MIB
     );
 }
+
+#[test]
+fn raw_parent_that_is_a_vhd_is_refused_not_served_as_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    blktap_style_raw_child(d, 4 * MIB);
+    tapjail_ctl::files::create_path(&d.join("base.raw"), 8 * MIB, &CreateKind::dynamic()).unwrap();
+    let e = open_vhd(&d.join("child.vhd"), true, VhdOptions::default()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("recorded as the raw parent") && msg.contains("it is a VHD, not a raw image"),
+        "{msg}"
+    );
+}

@@ -54,8 +54,9 @@ impl VhdLayer {
     }
 }
 
-/// Open `file` as the raw parent of `child`. A parent shorter than the
-/// child's virtual size is refused: the child's reads past its end would
+/// Open `file` as the raw parent of `child`. A file that shows any sign of
+/// a VHD is refused (never guessed to be raw), and so is a parent shorter
+/// than the child's virtual size: the child's reads past its end would
 /// fail (as in blktap, whose `__raw_read_link` gets a short read), so the
 /// file is not the one the child was made from, or it was truncated.
 pub fn open_raw_parent(
@@ -64,6 +65,15 @@ pub fn open_raw_parent(
     name: &str,
     read_only: bool,
 ) -> Result<VhdLayer, ImageError> {
+    if let Some(sign) = crate::vhd::probe::vhd_sign(file.as_ref())? {
+        // Served as raw, its metadata would show as disk data.
+        return Err(ImageError::Parent(format!(
+            "{name}, recorded as the raw parent of {}, shows {sign}: it is a VHD, not a \
+             raw image, and is not served as raw; point the child at its real parent with \
+             `tap-ctl vhd set-parent` (-m for a raw one)",
+            child.name()
+        )));
+    }
     let parent = VhdLayer::open_raw(file, name, read_only)?;
     let (have, want) = (parent.virtual_size(), child.virtual_size());
     if have < want {
