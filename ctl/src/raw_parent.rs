@@ -91,13 +91,13 @@ pub fn raw_parent_hint<P: Paths + ?Sized>(paths: &mut P, parent: &Path) -> Optio
 /// last two make reads wrong or failing, so they are problems here too.
 pub fn raw_parent_problems<P: Paths + ?Sized>(paths: &mut P, child: &VhdLayer) -> Vec<Problem> {
     let problem = |message: String| Problem {
-        field: "parent",
+        field: "raw parent",
         message,
     };
     let locs = child.parent_locators();
     let (pf, pname) = match open_parent_via(paths, child.name(), &locs, [0; 16], false) {
         Ok(found) => found,
-        Err(e) => return vec![problem(format!("raw parent: {e}"))],
+        Err(e) => return vec![problem(e.to_string())],
     };
     if let Err(e) = not_a_vhd(&pf, &pname, "the raw parent the image records") {
         return vec![problem(e.to_string())];

@@ -484,7 +484,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                     "parent": info.parent,
                     "parent_resolved": info.parent.as_deref().map(resolved_path),
                     "parent_uuid": info.parent_uuid,
-                    "parent_raw": info.parent_raw(),
+                    "parent_raw": info.parent_raw,
                     "block_size": info.block_size,
                     "blktap_compatible_block_size": info
                         .block_size
@@ -518,7 +518,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("creator: {}", escape(&info.creator));
                 if let Some(p) = &info.parent {
                     println!("parent: {}", escape(p));
-                    if info.parent_raw() {
+                    if info.parent_raw {
                         println!("parent type: raw (null parent uuid)");
                     } else {
                         println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
@@ -806,8 +806,13 @@ fn fix_summary(problems: &[tapjail_image::vhd::check::Problem], name: &Path) -> 
         ));
     }
     if problems.iter().any(|p| p.fix() == Fix::SetParent) {
+        let raw = if problems.iter().any(|p| p.field == "raw parent") {
+            " (add -m for a raw parent)"
+        } else {
+            ""
+        };
         out.push(format!(
-            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent"
+            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent{raw}"
         ));
     }
     if problems.iter().any(|p| p.fix() == Fix::None) {
