@@ -78,6 +78,8 @@ fn served_raw_parent_reads_and_writes(frontend: &'static str) {
     let h = Harness::start(Options {
         frontend,
         tenants: vec![ALICE],
+        // Emulation in nestvm is 15-20x slower than the host.
+        worker_timeout_secs: if frontend == "ublk" { 60 } else { 10 },
         ..Options::default()
     });
     let (base, base_data) = raw_file(&h, "alice", "base.raw", 8 * MIB, 7);
