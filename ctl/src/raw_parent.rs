@@ -15,7 +15,7 @@ use std::fs::File;
 use std::path::Path;
 use tapjail_image::vhd::check::Problem;
 use tapjail_image::vhd::coalesce::coalesce_into;
-use tapjail_image::vhd::create::{create, validate_size, CreateKind};
+use tapjail_image::vhd::create::{create, validate_size, CreateKind, ParentSpec};
 use tapjail_image::vhd::footer::Footer;
 use tapjail_image::vhd::image::VhdImage;
 use tapjail_image::vhd::layer::raw::too_small;
@@ -33,15 +33,15 @@ fn not_a_vhd(file: &File, name: &str, what: &str) -> Result<(), ImageError> {
     }
 }
 
-/// Create `child` as a differencing image of the raw file `parent`, as
-/// large as the file (`vhd-util snapshot -m`): null parent UUID, the
-/// parent's mtime, name and locators as for a VHD parent.
-pub fn snapshot_raw_in<P: Paths + ?Sized>(
+/// What a child of the raw file `parent` (to be created at `child`)
+/// records, and its virtual size (the file's): null parent UUID, the
+/// parent's mtime, name and locators as for a VHD parent. A file that
+/// looks like a VHD, or whose size is not whole sectors, is refused.
+pub fn raw_parent_spec_in<P: Paths + ?Sized>(
     paths: &mut P,
     child: &Path,
     parent: &Path,
-    block_size: u32,
-) -> Result<Footer, ImageError> {
+) -> Result<(ParentSpec, u64), ImageError> {
     let pf = paths.open(parent, false)?;
     let pname = parent.display().to_string();
     not_a_vhd(
@@ -58,7 +58,18 @@ pub fn snapshot_raw_in<P: Paths + ?Sized>(
             tapjail_image::vhd::MAX_VIRTUAL_SIZE
         ))
     })?;
-    let spec = parent_record(child, parent, &pf)?;
+    Ok((parent_record(child, parent, &pf)?, size))
+}
+
+/// Create `child` as a differencing image of the raw file `parent`, as
+/// large as the file (`vhd-util snapshot -m`; see [`raw_parent_spec_in`]).
+pub fn snapshot_raw_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    parent: &Path,
+    block_size: u32,
+) -> Result<Footer, ImageError> {
+    let (spec, size) = raw_parent_spec_in(paths, child, parent)?;
     write_new_file_in(paths, child, |f| {
         create(
             &f,

@@ -177,7 +177,7 @@ fn raw_parent_snapshot_without_m_names_the_flag_and_creates_nothing() {
 }
 
 #[test]
-fn raw_parent_snapshot_m_refuses_a_vhd_and_a_size_that_is_not_whole_sectors() {
+fn raw_parent_snapshot_m_refuses_a_vhd_a_missing_file_and_a_size_that_is_not_whole_sectors() {
     let tmp = tempfile::tempdir().unwrap();
     let vhd = tmp.path().join("base.vhd");
     ok(&["vhd", "create", "-n", s(&vhd), "-s", "4"], None);
@@ -188,6 +188,13 @@ fn raw_parent_snapshot_m_refuses_a_vhd_and_a_size_that_is_not_whole_sectors() {
         "{err}"
     );
     assert!(!child.exists());
+    let missing = tmp.path().join("missing.raw");
+    let err = fails(&["vhd", "snapshot", "-m", "-n", s(&child), "-p", s(&missing)]);
+    assert!(
+        err.contains(&format!("{} does not exist", missing.display()))
+            && !err.contains(&format!("{} does not exist", child.display())),
+        "the parent is named, not the child: {err}"
+    );
     let odd = tmp.path().join("odd.raw");
     std::fs::write(&odd, vec![1u8; 1000]).unwrap();
     let err = fails(&["vhd", "snapshot", "-m", "-n", s(&child), "-p", s(&odd)]);

@@ -441,6 +441,8 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             raw_parent,
         } => {
             if raw_parent {
+                // What is wrong with the parent is said about the parent.
+                on(&parent, raw::raw_parent_spec_in(paths, &name, &parent))?;
                 on(
                     &name,
                     raw::snapshot_raw_in(paths, &name, &parent, block_size),
