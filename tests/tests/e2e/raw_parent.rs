@@ -78,7 +78,9 @@ fn served_raw_parent_reads_and_writes(frontend: &'static str) {
     let h = Harness::start(Options {
         frontend,
         tenants: vec![ALICE],
-        // Emulation in nestvm is 15-20x slower than the host.
+        // In a fresh nestvm the first tapdisk spawn loads the debug binary
+        // cold over 9p under emulation (a first create took 14.5 s there,
+        // VHD parent or raw; the raw-parent create after it 2.0 s).
         worker_timeout_secs: if frontend == "ublk" { 60 } else { 10 },
         ..Options::default()
     });
