@@ -18,8 +18,8 @@ fn secs() -> clap::builder::RangedI64ValueParser<u32> {
 pub struct Timeout {
     /// Fail with "timed out" (exit 110) if the tapdisk has not answered
     /// within SECS; `list` then shows the minor's state.
-    #[arg(short = 't', value_name = "SECS", value_parser = secs())]
-    pub timeout: Option<u32>,
+    #[arg(short = 't', id = "bound_secs", value_name = "SECS", value_parser = secs())]
+    pub secs: Option<u32>,
 }
 
 /// `open`'s flags beyond `-a` and `-R`.
@@ -82,7 +82,7 @@ impl OpenFlags {
             unbuilt.push(Unbuilt::Encryption);
         }
         Options {
-            timeout_secs: self.timeout.timeout,
+            timeout_secs: self.timeout.secs,
             no_o_direct: self.no_o_direct,
             existing_parent: self.existing_parent,
             unbuilt,
@@ -101,7 +101,7 @@ impl UnpauseFlags {
             unbuilt.push(Unbuilt::CbtLog(log));
         }
         Options {
-            timeout_secs: self.timeout.timeout,
+            timeout_secs: self.timeout.secs,
             unbuilt,
             ..Options::default()
         }
@@ -111,7 +111,7 @@ impl UnpauseFlags {
 impl Timeout {
     pub fn options(self) -> Options {
         Options {
-            timeout_secs: self.timeout,
+            timeout_secs: self.secs,
             ..Options::default()
         }
     }
@@ -151,5 +151,106 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
         Some(ErrorKind::Unsupported) => ExitCode::from(95),
         Some(ErrorKind::TimedOut) => ExitCode::from(110),
         _ => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::LifecycleCommand;
+    use crate::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> LifecycleCommand {
+        let cli = Cli::try_parse_from(std::iter::once("tap-ctl").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            Command::Lifecycle(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every argument vector SM's TapCtl builds parses (none is a usage
+    /// error), with the meaning SM gives it.
+    #[test]
+    fn sms_argument_vectors_all_parse() {
+        let LifecycleCommand::Close { xapi, force, .. } =
+            parse(&["close", "-p", "7", "-m", "1", "-t", "120", "-f"])
+        else {
+            panic!()
+        };
+        assert_eq!((xapi.secs, force), (Some(120), true));
+        let LifecycleCommand::Open {
+            xapi, read_only, ..
+        } = parse(&[
+            "open",
+            "-p",
+            "7",
+            "-m",
+            "1",
+            "-a",
+            "vhd:/x.vhd",
+            "-R",
+            "-r",
+            "-e",
+            "3",
+            "-2",
+            "nbd:unix:/s",
+            "-s",
+            "-t",
+            "30",
+            "-D",
+            "-C",
+            "/x.log",
+            "-E",
+        ])
+        else {
+            panic!()
+        };
+        assert!(read_only);
+        let o = xapi.options();
+        assert_eq!(o.timeout_secs, Some(30));
+        assert!(o.no_o_direct);
+        assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
+        assert_eq!(o.unbuilt.len(), 5);
+        let LifecycleCommand::Unpause { xapi, image, .. } = parse(&[
+            "unpause",
+            "-p",
+            "7",
+            "-m",
+            "1",
+            "-2",
+            "nbd:x",
+            "-a",
+            "vhd:/y.vhd",
+            "-c",
+            "/y.log",
+        ]) else {
+            panic!()
+        };
+        assert!(image.is_some());
+        assert_eq!(xapi.options().unbuilt.len(), 2);
+        let LifecycleCommand::Allocate { device, .. } =
+            parse(&["allocate", "-d", "/dev/xen/blktap-2/tapdev4"])
+        else {
+            panic!()
+        };
+        assert_eq!(device.as_deref(), Some("/dev/xen/blktap-2/tapdev4"));
+        assert!(matches!(parse(&["major"]), LifecycleCommand::Major));
+        // The global --timeout stays its own flag.
+        let cli = Cli::try_parse_from(["tap-ctl", "--timeout", "5", "close", "-m", "1", "-t", "9"])
+            .unwrap();
+        assert_eq!(cli.timeout, 5);
+    }
+
+    #[test]
+    fn plain_requests_stay_plain() {
+        let req = Request::Spawn;
+        assert_eq!(wrap(req.clone(), Options::default()), req);
+        let t = Timeout { secs: Some(3) };
+        assert!(matches!(
+            wrap(req, t.options()),
+            Request::WithOptions { .. }
+        ));
     }
 }

@@ -1,0 +1,63 @@
+//! XAPI's tap-ctl flags where the SM harness (`tests/xapi_sm.rs`) cannot
+//! go: a tapdisk that never answers a bounded close, and `major` on a
+//! frontend that makes no block device.
+
+use crate::*;
+use std::time::Duration;
+
+fn state_of(h: &Harness, minor: &str) -> Option<String> {
+    let out = h.ok(&ROOT, &["list", "-m", minor]);
+    out.split_whitespace()
+        .find_map(|f| f.strip_prefix("state=").map(str::to_string))
+}
+
+#[test]
+fn xapi_close_t_on_a_tapdisk_that_never_answers_times_out_and_list_shows_the_minor() {
+    let h = Harness::start(Options::default());
+    let img = h.vhd_image("ops", "t.vhd", 8);
+    h.ok(&ROOT, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let row = h.ok(&ROOT, &["list", "-m", "0"]);
+    let pid: i32 = row
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
+        .unwrap_or_else(|| panic!("list: {row:?}"));
+    // SAFETY: kill has no memory preconditions; pid is our broker's worker.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let out = h.ctl(
+        &ROOT,
+        &["close", "-m", "0", "-p", &pid.to_string(), "-t", "1"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(110), "ETIMEDOUT expected: {err}");
+    assert!(err.contains("timed out") && err.contains("-t 1 s"), "{err}");
+    // The late worker was killed (its answer would have come after the
+    // next question); without respawn, list shows the minor DEAD.
+    assert!(
+        eventually(Duration::from_secs(20), || state_of(&h, "0").as_deref()
+            == Some("0x1")),
+        "list: {:?}",
+        h.ok(&ROOT, &["list"])
+    );
+    let lines = h.audit_lines();
+    assert!(
+        lines.iter().any(|l| l["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("timed out"))),
+        "the timed-out close is not on record"
+    );
+    h.ok(&ROOT, &["destroy", "-m", "0"]);
+    assert_eq!(h.ok(&ROOT, &["list"]), "");
+}
+
+#[test]
+fn xapi_major_on_the_nbd_frontend_is_refused_as_unsupported_not_a_usage_error() {
+    let h = Harness::start(Options::default());
+    let out = h.ctl(&ROOT, &["major"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(95), "{err}");
+    assert!(
+        err.contains("nbd") && err.contains("no block device"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
