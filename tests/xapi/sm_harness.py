@@ -396,6 +396,13 @@ def main():
         assert not os.path.exists(os.path.join(IMAGES, "extra.cbtlog"))
     assert TapCtl.list(minor=minor_before) == []
 
+    other = os.path.join(IMAGES, "other.vhd")
+    vhd("create", "-n", other, "-s", "16")
+    not_a_clone = os.path.join(IMAGES, "not-a-clone.vhd")
+    vhd("snapshot", "-n", not_a_clone, "-p", other)
+    expect_failure("open -e of an image whose parent is not the shared leaf", 1,
+                   ["is not the file minor %d serves" % g.minor],
+                   lambda: activate(not_a_clone, "vhd", {"existing_prt": g.minor}))
     failing = [
         ({"existing_prt": FOREIGN_MINOR}, 1, ["does not belong"]),
         ({"existing_prt": clones[0][0].minor}, 1, ["writable"]),
@@ -405,9 +412,10 @@ def main():
         expect_failure("open %r" % opts, status, words, lambda: activate(extra, "vhd", opts))
     expect_failure("open of a missing image", 1, ["missing.vhd"],
                    lambda: activate(os.path.join(IMAGES, "missing.vhd"), "vhd", {}))
-    # Nothing of the failed attaches is left: every row is one of ours.
+    # Nothing of the failed attaches is left: every row is one of ours (or
+    # the other tenant's, which root, an admin, lists too).
     rows = TapCtl.list()
-    ours = {g.minor} | {c.minor for c, _ in clones}
+    ours = {g.minor, FOREIGN_MINOR} | {c.minor for c, _ in clones}
     assert {r.get("minor") for r in rows} == ours, rows
     assert all("pid" in r and "args" in r for r in rows), rows
 
@@ -443,7 +451,7 @@ def main():
     for c, _ in clones:
         Tapdisk.from_minor(c.minor).shutdown()
     g.shutdown()
-    assert TapCtl.list() == [], TapCtl.list()
+    assert [r["minor"] for r in TapCtl.list()] == [FOREIGN_MINOR], TapCtl.list()
     log("SM harness: all calls behaved as SM expects")
 
 
