@@ -61,3 +61,81 @@ fn xapi_major_on_the_nbd_frontend_is_refused_as_unsupported_not_a_usage_error() 
     );
     assert!(out.stdout.is_empty());
 }
+
+fn pid_of(h: &Harness, minor: &str) -> Option<u32> {
+    let out = h.ok(&ROOT, &["list", "-m", minor]);
+    out.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
+}
+
+#[test]
+fn xapi_open_d_holds_through_a_respawn_and_a_plain_open_stays_direct() {
+    use tapjail_testsupport::{dir_supports_o_direct, holds_open_direct, require};
+    let h = Harness::start(Options {
+        respawn: true,
+        ..Options::default()
+    });
+    if !require(
+        dir_supports_o_direct(&h.root("ops")),
+        "O_DIRECT on the test directory's filesystem",
+    ) {
+        return;
+    }
+    let buffered = h.vhd_image("ops", "buffered.vhd", 8);
+    let direct = h.vhd_image("ops", "direct.vhd", 8);
+    h.ok(&ROOT, &["allocate"]);
+    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
+    h.ok(&ROOT, &["attach", "-p", &pid, "-m", "0"]);
+    h.ok(
+        &ROOT,
+        &[
+            "open",
+            "-p",
+            &pid,
+            "-m",
+            "0",
+            "-a",
+            &format!("vhd:{}", buffered.display()),
+            "-D",
+            "-t",
+            "30",
+        ],
+    );
+    h.ok(
+        &ROOT,
+        &["create", "-a", &format!("vhd:{}", direct.display())],
+    );
+    let first: u32 = pid.parse().unwrap();
+    assert_eq!(holds_open_direct(first, &buffered), Some(false), "-D");
+    let other = pid_of(&h, "1").expect("minor 1's tapdisk");
+    assert_eq!(holds_open_direct(other, &direct), Some(true), "no -D");
+    // The respawned tapdisk opens the image the way the open asked.
+    // SAFETY: kill has no memory preconditions; the pid is our worker.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    assert!(
+        eventually(Duration::from_secs(20), || pid_of(&h, "0").is_some_and(
+            |p| p != first && holds_open_direct(p, &buffered).is_some()
+        )),
+        "no respawn: {}",
+        h.ok(&ROOT, &["list"])
+    );
+    let second = pid_of(&h, "0").unwrap();
+    assert_eq!(
+        holds_open_direct(second, &buffered),
+        Some(false),
+        "-D lost on respawn"
+    );
+    // A new open on the same minor without -D is direct again.
+    h.ok(&ROOT, &["close", "-m", "0", "-t", "120"]);
+    h.ok(
+        &ROOT,
+        &[
+            "open",
+            "-m",
+            "0",
+            "-a",
+            &format!("vhd:{}", buffered.display()),
+        ],
+    );
+    assert_eq!(holds_open_direct(second, &buffered), Some(true));
+}
