@@ -139,3 +139,37 @@ fn xapi_open_d_holds_through_a_respawn_and_a_plain_open_stays_direct() {
     );
     assert_eq!(holds_open_direct(second, &buffered), Some(true));
 }
+
+#[test]
+fn xapi_open_t_on_a_tapdisk_that_never_answers_times_out_and_list_shows_it_dead() {
+    let h = Harness::start(Options::default());
+    let img = h.vhd_image("ops", "o.vhd", 8);
+    h.ok(&ROOT, &["allocate"]);
+    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
+    h.ok(&ROOT, &["attach", "-p", &pid, "-m", "0"]);
+    // SAFETY: kill has no memory preconditions; the pid is our worker.
+    assert_eq!(
+        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGSTOP) },
+        0
+    );
+    let spec = format!("vhd:{}", img.display());
+    let out = h.ctl(
+        &ROOT,
+        &["open", "-p", &pid, "-m", "0", "-a", &spec, "-t", "1"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(110), "ETIMEDOUT expected: {err}");
+    assert!(err.contains("timed out"), "{err}");
+    let dead =
+        |s: &str| u32::from_str_radix(s.trim_start_matches("0x"), 16).is_ok_and(|v| v & 1 == 1);
+    assert!(
+        eventually(Duration::from_secs(20), || state_of(&h, "0")
+            .is_some_and(|s| dead(&s))),
+        "list: {:?}",
+        h.ok(&ROOT, &["list"])
+    );
+    // The failed open left the image unclaimed: it opens on another
+    // minor while minor 0 is still dead.
+    h.ok(&ROOT, &["create", "-a", &spec]);
+    h.ok(&ROOT, &["destroy", "-m", "0"]);
+}
