@@ -143,7 +143,15 @@ impl Broker {
                 })?;
                 self.op_allocate(t, &tenant, d, Some(m))
             }
-            _ => self.execute(t, req, d),
+            _ => {
+                let (reply, mut outcome) = self.execute(t, req, d)?;
+                // On record what -e shared; an image without a parent
+                // shares nothing (blktap ignores -e then too).
+                if let (Some(n), Some(from)) = (scope::shared_taken(), opts.existing_parent) {
+                    outcome.push_str(&format!("; -e {from}: {n} parent(s) shared"));
+                }
+                Ok((reply, outcome))
+            }
         }
     }
 
@@ -209,6 +217,7 @@ fn shared_chain(t: &Table, req: &Request, from: Minor) -> Result<Shared, BrokerE
     Ok(Shared {
         from,
         files: image.files.iter().map(|(id, _)| *id).collect(),
+        taken: Default::default(),
     })
 }
 

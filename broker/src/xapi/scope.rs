@@ -20,6 +20,8 @@ pub struct Shared {
     pub from: Minor,
     /// `from`'s files, leaf first.
     pub files: Vec<FileId>,
+    /// How many parents the clone took from `from`.
+    pub taken: std::cell::Cell<usize>,
 }
 
 /// One request's XAPI flags as the layers below need them.
@@ -74,6 +76,11 @@ pub fn plan() -> CachePlan {
     with(|s| s.plan).unwrap_or_default()
 }
 
+/// How many parents the running `-e` request shared (`None` without `-e`).
+pub fn shared_taken() -> Option<usize> {
+    with(|s| s.shared.as_ref().map(|sh| sh.taken.get())).flatten()
+}
+
 /// Whether the parent file `id`, the `depth`-th parent (1 = the leaf's
 /// own) a `-e` clone asked for, is the one the shared minor has there.
 /// `Ok` outside a `-e` request.
@@ -81,7 +88,10 @@ pub fn check_shared_parent(id: FileId, depth: usize) -> Result<(), String> {
     with(|s| match &s.shared {
         None => Ok(()),
         Some(sh) => match sh.files.get(depth - 1) {
-            Some(f) if *f == id => Ok(()),
+            Some(f) if *f == id => {
+                sh.taken.set(sh.taken.get() + 1);
+                Ok(())
+            }
             _ => Err(format!(
                 "-e {}: this image's parent #{depth} is not the file minor {} serves at that place in its chain; \
                  the clone must be a child of the image minor {} serves",
@@ -121,11 +131,13 @@ mod tests {
         s.shared = Some(Shared {
             from: Minor::new(4).unwrap(),
             files: vec![(1, 10), (1, 11)],
+            taken: Default::default(),
         });
         let _g = s.enter();
         assert!(check_shared_parent((1, 10), 1).is_ok());
         assert!(check_shared_parent((1, 11), 2).is_ok());
         assert!(check_shared_parent((1, 11), 1).is_err());
         assert!(check_shared_parent((1, 12), 3).is_err());
+        assert_eq!(shared_taken(), Some(2));
     }
 }
