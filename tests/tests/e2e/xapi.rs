@@ -5,6 +5,12 @@
 use crate::*;
 use std::time::Duration;
 
+/// Send `sig` to one of our broker's workers.
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill {pid}");
+}
+
 fn state_of(h: &Harness, minor: &str) -> Option<String> {
     let out = h.ok(&ROOT, &["list", "-m", minor]);
     out.split_whitespace()
@@ -21,8 +27,7 @@ fn xapi_close_t_on_a_tapdisk_that_never_answers_times_out_and_list_shows_the_min
         .split_whitespace()
         .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
         .unwrap_or_else(|| panic!("list: {row:?}"));
-    // SAFETY: kill has no memory preconditions; pid is our broker's worker.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    signal(pid, libc::SIGSTOP);
     let out = h.ctl(
         &ROOT,
         &["close", "-m", "0", "-p", &pid.to_string(), "-t", "1"],
@@ -110,8 +115,7 @@ fn xapi_open_d_holds_through_a_respawn_and_a_plain_open_stays_direct() {
     let other = pid_of(&h, "1").expect("minor 1's tapdisk");
     assert_eq!(holds_open_direct(other, &direct), Some(true), "no -D");
     // The respawned tapdisk opens the image the way the open asked.
-    // SAFETY: kill has no memory preconditions; the pid is our worker.
-    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    signal(first as i32, libc::SIGKILL);
     assert!(
         eventually(Duration::from_secs(20), || pid_of(&h, "0").is_some_and(
             |p| p != first && holds_open_direct(p, &buffered).is_some()
@@ -147,11 +151,7 @@ fn xapi_open_t_on_a_tapdisk_that_never_answers_times_out_and_list_shows_it_dead(
     h.ok(&ROOT, &["allocate"]);
     let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
     h.ok(&ROOT, &["attach", "-p", &pid, "-m", "0"]);
-    // SAFETY: kill has no memory preconditions; the pid is our worker.
-    assert_eq!(
-        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGSTOP) },
-        0
-    );
+    signal(pid.parse().unwrap(), libc::SIGSTOP);
     let spec = format!("vhd:{}", img.display());
     let out = h.ctl(
         &ROOT,
