@@ -8,6 +8,8 @@
 //! built into (`cargo build --workspace --bins`, which `cargo test
 //! --workspace` and `cargo nextest run --workspace` do).
 
+pub mod soak;
+
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
