@@ -11,6 +11,7 @@ mod data;
 mod fio;
 mod immutable;
 mod kernel;
+mod mount;
 mod precondition;
 mod process;
 
@@ -21,5 +22,6 @@ pub use kernel::{
     dir_supports_o_direct, fd_flags, fuse_loop_turn, holds_open_direct, tasks_in_d_state,
     ublk_char_devices,
 };
+pub use mount::Tmpfs;
 pub use precondition::{have, in_ci, is_root, require};
 pub use process::output_within;

@@ -3,6 +3,7 @@
 //! several tenants. Needs root.
 
 mod audit_flood;
+mod audit_full;
 mod audit_rotation;
 mod deadlines;
 mod escapes;
@@ -11,6 +12,7 @@ mod hostile_worker;
 mod image_open;
 mod robustness;
 mod seed;
+mod soak_ublk;
 mod tenants;
 mod ublk;
 mod worker_confinement;
