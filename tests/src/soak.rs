@@ -18,6 +18,9 @@ pub struct Census {
     pub workers: usize,
     /// Live helpers among them (the fd holder).
     pub helpers: usize,
+    /// Fds the helpers hold (the fd holder keeps every disk's fds across a
+    /// broker restart; FUSE mounts are detached and live only in fds).
+    pub helper_fds: usize,
     /// Children that died and were never reaped.
     pub zombies: usize,
     /// Lines of the broker's mount table, and the FUSE ones among them.
@@ -112,6 +115,11 @@ impl Census {
             broker_threads: entries(Path::new(&format!("/proc/{broker}/task"))),
             workers: live.len() - helpers,
             helpers,
+            helper_fds: live
+                .iter()
+                .filter(|p| is_fd_holder(**p))
+                .map(|p| fd_count(*p))
+                .sum(),
             zombies,
             mounts: mountinfo.lines().count(),
             fuse_mounts: mountinfo
@@ -140,6 +148,7 @@ impl Census {
             ("broker threads", before.broker_threads, self.broker_threads),
             ("workers", before.workers, self.workers),
             ("helpers", before.helpers, self.helpers),
+            ("helper fds", before.helper_fds, self.helper_fds),
             ("zombies", before.zombies, self.zombies),
             ("mounts", before.mounts, self.mounts),
             ("fuse mounts", before.fuse_mounts, self.fuse_mounts),
@@ -166,13 +175,14 @@ impl fmt::Display for Census {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "broker_fds={} broker_threads={} workers={} helpers={} zombies={} mounts={} \
+            "broker_fds={} broker_threads={} workers={} helpers={} helper_fds={} zombies={} mounts={} \
              fuse_mounts={} loops={} minors={} device_links={} nbd_sockets={} ublk_chars={} \
              cgroups={} rss_kib={} pss_kib={}",
             self.broker_fds,
             self.broker_threads,
             self.workers,
             self.helpers,
+            self.helper_fds,
             self.zombies,
             self.mounts,
             self.fuse_mounts,
