@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tapjail_tests::*;
-use tapjail_testsupport::{fuse_loop_turn, is_root, pattern, require, Aligned, Tmpfs};
+use tapjail_testsupport::{
+    fuse_loop_turn, is_root, pattern, require, spawn_with_tid, wait_blocked_in_kernel, Aligned,
+    Tmpfs,
+};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -436,4 +439,40 @@ fn fuse_largest_vhd_with_2mib_blocks_is_served_or_refused_clearly() {
         h.broker_log()
     );
     assert!(list(&h).is_empty(), "the failed create left {:?}", list(&h));
+}
+
+/// A write to a paused disk parks in the kernel (the event the ublk tests
+/// wait for, seen here on the host) and completes once it is unpaused,
+/// landing in the image.
+#[test]
+fn fuse_write_to_a_paused_disk_waits_in_the_kernel_and_lands_after_unpause() {
+    let Some(_turn) = turn() else { return };
+    let h = harness(false, "");
+    let img = h.raw_image(ROOT.name, "paused.img", 4 * MIB);
+    let dev = create(&h, &format!("aio:{}", img.display()));
+    h.ok(&ROOT, &["pause", "-m", "0"]);
+    let state = list(&h)[0]["state"].as_u64().unwrap();
+    assert!(state & 0x20 != 0, "not PAUSED: {state:#x}");
+    let dev2 = dev.clone();
+    let (writer, tid) =
+        spawn_with_tid(move || write_durably(&direct(&dev2), &pattern(4096, 7), 8192));
+    assert!(
+        wait_blocked_in_kernel(tid, Duration::from_secs(30)),
+        "the write did not wait while the disk is paused (finished: {})",
+        writer.is_finished()
+    );
+    assert!(!writer.is_finished());
+    h.ok(&ROOT, &["unpause", "-m", "0"]);
+    writer
+        .join()
+        .unwrap()
+        .expect("the held write completes after unpause");
+    assert!(read_direct(&direct(&dev), 4096, 8192) == pattern(4096, 7));
+    h.ok(&ROOT, &["destroy", "-m", "0"]);
+    let mut got = vec![0u8; 4096];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut got, 8192)
+        .unwrap();
+    assert!(got == pattern(4096, 7), "the write is not in the image");
 }
