@@ -63,7 +63,7 @@ impl Side {
     /// One create, a 4 KiB write and read back, destroy.
     fn cycle(&mut self, i: u64) {
         let t0 = Instant::now();
-        let raw = (i / 2) % 2 == 0;
+        let raw = (i / 2).is_multiple_of(2);
         let spec = if raw {
             format!("aio:{}", self.raw.display())
         } else {

@@ -51,7 +51,7 @@ fn audit_log_on_a_full_filesystem_refuses_create_and_nothing_is_done() {
         .lines()
         .filter(|l| l.contains("\"pending\"") && l.contains("Create"))
         .map(|l| l.len() as u64 + 1)
-        .last()
+        .next_back()
         .expect("the create's decision line");
 
     let s = UnixStream::connect(&h.socket).unwrap();

@@ -2,7 +2,7 @@
 //! create/destroy cycles on a `frontend = "ublk"` broker, raw and VHD
 //! images, a 4 KiB O_DIRECT round trip through each ublk block device, then
 //! the same census before and after. Inside nestvm (software emulation) the
-//! default is a bounded 100 cycles; `TAPJAIL_SOAK_CYCLES` (which
+//! default is a bounded 30 cycles; `TAPJAIL_SOAK_CYCLES` (which
 //! `.ci/nestvm-tests` passes into the VM; `.ci/soak --ublk` sets it to
 //! 1000) runs the full count.
 
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Cycles before the "before" census (lazily made broker state).
-const WARM_UP: u64 = 10;
+const WARM_UP: u64 = 5;
 /// The broker's RSS growth allowed after warm-up (as tests/soak.rs).
 const RSS_GROWTH_BOUND_KIB: u64 = 512;
 
@@ -23,7 +23,7 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
         Path::new("/dev/ublk-control").exists(),
         "no /dev/ublk-control: this test runs inside nestvm (.ci/nestvm-tests)"
     );
-    let total = cycles(100);
+    let total = cycles(30);
     let h = Harness::start(Options {
         frontend: "ublk",
         tenants: vec![ALICE],
@@ -32,7 +32,7 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
     let raw = h.raw_image("alice", "soak.img", 1 << 20);
     let vhd = h.vhd_image("alice", "soak.vhd", 4);
     let cycle = |i: u64| {
-        let spec = if i % 2 == 0 {
+        let spec = if i.is_multiple_of(2) {
             format!("aio:{}", raw.display())
         } else {
             format!("vhd:{}", vhd.display())
