@@ -48,7 +48,9 @@ pub enum WorkerBin {
     Fake,
     /// `fake-tapdisk` leaving out one confinement step the broker checks
     /// from outside: `"hostns"` (stays in the host's net and mount
-    /// namespaces) or `"dumpable"` (dumpable after its uid switch). Run
+    /// namespaces), `"dumpable"` (dumpable after its uid switch), `"uid"`
+    /// (keeps root's uid and capabilities), `"nnp"` (no no_new_privs, so no
+    /// seccomp filter either) or `"seccomp"` (no seccomp filter). Run
     /// through a symlink whose name tells the fake which.
     FakeSkipping(&'static str),
 }
