@@ -176,6 +176,8 @@ pub struct Worker {
     open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
     resync: Cell<Option<[u8; 16]>>,
+    /// I/O limits; every disk this worker opens passes through them.
+    throttle: Arc<crate::qos::Throttle>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -201,6 +203,7 @@ impl Worker {
             cache,
             open: None,
             resync: Cell::new(None),
+            throttle: Arc::default(),
         }
     }
 
@@ -279,7 +282,7 @@ impl Worker {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
                         self.open = Some(Open {
-                            disk: Disk::new(img),
+                            disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,
@@ -327,6 +330,16 @@ impl Worker {
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
+            ToWorker::Limits { disk, tenant } => {
+                if fds.len() > 1 {
+                    return error("Limits takes at most one fd (the tenant bucket)");
+                }
+                match self.throttle.set(disk, tenant, fds.pop()) {
+                    Ok(()) => FromWorker::Throttle(Box::new(self.throttle.stats())),
+                    Err(e) => error(format!("limits: {e}")),
+                }
+            }
+            ToWorker::ThrottleStats => FromWorker::Throttle(Box::new(self.throttle.stats())),
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),

@@ -17,3 +17,4 @@ pub mod io;
 pub mod sandbox;
 pub mod standalone;
 pub mod stats;
+pub mod qos;
