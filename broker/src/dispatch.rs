@@ -36,7 +36,11 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Destroy { minor, .. }
         | Request::Pause { minor, .. }
         | Request::Unpause { minor, .. }
-        | Request::Stats { minor, .. } => Some(*minor),
+        | Request::Stats { minor, .. }
+        | Request::Throttle {
+            target: tapjail_common::qos::ThrottleTarget::Minor(minor),
+            ..
+        } => Some(*minor),
         _ => None,
     }
 }
@@ -159,6 +163,7 @@ impl Broker {
                 self.op_unpause(t, *pid, *minor, image.as_ref().map(|i| i.kind), d)
             }
             Request::Stats { pid, minor } => self.op_stats(t, *pid, *minor),
+            Request::Throttle { target, changes } => self.op_throttle(t, target, changes),
         }
     }
 }

@@ -119,6 +119,9 @@ pub enum LifecycleCommand {
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
+    /// Change a disk's or a tenant's I/O limits now (admin only; audited).
+    /// Prints the limits in force afterwards.
+    Throttle(crate::throttle::ThrottleArgs),
 }
 
 /// `-a disk.vhd` relative to the caller's directory, made absolute (the
@@ -201,6 +204,7 @@ pub fn run(
             (Request::List { pid, minor }, Some((kind, file, json)))
         }
         LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
+        LifecycleCommand::Throttle(args) => (args.request().map_err(anyhow::Error::msg)?, None),
     };
     let client = Client::connect(socket, timeout)?;
     let reply = client.call(&req)?;
@@ -231,6 +235,7 @@ pub fn run(
             }
         }
         Reply::Stats(s) => println!("{}", stats_json(&s)?),
+        Reply::Throttled(limits) => println!("{limits}"),
         Reply::Ok | Reply::Hello { .. } => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
     }
@@ -332,6 +337,9 @@ struct StatsJson<'a> {
     tap: TapJson<'a>,
     reqs_outstanding: u64,
     latency: &'a LatencyStats,
+    /// I/O limits in force and the delays they caused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throttle: Option<&'a tapjail_common::qos::ThrottleStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -362,6 +370,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         },
         reqs_outstanding: w.reqs_outstanding,
         latency: &w.latency,
+        throttle: s.throttle.as_ref(),
     })
 }
 
@@ -467,6 +476,7 @@ mod tests {
             pid: 5755,
             frontend: Some(tapjail_common::proto::FrontendKind::Nbd),
             restarts: 0,
+            throttle: None,
             worker: tapjail_common::stats::WorkerStats {
                 name: "vhd:/x.vhd".into(),
                 secs: [664, 0],

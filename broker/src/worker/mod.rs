@@ -85,6 +85,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Stats(_) => "Stats",
         FromWorker::Error(_) => "Error",
         FromWorker::Resynced { .. } => "Resynced",
+        FromWorker::Throttle(_) => "Throttle",
     }
 }
 
@@ -344,6 +345,10 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
         (ToWorker::Serve(_), FromWorker::Serving)
             | (ToWorker::Stats, FromWorker::Stats(_))
             | (
+                ToWorker::Limits { .. } | ToWorker::ThrottleStats,
+                FromWorker::Throttle(_)
+            )
+            | (
                 ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown,
                 FromWorker::Ok
             )
@@ -361,6 +366,8 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Stats => "Stats",
         ToWorker::Shutdown => "Shutdown",
         ToWorker::Resync { .. } => "Resync",
+        ToWorker::Limits { .. } => "Limits",
+        ToWorker::ThrottleStats => "ThrottleStats",
     }
 }
 
