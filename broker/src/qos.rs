@@ -49,10 +49,7 @@ pub fn new_bucket(tenant: &str) -> std::io::Result<OwnedFd> {
         MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
     )?;
     rustix::fs::ftruncate(&fd, BUCKET_BYTES)?;
-    rustix::fs::fcntl_add_seals(
-        &fd,
-        SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-    )?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
     Ok(fd)
 }
 
@@ -99,7 +96,11 @@ impl Broker {
 
     /// Record `tenant`'s new shared limits.
     pub fn set_tenant_limits(&self, tenant: &str, limits: IoLimits) {
-        self.qos.lock().entry(tenant.to_string()).or_default().limits = Some(limits);
+        self.qos
+            .lock()
+            .entry(tenant.to_string())
+            .or_default()
+            .limits = Some(limits);
     }
 
     /// What a worker of `tenant` serving a disk with `own` limits gets;

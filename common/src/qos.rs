@@ -27,7 +27,12 @@ pub enum Knob {
 }
 
 impl Knob {
-    pub const ALL: [Knob; 4] = [Knob::ReadIops, Knob::WriteIops, Knob::ReadBps, Knob::WriteBps];
+    pub const ALL: [Knob; 4] = [
+        Knob::ReadIops,
+        Knob::WriteIops,
+        Knob::ReadBps,
+        Knob::WriteBps,
+    ];
 
     /// The policy key and tap-ctl flag stem (`write_iops`, `--write-iops`).
     pub fn name(self) -> &'static str {
@@ -274,7 +279,10 @@ mod tests {
             })
         );
         assert_eq!(parse_setting(Knob::ReadIops, "off").unwrap(), None);
-        assert_eq!(parse_setting(Knob::ReadIops, "3").unwrap().unwrap().burst, 1);
+        assert_eq!(
+            parse_setting(Knob::ReadIops, "3").unwrap().unwrap().burst,
+            1
+        );
     }
 
     #[test]
@@ -282,7 +290,10 @@ mod tests {
         let e = parse_setting(Knob::ReadIops, "lots").unwrap_err();
         assert!(e.contains("not a whole number"), "{e}");
         let e = parse_setting(Knob::ReadIops, "200000000").unwrap_err();
-        assert!(e.contains("read_iops") && e.contains("1..=100000000"), "{e}");
+        assert!(
+            e.contains("read_iops") && e.contains("1..=100000000"),
+            "{e}"
+        );
         let e = parse_setting(Knob::WriteIops, "10:0").unwrap_err();
         assert!(e.contains("write_iops_burst"), "{e}");
         let e = parse_setting(Knob::WriteIops, "10:601").unwrap_err();

@@ -81,7 +81,8 @@ mod tests {
 
     #[test]
     fn throttle_args_become_one_change_per_flag() {
-        let Request::Throttle { target, changes } = args(Some(3), Some("10M:1M")).request().unwrap()
+        let Request::Throttle { target, changes } =
+            args(Some(3), Some("10M:1M")).request().unwrap()
         else {
             panic!()
         };

@@ -536,7 +536,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         disk.close().unwrap();
-        assert!(matches!(disk.try_admit(IoKind::Read, 512), Admission::Closed));
+        assert!(matches!(
+            disk.try_admit(IoKind::Read, 512),
+            Admission::Closed
+        ));
         assert_eq!(disk.counters.outstanding(), 0);
     }
 
@@ -560,7 +563,13 @@ mod tests {
         let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
         let throttle = Arc::new(crate::qos::Throttle::default());
         let mut l = IoLimits::default();
-        l.set(Knob::WriteIops, Some(Rate { per_sec: 1, burst: 1 }));
+        l.set(
+            Knob::WriteIops,
+            Some(Rate {
+                per_sec: 1,
+                burst: 1,
+            }),
+        );
         throttle.set(l, IoLimits::default(), None).unwrap();
         let disk = Disk::with_throttle(Arc::new(img), throttle.clone());
         // The burst passes the non-blocking paths at once...
@@ -569,9 +578,15 @@ mod tests {
         };
         t.finish(IoKind::Write, 512, true);
         // ...the next write is held for the slow path, reads still go.
-        assert!(matches!(disk.try_admit(IoKind::Write, 512), Admission::Held));
+        assert!(matches!(
+            disk.try_admit(IoKind::Write, 512),
+            Admission::Held
+        ));
         assert_eq!(disk.try_io(IoKind::Write, 512, |_| Some(())), None);
-        assert!(matches!(disk.try_admit(IoKind::Read, 512), Admission::Now(_)));
+        assert!(matches!(
+            disk.try_admit(IoKind::Read, 512),
+            Admission::Now(_)
+        ));
         assert_eq!(throttle.stats().paced, [0, 1], "held requests took nothing");
         // A held write waits in `io`; closing the disk cuts the wait short
         // (the request fails fast instead of outliving the disk).

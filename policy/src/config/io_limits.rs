@@ -43,7 +43,12 @@ impl RawIo {
 
 /// Check `raw` (the table named `table` of tenant `tenant`) into limits;
 /// problems are reported at their line and the knob is left unlimited.
-pub(super) fn build(c: &mut Checker<'_>, tenant: &str, table: &str, raw: Option<RawIo>) -> IoLimits {
+pub(super) fn build(
+    c: &mut Checker<'_>,
+    tenant: &str,
+    table: &str,
+    raw: Option<RawIo>,
+) -> IoLimits {
     let mut out = IoLimits::default();
     let Some(raw) = raw else {
         return out;
@@ -54,7 +59,11 @@ pub(super) fn build(c: &mut Checker<'_>, tenant: &str, table: &str, raw: Option<
             if let Some(b) = burst {
                 c.at(
                     b.span(),
-                    format!("{table}.{}_burst of tenant {tenant:?} needs {table}.{}", k.name(), k.name()),
+                    format!(
+                        "{table}.{}_burst of tenant {tenant:?} needs {table}.{}",
+                        k.name(),
+                        k.name()
+                    ),
                 );
             }
             continue;
@@ -87,7 +96,8 @@ mod tests {
     use crate::config::Policy;
     use tapjail_common::qos::Rate;
 
-    const HEAD: &str = "worker_uids = [300000, 300999]\n[[tenant]]\nname = \"web\"\nuids = [1000]\n";
+    const HEAD: &str =
+        "worker_uids = [300000, 300999]\n[[tenant]]\nname = \"web\"\nuids = [1000]\n";
 
     #[test]
     fn io_tables_parse_with_default_and_given_bursts() {
@@ -97,8 +107,20 @@ mod tests {
         ))
         .unwrap();
         let t = &p.tenants[0];
-        assert_eq!(t.disk_io.write_iops, Some(Rate { per_sec: 500, burst: 50 }));
-        assert_eq!(t.disk_io.read_bps, Some(Rate { per_sec: 1_000_000, burst: 100_000 }));
+        assert_eq!(
+            t.disk_io.write_iops,
+            Some(Rate {
+                per_sec: 500,
+                burst: 50
+            })
+        );
+        assert_eq!(
+            t.disk_io.read_bps,
+            Some(Rate {
+                per_sec: 1_000_000,
+                burst: 100_000
+            })
+        );
         assert_eq!(t.disk_io.read_iops, None);
         assert_eq!(t.tenant_io.write_bps.unwrap().per_sec, 2 << 20);
     }
@@ -106,10 +128,26 @@ mod tests {
     #[test]
     fn bad_io_values_are_rejected_with_their_line() {
         for (body, line, says) in [
-            ("disk_io = { write_iops = 0 }", 5, "write_iops = 0 is out of range"),
-            ("disk_io = { read_iops = 10, read_iops_burst = 100000 }", 5, "read_iops_burst"),
-            ("tenant_io = { write_bps_burst = 5 }", 5, "needs tenant_io.write_bps"),
-            ("tenant_io = { write_bps = -1 }", 5, "write_bps = 0 is out of range"),
+            (
+                "disk_io = { write_iops = 0 }",
+                5,
+                "write_iops = 0 is out of range",
+            ),
+            (
+                "disk_io = { read_iops = 10, read_iops_burst = 100000 }",
+                5,
+                "read_iops_burst",
+            ),
+            (
+                "tenant_io = { write_bps_burst = 5 }",
+                5,
+                "needs tenant_io.write_bps",
+            ),
+            (
+                "tenant_io = { write_bps = -1 }",
+                5,
+                "write_bps = 0 is out of range",
+            ),
             ("disk_io = { writes = 5 }", 5, "unknown field"),
         ] {
             let e = Policy::parse(&format!("{HEAD}{body}\n")).unwrap_err();

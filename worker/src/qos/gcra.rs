@@ -96,7 +96,11 @@ mod tests {
             assert_eq!(reserve(&c, T0, 1, s), 0, "burst request {i}");
         }
         for i in 1..=50u64 {
-            assert_eq!(reserve(&c, T0, 1, s), i * 10 * MS, "request {i} past the burst");
+            assert_eq!(
+                reserve(&c, T0, 1, s),
+                i * 10 * MS,
+                "request {i} past the burst"
+            );
         }
     }
 
@@ -153,7 +157,7 @@ mod tests {
     fn requests_go_in_arrival_order_and_a_big_one_is_not_starved() {
         let c = AtomicU64::new(0);
         let s = shape(1_000_000, 64 * 1024); // 1 MB/s, 64 KiB burst
-        // A 1 MiB request after the burst is spent waits its share...
+                                             // A 1 MiB request after the burst is spent waits its share...
         assert_eq!(reserve(&c, T0, 64 * 1024, s), 0);
         let big = reserve(&c, T0, 1 << 20, s);
         assert_eq!(big, s.ns(1 << 20));

@@ -208,8 +208,7 @@ impl Throttle {
         let tenant = self.tenant_cells.get();
         dir.costs(bytes).into_iter().flat_map(move |(i, cost)| {
             let own = self.disk.get(i).map(|s| (&self.disk_cells[i], cost, s));
-            let shared = tenant
-                .and_then(|c| self.tenant.get(i).map(|s| (c.cell(i), cost, s)));
+            let shared = tenant.and_then(|c| self.tenant.get(i).map(|s| (c.cell(i), cost, s)));
             own.into_iter().chain(shared)
         })
     }
@@ -273,7 +272,10 @@ impl Throttle {
             if left.is_zero() {
                 return;
             }
-            g = cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+            g = cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

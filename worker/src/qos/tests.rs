@@ -124,7 +124,8 @@ fn raising_a_limit_at_runtime_forgives_the_old_debt() {
     t.set(limits(Knob::WriteIops, 1000, 1), IoLimits::default(), None)
         .unwrap();
     assert_eq!(t.take(Dir::Write, 4096), MS);
-    t.set(IoLimits::default(), IoLimits::default(), None).unwrap();
+    t.set(IoLimits::default(), IoLimits::default(), None)
+        .unwrap();
     assert_eq!(t.take(Dir::Write, 4096), 0, "limit removed");
 }
 
