@@ -2,8 +2,9 @@
 # Noisy neighbour (issue 14): does tenant A's write storm hurt tenant B's
 # read latency, and do I/O limits stop it? One run, one table.
 #
-#   sudo bench/noisy-neighbour.sh   (env: RUNTIME=10 SIZE_MIB=256 A_IOPS=400
-#                                    BUILD=release|debug, TAPDISK=other worker)
+#   sudo bench/noisy-neighbour.sh   (env: RUNTIME=10 REPEAT=3 SIZE_MIB=256
+#                                    A_IOPS=400 BUILD=release|debug,
+#                                    TAPDISK=other worker)
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has), two
 # tenants. A has 4 disks, B has 1 (raw images, filled first). B runs fio
@@ -13,13 +14,16 @@
 #   A, no limits  A runs 4 KiB random writes at depth 32 on its 4 disks
 #   A, limited    the same, after `tap-ctl throttle --tenant a
 #                 --write-iops A_IOPS` (A's 4 disks share that budget)
-# and it prints B's p50 and p99 completion latency for each, the ratio of
-# each p99 to B alone (target with limits: within 2x), and A's IOPS.
+# The three take turns, REPEAT rounds (the host is shared and noisy); it
+# prints the medians of B's p50 and p99 completion latency for each, the
+# p99 spread (min..max), the ratio of each median p99 to B alone (target
+# with limits: within 2x), and A's IOPS.
 # cgroup v2 io.weight (the cgroup work of issue 14) is used where the host
 # has cgroup v2 with the io controller; the script says whether it does.
 set -euo pipefail
 
 RUNTIME=${RUNTIME:-10}
+REPEAT=${REPEAT:-3}
 SIZE_MIB=${SIZE_MIB:-256}
 A_IOPS=${A_IOPS:-400}
 BUILD=${BUILD:-release}
@@ -132,40 +136,51 @@ a_start() {
 }
 a_wait() { for p in "${A_PIDS[@]}"; do wait "$p"; done; A_PIDS=(); }
 
-b_run "$WORK/b-alone.json"
-a_start open
-b_run "$WORK/b-open.json"
-a_wait
-"${CTL[@]}" throttle --tenant a --write-iops "$A_IOPS" >/dev/null
-a_start limited
-b_run "$WORK/b-limited.json"
-a_wait
-LIMITED_STATS=$("${CTL[@]}" stats -m "${A_DEVS[0]##*tapdev}")
+for r in $(seq "$REPEAT"); do
+    b_run "$WORK/b-alone-$r.json"
+    a_start "open-$r"
+    b_run "$WORK/b-open-$r.json"
+    a_wait
+    "${CTL[@]}" throttle --tenant a --write-iops "$A_IOPS" >/dev/null
+    a_start "limited-$r"
+    b_run "$WORK/b-limited-$r.json"
+    a_wait
+    [ "$r" = "$REPEAT" ] && LIMITED_STATS=$("${CTL[@]}" stats -m "${A_DEVS[0]##*tapdev}")
+    "${CTL[@]}" throttle --tenant a --write-iops off >/dev/null
+done
 
-python3 - "$WORK" "$RUNTIME" "$A_IOPS" "$CGROUPS" "$LIMITED_STATS" <<'EOF'
-import json, sys
-work, runtime, a_iops, cgroups, stats = sys.argv[1:6]
+python3 - "$WORK" "$RUNTIME" "$REPEAT" "$A_IOPS" "$CGROUPS" "$LIMITED_STATS" <<'EOF'
+import json, statistics, sys
+work, runtime, repeat, a_iops, cgroups, stats = sys.argv[1:7]
+rounds = range(1, int(repeat) + 1)
 def b(name):
-    j = json.load(open(f"{work}/b-{name}.json"))["jobs"][0]["read"]
-    p = j["clat_ns"]["percentile"]
-    return j["iops"], p["50.000000"] / 1000, p["99.000000"] / 1000
+    out = []
+    for r in rounds:
+        j = json.load(open(f"{work}/b-{name}-{r}.json"))["jobs"][0]["read"]
+        p = j["clat_ns"]["percentile"]
+        out.append((j["iops"], p["50.000000"] / 1000, p["99.000000"] / 1000))
+    med = lambda i: statistics.median(x[i] for x in out)
+    return med(0), med(1), med(2), min(x[2] for x in out), max(x[2] for x in out)
 def a(name):
-    total = 0.0
-    for i in range(1, 5):
-        total += json.load(open(f"{work}/a-{name}-{i}.json"))["jobs"][0]["write"]["iops"]
-    return total
+    tot = [sum(json.load(open(f"{work}/a-{name}-{r}-{i}.json"))["jobs"][0]["write"]["iops"]
+               for i in range(1, 5)) for r in rounds]
+    return statistics.median(tot)
 alone = b("alone")
 rows = [("B alone", alone, None), ("B next to A, no limits", b("open"), a("open")),
         (f"B next to A, A limited to {a_iops} write IOPS", b("limited"), a("limited"))]
-print(f"noisy neighbour: fuse + loop, 4 KiB, B QD1 randread, A 4 x QD32 randwrite, {runtime} s each")
+print(f"noisy neighbour: fuse + loop, 4 KiB, B QD1 randread, A 4 x QD32 randwrite, "
+      f"{runtime} s each, median of {repeat} rounds")
 print(f"cgroups: {cgroups}")
-print(f"{'scenario':48} {'B IOPS':>8} {'B p50 us':>9} {'B p99 us':>9} {'p99/alone':>9} {'A IOPS':>8}")
-for name, (iops, p50, p99), aiops in rows:
-    print(f"{name:48} {iops:8.0f} {p50:9.0f} {p99:9.0f} {p99 / alone[2]:9.2f} "
-          f"{'-' if aiops is None else f'{aiops:8.0f}':>8}")
+print(f"{'scenario':44} {'B IOPS':>7} {'p50 us':>7} {'p99 us':>7} {'p99 min..max':>14} "
+      f"{'p99/alone':>9} {'A IOPS':>7}")
+for name, (iops, p50, p99, lo, hi), aiops in rows:
+    spread = f"{lo:.0f}..{hi:.0f}"
+    print(f"{name:44} {iops:7.0f} {p50:7.0f} {p99:7.0f} {spread:>14} {p99 / alone[2]:9.2f} "
+          f"{'-' if aiops is None else f'{aiops:.0f}':>7}")
 th = json.loads(stats).get("throttle", {})
-print(f"A disk 1 throttle: paced {th.get('paced')} delayed {th.get('delayed')} "
-      f"delay_us {th.get('delay_us')}")
+print(f"A disk 1 throttle (last limited round): paced {th.get('paced')} "
+      f"delayed {th.get('delayed')} delay_us {th.get('delay_us')}")
 limited = rows[2][1][2] / alone[2]
-print(f"target (p99 with limits within 2x of alone): {'met' if limited <= 2 else 'NOT met'} ({limited:.2f}x)")
+print(f"target (B p99 with limits within 2x of alone): {'met' if limited <= 2 else 'NOT met'} "
+      f"({limited:.2f}x)")
 EOF
