@@ -56,6 +56,8 @@ pub struct Broker {
     pub(crate) stopping: AtomicBool,
     /// Tenants' I/O limits as changed at runtime, and their shared buckets.
     pub(crate) qos: crate::qos::TenantsQos,
+    /// Per-minor cache plans of `open -D` / `-e` (`crate::xapi`).
+    pub(crate) xapi: crate::xapi::Plans,
 }
 
 impl Broker {
@@ -86,6 +88,7 @@ impl Broker {
             wake,
             stopping: AtomicBool::new(false),
             qos: crate::qos::TenantsQos::default(),
+            xapi: crate::xapi::Plans::default(),
         })
     }
 

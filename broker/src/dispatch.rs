@@ -19,10 +19,13 @@ use tapjail_policy::{decide, Decision, PeerCred};
 
 /// Whether `req` changes state (and so is audited before it is carried out).
 fn changes_state(req: &Request) -> bool {
-    !matches!(
-        req,
-        Request::Hello { .. } | Request::List { .. } | Request::Stats { .. }
-    )
+    match req {
+        Request::WithOptions { req, .. } => changes_state(req),
+        r => !matches!(
+            r,
+            Request::Hello { .. } | Request::List { .. } | Request::Stats { .. } | Request::Major
+        ),
+    }
 }
 
 /// The minor a request names, to respawn its worker if a panic left it dead.
@@ -41,6 +44,7 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
             target: tapjail_common::qos::ThrottleTarget::Minor(minor),
             ..
         } => Some(*minor),
+        Request::WithOptions { req, .. } => minor_of(req),
         _ => None,
     }
 }
@@ -102,7 +106,7 @@ impl Broker {
         }
     }
 
-    fn execute(
+    pub(crate) fn execute(
         self: &Arc<Self>,
         t: MutexGuard<'_, Table>,
         req: &Request,
@@ -164,6 +168,8 @@ impl Broker {
             }
             Request::Stats { pid, minor } => self.op_stats(t, *pid, *minor),
             Request::Throttle { target, changes } => self.op_throttle(t, target, changes),
+            Request::WithOptions { req, opts } => self.op_with_options(t, req, opts, d),
+            Request::Major => self.op_major(t),
         }
     }
 }

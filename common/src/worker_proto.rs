@@ -110,6 +110,10 @@ pub enum ToWorker {
     },
     /// Answered `Throttle` with the limits in force and the delays so far.
     ThrottleStats,
+    /// How the next `Open` (and its later `Unpause`s) opens its files;
+    /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
+    /// `--cache`.
+    Cache(crate::xapi::CachePlan),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ mod escape;
 mod lifecycle;
 mod throttle;
 mod vhd;
+mod xapi;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,7 +81,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tap-ctl: {}", render(&e));
-            ExitCode::FAILURE
+            xapi::exit_code(&e)
         }
     }
 }

@@ -75,6 +75,12 @@ pub struct Tenant {
     pub disk_io: tapjail_common::qos::IoLimits,
     /// I/O limits of all of this tenant's disks together (`tenant_io`).
     pub tenant_io: tapjail_common::qos::IoLimits,
+    /// May open with `-D` (no `O_DIRECT`: the host's page cache holds her
+    /// data). Default true, as blktap.
+    pub page_cache: bool,
+    /// May open with `-e MINOR` (a clone reads its parent chain through
+    /// the page cache, shared with her other clones). Default true.
+    pub share_parent: bool,
 }
 
 /// The whole configuration file.
@@ -232,6 +238,8 @@ struct RawTenant {
     max_clients: Option<Spanned<i64>>,
     disk_io: Option<io_limits::RawIo>,
     tenant_io: Option<io_limits::RawIo>,
+    page_cache: Option<bool>,
+    share_parent: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -866,6 +874,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             max_clients: tenant_clients,
             disk_io,
             tenant_io,
+            page_cache: t.page_cache.unwrap_or(true),
+            share_parent: t.share_parent.unwrap_or(true),
         });
     }
 
