@@ -11,7 +11,9 @@
 //!
 //! Runtime changes live in this broker's memory: a restarted broker
 //! starts again from the policy, and the workers it adopts keep the
-//! limits (and the bucket) they had until the next change.
+//! limits and the bucket they had, while the tenant's new disks get a new
+//! bucket; the next `tap-ctl throttle --tenant` hands every one of her
+//! workers the new bucket (they replace theirs), joining them again.
 
 use crate::broker::Broker;
 use crate::error::BrokerError;

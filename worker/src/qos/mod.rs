@@ -22,7 +22,7 @@ use gcra::Shape;
 use shared::SharedCells;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tapjail_common::qos::{IoLimits, Knob, ThrottleStats};
 
@@ -123,7 +123,9 @@ pub struct Throttle {
     disk: Shapes,
     tenant: Shapes,
     disk_cells: [AtomicU64; 4],
-    tenant_cells: OnceLock<SharedCells>,
+    /// The tenant's shared cells; replaced when the broker passes another
+    /// file (a restarted broker made a new one for the tenant).
+    tenant_cells: RwLock<Option<Arc<SharedCells>>>,
     limits: Mutex<(IoLimits, IoLimits)>,
     stats: [DirStats; 2],
     clock: Box<dyn Fn() -> u64 + Send + Sync>,
@@ -154,7 +156,7 @@ impl Throttle {
             disk: Shapes::default(),
             tenant: Shapes::default(),
             disk_cells: Default::default(),
-            tenant_cells: OnceLock::new(),
+            tenant_cells: RwLock::new(None),
             limits: Mutex::new((IoLimits::default(), IoLimits::default())),
             stats: Default::default(),
             clock,
@@ -163,8 +165,10 @@ impl Throttle {
     }
 
     /// Enforce `disk` and `tenant` from now on. `bucket` is the tenant's
-    /// memfd; the first one given is mapped and kept (a worker serves one
-    /// tenant for life). Debt left by older, slower shapes is forgiven.
+    /// memfd: mapped unless it is the file mapped already (a worker serves
+    /// one tenant for life, but a restarted broker makes the tenant a new
+    /// file and hands it to all her workers at the next change). Debt left
+    /// by older, slower shapes is forgiven.
     pub fn set(
         &self,
         disk: IoLimits,
@@ -174,12 +178,14 @@ impl Throttle {
         disk.check().map_err(ThrottleError::Invalid)?;
         tenant.check().map_err(ThrottleError::Invalid)?;
         if let Some(fd) = bucket {
-            if self.tenant_cells.get().is_none() {
+            let same = self.cells().is_some_and(|c| c.same_file(&fd));
+            if !same {
                 let cells = SharedCells::map(fd).map_err(ThrottleError::Map)?;
-                let _ = self.tenant_cells.set(cells);
+                *self.tenant_cells.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Arc::new(cells));
             }
         }
-        if !tenant.is_unlimited() && self.tenant_cells.get().is_none() {
+        if !tenant.is_unlimited() && self.cells().is_none() {
             return Err(ThrottleError::NoTenantBucket);
         }
         let mut held = self.limits.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,7 +196,7 @@ impl Throttle {
             }
         }
         let changed = self.tenant.store(&tenant);
-        if let Some(cells) = self.tenant_cells.get() {
+        if let Some(cells) = self.cells() {
             for (i, changed) in changed.into_iter().enumerate() {
                 if changed {
                     gcra::forgive(cells.cell(i), now);
@@ -203,9 +209,21 @@ impl Throttle {
         Ok(())
     }
 
-    /// Every bucket a request of `bytes` in `dir` takes from.
-    fn buckets(&self, dir: Dir, bytes: u64) -> impl Iterator<Item = (&AtomicU64, u64, Shape)> {
-        let tenant = self.tenant_cells.get();
+    fn cells(&self) -> Option<Arc<SharedCells>> {
+        self.tenant_cells
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every bucket a request of `bytes` in `dir` takes from (`tenant`:
+    /// the tenant's cells, see [`Throttle::cells`]).
+    fn buckets<'a>(
+        &'a self,
+        dir: Dir,
+        bytes: u64,
+        tenant: Option<&'a SharedCells>,
+    ) -> impl Iterator<Item = (&'a AtomicU64, u64, Shape)> {
         dir.costs(bytes).into_iter().flat_map(move |(i, cost)| {
             let own = self.disk.get(i).map(|s| (&self.disk_cells[i], cost, s));
             let shared = tenant.and_then(|c| self.tenant.get(i).map(|s| (c.cell(i), cost, s)));
@@ -219,8 +237,11 @@ impl Throttle {
             return true;
         }
         let now = (self.clock)();
-        self.buckets(dir, bytes)
-            .all(|(cell, cost, s)| gcra::peek(cell, now, cost, s) == 0)
+        let tenant = self.cells();
+        let ready = self
+            .buckets(dir, bytes, tenant.as_deref())
+            .all(|(cell, cost, s)| gcra::peek(cell, now, cost, s) == 0);
+        ready
     }
 
     /// Take a request's tokens and count it; returns how long (ns) it
@@ -231,7 +252,8 @@ impl Throttle {
         }
         let now = (self.clock)();
         let mut wait = None;
-        for (cell, cost, s) in self.buckets(dir, bytes) {
+        let tenant = self.cells();
+        for (cell, cost, s) in self.buckets(dir, bytes, tenant.as_deref()) {
             let w = gcra::reserve(cell, now, cost, s);
             wait = Some(wait.unwrap_or(0).max(w));
         }

@@ -69,6 +69,14 @@ impl SharedCells {
         Ok(SharedCells { ptr, _fd: fd })
     }
 
+    /// Whether `fd` is the file these cells are mapped from.
+    pub fn same_file(&self, fd: &OwnedFd) -> bool {
+        match (file_id(&self._fd), file_id(fd)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// Cell `i` (`i < CELLS`).
     pub fn cell(&self, i: usize) -> &AtomicU64 {
         assert!(i < CELLS, "tenant bucket cell {i} out of range");
@@ -82,14 +90,24 @@ impl SharedCells {
 
 /// The file's size, by the raw `fstat` the seccomp filter allows (glibc's
 /// fstat and std's metadata take paths: newfstatat, statx).
-fn file_len(fd: &OwnedFd) -> io::Result<u64> {
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid value to be overwritten.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: st is a valid out-pointer; the fd is ours.
     if unsafe { libc::syscall(libc::SYS_fstat, fd.as_raw_fd(), &mut st as *mut libc::stat) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    u64::try_from(st.st_size).map_err(io::Error::other)
+    Ok(st)
+}
+
+fn file_len(fd: &OwnedFd) -> io::Result<u64> {
+    u64::try_from(fstat(fd)?.st_size).map_err(io::Error::other)
+}
+
+/// (device, inode): which file an fd is.
+fn file_id(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    let st = fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 impl Drop for SharedCells {

@@ -99,6 +99,32 @@ fn tenant_limit_is_shared_by_workers_mapping_one_bucket() {
 }
 
 #[test]
+fn a_new_bucket_file_replaces_the_old_and_the_same_one_is_kept() {
+    let (t, _) = clocked();
+    let tenant = limits(Knob::WriteIops, 100, 1);
+    let old = memfd();
+    t.set(IoLimits::default(), tenant, Some(old.try_clone().unwrap()))
+        .unwrap();
+    assert_eq!(t.take(Dir::Write, 1), 0);
+    // The same file again (every change passes it): the debt is kept.
+    t.set(IoLimits::default(), tenant, Some(old.try_clone().unwrap()))
+        .unwrap();
+    assert_eq!(t.take(Dir::Write, 1), 10 * MS);
+    // A restarted broker's new file: the worker joins it.
+    let new = memfd();
+    t.set(IoLimits::default(), tenant, Some(new.try_clone().unwrap()))
+        .unwrap();
+    assert_eq!(t.take(Dir::Write, 1), 0, "a fresh bucket");
+    let (other, _) = clocked();
+    other.set(IoLimits::default(), tenant, Some(new)).unwrap();
+    assert_eq!(
+        other.take(Dir::Write, 1),
+        10 * MS,
+        "shared with the new file"
+    );
+}
+
+#[test]
 fn tenant_limits_without_a_bucket_file_are_refused() {
     let (t, _) = clocked();
     let e = t
