@@ -1,0 +1,220 @@
+//! Crash consistency of the VHD engine, the way CrashMonkey and ALICE test
+//! file systems: record every write and sync a workload sends to its image
+//! files ([`recorder`]), build the files a power cut at each point (and
+//! with each sampled subset or tearing of the unsynced writes) would
+//! leave ([`states`]), and check that each opens, passes `check` or is
+//! fixed by `repair`, and reads back every flushed write and nothing that
+//! was never written ([`checker`], against [`model`]).
+//!
+//! The tests here run a bounded, seeded sample per workload. The full run
+//! (`bench/crash.sh`) is the ignored `full_size` test in release mode.
+
+mod checker;
+mod guest;
+mod model;
+mod recorder;
+mod rng;
+mod states;
+mod workloads;
+
+use checker::{check_state, Spec};
+use rng::Rng;
+use states::Mode;
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// How many states to try.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    /// Subset and torn samples per crash point (each).
+    per_point: usize,
+    /// Crash points tried (all if the log is shorter).
+    max_points: usize,
+    seed: u64,
+}
+
+/// What one workload's states showed.
+#[derive(Debug, Default)]
+struct Report {
+    ops: usize,
+    states: usize,
+    refused: usize,
+    repaired: usize,
+    failures: Vec<String>,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut h = DefaultHasher::new();
+    (a, b).hash(&mut h);
+    h.finish()
+}
+
+fn run(spec: &Spec, budget: Budget) -> Report {
+    let mut report = Report {
+        ops: spec.log.len(),
+        ..Report::default()
+    };
+    let n = spec.log.len() + 1;
+    let mut points: Vec<usize> = (0..n).collect();
+    if n > budget.max_points {
+        let mut rng = Rng::new(budget.seed);
+        // Keep the ends; sample the rest.
+        let mut chosen: Vec<usize> = vec![0, n - 1];
+        while chosen.len() < budget.max_points {
+            chosen.push(rng.below(n as u64) as usize);
+        }
+        chosen.sort_unstable();
+        chosen.dedup();
+        points = chosen;
+    }
+    let mut seen = HashSet::new();
+    for &p in &points {
+        let mut modes = vec![(Mode::Prefix, 0)];
+        if states::has_unsynced(&spec.log, p) {
+            for k in 0..budget.per_point {
+                modes.push((Mode::Subset, k));
+                modes.push((Mode::Torn, k));
+            }
+        }
+        for (mode, k) in modes {
+            let seed = mix(mix(budget.seed, p as u64), (k as u64) << 2 | mode as u64);
+            let files = states::build(&spec.bases, &spec.log, p, mode, &mut Rng::new(seed));
+            let mut h = DefaultHasher::new();
+            (p, &files).hash(&mut h);
+            if !seen.insert(h.finish()) {
+                continue;
+            }
+            report.states += 1;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_state(spec, &files, p)
+            }));
+            match r {
+                Ok(Ok(o)) => {
+                    report.refused += usize::from(o.refused);
+                    report.repaired += usize::from(o.repaired);
+                }
+                Ok(Err(e)) => report.failures.push(format!(
+                    "{} seed {} crash point {p}/{} {mode:?}#{k}: {e}",
+                    spec.name,
+                    budget.seed,
+                    spec.log.len()
+                )),
+                Err(_) => report.failures.push(format!(
+                    "{} seed {} crash point {p}/{} {mode:?}#{k}: PANIC",
+                    spec.name,
+                    budget.seed,
+                    spec.log.len()
+                )),
+            }
+        }
+    }
+    report
+}
+
+/// Run one workload over `seeds` and fail with the first failures.
+fn campaign(name: &str, seeds: std::ops::Range<u64>, budget: Budget) -> Report {
+    let (_, make) = workloads::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("workload");
+    let mut total = Report::default();
+    for seed in seeds {
+        let spec = make(seed);
+        let r = run(&spec, Budget { seed, ..budget });
+        total.ops += r.ops;
+        total.states += r.states;
+        total.refused += r.refused;
+        total.repaired += r.repaired;
+        total.failures.extend(r.failures);
+    }
+    total
+}
+
+fn assert_clean(name: &str, r: &Report) {
+    assert!(r.states > 0, "{name}: no crash states");
+    assert!(
+        r.failures.is_empty(),
+        "{name}: {} of {} crash states failed; first:\n{}",
+        r.failures.len(),
+        r.states,
+        r.failures[..r.failures.len().min(8)].join("\n")
+    );
+}
+
+/// The CI sample: two seeds, a few dozen crash points each.
+const CI: Budget = Budget {
+    per_point: 2,
+    max_points: 40,
+    seed: 0,
+};
+
+macro_rules! ci_tests {
+    ($($test:ident => $name:literal,)*) => {$(
+        #[test]
+        fn $test() {
+            let r = campaign($name, 1..3, CI);
+            assert_clean($name, &r);
+        }
+    )*};
+}
+
+ci_tests! {
+    crash_create_dynamic_keeps_flushed_writes => "create",
+    crash_create_fixed_keeps_flushed_writes => "create_fixed",
+    crash_dynamic_allocating_writes_keep_flushed_writes => "dynamic_alloc",
+    crash_dynamic_discard_keeps_flushed_writes => "dynamic_discard",
+    crash_differencing_partial_writes_keep_flushed_writes => "diff_alloc",
+    crash_differencing_full_block_writes_keep_flushed_writes => "diff_full_block",
+    crash_snapshot_keeps_parent_and_child => "snapshot",
+    crash_coalesce_keeps_chain_and_parent => "coalesce",
+    crash_resize_within_bat_keeps_data => "resize_room",
+    crash_resize_with_new_bat_keeps_data => "resize_grow_bat",
+    crash_resize_fixed_keeps_data => "resize_fixed",
+    crash_repair_keeps_data => "repair",
+}
+
+/// The full run: every crash point, 12 subset and 12 torn samples each,
+/// several seeds per workload. `CRASH_SEEDS` sets the seed count.
+#[test]
+#[ignore = "full size: run by bench/crash.sh in release mode"]
+fn full_size() {
+    let seeds: u64 = std::env::var("CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let budget = Budget {
+        per_point: 12,
+        max_points: usize::MAX,
+        seed: 0,
+    };
+    println!(
+        "{:<16} {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "workload", "ops", "states", "refused", "repaired", "failed"
+    );
+    let mut total = 0;
+    let mut failures = Vec::new();
+    for (name, _) in workloads::ALL {
+        let r = campaign(name, 1..1 + seeds, budget);
+        println!(
+            "{:<16} {:>6} {:>8} {:>8} {:>8} {:>8}",
+            name,
+            r.ops,
+            r.states,
+            r.refused,
+            r.repaired,
+            r.failures.len()
+        );
+        total += r.states;
+        failures.extend(r.failures);
+    }
+    println!("total crash states: {total}, failed: {}", failures.len());
+    for f in failures.iter().take(20) {
+        println!("  {f}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} crash states failed",
+        failures.len()
+    );
+    assert!(total >= 10_000, "only {total} crash states");
+}
