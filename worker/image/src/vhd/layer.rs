@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+mod deferred_bat;
 mod direct;
 
 const BITMAP_SHARDS: usize = 16;
@@ -39,7 +40,10 @@ const BITMAPS_PER_SHARD: usize = 256;
 pub struct VhdOptions {
     /// Sync data between the steps of a block allocation and before a
     /// bitmap update, so that a crash leaves either the old or the new
-    /// contents. Offline bulk writers (convert) turn it off and sync once.
+    /// contents. Offline bulk writers (convert, coalesce) turn it off and
+    /// sync once: new BAT entries then wait in memory for the next flush,
+    /// which writes them after a data sync ([`deferred_bat`]), so a crash
+    /// still never leaves an entry pointing at unwritten space.
     pub sync_metadata: bool,
 }
 
@@ -87,6 +91,9 @@ struct Sparse {
     batmap_bits: u64,
     batmap: Option<BatmapDisk>,
     batmap_dirty: AtomicBool,
+    /// Blocks allocated with `sync_metadata` off whose BAT entry is only
+    /// in memory yet (see [`deferred_bat`]).
+    pending_bat: Mutex<Vec<u32>>,
     bitmaps: Vec<Mutex<HashMap<u32, Arc<[u8]>>>>,
     alloc: Mutex<AllocState>,
 }
@@ -203,6 +210,7 @@ impl VhdLayer {
                     batmap_bits,
                     batmap,
                     batmap_dirty: AtomicBool::new(false),
+                    pending_bat: Mutex::new(Vec::new()),
                     bitmaps: (0..BITMAP_SHARDS)
                         .map(|_| Mutex::new(HashMap::new()))
                         .collect(),
@@ -667,6 +675,10 @@ impl VhdLayer {
             lock(&s.bitmaps[block % BITMAP_SHARDS]).insert(block as u32, map.into());
         }
         s.bat.write().unwrap_or_else(|p| p.into_inner())[block] = sector;
+        // After the in-memory entry: a flush then writes the new value.
+        if !self.options.sync_metadata {
+            lock(&s.pending_bat).push(block as u32);
+        }
         Ok(())
     }
 
@@ -700,16 +712,17 @@ impl VhdLayer {
                 .set_len(block_end)
                 .map_err(ImageError::io("extend", block_end))?;
         }
+        // Without `sync_metadata` the entry waits for the next flush
+        // (`deferred_bat`): written now, it could reach the disk before
+        // the block does.
         if self.options.sync_metadata {
             self.sync()?;
-        }
-        io(
-            self.file.write_all_at(&sector.to_be_bytes(), table),
-            "write BAT",
-            table,
-        )?;
-        *bat_written = true;
-        if self.options.sync_metadata {
+            io(
+                self.file.write_all_at(&sector.to_be_bytes(), table),
+                "write BAT",
+                table,
+            )?;
+            *bat_written = true;
             self.sync()?;
         }
         io(
@@ -800,6 +813,7 @@ impl VhdLayer {
         if self.read_only {
             return Ok(());
         }
+        self.write_pending_bat(true)?;
         self.write_batmap()?;
         self.sync()
     }
@@ -810,6 +824,7 @@ impl VhdLayer {
         if self.read_only {
             return Ok(());
         }
+        self.write_pending_bat(false)?;
         self.write_batmap()
     }
 
@@ -845,6 +860,7 @@ impl Drop for VhdLayer {
         // Best effort, like tapdisk's close: the batmap is an optimisation
         // and a stale one is safe (it only ever lacks bits).
         if !self.read_only {
+            let _ = self.write_pending_bat(true);
             let _ = self.write_batmap();
         }
     }

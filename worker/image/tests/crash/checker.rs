@@ -22,6 +22,10 @@ pub struct Target {
     pub must_open_from: usize,
     /// Virtual sizes the image may have (empty: the view's).
     pub sizes: Vec<u64>,
+    /// A sector that may also read as these exact bytes: a known window,
+    /// counted apart (a fixed image's old footer in the space a resize
+    /// added, until the resize zeroes it).
+    pub tolerated: Option<(u64, Vec<u8>)>,
 }
 
 /// A recorded workload, ready for crash states.
@@ -40,6 +44,8 @@ pub struct Outcome {
     pub repaired: bool,
     /// A new file cut before its creation completed, refused cleanly.
     pub refused: bool,
+    /// The target's tolerated sector read as its tolerated bytes.
+    pub tolerated: bool,
 }
 
 /// Serves parents from the state's files by chain position.
@@ -86,7 +92,8 @@ fn open(files: &[Arc<MemFile>], t: &Target) -> Result<vhd::VhdImage, ImageError>
 
 /// Read every sector of `t` back and compare with what the model allows
 /// at `p`.
-fn verify(img: &vhd::VhdImage, t: &Target, p: usize) -> Result<(), String> {
+fn verify(img: &vhd::VhdImage, t: &Target, p: usize) -> Result<bool, String> {
+    let mut tolerated = false;
     let size = img.virtual_size();
     let sizes = if t.sizes.is_empty() {
         vec![t.view.sectors * SECTOR as u64]
@@ -111,6 +118,13 @@ fn verify(img: &vhd::VhdImage, t: &Target, p: usize) -> Result<(), String> {
             let allowed = &ok[sec as usize];
             match got {
                 Seen::Id(id) if allowed.contains(&id) => {}
+                Seen::Garbage
+                    if t.tolerated.as_ref().is_some_and(|(ts, bytes)| {
+                        *ts == sec && bytes[..] == part[i as usize * SECTOR..][..SECTOR]
+                    }) =>
+                {
+                    tolerated = true
+                }
                 Seen::Id(id) if ever[sec as usize].contains(&id) => {
                     return Err(format!(
                         "LOST: sector {sec} reads write {id}, but one of {allowed:?} was durable"
@@ -126,7 +140,7 @@ fn verify(img: &vhd::VhdImage, t: &Target, p: usize) -> Result<(), String> {
         }
         s += k;
     }
-    Ok(())
+    Ok(tolerated)
 }
 
 /// Check one crash state cut at `p`.
@@ -146,7 +160,7 @@ pub fn check_state(spec: &Spec, state: &[Vec<u8>], p: usize) -> Result<Outcome, 
             }
             Err(e) => return Err(format!("OPEN: {}: {e}", t.label)),
         };
-        verify(&img, t, p).map_err(|e| format!("{}: {e}", t.label))?;
+        out.tolerated |= verify(&img, t, p).map_err(|e| format!("{}: {e}", t.label))?;
         drop(img);
         // Every file of the chain: check, and repair what it says repair fixes.
         for &id in &t.chain {

@@ -40,6 +40,7 @@ struct Report {
     states: usize,
     refused: usize,
     repaired: usize,
+    tolerated: usize,
     failures: Vec<String>,
 }
 
@@ -92,6 +93,7 @@ fn run(spec: &Spec, budget: Budget) -> Report {
                 Ok(Ok(o)) => {
                     report.refused += usize::from(o.refused);
                     report.repaired += usize::from(o.repaired);
+                    report.tolerated += usize::from(o.tolerated);
                 }
                 Ok(Err(e)) => report.failures.push(format!(
                     "{} seed {} crash point {p}/{} {mode:?}#{k}: {e}",
@@ -125,6 +127,7 @@ fn campaign(name: &str, seeds: std::ops::Range<u64>, budget: Budget) -> Report {
         total.states += r.states;
         total.refused += r.refused;
         total.repaired += r.repaired;
+        total.tolerated += r.tolerated;
         total.failures.extend(r.failures);
     }
     total
@@ -188,20 +191,21 @@ fn full_size() {
         seed: 0,
     };
     println!(
-        "{:<16} {:>6} {:>8} {:>8} {:>8} {:>8}",
-        "workload", "ops", "states", "refused", "repaired", "failed"
+        "{:<16} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "workload", "ops", "states", "refused", "repaired", "tolerated", "failed"
     );
     let mut total = 0;
     let mut failures = Vec::new();
     for (name, _) in workloads::ALL {
         let r = campaign(name, 1..1 + seeds, budget);
         println!(
-            "{:<16} {:>6} {:>8} {:>8} {:>8} {:>8}",
+            "{:<16} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8}",
             name,
             r.ops,
             r.states,
             r.refused,
             r.repaired,
+            r.tolerated,
             r.failures.len()
         );
         total += r.states;
