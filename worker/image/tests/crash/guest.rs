@@ -9,8 +9,15 @@
 
 use crate::model::{pattern, GuestWrite, View, SECTOR};
 use crate::recorder::{World, FAKE_FD_BASE};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tapjail_image::vhd::VhdImage;
 use tapjail_image::{Image, Target};
+
+/// Writes that went the direct way and flushes that were plain data
+/// syncs, in this process: the harness's own test checks that the
+/// worker's fast path really is among what it records.
+pub static DIRECT_WRITES: AtomicUsize = AtomicUsize::new(0);
+pub static DIRECT_SYNCS: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -78,6 +85,7 @@ impl Guest<'_> {
                     at += n;
                 }
                 self.img.direct_done(&m, true);
+                DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -91,6 +99,7 @@ impl Guest<'_> {
         let start = self.world.pos();
         match (self.path, self.img.direct_sync()) {
             (Path::Ublk, Some(sync)) => {
+                DIRECT_SYNCS.fetch_add(1, Ordering::Relaxed);
                 let files = self.img.direct_files();
                 for i in sync.iter() {
                     self.world

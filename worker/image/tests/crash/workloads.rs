@@ -465,7 +465,7 @@ pub fn resize_room(seed: u64) -> Spec {
 
 /// Growing past the BAT: a new table after the last block.
 pub fn resize_grow_bat(seed: u64) -> Spec {
-    resize_case(seed, "resize_grow_bat", 4096, 16 * 8, 400 * 8)
+    resize_case(seed, "resize_grow_bat", 4096, 16 * 8, 160 * 8)
 }
 
 /// Growing a fixed image: the footer moves.
