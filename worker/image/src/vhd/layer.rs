@@ -11,8 +11,9 @@
 //!
 //! Crash safety of allocation (new block): bitmap and data are written at
 //! the old end of the file, then the BAT entry, then the footer at the new
-//! end, with a data sync between steps when `sync_metadata` is on. For an
-//! allocated block, data is written before its bitmap bits are set.
+//! end, with a data sync between steps when `sync_metadata` is on (off,
+//! the BAT entry waits for the flush: `deferred_bat`). For an allocated
+//! block, data is written and synced before its bitmap bits are set.
 
 use super::bat::UNUSED;
 use super::batmap::{self, BatmapHeader};
@@ -38,12 +39,13 @@ const BITMAPS_PER_SHARD: usize = 256;
 /// How a layer is opened.
 #[derive(Debug, Clone, Copy)]
 pub struct VhdOptions {
-    /// Sync data between the steps of a block allocation and before a
-    /// bitmap update, so that a crash leaves either the old or the new
-    /// contents. Offline bulk writers (convert, coalesce) turn it off and
-    /// sync once: new BAT entries then wait in memory for the next flush,
-    /// which writes them after a data sync ([`deferred_bat`]), so a crash
-    /// still never leaves an entry pointing at unwritten space.
+    /// Sync data between the steps of a block allocation, so that a crash
+    /// leaves either the old or the new contents. Offline bulk writers
+    /// (convert, coalesce) turn it off and sync once: new BAT entries then
+    /// wait in memory for the next flush, which writes them after a data
+    /// sync ([`deferred_bat`]), so a crash still never leaves an entry
+    /// pointing at unwritten space. A bitmap update of an allocated block
+    /// is preceded by a data sync either way.
     pub sync_metadata: bool,
 }
 
@@ -578,9 +580,11 @@ impl VhdLayer {
         if !bitmap::set_range(&mut map, first, count) {
             return Ok(());
         }
-        if self.options.sync_metadata {
-            self.sync()?;
-        }
+        // Always, even with `sync_metadata` off: a bit that reached the
+        // disk before its data would show bytes nobody wrote (zeroes
+        // instead of the parent's data, in a differencing image).
+        // Bulk writers rarely get here: their new blocks are full.
+        self.sync()?;
         // Write only the bitmap sectors that changed.
         let lo = (first / 8) / 512 * 512;
         let hi = ((first + count - 1) / 8 / 512 + 1) * 512;

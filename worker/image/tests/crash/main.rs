@@ -170,6 +170,8 @@ ci_tests! {
     crash_differencing_full_block_writes_keep_flushed_writes => "diff_full_block",
     crash_snapshot_keeps_parent_and_child => "snapshot",
     crash_coalesce_keeps_chain_and_parent => "coalesce",
+    crash_coalesce_into_differencing_parent_keeps_chain_and_parent => "coalesce_diff",
+    crash_convert_to_dynamic_keeps_copied_data => "convert",
     crash_resize_within_bat_keeps_data => "resize_room",
     crash_resize_with_new_bat_keeps_data => "resize_grow_bat",
     crash_resize_fixed_keeps_data => "resize_fixed",
@@ -189,6 +191,21 @@ fn crash_coalesce_seed1_bat_never_durable_before_its_block() {
     };
     let r = campaign("coalesce", 1..2, budget);
     assert_clean("coalesce", &r);
+}
+
+/// Regression: coalesce_diff seed 1 found a differencing parent's sector
+/// bitmap bit reaching the disk before the data it covers (with
+/// `sync_metadata` off): the parent read zeroes where its own parent's
+/// data had been ("sector 452 reads Id(0), never written there").
+#[test]
+fn crash_coalesce_diff_seed1_bitmap_never_durable_before_its_data() {
+    let budget = Budget {
+        per_point: 4,
+        max_points: usize::MAX,
+        seed: 0,
+    };
+    let r = campaign("coalesce_diff", 1..2, budget);
+    assert_clean("coalesce_diff", &r);
 }
 
 /// Regression: resize_fixed seed 1 found a fixed image grown by setting

@@ -10,7 +10,7 @@ use crate::rng::Rng;
 use tapjail_image::vhd::create::{create, CreateKind, ParentSpec};
 use tapjail_image::vhd::layout::{BatmapState, Metadata};
 use tapjail_image::vhd::{self, VhdImage, VhdLayer, VhdOptions};
-use tapjail_image::{Backing, ImageError, ParentLocator, ParentOpener};
+use tapjail_image::{Backing, Image, ImageError, ParentLocator, ParentOpener};
 
 /// Block size of most workloads: 128 sectors, so partial blocks have
 /// real bitmaps.
@@ -367,17 +367,57 @@ pub fn snapshot(seed: u64) -> Spec {
 /// `tap-ctl vhd coalesce`, as `coalesce_in` runs it: the child's own
 /// sectors are copied into its parent, opened with `sync_metadata` off.
 pub fn coalesce(seed: u64) -> Spec {
+    coalesce_case(seed, "coalesce", false)
+}
+
+/// Coalesce into a parent that is itself a differencing image (its
+/// bitmaps change too).
+pub fn coalesce_diff_parent(seed: u64) -> Spec {
+    coalesce_case(seed, "coalesce_diff", true)
+}
+
+fn coalesce_case(seed: u64, name: &'static str, grand: bool) -> Spec {
     let mut rng = Rng::new(seed);
     let world = World::default();
-    let p = dynamic(&world, SIZE, BS);
     let mut ids = 0;
     let zeros = vec![0; SECTORS as usize];
-    let parent_data = fill(&world, &[p.id], zeros.clone(), &mut ids, &mut rng, 8, 64);
-    let c = child_of(&world, &p, BS);
+    let mut parent_chain = Vec::new();
+    let mut parent_data = zeros;
+    if grand {
+        let g = dynamic(&world, SIZE, BS);
+        parent_data = fill(&world, &[g.id], parent_data, &mut ids, &mut rng, 6, 64);
+        let p = child_of(&world, &g, BS);
+        parent_chain = vec![p.id, g.id];
+        parent_data = fill(
+            &world,
+            &parent_chain,
+            parent_data,
+            &mut ids,
+            &mut rng,
+            6,
+            64,
+        );
+    } else {
+        let p = dynamic(&world, SIZE, BS);
+        parent_chain.push(p.id);
+        parent_data = fill(
+            &world,
+            &parent_chain,
+            parent_data,
+            &mut ids,
+            &mut rng,
+            8,
+            64,
+        );
+    }
+    let c = child_of(&world, &world.handle(parent_chain[0]), BS);
     let first_child_id = ids + 1;
+    let chain: Vec<usize> = std::iter::once(c.id)
+        .chain(parent_chain.iter().copied())
+        .collect();
     let chain_data = fill(
         &world,
-        &[c.id, p.id],
+        &chain,
         parent_data.clone(),
         &mut ids,
         &mut rng,
@@ -393,7 +433,7 @@ pub fn coalesce(seed: u64) -> Spec {
         VhdOptions::default(),
     )
     .expect("open child");
-    let parent = open(&world, &[p.id], false);
+    let parent = open(&world, &parent_chain, false);
     tapjail_image::vhd::coalesce::coalesce_into(&layer, &parent, &mut |_, _| {}).expect("coalesce");
     drop(parent);
     let end = world.pos();
@@ -413,13 +453,64 @@ pub fn coalesce(seed: u64) -> Spec {
     }
     pview.flushes.push((end, end));
     spec(
-        "coalesce",
+        name,
         &world,
         vec![
-            target("chain", vec![c.id, p.id], View::new(chain_data)),
-            target("parent", vec![p.id], pview),
+            target("chain", chain, View::new(chain_data)),
+            target("parent", parent_chain, pview),
         ],
     )
+}
+
+/// `tap-ctl vhd convert --sync` to a dynamic VHD, as `convert_into` runs
+/// it: create, open with `sync_metadata` off, copy what the source holds,
+/// flush once.
+pub fn convert(seed: u64) -> Spec {
+    let mut rng = Rng::new(seed);
+    let world = World::default();
+    let src = dynamic(&world, SIZE, BS);
+    let mut ids = 0;
+    let data = fill(
+        &world,
+        &[src.id],
+        vec![0; SECTORS as usize],
+        &mut ids,
+        &mut rng,
+        10,
+        100,
+    );
+    let out = world.new_file();
+    world.begin();
+    create(&out, SIZE, &CreateKind::Dynamic { block_size: BS }).expect("create");
+    let committed = world.pos();
+    let source = open(&world, &[src.id], false);
+    let dst = open(&world, &[out.id], false);
+    let mut view = View::new(vec![0; SECTORS as usize]);
+    let chunk = 32u64;
+    let mut buf = vec![0u8; chunk as usize * SECTOR];
+    for first in (0..SECTORS).step_by(chunk as usize) {
+        let ids = &data[first as usize..(first + chunk) as usize];
+        if ids.iter().all(|&i| i == 0) {
+            continue;
+        }
+        source.read_at(&mut buf, first * 512).expect("read source");
+        let issue = world.pos();
+        dst.write_at(&buf, first * 512).expect("write");
+        view.writes.push(GuestWrite {
+            first,
+            ids: ids.to_vec(),
+            issue,
+            ack: world.pos(),
+            fua: false,
+        });
+    }
+    let flush = world.pos();
+    dst.flush().expect("flush");
+    view.flushes.push((flush, world.pos()));
+    drop((source, dst));
+    let mut t = target("converted", vec![out.id], view);
+    t.must_open_from = committed;
+    spec("convert", &world, vec![t])
 }
 
 /// `tap-ctl vhd resize` from `blocks` to `new_sectors`, then writes that
@@ -561,6 +652,8 @@ pub const ALL: &[(&str, fn(u64) -> Spec)] = &[
     ("diff_full_block", diff_full_block),
     ("snapshot", snapshot),
     ("coalesce", coalesce),
+    ("coalesce_diff", coalesce_diff_parent),
+    ("convert", convert),
     ("resize_room", resize_room),
     ("resize_grow_bat", resize_grow_bat),
     ("resize_fixed", resize_fixed),
