@@ -38,10 +38,10 @@ pub struct Spec {
 }
 
 /// What one state showed.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Outcome {
-    /// `check` found something `repair` fixes, and it did.
-    pub repaired: bool,
+    /// What `check` found that `repair` then fixed (its fields).
+    pub repaired: Vec<&'static str>,
     /// A new file cut before its creation completed, refused cleanly.
     pub refused: bool,
     /// The target's tolerated sector read as its tolerated bytes.
@@ -188,7 +188,7 @@ pub fn check_state(spec: &Spec, state: &[Vec<u8>], p: usize) -> Result<Outcome, 
             let img = open(&repaired, t)
                 .map_err(|e| format!("OPEN after repair: {} file {id}: {e}", t.label))?;
             verify(&img, t, p).map_err(|e| format!("after repair: {}: {e}", t.label))?;
-            out.repaired = true;
+            out.repaired.extend(problems.iter().map(|pr| pr.field));
         }
     }
     Ok(out)

@@ -41,6 +41,8 @@ struct Report {
     refused: usize,
     repaired: usize,
     tolerated: usize,
+    /// Problems `repair` fixed, by field.
+    fixed: std::collections::BTreeMap<&'static str, usize>,
     failures: Vec<String>,
 }
 
@@ -92,7 +94,12 @@ fn run(spec: &Spec, budget: Budget) -> Report {
             match r {
                 Ok(Ok(o)) => {
                     report.refused += usize::from(o.refused);
-                    report.repaired += usize::from(o.repaired);
+                    report.repaired += usize::from(!o.repaired.is_empty());
+                    let mut fields = o.repaired.clone();
+                    fields.dedup();
+                    for f in fields {
+                        *report.fixed.entry(f).or_default() += 1;
+                    }
                     report.tolerated += usize::from(o.tolerated);
                 }
                 Ok(Err(e)) => report.failures.push(format!(
@@ -128,6 +135,9 @@ fn campaign(name: &str, seeds: std::ops::Range<u64>, budget: Budget) -> Report {
         total.refused += r.refused;
         total.repaired += r.repaired;
         total.tolerated += r.tolerated;
+        for (f, n) in r.fixed {
+            *total.fixed.entry(f).or_default() += n;
+        }
         total.failures.extend(r.failures);
     }
     total
@@ -175,6 +185,7 @@ ci_tests! {
     crash_resize_within_bat_keeps_data => "resize_room",
     crash_resize_with_new_bat_keeps_data => "resize_grow_bat",
     crash_resize_fixed_keeps_data => "resize_fixed",
+    crash_resize_differencing_with_locators_keeps_data => "resize_diff",
     crash_repair_keeps_data => "repair",
 }
 
@@ -292,6 +303,7 @@ fn full_size() {
     );
     let mut total = 0;
     let mut failures = Vec::new();
+    let mut fixed = std::collections::BTreeMap::<&str, usize>::new();
     for (name, _) in workloads::ALL {
         let r = campaign(name, 1..1 + seeds, budget);
         println!(
@@ -304,10 +316,14 @@ fn full_size() {
             r.tolerated,
             r.failures.len()
         );
+        for (f, n) in &r.fixed {
+            *fixed.entry(*f).or_default() += n;
+        }
         total += r.states;
         failures.extend(r.failures);
     }
     println!("total crash states: {total}, failed: {}", failures.len());
+    println!("problems check found and repair fixed (states): {fixed:?}");
     for f in failures.iter().take(20) {
         println!("  {f}");
     }

@@ -9,6 +9,7 @@ use crate::recorder::{Handle, World};
 use crate::rng::Rng;
 use tapjail_image::vhd::create::{create, CreateKind, ParentSpec};
 use tapjail_image::vhd::layout::{BatmapState, Metadata};
+use tapjail_image::vhd::locator::LocatorCode;
 use tapjail_image::vhd::{self, VhdImage, VhdLayer, VhdOptions};
 use tapjail_image::{Backing, Image, ImageError, ParentLocator, ParentOpener};
 
@@ -549,6 +550,54 @@ fn resize_case(seed: u64, name: &'static str, bs: u32, old: u64, new: u64) -> Sp
     spec(name, &world, vec![t])
 }
 
+/// Growing a differencing child past its BAT (and its parent's size),
+/// with parent locators that a grown BAT may have to make room for.
+pub fn resize_diff(seed: u64) -> Spec {
+    let mut rng = Rng::new(seed);
+    let world = World::default();
+    let (old, new) = (16 * 8, 160 * 8);
+    let p = dynamic(&world, old * 512, 4096);
+    let mut ids = 0;
+    let pdata = fill(
+        &world,
+        &[p.id],
+        vec![0; old as usize],
+        &mut ids,
+        &mut rng,
+        6,
+        16,
+    );
+    let meta = Metadata::read(&p).expect("parent metadata");
+    let mut kind = child_kind(&meta, p.id, 4096);
+    if let CreateKind::Differencing { parent, .. } = &mut kind {
+        parent.locators = vec![
+            (LocatorCode::W2ru, "./f0.vhd".into()),
+            (LocatorCode::W2ku, "/images/f0.vhd".into()),
+        ];
+    }
+    let c = world.new_file();
+    create(&c, old * 512, &kind).expect("create child");
+    let chain = [c.id, p.id];
+    let mut data = fill(&world, &chain, pdata, &mut ids, &mut rng, 8, 16);
+    data.resize(new as usize, 0);
+    world.begin();
+    tapjail_image::vhd::resize::resize(&c, new * 512).expect("resize");
+    let mut view = View::new(data);
+    let img = open(&world, &chain, true);
+    let mut g = Guest {
+        world: &world,
+        img: &img,
+        view: &mut view,
+        ids: &mut ids,
+        path: Path::Ublk,
+    };
+    random_io(&mut g, &mut rng, 6, new, 8, 16);
+    drop(img);
+    let mut t = target("resized child", chain.to_vec(), view);
+    t.sizes = vec![old * 512, new * 512];
+    spec("resize_diff", &world, vec![t])
+}
+
 /// Growing within the BAT's room (the last block was partial).
 pub fn resize_room(seed: u64) -> Spec {
     resize_case(seed, "resize_room", BS, SECTORS - BS_SECTORS / 2, SECTORS)
@@ -656,6 +705,7 @@ pub const ALL: &[(&str, fn(u64) -> Spec)] = &[
     ("convert", convert),
     ("resize_room", resize_room),
     ("resize_grow_bat", resize_grow_bat),
+    ("resize_diff", resize_diff),
     ("resize_fixed", resize_fixed),
     ("repair", repair),
 ];
