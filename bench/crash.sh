@@ -9,7 +9,7 @@
 # under 10,000 states. The harness is `worker/image/tests/crash`; CI runs a
 # small seeded sample of it as ordinary tests.
 #
-#   bench/crash.sh                 CRASH_SEEDS=8 bench/crash.sh
+#   bench/crash.sh     CRASH_SEEDS=8 bench/crash.sh     CRASH_WORKLOADS=resize_diff,coalesce bench/crash.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec cargo test -q --release -p tapjail-image --test crash -- --ignored --nocapture --exact full_size
