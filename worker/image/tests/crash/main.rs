@@ -124,6 +124,7 @@ fn run(spec: &Spec, budget: Budget) -> Report {
 fn campaign(name: &str, seeds: std::ops::Range<u64>, budget: Budget) -> Report {
     let (_, make) = workloads::ALL
         .iter()
+        .chain(workloads::KNOWN_FAILING)
         .find(|(n, _)| *n == name)
         .expect("workload");
     let mut total = Report::default();
@@ -283,6 +284,24 @@ fn crash_harness_sees_direct_io_and_catches_lost_flushes() {
     assert!(lost, "dropping every sync lost nothing the checker noticed");
 }
 
+/// Known and reported, not fixed: a torn header write in set-parent
+/// leaves a child that does not open (see [`workloads::KNOWN_FAILING`]).
+/// Run it to see whether a fix holds.
+#[test]
+#[ignore = "known failure: set-parent's two-sector header write is not torn-write safe"]
+fn crash_set_parent_keeps_child_openable() {
+    let r = campaign(
+        "set_parent",
+        1..5,
+        Budget {
+            per_point: 8,
+            max_points: usize::MAX,
+            seed: 0,
+        },
+    );
+    assert_clean("set_parent", &r);
+}
+
 /// The full run: every crash point, 12 subset and 12 torn samples each,
 /// several seeds per workload. `CRASH_SEEDS` sets the seed count,
 /// `CRASH_WORKLOADS` (comma-separated names) picks workloads.
@@ -340,5 +359,14 @@ fn full_size() {
     );
     if only.is_none() {
         assert!(total >= 10_000, "only {total} crash states");
+    }
+    for (name, _) in workloads::KNOWN_FAILING {
+        let r = campaign(name, 1..1 + seeds, budget);
+        println!(
+            "known failing, not counted: {name}: {} of {} states failed; first: {}",
+            r.failures.len(),
+            r.states,
+            r.failures.first().map_or("-", |f| f.as_str())
+        );
     }
 }
