@@ -68,6 +68,12 @@ pub struct Tenant {
     /// Most connections all of this tenant's peers may hold at once (a
     /// tenant matched by gid has many uids, each with its own per-uid cap).
     pub max_clients: u32,
+    /// May open with `-D` (no `O_DIRECT`: the host's page cache holds her
+    /// data). Default true, as blktap.
+    pub page_cache: bool,
+    /// May open with `-e MINOR` (a clone reads its parent chain through
+    /// the page cache, shared with her other clones). Default true.
+    pub share_parent: bool,
 }
 
 /// The whole configuration file.
@@ -223,6 +229,8 @@ struct RawTenant {
     minors: Option<Spanned<Vec<i64>>>,
     admin: Option<bool>,
     max_clients: Option<Spanned<i64>>,
+    page_cache: Option<bool>,
+    share_parent: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -853,6 +861,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             minors,
             admin: t.admin.unwrap_or(false),
             max_clients: tenant_clients,
+            page_cache: t.page_cache.unwrap_or(true),
+            share_parent: t.share_parent.unwrap_or(true),
         });
     }
 
