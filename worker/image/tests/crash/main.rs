@@ -284,6 +284,22 @@ fn crash_harness_sees_direct_io_and_catches_lost_flushes() {
     assert!(lost, "dropping every sync lost nothing the checker noticed");
 }
 
+/// Resizing a differencing child with parent locators, every crash
+/// point of seed 1 with 8 reordered and 8 torn samples each: a grown BAT
+/// that moves the locators must not rewrite both sectors of the dynamic
+/// header at once (torn, its checksum fails and the child no longer
+/// opens; seen on the `resize` branch's in-place BAT growth).
+#[test]
+fn crash_resize_differencing_every_point_keeps_child_openable() {
+    let budget = Budget {
+        per_point: 8,
+        max_points: usize::MAX,
+        seed: 0,
+    };
+    let r = campaign("resize_diff", 1..2, budget);
+    assert_clean("resize_diff", &r);
+}
+
 /// Known and reported, not fixed: a torn header write in set-parent
 /// leaves a child that does not open (see [`workloads::KNOWN_FAILING`]).
 /// Run it to see whether a fix holds.
