@@ -496,6 +496,20 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
     parent: &Path,
 ) -> Result<(ParentSpec, u64), ImageError> {
     let pf = paths.open(parent, false)?;
+    let mut spec = parent_record(child, parent, &pf)?;
+    let layer = VhdLayer::open(
+        Box::new(pf),
+        &parent.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    spec.uuid = layer.uuid();
+    Ok((spec, layer.virtual_size()))
+}
+
+/// What a child records about `parent` (open as `pf`) apart from its UUID,
+/// which is left null (as for a raw parent): timestamp, name, locators.
+pub fn parent_record(child: &Path, parent: &Path, pf: &File) -> Result<ParentSpec, ImageError> {
     let mtime = pf
         .metadata()
         .ok()
@@ -506,12 +520,6 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
                 .saturating_sub(tapjail_image::vhd::footer::VHD_EPOCH)
         })
         .unwrap_or(0);
-    let layer = VhdLayer::open(
-        Box::new(pf),
-        &parent.to_string_lossy(),
-        true,
-        VhdOptions::default(),
-    )?;
     let abs = normalize(&std::path::absolute(parent).map_err(ImageError::io("resolve path", 0))?);
     let child_dir = child
         .parent()
@@ -523,19 +531,16 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok((
-        ParentSpec {
-            uuid: layer.uuid(),
-            timestamp: u32::try_from(mtime).unwrap_or(u32::MAX),
-            name,
-            locators: vec![
-                (LocatorCode::W2ru, rel),
-                (LocatorCode::W2ku, abs_s.clone()),
-                (LocatorCode::MacX, abs_s),
-            ],
-        },
-        layer.virtual_size(),
-    ))
+    Ok(ParentSpec {
+        uuid: [0; 16],
+        timestamp: u32::try_from(mtime).unwrap_or(u32::MAX),
+        name,
+        locators: vec![
+            (LocatorCode::W2ru, rel),
+            (LocatorCode::W2ku, abs_s.clone()),
+            (LocatorCode::MacX, abs_s),
+        ],
+    })
 }
 
 /// Whether `parent` lies outside the directory tree of `child` (its
@@ -606,7 +611,9 @@ pub fn check_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Vec<Pro
             true,
             VhdOptions::default(),
         )?;
-        if let Some(uuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) {
+        if layer.parent_is_raw() {
+            problems.extend(crate::raw_parent::raw_parent_problems(paths, &layer));
+        } else if let Some(uuid) = layer.parent_uuid() {
             let locs = layer.parent_locators();
             match open_parent_via(paths, layer.name(), &locs, uuid, false) {
                 Err(e) => problems.push(Problem {
@@ -795,6 +802,9 @@ pub fn coalesce_in<P: Paths + ?Sized>(
     let uuid = layer.parent_uuid().ok_or_else(|| {
         ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
     })?;
+    if layer.parent_is_raw() {
+        return crate::raw_parent::coalesce_raw_in(paths, &layer, progress);
+    }
     let locs = layer.parent_locators();
     let (pf, pname) = match open_parent_via(paths, layer.name(), &locs, uuid, true) {
         Ok(found) => found,

@@ -9,6 +9,7 @@ mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod raw_parent;
 mod robustness;
 mod seed;
 mod tenants;

@@ -31,7 +31,7 @@ impl Problem {
     pub fn fix(&self) -> Fix {
         match self.field {
             "footer" | "footer.cookie" | "footer.checksum" | "batmap" => Fix::Repair,
-            "parent" | "parent chain" | "header.parent_uuid" => Fix::SetParent,
+            "parent" | "raw parent" | "parent chain" | "header.parent_uuid" => Fix::SetParent,
             _ => Fix::None,
         }
     }
@@ -40,6 +40,9 @@ impl Problem {
     pub fn fix_hint(&self) -> &'static str {
         match self.fix() {
             Fix::Repair => "`tap-ctl vhd repair` fixes this",
+            Fix::SetParent if self.field == "raw parent" => {
+                "`tap-ctl vhd set-parent -m` fixes this (`repair` does not touch parents)"
+            }
             Fix::SetParent => {
                 "`tap-ctl vhd set-parent` fixes this (`repair` does not touch parents)"
             }
@@ -172,12 +175,7 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
                     });
                 }
             }
-            if s.header.parent_uuid() == [0; 16] {
-                problems.push(Problem {
-                    field: "header.parent_uuid",
-                    message: "null parent UUID (raw parents are not supported)".into(),
-                });
-            }
+            // A null parent UUID marks a raw parent (libvhd's `vhd_parent_raw`).
         }
     }
     problems

@@ -237,7 +237,9 @@ fn rebuild_footer(file: &dyn Backing) -> Result<Option<(String, Metadata)>, Imag
             if size == 0 || size > MAX_VIRTUAL_SIZE {
                 return Ok(None);
             }
-            let ty = if header.parent_uuid() == [0; 16] {
+            // A null parent UUID with locators is a child of a raw parent.
+            let names_parent = header.locators.iter().any(|l| l.is_used());
+            let ty = if header.parent_uuid() == [0; 16] && !names_parent {
                 DiskType::Dynamic
             } else {
                 DiskType::Differencing
