@@ -3,6 +3,7 @@
 //! several tenants. Needs root.
 
 mod audit_flood;
+mod audit_full;
 mod audit_rotation;
 mod deadlines;
 mod escapes;
@@ -12,6 +13,7 @@ mod image_open;
 mod raw_parent;
 mod robustness;
 mod seed;
+mod soak_ublk;
 mod tenants;
 mod ublk;
 mod worker_confinement;

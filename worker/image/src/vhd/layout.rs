@@ -397,14 +397,15 @@ fn read_sparse(
     let mut metadata_end = regions.iter().map(|r| r.end).max().unwrap_or(0);
 
     // --- every BAT entry: inside the file, clear of metadata and of other blocks
-    let table = bat::read(file, table_offset, max_entries)?;
+    // Checked in place and kept (cut to the disk's blocks): a second copy
+    // of a large table may not fit in a worker's locked memory.
+    let mut bat_entries = bat::read(file, table_offset, max_entries)?;
     let block_total = u64::from(bm_bytes) + u64::from(block_size);
     let mut starts: Vec<(u64, u32)> = Vec::new();
-    let mut bat_entries = Vec::with_capacity(n_blocks as usize);
     let mut allocated_beyond_size = 0u32;
-    for (i, &e) in table.iter().enumerate() {
+    for (i, entry) in bat_entries.iter_mut().enumerate() {
         let idx = i as u32; // i < max_entries <= MAX_BAT_ENTRIES
-        let mut entry = e;
+        let e = *entry;
         if e != UNUSED {
             let start = u64::from(e) * 512;
             let end = start + block_total; // < 2^41 + 2^27: no overflow
@@ -428,17 +429,16 @@ fn read_sparse(
                         field: "bat",
                         message: msg,
                     });
-                    entry = UNUSED;
+                    *entry = UNUSED;
                 }
                 None => starts.push((start, idx)),
             }
         }
-        if u64::from(idx) < n_blocks {
-            bat_entries.push(entry);
-        } else if entry != UNUSED {
+        if u64::from(idx) >= n_blocks && *entry != UNUSED {
             allocated_beyond_size += 1;
         }
     }
+    bat_entries.truncate(usize::try_from(n_blocks).unwrap_or(usize::MAX));
     starts.sort_unstable();
     for w in starts.windows(2) {
         if w[0].0 + block_total > w[1].0 {
