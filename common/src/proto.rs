@@ -263,6 +263,10 @@ pub struct StatsReply {
     pub frontend: Option<FrontendKind>,
     pub restarts: u32,
     pub worker: WorkerStats,
+    /// The tenant owning the minor (for metrics labels); empty from an
+    /// older broker.
+    #[serde(default)]
+    pub tenant: String,
 }
 
 #[cfg(test)]

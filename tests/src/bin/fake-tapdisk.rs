@@ -529,6 +529,7 @@ fn main() {
                         ..Default::default()
                     },
                     latency: Default::default(),
+                    histograms: Default::default(),
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),

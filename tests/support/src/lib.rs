@@ -13,6 +13,7 @@ mod immutable;
 mod kernel;
 mod precondition;
 mod process;
+pub mod prometheus;
 
 pub use data::{pattern, Aligned};
 pub use fio::fio_verify_writer;
