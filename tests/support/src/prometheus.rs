@@ -42,19 +42,28 @@ for f in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 "#;
 
+/// The first Python that has the parser: `python3` on `PATH` may be a
+/// private one (pyenv) without the distribution's packages.
+fn interpreter() -> Option<&'static str> {
+    ["python3", "/usr/bin/python3"].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import prometheus_client.parser"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 /// Whether the parser is installed.
 pub fn have_parser() -> bool {
-    Command::new("python3")
-        .args(["-c", "import prometheus_client.parser"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    interpreter().is_some()
 }
 
 /// Parse `text`; `Err` carries the parser's complaint.
 pub fn parse(text: &str) -> Result<Vec<Family>, String> {
-    let mut child = Command::new("python3")
+    let py = interpreter().ok_or("no python3 with prometheus_client")?;
+    let mut child = Command::new(py)
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
