@@ -54,8 +54,7 @@ pub struct WorkerStats {
     pub reqs_outstanding: u64,
     pub frontend: FrontendStats,
     pub latency: LatencyStats,
-    /// Request latency histograms; absent from older workers.
-    #[serde(default)]
+    /// Request latency histograms, for `tap-ctl metrics`.
     pub histograms: Histograms,
 }
 

@@ -11,6 +11,7 @@ mod client;
 mod escape;
 mod lifecycle;
 mod metrics;
+mod throttle;
 mod vhd;
 mod xapi;
 

@@ -290,6 +290,32 @@ pub fn render(disks: &[DiskMetrics]) -> String {
             histogram(&mut o, "tapjail_disk_request_duration_seconds", &l, h);
         }
     }
+    o.family(
+        "tapjail_disk_throttle_delayed_requests_total",
+        "counter",
+        "Requests that waited for the disk's or its tenant's I/O limits.",
+    );
+    for (l, s) in with_stats() {
+        if let Some(t) = &s.throttle {
+            for (op, n) in [("read", t.delayed[0]), ("write", t.delayed[1])] {
+                let l = format!("{l},op=\"{op}\"");
+                o.sample("tapjail_disk_throttle_delayed_requests_total", &l, n);
+            }
+        }
+    }
+    o.family(
+        "tapjail_disk_throttle_delay_seconds_total",
+        "counter",
+        "Time requests spent waiting for I/O limits.",
+    );
+    for (l, s) in with_stats() {
+        if let Some(t) = &s.throttle {
+            for (op, us) in [("read", t.delay_us[0]), ("write", t.delay_us[1])] {
+                let l = format!("{l},op=\"{op}\"");
+                o.sample("tapjail_disk_throttle_delay_seconds_total", &l, seconds(us));
+            }
+        }
+    }
     o.0
 }
 

@@ -145,6 +145,41 @@ fn standalone_monitor_refuses_a_parent_outside_the_leaf_directory() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("outside the image's directory"), "{err}");
+    // The relative locator says which rule it broke, not the errno.
+    assert!(
+        err.contains("elsewhere.vhd leaves the image's directory"),
+        "{err}"
+    );
+    assert!(!err.contains("cross-device"), "{err}");
+}
+
+#[test]
+fn standalone_monitor_refuses_a_symlinked_parent_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("base.vhd");
+    dynamic_vhd(&parent, 4 * MIB);
+    let child = dir.path().join("leaf.vhd");
+    vhdfs::snapshot_path(&child, &parent, DEFAULT_BLOCK_SIZE).unwrap();
+    // The parent is now a symlink (to a file in the same directory).
+    std::fs::rename(&parent, dir.path().join("real.vhd")).unwrap();
+    std::os::unix::fs::symlink("real.vhd", &parent).unwrap();
+    let out = Command::new(TAPDISK)
+        .arg("--nbd")
+        .arg(dir.path().join("s.sock"))
+        .arg("-a")
+        .arg(format!("vhd:{}", child.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "parent path base.vhd is a symlink or passes through one; images and parents \
+             must be regular files, symlinks are refused"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("symbolic links"), "{err}");
 }
 
 /// A child of a raw parent (`snapshot -m`) served standalone over NBD: the

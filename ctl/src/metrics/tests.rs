@@ -61,6 +61,11 @@ fn disk(minor: u16, path: &str, tenant: &str, stats: bool) -> DiskMetrics {
             restarts: 2,
             worker,
             tenant: tenant.into(),
+            throttle: Some(tapjail_common::qos::ThrottleStats {
+                delayed: [0, 3],
+                delay_us: [0, 1_500_000],
+                ..Default::default()
+            }),
         }),
     }
 }
@@ -96,6 +101,8 @@ fn every_family_has_type_help_and_prometheus_names() {
         ("tapjail_layer_bytes", "counter"),
         ("tapjail_layer_errors", "counter"),
         ("tapjail_disk_request_duration_seconds", "histogram"),
+        ("tapjail_disk_throttle_delayed_requests", "counter"),
+        ("tapjail_disk_throttle_delay_seconds", "counter"),
     ];
     let names: Vec<&str> = fams.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, expected.map(|e| e.0), "{fams:#?}");
@@ -124,6 +131,13 @@ fn every_family_has_type_help_and_prometheus_names() {
     assert_eq!(read.label("minor"), Some("3"));
     assert_eq!(read.label("frontend"), Some("fuse"));
     assert_eq!(read.label("image"), Some("aio:/srv/a.img"));
+    let delay = family(&fams, "tapjail_disk_throttle_delay_seconds");
+    let w = delay
+        .samples
+        .iter()
+        .find(|s| s.label("op") == Some("write"))
+        .unwrap();
+    assert_eq!(w.value, 1.5);
 }
 
 #[test]

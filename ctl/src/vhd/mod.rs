@@ -270,8 +270,17 @@ fn explain(path: &Path, e: ImageError) -> anyhow::Error {
         }
         e => {
             let h = hint(&e, path);
-            anyhow::Error::new(e).context(h)
+            with_hint(e, h)
         }
+    }
+}
+
+/// `e` under the hint `h`. A parent error's message is used without the
+/// engine's "parent image:" prefix: the hint already names the parent.
+fn with_hint(e: ImageError, h: String) -> anyhow::Error {
+    match e {
+        ImageError::Parent(m) => anyhow::anyhow!("{h}: {m}"),
+        e => anyhow::Error::new(e).context(h),
     }
 }
 
@@ -654,7 +663,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                     }
                     _ => hint(&e, &src),
                 };
-                anyhow::Error::new(e).context(h)
+                with_hint(e, h)
             })?;
             if let ConvertTarget::VhdDynamic { block_size } = target {
                 warn_block_size(&dst, block_size);

@@ -30,7 +30,9 @@ impl Problem {
     /// The tool that fixes this problem.
     pub fn fix(&self) -> Fix {
         match self.field {
-            "footer" | "footer.cookie" | "footer.checksum" | "batmap" => Fix::Repair,
+            "footer" | "footer.cookie" | "footer.checksum" | "batmap" | "bat.placement" => {
+                Fix::Repair
+            }
             "parent" | "raw parent" | "parent chain" | "header.parent_uuid" => Fix::SetParent,
             _ => Fix::None,
         }
@@ -131,6 +133,17 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
                     ),
                 });
             }
+        }
+        for (b, start) in super::relocate::blocks_before_metadata(s) {
+            problems.push(Problem {
+                field: "bat.placement",
+                message: format!(
+                    "block {b} clobbers metadata: it starts at byte {start}, before the \
+                     metadata ends at byte {}; blktap's tools refuse this layout \
+                     (vhd-util check: \"block {b} clobbers headers\")",
+                    s.metadata_end
+                ),
+            });
         }
         if meta.footer.disk_type == DiskType::Dynamic {
             let h = &s.header;
