@@ -1,12 +1,21 @@
-//! The fuzz harness body, shared by the libFuzzer target and the stable
-//! replay test: treat the input as a whole image file, open it as a VHD,
-//! and read, map and check it. Anything but a panic is fine.
+//! The fuzz harness bodies, shared by the libFuzzer targets and the stable
+//! replay tests: image files (`open_read`, `write_repair`), FUSE requests
+//! (`fuse_request`), a hostile NBD client ([`nbd`]), control frames
+//! ([`frames`]) and the policy file ([`policy`]).
 
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 use tapjail_image::vhd::{check, repair, VhdImage, VhdLayer, VhdOptions};
 use tapjail_image::{Backing, Image};
+
+pub mod frames;
+pub mod nbd;
+pub mod policy;
+
+pub use frames::control_frames;
+pub use nbd::nbd_client;
+pub use policy::policy_toml;
 
 /// An in-memory file holding the fuzz input, so that nothing reaches the
 /// disk. Read-only unless made with [`MemFile::writable`] (then it grows
@@ -215,68 +224,30 @@ pub fn write_repair(data: &[u8]) {
     }
 }
 
-/// A hostile NBD client: the input is everything it sends. The first part
-/// drives the fixed-newstyle negotiation (options of any length, names,
-/// queries); if it reaches transmission, the rest is cut into 28-byte
-/// requests, each parsed and checked against the session as the
-/// connection does before touching the image. Anything but a panic, an
-/// overflow or a huge allocation is fine. Returns how many requests were
-/// checked (so the replay test knows its seeds get past negotiation).
-pub fn nbd_client(data: &[u8]) -> usize {
-    use std::io::{Cursor, Read, Write};
-    use tapjail_worker::frontend::nbd::handshake::{negotiate, ExportInfo, Outcome};
-    use tapjail_worker::frontend::nbd::proto::{decide, parse_request, REQUEST_SIZE};
-
-    /// Reads the client's bytes, swallows the server's.
-    struct Client<'a>(Cursor<&'a [u8]>);
-    impl Read for Client<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-    impl Write for Client<'_> {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    let export = ExportInfo {
-        name: "disk".into(),
-        size: 1 << 30,
-        read_only: data.last().is_some_and(|b| b & 1 != 0),
-        description: "fuzz".into(),
-        max_payload: 32 << 20,
-    };
-    let mut client = Client(Cursor::new(data));
-    let Ok(Outcome::Transmission(session)) = negotiate(&mut client, &export) else {
-        return 0;
-    };
-    let at = (client.0.position() as usize).min(data.len());
-    let mut checked = 0;
-    for chunk in data[at..].chunks_exact(REQUEST_SIZE) {
-        let b: &[u8; REQUEST_SIZE] = chunk.try_into().expect("chunks_exact");
-        if let Ok(req) = parse_request(b) {
-            let _ = decide(&req, &session);
-            checked += 1;
-        }
-    }
-    checked
+/// The committed, minimized corpus of `target` (`corpora/TARGET`), for
+/// the stable replay tests: each test asserts how many of these get past
+/// parsing.
+pub fn committed_corpus(target: &str) -> Vec<Vec<u8>> {
+    read_dirs(target, &["corpora"])
 }
 
 /// What libFuzzer left for `target` in this checkout (`corpus/TARGET` and
 /// `artifacts/TARGET`; absent in CI), for the stable replay tests.
 pub fn local_corpus(target: &str) -> Vec<Vec<u8>> {
+    read_dirs(target, &["corpus", "artifacts"])
+}
+
+fn read_dirs(target: &str, dirs: &[&str]) -> Vec<Vec<u8>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
-    for dir in ["corpus", "artifacts"] {
+    for dir in dirs {
         let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
             continue;
         };
-        for e in rd.flatten() {
-            if let Ok(b) = std::fs::read(e.path()) {
+        let mut paths: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            if let Ok(b) = std::fs::read(p) {
                 out.push(b);
             }
         }
