@@ -157,8 +157,8 @@ fn encode<T: Serialize>(msgs: &[T]) -> Vec<u8> {
 /// Well-formed inputs, with how many frames each holds: every message of
 /// every channel alone, then each channel's messages in one stream.
 pub fn seeds() -> Vec<(Vec<u8>, usize)> {
-    use tapjail_common::proto::{ErrorKind, FrontendKind, ImageKind, ImageSpec, ListEntry};
     use tapjail_common::proto::StatsReply;
+    use tapjail_common::proto::{ErrorKind, FrontendKind, ImageKind, ImageSpec, ListEntry};
     use tapjail_common::state::State;
     use tapjail_common::stats::{ImageStats, WorkerStats};
     use tapjail_common::worker_proto::{FrontendSpec, ParentLocator};
@@ -196,7 +196,10 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
             read_only: false,
             minor: None,
         },
-        Request::Destroy { pid: Some(1), minor },
+        Request::Destroy {
+            pid: Some(1),
+            minor,
+        },
         Request::Pause { pid: None, minor },
         Request::Unpause {
             pid: None,

@@ -10,6 +10,7 @@ use tapjail_image::vhd::{check, repair, VhdImage, VhdLayer, VhdOptions};
 use tapjail_image::{Backing, Image};
 
 pub mod frames;
+pub mod fuse;
 pub mod nbd;
 pub mod policy;
 
@@ -86,8 +87,8 @@ impl Backing for MemFile {
 }
 
 /// Open, read the start, the end and a few places, ask block status and
-/// run `check`.
-pub fn open_read(data: &[u8]) {
+/// run `check`. Whether it opened as a VHD (the replay counts these).
+pub fn open_read(data: &[u8]) -> bool {
     let _ = check::check(&MemFile::new(data));
     let Ok(layer) = VhdLayer::open(
         Box::new(MemFile::new(data)),
@@ -95,10 +96,10 @@ pub fn open_read(data: &[u8]) {
         true,
         VhdOptions::default(),
     ) else {
-        return;
+        return false;
     };
     let Ok(img) = VhdImage::from_layers(vec![layer]) else {
-        return;
+        return false;
     };
     let size = img.virtual_size();
     let mut buf = vec![0u8; 65536];
@@ -110,29 +111,30 @@ pub fn open_read(data: &[u8]) {
         let _ = img.block_status(0, size);
     }
     let _ = img.leaf().parent_locators();
+    true
 }
 
 /// The FUSE frontend's request path: parse one `/dev/fuse` message and, if
 /// it parses, answer it from the one-file filesystem over a small
 /// in-memory disk (writes fail, as the fuzz input is read-only). Anything
-/// but a panic is fine.
-pub fn fuse_request(data: &[u8]) {
+/// but a panic is fine. Whether the message parsed.
+pub fn fuse_request(data: &[u8]) -> bool {
+    use tapjail_image::raw::RawImage;
     use tapjail_worker::disk::Disk;
     use tapjail_worker::frontend::fuse::fs::{OneFileFs, Outcome};
     use tapjail_worker::frontend::fuse::request;
-    use tapjail_image::raw::RawImage;
 
     let Ok(req) = request::parse(data) else {
-        return;
+        return false;
     };
-    let Ok(img) = RawImage::open(Box::new(MemFile::new(&[0u8; 65536])), "fuzz", false) else {
-        return;
-    };
+    let img = RawImage::open(Box::new(MemFile::new(&[0u8; 65536])), "fuzz", false)
+        .expect("a raw image over memory opens");
     let fs = OneFileFs::new(Disk::new(Arc::new(img)), "disk");
     if let Outcome::Read(r) = fs.handle(&req) {
         let mut buf = vec![0u8; request::MAX_READ];
         let _ = fs.read(&r, &mut buf);
     }
+    true
 }
 
 /// A shared [`MemFile`], so that the harness can look at the bytes after
@@ -166,7 +168,9 @@ impl Backing for Shared {
 /// - an image `check` finds clean stays clean after successful writes,
 ///   and reads back what was written;
 /// - when `repair` says nothing remains, `check` agrees and it opens.
-pub fn write_repair(data: &[u8]) {
+///
+/// Whether it opened for writing (the replay counts these).
+pub fn write_repair(data: &[u8]) -> bool {
     let steer = u64::from_le_bytes(
         data.get(..8)
             .and_then(|b| b.try_into().ok())
@@ -174,9 +178,11 @@ pub fn write_repair(data: &[u8]) {
     );
     let file = Shared(Arc::new(MemFile::writable(data)));
     let clean_before = check::check(&file).is_empty();
+    let mut opened = false;
     if let Ok(layer) = VhdLayer::open(Box::new(file.clone()), "fuzz", false, VhdOptions::default())
     {
         if let Ok(img) = VhdImage::from_layers(vec![layer]) {
+            opened = true;
             let size = img.virtual_size();
             let mut wrote = Vec::new();
             for i in 0..3u64 {
@@ -222,6 +228,7 @@ pub fn write_repair(data: &[u8]) {
             );
         }
     }
+    opened
 }
 
 /// The committed, minimized corpus of `target` (`corpora/TARGET`), for

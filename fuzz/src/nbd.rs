@@ -106,9 +106,7 @@ fn number_requests(stream: &[u8], session: &Session) -> (Vec<u8>, Vec<Sent>, boo
                 let (read, status, payload) = match cmd {
                     Command::Read { len, .. } => (Some(len), None, 0),
                     Command::Write { len, .. } => (None, None, len as usize),
-                    Command::BlockStatus { len, req_one, .. } => {
-                        (None, Some((len, req_one)), 0)
-                    }
+                    Command::BlockStatus { len, req_one, .. } => (None, Some((len, req_one)), 0),
                     _ => (None, None, 0),
                 };
                 if stream.len() < at + REQUEST_SIZE + payload {
@@ -185,14 +183,18 @@ fn check_replies(mut r: &[u8], sent: &[Sent]) -> (usize, bool) {
                     else {
                         panic!("block status for request {h}, which did not ask");
                     };
-                    assert!(len >= 12 && (len - 4) % 8 == 0, "block status of {len} bytes");
+                    assert!(
+                        len >= 12 && (len - 4).is_multiple_of(8),
+                        "block status of {len} bytes"
+                    );
                     let n = (len - 4) / 8;
                     assert!(!one || n == 1, "{n} extents despite REQ_ONE");
                     assert!(n <= MAX_EXTENTS, "{n} extents");
-                    let total: u64 = (0..n)
-                        .map(|k| u64::from(be32(&body[4 + 8 * k..])))
-                        .sum();
-                    assert!(total <= u64::from(asked), "{total} bytes of status for {asked}");
+                    let total: u64 = (0..n).map(|k| u64::from(be32(&body[4 + 8 * k..]))).sum();
+                    assert!(
+                        total <= u64::from(asked),
+                        "{total} bytes of status for {asked}"
+                    );
                 }
                 if flags & REPLY_FLAG_DONE != 0 {
                     finish(h, &mut done);
@@ -249,17 +251,15 @@ pub fn nbd_client(data: &[u8]) -> NbdRun {
         let _ = (&reader).read_to_end(&mut got);
         got
     });
-    let end = conn::serve(
-        Arc::new(Sock::new(OwnedFd::from(server))),
-        session,
-        ctx,
-    )
-    .expect("serve");
+    let end = conn::serve(Arc::new(Sock::new(OwnedFd::from(server))), session, ctx).expect("serve");
     tx.join().expect("client writer");
     let replies = rx.join().expect("client reader");
     let (answered, whole) = check_replies(&replies, &sent);
     let ended_clean = matches!(end, End::Clean);
-    assert_eq!(ended_clean, clean, "server ended {end:?}, expected clean={clean}");
+    assert_eq!(
+        ended_clean, clean,
+        "server ended {end:?}, expected clean={clean}"
+    );
     if ended_clean {
         assert!(whole, "the reply stream ends inside a reply");
         assert_eq!(answered, sent.len(), "requests left unanswered");
@@ -270,7 +270,6 @@ pub fn nbd_client(data: &[u8]) -> NbdRun {
         clean: ended_clean,
     }
 }
-
 
 fn opt(code: u32, data: &[u8]) -> Vec<u8> {
     let mut m = IHAVEOPT.to_be_bytes().to_vec();

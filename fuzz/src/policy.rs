@@ -23,7 +23,11 @@ pub fn policy_toml(data: &[u8]) -> bool {
     let lines = text.lines().count().max(1) + 1;
     let warnings = Policy::warnings(text, &probe);
     for w in &warnings {
-        assert!(w.line <= lines, "warning at line {} of {lines}: {w}", w.line);
+        assert!(
+            w.line <= lines,
+            "warning at line {} of {lines}: {w}",
+            w.line
+        );
     }
     let policy = match Policy::parse(text) {
         Ok(p) => p,
@@ -68,7 +72,10 @@ fn normalized(p: &Path) -> bool {
 /// What validation promises of a policy that parsed.
 fn validated(p: &Policy) {
     let (lo, hi) = p.worker_uids;
-    assert!(lo >= 1 && lo <= hi && hi < u32::MAX, "worker_uids {lo}..={hi}");
+    assert!(
+        lo >= 1 && lo <= hi && hi < u32::MAX,
+        "worker_uids {lo}..={hi}"
+    );
     let paths = [&p.socket, &p.audit_log, &p.state_dir, &p.device_dir];
     let ids = [
         &p.id_files.subuid,

@@ -66,7 +66,11 @@ fn oversized_frames_are_refused_by_every_receiver() {
 #[test]
 fn frame_committed_corpus_gets_past_parsing() {
     let corpus = tapjail_fuzz::committed_corpus("control_frames");
-    assert!(corpus.len() >= 20, "corpus missing: {} entries", corpus.len());
+    assert!(
+        corpus.len() >= 20,
+        "corpus missing: {} entries",
+        corpus.len()
+    );
     let decoded = corpus
         .iter()
         .filter(|m| tapjail_fuzz::control_frames(m) > 0)

@@ -29,7 +29,11 @@ fn nbd_seeds_and_corpus_never_panic() {
 #[test]
 fn nbd_committed_corpus_reaches_the_io_path() {
     let corpus = tapjail_fuzz::committed_corpus("nbd_client");
-    assert!(corpus.len() >= 20, "corpus missing: {} entries", corpus.len());
+    assert!(
+        corpus.len() >= 20,
+        "corpus missing: {} entries",
+        corpus.len()
+    );
     let mut answered = 0;
     let mut replies = 0;
     for m in &corpus {
@@ -39,7 +43,10 @@ fn nbd_committed_corpus_reaches_the_io_path() {
         }
         replies += run.replies;
     }
-    eprintln!("{answered} of {} entries got replies ({replies} replies)", corpus.len());
+    eprintln!(
+        "{answered} of {} entries got replies ({replies} replies)",
+        corpus.len()
+    );
     assert!(
         answered * 2 >= corpus.len(),
         "only {answered} of {} corpus entries reached a reply",

@@ -20,7 +20,16 @@ fn policy_seeds_parse_or_are_refused() {
 fn policy_mutations_never_panic() {
     let mut rng = tapjail_fuzz::XorShift(0xBB67_AE85_84CA_A73B);
     let mut next = || rng.next_u64();
-    let numbers = ["0", "-1", "1", "4294967295", "4294967294", "16383", "16384", "9223372036854775807"];
+    let numbers = [
+        "0",
+        "-1",
+        "1",
+        "4294967295",
+        "4294967294",
+        "16383",
+        "16384",
+        "9223372036854775807",
+    ];
     let (good, bad) = seeds();
     let mut valid = 0;
     for seed in good.iter().chain(&bad) {
@@ -67,18 +76,23 @@ fn policy_mutations_never_panic() {
 #[test]
 fn policy_committed_corpus_gets_past_parsing() {
     let corpus = tapjail_fuzz::committed_corpus("policy_toml");
-    assert!(corpus.len() >= 20, "corpus missing: {} entries", corpus.len());
+    assert!(
+        corpus.len() >= 20,
+        "corpus missing: {} entries",
+        corpus.len()
+    );
     let valid = corpus
         .iter()
         .filter(|m| tapjail_fuzz::policy_toml(m))
         .count();
     let toml = corpus
         .iter()
-        .filter(|m| {
-            std::str::from_utf8(m).is_ok_and(|t| t.parse::<toml::Table>().is_ok())
-        })
+        .filter(|m| std::str::from_utf8(m).is_ok_and(|t| t.parse::<toml::Table>().is_ok()))
         .count();
-    eprintln!("{valid} valid policies, {toml} TOML documents of {}", corpus.len());
+    eprintln!(
+        "{valid} valid policies, {toml} TOML documents of {}",
+        corpus.len()
+    );
     // The validator's refusals are what the corpus is for, so most entries
     // are refused; but they must get past the TOML syntax to reach it.
     assert!(

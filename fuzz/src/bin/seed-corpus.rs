@@ -5,7 +5,9 @@
 use std::path::Path;
 
 fn write(target: &str, inputs: impl IntoIterator<Item = Vec<u8>>) -> std::io::Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     std::fs::create_dir_all(&dir)?;
     let mut n = 0;
     for (i, d) in inputs.into_iter().enumerate() {
@@ -27,6 +29,7 @@ fn main() -> std::io::Result<()> {
         good.into_iter().chain(bad).map(String::into_bytes),
     )?;
     write("nbd_client", tapjail_fuzz::nbd::seeds())?;
+    write("fuse_request", tapjail_fuzz::fuse::seeds())?;
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
     let mut images = Vec::new();
     for e in std::fs::read_dir(seeds)? {
