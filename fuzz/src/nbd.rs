@@ -251,7 +251,18 @@ pub fn nbd_client(data: &[u8]) -> NbdRun {
         let _ = (&reader).read_to_end(&mut got);
         got
     });
-    let end = conn::serve(Arc::new(Sock::new(OwnedFd::from(server))), session, ctx).expect("serve");
+    // On a thread of its own, as the worker serves each client; joined,
+    // like the pool threads below, so that a fuzzer's leak check finds no
+    // thread-local state of theirs still alive (the worker never stops
+    // its pool).
+    let serving = ctx.clone();
+    let end = std::thread::spawn(move || {
+        conn::serve(Arc::new(Sock::new(OwnedFd::from(server))), session, serving)
+    })
+    .join()
+    .expect("serve")
+    .expect("serve");
+    ctx.pool.shutdown();
     tx.join().expect("client writer");
     let replies = rx.join().expect("client reader");
     let (answered, whole) = check_replies(&replies, &sent);

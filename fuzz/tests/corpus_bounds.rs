@@ -1,5 +1,5 @@
 //! The committed corpora stay small enough to live in the repository and
-//! replay in CI: at most 200 files and 1 MiB per target, and one for each
+//! replay in CI: at most 600 files and 1 MiB per target, and one for each
 //! target.
 
 const TARGETS: [&str; 6] = [
@@ -17,7 +17,7 @@ fn committed_corpora_are_bounded() {
         let c = tapjail_fuzz::committed_corpus(t);
         let bytes: usize = c.iter().map(Vec::len).sum();
         assert!(!c.is_empty(), "corpora/{t} is missing");
-        assert!(c.len() <= 200, "corpora/{t}: {} files", c.len());
+        assert!(c.len() <= 600, "corpora/{t}: {} files", c.len());
         assert!(bytes <= 1 << 20, "corpora/{t}: {bytes} bytes");
     }
 }
