@@ -12,13 +12,16 @@ cd "$(dirname "$0")"
 target=$1 secs=$2
 shift 2
 mkdir -p "corpus/$target" "artifacts/$target" logs
+# A dictionary of the input's keywords, where one exists.
+dict=()
+[ -f "dicts/$target.dict" ] && dict=(-dict="dicts/$target.dict")
 log=logs/$target.log
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) $target ${secs}s" >>"$log"
 set +e
 nice -n 19 /usr/bin/time -f "cpu_seconds %U user %S sys, wall %e" -a -o "$log" \
   cargo +nightly fuzz run --features libfuzzer "$target" "corpus/$target" -- \
   -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 \
-  -artifact_prefix="artifacts/$target/" -print_final_stats=1 "$@" \
+  -artifact_prefix="artifacts/$target/" -print_final_stats=1 "${dict[@]}" "$@" \
   >>"$log" 2>&1
 rc=$?
 echo "== exit $rc" >>"$log"
