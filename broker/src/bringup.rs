@@ -117,6 +117,13 @@ impl Broker {
             file: leaf,
             id: leaf_id,
         } = self.open_grant(grant, !read_only, target.minor)?;
+        if !unpause {
+            // Before the first request can arrive (a worker keeps its
+            // limits across pause and unpause).
+            let own = self.table().disk(target.minor)?.io;
+            let limits = self.worker_limits(target.owner, own)?;
+            self.push_limits(conn, &limits, false)?;
+        }
         let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
         self.table().claim_files(target.minor, &files)?;
         let name = grant.path.display().to_string();
@@ -134,6 +141,13 @@ impl Broker {
             }
         };
         let mut names = vec![grant.path.clone()];
+        if !unpause {
+            let fresh = matches!(device, DeviceMode::Fresh);
+            if let Err(e) = self.xapi.send_plan(conn, target.minor, fresh) {
+                self.table().release_files(target.minor, &files);
+                return Err(e);
+            }
+        }
         let opened = conn.open_chain(&msg, &leaf, &mut |req| {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
@@ -270,6 +284,8 @@ impl Broker {
                 .open_grant(&grant, false, target.minor)
                 .and_then(|opened| {
                     let image_open::Opened { file, id } = opened;
+                    crate::xapi::scope::check_shared_parent(id, names.len())
+                        .map_err(BrokerError::denied)?;
                     self.table().claim_files(target.minor, &[(id, false)])?;
                     Ok((id, file))
                 });

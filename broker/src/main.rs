@@ -64,6 +64,7 @@ mod lease;
 mod lifecycle;
 mod ops;
 mod publish;
+mod qos;
 mod records;
 mod resync;
 mod server;
@@ -72,6 +73,7 @@ use tapjail_broker::sys;
 mod table;
 mod worker;
 mod worker_log;
+mod xapi;
 
 use anyhow::{bail, Context};
 use clap::Parser;

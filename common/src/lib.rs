@@ -8,12 +8,14 @@ pub mod audit;
 pub mod frame;
 pub mod minor;
 pub mod proto;
+pub mod qos;
 pub mod signals;
 pub mod state;
 pub mod stats;
 pub mod sys;
 pub mod ublk_abi;
 pub mod worker_proto;
+pub mod xapi;
 
 pub use minor::Minor;
 

@@ -154,6 +154,20 @@ pub enum Request {
         pid: Option<u32>,
         minor: Minor,
     },
+    /// Admin only: change I/O limits at runtime. Each change sets one knob
+    /// (`None`: no limit); knobs not named keep their value.
+    Throttle {
+        target: crate::qos::ThrottleTarget,
+        changes: Vec<(crate::qos::Knob, Option<crate::qos::Rate>)>,
+    },
+    /// `req` with the flags XAPI's storage manager adds (see [`crate::xapi`]).
+    /// Sent only when at least one of them is given.
+    WithOptions {
+        req: Box<Request>,
+        opts: crate::xapi::Options,
+    },
+    /// `tap-ctl major`: the block major of the devices this broker creates.
+    Major,
 }
 
 impl Request {
@@ -174,6 +188,9 @@ impl Request {
             Request::Unpause { .. } => "unpause",
             Request::List { .. } => "list",
             Request::Stats { .. } => "stats",
+            Request::Throttle { .. } => "throttle",
+            Request::WithOptions { req, .. } => req.verb(),
+            Request::Major => "major",
         }
     }
 }
@@ -209,6 +226,10 @@ pub enum ErrorKind {
     Version,
     /// The kernel or the worker failed.
     Failed,
+    /// A blktap feature tapjail does not build (`-r`, `-2`, `-C`, `-E`...).
+    Unsupported,
+    /// The tapdisk did not answer within the request's `-t SECS`.
+    TimedOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,9 +252,16 @@ pub enum Reply {
     },
     List(Vec<ListEntry>),
     Stats(Box<StatsReply>),
+    /// `throttle`: the limits now in force on the target (for a minor,
+    /// its own; for a tenant, the shared ones).
+    Throttled(crate::qos::IoLimits),
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// Answer to [`Request::Major`].
+    Major {
+        major: u32,
     },
 }
 
@@ -245,6 +273,8 @@ pub struct StatsReply {
     pub frontend: Option<FrontendKind>,
     pub restarts: u32,
     pub worker: WorkerStats,
+    /// I/O limits and how long requests waited for them.
+    pub throttle: Option<crate::qos::ThrottleStats>,
 }
 
 #[cfg(test)]

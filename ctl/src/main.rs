@@ -10,7 +10,9 @@ mod admin;
 mod client;
 mod escape;
 mod lifecycle;
+mod throttle;
 mod vhd;
+mod xapi;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,7 +81,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tap-ctl: {}", render(&e));
-            ExitCode::FAILURE
+            xapi::exit_code(&e)
         }
     }
 }

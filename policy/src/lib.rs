@@ -9,6 +9,7 @@ pub mod config;
 pub mod decide;
 pub mod idmap;
 pub mod path;
+pub mod xapi;
 
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,

@@ -172,10 +172,15 @@ struct Open {
 pub struct Worker {
     sock: OwnedFd,
     frontend_kind: FrontendKind,
+    /// `--cache`: what `Close` returns `cache` and `parent_cache` to.
+    base_cache: CacheMode,
     cache: CacheMode,
+    parent_cache: CacheMode,
     open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
     resync: Cell<Option<[u8; 16]>>,
+    /// I/O limits; every disk this worker opens passes through them.
+    throttle: Arc<crate::qos::Throttle>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -198,9 +203,12 @@ impl Worker {
         Worker {
             sock,
             frontend_kind,
+            base_cache: cache,
             cache,
+            parent_cache: cache,
             open: None,
             resync: Cell::new(None),
+            throttle: Arc::default(),
         }
     }
 
@@ -273,13 +281,13 @@ impl Worker {
                 let Some(leaf) = single_fd(&mut fds) else {
                     return error("Open needs exactly one fd (the leaf image)");
                 };
-                let mut parents =
-                    BrokerParents::new(self.sock.as_fd(), self.cache).on_resync(&self.resync);
+                let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
+                    .on_resync(&self.resync);
                 match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
                         self.open = Some(Open {
-                            disk: Disk::new(img),
+                            disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,
@@ -327,6 +335,31 @@ impl Worker {
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
+            ToWorker::Limits { disk, tenant } => {
+                if fds.len() > 1 {
+                    return error("Limits takes at most one fd (the tenant bucket)");
+                }
+                match self.throttle.set(disk, tenant, fds.pop()) {
+                    Ok(()) => FromWorker::Throttle(Box::new(self.throttle.stats())),
+                    Err(e) => error(format!("limits: {e}")),
+                }
+            }
+            ToWorker::ThrottleStats => FromWorker::Throttle(Box::new(self.throttle.stats())),
+            ToWorker::Cache(plan) => {
+                if self.open.is_some() {
+                    return error("Cache comes before Open, not while an image is open");
+                }
+                let buffered = |b: bool| {
+                    if b {
+                        CacheMode::Buffered
+                    } else {
+                        self.base_cache
+                    }
+                };
+                self.cache = buffered(plan.leaf_buffered);
+                self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
+                FromWorker::Ok
+            }
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),
@@ -350,7 +383,8 @@ impl Worker {
         let Some(leaf) = single_fd(&mut fds) else {
             return error("Unpause needs exactly one fd (the leaf image)");
         };
-        let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache).on_resync(&self.resync);
+        let mut parents =
+            BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
         let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
             Ok(img) => img,
             Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
@@ -431,6 +465,9 @@ impl Worker {
         let Some(mut open) = self.open.take() else {
             return Ok(());
         };
+        // The next Open states its own cache plan.
+        self.cache = self.base_cache;
+        self.parent_cache = self.base_cache;
         // Close the disk first so that requests still arriving fail fast
         // instead of waiting for a resume that will not come.
         let closed = open.disk.close();

@@ -3,17 +3,22 @@
 //! several tenants. Needs root.
 
 mod audit_flood;
+mod audit_full;
 mod audit_rotation;
 mod deadlines;
 mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod qos;
+mod raw_parent;
 mod robustness;
 mod seed;
+mod soak_ublk;
 mod tenants;
 mod ublk;
 mod worker_confinement;
 mod worker_log;
+mod xapi;
 
 pub use tapjail_tests::*;
