@@ -211,6 +211,7 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
             minor: Some(minor),
         },
         Request::Stats { pid: None, minor },
+        Request::Major,
     ];
     let stats = WorkerStats {
         name: "vhd:/srv/a.vhd".into(),
@@ -265,7 +266,13 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
             frontend: Some(FrontendKind::Ublk),
             restarts: 0,
             worker: stats.clone(),
+            throttle: Some(Default::default()),
         })),
+        Reply::Error {
+            kind: ErrorKind::Unsupported,
+            message: "-2 is not built".into(),
+        },
+        Reply::Major { major: 254 },
         Reply::Error {
             kind: ErrorKind::Denied,
             message: "refused".into(),
@@ -303,6 +310,11 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
         ToWorker::Stats,
         ToWorker::Shutdown,
         ToWorker::Resync { nonce: [0xa5; 16] },
+        ToWorker::Limits {
+            disk: Default::default(),
+            tenant: Default::default(),
+        },
+        ToWorker::ThrottleStats,
     ];
     let from_worker = vec![
         FromWorker::Ready { pid: 1234 },
@@ -336,6 +348,7 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
             serving: true,
             paused: false,
         },
+        FromWorker::Throttle(Box::default()),
     ];
     let mut out = Vec::new();
     fn add<T: Serialize>(out: &mut Vec<(Vec<u8>, usize)>, ch: Channel, msgs: &[T]) {

@@ -132,6 +132,19 @@ fn int(v: impl Into<i64>) -> toml::Value {
     toml::Value::Integer(v.into())
 }
 
+/// An I/O limit table with every limit and its burst spelled out.
+fn io_table(l: &tapjail_common::qos::IoLimits) -> toml::Value {
+    let mut t = toml::Table::new();
+    for k in tapjail_common::qos::Knob::ALL {
+        if let Some(r) = l.get(k) {
+            let v = |n: u64| int(i64::try_from(n).unwrap_or(i64::MAX));
+            t.insert(k.name().to_string(), v(r.per_sec));
+            t.insert(format!("{}_burst", k.name()), v(r.burst));
+        }
+    }
+    toml::Value::Table(t)
+}
+
 /// `p` as a policy file (every key spelled out).
 pub fn render(p: &Policy) -> String {
     let mut t = toml::Table::new();
@@ -210,6 +223,10 @@ pub fn render(p: &Policy) -> String {
                 m.insert("minors".into(), toml::Value::Array(vec![int(a), int(b)]));
             }
             m.insert("admin".into(), toml::Value::Boolean(tn.admin));
+            m.insert("page_cache".into(), toml::Value::Boolean(tn.page_cache));
+            m.insert("share_parent".into(), toml::Value::Boolean(tn.share_parent));
+            m.insert("disk_io".into(), io_table(&tn.disk_io));
+            m.insert("tenant_io".into(), io_table(&tn.tenant_io));
             m.insert("max_clients".into(), int(tn.max_clients));
             toml::Value::Table(m)
         })
@@ -268,6 +285,10 @@ image_roots = ["/srv/users", { path = "/srv/gold", shared_readonly = true }]
 minors = [100, 199]
 max_clients = 4
 admin = true
+page_cache = false
+share_parent = false
+disk_io = { write_iops = 500, write_iops_burst = 50, read_bps = 104857600 }
+tenant_io = { write_bps = 209715200 }
 
 [[tenant]]
 name = "other"
