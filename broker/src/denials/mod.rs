@@ -76,7 +76,8 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Strangers: 10 lines per uid, 100 for all, within the byte budgets.
+    /// Strangers: 10 lines per uid, 100 for all (plus each uid's first),
+    /// within the byte budgets.
     pub fn strangers(window: Duration) -> Budget {
         Budget {
             window,
@@ -264,9 +265,15 @@ impl DenialLimiter {
             self.others.get_or_insert_with(|| Bucket::new(now, peer))
         };
         bucket.last_peer = peer;
+        // A tracked uid's first denial of a window is written in full even
+        // when the class's line count is spent: who is knocking matters
+        // most, and otherwise a few uids flooding first would leave every
+        // later uid only a count. Bytes still bound it (and at most
+        // `max_uids` such lines exist per window).
+        let first_of_uid = tracked && bucket.written == 0 && bucket.suppressed == 0;
         let fits = bucket.written < b.lines_per_uid
             && bucket.bytes.saturating_add(bytes) <= b.uid_room()
-            && *total_lines < b.lines_total
+            && (*total_lines < b.lines_total || first_of_uid)
             && total_bytes.saturating_add(bytes) <= b.total_room();
         if fits {
             bucket.written += 1;

@@ -193,7 +193,9 @@ fn denials_of_many_uids_stay_within_the_shared_budget() {
             }
         }
     }
-    assert_eq!(full, 50);
+    // The class's 50 lines (uids 0-16), then the first line of each of
+    // the 83 other tracked uids: never more than lines_total + max_uids.
+    assert_eq!(full, 50 + 83);
     let s = l.due(t0 + Duration::from_secs(11), false);
     // 100 tracked uids and one shared line, whatever the number of uids.
     assert_eq!(s.len(), 101);
@@ -210,4 +212,27 @@ fn denials_summary_of_a_quiet_window_is_empty() {
     l.admit(p(7), "no-tenant", 100, t0);
     assert!(l.due(t0 + Duration::from_secs(11), false).is_empty());
     assert!(l.per_uid.is_empty());
+}
+
+#[test]
+fn denials_every_uid_gets_its_first_line_even_after_others_spent_the_class_lines() {
+    // uid 1 floods first and spends the class's 5 lines; each later uid
+    // still has its first denial written in full (who knocks), then only
+    // counts; an untracked uid beyond max_uids gets no such privilege.
+    let mut l = lim(10, 5, 4);
+    let t0 = Instant::now();
+    for i in 0..20 {
+        l.admit(p(1), "no-tenant", 100, t0 + MS * i);
+    }
+    for uid in 2..=4 {
+        assert_eq!(l.admit(p(uid), "no-tenant", 100, t0 + MS * 30), Admit::Full);
+        assert_eq!(
+            l.admit(p(uid), "no-tenant", 100, t0 + MS * 31),
+            Admit::Counted
+        );
+    }
+    assert_eq!(
+        l.admit(p(5), "no-tenant", 100, t0 + MS * 40),
+        Admit::Counted
+    );
 }

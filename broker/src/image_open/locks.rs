@@ -284,6 +284,14 @@ mod tests {
             .stdin(std::process::Stdio::from(f))
             .spawn()
             .unwrap();
+        // Until it execs, the forked child carries this thread's name:
+        // wait for the exec (its comm turns to "sleep"), not for a time.
+        let comm = format!("/proc/{}/comm", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+            assert!(std::time::Instant::now() < deadline, "sleep never ran");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let h = holders(st.dev, st.ino, SHARED_BASE + PERM_WRITE);
         let _ = child.kill();
         let _ = child.wait();
