@@ -245,6 +245,8 @@ pub struct StatsReply {
     pub frontend: Option<FrontendKind>,
     pub restarts: u32,
     pub worker: WorkerStats,
+    /// The worker's cgroup, when workers run in cgroups.
+    pub cgroup: Option<crate::stats::CgroupStats>,
 }
 
 #[cfg(test)]

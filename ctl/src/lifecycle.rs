@@ -332,6 +332,8 @@ struct StatsJson<'a> {
     tap: TapJson<'a>,
     reqs_outstanding: u64,
     latency: &'a LatencyStats,
+    /// The worker's cgroup (path, memory.current, pids.current, ...), or null.
+    cgroup: Option<&'a tapjail_common::stats::CgroupStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -362,6 +364,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         },
         reqs_outstanding: w.reqs_outstanding,
         latency: &w.latency,
+        cgroup: s.cgroup.as_ref(),
     })
 }
 
@@ -482,6 +485,7 @@ mod tests {
                 }],
                 ..Default::default()
             },
+            cgroup: None,
         };
         let j = stats_json(&s).unwrap();
         assert!(j.starts_with(r#"{"name":"vhd:/x.vhd","secs":[664,0],"images":[{"name":"/x.vhd","hits":[664,0],"fail":[0,0],"driver":{"type":4,"name":"vhd","status":null}}],"tap":{"minor":0,"pid":5755,"frontend":"nbd""#), "{j}");

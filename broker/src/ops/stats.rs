@@ -22,6 +22,7 @@ impl Broker {
         let w = live_worker(&t, minor, pid)?;
         let disk = t.disk(minor)?;
         let (frontend, restarts) = (disk.shown().frontend, disk.restarts);
+        let cgroup = t.worker(w.pid)?.cgroup.clone();
         // Held so that the answer is about the phase it was asked in.
         let lease = Lease::take(&self.table, t, minor, "stats", |_, _| Ok(()))?;
         let r = w
@@ -55,6 +56,7 @@ impl Broker {
                 frontend,
                 restarts,
                 worker: ws,
+                cgroup: cgroup.map(|c| c.stats()),
             })),
             format!("stats of minor {minor}"),
         ))
