@@ -54,7 +54,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -111,10 +114,19 @@ mod tests {
 
     #[test]
     fn detect_unified_path_and_escaped_mount_points() {
-        assert_eq!(unified_path("4:memory:/x\n0::/system.slice/tap-broker.service\n"), Some("/system.slice/tap-broker.service"));
+        assert_eq!(
+            unified_path("4:memory:/x\n0::/system.slice/tap-broker.service\n"),
+            Some("/system.slice/tap-broker.service")
+        );
         assert_eq!(unified_path("4:memory:/x\n"), None);
-        assert_eq!(join(Path::new("/sys/fs/cgroup"), "/"), PathBuf::from("/sys/fs/cgroup"));
-        assert_eq!(join(Path::new("/sys/fs/cgroup"), "/a/b"), PathBuf::from("/sys/fs/cgroup/a/b"));
+        assert_eq!(
+            join(Path::new("/sys/fs/cgroup"), "/"),
+            PathBuf::from("/sys/fs/cgroup")
+        );
+        assert_eq!(
+            join(Path::new("/sys/fs/cgroup"), "/a/b"),
+            PathBuf::from("/sys/fs/cgroup/a/b")
+        );
         let t = "1 2 0:3 / /mnt/cg\\040two rw - cgroup2 none rw\n";
         assert_eq!(cgroup2_mounts(t), [PathBuf::from("/mnt/cg two")]);
     }

@@ -132,13 +132,18 @@ impl Leaf {
             Ok(false) => {
                 return Err(CgroupError::io(
                     &self.path,
-                    "removing (still holds processes; the next tap-broker start removes it)"
-                        .into(),
+                    "removing (still holds processes; the next tap-broker start removes it)".into(),
                     io::Error::from_raw_os_error(libc::EBUSY),
                 ))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(CgroupError::io(&self.path, "reading cgroup.events".into(), e)),
+            Err(e) => {
+                return Err(CgroupError::io(
+                    &self.path,
+                    "reading cgroup.events".into(),
+                    e,
+                ))
+            }
         }
         match fs::remove_dir(&self.path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -186,7 +191,12 @@ fn populated(events: &str) -> io::Result<bool> {
         .lines()
         .find_map(|l| l.strip_prefix("populated "))
         .map(|v| v.trim() != "0")
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no `populated` in cgroup.events"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no `populated` in cgroup.events",
+            )
+        })
 }
 
 #[cfg(test)]

@@ -34,7 +34,19 @@ pub enum CgroupError {
          systemd.unified_cgroup_hierarchy=1, or mount cgroup2)"
     )]
     NotMounted { v1: String },
-    #[error("cgroup_root {root} is not on a cgroup v2 filesystem (cgroup2 is mounted at {mounts})")]
+    #[error(
+        "cgroup v2 is mounted at {mount} but without controller(s) {missing}: this host binds \
+         them to cgroup v1 hierarchies ({v1}), a hybrid setup; worker limits need them on the \
+         unified hierarchy (boot with systemd.unified_cgroup_hierarchy=1)"
+    )]
+    Hybrid {
+        mount: String,
+        missing: String,
+        v1: String,
+    },
+    #[error(
+        "cgroup_root {root} is not on a cgroup v2 filesystem (cgroup2 is mounted at {mounts})"
+    )]
     NotOnCgroup2 { root: String, mounts: String },
     #[error("cannot tell which cgroup tap-broker runs in: /proc/self/cgroup has no `0::` line")]
     NoOwnCgroup,
@@ -189,7 +201,11 @@ impl Cgroups {
         }
         leaf::mkdir(&tdir)?;
         leaf::write(&tdir, "cpu.weight", &weights.cpu_weight.to_string())?;
-        leaf::write_if_present(&tdir, "io.weight", &format!("default {}", weights.io_weight))?;
+        leaf::write_if_present(
+            &tdir,
+            "io.weight",
+            &format!("default {}", weights.io_weight),
+        )?;
         enable(&tdir)?;
         let l = Arc::new(Leaf::create(path.clone(), self.limits)?);
         leaves.retain(|_, w| w.strong_count() > 0);
@@ -331,21 +347,38 @@ fn setup(p: &CgroupPolicy) -> Result<(PathBuf, PathBuf), CgroupError> {
         };
         return Err(CgroupError::NotMounted { v1 });
     }
-    let (mount, root) = match &p.root {
+    let mount = match &p.root {
+        Some(root) => mounts
+            .iter()
+            .filter(|m| root.starts_with(m) && root != *m)
+            .max_by_key(|m| m.as_os_str().len())
+            .ok_or_else(|| CgroupError::NotOnCgroup2 {
+                root: root.display().to_string(),
+                mounts: mounts
+                    .iter()
+                    .map(|m| m.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?
+            .clone(),
+        None => mounts[0].clone(),
+    };
+    // Before anything is written: a hybrid host (controllers bound to v1)
+    // is only reported; its cgroups are the machine's.
+    let have = words(&mount, "cgroup.controllers")?;
+    let missing: Vec<&str> = CONTROLLERS
+        .into_iter()
+        .filter(|c| !have.iter().any(|h| h == c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(CgroupError::Hybrid {
+            mount: mount.display().to_string(),
+            missing: missing.join(", "),
+            v1: detect::v1_hierarchies(&mountinfo).join(" "),
+        });
+    }
+    let root = match &p.root {
         Some(root) => {
-            let mount = mounts
-                .iter()
-                .filter(|m| root.starts_with(m) && root != *m)
-                .max_by_key(|m| m.as_os_str().len())
-                .ok_or_else(|| CgroupError::NotOnCgroup2 {
-                    root: root.display().to_string(),
-                    mounts: mounts
-                        .iter()
-                        .map(|m| m.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?
-                .clone();
             // Each missing level below the mount, top down.
             let rel = root.strip_prefix(&mount).unwrap_or(Path::new(""));
             let mut at = mount.clone();
@@ -353,20 +386,35 @@ fn setup(p: &CgroupPolicy) -> Result<(PathBuf, PathBuf), CgroupError> {
                 at.push(c);
                 leaf::mkdir(&at)?;
             }
-            (mount, root.clone())
+            root.clone()
         }
         None => {
             let own = read("/proc/self/cgroup")?;
             let own = detect::unified_path(&own).ok_or(CgroupError::NoOwnCgroup)?;
-            let mount = mounts[0].clone();
             let mine = detect::join(&mount, own);
-            let delegated = if mine == mount {
+            // The real root (no cgroup.events) may hold processes and
+            // still give controllers; a cgroup namespace's root may not.
+            let delegated = if mine == mount && !mine.join("cgroup.events").exists() {
                 mine
             } else if mine.file_name().is_some_and(|n| n == "broker") {
                 // Already in its leaf (a restart, or systemd's
                 // DelegateSubgroup=broker).
                 mine.parent().unwrap_or(&mount).to_path_buf()
             } else {
+                // Only a cgroup that was given the controllers is ours to
+                // reshape: check before moving anything.
+                let have = words(&mine, "cgroup.controllers")?;
+                if let Some(c) = CONTROLLERS.iter().find(|c| !have.iter().any(|h| h == *c)) {
+                    return Err(CgroupError::MissingControllers {
+                        root: mine.display().to_string(),
+                        missing: (*c).into(),
+                        have: have.join(" "),
+                        hint:
+                            "tap-broker's cgroup is not delegated to it (systemd: Delegate=yes), \
+                               or set cgroup_root"
+                                .into(),
+                    });
+                }
                 let leaf = mine.join("broker");
                 leaf::mkdir(&leaf)?;
                 leaf::write(&leaf, "cgroup.procs", &std::process::id().to_string())?;
@@ -375,7 +423,7 @@ fn setup(p: &CgroupPolicy) -> Result<(PathBuf, PathBuf), CgroupError> {
             enable(&delegated)?;
             let root = delegated.join("tapjail");
             leaf::mkdir(&root)?;
-            (mount, root)
+            root
         }
     };
     match detect::fs_type(&root) {

@@ -46,12 +46,10 @@ impl Broker {
         };
         t.pending.push(pending.clone());
         drop(t);
-        let spawned = self
-            .worker_cgroup(tenant, minor, uid)
-            .and_then(|cg| {
-                let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
-                Ok((s, cg))
-            });
+        let spawned = self.worker_cgroup(tenant, minor, uid).and_then(|cg| {
+            let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
+            Ok((s, cg))
+        });
         let mut t = self.table();
         if let Some(i) = t.pending.iter().position(|p| *p == pending) {
             t.pending.remove(i);

@@ -48,8 +48,9 @@ impl Broker {
         let Some(leaf) = self.cgroup_leaf(tenant, &minor.get().to_string())? else {
             return Ok(None);
         };
-        leaf.enter(pid)
-            .map_err(|e| BrokerError::failed(format!("moving tapdisk {pid} to its minor's cgroup: {e}")))?;
+        leaf.enter(pid).map_err(|e| {
+            BrokerError::failed(format!("moving tapdisk {pid} to its minor's cgroup: {e}"))
+        })?;
         Ok(Some(leaf))
     }
 }

@@ -4,6 +4,7 @@
 
 mod audit_flood;
 mod audit_rotation;
+mod cgroup;
 mod deadlines;
 mod escapes;
 mod faults;
