@@ -308,6 +308,85 @@ fn cgroup_memory_and_task_limits_of_a_workers_cgroup_are_enforced_by_the_kernel(
     h.stop();
 }
 
+/// The attack by the worker itself: a worker taken over by its image (the
+/// fake tapdisk's `HOG`, `THREADS`) tries to take 256 MiB of memory and
+/// 1000 tasks. The kernel OOM-kills it at memory.max (no swap to escape
+/// to) and refuses its threads past pids.max; without its cgroup it would
+/// get both.
+#[test]
+#[ignore = "needs cgroup v2 controllers: run inside nestvm via .ci/nestvm-tests cgroup::"]
+fn cgroup_hostile_worker_taking_memory_or_tasks_is_stopped_by_the_kernel() {
+    in_vm();
+    let root = TestRoot::new("hostile");
+    let mut h = Harness::start(Options {
+        worker: WorkerBin::Fake,
+        extra: format!(
+            "cgroups = \"required\"\ncgroup_root = {:?}\nworker_memory_max_mib = 96\nworker_pids_max = 32\n",
+            root.0
+        ),
+        ..Options::default()
+    });
+    let hostile = |name: &str, line: &str| {
+        let p = h.root("alice").join(name);
+        let mut bytes = format!("{line}\n").into_bytes();
+        bytes.resize(1 << 20, 0);
+        fs::write(&p, bytes).unwrap();
+        h.own(&p);
+        h.ok(&ALICE, &["create", "-a", &format!("aio:{}", p.display())]);
+        let (pid, minor) = row_of(&h, &p);
+        (pid, root.0.join("alice").join(minor.to_string()), minor)
+    };
+
+    let (pid, leaf, minor) = hostile("threads.img", "THREADS:1000");
+    let said = format!("fake-tapdisk {pid}: made ");
+    assert!(
+        eventually(Duration::from_secs(30), || h.broker_log().contains(&said)),
+        "{}",
+        h.broker_log()
+    );
+    let log = h.broker_log();
+    let line = log.lines().find(|l| l.contains(&said)).unwrap();
+    let made: usize = line
+        .split(&said)
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        made < 32,
+        "the worker made {made} threads under pids.max 32: {line}"
+    );
+    assert_eq!(read(&leaf, "pids.current"), "32", "{line}");
+    h.ok(&ALICE, &["destroy", "-m", &minor.to_string()]);
+    assert!(!leaf.exists());
+
+    let (pid, leaf, minor) = hostile("hog.img", "HOG:256");
+    assert!(
+        eventually(Duration::from_secs(60), || !alive(pid)),
+        "the hog is alive: {}",
+        h.broker_log()
+    );
+    let events = read(&leaf, "memory.events");
+    let kills: u64 = events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(kills >= 1, "memory.events: {events}");
+    assert!(
+        !h.broker_log().contains("survived the hog"),
+        "{}",
+        h.broker_log()
+    );
+    h.ok(&ALICE, &["destroy", "-m", &minor.to_string()]);
+    assert!(!leaf.exists(), "{} left after destroy", leaf.display());
+    h.stop();
+}
+
 #[test]
 #[ignore = "needs cgroup v2 controllers: run inside nestvm via .ci/nestvm-tests cgroup::"]
 fn cgroup_adopted_worker_keeps_its_cgroup_and_stale_ones_go_after_a_broker_kill() {
@@ -511,7 +590,7 @@ fn cgroup_measure_busy_worker_memory_per_frontend() {
         let io = |args: &[&str]| {
             let mut c = if frontend == "nbd" {
                 let mut c = Command::new("qemu-io");
-                c.args(["-f", "raw", "--image-opts"])
+                c.arg("--image-opts")
                     .arg(format!("driver=nbd,path={}", dev.display()))
                     .args(args.iter().flat_map(|a| ["-c", a]));
                 c
