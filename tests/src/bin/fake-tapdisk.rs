@@ -397,6 +397,10 @@ fn hostile_serving(ctl: &UnixStream, line: &str) {
                     "fake-tapdisk {}: made {made} of {n} threads ({why})",
                     std::process::id()
                 );
+                // Holds its own task too.
+                loop {
+                    std::thread::park();
+                }
             });
         }
         "LATEFDS" => {

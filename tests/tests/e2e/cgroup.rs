@@ -360,6 +360,8 @@ fn cgroup_hostile_worker_taking_memory_or_tasks_is_stopped_by_the_kernel() {
         "the worker made {made} threads under pids.max 32: {line}"
     );
     assert_eq!(read(&leaf, "pids.current"), "32", "{line}");
+    let events = read(&leaf, "pids.events");
+    assert!(!events.contains("max 0"), "pids.events: {events}");
     h.ok(&ALICE, &["destroy", "-m", &minor.to_string()]);
     assert!(!leaf.exists());
 
