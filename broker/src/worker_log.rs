@@ -61,10 +61,10 @@ pub fn forward(pipe: io::PipeReader, pid: u32) {
         .name(format!("log-{pid}"))
         .spawn(move || {
             let mut filter = LineFilter::new(pid);
-            let mut out = |line: String| {
-                let mut e = io::stderr().lock();
-                let _ = e.write_all(line.as_bytes());
-                let _ = e.write_all(b"\n");
+            // One write per line (see `log_line!`).
+            let mut out = |mut line: String| {
+                line.push('\n');
+                let _ = io::stderr().lock().write_all(line.as_bytes());
             };
             read_loop(pipe, &mut filter, &mut out);
         });

@@ -374,6 +374,9 @@ impl Broker {
     ) -> Result<(u32, u32, Phase), BrokerError> {
         let minor = lease.minor();
         let pid = self.spawn_worker(self.table(), owner, Some(minor))?;
+        // Tag its log lines from the first one: it reopens the image
+        // before the lease settles (which tags on persist).
+        crate::worker_log::tag(minor, Some(pid));
         let (uid, conn) = {
             let t = self.table();
             let w = t.worker(pid)?;

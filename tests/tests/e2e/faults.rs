@@ -98,9 +98,22 @@ fn faults_respawn_replaces_a_dead_worker_on_the_same_device() {
             json_rows(&h, &ALICE),
             h.broker_log()
         );
+        // The new worker's log lines reach the broker's log tagged with
+        // its minor from the first one: a client that speaks garbage makes
+        // it say "dropped during negotiation".
+        let new_pid = json_rows(&h, &ALICE)[0]["pid"].as_u64().unwrap();
+        let mut garbage =
+            std::os::unix::net::UnixStream::connect(&sock).expect("same NBD socket serves");
+        std::io::Write::write_all(&mut garbage, &[0xff; 64]).unwrap();
+        drop(garbage);
+        let tag = format!("tapdisk[{new_pid}] minor 0: ");
         assert!(
-            std::os::unix::net::UnixStream::connect(&sock).is_ok(),
-            "same NBD socket serves"
+            eventually(Duration::from_secs(10), || h
+                .broker_log()
+                .lines()
+                .any(|l| l.starts_with(&tag) && l.contains("dropped"))),
+            "round {round}: no line tagged {tag:?}:\n{}",
+            h.broker_log()
         );
     }
     let respawns = h
