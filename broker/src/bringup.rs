@@ -134,6 +134,13 @@ impl Broker {
             }
         };
         let mut names = vec![grant.path.clone()];
+        if !unpause {
+            let fresh = matches!(device, DeviceMode::Fresh);
+            if let Err(e) = self.xapi.send_plan(conn, target.minor, fresh) {
+                self.table().release_files(target.minor, &files);
+                return Err(e);
+            }
+        }
         let opened = conn.open_chain(&msg, &leaf, &mut |req| {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
@@ -270,6 +277,8 @@ impl Broker {
                 .open_grant(&grant, false, target.minor)
                 .and_then(|opened| {
                     let image_open::Opened { file, id } = opened;
+                    crate::xapi::scope::check_shared_parent(id, names.len())
+                        .map_err(BrokerError::denied)?;
                     self.table().claim_files(target.minor, &[(id, false)])?;
                     Ok((id, file))
                 });

@@ -56,6 +56,8 @@ pub struct Broker {
     /// eventfd that wakes the supervisor when workers are added.
     pub(crate) wake: OwnedFd,
     pub(crate) stopping: AtomicBool,
+    /// Per-minor cache plans of `open -D` / `-e` (`crate::xapi`).
+    pub(crate) xapi: crate::xapi::Plans,
 }
 
 impl Broker {
@@ -85,6 +87,7 @@ impl Broker {
             spawn_cfg,
             wake,
             stopping: AtomicBool::new(false),
+            xapi: crate::xapi::Plans::default(),
         })
     }
 

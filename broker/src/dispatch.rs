@@ -19,10 +19,13 @@ use tapjail_policy::{decide, Decision, PeerCred};
 
 /// Whether `req` changes state (and so is audited before it is carried out).
 fn changes_state(req: &Request) -> bool {
-    !matches!(
-        req,
-        Request::Hello { .. } | Request::List { .. } | Request::Stats { .. }
-    )
+    match req {
+        Request::WithOptions { req, .. } => changes_state(req),
+        r => !matches!(
+            r,
+            Request::Hello { .. } | Request::List { .. } | Request::Stats { .. } | Request::Major
+        ),
+    }
 }
 
 /// The minor a request names, to respawn its worker if a panic left it dead.
@@ -37,6 +40,7 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Pause { minor, .. }
         | Request::Unpause { minor, .. }
         | Request::Stats { minor, .. } => Some(*minor),
+        Request::WithOptions { req, .. } => minor_of(req),
         _ => None,
     }
 }
@@ -98,7 +102,7 @@ impl Broker {
         }
     }
 
-    fn execute(
+    pub(crate) fn execute(
         self: &Arc<Self>,
         t: MutexGuard<'_, Table>,
         req: &Request,
@@ -159,6 +163,8 @@ impl Broker {
                 self.op_unpause(t, *pid, *minor, image.as_ref().map(|i| i.kind), d)
             }
             Request::Stats { pid, minor } => self.op_stats(t, *pid, *minor),
+            Request::WithOptions { req, opts } => self.op_with_options(t, req, opts, d),
+            Request::Major => self.op_major(t),
         }
     }
 }

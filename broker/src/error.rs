@@ -53,7 +53,11 @@ impl BrokerError {
 
 impl From<WorkerError> for BrokerError {
     fn from(e: WorkerError) -> Self {
-        BrokerError::failed(e.to_string())
+        let kind = match e {
+            WorkerError::RequestTimeout { .. } => ErrorKind::TimedOut,
+            _ => ErrorKind::Failed,
+        };
+        BrokerError::new(kind, e.to_string())
     }
 }
 

@@ -72,6 +72,7 @@ use tapjail_broker::sys;
 mod table;
 mod worker;
 mod worker_log;
+mod xapi;
 
 use anyhow::{bail, Context};
 use clap::Parser;

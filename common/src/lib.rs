@@ -14,6 +14,7 @@ pub mod stats;
 pub mod sys;
 pub mod ublk_abi;
 pub mod worker_proto;
+pub mod xapi;
 
 pub use minor::Minor;
 

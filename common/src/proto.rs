@@ -154,6 +154,14 @@ pub enum Request {
         pid: Option<u32>,
         minor: Minor,
     },
+    /// `req` with the flags XAPI's storage manager adds (see [`crate::xapi`]).
+    /// Sent only when at least one of them is given.
+    WithOptions {
+        req: Box<Request>,
+        opts: crate::xapi::Options,
+    },
+    /// `tap-ctl major`: the block major of the devices this broker creates.
+    Major,
 }
 
 impl Request {
@@ -174,6 +182,8 @@ impl Request {
             Request::Unpause { .. } => "unpause",
             Request::List { .. } => "list",
             Request::Stats { .. } => "stats",
+            Request::WithOptions { req, .. } => req.verb(),
+            Request::Major => "major",
         }
     }
 }
@@ -209,6 +219,10 @@ pub enum ErrorKind {
     Version,
     /// The kernel or the worker failed.
     Failed,
+    /// A blktap feature tapjail does not build (`-r`, `-2`, `-C`, `-E`...).
+    Unsupported,
+    /// The tapdisk did not answer within the request's `-t SECS`.
+    TimedOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +248,10 @@ pub enum Reply {
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// Answer to [`Request::Major`].
+    Major {
+        major: u32,
     },
 }
 

@@ -100,6 +100,10 @@ pub enum ToWorker {
     Resync {
         nonce: [u8; 16],
     },
+    /// How the next `Open` (and its later `Unpause`s) opens its files;
+    /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
+    /// `--cache`.
+    Cache(crate::xapi::CachePlan),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

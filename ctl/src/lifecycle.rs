@@ -17,8 +17,11 @@ pub enum LifecycleCommand {
     /// Allocate a minor; prints its device path.
     Allocate {
         /// Ask for this minor instead of the lowest free one.
-        #[arg(short = 'm', value_name = "MINOR")]
+        #[arg(short = 'm', value_name = "MINOR", conflicts_with = "device")]
         minor: Option<Minor>,
+        /// Ask for the minor this device path names (DIR/tapdevN).
+        #[arg(short = 'd', value_name = "DEVPATH")]
+        device: Option<String>,
     },
     /// Release a minor (it must be detached).
     Free {
@@ -53,6 +56,8 @@ pub enum LifecycleCommand {
         /// Read-only.
         #[arg(short = 'R')]
         read_only: bool,
+        #[command(flatten)]
+        xapi: crate::xapi::OpenFlags,
     },
     /// Close a minor's image; the device goes away.
     Close {
@@ -63,6 +68,8 @@ pub enum LifecycleCommand {
         /// Close even if the tapdisk does not answer (it is then killed).
         #[arg(short = 'f')]
         force: bool,
+        #[command(flatten)]
+        xapi: crate::xapi::Timeout,
     },
     /// allocate + spawn + attach + open; prints the device path.
     Create {
@@ -87,6 +94,8 @@ pub enum LifecycleCommand {
         pid: Option<u32>,
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
+        #[command(flatten)]
+        xapi: crate::xapi::Timeout,
     },
     /// Reopen a paused image, optionally at a new path of the same size.
     Unpause {
@@ -96,6 +105,8 @@ pub enum LifecycleCommand {
         minor: Minor,
         #[arg(short = 'a', value_name = "TYPE:PATH")]
         image: Option<ImageSpec>,
+        #[command(flatten)]
+        xapi: crate::xapi::UnpauseFlags,
     },
     /// List tapdisks and minors: "pid minor state type file".
     List {
@@ -119,6 +130,8 @@ pub enum LifecycleCommand {
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
+    /// Print the block major number of this host's tapjail devices.
+    Major,
 }
 
 /// `-a disk.vhd` relative to the caller's directory, made absolute (the
@@ -145,7 +158,16 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let tty = std::io::stdout().is_terminal();
     let (req, list_filter) = match command {
-        LifecycleCommand::Allocate { minor } => (Request::Allocate { minor }, None),
+        LifecycleCommand::Allocate { minor, device } => (
+            crate::xapi::wrap(
+                Request::Allocate { minor },
+                tapjail_common::xapi::Options {
+                    device,
+                    ..Default::default()
+                },
+            ),
+            None,
+        ),
         LifecycleCommand::Free { minor } => (Request::Free { minor }, None),
         LifecycleCommand::Spawn => (Request::Spawn, None),
         LifecycleCommand::Attach { pid, minor } => (Request::Attach { pid, minor }, None),
@@ -155,18 +177,28 @@ pub fn run(
             minor,
             image,
             read_only,
+            xapi,
         } => (
-            Request::Open {
-                pid,
-                minor,
-                image: absolute(image)?,
-                read_only,
-            },
+            crate::xapi::wrap(
+                Request::Open {
+                    pid,
+                    minor,
+                    image: absolute(image)?,
+                    read_only,
+                },
+                xapi.options(),
+            ),
             None,
         ),
-        LifecycleCommand::Close { pid, minor, force } => {
-            (Request::Close { pid, minor, force }, None)
-        }
+        LifecycleCommand::Close {
+            pid,
+            minor,
+            force,
+            xapi,
+        } => (
+            crate::xapi::wrap(Request::Close { pid, minor, force }, xapi.options()),
+            None,
+        ),
         LifecycleCommand::Create {
             image,
             read_only,
@@ -180,13 +212,24 @@ pub fn run(
             None,
         ),
         LifecycleCommand::Destroy { pid, minor } => (Request::Destroy { pid, minor }, None),
-        LifecycleCommand::Pause { pid, minor } => (Request::Pause { pid, minor }, None),
-        LifecycleCommand::Unpause { pid, minor, image } => (
-            Request::Unpause {
-                pid,
-                minor,
-                image: image.map(absolute).transpose()?,
-            },
+        LifecycleCommand::Pause { pid, minor, xapi } => (
+            crate::xapi::wrap(Request::Pause { pid, minor }, xapi.options()),
+            None,
+        ),
+        LifecycleCommand::Unpause {
+            pid,
+            minor,
+            image,
+            xapi,
+        } => (
+            crate::xapi::wrap(
+                Request::Unpause {
+                    pid,
+                    minor,
+                    image: image.map(absolute).transpose()?,
+                },
+                xapi.options(),
+            ),
             None,
         ),
         LifecycleCommand::List {
@@ -201,8 +244,9 @@ pub fn run(
             (Request::List { pid, minor }, Some((kind, file, json)))
         }
         LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
+        LifecycleCommand::Major => (Request::Major, None),
     };
-    let client = Client::connect(socket, timeout)?;
+    let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
     let reply = client.call(&req)?;
     match reply {
         Reply::Allocated { device, .. } | Reply::Created { device, .. } => {
@@ -231,6 +275,7 @@ pub fn run(
             }
         }
         Reply::Stats(s) => println!("{}", stats_json(&s)?),
+        Reply::Major { major } => println!("{major}"),
         Reply::Ok | Reply::Hello { .. } => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
     }

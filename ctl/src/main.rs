@@ -11,6 +11,7 @@ mod client;
 mod escape;
 mod lifecycle;
 mod vhd;
+mod xapi;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,7 +80,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tap-ctl: {}", render(&e));
-            ExitCode::FAILURE
+            xapi::exit_code(&e)
         }
     }
 }

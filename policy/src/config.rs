@@ -70,6 +70,12 @@ pub struct Tenant {
     pub max_clients: u32,
     /// cpu.weight and io.weight of the tenant's cgroup.
     pub cgroup: crate::cgroups::TenantCgroup,
+    /// May open with `-D` (no `O_DIRECT`: the host's page cache holds her
+    /// data). Default true, as blktap.
+    pub page_cache: bool,
+    /// May open with `-e MINOR` (a clone reads its parent chain through
+    /// the page cache, shared with her other clones). Default true.
+    pub share_parent: bool,
 }
 
 /// The whole configuration file.
@@ -233,6 +239,8 @@ struct RawTenant {
     max_clients: Option<Spanned<i64>>,
     cpu_weight: Option<Spanned<i64>>,
     io_weight: Option<Spanned<i64>>,
+    page_cache: Option<bool>,
+    share_parent: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -887,6 +895,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             admin: t.admin.unwrap_or(false),
             max_clients: tenant_clients,
             cgroup: crate::cgroups::tenant(c, t.cpu_weight, t.io_weight),
+            page_cache: t.page_cache.unwrap_or(true),
+            share_parent: t.share_parent.unwrap_or(true),
         });
     }
 

@@ -104,7 +104,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn deny(tenant: Option<&Tenant>, rule: &'static str, reason: String) -> Self {
+    pub(crate) fn deny(tenant: Option<&Tenant>, rule: &'static str, reason: String) -> Self {
         Decision {
             allow: false,
             rule,
@@ -142,8 +142,11 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
         );
     };
     match req {
-        Request::Hello { .. } => {
+        Request::Hello { .. } | Request::Major => {
             Decision::allow(t, "tenant", format!("peer acts as tenant {}", t.name))
+        }
+        Request::WithOptions { req, opts } => {
+            crate::xapi::decide_options(req, opts, peer, policy, view, t)
         }
         Request::List { .. } => {
             let mut d = Decision::allow(t, "list", format!("tenant {} lists", t.name));
@@ -354,7 +357,7 @@ fn spawn(t: &Tenant, view: &dyn BrokerView) -> Decision {
 /// Denial when `minor` belongs to another tenant (unless `admin_ok` and
 /// the tenant is admin). An unallocated minor is not foreign: the broker
 /// reports it as not found.
-fn foreign_minor(
+pub(crate) fn foreign_minor(
     t: &Tenant,
     minor: Minor,
     view: &dyn BrokerView,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod decide;
 pub mod idmap;
 pub mod path;
+pub mod xapi;
 
 pub use cgroups::{CgroupMode, CgroupPolicy, TenantCgroup};
 pub use config::{

@@ -172,7 +172,10 @@ struct Open {
 pub struct Worker {
     sock: OwnedFd,
     frontend_kind: FrontendKind,
+    /// `--cache`: what `Close` returns `cache` and `parent_cache` to.
+    base_cache: CacheMode,
     cache: CacheMode,
+    parent_cache: CacheMode,
     open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
     resync: Cell<Option<[u8; 16]>>,
@@ -198,7 +201,9 @@ impl Worker {
         Worker {
             sock,
             frontend_kind,
+            base_cache: cache,
             cache,
+            parent_cache: cache,
             open: None,
             resync: Cell::new(None),
         }
@@ -273,8 +278,8 @@ impl Worker {
                 let Some(leaf) = single_fd(&mut fds) else {
                     return error("Open needs exactly one fd (the leaf image)");
                 };
-                let mut parents =
-                    BrokerParents::new(self.sock.as_fd(), self.cache).on_resync(&self.resync);
+                let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
+                    .on_resync(&self.resync);
                 match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
@@ -327,6 +332,21 @@ impl Worker {
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
+            ToWorker::Cache(plan) => {
+                if self.open.is_some() {
+                    return error("Cache comes before Open, not while an image is open");
+                }
+                let buffered = |b: bool| {
+                    if b {
+                        CacheMode::Buffered
+                    } else {
+                        self.base_cache
+                    }
+                };
+                self.cache = buffered(plan.leaf_buffered);
+                self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
+                FromWorker::Ok
+            }
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),
@@ -350,7 +370,8 @@ impl Worker {
         let Some(leaf) = single_fd(&mut fds) else {
             return error("Unpause needs exactly one fd (the leaf image)");
         };
-        let mut parents = BrokerParents::new(self.sock.as_fd(), self.cache).on_resync(&self.resync);
+        let mut parents =
+            BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
         let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
             Ok(img) => img,
             Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
@@ -431,6 +452,9 @@ impl Worker {
         let Some(mut open) = self.open.take() else {
             return Ok(());
         };
+        // The next Open states its own cache plan.
+        self.cache = self.base_cache;
+        self.parent_cache = self.base_cache;
         // Close the disk first so that requests still arriving fail fast
         // instead of waiting for a resume that will not come.
         let closed = open.disk.close();

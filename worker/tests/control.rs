@@ -314,3 +314,37 @@ fn resync_ends_an_orphaned_parent_request_and_reports_what_is_open() {
     );
     assert_eq!(b.ask(ToWorker::Shutdown, &[]), FromWorker::Ok);
 }
+
+/// `Cache` (open -D) makes the next Open's files buffered, is refused
+/// while an image is open, and `Close` returns the worker to its default.
+#[test]
+fn cache_plan_applies_to_the_next_open_only_and_not_while_open() {
+    use tapjail_common::xapi::CachePlan;
+    use tapjail_testsupport::{dir_supports_o_direct, holds_open_direct, require};
+    let dir = tempfile::tempdir().unwrap();
+    if !require(
+        dir_supports_o_direct(dir.path()),
+        "O_DIRECT on the temp directory's filesystem",
+    ) {
+        return;
+    }
+    let img = raw_image(dir.path(), "a.img", 1 << 20, 0);
+    let b = Broker::start();
+    let pid = b.child.id();
+    let plan = CachePlan {
+        leaf_buffered: true,
+        parents_buffered: false,
+    };
+    assert_eq!(b.ask(ToWorker::Cache(plan), &[]), FromWorker::Ok);
+    assert!(matches!(b.open(&img, false), FromWorker::Opened { .. }));
+    assert_eq!(holds_open_direct(pid, &img), Some(false), "-D: buffered");
+    let r = b.ask(ToWorker::Cache(CachePlan::default()), &[]);
+    assert!(
+        matches!(&r, FromWorker::Error(e) if e.contains("before Open")),
+        "{r:?}"
+    );
+    assert_eq!(b.ask(ToWorker::Close, &[]), FromWorker::Ok);
+    assert!(matches!(b.open(&img, false), FromWorker::Opened { .. }));
+    assert_eq!(holds_open_direct(pid, &img), Some(true), "default again");
+    assert_eq!(b.ask(ToWorker::Shutdown, &[]), FromWorker::Ok);
+}

@@ -53,6 +53,11 @@ pub enum WorkerError {
         what: &'static str,
         secs: u64,
     },
+    #[error(
+        "timed out: tapdisk {pid} did not answer within the request's -t {secs} s; it was killed \
+         (tap-ctl list shows what became of the minor)"
+    )]
+    RequestTimeout { pid: u32, secs: u32 },
     #[error("tapdisk {pid} broke the protocol: {what}")]
     Protocol { pid: u32, what: String },
     #[error("tapdisk {pid}: {message}")]
@@ -163,6 +168,17 @@ impl WorkerConn {
     /// `op`: the operation's name and deadline, when one bounds this read.
     fn frame_err_within(&self, e: FrameError, op: Option<(&'static str, Instant)>) -> WorkerError {
         let err = match e {
+            ref e
+                if timed_out(e)
+                    && crate::xapi::scope::deadline()
+                        .is_some_and(|(end, _)| Instant::now() >= end) =>
+            {
+                let secs = crate::xapi::scope::deadline().map_or(0, |(_, s)| s);
+                WorkerError::RequestTimeout {
+                    pid: self.pid,
+                    secs,
+                }
+            }
             FrameError::Deadline { .. } => match op {
                 Some((what, end)) if Instant::now() >= end => WorkerError::OperationTimeout {
                     pid: self.pid,
@@ -207,6 +223,9 @@ impl WorkerConn {
     fn recv_within(&self, op: Option<(&'static str, Instant)>) -> Result<FromWorker, WorkerError> {
         let mut by = Instant::now() + self.timeout;
         if let Some((_, end)) = op {
+            by = by.min(end);
+        }
+        if let Some((end, _)) = crate::xapi::scope::deadline() {
             by = by.min(end);
         }
         let (msg, fds) =
@@ -337,6 +356,18 @@ impl WorkerConn {
     }
 }
 
+/// Whether a read failed for want of time (not for a broken stream).
+fn timed_out(e: &FrameError) -> bool {
+    match e {
+        FrameError::Deadline { .. } => true,
+        FrameError::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        _ => false,
+    }
+}
+
 /// Whether `got` is the (non-error) answer the protocol gives to `msg`.
 fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
     matches!(
@@ -344,7 +375,7 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
         (ToWorker::Serve(_), FromWorker::Serving)
             | (ToWorker::Stats, FromWorker::Stats(_))
             | (
-                ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown,
+                ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown | ToWorker::Cache(_),
                 FromWorker::Ok
             )
     )
@@ -361,6 +392,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Stats => "Stats",
         ToWorker::Shutdown => "Shutdown",
         ToWorker::Resync { .. } => "Resync",
+        ToWorker::Cache(_) => "Cache",
     }
 }
 

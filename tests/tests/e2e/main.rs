@@ -16,5 +16,6 @@ mod tenants;
 mod ublk;
 mod worker_confinement;
 mod worker_log;
+mod xapi;
 
 pub use tapjail_tests::*;

@@ -1,0 +1,277 @@
+//! The tap-ctl flags of XAPI's storage manager (`tapjail_common::xapi`):
+//! a `Request::WithOptions` is checked here, its flags are put where the
+//! layers below find them ([`scope`]), and the request underneath then runs
+//! its ordinary way. `tap-ctl major` is answered here too.
+//!
+//! - `-t SECS` bounds every answer the worker owes the request; a late
+//!   worker is killed (its answer would come after the next question) and
+//!   the request fails `TimedOut`; the supervisor then respawns it or marks
+//!   the minor dead, as `list` shows.
+//! - `-D` and `-e MINOR` become a cache plan the worker gets before `Open`,
+//!   remembered per minor so a respawned worker opens the same way.
+//! - `-e MINOR` also requires every parent the clone asks for to be the very
+//!   file (device and inode) MINOR serves at that depth, MINOR being the
+//!   same tenant's (policy) and read-only (here).
+//! - Flags not built are refused, audited, with `Unsupported`.
+
+pub mod scope;
+
+use crate::audit::Done;
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::table::Table;
+use crate::worker::WorkerConn;
+use scope::{Scope, Shared};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tapjail_common::proto::{ErrorKind, FrontendKind, Reply, Request};
+use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_common::xapi::{minor_of_device, CachePlan, Options};
+use tapjail_common::Minor;
+use tapjail_policy::Decision;
+
+type Guard<'a> = MutexGuard<'a, Table>;
+
+/// The cache plan each minor's image was opened with, for respawns.
+#[derive(Debug, Default)]
+pub struct Plans(Mutex<HashMap<Minor, CachePlan>>);
+
+impl Plans {
+    /// Tell the worker how to open `minor`'s files before `Open`: a fresh
+    /// open takes the running request's plan (and remembers it), a respawn
+    /// the remembered one. Nothing is sent for the worker's own default.
+    pub fn send_plan(
+        &self,
+        conn: &WorkerConn,
+        minor: Minor,
+        fresh: bool,
+    ) -> Result<(), BrokerError> {
+        let plan = {
+            let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if fresh {
+                let plan = scope::plan();
+                if plan == CachePlan::default() {
+                    plans.remove(&minor);
+                } else {
+                    plans.insert(minor, plan);
+                }
+                plan
+            } else {
+                plans.get(&minor).copied().unwrap_or_default()
+            }
+        };
+        if plan == CachePlan::default() {
+            return Ok(());
+        }
+        conn.expect(&ToWorker::Cache(plan), &[], &FromWorker::Ok)
+            .map_err(BrokerError::from)
+    }
+}
+
+/// Which verbs each flag belongs to; anything else is a malformed request
+/// (tap-ctl never sends it).
+fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
+    let verb = req.verb();
+    let bad = |flag: &str| {
+        Err(BrokerError::invalid(format!(
+            "{flag} does not apply to {verb}"
+        )))
+    };
+    let open = matches!(req, Request::Open { .. });
+    if opts.device.is_some() && !matches!(req, Request::Allocate { minor: None }) {
+        return bad("-d DEVPATH");
+    }
+    if (opts.no_o_direct || opts.existing_parent.is_some()) && !open {
+        return bad("-D / -e");
+    }
+    if opts.timeout_secs.is_some()
+        && !matches!(
+            req,
+            Request::Open { .. }
+                | Request::Close { .. }
+                | Request::Pause { .. }
+                | Request::Unpause { .. }
+                | Request::Stats { .. }
+        )
+    {
+        return bad("-t SECS");
+    }
+    if !opts.unbuilt.is_empty() && !open && !matches!(req, Request::Unpause { .. }) {
+        return bad(opts.unbuilt[0].flag());
+    }
+    if matches!(req, Request::WithOptions { .. }) {
+        return bad("nested options");
+    }
+    Ok(())
+}
+
+impl Broker {
+    /// A request with XAPI's flags: refuse what is not built, set up the
+    /// scope, run the request underneath.
+    pub fn op_with_options(
+        self: &Arc<Self>,
+        t: Guard<'_>,
+        req: &Request,
+        opts: &Options,
+        d: &Decision,
+    ) -> Result<Done, BrokerError> {
+        check_verbs(req, opts)?;
+        if !opts.unbuilt.is_empty() {
+            let names: Vec<String> = opts.unbuilt.iter().map(|u| u.to_string()).collect();
+            return Err(BrokerError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "not supported by tapjail: {}; nothing was changed on minor {}",
+                    names.join(", "),
+                    minor_named(req).map_or_else(|| "-".into(), |m| m.to_string())
+                ),
+            ));
+        }
+        let mut scope = Scope::new(opts.timeout_secs);
+        scope.plan.leaf_buffered = opts.no_o_direct;
+        if let Some(from) = opts.existing_parent {
+            scope.shared = Some(shared_chain(&t, req, from)?);
+            scope.plan.parents_buffered = true;
+        }
+        let _entered = scope.enter();
+        match (req, &opts.device) {
+            (Request::Allocate { minor: None }, Some(dev)) => {
+                let m = minor_of_device(dev, &self.policy.device_dir)
+                    .map_err(|e| BrokerError::invalid(e.to_string()))?;
+                let tenant = d.tenant.clone().ok_or_else(|| {
+                    BrokerError::failed("policy allowed a request without a tenant")
+                })?;
+                self.op_allocate(t, &tenant, d, Some(m))
+            }
+            _ => {
+                let (reply, mut outcome) = self.execute(t, req, d)?;
+                // On record what -e shared; an image without a parent
+                // shares nothing (blktap ignores -e then too).
+                if let (Some(n), Some(from)) = (scope::shared_taken(), opts.existing_parent) {
+                    outcome.push_str(&format!("; -e {from}: {n} parent(s) shared"));
+                }
+                Ok((reply, outcome))
+            }
+        }
+    }
+
+    /// `tap-ctl major`: the block major of the devices this broker's
+    /// frontend creates, from `/proc/devices` as blktap reads it.
+    pub fn op_major(&self, t: Guard<'_>) -> Result<Done, BrokerError> {
+        drop(t);
+        let kind = self.devices.kind();
+        let name = match kind {
+            // Our disks are loop devices over the FUSE file.
+            FrontendKind::Fuse => "loop",
+            // ublk disks get extended (dynamic) device numbers.
+            FrontendKind::Ublk => "blkext",
+            FrontendKind::Nbd => {
+                return Err(BrokerError::new(
+                    ErrorKind::Unsupported,
+                    "major: this tap-broker's frontend is nbd, which creates no block device on this host \
+                     (clients attach the export themselves): there is no major to report",
+                ))
+            }
+        };
+        let devices = std::fs::read_to_string("/proc/devices")
+            .map_err(|e| BrokerError::failed(format!("major: reading /proc/devices: {e}")))?;
+        let major = block_major(&devices, name).ok_or_else(|| {
+            BrokerError::failed(format!(
+                "major: /proc/devices lists no block device {name:?} (frontend {})",
+                kind.as_str()
+            ))
+        })?;
+        Ok((Reply::Major { major }, format!("{name} {major}")))
+    }
+}
+
+/// The minor a request names, for messages.
+fn minor_named(req: &Request) -> Option<Minor> {
+    match req {
+        Request::Open { minor, .. } | Request::Unpause { minor, .. } => Some(*minor),
+        _ => None,
+    }
+}
+
+/// The chain `-e from` shares: `from` must serve (or hold paused) a
+/// read-only image, and not be the minor being opened.
+fn shared_chain(t: &Table, req: &Request, from: Minor) -> Result<Shared, BrokerError> {
+    if minor_named(req) == Some(from) {
+        return Err(BrokerError::invalid(format!(
+            "-e {from}: a minor cannot share its own parent chain"
+        )));
+    }
+    let disk = t.disk(from).map_err(|e| e.context(format!("-e {from}")))?;
+    let phase = disk.phase()?;
+    let Some(image) = phase.image() else {
+        return Err(BrokerError::busy(format!(
+            "-e {from}: minor {from} has no image open to share"
+        )));
+    };
+    if image.files.iter().any(|(_, rw)| *rw) {
+        return Err(BrokerError::busy(format!(
+            "-e {from}: minor {from} serves {} writable; a shared parent chain must be opened read-only (-R)",
+            image.spec
+        )));
+    }
+    Ok(Shared {
+        from,
+        files: image.files.iter().map(|(id, _)| *id).collect(),
+        taken: Default::default(),
+    })
+}
+
+/// blktap's `sscanf(line, "%d NAME")` over the "Block devices:" part.
+fn block_major(proc_devices: &str, name: &str) -> Option<u32> {
+    let block = proc_devices.split("Block devices:").nth(1)?;
+    block.lines().find_map(|l| {
+        let (num, n) = l.trim().split_once(' ')?;
+        (n.trim() == name).then(|| num.parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_major_reads_the_block_section_only() {
+        let p = "Character devices:\n  7 vcs\n 10 misc\n\nBlock devices:\n  7 loop\n  8 sd\n259 blkext\n";
+        assert_eq!(block_major(p, "loop"), Some(7));
+        assert_eq!(block_major(p, "blkext"), Some(259));
+        assert_eq!(block_major(p, "vcs"), None, "a char device is no answer");
+        assert_eq!(block_major(p, "tapdev"), None);
+    }
+
+    #[test]
+    fn flags_outside_their_verbs_are_invalid() {
+        let m = Minor::new(1).unwrap();
+        let close = Request::Close {
+            pid: None,
+            minor: m,
+            force: false,
+        };
+        let o = |f: fn(&mut Options)| {
+            let mut o = Options::default();
+            f(&mut o);
+            o
+        };
+        assert!(check_verbs(&close, &o(|o| o.timeout_secs = Some(120))).is_ok());
+        assert!(check_verbs(&close, &o(|o| o.no_o_direct = true)).is_err());
+        assert!(check_verbs(
+            &close,
+            &o(|o| o.device = Some("/dev/tapjail/tapdev1".into()))
+        )
+        .is_err());
+        assert!(check_verbs(&Request::Spawn, &o(|o| o.timeout_secs = Some(1))).is_err());
+        assert!(check_verbs(
+            &Request::Unpause {
+                pid: None,
+                minor: m,
+                image: None
+            },
+            &o(|o| o.unbuilt = vec![tapjail_common::xapi::Unbuilt::Mirror("nbd:x".into())])
+        )
+        .is_ok());
+    }
+}

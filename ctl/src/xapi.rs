@@ -1,0 +1,256 @@
+//! The flags XAPI's storage manager adds to tap-ctl's verbs, with blktap's
+//! spelling, turned into `tapjail_common::xapi::Options`. A request without
+//! any is sent plain; the broker carries out or refuses every one given.
+
+use crate::client::Refused;
+use clap::Args;
+use std::process::ExitCode;
+use tapjail_common::proto::{ErrorKind, Request};
+use tapjail_common::xapi::{Options, Unbuilt, MAX_TIMEOUT_SECS};
+use tapjail_common::Minor;
+
+fn secs() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_TIMEOUT_SECS))
+}
+
+/// `-t SECS`, as on every verb SM bounds.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Timeout {
+    /// Fail with "timed out" (exit 110) if the tapdisk has not answered
+    /// within SECS; `list` then shows the minor's state.
+    #[arg(short = 't', id = "bound_secs", value_name = "SECS", value_parser = secs())]
+    pub secs: Option<u32>,
+}
+
+/// `open`'s flags beyond `-a` and `-R`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct OpenFlags {
+    #[command(flatten)]
+    pub timeout: Timeout,
+    /// Open the images without O_DIRECT (through the page cache).
+    #[arg(short = 'D')]
+    pub no_o_direct: bool,
+    /// Share the open parent chain of this minor (same tenant, read-only).
+    #[arg(short = 'e', value_name = "MINOR")]
+    pub existing_parent: Option<Minor>,
+    /// Local read cache of the parent chain (not supported: refused).
+    #[arg(short = 'r')]
+    pub read_cache: bool,
+    /// Mirror writes to this secondary (not supported: refused).
+    #[arg(short = '2', value_name = "URI")]
+    pub secondary: Option<String>,
+    /// Standby mirror (not supported: refused).
+    #[arg(short = 's')]
+    pub standby: bool,
+    /// blktap changed-block-tracking log (not supported: refused).
+    #[arg(short = 'C', value_name = "LOG")]
+    pub cbt_log: Option<String>,
+    /// Encryption key on stdin (not supported: refused, stdin is not read).
+    #[arg(short = 'E')]
+    pub encryption: bool,
+}
+
+/// `unpause`'s flags beyond `-a`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct UnpauseFlags {
+    #[command(flatten)]
+    pub timeout: Timeout,
+    /// Switch to this mirror secondary (not supported: refused).
+    #[arg(short = '2', value_name = "URI")]
+    pub secondary: Option<String>,
+    /// blktap changed-block-tracking log (not supported: refused).
+    #[arg(short = 'c', value_name = "LOG")]
+    pub cbt_log: Option<String>,
+}
+
+impl OpenFlags {
+    pub fn options(self) -> Options {
+        let mut unbuilt = Vec::new();
+        if self.read_cache {
+            unbuilt.push(Unbuilt::ReadCache);
+        }
+        if let Some(uri) = self.secondary {
+            unbuilt.push(Unbuilt::Mirror(uri));
+        }
+        if self.standby {
+            unbuilt.push(Unbuilt::Standby);
+        }
+        if let Some(log) = self.cbt_log {
+            unbuilt.push(Unbuilt::CbtLog(log));
+        }
+        if self.encryption {
+            unbuilt.push(Unbuilt::Encryption);
+        }
+        Options {
+            timeout_secs: self.timeout.secs,
+            no_o_direct: self.no_o_direct,
+            existing_parent: self.existing_parent,
+            unbuilt,
+            ..Options::default()
+        }
+    }
+}
+
+impl UnpauseFlags {
+    pub fn options(self) -> Options {
+        let mut unbuilt = Vec::new();
+        if let Some(uri) = self.secondary {
+            unbuilt.push(Unbuilt::Mirror(uri));
+        }
+        if let Some(log) = self.cbt_log {
+            unbuilt.push(Unbuilt::CbtLog(log));
+        }
+        Options {
+            timeout_secs: self.timeout.secs,
+            unbuilt,
+            ..Options::default()
+        }
+    }
+}
+
+impl Timeout {
+    pub fn options(self) -> Options {
+        Options {
+            timeout_secs: self.secs,
+            ..Options::default()
+        }
+    }
+}
+
+/// `req` with `opts`, or plain when there are none.
+pub fn wrap(req: Request, opts: Options) -> Request {
+    if opts.is_empty() {
+        req
+    } else {
+        Request::WithOptions {
+            req: Box::new(req),
+            opts,
+        }
+    }
+}
+
+/// How long to wait for the broker: at least a `-t` bound and a little.
+pub fn client_wait(req: &Request, wait: std::time::Duration) -> std::time::Duration {
+    match req {
+        Request::WithOptions {
+            opts: Options {
+                timeout_secs: Some(s),
+                ..
+            },
+            ..
+        } => wait.max(std::time::Duration::from_secs(u64::from(*s) + 30)),
+        _ => wait,
+    }
+}
+
+/// The exit status for an error, blktap-style where SM tells them apart:
+/// a feature not built is EOPNOTSUPP (95), a `-t` timeout ETIMEDOUT (110);
+/// everything else 1.
+pub fn exit_code(e: &anyhow::Error) -> ExitCode {
+    match e.downcast_ref::<Refused>().map(|r| r.kind) {
+        Some(ErrorKind::Unsupported) => ExitCode::from(95),
+        Some(ErrorKind::TimedOut) => ExitCode::from(110),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::LifecycleCommand;
+    use crate::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> LifecycleCommand {
+        let cli = Cli::try_parse_from(std::iter::once("tap-ctl").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            Command::Lifecycle(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every argument vector SM's TapCtl builds parses (none is a usage
+    /// error), with the meaning SM gives it.
+    #[test]
+    fn sms_argument_vectors_all_parse() {
+        let LifecycleCommand::Close { xapi, force, .. } =
+            parse(&["close", "-p", "7", "-m", "1", "-t", "120", "-f"])
+        else {
+            panic!()
+        };
+        assert_eq!((xapi.secs, force), (Some(120), true));
+        let LifecycleCommand::Open {
+            xapi, read_only, ..
+        } = parse(&[
+            "open",
+            "-p",
+            "7",
+            "-m",
+            "1",
+            "-a",
+            "vhd:/x.vhd",
+            "-R",
+            "-r",
+            "-e",
+            "3",
+            "-2",
+            "nbd:unix:/s",
+            "-s",
+            "-t",
+            "30",
+            "-D",
+            "-C",
+            "/x.log",
+            "-E",
+        ])
+        else {
+            panic!()
+        };
+        assert!(read_only);
+        let o = xapi.options();
+        assert_eq!(o.timeout_secs, Some(30));
+        assert!(o.no_o_direct);
+        assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
+        assert_eq!(o.unbuilt.len(), 5);
+        let LifecycleCommand::Unpause { xapi, image, .. } = parse(&[
+            "unpause",
+            "-p",
+            "7",
+            "-m",
+            "1",
+            "-2",
+            "nbd:x",
+            "-a",
+            "vhd:/y.vhd",
+            "-c",
+            "/y.log",
+        ]) else {
+            panic!()
+        };
+        assert!(image.is_some());
+        assert_eq!(xapi.options().unbuilt.len(), 2);
+        let LifecycleCommand::Allocate { device, .. } =
+            parse(&["allocate", "-d", "/dev/xen/blktap-2/tapdev4"])
+        else {
+            panic!()
+        };
+        assert_eq!(device.as_deref(), Some("/dev/xen/blktap-2/tapdev4"));
+        assert!(matches!(parse(&["major"]), LifecycleCommand::Major));
+        // The global --timeout stays its own flag.
+        let cli = Cli::try_parse_from(["tap-ctl", "--timeout", "5", "close", "-m", "1", "-t", "9"])
+            .unwrap();
+        assert_eq!(cli.timeout, 5);
+    }
+
+    #[test]
+    fn plain_requests_stay_plain() {
+        let req = Request::Spawn;
+        assert_eq!(wrap(req.clone(), Options::default()), req);
+        let t = Timeout { secs: Some(3) };
+        assert!(matches!(
+            wrap(req, t.options()),
+            Request::WithOptions { .. }
+        ));
+    }
+}

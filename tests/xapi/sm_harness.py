@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""XAPI's storage manager against tapjail: the tap-ctl calls SM makes, in
+SM's orders, parsed by SM's rules (a port written for these tests of the
+parsing in xapi-project/sm drivers/blktap2.py, class TapCtl; not SM's code).
+
+Run by tests/tests/xapi_sm.rs against a real tap-broker (FUSE + loop) as
+root. Environment:
+  SM_TAPCTL         tap-ctl (TAPJAIL_SOCKET names the broker's socket)
+  SM_DEVDIR         the broker's device_dir (blktap: /dev/xen/blktap-2)
+  SM_IMAGES         an image root of the tenant root acts as
+  SM_FOREIGN_MINOR  a minor another tenant serves read-only
+Every failed expectation raises; the exit status is 0 only if all held.
+"""
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+TAPCTL = os.environ["SM_TAPCTL"]
+DEV_BASEDIR = os.environ["SM_DEVDIR"]
+IMAGES = os.environ["SM_IMAGES"]
+FOREIGN_MINOR = int(os.environ["SM_FOREIGN_MINOR"])
+O_DIRECT = 0o40000
+EOPNOTSUPP = 95
+
+
+class CommandFailure(Exception):
+    def __init__(self, cmd, **info):
+        super().__init__(cmd, info)
+        self.cmd = cmd
+        self.info = info
+
+    @property
+    def status(self):
+        return self.info.get("status", 0)
+
+    @property
+    def errmsg(self):
+        return self.info.get("errmsg", "")
+
+    def __str__(self):
+        return "%s failed: %s" % (" ".join(self.cmd), self.info)
+
+
+class TapCtl:
+    """SM's TapCtl: one tap-ctl process per call, one stdout line read."""
+
+    def __init__(self, cmd, p):
+        self.cmd = cmd
+        self._p = p
+
+    @classmethod
+    def _call(cls, args, input=None, text_mode=True):
+        cmd = [TAPCTL] + [str(x) for x in args]
+        log("$ tap-ctl " + " ".join(cmd[1:]))
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, close_fds=True,
+                             universal_newlines=text_mode)
+        if input:
+            p.stdin.write(input)
+            p.stdin.close()
+        return cls(cmd, p)
+
+    def _errmsg(self):
+        err = self._p.stderr.read()
+        if isinstance(err, bytes):
+            err = err.decode(errors="replace")
+        return "; ".join(line.rstrip() for line in err.splitlines())
+
+    def _wait(self):
+        status = self._p.wait()
+        if status == 0:
+            return
+        info = {"errmsg": self._errmsg(), "pid": self._p.pid}
+        if status < 0:
+            info["signal"] = -status
+        else:
+            info["status"] = status
+        raise CommandFailure(self.cmd, **info)
+
+    @classmethod
+    def _pread(cls, args, input=None, text_mode=True):
+        tapctl = cls._call(args, input=input, text_mode=text_mode)
+        output = tapctl._p.stdout.readline()
+        if isinstance(output, bytes):
+            output = output.decode()
+        output = output.rstrip()
+        tapctl._wait()
+        return output
+
+    @staticmethod
+    def _maybe(opt, parm):
+        return [opt, parm] if parm is not None else []
+
+    @classmethod
+    def list(cls, minor=None, pid=None, _type=None, path=None):
+        args = ["list"]
+        args += cls._maybe("-m", minor)
+        args += cls._maybe("-p", pid)
+        args += cls._maybe("-t", _type)
+        args += cls._maybe("-f", path)
+        tapctl = cls._call(args)
+        rows = []
+        for line in tapctl._p.stdout:
+            row = {}
+            for field in line.rstrip().split(" ", 3):
+                bits = field.split("=")
+                if len(bits) == 2:
+                    key, val = bits
+                    if key in ("pid", "minor"):
+                        row[key] = int(val, 10)
+                    elif key in ("state",):
+                        row[key] = int(val, 0x10)
+                    else:
+                        row[key] = val
+                else:
+                    raise AssertionError("unexpected tap-ctl list output: %r" % field)
+            rows.append(row)
+        tapctl._wait()
+        return rows
+
+    @classmethod
+    def allocate(cls, devpath=None):
+        return cls._pread(["allocate"] + cls._maybe("-d", devpath))
+
+    @classmethod
+    def free(cls, minor):
+        cls._pread(["free", "-m", minor])
+
+    @classmethod
+    def spawn(cls):
+        return int(cls._pread(["spawn"]))
+
+    @classmethod
+    def attach(cls, pid, minor):
+        cls._pread(["attach", "-p", pid, "-m", minor])
+
+    @classmethod
+    def detach(cls, pid, minor):
+        cls._pread(["detach", "-p", pid, "-m", minor])
+
+    @classmethod
+    def open(cls, pid, minor, _type, _file, options):
+        args = ["open", "-p", pid, "-m", minor, "-a", "%s:%s" % (_type, _file)]
+        text_mode = True
+        input = None
+        if options.get("rdonly"):
+            args.append("-R")
+        if options.get("lcache"):
+            args.append("-r")
+        if options.get("existing_prt") is not None:
+            args.append("-e")
+            args.append(str(options["existing_prt"]))
+        if options.get("secondary"):
+            args.append("-2")
+            args.append(options["secondary"])
+        if options.get("standby"):
+            args.append("-s")
+        if options.get("timeout"):
+            args.append("-t")
+            args.append(str(options["timeout"]))
+        if not options.get("o_direct", True):
+            args.append("-D")
+        if options.get("cbtlog"):
+            args.extend(["-C", options["cbtlog"]])
+        if options.get("key_hash"):
+            input = options["key"]
+            text_mode = False
+            args.append("-E")
+        cls._pread(args, input=input, text_mode=text_mode)
+
+    @classmethod
+    def close(cls, pid, minor, force=False):
+        args = ["close", "-p", pid, "-m", minor, "-t", "120"]
+        if force:
+            args += ["-f"]
+        cls._pread(args)
+
+    @classmethod
+    def pause(cls, pid, minor):
+        cls._pread(["pause", "-p", pid, "-m", minor])
+
+    @classmethod
+    def unpause(cls, pid, minor, _type=None, _file=None, mirror=None, cbtlog=None):
+        args = ["unpause", "-p", pid, "-m", minor]
+        if mirror:
+            args.extend(["-2", mirror])
+        if _type and _file:
+            args += ["-a", "%s:%s" % (_type, _file)]
+        if cbtlog:
+            args.extend(["-c", cbtlog])
+        cls._pread(args)
+
+    @classmethod
+    def stats(cls, pid, minor):
+        return cls._pread(["stats", "-p", pid, "-m", minor])
+
+    @classmethod
+    def major(cls):
+        return int(cls._pread(["major"]))
+
+
+PAUSED = 0x20
+
+
+class Tapdisk:
+    """SM's Tapdisk: rows with every field, and the launch order."""
+
+    def __init__(self, pid, minor, _type, path, state):
+        self.pid, self.minor, self.type, self.path, self.state = pid, minor, _type, path, state
+
+    @classmethod
+    def list(cls, **args):
+        out = []
+        for row in TapCtl.list(**args):
+            a = {"pid": None, "minor": None, "state": None, "_type": None, "path": None}
+            for key, val in row.items():
+                if key in a:
+                    a[key] = val
+            if "args" in row:
+                _type, path = row["args"].split(":", 1)
+                assert _type in ("aio", "vhd"), row
+                a["_type"], a["path"] = _type, path
+            if None in a.values():
+                continue
+            out.append(Tapdisk(**a))
+        return out
+
+    @classmethod
+    def find(cls, **args):
+        found = cls.list(**args)
+        assert len(found) <= 1, "not unique: %r" % [vars(t) for t in found]
+        return found[0] if found else None
+
+    @classmethod
+    def from_minor(cls, minor):
+        t = cls.find(minor=minor)
+        if t is None:
+            raise AssertionError("no such tapdisk (minor=%d)" % minor)
+        return t
+
+    @classmethod
+    def launch_on_tap(cls, minor, path, _type, options):
+        assert cls.find(path=path) is None, "%s already running" % path
+        pid = TapCtl.spawn()
+        try:
+            TapCtl.attach(pid, minor)
+            try:
+                TapCtl.open(pid, minor, _type, path, options)
+                try:
+                    return cls.from_minor(minor)
+                except BaseException:
+                    TapCtl.close(pid, minor)
+                    raise
+            except BaseException:
+                TapCtl.detach(pid, minor)
+                raise
+        except BaseException:
+            try:
+                os.kill(pid, signal.SIGTERM)  # SM's TapCtl.shutdown
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            raise
+
+    def shutdown(self, force=False):
+        TapCtl.close(self.pid, self.minor, force)
+        TapCtl.detach(self.pid, self.minor)
+        TapCtl.free(self.minor)
+
+    def devpath(self):
+        return "%s/tapdev%d" % (DEV_BASEDIR, self.minor)
+
+
+def parse_minor(devpath):
+    m = re.search(r"%s/tapdev(\d+)$" % re.escape(DEV_BASEDIR), devpath)
+    if not m:
+        raise AssertionError("malformed tap device: %r" % devpath)
+    return int(m.group(1))
+
+
+def activate(path, _type, options):
+    """SM's VDI._tap_activate: allocate, launch, free on failure."""
+    minor = parse_minor(TapCtl.allocate())
+    try:
+        return Tapdisk.launch_on_tap(minor, path, _type, options)
+    except BaseException:
+        TapCtl.free(minor)
+        raise
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def vhd(*args):
+    subprocess.run([TAPCTL, "vhd"] + list(args), check=True, stdout=subprocess.DEVNULL)
+
+
+PATTERN = bytes((i * 7 + 3) % 251 for i in range(1 << 20))
+
+
+def read_dev(t, n=len(PATTERN)):
+    with open(t.devpath(), "rb", buffering=0) as f:
+        return f.read(n)
+
+
+def image_fd_flags(pid, path):
+    """fdinfo flags of every fd `pid` holds on `path` (same inode)."""
+    want = os.stat(path)
+    flags = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            st = os.stat("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            continue
+        with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    flags.append(int(line.split()[1], 8))
+    assert flags, "tapdisk %d holds no fd on %s" % (pid, path)
+    return flags
+
+
+def expect_failure(what, status, words, fn):
+    try:
+        fn()
+    except CommandFailure as e:
+        assert e.status == status, "%s: status %d, want %d (%s)" % (what, e.status, status, e.errmsg)
+        for w in words:
+            assert w in e.errmsg, "%s: %r does not say %r" % (what, e.errmsg, w)
+        log("  refused as expected: status %d: %s" % (e.status, e.errmsg))
+        return e
+    raise AssertionError("%s succeeded" % what)
+
+
+def main():
+    gold = os.path.join(IMAGES, "gold.vhd")
+    vhd("create", "-n", gold, "-s", "16")
+
+    # Attach the gold image writable, plain options: fill it through the
+    # device, then detach as SM does.
+    t = activate(gold, "vhd", {})
+    assert (t.type, t.path, t.state) == ("vhd", gold, 0), vars(t)
+    with open(t.devpath(), "r+b", buffering=0) as f:
+        f.write(PATTERN)
+        os.fsync(f.fileno())
+    st = json.loads(TapCtl.stats(t.pid, t.minor))
+    assert st["name"] == "vhd:" + gold and st["images"][0]["name"] == gold, st
+    assert st["images"][0]["hits"][1] > 0, st
+    major = TapCtl.major()
+    assert major == os.major(os.stat(t.devpath()).st_rdev), (major, t.devpath())
+    t.shutdown()
+    assert Tapdisk.find(path=gold) is None
+
+    # The gold master read-only, bounded open (-R -t 30).
+    g = activate(gold, "vhd", {"rdonly": True, "timeout": 30})
+    assert read_dev(g) == PATTERN
+
+    # Two clones sharing the gold's open chain (-e): one also without
+    # O_DIRECT (-D), one with it.
+    clones = []
+    for name, o_direct in (("clone1.vhd", False), ("clone2.vhd", True)):
+        path = os.path.join(IMAGES, name)
+        vhd("snapshot", "-n", path, "-p", gold)
+        c = activate(path, "vhd", {"existing_prt": g.minor, "o_direct": o_direct, "timeout": 30})
+        assert read_dev(c) == PATTERN, name
+        leaf_direct = all(f & O_DIRECT for f in image_fd_flags(c.pid, path))
+        assert leaf_direct == o_direct, (name, image_fd_flags(c.pid, path))
+        parent = image_fd_flags(c.pid, gold)
+        assert not any(f & O_DIRECT for f in parent), "shared parent must be buffered: %r" % parent
+        clones.append((c, path))
+
+    # Error paths, each backed out as SM backs out: detach, kill, free.
+    minor_before = parse_minor(TapCtl.allocate())
+    TapCtl.free(minor_before)
+    extra = os.path.join(IMAGES, "extra.vhd")
+    vhd("snapshot", "-n", extra, "-p", gold)
+    unsupported = [
+        ({"lcache": True}, "-r"),
+        ({"secondary": "nbd:unix:/run/mirror.sock:exportname=x"}, "-2"),
+        ({"secondary": "nbd:unix:/run/mirror.sock:exportname=x", "standby": True}, "-s"),
+        ({"cbtlog": os.path.join(IMAGES, "extra.cbtlog")}, "-C"),
+        ({"key_hash": "ab" * 32, "key": b"K" * 32}, "-E"),
+    ]
+    for opts, flag in unsupported:
+        failure = expect_failure("open " + flag, EOPNOTSUPP, [flag, "not supported"],
+                                 lambda: activate(extra, "vhd", opts))
+        assert b"K" * 8 not in failure.errmsg.encode(), "key bytes in a message"
+        assert not os.path.exists(os.path.join(IMAGES, "extra.cbtlog"))
+    assert TapCtl.list(minor=minor_before) == []
+
+    other = os.path.join(IMAGES, "other.vhd")
+    vhd("create", "-n", other, "-s", "16")
+    not_a_clone = os.path.join(IMAGES, "not-a-clone.vhd")
+    vhd("snapshot", "-n", not_a_clone, "-p", other)
+    expect_failure("open -e of an image whose parent is not the shared leaf", 1,
+                   ["is not the file minor %d serves" % g.minor],
+                   lambda: activate(not_a_clone, "vhd", {"existing_prt": g.minor}))
+    failing = [
+        ({"existing_prt": FOREIGN_MINOR}, 1, ["does not belong"]),
+        ({"existing_prt": clones[0][0].minor}, 1, ["writable"]),
+        ({"existing_prt": 16383}, 1, ["not allocated"]),
+    ]
+    for opts, status, words in failing:
+        expect_failure("open %r" % opts, status, words, lambda: activate(extra, "vhd", opts))
+    expect_failure("open of a missing image", 1, ["missing.vhd"],
+                   lambda: activate(os.path.join(IMAGES, "missing.vhd"), "vhd", {}))
+    # Nothing of the failed attaches is left: every row is one of ours (or
+    # the other tenant's, which root, an admin, lists too).
+    rows = TapCtl.list()
+    ours = {g.minor, FOREIGN_MINOR} | {c.minor for c, _ in clones}
+    assert {r.get("minor") for r in rows} == ours, rows
+    assert all("pid" in r and "args" in r for r in rows), rows
+
+    # Pause, snapshot the leaf as SM does, unpause on the new leaf. The
+    # flags not built are refused while paused and leave it paused.
+    c, path = clones[0]
+    TapCtl.pause(c.pid, c.minor)
+    assert Tapdisk.from_minor(c.minor).state & PAUSED
+    new_leaf = os.path.join(IMAGES, "clone1-2.vhd")
+    vhd("snapshot", "-n", new_leaf, "-p", path)
+    expect_failure("unpause -2", EOPNOTSUPP, ["-2", "not supported"],
+                   lambda: TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf, mirror="nbd:x"))
+    expect_failure("unpause -c", EOPNOTSUPP, ["-C/-c", "not supported"],
+                   lambda: TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf, cbtlog="/x.log"))
+    assert Tapdisk.from_minor(c.minor).state & PAUSED
+    TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf)
+    t = Tapdisk.from_minor(c.minor)
+    assert (t.path, t.state) == (new_leaf, 0), vars(t)
+    assert read_dev(t) == PATTERN
+    assert not any(f & O_DIRECT for f in image_fd_flags(t.pid, new_leaf)), "-D kept over unpause"
+
+    # allocate -d: our form and blktap's.
+    m = parse_minor(TapCtl.allocate(DEV_BASEDIR + "/tapdev77"))
+    assert m == 77
+    assert parse_minor(TapCtl.allocate("/dev/xen/blktap-2/tapdev78")) == 78
+    expect_failure("allocate -d /dev/sda", 1, ["/dev/sda"], lambda: TapCtl.allocate("/dev/sda"))
+    expect_failure("allocate -d of a held minor", 1, ["77"],
+                   lambda: TapCtl.allocate(DEV_BASEDIR + "/tapdev77"))
+    TapCtl.free(77)
+    TapCtl.free(78)
+
+    # Detach everything as SM does: close -t 120, detach, free.
+    for c, _ in clones:
+        Tapdisk.from_minor(c.minor).shutdown()
+    g.shutdown()
+    assert [r["minor"] for r in TapCtl.list()] == [FOREIGN_MINOR], TapCtl.list()
+    log("SM harness: all calls behaved as SM expects")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # one line for the Rust test's message
+        log("SM harness FAILED: %s: %s" % (type(e).__name__, e))
+        raise
