@@ -10,6 +10,7 @@ mod admin;
 mod client;
 mod escape;
 mod lifecycle;
+mod throttle;
 mod vhd;
 mod xapi;
 

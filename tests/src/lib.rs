@@ -8,6 +8,8 @@
 //! built into (`cargo build --workspace --bins`, which `cargo test
 //! --workspace` and `cargo nextest run --workspace` do).
 
+pub mod soak;
+
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -46,7 +48,9 @@ pub enum WorkerBin {
     Fake,
     /// `fake-tapdisk` leaving out one confinement step the broker checks
     /// from outside: `"hostns"` (stays in the host's net and mount
-    /// namespaces) or `"dumpable"` (dumpable after its uid switch). Run
+    /// namespaces), `"dumpable"` (dumpable after its uid switch), `"uid"`
+    /// (keeps root's uid and capabilities), `"nnp"` (no no_new_privs, so no
+    /// seccomp filter either) or `"seccomp"` (no seccomp filter). Run
     /// through a symlink whose name tells the fake which.
     FakeSkipping(&'static str),
 }
@@ -117,6 +121,8 @@ pub struct Options {
     pub respawn: bool,
     pub worker_timeout_secs: u32,
     pub extra: String,
+    /// Lines added to a tenant's `[[tenant]]` block: (tenant name, TOML).
+    pub tenant_lines: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -128,6 +134,7 @@ impl Default for Options {
             respawn: false,
             worker_timeout_secs: 10,
             extra: String::new(),
+            tenant_lines: Vec::new(),
         }
     }
 }
@@ -214,6 +221,10 @@ impl Harness {
                 "\n[[tenant]]\nname = {:?}\nuids = [{}]\nimage_roots = [{:?}]\nwritable = {}\nmax_disks = {}\nadmin = {}\n",
                 t.name, t.uid, root, t.writable, t.max_disks, t.admin
             ));
+            for (_, line) in opts.tenant_lines.iter().filter(|(n, _)| *n == t.name) {
+                text.push_str(line);
+                text.push('\n');
+            }
         }
         std::fs::write(&policy, text).expect("policy");
         let mut h = Harness {

@@ -25,11 +25,12 @@ impl Broker {
         let cgroup = t.worker(w.pid)?.cgroup.clone();
         // Held so that the answer is about the phase it was asked in.
         let lease = Lease::take(&self.table, t, minor, "stats", |_, _| Ok(()))?;
-        let r = w
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .call(&ToWorker::Stats, &[]);
+        let (r, throttle) = {
+            let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
+            let r = conn.call(&ToWorker::Stats, &[]);
+            let throttle = r.as_ref().ok().and_then(|_| self.throttle_stats(&conn));
+            (r, throttle)
+        };
         drop(lease);
         self.after_op(minor);
         let mut ws = match r? {
@@ -57,6 +58,7 @@ impl Broker {
                 restarts,
                 worker: ws,
                 cgroup: cgroup.map(|c| c.stats()),
+                throttle,
             })),
             format!("stats of minor {minor}"),
         ))

@@ -3,6 +3,7 @@
 //! several tenants. Needs root.
 
 mod audit_flood;
+mod audit_full;
 mod audit_rotation;
 mod cgroup;
 mod deadlines;
@@ -10,8 +11,11 @@ mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod qos;
+mod raw_parent;
 mod robustness;
 mod seed;
+mod soak_ublk;
 mod tenants;
 mod ublk;
 mod worker_confinement;
