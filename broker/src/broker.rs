@@ -28,6 +28,8 @@ pub struct SpawnConfig {
     /// request it makes), so that a worker answering each message just in
     /// time cannot make it last for ever.
     pub op_timeout: Duration,
+    /// Each worker's cgroup (`tapjail_broker::cgroup`).
+    pub cgroups: std::sync::Arc<tapjail_broker::cgroup::Cgroups>,
 }
 
 /// The audit log and whether it still works.

@@ -217,6 +217,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(1),
             store: None,
+            cgroups: Arc::new(tapjail_broker::cgroup::Cgroups::off()),
         };
         Arc::new(Broker::new(policy, audit, devices, state, spawn).expect("broker"))
     }

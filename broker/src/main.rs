@@ -225,6 +225,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let audit = AuditLog::open(&policy.audit_log).with_context(audit_ctx)?;
     let exe = std::env::current_exe().context("locating tap-broker's own executable")?;
+    // Before any child (the fd holder) exists: tap-broker may move itself
+    // into a leaf of its delegated cgroup.
+    let cgroups = Arc::new(
+        tapjail_broker::cgroup::Cgroups::start(&policy.cgroup)
+            .context("cgroups = \"required\" (set cgroups = \"auto\" to run without)")?,
+    );
+    if let Some(w) = cgroups.warning() {
+        tapjail_common::log_line!("tap-broker: warning: {w}");
+    }
     let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
         Ok(x) => x,
         Err(e) => {
@@ -244,6 +253,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         timeout: Duration::from_secs(u64::from(policy.worker_timeout_secs)),
         op_timeout: Duration::from_secs(u64::from(policy.operation_timeout_secs)),
         store: Some(store.clone()),
+        cgroups: cgroups.clone(),
     };
     let explanation = devices.explanation().to_string();
     let broker = Arc::new(broker::Broker::new(
@@ -255,8 +265,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || sup.supervise())?;
     let held_n = held.len();
     let adopted = broker.adopt(&store, held);
-    let cleanup =
+    let mut cleanup =
         records::clean_predecessor(&broker.state, &broker.devices, &broker.policy.device_dir);
+    // Cgroups of workers that are gone (after adoption took the live ones).
+    let (removed, kept) = cgroups.remove_stale();
+    cleanup.actions.extend(removed);
+    cleanup.problems.extend(kept);
+    if let Some(w) = cgroups.warning() {
+        broker.notice(Event::BrokerStart, None, None, "cgroups-unavailable", w);
+    }
     for a in &cleanup.actions {
         tapjail_common::log_line!("tap-broker: cleanup: {a}");
         broker.notice(Event::Cleanup, None, None, "restart-cleanup", a.clone());
@@ -278,7 +295,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let p = &broker.policy;
     let banner = format!(
-        "tap-broker {} serving {} with {explanation}; {} tenant(s); audit {}; state {}; devices {}; workers {} as uids {}..={}; fds kept in the {} ({held_n} handed back: adopted {} minor(s), {} tapdisk(s))",
+        "tap-broker {} serving {} with {explanation}; {} tenant(s); audit {}; state {}; devices {}; workers {} as uids {}..={}; {}; fds kept in the {} ({held_n} handed back: adopted {} minor(s), {} tapdisk(s))",
         env!("CARGO_PKG_VERSION"),
         p.socket.display(),
         p.tenants.len(),
@@ -288,6 +305,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         broker.spawn_cfg.tapdisk.display(),
         p.worker_uids.0,
         p.worker_uids.1,
+        cgroups.describe(),
         store.kind(),
         adopted.disks,
         adopted.workers,

@@ -36,6 +36,8 @@ pub struct Worker {
     pub killed: Arc<std::sync::OnceLock<String>>,
     /// Its fds in the store while it is in the table (see `fdstore`).
     pub kept: Option<tapjail_broker::fdstore::Kept>,
+    /// Its cgroup (shared with a respawned successor; removed with the last).
+    pub cgroup: Option<Arc<tapjail_broker::cgroup::Leaf>>,
 }
 
 impl Worker {

@@ -275,6 +275,8 @@ pub struct StatsReply {
     pub worker: WorkerStats,
     /// The tenant owning the minor, for metrics labels.
     pub tenant: String,
+    /// The worker's cgroup, when workers run in cgroups.
+    pub cgroup: Option<crate::stats::CgroupStats>,
     /// I/O limits and how long requests waited for them.
     pub throttle: Option<crate::qos::ThrottleStats>,
 }

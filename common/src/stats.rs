@@ -124,3 +124,17 @@ impl Histograms {
         }
     }
 }
+
+/// A worker's cgroup v2 as the broker reads it (`None` where a file is
+/// missing, e.g. memory.peak before Linux 5.19).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    pub path: String,
+    pub memory_current: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub memory_max: Option<u64>,
+    pub pids_current: Option<u64>,
+    pub pids_max: Option<u64>,
+    /// Processes of it the kernel's OOM killer ended (memory.events).
+    pub oom_kills: Option<u64>,
+}

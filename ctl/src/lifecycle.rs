@@ -382,6 +382,8 @@ struct StatsJson<'a> {
     tap: TapJson<'a>,
     reqs_outstanding: u64,
     latency: &'a LatencyStats,
+    /// The worker's cgroup (path, memory.current, pids.current, ...), or null.
+    cgroup: Option<&'a tapjail_common::stats::CgroupStats>,
     /// I/O limits in force and the delays they caused.
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle: Option<&'a tapjail_common::qos::ThrottleStats>,
@@ -415,6 +417,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         },
         reqs_outstanding: w.reqs_outstanding,
         latency: &w.latency,
+        cgroup: s.cgroup.as_ref(),
         throttle: s.throttle.as_ref(),
     })
 }
@@ -538,6 +541,7 @@ mod tests {
                 ..Default::default()
             },
             tenant: String::new(),
+            cgroup: None,
         };
         let j = stats_json(&s).unwrap();
         assert!(j.starts_with(r#"{"name":"vhd:/x.vhd","secs":[664,0],"images":[{"name":"/x.vhd","hits":[664,0],"fail":[0,0],"driver":{"type":4,"name":"vhd","status":null}}],"tap":{"minor":0,"pid":5755,"frontend":"nbd""#), "{j}");

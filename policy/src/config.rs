@@ -70,6 +70,8 @@ pub struct Tenant {
     /// Most connections all of this tenant's peers may hold at once (a
     /// tenant matched by gid has many uids, each with its own per-uid cap).
     pub max_clients: u32,
+    /// cpu.weight and io.weight of the tenant's cgroup.
+    pub cgroup: crate::cgroups::TenantCgroup,
     /// I/O limits of each of this tenant's disks (`disk_io`), unless an
     /// admin changes a disk's at runtime.
     pub disk_io: tapjail_common::qos::IoLimits,
@@ -118,6 +120,8 @@ pub struct Policy {
     /// Where to look for ids others own (`subuid_file`, ... keys; the
     /// real `/etc` files unless a test points elsewhere).
     pub id_files: crate::idmap::IdFiles,
+    /// Each worker's cgroup v2 (`crate::cgroups`).
+    pub cgroup: crate::cgroups::CgroupPolicy,
     pub tenants: Vec<Tenant>,
 }
 
@@ -217,6 +221,10 @@ struct RawPolicy {
     subgid_file: Option<Spanned<String>>,
     passwd_file: Option<Spanned<String>>,
     group_file: Option<Spanned<String>>,
+    cgroups: Option<Spanned<crate::cgroups::CgroupMode>>,
+    cgroup_root: Option<Spanned<String>>,
+    worker_memory_max_mib: Option<Spanned<i64>>,
+    worker_pids_max: Option<Spanned<i64>>,
     #[serde(default)]
     tenant: Vec<Spanned<RawTenant>>,
 }
@@ -236,6 +244,8 @@ struct RawTenant {
     minors: Option<Spanned<Vec<i64>>>,
     admin: Option<bool>,
     max_clients: Option<Spanned<i64>>,
+    cpu_weight: Option<Spanned<i64>>,
+    io_weight: Option<Spanned<i64>>,
     disk_io: Option<io_limits::RawIo>,
     tenant_io: Option<io_limits::RawIo>,
     page_cache: Option<bool>,
@@ -312,8 +322,10 @@ pub mod defaults {
     /// (crate::idmap).
     pub const WORKER_UIDS: (u32, u32) = (2_000_000_000, 2_000_000_999);
     pub const AUDIT_WINDOW_SECS: u32 = 10;
-    // What the worker asks for to be comfortable (worker::sandbox::mlock).
-    pub const WORKER_MEMLOCK_MIB: u64 = 512;
+    // What a worker locks serving (threads, buffers, rings, engine heap:
+    // measured by `e2e cgroup::`, see bench/README.md) with room for deep
+    // chains of large images.
+    pub const WORKER_MEMLOCK_MIB: u64 = 64;
     pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
     pub const WORKER_TIMEOUT_SECS: u32 = 30;
     pub const OPERATION_TIMEOUT_SECS: u32 = 120;
@@ -324,13 +336,13 @@ pub mod defaults {
 }
 
 /// Accumulates diagnostics against the source text (for line numbers).
-struct Checker<'a> {
+pub(crate) struct Checker<'a> {
     text: &'a str,
     diags: Vec<Diagnostic>,
 }
 
 impl<'a> Checker<'a> {
-    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+    pub(crate) fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, span.start);
         self.diags.push(Diagnostic {
             line,
@@ -347,7 +359,12 @@ impl<'a> Checker<'a> {
         });
     }
 
-    fn abs_path(&mut self, key: &str, v: Option<Spanned<String>>, default: &str) -> PathBuf {
+    pub(crate) fn abs_path(
+        &mut self,
+        key: &str,
+        v: Option<Spanned<String>>,
+        default: &str,
+    ) -> PathBuf {
         match v {
             None => PathBuf::from(default),
             Some(s) => {
@@ -363,7 +380,7 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn int_in<T: TryFrom<i64> + Copy>(
+    pub(crate) fn int_in<T: TryFrom<i64> + Copy>(
         &mut self,
         key: &str,
         v: &Spanned<i64>,
@@ -616,6 +633,22 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
     };
 
     let frontend = raw.frontend.map_or(FrontendChoice::Auto, |f| *f.get_ref());
+    let memlock_mib = raw
+        .worker_memlock_mib
+        .as_ref()
+        .map_or(defaults::WORKER_MEMLOCK_MIB, |m| {
+            u64::try_from(*m.get_ref()).unwrap_or(defaults::WORKER_MEMLOCK_MIB)
+        });
+    let cgroup = crate::cgroups::build(
+        c,
+        crate::cgroups::RawCgroupKeys {
+            cgroups: raw.cgroups,
+            cgroup_root: raw.cgroup_root,
+            worker_memory_max_mib: raw.worker_memory_max_mib,
+            worker_pids_max: raw.worker_pids_max,
+        },
+        memlock_mib,
+    );
     let worker_memlock = raw
         .worker_memlock_mib
         .map_or(defaults::WORKER_MEMLOCK_MIB, |m| {
@@ -872,6 +905,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             minors,
             admin: t.admin.unwrap_or(false),
             max_clients: tenant_clients,
+            cgroup: crate::cgroups::tenant(c, t.cpu_weight, t.io_weight),
             disk_io,
             tenant_io,
             page_cache: t.page_cache.unwrap_or(true),
@@ -896,6 +930,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         max_clients,
         audit_window_secs,
         id_files,
+        cgroup,
         tenants,
     }
 }
@@ -950,7 +985,7 @@ image_roots = ["/srv/bob"]
         assert_eq!(p.worker_uid_count(), 1000);
         assert_eq!(p.frontend, FrontendChoice::Nbd);
         assert_eq!(p.device_dir, Path::new("/dev/tapjail"));
-        assert_eq!(p.worker_memlock, 512 * 1024 * 1024);
+        assert_eq!(p.worker_memlock, defaults::WORKER_MEMLOCK_MIB * 1024 * 1024);
         assert!(p.respawn);
         let a = p.tenant("alice").unwrap();
         assert_eq!(a.image_roots, vec![PathBuf::from("/srv/alice")]);

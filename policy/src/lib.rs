@@ -5,12 +5,14 @@
 //! peer's `SO_PEERCRED` identity and a view of its tables, and enforces
 //! what is decided (e.g. opening a granted image with `openat2`).
 
+pub mod cgroups;
 pub mod config;
 pub mod decide;
 pub mod idmap;
 pub mod path;
 pub mod xapi;
 
+pub use cgroups::{CgroupMode, CgroupPolicy, TenantCgroup};
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
 };

@@ -179,6 +179,7 @@ fn exited_worker(
         record,
         start_time: rec.start_time,
         kept: None,
+        cgroup: None,
     })
 }
 

@@ -35,6 +35,7 @@ impl Broker {
                     record: lock,
                     start_time: rec.start_time,
                     kept,
+                    cgroup: self.spawn_cfg.cgroups.adopt(rec.pid),
                 },
                 has,
             )),

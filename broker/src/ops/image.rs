@@ -124,7 +124,7 @@ impl Broker {
         // Held from allocation to the served image: nobody else touches
         // the new minor meanwhile.
         let mut lease = Lease::take(&self.table, t, minor, "create", |_, _| Ok(()))?;
-        let pid = match self.spawn_worker(self.table(), tenant) {
+        let pid = match self.spawn_worker(self.table(), tenant, Some(minor)) {
             Ok(p) => p,
             Err(e) => {
                 lease.discard();

@@ -102,7 +102,7 @@ impl Broker {
     }
 
     pub fn op_spawn(self: &Arc<Self>, t: Guard<'_>, tenant: &str) -> Result<Done, BrokerError> {
-        let pid = self.spawn_worker(t, tenant)?;
+        let pid = self.spawn_worker(t, tenant, None)?;
         Ok((Reply::Spawned { pid }, format!("tapdisk {pid}")))
     }
 
@@ -121,8 +121,14 @@ impl Broker {
                 "tapdisk {pid} is already attached to minor {m}"
             )));
         }
+        // Into the minor's own cgroup (from its `spawn-UID` one).
+        let owner = w.owner.clone();
+        let cgroup = self.minor_cgroup(&owner, minor, pid)?;
         if let Some(w) = t.workers.get_mut(&pid) {
             w.minor = Some(minor);
+            if cgroup.is_some() {
+                w.cgroup = cgroup;
+            }
         }
         let disk = t.disk_mut(minor)?;
         *disk.phase_mut()? = Phase::Attached {

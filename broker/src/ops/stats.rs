@@ -23,6 +23,7 @@ impl Broker {
         let disk = t.disk(minor)?;
         let (frontend, restarts, tenant) =
             (disk.shown().frontend, disk.restarts, disk.owner.clone());
+        let cgroup = t.worker(w.pid)?.cgroup.clone();
         // Held so that the answer is about the phase it was asked in.
         let lease = Lease::take(&self.table, t, minor, "stats", |_, _| Ok(()))?;
         let (r, throttle) = {
@@ -59,6 +60,7 @@ impl Broker {
                 restarts,
                 worker: ws,
                 tenant,
+                cgroup: cgroup.map(|c| c.stats()),
                 throttle,
             })),
             format!("stats of minor {minor}"),

@@ -3,6 +3,7 @@
 //! reaped ([`Broker::on_exit`]), stopped ([`Broker::stop_worker`]) and
 //! replaced ([`Broker::respawn`]) here, and nowhere else.
 
+mod placement;
 pub mod process;
 
 use crate::audit::WorkerExit;
@@ -27,6 +28,7 @@ impl Broker {
         self: &Arc<Self>,
         mut t: MutexGuard<'_, Table>,
         tenant: &str,
+        minor: Option<Minor>,
     ) -> Result<u32, BrokerError> {
         let (lo, hi) = self.policy.worker_uids;
         let taken = t.worker_uids();
@@ -44,12 +46,15 @@ impl Broker {
         };
         t.pending.push(pending.clone());
         drop(t);
-        let spawned = process::spawn(&self.spawn_cfg, self.devices.kind(), uid);
+        let spawned = self.worker_cgroup(tenant, minor, uid).and_then(|cg| {
+            let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
+            Ok((s, cg))
+        });
         let mut t = self.table();
         if let Some(i) = t.pending.iter().position(|p| *p == pending) {
             t.pending.remove(i);
         }
-        let s = spawned?;
+        let (s, cgroup) = spawned?;
         let record = match self.state.lock_worker(s.pid) {
             Ok(r) => r,
             Err(e) => {
@@ -70,6 +75,7 @@ impl Broker {
             start_time: s.start_time,
             record,
             kept: s.kept,
+            cgroup,
         };
         let rec = w.record();
         // Best effort, like the minors' records.
@@ -367,7 +373,7 @@ impl Broker {
         owner: &str,
     ) -> Result<(u32, u32, Phase), BrokerError> {
         let minor = lease.minor();
-        let pid = self.spawn_worker(self.table(), owner)?;
+        let pid = self.spawn_worker(self.table(), owner, Some(minor))?;
         // Tag its log lines from the first one: it reopens the image
         // before the lease settles (which tags on persist).
         crate::worker_log::tag(minor, Some(pid));

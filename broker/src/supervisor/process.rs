@@ -42,7 +42,22 @@ pub fn kept_names(pid: u32) -> [String; 2] {
 
 /// Start a worker running as `uid`/`uid` for `frontend` and wait for it to
 /// be confined.
-pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spawned, WorkerError> {
+/// With `cgroup`, the child enters it before `exec`: the worker runs no
+/// instruction of its own outside it.
+pub fn spawn(
+    cfg: &SpawnConfig,
+    frontend: FrontendKind,
+    uid: u32,
+    cgroup: Option<&tapjail_broker::cgroup::Leaf>,
+) -> Result<Spawned, WorkerError> {
+    let procs = match cgroup {
+        Some(l) => Some(l.procs().map_err(|e| WorkerError::Spawn {
+            path: cfg.tapdisk.display().to_string(),
+            source: io::Error::other(e.to_string()),
+        })?),
+        None => None,
+    };
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
     let (log_r, log_w) = crate::worker_log::pipe()?;
     let memlock = cfg.memlock;
@@ -65,13 +80,14 @@ pub fn spawn(cfg: &SpawnConfig, frontend: FrontendKind, uid: u32) -> Result<Spaw
     // only async-signal-safe functions (dup2, fcntl, setrlimit,
     // close_range) on plain integers; it allocates nothing.
     unsafe {
-        cmd.pre_exec(move || child_setup(child_fd, memlock));
+        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd));
     }
     let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
         path: cfg.tapdisk.display().to_string(),
         source,
     })?;
     drop(theirs);
+    drop(procs);
     // The child holds the only write end now (the Command's copy goes with it).
     drop(cmd);
     let pid = child.id();
@@ -176,10 +192,11 @@ pub fn confinement_problem(info: &sys::ProcInfo, uid: u32) -> Option<String> {
     None
 }
 
-/// In the forked child: control socket to fd 3, memlock limit, and every
-/// other fd above 3 marked close-on-exec (not closed, so std's exec-error
-/// pipe still works).
-fn child_setup(child_fd: i32, memlock: u64) -> io::Result<()> {
+/// In the forked child: into its cgroup (writing `0` to the cgroup's
+/// `cgroup.procs` moves the writer), control socket to fd 3, memlock
+/// limit, and every other fd above 3 marked close-on-exec (not closed, so
+/// std's exec-error pipe still works).
+fn child_setup(child_fd: i32, memlock: u64, cgroup_procs: Option<i32>) -> io::Result<()> {
     let check = |rc: i32| {
         if rc < 0 {
             Err(io::Error::last_os_error())
@@ -190,6 +207,14 @@ fn child_setup(child_fd: i32, memlock: u64) -> io::Result<()> {
     // The broker blocks its termination signals (a thread sigwaits for
     // them); the mask survives exec, so clear it for the worker.
     tapjail_common::signals::unblock_all()?;
+    if let Some(fd) = cgroup_procs {
+        // SAFETY: write of a 1-byte static buffer to an fd the parent
+        // opened for us (close-on-exec, so the worker never has it).
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     if child_fd == CONTROL_FD {
         // SAFETY: fcntl on an fd this process owns; integer arguments.
         check(unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) })?;

@@ -61,6 +61,7 @@ fn disk(minor: u16, path: &str, tenant: &str, stats: bool) -> DiskMetrics {
             restarts: 2,
             worker,
             tenant: tenant.into(),
+            cgroup: None,
             throttle: Some(tapjail_common::qos::ThrottleStats {
                 delayed: [0, 3],
                 delay_us: [0, 1_500_000],

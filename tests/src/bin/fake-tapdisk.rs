@@ -31,7 +31,10 @@
 //!   and 5000 lines to its stderr, then opens normally;
 //! - `FDS:<n>` answers Open with `n` fds attached (on the header, or with
 //!   `FDS:<n>:payload` on the payload bytes); `LATEFDS:<frames>:<n>` sends
-//!   `frames` unasked frames with `n` fds each after `Serving`.
+//!   `frames` unasked frames with `n` fds each after `Serving`;
+//! - `HOG:<mib>` touches `mib` MiB of fresh memory after `Serving`, and
+//!   `THREADS:<n>` starts `n` threads (saying how many it got): a worker
+//!   trying to take the host's memory or tasks (`e2e cgroup::`).
 //!
 //! It says on stderr (the broker's log) when a delayed act is done
 //! (`fake-tapdisk PID: sent unasked`, `fake-tapdisk PID: hanging on Open`),
@@ -361,6 +364,53 @@ fn hostile_serving(ctl: &UnixStream, line: &str) {
                 std::thread::sleep(std::time::Duration::from_millis(300));
                 let _ = frame::send_on(&ctl, &msg, &[]);
                 eprintln!("fake-tapdisk {}: sent unasked", std::process::id());
+            });
+        }
+        "HOG" => {
+            let mib: usize = rest.parse().unwrap_or(256);
+            std::thread::spawn(move || {
+                let me = std::process::id();
+                eprintln!("fake-tapdisk {me}: hogging {mib} MiB");
+                let mut v: Vec<u8> = Vec::with_capacity(mib << 20);
+                while v.len() < mib << 20 {
+                    v.extend_from_slice(&[1u8; 4096]);
+                }
+                eprintln!(
+                    "fake-tapdisk {me}: survived the hog of {} MiB",
+                    v.len() >> 20
+                );
+                loop {
+                    std::thread::park();
+                }
+            });
+        }
+        "THREADS" => {
+            let n: usize = rest.parse().unwrap_or(1000);
+            std::thread::spawn(move || {
+                let mut made = 0;
+                let mut why = String::from("none failed");
+                for _ in 0..n {
+                    let t = std::thread::Builder::new()
+                        .stack_size(64 << 10)
+                        .spawn(|| loop {
+                            std::thread::park();
+                        });
+                    match t {
+                        Ok(_) => made += 1,
+                        Err(e) => {
+                            why = e.to_string();
+                            break;
+                        }
+                    }
+                }
+                eprintln!(
+                    "fake-tapdisk {}: made {made} of {n} threads ({why})",
+                    std::process::id()
+                );
+                // Holds its own task too.
+                loop {
+                    std::thread::park();
+                }
             });
         }
         "LATEFDS" => {

@@ -5,6 +5,7 @@
 mod audit_flood;
 mod audit_full;
 mod audit_rotation;
+mod cgroup;
 mod deadlines;
 mod escapes;
 mod faults;
