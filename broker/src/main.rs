@@ -55,6 +55,8 @@ mod bringup;
 mod broker;
 mod denials;
 mod dispatch;
+#[cfg(test)]
+mod docs;
 use tapjail_broker::device;
 mod error;
 #[cfg(test)]
