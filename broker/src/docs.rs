@@ -1,6 +1,7 @@
 //! tap-broker's man page and completions, generated from [`crate::Args`]
 //! and checked against the committed copies under `dist/`
-//! (`dist/gen-docs` regenerates them).
+//! (`dist/gen-docs` regenerates them), and where it finds tapdisk when
+//! installed from the package.
 
 use clap::CommandFactory;
 
@@ -14,4 +15,16 @@ fn man_page_and_completions_match_the_cli() {
     let dist = tapjail_docgen::dist_dir();
     tapjail_docgen::check_or_bless(&dist, &files).unwrap_or_else(|e| panic!("{e}"));
     tapjail_docgen::lint_pages(&dist, &files).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn tapdisk_is_found_next_to_the_broker_else_in_libexec() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = dir.path().join("tap-broker");
+    assert_eq!(
+        crate::default_tapdisk(&broker),
+        std::path::Path::new("/usr/libexec/tapjail/tapdisk")
+    );
+    std::fs::write(dir.path().join("tapdisk"), b"").unwrap();
+    assert_eq!(crate::default_tapdisk(&broker), dir.path().join("tapdisk"));
 }

@@ -11,7 +11,10 @@ use tapjail_policy::Policy;
 /// Where a key can appear, as a document with an unknown key there.
 const PROBES: &[(&str, &str)] = &[
     ("top level", "zz_unknown_key = 1\n"),
-    ("[[tenant]]", "[[tenant]]\nname = \"a\"\nzz_unknown_key = 1\n"),
+    (
+        "[[tenant]]",
+        "[[tenant]]\nname = \"a\"\nzz_unknown_key = 1\n",
+    ),
     (
         "image_roots entry",
         "[[tenant]]\nname = \"a\"\nimage_roots = [{ path = \"/x\", zz_unknown_key = 1 }]\n",
