@@ -3,7 +3,8 @@
 # one run, one table.
 #
 #   sudo bench/fuse.sh            (env: SIZE_MIB=1024 RUNTIME=6 REPEAT=5,
-#                                  TAPDISK=path to compare another worker build)
+#                                  TAPDISK=path to compare another worker build,
+#                                  DEVICES="a b c r u" to measure only some)
 #
 #   (a) loop (direct I/O) over a raw file                      the ceiling
 #   (b) tapjail: tap-broker (frontend fuse) + `tap-ctl create` on a dynamic
@@ -11,8 +12,11 @@
 #   (c) qemu-storage-daemon, vpc driver (cache.direct=on) on the same kind
 #       of dynamic VHD, `--export type=fuse`, + loop (direct I/O)
 #   (r) tapjail on a raw file (`aio:`): (r)/(a) is the cost of the FUSE hop
-#       alone, (b)/(r) the cost of the VHD format (whose data blocks follow
-#       a 512-byte bitmap, so they are not 4 KiB-aligned in the file)
+#       alone, (b)/(r) the cost of the VHD format
+#   (u) tapjail on a dynamic VHD whose blocks are NOT 4 KiB-aligned in the
+#       file (made by `qemu-img convert`, which lays blocks end to end as
+#       tapjail did before its placement rule): (b)/(u) is what placing each
+#       block's data on a 4 KiB boundary (libvhd's rule) is worth
 #
 # Every image is filled first (reads hit data, writes overwrite allocated
 # blocks). Then fio (libaio, O_DIRECT) runs 4 KiB random read and write at
@@ -44,11 +48,13 @@ TAPDISK=${TAPDISK:-$BIN/tapdisk}
 
 WORK=$(mktemp -d /var/tmp/tapjail-bench-fuse.XXXXXX)
 chmod 755 "$WORK"
-BROKER_PID= QSD_PID= LOOP_A= LOOP_C= MINOR= MINOR_R=
+BROKER_PID= QSD_PID= LOOP_A= LOOP_C= MINOR= MINOR_R= MINOR_U=
+DEVICES=${DEVICES:-a b c r u}
 cleanup() {
     set +e
     [ -n "$MINOR" ] && "$BIN/tap-ctl" --socket "$WORK/run/broker.sock" destroy -m "$MINOR" >/dev/null
     [ -n "$MINOR_R" ] && "$BIN/tap-ctl" --socket "$WORK/run/broker.sock" destroy -m "$MINOR_R" >/dev/null
+    [ -n "$MINOR_U" ] && "$BIN/tap-ctl" --socket "$WORK/run/broker.sock" destroy -m "$MINOR_U" >/dev/null
     [ -n "$BROKER_PID" ] && { kill -TERM "$BROKER_PID"; wait "$BROKER_PID"; } 2>/dev/null
     [ -n "$LOOP_C" ] && losetup -d "$LOOP_C"
     [ -n "$QSD_PID" ] && { kill -TERM "$QSD_PID"; wait "$QSD_PID"; } 2>/dev/null
@@ -91,6 +97,17 @@ truncate -s "${SIZE_MIB}M" "$WORK/images/r.raw"
 DEV_R=$($CTL create -a "aio:$WORK/images/r.raw") || { cat "$WORK/broker.log"; die "tap-ctl create (raw) failed"; }
 MINOR_R=${DEV_R##*tapdev}
 
+# --- (u) tapjail on a VHD with unaligned blocks ---------------------------------
+# qemu-img convert allocates every block of a full source, end to end after
+# its BAT: block k's data starts 512*k bytes (mod 4 KiB) off alignment. The
+# fill below only overwrites allocated blocks, so the layout stays.
+fio --name=src --filename="$WORK/u.src" --ioengine=psync --rw=write --bs=1M \
+    --size="${SIZE_MIB}M" --output=/dev/null
+qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$WORK/u.src" "$WORK/images/u.vhd"
+rm -f "$WORK/u.src"
+DEV_U=$($CTL create -a "vhd:$WORK/images/u.vhd") || { cat "$WORK/broker.log"; die "tap-ctl create (unaligned) failed"; }
+MINOR_U=${DEV_U##*tapdev}
+
 # --- (c) qemu-storage-daemon FUSE export + loop --------------------------------
 "$BIN/tap-ctl" vhd create -n "$WORK/c.vhd" -s "$SIZE_MIB" >/dev/null
 touch "$WORK/c.export"
@@ -125,11 +142,19 @@ cache_report "(c) qemu-storage-daemon aio=$QSD_AIO image fd" direct "$(fd_mode "
 cache_report "(c) loop over the FUSE export" direct "$(loop_mode "$LOOP_C")"
 cache_report "(r) tapdisk image fd" direct "$(fd_mode "$(worker_pid "${CTL_ARGS[@]}" "$MINOR_R")" "$WORK/images/r.raw")"
 cache_report "(r) loop over FUSE" direct "$(loop_mode "$DEV_R")"
+cache_report "(u) tapdisk image fd" direct "$(fd_mode "$(worker_pid "${CTL_ARGS[@]}" "$MINOR_U")" "$WORK/images/u.vhd")"
+cache_report "(u) loop over FUSE" direct "$(loop_mode "$DEV_U")"
 
-DEVS=("$LOOP_A" "$DEV_B" "$LOOP_C" "$DEV_R")
+DEVS=("$LOOP_A" "$DEV_B" "$LOOP_C" "$DEV_R" "$DEV_U")
+NAMES=(a b c r u)
+RUN=()
+for i in 0 1 2 3 4; do
+    case " $DEVICES " in *" ${NAMES[$i]} "*) RUN+=("$i") ;; esac
+done
 
 # --- fill -----------------------------------------------------------------------
-for d in "${DEVS[@]}"; do
+for i in "${RUN[@]}"; do
+    d=${DEVS[$i]}
     fio --name=fill --filename="$d" --ioengine=libaio --direct=1 --rw=write --bs=1M \
         --iodepth=8 --size="${SIZE_MIB}M" --output=/dev/null
 done
@@ -152,7 +177,7 @@ declare -A SAMPLES
 for job in "${JOBS[@]}"; do
     read -r rw bs depth <<<"$job"
     for _ in $(seq "$REPEAT"); do
-        for i in 0 1 2 3; do
+        for i in "${RUN[@]}"; do
             read -r iops mbps < <(fio_once "${DEVS[$i]}" "$rw" "$bs" "$depth")
             v=$([ "$bs" = 4k ] && echo "$iops" || echo "$mbps")
             SAMPLES["$job/$i"]+="$v "
@@ -161,6 +186,21 @@ for job in "${JOBS[@]}"; do
 done
 
 # --- table ----------------------------------------------------------------------
+# unaligned VHD -> "N of M blocks' data off 4 KiB"
+unaligned() {
+    python3 - "$1" <<'PY'
+import struct, sys
+f = open(sys.argv[1], "rb")
+f.seek(16); data_offset = struct.unpack(">Q", f.read(8))[0]
+f.seek(data_offset + 16); table = struct.unpack(">Q", f.read(8))[0]
+f.seek(data_offset + 28); n, bs = struct.unpack(">II", f.read(8))
+bitmap = ((bs // 512 + 7) // 8 + 511) // 512 * 512
+f.seek(table); bat = struct.unpack(">%dI" % n, f.read(4 * n))
+used = [e for e in bat if e != 0xFFFFFFFF]
+off = sum(1 for e in used if (e * 512 + bitmap) % 4096)
+print("%d of %d blocks' data off 4 KiB" % (off, len(used)))
+PY
+}
 fe=$(grep -o 'frontend [a-z]*' "$WORK/broker.log" | head -1)
 echo
 echo "tapjail FUSE + loop: ${SIZE_MIB} MiB images, filled; fio libaio O_DIRECT; median (min-max) of $REPEAT x ${RUNTIME}s, devices alternating; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -168,23 +208,26 @@ echo "  (a) loop --direct-io over a raw file"
 echo "  (b) tapjail $fe: tap-ctl create on a dynamic VHD ($DEV_B -> $(readlink "$DEV_B"))"
 echo "  (c) qemu-storage-daemon $(qemu-storage-daemon --version | head -1 | grep -o '[0-9][0-9.]*' | head -1) vpc cache.direct=on, --export type=fuse, + loop --direct-io"
 echo "  (r) tapjail on the raw file (aio:): r/a = the FUSE hop alone"
+echo "  (u) tapjail on a qemu-img-made dynamic VHD: $(unaligned "$WORK/images/u.vhd"); (b): $(unaligned "$WORK/images/b.vhd"); b/u = what 4 KiB placement is worth"
 { grep -h 'fuse: .*RLIMIT_MEMLOCK' "$WORK/broker.log" || true; } | sort -u | sed 's/^/  note: /'
 for job in "${JOBS[@]}"; do
     read -r rw bs depth <<<"$job"
     unit=$([ "$bs" = 4k ] && echo IOPS || echo MB/s)
-    echo "$bs $rw QD$depth|$unit|${SAMPLES["$job/0"]}|${SAMPLES["$job/1"]}|${SAMPLES["$job/2"]}|${SAMPLES["$job/3"]}"
+    echo "$bs $rw QD$depth|$unit|${SAMPLES["$job/0"]:-}|${SAMPLES["$job/1"]:-}|${SAMPLES["$job/2"]:-}|${SAMPLES["$job/3"]:-}|${SAMPLES["$job/4"]:-}"
 done | python3 -c '
 import statistics, sys
 def cell(xs):
+    if not xs:
+        return "-"
     fmt = "%.0f" if max(xs) >= 1000 else "%.1f"
     return (fmt % statistics.median(xs)) + " (" + (fmt % min(xs)) + "-" + (fmt % max(xs)) + ")"
-print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s" % ("job", "unit", "(a)", "(b)", "(c)", "b/a", "b/c", "(r)", "r/a"))
+print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s %24s %6s" % ("job", "unit", "(a)", "(b)", "(c)", "b/a", "b/c", "(r)", "r/a", "(u)", "b/u"))
 for line in sys.stdin:
     job, unit, *cols = line.rstrip("\n").split("|")
-    a, b, c, r = ([float(x) for x in col.split()] for col in cols)
-    ma, mb, mc, mr = (statistics.median(x) for x in (a, b, c, r))
-    ratio = lambda x, y: "%.2f" % (x / y) if y else "-"
-    print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s" % (job, unit, cell(a), cell(b), cell(c),
-          ratio(mb, ma), ratio(mb, mc), cell(r), ratio(mr, ma)))
+    a, b, c, r, u = ([float(x) for x in col.split()] for col in cols)
+    ma, mb, mc, mr, mu = (statistics.median(x) if x else 0 for x in (a, b, c, r, u))
+    ratio = lambda x, y: "%.2f" % (x / y) if x and y else "-"
+    print("%-20s %5s %24s %24s %24s %6s %6s %24s %6s %24s %6s" % (job, unit, cell(a), cell(b), cell(c),
+          ratio(mb, ma), ratio(mb, mc), cell(r), ratio(mr, ma), cell(u), ratio(mb, mu)))
 '
 cache_summary

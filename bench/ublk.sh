@@ -7,6 +7,9 @@
 #
 #   bench/ublk.sh [SECONDS] [REPEAT] [FORMAT]   (defaults: 10 s per run, best of 3, vhd)
 #   FORMAT raw serves a raw file over ublk too, to tell ublk's cost from the VHD engine's.
+#   FORMAT placement adds a third device in the same guest: ublk on a dynamic VHD whose
+#   blocks are NOT 4 KiB-aligned in the file (made by `qemu-img convert`, blocks end to
+#   end as tapjail wrote them before its placement rule); ratio vhd/unaligned.
 #
 # fio: 4 KiB random reads, then random writes, depth 32, libaio, O_DIRECT on
 # the block device, over a fully written 128 MiB disk. Runs alternate
@@ -18,7 +21,7 @@ set -euo pipefail
 SECS=${1:-10}
 REPEAT=${2:-3}
 FORMAT=${3:-vhd}
-case "$FORMAT" in vhd|raw) ;; *) echo "bench: FORMAT is vhd or raw" >&2; exit 2 ;; esac
+case "$FORMAT" in vhd|raw|placement) ;; *) echo "bench: FORMAT is vhd, raw or placement" >&2; exit 2 ;; esac
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NESTVM_HOME=${NESTVM_HOME:-$ROOT/../shared/nestvm}
 cd "$ROOT"
@@ -61,6 +64,7 @@ EOF
 BROKER=$!
 LOOP=
 cleanup() {
+  "$BIN/tap-ctl" --socket "$W/broker.sock" destroy -m 1 >/dev/null 2>&1 || true
   "$BIN/tap-ctl" --socket "$W/broker.sock" destroy -m 0 >/dev/null 2>&1 || true
   kill "$BROKER" 2>/dev/null || true; wait "$BROKER" 2>/dev/null || true
   [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null || true
@@ -69,7 +73,7 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 200); do [ -S "$W/broker.sock" ] && break; sleep 0.05; done
 
-if [ "$FORMAT" = vhd ]; then
+if [ "$FORMAT" != raw ]; then
   "$BIN/tap-ctl" vhd create -n "$W/images/disk.vhd" -s "$SIZE_MIB" >/dev/null
   "$BIN/tap-ctl" --socket "$W/broker.sock" create -a "vhd:$W/images/disk.vhd" >/dev/null
 else
@@ -77,6 +81,21 @@ else
   "$BIN/tap-ctl" --socket "$W/broker.sock" create -a "aio:$W/images/disk.img" >/dev/null
 fi
 UBLK=$W/dev/tapdev0
+DEVS="loop ublk"
+if [ "$FORMAT" = placement ]; then
+  # Every block allocated by qemu-img, end to end after its BAT: block k's
+  # data lies 512*k bytes (mod 4 KiB) off alignment. The fill below only
+  # overwrites, so the layout stays.
+  fio --name=src --filename="$W/u.src" --rw=write --bs=1M --ioengine=psync \
+      --size="${SIZE_MIB}M" --eta=never --output=/dev/null
+  qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$W/u.src" "$W/images/u.vhd"
+  rm -f "$W/u.src"
+  "$BIN/tap-ctl" --socket "$W/broker.sock" create -a "vhd:$W/images/u.vhd" >/dev/null
+  UBLK_U=$W/dev/tapdev1
+  DEVS="loop ublk unaligned"
+  cache_report "ublk tapdisk unaligned image fd" direct \
+    "$(fd_mode "$(worker_pid "$BIN/tap-ctl" --socket "$W/broker.sock" 1)" "$W/images/u.vhd")"
+fi
 echo "bench: $UBLK -> $(readlink "$UBLK") ($(grep -o 'frontend [a-z]*' "$W/broker.log" | head -1))" >&2
 truncate -s "${SIZE_MIB}M" "$W/disk.raw"
 LOOP=$(losetup --direct-io=on -f --show "$W/disk.raw")
@@ -84,13 +103,15 @@ echo "bench: loop device $LOOP on a raw file" >&2
 # What each side really runs with: the loop's own I/O to its file, and the
 # worker's image fd as the kernel holds it (both fall back to the page cache
 # where the guest's filesystem refuses O_DIRECT; then this says so).
-IMG=$W/images/disk.img; [ "$FORMAT" = vhd ] && IMG=$W/images/disk.vhd
+IMG=$W/images/disk.img; [ "$FORMAT" != raw ] && IMG=$W/images/disk.vhd
 cache_report "loop over raw" direct "$(loop_mode "$LOOP")"
 cache_report "ublk tapdisk image fd" direct \
   "$(fd_mode "$(worker_pid "$BIN/tap-ctl" --socket "$W/broker.sock" 0)" "$IMG")"
 
 # Write every block of both, so reads hit data and VHD writes overwrite.
-for dev in "$LOOP" "$UBLK"; do
+dev_path() { case $1 in loop) echo "$LOOP" ;; ublk) echo "$UBLK" ;; unaligned) echo "$UBLK_U" ;; esac; }
+for d in $DEVS; do
+  dev=$(dev_path "$d")
   fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=4 --ioengine=libaio \
       --direct=1 --size="${SIZE_MIB}M" --eta=never --output=/dev/null
 done
@@ -103,20 +124,28 @@ iops() { # device, randread|randwrite
 }
 declare -A BEST
 for op in randread randwrite; do
-  BEST[loop,$op]=0; BEST[ublk,$op]=0
+  for dev in $DEVS; do BEST[$dev,$op]=0; done
   for _ in $(seq "$REPEAT"); do
-    for dev in loop ublk; do
-      path=$LOOP; [ "$dev" = ublk ] && path=$UBLK
+    for dev in $DEVS; do
+      path=$(dev_path "$dev")
       v=$(iops "$path" "$op")
       echo "bench:   $op $dev $v" >&2
       [ "$v" -gt "${BEST[$dev,$op]}" ] && BEST[$dev,$op]=$v
     done
   done
 done
-printf '%-10s %12s %12s %8s\n' op loop/raw "ublk/$FORMAT" ratio
+NAME=$FORMAT; [ "$FORMAT" = placement ] && NAME=vhd
+printf '%-10s %12s %12s %8s' op loop/raw "ublk/$NAME" ratio
+[ "$FORMAT" = placement ] && printf ' %16s %14s' ublk/unaligned vhd/unaligned
+echo
 for op in randread randwrite; do
   l=${BEST[loop,$op]}; u=${BEST[ublk,$op]}
-  printf '%-10s %12s %12s %8s\n' "$op" "$l" "$u" "$(awk -v u="$u" -v l="$l" 'BEGIN { printf "%.2fx", u / l }')"
+  printf '%-10s %12s %12s %8s' "$op" "$l" "$u" "$(awk -v u="$u" -v l="$l" 'BEGIN { printf "%.2fx", u / l }')"
+  if [ "$FORMAT" = placement ]; then
+    x=${BEST[unaligned,$op]}
+    printf ' %16s %14s' "$x" "$(awk -v u="$u" -v x="$x" 'BEGIN { printf "%.2fx", u / x }')"
+  fi
+  echo
 done
 cache_summary
 GUEST_EOF

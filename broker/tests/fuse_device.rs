@@ -444,6 +444,21 @@ fn check(cond: bool, what: impl Into<String>) -> R {
     }
 }
 
+/// Wait (up to 30 s) until a request waits on FUSE connection `conn`:
+/// I/O is in flight to its worker, so a kill now lands mid-I/O, and after
+/// a kill the request is held for the next worker instead of failing.
+fn wait_in_flight(conn: u32, when: &str) -> R {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fuse_mount::waiting(conn).unwrap_or(0) == 0 {
+        check(
+            Instant::now() < deadline,
+            format!("no request in flight on the FUSE connection {when}"),
+        )?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
 /// A backend with a device up, served by one worker.
 struct Device {
     backend: FuseBackend,
@@ -726,19 +741,14 @@ fn fuse_worker_sigkilled_three_times_mid_io_resend_loses_nothing() -> R {
     )?;
     let mut writer = dd_writer(&src, &dev.loop_path)?;
     for round in 1..=3 {
-        std::thread::sleep(Duration::from_millis(400));
+        wait_in_flight(dev.conn, &format!("before kill {round}"))?;
         check(
             writer.try_wait()?.is_none(),
             format!("writer finished before kill {round}"),
         )?;
         dev.worker.kill();
         // The broker's dup keeps the connection: requests wait, none fail.
-        std::thread::sleep(Duration::from_millis(100));
-        let waiting = fuse_mount::waiting(dev.conn).unwrap_or(0);
-        check(
-            waiting > 0,
-            format!("no request waiting after kill {round}"),
-        )?;
+        wait_in_flight(dev.conn, &format!("after kill {round}"))?;
         let prepared = dev.backend.recover()?;
         dev.worker = Worker::spawn(prepared, &image, false, 10_000)?;
         dev.backend.recovered(dev.worker.pid())?;
@@ -771,7 +781,7 @@ fn fuse_worker_sigkilled_without_resend_fails_io_and_nothing_hangs() -> R {
     opts.resend = Resend::Never;
     let mut dev = bring_up(opts, &image, size, false, 10_000)?;
     let mut writer = dd_writer(&src, &dev.loop_path)?;
-    std::thread::sleep(Duration::from_millis(400));
+    wait_in_flight(dev.conn, "before the kill")?;
     dev.worker.kill();
     let started = Instant::now();
     check(
@@ -1063,13 +1073,13 @@ fn fuse_confined_tapdisk_sigkilled_three_times_under_fio_verify() -> R {
     let mut fio = fio_verify_writer(&dev.loop_path, "384M").spawn()?;
     let mut held = Vec::new();
     for round in 1..=3 {
-        std::thread::sleep(Duration::from_millis(300));
+        wait_in_flight(dev.conn, &format!("before kill {round}"))?;
         check(
             fio.try_wait()?.is_none(),
             format!("fio finished before kill {round}"),
         )?;
         dev.worker.kill();
-        std::thread::sleep(Duration::from_millis(50));
+        wait_in_flight(dev.conn, &format!("after kill {round}"))?;
         held.push(fuse_mount::waiting(dev.conn).unwrap_or(0));
         let prepared = dev.backend.recover()?;
         dev.worker = Worker::confined(prepared, &vhd, ImageKind::Vhd, false)?;

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,9 @@ use tapjail_broker::device::{DeviceBackend, DeviceError, Prepared};
 use tapjail_common::frame;
 use tapjail_common::proto::{FrontendKind, ImageKind};
 use tapjail_common::worker_proto::{FromWorker, FrontendSpec, ToWorker};
-use tapjail_testsupport::{tasks_in_d_state, ublk_char_devices, Aligned};
+use tapjail_testsupport::{
+    spawn_with_tid, tasks_in_d_state, ublk_char_devices, wait_blocked_in_kernel, Aligned,
+};
 use tapjail_worker::disk::Disk;
 use tapjail_worker::frontend::ublk::UblkFrontend;
 use tapjail_worker::image::raw::RawImage;
@@ -62,11 +64,7 @@ fn child_serve(cfg: &str) -> Result<(), String> {
     let mut parts = cfg.splitn(4, '\u{1f}');
     let image = parts.next().ok_or("no image")?;
     let ro = parts.next().ok_or("no ro")? == "1";
-    let stop_ms: u64 = parts
-        .next()
-        .ok_or("no stop")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let stop_on_eof = parts.next().ok_or("no stop")? == "1";
     let spec: Vec<u32> = parts
         .next()
         .ok_or("no spec")?
@@ -105,10 +103,12 @@ fn child_serve(cfg: &str) -> Result<(), String> {
     let server = fe.launch(disk.clone()).map_err(|e| e.to_string())?;
     ready.write_all(b"R").map_err(|e| e.to_string())?;
     drop(ready);
-    if stop_ms > 0 {
+    if stop_on_eof {
+        // The parent closes our stdin once the device is started: the
+        // event to stop on (not a timer racing its START_DEV).
         let stop = server.stopper();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(stop_ms));
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
             stop();
         });
     }
@@ -120,16 +120,17 @@ fn child_serve(cfg: &str) -> Result<(), String> {
 /// attached. The broker's copy of the char device is closed here, as the
 /// real broker does once the worker has it.
 fn spawn_server(prepared: Prepared, image: &std::path::Path, ro: bool) -> Child {
-    spawn_server_stopping(prepared, image, ro, 0)
+    spawn_server_stopping(prepared, image, ro, false)
 }
 
-/// [`spawn_server`] whose server stops itself `stop_ms` after attaching
-/// (0: never) and then exits cleanly.
+/// [`spawn_server`]; with `stop_on_eof` its server stops by itself, and
+/// exits cleanly, once the parent closes the child's stdin (drop
+/// `child.stdin`).
 fn spawn_server_stopping(
     prepared: Prepared,
     image: &std::path::Path,
     ro: bool,
-    stop_ms: u64,
+    stop_on_eof: bool,
 ) -> Child {
     let FrontendSpec::Ublk {
         dev_id,
@@ -148,9 +149,10 @@ fn spawn_server_stopping(
     let char_raw = char_dev.as_raw_fd();
     let wr_raw = wr.as_raw_fd();
     let cfg = format!(
-        "{}\u{1f}{}\u{1f}{stop_ms}\u{1f}{dev_id},{nr_queues},{queue_depth},{max_io_bytes}",
+        "{}\u{1f}{}\u{1f}{}\u{1f}{dev_id},{nr_queues},{queue_depth},{max_io_bytes}",
         image.display(),
-        if ro { "1" } else { "0" }
+        if ro { "1" } else { "0" },
+        if stop_on_eof { "1" } else { "0" }
     );
     let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
     cmd.args([
@@ -160,7 +162,12 @@ fn spawn_server_stopping(
         "--nocapture",
         "--test-threads=1",
     ])
-    .env(CHILD_ENV, cfg);
+    .env(CHILD_ENV, cfg)
+    .stdin(if stop_on_eof {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     // SAFETY: the closure only calls dup2 and fcntl, which are
     // async-signal-safe, on fds that are open in the parent.
     unsafe {
@@ -413,12 +420,17 @@ fn ublk_teardown_after_worker_death_removes_device() {
     let dev = be.activate(child.id()).expect("activate");
     kill9(&mut child);
     let dev2 = dev.clone();
-    let reader = std::thread::spawn(move || {
+    let (reader, tid) = spawn_with_tid(move || {
         let f = open_direct(&dev2, false)?;
         let mut a = Aligned::new(4096);
         f.read_exact_at(a.buf(), 8192)
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The event: the read is queued for the dead worker (D state).
+    assert!(
+        wait_blocked_in_kernel(tid, Duration::from_secs(30)),
+        "the read did not queue for the dead worker (finished: {})",
+        reader.is_finished()
+    );
     be.teardown().expect("teardown after the worker died");
     let r = reader.join().expect("reader thread");
     assert!(r.is_err(), "I/O queued for a dead worker fails at teardown");
@@ -605,21 +617,27 @@ fn ublk_server_that_stops_by_itself_holds_io_for_its_successor() {
     let (_dir, img) = image(size);
     let mut be = UblkBackend::default();
     let prepared = be.prepare(size, false).expect("prepare");
-    let mut child = spawn_server_stopping(prepared, &img, false, 300);
+    let mut child = spawn_server_stopping(prepared, &img, false, true);
     let dev = be.activate(child.id()).expect("activate");
-    // The server hands its queue back and exits by itself.
+    // Started: now the server hands its queue back and exits by itself.
+    drop(child.stdin.take());
     let st = wait_exit(&mut child, 30);
     assert!(st.success(), "a stopped server exits cleanly: {st:?}");
     // I/O issued now waits for a successor instead of failing.
     let dev2 = dev.clone();
-    let writer = std::thread::spawn(move || {
+    let (writer, tid) = spawn_with_tid(move || {
         let f = open_direct(&dev2, true)?;
         let mut a = Aligned::new(4096);
         fill(a.buf(), 5, 5);
         f.write_all_at(a.buf(), 8192)?;
         f.sync_all()
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // The event: the write is parked in the kernel (D state).
+    assert!(
+        wait_blocked_in_kernel(tid, Duration::from_secs(30)),
+        "the write did not wait for the next server (finished: {})",
+        writer.is_finished()
+    );
     assert!(!writer.is_finished(), "I/O must wait for the next server");
     let prepared = be.recover().expect("recover after a clean exit");
     let mut child = spawn_server(prepared, &img, false);
@@ -767,9 +785,13 @@ fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
     drop(f);
 
     // SIGKILL it with a write queued behind the kill; a fresh confined
-    // worker takes over and the write completes.
+    // worker takes over and the write completes. Stopped first, so the
+    // write surely waits on it (the event: the writer blocks in the
+    // kernel), whatever the timing.
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(w.child.id() as i32, libc::SIGSTOP) }, 0);
     let dev2 = dev.clone();
-    let writer = std::thread::spawn(move || {
+    let (writer, tid) = spawn_with_tid(move || {
         let f = open_direct(&dev2, true)?;
         let mut a = Aligned::new(64 << 10);
         for i in 0..64u64 {
@@ -778,7 +800,11 @@ fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
         }
         f.sync_all()
     });
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        wait_blocked_in_kernel(tid, Duration::from_secs(30)),
+        "the write did not wait on the stopped worker (finished: {})",
+        writer.is_finished()
+    );
     w.child.kill().unwrap();
     w.child.wait().unwrap();
     let prepared = be.recover().expect("recover");

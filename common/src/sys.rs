@@ -54,6 +54,61 @@ impl BeneathError {
     }
 }
 
+impl BeneathError {
+    /// Why `path`, a parent image named relative to `root` (in words, such
+    /// as "the image's directory"), was refused, as the rule it broke. The
+    /// kernel's own words for ELOOP and EXDEV ("Too many levels of
+    /// symbolic links", "Invalid cross-device link") name no rule.
+    pub fn parent_refusal(self, path: &str, root: &str) -> String {
+        match self {
+            BeneathError::Os(libc::ELOOP) => format!(
+                "parent path {path} is a symlink or passes through one; images and parents \
+                 must be regular files, symlinks are refused"
+            ),
+            // No symlink is followed, so `..` resolves as written.
+            BeneathError::Os(libc::EXDEV) if leaves(path) => {
+                format!("parent path {path} leaves {root}")
+            }
+            BeneathError::Os(libc::EXDEV) => format!(
+                "parent path {path} crosses a mount point below {root}; parents must be on \
+                 its own filesystem"
+            ),
+            BeneathError::Os(libc::ENOENT | libc::ENOTDIR) => {
+                format!("parent path {path} does not exist")
+            }
+            BeneathError::NotRegular => format!(
+                "parent path {path} is not a regular file (a directory, FIFO, socket or \
+                 device); images and parents must be regular files"
+            ),
+            BeneathError::Os(e) => {
+                format!(
+                    "parent path {path}: {}",
+                    std::io::Error::from_raw_os_error(e)
+                )
+            }
+        }
+    }
+}
+
+/// Whether `path` names something outside the directory it is relative
+/// to: absolute, or more `..` than names before them.
+fn leaves(path: &str) -> bool {
+    use std::path::Component;
+    let mut depth = 0i64;
+    for c in std::path::Path::new(path).components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => return true,
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
+}
+
 impl From<BeneathError> for std::io::Error {
     fn from(e: BeneathError) -> Self {
         match e {
@@ -210,6 +265,43 @@ mod tests {
             open_beneath(dir.as_fd(), &c("sub"), false).unwrap_err(),
             BeneathError::NotRegular
         );
+    }
+
+    #[test]
+    fn parent_refusals_state_the_rule_not_the_errno() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::os::unix::fs::symlink("x", r.join("link")).unwrap();
+        let dir = open_dir_nofollow(&CString::new(r.as_os_str().as_bytes()).unwrap()).unwrap();
+        let why = |p: &str| {
+            open_beneath(dir.as_fd(), &c(p), false)
+                .unwrap_err()
+                .parent_refusal(p, "the image's directory")
+        };
+        assert_eq!(
+            why("link"),
+            "parent path link is a symlink or passes through one; images and parents must \
+             be regular files, symlinks are refused"
+        );
+        assert_eq!(
+            why("sub/../../x"),
+            "parent path sub/../../x leaves the image's directory"
+        );
+        assert_eq!(
+            why("/etc/passwd"),
+            "parent path /etc/passwd leaves the image's directory"
+        );
+        assert_eq!(why("nope"), "parent path nope does not exist");
+        assert!(why("sub").contains("is not a regular file"));
+        for p in ["link", "sub/../../x", "nope", "sub"] {
+            assert!(!why(p).contains("os error"), "{p}: {}", why(p));
+        }
+        let slash = open_dir_nofollow(&c("/")).unwrap();
+        let e = open_beneath(slash.as_fd(), &c("proc/version"), false).unwrap_err();
+        assert!(e
+            .parent_refusal("proc/version", "/")
+            .contains("crosses a mount point below /"));
     }
 
     #[test]

@@ -222,15 +222,16 @@ pub fn locate_beneath(
             "ignored: absolute locators are not followed".into(),
         ));
     }
-    if rel.components().any(|c| c == Component::ParentDir) {
-        return Err(refused(
-            "refused: it leads out of the image's directory (`..`)".into(),
-        ));
-    }
     let clean: PathBuf = rel
         .components()
         .filter(|c| *c != Component::CurDir)
         .collect();
+    if rel.components().any(|c| c == Component::ParentDir) {
+        return Err(refused(format!(
+            "refused: parent path {} leaves the image's directory (`..`)",
+            clean.display()
+        )));
+    }
     let Some(base) = clean.file_name() else {
         return Err(refused("refused: it names no file".into()));
     };
@@ -238,12 +239,20 @@ pub fn locate_beneath(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let shown = clean.display();
     let beneath = |d: BorrowedFd<'_>, p: &Path, flags| {
         crate::sys::openat2_beneath(d, p, flags).map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => {
-                refused("refused: a symbolic link is on its way (none is followed)".into())
+            Some(libc::ELOOP) => refused(format!(
+                "refused: parent path {shown} is a symlink or passes through one; images \
+                 and parents must be regular files, symlinks are refused"
+            )),
+            Some(libc::EXDEV) => refused(format!(
+                "refused: parent path {shown} crosses a mount point below the image's \
+                 directory; parents must be on the image's own filesystem"
+            )),
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
+                refused(format!("parent path {shown} does not exist"))
             }
-            Some(libc::EXDEV) => refused("refused: it leads out of the image's directory".into()),
             _ => ImageError::Io {
                 op: "open",
                 offset: 0,
@@ -314,7 +323,7 @@ pub fn open_parent_via<P: Paths + ?Sized>(
             }
             Err(e) => {
                 let why = match e {
-                    ImageError::Parent(m) => m,
+                    ImageError::Parent(m) | ImageError::InvalidArgument(m) => m,
                     other => other.to_string(),
                 };
                 tried.push(format!("{} {:?}: {why}", l.code, l.path));
@@ -323,7 +332,7 @@ pub fn open_parent_via<P: Paths + ?Sized>(
     }
     fallback.ok_or_else(|| {
         ImageError::Parent(format!(
-            "the parent of {child} was not found ({}); {PARENT_RULE}",
+            "no parent of {child} could be opened ({}); {PARENT_RULE}",
             if tried.is_empty() {
                 "the image records no parent locator".to_string()
             } else {
@@ -496,6 +505,20 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
     parent: &Path,
 ) -> Result<(ParentSpec, u64), ImageError> {
     let pf = paths.open(parent, false)?;
+    let mut spec = parent_record(child, parent, &pf)?;
+    let layer = VhdLayer::open(
+        Box::new(pf),
+        &parent.to_string_lossy(),
+        true,
+        VhdOptions::default(),
+    )?;
+    spec.uuid = layer.uuid();
+    Ok((spec, layer.virtual_size()))
+}
+
+/// What a child records about `parent` (open as `pf`) apart from its UUID,
+/// which is left null (as for a raw parent): timestamp, name, locators.
+pub fn parent_record(child: &Path, parent: &Path, pf: &File) -> Result<ParentSpec, ImageError> {
     let mtime = pf
         .metadata()
         .ok()
@@ -506,12 +529,6 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
                 .saturating_sub(tapjail_image::vhd::footer::VHD_EPOCH)
         })
         .unwrap_or(0);
-    let layer = VhdLayer::open(
-        Box::new(pf),
-        &parent.to_string_lossy(),
-        true,
-        VhdOptions::default(),
-    )?;
     let abs = normalize(&std::path::absolute(parent).map_err(ImageError::io("resolve path", 0))?);
     let child_dir = child
         .parent()
@@ -523,19 +540,16 @@ pub fn parent_spec_in<P: Paths + ?Sized>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok((
-        ParentSpec {
-            uuid: layer.uuid(),
-            timestamp: u32::try_from(mtime).unwrap_or(u32::MAX),
-            name,
-            locators: vec![
-                (LocatorCode::W2ru, rel),
-                (LocatorCode::W2ku, abs_s.clone()),
-                (LocatorCode::MacX, abs_s),
-            ],
-        },
-        layer.virtual_size(),
-    ))
+    Ok(ParentSpec {
+        uuid: [0; 16],
+        timestamp: u32::try_from(mtime).unwrap_or(u32::MAX),
+        name,
+        locators: vec![
+            (LocatorCode::W2ru, rel),
+            (LocatorCode::W2ku, abs_s.clone()),
+            (LocatorCode::MacX, abs_s),
+        ],
+    })
 }
 
 /// Whether `parent` lies outside the directory tree of `child` (its
@@ -606,9 +620,16 @@ pub fn check_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Vec<Pro
             true,
             VhdOptions::default(),
         )?;
-        if let Some(uuid) = layer.parent_uuid().filter(|u| *u != [0; 16]) {
+        if layer.parent_is_raw() {
+            problems.extend(crate::raw_parent::raw_parent_problems(paths, &layer));
+        } else if let Some(uuid) = layer.parent_uuid() {
             let locs = layer.parent_locators();
             match open_parent_via(paths, layer.name(), &locs, uuid, false) {
+                // The field already says "parent": no "parent image:" again.
+                Err(ImageError::Parent(m)) => problems.push(Problem {
+                    field: "parent",
+                    message: m,
+                }),
                 Err(e) => problems.push(Problem {
                     field: "parent",
                     message: e.to_string(),
@@ -795,6 +816,9 @@ pub fn coalesce_in<P: Paths + ?Sized>(
     let uuid = layer.parent_uuid().ok_or_else(|| {
         ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
     })?;
+    if layer.parent_is_raw() {
+        return crate::raw_parent::coalesce_raw_in(paths, &layer, progress);
+    }
     let locs = layer.parent_locators();
     let (pf, pname) = match open_parent_via(paths, layer.name(), &locs, uuid, true) {
         Ok(found) => found,

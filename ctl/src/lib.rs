@@ -7,4 +7,5 @@
 pub mod confine;
 pub mod files;
 pub mod privsep;
+pub mod raw_parent;
 pub mod sys;

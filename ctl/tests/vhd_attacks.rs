@@ -37,6 +37,13 @@ fn refused(args: &[&str]) -> String {
     err
 }
 
+/// [`refused`], with stdout first (where `check` lists its problems).
+fn refused_out(args: &[&str]) -> String {
+    let o = tapctl(args);
+    assert_eq!(o.status.code(), Some(1), "tap-ctl {args:?} should fail");
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -136,9 +143,19 @@ fn parent_locator_leaving_the_directory_or_through_a_symlink_is_refused_with_the
     ]);
 
     for (child, why) in [
-        (&up, "leads out of the image's directory"),
-        (&via_file, "a symbolic link is on its way"),
-        (&via_dir, "a symbolic link is on its way"),
+        (
+            &up,
+            "parent path ../elsewhere/secret.vhd leaves the image's directory",
+        ),
+        (
+            &via_file,
+            "parent path link.vhd is a symlink or passes through one; images and parents \
+             must be regular files, symlinks are refused",
+        ),
+        (
+            &via_dir,
+            "parent path sub/secret.vhd is a symlink or passes through one",
+        ),
     ] {
         let out = tmp.path().join("out.raw");
         let err = refused(&["vhd", "convert", s(child), s(&out)]);
@@ -150,8 +167,12 @@ fn parent_locator_leaving_the_directory_or_through_a_symlink_is_refused_with_the
             ),
             "{err}"
         );
-        let err = refused(&["vhd", "check", "-n", s(child)]);
+        assert!(!err.contains("parent image:"), "{err}");
+        assert!(!err.contains("os error"), "{err}");
+        let err = refused_out(&["vhd", "check", "-n", s(child)]);
         assert!(err.contains("problem"), "{err}");
+        assert!(err.contains(why), "{}: {err}", child.display());
+        assert!(!err.contains("parent: parent image:"), "{err}");
 
         // Named by the user, the same parent is used.
         ok(&[
@@ -165,6 +186,39 @@ fn parent_locator_leaving_the_directory_or_through_a_symlink_is_refused_with_the
         assert!(std::fs::read(&out).unwrap().starts_with(SECRET));
         std::fs::remove_file(&out).unwrap();
     }
+}
+
+/// A parent that is missing, a FIFO or a directory is named for what it
+/// is (not "not found"), once, without a doubled "parent image:" prefix.
+#[test]
+fn parent_that_is_missing_a_fifo_or_a_directory_is_named_for_what_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    let child = tmp.path().join("child.vhd");
+    ok(&["vhd", "create", "-n", s(&base), "-s", "4"]);
+    ok(&["vhd", "snapshot", "-n", s(&child), "-p", s(&base)]);
+    std::fs::remove_file(&base).unwrap();
+    let check = |what: &str| {
+        let out = tmp.path().join("out.raw");
+        for err in [
+            refused_out(&["vhd", "check", "-n", s(&child)]),
+            refused(&["vhd", "convert", s(&child), s(&out)]),
+        ] {
+            assert!(err.contains(what), "{what}: {err}");
+            assert!(err.contains("no parent of"), "{err}");
+            assert!(!err.contains("not found"), "{err}");
+            assert!(!err.contains("parent image:"), "{err}");
+            assert!(!err.contains("os error"), "{err}");
+        }
+    };
+    check("parent path base.vhd does not exist");
+    let c = std::ffi::CString::new(s(&base)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    check("base.vhd is a FIFO, not an image file");
+    std::fs::remove_file(&base).unwrap();
+    std::fs::create_dir(&base).unwrap();
+    check("base.vhd is a directory, not an image file");
 }
 
 #[test]

@@ -265,7 +265,8 @@ fn mutate(r: &mut Rng, b: &mut Vec<u8>) -> String {
 }
 
 /// Seeds: tapjail dynamic with data (blocks at odd places), tapjail
-/// fixed, a differencing child over the dynamic one, a qemu dynamic.
+/// fixed, a differencing child over the dynamic one, a qemu dynamic, a
+/// differencing child of a raw parent.
 fn seeds(dir: &Path) -> Vec<PathBuf> {
     let d = dir.join("seed-dyn.vhd");
     ok(&["vhd", "create", "-n", s(&d), "-s", "8"]);
@@ -299,7 +300,13 @@ fn seeds(dir: &Path) -> Vec<PathBuf> {
         .output()
         .unwrap();
     assert!(o.status.success());
-    vec![d, f, c, q]
+    // A child of a raw parent (`snapshot -m`): null parent UUID.
+    let raw = dir.join("seed-base.raw");
+    std::fs::write(&raw, vec![0x77; 4 * MIB as usize]).unwrap();
+    let rc = dir.join("seed-rawchild.vhd");
+    ok(&["vhd", "snapshot", "-m", "-n", s(&rc), "-p", s(&raw)]);
+    write(&rc, 2 * MIB - 1024, &[0x88; 4096]);
+    vec![d, f, c, q, rc]
 }
 
 /// Runs a tool on a variant and checks the invariants every run keeps.

@@ -8,6 +8,8 @@
 //! built into (`cargo build --workspace --bins`, which `cargo test
 //! --workspace` and `cargo nextest run --workspace` do).
 
+pub mod soak;
+
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -46,7 +48,9 @@ pub enum WorkerBin {
     Fake,
     /// `fake-tapdisk` leaving out one confinement step the broker checks
     /// from outside: `"hostns"` (stays in the host's net and mount
-    /// namespaces) or `"dumpable"` (dumpable after its uid switch). Run
+    /// namespaces), `"dumpable"` (dumpable after its uid switch), `"uid"`
+    /// (keeps root's uid and capabilities), `"nnp"` (no no_new_privs, so no
+    /// seccomp filter either) or `"seccomp"` (no seccomp filter). Run
     /// through a symlink whose name tells the fake which.
     FakeSkipping(&'static str),
 }

@@ -294,6 +294,14 @@ fn worker_pid(h: &Harness) -> u32 {
     list(h)[0]["pid"].as_u64().expect("a worker") as u32
 }
 
+/// Write requests the worker of minor 0 has completed (from `stats`).
+fn writes(h: &Harness) -> u64 {
+    let pid = worker_pid(h).to_string();
+    let s: serde_json::Value =
+        serde_json::from_str(&h.ok(&ROOT, &["stats", "-m", "0", "-p", &pid])).expect("stats JSON");
+    s["images"][0]["hits"][1].as_u64().expect("write hits")
+}
+
 #[test]
 fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
     let _turn = serial();
@@ -322,7 +330,14 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
     let fio = fio_verify_writer(&dev, "384M").spawn().expect("fio");
     let mut killed = Vec::new();
     for round in 1..=3u64 {
-        std::thread::sleep(Duration::from_millis(400));
+        // Mid-I/O: the current worker has completed writes of this fio
+        // run since it started (the event), and fio is still going.
+        let w0 = writes(&h);
+        assert!(
+            eventually(Duration::from_secs(60), || writes(&h) >= w0 + 32),
+            "round {round}: no write progress\n{}",
+            h.broker_log()
+        );
         let pid = worker_pid(&h);
         killed.push(pid);
         // SAFETY: kill(2) on a worker pid the broker reported.

@@ -313,11 +313,14 @@ fn beneath(leaf_dir: &OwnedFd, loc: &ParentLocator) -> Option<PathBuf> {
 }
 
 /// Open a parent read-only beneath the leaf's directory, with the rules
-/// the broker applies (`tapjail_common::sys::open_beneath`).
-fn openat2_beneath(dir: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+/// the broker applies (`tapjail_common::sys::open_beneath`); an error
+/// says which rule refused it.
+fn openat2_beneath(dir: &OwnedFd, rel: &Path) -> Result<OwnedFd, String> {
+    let shown = rel.display().to_string();
     let c = CString::new(rel.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let (fd, _) = tapjail_common::sys::open_beneath(dir.as_fd(), &c, false)?;
+        .map_err(|_| format!("parent path {shown:?} contains a NUL byte"))?;
+    let (fd, _) = tapjail_common::sys::open_beneath(dir.as_fd(), &c, false)
+        .map_err(|e| e.parent_refusal(&shown, "the image's directory"))?;
     Ok(fd)
 }
 
@@ -337,7 +340,7 @@ fn open_parent(
         };
         match openat2_beneath(leaf_dir, &rel) {
             Ok(fd) => return Ok((rel.display().to_string(), fd)),
-            Err(e) => tried.push(format!("{} {:?}: {e}", loc.code, loc.path)),
+            Err(why) => tried.push(format!("{} {:?}: {why}", loc.code, loc.path)),
         }
     }
     Err(format!(

@@ -145,4 +145,80 @@ fn standalone_monitor_refuses_a_parent_outside_the_leaf_directory() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("outside the image's directory"), "{err}");
+    // The relative locator says which rule it broke, not the errno.
+    assert!(
+        err.contains("elsewhere.vhd leaves the image's directory"),
+        "{err}"
+    );
+    assert!(!err.contains("cross-device"), "{err}");
+}
+
+#[test]
+fn standalone_monitor_refuses_a_symlinked_parent_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("base.vhd");
+    dynamic_vhd(&parent, 4 * MIB);
+    let child = dir.path().join("leaf.vhd");
+    vhdfs::snapshot_path(&child, &parent, DEFAULT_BLOCK_SIZE).unwrap();
+    // The parent is now a symlink (to a file in the same directory).
+    std::fs::rename(&parent, dir.path().join("real.vhd")).unwrap();
+    std::os::unix::fs::symlink("real.vhd", &parent).unwrap();
+    let out = Command::new(TAPDISK)
+        .arg("--nbd")
+        .arg(dir.path().join("s.sock"))
+        .arg("-a")
+        .arg(format!("vhd:{}", child.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "parent path base.vhd is a symlink or passes through one; images and parents \
+             must be regular files, symlinks are refused"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("symbolic links"), "{err}");
+}
+
+/// A child of a raw parent (`snapshot -m`) served standalone over NBD: the
+/// monitor opens the raw file beneath the leaf's directory, the worker
+/// serves it as the root of the chain, and writes stay in the child.
+#[test]
+fn raw_parent_chain_over_nbd_reads_the_raw_file_and_writes_the_child() {
+    if !require(
+        have("qemu-io"),
+        "qemu-io is not installed (apt install qemu-utils)",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = raw_image(dir.path(), "base.raw", 8 << 20, 0x11);
+    let child = dir.path().join("leaf.vhd");
+    tapjail_ctl::raw_parent::snapshot_raw_in(
+        &mut vhdfs::Local::default(),
+        &child,
+        &base,
+        DEFAULT_BLOCK_SIZE,
+    )
+    .unwrap();
+    let srv = Standalone::start(dir.path(), &format!("vhd:{}", child.display()), &[]);
+    let (ok, out) = qemu_io(
+        &srv.url(),
+        &[
+            "read -P 0x11 0 8M", // all of it from the raw parent
+            "write -P 0x22 1M 512k",
+            "read -P 0x22 1M 512k",
+            "read -P 0x11 0 1M",
+            "read -P 0x11 1536k 6656k",
+            "flush",
+        ],
+    );
+    assert!(ok, "{out}\n{}", srv.log());
+    drop(srv);
+    assert!(
+        std::fs::read(&base).unwrap().iter().all(|&b| b == 0x11),
+        "raw parent untouched"
+    );
 }

@@ -166,12 +166,14 @@ fn explain(o: helper::Outcome, grant: &ImageGrant, shown: &str) -> BrokerError {
             "{shown}: opening the image root {root}: {}",
             std::io::Error::from_raw_os_error(e)
         )),
-        Outcome::Open(BeneathError::NotRegular) => {
-            BrokerError::invalid(format!("{shown}: not a regular file"))
-        }
+        Outcome::Open(BeneathError::NotRegular) => BrokerError::invalid(format!(
+            "{shown}: not a regular file (a directory, FIFO, socket or device): refused \
+             (images and parents must be regular files)"
+        )),
         Outcome::Open(BeneathError::Os(e)) => match e {
             libc::ELOOP => BrokerError::denied(format!(
-                "{shown}: refusing a path through a symlink (name the image by its real path)"
+                "{shown}: is a symlink or passes through one: refused (images and parents \
+                 must be regular files, symlinks are refused; name the image by its real path)"
             )),
             libc::EXDEV => BrokerError::denied(format!(
                 "{shown}: crosses a mount point below the image root {root}, or leaves it: \

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tapjail_ctl::files::{self as vfs, ConvertTarget, Paths, SourceFormat};
 use tapjail_ctl::privsep::{self, Grant};
+use tapjail_ctl::raw_parent as raw;
 use tapjail_image::vhd::create::CreateKind;
 use tapjail_image::vhd::DEFAULT_BLOCK_SIZE;
 use tapjail_image::{Image, ImageError};
@@ -97,6 +98,10 @@ pub enum VhdCommand {
         parent: PathBuf,
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
+        /// PARENT is a raw disk image, not a VHD (vhd-util snapshot -m);
+        /// the child is as large as the file.
+        #[arg(short = 'm', long = "raw-parent")]
+        raw_parent: bool,
     },
     /// Show what an image is.
     Query {
@@ -201,6 +206,9 @@ pub enum VhdCommand {
         name: PathBuf,
         #[arg(short = 'p', long = "parent", value_name = "NEWPARENT")]
         parent: PathBuf,
+        /// NEWPARENT is a raw disk image, not a VHD (vhd-util modify -m).
+        #[arg(short = 'm', long = "raw-parent")]
+        raw_parent: bool,
     },
     /// Confine as the image verbs do, then try to open PATH: shows that
     /// the parser can open nothing (exits 0 when the open is refused).
@@ -262,8 +270,17 @@ fn explain(path: &Path, e: ImageError) -> anyhow::Error {
         }
         e => {
             let h = hint(&e, path);
-            anyhow::Error::new(e).context(h)
+            with_hint(e, h)
         }
+    }
+}
+
+/// `e` under the hint `h`. A parent error's message is used without the
+/// engine's "parent image:" prefix: the hint already names the parent.
+fn with_hint(e: ImageError, h: String) -> anyhow::Error {
+    match e {
+        ImageError::Parent(m) => anyhow::anyhow!("{h}: {m}"),
+        e => anyhow::Error::new(e).context(h),
     }
 }
 
@@ -341,7 +358,7 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             parent_writable: true,
             ..Grant::default()
         },
-        C::SetParent { name, parent } => Grant {
+        C::SetParent { name, parent, .. } => Grant {
             open: vec![rw(name), ro(parent)],
             ..Grant::default()
         },
@@ -430,10 +447,26 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             name,
             parent,
             block_size,
+            raw_parent,
         } => {
-            // What is wrong with the parent is said about the parent.
-            on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
-            on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            if raw_parent {
+                // What is wrong with the parent is said about the parent.
+                on(&parent, raw::raw_parent_spec_in(paths, &name, &parent))?;
+                on(
+                    &name,
+                    raw::snapshot_raw_in(paths, &name, &parent, block_size),
+                )?;
+            } else {
+                // What is wrong with the parent is said about the parent;
+                // a raw file given without -m is told about -m.
+                if let Err(e) = vfs::parent_spec_in(paths, &name, &parent) {
+                    if let Some(h) = raw::raw_parent_hint(paths, &parent) {
+                        return Err(anyhow::Error::new(e).context(h));
+                    }
+                    return Err(explain(&parent, e));
+                }
+                on(&name, vfs::snapshot_in(paths, &name, &parent, block_size))?;
+            }
             warn_block_size(&name, block_size);
             note_outside(&name, &parent);
         }
@@ -462,6 +495,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                     "parent": info.parent,
                     "parent_resolved": info.parent.as_deref().map(resolved_path),
                     "parent_uuid": info.parent_uuid,
+                    "parent_raw": info.parent_raw,
                     "block_size": info.block_size,
                     "blktap_compatible_block_size": info
                         .block_size
@@ -495,7 +529,11 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 println!("creator: {}", escape(&info.creator));
                 if let Some(p) = &info.parent {
                     println!("parent: {}", escape(p));
-                    println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
+                    if info.parent_raw {
+                        println!("parent type: raw (null parent uuid)");
+                    } else {
+                        println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
+                    }
                 }
             }
         }
@@ -625,7 +663,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                     }
                     _ => hint(&e, &src),
                 };
-                anyhow::Error::new(e).context(h)
+                with_hint(e, h)
             })?;
             if let ConvertTarget::VhdDynamic { block_size } = target {
                 warn_block_size(&dst, block_size);
@@ -649,9 +687,17 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
         VhdCommand::Resize { name, size } => {
             on(&name, vfs::resize_in(paths, &name, mib(size)?))?;
         }
-        VhdCommand::SetParent { name, parent } => {
-            on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
-            on(&name, vfs::set_parent_in(paths, &name, &parent))?;
+        VhdCommand::SetParent {
+            name,
+            parent,
+            raw_parent,
+        } => {
+            if raw_parent {
+                on(&name, raw::set_raw_parent_in(paths, &name, &parent))?;
+            } else {
+                on(&parent, vfs::parent_spec_in(paths, &name, &parent))?;
+                on(&name, vfs::set_parent_in(paths, &name, &parent))?;
+            }
             note_outside(&name, &parent);
         }
     }
@@ -771,8 +817,13 @@ fn fix_summary(problems: &[tapjail_image::vhd::check::Problem], name: &Path) -> 
         ));
     }
     if problems.iter().any(|p| p.fix() == Fix::SetParent) {
+        let raw = if problems.iter().any(|p| p.field == "raw parent") {
+            " (add -m for a raw parent)"
+        } else {
+            ""
+        };
         out.push(format!(
-            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent"
+            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent{raw}"
         ));
     }
     if problems.iter().any(|p| p.fix() == Fix::None) {

@@ -21,6 +21,49 @@ pub fn tasks_in_d_state() -> Vec<String> {
     out
 }
 
+/// The calling thread's kernel id (for [`wait_blocked_in_kernel`]).
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Wait up to `limit` until thread `tid` of this process sleeps
+/// uninterruptibly (`D`): it is blocked in the kernel, e.g. on I/O that
+/// nothing answers yet. The event a test waits for before it acts on
+/// "I/O in flight", instead of sleeping and hoping. `false` when the
+/// thread never blocked (or ended) within `limit`.
+pub fn wait_blocked_in_kernel(tid: i32, limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    let stat = format!("/proc/self/task/{tid}/stat");
+    loop {
+        let Ok(s) = std::fs::read_to_string(&stat) else {
+            return false;
+        };
+        if s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('D'))
+        {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Spawn `f` on a thread and return its handle and kernel thread id.
+pub fn spawn_with_tid<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (std::thread::JoinHandle<T>, i32) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let _ = tx.send(gettid());
+        f()
+    });
+    let tid = rx.recv().expect("the spawned thread reports its id");
+    (h, tid)
+}
+
 /// The ublk char devices that exist (`ublkcN`), from sysfs.
 pub fn ublk_char_devices() -> Vec<String> {
     std::fs::read_dir("/sys/class/ublk-char")
@@ -115,6 +158,26 @@ mod tests {
         drop(f);
         assert_eq!(holds_open_direct(me, &p), None);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_thread_blocked_on_a_pipe_is_not_in_d_state_and_one_that_ends_is_reported() {
+        // A read on an empty pipe sleeps interruptibly (S), never D.
+        let (r, w) = std::io::pipe().unwrap();
+        let (h, tid) = spawn_with_tid(move || {
+            let mut b = [0u8; 1];
+            std::io::Read::read(&mut &r, &mut b).unwrap()
+        });
+        assert!(!wait_blocked_in_kernel(
+            tid,
+            std::time::Duration::from_millis(50)
+        ));
+        drop(w);
+        assert_eq!(h.join().unwrap(), 0);
+        assert!(!wait_blocked_in_kernel(
+            tid,
+            std::time::Duration::from_secs(1)
+        ));
     }
 
     #[test]

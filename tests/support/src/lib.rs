@@ -11,6 +11,7 @@ mod data;
 mod fio;
 mod immutable;
 mod kernel;
+mod mount;
 mod precondition;
 mod process;
 
@@ -18,8 +19,9 @@ pub use data::{pattern, Aligned};
 pub use fio::fio_verify_writer;
 pub use immutable::Immutable;
 pub use kernel::{
-    dir_supports_o_direct, fd_flags, fuse_loop_turn, holds_open_direct, tasks_in_d_state,
-    ublk_char_devices,
+    dir_supports_o_direct, fd_flags, fuse_loop_turn, gettid, holds_open_direct, spawn_with_tid,
+    tasks_in_d_state, ublk_char_devices, wait_blocked_in_kernel,
 };
+pub use mount::Tmpfs;
 pub use precondition::{have, in_ci, is_root, require};
 pub use process::output_within;

@@ -3,14 +3,17 @@
 //! several tenants. Needs root.
 
 mod audit_flood;
+mod audit_full;
 mod audit_rotation;
 mod deadlines;
 mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod raw_parent;
 mod robustness;
 mod seed;
+mod soak_ublk;
 mod tenants;
 mod ublk;
 mod worker_confinement;

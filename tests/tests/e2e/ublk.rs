@@ -10,7 +10,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tapjail_testsupport::{tasks_in_d_state, ublk_char_devices, Aligned};
+use tapjail_testsupport::{
+    spawn_with_tid, tasks_in_d_state, ublk_char_devices, wait_blocked_in_kernel, Aligned,
+};
 
 const NEEDS: &str = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests";
 
@@ -47,6 +49,13 @@ fn tapdev(h: &Harness, minor: u64) -> PathBuf {
         target.display()
     );
     link
+}
+
+/// Write requests tapdisk `pid` (minor 0's) has completed, from `stats`.
+fn writes(h: &Harness, pid: u32) -> u64 {
+    let out = h.ok(&ALICE, &["stats", "-m", "0", "-p", &pid.to_string()]);
+    let s: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    s["images"][0]["hits"][1].as_u64().expect("write hits")
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -253,7 +262,14 @@ fn ublk_verifying_writer_survives_three_worker_sigkills() {
         .expect("fio");
     let mut last_pid = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
     for round in 1..=3u64 {
-        std::thread::sleep(Duration::from_millis(1500));
+        // Mid-I/O: this worker has completed writes since it started (the
+        // event, from `stats`), and fio still runs.
+        let w0 = writes(&h, last_pid);
+        assert!(
+            eventually(Duration::from_secs(60), || writes(&h, last_pid) >= w0 + 64),
+            "round {round}: no write progress\n{}",
+            h.broker_log()
+        );
         assert!(
             writer.try_wait().unwrap().is_none(),
             "fio finished before kill {round}; make it write more"
@@ -464,7 +480,7 @@ fn ublk_pause_holds_io_and_unpause_at_a_new_path_completes_it() {
     let b = h.root("alice").join("b.vhd");
     h.vhd_snapshot(&b, &a);
     let dev2 = dev.clone();
-    let writer = std::thread::spawn(move || {
+    let (writer, tid) = spawn_with_tid(move || {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
@@ -475,7 +491,12 @@ fn ublk_pause_holds_io_and_unpause_at_a_new_path_completes_it() {
         f.write_all_at(&buf[off..off + 4096], 1 << 20)?;
         f.sync_all()
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // The event: the write is parked in the kernel (D state), held.
+    assert!(
+        wait_blocked_in_kernel(tid, Duration::from_secs(30)),
+        "the write did not block while the disk is paused (finished: {})",
+        writer.is_finished()
+    );
     assert!(!writer.is_finished(), "I/O waits while the disk is paused");
     h.ok(
         &ALICE,

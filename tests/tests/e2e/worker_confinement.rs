@@ -1,7 +1,9 @@
 //! The broker checks a worker's confinement from outside before giving it
 //! anything: a worker that stayed in the host's network or mount namespace
-//! (a failed `unshare` used to be ignored), or that is dumpable after its
-//! uid switch, is killed and the request fails naming what is missing.
+//! (a failed `unshare` used to be ignored), that is dumpable after its uid
+//! switch, that kept root's uid, or that runs without no_new_privs or
+//! without a seccomp filter, is killed and the request fails naming what is
+//! missing.
 
 use crate::*;
 
@@ -34,4 +36,19 @@ fn worker_in_the_host_namespaces_is_refused_and_killed() {
 #[test]
 fn worker_dumpable_after_its_uid_switch_is_refused_and_killed() {
     refused("dumpable", "dumpable");
+}
+
+#[test]
+fn worker_that_kept_root_uid_is_refused_and_killed() {
+    refused("uid", "uids [0, 0, 0, 0], expected");
+}
+
+#[test]
+fn worker_without_no_new_privs_is_refused_and_killed() {
+    refused("nnp", "NoNewPrivs is 0");
+}
+
+#[test]
+fn worker_without_a_seccomp_filter_is_refused_and_killed() {
+    refused("seccomp", "Seccomp is 0, not 2 (filter)");
 }

@@ -11,14 +11,35 @@ pub fn table_bytes(entries: u32) -> u64 {
     (u64::from(entries) * 4).div_ceil(512) * 512
 }
 
-/// Read the first `entries` BAT entries at `offset`.
+/// Bytes of the BAT read at a time: the table is decoded chunk by chunk
+/// into its final vector, so opening a large image needs the table's size
+/// in memory once, not twice (a worker's memory is locked and bounded).
+const READ_CHUNK: usize = 64 << 10;
+
+/// Read the first `entries` BAT entries at `offset`. A table that does not
+/// fit in the process's memory is refused with a clear error instead of
+/// aborting the process.
 pub fn read(file: &dyn Backing, offset: u64, entries: u32) -> Result<Vec<u32>, ImageError> {
-    let bytes = usize::try_from(u64::from(entries) * 4)
+    let n = usize::try_from(entries)
         .map_err(|_| ImageError::corrupt("header.max_table_entries", "too large"))?;
-    let mut buf = vec![0u8; bytes];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(ImageError::io("read BAT", offset))?;
-    Ok(buf.chunks_exact(4).map(|c| be32(c, 0)).collect())
+    let mut table = Vec::new();
+    table.try_reserve_exact(n).map_err(|_| {
+        ImageError::Unsupported(format!(
+            "its block allocation table ({} KiB for {entries} blocks) does not fit in this \
+             process's memory (a worker's is locked and limited by RLIMIT_MEMLOCK): give \
+             workers more (worker_memlock_mib) or use an image with larger blocks",
+            u64::from(entries) * 4 / 1024
+        ))
+    })?;
+    let mut buf = vec![0u8; READ_CHUNK.min(n * 4)];
+    while table.len() < n {
+        let k = (n - table.len()).min(READ_CHUNK / 4);
+        let at = offset + table.len() as u64 * 4;
+        file.read_exact_at(&mut buf[..k * 4], at)
+            .map_err(ImageError::io("read BAT", at))?;
+        table.extend(buf[..k * 4].chunks_exact(4).map(|c| be32(c, 0)));
+    }
+    Ok(table)
 }
 
 /// Serialize entries, padded with [`UNUSED`] to `table_bytes`.

@@ -1,10 +1,12 @@
 //! Opening a differencing chain: each parent comes from a [`ParentOpener`]
 //! (the filesystem offline, the broker in a confined worker), is opened
 //! read-only, and must carry the UUID its child recorded. Loops and chains
-//! deeper than [`MAX_CHAIN_DEPTH`] are refused.
+//! deeper than [`MAX_CHAIN_DEPTH`] are refused. A child with a null parent
+//! UUID has a raw parent ([`super::layer::raw`]), which ends the chain.
 
 use super::footer::{format_uuid, DiskType};
 use super::image::VhdImage;
+use super::layer::raw::open_raw_parent;
 use super::layer::{VhdLayer, VhdOptions};
 use super::MAX_CHAIN_DEPTH;
 use crate::{Backing, ImageError, ParentOpener};
@@ -33,14 +35,14 @@ pub fn open(
             });
         }
         let expected = cur.parent_uuid().unwrap_or_default();
-        if expected == [0; 16] {
-            return Err(ImageError::Unsupported(format!(
-                "{}: the parent is a raw image (null parent UUID)",
-                cur.name()
-            )));
-        }
         let locators = cur.parent_locators();
         let (file, pname) = opener.open_parent(cur.name(), &locators, expected)?;
+        if cur.parent_is_raw() {
+            // The root of the chain: a raw file has no parent and no UUID.
+            let parent = open_raw_parent(cur, file, &pname, true)?;
+            layers.push(parent);
+            break;
+        }
         let parent = VhdLayer::open(file, &pname, true, options).map_err(|e| match e {
             ImageError::Corrupt { .. } | ImageError::Io { .. } => {
                 ImageError::Parent(format!("{pname}: {e}"))

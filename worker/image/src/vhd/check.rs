@@ -30,8 +30,10 @@ impl Problem {
     /// The tool that fixes this problem.
     pub fn fix(&self) -> Fix {
         match self.field {
-            "footer" | "footer.cookie" | "footer.checksum" | "batmap" => Fix::Repair,
-            "parent" | "parent chain" | "header.parent_uuid" => Fix::SetParent,
+            "footer" | "footer.cookie" | "footer.checksum" | "batmap" | "bat.placement" => {
+                Fix::Repair
+            }
+            "parent" | "raw parent" | "parent chain" | "header.parent_uuid" => Fix::SetParent,
             _ => Fix::None,
         }
     }
@@ -40,6 +42,9 @@ impl Problem {
     pub fn fix_hint(&self) -> &'static str {
         match self.fix() {
             Fix::Repair => "`tap-ctl vhd repair` fixes this",
+            Fix::SetParent if self.field == "raw parent" => {
+                "`tap-ctl vhd set-parent -m` fixes this (`repair` does not touch parents)"
+            }
             Fix::SetParent => {
                 "`tap-ctl vhd set-parent` fixes this (`repair` does not touch parents)"
             }
@@ -129,6 +134,17 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
                 });
             }
         }
+        for (b, start) in super::relocate::blocks_before_metadata(s) {
+            problems.push(Problem {
+                field: "bat.placement",
+                message: format!(
+                    "block {b} clobbers metadata: it starts at byte {start}, before the \
+                     metadata ends at byte {}; blktap's tools refuse this layout \
+                     (vhd-util check: \"block {b} clobbers headers\")",
+                    s.metadata_end
+                ),
+            });
+        }
         if meta.footer.disk_type == DiskType::Dynamic {
             let h = &s.header;
             if h.parent_uuid() != [0; 16] || h.locators.iter().any(|l| l.is_used()) {
@@ -172,12 +188,7 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
                     });
                 }
             }
-            if s.header.parent_uuid() == [0; 16] {
-                problems.push(Problem {
-                    field: "header.parent_uuid",
-                    message: "null parent UUID (raw parents are not supported)".into(),
-                });
-            }
+            // A null parent UUID marks a raw parent (libvhd's `vhd_parent_raw`).
         }
     }
     problems

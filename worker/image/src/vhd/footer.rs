@@ -270,8 +270,8 @@ impl Footer {
                     "footer.geometry"
                 },
                 format!(
-                    "{sectors} sectors is more than the maximum of {} bytes",
-                    MAX_VIRTUAL_SIZE
+                    "{sectors} sectors is more than the maximum of {} sectors",
+                    MAX_VIRTUAL_SIZE / 512
                 ),
             )),
         }

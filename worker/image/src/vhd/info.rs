@@ -13,6 +13,9 @@ pub struct Info {
     /// Where the parent was found, or what the image records (differencing).
     pub parent: Option<String>,
     pub parent_uuid: Option<String>,
+    /// The parent is a raw file (a null parent UUID, libvhd's
+    /// `vhd_parent_raw`).
+    pub parent_raw: bool,
     pub block_size: Option<u64>,
     pub allocated_blocks: u64,
     pub physical_size: u64,
@@ -44,6 +47,7 @@ pub fn query(file: Box<dyn Backing>, name: &str) -> Result<(Info, VhdLayer), Ima
         disk_type: layer.disk_type(),
         parent: None,
         parent_uuid: layer.parent_uuid().map(|u| format_uuid(&u)),
+        parent_raw: layer.parent_is_raw(),
         block_size: layer.block_size(),
         allocated_blocks: layer.allocated_blocks(),
         physical_size,

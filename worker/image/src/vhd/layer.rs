@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 mod direct;
+pub mod raw;
 
 const BITMAP_SHARDS: usize = 16;
 /// Partial-block bitmaps cached per shard (full blocks need none).
@@ -104,6 +105,9 @@ pub struct VhdLayer {
     encrypted: bool,
     options: VhdOptions,
     sparse: Option<Sparse>,
+    /// A raw file serving as the parent of a differencing image (see
+    /// [`raw`]): its footer is made up, its bytes are all disk.
+    raw: bool,
     pub(crate) counters: LayerCounters,
 }
 
@@ -223,6 +227,7 @@ impl VhdLayer {
             encrypted,
             options,
             sparse,
+            raw: false,
             counters: LayerCounters::default(),
         })
     }
@@ -272,7 +277,8 @@ impl VhdLayer {
     }
 
     pub fn stats(&self) -> LayerStats {
-        self.counters.snapshot(&self.name, "vhd")
+        let driver = if self.raw { "aio" } else { "vhd" };
+        self.counters.snapshot(&self.name, driver)
     }
 
     /// The parent's UUID (differencing images only).

@@ -296,7 +296,7 @@ fn read_sparse(
         return Err(ImageError::corrupt(
             "footer.data_offset",
             format!(
-                "dynamic header at {data_offset:#x} is not a sector-aligned offset \
+                "dynamic header at byte {data_offset} is not a sector-aligned offset \
                  inside a {file_len}-byte file past the footer copy"
             ),
         ));
@@ -339,7 +339,10 @@ fn read_sparse(
     if table_offset % 512 != 0 || table_offset < FOOTER_SIZE as u64 || table_offset > limit {
         return Err(ImageError::corrupt(
             "header.table_offset",
-            format!("BAT at {table_offset:#x} is not a sector-aligned offset inside the file"),
+            format!(
+                "BAT at byte {table_offset} is not a sector-aligned offset inside the \
+                 {file_len}-byte file"
+            ),
         ));
     }
     let table_end = table_offset
@@ -349,7 +352,7 @@ fn read_sparse(
             ImageError::corrupt(
                 "header.max_table_entries",
                 format!(
-                    "a BAT of {max_entries} entries at {table_offset:#x} runs past the end \
+                    "a BAT of {max_entries} entries at byte {table_offset} runs past the end \
                      of the {file_len}-byte file"
                 ),
             )
@@ -373,7 +376,7 @@ fn read_sparse(
         if r.overlaps(bat_region.start, bat_region.end) {
             return Err(ImageError::corrupt(
                 "header.table_offset",
-                format!("the BAT at {table_offset:#x} overlaps {}", r.what),
+                format!("the BAT at byte {table_offset} overlaps {}", r.what),
             ));
         }
     }
@@ -397,14 +400,15 @@ fn read_sparse(
     let mut metadata_end = regions.iter().map(|r| r.end).max().unwrap_or(0);
 
     // --- every BAT entry: inside the file, clear of metadata and of other blocks
-    let table = bat::read(file, table_offset, max_entries)?;
+    // Checked in place and kept (cut to the disk's blocks): a second copy
+    // of a large table may not fit in a worker's locked memory.
+    let mut bat_entries = bat::read(file, table_offset, max_entries)?;
     let block_total = u64::from(bm_bytes) + u64::from(block_size);
     let mut starts: Vec<(u64, u32)> = Vec::new();
-    let mut bat_entries = Vec::with_capacity(n_blocks as usize);
     let mut allocated_beyond_size = 0u32;
-    for (i, &e) in table.iter().enumerate() {
+    for (i, entry) in bat_entries.iter_mut().enumerate() {
         let idx = i as u32; // i < max_entries <= MAX_BAT_ENTRIES
-        let mut entry = e;
+        let e = *entry;
         if e != UNUSED {
             let start = u64::from(e) * 512;
             let end = start + block_total; // < 2^41 + 2^27: no overflow
@@ -428,17 +432,16 @@ fn read_sparse(
                         field: "bat",
                         message: msg,
                     });
-                    entry = UNUSED;
+                    *entry = UNUSED;
                 }
                 None => starts.push((start, idx)),
             }
         }
-        if u64::from(idx) < n_blocks {
-            bat_entries.push(entry);
-        } else if entry != UNUSED {
+        if u64::from(idx) >= n_blocks && *entry != UNUSED {
             allocated_beyond_size += 1;
         }
     }
+    bat_entries.truncate(usize::try_from(n_blocks).unwrap_or(usize::MAX));
     starts.sort_unstable();
     for w in starts.windows(2) {
         if w[0].0 + block_total > w[1].0 {
@@ -513,7 +516,8 @@ fn check_locator(
         ImageError::corrupt(
             "header.parent_locator.data_space",
             format!(
-                "slot {i}: {} is neither sectors nor whole sectors of bytes",
+                "slot {i}: data space {} is neither a count of sectors nor a whole \
+                 number of 512-byte sectors counted in bytes",
                 loc.data_space
             ),
         )
@@ -537,7 +541,7 @@ fn check_locator(
         .ok_or_else(|| {
             ImageError::corrupt(
                 "header.parent_locator.data_offset",
-                format!("slot {i}: {start:#x} is not a sector inside the file"),
+                format!("slot {i}: byte {start} is not a sector boundary inside the file"),
             )
         })?;
     if let Some(r) = regions.iter().find(|r| r.overlaps(start, end)) {

@@ -37,6 +37,7 @@ pub mod layout;
 pub mod locator;
 pub mod modify;
 pub mod probe;
+pub mod relocate;
 pub mod repair;
 pub mod resize;
 

@@ -53,6 +53,14 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
             None => return Err(e),
         },
     };
+    if let Some(moved) = move_misplaced_blocks(file, &meta)? {
+        // The layout changed: start over from what the file says now.
+        let mut rest = repair(file)?;
+        report.actions.push(moved);
+        report.actions.append(&mut rest.actions);
+        report.remaining = rest.remaining;
+        return Ok(report);
+    }
     let mut footer = meta.footer.clone();
     let mut rewrite_footers = !meta.findings.iter().all(|f| f.field != "footer")
         || meta.footer_source == FooterSource::EndShort;
@@ -189,6 +197,38 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
     Ok(report)
 }
 
+/// Blocks an older tool put before the end of the metadata (a BAT moved
+/// after the data) move to the end of the file, one crash-safe step each;
+/// `None` when there are none.
+fn move_misplaced_blocks(
+    file: &dyn Backing,
+    meta: &Metadata,
+) -> Result<Option<String>, ImageError> {
+    let Some(s) = &meta.sparse else {
+        return Ok(None);
+    };
+    let misplaced = super::relocate::blocks_before_metadata(s);
+    if misplaced.is_empty() {
+        return Ok(None);
+    }
+    let footer = meta.footer.to_bytes();
+    let mover = super::relocate::Move {
+        file,
+        footer: &footer,
+        table_offset: s.header.table_offset(),
+        bitmap_bytes: s.bitmap_bytes,
+        block_size: s.block_size,
+    };
+    let mut end = s.data_end;
+    for &(idx, src) in &misplaced {
+        end = mover.block(idx, src, end)?.1;
+    }
+    Ok(Some(format!(
+        "moved {} block(s) that lay before the end of the metadata to the end of the file",
+        misplaced.len()
+    )))
+}
+
 /// Bytes the end footer takes where it was found.
 fn footer_len(source: FooterSource) -> u64 {
     match source {
@@ -237,7 +277,9 @@ fn rebuild_footer(file: &dyn Backing) -> Result<Option<(String, Metadata)>, Imag
             if size == 0 || size > MAX_VIRTUAL_SIZE {
                 return Ok(None);
             }
-            let ty = if header.parent_uuid() == [0; 16] {
+            // A null parent UUID with locators is a child of a raw parent.
+            let names_parent = header.locators.iter().any(|l| l.is_used());
+            let ty = if header.parent_uuid() == [0; 16] && !names_parent {
                 DiskType::Dynamic
             } else {
                 DiskType::Differencing

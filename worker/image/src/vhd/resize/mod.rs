@@ -3,18 +3,19 @@
 //!
 //! Fixed: the footer moves to the new end (the old one is zeroed, it is
 //! disk data now). Dynamic/differencing: if the BAT has room (blktap
-//! preallocates it) only the footers change; otherwise a larger BAT (and
-//! batmap) is written after the last block and the header is switched to
-//! it in one sector write, so a crash leaves the old or the new table.
+//! preallocates it) only the footers change; otherwise the BAT grows in
+//! place and blocks in its way move to the end (see [`grow`]), so that
+//! metadata stays first as blktap's tools require.
 
 use super::bat::{self, UNUSED};
 use super::batmap::{self, BatmapHeader};
 use super::create::validate_size;
 use super::footer::{Footer, CREATOR_TAP, CREATOR_VERSION_OPTIONAL_BATMAP, FOOTER_SIZE};
-use super::header::HEADER_SIZE;
 use super::layout::{BatmapState, FooterSource, Metadata};
 use super::MAX_BAT_ENTRIES;
 use crate::{Backing, ImageError};
+
+mod grow;
 
 fn io(op: &'static str, off: u64) -> impl FnOnce(std::io::Error) -> ImageError {
     ImageError::io(op, off)
@@ -102,45 +103,7 @@ pub fn resize(file: &dyn Backing, new_size: u64) -> Result<(), ImageError> {
                 .map_err(io("write batmap", s.batmap_header_offset))?;
         }
     } else {
-        // A new, larger table (and batmap) after everything else.
-        let new_table = end;
-        let mut entries = s.bat.clone();
-        entries.resize(needed as usize, UNUSED);
-        let table = bat::encode(&entries, needed);
-        file.write_all_at(&table, new_table)
-            .map_err(io("write BAT", new_table))?;
-        end = new_table + table.len() as u64;
-        if meta.footer.creator_is_tap() {
-            // A fresh, all-clear batmap: it claims nothing, so it is safe.
-            let sectors = batmap::map_sectors(needed, new_size)?;
-            let map = vec![0u8; sectors as usize * 512];
-            let mut h = BatmapHeader::new(
-                end + batmap::HEADER_BYTES as u64,
-                sectors,
-                batmap::CURRENT_VERSION,
-                batmap::checksum(&map[..sum_len as usize], batmap::CURRENT_VERSION),
-            );
-            // The marker and keyhash move with the map.
-            if let Some(old) = s.batmap_header() {
-                h.rest = old.rest;
-            }
-            file.write_all_at(&h.to_bytes(), end)
-                .map_err(io("write batmap", end))?;
-            file.write_all_at(&map, h.offset)
-                .map_err(io("write batmap", h.offset))?;
-            end = h.offset + map.len() as u64;
-        }
-        // Old footer at the new end, so the file is valid before the switch.
-        file.write_all_at(&meta.footer.to_bytes(), end)
-            .map_err(io("write footer", end))?;
-        file.sync_data().map_err(io("fsync", 0))?;
-        let mut header = s.header.clone();
-        header.set_table(new_table, needed);
-        let hoff = meta.footer.data_offset();
-        debug_assert_eq!(header.to_bytes().len(), HEADER_SIZE);
-        file.write_all_at(&header.to_bytes(), hoff)
-            .map_err(io("write header", hoff))?;
-        file.sync_data().map_err(io("fsync", 0))?;
+        end = grow::grow(file, &meta, s, new_size, needed)?;
     }
     file.write_all_at(&fb, 0).map_err(io("write footer", 0))?;
     file.write_all_at(&fb, end)
