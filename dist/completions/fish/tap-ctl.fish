@@ -74,6 +74,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_sub
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from snapshot" -l block-size -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from snapshot" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from snapshot" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from snapshot" -s m -l raw-parent -d 'PARENT is a raw disk image, not a VHD (vhd-util snapshot -m); the child is as large as the file'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from snapshot" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from query" -s n -l name -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from query" -l parent-path -d 'The parent image, wherever it is (only relative locators beneath the image\'s directory are followed otherwise)' -r -F
@@ -136,6 +137,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_sub
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from set-parent" -s p -l parent -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from set-parent" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from set-parent" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from set-parent" -s m -l raw-parent -d 'NEWPARENT is a raw disk image, not a VHD (vhd-util modify -m)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from set-parent" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from confine-check" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand vhd; and __fish_seen_subcommand_from confine-check" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
