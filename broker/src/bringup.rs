@@ -117,6 +117,13 @@ impl Broker {
             file: leaf,
             id: leaf_id,
         } = self.open_grant(grant, !read_only, target.minor)?;
+        if !unpause {
+            // Before the first request can arrive (a worker keeps its
+            // limits across pause and unpause).
+            let own = self.table().disk(target.minor)?.io;
+            let limits = self.worker_limits(target.owner, own)?;
+            self.push_limits(conn, &limits, false)?;
+        }
         let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
         self.table().claim_files(target.minor, &files)?;
         let name = grant.path.display().to_string();

@@ -54,6 +54,8 @@ pub struct Broker {
     /// eventfd that wakes the supervisor when workers are added.
     pub(crate) wake: OwnedFd,
     pub(crate) stopping: AtomicBool,
+    /// Tenants' I/O limits as changed at runtime, and their shared buckets.
+    pub(crate) qos: crate::qos::TenantsQos,
     /// Per-minor cache plans of `open -D` / `-e` (`crate::xapi`).
     pub(crate) xapi: crate::xapi::Plans,
 }
@@ -85,6 +87,7 @@ impl Broker {
             spawn_cfg,
             wake,
             stopping: AtomicBool::new(false),
+            qos: crate::qos::TenantsQos::default(),
             xapi: crate::xapi::Plans::default(),
         })
     }

@@ -39,7 +39,11 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Destroy { minor, .. }
         | Request::Pause { minor, .. }
         | Request::Unpause { minor, .. }
-        | Request::Stats { minor, .. } => Some(*minor),
+        | Request::Stats { minor, .. }
+        | Request::Throttle {
+            target: tapjail_common::qos::ThrottleTarget::Minor(minor),
+            ..
+        } => Some(*minor),
         Request::WithOptions { req, .. } => minor_of(req),
         _ => None,
     }
@@ -163,6 +167,7 @@ impl Broker {
                 self.op_unpause(t, *pid, *minor, image.as_ref().map(|i| i.kind), d)
             }
             Request::Stats { pid, minor } => self.op_stats(t, *pid, *minor),
+            Request::Throttle { target, changes } => self.op_throttle(t, target, changes),
             Request::WithOptions { req, opts } => self.op_with_options(t, req, opts, d),
             Request::Major => self.op_major(t),
         }

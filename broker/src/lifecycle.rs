@@ -188,6 +188,9 @@ pub struct Disk {
     pub restarts: u32,
     /// Recent unexpected worker deaths, for the respawn limit.
     pub deaths: VecDeque<Instant>,
+    /// This disk's own I/O limits, set at runtime by `tap-ctl throttle
+    /// -m`; `None`: its tenant's `disk_io` (see `crate::qos`).
+    pub io: Option<tapjail_common::qos::IoLimits>,
 }
 
 impl Disk {
@@ -199,6 +202,7 @@ impl Disk {
             slot: Slot::Idle(Phase::Allocated),
             restarts: 0,
             deaths: VecDeque::new(),
+            io: None,
         };
         d.persist();
         d

@@ -66,6 +66,7 @@ mod lease;
 mod lifecycle;
 mod ops;
 mod publish;
+mod qos;
 mod records;
 mod resync;
 mod server;

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod frame;
 pub mod minor;
 pub mod proto;
+pub mod qos;
 pub mod signals;
 pub mod state;
 pub mod stats;

@@ -154,6 +154,12 @@ pub enum Request {
         pid: Option<u32>,
         minor: Minor,
     },
+    /// Admin only: change I/O limits at runtime. Each change sets one knob
+    /// (`None`: no limit); knobs not named keep their value.
+    Throttle {
+        target: crate::qos::ThrottleTarget,
+        changes: Vec<(crate::qos::Knob, Option<crate::qos::Rate>)>,
+    },
     /// `req` with the flags XAPI's storage manager adds (see [`crate::xapi`]).
     /// Sent only when at least one of them is given.
     WithOptions {
@@ -182,6 +188,7 @@ impl Request {
             Request::Unpause { .. } => "unpause",
             Request::List { .. } => "list",
             Request::Stats { .. } => "stats",
+            Request::Throttle { .. } => "throttle",
             Request::WithOptions { req, .. } => req.verb(),
             Request::Major => "major",
         }
@@ -245,6 +252,9 @@ pub enum Reply {
     },
     List(Vec<ListEntry>),
     Stats(Box<StatsReply>),
+    /// `throttle`: the limits now in force on the target (for a minor,
+    /// its own; for a tenant, the shared ones).
+    Throttled(crate::qos::IoLimits),
     Error {
         kind: ErrorKind,
         message: String,
@@ -263,6 +273,8 @@ pub struct StatsReply {
     pub frontend: Option<FrontendKind>,
     pub restarts: u32,
     pub worker: WorkerStats,
+    /// I/O limits and how long requests waited for them.
+    pub throttle: Option<crate::qos::ThrottleStats>,
 }
 
 #[cfg(test)]

@@ -100,6 +100,16 @@ pub enum ToWorker {
     Resync {
         nonce: [u8; 16],
     },
+    /// The I/O limits to enforce from now on: this disk's own and its
+    /// tenant's. fds: \[tenant bucket memfd\] when `tenant` limits any
+    /// knob (the worker maps the first it gets and keeps it; see
+    /// `tapjail_worker::qos::shared`), else none. Answered `Throttle`.
+    Limits {
+        disk: crate::qos::IoLimits,
+        tenant: crate::qos::IoLimits,
+    },
+    /// Answered `Throttle` with the limits in force and the delays so far.
+    ThrottleStats,
     /// How the next `Open` (and its later `Unpause`s) opens its files;
     /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
     /// `--cache`.
@@ -137,4 +147,6 @@ pub enum FromWorker {
         serving: bool,
         paused: bool,
     },
+    /// Answer to `Limits` and `ThrottleStats`.
+    Throttle(Box<crate::qos::ThrottleStats>),
 }

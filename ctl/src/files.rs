@@ -723,7 +723,40 @@ pub fn resize_in<P: Paths + ?Sized>(
     path: &Path,
     size: u64,
 ) -> Result<(), ImageError> {
-    resize(&paths.open(path, true)?, size)
+    let f = paths.open(path, true)?;
+    refuse_outgrowing_a_raw_parent(paths, path, size)?;
+    resize(&f, size)
+}
+
+/// A child larger than its raw parent cannot be opened again: reads past
+/// the raw file's end fail (in blktap too), so the engine refuses such a
+/// chain. Say so before writing anything, rather than leave an image that
+/// no longer opens.
+fn refuse_outgrowing_a_raw_parent<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    size: u64,
+) -> Result<(), ImageError> {
+    let (_, layer) = query(Box::new(paths.open(path, false)?), &path.to_string_lossy())?;
+    let Some(uuid) = layer.parent_uuid().filter(|_| layer.parent_is_raw()) else {
+        return Ok(());
+    };
+    let locators = layer.parent_locators();
+    let (parent, name) = open_parent_via(paths, layer.name(), &locators, uuid, false)?;
+    let parent_len = Backing::len(&parent).map_err(|source| ImageError::Io {
+        op: "stat raw parent",
+        offset: 0,
+        source,
+    })?;
+    if size > parent_len {
+        return Err(ImageError::InvalidArgument(format!(
+            "{} has the raw parent {name} of {parent_len} bytes: a child of {size} bytes \
+             could not be opened (reads past the raw file's end fail); grow {name} first \
+             (e.g. truncate -s {size}), then resize the child",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The UUIDs of the image at `path` and of the parents that can be found

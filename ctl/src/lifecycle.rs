@@ -130,6 +130,9 @@ pub enum LifecycleCommand {
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
+    /// Change a disk's or a tenant's I/O limits now (admin only; audited).
+    /// Prints the limits in force afterwards.
+    Throttle(crate::throttle::ThrottleArgs),
     /// Print the block major number of this host's tapjail devices.
     Major,
 }
@@ -244,6 +247,7 @@ pub fn run(
             (Request::List { pid, minor }, Some((kind, file, json)))
         }
         LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
+        LifecycleCommand::Throttle(args) => (args.request().map_err(anyhow::Error::msg)?, None),
         LifecycleCommand::Major => (Request::Major, None),
     };
     let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
@@ -275,6 +279,7 @@ pub fn run(
             }
         }
         Reply::Stats(s) => println!("{}", stats_json(&s)?),
+        Reply::Throttled(limits) => println!("{limits}"),
         Reply::Major { major } => println!("{major}"),
         Reply::Ok | Reply::Hello { .. } => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
@@ -377,6 +382,9 @@ struct StatsJson<'a> {
     tap: TapJson<'a>,
     reqs_outstanding: u64,
     latency: &'a LatencyStats,
+    /// I/O limits in force and the delays they caused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throttle: Option<&'a tapjail_common::qos::ThrottleStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -407,6 +415,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         },
         reqs_outstanding: w.reqs_outstanding,
         latency: &w.latency,
+        throttle: s.throttle.as_ref(),
     })
 }
 
@@ -512,6 +521,7 @@ mod tests {
             pid: 5755,
             frontend: Some(tapjail_common::proto::FrontendKind::Nbd),
             restarts: 0,
+            throttle: None,
             worker: tapjail_common::stats::WorkerStats {
                 name: "vhd:/x.vhd".into(),
                 secs: [664, 0],

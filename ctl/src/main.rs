@@ -12,6 +12,7 @@ mod client;
 mod docs;
 mod escape;
 mod lifecycle;
+mod throttle;
 mod vhd;
 mod xapi;
 

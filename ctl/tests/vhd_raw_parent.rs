@@ -279,3 +279,39 @@ fn raw_parent_set_parent_m_points_the_child_at_another_raw_file() {
         "{err}"
     );
 }
+
+#[test]
+fn raw_parent_child_is_not_grown_past_its_raw_file_until_the_file_grows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, child, want) = setup(tmp.path());
+    let before = std::fs::read(&child).unwrap();
+    // Growing the child past its 8 MiB raw parent would leave a chain
+    // that cannot be opened: refused, naming the parent, nothing written.
+    let err = fails(&["vhd", "resize", "-n", s(&child), "-s", "16"]);
+    assert!(
+        err.contains("raw parent") && err.contains("base.raw") && err.contains("grow"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&child).unwrap(), before, "child unchanged");
+    let read_all = |len: u64| {
+        let len = len.to_string();
+        ok(
+            &["vhd", "read", "-n", s(&child), "-o", "0", "-l", &len],
+            None,
+        )
+    };
+    assert_eq!(read_all(8 * MIB), std::fs::read(&want).unwrap());
+    // Once the raw file is as large, the child grows and reads the same
+    // data followed by zeros.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    ok(&["vhd", "resize", "-n", s(&child), "-s", "16"], None);
+    let mut expected = std::fs::read(&want).unwrap();
+    expected.resize(16 * MIB as usize, 0);
+    assert_eq!(read_all(16 * MIB), expected);
+    ok(&["vhd", "check", "-n", s(&child)], None);
+}

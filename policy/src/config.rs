@@ -6,6 +6,8 @@
 //! uid, a relative image root...) points at the line that caused it, the
 //! same way a syntax error does.
 
+mod io_limits;
+
 use crate::path::{normalize_absolute, PathError};
 use serde::Deserialize;
 use std::fmt;
@@ -68,6 +70,11 @@ pub struct Tenant {
     /// Most connections all of this tenant's peers may hold at once (a
     /// tenant matched by gid has many uids, each with its own per-uid cap).
     pub max_clients: u32,
+    /// I/O limits of each of this tenant's disks (`disk_io`), unless an
+    /// admin changes a disk's at runtime.
+    pub disk_io: tapjail_common::qos::IoLimits,
+    /// I/O limits of all of this tenant's disks together (`tenant_io`).
+    pub tenant_io: tapjail_common::qos::IoLimits,
     /// May open with `-D` (no `O_DIRECT`: the host's page cache holds her
     /// data). Default true, as blktap.
     pub page_cache: bool,
@@ -230,6 +237,8 @@ struct RawTenant {
     minors: Option<Spanned<Vec<i64>>>,
     admin: Option<bool>,
     max_clients: Option<Spanned<i64>>,
+    disk_io: Option<io_limits::RawIo>,
+    tenant_io: Option<io_limits::RawIo>,
     page_cache: Option<bool>,
     share_parent: Option<bool>,
 }
@@ -851,6 +860,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
                 }
             }
         });
+        let disk_io = io_limits::build(c, &name, "disk_io", t.disk_io);
+        let tenant_io = io_limits::build(c, &name, "tenant_io", t.tenant_io);
         tenants.push(Tenant {
             name,
             uids,
@@ -862,6 +873,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             minors,
             admin: t.admin.unwrap_or(false),
             max_clients: tenant_clients,
+            disk_io,
+            tenant_io,
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
         });

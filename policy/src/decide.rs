@@ -235,6 +235,29 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
         | Request::Stats { pid, minor } => foreign_minor(t, *minor, view, true)
             .or_else(|| foreign_worker(t, *pid, view, true))
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
+        Request::Throttle { target, .. } => throttle(t, target),
+    }
+}
+
+/// I/O limits are the host's to share out: only an admin tenant changes
+/// them, even on its own disks (a tenant that could raise its own limit
+/// would have none).
+fn throttle(t: &Tenant, target: &tapjail_common::qos::ThrottleTarget) -> Decision {
+    if t.admin {
+        Decision::allow(
+            t,
+            "admin",
+            format!("admin tenant {} sets I/O limits of {target}", t.name),
+        )
+    } else {
+        Decision::deny(
+            Some(t),
+            "throttle-admin-only",
+            format!(
+                "tenant {} may not change I/O limits (of {target}): only an admin tenant may",
+                t.name
+            ),
+        )
     }
 }
 
@@ -772,6 +795,28 @@ admin = true
             &v,
         );
         assert_eq!((d.allow, d.scope), (true, Scope::All));
+    }
+
+    #[test]
+    fn decide_throttle_is_admin_only_even_on_own_disks() {
+        use tapjail_common::qos::{Knob, Rate, ThrottleTarget};
+        let (p, v) = (policy(), view());
+        let change = vec![(Knob::WriteIops, Some(Rate::with_default_burst(1000)))];
+        for target in [
+            ThrottleTarget::Minor(m(1)),
+            ThrottleTarget::Tenant("alice".into()),
+        ] {
+            let req = Request::Throttle {
+                target: target.clone(),
+                changes: change.clone(),
+            };
+            let d = decide(&req, &ALICE, &p, &v);
+            assert!(!d.allow, "{target}");
+            assert_eq!(d.rule, "throttle-admin-only");
+            assert!(d.reason.contains("only an admin"), "{}", d.reason);
+            let d = decide(&req, &OPS, &p, &v);
+            assert!(d.allow && d.rule == "admin", "{}", d.reason);
+        }
     }
 
     #[test]

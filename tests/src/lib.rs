@@ -121,6 +121,8 @@ pub struct Options {
     pub respawn: bool,
     pub worker_timeout_secs: u32,
     pub extra: String,
+    /// Lines added to a tenant's `[[tenant]]` block: (tenant name, TOML).
+    pub tenant_lines: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -132,6 +134,7 @@ impl Default for Options {
             respawn: false,
             worker_timeout_secs: 10,
             extra: String::new(),
+            tenant_lines: Vec::new(),
         }
     }
 }
@@ -218,6 +221,10 @@ impl Harness {
                 "\n[[tenant]]\nname = {:?}\nuids = [{}]\nimage_roots = [{:?}]\nwritable = {}\nmax_disks = {}\nadmin = {}\n",
                 t.name, t.uid, root, t.writable, t.max_disks, t.admin
             ));
+            for (_, line) in opts.tenant_lines.iter().filter(|(n, _)| *n == t.name) {
+                text.push_str(line);
+                text.push('\n');
+            }
         }
         std::fs::write(&policy, text).expect("policy");
         let mut h = Harness {

@@ -179,6 +179,8 @@ pub struct Worker {
     open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
     resync: Cell<Option<[u8; 16]>>,
+    /// I/O limits; every disk this worker opens passes through them.
+    throttle: Arc<crate::qos::Throttle>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -206,6 +208,7 @@ impl Worker {
             parent_cache: cache,
             open: None,
             resync: Cell::new(None),
+            throttle: Arc::default(),
         }
     }
 
@@ -284,7 +287,7 @@ impl Worker {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
                         self.open = Some(Open {
-                            disk: Disk::new(img),
+                            disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,
@@ -332,6 +335,16 @@ impl Worker {
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
+            ToWorker::Limits { disk, tenant } => {
+                if fds.len() > 1 {
+                    return error("Limits takes at most one fd (the tenant bucket)");
+                }
+                match self.throttle.set(disk, tenant, fds.pop()) {
+                    Ok(()) => FromWorker::Throttle(Box::new(self.throttle.stats())),
+                    Err(e) => error(format!("limits: {e}")),
+                }
+            }
+            ToWorker::ThrottleStats => FromWorker::Throttle(Box::new(self.throttle.stats())),
             ToWorker::Cache(plan) => {
                 if self.open.is_some() {
                     return error("Cache comes before Open, not while an image is open");

@@ -6,6 +6,7 @@
 //! does) instead of failing, so the kernel device sees a stall, not errors.
 
 use crate::image::{Image, ImageError};
+use crate::qos::{Dir, Throttle};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -34,6 +35,17 @@ pub enum IoKind {
     Read,
     Write,
     Other,
+}
+
+impl IoKind {
+    /// The direction I/O limits count it in (`Other` is not limited).
+    fn dir(self) -> Option<Dir> {
+        match self {
+            IoKind::Read => Some(Dir::Read),
+            IoKind::Write => Some(Dir::Write),
+            IoKind::Other => None,
+        }
+    }
 }
 
 /// Counters a frontend keeps for `tap-ctl stats`.
@@ -93,6 +105,8 @@ pub struct Disk {
     size: AtomicU64,
     read_only: std::sync::atomic::AtomicBool,
     pub counters: FrontendCounters,
+    /// I/O limits, taken before a read or write is admitted.
+    throttle: Arc<Throttle>,
 }
 
 /// Why a request could not reach an image.
@@ -115,7 +129,14 @@ impl DiskError {
 
 impl Disk {
     pub fn new(image: Arc<dyn Image>) -> Arc<Self> {
+        Disk::with_throttle(image, Arc::default())
+    }
+
+    /// A disk whose reads and writes pass `throttle` first (the worker's,
+    /// which keeps its limits across pause and unpause).
+    pub fn with_throttle(image: Arc<dyn Image>, throttle: Arc<Throttle>) -> Arc<Self> {
         Arc::new(Disk {
+            throttle,
             size: AtomicU64::new(image.virtual_size()),
             read_only: image.read_only().into(),
             inner: Mutex::new(Inner {
@@ -151,6 +172,11 @@ impl Disk {
         bytes: u64,
         f: impl FnOnce(&dyn Image) -> Result<T, ImageError>,
     ) -> Result<T, DiskError> {
+        if let Some(dir) = kind.dir() {
+            // Before admission: a request waiting for its slot is not in
+            // flight, so pause and close need not wait for it.
+            self.throttle.admit(dir, bytes);
+        }
         self.counters.received.fetch_add(1, Relaxed);
         let admitted = {
             let mut inner = self.lock();
@@ -183,10 +209,19 @@ impl Disk {
     /// is finished or dropped, on any thread. While paused it is
     /// [`Admission::Held`]: the caller hands it to a thread that may block
     /// in [`Disk::io`].
-    pub fn try_admit(&self) -> Admission<'_> {
+    /// A request the throttle would delay is `Held` too (without taking
+    /// its tokens: `Disk::io` takes them and waits).
+    pub fn try_admit(&self, kind: IoKind, bytes: u64) -> Admission<'_> {
+        let dir = kind.dir();
+        if dir.is_some_and(|d| !self.throttle.ready(d, bytes)) {
+            return Admission::Held;
+        }
         let mut inner = self.lock();
         match &inner.gate {
             Gate::Open(img) => {
+                if let Some(d) = dir {
+                    self.throttle.take(d, bytes);
+                }
                 let img = img.clone();
                 self.counters.received.fetch_add(1, Relaxed);
                 Admission::Now(self.ticket(&mut inner, img))
@@ -235,6 +270,10 @@ impl Disk {
         bytes: u64,
         f: impl FnOnce(&dyn Image) -> Option<T>,
     ) -> Option<T> {
+        let dir = kind.dir();
+        if dir.is_some_and(|d| !self.throttle.ready(d, bytes)) {
+            return None;
+        }
         let ticket = {
             let mut inner = self.lock();
             let Gate::Open(img) = &inner.gate else {
@@ -245,6 +284,11 @@ impl Disk {
         };
         let result = f(ticket.image());
         if result.is_some() {
+            if let Some(d) = dir {
+                // Served already: its tokens are taken after the fact
+                // (the next requests wait for them).
+                self.throttle.take(d, bytes);
+            }
             self.counters.received.fetch_add(1, Relaxed);
             ticket.finish(kind, bytes, true);
         } else {
@@ -329,6 +373,7 @@ impl Disk {
 
     /// Drain, flush and close for good; later requests fail with EIO.
     pub fn close(&self) -> Result<(), DiskError> {
+        self.throttle.interrupt();
         let paused = self.pause();
         let mut inner = self.lock();
         inner.gate = Gate::Closed;
@@ -467,7 +512,7 @@ mod tests {
     #[test]
     fn pause_waits_for_an_admitted_ticket_finished_on_another_thread() {
         let (f, disk) = disk();
-        let Admission::Now(ticket) = disk.try_admit() else {
+        let Admission::Now(ticket) = disk.try_admit(IoKind::Read, 512) else {
             panic!("an open disk admits");
         };
         assert_eq!(ticket.generation(), 0);
@@ -476,35 +521,86 @@ mod tests {
         let pauser = std::thread::spawn(move || d2.pause());
         std::thread::sleep(Duration::from_millis(50));
         assert!(!pauser.is_finished(), "pause waits for the ticket");
-        assert!(matches!(disk.try_admit(), Admission::Held));
+        assert!(matches!(disk.try_admit(IoKind::Read, 512), Admission::Held));
         std::thread::scope(|s| {
             s.spawn(move || ticket.finish(IoKind::Write, 4096, true));
         });
         pauser.join().unwrap().unwrap();
-        assert!(matches!(disk.try_admit(), Admission::Held));
+        assert!(matches!(disk.try_admit(IoKind::Read, 512), Admission::Held));
         assert_eq!(disk.open_generation(), None);
         assert_eq!(disk.counters.secs(), [0, 8]);
         let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
         disk.resume(Arc::new(img)).unwrap();
-        match disk.try_admit() {
+        match disk.try_admit(IoKind::Read, 512) {
             Admission::Now(t) => assert_eq!(t.generation(), 1, "a new image, a new generation"),
             other => panic!("{other:?}"),
         }
         disk.close().unwrap();
-        assert!(matches!(disk.try_admit(), Admission::Closed));
+        assert!(matches!(
+            disk.try_admit(IoKind::Read, 512),
+            Admission::Closed
+        ));
         assert_eq!(disk.counters.outstanding(), 0);
     }
 
     #[test]
     fn dropped_ticket_counts_as_a_failure_and_lets_pause_proceed() {
         let (_f, disk) = disk();
-        let Admission::Now(ticket) = disk.try_admit() else {
+        let Admission::Now(ticket) = disk.try_admit(IoKind::Read, 512) else {
             panic!("an open disk admits");
         };
         drop(ticket);
         disk.pause().unwrap();
         assert_eq!(disk.counters.frontend("ublk").errors, 1);
         assert_eq!(disk.counters.outstanding(), 0);
+    }
+
+    #[test]
+    fn throttled_requests_are_held_from_the_fast_paths_and_paced_by_io() {
+        use tapjail_common::qos::{IoLimits, Knob, Rate};
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        let throttle = Arc::new(crate::qos::Throttle::default());
+        let mut l = IoLimits::default();
+        l.set(
+            Knob::WriteIops,
+            Some(Rate {
+                per_sec: 1,
+                burst: 1,
+            }),
+        );
+        throttle.set(l, IoLimits::default(), None).unwrap();
+        let disk = Disk::with_throttle(Arc::new(img), throttle.clone());
+        // The burst passes the non-blocking paths at once...
+        let Admission::Now(t) = disk.try_admit(IoKind::Write, 512) else {
+            panic!("the first write is within the burst");
+        };
+        t.finish(IoKind::Write, 512, true);
+        // ...the next write is held for the slow path, reads still go.
+        assert!(matches!(
+            disk.try_admit(IoKind::Write, 512),
+            Admission::Held
+        ));
+        assert_eq!(disk.try_io(IoKind::Write, 512, |_| Some(())), None);
+        assert!(matches!(
+            disk.try_admit(IoKind::Read, 512),
+            Admission::Now(_)
+        ));
+        assert_eq!(throttle.stats().paced, [0, 1], "held requests took nothing");
+        // A held write waits in `io`; closing the disk cuts the wait short
+        // (the request fails fast instead of outliving the disk).
+        let d2 = disk.clone();
+        let w = std::thread::spawn(move || d2.io(IoKind::Write, 1, |img| img.write_at(b"x", 0)));
+        while throttle.stats().paced[1] < 2 {
+            std::thread::yield_now();
+        }
+        assert_eq!(throttle.stats().delayed, [0, 1]);
+        while !w.is_finished() {
+            disk.close().unwrap();
+            std::thread::yield_now();
+        }
+        assert!(matches!(w.join().unwrap(), Err(DiskError::Closed)));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod image;
 mod minors;
 mod pause;
 mod stats;
+mod throttle;
 
 use crate::bringup::{DeviceMode, ImageReq, Target, Up};
 use crate::broker::Broker;

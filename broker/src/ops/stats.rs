@@ -24,11 +24,12 @@ impl Broker {
         let (frontend, restarts) = (disk.shown().frontend, disk.restarts);
         // Held so that the answer is about the phase it was asked in.
         let lease = Lease::take(&self.table, t, minor, "stats", |_, _| Ok(()))?;
-        let r = w
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .call(&ToWorker::Stats, &[]);
+        let (r, throttle) = {
+            let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
+            let r = conn.call(&ToWorker::Stats, &[]);
+            let throttle = r.as_ref().ok().and_then(|_| self.throttle_stats(&conn));
+            (r, throttle)
+        };
         drop(lease);
         self.after_op(minor);
         let mut ws = match r? {
@@ -55,6 +56,7 @@ impl Broker {
                 frontend,
                 restarts,
                 worker: ws,
+                throttle,
             })),
             format!("stats of minor {minor}"),
         ))

@@ -90,6 +90,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Stats(_) => "Stats",
         FromWorker::Error(_) => "Error",
         FromWorker::Resynced { .. } => "Resynced",
+        FromWorker::Throttle(_) => "Throttle",
     }
 }
 
@@ -375,6 +376,10 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
         (ToWorker::Serve(_), FromWorker::Serving)
             | (ToWorker::Stats, FromWorker::Stats(_))
             | (
+                ToWorker::Limits { .. } | ToWorker::ThrottleStats,
+                FromWorker::Throttle(_)
+            )
+            | (
                 ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown | ToWorker::Cache(_),
                 FromWorker::Ok
             )
@@ -392,6 +397,8 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Stats => "Stats",
         ToWorker::Shutdown => "Shutdown",
         ToWorker::Resync { .. } => "Resync",
+        ToWorker::Limits { .. } => "Limits",
+        ToWorker::ThrottleStats => "ThrottleStats",
         ToWorker::Cache(_) => "Cache",
     }
 }

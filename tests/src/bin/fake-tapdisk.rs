@@ -549,6 +549,14 @@ fn main() {
                 serving: false,
                 paused: false,
             },
+            ToWorker::Limits { disk, tenant } => {
+                FromWorker::Throttle(Box::new(tapjail_common::qos::ThrottleStats {
+                    disk,
+                    tenant,
+                    ..Default::default()
+                }))
+            }
+            ToWorker::ThrottleStats => FromWorker::Throttle(Box::default()),
         };
         let opened = matches!(reply, FromWorker::Opened { .. });
         if !send(&reply) {

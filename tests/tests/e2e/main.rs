@@ -10,6 +10,7 @@ mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod qos;
 mod raw_parent;
 mod robustness;
 mod seed;

@@ -168,7 +168,7 @@ impl VhdImage {
         if leaf.read_only() {
             return Some(SyncFiles(0));
         }
-        if self.direct.files.is_empty() || leaf.batmap_dirty() {
+        if self.direct.files.is_empty() || leaf.batmap_dirty() || leaf.bat_pending() {
             return None;
         }
         Some(SyncFiles(1))

@@ -11,8 +11,9 @@
 //!
 //! Crash safety of allocation (new block): bitmap and data are written at
 //! the old end of the file, then the BAT entry, then the footer at the new
-//! end, with a data sync between steps when `sync_metadata` is on. For an
-//! allocated block, data is written before its bitmap bits are set.
+//! end, with a data sync between steps when `sync_metadata` is on (off,
+//! the BAT entry waits for the flush: `deferred_bat`). For an allocated
+//! block, data is written and synced before its bitmap bits are set.
 
 use super::bat::UNUSED;
 use super::batmap::{self, BatmapHeader};
@@ -28,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+mod deferred_bat;
 mod direct;
 pub mod raw;
 
@@ -38,9 +40,13 @@ const BITMAPS_PER_SHARD: usize = 256;
 /// How a layer is opened.
 #[derive(Debug, Clone, Copy)]
 pub struct VhdOptions {
-    /// Sync data between the steps of a block allocation and before a
-    /// bitmap update, so that a crash leaves either the old or the new
-    /// contents. Offline bulk writers (convert) turn it off and sync once.
+    /// Sync data between the steps of a block allocation, so that a crash
+    /// leaves either the old or the new contents. Offline bulk writers
+    /// (convert, coalesce) turn it off and sync once: new BAT entries then
+    /// wait in memory for the next flush, which writes them after a data
+    /// sync ([`deferred_bat`]), so a crash still never leaves an entry
+    /// pointing at unwritten space. A bitmap update of an allocated block
+    /// is preceded by a data sync either way.
     pub sync_metadata: bool,
 }
 
@@ -88,6 +94,9 @@ struct Sparse {
     batmap_bits: u64,
     batmap: Option<BatmapDisk>,
     batmap_dirty: AtomicBool,
+    /// Blocks allocated with `sync_metadata` off whose BAT entry is only
+    /// in memory yet (see [`deferred_bat`]).
+    pending_bat: Mutex<Vec<u32>>,
     bitmaps: Vec<Mutex<HashMap<u32, Arc<[u8]>>>>,
     alloc: Mutex<AllocState>,
 }
@@ -207,6 +216,7 @@ impl VhdLayer {
                     batmap_bits,
                     batmap,
                     batmap_dirty: AtomicBool::new(false),
+                    pending_bat: Mutex::new(Vec::new()),
                     bitmaps: (0..BITMAP_SHARDS)
                         .map(|_| Mutex::new(HashMap::new()))
                         .collect(),
@@ -576,9 +586,11 @@ impl VhdLayer {
         if !bitmap::set_range(&mut map, first, count) {
             return Ok(());
         }
-        if self.options.sync_metadata {
-            self.sync()?;
-        }
+        // Always, even with `sync_metadata` off: a bit that reached the
+        // disk before its data would show bytes nobody wrote (zeroes
+        // instead of the parent's data, in a differencing image).
+        // Bulk writers rarely get here: their new blocks are full.
+        self.sync()?;
         // Write only the bitmap sectors that changed.
         let lo = (first / 8) / 512 * 512;
         let hi = ((first + count - 1) / 8 / 512 + 1) * 512;
@@ -673,6 +685,10 @@ impl VhdLayer {
             lock(&s.bitmaps[block % BITMAP_SHARDS]).insert(block as u32, map.into());
         }
         s.bat.write().unwrap_or_else(|p| p.into_inner())[block] = sector;
+        // After the in-memory entry: a flush then writes the new value.
+        if !self.options.sync_metadata {
+            lock(&s.pending_bat).push(block as u32);
+        }
         Ok(())
     }
 
@@ -706,16 +722,17 @@ impl VhdLayer {
                 .set_len(block_end)
                 .map_err(ImageError::io("extend", block_end))?;
         }
+        // Without `sync_metadata` the entry waits for the next flush
+        // (`deferred_bat`): written now, it could reach the disk before
+        // the block does.
         if self.options.sync_metadata {
             self.sync()?;
-        }
-        io(
-            self.file.write_all_at(&sector.to_be_bytes(), table),
-            "write BAT",
-            table,
-        )?;
-        *bat_written = true;
-        if self.options.sync_metadata {
+            io(
+                self.file.write_all_at(&sector.to_be_bytes(), table),
+                "write BAT",
+                table,
+            )?;
+            *bat_written = true;
             self.sync()?;
         }
         io(
@@ -806,6 +823,7 @@ impl VhdLayer {
         if self.read_only {
             return Ok(());
         }
+        self.write_pending_bat(true)?;
         self.write_batmap()?;
         self.sync()
     }
@@ -816,6 +834,7 @@ impl VhdLayer {
         if self.read_only {
             return Ok(());
         }
+        self.write_pending_bat(false)?;
         self.write_batmap()
     }
 
@@ -851,6 +870,7 @@ impl Drop for VhdLayer {
         // Best effort, like tapdisk's close: the batmap is an optimisation
         // and a stale one is safe (it only ever lacks bits).
         if !self.read_only {
+            let _ = self.write_pending_bat(true);
             let _ = self.write_batmap();
         }
     }

@@ -355,7 +355,10 @@ impl<'a, 'd> Queue<'a, 'd> {
             Ok(req) => req,
             Err(errno) => return self.commit(tag, errno),
         };
-        let ticket = match self.disk.try_admit() {
+        let (kind, bytes) = req.accounting();
+        // Held also when the I/O limits would delay it: the slow path
+        // waits for its slot, the ring goes on completing others.
+        let ticket = match self.disk.try_admit(kind, bytes) {
             Admission::Now(t) => t,
             Admission::Held => return self.send_slow(tag, req, None),
             Admission::Closed => return self.commit(tag, -libc::EIO),

@@ -181,7 +181,7 @@ mod tests {
         let slow = SlowPath::new().unwrap();
         std::thread::scope(|s| {
             s.spawn(|| slow.serve(&disk));
-            let Admission::Now(t) = disk.try_admit() else {
+            let Admission::Now(t) = disk.try_admit(crate::disk::IoKind::Write, 4096) else {
                 panic!("open disk");
             };
             slow.submit(Job {

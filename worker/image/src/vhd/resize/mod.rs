@@ -51,12 +51,15 @@ pub fn resize(file: &dyn Backing, new_size: u64) -> Result<(), ImageError> {
     let fb = footer.to_bytes();
     let Some(s) = &meta.sparse else {
         // Fixed: new footer first, then zero the old one (now disk data).
+        // The footer's own write extends the file: a length set apart
+        // could reach the disk without it and leave no footer at the end.
+        // Between the two syncs the old footer reads as the first sector
+        // of the new space (documented; the crash harness allows it there).
         let old = meta.file_len
             - match meta.footer_source {
                 FooterSource::EndShort => FOOTER_SIZE as u64 - 1,
                 _ => FOOTER_SIZE as u64,
             };
-        file.set_len(new_size).map_err(io("truncate", new_size))?;
         file.write_all_at(&fb, new_size)
             .map_err(io("write footer", new_size))?;
         file.sync_data().map_err(io("fsync", 0))?;
