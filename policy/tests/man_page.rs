@@ -16,6 +16,14 @@ const PROBES: &[(&str, &str)] = &[
         "[[tenant]]\nname = \"a\"\nzz_unknown_key = 1\n",
     ),
     (
+        "disk_io",
+        "[[tenant]]\nname = \"a\"\ndisk_io = { zz_unknown_key = 1 }\n",
+    ),
+    (
+        "tenant_io",
+        "[[tenant]]\nname = \"a\"\ntenant_io = { zz_unknown_key = 1 }\n",
+    ),
+    (
         "image_roots entry",
         "[[tenant]]\nname = \"a\"\nimage_roots = [{ path = \"/x\", zz_unknown_key = 1 }]\n",
     ),
@@ -69,7 +77,7 @@ fn every_key_the_parser_knows_is_in_the_page() {
             }
         }
     }
-    assert!(total >= 30, "only {total} keys found: the probes broke");
+    assert!(total >= 45, "only {total} keys found: the probes broke");
     assert!(
         missing.is_empty(),
         "dist/man/tapjail-policy.5 does not document: {}",
