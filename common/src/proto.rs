@@ -273,6 +273,8 @@ pub struct StatsReply {
     pub frontend: Option<FrontendKind>,
     pub restarts: u32,
     pub worker: WorkerStats,
+    /// The tenant owning the minor, for metrics labels.
+    pub tenant: String,
     /// I/O limits and how long requests waited for them.
     pub throttle: Option<crate::qos::ThrottleStats>,
 }

@@ -54,4 +54,73 @@ pub struct WorkerStats {
     pub reqs_outstanding: u64,
     pub frontend: FrontendStats,
     pub latency: LatencyStats,
+    /// Request latency histograms, for `tap-ctl metrics`.
+    pub histograms: Histograms,
+}
+
+/// Upper bounds of the latency buckets, in microseconds: log-spaced
+/// (1-2.5-5 per decade) from 10 µs to 10 s, Prometheus' usual spread.
+/// A last, unbounded bucket (`+Inf`) follows.
+pub const LATENCY_BOUNDS_US: [u64; 19] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Number of buckets, the `+Inf` one included.
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// One latency histogram: per-bucket counts (not cumulative; bucket `i`
+/// holds requests with latency <= `LATENCY_BOUNDS_US[i]` and above the
+/// previous bound) and the latency sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    /// Whether the shape matches [`LATENCY_BOUNDS_US`]; a worker's report
+    /// is untrusted, and a wrong shape would render a lying histogram.
+    pub fn well_formed(&self) -> bool {
+        self.counts.len() == LATENCY_BUCKETS
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().fold(0u64, |a, c| a.saturating_add(*c))
+    }
+}
+
+/// Latency histograms per request kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histograms {
+    pub read: Histogram,
+    pub write: Histogram,
+    pub flush: Histogram,
+    pub discard: Histogram,
+}
+
+impl Histograms {
+    /// `(op label, histogram)` in a fixed order.
+    pub fn by_op(&self) -> [(&'static str, &Histogram); 4] {
+        [
+            ("read", &self.read),
+            ("write", &self.write),
+            ("flush", &self.flush),
+            ("discard", &self.discard),
+        ]
+    }
+
+    /// Drops histograms of the wrong shape (see [`Histogram::well_formed`]).
+    pub fn sanitize(&mut self) {
+        for h in [
+            &mut self.read,
+            &mut self.write,
+            &mut self.flush,
+            &mut self.discard,
+        ] {
+            if !h.well_formed() {
+                *h = Histogram::default();
+            }
+        }
+    }
 }

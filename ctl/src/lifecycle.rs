@@ -537,6 +537,7 @@ mod tests {
                 }],
                 ..Default::default()
             },
+            tenant: String::new(),
         };
         let j = stats_json(&s).unwrap();
         assert!(j.starts_with(r#"{"name":"vhd:/x.vhd","secs":[664,0],"images":[{"name":"/x.vhd","hits":[664,0],"fail":[0,0],"driver":{"type":4,"name":"vhd","status":null}}],"tap":{"minor":0,"pid":5755,"frontend":"nbd""#), "{j}");

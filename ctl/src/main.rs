@@ -12,6 +12,7 @@ mod client;
 mod docs;
 mod escape;
 mod lifecycle;
+mod metrics;
 mod throttle;
 mod vhd;
 mod xapi;
@@ -63,6 +64,9 @@ enum Command {
         #[command(subcommand)]
         command: admin::AuditCommand,
     },
+    /// Print every visible disk's counters and latency histograms in
+    /// Prometheus' text format.
+    Metrics(metrics::MetricsArgs),
     #[command(flatten)]
     Lifecycle(lifecycle::LifecycleCommand),
 }
@@ -73,6 +77,11 @@ fn main() -> ExitCode {
         Command::Vhd { command } => vhd::run(command),
         Command::Policy { command } => admin::policy(command),
         Command::Audit { command } => admin::audit(command),
+        Command::Metrics(args) => metrics::run(
+            args,
+            &cli.socket,
+            std::time::Duration::from_secs(cli.timeout),
+        ),
         Command::Lifecycle(command) => lifecycle::run(
             command,
             &cli.socket,

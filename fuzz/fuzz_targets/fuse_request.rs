@@ -1,5 +1,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    tapjail_fuzz::fuse_request(data);
+    let _ = tapjail_fuzz::fuse_request(data);
 });

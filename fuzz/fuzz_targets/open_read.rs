@@ -1,5 +1,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    tapjail_fuzz::open_read(data);
+    let _ = tapjail_fuzz::open_read(data);
 });

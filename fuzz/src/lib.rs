@@ -1,12 +1,22 @@
-//! The fuzz harness body, shared by the libFuzzer target and the stable
-//! replay test: treat the input as a whole image file, open it as a VHD,
-//! and read, map and check it. Anything but a panic is fine.
+//! The fuzz harness bodies, shared by the libFuzzer targets and the stable
+//! replay tests: image files (`open_read`, `write_repair`), FUSE requests
+//! (`fuse_request`), a hostile NBD client ([`nbd`]), control frames
+//! ([`frames`]) and the policy file ([`policy`]).
 
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 use tapjail_image::vhd::{check, repair, VhdImage, VhdLayer, VhdOptions};
 use tapjail_image::{Backing, Image};
+
+pub mod frames;
+pub mod fuse;
+pub mod nbd;
+pub mod policy;
+
+pub use frames::control_frames;
+pub use nbd::nbd_client;
+pub use policy::policy_toml;
 
 /// An in-memory file holding the fuzz input, so that nothing reaches the
 /// disk. Read-only unless made with [`MemFile::writable`] (then it grows
@@ -77,8 +87,8 @@ impl Backing for MemFile {
 }
 
 /// Open, read the start, the end and a few places, ask block status and
-/// run `check`.
-pub fn open_read(data: &[u8]) {
+/// run `check`. Whether it opened as a VHD (the replay counts these).
+pub fn open_read(data: &[u8]) -> bool {
     let _ = check::check(&MemFile::new(data));
     let Ok(layer) = VhdLayer::open(
         Box::new(MemFile::new(data)),
@@ -86,10 +96,10 @@ pub fn open_read(data: &[u8]) {
         true,
         VhdOptions::default(),
     ) else {
-        return;
+        return false;
     };
     let Ok(img) = VhdImage::from_layers(vec![layer]) else {
-        return;
+        return false;
     };
     let size = img.virtual_size();
     let mut buf = vec![0u8; 65536];
@@ -101,29 +111,30 @@ pub fn open_read(data: &[u8]) {
         let _ = img.block_status(0, size);
     }
     let _ = img.leaf().parent_locators();
+    true
 }
 
 /// The FUSE frontend's request path: parse one `/dev/fuse` message and, if
 /// it parses, answer it from the one-file filesystem over a small
 /// in-memory disk (writes fail, as the fuzz input is read-only). Anything
-/// but a panic is fine.
-pub fn fuse_request(data: &[u8]) {
+/// but a panic is fine. Whether the message parsed.
+pub fn fuse_request(data: &[u8]) -> bool {
+    use tapjail_image::raw::RawImage;
     use tapjail_worker::disk::Disk;
     use tapjail_worker::frontend::fuse::fs::{OneFileFs, Outcome};
     use tapjail_worker::frontend::fuse::request;
-    use tapjail_image::raw::RawImage;
 
     let Ok(req) = request::parse(data) else {
-        return;
+        return false;
     };
-    let Ok(img) = RawImage::open(Box::new(MemFile::new(&[0u8; 65536])), "fuzz", false) else {
-        return;
-    };
+    let img = RawImage::open(Box::new(MemFile::new(&[0u8; 65536])), "fuzz", false)
+        .expect("a raw image over memory opens");
     let fs = OneFileFs::new(Disk::new(Arc::new(img)), "disk");
     if let Outcome::Read(r) = fs.handle(&req) {
         let mut buf = vec![0u8; request::MAX_READ];
         let _ = fs.read(&r, &mut buf);
     }
+    true
 }
 
 /// A shared [`MemFile`], so that the harness can look at the bytes after
@@ -157,7 +168,9 @@ impl Backing for Shared {
 /// - an image `check` finds clean stays clean after successful writes,
 ///   and reads back what was written;
 /// - when `repair` says nothing remains, `check` agrees and it opens.
-pub fn write_repair(data: &[u8]) {
+///
+/// Whether it opened for writing (the replay counts these).
+pub fn write_repair(data: &[u8]) -> bool {
     let steer = u64::from_le_bytes(
         data.get(..8)
             .and_then(|b| b.try_into().ok())
@@ -165,9 +178,11 @@ pub fn write_repair(data: &[u8]) {
     );
     let file = Shared(Arc::new(MemFile::writable(data)));
     let clean_before = check::check(&file).is_empty();
+    let mut opened = false;
     if let Ok(layer) = VhdLayer::open(Box::new(file.clone()), "fuzz", false, VhdOptions::default())
     {
         if let Ok(img) = VhdImage::from_layers(vec![layer]) {
+            opened = true;
             let size = img.virtual_size();
             let mut wrote = Vec::new();
             for i in 0..3u64 {
@@ -213,70 +228,33 @@ pub fn write_repair(data: &[u8]) {
             );
         }
     }
+    opened
 }
 
-/// A hostile NBD client: the input is everything it sends. The first part
-/// drives the fixed-newstyle negotiation (options of any length, names,
-/// queries); if it reaches transmission, the rest is cut into 28-byte
-/// requests, each parsed and checked against the session as the
-/// connection does before touching the image. Anything but a panic, an
-/// overflow or a huge allocation is fine. Returns how many requests were
-/// checked (so the replay test knows its seeds get past negotiation).
-pub fn nbd_client(data: &[u8]) -> usize {
-    use std::io::{Cursor, Read, Write};
-    use tapjail_worker::frontend::nbd::handshake::{negotiate, ExportInfo, Outcome};
-    use tapjail_worker::frontend::nbd::proto::{decide, parse_request, REQUEST_SIZE};
-
-    /// Reads the client's bytes, swallows the server's.
-    struct Client<'a>(Cursor<&'a [u8]>);
-    impl Read for Client<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-    impl Write for Client<'_> {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    let export = ExportInfo {
-        name: "disk".into(),
-        size: 1 << 30,
-        read_only: data.last().is_some_and(|b| b & 1 != 0),
-        description: "fuzz".into(),
-        max_payload: 32 << 20,
-    };
-    let mut client = Client(Cursor::new(data));
-    let Ok(Outcome::Transmission(session)) = negotiate(&mut client, &export) else {
-        return 0;
-    };
-    let at = (client.0.position() as usize).min(data.len());
-    let mut checked = 0;
-    for chunk in data[at..].chunks_exact(REQUEST_SIZE) {
-        let b: &[u8; REQUEST_SIZE] = chunk.try_into().expect("chunks_exact");
-        if let Ok(req) = parse_request(b) {
-            let _ = decide(&req, &session);
-            checked += 1;
-        }
-    }
-    checked
+/// The committed, minimized corpus of `target` (`corpora/TARGET`), for
+/// the stable replay tests: each test asserts how many of these get past
+/// parsing.
+pub fn committed_corpus(target: &str) -> Vec<Vec<u8>> {
+    read_dirs(target, &["corpora"])
 }
 
 /// What libFuzzer left for `target` in this checkout (`corpus/TARGET` and
 /// `artifacts/TARGET`; absent in CI), for the stable replay tests.
 pub fn local_corpus(target: &str) -> Vec<Vec<u8>> {
+    read_dirs(target, &["corpus", "artifacts"])
+}
+
+fn read_dirs(target: &str, dirs: &[&str]) -> Vec<Vec<u8>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
-    for dir in ["corpus", "artifacts"] {
+    for dir in dirs {
         let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
             continue;
         };
-        for e in rd.flatten() {
-            if let Ok(b) = std::fs::read(e.path()) {
+        let mut paths: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            if let Ok(b) = std::fs::read(p) {
                 out.push(b);
             }
         }

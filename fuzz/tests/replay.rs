@@ -27,8 +27,11 @@ fn replay_seeds_and_corpus_never_panic() {
     assert!(inputs.len() >= 3, "seeds missing: run fuzz/make-seeds.sh");
     for (name, data) in &inputs {
         eprintln!("{name}");
-        tapjail_fuzz::open_read(data);
-        tapjail_fuzz::write_repair(data);
+        let opened = tapjail_fuzz::open_read(data);
+        let written = tapjail_fuzz::write_repair(data);
+        if name.contains("seeds") {
+            assert!(opened && written, "seed {name} does not open");
+        }
     }
 }
 
@@ -52,8 +55,31 @@ fn replay_mutated_seeds_never_panic() {
                 };
                 d[i] = (x >> 32) as u8;
             }
-            tapjail_fuzz::open_read(&d);
-            tapjail_fuzz::write_repair(&d);
+            let _ = tapjail_fuzz::open_read(&d);
+            let _ = tapjail_fuzz::write_repair(&d);
         }
+    }
+}
+
+/// The committed corpora get past parsing: a good part of the entries
+/// open as a VHD (read-only for `open_read`, writable for
+/// `write_repair`); the rest explore the refusals of footer, header and
+/// BAT checks. Thresholds sit below what the committed corpora reach
+/// (see fuzz/README.md).
+#[test]
+fn image_committed_corpora_open() {
+    for (target, f, tenths) in [
+        ("open_read", tapjail_fuzz::open_read as fn(&[u8]) -> bool, 2),
+        ("write_repair", tapjail_fuzz::write_repair, 1),
+    ] {
+        let corpus = tapjail_fuzz::committed_corpus(target);
+        assert!(corpus.len() >= 20, "{target}: corpus missing");
+        let opened = corpus.iter().filter(|m| f(m)).count();
+        eprintln!("{target}: {opened} of {} entries opened", corpus.len());
+        assert!(
+            opened * 10 >= corpus.len() * tenths,
+            "{target}: only {opened} of {} corpus entries opened",
+            corpus.len()
+        );
     }
 }

@@ -3,62 +3,15 @@
 //! mutations of them (byte flips, length and size fields pushed to their
 //! limits, truncation), plus any local corpus.
 
-const WRITE_IN_LEN: usize = 40;
-
-fn msg(opcode: u32, unique: u64, nodeid: u64, arg: &[u8]) -> Vec<u8> {
-    let len = 40 + arg.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&opcode.to_ne_bytes());
-    m.extend_from_slice(&unique.to_ne_bytes());
-    m.extend_from_slice(&nodeid.to_ne_bytes());
-    m.extend_from_slice(&[0u8; 16]); // uid gid pid extlen padding
-    m.extend_from_slice(arg);
-    m
-}
-
-fn seeds() -> Vec<Vec<u8>> {
-    let mut init = vec![0u8; 64];
-    init[..4].copy_from_slice(&7u32.to_ne_bytes());
-    init[4..8].copy_from_slice(&41u32.to_ne_bytes());
-    init[12..16].copy_from_slice(&((1u32 << 30) | (1 << 15)).to_ne_bytes());
-    let mut read = vec![0u8; 40];
-    read[8..16].copy_from_slice(&4096u64.to_ne_bytes());
-    read[16..20].copy_from_slice(&4096u32.to_ne_bytes());
-    let mut write = vec![0u8; WRITE_IN_LEN];
-    write[16..20].copy_from_slice(&8u32.to_ne_bytes());
-    write.extend_from_slice(b"tapjail!");
-    let mut falloc = vec![0u8; 32];
-    falloc[16..24].copy_from_slice(&4096u64.to_ne_bytes());
-    falloc[24..28].copy_from_slice(&3u32.to_ne_bytes());
-    let mut setattr = vec![0u8; 88];
-    setattr[..4].copy_from_slice(&8u32.to_ne_bytes());
-    vec![
-        msg(26, 1, 0, &init),
-        msg(1, 2, 1, b"disk\0"),
-        msg(3, 3, 2, &[0u8; 16]),
-        msg(4, 4, 2, &setattr),
-        msg(14, 5, 2, &2u64.to_ne_bytes()),
-        msg(15, 6 | 1 << 63, 2, &read),
-        msg(16, 7, 2, &write),
-        msg(17, 8, 1, &[]),
-        msg(20, 9, 2, &[0u8; 16]),
-        msg(25, 10, 2, &[0u8; 24]),
-        msg(43, 11, 2, &falloc),
-        msg(42, 12, 0, &[0u8; 8]),
-        msg(36, 13, 0, &[0u8; 8]),
-        msg(38, 14, 0, &[]),
-        msg(9999, 15, 1, &[]),
-    ]
-}
+use tapjail_fuzz::fuse::seeds;
 
 #[test]
 fn fuse_seeds_and_corpus_never_panic() {
-    for m in seeds()
-        .iter()
-        .chain(tapjail_fuzz::local_corpus("fuse_request").iter())
-    {
-        tapjail_fuzz::fuse_request(m);
+    for m in seeds() {
+        assert!(tapjail_fuzz::fuse_request(&m), "a seed does not parse");
+    }
+    for m in tapjail_fuzz::local_corpus("fuse_request") {
+        tapjail_fuzz::fuse_request(&m);
     }
 }
 
@@ -98,7 +51,25 @@ fn fuse_mutated_messages_never_panic() {
                     d[..4].copy_from_slice(&(n as u32).to_ne_bytes());
                 }
             }
-            tapjail_fuzz::fuse_request(&d);
+            let _ = tapjail_fuzz::fuse_request(&d);
         }
     }
+}
+
+/// The committed corpus gets past parsing: most entries are requests the
+/// filesystem answers.
+#[test]
+fn fuse_committed_corpus_parses() {
+    let corpus = tapjail_fuzz::committed_corpus("fuse_request");
+    assert!(corpus.len() >= 20, "corpus missing");
+    let parsed = corpus
+        .iter()
+        .filter(|m| tapjail_fuzz::fuse_request(m))
+        .count();
+    eprintln!("{parsed} of {} entries parsed", corpus.len());
+    assert!(
+        parsed * 2 >= corpus.len(),
+        "only {parsed} of {} corpus entries parsed",
+        corpus.len()
+    );
 }

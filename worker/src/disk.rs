@@ -6,6 +6,7 @@
 //! does) instead of failing, so the kernel device sees a stall, not errors.
 
 use crate::image::{Image, ImageError};
+use crate::latency::LatencyHistograms;
 use crate::qos::{Dir, Throttle};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
@@ -29,21 +30,23 @@ struct Inner {
     generation: u64,
 }
 
-/// Read, write or other, for latency accounting.
+/// Read, write, flush, discard or other, for latency accounting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoKind {
     Read,
     Write,
+    Flush,
+    Discard,
     Other,
 }
 
 impl IoKind {
-    /// The direction I/O limits count it in (`Other` is not limited).
+    /// The direction I/O limits count it in (flush, discard and `Other` are not limited).
     fn dir(self) -> Option<Dir> {
         match self {
             IoKind::Read => Some(Dir::Read),
             IoKind::Write => Some(Dir::Write),
-            IoKind::Other => None,
+            IoKind::Flush | IoKind::Discard | IoKind::Other => None,
         }
     }
 }
@@ -62,6 +65,7 @@ pub struct FrontendCounters {
     write_us_total: AtomicU64,
     write_count: AtomicU64,
     write_us_max: AtomicU64,
+    pub histograms: LatencyHistograms,
 }
 
 impl FrontendCounters {
@@ -315,13 +319,17 @@ impl Disk {
                 c.read_us_total.fetch_add(us, Relaxed);
                 c.read_count.fetch_add(1, Relaxed);
                 c.read_us_max.fetch_max(us, Relaxed);
+                c.histograms.read.record(us);
             }
             IoKind::Write => {
                 c.write_secs.fetch_add(bytes.div_ceil(512), Relaxed);
                 c.write_us_total.fetch_add(us, Relaxed);
                 c.write_count.fetch_add(1, Relaxed);
                 c.write_us_max.fetch_max(us, Relaxed);
+                c.histograms.write.record(us);
             }
+            IoKind::Flush => c.histograms.flush.record(us),
+            IoKind::Discard => c.histograms.discard.record(us),
             IoKind::Other => {}
         }
         if !ok {

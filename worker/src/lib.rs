@@ -14,6 +14,7 @@ pub mod frontend;
 /// path.
 pub use tapjail_image as image;
 pub mod io;
+pub mod latency;
 pub mod qos;
 pub mod sandbox;
 pub mod standalone;

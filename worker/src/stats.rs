@@ -42,6 +42,7 @@ pub fn collect(name: &str, disk: Option<&Disk>, frontend: Option<&str>) -> Worke
         reqs_outstanding: c.outstanding(),
         frontend: frontend.map_or_else(FrontendStats::default, |k| c.frontend(k)),
         latency: c.latency(),
+        histograms: c.histograms.snapshot(),
     }
 }
 
@@ -72,6 +73,9 @@ mod tests {
         assert_eq!(s.frontend.kind, "nbd");
         assert_eq!(s.frontend.reqs, [2, 2]);
         assert_eq!(s.reqs_outstanding, 0);
+        assert_eq!(s.histograms.read.count(), 1);
+        assert_eq!(s.histograms.write.count(), 1);
+        assert_eq!(s.histograms.flush.count(), 0);
         let json = serde_json::to_value(&s).unwrap();
         assert!(json["images"][0]["driver"]["type"].is_u64(), "{json}");
     }

@@ -21,7 +21,8 @@ impl Broker {
     ) -> Result<Done, BrokerError> {
         let w = live_worker(&t, minor, pid)?;
         let disk = t.disk(minor)?;
-        let (frontend, restarts) = (disk.shown().frontend, disk.restarts);
+        let (frontend, restarts, tenant) =
+            (disk.shown().frontend, disk.restarts, disk.owner.clone());
         // Held so that the answer is about the phase it was asked in.
         let lease = Lease::take(&self.table, t, minor, "stats", |_, _| Ok(()))?;
         let (r, throttle) = {
@@ -49,6 +50,7 @@ impl Broker {
             img.driver.name = clean(&img.driver.name);
             img.driver.status = img.driver.status.as_deref().map(clean);
         }
+        ws.histograms.sanitize();
         Ok((
             Reply::Stats(Box::new(StatsReply {
                 minor,
@@ -56,6 +58,7 @@ impl Broker {
                 frontend,
                 restarts,
                 worker: ws,
+                tenant,
                 throttle,
             })),
             format!("stats of minor {minor}"),

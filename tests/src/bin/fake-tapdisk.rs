@@ -539,6 +539,7 @@ fn main() {
                         ..Default::default()
                     },
                     latency: Default::default(),
+                    histograms: Default::default(),
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),

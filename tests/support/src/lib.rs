@@ -14,6 +14,7 @@ mod kernel;
 mod mount;
 mod precondition;
 mod process;
+pub mod prometheus;
 
 pub use data::{pattern, Aligned};
 pub use fio::fio_verify_writer;

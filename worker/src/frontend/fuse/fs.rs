@@ -286,7 +286,7 @@ impl OneFileFs {
         if node != FILE_ID {
             return Outcome::Ok(Payload::new(0));
         }
-        match self.disk.io(IoKind::Other, 0, |img| img.flush()) {
+        match self.disk.io(IoKind::Flush, 0, |img| img.flush()) {
             Ok(()) => Outcome::Ok(Payload::new(0)),
             Err(e) => Outcome::Err(e.errno()),
         }
@@ -325,9 +325,16 @@ impl OneFileFs {
             return Outcome::Ok(Payload::new(0));
         }
         let len = end - f.offset;
-        match self.disk.io(IoKind::Other, 0, |img| {
-            img.write_zeroes(f.offset, len, may_unmap)
-        }) {
+        // A punched hole is how loop passes on a discard.
+        let kind = if may_unmap {
+            IoKind::Discard
+        } else {
+            IoKind::Other
+        };
+        match self
+            .disk
+            .io(kind, 0, |img| img.write_zeroes(f.offset, len, may_unmap))
+        {
             Ok(()) => Outcome::Ok(Payload::new(0)),
             Err(e) => Outcome::Err(e.errno()),
         }

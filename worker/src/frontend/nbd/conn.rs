@@ -541,12 +541,12 @@ fn execute(
                 Err(e) => disk_error(conn, handle, &e, guards),
             }
         }
-        Command::Flush => match disk.io(IoKind::Other, 0, |img| img.flush()) {
+        Command::Flush => match disk.io(IoKind::Flush, 0, |img| img.flush()) {
             Ok(()) => ok(guards),
             Err(e) => disk_error(conn, handle, &e, guards),
         },
         Command::Trim { offset, len, fua } => {
-            let r = disk.io(IoKind::Other, 0, |img| {
+            let r = disk.io(IoKind::Discard, 0, |img| {
                 img.discard(offset, len.into())?;
                 if fua {
                     img.flush()?;

@@ -73,6 +73,8 @@ impl Request {
         match *self {
             Request::Read { len, .. } => (IoKind::Read, len as u64),
             Request::Write { len, .. } => (IoKind::Write, len as u64),
+            Request::Flush => (IoKind::Flush, 0),
+            Request::Discard { .. } => (IoKind::Discard, 0),
             _ => (IoKind::Other, 0),
         }
     }

@@ -1,17 +1,22 @@
 //! Growing the BAT (and batmap) past what the header allows, metadata
-//! first as blktap lays files out: the BAT grows in place, and blocks in
-//! the way move to the end of the file (see [`super::super::relocate`]).
+//! first as blktap lays files out: blocks in the way move to the end of
+//! the file (see [`super::super::relocate`]).
 //!
-//! The new batmap map and the parent locators go to fresh space past the
-//! old metadata, so that nothing the old header points at is overwritten
-//! before the header stops pointing at it. Steps, each flushed:
+//! The grown BAT does not grow in place: it is written, with the batmap
+//! right after it, to fresh space past all of the old metadata, and one
+//! header write then switches to it. That header write changes only its
+//! first sector (table offset, entry count, checksum), so even a write torn
+//! into 512-byte sectors at a power cut leaves the old header or the new
+//! one, never a mix whose checksum fails. Growing in place would overwrite
+//! the parent locators and so need a header that points at copies: a
+//! change to both of its sectors, which a torn write leaves unreadable (the
+//! crash harness, `worker/image/tests/crash`, found exactly that). The old
+//! BAT is left as an unreferenced hole of a few sectors.
+//!
+//! Steps, each flushed:
 //! 1. blocks that start before the new end of metadata move to the end;
-//! 2. the new map and the locators' copies are written (unreferenced);
-//! 3. a header pointing at the copied locators (differencing only);
-//! 4. the grown BAT and the new batmap header (the old batmap header is
-//!    overwritten here: a crash until step 5 leaves an image whose batmap
-//!    `check` flags and `repair` rebuilds or drops; its data is intact);
-//! 5. the header with the grown table.
+//! 2. the grown BAT, the batmap header and map after it (unreferenced);
+//! 3. the header's first sector switches to the grown table.
 //!
 //! The caller then writes the footers (copy first, end last).
 
@@ -19,7 +24,6 @@ use super::super::bat::{self, UNUSED};
 use super::super::batmap::{self, BatmapHeader};
 use super::super::bitmap;
 use super::super::endian::round_up_sector;
-use super::super::footer::DiskType;
 use super::super::header::HEADER_SIZE;
 use super::super::layout::{BatmapState, Metadata, Sparse};
 use super::super::relocate::Move;
@@ -31,11 +35,10 @@ fn io(op: &'static str, off: u64) -> impl FnOnce(std::io::Error) -> ImageError {
 
 /// Where the grown metadata goes.
 struct Plan {
+    table_offset: u64,
     bat_end: u64,
     /// Batmap map offset and sectors (tapdisk images only).
     map: Option<(u64, u32)>,
-    /// Locator slot, old offset, new offset, bytes.
-    locators: Vec<(usize, u64, u64, u64)>,
     /// First byte after all of it: no block may start before this.
     end: u64,
 }
@@ -45,10 +48,13 @@ fn overflow() -> ImageError {
 }
 
 fn plan(meta: &Metadata, s: &Sparse, new_size: u64, needed: u32) -> Result<Plan, ImageError> {
-    let bat_end = s.header.table_offset() + bat::table_bytes(needed);
+    let table_offset = round_up_sector(s.metadata_end).ok_or_else(overflow)?;
+    let bat_end = table_offset
+        .checked_add(bat::table_bytes(needed))
+        .ok_or_else(overflow)?;
     let with_batmap = meta.footer.creator_is_tap();
-    let after_hdr = bat_end + if with_batmap { 512 } else { 0 };
-    let mut p = round_up_sector(s.metadata_end.max(after_hdr)).ok_or_else(overflow)?;
+    let mut p =
+        round_up_sector(bat_end + if with_batmap { 512 } else { 0 }).ok_or_else(overflow)?;
     let map = if with_batmap {
         let sectors = batmap::map_sectors(needed, new_size)?;
         let at = p;
@@ -57,20 +63,10 @@ fn plan(meta: &Metadata, s: &Sparse, new_size: u64, needed: u32) -> Result<Plan,
     } else {
         None
     };
-    let mut locators = Vec::new();
-    if meta.footer.disk_type == DiskType::Differencing {
-        for (i, loc) in s.header.locators.iter().enumerate() {
-            let space = loc.space_bytes().unwrap_or(0);
-            if loc.is_used() && space > 0 {
-                locators.push((i, loc.data_offset, p, space));
-                p += space;
-            }
-        }
-    }
     Ok(Plan {
+        table_offset,
         bat_end,
         map,
-        locators,
         end: p,
     })
 }
@@ -85,7 +81,6 @@ pub(super) fn grow(
     needed: u32,
 ) -> Result<u64, ImageError> {
     let plan = plan(meta, s, new_size, needed)?;
-    let table_offset = s.header.table_offset();
     let old_footer = meta.footer.to_bytes();
     let mut end = s.data_end;
     if end < plan.end {
@@ -97,12 +92,13 @@ pub(super) fn grow(
         end = plan.end;
     }
 
-    // 1. Blocks out of the way.
+    // 1. Blocks out of the way (their entries change in the old BAT, which
+    // the header still reads until step 3).
     let mut entries = s.bat.clone();
     let mover = Move {
         file,
         footer: &old_footer,
-        table_offset,
+        table_offset: s.header.table_offset(),
         bitmap_bytes: s.bitmap_bytes,
         block_size: s.block_size,
     };
@@ -119,8 +115,12 @@ pub(super) fn grow(
         end = new_end;
     }
 
-    // 2. The new map and the locators' copies, in space nothing uses.
-    let mut new_batmap = None;
+    // 2. The grown BAT, the batmap header and map, in space nothing uses.
+    let mut grown = entries;
+    grown.resize(needed as usize, UNUSED);
+    let table = bat::encode(&grown, needed);
+    file.write_all_at(&table, plan.table_offset)
+        .map_err(io("write BAT", plan.table_offset))?;
     if let Some((at, sectors)) = plan.map {
         let mut map = vec![0u8; sectors as usize * 512];
         if let BatmapState::Valid { map: old, .. } = &s.batmap {
@@ -144,44 +144,28 @@ pub(super) fn grow(
         }
         file.write_all_at(&map, at)
             .map_err(io("write batmap", at))?;
-        new_batmap = Some(h);
-    }
-    let mut header = s.header.clone();
-    for &(slot, from, to, len) in &plan.locators {
-        let mut data = vec![0u8; len as usize]; // <= MAX_LOCATOR_LEN rounded up
-        file.read_exact_at(&mut data, from)
-            .map_err(io("read parent locator", from))?;
-        file.write_all_at(&data, to)
-            .map_err(io("write parent locator", to))?;
-        header.locators[slot].data_offset = to;
-    }
-    file.sync_data().map_err(io("fsync", plan.end))?;
-
-    // 3. The header reads the copied locators (the old ones may lie where
-    // the BAT grows).
-    let hoff = meta.footer.data_offset();
-    if !plan.locators.is_empty() {
-        file.write_all_at(&header.to_bytes(), hoff)
-            .map_err(io("write header", hoff))?;
-        file.sync_data().map_err(io("fsync", hoff))?;
-    }
-
-    // 4. The grown BAT, then the batmap header right after it.
-    let mut grown = entries;
-    grown.resize(needed as usize, UNUSED);
-    let table = bat::encode(&grown, needed);
-    file.write_all_at(&table, table_offset)
-        .map_err(io("write BAT", table_offset))?;
-    if let Some(h) = new_batmap {
         file.write_all_at(&h.to_bytes(), plan.bat_end)
             .map_err(io("write batmap", plan.bat_end))?;
     }
-    file.sync_data().map_err(io("fsync", table_offset))?;
+    file.sync_data().map_err(io("fsync", plan.table_offset))?;
 
-    // 5. The header switches to the grown table.
-    header.set_table(table_offset, needed);
-    debug_assert_eq!(header.to_bytes().len(), HEADER_SIZE);
-    file.write_all_at(&header.to_bytes(), hoff)
+    // 3. The header switches to the grown table: its first sector only.
+    let hoff = meta.footer.data_offset();
+    let mut header = s.header.clone();
+    header.set_table(plan.table_offset, needed);
+    let after = header.to_bytes();
+    debug_assert_eq!(after.len(), HEADER_SIZE);
+    // Compared with the bytes on disk, not a re-encoding: the checksum
+    // must cover what the file will hold.
+    let mut on_disk = vec![0u8; HEADER_SIZE];
+    file.read_exact_at(&mut on_disk, hoff)
+        .map_err(io("read header", hoff))?;
+    let changed = if on_disk[512..] == after[512..] {
+        &after[..512]
+    } else {
+        &after[..]
+    };
+    file.write_all_at(changed, hoff)
         .map_err(io("write header", hoff))?;
     file.sync_data().map_err(io("fsync", hoff))?;
     Ok(end)
