@@ -55,6 +55,8 @@ mod bringup;
 mod broker;
 mod denials;
 mod dispatch;
+#[cfg(test)]
+mod docs;
 use tapjail_broker::device;
 mod error;
 #[cfg(test)]
@@ -136,9 +138,9 @@ fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
 fn tapdisk_path(policy: &Policy) -> anyhow::Result<PathBuf> {
     let path = match &policy.tapdisk {
         Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("locating tap-broker's own executable")?
-            .with_file_name("tapdisk"),
+        None => default_tapdisk(
+            &std::env::current_exe().context("locating tap-broker's own executable")?,
+        ),
     };
     let meta = std::fs::metadata(&path).with_context(|| {
         format!(
@@ -151,6 +153,20 @@ fn tapdisk_path(policy: &Policy) -> anyhow::Result<PathBuf> {
         bail!("worker binary {} is not an executable file", path.display());
     }
     Ok(path)
+}
+
+/// Where the package installs the worker (tap-broker is in /usr/sbin).
+const LIBEXEC_TAPDISK: &str = "/usr/libexec/tapjail/tapdisk";
+
+/// Without `tapdisk = ...` in the policy: `tapdisk` next to tap-broker (a
+/// build tree), else the package's `/usr/libexec/tapjail/tapdisk`.
+fn default_tapdisk(broker_exe: &Path) -> PathBuf {
+    let sibling = broker_exe.with_file_name("tapdisk");
+    if sibling.exists() {
+        sibling
+    } else {
+        PathBuf::from(LIBEXEC_TAPDISK)
+    }
 }
 
 /// RLIMIT_MEMLOCK for workers: the configured amount, raised on the

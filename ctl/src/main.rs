@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 mod admin;
 mod client;
+#[cfg(test)]
+mod docs;
 mod escape;
 mod lifecycle;
 mod metrics;

@@ -96,7 +96,8 @@ pub struct Policy {
     /// Inclusive range of uids (and equal gids) given to workers, one per
     /// live worker.
     pub worker_uids: (u32, u32),
-    /// The worker binary; `None`: `tapdisk` next to the broker's executable.
+    /// The worker binary; `None`: `tapdisk` next to the broker's executable,
+    /// else `/usr/libexec/tapjail/tapdisk`.
     pub tapdisk: Option<PathBuf>,
     pub frontend: FrontendChoice,
     /// RLIMIT_MEMLOCK given to each worker, in bytes.

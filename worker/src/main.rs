@@ -14,6 +14,9 @@
 //!
 //! Exit status: 0 done, 1 runtime failure, 2 usage error.
 
+#[cfg(test)]
+mod docs;
+
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use tapjail_common::frame;

@@ -1,0 +1,32 @@
+//! tap-ctl's man pages (`tap-ctl(8)`, one per subcommand) and its bash, zsh
+//! and fish completions, generated from [`crate::Cli`] and checked against
+//! the committed copies under `dist/` (`dist/gen-docs` regenerates them).
+
+use clap::CommandFactory;
+
+fn generated() -> Vec<tapjail_docgen::Generated> {
+    let mut files = tapjail_docgen::man_pages(crate::Cli::command(), "8");
+    files.extend(tapjail_docgen::completions(crate::Cli::command()));
+    files
+}
+
+#[test]
+fn man_pages_and_completions_match_the_cli() {
+    let files = generated();
+    // Every subcommand has its page: the lifecycle verbs and the tools.
+    for page in [
+        "tap-ctl.8",
+        "tap-ctl-open.8",
+        "tap-ctl-vhd-create.8",
+        "tap-ctl-list.8",
+    ] {
+        assert!(
+            files.iter().any(|f| f.path.ends_with(page)),
+            "no {page} among {:?}",
+            files.iter().map(|f| &f.path).collect::<Vec<_>>()
+        );
+    }
+    let dist = tapjail_docgen::dist_dir();
+    tapjail_docgen::check_or_bless(&dist, &files).unwrap_or_else(|e| panic!("{e}"));
+    tapjail_docgen::lint_pages(&dist, &files).unwrap_or_else(|e| panic!("{e}"));
+}
