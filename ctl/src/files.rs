@@ -591,6 +591,18 @@ pub fn snapshot_in<P: Paths + ?Sized>(
     block_size: u32,
 ) -> Result<Footer, ImageError> {
     let (spec, size) = parent_spec_in(paths, child, parent)?;
+    create_child_in(paths, child, spec, size, block_size)
+}
+
+/// Write the new differencing image `child` of `size` bytes on the parent
+/// `spec` describes (a VHD's or a raw file's).
+pub(crate) fn create_child_in<P: Paths + ?Sized>(
+    paths: &mut P,
+    child: &Path,
+    spec: ParentSpec,
+    size: u64,
+    block_size: u32,
+) -> Result<Footer, ImageError> {
     write_new_file_in(paths, child, |f| {
         create(
             &f,

@@ -10,12 +10,12 @@
 //! read as raw would show its metadata as disk data, so a file with any
 //! sign of one is refused as a raw parent, never guessed.
 
-use crate::files::{open_parent_via, parent_record, write_new_file_in, Paths};
+use crate::files::{create_child_in, open_parent_via, parent_record, Paths};
 use std::fs::File;
 use std::path::Path;
 use tapjail_image::vhd::check::Problem;
 use tapjail_image::vhd::coalesce::coalesce_into;
-use tapjail_image::vhd::create::{create, validate_size, CreateKind, ParentSpec};
+use tapjail_image::vhd::create::{validate_size, ParentSpec};
 use tapjail_image::vhd::footer::Footer;
 use tapjail_image::vhd::image::VhdImage;
 use tapjail_image::vhd::layer::raw::too_small;
@@ -70,16 +70,7 @@ pub fn snapshot_raw_in<P: Paths + ?Sized>(
     block_size: u32,
 ) -> Result<Footer, ImageError> {
     let (spec, size) = raw_parent_spec_in(paths, child, parent)?;
-    write_new_file_in(paths, child, |f| {
-        create(
-            &f,
-            size,
-            &CreateKind::Differencing {
-                block_size,
-                parent: spec,
-            },
-        )
-    })
+    create_child_in(paths, child, spec, size, block_size)
 }
 
 /// When a snapshot without `-m` fails on `parent`: if the file shows no
