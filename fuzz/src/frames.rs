@@ -266,6 +266,16 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
             frontend: Some(FrontendKind::Ublk),
             restarts: 0,
             worker: stats.clone(),
+            tenant: "alice".into(),
+            cgroup: Some(tapjail_common::stats::CgroupStats {
+                path: "/sys/fs/cgroup/tapjail/alice/3".into(),
+                memory_current: Some(5 << 20),
+                memory_peak: Some(9 << 20),
+                memory_max: Some(128 << 20),
+                pids_current: Some(14),
+                pids_max: Some(64),
+                oom_kills: Some(0),
+            }),
             throttle: Some(Default::default()),
         })),
         Reply::Error {
