@@ -40,9 +40,16 @@ pub mod defaults {
     /// memory is locked) plus room for what the kernel charges besides
     /// (page tables, io_uring rings, socket buffers, reclaimable page cache).
     pub const WORKER_MEMORY_MAX_MIB: u64 = crate::config::defaults::WORKER_MEMLOCK_MIB + 64;
-    /// pids.max of a worker: its threads (FUSE: up to 16 serving threads
-    /// plus control and log threads; ublk and NBD fewer) with room.
-    pub const WORKER_PIDS_MAX: u32 = 64;
+    /// pids.max of a worker: its own threads (FUSE: up to 16 serving
+    /// threads plus control and log threads; ublk and NBD fewer) and the
+    /// kernel's io-wq workers, which io_uring starts for every request that
+    /// must block (1 MiB direct writes at depth 8 start dozens) and which
+    /// count here. A creation refused by pids.max cancels the request
+    /// (ECANCELED, an EIO to the guest): 64 failed 1 MiB writes on ublk in
+    /// nestvm. So the default is the worker's own RLIMIT_NPROC budget
+    /// (`tapjail_worker` THREAD_BUDGET): the cgroup never refuses a thread
+    /// the rlimit allows, and still bounds a thread bomb.
+    pub const WORKER_PIDS_MAX: u32 = 512;
     /// cgroup v2's own default weight (cpu.weight and io.weight).
     pub const WEIGHT: u32 = 100;
 }

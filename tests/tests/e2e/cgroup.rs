@@ -606,8 +606,9 @@ fn cgroup_measure_busy_worker_memory_per_frontend() {
             let out = c.output().unwrap();
             assert!(
                 out.status.success(),
-                "{c:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "{c:?}: {}\nbroker log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                h.broker_log()
             );
         };
         if frontend == "nbd" {
