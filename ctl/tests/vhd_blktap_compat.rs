@@ -2,39 +2,10 @@
 //! does not use survive tapjail's rewrites, and what tapjail cannot honour
 //! (an encrypted image) is refused rather than damaged.
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod common;
+use common::{ok, s, tapctl};
 
-fn tapctl(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = c.stdin.take().unwrap();
-    if let Some(d) = stdin {
-        input.write_all(d).unwrap();
-    }
-    drop(input);
-    c.wait_with_output().unwrap()
-}
-
-fn ok(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
-    let o = tapctl(args, stdin);
-    assert!(
-        o.status.success(),
-        "tap-ctl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::{Command, Stdio};
 
 /// Offsets of every batmap header ("tdbatmap" at a sector start).
 fn batmap_headers(b: &[u8]) -> Vec<usize> {

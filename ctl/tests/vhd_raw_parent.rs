@@ -3,46 +3,18 @@
 //! compared with qemu's view of the same disk: the raw parent with the
 //! same writes applied by `qemu-io`, computed independently of tapjail.
 
-use std::io::Write;
+mod common;
+use common::{ok, s, tapctl};
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 const MIB: u64 = 1 << 20;
-
-fn tapctl(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(b) = stdin {
-        input.write_all(b).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
-fn ok(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
-    let o = tapctl(args, stdin);
-    assert!(
-        o.status.success(),
-        "tap-ctl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
 
 fn fails(args: &[&str]) -> String {
     let o = tapctl(args, None);
     assert_eq!(o.status.code(), Some(1), "tap-ctl {args:?} should fail");
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn qemu_io(args: &[&str]) {

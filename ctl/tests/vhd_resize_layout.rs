@@ -3,39 +3,18 @@
 //! images as it read them before; and the layout the old resize wrote (BAT
 //! after the data, "block 0 clobbers headers") is flagged and repaired.
 
+mod common;
+use common::{s, tapctl};
+
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use tapjail_image::vhd::bat;
 use tapjail_image::vhd::footer::CREATOR_VERSION_OPTIONAL_BATMAP;
 use tapjail_image::vhd::layout::Metadata;
 
-fn tapctl(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = c.stdin.take().unwrap();
-    if let Some(d) = stdin {
-        input.write_all(d).unwrap();
-    }
-    drop(input);
-    c.wait_with_output().unwrap()
-}
-
 fn ok(args: &[&str], stdin: Option<&[u8]>) -> String {
-    let o = tapctl(args, stdin);
-    assert!(
-        o.status.success(),
-        "tap-ctl {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    String::from_utf8_lossy(&common::ok(args, stdin)).into_owned()
 }
 
 fn run(cmd: &str, args: &[&str]) -> Vec<u8> {
@@ -49,10 +28,6 @@ fn run(cmd: &str, args: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&o.stderr)
     );
     o.stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The image's own data as qemu reads it (qemu's vpc driver shows no
