@@ -304,6 +304,16 @@ impl Disk {
         }
     }
 
+    /// Save the record as if `phase` were settled, while an operation
+    /// holds the minor: a step that must be on record before the next one
+    /// (an online snapshot names its child before the worker switches).
+    pub(crate) fn persist_as(&mut self, phase: &Phase) -> std::io::Result<()> {
+        let mut rec = self.record();
+        rec.image = phase.image().map(|i| i.spec.to_string());
+        rec.served = phase.served().and_then(crate::adopt::served_record);
+        self.lock.write(&rec)
+    }
+
     /// Remove what an idle disk still holds (device, published link) and
     /// its lock file: the minor is free again.
     pub fn release(mut self) {

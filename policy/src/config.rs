@@ -83,6 +83,8 @@ pub struct Tenant {
     /// May open with `-e MINOR` (a clone reads its parent chain through
     /// the page cache, shared with her other clones). Default true.
     pub share_parent: bool,
+    /// May take online snapshots (`tap-ctl snapshot`). Default true.
+    pub online_snapshot: bool,
 }
 
 /// The whole configuration file.
@@ -251,6 +253,7 @@ struct RawTenant {
     tenant_io: Option<io_limits::RawIo>,
     page_cache: Option<bool>,
     share_parent: Option<bool>,
+    online_snapshot: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -911,6 +914,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             tenant_io,
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
+            online_snapshot: t.online_snapshot.unwrap_or(true),
         });
     }
 

@@ -236,7 +236,44 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
             .or_else(|| foreign_worker(t, *pid, view, true))
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
         Request::Throttle { target, .. } => throttle(t, target),
+        Request::Snapshot { pid, minor, child } => snapshot(t, peer, view, *pid, *minor, child),
     }
+}
+
+/// `snapshot -n CHILD`: only on the tenant's own minor (the child is
+/// created with her credentials and becomes her leaf), only if her policy
+/// allows online snapshots, and CHILD must be a path she could open
+/// read-write beneath her roots.
+fn snapshot(
+    t: &Tenant,
+    peer: &PeerCred,
+    view: &dyn BrokerView,
+    pid: Option<u32>,
+    minor: tapjail_common::Minor,
+    child: &str,
+) -> Decision {
+    if let Some(d) =
+        foreign_minor(t, minor, view, false).or_else(|| foreign_worker(t, pid, view, false))
+    {
+        return d;
+    }
+    if !t.online_snapshot {
+        return Decision::deny(
+            Some(t),
+            "snapshot-off",
+            format!(
+                "tenant {} may not take online snapshots: its policy says online_snapshot = false \
+                 (pause, snapshot offline with `tap-ctl vhd snapshot`, unpause -a)",
+                t.name
+            ),
+        );
+    }
+    let spec = ImageSpec {
+        kind: tapjail_common::proto::ImageKind::Vhd,
+        path: child.to_string(),
+    };
+    let d = Decision::allow(t, "own", String::new());
+    with_image(t, peer, &spec, false, d)
 }
 
 /// I/O limits are the host's to share out: only an admin tenant changes

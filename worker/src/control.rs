@@ -166,6 +166,9 @@ struct Open {
     name: String,
     paused: bool,
     frontend: Option<Running>,
+    /// An online snapshot between its two steps.
+    prepared: Option<crate::snapshot::Prepared>,
+    snapshots: tapjail_common::snapshot::SnapshotStats,
 }
 
 /// The worker's state between control requests.
@@ -291,6 +294,8 @@ impl Worker {
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,
+                            prepared: None,
+                            snapshots: Default::default(),
                         });
                         reply
                     }
@@ -326,13 +331,27 @@ impl Worker {
             ToWorker::Stats => {
                 let stats = match &self.open {
                     None => crate::stats::collect("", None, None),
-                    Some(o) => crate::stats::collect(
-                        &o.name,
-                        Some(&o.disk),
-                        o.frontend.as_ref().map(|f| f.kind),
-                    ),
+                    Some(o) => {
+                        let mut s = crate::stats::collect(
+                            &o.name,
+                            Some(&o.disk),
+                            o.frontend.as_ref().map(|f| f.kind),
+                        );
+                        s.snapshot = o.snapshots;
+                        s
+                    }
                 };
                 FromWorker::Stats(Box::new(stats))
+            }
+            ToWorker::SnapshotPrepare { child, parent } => {
+                self.snapshot_prepare(&child, &parent, fds)
+            }
+            ToWorker::SnapshotSwitch => self.snapshot_switch(),
+            ToWorker::SnapshotAbort => {
+                if let Some(o) = &mut self.open {
+                    o.prepared = None;
+                }
+                FromWorker::Ok
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
             ToWorker::Limits { disk, tenant } => {
@@ -397,6 +416,74 @@ impl Worker {
                 reply
             }
             Err(e) => error(format!("unpause: {e}")),
+        }
+    }
+
+    fn snapshot_prepare(
+        &mut self,
+        child: &str,
+        parent: &tapjail_common::snapshot::SnapshotParent,
+        mut fds: Vec<OwnedFd>,
+    ) -> FromWorker {
+        let Some(open) = &mut self.open else {
+            return error("no image is open");
+        };
+        if open.paused {
+            return error("the disk is paused: unpause it before a snapshot");
+        }
+        if !open.name.starts_with("vhd:") || open.disk.read_only() {
+            return error(format!(
+                "{} is not a writable VHD leaf: only a VHD opened read-write can be snapshotted online",
+                open.name
+            ));
+        }
+        if fds.len() != 2 {
+            return error("SnapshotPrepare needs exactly two fds (the child, the leaf read-only)");
+        }
+        let leaf = fds.pop();
+        let child_fd = fds.pop();
+        let (Some(child_fd), Some(leaf)) = (child_fd, leaf) else {
+            return error("SnapshotPrepare needs exactly two fds");
+        };
+        open.prepared = None;
+        let mut parents =
+            BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
+        match crate::snapshot::prepare(
+            child_fd,
+            child,
+            leaf,
+            parent,
+            open.disk.size(),
+            self.cache,
+            self.parent_cache,
+            &mut parents,
+        ) {
+            Ok(p) => {
+                open.prepared = Some(p);
+                FromWorker::Ok
+            }
+            Err(e) => error(format!("snapshot: preparing {child}: {e}")),
+        }
+    }
+
+    fn snapshot_switch(&mut self) -> FromWorker {
+        let Some(open) = &mut self.open else {
+            return error("no image is open");
+        };
+        let Some(p) = open.prepared.take() else {
+            return error("SnapshotSwitch without a prepared snapshot");
+        };
+        let child = p.child_name().to_string();
+        match crate::snapshot::switch(&open.disk, p) {
+            Ok((chain, stall)) => {
+                crate::snapshot::record(&mut open.snapshots, stall);
+                open.name = format!("vhd:{child}");
+                FromWorker::Snapshotted {
+                    chain,
+                    stall_us: open.snapshots.last_stall_us,
+                }
+            }
+            Err(e) => error(format!("snapshot: switching to {child}: {e}")),
         }
     }
 

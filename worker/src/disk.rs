@@ -379,6 +379,63 @@ impl Disk {
         Ok(())
     }
 
+    /// Replace the open image with the one `next` builds, holding requests
+    /// meanwhile: stop admitting, drain, flush the old image, build, and
+    /// release. On any error the old image serves on, unchanged. Returns
+    /// the new image and how long requests were held (online snapshot).
+    pub fn switch(
+        &self,
+        next: impl FnOnce() -> Result<Arc<dyn Image>, ImageError>,
+    ) -> Result<(Arc<dyn Image>, std::time::Duration), DiskError> {
+        let held = Instant::now();
+        let old = {
+            let mut inner = self.lock();
+            let img = match &inner.gate {
+                Gate::Open(img) => img.clone(),
+                Gate::Closed => return Err(DiskError::Closed),
+                Gate::Draining(_) | Gate::Paused => {
+                    return Err(DiskError::Image(ImageError::InvalidArgument(
+                        "the disk is paused".into(),
+                    )))
+                }
+            };
+            inner.gate = Gate::Draining(img.clone());
+            while inner.in_flight > 0 {
+                inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+            }
+            img
+        };
+        // Unlocked: held requests wait on `changed`, nothing is admitted.
+        let built = old.flush().and_then(|()| next()).and_then(|img| {
+            if img.virtual_size() == self.size() {
+                Ok(img)
+            } else {
+                Err(ImageError::InvalidArgument(format!(
+                    "new chain has virtual size {} but the disk has {}",
+                    img.virtual_size(),
+                    self.size()
+                )))
+            }
+        });
+        let mut inner = self.lock();
+        let result = match built {
+            Ok(img) => {
+                self.read_only.store(img.read_only(), Relaxed);
+                inner.gate = Gate::Open(img.clone());
+                inner.generation += 1;
+                Ok((img, held.elapsed()))
+            }
+            Err(e) => {
+                inner.gate = Gate::Open(old.clone());
+                Err(DiskError::Image(e))
+            }
+        };
+        self.changed.notify_all();
+        drop(inner);
+        drop(old);
+        result
+    }
+
     /// Drain, flush and close for good; later requests fail with EIO.
     pub fn close(&self) -> Result<(), DiskError> {
         self.throttle.interrupt();

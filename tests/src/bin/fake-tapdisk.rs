@@ -590,6 +590,7 @@ fn main() {
                     },
                     latency: Default::default(),
                     histograms: Default::default(),
+                    snapshot: Default::default(),
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),
@@ -608,6 +609,10 @@ fn main() {
                 }))
             }
             ToWorker::ThrottleStats => FromWorker::Throttle(Box::default()),
+            ToWorker::SnapshotPrepare { .. } | ToWorker::SnapshotSwitch => {
+                FromWorker::Error("the fake tapdisk takes no snapshots".into())
+            }
+            ToWorker::SnapshotAbort => FromWorker::Ok,
         };
         let opened = matches!(reply, FromWorker::Opened { .. });
         if !send(&reply) {
