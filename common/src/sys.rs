@@ -210,13 +210,14 @@ pub fn open_beneath(
 }
 
 /// Modification time of an open file, seconds since 1970 (what a VHD
-/// child records of its parent), by plain `fstat` (no `statx`: the
-/// worker's seccomp filter allows `fstat` only).
+/// child records of its parent), by the raw `fstat` syscall: glibc's
+/// `fstat()` is `newfstatat(fd, "", AT_EMPTY_PATH)`, which the worker's
+/// seccomp filter does not allow (it takes a path).
 pub fn fstat_mtime(fd: BorrowedFd<'_>) -> Result<i64, i32> {
     // SAFETY: an all-zero `struct stat` is a valid value to be overwritten.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid out-pointer for the duration of the call.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+    if unsafe { libc::syscall(libc::SYS_fstat, fd.as_raw_fd(), &mut st as *mut libc::stat) } != 0 {
         return Err(errno());
     }
     Ok(st.st_mtime)
