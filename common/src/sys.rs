@@ -227,7 +227,10 @@ pub fn fstat_mtime(fd: BorrowedFd<'_>) -> Result<i64, i32> {
 /// mode 0600, read-write), with the same resolution rules as
 /// [`open_beneath`]: a name that exists, even as a dangling symlink, is
 /// refused with `EEXIST`.
-pub fn create_beneath(dir: BorrowedFd<'_>, rel: &CStr) -> Result<(OwnedFd, FileStat), BeneathError> {
+pub fn create_beneath(
+    dir: BorrowedFd<'_>,
+    rel: &CStr,
+) -> Result<(OwnedFd, FileStat), BeneathError> {
     let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY;
     let how = OpenHow {
         flags: u64::try_from(flags).map_err(|_| BeneathError::Os(libc::EINVAL))?,

@@ -167,5 +167,8 @@ pub enum FromWorker {
     Throttle(Box<crate::qos::ThrottleStats>),
     /// Answer to `SnapshotSwitch`: the new chain, leaf first, and how
     /// long requests were held, in microseconds.
-    Snapshotted { chain: Vec<String>, stall_us: u64 },
+    Snapshotted {
+        chain: Vec<String>,
+        stall_us: u64,
+    },
 }

@@ -3,6 +3,7 @@
 //! the refusals on NBD (no kernel device needed).
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -46,7 +47,11 @@ fn sha(path: &Path) -> String {
 
 /// `tap-ctl vhd check` of an image and its whole chain.
 fn vhd_check(vhd: &Path) {
-    run_ok(Command::new(bin("tap-ctl")).args(["vhd", "check", "-n"]).arg(vhd));
+    run_ok(
+        Command::new(bin("tap-ctl"))
+            .args(["vhd", "check", "-n"])
+            .arg(vhd),
+    );
 }
 
 /// The offline tools follow no `..` locator: a child in a subdirectory
@@ -158,14 +163,23 @@ fn fuse_snapshot_twice_under_fio_verify_loses_nothing_and_reports_the_stall() {
     );
     h.ok(&ROOT, &["destroy", "-m", "0"]);
     for (old, digest) in &olds {
-        assert_eq!(&sha(old), digest, "{} changed after its snapshot", old.display());
+        assert_eq!(
+            &sha(old),
+            digest,
+            "{} changed after its snapshot",
+            old.display()
+        );
     }
     vhd_check_with(&snap2, &snap1);
     for img in [&snap2, &snap1, &base] {
         if img != &snap2 {
             vhd_check(img);
         }
-        let info = run_ok(Command::new("qemu-img").args(["info", "-f", "vpc"]).arg(img));
+        let info = run_ok(
+            Command::new("qemu-img")
+                .args(["info", "-f", "vpc"])
+                .arg(img),
+        );
         assert!(info.contains("virtual size: 512 MiB"), "{info}");
     }
     let flat = h.dir.path().join("flat.raw");
@@ -177,13 +191,21 @@ fn fuse_snapshot_twice_under_fio_verify_loses_nothing_and_reports_the_stall() {
             .arg("--parent")
             .arg(&snap1),
     );
-    assert_eq!(sha(&flat), sha(&served), "the chain reads as the device did");
+    assert_eq!(
+        sha(&flat),
+        sha(&served),
+        "the chain reads as the device did"
+    );
     let audits: Vec<_> = h
         .audit_lines()
         .into_iter()
         .filter(|l| l["request"]["Snapshot"].is_object())
         .collect();
-    assert_eq!(audits.len(), 4, "decision and outcome per snapshot: {audits:?}");
+    assert_eq!(
+        audits.len(),
+        4,
+        "decision and outcome per snapshot: {audits:?}"
+    );
 }
 
 /// A worker killed right after a snapshot is replaced by one that opens
@@ -262,7 +284,10 @@ fn nbd_snapshot_child_is_the_tenants_and_refusals_are_clear_and_audited() {
         ..Options::default()
     });
     let base = h.vhd_image(ALICE.name, "a.vhd", 16);
-    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", base.display())]);
+    h.ok(
+        &ALICE,
+        &["create", "-a", &format!("vhd:{}", base.display())],
+    );
     let minor = list(&h, &ALICE)[0]["minor"].as_u64().unwrap().to_string();
     let child = h.root(ALICE.name).join("a-snap.vhd");
     // The child is created with alice's own permissions: in a root that
@@ -295,18 +320,32 @@ fn nbd_snapshot_child_is_the_tenants_and_refusals_are_clear_and_audited() {
         let last = h.audit_lines().pop().unwrap();
         assert!(last["request"]["Snapshot"].is_object(), "{last}");
         assert!(
-            last["decision"] == "deny" || last["outcome"].as_str().is_some_and(|o| o.contains(want)),
+            last["decision"] == "deny"
+                || last["outcome"].as_str().is_some_and(|o| o.contains(want)),
             "{last}"
         );
         err
     };
     // Outside her roots (bob's root), and a path escaping with `..`.
-    refused(&ALICE, &minor, &h.root(BOB.name).join("x.vhd"), "outside tenant");
+    refused(
+        &ALICE,
+        &minor,
+        &h.root(BOB.name).join("x.vhd"),
+        "outside tenant",
+    );
     // The name exists (the base itself, and another file).
     fs::write(h.root(ALICE.name).join("taken.vhd"), b"mine").unwrap();
     h.own(&h.root(ALICE.name).join("taken.vhd"));
-    refused(&ALICE, &minor, &h.root(ALICE.name).join("taken.vhd"), "already exists");
-    assert_eq!(fs::read(h.root(ALICE.name).join("taken.vhd")).unwrap(), b"mine");
+    refused(
+        &ALICE,
+        &minor,
+        &h.root(ALICE.name).join("taken.vhd"),
+        "already exists",
+    );
+    assert_eq!(
+        fs::read(h.root(ALICE.name).join("taken.vhd")).unwrap(),
+        b"mine"
+    );
     // Bob may not snapshot alice's disk.
     refused(&BOB, &minor, &h.root(BOB.name).join("b.vhd"), "minor");
     // Bob's own disk, but his policy says no.
@@ -315,13 +354,22 @@ fn nbd_snapshot_child_is_the_tenants_and_refusals_are_clear_and_audited() {
     let bminor = list(&h, &BOB)[0]["minor"].as_u64().unwrap().to_string();
     let err = h.fails(
         &BOB,
-        &["snapshot", "-m", &bminor, "-n", &h.root(BOB.name).join("bs.vhd").display().to_string()],
+        &[
+            "snapshot",
+            "-m",
+            &bminor,
+            "-n",
+            &h.root(BOB.name).join("bs.vhd").display().to_string(),
+        ],
     );
     assert!(err.contains("online_snapshot = false"), "{err}");
     assert!(!h.root(BOB.name).join("bs.vhd").exists());
     // A read-only disk has nothing to snapshot.
     let ro = h.vhd_image(ALICE.name, "ro.vhd", 16);
-    h.ok(&ALICE, &["create", "-R", "-a", &format!("vhd:{}", ro.display())]);
+    h.ok(
+        &ALICE,
+        &["create", "-R", "-a", &format!("vhd:{}", ro.display())],
+    );
     let rominor = list(&h, &ALICE)
         .iter()
         .find(|r| r["file"] == ro.display().to_string())
@@ -329,8 +377,111 @@ fn nbd_snapshot_child_is_the_tenants_and_refusals_are_clear_and_audited() {
         .as_u64()
         .unwrap()
         .to_string();
-    refused(&ALICE, &rominor, &h.root(ALICE.name).join("ro-snap.vhd"), "read-only");
+    refused(
+        &ALICE,
+        &rominor,
+        &h.root(ALICE.name).join("ro-snap.vhd"),
+        "read-only",
+    );
     // The snapshot that was made is a valid child of the untouched base.
     h.ok(&ALICE, &["destroy", "-m", &minor]);
     vhd_check(&child);
+}
+
+/// A broker restarted after a snapshot adopts the worker serving the
+/// child: its record names the child, and the worker's account agrees.
+#[test]
+fn nbd_broker_restart_after_a_snapshot_adopts_the_child() {
+    let mut h = Harness::start(Options::default());
+    h.own(&h.root(ALICE.name));
+    let base = h.vhd_image(ALICE.name, "a.vhd", 16);
+    h.ok(
+        &ALICE,
+        &["create", "-a", &format!("vhd:{}", base.display())],
+    );
+    let child = h.root(ALICE.name).join("a-snap.vhd");
+    h.ok(
+        &ALICE,
+        &["snapshot", "-m", "0", "-n", &child.display().to_string()],
+    );
+    let pid = list(&h, &ALICE)[0]["pid"].as_u64().unwrap();
+    h.stop_for_restart();
+    h.launch();
+    let row = &list(&h, &ALICE)[0];
+    assert_eq!(row["file"], child.display().to_string(), "{row}");
+    assert_eq!(
+        row["pid"].as_u64(),
+        Some(pid),
+        "adopted, not replaced: {row}"
+    );
+    let s = stats(&h, &ALICE, "0");
+    assert_eq!(s["images"][1]["name"], base.display().to_string(), "{s}");
+}
+
+/// A worker killed while it prepares a snapshot (stopped before it reads
+/// the request, then SIGKILLed): the snapshot fails with a message, the
+/// half-made child is removed, and the respawned worker serves the old
+/// leaf.
+#[test]
+fn nbd_worker_killed_during_snapshot_prepare_discards_the_child() {
+    let h = Harness::start(Options {
+        respawn: true,
+        ..Options::default()
+    });
+    h.own(&h.root(ALICE.name));
+    let base = h.vhd_image(ALICE.name, "a.vhd", 16);
+    h.ok(
+        &ALICE,
+        &["create", "-a", &format!("vhd:{}", base.display())],
+    );
+    let child = h.root(ALICE.name).join("a-snap.vhd");
+    let pid = list(&h, &ALICE)[0]["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) on the worker pid the broker reported.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let ctl = Command::new(bin("tap-ctl"))
+        .arg("--socket")
+        .arg(&h.socket)
+        .args(["snapshot", "-m", "0", "-n"])
+        .arg(&child)
+        .env_remove("TAPJAIL_SOCKET")
+        .uid(ALICE.uid)
+        .gid(ALICE.gid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tap-ctl snapshot");
+    // The broker created the child and is waiting on the stopped worker.
+    assert!(
+        eventually(Duration::from_secs(20), || child.exists()),
+        "no child created\n{}",
+        h.broker_log()
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let out = ctl.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the snapshot cannot have succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("tapdisk {pid}")), "{err}");
+    assert!(!child.exists(), "the unused child was left behind: {err}");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let l = list(&h, &ALICE);
+            l[0]["restarts"] == 1 && l[0]["pid"].as_i64() != Some(pid.into())
+        }),
+        "no respawn: {:?}\n{}",
+        list(&h, &ALICE),
+        h.broker_log()
+    );
+    assert_eq!(list(&h, &ALICE)[0]["file"], base.display().to_string());
+    let last = h
+        .audit_lines()
+        .into_iter()
+        .rfind(|l| l["request"]["Snapshot"].is_object())
+        .unwrap();
+    assert!(
+        last["outcome"].as_str().unwrap().contains("tapdisk"),
+        "{last}"
+    );
+    vhd_check(&base);
 }

@@ -102,9 +102,11 @@ pub fn prepare(
 ) -> Result<Prepared, ImageError> {
     // The mtime the child records; the leaf is written to until the
     // switch, so this is the time of the snapshot's start.
-    let mtime = tapjail_common::sys::fstat_mtime(leaf_fd.as_fd())
-        .map_err(|e| ImageError::io("fstat of the leaf", 0)(std::io::Error::from_raw_os_error(e)))?;
-    let leaf_file: Arc<dyn Backing> = Arc::new(uring(leaf_fd, parent_cache, "setting up leaf file")?);
+    let mtime = tapjail_common::sys::fstat_mtime(leaf_fd.as_fd()).map_err(|e| {
+        ImageError::io("fstat of the leaf", 0)(std::io::Error::from_raw_os_error(e))
+    })?;
+    let leaf_file: Arc<dyn Backing> =
+        Arc::new(uring(leaf_fd, parent_cache, "setting up leaf file")?);
     let image: VhdImage = vhd::open(
         Box::new(Shared(leaf_file.clone())),
         &parent.absolute,
@@ -147,7 +149,12 @@ pub fn prepare(
             parent: spec,
         },
     )?;
-    let child = VhdLayer::open(Box::new(child_file), child_name, false, VhdOptions::default())?;
+    let child = VhdLayer::open(
+        Box::new(child_file),
+        child_name,
+        false,
+        VhdOptions::default(),
+    )?;
     if child.parent_uuid() != Some(chain[0].uuid()) || child.virtual_size() != size {
         return Err(ImageError::InvalidArgument(
             "the child just written does not read back as a child of the leaf".into(),
@@ -175,9 +182,9 @@ pub fn switch(disk: &Disk, p: Prepared) -> Result<(Vec<String>, Duration), DiskE
     } = p;
     let mut slot = Some((child, chain.split_off(1)));
     disk.switch(|| {
-        let (child, parents) = slot.take().ok_or_else(|| {
-            ImageError::InvalidArgument("snapshot switched twice".into())
-        })?;
+        let (child, parents) = slot
+            .take()
+            .ok_or_else(|| ImageError::InvalidArgument("snapshot switched twice".into()))?;
         // Flushed and drained: the leaf's metadata is final now.
         let fresh = VhdLayer::open(
             Box::new(Shared(leaf_file.clone())),

@@ -321,11 +321,7 @@ fn attempt(plan: &Plan<'_>) -> Result<(OwnedFd, FileStat), Failure> {
         Action::Create => {
             tapjail_common::sys::create_beneath(dir.as_fd(), plan.relative).map_err(beneath_err)?
         }
-        Action::Remove {
-            dir: sub,
-            base,
-            id,
-        } => {
+        Action::Remove { dir: sub, base, id } => {
             let (fd, st) = tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, false)
                 .map_err(beneath_err)?;
             if (st.dev, st.ino) != id {

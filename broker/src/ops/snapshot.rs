@@ -122,7 +122,10 @@ impl Broker {
                 Ok(()) => why,
                 Err(e) => BrokerError::new(
                     why.kind,
-                    format!("{}; and removing the unused child failed: {}", why.message, e.message),
+                    format!(
+                        "{}; and removing the unused child failed: {}",
+                        why.message, e.message
+                    ),
                 ),
             }
         };
@@ -145,7 +148,9 @@ impl Broker {
         let prepared = conn.with_parents(
             &prepare,
             &[child.file.as_fd(), leaf.file.as_fd()],
-            &mut |req| self.resolve_parent(&target, &old.grant.open_as, &mut names, &mut parents, req),
+            &mut |req| {
+                self.resolve_parent(&target, &old.grant.open_as, &mut names, &mut parents, req)
+            },
         );
         drop((child, leaf));
         match prepared {
@@ -178,13 +183,10 @@ impl Broker {
                 .collect(),
         };
         set_image(&mut lease, new.clone());
-        let recorded = self
-            .table()
-            .disk_mut(minor)
-            .and_then(|disk| {
-                disk.persist_as(lease.phase())
-                    .map_err(|e| BrokerError::failed(format!("writing minor {minor}'s record: {e}")))
-            });
+        let recorded = self.table().disk_mut(minor).and_then(|disk| {
+            disk.persist_as(lease.phase())
+                .map_err(|e| BrokerError::failed(format!("writing minor {minor}'s record: {e}")))
+        });
         if let Err(e) = recorded {
             set_image(&mut lease, old.clone());
             let _ = conn.call(&ToWorker::SnapshotAbort, &[]);
