@@ -726,6 +726,11 @@ admin = true
                 minor,
             },
             Request::Stats { pid: None, minor },
+            Request::Snapshot {
+                pid: Some(pid),
+                minor,
+                child: path.into(),
+            },
         ]
     }
 
@@ -816,6 +821,7 @@ admin = true
                 Request::Attach { .. }
                     | Request::Open { .. }
                     | Request::Unpause { image: Some(_), .. }
+                    | Request::Snapshot { .. }
             );
             assert_eq!(d.allow, !opens, "{req:?}: {}", d.reason);
             if d.allow {
@@ -832,6 +838,37 @@ admin = true
             &v,
         );
         assert_eq!((d.allow, d.scope), (true, Scope::All));
+    }
+
+    #[test]
+    fn decide_snapshot_needs_the_tenants_policy_a_writable_root_and_a_path_inside() {
+        let v = view();
+        let snap = |child: &str| Request::Snapshot {
+            pid: None,
+            minor: m(1),
+            child: child.into(),
+        };
+        let d = decide(&snap("/srv/alice/s.vhd"), &ALICE, &policy(), &v);
+        assert!(d.allow, "{}", d.reason);
+        let g = d.image.unwrap();
+        assert!(!g.read_only);
+        assert_eq!(g.open_as.uid, 1000, "created with the peer's credentials");
+        for (child, rule) in [
+            ("/srv/bob/s.vhd", "outside-roots"),
+            ("/srv/alice/../bob/s.vhd", "path-escape"),
+            ("/srv/gold/s.vhd", "shared-readonly"),
+            ("s.vhd", "bad-path"),
+        ] {
+            let d = decide(&snap(child), &ALICE, &policy(), &v);
+            assert_eq!((d.allow, d.rule), (false, rule), "{child}: {}", d.reason);
+        }
+        let off = Policy::parse(
+            &POLICY.replace("max_disks = 2", "max_disks = 2\nonline_snapshot = false"),
+        )
+        .unwrap();
+        let d = decide(&snap("/srv/alice/s.vhd"), &ALICE, &off, &v);
+        assert_eq!((d.allow, d.rule), (false, "snapshot-off"));
+        assert!(d.reason.contains("online_snapshot = false"), "{}", d.reason);
     }
 
     #[test]

@@ -565,6 +565,61 @@ mod tests {
     }
 
     #[test]
+    fn switch_waits_for_admitted_requests_holds_new_ones_and_serves_the_new_image() {
+        let (_f, disk) = disk();
+        let g = tempfile::NamedTempFile::new().unwrap();
+        g.as_file().set_len(4096).unwrap();
+        let Admission::Now(ticket) = disk.try_admit(IoKind::Read, 512) else {
+            panic!("an open disk admits");
+        };
+        let finished = std::sync::atomic::AtomicBool::new(false);
+        let (img, _stall) = std::thread::scope(|s| {
+            let switcher = s.spawn(|| {
+                disk.switch(|| {
+                    assert!(
+                        finished.load(std::sync::atomic::Ordering::SeqCst),
+                        "the new image is built only once in-flight requests are done"
+                    );
+                    assert!(
+                        matches!(disk.try_admit(IoKind::Write, 512), Admission::Held),
+                        "requests arriving during the switch are held"
+                    );
+                    let img = RawImage::open(Box::new(g.reopen().unwrap()), "g", false)?;
+                    Ok(Arc::new(img) as Arc<dyn Image>)
+                })
+            });
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+            ticket.finish(IoKind::Read, 512, true);
+            switcher.join().unwrap().unwrap()
+        });
+        assert_eq!(img.stats()[0].name, "g");
+        assert_eq!(disk.open_generation(), Some(1));
+        disk.io(IoKind::Write, 1, |i| i.write_at(b"y", 0)).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(g.as_file(), &mut b, 0).unwrap();
+        assert_eq!(&b, b"y", "writes after the switch reach the new image");
+    }
+
+    #[test]
+    fn failed_switch_keeps_the_old_image_serving() {
+        let (f, disk) = disk();
+        let r = disk.switch(|| Err(ImageError::InvalidArgument("no".into())));
+        assert!(r.is_err());
+        let g = tempfile::NamedTempFile::new().unwrap();
+        g.as_file().set_len(8192).unwrap();
+        let r = disk.switch(|| {
+            let img = RawImage::open(Box::new(g.reopen().unwrap()), "g", false)?;
+            Ok(Arc::new(img) as Arc<dyn Image>)
+        });
+        assert!(r.is_err(), "a new image of another size is refused");
+        assert_eq!(disk.open_generation(), Some(0));
+        disk.io(IoKind::Write, 1, |i| i.write_at(b"z", 0)).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(f.as_file(), &mut b, 0).unwrap();
+        assert_eq!(&b, b"z");
+    }
+
+    #[test]
     fn resume_refuses_a_different_size() {
         let (_f, disk) = disk();
         disk.pause().unwrap();

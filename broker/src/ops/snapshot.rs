@@ -33,7 +33,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 use tapjail_common::proto::{ImageKind, ImageSpec, Reply};
 use tapjail_common::snapshot::{SnapshotDone, SnapshotParent};
-use tapjail_common::worker_proto::{FromWorker, ToWorker};
+use tapjail_common::worker_proto::{FromWorker, ToWorker, MAX_CHAIN_DEPTH};
 use tapjail_common::Minor;
 use tapjail_policy::{Decision, ImageGrant};
 
@@ -195,6 +195,16 @@ impl Broker {
         let switched = conn.call(&ToWorker::SnapshotSwitch, &[]);
         drop(conn);
         let result = match switched {
+            // Names only (shown and audited), bounded like an open's.
+            Ok(FromWorker::Snapshotted { chain, .. })
+                if chain.is_empty() || chain.len() > MAX_CHAIN_DEPTH + 1 =>
+            {
+                Err(BrokerError::failed(format!(
+                    "tapdisk {} reported a chain of {} images after its snapshot",
+                    w.pid,
+                    chain.len()
+                )))
+            }
             Ok(FromWorker::Snapshotted { chain, stall_us }) => {
                 let chain: Vec<String> = chain.iter().map(|c| crate::worker::clean(c)).collect();
                 if let Some(img) = lease.phase_mut().served_mut().map(|s| &mut s.image) {
