@@ -94,12 +94,36 @@ impl Broker {
             Phase::Dead { worker, .. } => Err(dead(*worker, minor)),
             _ => Err(no_image(minor)),
         })?;
+        // Whatever happens, a worker that died meanwhile is respawned.
+        let r = self.snapshot_leased(&mut lease, &w, &owner, &grant);
+        drop(lease);
+        self.after_op(minor);
+        let (done, parent) = r?;
+        let text = format!(
+            "minor {minor}: snapshot {} over {}, I/O held {} us",
+            done.child,
+            parent.display(),
+            done.stall_us
+        );
+        Ok((Reply::Snapshotted(done), text))
+    }
+
+    /// The snapshot itself, on the leased minor; returns what was done and
+    /// the old leaf's path.
+    fn snapshot_leased(
+        &self,
+        lease: &mut Lease<'_>,
+        w: &super::Live,
+        owner: &str,
+        grant: &ImageGrant,
+    ) -> Result<(SnapshotDone, PathBuf), BrokerError> {
+        let minor = lease.minor();
         let old = lease
             .phase()
             .image()
             .cloned()
             .ok_or_else(|| BrokerError::failed("serving minor without an image"))?;
-        check_leaf(&old, &grant, minor)?;
+        check_leaf(&old, grant, minor)?;
         // What the kernel still holds goes into the old leaf: the snapshot
         // holds every write made before it was asked for.
         if let Some(s) = lease.phase_mut().served_mut() {
@@ -114,11 +138,11 @@ impl Broker {
                 old.grant.path.display()
             )));
         }
-        let child = image_open::create(&grant, deadline)?;
+        let child = image_open::create(grant, deadline)?;
         let child_id = child.id;
         // From here on a failure removes the child (it holds nothing).
         let discard = |why: BrokerError| -> BrokerError {
-            match image_open::remove(&grant, child_id, deadline) {
+            match image_open::remove(grant, child_id, deadline) {
                 Ok(()) => why,
                 Err(e) => BrokerError::new(
                     why.kind,
@@ -134,7 +158,7 @@ impl Broker {
         }
         let target = Target {
             minor,
-            owner: &owner,
+            owner,
             worker_pid: w.pid,
             worker_uid: w.uid,
         };
@@ -182,13 +206,13 @@ impl Broker {
                 .chain(old.files.iter().map(|(id, _)| (*id, false)))
                 .collect(),
         };
-        set_image(&mut lease, new.clone());
+        set_image(lease, new.clone());
         let recorded = self.table().disk_mut(minor).and_then(|disk| {
             disk.persist_as(lease.phase())
                 .map_err(|e| BrokerError::failed(format!("writing minor {minor}'s record: {e}")))
         });
         if let Err(e) = recorded {
-            set_image(&mut lease, old.clone());
+            set_image(lease, old.clone());
             let _ = conn.call(&ToWorker::SnapshotAbort, &[]);
             return Err(discard(e));
         }
@@ -223,23 +247,14 @@ impl Broker {
             ))),
             // The worker said no and serves the old chain: back to it.
             Err(e @ WorkerError::Worker { .. }) => {
-                set_image(&mut lease, old.clone());
+                set_image(lease, old.clone());
                 Err(discard(e.into()))
             }
             // The worker is gone (or was killed for misbehaving): the
             // record names the child, which its successor opens.
             Err(e) => Err(BrokerError::from(e)),
         };
-        drop(lease);
-        self.after_op(minor);
-        let done = result?;
-        let text = format!(
-            "minor {minor}: snapshot {} over {}, I/O held {} us",
-            done.child,
-            old.grant.path.display(),
-            done.stall_us
-        );
-        Ok((Reply::Snapshotted(done), text))
+        result.map(|done| (done, old.grant.path.clone()))
     }
 }
 
