@@ -212,7 +212,7 @@ fn fuse_snapshot_twice_under_fio_verify_loses_nothing_and_reports_the_stall() {
 /// the child (the broker's record names it), and fio, which goes on
 /// writing through both, verifies every block.
 #[test]
-fn fuse_worker_killed_after_a_snapshot_respawns_on_the_child() {
+fn fuse_worker_sigkilled_after_a_snapshot_respawns_on_the_child() {
     let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
     let h = Harness::start(Options {
         frontend: "fuse",
