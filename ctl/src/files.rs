@@ -21,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use tapjail_image::raw::RawImage;
-use tapjail_image::vhd::check::{check, Problem};
+use tapjail_image::vhd::check::{check_with_progress, Problem};
 use tapjail_image::vhd::coalesce::coalesce_into;
 use tapjail_image::vhd::convert::{copy_image, ImageSink, RawSink};
 use tapjail_image::vhd::create::{create, CreateKind, ParentSpec};
@@ -623,8 +623,18 @@ pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
 
 /// [`check_path`] through `paths`.
 pub fn check_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Vec<Problem>, ImageError> {
+    check_in_with_progress(paths, path, &mut |_, _| {})
+}
+
+/// [`check_in`], reporting `(done, total)` bytes of the image's blocks
+/// checked (parents are opened, not scanned).
+pub fn check_in_with_progress<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<Problem>, ImageError> {
     let f = paths.open(path, false)?;
-    let mut problems = check(&f);
+    let mut problems = check_with_progress(&f, progress);
     if problems.is_empty() {
         let layer = VhdLayer::open(
             Box::new(f),
@@ -689,9 +699,19 @@ pub fn repair_in<P: Paths + ?Sized>(
     paths: &mut P,
     path: &Path,
 ) -> Result<RepairReport, ImageError> {
+    repair_in_with_progress(paths, path, &mut |_, _| {})
+}
+
+/// [`repair_in`]; `progress` follows the closing check of every block
+/// (the repairs themselves rewrite metadata only).
+pub fn repair_in_with_progress<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RepairReport, ImageError> {
     let mut report = repair(&paths.open(path, true)?)?;
     // What is left, parents included, exactly as `check` lists it.
-    report.remaining = check_in(paths, path)?;
+    report.remaining = check_in_with_progress(paths, path, progress)?;
     Ok(report)
 }
 

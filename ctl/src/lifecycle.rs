@@ -22,6 +22,9 @@ pub enum LifecycleCommand {
         /// Ask for the minor this device path names (DIR/tapdevN).
         #[arg(short = 'd', value_name = "DEVPATH")]
         device: Option<String>,
+        /// Print {"minor": N, "device": PATH} instead of the device path.
+        #[arg(long)]
+        json: bool,
     },
     /// Release a minor (it must be detached).
     Free {
@@ -29,7 +32,11 @@ pub enum LifecycleCommand {
         minor: Minor,
     },
     /// Start a tapdisk worker; prints its pid.
-    Spawn,
+    Spawn {
+        /// Print {"pid": N} instead of the pid.
+        #[arg(long)]
+        json: bool,
+    },
     /// Attach a tapdisk to a minor.
     Attach {
         #[arg(short = 'p', value_name = "PID")]
@@ -80,6 +87,10 @@ pub enum LifecycleCommand {
         /// Use this minor.
         #[arg(short = 'e', value_name = "MINOR")]
         minor: Option<Minor>,
+        /// Print {"minor": N, "pid": N, "device": PATH} instead of the
+        /// device path.
+        #[arg(long)]
+        json: bool,
     },
     /// close + detach + free (also for a dead tapdisk).
     Destroy {
@@ -117,24 +128,56 @@ pub enum LifecycleCommand {
         /// Only rows of this image type (vhd, or aio = raw).
         #[arg(short = 't', value_name = "TYPE", value_parser = ["vhd", "aio", "raw"])]
         kind: Option<String>,
+        /// Only rows of this image file.
         #[arg(short = 'f', value_name = "FILE")]
         file: Option<String>,
-        /// Machine-readable output.
+        /// Print one JSON array, a row per tapdisk or minor: {"pid",
+        /// "minor", "state" (blktap's state bits as a number), "type"
+        /// (vhd or aio), "file", "read_only", "frontend" (ublk, fuse or
+        /// nbd), "device", "restarts"}; null for what is missing.
         #[arg(long)]
         json: bool,
     },
-    /// Print a minor's I/O statistics as JSON.
+    /// Print a minor's I/O statistics as JSON: blktap's keys ("name",
+    /// "secs" [read, written sectors], "images" leaf first with "hits",
+    /// "fail" and "driver", "tap" with "minor", "reqs" [in, out] and
+    /// "kicks" [in, out], "reqs_outstanding"), then tapjail's own
+    /// ("latency", "cgroup", "throttle").
     Stats {
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
+        /// Accepted for consistency: stats always prints its JSON document.
+        #[arg(long)]
+        json: bool,
     },
     /// Change a disk's or a tenant's I/O limits now (admin only; audited).
     /// Prints the limits in force afterwards.
     Throttle(crate::throttle::ThrottleArgs),
     /// Print the block major number of this host's tapjail devices.
-    Major,
+    Major {
+        /// Print {"major": N} instead of the number.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl LifecycleCommand {
+    /// Whether the command was asked for one JSON document (`--json`).
+    fn json(&self) -> bool {
+        use LifecycleCommand as C;
+        match self {
+            C::Allocate { json, .. }
+            | C::Spawn { json }
+            | C::Create { json, .. }
+            | C::List { json, .. }
+            | C::Stats { json, .. }
+            | C::Major { json } => *json,
+            C::Throttle(a) => a.json,
+            _ => false,
+        }
+    }
 }
 
 /// `-a disk.vhd` relative to the caller's directory, made absolute (the
@@ -160,8 +203,9 @@ pub fn run(
     timeout: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
     let tty = std::io::stdout().is_terminal();
+    let json = command.json();
     let (req, list_filter) = match command {
-        LifecycleCommand::Allocate { minor, device } => (
+        LifecycleCommand::Allocate { minor, device, .. } => (
             crate::xapi::wrap(
                 Request::Allocate { minor },
                 tapjail_common::xapi::Options {
@@ -172,7 +216,7 @@ pub fn run(
             None,
         ),
         LifecycleCommand::Free { minor } => (Request::Free { minor }, None),
-        LifecycleCommand::Spawn => (Request::Spawn, None),
+        LifecycleCommand::Spawn { .. } => (Request::Spawn, None),
         LifecycleCommand::Attach { pid, minor } => (Request::Attach { pid, minor }, None),
         LifecycleCommand::Detach { pid, minor } => (Request::Detach { pid, minor }, None),
         LifecycleCommand::Open {
@@ -206,6 +250,7 @@ pub fn run(
             image,
             read_only,
             minor,
+            ..
         } => (
             Request::Create {
                 image: absolute(image)?,
@@ -240,18 +285,24 @@ pub fn run(
             minor,
             kind,
             file,
-            json,
+            ..
         } => {
             // `raw` is what `-a raw:PATH` accepts for aio; rows say aio.
             let kind = kind.map(|k| if k == "raw" { "aio".to_string() } else { k });
-            (Request::List { pid, minor }, Some((kind, file, json)))
+            (Request::List { pid, minor }, Some((kind, file)))
         }
-        LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
+        LifecycleCommand::Stats { pid, minor, .. } => (Request::Stats { pid, minor }, None),
         LifecycleCommand::Throttle(args) => (args.request().map_err(anyhow::Error::msg)?, None),
-        LifecycleCommand::Major => (Request::Major, None),
+        LifecycleCommand::Major { .. } => (Request::Major, None),
     };
     let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
     let reply = client.call(&req)?;
+    if json {
+        if let Some(doc) = crate::json::reply(&reply) {
+            println!("{doc}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     match reply {
         Reply::Allocated { device, .. } | Reply::Created { device, .. } => {
             println!("{}", escape(&device))
@@ -264,7 +315,7 @@ pub fn run(
             }
         }
         Reply::List(rows) => {
-            let (kind, file, json) = list_filter.unwrap_or((None, None, false));
+            let (kind, file) = list_filter.unwrap_or((None, None));
             let rows: Vec<ListEntry> = rows
                 .into_iter()
                 .filter(|r| keep(r, kind.as_deref(), file.as_deref()))
