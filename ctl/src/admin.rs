@@ -95,15 +95,17 @@ fn policy_json(shown: &str, text: &str) -> anyhow::Result<ExitCode> {
         Ok(p) => {
             let warnings = Policy::warnings(text, &tapjail_policy::RootProbe::look);
             let range = p.worker_uids;
-            let errors: Vec<serde_json::Value> =
-                match tapjail_policy::idmap::clashes(&p.id_files, range, &tapjail_policy::IdFiles::look)
-                {
-                    Ok(c) if c.is_empty() => Vec::new(),
-                    Ok(c) => vec![serde_json::json!({"line": 0, "column": 0,
+            let errors: Vec<serde_json::Value> = match tapjail_policy::idmap::clashes(
+                &p.id_files,
+                range,
+                &tapjail_policy::IdFiles::look,
+            ) {
+                Ok(c) if c.is_empty() => Vec::new(),
+                Ok(c) => vec![serde_json::json!({"line": 0, "column": 0,
                         "message": tapjail_policy::idmap::describe(&c, range)})],
-                    Err(e) => vec![serde_json::json!({"line": 0, "column": 0,
+                Err(e) => vec![serde_json::json!({"line": 0, "column": 0,
                         "message": format!("cannot check that worker_uids are free: {e}")})],
-                };
+            };
             serde_json::json!({
                 "file": shown,
                 "ok": errors.is_empty(),

@@ -28,9 +28,10 @@ pub fn reply(reply: &Reply) -> Option<String> {
 pub fn limits_json(limits: &IoLimits) -> Value {
     let mut m = serde_json::Map::new();
     for k in Knob::ALL {
-        let v = limits
-            .get(k)
-            .map_or(Value::Null, |r| json!({ "per_sec": r.per_sec, "burst": r.burst }));
+        let v = limits.get(k).map_or(
+            Value::Null,
+            |r| json!({ "per_sec": r.per_sec, "burst": r.burst }),
+        );
         m.insert(k.name().to_string(), v);
     }
     Value::Object(m)

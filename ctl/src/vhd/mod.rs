@@ -416,11 +416,13 @@ pub fn run(command: VhdCommand, quiet: bool) -> Result<ExitCode> {
     };
     // Anything buffered would be written twice, once by each process.
     std::io::stdout().flush().context("writing to stdout")?;
-    let code = privsep::run_confined(grant, |paths| match confined(command, paths, input, quiet) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("tap-ctl: {}", crate::render(&e));
-            1
+    let code = privsep::run_confined(grant, |paths| {
+        match confined(command, paths, input, quiet) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("tap-ctl: {}", crate::render(&e));
+                1
+            }
         }
     })?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
@@ -627,10 +629,7 @@ fn confined(
         }
         VhdCommand::Coalesce { name, json, .. } => {
             let bar = progress::Progress::new("coalesce", quiet || json);
-            let (parent, copied) = on(
-                &name,
-                vfs::coalesce_in(paths, &name, &mut bar.callback()),
-            )?;
+            let (parent, copied) = on(&name, vfs::coalesce_in(paths, &name, &mut bar.callback()))?;
             bar.finish();
             report::coalesced(&name, &parent, copied, json)?;
         }
@@ -764,7 +763,8 @@ fn write_all_or_nothing(img: &dyn Image, name: &Path, data: &[u8], offset: u64) 
 }
 
 /// Why a block size other than 2 MiB matters (issue 13 item 6).
-pub(super) const BLKTAP_BLOCK_SIZE_NOTE: &str = "not 2 MiB: blktap's libvhd and tapdisk assume 2 MiB blocks, \
+pub(super) const BLKTAP_BLOCK_SIZE_NOTE: &str =
+    "not 2 MiB: blktap's libvhd and tapdisk assume 2 MiB blocks, \
      so blktap cannot use this image (vhd-util check accepts it, then reads go wrong)";
 
 /// Say on stderr that an image just made will not work with blktap.

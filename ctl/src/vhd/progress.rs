@@ -2,7 +2,7 @@
 //! stderr when both stdout and stderr are terminals (someone is watching
 //! and nothing is being captured), never with `--quiet`.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
 /// A bar that may not be shown. Its callback takes `(done, total)` in
@@ -14,7 +14,9 @@ impl Progress {
     pub fn new(what: &'static str, quiet: bool) -> Progress {
         let show = !quiet && std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
         Progress(show.then(|| {
-            let b = ProgressBar::new(0);
+            // Not drawn until the engine says the total (a length of 0
+            // would draw as 100% before any work was done).
+            let b = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::hidden());
             b.set_style(
                 ProgressStyle::with_template(
                     "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -32,6 +34,9 @@ impl Progress {
         let bar = self.0.clone();
         move |done: u64, total: u64| {
             if let Some(b) = &bar {
+                if b.is_hidden() {
+                    b.set_draw_target(ProgressDrawTarget::stderr());
+                }
                 b.set_length(total);
                 b.set_position(done.min(total));
             }
@@ -41,6 +46,9 @@ impl Progress {
     /// The work is done: show it complete (and leave the line).
     pub fn finish(self) {
         if let Some(b) = self.0 {
+            if b.is_hidden() {
+                b.set_draw_target(ProgressDrawTarget::stderr());
+            }
             b.set_length(b.length().unwrap_or(0).max(b.position()));
             b.finish();
         }

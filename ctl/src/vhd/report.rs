@@ -61,7 +61,10 @@ pub fn query(name: &Path, info: &Info, only: QueryOnly, json: bool) -> Result<()
                 if info.parent_raw {
                     println!("parent type: raw (null parent uuid)");
                 } else {
-                    println!("parent uuid: {}", info.parent_uuid.clone().unwrap_or_default());
+                    println!(
+                        "parent uuid: {}",
+                        info.parent_uuid.clone().unwrap_or_default()
+                    );
                 }
             }
         }

@@ -91,10 +91,7 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
 /// [`check`], calling `progress(done, total)` in bytes of allocated
 /// blocks as their bitmaps are read (the part that grows with the
 /// image), and `(total, total)` once at the end.
-pub fn check_with_progress(
-    file: &dyn Backing,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Vec<Problem> {
+pub fn check_with_progress(file: &dyn Backing, progress: &mut dyn FnMut(u64, u64)) -> Vec<Problem> {
     let mut total = 0;
     let problems = check_blocks(file, &mut |d, t| {
         total = t;
