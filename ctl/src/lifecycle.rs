@@ -446,6 +446,8 @@ struct TapJson<'a> {
     pid: u32,
     frontend: Option<&'static str>,
     reqs: [u64; 2],
+    /// blktap's `kicks` [in, out] (see `FrontendStats::kicks`).
+    kicks: [u64; 2],
     errors: u64,
     restarts: u32,
     worker_frontend: &'a str,
@@ -462,6 +464,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
             pid: s.pid,
             frontend: s.frontend.map(|f| f.as_str()),
             reqs: w.frontend.reqs,
+            kicks: w.frontend.kicks,
             errors: w.frontend.errors,
             restarts: s.restarts,
             worker_frontend: &w.frontend.kind,

@@ -225,6 +225,24 @@ pub fn render(disks: &[DiskMetrics]) -> String {
         );
     }
     o.family(
+        "tapjail_disk_kicks_total",
+        "counter",
+        "blktap's kicks: wakeups that brought requests (direction in), calls that \
+         handed completions back (out).",
+    );
+    for (l, s) in with_stats() {
+        for (dir, v) in [
+            ("in", s.worker.frontend.kicks[0]),
+            ("out", s.worker.frontend.kicks[1]),
+        ] {
+            o.sample(
+                "tapjail_disk_kicks_total",
+                &format!("{l},direction=\"{dir}\""),
+                v,
+            );
+        }
+    }
+    o.family(
         "tapjail_disk_requests_outstanding",
         "gauge",
         "Requests received and not yet completed.",
