@@ -879,7 +879,11 @@ pub fn coalesce_in<P: Paths + ?Sized>(
         VhdOptions::default(),
     )?;
     let uuid = layer.parent_uuid().ok_or_else(|| {
-        ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
+        ImageError::InvalidArgument(format!(
+            "{} is not a differencing image, so it has no parent to merge into; coalesce \
+             takes a child made by `tap-ctl vhd snapshot`",
+            child.display()
+        ))
     })?;
     if layer.parent_is_raw() {
         return crate::raw_parent::coalesce_raw_in(paths, &layer, progress);

@@ -296,7 +296,7 @@ pub fn run(
         LifecycleCommand::Major { .. } => (Request::Major, None),
     };
     let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
-    let reply = client.call(&req)?;
+    let reply = client.call(&req).map_err(crate::next_step::add)?;
     if json {
         if let Some(doc) = crate::json::reply(&reply) {
             println!("{doc}");

@@ -14,6 +14,7 @@ mod escape;
 mod json;
 mod lifecycle;
 mod metrics;
+mod next_step;
 mod throttle;
 mod vhd;
 mod xapi;

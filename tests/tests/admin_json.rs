@@ -124,3 +124,95 @@ fn json_lifecycle_documents_match_plain_output_and_stats_count_kicks() {
     );
     h.ok(&ALICE, &["free", "-m", &m]);
 }
+
+/// A user-caused error of a lifecycle command: what the message must name
+/// and words of the next step it must give.
+struct Case<'a> {
+    who: &'a TenantSpec,
+    args: Vec<&'a str>,
+    names: &'a str,
+    next: &'a str,
+}
+
+#[test]
+fn lifecycle_user_errors_name_the_minor_or_file_and_the_next_step() {
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let h = Harness::start(Options {
+        frontend: "fuse",
+        tenants: vec![ROOT, ALICE, BOB],
+        ..Options::default()
+    });
+    let img = h.raw_image("alice", "a.img", 4 << 20);
+    let spec = format!("aio:{}", img.display());
+    let minor = json(&h, &ALICE, &["create", "-a", &spec, "--json"])["minor"].to_string();
+    let missing = format!("{}/missing.img", img.parent().unwrap().display());
+    let missing_spec = format!("aio:{missing}");
+    let raw = h.raw_image("alice", "b.img", 1 << 20);
+    let not_vhd = format!("vhd:{}", raw.display());
+    let outside = "aio:/etc/passwd".to_string();
+    let cases = [
+        Case {
+            who: &ALICE,
+            args: vec!["stats", "-m", "77"],
+            names: "77",
+            next: "tap-ctl list",
+        },
+        Case {
+            who: &BOB,
+            args: vec!["stats", "-m", &minor],
+            names: &minor,
+            next: "tap-ctl list",
+        },
+        Case {
+            who: &BOB,
+            args: vec!["destroy", "-m", &minor],
+            names: &minor,
+            next: "tap-ctl list",
+        },
+        Case {
+            who: &ALICE,
+            args: vec!["create", "-a", &missing_spec],
+            names: &missing,
+            next: "check the path",
+        },
+        Case {
+            who: &ALICE,
+            args: vec!["create", "-a", &outside],
+            names: "/etc/passwd",
+            next: "image_roots",
+        },
+        Case {
+            who: &ALICE,
+            args: vec!["create", "-a", &not_vhd],
+            names: raw.to_str().unwrap(),
+            next: "aio:",
+        },
+        Case {
+            who: &ALICE,
+            args: vec!["free", "-m", &minor],
+            names: &minor,
+            next: "destroy",
+        },
+        Case {
+            who: &ALICE,
+            args: vec!["throttle", "-m", &minor, "--write-bps", "fast"],
+            names: "--write-bps fast",
+            next: "like 500",
+        },
+    ];
+    let mut bad = Vec::new();
+    for c in &cases {
+        let o = h.ctl(c.who, &c.args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        let fine = !o.status.success()
+            && o.status.code() != Some(101)
+            && err.lines().count() == 1
+            && err.contains(c.names)
+            && err.contains(c.next);
+        if !fine {
+            bad.push(format!("{} {:?}: {err}", c.who.name, c.args));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    h.ok(&ALICE, &["destroy", "-m", &minor]);
+}

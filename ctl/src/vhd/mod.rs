@@ -255,11 +255,22 @@ fn hint(e: &ImageError, path: &Path) -> String {
         ImageError::ParentLoop { .. } | ImageError::ChainTooDeep { .. } => {
             format!("the parent chain of {p} is broken; fix it with `tap-ctl vhd set-parent`")
         }
-        ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            format!("{p} does not exist")
-        }
+        ImageError::Io {
+            op: "create",
+            source,
+            ..
+        } if source.kind() == std::io::ErrorKind::NotFound => format!(
+            "{p} cannot be created: its directory does not exist; create the directory first \
+             or give another path"
+        ),
+        ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => format!(
+            "{p} does not exist: check the path (a relative one starts at the current directory)"
+        ),
         ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            format!("you may not access {p}")
+            format!(
+                "you may not access {p}: check its permissions and its directories', or run \
+                 as a user who may"
+            )
         }
         ImageError::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
             format!("the filesystem holding {p} is full: free some space and run the command again")
@@ -300,13 +311,18 @@ fn with_hint(e: ImageError, h: String) -> anyhow::Error {
     }
 }
 
+/// `-s MIB` in bytes, refused here (naming the flag and the range) when
+/// no VHD could be that large.
 fn mib(size: u64) -> Result<u64> {
+    let most = tapjail_image::vhd::MAX_VIRTUAL_SIZE / MIB;
     match size.checked_mul(MIB) {
-        _ if size == 0 => bail!("size must be a positive number of MiB"),
-        Some(b) => Ok(b),
-        None => {
-            bail!("size {size} MiB does not fit in 64 bits of bytes; a VHD holds at most 2040 GiB")
+        _ if size == 0 => {
+            bail!("-s 0: the size must be a positive number of MiB (e.g. -s 1024 for 1 GiB)")
         }
+        Some(b) if size <= most => Ok(b),
+        _ => bail!(
+            "-s {size}: a VHD holds at most {most} MiB (2040 GiB); give a size of 1..={most} MiB"
+        ),
     }
 }
 
@@ -525,6 +541,18 @@ fn confined(
                 vfs::check_in_with_progress(paths, &name, &mut bar.callback()),
             )?;
             bar.finish();
+            if problems.len() == 1 && problems[0].field == "footer.cookie" {
+                // No footer anywhere: say so if nothing else looks like a VHD.
+                let f = on(&name, paths.open(&name, false))?;
+                if on(&name, tapjail_image::vhd::probe::vhd_sign(&f))?.is_none() {
+                    bail!(
+                        "{} is not a VHD image (no footer, no dynamic header): if it is a raw \
+                         disk image there is nothing to check (attach it as aio:PATH); if it \
+                         was a VHD, restore it from a copy",
+                        name.display()
+                    );
+                }
+            }
             return report::check(&name, &problems, json);
         }
         VhdCommand::Repair { name, json } => {
@@ -551,7 +579,9 @@ fn confined(
             let size = img.virtual_size();
             if offset.checked_add(length).is_none_or(|end| end > size) {
                 bail!(
-                    "offset {offset} + length {length} is past the end of {} ({size} bytes)",
+                    "offset {offset} + length {length} is past the end of {} ({size} bytes); \
+                     give -o and -l within the disk (`tap-ctl vhd query -n {}` shows its size)",
+                    name.display(),
                     name.display()
                 );
             }
