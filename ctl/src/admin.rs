@@ -10,6 +10,7 @@ use tapjail_policy::Policy;
 pub enum PolicyCommand {
     /// Validate a policy file; problems are printed as FILE:LINE:COL: message.
     Check {
+        /// The policy file (the broker's is /etc/tapjail/policy.toml).
         file: PathBuf,
         /// Print one JSON object: "file", "ok", "tenants", "worker_uids"
         /// [first, last], "socket" (null when invalid), "warnings" and
@@ -26,6 +27,7 @@ pub enum AuditCommand {
     /// Rotated files are given oldest first (`audit.jsonl.2 audit.jsonl.1
     /// audit.jsonl`): each must continue the chain of the one before.
     Verify {
+        /// The audit log, and its rotated files before it, oldest first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
         /// Print one JSON object: "ok", "files" (each {"file", "lines",

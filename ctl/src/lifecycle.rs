@@ -28,6 +28,7 @@ pub enum LifecycleCommand {
     },
     /// Release a minor (it must be detached).
     Free {
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
@@ -39,22 +40,30 @@ pub enum LifecycleCommand {
     },
     /// Attach a tapdisk to a minor.
     Attach {
+        /// The tapdisk, as `tap-ctl spawn` or `tap-ctl list` shows it.
         #[arg(short = 'p', value_name = "PID")]
         pid: u32,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Detach a minor's tapdisk; this ends that tapdisk.
     Detach {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Open an image on an attached minor; the device appears.
     Open {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         /// TYPE:PATH, TYPE being vhd or aio (raw).
@@ -68,8 +77,11 @@ pub enum LifecycleCommand {
     },
     /// Close a minor's image; the device goes away.
     Close {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         /// Close even if the tapdisk does not answer (it is then killed).
@@ -80,8 +92,10 @@ pub enum LifecycleCommand {
     },
     /// allocate + spawn + attach + open; prints the device path.
     Create {
+        /// TYPE:PATH, TYPE being vhd or aio (raw).
         #[arg(short = 'a', value_name = "TYPE:PATH")]
         image: ImageSpec,
+        /// Read-only.
         #[arg(short = 'R')]
         read_only: bool,
         /// Use this minor.
@@ -94,15 +108,21 @@ pub enum LifecycleCommand {
     },
     /// close + detach + free (also for a dead tapdisk).
     Destroy {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Quiesce I/O and close the image (for offline snapshot or coalesce).
     Pause {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         #[command(flatten)]
@@ -110,10 +130,14 @@ pub enum LifecycleCommand {
     },
     /// Reopen a paused image, optionally at a new path of the same size.
     Unpause {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
+        /// Reopen this image instead (TYPE:PATH; same virtual size).
         #[arg(short = 'a', value_name = "TYPE:PATH")]
         image: Option<ImageSpec>,
         #[command(flatten)]
@@ -121,8 +145,12 @@ pub enum LifecycleCommand {
     },
     /// List tapdisks and minors: "pid minor state type file".
     List {
+        /// Only this tapdisk's rows.
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// Only this minor's rows.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Option<Minor>,
         /// Only rows of this image type (vhd, or aio = raw).
@@ -144,8 +172,11 @@ pub enum LifecycleCommand {
     /// "kicks" [in, out], "reqs_outstanding"), then tapjail's own
     /// ("latency", "cgroup", "throttle").
     Stats {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         /// Accepted for consistency: stats always prints its JSON document.

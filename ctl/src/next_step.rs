@@ -7,7 +7,9 @@ use crate::client::Refused;
 use tapjail_common::proto::ErrorKind;
 
 /// Words that show a message already says what to do.
-const HAS_HINT: &[&str] = &["tap-ctl ", "; give ", "; use ", "; try ", "first", "instead"];
+const HAS_HINT: &[&str] = &[
+    "tap-ctl ", "; give ", "; use ", "; try ", "first", "instead",
+];
 
 /// The next step for a refusal of `kind` saying `message`, if one helps.
 pub fn hint(kind: ErrorKind, message: &str) -> Option<&'static str> {
@@ -79,7 +81,9 @@ mod tests {
         .into());
         let r = e.downcast_ref::<Refused>().expect("still a refusal");
         assert_eq!(r.kind, ErrorKind::NotFound);
-        assert!(r.message.starts_with("minor 77 is not allocated; `tap-ctl list`"));
+        assert!(r
+            .message
+            .starts_with("minor 77 is not allocated; `tap-ctl list`"));
         // A message with its own next step is left alone.
         let m = "minor 3 is attached: run tap-ctl destroy -m 3 first";
         assert_eq!(hint(ErrorKind::Busy, m), None);

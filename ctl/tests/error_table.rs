@@ -139,6 +139,9 @@ fn user_errors_name_the_object_and_the_next_step() {
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
-    assert!(!Path::new(&out).exists(), "a failed convert leaves no output");
+    assert!(
+        !Path::new(&out).exists(),
+        "a failed convert leaves no output"
+    );
     assert!(!Path::new(&p("big.vhd")).exists());
 }

@@ -78,6 +78,7 @@ impl FormatArg {
 pub enum VhdCommand {
     /// Create a new image (dynamic unless --fixed).
     Create {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         /// Virtual size in MiB.
@@ -92,10 +93,13 @@ pub enum VhdCommand {
     },
     /// Create a differencing child of PARENT.
     Snapshot {
+        /// The image (a differencing child).
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
+        /// The parent image the child is based on.
         #[arg(short = 'p', long = "parent", value_name = "PARENT")]
         parent: PathBuf,
+        /// Block size in bytes (power of two; blktap uses only 2 MiB).
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// PARENT is a raw disk image, not a VHD (vhd-util snapshot -m);
@@ -105,6 +109,7 @@ pub enum VhdCommand {
     },
     /// Show what an image is.
     Query {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         /// Print one JSON object: "file", "virtual_size", "type", "parent",
@@ -130,6 +135,7 @@ pub enum VhdCommand {
     },
     /// Check consistency; exits non-zero and lists every problem found.
     Check {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         #[command(flatten)]
@@ -142,6 +148,7 @@ pub enum VhdCommand {
     },
     /// Fix footers and batmaps; reports what is left.
     Repair {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         /// Print one JSON object: "file", "actions" (what was fixed),
@@ -151,10 +158,13 @@ pub enum VhdCommand {
     },
     /// Write LENGTH bytes at OFFSET of the virtual disk to stdout.
     Read {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// Where in the virtual disk, in bytes.
         #[arg(short = 'o', long = "offset", value_name = "BYTES")]
         offset: u64,
+        /// How many bytes.
         #[arg(short = 'l', long = "length", value_name = "BYTES")]
         length: u64,
         #[command(flatten)]
@@ -166,8 +176,10 @@ pub enum VhdCommand {
     /// or nothing: the whole input is read and checked first, and a write
     /// that fails part-way puts the previous contents back.
     Write {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// Where in the virtual disk, in bytes.
         #[arg(short = 'o', long = "offset", value_name = "BYTES")]
         offset: u64,
         /// Expect exactly this many bytes on stdin; write nothing otherwise.
@@ -187,6 +199,7 @@ pub enum VhdCommand {
         /// With -O vhd: a fixed VHD instead of a dynamic one.
         #[arg(long)]
         fixed: bool,
+        /// Block size in bytes (power of two; blktap uses only 2 MiB).
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// Make the output durable (fdatasync) before exiting.
@@ -196,11 +209,14 @@ pub enum VhdCommand {
         source_format: FormatArg,
         #[command(flatten)]
         parent_path: ParentArg,
+        /// The source image.
         src: PathBuf,
+        /// The new file to write (must not exist).
         dst: PathBuf,
     },
     /// Merge a differencing image into its parent.
     Coalesce {
+        /// The image (a differencing child).
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
         #[command(flatten)]
@@ -211,15 +227,19 @@ pub enum VhdCommand {
     },
     /// Grow an image to SIZE MiB.
     Resize {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// The new virtual size in MiB (only growing).
         #[arg(short = 's', long = "size", value_name = "MIB")]
         size: u64,
     },
     /// Make NEWPARENT the parent of a differencing image.
     SetParent {
+        /// The image (a differencing child).
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
+        /// The new parent image.
         #[arg(short = 'p', long = "parent", value_name = "NEWPARENT")]
         parent: PathBuf,
         /// NEWPARENT is a raw disk image, not a VHD (vhd-util modify -m).
