@@ -166,7 +166,9 @@ pub enum LifecycleCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print a minor's I/O statistics as JSON: blktap's keys ("name",
+    /// Print a minor's I/O statistics as JSON.
+    ///
+    /// The document has blktap's keys ("name",
     /// "secs" [read, written sectors], "images" leaf first with "hits",
     /// "fail" and "driver", "tap" with "minor", "reqs" [in, out] and
     /// "kicks" [in, out], "reqs_outstanding"), then tapjail's own

@@ -44,7 +44,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "destroy" -d 'close 
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "pause" -d 'Quiesce I/O and close the image (for offline snapshot or coalesce)'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "unpause" -d 'Reopen a paused image, optionally at a new path of the same size'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "list" -d 'List tapdisks and minors: "pid minor state type file"'
-complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "stats" -d 'Print a minor\'s I/O statistics as JSON: blktap\'s keys ("name", "secs" [read, written sectors], "images" leaf first with "hits", "fail" and "driver", "tap" with "minor", "reqs" [in, out] and "kicks" [in, out], "reqs_outstanding"), then tapjail\'s own ("latency", "cgroup", "throttle")'
+complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "stats" -d 'Print a minor\'s I/O statistics as JSON'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "throttle" -d 'Change a disk\'s or a tenant\'s I/O limits now (admin only; audited). Prints the limits in force afterwards'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "major" -d 'Print the block major number of this host\'s tapjail devices'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -287,7 +287,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -s m -d 'The disk
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -l json -d 'Accepted for consistency: stats always prints its JSON document'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand throttle" -s m -d 'This disk\'s own limits (overriding its tenant\'s per-disk default)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand throttle" -l tenant -d 'The limits all of this tenant\'s disks share' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand throttle" -l read-iops -d 'Read requests per second' -r
@@ -318,7 +318,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_see
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "pause" -d 'Quiesce I/O and close the image (for offline snapshot or coalesce)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "unpause" -d 'Reopen a paused image, optionally at a new path of the same size'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "list" -d 'List tapdisks and minors: "pid minor state type file"'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "stats" -d 'Print a minor\'s I/O statistics as JSON: blktap\'s keys ("name", "secs" [read, written sectors], "images" leaf first with "hits", "fail" and "driver", "tap" with "minor", "reqs" [in, out] and "kicks" [in, out], "reqs_outstanding"), then tapjail\'s own ("latency", "cgroup", "throttle")'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "stats" -d 'Print a minor\'s I/O statistics as JSON'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "throttle" -d 'Change a disk\'s or a tenant\'s I/O limits now (admin only; audited). Prints the limits in force afterwards'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "major" -d 'Print the block major number of this host\'s tapjail devices'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics allocate free spawn attach detach open close create destroy pause unpause list stats throttle major help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
