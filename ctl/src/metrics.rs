@@ -12,13 +12,18 @@ use std::path::Path;
 use tapjail_common::proto::{ListEntry, Reply, Request, StatsReply};
 use tapjail_common::stats::{Histogram, LATENCY_BOUNDS_US};
 
-/// `tap-ctl metrics [-o PATH]`.
+/// `tap-ctl metrics [-o PATH | --listen ADDR]`.
 #[derive(Debug, clap::Args)]
 pub struct MetricsArgs {
     /// Write to PATH atomically (temp file + rename, for node_exporter's
     /// textfile collector) instead of standard output.
-    #[arg(short = 'o', value_name = "PATH")]
+    #[arg(short = 'o', value_name = "PATH", conflicts_with = "listen")]
     output: Option<std::path::PathBuf>,
+    /// Serve the exposition over HTTP at ADDR (such as 127.0.0.1:9477)
+    /// for Prometheus to scrape, until killed: GET /metrics only, each
+    /// scrape showing what this user may see.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
 }
 
 /// Collect, render and print or write the exposition.
@@ -27,6 +32,10 @@ pub fn run(
     socket: &Path,
     timeout: std::time::Duration,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(addr) = &args.listen {
+        serve::run(addr, socket, timeout)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let client = Client::connect(socket, timeout)?;
     let text = render(&collect(&client)?);
     match args.output {
@@ -379,3 +388,5 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+mod serve;

@@ -216,3 +216,100 @@ fn lifecycle_user_errors_name_the_minor_or_file_and_the_next_step() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     h.ok(&ALICE, &["destroy", "-m", &minor]);
 }
+
+/// One HTTP exchange with the exporter: `request` sent as is, the whole
+/// answer read until the server closes.
+fn http(addr: &str, request: &[u8]) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the exporter");
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_listen_answers_a_real_http_get_that_prometheus_client_parses() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use tapjail_testsupport::prometheus::{have_parser, parse};
+    if !tapjail_testsupport::require(have_parser(), "python3-prometheus-client") {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let h = Harness::start(Options {
+        frontend: "fuse",
+        tenants: vec![ROOT, ALICE, BOB],
+        ..Options::default()
+    });
+    let a = h.raw_image("alice", "a.img", 4 << 20);
+    let b = h.raw_image("bob", "b.img", 4 << 20);
+    h.ok(&ALICE, &["create", "-a", &format!("aio:{}", a.display())]);
+    h.ok(&BOB, &["create", "-a", &format!("aio:{}", b.display())]);
+    // The exporter runs as alice: it shows what alice may see.
+    let mut child = std::process::Command::new(bin("tap-ctl"))
+        .arg("--socket")
+        .arg(&h.socket)
+        .args(["metrics", "--listen", "127.0.0.1:0"])
+        .uid(ALICE.uid)
+        .gid(ALICE.gid)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("tap-ctl: serving metrics on http://")
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+
+    let get = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n";
+    let (head, body) = http(&addr, get);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("Content-Length: {}", body.len())),
+        "{head}"
+    );
+    let fams = parse(&body).unwrap_or_else(|e| panic!("parser refused: {e}\n{body}"));
+    let up = fams
+        .iter()
+        .find(|f| f.name == "tapjail_disk_up")
+        .expect("tapjail_disk_up");
+    assert_eq!(up.samples.len(), 1, "alice's disk only: {body}");
+    assert_eq!(up.samples[0].label("tenant"), Some("alice"));
+    assert!(!body.contains("b.img"), "bob's disk is not alice's to see");
+    assert!(
+        fams.iter().any(|f| f.name == "tapjail_disk_kicks"),
+        "{body}"
+    );
+
+    // Anything but GET/HEAD /metrics is refused, and serving goes on.
+    for (req, status) in [
+        (b"POST /metrics HTTP/1.1\r\n\r\n".to_vec(), "405"),
+        (b"GET /../../etc/passwd HTTP/1.1\r\n\r\n".to_vec(), "404"),
+        (b"GET /metrics\r\n\r\n".to_vec(), "400"),
+        ([b'A'; 5000].to_vec(), "414"),
+    ] {
+        let (head, body) = http(&addr, &req);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(!body.contains("tapjail_"), "{body}");
+    }
+    let (head, body) = http(&addr, b"HEAD /metrics HTTP/1.0\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(body.is_empty());
+    assert!(http(&addr, get).0.starts_with("HTTP/1.1 200 OK"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -196,6 +196,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand audit; and __fish_seen_s
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand audit; and __fish_seen_subcommand_from help" -f -a "verify" -d 'Check an audit log\'s hash chain; names the first broken line. Rotated files are given oldest first (`audit.jsonl.2 audit.jsonl.1 audit.jsonl`): each must continue the chain of the one before'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand audit; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -s o -d 'Write to PATH atomically (temp file + rename, for node_exporter\'s textfile collector) instead of standard output' -r -F
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l listen -d 'Serve the exposition over HTTP at ADDR (such as 127.0.0.1:9477) for Prometheus to scrape, until killed: GET /metrics only, each scrape showing what this user may see' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -s h -l help -d 'Print help'
