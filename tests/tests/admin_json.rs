@@ -313,3 +313,48 @@ fn metrics_listen_answers_a_real_http_get_that_prometheus_client_parses() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// On the NBD frontend a kick in is a socket read that was needed for the
+/// next request header, a kick out one `sendmsg` of replies.
+#[test]
+fn stats_kicks_move_with_nbd_io() {
+    let h = Harness::start(Options::default());
+    let img = h.raw_image("alice", "n.img", 4 << 20);
+    let c = json(
+        &h,
+        &ALICE,
+        &["create", "-a", &format!("aio:{}", img.display()), "--json"],
+    );
+    let minor = c["minor"].to_string();
+    let sock = std::fs::read_link(c["device"].as_str().unwrap()).unwrap();
+    let tap = |h: &Harness| {
+        let s = json(h, &ALICE, &["stats", "-m", &minor]);
+        (pair(&s["tap"]["reqs"]), pair(&s["tap"]["kicks"]))
+    };
+    let (r0, k0) = tap(&h);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///tapdev{minor}?socket={}", sock.display()),
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "read -P 0x5a 0 64k",
+            "-c",
+            "flush",
+        ])
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}");
+    let (r1, k1) = tap(&h);
+    let reqs = r1[0] - r0[0];
+    let kicks = [k1[0] - k0[0], k1[1] - k0[1]];
+    assert!(reqs >= 3, "write, read, flush: {reqs}");
+    assert!(kicks[0] >= 1 && kicks[1] >= 1, "kicks {kicks:?}");
+    // At most one read per request header, plus the one that saw the
+    // client hang up (and its disconnect request).
+    assert!(kicks[0] <= reqs + 2, "kicks {kicks:?} for {reqs} requests");
+    h.ok(&ALICE, &["destroy", "-m", &minor]);
+}
