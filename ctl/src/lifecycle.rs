@@ -426,8 +426,9 @@ pub fn row_dict(r: &ListEntry) -> String {
     parts.join(" ")
 }
 
+/// One `list --json` row.
 #[derive(Debug, Serialize)]
-struct JsonRow {
+pub struct JsonRow {
     pid: Option<u32>,
     minor: Option<u16>,
     state: Option<u32>,

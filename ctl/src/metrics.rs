@@ -24,6 +24,11 @@ pub struct MetricsArgs {
     /// scrape showing what this user may see.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Print the same figures as one JSON array instead: per disk its
+    /// `list --json` row under "disk" and its `stats` document under
+    /// "stats" (null when the tapdisk did not answer).
+    #[arg(long, conflicts_with = "listen")]
+    json: bool,
 }
 
 /// Collect, render and print or write the exposition.
@@ -37,7 +42,12 @@ pub fn run(
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let client = Client::connect(socket, timeout)?;
-    let text = render(&collect(&client)?);
+    let disks = collect(&client)?;
+    let text = if args.json {
+        json(&disks)? + "\n"
+    } else {
+        render(&disks)
+    };
     match args.output {
         Some(path) => write_atomic(&path, &text)?,
         None => std::io::stdout().write_all(text.as_bytes())?,
@@ -79,6 +89,22 @@ pub fn collect(client: &Client) -> anyhow::Result<Vec<DiskMetrics>> {
         out.push(DiskMetrics { row, stats });
     }
     Ok(out)
+}
+
+/// `metrics --json`: `[{"disk": ROW, "stats": DOC | null}, ...]`.
+pub fn json(disks: &[DiskMetrics]) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    for d in disks {
+        let stats: serde_json::Value = match &d.stats {
+            Some(s) => serde_json::from_str(&crate::lifecycle::stats_json(s)?)?,
+            None => serde_json::Value::Null,
+        };
+        out.push(serde_json::json!({
+            "disk": crate::lifecycle::JsonRow::from(&d.row),
+            "stats": stats,
+        }));
+    }
+    Ok(serde_json::to_string(&out)?)
 }
 
 /// A label value escaped per the exposition format: `\`, `"` and newline.

@@ -95,6 +95,15 @@ fn json_lifecycle_documents_match_plain_output_and_stats_count_kicks() {
         assert!(keys.contains(&k), "{k} missing: {after}");
     }
 
+    // metrics --json: the same figures as `list --json` and `stats`.
+    let m = json(&h, &ALICE, &["metrics", "--json"]);
+    let m = m.as_array().unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["disk"]["minor"].to_string(), minor);
+    assert_eq!(m[0]["disk"]["file"], img.to_str().unwrap());
+    assert_eq!(m[0]["stats"]["name"], after["name"]);
+    assert!(pair(&m[0]["stats"]["tap"]["kicks"])[0] >= k1[0]);
+
     // major
     let major = h.ok(&ALICE, &["major"]).trim().parse::<u64>().unwrap();
     assert_eq!(json(&h, &ALICE, &["major", "--json"])["major"], major);

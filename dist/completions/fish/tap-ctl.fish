@@ -199,6 +199,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -s o -d 'Write 
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l listen -d 'Serve the exposition over HTTP at ADDR (such as 127.0.0.1:9477) for Prometheus to scrape, until killed: GET /metrics only, each scrape showing what this user may see' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l json -d 'Print the same figures as one JSON array instead: per disk its `list --json` row under "disk" and its `stats` document under "stats" (null when the tapdisk did not answer)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand allocate" -s m -d 'Ask for this minor instead of the lowest free one' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand allocate" -s d -d 'Ask for the minor this device path names (DIR/tapdevN)' -r
