@@ -596,6 +596,20 @@ mod tests {
     }
 
     #[test]
+    fn list_json_rows_carry_hostile_paths_escaped_and_intact() {
+        // A tenant's file name that would forge a row or a key in a
+        // line-oriented reader, and retitle a terminal.
+        let evil = "/srv/alice/x\x1b]0;owned\x07\n\"},{\"pid\":1,\"file\":\"/srv/bob/b.vhd";
+        let r = row(Some(7), Some(3), Some(0), Some(evil));
+        let out = serde_json::to_string(&vec![JsonRow::from(&r)]).unwrap();
+        assert!(!out.chars().any(|c| c.is_control()), "{out:?}");
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back.as_array().unwrap().len(), 1, "no forged row: {out}");
+        assert_eq!(back[0]["file"], evil);
+        assert_eq!(back[0]["pid"], 7);
+    }
+
+    #[test]
     fn list_type_and_file_filters_keep_rows_without_image() {
         let bare = row(None, Some(0), None, None);
         let vhd = row(Some(1), Some(1), Some(0), Some("/x.vhd"));

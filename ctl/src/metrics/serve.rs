@@ -59,8 +59,13 @@ pub fn route(line: &[u8]) -> Route {
 }
 
 /// Read the request head from `s`: the request line, then headers up to
-/// the blank line, all bounded. `Err` carries the status to answer.
-fn read_request_line(s: &mut impl Read) -> Result<Vec<u8>, &'static str> {
+/// the blank line, all bounded in bytes and by `deadline` (a client
+/// trickling a byte at a time cannot hold the exporter). `Err` carries
+/// the status to answer.
+fn read_request_line(
+    s: &mut impl Read,
+    deadline: std::time::Instant,
+) -> Result<Vec<u8>, &'static str> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     let mut line_end = None;
@@ -68,6 +73,9 @@ fn read_request_line(s: &mut impl Read) -> Result<Vec<u8>, &'static str> {
         match s.read(&mut byte) {
             Ok(1) => head.push(byte[0]),
             _ => return Err("400 Bad Request"),
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("408 Request Timeout");
         }
         if line_end.is_none() {
             if head.ends_with(b"\r\n") {
@@ -105,7 +113,8 @@ fn answer(s: &mut TcpStream, status: &str, kind: &str, body: &[u8], send_body: b
 fn serve_one(mut s: TcpStream, socket: &Path, timeout: Duration) {
     let _ = s.set_read_timeout(Some(CLIENT_TIMEOUT));
     let _ = s.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let line = match read_request_line(&mut s) {
+    let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
+    let line = match read_request_line(&mut s, deadline) {
         Ok(l) => l,
         Err(status) => {
             answer(&mut s, status, "text/plain", status.as_bytes(), true);
@@ -212,22 +221,38 @@ mod tests {
 
     #[test]
     fn request_head_is_bounded() {
+        let later = || std::time::Instant::now() + CLIENT_TIMEOUT;
         let long = [b'A'; MAX_REQUEST_LINE + 10];
-        assert_eq!(read_request_line(&mut &long[..]), Err("414 URI Too Long"));
+        assert_eq!(
+            read_request_line(&mut &long[..], later()),
+            Err("414 URI Too Long")
+        );
         let mut many = b"GET /metrics HTTP/1.1\r\n".to_vec();
         many.extend("X-A: b\r\n".repeat(4000).bytes());
         assert_eq!(
-            read_request_line(&mut &many[..]),
+            read_request_line(&mut &many[..], later()),
             Err("431 Request Header Fields Too Large")
         );
         // The stream ending early is a bad request, not a hang or panic.
         assert_eq!(
-            read_request_line(&mut &b"GET /metrics HTTP/1.1\r\nHost: x"[..]),
+            read_request_line(&mut &b"GET /metrics HTTP/1.1\r\nHost: x"[..], later()),
             Err("400 Bad Request")
         );
         assert_eq!(
-            read_request_line(&mut &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+            read_request_line(
+                &mut &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                later()
+            ),
             Ok(b"GET /metrics HTTP/1.1".to_vec())
+        );
+    }
+
+    #[test]
+    fn request_head_past_its_deadline_is_refused() {
+        let past = std::time::Instant::now() - Duration::from_secs(1);
+        assert_eq!(
+            read_request_line(&mut &b"GET /metrics HTTP/1.1\r\n\r\n"[..], past),
+            Err("408 Request Timeout")
         );
     }
 }
