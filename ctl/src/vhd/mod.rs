@@ -116,7 +116,7 @@ pub enum VhdCommand {
         /// "parent_resolved", "parent_uuid", "parent_raw", "block_size",
         /// "blktap_compatible_block_size", "allocated_blocks",
         /// "physical_size", "uuid", "creator", "batmap" (sizes in bytes;
-        /// null where the image has none).
+        /// null where the image has none); -v, -s and -p are then ignored.
         #[arg(long)]
         json: bool,
         /// Print only the virtual size in MiB (vhd-util -v).
