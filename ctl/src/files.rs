@@ -31,7 +31,7 @@ use tapjail_image::vhd::info::{query, Info};
 use tapjail_image::vhd::layer::{VhdLayer, VhdOptions};
 use tapjail_image::vhd::locator::LocatorCode;
 use tapjail_image::vhd::modify::set_parent;
-use tapjail_image::vhd::repair::{repair, RepairReport};
+use tapjail_image::vhd::repair::{repair_with_progress, RepairReport};
 use tapjail_image::vhd::resize::resize;
 use tapjail_image::Image;
 use tapjail_image::{Backing, ImageError, ParentLocator, ParentOpener};
@@ -699,19 +699,20 @@ pub fn repair_in<P: Paths + ?Sized>(
     paths: &mut P,
     path: &Path,
 ) -> Result<RepairReport, ImageError> {
-    repair_in_with_progress(paths, path, &mut |_, _| {})
+    repair_in_with_progress(paths, path, &mut |_, _| {}, &mut |_, _| {})
 }
 
-/// [`repair_in`]; `progress` follows the closing check of every block
-/// (the repairs themselves rewrite metadata only).
+/// [`repair_in`]; `rebuild` follows a batmap rebuild (if one is needed)
+/// and `verify` the closing check, each in bytes of allocated blocks.
 pub fn repair_in_with_progress<P: Paths + ?Sized>(
     paths: &mut P,
     path: &Path,
-    progress: &mut dyn FnMut(u64, u64),
+    rebuild: &mut dyn FnMut(u64, u64),
+    verify: &mut dyn FnMut(u64, u64),
 ) -> Result<RepairReport, ImageError> {
-    let mut report = repair(&paths.open(path, true)?)?;
+    let mut report = repair_with_progress(&paths.open(path, true)?, rebuild)?;
     // What is left, parents included, exactly as `check` lists it.
-    report.remaining = check_in_with_progress(paths, path, progress)?;
+    report.remaining = check_in_with_progress(paths, path, verify)?;
     Ok(report)
 }
 

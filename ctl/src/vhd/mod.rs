@@ -579,7 +579,12 @@ fn confined(
             let bar = progress::Progress::new("repair", quiet || json);
             let done = on(
                 &name,
-                vfs::repair_in_with_progress(paths, &name, &mut bar.callback()),
+                vfs::repair_in_with_progress(
+                    paths,
+                    &name,
+                    &mut bar.callback(),
+                    &mut bar.phase("repair, verifying"),
+                ),
             )?;
             bar.finish();
             return report::repair(&name, &done, json);

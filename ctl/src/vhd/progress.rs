@@ -43,6 +43,22 @@ impl Progress {
         }
     }
 
+    /// The callback of a second pass, shown as `what` from its first call.
+    pub fn phase(&self, what: &'static str) -> impl FnMut(u64, u64) {
+        let bar = self.0.clone();
+        let mut inner = self.callback();
+        let mut started = false;
+        move |done: u64, total: u64| {
+            if !started {
+                started = true;
+                if let Some(b) = &bar {
+                    b.set_message(what);
+                }
+            }
+            inner(done, total)
+        }
+    }
+
     /// The work is done: show it complete (and leave the line).
     pub fn finish(self) {
         if let Some(b) = self.0 {
