@@ -153,8 +153,8 @@ impl Running {
         }
         match self.thread.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tapjail_common::log_line!("tapdisk: {} frontend: {e}", self.kind),
-            Err(_) => tapjail_common::log_line!("tapdisk: {} frontend thread panicked", self.kind),
+            Ok(Err(e)) => tracing::error!(frontend = %self.kind, "{} frontend: {e}", self.kind),
+            Err(_) => tracing::error!(frontend = %self.kind, "{} frontend thread panicked", self.kind),
         }
     }
 }
@@ -239,17 +239,13 @@ impl Worker {
                     Err(FrameError::Closed) => {
                         // The broker is gone: flush and close, then exit.
                         if let Err(e) = self.close() {
-                            tapjail_common::log_line!(
-                                "tapdisk: closing after the broker left: {e}"
-                            );
+                            tracing::warn!("closing after the broker left: {e}");
                         }
                         return Ok(());
                     }
                     Err(e) => {
                         if let Err(e) = self.close() {
-                            tapjail_common::log_line!(
-                                "tapdisk: closing after a control error: {e}"
-                            );
+                            tracing::warn!("closing after a control error: {e}");
                         }
                         return Err(e.into());
                     }

@@ -17,6 +17,7 @@
 
 mod filter;
 mod format;
+pub mod lean;
 
 pub use filter::{parse_filter, FilterChoice, DEFAULT_FILTER};
 pub use format::{choose_format, Format};
@@ -132,6 +133,37 @@ pub fn init(program: Program) -> Chosen {
 /// one, [`crate::log_line!`] writes its line to stderr itself.
 pub fn subscribed() -> bool {
     tracing::dispatcher::get_default(|d| !d.is::<tracing::subscriber::NoSubscriber>())
+}
+
+/// [`init`] for `tapdisk`, with the [`lean`] subscriber (see there why):
+/// a worker under the broker (and its selftest) writes JSON lines; the
+/// standalone monitor writes plain lines on a terminal and JSON lines
+/// otherwise (no journald: run it under a broker for that).
+pub fn init_lean(program: Program) -> Chosen {
+    let spec = env(FILTER_ENV)
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| env(RUST_LOG_ENV))
+        .unwrap_or_else(|| DEFAULT_FILTER.to_owned());
+    let (filter, skipped) = lean::LeanFilter::parse(&spec);
+    let format = if program != Program::Worker && std::io::stderr().is_terminal() {
+        Format::Human
+    } else {
+        Format::Json
+    };
+    let sub = lean::Lean::new(filter, format == Format::Json, lean::Stderr);
+    if tracing::subscriber::set_global_default(sub).is_ok() {
+        let _ = EFFECTIVE_FILTER.set(spec.clone());
+        if !skipped.is_empty() {
+            tracing::warn!(
+                "log filter {spec:?}: tapdisk understands only LEVEL and TARGET=LEVEL directives; \
+                 ignored {skipped:?}"
+            );
+        }
+    }
+    Chosen {
+        format,
+        filter: spec,
+    }
 }
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;

@@ -204,3 +204,83 @@ fn log_line_is_an_info_event_under_a_subscriber() {
     assert_eq!(e["message"], "tap-broker: legacy line 42");
     assert_eq!(cap.writes(), 1);
 }
+
+mod lean_tests {
+    use super::super::lean::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<String>>>);
+    impl LineSink for Lines {
+        fn write_line(&self, line: &[u8]) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(String::from_utf8(line.to_vec()).unwrap());
+        }
+    }
+
+    fn run(spec: &str, json: bool, f: impl FnOnce()) -> Vec<String> {
+        let lines = Lines::default();
+        let (filter, _) = LeanFilter::parse(spec);
+        tracing::subscriber::with_default(Lean::new(filter, json, lines.clone()), f);
+        let v = lines.0.lock().unwrap().clone();
+        v
+    }
+
+    #[test]
+    fn lean_json_lines_start_with_the_level_and_carry_the_fields() {
+        let lines = run("debug", true, || {
+            tracing::warn!(minor = 3u16, image = "a \"b\"\n.vhd", ok = true, "it \"broke\"\nhere");
+            tracing::debug!(n = -4i64, "detail");
+            tracing::trace!("hidden");
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with(r#"{"level":"WARN","#), "{}", lines[0]);
+        assert!(lines.iter().all(|l| l.ends_with('\n') && l.matches('\n').count() == 1));
+        let e: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(e["message"], "it \"broke\"\nhere");
+        assert_eq!(e["minor"], 3);
+        assert_eq!(e["image"], "a \"b\"\n.vhd");
+        assert_eq!(e["ok"], true);
+        assert_eq!(e["target"], module_path!());
+        let e: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(e["level"], "DEBUG");
+        assert_eq!(e["n"], -4);
+    }
+
+    #[test]
+    fn lean_plain_lines_on_a_terminal() {
+        let lines = run("info", false, || tracing::warn!(minor = 3u16, "disk full"));
+        assert_eq!(lines, vec![" WARN disk full minor=3\n".to_string()]);
+    }
+
+    #[test]
+    fn lean_filter_takes_levels_and_targets_and_skips_the_rest() {
+        let (f, skipped) = LeanFilter::parse("warn,tapjail_common=trace,x[span]=debug,loud");
+        assert_eq!(skipped, vec!["x[span]=debug".to_string()]);
+        let lines = run("warn,tapjail_common::logging=trace", true, || {
+            tracing::trace!("mine")
+        });
+        assert_eq!(lines.len(), 1);
+        let lines = run("trace,tapjail_common=off", true, || tracing::error!("mine"));
+        assert!(lines.is_empty());
+        let lines = run("error", true, || tracing::warn!("mine"));
+        assert!(lines.is_empty());
+        // A bare target means everything from it (as in EnvFilter).
+        let (f2, _) = LeanFilter::parse("off,tapjail_common");
+        assert_ne!(f, f2);
+        let lines = run("off,tapjail_common", true, || tracing::trace!("mine"));
+        assert_eq!(lines.len(), 1);
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn lean_json_strings_parse_back_to_the_same_text(s in "\\PC*|[\\x00-\\x7f]*") {
+        let j = lean::json_str(&s);
+        let back: String = serde_json::from_str(&j).unwrap();
+        proptest::prop_assert_eq!(back, s);
+        proptest::prop_assert!(!j.contains('\n'));
+    }
+}

@@ -42,7 +42,7 @@ pub struct NbdFrontend {
 }
 
 pub(crate) fn log(msg: std::fmt::Arguments<'_>) {
-    tapjail_common::log_line!("tapdisk[{}]: nbd: {msg}", std::process::id());
+    tracing::info!(frontend = "nbd", "{msg}");
 }
 
 impl NbdFrontend {
