@@ -71,6 +71,24 @@ impl Standalone {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// How many clients the server takes at once, from its "serving"
+    /// event (sized from the RLIMIT_MEMLOCK headroom, see `nbd::sizing`).
+    pub fn max_clients(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = self
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find_map(|e| e["max_clients"].as_u64());
+            if let Some(n) = found {
+                return n.try_into().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no max_clients in:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
     }
