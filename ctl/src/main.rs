@@ -73,6 +73,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Diagnostics (warnings, `TAPJAIL_LOG=debug` request traces) are
+    // tracing events; what a command prints, errors included, is not.
+    tapjail_common::logging::init(tapjail_common::logging::Program::Tool);
     let result = match cli.command {
         Command::Vhd { command } => vhd::run(command),
         Command::Policy { command } => admin::policy(command),

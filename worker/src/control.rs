@@ -282,6 +282,12 @@ impl Worker {
                 match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
+                        tracing::info!(
+                            image = %name,
+                            kind = %kind,
+                            virtual_size = img.virtual_size(),
+                            "image opened: {kind}:{name}"
+                        );
                         self.open = Some(Open {
                             disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
@@ -449,6 +455,7 @@ impl Worker {
         let disk = open.disk.clone();
         match spawn_thread(&format!("frontend-{kind}"), move || frontend.serve(disk)) {
             Ok(thread) => {
+                tracing::info!(frontend = kind, image = %open.name, "serving {} on {kind}", open.name);
                 open.frontend = Some(Running { kind, stop, thread });
                 FromWorker::Serving
             }
