@@ -484,7 +484,7 @@ fn cgroup_missing_controllers_are_named_and_required_refuses_to_start() {
     let mut h = harness(format!("cgroups = \"auto\"\ncgroup_root = {root:?}\n"));
     let log = h.broker_log();
     assert!(
-        log.contains("warning: cgroups unavailable") && log.contains("cpu, io"),
+        warned(&log, "cgroups unavailable") && log.contains("cpu, io"),
         "{log}"
     );
     let img = h.raw_image("alice", "a.img", 8 << 20);
@@ -507,7 +507,7 @@ fn cgroup_host_without_cgroup_v2_is_reported_and_auto_serves() {
     let mut h = harness("cgroups = \"auto\"\n".into());
     let log = h.broker_log();
     assert!(
-        log.contains("warning: cgroups unavailable") && log.contains("cgroup v1 hierarchies"),
+        warned(&log, "cgroups unavailable") && log.contains("cgroup v1 hierarchies"),
         "{log}"
     );
     assert!(
