@@ -253,9 +253,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
         Ok(x) => x,
         Err(e) => {
-            tracing::warn!(
-                "no fd store ({e}): disks will not survive a restart of tap-broker"
-            );
+            tracing::warn!("no fd store ({e}): disks will not survive a restart of tap-broker");
             (FdStore::None, Vec::new())
         }
     };
@@ -372,9 +370,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 std::process::exit(0);
             }
             sig => {
-                tracing::info!(
-                    "signal {sig}: destroying every disk and stopping"
-                );
+                tracing::info!("signal {sig}: destroying every disk and stopping");
                 broker.shutdown();
                 let _ = std::fs::remove_file(&listener.path);
                 return Ok(());

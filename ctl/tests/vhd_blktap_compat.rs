@@ -117,7 +117,9 @@ fn image_whose_keyhash_says_encrypted_is_refused_for_writing_and_left_untouched(
 fn block_size_warned(stderr: &[u8], bs: &str) -> bool {
     String::from_utf8_lossy(stderr)
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
         .any(|e| {
             e["level"] == "WARN"
                 && e["block_size"].to_string() == bs

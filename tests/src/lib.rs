@@ -204,9 +204,9 @@ pub fn worker_events(log: &str, pid: u64) -> Vec<serde_json::Value> {
 
 /// Whether the broker logged a warning whose message contains `text`.
 pub fn warned(log: &str, text: &str) -> bool {
-    log_events(log).iter().any(|e| {
-        e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.contains(text))
-    })
+    log_events(log)
+        .iter()
+        .any(|e| e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.contains(text)))
 }
 
 /// The text of a relayed worker line (its `line` field), or "".

@@ -28,8 +28,7 @@ fn disk(h: &Harness) -> (PathBuf, u64, u64) {
         h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())])
             .trim(),
     );
-    let rows: serde_json::Value =
-        serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
     let pid = rows[0]["pid"].as_u64().unwrap();
     let minor = rows[0]["minor"].as_u64().unwrap();
     (dev, pid, minor)
@@ -116,7 +115,10 @@ fn broker_log_is_json_lines_with_request_fields_and_tagged_worker_lines() {
     assert_eq!(opened["level"], "INFO", "{opened}");
     let inner: serde_json::Value = serde_json::from_str(line_of(opened)).unwrap();
     assert_eq!(inner["level"], "INFO");
-    assert!(inner["image"].as_str().unwrap().ends_with("disk.img"), "{inner}");
+    assert!(
+        inner["image"].as_str().unwrap().ends_with("disk.img"),
+        "{inner}"
+    );
     assert!(inner.get("timestamp").is_none(), "{inner}");
     let serve = relayed
         .iter()
@@ -139,7 +141,9 @@ fn broker_log_filter_reaches_the_worker_and_human_format_is_plain() {
     let events = log_events(&log);
     assert_eq!(events.len(), log.lines().count(), "{log}");
     assert!(
-        events.iter().all(|e| e["level"] == "WARN" || e["level"] == "ERROR"),
+        events
+            .iter()
+            .all(|e| e["level"] == "WARN" || e["level"] == "ERROR"),
         "{log}"
     );
     assert!(worker_events(&log, pid)

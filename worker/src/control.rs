@@ -154,7 +154,9 @@ impl Running {
         match self.thread.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(frontend = %self.kind, "{} frontend: {e}", self.kind),
-            Err(_) => tracing::error!(frontend = %self.kind, "{} frontend thread panicked", self.kind),
+            Err(_) => {
+                tracing::error!(frontend = %self.kind, "{} frontend thread panicked", self.kind)
+            }
         }
     }
 }

@@ -222,7 +222,9 @@ fn broker(
     queues: QueueRings,
 ) -> ExitCode {
     if !is_socket(CONTROL_FD) {
-        return usage(&format!("--broker needs the control socket on fd {CONTROL_FD}"));
+        return usage(&format!(
+            "--broker needs the control socket on fd {CONTROL_FD}"
+        ));
     }
     // SAFETY: fd 3 is open (checked above) and handed to us by the broker;
     // nothing else in this process owns it.
@@ -290,7 +292,11 @@ fn selftest(
                 // Logging after confinement: one event of each level, with
                 // fields, through the real subscriber (a syscall it needs
                 // and seccomp forbids kills the process here).
-                tracing::error!(minor = 1u16, pid = std::process::id(), "selftest: error event");
+                tracing::error!(
+                    minor = 1u16,
+                    pid = std::process::id(),
+                    "selftest: error event"
+                );
                 tracing::warn!(minor = 1u16, image = "x.vhd", "selftest: warn event");
                 tracing::info!(request = "open", "selftest: info event");
                 tracing::debug!(tenant = "alice", "selftest: debug event");

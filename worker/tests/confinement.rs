@@ -156,7 +156,10 @@ fn confined_worker_logs_every_level_as_json_lines_under_its_filter() {
         );
         let error = events.iter().find(|e| e["level"] == "ERROR").unwrap();
         assert_eq!(error["minor"], 1, "{fe}: {error}");
-        assert!(error["pid"].as_u64().is_some_and(|p| p > 1), "{fe}: {error}");
+        assert!(
+            error["pid"].as_u64().is_some_and(|p| p > 1),
+            "{fe}: {error}"
+        );
         assert!(events.iter().all(|e| e.get("timestamp").is_none()), "{err}");
         assert!(err.starts_with(r#"{"level":""#), "{fe}: {err}");
 

@@ -227,6 +227,22 @@ impl Broker {
         }
         self.exited.notify_all();
         drop(t);
+        let m = minor.map(Minor::get);
+        if stopping {
+            tracing::debug!(
+                pid,
+                minor = m,
+                tenant = owner.as_str(),
+                "tapdisk[{pid}] ended: {exit}"
+            );
+        } else {
+            tracing::warn!(
+                pid,
+                minor = m,
+                tenant = owner.as_str(),
+                "tapdisk[{pid}] died: {exit}"
+            );
+        }
         self.audit_worker_exit(WorkerExit {
             pid,
             uid,

@@ -76,7 +76,10 @@ pub fn forward(pipe: io::PipeReader, pid: u32) {
         });
     if let Err(e) = spawned {
         // The worker's writes then fail with EPIPE; it keeps working.
-        tracing::warn!(pid, "no log reader for tapdisk[{pid}]: {e}; its log lines are lost");
+        tracing::warn!(
+            pid,
+            "no log reader for tapdisk[{pid}]: {e}; its log lines are lost"
+        );
     }
 }
 

@@ -21,7 +21,12 @@ fn logged(f: impl FnOnce()) -> Vec<serde_json::Value> {
     let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
     let b = buf.clone();
     let writer = move || Writer(b.clone());
-    let sub = test_subscriber(Format::Json, Program::Daemon, EnvFilter::new("trace"), writer);
+    let sub = test_subscriber(
+        Format::Json,
+        Program::Daemon,
+        EnvFilter::new("trace"),
+        writer,
+    );
     tracing::subscriber::with_default(sub, f);
     let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
     text.lines()

@@ -19,7 +19,11 @@ pub struct FilterChoice {
 /// `tapjail_log` if set, else `rust_log`, else [`DEFAULT_FILTER`]. An empty
 /// value counts as unset (as `RUST_LOG=` does for env_logger).
 pub fn parse_filter(tapjail_log: Option<&str>, rust_log: Option<&str>) -> FilterChoice {
-    let set = |v: Option<&str>| v.map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
+    let set = |v: Option<&str>| {
+        v.map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
     let (name, asked) = match (set(tapjail_log), set(rust_log)) {
         (Some(v), _) => (super::FILTER_ENV, v),
         (None, Some(v)) => (super::RUST_LOG_ENV, v),

@@ -15,10 +15,10 @@
 
 use std::fmt::Write as _;
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
-use tracing::level_filters::LevelFilter;
 
 /// `LEVEL` and `TARGET=LEVEL` directives: the longest matching target
 /// prefix decides, else the bare level, else `info`.

@@ -110,7 +110,10 @@ pub fn init(program: Program) -> Chosen {
                     "journald: {e}; writing JSON lines to stderr instead \
                      (unset {JOURNAL_STREAM_ENV} or set {FORMAT_ENV}=json to silence this)"
                 ));
-                (fmt_layer(Format::Json, program, std::io::stderr), Format::Json)
+                (
+                    fmt_layer(Format::Json, program, std::io::stderr),
+                    Format::Json,
+                )
             }
         },
         f => (fmt_layer(f, program, std::io::stderr), f),

@@ -52,7 +52,12 @@ fn run(format: Format, program: Program, filter: &str, f: impl FnOnce()) -> Capt
 fn a_request() {
     let span = tracing::info_span!("request", op = "open", id = 7u64, tenant = "alice");
     let _g = span.enter();
-    tracing::info!(minor = 3u32, pid = 77u32, image = "/img/a.vhd", "image opened");
+    tracing::info!(
+        minor = 3u32,
+        pid = 77u32,
+        image = "/img/a.vhd",
+        "image opened"
+    );
     tracing::debug!(minor = 3u32, "a detail");
     tracing::warn!(minor = 3u32, "line one\nline two");
 }
@@ -130,9 +135,19 @@ fn the_filter_shows_what_it_names_and_nothing_else() {
     let cap = run(Format::Json, Program::Daemon, "debug", a_request);
     assert_eq!(cap.json().len(), 3);
     // By target: this crate's events at debug, everything else off.
-    let cap = run(Format::Json, Program::Daemon, "off,tapjail_common=debug", a_request);
+    let cap = run(
+        Format::Json,
+        Program::Daemon,
+        "off,tapjail_common=debug",
+        a_request,
+    );
     assert_eq!(cap.json().len(), 3);
-    let cap = run(Format::Json, Program::Daemon, "tap_broker=trace,error", a_request);
+    let cap = run(
+        Format::Json,
+        Program::Daemon,
+        "tap_broker=trace,error",
+        a_request,
+    );
     assert_eq!(cap.json().len(), 0);
 }
 
@@ -149,7 +164,10 @@ fn a_bad_filter_is_named_and_the_default_used() {
     let c = parse_filter(Some("tap_broker=loud"), Some("debug"));
     assert_eq!(c.text, "info");
     let w = c.warning.unwrap();
-    assert!(w.starts_with("TAPJAIL_LOG=\"tap_broker=loud\" is not a log filter"), "{w}");
+    assert!(
+        w.starts_with("TAPJAIL_LOG=\"tap_broker=loud\" is not a log filter"),
+        "{w}"
+    );
     assert!(w.contains("using \"info\""), "{w}");
     let c = parse_filter(None, Some("[\x1b]=x"));
     assert_eq!(c.text, "info");
@@ -188,10 +206,15 @@ fn the_format_follows_what_stderr_is() {
         Format::Human
     );
     assert_eq!(choose_format(Some("json"), true, None, id).0, Format::Json);
-    assert_eq!(choose_format(Some("human"), false, None, id).0, Format::Human);
+    assert_eq!(
+        choose_format(Some("human"), false, None, id).0,
+        Format::Human
+    );
     let (f, note) = choose_format(Some("xml"), false, None, id);
     assert_eq!(f, Format::Json);
-    assert!(note.unwrap().contains("TAPJAIL_LOG_FORMAT=\"xml\" is not a log format"));
+    assert!(note
+        .unwrap()
+        .contains("TAPJAIL_LOG_FORMAT=\"xml\" is not a log format"));
 }
 
 #[test]
@@ -231,13 +254,20 @@ mod lean_tests {
     #[test]
     fn lean_json_lines_start_with_the_level_and_carry_the_fields() {
         let lines = run("debug", true, || {
-            tracing::warn!(minor = 3u16, image = "a \"b\"\n.vhd", ok = true, "it \"broke\"\nhere");
+            tracing::warn!(
+                minor = 3u16,
+                image = "a \"b\"\n.vhd",
+                ok = true,
+                "it \"broke\"\nhere"
+            );
             tracing::debug!(n = -4i64, "detail");
             tracing::trace!("hidden");
         });
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].starts_with(r#"{"level":"WARN","#), "{}", lines[0]);
-        assert!(lines.iter().all(|l| l.ends_with('\n') && l.matches('\n').count() == 1));
+        assert!(lines
+            .iter()
+            .all(|l| l.ends_with('\n') && l.matches('\n').count() == 1));
         let e: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
         assert_eq!(e["message"], "it \"broke\"\nhere");
         assert_eq!(e["minor"], 3);

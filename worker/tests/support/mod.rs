@@ -84,7 +84,11 @@ impl Standalone {
             if let Some(n) = found {
                 return n.try_into().unwrap();
             }
-            assert!(Instant::now() < deadline, "no max_clients in:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no max_clients in:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -96,8 +100,8 @@ impl Standalone {
     /// The confined worker's pid, from the monitor's "serving" line.
     pub fn worker_pid(&self) -> u32 {
         let log = self.log();
-        let e = serving_line(&log)
-            .unwrap_or_else(|| panic!("no complete \"serving\" line in:\n{log}"));
+        let e =
+            serving_line(&log).unwrap_or_else(|| panic!("no complete \"serving\" line in:\n{log}"));
         e["worker_pid"].as_u64().unwrap().try_into().unwrap()
     }
 

@@ -295,7 +295,9 @@ impl Frontend for FuseFrontend {
             tracing::warn!(
                 frontend = "fuse",
                 "{} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
-                plan.threads, self.config.threads, plan.big
+                plan.threads,
+                self.config.threads,
+                plan.big
             );
         }
         let pool = &self.stop.pool;
