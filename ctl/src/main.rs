@@ -11,8 +11,10 @@ mod client;
 #[cfg(test)]
 mod docs;
 mod escape;
+mod json;
 mod lifecycle;
 mod metrics;
+mod next_step;
 mod throttle;
 mod vhd;
 mod xapi;
@@ -51,6 +53,10 @@ struct Cli {
 enum Command {
     /// Offline VHD image tools (vhd-util's verbs).
     Vhd {
+        /// No progress bar (one is drawn only when stdout and stderr are
+        /// both terminals anyway).
+        #[arg(short = 'q', long, global = true)]
+        quiet: bool,
         #[command(subcommand)]
         command: vhd::VhdCommand,
     },
@@ -77,7 +83,7 @@ fn main() -> ExitCode {
     // tracing events; what a command prints, errors included, is not.
     tapjail_common::logging::init(tapjail_common::logging::Program::Tool);
     let result = match cli.command {
-        Command::Vhd { command } => vhd::run(command),
+        Command::Vhd { quiet, command } => vhd::run(command, quiet),
         Command::Policy { command } => admin::policy(command),
         Command::Audit { command } => admin::audit(command),
         Command::Metrics(args) => metrics::run(
