@@ -122,7 +122,7 @@ fn block_size_warned(stderr: &[u8], bs: &str) -> bool {
         })
         .any(|e| {
             e["level"] == "WARN"
-                && e["block_size"].to_string() == bs
+                && e["block_size"].as_u64() == bs.parse().ok()
                 && e["message"].as_str().is_some_and(|m| m.contains("blktap"))
         })
 }
