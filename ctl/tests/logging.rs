@@ -115,3 +115,44 @@ fn tap_ctl_log_filter_format_and_a_bad_filter() {
     assert!(text.starts_with(" WARN "), "{text}");
     assert!(text.trim_end().ends_with("block_size=524288"), "{text}");
 }
+
+/// `JOURNAL_STREAM` naming our stderr picks journald; with no journald
+/// socket (this host runs no systemd) the lines fall back to JSON on
+/// stderr, and the fallback is said once.
+#[test]
+fn journald_without_its_socket_falls_back_to_json_lines_and_says_so() {
+    if !tapjail_testsupport::require(
+        !std::path::Path::new("/run/systemd/journal/socket").exists(),
+        "a host without journald (this one has /run/systemd/journal/socket)",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let err = dir.path().join("err.txt");
+    let file = std::fs::File::create(&err).unwrap();
+    let md = file.metadata().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .env_remove("TAPJAIL_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("TAPJAIL_LOG_FORMAT")
+        .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
+        .args(["vhd", "create", "-s", "8", "--block-size", "524288", "-n"])
+        .arg(dir.path().join("j.vhd"))
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&err).unwrap();
+    let ev: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert_eq!(ev.len(), 2, "{text}");
+    let m = ev[0]["message"].as_str().unwrap();
+    assert!(
+        m.starts_with("journald: ") && m.contains("writing JSON lines to stderr instead"),
+        "{m}"
+    );
+    assert_eq!(ev[1]["block_size"], 524288);
+}
