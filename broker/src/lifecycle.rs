@@ -297,8 +297,9 @@ impl Disk {
         let rec = self.record();
         crate::worker_log::tag(self.minor, rec.worker);
         if let Err(e) = self.lock.write(&rec) {
-            tapjail_common::log_line!(
-                "tap-broker: cannot write record of minor {}: {e}",
+            tracing::warn!(
+                minor = self.minor.get(),
+                "cannot write record of minor {}: {e}",
                 self.minor
             );
         }

@@ -153,8 +153,10 @@ impl Running {
         }
         match self.thread.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tapjail_common::log_line!("tapdisk: {} frontend: {e}", self.kind),
-            Err(_) => tapjail_common::log_line!("tapdisk: {} frontend thread panicked", self.kind),
+            Ok(Err(e)) => tracing::error!(frontend = %self.kind, "{} frontend: {e}", self.kind),
+            Err(_) => {
+                tracing::error!(frontend = %self.kind, "{} frontend thread panicked", self.kind)
+            }
         }
     }
 }
@@ -242,17 +244,13 @@ impl Worker {
                     Err(FrameError::Closed) => {
                         // The broker is gone: flush and close, then exit.
                         if let Err(e) = self.close() {
-                            tapjail_common::log_line!(
-                                "tapdisk: closing after the broker left: {e}"
-                            );
+                            tracing::warn!("closing after the broker left: {e}");
                         }
                         return Ok(());
                     }
                     Err(e) => {
                         if let Err(e) = self.close() {
-                            tapjail_common::log_line!(
-                                "tapdisk: closing after a control error: {e}"
-                            );
+                            tracing::warn!("closing after a control error: {e}");
                         }
                         return Err(e.into());
                     }
@@ -289,6 +287,12 @@ impl Worker {
                 match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
+                        tracing::info!(
+                            image = %name,
+                            kind = %kind,
+                            virtual_size = img.virtual_size(),
+                            "image opened: {kind}:{name}"
+                        );
                         self.open = Some(Open {
                             disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
@@ -540,6 +544,7 @@ impl Worker {
         let disk = open.disk.clone();
         match spawn_thread(&format!("frontend-{kind}"), move || frontend.serve(disk)) {
             Ok(thread) => {
+                tracing::info!(frontend = kind, image = %open.name, "serving {} on {kind}", open.name);
                 open.frontend = Some(Running { kind, stop, thread });
                 FromWorker::Serving
             }

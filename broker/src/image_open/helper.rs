@@ -200,7 +200,7 @@ fn reap_bounded(pidfd: OwnedFd) {
             STUCK.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     if spawned.is_err() {
-        tapjail_common::log_line!("tap-broker: cannot start a thread to reap a stuck open helper");
+        tracing::warn!("cannot start a thread to reap a stuck open helper");
     }
 }
 
