@@ -27,6 +27,9 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
     let h = Harness::start(Options {
         frontend: "ublk",
         tenants: vec![ALICE],
+        // Under software emulation on a loaded host a worker's first
+        // start (a debug binary paged in over 9p) can take over 10 s.
+        worker_timeout_secs: 60,
         ..Options::default()
     });
     let raw = h.raw_image("alice", "soak.img", 1 << 20);
