@@ -23,6 +23,13 @@ pub const MEMLOCK_NEEDED: u64 = 512 << 20;
 /// (heap for the image engine, a few threads, small I/O buffers).
 pub const MIN_HEADROOM: u64 = 2 << 20;
 
+/// What the smallest frontend needs beyond the image engine's tables and
+/// caches: a serving thread or two with their stacks and one large I/O
+/// buffer (FUSE: ~400 KiB; NBD: two I/O threads, two connections and 128
+/// KiB in flight), with room for control frames. The engine's budget is
+/// the headroom less this (see `tapjail_image::memory`).
+pub const FRONTEND_FLOOR: u64 = 1 << 20;
+
 /// glibc's `M_ARENA_MAX` mallopt parameter.
 const M_ARENA_MAX: libc::c_int = -8;
 /// One arena, shared by all threads (each still has its own tcache).
@@ -80,14 +87,21 @@ pub fn lock_all(status: Option<&std::fs::File>) -> Result<(), MlockError> {
     if limit != libc::RLIM_INFINITY && limit < locked.saturating_add(MIN_HEADROOM) {
         return Err(too_small(limit, locked));
     }
-    let _ = HEADROOM.set(limit.saturating_sub(locked));
+    let room = limit.saturating_sub(locked);
+    let _ = HEADROOM.set(room);
+    // Images opened from now on reserve their tables and caches from this
+    // (see `tapjail_image::memory`); the rest is the frontend's.
+    tapjail_image::memory::set_budget(room.saturating_sub(FRONTEND_FLOOR));
     Ok(())
 }
 
-/// Bytes that may still be locked (mapped) after confinement; `None` when
-/// this process did not lock its memory (tests, offline tools).
+/// Bytes that may still be locked (mapped) after confinement, less what
+/// the open image holds; `None` when this process did not lock its memory
+/// (tests, offline tools).
 pub fn headroom() -> Option<u64> {
-    HEADROOM.get().copied()
+    HEADROOM
+        .get()
+        .map(|room| room.saturating_sub(tapjail_image::memory::committed()))
 }
 
 /// A `/proc/self/status` field in bytes (the file reports kB).
