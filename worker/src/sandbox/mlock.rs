@@ -6,8 +6,10 @@
 //! With `MCL_FUTURE`, every later mapping (heap growth, thread stacks, I/O
 //! buffers) is locked too, and once capabilities are dropped each new
 //! mapping must fit under `RLIMIT_MEMLOCK` or fail. So this step also
-//! records how much room is left ([`headroom`]); the frontends size their
-//! threads and buffers from it instead of failing mid-request, and if the
+//! records how much room is left ([`headroom`]); the open image reserves
+//! its tables and caches from that (less [`FRONTEND_FLOOR`]) or is refused
+//! at open, the frontends size their threads and buffers from what it
+//! left instead of failing mid-request, and if the
 //! room is below [`MIN_HEADROOM`] the worker refuses to start, naming the
 //! limit. Before locking we cap glibc's malloc at one arena: every extra
 //! arena reserves 64 MiB of address space, all of which would count.
