@@ -1,5 +1,5 @@
-//! A legal but big image under a small locked-memory budget, through FUSE
-//! + loop end to end (real broker, confined worker, tap-ctl, loop device).
+//! A legal but big image under a small locked-memory budget, end to end
+//! through FUSE and a loop device (real broker, confined worker, tap-ctl).
 //! The worker runs under `mlockall`, where an allocation past
 //! RLIMIT_MEMLOCK aborts it: the engine's tables and bitmap cache must be
 //! budgeted at open (`tapjail_image::memory`). Needs root, /dev/fuse and

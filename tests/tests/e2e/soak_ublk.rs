@@ -58,7 +58,7 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
         // Progress (a full run takes an hour or more under emulation)
         // and the midway census, which tells growth that settles from a
         // leak that keeps growing.
-        if done % 100 == 0 {
+        if done.is_multiple_of(100) {
             eprintln!(
                 "soak: ublk {done}/{total} cycles, {:.0} s",
                 t0.elapsed().as_secs_f64()
