@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+mod budget;
 mod deferred_bat;
 mod direct;
 pub mod raw;
@@ -37,14 +38,6 @@ const BITMAP_SHARDS: usize = 16;
 /// Partial-block bitmaps cached per shard (full blocks need none), at
 /// most; fewer when the memory budget is short (see [`memory_need`]).
 const BITMAPS_PER_SHARD: usize = 256;
-/// The least a shard caches: a block's read-modify-write holds its own.
-const MIN_BITMAPS_PER_SHARD: usize = 2;
-/// What a cached bitmap costs besides its bytes (`Arc` counts, map slot,
-/// allocator rounding).
-const CACHE_ENTRY_OVERHEAD: u64 = 64;
-/// Requests that may each hold a bitmap copy or two at once (a frontend's
-/// depth).
-const IN_FLIGHT: u64 = 32;
 
 /// How a layer is opened.
 #[derive(Debug, Clone, Copy)]
@@ -164,44 +157,6 @@ pub(crate) fn encrypted_error(name: &str) -> ImageError {
     ))
 }
 
-/// What serving a sparse layer holds in memory: the BAT as read (its
-/// capacity), the full and hinted bits, bitmap copies of requests in
-/// flight, and the bitmap cache (its floor and its most); and the fixed
-/// part in words, for a refusal.
-fn memory_need(s: &super::layout::Sparse) -> (crate::memory::Need, String) {
-    let bat = s.bat.capacity() as u64 * 4;
-    let bits = 2 * (s.bat.len() as u64).div_ceil(64) * 8;
-    let bitmap = u64::from(s.bitmap_bytes);
-    let fixed = bat + bits + IN_FLIGHT * 2 * bitmap;
-    let entry = bitmap + CACHE_ENTRY_OVERHEAD;
-    let per = |n: usize| (BITMAP_SHARDS * n) as u64 * entry;
-    let need = crate::memory::Need {
-        fixed,
-        cache_min: per(MIN_BITMAPS_PER_SHARD),
-        cache_max: per(BITMAPS_PER_SHARD),
-    };
-    let what = format!(
-        "a {} KiB block allocation table for {} blocks of {} KiB, and {} KiB of \
-         sector bitmaps",
-        bat / 1024,
-        s.bat.len(),
-        s.block_size / 1024,
-        (fixed - bat + need.cache_min) / 1024
-    );
-    (need, what)
-}
-
-/// Cache `map` as `block`'s bitmap, evicting another when the shard is at
-/// its budget.
-fn cache_insert(s: &Sparse, shard: &mut HashMap<u32, Arc<[u8]>>, block: usize, map: Arc<[u8]>) {
-    if shard.len() >= s.cache_per_shard && !shard.contains_key(&(block as u32)) {
-        if let Some(&k) = shard.keys().next() {
-            shard.remove(&k);
-        }
-    }
-    shard.insert(block as u32, map);
-}
-
 impl VhdLayer {
     /// Parse and validate `file` as a VHD.
     pub fn open(
@@ -230,12 +185,7 @@ impl VhdLayer {
             None => None,
             Some(s) => {
                 let n = s.bat.len();
-                let (need, what) = memory_need(&s);
-                let (memory, cache) = crate::memory::reserve(name, need, &what)?;
-                let entry = u64::from(s.bitmap_bytes) + CACHE_ENTRY_OVERHEAD;
-                let cache_per_shard = usize::try_from(cache / entry / BITMAP_SHARDS as u64)
-                    .unwrap_or(BITMAPS_PER_SHARD)
-                    .clamp(MIN_BITMAPS_PER_SHARD, BITMAPS_PER_SHARD);
+                let (memory, cache_per_shard) = budget::reserve(name, &s)?;
                 let full: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
                 let hinted: Vec<AtomicU64> =
                     (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
@@ -542,7 +492,7 @@ impl VhdLayer {
         if bitmap::is_full(&map, s.sectors_per_block) {
             self.set_full(s, block, true);
         } else {
-            cache_insert(s, shard, block, map.clone());
+            budget::cache_insert(s, shard, block, map.clone());
         }
         Ok(map)
     }
@@ -656,7 +606,7 @@ impl VhdLayer {
             shard.remove(&(block as u32));
             self.set_full(s, block, true);
         } else {
-            cache_insert(s, &mut shard, block, map.into());
+            budget::cache_insert(s, &mut shard, block, map.into());
         }
         Ok(())
     }
@@ -736,7 +686,7 @@ impl VhdLayer {
         if full {
             self.set_full(s, block, true);
         } else {
-            cache_insert(
+            budget::cache_insert(
                 s,
                 &mut lock(&s.bitmaps[block % BITMAP_SHARDS]),
                 block,
