@@ -187,6 +187,7 @@ ci_tests! {
     crash_resize_fixed_keeps_data => "resize_fixed",
     crash_resize_differencing_with_locators_keeps_data => "resize_diff",
     crash_repair_keeps_data => "repair",
+    crash_set_parent_sample_keeps_child_openable => "set_parent",
 }
 
 /// Regression: coalesce seed 1 found the parent's BAT entry reaching the
@@ -300,8 +301,8 @@ fn crash_resize_differencing_every_point_keeps_child_openable() {
 }
 
 /// Set-parent (twice: to a longer name and two locators, then back),
-/// every crash point of two seeds with 8 reordered and 8 torn samples
-/// each: the two-sector dynamic header must never be
+/// every crash point of seed 1 with 8 reordered and 8 torn samples each
+/// (the CI sample covers seed 2): the two-sector dynamic header must never be
 /// rewritten while a footer points at it (torn, its checksum fails and
 /// the child no longer opens, nor can set-parent run again; seen before
 /// the header was switched through a copy, `vhd::modify`).
@@ -309,7 +310,7 @@ fn crash_resize_differencing_every_point_keeps_child_openable() {
 fn crash_set_parent_keeps_child_openable() {
     let r = campaign(
         "set_parent",
-        1..3,
+        1..2,
         Budget {
             per_point: 8,
             max_points: usize::MAX,
