@@ -75,8 +75,10 @@ const SERVE_STACK: usize = 64 * 1024;
 /// wedging the worker's control thread.
 const INIT_TIMEOUT_MS: i32 = 30_000;
 
-/// Kept free under RLIMIT_MEMLOCK for the image engine's own allocations
-/// (BAT and bitmap caches, control frames). The engine no longer makes
+/// Kept free under RLIMIT_MEMLOCK for allocations nobody budgets (control
+/// frames, bitmap copies, allocator slack); the open image's tables and
+/// caches are already taken out of the headroom (`tapjail_image::memory`,
+/// `sandbox::mlock::headroom`). The engine no longer makes
 /// block-sized allocations while serving (see `image::zeroes`), but with
 /// only 1 MiB kept a worker under an 8 MiB limit once aborted on one.
 const RESERVE: u64 = 2 << 20;
