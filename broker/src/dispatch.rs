@@ -15,7 +15,19 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
+use tapjail_broker::phases;
 use tapjail_policy::{decide, Decision, PeerCred};
+
+/// A request's verb for its phase line (`Create`, `Destroy`, ...).
+fn op_name(req: &Request) -> String {
+    match req {
+        Request::WithOptions { req, .. } => op_name(req),
+        r => {
+            let d = format!("{r:?}");
+            d.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("").to_lowercase()
+        }
+    }
+}
 
 /// Whether `req` changes state (and so is audited before it is carried out).
 fn changes_state(req: &Request) -> bool {
@@ -52,6 +64,15 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
 impl Broker {
     /// Decide, audit the decision, execute, audit the outcome, reply.
     pub fn handle(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
+        phases::begin();
+        let reply = self.handle_timed(peer, req);
+        if phases::enabled() {
+            phases::end(&op_name(req));
+        }
+        reply
+    }
+
+    fn handle_timed(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
         if let Err(e) = self.audit_healthy() {
             return e.reply();
         }
@@ -59,7 +80,9 @@ impl Broker {
             return BrokerError::failed("tap-broker is shutting down").reply();
         }
         let t = self.table();
+        phases::lap("table_lock");
         let d = decide(req, peer, &self.policy, &*t);
+        phases::lap("policy");
         if !d.allow {
             drop(t);
             let result = Err(BrokerError::denied(d.reason.clone()));
@@ -70,6 +93,7 @@ impl Broker {
             if let Err(e) = self.audit_decision(peer, req, &d) {
                 return e.reply();
             }
+            phases::lap("audit_decision");
         }
         let run = catch_unwind(AssertUnwindSafe(|| self.execute(t, req, &d)));
         let result = match run {
@@ -97,9 +121,11 @@ impl Broker {
         d: &Decision,
         result: Result<Done, BrokerError>,
     ) -> Reply {
+        phases::lap("op_rest");
         if let Err(e) = self.audit_outcome(peer, req, d, &result) {
             return e.reply();
         }
+        phases::lap("audit_outcome");
         match result {
             Ok((reply, _)) => reply,
             Err(e) => e.reply(),

@@ -50,6 +50,9 @@ struct Args {
     cache: CacheMode,
     queues: QueueRings,
     selftest: Option<String>,
+    /// Log how long each confinement step took (the broker's
+    /// `TAPJAIL_PHASES=1` passes it on).
+    phases: bool,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -60,6 +63,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--broker" => a.broker = true,
+            "--phases" => a.phases = true,
             "--frontend" => {
                 a.frontend = Some(match value(&mut argv, "--frontend")?.as_str() {
                     "nbd" => FrontendKind::Nbd,
@@ -196,7 +200,7 @@ fn main() -> ExitCode {
                 tapjail_common::log_line!("tapdisk: --broker needs --frontend\n{USAGE}");
                 return ExitCode::from(2);
             };
-            broker(frontend, requested, args.cache, args.queues)
+            broker(frontend, requested, args.cache, args.queues, args.phases)
         }
         _ => {
             tapjail_common::log_line!("{USAGE}");
@@ -211,6 +215,7 @@ fn broker(
     requested: Option<Ids>,
     cache: CacheMode,
     queues: QueueRings,
+    phases: bool,
 ) -> ExitCode {
     if !is_socket(CONTROL_FD) {
         tapjail_common::log_line!("tapdisk: --broker needs the control socket on fd {CONTROL_FD}");
@@ -220,17 +225,27 @@ fn broker(
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confined = Policy::choose_ids(requested).and_then(|ids| {
-        sandbox::confine(&worker_policy(
+        sandbox::confine_timed(&worker_policy(
             frontend,
             ids,
             vec![0, 1, 2, CONTROL_FD],
             queues,
         ))
     });
-    if let Err(e) = confined {
-        tapjail_common::log_line!("tapdisk: {e}");
-        let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
-        return ExitCode::from(1);
+    match confined {
+        Err(e) => {
+            tapjail_common::log_line!("tapdisk: {e}");
+            let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
+            return ExitCode::from(1);
+        }
+        Ok(times) if phases => {
+            let steps: String = times
+                .iter()
+                .map(|(n, d)| format!(" {n}_us={}", d.as_micros()))
+                .collect();
+            tapjail_common::log_line!("tapdisk: phases op=confine{steps}");
+        }
+        Ok(_) => {}
     }
     match Worker::new(control, frontend, cache).run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,7 +46,9 @@ impl Broker {
         };
         t.pending.push(pending.clone());
         drop(t);
+        tapjail_broker::phases::lap("uid_scan");
         let spawned = self.worker_cgroup(tenant, minor, uid).and_then(|cg| {
+            tapjail_broker::phases::lap("cgroup");
             let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
             Ok((s, cg))
         });
@@ -82,6 +84,7 @@ impl Broker {
         let _ = w.record.write(&rec);
         t.workers.insert(s.pid, w);
         drop(t);
+        tapjail_broker::phases::lap("worker_record");
         self.wake_supervisor();
         Ok(s.pid)
     }
