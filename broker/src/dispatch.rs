@@ -14,8 +14,8 @@ use crate::table::Table;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
-use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
 use tapjail_broker::phases;
+use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
 use tapjail_policy::{decide, Decision, PeerCred};
 
 /// A request's verb for its phase line (`Create`, `Destroy`, ...).
@@ -24,7 +24,10 @@ fn op_name(req: &Request) -> String {
         Request::WithOptions { req, .. } => op_name(req),
         r => {
             let d = format!("{r:?}");
-            d.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("").to_lowercase()
+            d.split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or("")
+                .to_lowercase()
         }
     }
 }

@@ -133,6 +133,7 @@ fn worker_policy(
         ids,
         frontend,
         rings: RingPlan::for_frontend(frontend, queues),
+        fresh_uid: false,
     }
 }
 
@@ -225,12 +226,10 @@ fn broker(
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confined = Policy::choose_ids(requested).and_then(|ids| {
-        sandbox::confine_timed(&worker_policy(
-            frontend,
-            ids,
-            vec![0, 1, 2, CONTROL_FD],
-            queues,
-        ))
+        let mut policy = worker_policy(frontend, ids, vec![0, 1, 2, CONTROL_FD], queues);
+        // The broker chose the uid unused on the host.
+        policy.fresh_uid = true;
+        sandbox::confine_timed(&policy)
     });
     match confined {
         Err(e) => {

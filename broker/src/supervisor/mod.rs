@@ -26,13 +26,20 @@ impl Broker {
     /// Spawn a worker for `tenant`. Consumes the guard (spawning is slow).
     pub fn spawn_worker(
         self: &Arc<Self>,
-        mut t: MutexGuard<'_, Table>,
+        t: MutexGuard<'_, Table>,
         tenant: &str,
         minor: Option<Minor>,
     ) -> Result<u32, BrokerError> {
         let (lo, hi) = self.policy.worker_uids;
+        // The host scan runs without the table: other clients go on
+        // meanwhile. A uid is still taken only under the lock, from the
+        // table as it is then (pending spawns included), so two spawns
+        // never pick the same one.
+        let ours = t.live_worker_pids();
+        drop(t);
+        let on_host = sys::uids_in_use(&ours);
+        let mut t = self.table();
         let taken = t.worker_uids();
-        let on_host = sys::uids_in_use();
         let uid = (lo..=hi)
             .find(|u| !taken.contains(u) && !on_host.contains(u))
             .ok_or_else(|| {

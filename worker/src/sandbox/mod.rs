@@ -55,6 +55,9 @@ pub struct Policy {
     pub frontend: FrontendKind,
     /// The io_uring rings to make before seccomp.
     pub rings: rings::RingPlan,
+    /// `ids.uid` was chosen unused by the spawner (see
+    /// [`rlimit::Limits::fresh_uid`]).
+    pub fresh_uid: bool,
 }
 
 impl Policy {
@@ -140,6 +143,7 @@ pub fn confine_timed(policy: &Policy) -> Result<StepTimes, SandboxError> {
     rlimit::apply(&rlimit::Limits {
         uid,
         memlock_min: mlock::MEMLOCK_NEEDED,
+        fresh_uid: policy.fresh_uid,
     })?;
     lap("rlimits");
     // Read after the root is gone, by the mlock step; closed after it.
