@@ -67,6 +67,7 @@ mod lifecycle;
 mod ops;
 mod publish;
 mod qos;
+mod qos_records;
 mod records;
 mod resync;
 mod server;
@@ -281,6 +282,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || sup.supervise())?;
     let held_n = held.len();
     let adopted = broker.adopt(&store, held);
+    for note in broker.restore_tenant_limits() {
+        tapjail_common::log_line!("tap-broker: {note}");
+        broker.notice(Event::BrokerStart, None, None, "restore-limits", note);
+    }
     let mut cleanup =
         records::clean_predecessor(&broker.state, &broker.devices, &broker.policy.device_dir);
     // Cgroups of workers that are gone (after adoption took the live ones).

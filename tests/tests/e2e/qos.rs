@@ -180,3 +180,89 @@ fn qos_tenant_limit_is_shared_by_the_tenants_disks_only() {
         serde_json::json!([0, 0])
     );
 }
+
+/// The pid of the worker serving `minor`, from `list --json`.
+fn worker_of(h: &Harness, minor: &str) -> u64 {
+    let rows: serde_json::Value = serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["minor"].to_string() == minor)
+        .and_then(|r| r["pid"].as_u64())
+        .unwrap_or_else(|| panic!("minor {minor} not listed with a worker: {rows}"))
+}
+
+/// SIGKILL `minor`'s worker and wait until a new one serves it.
+fn respawn(h: &Harness, minor: &str) {
+    let pid = worker_of(h, minor);
+    // SAFETY: kill(2) on a worker pid this test created through the broker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || {
+            let rows: serde_json::Value =
+                serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+            rows.as_array().unwrap().iter().any(|r| {
+                r["minor"].to_string() == minor && r["state"] == 0 && r["pid"] != pid
+            })
+        }),
+        "minor {minor} was not respawned:\n{}",
+        h.broker_log()
+    );
+}
+
+const TENANT_BPS: u64 = 100 << 20;
+
+fn throttle_bob_at_runtime(h: &Harness, minor: &str) {
+    h.ok(&ROOT, &["throttle", "-m", minor, "--write-iops", "20:5"]);
+    h.ok(
+        &ROOT,
+        &["throttle", "--tenant", "bob", "--write-bps", &TENANT_BPS.to_string()],
+    );
+}
+
+#[test]
+fn qos_runtime_limits_survive_a_worker_respawn() {
+    let h = Harness::start(Options {
+        respawn: true,
+        ..Options::default()
+    });
+    let (m, sock) = disk(&h, &BOB, "b.img");
+    throttle_bob_at_runtime(&h, &m);
+    respawn(&h, &m);
+    write_burst(&sock, N);
+    let th = throttle(&h, &ROOT, &m);
+    assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
+    assert_eq!(th["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th}");
+    assert_paced(&th, N, 20, 5);
+}
+
+#[test]
+fn qos_runtime_limits_survive_a_broker_restart() {
+    let mut h = Harness::start(Options {
+        respawn: true,
+        ..Options::default()
+    });
+    let (m, sock) = disk(&h, &BOB, "b.img");
+    throttle_bob_at_runtime(&h, &m);
+    h.stop_for_restart();
+    h.launch();
+    // The new broker's own view of the tenant: a new disk of hers gets
+    // the runtime tenant limit, not the policy's (none).
+    let (m2, _) = disk(&h, &BOB, "c.img");
+    let th2 = throttle(&h, &ROOT, &m2);
+    assert_eq!(th2["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th2}");
+    assert!(th2["disk"]["write_iops"].is_null(), "{th2}");
+    assert!(
+        h.broker_log().contains("tenant bob: runtime limits"),
+        "{}",
+        h.broker_log()
+    );
+    // And of the adopted disk: a worker it respawns gets the runtime
+    // disk limit from the records it adopted.
+    respawn(&h, &m);
+    write_burst(&sock, N);
+    let th = throttle(&h, &ROOT, &m);
+    assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
+    assert_eq!(th["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th}");
+    assert_paced(&th, N, 20, 5);
+}
