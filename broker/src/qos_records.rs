@@ -30,7 +30,10 @@ pub fn load(state_dir: &Path) -> (BTreeMap<String, IoLimits>, Option<String>) {
         Err(e) => return (BTreeMap::new(), Some(format!("{}: {e}", path.display()))),
     };
     match serde_json::from_slice::<BTreeMap<String, IoLimits>>(&bytes) {
-        Ok(map) => match map.iter().find_map(|(t, l)| l.check().err().map(|e| (t, e))) {
+        Ok(map) => match map
+            .iter()
+            .find_map(|(t, l)| l.check().err().map(|e| (t, e)))
+        {
             Some((t, e)) => (
                 BTreeMap::new(),
                 Some(format!("{}: tenant {t:?}: {e}", path.display())),
@@ -81,7 +84,9 @@ impl Broker {
             .collect();
         for (tenant, limits) in map {
             if self.policy.tenant(&tenant).is_none() {
-                notes.push(format!("runtime limits of tenant {tenant:?} ignored: not in the policy"));
+                notes.push(format!(
+                    "runtime limits of tenant {tenant:?} ignored: not in the policy"
+                ));
                 continue;
             }
             self.set_tenant_limits(&tenant, limits);
@@ -144,7 +149,11 @@ mod tests {
     #[test]
     fn unreadable_or_invalid_file_is_ignored_and_named() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(dir.path()), (BTreeMap::new(), None), "no file: nothing");
+        assert_eq!(
+            load(dir.path()),
+            (BTreeMap::new(), None),
+            "no file: nothing"
+        );
         std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
         let (map, problem) = load(dir.path());
         assert!(map.is_empty());
@@ -156,6 +165,9 @@ mod tests {
         .unwrap();
         let (map, problem) = load(dir.path());
         assert!(map.is_empty());
-        assert!(problem.unwrap().contains("alice"), "an invalid rate is refused");
+        assert!(
+            problem.unwrap().contains("alice"),
+            "an invalid rate is refused"
+        );
     }
 }

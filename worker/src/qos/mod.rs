@@ -285,10 +285,25 @@ impl Throttle {
     }
 
     fn sleep(&self, d: Duration) {
-        let deadline = Instant::now() + d;
+        self.sleep_until(Instant::now() + d);
+    }
+
+    /// Sleep until `deadline`; cut short by [`Throttle::interrupt`].
+    pub fn sleep_until(&self, deadline: Instant) {
+        self.sleep_from(self.interrupts(), deadline);
+    }
+
+    /// How many times [`Throttle::interrupt`] was called: a sleep from
+    /// this count ends at the next one, even if it came before the sleep.
+    pub fn interrupts(&self) -> u64 {
+        *self.wake.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleep until `deadline` unless interrupted after `start` (a value
+    /// of [`Throttle::interrupts`]).
+    pub fn sleep_from(&self, start: u64, deadline: Instant) {
         let (lock, cv) = &self.wake;
         let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let start = *g;
         while *g == start {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
