@@ -253,6 +253,17 @@ impl Disk {
         if dir.is_some_and(|d| !self.throttle.ready(d, bytes)) {
             return Admission::Held;
         }
+        self.admit_gate(kind, bytes, true)
+    }
+
+    /// [`Disk::try_admit`] for a request whose tokens were taken already
+    /// ([`Disk::take_tokens`]): `Held` only while paused.
+    pub fn try_admit_taken(&self, kind: IoKind, bytes: u64) -> Admission<'_> {
+        self.admit_gate(kind, bytes, false)
+    }
+
+    fn admit_gate(&self, kind: IoKind, bytes: u64, take: bool) -> Admission<'_> {
+        let dir = kind.dir().filter(|_| take);
         let mut inner = self.lock();
         match &inner.gate {
             Gate::Open(img) => {
