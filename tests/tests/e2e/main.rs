@@ -12,6 +12,7 @@ mod faults;
 mod hostile_worker;
 mod image_open;
 mod qos;
+mod qos_ublk;
 mod raw_parent;
 mod robustness;
 mod seed;

@@ -26,6 +26,10 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tapjail_common::qos::{IoLimits, Knob, ThrottleStats};
 
+/// Threads a frontend runs for delayed requests: one per [`Dir`], so a
+/// direction out of tokens holds up only itself.
+pub const PACED_LANES: usize = 2;
+
 /// Which way a request moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {

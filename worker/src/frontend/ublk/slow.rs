@@ -62,7 +62,7 @@ fn lane(req: &Request) -> usize {
 }
 
 /// Lane threads per queue, one per direction (see [`Job::due`]).
-pub const PACED_THREADS: usize = 2;
+pub const PACED_THREADS: usize = crate::qos::PACED_LANES;
 
 /// The shared state of one queue's slow path.
 #[derive(Debug)]
