@@ -192,7 +192,7 @@ fn worker_of(h: &Harness, minor: &str) -> u64 {
     rows.as_array()
         .unwrap()
         .iter()
-        .find(|r| r["minor"].to_string() == minor)
+        .find(|r| r["minor"].as_u64() == minor.parse().ok())
         .and_then(|r| r["pid"].as_u64())
         .unwrap_or_else(|| panic!("minor {minor} not listed with a worker: {rows}"))
 }
@@ -206,10 +206,9 @@ fn respawn(h: &Harness, minor: &str) {
         eventually(std::time::Duration::from_secs(10), || {
             let rows: serde_json::Value =
                 serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
-            rows.as_array()
-                .unwrap()
-                .iter()
-                .any(|r| r["minor"].to_string() == minor && r["state"] == 0 && r["pid"] != pid)
+            rows.as_array().unwrap().iter().any(|r| {
+                r["minor"].as_u64() == minor.parse().ok() && r["state"] == 0 && r["pid"] != pid
+            })
         }),
         "minor {minor} was not respawned:\n{}",
         h.broker_log()
