@@ -2,16 +2,15 @@
 //!
 //! A worker parses hostile images; whatever it writes may have been chosen
 //! by an attacker. Its fd 2 is therefore a pipe, never the broker's own
-//! stderr (the journal): one thread per worker reads it and writes each
-//! line tagged with the worker's pid and minor (`tapdisk[PID] minor N: `),
+//! stderr (the journal): one thread reads all of them (`log_reader`) and
+//! writes each line tagged with the worker's pid and minor (`tapdisk[PID] minor N: `),
 //! with every byte outside printable ASCII escaped (no terminal escapes,
 //! no carriage returns forging another line), cut at [`MAX_LINE`] bytes,
 //! and at most [`BURST`] lines at once and [`LINES_PER_SEC`] a second on
 //! average; what is dropped is counted and the count is written.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tapjail_common::Minor;
@@ -24,7 +23,7 @@ pub const BURST: u32 = 50;
 pub const LINES_PER_SEC: u32 = 10;
 /// How often a reader with dropped lines reports their count while its
 /// worker is quiet.
-const TICK: Duration = Duration::from_secs(1);
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// Which minor each worker serves, for the tag. Kept here (not looked up
 /// in the broker's table) so that a reader never waits on the table lock:
@@ -54,57 +53,13 @@ pub fn pipe() -> io::Result<(io::PipeReader, io::PipeWriter)> {
     io::pipe()
 }
 
-/// Read worker `pid`'s stderr on a thread of its own until the worker
-/// and every copy of the write end are gone.
+/// Read worker `pid`'s stderr until the worker and every copy of the
+/// write end are gone (on the one log thread, `log_reader`).
 pub fn forward(pipe: io::PipeReader, pid: u32) {
-    let spawned = std::thread::Builder::new()
-        .name(format!("log-{pid}"))
-        .spawn(move || {
-            let mut filter = LineFilter::new(pid);
-            // One write per line (see `log_line!`).
-            let mut out = |mut line: String| {
-                line.push('\n');
-                let _ = io::stderr().lock().write_all(line.as_bytes());
-            };
-            read_loop(pipe, &mut filter, &mut out);
-        });
-    if let Err(e) = spawned {
+    if let Err(e) = crate::log_reader::add(pipe, pid) {
         // The worker's writes then fail with EPIPE; it keeps working.
         tapjail_common::log_line!("tap-broker: no log reader for tapdisk[{pid}]: {e}");
     }
-}
-
-fn read_loop(mut pipe: io::PipeReader, filter: &mut LineFilter, out: &mut dyn FnMut(String)) {
-    let mut buf = [0u8; 4096];
-    loop {
-        let ready = {
-            let fd = pipe.as_fd();
-            let mut fds = [rustix::event::PollFd::new(
-                &fd,
-                rustix::event::PollFlags::IN,
-            )];
-            let ts = rustix::event::Timespec {
-                tv_sec: i64::try_from(TICK.as_secs()).unwrap_or(1),
-                tv_nsec: 0,
-            };
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(n) => n > 0,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => true, // let the read report it
-            }
-        };
-        if !ready {
-            filter.tick(Instant::now(), out);
-            continue;
-        }
-        match pipe.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => filter.feed(&buf[..n], Instant::now(), out),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    filter.finish(Instant::now(), out);
 }
 
 /// Splits a byte stream into tagged, escaped, bounded, rate-limited lines.

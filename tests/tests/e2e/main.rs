@@ -6,6 +6,7 @@ mod audit_flood;
 mod audit_full;
 mod audit_rotation;
 mod cgroup;
+mod ctlplane;
 mod deadlines;
 mod escapes;
 mod faults;
