@@ -43,14 +43,14 @@ cargo build --quiet "${PROFILE[@]}" -p tapjail-broker -p tapjail-worker -p tapja
 BIN=$ROOT/target/$BUILD
 TAPDISK=${TAPDISK:-$BIN/tapdisk}
 
-# Limits 1000 disks meet: each disk costs the broker ~6 fds (control and
-# log sockets, FUSE fd, loop fd, records) and 2 threads; say which limit
-# is too low rather than let a create fail half-way.
-need_fds=$((N * 8 + 1024))
+# Limits 1000 disks meet: each disk holds about 10 of the broker's fds
+# (the broker raises its soft limit to the hard one) and each worker runs
+# about 14 threads; say which limit is too low rather than let a create
+# fail half-way.
+need_fds=$((N * 12 + 1024))
 if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need_fds" ]; then
     die "hard fd limit $(ulimit -Hn) < $need_fds needed for $N disks: raise it (limits.conf, LimitNOFILE=)"
 fi
-ulimit -n "$need_fds"
 pid_max=$(cat /proc/sys/kernel/pid_max)
 [ "$pid_max" -gt $((N * 20)) ] || die "kernel.pid_max $pid_max is too low for $N workers (each runs ~14 threads): sysctl kernel.pid_max=$((N * 40))"
 threads_max=$(cat /proc/sys/kernel/threads-max)

@@ -125,6 +125,7 @@ impl Broker {
         result: Result<Done, BrokerError>,
     ) -> Reply {
         phases::lap("op_rest");
+        let result = result.map_err(crate::host_limits::explain);
         if let Err(e) = self.audit_outcome(peer, req, d, &result) {
             return e.reply();
         }

@@ -61,6 +61,7 @@ use tapjail_broker::device;
 mod error;
 #[cfg(test)]
 mod faults;
+mod host_limits;
 mod image_open;
 mod lease;
 mod lifecycle;
@@ -230,6 +231,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let signals = tapjail_common::signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
         .context("blocking termination signals")?;
 
+    match host_limits::raise_nofile() {
+        Ok(n) => {
+            tapjail_common::log_line!("tap-broker: RLIMIT_NOFILE {n} (about {} disks)", n / 10)
+        }
+        Err(e) => tapjail_common::log_line!("tap-broker: cannot raise RLIMIT_NOFILE: {e}"),
+    }
     let devices =
         device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
             .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
