@@ -5,7 +5,8 @@
 #
 #   sudo bench/control-plane.sh [N] [SAMPLES]    (default 1000 and 100;
 #        env: BUILD=debug|release (default debug), TAPDISK=other worker,
-#        LOAD_JOBS=fio jobs for the load phase (default 4))
+#        LOAD_JOBS=fio jobs for the load phase (default 4), FILLS=rounds of
+#        filling N and destroying all, each followed by the census (default 1))
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has) with
 # TAPJAIL_PHASES=1, so every request logs a `tap-broker: phases` line with
@@ -27,6 +28,7 @@ N=${1:-1000}
 SAMPLES=${2:-100}
 BUILD=${BUILD:-debug}
 LOAD_JOBS=${LOAD_JOBS:-4}
+FILLS=${FILLS:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "bench: $*" >&2; exit 2; }
@@ -93,10 +95,10 @@ BROKER_PID=$!
 for _ in $(seq 100); do "${CTL[@]}" list >/dev/null 2>&1 && break; sleep 0.1; done
 "${CTL[@]}" list >/dev/null || { cat "$WORK/broker.log"; die "broker did not start"; }
 
-python3 - "$WORK" "$BROKER_PID" "$N" "$SAMPLES" "$LOAD_JOBS" "${CTL[@]}" <<'EOF'
+python3 - "$WORK" "$BROKER_PID" "$N" "$SAMPLES" "$LOAD_JOBS" "$FILLS" "${CTL[@]}" <<'EOF'
 import os, re, statistics, subprocess, sys, time
-work, broker, n, samples, load_jobs = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:6])
-ctl = sys.argv[6:]
+work, broker, n, samples, load_jobs, fills = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
+ctl = sys.argv[7:]
 log = f"{work}/broker.log"
 spare = f"{work}/images/d{n}.raw"
 
@@ -294,4 +296,14 @@ for k in before:
     leaks += [k] if bad else []
     print(f"  {k:16} {before[k]:8} -> {after[k]:8}{'   LEAK' if bad else ''}")
 print("no leak" if not leaks else f"LEAKED: {', '.join(leaks)}")
+# More fills tell a leak (grows every round) from memory the allocator
+# kept after the first peak (grows once).
+for r in range(2, fills + 1):
+    for i in range(n):
+        create_usable(f"{work}/images/d{i}.raw")
+    for line in tapctl("list").splitlines():
+        destroy(re.search(r"minor=(\d+)", line).group(1))
+    time.sleep(1)
+    c = census()
+    print(f"after fill {r}: " + " ".join(f"{k}={c[k]}" for k in c))
 EOF
