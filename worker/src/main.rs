@@ -33,7 +33,7 @@ use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
   tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
-          [--ublk-queues N --ublk-depth D]
+          [--ublk-queues N --ublk-depth D] [--phases]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
 
