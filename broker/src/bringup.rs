@@ -117,12 +117,14 @@ impl Broker {
             file: leaf,
             id: leaf_id,
         } = self.open_grant(grant, !read_only, target.minor)?;
+        tapjail_broker::phases::lap("image_open");
         if !unpause {
             // Before the first request can arrive (a worker keeps its
             // limits across pause and unpause).
             let own = self.table().disk(target.minor)?.io;
             let limits = self.worker_limits(target.owner, own)?;
             self.push_limits(conn, &limits, false)?;
+            tapjail_broker::phases::lap("limits");
         }
         let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
         self.table().claim_files(target.minor, &files)?;
@@ -152,6 +154,7 @@ impl Broker {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
         drop(leaf);
+        tapjail_broker::phases::lap("worker_open");
         let opened: Opened = match opened {
             Ok(o) => o,
             Err(e) => {
@@ -200,10 +203,15 @@ impl Broker {
         match device {
             DeviceMode::Fresh => {
                 let mut dev = self.devices.create(target.minor)?;
+                tapjail_broker::phases::lap("device_create");
                 let result = (|| {
                     let prepared = dev.prepare(image.size, image.read_only)?;
+                    tapjail_broker::phases::lap("device_prepare");
                     send_serve(conn, prepared)?;
-                    Ok::<_, BrokerError>(dev.activate(target.worker_pid)?)
+                    tapjail_broker::phases::lap("worker_serve");
+                    let node = dev.activate(target.worker_pid)?;
+                    tapjail_broker::phases::lap("device_activate");
+                    Ok::<_, BrokerError>(node)
                 })();
                 match result {
                     Ok(node) => Ok((Some(dev), Some(node))),

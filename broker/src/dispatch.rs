@@ -14,8 +14,23 @@ use crate::table::Table;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
+use tapjail_broker::phases;
 use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
 use tapjail_policy::{decide, Decision, PeerCred};
+
+/// A request's verb for its phase line (`Create`, `Destroy`, ...).
+fn op_name(req: &Request) -> String {
+    match req {
+        Request::WithOptions { req, .. } => op_name(req),
+        r => {
+            let d = format!("{r:?}");
+            d.split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or("")
+                .to_lowercase()
+        }
+    }
+}
 
 /// Whether `req` changes state (and so is audited before it is carried out).
 fn changes_state(req: &Request) -> bool {
@@ -81,6 +96,15 @@ fn request_span(peer: &PeerCred, req: &Request, d: &Decision) -> tracing::Span {
 impl Broker {
     /// Decide, audit the decision, execute, audit the outcome, reply.
     pub fn handle(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
+        phases::begin();
+        let reply = self.handle_timed(peer, req);
+        if phases::enabled() {
+            phases::end(&op_name(req));
+        }
+        reply
+    }
+
+    fn handle_timed(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
         if let Err(e) = self.audit_healthy() {
             return e.reply();
         }
@@ -88,7 +112,9 @@ impl Broker {
             return BrokerError::failed("tap-broker is shutting down").reply();
         }
         let t = self.table();
+        phases::lap("table_lock");
         let d = decide(req, peer, &self.policy, &*t);
+        phases::lap("policy");
         // Every event while this request is served names it (see `request_span`).
         let span = request_span(peer, req, &d);
         let _serving = span.enter();
@@ -102,6 +128,7 @@ impl Broker {
             if let Err(e) = self.audit_decision(peer, req, &d) {
                 return e.reply();
             }
+            phases::lap("audit_decision");
         }
         let run = catch_unwind(AssertUnwindSafe(|| self.execute(t, req, &d)));
         let result = match run {
@@ -129,9 +156,12 @@ impl Broker {
         d: &Decision,
         result: Result<Done, BrokerError>,
     ) -> Reply {
+        phases::lap("op_rest");
+        let result = result.map_err(crate::host_limits::explain);
         if let Err(e) = self.audit_outcome(peer, req, d, &result) {
             return e.reply();
         }
+        phases::lap("audit_outcome");
         match &result {
             Ok(_) => tracing::debug!(rule = d.rule, "done"),
             Err(e) => tracing::debug!(rule = d.rule, "refused or failed: {e}"),

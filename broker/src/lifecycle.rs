@@ -288,6 +288,7 @@ impl Disk {
                 Slot::Idle(p) => p.served().and_then(crate::adopt::served_record),
                 Slot::Leased { .. } => None,
             },
+            io: self.io,
         }
     }
 

@@ -61,12 +61,15 @@ use tapjail_broker::device;
 mod error;
 #[cfg(test)]
 mod faults;
+mod host_limits;
 mod image_open;
 mod lease;
 mod lifecycle;
+mod log_reader;
 mod ops;
 mod publish;
 mod qos;
+mod qos_records;
 mod records;
 mod resync;
 mod server;
@@ -228,6 +231,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let signals = tapjail_common::signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
         .context("blocking termination signals")?;
 
+    match host_limits::raise_nofile() {
+        Ok(n) => {
+            tapjail_common::log_line!("tap-broker: RLIMIT_NOFILE {n} (about {} disks)", n / 10)
+        }
+        Err(e) => tapjail_common::log_line!("tap-broker: cannot raise RLIMIT_NOFILE: {e}"),
+    }
     let devices =
         device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
             .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
@@ -279,6 +288,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || sup.supervise())?;
     let held_n = held.len();
     let adopted = broker.adopt(&store, held);
+    for note in broker.restore_tenant_limits() {
+        tapjail_common::log_line!("tap-broker: {note}");
+        broker.notice(Event::BrokerStart, None, None, "restore-limits", note);
+    }
     let mut cleanup =
         records::clean_predecessor(&broker.state, &broker.devices, &broker.policy.device_dir);
     // Cgroups of workers that are gone (after adoption took the live ones).

@@ -195,6 +195,39 @@ impl Disk {
             // flight, so pause and close need not wait for it.
             self.throttle.admit(dir, bytes);
         }
+        self.io_taken(kind, bytes, f)
+    }
+
+    /// Take a request's throttle tokens now, in arrival order, without
+    /// waiting; returns when it may run (`None`: at once). The caller
+    /// waits with [`Disk::pace_until`] where it does not hold up other
+    /// requests, then runs it with [`Disk::io_taken`].
+    pub fn take_tokens(&self, kind: IoKind, bytes: u64) -> Option<Instant> {
+        let wait = kind.dir().map_or(0, |d| self.throttle.take(d, bytes));
+        (wait > 0).then(|| Instant::now() + std::time::Duration::from_nanos(wait))
+    }
+
+    /// Sleep until `deadline`, or less if the disk closes meanwhile (not
+    /// at all once it is closed: a queue of delayed requests then fails
+    /// at once instead of waiting out its schedule).
+    pub fn pace_until(&self, deadline: Instant) {
+        // Counted before the check: a close between the two still ends
+        // the sleep.
+        let start = self.throttle.interrupts();
+        if matches!(self.lock().gate, Gate::Closed) {
+            return;
+        }
+        self.throttle.sleep_from(start, deadline);
+    }
+
+    /// [`Disk::io`] for a request whose tokens were taken already
+    /// ([`Disk::take_tokens`]).
+    pub fn io_taken<T>(
+        &self,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn Image) -> Result<T, ImageError>,
+    ) -> Result<T, DiskError> {
         self.counters.received.fetch_add(1, Relaxed);
         let admitted = {
             let mut inner = self.lock();
@@ -234,6 +267,17 @@ impl Disk {
         if dir.is_some_and(|d| !self.throttle.ready(d, bytes)) {
             return Admission::Held;
         }
+        self.admit_gate(kind, bytes, true)
+    }
+
+    /// [`Disk::try_admit`] for a request whose tokens were taken already
+    /// ([`Disk::take_tokens`]): `Held` only while paused.
+    pub fn try_admit_taken(&self, kind: IoKind, bytes: u64) -> Admission<'_> {
+        self.admit_gate(kind, bytes, false)
+    }
+
+    fn admit_gate(&self, kind: IoKind, bytes: u64, take: bool) -> Admission<'_> {
+        let dir = kind.dir().filter(|_| take);
         let mut inner = self.lock();
         match &inner.gate {
             Gate::Open(img) => {
@@ -457,6 +501,9 @@ impl Disk {
         let mut inner = self.lock();
         inner.gate = Gate::Closed;
         self.changed.notify_all();
+        drop(inner);
+        // Whoever began to wait for a slot while the disk drained.
+        self.throttle.interrupt();
         match paused {
             Err(DiskError::Closed) => Ok(()),
             other => other,

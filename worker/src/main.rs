@@ -33,7 +33,7 @@ use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
   tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
-          [--ublk-queues N --ublk-depth D]
+          [--ublk-queues N --ublk-depth D] [--phases]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
 
@@ -50,6 +50,9 @@ struct Args {
     cache: CacheMode,
     queues: QueueRings,
     selftest: Option<String>,
+    /// Log how long each confinement step took (the broker's
+    /// `TAPJAIL_PHASES=1` passes it on).
+    phases: bool,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -60,6 +63,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--broker" => a.broker = true,
+            "--phases" => a.phases = true,
             "--frontend" => {
                 a.frontend = Some(match value(&mut argv, "--frontend")?.as_str() {
                     "nbd" => FrontendKind::Nbd,
@@ -129,6 +133,7 @@ fn worker_policy(
         ids,
         frontend,
         rings: RingPlan::for_frontend(frontend, queues),
+        fresh_uid: false,
     }
 }
 
@@ -208,7 +213,7 @@ fn main() -> ExitCode {
             let Some(frontend) = args.frontend else {
                 return usage("--broker needs --frontend");
             };
-            broker(frontend, requested, args.cache, args.queues)
+            broker(frontend, requested, args.cache, args.queues, args.phases)
         }
         _ => usage(""),
     }
@@ -220,6 +225,7 @@ fn broker(
     requested: Option<Ids>,
     cache: CacheMode,
     queues: QueueRings,
+    phases: bool,
 ) -> ExitCode {
     if !is_socket(CONTROL_FD) {
         return usage(&format!(
@@ -230,17 +236,25 @@ fn broker(
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confined = Policy::choose_ids(requested).and_then(|ids| {
-        sandbox::confine(&worker_policy(
-            frontend,
-            ids,
-            vec![0, 1, 2, CONTROL_FD],
-            queues,
-        ))
+        let mut policy = worker_policy(frontend, ids, vec![0, 1, 2, CONTROL_FD], queues);
+        // The broker chose the uid unused on the host.
+        policy.fresh_uid = true;
+        sandbox::confine_timed(&policy)
     });
-    if let Err(e) = confined {
-        tracing::error!("{e}");
-        let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
-        return ExitCode::from(1);
+    match confined {
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
+            return ExitCode::from(1);
+        }
+        Ok(times) if phases => {
+            let steps: String = times
+                .iter()
+                .map(|(n, d)| format!(" {n}_us={}", d.as_micros()))
+                .collect();
+            tapjail_common::log_line!("tapdisk: phases op=confine{steps}");
+        }
+        Ok(_) => {}
     }
     match Worker::new(control, frontend, cache).run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,6 +70,7 @@ pub fn spawn(
         .arg(uid.to_string())
         .arg("--gid")
         .arg(uid.to_string())
+        .args(tapjail_broker::phases::enabled().then_some("--phases"))
         .env_clear()
         // Its one variable: log with the broker's filter (read before the
         // worker clears its environment).
@@ -92,6 +93,7 @@ pub fn spawn(
         path: cfg.tapdisk.display().to_string(),
         source,
     })?;
+    tapjail_broker::phases::lap("fork_exec");
     drop(theirs);
     drop(procs);
     // The child holds the only write end now (the Command's copy goes with it).
@@ -112,7 +114,9 @@ pub fn spawn(
         sys::kill_and_reap(pidfd.as_fd());
         e
     };
+    tapjail_broker::phases::lap("spawn_rest");
     let ready = conn.recv().map_err(fail)?;
+    tapjail_broker::phases::lap("worker_confine");
     match ready {
         FromWorker::Ready { pid: said } if said == pid => {}
         FromWorker::Ready { pid: said } => {
@@ -138,6 +142,7 @@ pub fn spawn(
     if let Some(what) = confinement_problem(&info, uid) {
         return Err(fail(WorkerError::NotConfined { pid, what }));
     }
+    tapjail_broker::phases::lap("confine_check");
     let kept = match (&cfg.store, &keep) {
         (Some(store), Some((ctl, log))) => {
             let [c, l] = kept_names(pid);
@@ -156,6 +161,7 @@ pub fn spawn(
         }
         _ => None,
     };
+    tapjail_broker::phases::lap("fdstore");
     Ok(Spawned {
         kept,
         pid,

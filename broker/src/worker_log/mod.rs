@@ -2,7 +2,7 @@
 //!
 //! A worker parses hostile images; whatever it writes may have been chosen
 //! by an attacker. Its fd 2 is therefore a pipe, never the broker's own
-//! stderr (the journal): one thread per worker reads it and logs each line
+//! stderr (the journal): one thread reads all of them (`log_reader`) and logs each line
 //! as a `tracing` event of target `tapdisk` whose `pid` and `minor` fields
 //! the broker sets and whose `line` field carries the worker's bytes as an
 //! opaque string: every byte outside printable ASCII escaped (no terminal
@@ -20,8 +20,7 @@
 //! that lies about a level changes only how its own line is filtered.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
-use std::os::fd::AsFd;
+use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tapjail_common::Minor;
@@ -34,7 +33,7 @@ pub const BURST: u32 = 50;
 pub const LINES_PER_SEC: u32 = 10;
 /// How often a reader with dropped lines reports their count while its
 /// worker is quiet.
-const TICK: Duration = Duration::from_secs(1);
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// Which minor each worker serves, for the tag. Kept here (not looked up
 /// in the broker's table) so that a reader never waits on the table lock:
@@ -53,7 +52,7 @@ pub fn tag(minor: Minor, worker: Option<u32>) {
     }
 }
 
-fn minor_of(pid: u32) -> Option<Minor> {
+pub(crate) fn minor_of(pid: u32) -> Option<Minor> {
     let m = MINORS.lock().unwrap_or_else(|e| e.into_inner());
     m.as_ref().and_then(|map| map.get(&pid).copied())
 }
@@ -64,56 +63,16 @@ pub fn pipe() -> io::Result<(io::PipeReader, io::PipeWriter)> {
     io::pipe()
 }
 
-/// Read worker `pid`'s stderr on a thread of its own until the worker
-/// and every copy of the write end are gone.
+/// Read worker `pid`'s stderr until the worker and every copy of the
+/// write end are gone (on the one log thread, `log_reader`).
 pub fn forward(pipe: io::PipeReader, pid: u32) {
-    let spawned = std::thread::Builder::new()
-        .name(format!("log-{pid}"))
-        .spawn(move || {
-            let mut filter = LineFilter::new();
-            let mut out = |r: Relayed| log(pid, minor_of(pid), &r);
-            read_loop(pipe, &mut filter, &mut out);
-        });
-    if let Err(e) = spawned {
+    if let Err(e) = crate::log_reader::add(pipe, pid) {
         // The worker's writes then fail with EPIPE; it keeps working.
         tracing::warn!(
             pid,
             "no log reader for tapdisk[{pid}]: {e}; its log lines are lost"
         );
     }
-}
-
-fn read_loop(mut pipe: io::PipeReader, filter: &mut LineFilter, out: &mut dyn FnMut(Relayed)) {
-    let mut buf = [0u8; 4096];
-    loop {
-        let ready = {
-            let fd = pipe.as_fd();
-            let mut fds = [rustix::event::PollFd::new(
-                &fd,
-                rustix::event::PollFlags::IN,
-            )];
-            let ts = rustix::event::Timespec {
-                tv_sec: i64::try_from(TICK.as_secs()).unwrap_or(1),
-                tv_nsec: 0,
-            };
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(n) => n > 0,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => true, // let the read report it
-            }
-        };
-        if !ready {
-            filter.tick(Instant::now(), out);
-            continue;
-        }
-        match pipe.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => filter.feed(&buf[..n], Instant::now(), out),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    filter.finish(Instant::now(), out);
 }
 
 /// What the filter passes on for one worker.

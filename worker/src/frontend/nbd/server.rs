@@ -179,6 +179,9 @@ impl Frontend for NbdFrontend {
             let _ = t.join();
         }
         ctx.pool.shutdown();
+        for lane in &ctx.paced {
+            lane.shutdown();
+        }
         result
     }
 

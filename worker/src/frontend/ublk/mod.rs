@@ -14,7 +14,7 @@ mod request;
 pub mod rings;
 mod slow;
 
-pub use slow::SLOW_THREADS;
+pub use slow::{PACED_THREADS, SLOW_THREADS};
 
 use super::{Frontend, FrontendError};
 use crate::disk::Disk;
