@@ -439,3 +439,67 @@ impl DeviceBackend for NbdKernelBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(dir: &Path) -> DeviceContext {
+        DeviceContext {
+            minor: Minor::new(5).unwrap(),
+            state_dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The real netlink path on a host without nbd.ko (this one): the
+    /// family lookup fails and `prepare` says what to load, having made
+    /// nothing for a worker.
+    #[test]
+    fn nbd_kernel_prepare_without_the_driver_says_kernel_nbd_driver_not_loaded() {
+        if !tapjail_testsupport::require(
+            !Path::new("/sys/module/nbd").exists(),
+            "this host has no nbd module loaded (nestvm has one)",
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = NbdKernelBackend::new(&ctx(dir.path()));
+        let e = b.prepare(1 << 20, false).unwrap_err();
+        assert!(matches!(e, DeviceError::Unavailable(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("nbd-kernel: kernel nbd driver not loaded:"),
+            "{msg}"
+        );
+        assert!(msg.contains("modprobe nbd"), "{msg}");
+        assert!(b.pending.is_empty() && b.dev.is_none());
+        assert!(b.activate(1).is_err(), "nothing to activate");
+        b.teardown().unwrap();
+        // Nothing of ours is connected, so a successor has nothing to clean.
+        assert!(cleanup_stale(&ctx(dir.path())).unwrap().is_empty());
+    }
+
+    #[test]
+    fn nbd_kernel_identifier_names_the_broker_and_the_minor() {
+        let a = identifier(Path::new("/var/lib/tapjail"), Minor::new(1).unwrap());
+        let b = identifier(Path::new("/var/lib/tapjail"), Minor::new(10).unwrap());
+        let c = identifier(Path::new("/tmp/other"), Minor::new(1).unwrap());
+        assert_eq!(a, "tapjail:/var/lib/tapjail:tapdev1");
+        assert!(a != b && a != c && !b.starts_with(&format!("{a}:")));
+    }
+
+    #[test]
+    fn nbd_kernel_recover_before_connect_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = NbdKernelBackend::new(&ctx(dir.path())).with_connections(99);
+        assert_eq!(b.connections, MAX_CONNECTIONS);
+        assert!(b
+            .recover()
+            .unwrap_err()
+            .to_string()
+            .contains("before the device was connected"));
+        assert!(b.recovered(1).is_err());
+        assert!(b.handoff().is_none());
+        assert!(!b.in_use());
+    }
+}
