@@ -292,9 +292,10 @@ fn nbd_kernel_verifying_writer_survives_three_worker_sigkills() {
                 let r = rows(&h, &ALICE);
                 r.len() == 1 && r[0]["restarts"] == round && r[0]["state"] == 0
             }),
-            "round {round}: {:?}\n{}",
+            "round {round}: {:?}\n{}\naudit: {:#?}",
             rows(&h, &ALICE),
-            h.broker_log()
+            h.broker_log(),
+            h.audit_lines().iter().rev().take(6).collect::<Vec<_>>()
         );
         let row = rows(&h, &ALICE).remove(0);
         let pid = row["pid"].as_u64().unwrap() as u32;

@@ -129,14 +129,18 @@ impl Driver {
     }
 
     /// NBD_CMD_RECONFIGURE: put `socks` in place of dead connections.
+    /// `backend` must be the identifier the device was connected with
+    /// (the kernel refuses a reconfigure without it, EINVAL).
     pub fn reconfigure(
         &mut self,
         index: u32,
+        backend: &str,
         dead_conn_timeout: Duration,
         socks: &[BorrowedFd<'_>],
     ) -> Result<(), GenlError> {
         let mut m = self.genl.msg(CMD_RECONFIGURE);
         m.put_u32(ATTR_INDEX, index)
+            .put_str(ATTR_BACKEND_IDENTIFIER, backend)
             .put_u64(ATTR_DEAD_CONN_TIMEOUT, dead_conn_timeout.as_secs().max(1));
         sockets(&mut m, socks);
         self.genl

@@ -333,8 +333,9 @@ impl DeviceBackend for NbdKernelBackend {
             ));
         }
         let socks: Vec<BorrowedFd<'_>> = ours.iter().map(|s| s.as_fd()).collect();
+        let ident = self.ident.clone();
         self.driver()?
-            .reconfigure(index, DEAD_CONN_TIMEOUT, &socks)
+            .reconfigure(index, &ident, DEAD_CONN_TIMEOUT, &socks)
             .map_err(genl_err)
     }
 
