@@ -119,7 +119,7 @@ fn selftest_for(frontend: &str, what: &str) -> std::process::Output {
         .unwrap()
 }
 
-const FRONTENDS: [&str; 3] = ["nbd", "fuse", "ublk"];
+const FRONTENDS: [&str; 4] = ["nbd", "fuse", "ublk", "nbd-kernel"];
 
 /// Issue 11's escape: after confinement, a ring of one's own (whose
 /// operations seccomp never sees). io_uring_setup is off every allowlist.
