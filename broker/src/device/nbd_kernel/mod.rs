@@ -17,7 +17,11 @@
 
 pub mod cmd;
 pub mod genl;
+mod stale;
 pub mod sysfs;
+
+pub use stale::cleanup_stale;
+use stale::wait_free;
 
 use super::factory::DeviceContext;
 use super::{DeviceBackend, DeviceError, Handoff, HandoffFds, Prepared};
@@ -27,7 +31,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::worker_proto::FrontendSpec;
 use tapjail_common::Minor;
@@ -43,8 +47,6 @@ pub const BLOCK_SIZE: u64 = 512;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long I/O waits for a fresh worker before failing.
 pub const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long `teardown` waits for the kernel to let go after DISCONNECT.
-const FREE_WAIT: Duration = Duration::from_secs(30);
 /// Most connections per device (the worker refuses more).
 pub const MAX_CONNECTIONS: usize = 16;
 
@@ -87,45 +89,6 @@ pub struct NbdKernelBackend {
 /// per broker instance and minor, so a successor finds exactly its own.
 pub fn identifier(state_dir: &Path, minor: Minor) -> String {
     format!("tapjail:{}:{}", state_dir.display(), minor.device_name())
-}
-
-/// Disconnect what a broker that is gone left connected for `ctx.minor`.
-pub fn cleanup_stale(ctx: &DeviceContext) -> Result<Vec<String>, DeviceError> {
-    let ident = identifier(&ctx.state_dir, ctx.minor);
-    let stale = sysfs::owned_by(Path::new(sysfs::SYS_BLOCK), &ident);
-    if stale.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut driver = Driver::open().map_err(genl_err)?;
-    let mut done = Vec::new();
-    for index in stale {
-        driver.disconnect(index).map_err(genl_err)?;
-        wait_free(&mut driver, index)?;
-        done.push(format!("disconnected stale /dev/nbd{index}"));
-    }
-    Ok(done)
-}
-
-/// Wait until the kernel no longer holds a configuration for `index`.
-fn wait_free(driver: &mut Driver, index: u32) -> Result<(), DeviceError> {
-    let deadline = Instant::now() + FREE_WAIT;
-    loop {
-        let busy = match driver.connected(index) {
-            Ok(c) => c.unwrap_or(false),
-            Err(e) => return Err(genl_err(e)),
-        } || sysfs::connected(Path::new(sysfs::SYS_BLOCK), index);
-        if !busy {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(DeviceError::Failed(format!(
-                "nbd-kernel: /dev/nbd{index} is disconnected but still held open after {} s \
-                 (a mount or a process using it); it frees itself once they close it",
-                FREE_WAIT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 impl NbdKernelBackend {
