@@ -82,6 +82,9 @@ pub enum FrontendKind {
     Ublk,
     Fuse,
     Nbd,
+    /// The kernel's own nbd client on `/dev/nbdN`, connected by the broker
+    /// to the worker over socketpairs (no negotiation phase).
+    NbdKernel,
 }
 
 impl FrontendKind {
@@ -90,6 +93,7 @@ impl FrontendKind {
             FrontendKind::Ublk => "ublk",
             FrontendKind::Fuse => "fuse",
             FrontendKind::Nbd => "nbd",
+            FrontendKind::NbdKernel => "nbd-kernel",
         }
     }
 }

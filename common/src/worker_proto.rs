@@ -41,6 +41,16 @@ pub enum FrontendSpec {
         max_io_bytes: u32,
         recovering: bool,
     },
+    /// fds: one connected stream socket per kernel nbd connection. The
+    /// kernel skips negotiation, so the worker serves the transmission
+    /// phase right away with these settings (the broker told the kernel
+    /// the same size and flags). `max_io_bytes`: the largest READ/WRITE
+    /// the kernel will send (the broker capped the queue at it).
+    NbdKernel {
+        size: u64,
+        read_only: bool,
+        max_io_bytes: u32,
+    },
 }
 
 impl FrontendSpec {
@@ -49,6 +59,7 @@ impl FrontendSpec {
             FrontendSpec::Nbd { .. } => FrontendKind::Nbd,
             FrontendSpec::Fuse { .. } => FrontendKind::Fuse,
             FrontendSpec::Ublk { .. } => FrontendKind::Ublk,
+            FrontendSpec::NbdKernel { .. } => FrontendKind::NbdKernel,
         }
     }
 }

@@ -164,6 +164,7 @@ pub fn render(p: &Policy) -> String {
         FrontendChoice::Ublk => "ublk",
         FrontendChoice::Fuse => "fuse",
         FrontendChoice::Nbd => "nbd",
+        FrontendChoice::NbdKernel => "nbd-kernel",
     };
     t.insert("frontend".into(), toml::Value::String(frontend.into()));
     let mib = i64::try_from(p.worker_memlock >> 20).unwrap_or(i64::MAX);

@@ -36,11 +36,15 @@ pub const MAX_POLICY_BYTES: u64 = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FrontendChoice {
-    /// The best this host supports: ublk, then FUSE + loop, then NBD.
+    /// The best this host supports: ublk, then FUSE + loop, then the
+    /// kernel nbd client, then NBD.
     Auto,
     Ublk,
     Fuse,
     Nbd,
+    /// `nbd-kernel`: `/dev/nbdN` connected to the worker by the broker.
+    #[serde(rename = "nbd-kernel")]
+    NbdKernel,
 }
 
 /// One tenant: who may act as it, and what it may touch.
@@ -1110,6 +1114,15 @@ image_roots = ["/srv/bob"]
         assert_eq!(d[0].line, 8);
         let d = errs("[[tenant]]\nname = \"a\"\nuids = [1]\nminors = [0, 16384]\n");
         assert_eq!(d[0].line, 4);
+    }
+
+    #[test]
+    fn frontend_nbd_kernel_is_spelled_with_a_dash() {
+        let p = Policy::parse(&GOOD.replace("\"nbd\"", "\"nbd-kernel\"")).unwrap();
+        assert_eq!(p.frontend, FrontendChoice::NbdKernel);
+        let d = errs(&GOOD.replace("\"nbd\"", "\"nbd_kernel\""));
+        assert_eq!(d[0].line, 6, "{d:?}");
+        assert!(d[0].message.contains("nbd-kernel"), "{d:?}");
     }
 
     #[test]

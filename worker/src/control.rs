@@ -526,6 +526,22 @@ impl Worker {
                     Err(e) => return error(format!("fuse frontend: {e}")),
                 }
             }
+            FrontendSpec::NbdKernel {
+                size,
+                read_only,
+                max_io_bytes,
+            } => {
+                let export = crate::frontend::nbd::kernel::KernelExport {
+                    size,
+                    read_only,
+                    max_io_bytes,
+                };
+                match crate::frontend::nbd::KernelNbdFrontend::new(std::mem::take(&mut fds), export)
+                {
+                    Ok(f) => Box::new(f.exit_when_dropped()),
+                    Err(e) => return error(format!("Serve(NbdKernel): {e}")),
+                }
+            }
             spec @ FrontendSpec::Ublk { .. } => {
                 let Some(char_dev) = single_fd(&mut fds) else {
                     return error("Serve(Ublk) needs exactly one fd (/dev/ublkcN)");

@@ -1,7 +1,7 @@
 //! `tapdisk`: the confined per-disk worker.
 //!
 //! ```text
-//! tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
+//! tapdisk --broker --frontend nbd|fuse|ublk|nbd-kernel [--uid U --gid G] [--cache auto|buffered]
 //!         [--ublk-queues N --ublk-depth D]
 //!     Broker mode: the control socket is fd 3 and nothing else is open.
 //!     Confines itself, sends Ready, then serves broker requests. For ublk,
@@ -32,7 +32,7 @@ use tapjail_worker::sandbox::{self, Ids, Policy};
 use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
-  tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
+  tapdisk --broker --frontend nbd|fuse|ublk|nbd-kernel [--uid U --gid G] [--cache auto|buffered]
           [--ublk-queues N --ublk-depth D] [--phases]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
@@ -69,8 +69,11 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                     "nbd" => FrontendKind::Nbd,
                     "fuse" => FrontendKind::Fuse,
                     "ublk" => FrontendKind::Ublk,
+                    "nbd-kernel" => FrontendKind::NbdKernel,
                     other => {
-                        return Err(format!("unknown frontend {other:?}: use nbd, fuse or ublk"))
+                        return Err(format!(
+                            "unknown frontend {other:?}: use nbd, fuse, ublk or nbd-kernel"
+                        ))
                     }
                 })
             }

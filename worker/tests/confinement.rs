@@ -119,7 +119,7 @@ fn selftest_for(frontend: &str, what: &str) -> std::process::Output {
         .unwrap()
 }
 
-const FRONTENDS: [&str; 3] = ["nbd", "fuse", "ublk"];
+const FRONTENDS: [&str; 4] = ["nbd", "fuse", "ublk", "nbd-kernel"];
 
 /// The JSON lines a selftest wrote, parsed.
 fn json_lines(stderr: &[u8]) -> Vec<serde_json::Value> {

@@ -1,12 +1,13 @@
 //! Choosing a frontend for this host and constructing its backend per minor.
 //!
-//! `frontend = "auto"` prefers ublk, then FUSE + loop, then NBD. A frontend
+//! `frontend = "auto"` prefers ublk, then FUSE + loop, then the kernel nbd
+//! client, then NBD. A frontend
 //! is usable when it is built into this broker and the host has what it
 //! needs; every one that is not says why, naming the kernel option.
 //!
 //! New backends plug in at the three functions marked PLUG-IN POINT below.
 
-use super::{fuse, nbd, ublk, DeviceBackend, DeviceError};
+use super::{fuse, nbd, nbd_kernel, ublk, DeviceBackend, DeviceError};
 use std::path::{Path, PathBuf};
 use tapjail_common::proto::FrontendKind;
 use tapjail_common::Minor;
@@ -25,7 +26,7 @@ pub struct DeviceContext {
 fn built(kind: FrontendKind) -> bool {
     matches!(
         kind,
-        FrontendKind::Nbd | FrontendKind::Fuse | FrontendKind::Ublk
+        FrontendKind::Nbd | FrontendKind::Fuse | FrontendKind::Ublk | FrontendKind::NbdKernel
     )
 }
 
@@ -43,6 +44,7 @@ fn construct(
         FrontendKind::Nbd => Some(nbd::NbdBackend::new(ctx).map(boxed)),
         FrontendKind::Fuse => Some(fuse::FuseBackend::from_context(ctx).map(boxed)),
         FrontendKind::Ublk => Some(Ok(boxed(ublk::UblkBackend::for_minor(ctx)))),
+        FrontendKind::NbdKernel => Some(Ok(boxed(nbd_kernel::NbdKernelBackend::new(ctx)))),
     }
 }
 
@@ -54,6 +56,7 @@ fn cleanup(kind: FrontendKind, ctx: &DeviceContext) -> Result<Vec<String>, Devic
         FrontendKind::Nbd => nbd::cleanup_stale(ctx),
         FrontendKind::Fuse => fuse::cleanup_stale(ctx),
         FrontendKind::Ublk => ublk::cleanup_stale(ctx),
+        FrontendKind::NbdKernel => nbd_kernel::cleanup_stale(ctx),
     }
 }
 
@@ -71,6 +74,10 @@ fn requirements(kind: FrontendKind) -> &'static [(&'static str, &'static str)] {
                 "CONFIG_BLK_DEV_LOOP; try `modprobe loop`",
             ),
         ],
+        FrontendKind::NbdKernel => &[(
+            "/dev/nbd0",
+            "kernel nbd driver not loaded: CONFIG_BLK_DEV_NBD; try `modprobe nbd`",
+        )],
         FrontendKind::Nbd => &[],
     }
 }
@@ -115,10 +122,16 @@ impl DeviceFactory {
         dev_root: &Path,
     ) -> Result<DeviceFactory, DeviceError> {
         let order: &[FrontendKind] = match choice {
-            FrontendChoice::Auto => &[FrontendKind::Ublk, FrontendKind::Fuse, FrontendKind::Nbd],
+            FrontendChoice::Auto => &[
+                FrontendKind::Ublk,
+                FrontendKind::Fuse,
+                FrontendKind::NbdKernel,
+                FrontendKind::Nbd,
+            ],
             FrontendChoice::Ublk => &[FrontendKind::Ublk],
             FrontendChoice::Fuse => &[FrontendKind::Fuse],
             FrontendChoice::Nbd => &[FrontendKind::Nbd],
+            FrontendChoice::NbdKernel => &[FrontendKind::NbdKernel],
         };
         let mut skipped = Vec::new();
         for &kind in order {
@@ -206,6 +219,7 @@ impl DeviceFactory {
             "fuse" => Box::new(super::fuse::FuseBackend::adopt(&ctx, h, fds)?),
             "nbd" => Box::new(super::nbd::NbdBackend::adopt(&ctx, fds)?),
             "ublk" => Box::new(super::ublk::UblkBackend::adopt(&ctx, h)?),
+            "nbd-kernel" => Box::new(super::nbd_kernel::NbdKernelBackend::adopt(&ctx, h)?),
             other => {
                 return Err(DeviceError::Failed(format!(
                     "unknown frontend {other:?} in the record"
@@ -229,7 +243,12 @@ impl DeviceFactory {
     pub fn cleanup_stale(&self, minor: Minor) -> Vec<Result<String, String>> {
         let ctx = self.context(minor);
         let mut out = Vec::new();
-        for kind in [FrontendKind::Ublk, FrontendKind::Fuse, FrontendKind::Nbd] {
+        for kind in [
+            FrontendKind::Ublk,
+            FrontendKind::Fuse,
+            FrontendKind::NbdKernel,
+            FrontendKind::Nbd,
+        ] {
             match cleanup(kind, &ctx) {
                 Ok(done) => out.extend(done.into_iter().map(Ok)),
                 Err(e) => out.push(Err(format!("{}: {e}", kind.as_str()))),
@@ -293,6 +312,45 @@ mod tests {
                 .contains("fuse: /dev/loop-control missing (CONFIG_BLK_DEV_LOOP"),
             "{}",
             f.explanation()
+        );
+    }
+
+    #[test]
+    fn factory_nbd_kernel_without_the_driver_says_so_and_auto_falls_back() {
+        let dev = tempfile::tempdir().unwrap();
+        let e = DeviceFactory::new(FrontendChoice::NbdKernel, Path::new("/tmp"), dev.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("nbd-kernel: /dev/nbd0 missing (kernel nbd driver not loaded"),
+            "{e}"
+        );
+        assert!(e.contains("modprobe nbd"), "{e}");
+        // auto: after FUSE + loop, before plain NBD.
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Nbd);
+        assert!(
+            f.explanation().contains("nbd-kernel: /dev/nbd0 missing"),
+            "{}",
+            f.explanation()
+        );
+        std::fs::write(dev.path().join("nbd0"), b"").unwrap();
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::NbdKernel, "{}", f.explanation());
+        for node in ["fuse", "loop-control"] {
+            std::fs::write(dev.path().join(node), b"").unwrap();
+        }
+        let f = DeviceFactory::new(FrontendChoice::Auto, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(f.kind(), FrontendKind::Fuse, "FUSE + loop comes first");
+        assert_eq!(
+            f.create(Minor::new(4).unwrap()).unwrap().kind(),
+            FrontendKind::Fuse
+        );
+        let f =
+            DeviceFactory::new(FrontendChoice::NbdKernel, Path::new("/tmp"), dev.path()).unwrap();
+        assert_eq!(
+            f.create(Minor::new(4).unwrap()).unwrap().kind(),
+            FrontendKind::NbdKernel
         );
     }
 

@@ -21,6 +21,7 @@ pub mod fuse_mount;
 pub mod kept;
 pub mod loop_dev;
 pub mod nbd;
+pub mod nbd_kernel;
 pub mod ublk;
 
 use serde::{Deserialize, Serialize};

@@ -165,6 +165,8 @@ impl Broker {
             FrontendKind::Fuse => "loop",
             // ublk disks get extended (dynamic) device numbers.
             FrontendKind::Ublk => "blkext",
+            // The kernel's own nbd devices.
+            FrontendKind::NbdKernel => "nbd",
             FrontendKind::Nbd => {
                 return Err(BrokerError::new(
                     ErrorKind::Unsupported,

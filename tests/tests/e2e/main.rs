@@ -13,6 +13,7 @@ mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod nbd_kernel;
 mod qos;
 mod qos_ublk;
 mod raw_parent;

@@ -33,7 +33,7 @@ impl RingPlan {
     /// geometry (ignored for the other frontends).
     pub fn for_frontend(frontend: FrontendKind, queues: ublk::rings::QueueRings) -> RingPlan {
         let (io_threads, ublk) = match frontend {
-            FrontendKind::Nbd => (
+            FrontendKind::Nbd | FrontendKind::NbdKernel => (
                 nbd::sizing::Sizing::UNLIMITED.io_threads + crate::qos::PACED_LANES,
                 None,
             ),

@@ -369,6 +369,16 @@ pub fn nbd_rules() -> Vec<Allowed> {
     ]
 }
 
+/// What the kernel-nbd frontend adds: the NBD server's rules without
+/// `accept4` (the broker hands over connected sockets; there is nothing
+/// to accept).
+pub fn nbd_kernel_rules() -> Vec<Allowed> {
+    nbd_rules()
+        .into_iter()
+        .filter(|r| r.name != "accept4")
+        .collect()
+}
+
 /// What the FUSE frontend adds. Requests are `read(2)` and replies
 /// `writev(2)` on the `/dev/fuse` fd we were handed, and O_NONBLOCK is set
 /// with `fcntl(F_SETFL)`, all in the base set; the frontend needs only a
@@ -461,6 +471,7 @@ pub fn rules_for(frontend: FrontendKind) -> Vec<Allowed> {
     let mut rules = base_rules();
     rules.extend(match frontend {
         FrontendKind::Nbd => nbd_rules(),
+        FrontendKind::NbdKernel => nbd_kernel_rules(),
         FrontendKind::Fuse => fuse_rules(),
         FrontendKind::Ublk => ublk_rules(),
     });
@@ -570,11 +581,26 @@ mod tests {
 
     #[test]
     fn every_frontend_filter_compiles() {
-        for kind in [FrontendKind::Nbd, FrontendKind::Fuse, FrontendKind::Ublk] {
+        for kind in [
+            FrontendKind::Nbd,
+            FrontendKind::NbdKernel,
+            FrontendKind::Fuse,
+            FrontendKind::Ublk,
+        ] {
             let prog = compile_allowlist(&rules_for(kind)).unwrap();
             assert!(prog.len() > 10, "{kind:?}");
         }
         assert_eq!(compile_errno().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn nbd_kernel_worker_cannot_accept_connections() {
+        let names: Vec<&str> = rules_for(FrontendKind::NbdKernel)
+            .iter()
+            .map(|r| r.name)
+            .collect();
+        assert!(!names.contains(&"accept4"), "{names:?}");
+        assert!(names.contains(&"shutdown"), "{names:?}");
     }
 
     #[test]
@@ -586,11 +612,16 @@ mod tests {
 
     #[test]
     fn dangerous_syscalls_are_not_allowed() {
-        let names: Vec<&str> = [FrontendKind::Nbd, FrontendKind::Fuse, FrontendKind::Ublk]
-            .into_iter()
-            .flat_map(rules_for)
-            .map(|r| r.name)
-            .collect();
+        let names: Vec<&str> = [
+            FrontendKind::Nbd,
+            FrontendKind::NbdKernel,
+            FrontendKind::Fuse,
+            FrontendKind::Ublk,
+        ]
+        .into_iter()
+        .flat_map(rules_for)
+        .map(|r| r.name)
+        .collect();
         for bad in [
             "open",
             "openat",
@@ -651,7 +682,12 @@ mod tests {
 
     #[test]
     fn no_frontend_may_make_a_ring_or_register_anything_but_slot_updates() {
-        for kind in [FrontendKind::Nbd, FrontendKind::Fuse, FrontendKind::Ublk] {
+        for kind in [
+            FrontendKind::Nbd,
+            FrontendKind::NbdKernel,
+            FrontendKind::Fuse,
+            FrontendKind::Ublk,
+        ] {
             let rules = rules_for(kind);
             assert!(
                 rules.iter().all(|r| r.nr != libc::SYS_io_uring_setup),

@@ -72,6 +72,22 @@ impl Sizing {
     }
 }
 
+impl Sizing {
+    /// This plan, taking requests of at least `min` bytes: the kernel nbd
+    /// client sends up to its queue's limit and cannot be told a smaller
+    /// maximum block size, so the budget grows to fit two of them.
+    pub fn with_min_payload(self, min: u32) -> Sizing {
+        if self.max_payload >= min {
+            return self;
+        }
+        Sizing {
+            max_payload: min,
+            inflight_bytes: self.inflight_bytes.max(2 * u64::from(min)),
+            ..self
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +118,10 @@ mod tests {
         }
         let s = Sizing::plan(Some(512 << 20));
         assert_eq!(s.io_threads, 32);
+        assert_eq!(s.with_min_payload(1 << 20), s, "already big enough");
+        let small = Sizing::plan(Some(2 << 20)).with_min_payload(1 << 20);
+        assert_eq!(small.max_payload, 1 << 20);
+        assert!(small.inflight_bytes >= 2 << 20, "{small:?}");
         assert_eq!(s.max_payload, MAX_PAYLOAD);
     }
 }

@@ -1,0 +1,361 @@
+//! The kernel nbd frontend end to end: a real tap-broker with
+//! `frontend = "nbd-kernel"`, real confined tapdisk workers, tap-ctl, and
+//! the kernel's nbd client on `/dev/nbdN`, connected over netlink.
+//!
+//! This host has no `nbd.ko`: the one host test checks the refusal; the
+//! others are `#[ignore]`d here and run inside nestvm (`.ci/nestvm-tests`,
+//! a 6.12 kernel with nbd, loop and ext4).
+
+use crate::*;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tapjail_testsupport::tasks_in_d_state;
+
+fn nbd_harness(respawn: bool) -> Harness {
+    assert!(
+        Path::new("/sys/module/nbd").exists(),
+        "no nbd module: these tests run inside nestvm (.ci/nestvm-tests)"
+    );
+    Harness::start(Options {
+        frontend: "nbd-kernel",
+        respawn,
+        ..Options::default()
+    })
+}
+
+fn rows(h: &Harness, t: &TenantSpec) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&h.ok(t, &["list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// `/dev/tapjail/tapdevN` of the harness, checked to lead to `/dev/nbdK`;
+/// returns the link and K.
+fn tapdev(h: &Harness, minor: u64) -> (PathBuf, u32) {
+    let link = h.devices.join(format!("tapdev{minor}"));
+    let target = std::fs::read_link(&link).expect("tapdev symlink");
+    let index = target
+        .to_str()
+        .and_then(|t| t.strip_prefix("/dev/nbd"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{} -> {}", link.display(), target.display()));
+    (link, index)
+}
+
+/// nbd devices the kernel holds a connection for (`/sys/block/nbdN/pid`).
+fn connected_nbds() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            (name.starts_with("nbd") && Path::new(&format!("/sys/block/{name}/pid")).exists())
+                .then_some(name)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Write requests tapdisk `pid` (minor 0's) has completed, from `stats`.
+fn writes(h: &Harness, pid: u32) -> u64 {
+    let out = h.ok(&ALICE, &["stats", "-m", "0", "-p", &pid.to_string()]);
+    let s: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    s["images"][0]["hits"][1].as_u64().expect("write hits")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: kill(2) on a worker pid this test created through the broker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+fn vhd_check(img: &Path) {
+    run(Command::new(bin("tap-ctl"))
+        .args(["vhd", "check", "-n"])
+        .arg(img));
+}
+
+/// On a host without nbd.ko, a broker told to use it refuses to start and
+/// says which driver is missing and how to load it (and `auto` skips it:
+/// `device::factory::tests::factory_nbd_kernel_without_the_driver_…`).
+#[test]
+fn nbd_kernel_broker_without_nbd_ko_refuses_to_start_naming_the_driver() {
+    if !tapjail_testsupport::require(
+        !Path::new("/sys/module/nbd").exists(),
+        "a host without the nbd module (this test checks the refusal there)",
+    ) {
+        return;
+    }
+    let mut h = Harness::start(Options::default());
+    h.stop();
+    let text = std::fs::read_to_string(&h.policy).unwrap();
+    assert!(text.contains("frontend = \"nbd\""), "{text}");
+    let policy = h.dir.path().join("nbd-kernel.toml");
+    std::fs::write(
+        &policy,
+        text.replace("frontend = \"nbd\"", "frontend = \"nbd-kernel\""),
+    )
+    .unwrap();
+    let out = Command::new(bin("tap-broker"))
+        .arg("--config")
+        .arg(&policy)
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without nbd.ko: {err}");
+    assert!(err.contains("nbd-kernel:"), "{err}");
+    assert!(err.contains("kernel nbd driver not loaded"), "{err}");
+    assert!(err.contains("modprobe nbd"), "{err}");
+    assert!(
+        std::fs::read_dir(&h.devices).map_or(true, |mut d| d.next().is_none()),
+        "no device published"
+    );
+}
+
+#[test]
+#[ignore = "needs nbd.ko: run inside nestvm via .ci/nestvm-tests"]
+fn nbd_kernel_mkfs_mount_write_remount_round_trips_on_tapdev() {
+    let h = nbd_harness(false);
+    let img = h.vhd_image("alice", "fs.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let row = rows(&h, &ALICE).remove(0);
+    assert_eq!(row["frontend"], "nbd-kernel", "{row}");
+    let (dev, index) = tapdev(&h, 0);
+    assert!(
+        row["device"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("/tapdev0")),
+        "list shows the device: {row}"
+    );
+    let backend = std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).unwrap();
+    assert!(backend.trim().ends_with(":tapdev0"), "{backend}");
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/nbd{index}/queue/max_sectors_kb"))
+            .unwrap()
+            .trim(),
+        "512",
+        "requests capped at what the worker accepts"
+    );
+    // 64 MiB, as the image.
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/nbd{index}/size"))
+            .unwrap()
+            .trim(),
+        ((64u64 << 20) / 512).to_string()
+    );
+
+    let mnt = tempfile::tempdir().unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
+    run(Command::new("mount").arg(&dev).arg(mnt.path()));
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(mnt.path().join("data"), &data).unwrap();
+    run(Command::new("umount").arg(mnt.path()));
+    run(Command::new("mount").arg(&dev).arg(mnt.path()));
+    assert!(std::fs::read(mnt.path().join("data")).unwrap() == data);
+    // A mounted device is not closed without -f.
+    let refused = h.fails(&ALICE, &["close", "-m", "0"]);
+    assert!(!refused.is_empty());
+    run(Command::new("umount").arg(mnt.path()));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert!(
+        !Path::new(&format!("/sys/block/nbd{index}/pid")).exists(),
+        "nbd{index} still connected after destroy"
+    );
+    vhd_check(&img);
+
+    // Again on a fresh connection over the same image: the data was in
+    // the VHD, not in a cache of the first device.
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let (dev, _) = tapdev(&h, 0);
+    run(Command::new("mount").arg(&dev).arg(mnt.path()));
+    assert!(std::fs::read(mnt.path().join("data")).unwrap() == data);
+    run(Command::new("umount").arg(mnt.path()));
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
+}
+
+#[test]
+#[ignore = "needs nbd.ko: run inside nestvm via .ci/nestvm-tests"]
+fn nbd_kernel_read_only_disk_refuses_writes() {
+    let h = nbd_harness(false);
+    let img = h.raw_image("alice", "ro.img", 4 << 20);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[0xa5; 4096], 0)
+        .unwrap();
+    h.ok(
+        &ALICE,
+        &["create", "-R", "-a", &format!("aio:{}", img.display())],
+    );
+    let (dev, index) = tapdev(&h, 0);
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/nbd{index}/ro"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .and_then(|f| {
+            let mut buf = tapjail_testsupport::Aligned::new(4096);
+            f.write_all_at(buf.buf(), 0)
+        });
+    assert!(write.is_err(), "a write to a read-only disk must fail");
+    let mut back = vec![0u8; 4096];
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0xa5), "reads still work");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
+}
+
+#[test]
+#[ignore = "needs nbd.ko: run inside nestvm via .ci/nestvm-tests"]
+fn nbd_kernel_verifying_writer_survives_three_worker_sigkills() {
+    let h = nbd_harness(true);
+    let img = h.vhd_image("alice", "v.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let (dev, index) = tapdev(&h, 0);
+    let fio = Command::new("sh")
+        .arg("-c")
+        .arg("command -v fio")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        fio,
+        "fio is needed (apt-get install fio on the host: the VM shares its root)"
+    );
+    let out_path = h.dir.path().join("fio.json");
+    // 48 MiB at random 4 KiB offsets (allocating VHD blocks as it goes),
+    // then everything read back and each block's crc32c checked.
+    let mut writer = Command::new("fio")
+        .args([
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=48M",
+            "--iodepth=16",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--eta=never",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--output={}", out_path.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fio");
+    let mut last_pid = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
+    for round in 1..=3u64 {
+        // Mid-I/O: this worker has completed writes since it started, and
+        // fio still runs.
+        let w0 = writes(&h, last_pid);
+        assert!(
+            eventually(Duration::from_secs(120), || writes(&h, last_pid) >= w0 + 64),
+            "round {round}: no write progress\n{}",
+            h.broker_log()
+        );
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "fio finished before kill {round}; make it write more"
+        );
+        sigkill(last_pid);
+        let t0 = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(120), || {
+                let r = rows(&h, &ALICE);
+                r.len() == 1 && r[0]["restarts"] == round && r[0]["state"] == 0
+            }),
+            "round {round}: {:?}\n{}\naudit: {:#?}",
+            rows(&h, &ALICE),
+            h.broker_log(),
+            h.audit_lines().iter().rev().take(6).collect::<Vec<_>>()
+        );
+        let row = rows(&h, &ALICE).remove(0);
+        let pid = row["pid"].as_u64().unwrap() as u32;
+        assert_ne!(pid, last_pid);
+        last_pid = pid;
+        // The same device, moved to the new worker.
+        assert_eq!(tapdev(&h, 0).1, index);
+        eprintln!(
+            "kill {round}: replaced by tapdisk {pid} in {} ms",
+            t0.elapsed().as_millis()
+        );
+    }
+    let status = writer.wait().unwrap();
+    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "fio failed: {report}\n{}", h.broker_log());
+    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio saw an I/O error: {job}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
+        "everything written"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
+        "everything read back and verified"
+    );
+    assert!(tasks_in_d_state().is_empty(), "{:?}", tasks_in_d_state());
+    let respawns = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "worker_respawn" && l["rule"] == "respawn")
+        .count();
+    assert_eq!(respawns, 3, "each replacement is audited");
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
+    vhd_check(&img);
+}
+
+#[test]
+#[ignore = "needs nbd.ko: run inside nestvm via .ci/nestvm-tests"]
+fn nbd_kernel_fifty_create_destroy_cycles_leave_no_device_connected() {
+    let h = nbd_harness(false);
+    let img = h.vhd_image("alice", "c.vhd", 8);
+    assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
+    for i in 0..50 {
+        h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+        if i % 10 == 0 {
+            let (dev, _) = tapdev(&h, 0);
+            let mut b = vec![0u8; 4096];
+            std::fs::File::open(&dev)
+                .unwrap()
+                .read_exact_at(&mut b, 0)
+                .unwrap();
+        }
+        h.ok(&ALICE, &["destroy", "-m", "0"]);
+        assert!(
+            connected_nbds().is_empty(),
+            "cycle {i}: {:?}",
+            connected_nbds()
+        );
+    }
+    vhd_check(&img);
+}
