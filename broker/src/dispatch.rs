@@ -40,6 +40,7 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Pause { minor, .. }
         | Request::Unpause { minor, .. }
         | Request::Stats { minor, .. }
+        | Request::Cbt(tapjail_common::cbt::CbtRequest { minor, .. })
         | Request::Throttle {
             target: tapjail_common::qos::ThrottleTarget::Minor(minor),
             ..
@@ -170,6 +171,7 @@ impl Broker {
             Request::Throttle { target, changes } => self.op_throttle(t, target, changes),
             Request::WithOptions { req, opts } => self.op_with_options(t, req, opts, d),
             Request::Major => self.op_major(t),
+            Request::Cbt(req) => self.op_cbt(t, req),
         }
     }
 }

@@ -168,6 +168,8 @@ pub enum Request {
     },
     /// `tap-ctl major`: the block major of the devices this broker creates.
     Major,
+    /// `tap-ctl cbt`: changed-block tracking (see [`crate::cbt`]).
+    Cbt(crate::cbt::CbtRequest),
 }
 
 impl Request {
@@ -191,6 +193,7 @@ impl Request {
             Request::Throttle { .. } => "throttle",
             Request::WithOptions { req, .. } => req.verb(),
             Request::Major => "major",
+            Request::Cbt(_) => "cbt",
         }
     }
 }
@@ -263,6 +266,8 @@ pub enum Reply {
     Major {
         major: u32,
     },
+    /// Answer to [`Request::Cbt`]: the minor's bitmaps after the change.
+    Cbt(Vec<crate::cbt::CbtInfo>),
 }
 
 /// `tap-ctl stats`: the worker's figures plus what only the broker knows.

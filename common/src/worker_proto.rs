@@ -114,6 +114,9 @@ pub enum ToWorker {
     /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
     /// `--cache`.
     Cache(crate::xapi::CachePlan),
+    /// Changed-block tracking (fds per [`crate::cbt::ToWorkerCbt`]),
+    /// answered `Cbt`.
+    Cbt(crate::cbt::ToWorkerCbt),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,4 +152,6 @@ pub enum FromWorker {
     },
     /// Answer to `Limits` and `ThrottleStats`.
     Throttle(Box<crate::qos::ThrottleStats>),
+    /// Answer to `Cbt`: every bitmap the disk tracks now.
+    Cbt(Vec<crate::cbt::CbtInfo>),
 }

@@ -281,7 +281,7 @@ pub fn run(
         Reply::Stats(s) => println!("{}", stats_json(&s)?),
         Reply::Throttled(limits) => println!("{limits}"),
         Reply::Major { major } => println!("{major}"),
-        Reply::Ok | Reply::Hello { .. } => {}
+        Reply::Ok | Reply::Hello { .. } | Reply::Cbt(_) => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
     }
     Ok(ExitCode::SUCCESS)

@@ -83,6 +83,9 @@ pub struct Tenant {
     /// May open with `-e MINOR` (a clone reads its parent chain through
     /// the page cache, shared with her other clones). Default true.
     pub share_parent: bool,
+    /// May track changed blocks (`tap-ctl cbt`, `open -C`). Default true,
+    /// as blktap: the bitmaps are files in her own roots.
+    pub cbt: bool,
 }
 
 /// The whole configuration file.
@@ -251,6 +254,7 @@ struct RawTenant {
     tenant_io: Option<io_limits::RawIo>,
     page_cache: Option<bool>,
     share_parent: Option<bool>,
+    cbt: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -911,6 +915,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             tenant_io,
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
+            cbt: t.cbt.unwrap_or(true),
         });
     }
 

@@ -116,7 +116,7 @@ impl Decision {
         }
     }
 
-    fn allow(t: &Tenant, rule: &'static str, reason: String) -> Self {
+    pub(crate) fn allow(t: &Tenant, rule: &'static str, reason: String) -> Self {
         Decision {
             allow: true,
             rule,
@@ -236,6 +236,7 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
             .or_else(|| foreign_worker(t, *pid, view, true))
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
         Request::Throttle { target, .. } => throttle(t, target),
+        Request::Cbt(req) => crate::cbt::decide_cbt(t, req, view),
     }
 }
 
@@ -413,7 +414,7 @@ fn foreign_worker(
     }
 }
 
-fn owned_or_admin(t: &Tenant, minor: Minor, view: &dyn BrokerView) -> Decision {
+pub(crate) fn owned_or_admin(t: &Tenant, minor: Minor, view: &dyn BrokerView) -> Decision {
     match view.minor_owner(minor) {
         Some(owner) if owner != t.name => {
             let mut d = Decision::allow(
@@ -474,7 +475,7 @@ fn with_image(
     }
 }
 
-fn grant(
+pub(crate) fn grant(
     t: &Tenant,
     open_as: &OpenAs,
     path: &Path,

@@ -5,6 +5,7 @@
 //! peer's `SO_PEERCRED` identity and a view of its tables, and enforces
 //! what is decided (e.g. opening a granted image with `openat2`).
 
+pub mod cbt;
 pub mod cgroups;
 pub mod config;
 pub mod decide;
@@ -19,4 +20,5 @@ pub use config::{
 pub use decide::{
     decide, decide_parent, BrokerView, Decision, ImageGrant, OpenAs, PeerCred, Scope,
 };
+pub use cbt::decide_cbt_file;
 pub use idmap::{IdClash, IdFiles};

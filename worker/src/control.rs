@@ -181,6 +181,9 @@ pub struct Worker {
     resync: Cell<Option<[u8; 16]>>,
     /// I/O limits; every disk this worker opens passes through them.
     throttle: Arc<crate::qos::Throttle>,
+    /// Changed-block bitmaps; every image this worker serves is wrapped
+    /// in [`crate::cbt::Tracked`] with it, so they outlive pause/unpause.
+    cbt: Arc<crate::cbt::Tracker>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -209,6 +212,7 @@ impl Worker {
             open: None,
             resync: Cell::new(None),
             throttle: Arc::default(),
+            cbt: Arc::default(),
         }
     }
 
@@ -286,6 +290,7 @@ impl Worker {
                 match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
+                        let img = crate::cbt::Tracked::wrap(img, self.cbt.clone());
                         self.open = Some(Open {
                             disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
@@ -360,6 +365,12 @@ impl Worker {
                 self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
                 FromWorker::Ok
             }
+            ToWorker::Cbt(req) => crate::cbt::control::handle(
+                &self.cbt,
+                self.open.as_ref().map(|o| o.disk.as_ref()),
+                req,
+                fds,
+            ),
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),
@@ -390,6 +401,7 @@ impl Worker {
             Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
         };
         let reply = opened(img.as_ref());
+        let img = crate::cbt::Tracked::wrap(img, self.cbt.clone());
         match open.disk.resume(img) {
             Ok(()) => {
                 open.paused = false;
@@ -474,6 +486,8 @@ impl Worker {
         if let Some(f) = open.frontend.take() {
             f.stop();
         }
+        // Bitmaps belong to the disk; the next Open attaches its own.
+        self.cbt.clear();
         closed
     }
 }

@@ -379,6 +379,34 @@ impl Disk {
         Ok(())
     }
 
+    /// Run `f` with no request in flight and none admitted meanwhile
+    /// (they wait, as while paused), then reopen the gate on the same
+    /// image. A paused or closed disk has nothing in flight: `f` just runs.
+    /// For changes that must not interleave with a write, such as a CBT
+    /// checkpoint.
+    pub fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut inner = self.lock();
+        let img = match std::mem::replace(&mut inner.gate, Gate::Paused) {
+            Gate::Open(img) => img,
+            other => {
+                inner.gate = other;
+                drop(inner);
+                return f();
+            }
+        };
+        inner.gate = Gate::Draining(img.clone());
+        while inner.in_flight > 0 {
+            inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
+        // Requests arriving now wait on the Draining gate, not the lock.
+        drop(inner);
+        let out = f();
+        let mut inner = self.lock();
+        inner.gate = Gate::Open(img);
+        self.changed.notify_all();
+        out
+    }
+
     /// Drain, flush and close for good; later requests fail with EIO.
     pub fn close(&self) -> Result<(), DiskError> {
         self.throttle.interrupt();

@@ -24,6 +24,8 @@ pub struct Plan<'a> {
     pub root: &'a CStr,
     pub relative: &'a CStr,
     pub writable: bool,
+    /// Create the file (read-write, 0600) if it is missing (CBT logs).
+    pub create: bool,
     pub uid: u32,
     pub gid: u32,
     /// An empty slice: any owner, any link count (a shared root).
@@ -290,8 +292,12 @@ fn attempt(plan: &Plan<'_>) -> Result<(OwnedFd, FileStat), Failure> {
     become_tenant(plan.uid, plan.gid).map_err(|e| (K_CREDS, i64::from(e), none))?;
     let dir = tapjail_common::sys::open_dir_nofollow(plan.root)
         .map_err(|e| (K_ROOT, i64::from(e), none))?;
-    let (fd, st) = tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, plan.writable)
-        .map_err(|e| match e {
+    let opened = if plan.create {
+        tapjail_common::sys::create_beneath(dir.as_fd(), plan.relative)
+    } else {
+        tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, plan.writable)
+    };
+    let (fd, st) = opened.map_err(|e| match e {
             BeneathError::Os(n) => (K_OPEN, i64::from(n), none),
             BeneathError::NotRegular => (K_NOTREG, 0, none),
         })?;

@@ -62,10 +62,30 @@ pub fn open(
     deadline: Duration,
     local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
 ) -> Result<Opened, BrokerError> {
+    open_as(grant, writable, false, deadline, local)
+}
+
+/// [`open`] read-write, creating the file (0600, the tenant's) if it is
+/// missing: a CBT log of `tap-ctl cbt start`.
+pub fn open_or_create(
+    grant: &ImageGrant,
+    deadline: Duration,
+    local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
+) -> Result<Opened, BrokerError> {
+    open_as(grant, true, true, deadline, local)
+}
+
+fn open_as(
+    grant: &ImageGrant,
+    writable: bool,
+    create: bool,
+    deadline: Duration,
+    local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
+) -> Result<Opened, BrokerError> {
     let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
-        match open_once(grant, writable, deadline)? {
+        match open_once(grant, writable, create, deadline)? {
             Ok(o) => return Ok(o),
             Err(helper::Outcome::Lock(locks::LockFailure::Conflict(byte), st)) => {
                 if let Some(e) = local((st.dev, st.ino)) {
@@ -100,6 +120,7 @@ pub fn open(
 fn open_once(
     grant: &ImageGrant,
     writable: bool,
+    create: bool,
     deadline: Duration,
 ) -> Result<Result<Opened, helper::Outcome>, BrokerError> {
     let shown = grant.path.display().to_string();
@@ -117,6 +138,7 @@ fn open_once(
         root: &root,
         relative: &relative,
         writable,
+        create,
         uid: as_.uid,
         gid: as_.gid,
         owners: if grant.shared { &[] } else { &as_.owners },

@@ -91,6 +91,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Error(_) => "Error",
         FromWorker::Resynced { .. } => "Resynced",
         FromWorker::Throttle(_) => "Throttle",
+        FromWorker::Cbt(_) => "Cbt",
     }
 }
 
@@ -375,6 +376,7 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
         (msg, got),
         (ToWorker::Serve(_), FromWorker::Serving)
             | (ToWorker::Stats, FromWorker::Stats(_))
+            | (ToWorker::Cbt(_), FromWorker::Cbt(_))
             | (
                 ToWorker::Limits { .. } | ToWorker::ThrottleStats,
                 FromWorker::Throttle(_)
@@ -400,6 +402,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Limits { .. } => "Limits",
         ToWorker::ThrottleStats => "ThrottleStats",
         ToWorker::Cache(_) => "Cache",
+        ToWorker::Cbt(_) => "Cbt",
     }
 }
 

@@ -120,12 +120,19 @@ pub fn fresh(size: u64) -> Vec<u8> {
     v
 }
 
-/// Parse a whole log file for a disk of `disk_size` bytes: its header and
-/// the bitmap bytes that cover the disk (a log made for a larger disk is
-/// accepted, as tapdisk does; the bytes past the disk are kept as they are).
+/// Parse a log file for a disk of `disk_size` bytes (at least its header
+/// and the bitmap bytes that cover the disk; the rest need not be read):
+/// its header and those bitmap bytes. A log made for a larger disk is
+/// accepted, as tapdisk does; the bytes past the disk are left as they are.
 pub fn parse(file: &[u8], disk_size: u64) -> Result<(Header, &[u8]), LogError> {
     let header = Header::parse(file)?;
-    let need = bitmap_len(header.size);
+    if header.size < disk_size {
+        return Err(LogError::TooSmall {
+            log: header.size,
+            disk: disk_size,
+        });
+    }
+    let need = bitmap_len(disk_size);
     let have = u64::try_from(file.len() - HEADER_LEN).unwrap_or(u64::MAX);
     if have < need {
         return Err(LogError::ShortBitmap {
@@ -134,13 +141,7 @@ pub fn parse(file: &[u8], disk_size: u64) -> Result<(Header, &[u8]), LogError> {
             have,
         });
     }
-    if header.size < disk_size {
-        return Err(LogError::TooSmall {
-            log: header.size,
-            disk: disk_size,
-        });
-    }
-    let used = usize::try_from(bitmap_len(disk_size)).map_err(|_| LogError::TooBig(disk_size))?;
+    let used = usize::try_from(need).map_err(|_| LogError::TooBig(disk_size))?;
     Ok((header, &file[HEADER_LEN..HEADER_LEN + used]))
 }
 

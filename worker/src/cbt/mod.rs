@@ -10,6 +10,7 @@
 //! blocks durably before the data is written ([`bitmap`]).
 
 pub mod bitmap;
+pub mod control;
 pub mod log;
 pub mod tracked;
 
@@ -23,20 +24,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 
-/// Longest bitmap name (qemu's limit for persistent bitmap names is 1023;
-/// ours also goes into file names and audit lines).
-pub const MAX_NAME: usize = 64;
-
-/// Whether `name` may name a bitmap: 1..=64 of `[A-Za-z0-9_.-]`, not
-/// starting with a dot.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-}
+pub use tapjail_common::cbt::valid_name;
 
 /// The bitmaps of one disk. Kept by the worker across pause, unpause and
 /// image swaps; the disk's image is wrapped in [`Tracked`] with it.
