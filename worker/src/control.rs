@@ -291,8 +291,10 @@ impl Worker {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
                         let img = crate::cbt::Tracked::wrap(img, self.cbt.clone());
+                        let disk = Disk::with_throttle(img, self.throttle.clone());
+                        disk.set_cbt(self.cbt.clone());
                         self.open = Some(Open {
-                            disk: Disk::with_throttle(img, self.throttle.clone()),
+                            disk,
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,

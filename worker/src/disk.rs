@@ -111,6 +111,9 @@ pub struct Disk {
     pub counters: FrontendCounters,
     /// I/O limits, taken before a read or write is admitted.
     throttle: Arc<Throttle>,
+    /// The changed-block bitmaps of this disk, for frontends that export
+    /// them (NBD's `qemu:dirty-bitmap:NAME`).
+    cbt: std::sync::OnceLock<Arc<crate::cbt::Tracker>>,
 }
 
 /// Why a request could not reach an image.
@@ -150,7 +153,18 @@ impl Disk {
             }),
             changed: Condvar::new(),
             counters: FrontendCounters::default(),
+            cbt: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Make `tracker` this disk's bitmaps (once; later calls keep the first).
+    pub fn set_cbt(&self, tracker: Arc<crate::cbt::Tracker>) {
+        let _ = self.cbt.set(tracker);
+    }
+
+    /// The changed-block bitmaps, if the worker tracks any for this disk.
+    pub fn cbt(&self) -> Option<&Arc<crate::cbt::Tracker>> {
+        self.cbt.get()
     }
 
     /// Virtual size; constant for the disk's life (unpause refuses a change).

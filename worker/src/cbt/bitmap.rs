@@ -44,6 +44,9 @@ pub enum Origin {
 
 #[derive(Debug)]
 pub struct Bitmap {
+    /// Unique in this process: what an NBD session that selected the
+    /// bitmap holds (a bitmap stopped and started again is another one).
+    id: u64,
     name: String,
     origin: Origin,
     disk_size: u64,
@@ -116,7 +119,9 @@ impl Bitmap {
                 AtomicU64::new(u64::from_le_bytes(w) & Self::word_mask(blocks, i))
             })
             .collect();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Bitmap {
+            id: NEXT_ID.fetch_add(1, SeqCst),
             name: name.to_string(),
             origin,
             disk_size,
@@ -138,6 +143,10 @@ impl Bitmap {
             n if n >= 64 => u64::MAX,
             n => (1u64 << n) - 1,
         }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn name(&self) -> &str {

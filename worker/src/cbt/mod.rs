@@ -104,6 +104,10 @@ impl Tracker {
         self.read().iter().find(|m| m.name() == name).cloned()
     }
 
+    pub fn by_id(&self, id: u64) -> Option<Arc<Bitmap>> {
+        self.read().iter().find(|m| m.id() == id).cloned()
+    }
+
     pub fn all(&self) -> Vec<Arc<Bitmap>> {
         self.read().clone()
     }
