@@ -5,6 +5,7 @@
 mod audit_flood;
 mod audit_full;
 mod audit_rotation;
+mod cbt;
 mod cgroup;
 mod deadlines;
 mod escapes;
