@@ -460,3 +460,165 @@ fn cbt_refused_by_policy_and_for_other_tenants_is_audited() {
         .iter()
         .any(|l| l["rule"] == "foreign-minor" && l["decision"] == "deny"));
 }
+
+/// blktap's CBT log, read from the spec (`include/cbt-util.h`) without the
+/// worker's code: 48-byte header (parent and child UUIDs, `int consistent`,
+/// padding, `u64 size`, little-endian as x86 writes the struct), then one
+/// bit per 64 KiB block, bit `n % 8` of byte `n / 8`.
+struct BlktapLog {
+    parent: [u8; 16],
+    consistent: i32,
+    size: u64,
+    bits: Vec<u8>,
+}
+
+impl BlktapLog {
+    fn create(path: &Path, size: u64, parent: [u8; 16], consistent: i32) {
+        let mut b = parent.to_vec();
+        b.extend_from_slice(&[0; 16]);
+        b.extend_from_slice(&consistent.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&size.to_le_bytes());
+        b.resize(48 + size.div_ceil(GRAN).div_ceil(8) as usize, 0);
+        std::fs::write(path, b).unwrap();
+    }
+
+    fn read(path: &Path) -> BlktapLog {
+        let b = std::fs::read(path).unwrap();
+        let size = u64::from_le_bytes(b[40..48].try_into().unwrap());
+        assert_eq!(b.len() as u64, 48 + size.div_ceil(GRAN).div_ceil(8));
+        BlktapLog {
+            parent: b[..16].try_into().unwrap(),
+            consistent: i32::from_le_bytes(b[32..36].try_into().unwrap()),
+            size,
+            bits: b[48..].to_vec(),
+        }
+    }
+
+    fn dirty(&self) -> Vec<u64> {
+        (0..self.size.div_ceil(GRAN))
+            .filter(|n| self.bits[(n / 8) as usize] & (1 << (n % 8)) != 0)
+            .collect()
+    }
+}
+
+/// `cbt-util get -n LOG -f|-s|-b`, when `CBT_UTIL` names blktap's own tool
+/// built from source (a local check only: CI has no such binary).
+fn cbt_util(log: &Path, what: &str) -> Option<Vec<u8>> {
+    let tool = std::env::var_os("CBT_UTIL")?;
+    let out = Command::new(tool)
+        .args(["get", "-n", log.to_str().unwrap(), what])
+        .output()
+        .expect("CBT_UTIL runs");
+    assert!(out.status.success(), "{out:?}");
+    Some(out.stdout)
+}
+
+/// The SM way: spawn, attach, open with flags; the minor number.
+fn sm_open(h: &Harness, image: &Path, flags: &[&str]) -> (String, String) {
+    let m = h.ok(&ALICE, &["allocate"]);
+    let minor = m.trim().rsplit("tapdev").next().unwrap().to_string();
+    let pid = h.ok(&ALICE, &["spawn"]).trim().to_string();
+    h.ok(&ALICE, &["attach", "-p", &pid, "-m", &minor]);
+    let spec = format!("aio:{}", image.display());
+    let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", &spec];
+    args.extend_from_slice(flags);
+    h.ok(&ALICE, &args);
+    (minor, pid)
+}
+
+#[test]
+fn cbt_open_c_and_unpause_c_write_blktaps_log_format() {
+    if !need_qemu() {
+        return;
+    }
+    let h = Harness::start(Options::default());
+    let img = h.raw_image("alice", "vdi.img", SIZE);
+    let log = h.root("alice").join("vdi.cbtlog");
+    // SM creates the log (cbt-util create), marks it inconsistent while the
+    // VDI is attached, and sets UUIDs; tapdisk only sets bits.
+    BlktapLog::create(&log, SIZE, [0xab; 16], 0);
+    h.own(&log);
+    let (minor, pid) = sm_open(&h, &img, &["-C", log.to_str().unwrap()]);
+    let sock = std::fs::read_link(h.devices.join(format!("tapdev{minor}"))).unwrap();
+    let ws = [(0u64, 4096u64, 1u8), (5 * GRAN + 100 * 512, 2 * GRAN, 2), (SIZE - 512, 512, 3)];
+    let out = qemu_io_writes(&sock, &ws).wait_with_output().unwrap();
+    assert_eq!(acknowledged(&String::from_utf8_lossy(&out.stdout)).len(), 3);
+    let l = BlktapLog::read(&log);
+    let last = SIZE / GRAN - 1;
+    assert_eq!(l.dirty(), vec![0, 5, 6, 7, last]);
+    assert_eq!((l.parent, l.consistent, l.size), ([0xab; 16], 0, SIZE), "header is SM's");
+    let listed = h.ok(&ALICE, &["cbt", "list", "-m", &minor, "--json"]);
+    assert!(listed.contains("\"xapi_log\":true") && listed.contains("xapi-cbt-log"), "{listed}");
+    if let Some(bitmap) = cbt_util(&log, "-b") {
+        assert_eq!(bitmap, l.bits, "blktap's cbt-util reads the same bitmap");
+        assert_eq!(cbt_util(&log, "-s").unwrap(), format!("{SIZE}\n").into_bytes());
+        assert_eq!(cbt_util(&log, "-f").unwrap(), b"0\n");
+    }
+    // Pause, unpause onto a new log (-c): later writes go there only.
+    let log2 = h.root("alice").join("vdi2.cbtlog");
+    BlktapLog::create(&log2, SIZE, [0xcd; 16], 0);
+    h.own(&log2);
+    h.ok(&ALICE, &["pause", "-p", &pid, "-m", &minor]);
+    h.ok(&ALICE, &["unpause", "-p", &pid, "-m", &minor, "-c", log2.to_str().unwrap()]);
+    let out = qemu_io_writes(&sock, &[(9 * GRAN, 512, 4)]).wait_with_output().unwrap();
+    assert_eq!(acknowledged(&String::from_utf8_lossy(&out.stdout)).len(), 1);
+    assert_eq!(BlktapLog::read(&log2).dirty(), vec![9]);
+    assert_eq!(BlktapLog::read(&log).dirty(), vec![0, 5, 6, 7, last], "the old log is left");
+    let lines = h.audit_lines();
+    assert!(
+        lines.iter().any(|l| l["request"].to_string().contains("vdi2.cbtlog")),
+        "unpause -c is on record"
+    );
+}
+
+#[test]
+fn cbt_open_c_outside_the_tenants_roots_or_on_a_hostile_log_is_refused() {
+    let h = Harness::start(Options::default());
+    let img = h.raw_image("alice", "vdi.img", SIZE);
+    // Bob's file, and a file outside every root: alice's worker must get
+    // neither, even though the broker (root) could open both.
+    let bobs = h.root("bob").join("b.cbtlog");
+    BlktapLog::create(&bobs, SIZE, [0; 16], 0);
+    h.own(&bobs);
+    let outside = h.dir.path().join("outside.cbtlog");
+    BlktapLog::create(&outside, SIZE, [0; 16], 0);
+    for (log, words) in [(&bobs, "outside"), (&outside, "outside")] {
+        let m = h.ok(&ALICE, &["allocate"]);
+        let minor = m.trim().rsplit("tapdev").next().unwrap().to_string();
+        let pid = h.ok(&ALICE, &["spawn"]).trim().to_string();
+        h.ok(&ALICE, &["attach", "-p", &pid, "-m", &minor]);
+        let spec = format!("aio:{}", img.display());
+        let err = h.fails(
+            &ALICE,
+            &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-C", log.to_str().unwrap()],
+        );
+        assert!(err.contains(words), "{err}");
+        // Nothing is served: the open failed as a whole.
+        assert!(!h.ok(&ALICE, &["list", "-m", &minor]).contains("args="), "{minor}");
+        h.ok(&ALICE, &["detach", "-p", &pid, "-m", &minor]);
+        h.ok(&ALICE, &["free", "-m", &minor]);
+    }
+    // A log of alice's whose header claims a huge disk is refused by the
+    // worker (which alone parses it); the open fails and says why.
+    let hostile = h.root("alice").join("hostile.cbtlog");
+    let mut b = vec![0u8; 48];
+    b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&hostile, &b).unwrap();
+    h.own(&hostile);
+    let m = h.ok(&ALICE, &["allocate"]);
+    let minor = m.trim().rsplit("tapdev").next().unwrap().to_string();
+    let pid = h.ok(&ALICE, &["spawn"]).trim().to_string();
+    h.ok(&ALICE, &["attach", "-p", &pid, "-m", &minor]);
+    let spec = format!("aio:{}", img.display());
+    let err = h.fails(
+        &ALICE,
+        &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-C", hostile.to_str().unwrap()],
+    );
+    assert!(err.contains("CBT log") && err.contains("more than"), "{err}");
+    assert!(!h.ok(&ALICE, &["list", "-m", &minor]).contains("args="));
+    let lines = h.audit_lines();
+    assert!(lines
+        .iter()
+        .any(|l| l["request"].to_string().contains("outside.cbtlog")));
+}
