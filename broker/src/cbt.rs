@@ -109,7 +109,10 @@ impl Broker {
                 };
             }
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(files).map_err(std::io::Error::other)?)?;
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(files).map_err(std::io::Error::other)?,
+            )?;
             std::fs::rename(&tmp, &path)
         };
         save().map_err(|e| {
@@ -154,7 +157,9 @@ impl Broker {
         };
         match conn.call(&ToWorker::Cbt(msg), &[opened.file.as_fd()])? {
             FromWorker::Cbt(maps) => Ok(clean(maps)),
-            _ => Err(BrokerError::failed("the worker answered Cbt with something else")),
+            _ => Err(BrokerError::failed(
+                "the worker answered Cbt with something else",
+            )),
         }
     }
 

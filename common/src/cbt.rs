@@ -86,12 +86,21 @@ pub struct CbtInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToWorkerCbt {
     /// Reset the file to an empty bitmap for this disk and track into it.
-    Start { name: String },
+    Start {
+        name: String,
+    },
     /// Track into an existing log, keeping what it marks (a respawn, a
     /// restarted broker, `open -C`). `xapi`: it is XAPI's log, which
     /// replaces any XAPI log tracked now.
-    Attach { name: String, xapi: bool },
-    Checkpoint { name: String },
-    Stop { name: String },
+    Attach {
+        name: String,
+        xapi: bool,
+    },
+    Checkpoint {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
     List,
 }

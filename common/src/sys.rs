@@ -192,7 +192,10 @@ pub fn open_beneath(
 /// [`open_beneath`] read-write, creating the file (mode 0600, owned by
 /// the caller's fsuid) if it is missing: for files the broker makes in a
 /// tenant's root with her credentials, such as CBT logs.
-pub fn create_beneath(dir: BorrowedFd<'_>, rel: &CStr) -> Result<(OwnedFd, FileStat), BeneathError> {
+pub fn create_beneath(
+    dir: BorrowedFd<'_>,
+    rel: &CStr,
+) -> Result<(OwnedFd, FileStat), BeneathError> {
     open_beneath_as(dir, rel, true, true)
 }
 

@@ -78,7 +78,11 @@ fn table(maps: &[CbtInfo]) -> String {
     out
 }
 
-pub fn run(cmd: CbtCommand, socket: &Path, timeout: std::time::Duration) -> anyhow::Result<ExitCode> {
+pub fn run(
+    cmd: CbtCommand,
+    socket: &Path,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
     let (req, json) = cmd.request();
     let list = req.op == CbtOp::List;
     let client = Client::connect(socket, timeout)?;

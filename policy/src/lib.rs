@@ -13,6 +13,7 @@ pub mod idmap;
 pub mod path;
 pub mod xapi;
 
+pub use cbt::decide_cbt_file;
 pub use cgroups::{CgroupMode, CgroupPolicy, TenantCgroup};
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
@@ -20,5 +21,4 @@ pub use config::{
 pub use decide::{
     decide, decide_parent, BrokerView, Decision, ImageGrant, OpenAs, PeerCred, Scope,
 };
-pub use cbt::decide_cbt_file;
 pub use idmap::{IdClash, IdFiles};

@@ -79,7 +79,9 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     for log in ["cbt.cbtlog", "clone1.cbtlog"] {
         assert!(
             lines.iter().any(|l| l["request"].to_string().contains(log)
-                && l["outcome"].as_str().is_some_and(|o| !o.contains("not supported"))),
+                && l["outcome"]
+                    .as_str()
+                    .is_some_and(|o| !o.contains("not supported"))),
             "{log} is not on record"
         );
     }

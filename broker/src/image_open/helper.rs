@@ -298,9 +298,9 @@ fn attempt(plan: &Plan<'_>) -> Result<(OwnedFd, FileStat), Failure> {
         tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, plan.writable)
     };
     let (fd, st) = opened.map_err(|e| match e {
-            BeneathError::Os(n) => (K_OPEN, i64::from(n), none),
-            BeneathError::NotRegular => (K_NOTREG, 0, none),
-        })?;
+        BeneathError::Os(n) => (K_OPEN, i64::from(n), none),
+        BeneathError::NotRegular => (K_NOTREG, 0, none),
+    })?;
     if !plan.owners.is_empty() {
         if !plan.owners.contains(&st.uid) {
             return Err((K_NOTOWNED, 0, st));

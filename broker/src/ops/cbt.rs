@@ -41,14 +41,20 @@ impl Broker {
         let w = live_worker(&t, minor, None)?;
         let disk = t.disk(minor)?;
         let owner = disk.owner.clone();
-        let image = disk.phase()?.image().cloned().ok_or_else(|| no_image(minor))?;
+        let image = disk
+            .phase()?
+            .image()
+            .cloned()
+            .ok_or_else(|| no_image(minor))?;
         let lease = Lease::take(&self.table, t, minor, "cbt", |_, _| Ok(()))?;
         let result = {
             let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
             let call = |msg| -> Result<Vec<CbtInfo>, BrokerError> {
                 match conn.call(&ToWorker::Cbt(msg), &[])? {
                     FromWorker::Cbt(maps) => Ok(crate::cbt::clean(maps)),
-                    _ => Err(BrokerError::failed("the worker answered Cbt with something else")),
+                    _ => Err(BrokerError::failed(
+                        "the worker answered Cbt with something else",
+                    )),
                 }
             };
             match req.op {

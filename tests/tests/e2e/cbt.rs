@@ -82,10 +82,7 @@ fn dirty_extents(sock: &Path, name: &str) -> Vec<(u64, u64)> {
         "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
         sock.display()
     );
-    let map = run(
-        "qemu-img",
-        &["map", "--output=json", "--image-opts", &opts],
-    );
+    let map = run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
     let v: serde_json::Value = serde_json::from_str(&map).unwrap();
     v.as_array()
         .unwrap()
@@ -198,7 +195,10 @@ impl NbdReader {
         self.0.write_all(&r).unwrap();
         let mut h = [0u8; 16];
         if let Err(e) = self.0.read_exact(&mut h) {
-            panic!("read {off}+{len}: {e}\n--- broker log ---\n{}", broker_log());
+            panic!(
+                "read {off}+{len}: {e}\n--- broker log ---\n{}",
+                broker_log()
+            );
         }
         assert_eq!(&h[4..8], &[0, 0, 0, 0], "read {off}+{len} failed");
         let mut data = vec![0u8; len as usize];
@@ -237,7 +237,15 @@ fn apply_incremental(sock: &Path, extents: &[(u64, u64)], restored: &Path) -> u6
 fn full_backup(sock: &Path, to: &Path) {
     run(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &url(sock), to.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url(sock),
+            to.to_str().unwrap(),
+        ],
     );
 }
 
@@ -399,7 +407,11 @@ fn cbt_bitmap_covers_every_acknowledged_write_across_a_worker_sigkill() {
             s.h.broker_log()
         );
     });
-    assert!(s.h.broker_log().contains("CBT log inc"), "{}", s.h.broker_log());
+    assert!(
+        s.h.broker_log().contains("CBT log inc"),
+        "{}",
+        s.h.broker_log()
+    );
 }
 
 #[test]
@@ -416,7 +428,11 @@ fn cbt_bitmap_survives_a_broker_crash_and_a_respawn_under_the_new_broker() {
     let dirty = bitmaps(&s.h)[0]["dirty"].as_u64().unwrap();
     s.h.crash();
     s.h.launch();
-    assert_eq!(bitmaps(&s.h)[0]["dirty"], dirty, "the adopted worker kept it");
+    assert_eq!(
+        bitmaps(&s.h)[0]["dirty"],
+        dirty,
+        "the adopted worker kept it"
+    );
     let pid = json_rows(&s.h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
     sigkill(pid);
     assert!(eventually(Duration::from_secs(20), || {
@@ -541,18 +557,32 @@ fn cbt_open_c_and_unpause_c_write_blktaps_log_format() {
     h.own(&log);
     let (minor, pid) = sm_open(&h, &img, &["-C", log.to_str().unwrap()]);
     let sock = std::fs::read_link(h.devices.join(format!("tapdev{minor}"))).unwrap();
-    let ws = [(0u64, 4096u64, 1u8), (5 * GRAN + 100 * 512, 2 * GRAN, 2), (SIZE - 512, 512, 3)];
+    let ws = [
+        (0u64, 4096u64, 1u8),
+        (5 * GRAN + 100 * 512, 2 * GRAN, 2),
+        (SIZE - 512, 512, 3),
+    ];
     let out = qemu_io_writes(&sock, &ws).wait_with_output().unwrap();
     assert_eq!(acknowledged(&String::from_utf8_lossy(&out.stdout)).len(), 3);
     let l = BlktapLog::read(&log);
     let last = SIZE / GRAN - 1;
     assert_eq!(l.dirty(), vec![0, 5, 6, 7, last]);
-    assert_eq!((l.parent, l.consistent, l.size), ([0xab; 16], 0, SIZE), "header is SM's");
+    assert_eq!(
+        (l.parent, l.consistent, l.size),
+        ([0xab; 16], 0, SIZE),
+        "header is SM's"
+    );
     let listed = h.ok(&ALICE, &["cbt", "list", "-m", &minor, "--json"]);
-    assert!(listed.contains("\"xapi_log\":true") && listed.contains("xapi-cbt-log"), "{listed}");
+    assert!(
+        listed.contains("\"xapi_log\":true") && listed.contains("xapi-cbt-log"),
+        "{listed}"
+    );
     if let Some(bitmap) = cbt_util(&log, "-b") {
         assert_eq!(bitmap, l.bits, "blktap's cbt-util reads the same bitmap");
-        assert_eq!(cbt_util(&log, "-s").unwrap(), format!("{SIZE}\n").into_bytes());
+        assert_eq!(
+            cbt_util(&log, "-s").unwrap(),
+            format!("{SIZE}\n").into_bytes()
+        );
         assert_eq!(cbt_util(&log, "-f").unwrap(), b"0\n");
     }
     // Pause, unpause onto a new log (-c): later writes go there only.
@@ -560,14 +590,33 @@ fn cbt_open_c_and_unpause_c_write_blktaps_log_format() {
     BlktapLog::create(&log2, SIZE, [0xcd; 16], 0);
     h.own(&log2);
     h.ok(&ALICE, &["pause", "-p", &pid, "-m", &minor]);
-    h.ok(&ALICE, &["unpause", "-p", &pid, "-m", &minor, "-c", log2.to_str().unwrap()]);
-    let out = qemu_io_writes(&sock, &[(9 * GRAN, 512, 4)]).wait_with_output().unwrap();
+    h.ok(
+        &ALICE,
+        &[
+            "unpause",
+            "-p",
+            &pid,
+            "-m",
+            &minor,
+            "-c",
+            log2.to_str().unwrap(),
+        ],
+    );
+    let out = qemu_io_writes(&sock, &[(9 * GRAN, 512, 4)])
+        .wait_with_output()
+        .unwrap();
     assert_eq!(acknowledged(&String::from_utf8_lossy(&out.stdout)).len(), 1);
     assert_eq!(BlktapLog::read(&log2).dirty(), vec![9]);
-    assert_eq!(BlktapLog::read(&log).dirty(), vec![0, 5, 6, 7, last], "the old log is left");
+    assert_eq!(
+        BlktapLog::read(&log).dirty(),
+        vec![0, 5, 6, 7, last],
+        "the old log is left"
+    );
     let lines = h.audit_lines();
     assert!(
-        lines.iter().any(|l| l["request"].to_string().contains("vdi2.cbtlog")),
+        lines
+            .iter()
+            .any(|l| l["request"].to_string().contains("vdi2.cbtlog")),
         "unpause -c is on record"
     );
 }
@@ -591,11 +640,24 @@ fn cbt_open_c_outside_the_tenants_roots_or_on_a_hostile_log_is_refused() {
         let spec = format!("aio:{}", img.display());
         let err = h.fails(
             &ALICE,
-            &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-C", log.to_str().unwrap()],
+            &[
+                "open",
+                "-p",
+                &pid,
+                "-m",
+                &minor,
+                "-a",
+                &spec,
+                "-C",
+                log.to_str().unwrap(),
+            ],
         );
         assert!(err.contains(words), "{err}");
         // Nothing is served: the open failed as a whole.
-        assert!(!h.ok(&ALICE, &["list", "-m", &minor]).contains("args="), "{minor}");
+        assert!(
+            !h.ok(&ALICE, &["list", "-m", &minor]).contains("args="),
+            "{minor}"
+        );
         h.ok(&ALICE, &["detach", "-p", &pid, "-m", &minor]);
         h.ok(&ALICE, &["free", "-m", &minor]);
     }
@@ -613,9 +675,22 @@ fn cbt_open_c_outside_the_tenants_roots_or_on_a_hostile_log_is_refused() {
     let spec = format!("aio:{}", img.display());
     let err = h.fails(
         &ALICE,
-        &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-C", hostile.to_str().unwrap()],
+        &[
+            "open",
+            "-p",
+            &pid,
+            "-m",
+            &minor,
+            "-a",
+            &spec,
+            "-C",
+            hostile.to_str().unwrap(),
+        ],
     );
-    assert!(err.contains("CBT log") && err.contains("more than"), "{err}");
+    assert!(
+        err.contains("CBT log") && err.contains("more than"),
+        "{err}"
+    );
     assert!(!h.ok(&ALICE, &["list", "-m", &minor]).contains("args="));
     let lines = h.audit_lines();
     assert!(lines

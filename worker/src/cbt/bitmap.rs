@@ -83,7 +83,13 @@ impl Bitmap {
         store
             .write_at(&log::fresh(disk_size), 0)
             .map_err(BitmapError::Write)?;
-        Ok(Bitmap::from_bytes(name, Origin::Named, disk_size, &[], store))
+        Ok(Bitmap::from_bytes(
+            name,
+            Origin::Named,
+            disk_size,
+            &[],
+            store,
+        ))
     }
 
     /// Take over an existing log file whose bytes are `file`.

@@ -119,11 +119,7 @@ fn attach(
     file: File,
 ) -> Result<(), String> {
     let bytes = read_log(&file, disk_size).map_err(|e| format!("reading CBT log {name}: {e}"))?;
-    let origin = if xapi {
-        Origin::XapiLog
-    } else {
-        Origin::Named
-    };
+    let origin = if xapi { Origin::XapiLog } else { Origin::Named };
     let (map, _header) = Bitmap::load(name, origin, disk_size, &bytes, Box::new(LogFile(file)))
         .map_err(|e| format!("CBT log {name}: {e}"))?;
     if xapi {

@@ -27,7 +27,9 @@ const SIZE_AT: usize = 40;
 pub enum LogError {
     #[error("CBT log is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
     ShortHeader(usize),
-    #[error("CBT log says the disk is {0} bytes, more than the {MAX_DISK_SIZE} this worker tracks")]
+    #[error(
+        "CBT log says the disk is {0} bytes, more than the {MAX_DISK_SIZE} this worker tracks"
+    )]
     TooBig(u64),
     #[error("CBT log holds {have} bitmap bytes but its size field ({size} bytes) needs {need}")]
     ShortBitmap { size: u64, need: u64, have: u64 },
@@ -116,7 +118,10 @@ pub fn bitmap_len(size: u64) -> u64 {
 /// A whole log file (header, then bitmap) for a `size`-byte disk, all clean.
 pub fn fresh(size: u64) -> Vec<u8> {
     let mut v = Header::new(size).encode().to_vec();
-    v.resize(HEADER_LEN + usize::try_from(bitmap_len(size)).unwrap_or(0), 0);
+    v.resize(
+        HEADER_LEN + usize::try_from(bitmap_len(size)).unwrap_or(0),
+        0,
+    );
     v
 }
 
@@ -190,7 +195,10 @@ mod tests {
         assert_eq!(Header::parse(&b), Err(LogError::TooBig(u64::MAX)));
         let mut f = fresh(1 << 30);
         f.truncate(HEADER_LEN + 100);
-        assert!(matches!(parse(&f, 1 << 30), Err(LogError::ShortBitmap { .. })));
+        assert!(matches!(
+            parse(&f, 1 << 30),
+            Err(LogError::ShortBitmap { .. })
+        ));
         let f = fresh(1 << 20);
         assert!(matches!(parse(&f, 2 << 20), Err(LogError::TooSmall { .. })));
     }

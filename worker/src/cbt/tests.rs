@@ -176,7 +176,11 @@ fn first_violation(events: &[Ev]) -> Option<(usize, u64)> {
             for keep in 0..sectors.min(8) {
                 let mut s = base.clone();
                 let lo = keep * 512;
-                apply(&mut s, *off + lo as u64, &data[lo..(lo + 512).min(data.len())]);
+                apply(
+                    &mut s,
+                    *off + lo as u64,
+                    &data[lo..(lo + 512).min(data.len())],
+                );
                 states.push(s);
             }
         }
@@ -221,8 +225,16 @@ fn every_crash_state_marks_every_acknowledged_write() {
             .cloned()
             .chain(events[cut + 1..].iter().cloned())
             .collect();
-        assert_eq!(first_violation(&events[..cut]), None, "seed {seed}, before checkpoint");
-        assert_eq!(first_violation(&after), None, "seed {seed}, after checkpoint");
+        assert_eq!(
+            first_violation(&events[..cut]),
+            None,
+            "seed {seed}, before checkpoint"
+        );
+        assert_eq!(
+            first_violation(&after),
+            None,
+            "seed {seed}, after checkpoint"
+        );
     }
 }
 
@@ -260,7 +272,9 @@ fn marked_blocks_are_in_the_file_and_reload_after_restart() {
     let file = world.file();
     let (h, bits) = log::parse(&file, SIZE).unwrap();
     assert!(h.consistent);
-    let set: Vec<u64> = (0..log::blocks(SIZE)).filter(|&b| log::test(bits, b)).collect();
+    let set: Vec<u64> = (0..log::blocks(SIZE))
+        .filter(|&b| log::test(bits, b))
+        .collect();
     assert_eq!(set, vec![4, 5, 299, 300]);
     // A respawned worker takes the same file over.
     let (again, _) = Bitmap::load(
@@ -276,8 +290,14 @@ fn marked_blocks_are_in_the_file_and_reload_after_restart() {
     .unwrap();
     assert_eq!(again.dirty_blocks(), 4);
     assert_eq!(again.extent(0, SIZE), Some((4 * BLOCK_SIZE, false)));
-    assert_eq!(again.extent(4 * BLOCK_SIZE, SIZE), Some((2 * BLOCK_SIZE, true)));
-    assert_eq!(again.extent(299 * BLOCK_SIZE, SIZE), Some((BLOCK_SIZE + 4096, true)));
+    assert_eq!(
+        again.extent(4 * BLOCK_SIZE, SIZE),
+        Some((2 * BLOCK_SIZE, true))
+    );
+    assert_eq!(
+        again.extent(299 * BLOCK_SIZE, SIZE),
+        Some((BLOCK_SIZE + 4096, true))
+    );
     assert_eq!(again.extent(SIZE, 1), None);
 }
 

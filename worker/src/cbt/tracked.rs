@@ -3,9 +3,7 @@
 //! whatever frontend sent them.
 
 use super::Tracker;
-use crate::image::{
-    DirectFile, Extent, Image, ImageError, LayerStats, Mapping, SyncFiles,
-};
+use crate::image::{DirectFile, Extent, Image, ImageError, LayerStats, Mapping, SyncFiles};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -24,9 +22,10 @@ impl Tracked {
             // The image refuses the write itself; nothing changes.
             return Ok(());
         }
-        self.tracker
-            .mark(offset, len)
-            .map_err(ImageError::io("recording a changed block in the CBT log", offset))
+        self.tracker.mark(offset, len).map_err(ImageError::io(
+            "recording a changed block in the CBT log",
+            offset,
+        ))
     }
 }
 

@@ -392,7 +392,11 @@ mod tests {
             [(0, "qemu:dirty-bitmap:weekly".to_string())]
         );
         // A prefix selects nothing with SET (only exact names do).
-        send_option(&mut c, OPT_SET_META_CONTEXT, &meta_data(&["qemu:dirty-bitmap:wee"]));
+        send_option(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_data(&["qemu:dirty-bitmap:wee"]),
+        );
         assert_eq!(contexts(&mut c), []);
         send_option(
             &mut c,
