@@ -75,3 +75,126 @@ pub fn decide_cbt_file(policy: &Policy, tenant: &str, open_as: &OpenAs, path: &P
         Err(d) => *d,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{decide, PeerCred};
+    use tapjail_common::proto::Request;
+    use tapjail_common::Minor;
+
+    struct View;
+    impl BrokerView for View {
+        fn minor_owner(&self, minor: Minor) -> Option<&str> {
+            match minor.get() {
+                1 => Some("alice"),
+                2 => Some("bob"),
+                _ => None,
+            }
+        }
+        fn worker_owner(&self, _: u32) -> Option<&str> {
+            None
+        }
+        fn minors_of(&self, _: &str) -> usize {
+            0
+        }
+        fn workers_of(&self, _: &str) -> usize {
+            0
+        }
+    }
+
+    fn policy(alice_extra: &str) -> Policy {
+        Policy::parse(&format!(
+            "[[tenant]]\nname = \"alice\"\nuids = [1000]\nimage_roots = [\"/srv/alice\"]\nwritable = true\n{alice_extra}\n\
+             [[tenant]]\nname = \"bob\"\nuids = [1001]\nimage_roots = [\"/srv/bob\"]\nwritable = true\nadmin = true\n"
+        ))
+        .unwrap()
+    }
+
+    const ALICE: PeerCred = PeerCred {
+        pid: 1,
+        uid: 1000,
+        gid: 1000,
+    };
+    const BOB: PeerCred = PeerCred {
+        pid: 2,
+        uid: 1001,
+        gid: 1001,
+    };
+
+    fn cbt(minor: u64, op: CbtOp) -> Request {
+        Request::Cbt(CbtRequest {
+            minor: Minor::new(minor).unwrap(),
+            op,
+            name: Some("b".into()),
+        })
+    }
+
+    fn open_as(uid: u32) -> OpenAs {
+        OpenAs {
+            uid,
+            gid: uid,
+            owners: vec![uid],
+        }
+    }
+
+    #[test]
+    fn cbt_on_her_own_disk_follows_the_cbt_key() {
+        let d = decide(&cbt(1, CbtOp::Start), &ALICE, &policy(""), &View);
+        assert!(d.allow, "default is allowed: {}", d.reason);
+        let off = policy("cbt = false");
+        let d = decide(&cbt(1, CbtOp::Checkpoint), &ALICE, &off, &View);
+        assert_eq!((d.allow, d.rule), (false, "cbt"));
+        // Listing is reading: allowed even with cbt = false.
+        assert!(decide(&cbt(1, CbtOp::List), &ALICE, &off, &View).allow);
+    }
+
+    #[test]
+    fn an_admin_lists_but_never_changes_another_tenants_bitmaps() {
+        let p = policy("");
+        assert!(decide(&cbt(1, CbtOp::List), &BOB, &p, &View).allow);
+        for op in [CbtOp::Start, CbtOp::Checkpoint, CbtOp::Stop] {
+            let d = decide(&cbt(1, op), &BOB, &p, &View);
+            assert_eq!((d.allow, d.rule), (false, "foreign-minor"), "{op:?}");
+        }
+        let d = decide(&cbt(2, CbtOp::List), &ALICE, &p, &View);
+        assert_eq!((d.allow, d.rule), (false, "foreign-minor"));
+    }
+
+    #[test]
+    fn a_log_must_be_under_her_roots_writable_and_cbt_allowed() {
+        let p = policy("");
+        let d = decide_cbt_file(
+            &p,
+            "alice",
+            &open_as(1000),
+            Path::new("/srv/alice/v.cbtlog"),
+        );
+        assert!(d.allow, "{}", d.reason);
+        let g = d.image.unwrap();
+        assert_eq!(g.relative, Path::new("v.cbtlog"));
+        for bad in ["/srv/bob/v.cbtlog", "/etc/shadow", "/srv/alice/../bob/x"] {
+            let d = decide_cbt_file(&p, "alice", &open_as(1000), Path::new(bad));
+            assert!(!d.allow, "{bad}");
+        }
+        let off = policy("cbt = false");
+        let d = decide_cbt_file(
+            &off,
+            "alice",
+            &open_as(1000),
+            Path::new("/srv/alice/v.cbtlog"),
+        );
+        assert_eq!((d.allow, d.rule), (false, "cbt"));
+        let ro = Policy::parse(
+            "[[tenant]]\nname = \"alice\"\nuids = [1000]\nimage_roots = [\"/srv/alice\"]\n",
+        )
+        .unwrap();
+        let d = decide_cbt_file(
+            &ro,
+            "alice",
+            &open_as(1000),
+            Path::new("/srv/alice/v.cbtlog"),
+        );
+        assert_eq!((d.allow, d.rule), (false, "read-only-tenant"));
+    }
+}
