@@ -13,7 +13,7 @@ use tapjail_common::worker_proto::FromWorker;
 
 /// A log file: each write is made durable (`fdatasync`) before it returns.
 #[derive(Debug)]
-struct LogFile(File);
+pub struct LogFile(pub File);
 
 impl LogStore for LogFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
