@@ -20,6 +20,7 @@ pub enum CbtCommand {
     Stop(Target),
     /// Print the disk's bitmaps: name, granularity, dirty blocks.
     List {
+        /// The disk's minor.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         /// One JSON array, for machines.
@@ -30,6 +31,7 @@ pub enum CbtCommand {
 
 #[derive(Debug, Args)]
 pub struct Target {
+    /// The disk's minor.
     #[arg(short = 'm', value_name = "MINOR")]
     pub minor: Minor,
     /// The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`).

@@ -210,22 +210,22 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "stop" -d 'Stop tracking into NAME (its file is left for a last backup)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "list" -d 'Print the disk\'s bitmaps: name, granularity, dirty blocks'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -s m -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -s m -d 'The disk\'s minor' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -l name -d 'The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -s h -l help -d 'Print help'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -s m -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -s m -d 'The disk\'s minor' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -l name -d 'The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -s h -l help -d 'Print help'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -s m -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -s m -d 'The disk\'s minor' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -l name -d 'The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -s h -l help -d 'Print help'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -s m -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -s m -d 'The disk\'s minor' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -l json -d 'One JSON array, for machines'
