@@ -148,6 +148,10 @@ impl Broker {
                 return Err(e);
             }
         }
+        if let Err(e) = self.mirror_hook(conn, target.minor, unpause, &device) {
+            self.table().release_files(target.minor, &files);
+            return Err(e);
+        }
         let opened = conn.open_chain(&msg, &leaf, &mut |req| {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
@@ -187,6 +191,30 @@ impl Broker {
                 Err(e)
             }
         }
+    }
+
+    /// Give the worker its `-2` mirror (or switch) before the image opens:
+    /// see [`crate::mirror::Mirrors::before_open`].
+    fn mirror_hook(
+        &self,
+        conn: &WorkerConn,
+        minor: tapjail_common::Minor,
+        unpause: bool,
+        device: &DeviceMode<'_>,
+    ) -> Result<(), BrokerError> {
+        use crate::mirror::Bring;
+        let bring = match (unpause, device) {
+            (true, _) => Bring::Unpause,
+            (false, DeviceMode::Fresh) => Bring::Open,
+            (false, DeviceMode::Recover(_)) => Bring::Respawn,
+        };
+        let asked = crate::xapi::scope::mirror();
+        let asked = if bring == Bring::Respawn { None } else { asked };
+        let done = self
+            .mirrors
+            .before_open(conn, minor, bring, asked.as_ref())?;
+        crate::xapi::scope::set_mirror_done(done);
+        Ok(())
     }
 
     /// Create (or recover) the kernel side and have the worker serve it.

@@ -64,6 +64,7 @@ mod faults;
 mod image_open;
 mod lease;
 mod lifecycle;
+mod mirror;
 mod ops;
 mod publish;
 mod qos;

@@ -7,6 +7,7 @@ pub mod adminfile;
 pub mod audit;
 pub mod frame;
 pub mod minor;
+pub mod mirror;
 pub mod proto;
 pub mod qos;
 pub mod signals;

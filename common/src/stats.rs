@@ -56,6 +56,9 @@ pub struct WorkerStats {
     pub latency: LatencyStats,
     /// Request latency histograms, for `tap-ctl metrics`.
     pub histograms: Histograms,
+    /// The write mirror (`-2 URI`), if any.
+    #[serde(default)]
+    pub mirror: Option<crate::mirror::MirrorStats>,
 }
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced

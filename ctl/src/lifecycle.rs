@@ -387,6 +387,12 @@ struct StatsJson<'a> {
     /// I/O limits in force and the delays they caused.
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle: Option<&'a tapjail_common::qos::ThrottleStats>,
+    /// blktap's flag XAPI polls during a storage migration: 1 once the
+    /// `-2` secondary failed and mirroring stopped.
+    nbd_mirror_failed: u8,
+    /// The `-2` mirror: uri, mode, state, copied/total bytes, error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mirror: Option<&'a tapjail_common::mirror::MirrorStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -419,6 +425,12 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         latency: &w.latency,
         cgroup: s.cgroup.as_ref(),
         throttle: s.throttle.as_ref(),
+        nbd_mirror_failed: u8::from(
+            w.mirror
+                .as_ref()
+                .is_some_and(|m| m.state == tapjail_common::mirror::MirrorState::Failed),
+        ),
+        mirror: w.mirror.as_ref(),
     })
 }
 

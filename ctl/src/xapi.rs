@@ -5,6 +5,7 @@
 use crate::client::Refused;
 use clap::Args;
 use std::process::ExitCode;
+use tapjail_common::mirror::MirrorRequest;
 use tapjail_common::proto::{ErrorKind, Request};
 use tapjail_common::xapi::{Options, Unbuilt, MAX_TIMEOUT_SECS};
 use tapjail_common::Minor;
@@ -36,11 +37,13 @@ pub struct OpenFlags {
     /// Local read cache of the parent chain (not supported: refused).
     #[arg(short = 'r')]
     pub read_cache: bool,
-    /// Mirror writes to this secondary (not supported: refused).
+    /// Mirror every write to this NBD secondary (nbd:/path/to/socket or
+    /// nbd:IPV4:PORT) and copy the existing data over in the background.
     #[arg(short = '2', value_name = "URI")]
     pub secondary: Option<String>,
-    /// Standby mirror (not supported: refused).
-    #[arg(short = 's')]
+    /// With -2: standby, blktap's meaning: the secondary is written only
+    /// once the primary runs out of space, and then serves the disk.
+    #[arg(short = 's', requires = "secondary")]
     pub standby: bool,
     /// blktap changed-block-tracking log (not supported: refused).
     #[arg(short = 'C', value_name = "LOG")]
@@ -55,7 +58,8 @@ pub struct OpenFlags {
 pub struct UnpauseFlags {
     #[command(flatten)]
     pub timeout: Timeout,
-    /// Switch to this mirror secondary (not supported: refused).
+    /// Serve from this mirror secondary once it is in sync (the minor
+    /// mirrors to it), or start mirroring to it (the minor mirrors nothing).
     #[arg(short = '2', value_name = "URI")]
     pub secondary: Option<String>,
     /// blktap changed-block-tracking log (not supported: refused).
@@ -69,12 +73,6 @@ impl OpenFlags {
         if self.read_cache {
             unbuilt.push(Unbuilt::ReadCache);
         }
-        if let Some(uri) = self.secondary {
-            unbuilt.push(Unbuilt::Mirror(uri));
-        }
-        if self.standby {
-            unbuilt.push(Unbuilt::Standby);
-        }
         if let Some(log) = self.cbt_log {
             unbuilt.push(Unbuilt::CbtLog(log));
         }
@@ -85,6 +83,10 @@ impl OpenFlags {
             timeout_secs: self.timeout.secs,
             no_o_direct: self.no_o_direct,
             existing_parent: self.existing_parent,
+            mirror: self.secondary.map(|uri| MirrorRequest {
+                uri,
+                standby: self.standby,
+            }),
             unbuilt,
             ..Options::default()
         }
@@ -94,14 +96,15 @@ impl OpenFlags {
 impl UnpauseFlags {
     pub fn options(self) -> Options {
         let mut unbuilt = Vec::new();
-        if let Some(uri) = self.secondary {
-            unbuilt.push(Unbuilt::Mirror(uri));
-        }
         if let Some(log) = self.cbt_log {
             unbuilt.push(Unbuilt::CbtLog(log));
         }
         Options {
             timeout_secs: self.timeout.secs,
+            mirror: self.secondary.map(|uri| MirrorRequest {
+                uri,
+                standby: false,
+            }),
             unbuilt,
             ..Options::default()
         }
@@ -212,7 +215,14 @@ mod tests {
         assert_eq!(o.timeout_secs, Some(30));
         assert!(o.no_o_direct);
         assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
-        assert_eq!(o.unbuilt.len(), 5);
+        assert_eq!(o.unbuilt.len(), 3, "-r, -C and -E");
+        assert_eq!(
+            o.mirror,
+            Some(MirrorRequest {
+                uri: "nbd:unix:/s".into(),
+                standby: true
+            })
+        );
         let LifecycleCommand::Unpause { xapi, image, .. } = parse(&[
             "unpause",
             "-p",
@@ -229,7 +239,9 @@ mod tests {
             panic!()
         };
         assert!(image.is_some());
-        assert_eq!(xapi.options().unbuilt.len(), 2);
+        let o = xapi.options();
+        assert_eq!(o.unbuilt.len(), 1, "-c");
+        assert_eq!(o.mirror.map(|m| m.uri).as_deref(), Some("nbd:x"));
         let LifecycleCommand::Allocate { device, .. } =
             parse(&["allocate", "-d", "/dev/xen/blktap-2/tapdev4"])
         else {

@@ -15,11 +15,13 @@ use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
 use crate::io::{CacheMode, UringFile};
+use crate::mirror::{Mirror, Mirrored, Secondary};
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
+use tapjail_common::mirror::MirrorMode;
 use tapjail_common::proto::{FrontendKind, ImageKind};
 use tapjail_common::worker_proto::{self as wp, FromWorker, FrontendSpec, ToWorker};
 
@@ -181,6 +183,44 @@ pub struct Worker {
     resync: Cell<Option<[u8; 16]>>,
     /// I/O limits; every disk this worker opens passes through them.
     throttle: Arc<crate::qos::Throttle>,
+    /// Mirroring: see [`crate::mirror`] and [`MirrorSlot`].
+    mirror: MirrorSlot,
+}
+
+/// A worker's mirror: one negotiated for the next `Open`/`Unpause`, the
+/// one the open disk has (kept across `pause`, for `MirrorSwitch` and
+/// stats), and whether the next `Unpause` serves from its secondary.
+#[derive(Debug, Default)]
+struct MirrorSlot {
+    pending: Option<Arc<Mirror>>,
+    current: Option<Arc<Mirror>>,
+    switch: bool,
+}
+
+impl MirrorSlot {
+    /// The image to serve for the chain just opened: mirrored when a
+    /// mirror is pending. Any earlier mirror is let go.
+    fn wrap(&mut self, img: Arc<dyn Image>) -> Result<Arc<dyn Image>, ImageError> {
+        if let Some(old) = self.current.take() {
+            old.disconnect();
+        }
+        let Some(m) = self.pending.take() else {
+            return Ok(img);
+        };
+        let wrapped = Mirrored::wrap(img, m.clone())?;
+        self.current = Some(m);
+        Ok(wrapped)
+    }
+
+    fn clear(&mut self) {
+        for m in [self.pending.take(), self.current.take()]
+            .into_iter()
+            .flatten()
+        {
+            m.disconnect();
+        }
+        self.switch = false;
+    }
 }
 
 impl std::fmt::Debug for Worker {
@@ -209,6 +249,7 @@ impl Worker {
             open: None,
             resync: Cell::new(None),
             throttle: Arc::default(),
+            mirror: MirrorSlot::default(),
         }
     }
 
@@ -283,7 +324,9 @@ impl Worker {
                 };
                 let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
                     .on_resync(&self.resync);
-                match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
+                let opened_img = open_image(kind, leaf, &name, read_only, self.cache, &mut parents)
+                    .and_then(|img| self.mirror.wrap(img));
+                match opened_img {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
                         self.open = Some(Open {
@@ -324,7 +367,7 @@ impl Worker {
                 }
             }
             ToWorker::Stats => {
-                let stats = match &self.open {
+                let mut stats = match &self.open {
                     None => crate::stats::collect("", None, None),
                     Some(o) => crate::stats::collect(
                         &o.name,
@@ -332,8 +375,11 @@ impl Worker {
                         o.frontend.as_ref().map(|f| f.kind),
                     ),
                 };
+                stats.mirror = self.mirror.current.as_ref().map(|m| m.stats());
                 FromWorker::Stats(Box::new(stats))
             }
+            ToWorker::Mirror { uri, standby } => self.mirror_to(uri, standby, fds),
+            ToWorker::MirrorSwitch { uri } => self.mirror_switch(&uri),
             ToWorker::Resync { nonce } => self.resynced(nonce),
             ToWorker::Limits { disk, tenant } => {
                 if fds.len() > 1 {
@@ -387,7 +433,29 @@ impl Worker {
             BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
         let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
             Ok(img) => img,
-            Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
+            Err(e) => {
+                self.mirror.switch = false;
+                return error(format!("reopening {kind}:{name}: {e}"));
+            }
+        };
+        let img = if std::mem::take(&mut self.mirror.switch) {
+            // Checked in sync by MirrorSwitch; the primary just opened
+            // proves the path still opens, and is let go.
+            match self.mirror.current.take() {
+                Some(m) if m.synced() && m.size() == img.virtual_size() => {
+                    Arc::new(Secondary::new(m)) as Arc<dyn Image>
+                }
+                _ => {
+                    return error(
+                        "unpause -2: the mirror is no longer in sync; the disk stays paused",
+                    )
+                }
+            }
+        } else {
+            match self.mirror.wrap(img) {
+                Ok(img) => img,
+                Err(e) => return error(format!("mirroring {kind}:{name}: {e}")),
+            }
         };
         let reply = opened(img.as_ref());
         match open.disk.resume(img) {
@@ -460,9 +528,68 @@ impl Worker {
         }
     }
 
+    /// `Mirror`: negotiate with the secondary the broker connected, for
+    /// the next `Open` or `Unpause`.
+    fn mirror_to(&mut self, uri: String, standby: bool, mut fds: Vec<OwnedFd>) -> FromWorker {
+        if self.open.as_ref().is_some_and(|o| !o.paused) {
+            return error("Mirror comes before Open or Unpause, not while the disk is served");
+        }
+        let Some(sock) = single_fd(&mut fds) else {
+            return error("Mirror needs exactly one fd (the connected socket)");
+        };
+        let mode = if standby {
+            MirrorMode::Standby
+        } else {
+            MirrorMode::Mirror
+        };
+        match Mirror::connect(std::fs::File::from(sock), uri.clone(), mode) {
+            Ok(m) => {
+                if let Some(old) = self.mirror.pending.replace(m) {
+                    old.disconnect();
+                }
+                FromWorker::Ok
+            }
+            Err(e) => error(format!("negotiating NBD with the secondary {uri}: {e}")),
+        }
+    }
+
+    /// `MirrorSwitch`: allowed only while paused with a mirror to `uri`
+    /// that is in sync.
+    fn mirror_switch(&mut self, uri: &str) -> FromWorker {
+        if !self.open.as_ref().is_some_and(|o| o.paused) {
+            return error("unpause -2: the disk is not paused");
+        }
+        let Some(m) = &self.mirror.current else {
+            return error(format!(
+                "unpause -2 {uri}: this disk mirrors to no secondary"
+            ));
+        };
+        if m.uri() != uri {
+            return error(format!(
+                "unpause -2 {uri}: this disk mirrors to {}, not {uri}",
+                m.uri()
+            ));
+        }
+        let s = m.stats();
+        if m.mode() != MirrorMode::Mirror || !m.synced() {
+            return error(format!(
+                "unpause -2 {uri}: the secondary is not in sync (mirror {}, {} of {} bytes copied{}); \
+                 the disk stays paused on its primary: unpause without -2, wait for stats to say \
+                 synced, then pause and unpause -2 again",
+                s.state.as_str(),
+                s.copied,
+                s.total,
+                s.error.map(|e| format!(", {e}")).unwrap_or_default()
+            ));
+        }
+        self.mirror.switch = true;
+        FromWorker::Ok
+    }
+
     /// Stop the frontend, then flush and close the image.
     fn close(&mut self) -> Result<(), crate::disk::DiskError> {
         let Some(mut open) = self.open.take() else {
+            self.mirror.clear();
             return Ok(());
         };
         // The next Open states its own cache plan.
@@ -474,6 +601,7 @@ impl Worker {
         if let Some(f) = open.frontend.take() {
             f.stop();
         }
+        self.mirror.clear();
         closed
     }
 }

@@ -380,7 +380,12 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
                 FromWorker::Throttle(_)
             )
             | (
-                ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown | ToWorker::Cache(_),
+                ToWorker::Pause
+                    | ToWorker::Close
+                    | ToWorker::Shutdown
+                    | ToWorker::Cache(_)
+                    | ToWorker::Mirror { .. }
+                    | ToWorker::MirrorSwitch { .. },
                 FromWorker::Ok
             )
     )
@@ -400,6 +405,8 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Limits { .. } => "Limits",
         ToWorker::ThrottleStats => "ThrottleStats",
         ToWorker::Cache(_) => "Cache",
+        ToWorker::Mirror { .. } => "Mirror",
+        ToWorker::MirrorSwitch { .. } => "MirrorSwitch",
     }
 }
 

@@ -96,6 +96,14 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     {
         return bad("-t SECS");
     }
+    if let Some(m) = &opts.mirror {
+        if !open && !matches!(req, Request::Unpause { .. }) {
+            return bad("-2 URI");
+        }
+        if m.standby && !open {
+            return bad("-s");
+        }
+    }
     if !opts.unbuilt.is_empty() && !open && !matches!(req, Request::Unpause { .. }) {
         return bad(opts.unbuilt[0].flag());
     }
@@ -133,6 +141,9 @@ impl Broker {
             scope.shared = Some(shared_chain(&t, req, from)?);
             scope.plan.parents_buffered = true;
         }
+        if let Some(m) = &opts.mirror {
+            scope.mirror = Some(self.granted_mirror(m, d)?);
+        }
         let _entered = scope.enter();
         match (req, &opts.device) {
             (Request::Allocate { minor: None }, Some(dev)) => {
@@ -150,9 +161,36 @@ impl Broker {
                 if let (Some(n), Some(from)) = (scope::shared_taken(), opts.existing_parent) {
                     outcome.push_str(&format!("; -e {from}: {n} parent(s) shared"));
                 }
+                if let Some(done) = scope::mirror_done() {
+                    outcome.push_str(&crate::mirror::outcome(&done));
+                }
                 Ok((reply, outcome))
             }
         }
+    }
+
+    /// The `-2` the policy allowed, with what connecting needs.
+    fn granted_mirror(
+        &self,
+        m: &tapjail_common::mirror::MirrorRequest,
+        d: &Decision,
+    ) -> Result<crate::mirror::Granted, BrokerError> {
+        let target = tapjail_common::mirror::MirrorTarget::parse(&m.uri)
+            .map_err(|e| BrokerError::invalid(e.to_string()))?;
+        let tenant = d
+            .tenant
+            .as_deref()
+            .and_then(|n| self.policy.tenant(n))
+            .ok_or_else(|| BrokerError::failed("policy allowed -2 without a tenant"))?;
+        let dir = tenant.mirror.grant(&target).ok_or_else(|| {
+            BrokerError::failed(format!("policy allowed -2 {} without a grant", m.uri))
+        })?;
+        Ok(crate::mirror::Granted {
+            req: m.clone(),
+            target,
+            dir,
+            owners: tenant.uids.clone(),
+        })
     }
 
     /// `tap-ctl major`: the block major of the devices this broker's
@@ -270,7 +308,7 @@ mod tests {
                 minor: m,
                 image: None
             },
-            &o(|o| o.unbuilt = vec![tapjail_common::xapi::Unbuilt::Mirror("nbd:x".into())])
+            &o(|o| o.unbuilt = vec![tapjail_common::xapi::Unbuilt::CbtLog("/x.log".into())])
         )
         .is_ok());
     }

@@ -555,6 +555,9 @@ fn main() {
                 FromWorker::Error(format!("fake-tapdisk cannot serve {:?}", other.kind()))
             }
             ToWorker::Pause | ToWorker::Cache(_) => FromWorker::Ok,
+            ToWorker::Mirror { .. } | ToWorker::MirrorSwitch { .. } => {
+                FromWorker::Error("the fake tapdisk mirrors nothing".into())
+            }
             ToWorker::Close => {
                 chain = None;
                 listeners.clear();
@@ -590,6 +593,7 @@ fn main() {
                     },
                     latency: Default::default(),
                     histograms: Default::default(),
+                    mirror: None,
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),
