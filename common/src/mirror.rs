@@ -36,6 +36,7 @@ pub enum MirrorTarget {
 
 /// blktap's two secondary modes (`TD_VBD_SECONDARY_MIRROR` / `_STANDBY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MirrorMode {
     /// Every guest write goes to the primary and the secondary and is
     /// acknowledged when both have it; a background copy brings the
@@ -128,6 +129,7 @@ fn clip(s: &str) -> String {
 
 /// Where a mirror stands, for `tap-ctl stats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MirrorState {
     /// The background copy is running; guest writes are mirrored.
     Copying,

@@ -542,6 +542,15 @@ impl Worker {
         } else {
             MirrorMode::Mirror
         };
+        // A new mirror replaces the paused disk's old one; its buffer goes
+        // before the new one is allocated (memory is locked and budgeted).
+        self.mirror.switch = false;
+        for old in [self.mirror.current.take(), self.mirror.pending.take()]
+            .into_iter()
+            .flatten()
+        {
+            old.disconnect();
+        }
         match Mirror::connect(std::fs::File::from(sock), uri.clone(), mode) {
             Ok(m) => {
                 if let Some(old) = self.mirror.pending.replace(m) {

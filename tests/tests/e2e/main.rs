@@ -11,6 +11,7 @@ mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod mirror;
 mod qos;
 mod raw_parent;
 mod robustness;

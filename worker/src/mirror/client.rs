@@ -243,15 +243,16 @@ impl<S: Read + Write> NbdClient<S> {
     ) -> Result<u64, ClientError> {
         let handle = self.next_handle;
         self.next_handle = self.next_handle.wrapping_add(1);
-        let mut m = Vec::with_capacity(28 + data.len());
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&cmd.to_be_bytes());
-        m.extend_from_slice(&handle.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(data);
+        // The header on its own: the data is not copied (the worker's
+        // memory is locked and small).
+        let mut m = [0u8; 28];
+        m[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m[6..8].copy_from_slice(&cmd.to_be_bytes());
+        m[8..16].copy_from_slice(&handle.to_be_bytes());
+        m[16..24].copy_from_slice(&offset.to_be_bytes());
+        m[24..28].copy_from_slice(&len.to_be_bytes());
         self.sock.write_all(&m)?;
+        self.sock.write_all(data)?;
         Ok(handle)
     }
 

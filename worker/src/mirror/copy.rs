@@ -11,14 +11,16 @@ use super::{Mirrored, COPY_CHUNK};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 
+/// The copy thread only shuffles bytes through a heap buffer.
+pub(super) const COPY_STACK: usize = 64 * 1024;
+
 pub(super) fn start(m: &Arc<Mirrored>) -> std::io::Result<()> {
     let weak = Arc::downgrade(m);
-    crate::frontend::spawn_thread("mirror-copy", move || run(&weak)).map(drop)
+    crate::frontend::spawn_thread_sized("mirror-copy", COPY_STACK, move || run(&weak)).map(drop)
 }
 
 fn run(weak: &Weak<Mirrored>) {
     let mut off = 0u64;
-    let mut buf = Vec::new();
     loop {
         let Some(m) = weak.upgrade() else {
             return;
@@ -36,17 +38,18 @@ fn run(weak: &Weak<Mirrored>) {
             return;
         }
         let n = (size - off).min(COPY_CHUNK);
-        buf.resize(n as usize, 0);
         {
             let _step = mirror.gate.write().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = m.primary.read_at(&mut buf, off) {
+            let mut buf = mirror.buf.lock().unwrap_or_else(|e| e.into_inner());
+            let buf = &mut buf[..n as usize];
+            if let Err(e) = m.primary.read_at(buf, off) {
                 mirror.fail(&format!(
                     "background copy: reading the primary at {off}: {e}"
                 ));
                 return;
             }
             if mirror
-                .with("background copy", |c| c.write_at(&buf, off))
+                .with("background copy", |c| c.write_at(buf, off))
                 .is_none()
             {
                 return;

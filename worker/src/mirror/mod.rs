@@ -32,8 +32,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use tapjail_common::mirror::{MirrorMode, MirrorState, MirrorStats};
 
-/// Bytes per background copy step (guest writes wait at most one step).
-pub const COPY_CHUNK: u64 = 1024 * 1024;
+/// Bytes per background copy step (guest writes wait at most one step);
+/// small, as the worker's memory is locked and budgeted.
+pub const COPY_CHUNK: u64 = 64 * 1024;
 
 /// The connection to the secondary and what became of it.
 #[derive(Debug)]
@@ -52,7 +53,18 @@ pub struct Mirror {
     /// Guest writes hold it shared, a copy step exclusively: a step reads
     /// the primary and writes the secondary with no guest write between.
     gate: RwLock<()>,
+    /// The copy buffer, allocated at connect time: before the frontend
+    /// sizes its own buffers to what the locked-memory budget has left.
+    buf: Mutex<Vec<u8>>,
+    _claim: crate::sandbox::mlock::Claim,
 }
+
+/// Locked memory a mirror needs: its buffer, the copy thread's stack and
+/// its overhead.
+const LOCKED_COST: u64 = COPY_CHUNK + copy::COPY_STACK as u64 + 32 * 1024;
+
+/// Zeroes to write from (static: no allocation under locked memory).
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl Mirror {
     /// Negotiate on `sock`, the connection the broker made to `uri`.
@@ -70,6 +82,8 @@ impl Mirror {
             failed_over: AtomicBool::new(false),
             mirrored_writes: AtomicU64::new(0),
             gate: RwLock::new(()),
+            buf: Mutex::new(vec![0; COPY_CHUNK as usize]),
+            _claim: crate::sandbox::mlock::claim(LOCKED_COST),
         }))
     }
 
@@ -145,19 +159,44 @@ impl Mirror {
     fn copy_range(&self, primary: &dyn Image, offset: u64, len: u64) {
         let mut off = offset;
         let end = offset.saturating_add(len).min(self.size);
-        let mut buf = Vec::new();
+        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         while off < end && !self.failed() {
-            let n = (end - off).min(COPY_CHUNK);
-            buf.resize(n as usize, 0);
-            if let Err(e) = primary.read_at(&mut buf, off) {
+            let n = (end - off).min(COPY_CHUNK) as usize;
+            let buf = &mut buf[..n];
+            if let Err(e) = primary.read_at(buf, off) {
                 self.fail(&format!("reading the primary at {off} to mirror it: {e}"));
                 return;
             }
-            if self.with("writing", |c| c.write_at(&buf, off)).is_none() {
+            if self.with("writing", |c| c.write_at(buf, off)).is_none() {
                 return;
             }
-            off += n;
+            off += n as u64;
         }
+    }
+
+    /// Write zeroes over `[offset, offset+len)` of the secondary.
+    fn zero_secondary(
+        &self,
+        offset: u64,
+        len: u64,
+        io: &mut dyn FnMut(&[u8], u64) -> Result<(), ImageError>,
+    ) -> Result<(), ImageError> {
+        let end =
+            offset
+                .checked_add(len)
+                .filter(|e| *e <= self.size)
+                .ok_or(ImageError::OutOfRange {
+                    offset,
+                    len,
+                    size: self.size,
+                })?;
+        let mut off = offset;
+        while off < end {
+            let n = (end - off).min(ZEROES.len() as u64) as usize;
+            io(&ZEROES[..n], off)?;
+            off += n as u64;
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> MirrorStats {
@@ -324,14 +363,9 @@ impl Image for Mirrored {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), ImageError> {
         if self.over() {
-            let zero = vec![0u8; len.min(COPY_CHUNK) as usize];
-            let mut off = offset;
-            while off < offset + len {
-                let n = (offset + len - off).min(COPY_CHUNK) as usize;
-                self.secondary_io("writing the secondary", |c| c.write_at(&zero[..n], off))?;
-                off += n as u64;
-            }
-            return Ok(());
+            return self.mirror.zero_secondary(offset, len, &mut |z, off| {
+                self.secondary_io("writing the secondary", |c| c.write_at(z, off))
+            });
         }
         let _shared = self.mirror.gate.read().unwrap_or_else(|e| e.into_inner());
         self.primary.write_zeroes(offset, len, may_unmap)?;

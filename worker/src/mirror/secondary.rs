@@ -75,22 +75,10 @@ impl Image for Secondary {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<(), ImageError> {
-        let end = offset
-            .checked_add(len)
-            .filter(|e| *e <= self.mirror.size)
-            .ok_or(ImageError::OutOfRange {
-                offset,
-                len,
-                size: self.mirror.size,
-            })?;
-        let zero = vec![0u8; len.min(super::COPY_CHUNK) as usize];
-        let mut off = offset;
-        while off < end {
-            let n = (end - off).min(super::COPY_CHUNK) as usize;
-            self.io(1, off, |c| c.write_at(&zero[..n], off))?;
-            off += n as u64;
-        }
-        Ok(())
+        let m = self.mirror.clone();
+        m.zero_secondary(offset, len, &mut |z, off| {
+            self.io(1, off, |c| c.write_at(z, off))
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent, ImageError> {
