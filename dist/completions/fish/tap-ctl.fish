@@ -208,14 +208,14 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s m -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s a -d 'TYPE:PATH, TYPE being vhd or aio (raw)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s t -d 'Fail with "timed out" (exit 110) if the tapdisk has not answered within SECS; `list` then shows the minor\'s state' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s e -d 'Share the open parent chain of this minor (same tenant, read-only)' -r
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s 2 -d 'Mirror writes to this secondary (not supported: refused)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s 2 -d 'Mirror every write to this NBD secondary (nbd:/path/to/socket or nbd:IPV4:PORT) and copy the existing data over in the background' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s C -d 'blktap changed-block-tracking log (not supported: refused)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s R -d 'Read-only'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s D -d 'Open the images without O_DIRECT (through the page cache)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s r -d 'Local read cache of the parent chain (not supported: refused)'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s s -d 'Standby mirror (not supported: refused)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s s -d 'With -2: standby, blktap\'s meaning: the secondary is written only once the primary runs out of space, and then serves the disk'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s E -d 'Encryption key on stdin (not supported: refused, stdin is not read)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand close" -s p -r
@@ -246,7 +246,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s p -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s m -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s a -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s t -d 'Fail with "timed out" (exit 110) if the tapdisk has not answered within SECS; `list` then shows the minor\'s state' -r
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s 2 -d 'Switch to this mirror secondary (not supported: refused)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s 2 -d 'Serve from this mirror secondary once it is in sync (the minor mirrors to it), or start mirroring to it (the minor mirrors nothing)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s c -d 'blktap changed-block-tracking log (not supported: refused)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
