@@ -423,3 +423,61 @@ fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
     assert!(!h.ok(&ROOT, &["list", "-m", &minor]).contains("args="));
     let _ = std::fs::metadata(&outside.file);
 }
+
+fn pid_of(h: &Harness, minor: &str) -> Option<String> {
+    let out = h.ok(&ROOT, &["list", "-m", minor]);
+    out.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
+}
+
+#[test]
+fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let dir = socket_dir();
+    let h = Harness::start(Options {
+        frontend: "fuse",
+        tenants: vec![ROOT],
+        respawn: true,
+        tenant_lines: vec![(
+            "ops",
+            format!("mirror = {{ unix_dirs = [{:?}] }}", dir.path()),
+        )],
+        ..Options::default()
+    });
+    let size = 16 * MIB;
+    let img = primary(&h, "p.img", size, 16);
+    let sec = Secondary::start(dir.path(), "s", size);
+    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
+    wait_synced(&h, &minor);
+    let old = pid_of(&h, &minor).expect("pid");
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(
+        unsafe { libc::kill(old.parse().unwrap(), libc::SIGKILL) },
+        0
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || pid_of(&h, &minor)
+            .is_some_and(|p| p != old)
+            && mirror_state(&h, &minor) != "-"),
+        "no respawn: {}",
+        h.broker_log()
+    );
+    // The new worker mirrors again (a fresh copy), and its writes reach
+    // the secondary: after sync both sides compare identical.
+    assert_ne!(mirror_state(&h, &minor), "-", "{}", stats(&h, &minor));
+    write_direct(&dev, 3 * MIB, &pattern(8192, 17));
+    wait_synced(&h, &minor);
+    assert_eq!(stats(&h, &minor)["nbd_mirror_failed"], 0);
+    h.ok(&ROOT, &["pause", "-m", &minor]);
+    let cmp = qemu_img_compare(&img, &sec);
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    h.ok(&ROOT, &["unpause", "-m", &minor]);
+    h.ok(&ROOT, &["destroy", "-m", &minor]);
+}
