@@ -453,11 +453,10 @@ fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
     let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
     wait_synced(&h, &minor);
     let old = pid_of(&h, &minor).expect("pid");
+    let old_pid: i32 = old.parse().unwrap();
     // SAFETY: kill has no memory preconditions.
-    assert_eq!(
-        unsafe { libc::kill(old.parse().unwrap(), libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(old_pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     assert!(
         eventually(Duration::from_secs(60), || pid_of(&h, &minor)
             .is_some_and(|p| p != old)

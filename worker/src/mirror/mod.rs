@@ -63,6 +63,9 @@ pub struct Mirror {
 /// its overhead.
 const LOCKED_COST: u64 = COPY_CHUNK + copy::COPY_STACK as u64 + 32 * 1024;
 
+/// A positioned write to the secondary, as the caller performs it.
+type WriteAt<'a> = dyn FnMut(&[u8], u64) -> Result<(), ImageError> + 'a;
+
 /// Zeroes to write from (static: no allocation under locked memory).
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -179,7 +182,7 @@ impl Mirror {
         &self,
         offset: u64,
         len: u64,
-        io: &mut dyn FnMut(&[u8], u64) -> Result<(), ImageError>,
+        io: &mut WriteAt<'_>,
     ) -> Result<(), ImageError> {
         let end =
             offset
