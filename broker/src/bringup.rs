@@ -148,7 +148,7 @@ impl Broker {
                 return Err(e);
             }
         }
-        if let Err(e) = self.mirror_hook(conn, target.minor, unpause, &device) {
+        if let Err(e) = self.mirror_hook(conn, target, unpause, &device) {
             self.table().release_files(target.minor, &files);
             return Err(e);
         }
@@ -198,11 +198,12 @@ impl Broker {
     fn mirror_hook(
         &self,
         conn: &WorkerConn,
-        minor: tapjail_common::Minor,
+        target: &Target<'_>,
         unpause: bool,
         device: &DeviceMode<'_>,
     ) -> Result<(), BrokerError> {
-        use crate::mirror::Bring;
+        use crate::mirror::{Bring, Done};
+        let minor = target.minor;
         let bring = match (unpause, device) {
             (true, _) => Bring::Unpause,
             (false, DeviceMode::Fresh) => Bring::Open,
@@ -213,6 +214,26 @@ impl Broker {
         let done = self
             .mirrors
             .before_open(conn, minor, bring, asked.as_ref())?;
+        // Outside a request's own -2 there is no outcome to carry it:
+        // on record by itself.
+        let event = match (&done, asked.is_some()) {
+            (Done::Lost(why), _) => {
+                Some(("mirror-lost", format!("mirror not re-established: {why}")))
+            }
+            (Done::Mirroring(uri), false) => {
+                Some(("mirror-reestablished", format!("mirroring to {uri} again")))
+            }
+            _ => None,
+        };
+        if let Some((rule, what)) = event {
+            self.notice(
+                tapjail_common::audit::Event::Mirror,
+                None,
+                Some(target.owner.to_string()),
+                rule,
+                format!("minor {minor} (tapdisk {}): {what}", target.worker_pid),
+            );
+        }
         crate::xapi::scope::set_mirror_done(done);
         Ok(())
     }

@@ -149,4 +149,20 @@ mod tests {
         let e = connect(&t(&d.path().join("f")), d.path(), &[me]).unwrap_err();
         assert!(matches!(e, ConnectError::NotSocket { .. }), "{e}");
     }
+
+    /// Another user's NBD server in a granted directory is not the
+    /// tenant's to write to (as root: chown needs it).
+    #[test]
+    fn a_socket_of_another_user_is_refused() {
+        if rustix::process::getuid().as_raw() != 0 {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let _l = UnixListener::bind(d.path().join("s.sock")).unwrap();
+        std::os::unix::fs::chown(d.path().join("s.sock"), Some(4545), Some(4545)).unwrap();
+        let t = MirrorTarget::Unix(d.path().join("s.sock"));
+        let e = connect(&t, d.path(), &[1000]).unwrap_err();
+        assert!(matches!(e, ConnectError::Owner { uid: 4545, .. }), "{e}");
+        connect(&t, d.path(), &[4545]).unwrap();
+    }
 }

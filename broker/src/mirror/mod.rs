@@ -60,9 +60,13 @@ pub enum Done {
     Lost(String),
 }
 
-/// Each minor's mirror.
+/// Each minor's mirror, and the mirrors a respawn or unpause could not
+/// re-establish (URI, why), until the minor's next open.
 #[derive(Debug, Default)]
-pub struct Mirrors(Mutex<HashMap<Minor, Granted>>);
+pub struct Mirrors(
+    Mutex<HashMap<Minor, Granted>>,
+    Mutex<HashMap<Minor, (String, String)>>,
+);
 
 impl Mirrors {
     fn get(&self, minor: Minor) -> Option<Granted> {
@@ -74,6 +78,10 @@ impl Mirrors {
     }
 
     fn set(&self, minor: Minor, g: Option<Granted>) {
+        self.1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&minor);
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match g {
             Some(g) => m.insert(minor, g),
@@ -145,6 +153,10 @@ impl Mirrors {
                             r.req.uri
                         );
                         self.forget(minor);
+                        self.1
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(minor, (r.req.uri.clone(), e.to_string()));
                         Ok(Done::Lost(format!("{}: {e}", r.req.uri)))
                     }
                 }
@@ -152,6 +164,30 @@ impl Mirrors {
             (Bring::Respawn, Some(_)) => {
                 Err(BrokerError::failed("a respawn carries no -2 of its own"))
             }
+        }
+    }
+}
+
+impl Mirrors {
+    /// A mirror the broker could not re-establish still shows in `stats`,
+    /// as failed (blktap's `nbd_mirror_failed`): the new worker has none
+    /// to report, and XAPI must not read that as a healthy mirror.
+    pub fn fill_stats(&self, minor: Minor, ws: &mut tapjail_common::stats::WorkerStats) {
+        if ws.mirror.is_some() {
+            return;
+        }
+        if let Some((uri, why)) = self.1.lock().unwrap_or_else(|e| e.into_inner()).get(&minor) {
+            ws.mirror = Some(tapjail_common::mirror::MirrorStats {
+                uri: uri.clone(),
+                mode: tapjail_common::mirror::MirrorMode::Mirror,
+                state: tapjail_common::mirror::MirrorState::Failed,
+                copied: 0,
+                total: 0,
+                mirrored_writes: 0,
+                error: Some(format!(
+                    "not re-established after a respawn or unpause: {why}"
+                )),
+            });
         }
     }
 }

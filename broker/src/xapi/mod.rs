@@ -302,6 +302,23 @@ mod tests {
         )
         .is_err());
         assert!(check_verbs(&Request::Spawn, &o(|o| o.timeout_secs = Some(1))).is_err());
+        fn mirror(o: &mut Options, standby: bool) {
+            o.mirror = Some(tapjail_common::mirror::MirrorRequest {
+                uri: "nbd:/run/m.sock".into(),
+                standby,
+            });
+        }
+        assert!(check_verbs(&close, &o(|o| mirror(o, false))).is_err());
+        let unpause = Request::Unpause {
+            pid: None,
+            minor: m,
+            image: None,
+        };
+        assert!(check_verbs(&unpause, &o(|o| mirror(o, false))).is_ok());
+        assert!(
+            check_verbs(&unpause, &o(|o| mirror(o, true))).is_err(),
+            "-s belongs to open"
+        );
         assert!(check_verbs(
             &Request::Unpause {
                 pid: None,

@@ -300,6 +300,18 @@ fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
     // without the mirror, and says so on record.
     h.ok(&ROOT, &["unpause", "-m", &minor]);
     assert!(read_direct(&dev, 0, 4096).len() == 4096);
+    let st = stats(&h, &minor);
+    assert_eq!(
+        st["nbd_mirror_failed"], 1,
+        "the lost mirror must still show: {st}"
+    );
+    assert!(
+        h.audit_lines().iter().any(|l| l["rule"] == "mirror-lost"
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("mirror not re-established"))),
+        "the lost mirror is not on record"
+    );
     h.ok(&ROOT, &["destroy", "-m", &minor]);
 }
 
@@ -467,6 +479,12 @@ fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
     // The new worker mirrors again (a fresh copy), and its writes reach
     // the secondary: after sync both sides compare identical.
     assert_ne!(mirror_state(&h, &minor), "-", "{}", stats(&h, &minor));
+    assert!(
+        h.audit_lines()
+            .iter()
+            .any(|l| l["rule"] == "mirror-reestablished"),
+        "the re-established mirror is not on record"
+    );
     write_direct(&dev, 3 * MIB, &pattern(8192, 17));
     wait_synced(&h, &minor);
     assert_eq!(stats(&h, &minor)["nbd_mirror_failed"], 0);
