@@ -83,10 +83,10 @@ impl MirrorTarget {
             return Err(UriError::NotNbd { uri: uri.into() });
         };
         let rest = rest.strip_prefix("unix:").unwrap_or(rest);
-        if rest.starts_with('/') {
+        if let Some(below_root) = rest.strip_prefix('/') {
             let path = Path::new(rest);
             // Checked on the text: `Path::components` drops `.` and `//`.
-            let clean = rest[1..]
+            let clean = below_root
                 .split('/')
                 .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
             if !clean || rest.contains('\0') {
