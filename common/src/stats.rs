@@ -31,6 +31,11 @@ pub struct FrontendStats {
     pub reqs: [u64; 2],
     /// Requests failed with an error returned to the kernel or client.
     pub errors: u64,
+    /// blktap's `kicks` [in, out]: wakeups that brought new requests, and
+    /// calls that handed completions back (ublk: io_uring_enter with
+    /// commits; FUSE: one each per request; NBD: socket reads and sends).
+    #[serde(default)]
+    pub kicks: [u64; 2],
 }
 
 /// Latency figures in microseconds, over the worker's lifetime.

@@ -21,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use tapjail_image::raw::RawImage;
-use tapjail_image::vhd::check::{check, Problem};
+use tapjail_image::vhd::check::{check_with_progress, Problem};
 use tapjail_image::vhd::coalesce::coalesce_into;
 use tapjail_image::vhd::convert::{copy_image, ImageSink, RawSink};
 use tapjail_image::vhd::create::{create, CreateKind, ParentSpec};
@@ -31,7 +31,7 @@ use tapjail_image::vhd::info::{query, Info};
 use tapjail_image::vhd::layer::{VhdLayer, VhdOptions};
 use tapjail_image::vhd::locator::LocatorCode;
 use tapjail_image::vhd::modify::set_parent;
-use tapjail_image::vhd::repair::{repair, RepairReport};
+use tapjail_image::vhd::repair::{repair_with_progress, RepairReport};
 use tapjail_image::vhd::resize::resize;
 use tapjail_image::Image;
 use tapjail_image::{Backing, ImageError, ParentLocator, ParentOpener};
@@ -623,8 +623,18 @@ pub fn check_path(path: &Path) -> Result<Vec<Problem>, ImageError> {
 
 /// [`check_path`] through `paths`.
 pub fn check_in<P: Paths + ?Sized>(paths: &mut P, path: &Path) -> Result<Vec<Problem>, ImageError> {
+    check_in_with_progress(paths, path, &mut |_, _| {})
+}
+
+/// [`check_in`], reporting `(done, total)` bytes of the image's blocks
+/// checked (parents are opened, not scanned).
+pub fn check_in_with_progress<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<Problem>, ImageError> {
     let f = paths.open(path, false)?;
-    let mut problems = check(&f);
+    let mut problems = check_with_progress(&f, progress);
     if problems.is_empty() {
         let layer = VhdLayer::open(
             Box::new(f),
@@ -689,9 +699,20 @@ pub fn repair_in<P: Paths + ?Sized>(
     paths: &mut P,
     path: &Path,
 ) -> Result<RepairReport, ImageError> {
-    let mut report = repair(&paths.open(path, true)?)?;
+    repair_in_with_progress(paths, path, &mut |_, _| {}, &mut |_, _| {})
+}
+
+/// [`repair_in`]; `rebuild` follows a batmap rebuild (if one is needed)
+/// and `verify` the closing check, each in bytes of allocated blocks.
+pub fn repair_in_with_progress<P: Paths + ?Sized>(
+    paths: &mut P,
+    path: &Path,
+    rebuild: &mut dyn FnMut(u64, u64),
+    verify: &mut dyn FnMut(u64, u64),
+) -> Result<RepairReport, ImageError> {
+    let mut report = repair_with_progress(&paths.open(path, true)?, rebuild)?;
     // What is left, parents included, exactly as `check` lists it.
-    report.remaining = check_in(paths, path)?;
+    report.remaining = check_in_with_progress(paths, path, verify)?;
     Ok(report)
 }
 
@@ -859,7 +880,11 @@ pub fn coalesce_in<P: Paths + ?Sized>(
         VhdOptions::default(),
     )?;
     let uuid = layer.parent_uuid().ok_or_else(|| {
-        ImageError::InvalidArgument(format!("{} is not a differencing image", child.display()))
+        ImageError::InvalidArgument(format!(
+            "{} is not a differencing image, so it has no parent to merge into; coalesce \
+             takes a child made by `tap-ctl vhd snapshot`",
+            child.display()
+        ))
     })?;
     if layer.parent_is_raw() {
         return crate::raw_parent::coalesce_raw_in(paths, &layer, progress);

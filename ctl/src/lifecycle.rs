@@ -22,32 +22,48 @@ pub enum LifecycleCommand {
         /// Ask for the minor this device path names (DIR/tapdevN).
         #[arg(short = 'd', value_name = "DEVPATH")]
         device: Option<String>,
+        /// Print {"minor": N, "device": PATH} instead of the device path.
+        #[arg(long)]
+        json: bool,
     },
     /// Release a minor (it must be detached).
     Free {
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Start a tapdisk worker; prints its pid.
-    Spawn,
+    Spawn {
+        /// Print {"pid": N} instead of the pid.
+        #[arg(long)]
+        json: bool,
+    },
     /// Attach a tapdisk to a minor.
     Attach {
+        /// The tapdisk, as `tap-ctl spawn` or `tap-ctl list` shows it.
         #[arg(short = 'p', value_name = "PID")]
         pid: u32,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Detach a minor's tapdisk; this ends that tapdisk.
     Detach {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Open an image on an attached minor; the device appears.
     Open {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         /// TYPE:PATH, TYPE being vhd or aio (raw).
@@ -61,8 +77,11 @@ pub enum LifecycleCommand {
     },
     /// Close a minor's image; the device goes away.
     Close {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         /// Close even if the tapdisk does not answer (it is then killed).
@@ -73,25 +92,37 @@ pub enum LifecycleCommand {
     },
     /// allocate + spawn + attach + open; prints the device path.
     Create {
+        /// TYPE:PATH, TYPE being vhd or aio (raw).
         #[arg(short = 'a', value_name = "TYPE:PATH")]
         image: ImageSpec,
+        /// Read-only.
         #[arg(short = 'R')]
         read_only: bool,
         /// Use this minor.
         #[arg(short = 'e', value_name = "MINOR")]
         minor: Option<Minor>,
+        /// Print {"minor": N, "pid": N, "device": PATH} instead of the
+        /// device path.
+        #[arg(long)]
+        json: bool,
     },
     /// close + detach + free (also for a dead tapdisk).
     Destroy {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
     },
     /// Quiesce I/O and close the image (for offline snapshot or coalesce).
     Pause {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
         #[command(flatten)]
@@ -99,10 +130,14 @@ pub enum LifecycleCommand {
     },
     /// Reopen a paused image, optionally at a new path of the same size.
     Unpause {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
+        /// Reopen this image instead (TYPE:PATH; same virtual size).
         #[arg(short = 'a', value_name = "TYPE:PATH")]
         image: Option<ImageSpec>,
         #[command(flatten)]
@@ -110,31 +145,72 @@ pub enum LifecycleCommand {
     },
     /// List tapdisks and minors: "pid minor state type file".
     List {
+        /// Only this tapdisk's rows.
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// Only this minor's rows.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Option<Minor>,
         /// Only rows of this image type (vhd, or aio = raw).
         #[arg(short = 't', value_name = "TYPE", value_parser = ["vhd", "aio", "raw"])]
         kind: Option<String>,
+        /// Only rows of this image file.
         #[arg(short = 'f', value_name = "FILE")]
         file: Option<String>,
-        /// Machine-readable output.
+        /// Print one JSON array, a row per tapdisk or minor: {"pid",
+        /// "minor", "state" (blktap's state bits as a number), "type"
+        /// (vhd or aio), "file", "read_only", "frontend" (ublk, fuse or
+        /// nbd), "device", "restarts"}; null for what is missing.
         #[arg(long)]
         json: bool,
     },
     /// Print a minor's I/O statistics as JSON.
+    ///
+    /// The document has blktap's keys ("name",
+    /// "secs" [read, written sectors], "images" leaf first with "hits",
+    /// "fail" and "driver", "tap" with "minor", "reqs" [in, out] and
+    /// "kicks" [in, out], "reqs_outstanding"), then tapjail's own
+    /// ("latency", "cgroup", "throttle").
     Stats {
+        /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
+        /// minor alone names it).
         #[arg(short = 'p', value_name = "PID")]
         pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
         #[arg(short = 'm', value_name = "MINOR")]
         minor: Minor,
+        /// Accepted for consistency: stats always prints its JSON document.
+        #[arg(long)]
+        json: bool,
     },
     /// Change a disk's or a tenant's I/O limits now (admin only; audited).
     /// Prints the limits in force afterwards.
     Throttle(crate::throttle::ThrottleArgs),
     /// Print the block major number of this host's tapjail devices.
-    Major,
+    Major {
+        /// Print {"major": N} instead of the number.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl LifecycleCommand {
+    /// Whether the command was asked for one JSON document (`--json`).
+    fn json(&self) -> bool {
+        use LifecycleCommand as C;
+        match self {
+            C::Allocate { json, .. }
+            | C::Spawn { json }
+            | C::Create { json, .. }
+            | C::List { json, .. }
+            | C::Stats { json, .. }
+            | C::Major { json } => *json,
+            C::Throttle(a) => a.json,
+            _ => false,
+        }
+    }
 }
 
 /// `-a disk.vhd` relative to the caller's directory, made absolute (the
@@ -160,8 +236,9 @@ pub fn run(
     timeout: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
     let tty = std::io::stdout().is_terminal();
+    let json = command.json();
     let (req, list_filter) = match command {
-        LifecycleCommand::Allocate { minor, device } => (
+        LifecycleCommand::Allocate { minor, device, .. } => (
             crate::xapi::wrap(
                 Request::Allocate { minor },
                 tapjail_common::xapi::Options {
@@ -172,7 +249,7 @@ pub fn run(
             None,
         ),
         LifecycleCommand::Free { minor } => (Request::Free { minor }, None),
-        LifecycleCommand::Spawn => (Request::Spawn, None),
+        LifecycleCommand::Spawn { .. } => (Request::Spawn, None),
         LifecycleCommand::Attach { pid, minor } => (Request::Attach { pid, minor }, None),
         LifecycleCommand::Detach { pid, minor } => (Request::Detach { pid, minor }, None),
         LifecycleCommand::Open {
@@ -206,6 +283,7 @@ pub fn run(
             image,
             read_only,
             minor,
+            ..
         } => (
             Request::Create {
                 image: absolute(image)?,
@@ -240,18 +318,24 @@ pub fn run(
             minor,
             kind,
             file,
-            json,
+            ..
         } => {
             // `raw` is what `-a raw:PATH` accepts for aio; rows say aio.
             let kind = kind.map(|k| if k == "raw" { "aio".to_string() } else { k });
-            (Request::List { pid, minor }, Some((kind, file, json)))
+            (Request::List { pid, minor }, Some((kind, file)))
         }
-        LifecycleCommand::Stats { pid, minor } => (Request::Stats { pid, minor }, None),
+        LifecycleCommand::Stats { pid, minor, .. } => (Request::Stats { pid, minor }, None),
         LifecycleCommand::Throttle(args) => (args.request().map_err(anyhow::Error::msg)?, None),
-        LifecycleCommand::Major => (Request::Major, None),
+        LifecycleCommand::Major { .. } => (Request::Major, None),
     };
     let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
-    let reply = client.call(&req)?;
+    let reply = client.call(&req).map_err(crate::next_step::add)?;
+    if json {
+        if let Some(doc) = crate::json::reply(&reply) {
+            println!("{doc}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     match reply {
         Reply::Allocated { device, .. } | Reply::Created { device, .. } => {
             println!("{}", escape(&device))
@@ -264,7 +348,7 @@ pub fn run(
             }
         }
         Reply::List(rows) => {
-            let (kind, file, json) = list_filter.unwrap_or((None, None, false));
+            let (kind, file) = list_filter.unwrap_or((None, None));
             let rows: Vec<ListEntry> = rows
                 .into_iter()
                 .filter(|r| keep(r, kind.as_deref(), file.as_deref()))
@@ -342,8 +426,9 @@ pub fn row_dict(r: &ListEntry) -> String {
     parts.join(" ")
 }
 
+/// One `list --json` row.
 #[derive(Debug, Serialize)]
-struct JsonRow {
+pub struct JsonRow {
     pid: Option<u32>,
     minor: Option<u16>,
     state: Option<u32>,
@@ -401,6 +486,8 @@ struct TapJson<'a> {
     pid: u32,
     frontend: Option<&'static str>,
     reqs: [u64; 2],
+    /// blktap's `kicks` [in, out] (see `FrontendStats::kicks`).
+    kicks: [u64; 2],
     errors: u64,
     restarts: u32,
     worker_frontend: &'a str,
@@ -417,6 +504,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
             pid: s.pid,
             frontend: s.frontend.map(|f| f.as_str()),
             reqs: w.frontend.reqs,
+            kicks: w.frontend.kicks,
             errors: w.frontend.errors,
             restarts: s.restarts,
             worker_frontend: &w.frontend.kind,
@@ -517,6 +605,20 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn list_json_rows_carry_hostile_paths_escaped_and_intact() {
+        // A tenant's file name that would forge a row or a key in a
+        // line-oriented reader, and retitle a terminal.
+        let evil = "/srv/alice/x\x1b]0;owned\x07\n\"},{\"pid\":1,\"file\":\"/srv/bob/b.vhd";
+        let r = row(Some(7), Some(3), Some(0), Some(evil));
+        let out = serde_json::to_string(&vec![JsonRow::from(&r)]).unwrap();
+        assert!(!out.chars().any(|c| c.is_control()), "{out:?}");
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back.as_array().unwrap().len(), 1, "no forged row: {out}");
+        assert_eq!(back[0]["file"], evil);
+        assert_eq!(back[0]["pid"], 7);
     }
 
     #[test]

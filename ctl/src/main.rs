@@ -11,8 +11,10 @@ mod client;
 #[cfg(test)]
 mod docs;
 mod escape;
+mod json;
 mod lifecycle;
 mod metrics;
+mod next_step;
 mod throttle;
 mod vhd;
 mod xapi;
@@ -51,6 +53,10 @@ struct Cli {
 enum Command {
     /// Offline VHD image tools (vhd-util's verbs).
     Vhd {
+        /// No progress bar (one is drawn only when stdout and stderr are
+        /// both terminals anyway).
+        #[arg(short = 'q', long, global = true)]
+        quiet: bool,
         #[command(subcommand)]
         command: vhd::VhdCommand,
     },
@@ -74,7 +80,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Vhd { command } => vhd::run(command),
+        Command::Vhd { quiet, command } => vhd::run(command, quiet),
         Command::Policy { command } => admin::policy(command),
         Command::Audit { command } => admin::audit(command),
         Command::Metrics(args) => metrics::run(

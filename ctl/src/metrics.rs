@@ -12,13 +12,23 @@ use std::path::Path;
 use tapjail_common::proto::{ListEntry, Reply, Request, StatsReply};
 use tapjail_common::stats::{Histogram, LATENCY_BOUNDS_US};
 
-/// `tap-ctl metrics [-o PATH]`.
+/// `tap-ctl metrics [-o PATH | --listen ADDR]`.
 #[derive(Debug, clap::Args)]
 pub struct MetricsArgs {
     /// Write to PATH atomically (temp file + rename, for node_exporter's
     /// textfile collector) instead of standard output.
-    #[arg(short = 'o', value_name = "PATH")]
+    #[arg(short = 'o', value_name = "PATH", conflicts_with = "listen")]
     output: Option<std::path::PathBuf>,
+    /// Serve the exposition over HTTP at ADDR (such as 127.0.0.1:9477)
+    /// for Prometheus to scrape, until killed: GET /metrics only, each
+    /// scrape showing what this user may see.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Print the same figures as one JSON array instead: per disk its
+    /// `list --json` row under "disk" and its `stats` document under
+    /// "stats" (null when the tapdisk did not answer).
+    #[arg(long, conflicts_with = "listen")]
+    json: bool,
 }
 
 /// Collect, render and print or write the exposition.
@@ -27,8 +37,17 @@ pub fn run(
     socket: &Path,
     timeout: std::time::Duration,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(addr) = &args.listen {
+        serve::run(addr, socket, timeout)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let client = Client::connect(socket, timeout)?;
-    let text = render(&collect(&client)?);
+    let disks = collect(&client)?;
+    let text = if args.json {
+        json(&disks)? + "\n"
+    } else {
+        render(&disks)
+    };
     match args.output {
         Some(path) => write_atomic(&path, &text)?,
         None => std::io::stdout().write_all(text.as_bytes())?,
@@ -70,6 +89,22 @@ pub fn collect(client: &Client) -> anyhow::Result<Vec<DiskMetrics>> {
         out.push(DiskMetrics { row, stats });
     }
     Ok(out)
+}
+
+/// `metrics --json`: `[{"disk": ROW, "stats": DOC | null}, ...]`.
+pub fn json(disks: &[DiskMetrics]) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    for d in disks {
+        let stats: serde_json::Value = match &d.stats {
+            Some(s) => serde_json::from_str(&crate::lifecycle::stats_json(s)?)?,
+            None => serde_json::Value::Null,
+        };
+        out.push(serde_json::json!({
+            "disk": crate::lifecycle::JsonRow::from(&d.row),
+            "stats": stats,
+        }));
+    }
+    Ok(serde_json::to_string(&out)?)
 }
 
 /// A label value escaped per the exposition format: `\`, `"` and newline.
@@ -225,6 +260,24 @@ pub fn render(disks: &[DiskMetrics]) -> String {
         );
     }
     o.family(
+        "tapjail_disk_kicks_total",
+        "counter",
+        "blktap's kicks: wakeups that brought requests (direction in), calls that \
+         handed completions back (out).",
+    );
+    for (l, s) in with_stats() {
+        for (dir, v) in [
+            ("in", s.worker.frontend.kicks[0]),
+            ("out", s.worker.frontend.kicks[1]),
+        ] {
+            o.sample(
+                "tapjail_disk_kicks_total",
+                &format!("{l},direction=\"{dir}\""),
+                v,
+            );
+        }
+    }
+    o.family(
         "tapjail_disk_requests_outstanding",
         "gauge",
         "Requests received and not yet completed.",
@@ -361,3 +414,5 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+mod serve;

@@ -30,6 +30,11 @@ pub struct ThrottleArgs {
     /// Bytes written per second.
     #[arg(long, value_name = "RATE[:BURST]|off")]
     pub write_bps: Option<String>,
+    /// Print the limits in force as one JSON object: "read_iops",
+    /// "write_iops", "read_bps", "write_bps", each {"per_sec": N,
+    /// "burst": N} or null for no limit.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl ThrottleArgs {
@@ -76,6 +81,7 @@ mod tests {
             write_iops: Some("off".into()),
             read_bps: None,
             write_bps: write_bps.map(str::to_string),
+            json: false,
         }
     }
 

@@ -248,7 +248,7 @@ mod tests {
             panic!()
         };
         assert_eq!(device.as_deref(), Some("/dev/xen/blktap-2/tapdev4"));
-        assert!(matches!(parse(&["major"]), LifecycleCommand::Major));
+        assert!(matches!(parse(&["major"]), LifecycleCommand::Major { .. }));
         // The global --timeout stays its own flag.
         let cli = Cli::try_parse_from(["tap-ctl", "--timeout", "5", "close", "-m", "1", "-t", "9"])
             .unwrap();

@@ -527,6 +527,9 @@ fn cli_create_size_zero_or_past_64_bits_is_refused_by_name() {
     let out = tapctl(&["vhd", "create", "-n", p, "-s", "99999999999999"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not fit in 64 bits"), "{err}");
+    assert!(
+        err.contains("-s 99999999999999: a VHD holds at most 2088960 MiB"),
+        "{err}"
+    );
     assert!(!std::path::Path::new(p).exists());
 }

@@ -65,6 +65,8 @@ pub struct FrontendCounters {
     write_us_total: AtomicU64,
     write_count: AtomicU64,
     write_us_max: AtomicU64,
+    kicks_in: AtomicU64,
+    kicks_out: AtomicU64,
     pub histograms: LatencyHistograms,
 }
 
@@ -86,7 +88,19 @@ impl FrontendCounters {
             kind: kind.to_string(),
             reqs: [self.received.load(Relaxed), self.completed.load(Relaxed)],
             errors: self.errors.load(Relaxed),
+            kicks: [self.kicks_in.load(Relaxed), self.kicks_out.load(Relaxed)],
         }
+    }
+
+    /// The kernel (or client) woke this worker with new requests:
+    /// blktap's `kicks[0]`. Requests per kick is the batching achieved.
+    pub fn kick_in(&self) {
+        self.kicks_in.fetch_add(1, Relaxed);
+    }
+
+    /// This worker handed completions back in one call: `kicks[1]`.
+    pub fn kick_out(&self) {
+        self.kicks_out.fetch_add(1, Relaxed);
     }
 
     /// Sectors read / written through the frontend (blktap's `secs`).

@@ -32,6 +32,7 @@ fn disk(minor: u16, path: &str, tenant: &str, stats: bool) -> DiskMetrics {
             kind: "fuse".into(),
             reqs: [5, 4],
             errors: 1,
+            kicks: [3, 2],
         },
         histograms: tapjail_common::stats::Histograms {
             read: hist.clone(),
@@ -97,6 +98,7 @@ fn every_family_has_type_help_and_prometheus_names() {
         ("tapjail_disk_requests_received", "counter"),
         ("tapjail_disk_requests_completed", "counter"),
         ("tapjail_disk_request_errors", "counter"),
+        ("tapjail_disk_kicks", "counter"),
         ("tapjail_disk_requests_outstanding", "gauge"),
         ("tapjail_disk_bytes", "counter"),
         ("tapjail_layer_bytes", "counter"),
@@ -132,6 +134,16 @@ fn every_family_has_type_help_and_prometheus_names() {
     assert_eq!(read.label("minor"), Some("3"));
     assert_eq!(read.label("frontend"), Some("fuse"));
     assert_eq!(read.label("image"), Some("aio:/srv/a.img"));
+    let kicks = family(&fams, "tapjail_disk_kicks");
+    let kick = |d: &str| {
+        kicks
+            .samples
+            .iter()
+            .find(|s| s.label("direction") == Some(d))
+            .unwrap()
+            .value
+    };
+    assert_eq!((kick("in"), kick("out")), (3.0, 2.0));
     let delay = family(&fams, "tapjail_disk_throttle_delay_seconds");
     let w = delay
         .samples

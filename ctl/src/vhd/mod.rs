@@ -9,8 +9,8 @@
 //! have, and it asks this process for them over a socket.
 
 mod progress;
+mod report;
 
-use crate::escape::escape;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use std::io::{Read, Write};
@@ -78,6 +78,7 @@ impl FormatArg {
 pub enum VhdCommand {
     /// Create a new image (dynamic unless --fixed).
     Create {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         /// Virtual size in MiB.
@@ -92,10 +93,13 @@ pub enum VhdCommand {
     },
     /// Create a differencing child of PARENT.
     Snapshot {
+        /// The image (a differencing child).
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
+        /// The parent image the child is based on.
         #[arg(short = 'p', long = "parent", value_name = "PARENT")]
         parent: PathBuf,
+        /// Block size in bytes (power of two; blktap uses only 2 MiB).
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// PARENT is a raw disk image, not a VHD (vhd-util snapshot -m);
@@ -105,9 +109,14 @@ pub enum VhdCommand {
     },
     /// Show what an image is.
     Query {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
-        /// Machine-readable output.
+        /// Print one JSON object: "file", "virtual_size", "type", "parent",
+        /// "parent_resolved", "parent_uuid", "parent_raw", "block_size",
+        /// "blktap_compatible_block_size", "allocated_blocks",
+        /// "physical_size", "uuid", "creator", "batmap" (sizes in bytes;
+        /// null where the image has none); -v, -s and -p are then ignored.
         #[arg(long)]
         json: bool,
         /// Print only the virtual size in MiB (vhd-util -v).
@@ -126,22 +135,36 @@ pub enum VhdCommand {
     },
     /// Check consistency; exits non-zero and lists every problem found.
     Check {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
         #[command(flatten)]
         parent_path: ParentArg,
+        /// Print one JSON object: "file", "valid", "problems" (each
+        /// {"field", "message", "fix": "repair" | "set-parent" | "none",
+        /// "hint"}).
+        #[arg(long)]
+        json: bool,
     },
     /// Fix footers and batmaps; reports what is left.
     Repair {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// Print one JSON object: "file", "actions" (what was fixed),
+        /// "remaining" (problems left, as `check --json` lists them), "ok".
+        #[arg(long)]
+        json: bool,
     },
     /// Write LENGTH bytes at OFFSET of the virtual disk to stdout.
     Read {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// Where in the virtual disk, in bytes.
         #[arg(short = 'o', long = "offset", value_name = "BYTES")]
         offset: u64,
+        /// How many bytes.
         #[arg(short = 'l', long = "length", value_name = "BYTES")]
         length: u64,
         #[command(flatten)]
@@ -153,8 +176,10 @@ pub enum VhdCommand {
     /// or nothing: the whole input is read and checked first, and a write
     /// that fails part-way puts the previous contents back.
     Write {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// Where in the virtual disk, in bytes.
         #[arg(short = 'o', long = "offset", value_name = "BYTES")]
         offset: u64,
         /// Expect exactly this many bytes on stdin; write nothing otherwise.
@@ -174,6 +199,7 @@ pub enum VhdCommand {
         /// With -O vhd: a fixed VHD instead of a dynamic one.
         #[arg(long)]
         fixed: bool,
+        /// Block size in bytes (power of two; blktap uses only 2 MiB).
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// Make the output durable (fdatasync) before exiting.
@@ -183,27 +209,37 @@ pub enum VhdCommand {
         source_format: FormatArg,
         #[command(flatten)]
         parent_path: ParentArg,
+        /// The source image.
         src: PathBuf,
+        /// The new file to write (must not exist).
         dst: PathBuf,
     },
     /// Merge a differencing image into its parent.
     Coalesce {
+        /// The image (a differencing child).
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
         #[command(flatten)]
         parent_path: ParentArg,
+        /// Print one JSON object: "file", "parent", "bytes_merged".
+        #[arg(long)]
+        json: bool,
     },
     /// Grow an image to SIZE MiB.
     Resize {
+        /// The image.
         #[arg(short = 'n', long = "name", value_name = "PATH")]
         name: PathBuf,
+        /// The new virtual size in MiB (only growing).
         #[arg(short = 's', long = "size", value_name = "MIB")]
         size: u64,
     },
     /// Make NEWPARENT the parent of a differencing image.
     SetParent {
+        /// The image (a differencing child).
         #[arg(short = 'n', long = "name", value_name = "CHILD")]
         name: PathBuf,
+        /// The new parent image.
         #[arg(short = 'p', long = "parent", value_name = "NEWPARENT")]
         parent: PathBuf,
         /// NEWPARENT is a raw disk image, not a VHD (vhd-util modify -m).
@@ -239,11 +275,22 @@ fn hint(e: &ImageError, path: &Path) -> String {
         ImageError::ParentLoop { .. } | ImageError::ChainTooDeep { .. } => {
             format!("the parent chain of {p} is broken; fix it with `tap-ctl vhd set-parent`")
         }
-        ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            format!("{p} does not exist")
-        }
+        ImageError::Io {
+            op: "create",
+            source,
+            ..
+        } if source.kind() == std::io::ErrorKind::NotFound => format!(
+            "{p} cannot be created: its directory does not exist; create the directory first \
+             or give another path"
+        ),
+        ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => format!(
+            "{p} does not exist: check the path (a relative one starts at the current directory)"
+        ),
         ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            format!("you may not access {p}")
+            format!(
+                "you may not access {p}: check its permissions and its directories', or run \
+                 as a user who may"
+            )
         }
         ImageError::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
             format!("the filesystem holding {p} is full: free some space and run the command again")
@@ -284,13 +331,18 @@ fn with_hint(e: ImageError, h: String) -> anyhow::Error {
     }
 }
 
+/// `-s MIB` in bytes, refused here (naming the flag and the range) when
+/// no VHD could be that large.
 fn mib(size: u64) -> Result<u64> {
+    let most = tapjail_image::vhd::MAX_VIRTUAL_SIZE / MIB;
     match size.checked_mul(MIB) {
-        _ if size == 0 => bail!("size must be a positive number of MiB"),
-        Some(b) => Ok(b),
-        None => {
-            bail!("size {size} MiB does not fit in 64 bits of bytes; a VHD holds at most 2040 GiB")
+        _ if size == 0 => {
+            bail!("-s 0: the size must be a positive number of MiB (e.g. -s 1024 for 1 GiB)")
         }
+        Some(b) if size <= most => Ok(b),
+        _ => bail!(
+            "-s {size}: a VHD holds at most {most} MiB (2040 GiB); give a size of 1..={most} MiB"
+        ),
     }
 }
 
@@ -322,7 +374,9 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             named_parent: named(name, parent_path),
             ..Grant::default()
         },
-        C::Check { name, parent_path }
+        C::Check {
+            name, parent_path, ..
+        }
         | C::Read {
             name, parent_path, ..
         } => Grant {
@@ -330,7 +384,7 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             named_parent: named(name, &arg(parent_path)),
             ..Grant::default()
         },
-        C::Repair { name } | C::Resize { name, .. } => Grant {
+        C::Repair { name, .. } | C::Resize { name, .. } => Grant {
             open: vec![rw(name)],
             ..Grant::default()
         },
@@ -352,7 +406,9 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             named_parent: named(src, &arg(parent_path)),
             ..Grant::default()
         },
-        C::Coalesce { name, parent_path } => Grant {
+        C::Coalesce {
+            name, parent_path, ..
+        } => Grant {
             open: vec![ro(name)],
             named_parent: named(name, &arg(parent_path)),
             parent_writable: true,
@@ -365,7 +421,8 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
     })
 }
 
-pub fn run(command: VhdCommand) -> Result<ExitCode> {
+/// Run one `tap-ctl vhd` verb; `quiet` hides the progress bar.
+pub fn run(command: VhdCommand, quiet: bool) -> Result<ExitCode> {
     if let VhdCommand::Create {
         name,
         size,
@@ -395,11 +452,13 @@ pub fn run(command: VhdCommand) -> Result<ExitCode> {
     };
     // Anything buffered would be written twice, once by each process.
     std::io::stdout().flush().context("writing to stdout")?;
-    let code = privsep::run_confined(grant, |paths| match confined(command, paths, input) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("tap-ctl: {}", crate::render(&e));
-            1
+    let code = privsep::run_confined(grant, |paths| {
+        match confined(command, paths, input, quiet) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("tap-ctl: {}", crate::render(&e));
+                1
+            }
         }
     })?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
@@ -420,7 +479,12 @@ fn note_outside(child: &Path, parent: &Path) {
 
 /// The body of every image verb, run in the confined child: files come
 /// from `paths`. Returns the exit code.
-fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) -> Result<i32> {
+fn confined(
+    command: VhdCommand,
+    paths: &mut dyn Paths,
+    input: Option<Vec<u8>>,
+    quiet: bool,
+) -> Result<i32> {
     match command {
         VhdCommand::Create { .. } => unreachable!("create runs unconfined"),
         VhdCommand::ConfineCheck { path } => {
@@ -479,105 +543,51 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             parent_path: _,
         } => {
             let info = on(&name, vfs::query_in(paths, &name))?;
-            if virtual_size {
-                println!("{}", info.virtual_size / MIB);
+            let only = if virtual_size {
+                report::QueryOnly::VirtualSize
             } else if physical_size {
-                println!("{}", info.physical_size);
+                report::QueryOnly::PhysicalSize
             } else if parent {
-                // As vhd-util query -p: the parent's absolute, resolved
-                // path. Names come out of the image: escaped for the terminal.
-                let shown = info.parent.as_deref().map(resolved_path);
-                println!("{}", escape(shown.as_deref().unwrap_or("none")));
-            } else if json {
-                let v = serde_json::json!({
-                    "virtual_size": info.virtual_size,
-                    "type": info.disk_type.as_str(),
-                    "parent": info.parent,
-                    "parent_resolved": info.parent.as_deref().map(resolved_path),
-                    "parent_uuid": info.parent_uuid,
-                    "parent_raw": info.parent_raw,
-                    "block_size": info.block_size,
-                    "blktap_compatible_block_size": info
-                        .block_size
-                        .map(|b| b == u64::from(tapjail_image::vhd::DEFAULT_BLOCK_SIZE)),
-                    "allocated_blocks": info.allocated_blocks,
-                    "physical_size": info.physical_size,
-                    "uuid": info.uuid,
-                    "creator": info.creator,
-                    "batmap": info.batmap,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                report::QueryOnly::Parent
             } else {
-                println!("file: {}", name.display());
-                println!("type: {}", info.disk_type.as_str());
-                println!(
-                    "virtual size: {} bytes ({} MiB)",
-                    info.virtual_size,
-                    info.virtual_size / MIB
-                );
-                println!("physical size: {} bytes", info.physical_size);
-                if let Some(bs) = info.block_size {
-                    if bs == u64::from(tapjail_image::vhd::DEFAULT_BLOCK_SIZE) {
-                        println!("block size: {bs}");
-                    } else {
-                        println!("block size: {bs} ({})", BLKTAP_BLOCK_SIZE_NOTE);
-                    }
-                    println!("allocated blocks: {}", info.allocated_blocks);
-                    println!("batmap: {}", info.batmap);
-                }
-                println!("uuid: {}", info.uuid);
-                println!("creator: {}", escape(&info.creator));
-                if let Some(p) = &info.parent {
-                    println!("parent: {}", escape(p));
-                    if info.parent_raw {
-                        println!("parent type: raw (null parent uuid)");
-                    } else {
-                        println!("parent uuid: {}", info.parent_uuid.unwrap_or_default());
-                    }
-                }
-            }
+                report::QueryOnly::All
+            };
+            report::query(&name, &info, only, json)?;
         }
-        VhdCommand::Check { name, .. } => {
-            let problems = on(&name, vfs::check_in(paths, &name))?;
-            if problems.is_empty() {
-                println!("{} is valid", name.display());
-            } else {
-                for p in &problems {
-                    println!(
-                        "{}: {} ({})",
-                        name.display(),
-                        escape(&p.to_string()),
-                        p.fix_hint()
+        VhdCommand::Check { name, json, .. } => {
+            let bar = progress::Progress::new("check", quiet || json);
+            let problems = on(
+                &name,
+                vfs::check_in_with_progress(paths, &name, &mut bar.callback()),
+            )?;
+            bar.finish();
+            if problems.len() == 1 && problems[0].field == "footer.cookie" {
+                // No footer anywhere: say so if nothing else looks like a VHD.
+                let f = on(&name, paths.open(&name, false))?;
+                if on(&name, tapjail_image::vhd::probe::vhd_sign(&f))?.is_none() {
+                    bail!(
+                        "{} is not a VHD image (no footer, no dynamic header): if it is a raw \
+                         disk image there is nothing to check (attach it as aio:PATH); if it \
+                         was a VHD, restore it from a copy",
+                        name.display()
                     );
                 }
-                eprintln!(
-                    "tap-ctl: {} has {} problem(s); {}",
-                    name.display(),
-                    problems.len(),
-                    fix_summary(&problems, &name)
-                );
-                return Ok(1);
             }
+            return report::check(&name, &problems, json);
         }
-        VhdCommand::Repair { name } => {
-            let report = on(&name, vfs::repair_in(paths, &name))?;
-            for a in &report.actions {
-                println!("{}: {}", name.display(), escape(&a.to_string()));
-            }
-            if report.actions.is_empty() {
-                println!("{}: nothing that repair fixes", name.display());
-            }
-            if !report.remaining.is_empty() {
-                for p in &report.remaining {
-                    println!(
-                        "{}: repair cannot fix: {} ({})",
-                        name.display(),
-                        escape(&p.to_string()),
-                        p.fix_hint()
-                    );
-                }
-                return Ok(1);
-            }
+        VhdCommand::Repair { name, json } => {
+            let bar = progress::Progress::new("repair", quiet || json);
+            let done = on(
+                &name,
+                vfs::repair_in_with_progress(
+                    paths,
+                    &name,
+                    &mut bar.callback(),
+                    &mut bar.phase("repair, verifying"),
+                ),
+            )?;
+            bar.finish();
+            return report::repair(&name, &done, json);
         }
         VhdCommand::Read {
             name,
@@ -594,7 +604,9 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             let size = img.virtual_size();
             if offset.checked_add(length).is_none_or(|end| end > size) {
                 bail!(
-                    "offset {offset} + length {length} is past the end of {} ({size} bytes)",
+                    "offset {offset} + length {length} is past the end of {} ({size} bytes); \
+                     give -o and -l within the disk (`tap-ctl vhd query -n {}` shows its size)",
+                    name.display(),
                     name.display()
                 );
             }
@@ -638,7 +650,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 (OutFormat::Vhd, true) => ConvertTarget::VhdFixed,
                 (OutFormat::Vhd, false) => ConvertTarget::VhdDynamic { block_size },
             };
-            let (bar, mut cb) = progress::bar("convert");
+            let bar = progress::Progress::new("convert", quiet);
             vfs::convert_in(
                 paths,
                 &src,
@@ -646,7 +658,7 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
                 &dst,
                 target,
                 sync,
-                &mut cb,
+                &mut bar.callback(),
             )
             .map_err(|e| {
                 // Say which side failed where the error says it.
@@ -668,24 +680,23 @@ fn confined(command: VhdCommand, paths: &mut dyn Paths, input: Option<Vec<u8>>) 
             if let ConvertTarget::VhdDynamic { block_size } = target {
                 warn_block_size(&dst, block_size);
             }
-            if let Some(b) = bar {
-                b.finish();
-            }
+            bar.finish();
         }
-        VhdCommand::Coalesce { name, .. } => {
-            let (bar, mut cb) = progress::bar("coalesce");
-            let (parent, copied) = on(&name, vfs::coalesce_in(paths, &name, &mut cb))?;
-            if let Some(b) = bar {
-                b.finish();
-            }
-            println!(
-                "{}: merged {copied} bytes into {}",
-                name.display(),
-                escape(&parent.to_string())
-            );
+        VhdCommand::Coalesce { name, json, .. } => {
+            let bar = progress::Progress::new("coalesce", quiet || json);
+            let (parent, copied) = on(&name, vfs::coalesce_in(paths, &name, &mut bar.callback()))?;
+            bar.finish();
+            report::coalesced(&name, &parent, copied, json)?;
         }
         VhdCommand::Resize { name, size } => {
-            on(&name, vfs::resize_in(paths, &name, mib(size)?))?;
+            // Metadata only (tables grow, a few blocks may move): the bar
+            // goes from nothing to done.
+            let bar = progress::Progress::new("resize", quiet);
+            let bytes = mib(size)?;
+            bar.callback()(0, bytes);
+            on(&name, vfs::resize_in(paths, &name, bytes))?;
+            bar.callback()(bytes, bytes);
+            bar.finish();
         }
         VhdCommand::SetParent {
             name,
@@ -806,34 +817,9 @@ fn write_all_or_nothing(img: &dyn Image, name: &Path, data: &[u8], offset: u64) 
     }
 }
 
-/// The closing line of `check`: which tools fix what it found.
-fn fix_summary(problems: &[tapjail_image::vhd::check::Problem], name: &Path) -> String {
-    use tapjail_image::vhd::check::Fix;
-    let n = name.display();
-    let mut out = Vec::new();
-    if problems.iter().any(|p| p.fix() == Fix::Repair) {
-        out.push(format!(
-            "`tap-ctl vhd repair -n {n}` fixes footers and batmaps"
-        ));
-    }
-    if problems.iter().any(|p| p.fix() == Fix::SetParent) {
-        let raw = if problems.iter().any(|p| p.field == "raw parent") {
-            " (add -m for a raw parent)"
-        } else {
-            ""
-        };
-        out.push(format!(
-            "`tap-ctl vhd set-parent -n {n} -p PARENT` points it at its parent{raw}"
-        ));
-    }
-    if problems.iter().any(|p| p.fix() == Fix::None) {
-        out.push("the rest no tool fixes without losing data".into());
-    }
-    out.join("; ")
-}
-
 /// Why a block size other than 2 MiB matters (issue 13 item 6).
-const BLKTAP_BLOCK_SIZE_NOTE: &str = "not 2 MiB: blktap's libvhd and tapdisk assume 2 MiB blocks, \
+pub(super) const BLKTAP_BLOCK_SIZE_NOTE: &str =
+    "not 2 MiB: blktap's libvhd and tapdisk assume 2 MiB blocks, \
      so blktap cannot use this image (vhd-util check accepts it, then reads go wrong)";
 
 /// Say on stderr that an image just made will not work with blktap.
@@ -844,31 +830,4 @@ fn warn_block_size(name: &Path, block_size: u32) {
             name.display()
         );
     }
-}
-
-/// `path` made absolute (against the working directory) with `.` and `..`
-/// taken out lexically, as `vhd-util query -p` prints a parent. Lexical is
-/// exact here: parents are never reached through symlinks.
-fn resolved_path(path: &str) -> String {
-    use std::path::Component;
-    let p = Path::new(path);
-    let joined = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        match std::env::current_dir() {
-            Ok(cwd) => cwd.join(p),
-            Err(_) => p.to_path_buf(),
-        }
-    };
-    let mut out = PathBuf::new();
-    for c in joined.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out.to_string_lossy().into_owned()
 }

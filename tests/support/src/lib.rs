@@ -15,6 +15,7 @@ mod mount;
 mod precondition;
 mod process;
 pub mod prometheus;
+pub mod pty;
 
 pub use data::{pattern, Aligned};
 pub use fio::fio_verify_writer;

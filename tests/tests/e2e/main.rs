@@ -2,6 +2,7 @@
 //! only where a test must force a worker's behaviour), tap-ctl run as
 //! several tenants. Needs root.
 
+mod admin_kicks;
 mod audit_flood;
 mod audit_full;
 mod audit_rotation;

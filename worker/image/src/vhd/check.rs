@@ -85,6 +85,23 @@ impl From<ImageError> for Problem {
 
 /// Check one VHD file (not its parents). Empty means consistent.
 pub fn check(file: &dyn Backing) -> Vec<Problem> {
+    check_with_progress(file, &mut |_, _| {})
+}
+
+/// [`check`], calling `progress(done, total)` in bytes of allocated
+/// blocks as their bitmaps are read (the part that grows with the
+/// image), and `(total, total)` once at the end.
+pub fn check_with_progress(file: &dyn Backing, progress: &mut dyn FnMut(u64, u64)) -> Vec<Problem> {
+    let mut total = 0;
+    let problems = check_blocks(file, &mut |d, t| {
+        total = t;
+        progress(d, t)
+    });
+    progress(total, total);
+    problems
+}
+
+fn check_blocks(file: &dyn Backing, progress: &mut dyn FnMut(u64, u64)) -> Vec<Problem> {
     let meta = match Metadata::read_with(file, false) {
         Ok(m) => m,
         Err(e) => return vec![e.into()],
@@ -99,10 +116,15 @@ pub fn check(file: &dyn Backing) -> Vec<Problem> {
         let sum_bits = super::batmap::checksum_len(meta.footer.current_size()) * 8;
         let spb = (s.block_size / 512) as usize;
         let mut buf = vec![0u8; s.bitmap_bytes as usize];
+        let bs = u64::from(s.block_size);
+        let total = s.bat.iter().filter(|&&e| e != UNUSED).count() as u64 * bs;
+        let mut done = 0u64;
         for (b, &e) in s.bat.iter().enumerate() {
             if e == UNUSED {
                 continue;
             }
+            done += bs;
+            progress(done, total);
             let off = u64::from(e) * 512;
             if let Err(err) = file.read_exact_at(&mut buf, off) {
                 problems.push(ImageError::io("read bitmap", off)(err).into());

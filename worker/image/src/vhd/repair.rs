@@ -42,6 +42,16 @@ fn io(op: &'static str, off: u64) -> impl FnOnce(std::io::Error) -> ImageError {
 }
 
 pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
+    repair_with_progress(file, &mut |_, _| {})
+}
+
+/// [`repair`], calling `progress(done, total)` in bytes of allocated
+/// blocks while a stale batmap is rebuilt from their bitmaps (the only
+/// repair that reads every block; the others rewrite metadata).
+pub fn repair_with_progress(
+    file: &dyn Backing,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RepairReport, ImageError> {
     let mut report = RepairReport::default();
     let meta = match Metadata::read_with(file, false) {
         Ok(m) => m,
@@ -55,7 +65,7 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
     };
     if let Some(moved) = move_misplaced_blocks(file, &meta)? {
         // The layout changed: start over from what the file says now.
-        let mut rest = repair(file)?;
+        let mut rest = repair_with_progress(file, progress)?;
         report.actions.push(moved);
         report.actions.append(&mut rest.actions);
         report.remaining = rest.remaining;
@@ -77,10 +87,21 @@ pub fn repair(file: &dyn Backing) -> Result<RepairReport, ImageError> {
                 let sum_len = batmap::checksum_len(footer.current_size()) as usize;
                 let mut map = vec![0u8; header.map_bytes() as usize];
                 let mut buf = vec![0u8; s.bitmap_bytes as usize];
+                let bs = u64::from(s.block_size);
+                let total = s
+                    .bat
+                    .iter()
+                    .take(sum_len * 8)
+                    .filter(|&&e| e != UNUSED)
+                    .count() as u64
+                    * bs;
+                let mut done = 0;
                 for (b, &e) in s.bat.iter().enumerate().take(sum_len * 8) {
                     if e == UNUSED {
                         continue;
                     }
+                    done += bs;
+                    progress(done, total);
                     let off = u64::from(e) * 512;
                     file.read_exact_at(&mut buf, off)
                         .map_err(io("read bitmap", off))?;

@@ -528,6 +528,7 @@ fn serve_request(
 
 /// Handle one request of `n` bytes in `buf` and send its reply.
 fn process(shared: &Shared<'_>, buf: &mut IoBuf, n: usize) -> Result<(), FrontendError> {
+    shared.fs.disk().counters.kick_in();
     let (unique, outcome) = match request::parse(buf.request(n)) {
         Ok(req) => (req.header.unique, shared.fs.handle(&req)),
         Err(e) => {
@@ -584,7 +585,10 @@ fn reply(
         .i32(4, -errno)
         .u64(8, unique);
     match dev::writev(shared.dev, &[&h, payload]) {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            shared.fs.disk().counters.kick_out();
+            Ok(())
+        }
         Err(e) => match e.raw_os_error() {
             // The request was interrupted or aborted meanwhile.
             Some(libc::ENOENT) => Ok(()),

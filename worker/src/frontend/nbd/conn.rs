@@ -148,6 +148,8 @@ struct Conn {
     /// This connection's share of the payload budget, so that one client
     /// that stops reading cannot hold all of it.
     bytes: Arc<Budget>,
+    /// For blktap's `kicks` counters.
+    disk: Arc<Disk>,
 }
 
 /// Replies sent in one `sendmsg` at most.
@@ -157,7 +159,12 @@ const MAX_BATCH: usize = 64;
 /// sent replies are removed (and dropped, releasing their budgets). With
 /// `nonblocking`, stops when the socket is full; what is left stays in
 /// `batch`, the partly sent reply first.
-fn send_batch(sock: &Sock, batch: &mut VecDeque<Reply>, nonblocking: bool) -> io::Result<()> {
+fn send_batch(
+    sock: &Sock,
+    disk: &Disk,
+    batch: &mut VecDeque<Reply>,
+    nonblocking: bool,
+) -> io::Result<()> {
     while !batch.is_empty() {
         let iov: Vec<IoSlice<'_>> = batch
             .iter()
@@ -166,7 +173,10 @@ fn send_batch(sock: &Sock, batch: &mut VecDeque<Reply>, nonblocking: bool) -> io
             .collect();
         let mut n = match sock.send_vectored(&iov, nonblocking) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
+            Ok(n) => {
+                disk.counters.kick_out();
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(()),
             Err(e) => return Err(e),
         };
@@ -217,7 +227,7 @@ impl Conn {
             let take = ob.queue.len().min(MAX_BATCH);
             let mut batch: VecDeque<Reply> = ob.queue.drain(..take).collect();
             drop(ob);
-            let r = send_batch(&self.sock, &mut batch, true);
+            let r = send_batch(&self.sock, &self.disk, &mut batch, true);
             let unsent = !batch.is_empty();
             ob = lock(&self.outbox);
             if r.is_err() {
@@ -272,7 +282,7 @@ impl Conn {
             let mut batch: VecDeque<Reply> = ob.queue.drain(..take).collect();
             drop(ob);
             // Bounded by SO_SNDTIMEO: a client that stops reading is dropped.
-            let r = send_batch(&self.sock, &mut batch, false);
+            let r = send_batch(&self.sock, &self.disk, &mut batch, false);
             drop(batch);
             ob = lock(&self.outbox);
             ob.sending = false;
@@ -312,6 +322,7 @@ pub fn serve(sock: Arc<Sock>, session: Session, ctx: Arc<ServerCtx>) -> io::Resu
         wake_writer: Condvar::new(),
         slots: Budget::new(MAX_INFLIGHT),
         bytes: Budget::new((ctx.sizing.inflight_bytes / 4).max(u64::from(ctx.sizing.max_payload))),
+        disk: ctx.disk.clone(),
     });
     let mut inline = Inline::default();
     let end = read_loop(&conn, &ctx, &mut inline);
@@ -402,6 +413,7 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>, inline: &mut Inline) -> End
         if rd.buffer().len() < REQUEST_SIZE {
             // The next read may block: let the held-back replies go first.
             inline.flush(conn);
+            ctx.disk.counters.kick_in();
         }
         let mut hb = [0u8; REQUEST_SIZE];
         match rd.read_exact(&mut hb) {

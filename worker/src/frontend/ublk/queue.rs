@@ -208,6 +208,8 @@ struct Queue<'a, 'd> {
     /// the queue ends.
     served_direct: u64,
     served_slow: u64,
+    /// Commits pushed since the last `io_uring_enter` (blktap's kicks out).
+    commits_queued: bool,
 }
 
 impl<'a, 'd> Queue<'a, 'd> {
@@ -221,6 +223,7 @@ impl<'a, 'd> Queue<'a, 'd> {
 
     fn commit(&mut self, tag: u16, result: i32) -> Result<(), FrontendError> {
         self.slots[usize::from(tag)] = Slot::Idle;
+        self.commits_queued = true;
         let sqe = queue_cmd(
             UBLK_U_IO_COMMIT_AND_FETCH_REQ,
             &self.q,
@@ -264,6 +267,9 @@ impl<'a, 'd> Queue<'a, 'd> {
             }
             let ts = types::Timespec::from(STOP_POLL);
             let args = types::SubmitArgs::new().timespec(&ts);
+            if std::mem::take(&mut self.commits_queued) {
+                self.disk.counters.kick_out();
+            }
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ETIME) => self.on_idle()?,
@@ -271,6 +277,12 @@ impl<'a, 'd> Queue<'a, 'd> {
                 Err(e) => return Err(io("io_uring_enter (ublk queue)")(e)),
             }
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if cqes
+                .iter()
+                .any(|&(ud, res)| ud >> 32 == KIND_CMD && res == UBLK_IO_RES_OK)
+            {
+                self.disk.counters.kick_in();
+            }
         }
     }
 
@@ -720,6 +732,7 @@ pub fn run(
             scratch: Vec::new(),
             served_direct: 0,
             served_slow: 0,
+            commits_queued: false,
         };
         let early = match fetch_all(&mut queue) {
             Ok(early) => {

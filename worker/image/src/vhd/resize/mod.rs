@@ -40,8 +40,10 @@ pub fn resize(file: &dyn Backing, new_size: u64) -> Result<(), ImageError> {
     let meta = Metadata::read(file)?;
     if new_size < meta.virtual_size {
         return Err(ImageError::InvalidArgument(format!(
-            "shrinking from {} to {new_size} bytes would discard data; only growing is supported",
-            meta.virtual_size
+            "shrinking from {} to {new_size} bytes would discard data; only growing is \
+             supported: give a size of at least {} MiB",
+            meta.virtual_size,
+            meta.virtual_size.div_ceil(1 << 20)
         )));
     }
     if new_size == meta.virtual_size {
