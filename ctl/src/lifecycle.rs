@@ -171,8 +171,9 @@ pub enum LifecycleCommand {
     /// The document has blktap's keys ("name",
     /// "secs" [read, written sectors], "images" leaf first with "hits",
     /// "fail" and "driver", "tap" with "minor", "reqs" [in, out] and
-    /// "kicks" [in, out], "reqs_outstanding"), then tapjail's own
-    /// ("latency", "cgroup", "throttle").
+    /// "kicks" [in, out], "reqs_outstanding", "nbd_mirror_failed": 1 once
+    /// a -2 secondary failed), then tapjail's own ("latency", "cgroup",
+    /// "throttle", and "mirror" with state and copied/total bytes).
     Stats {
         /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
         /// minor alone names it).
