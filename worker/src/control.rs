@@ -15,13 +15,12 @@ use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
 use crate::io::{CacheMode, UringFile};
-use crate::mirror::{Mirror, Mirrored, Secondary};
+use crate::mirror::{MirrorSlot, Secondary};
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tapjail_common::frame::{self, FrameError, MAX_REQUEST_FRAME};
-use tapjail_common::mirror::MirrorMode;
 use tapjail_common::proto::{FrontendKind, ImageKind};
 use tapjail_common::worker_proto::{self as wp, FromWorker, FrontendSpec, ToWorker};
 
@@ -187,42 +186,6 @@ pub struct Worker {
     mirror: MirrorSlot,
 }
 
-/// A worker's mirror: one negotiated for the next `Open`/`Unpause`, the
-/// one the open disk has (kept across `pause`, for `MirrorSwitch` and
-/// stats), and whether the next `Unpause` serves from its secondary.
-#[derive(Debug, Default)]
-struct MirrorSlot {
-    pending: Option<Arc<Mirror>>,
-    current: Option<Arc<Mirror>>,
-    switch: bool,
-}
-
-impl MirrorSlot {
-    /// The image to serve for the chain just opened: mirrored when a
-    /// mirror is pending. Any earlier mirror is let go.
-    fn wrap(&mut self, img: Arc<dyn Image>) -> Result<Arc<dyn Image>, ImageError> {
-        if let Some(old) = self.current.take() {
-            old.disconnect();
-        }
-        let Some(m) = self.pending.take() else {
-            return Ok(img);
-        };
-        let wrapped = Mirrored::wrap(img, m.clone())?;
-        self.current = Some(m);
-        Ok(wrapped)
-    }
-
-    fn clear(&mut self) {
-        for m in [self.pending.take(), self.current.take()]
-            .into_iter()
-            .flatten()
-        {
-            m.disconnect();
-        }
-        self.switch = false;
-    }
-}
-
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
@@ -378,8 +341,14 @@ impl Worker {
                 stats.mirror = self.mirror.current.as_ref().map(|m| m.stats());
                 FromWorker::Stats(Box::new(stats))
             }
-            ToWorker::Mirror { uri, standby } => self.mirror_to(uri, standby, fds),
-            ToWorker::MirrorSwitch { uri } => self.mirror_switch(&uri),
+            ToWorker::Mirror { uri, standby } => {
+                let serving = self.open.as_ref().is_some_and(|o| !o.paused);
+                self.mirror.mirror_to(uri, standby, fds, serving)
+            }
+            ToWorker::MirrorSwitch { uri } => {
+                let paused = self.open.as_ref().is_some_and(|o| o.paused);
+                self.mirror.mirror_switch(&uri, paused)
+            }
             ToWorker::Resync { nonce } => self.resynced(nonce),
             ToWorker::Limits { disk, tenant } => {
                 if fds.len() > 1 {
@@ -526,73 +495,6 @@ impl Worker {
             }
             Err(e) => error(format!("starting the {kind} frontend thread: {e}")),
         }
-    }
-
-    /// `Mirror`: negotiate with the secondary the broker connected, for
-    /// the next `Open` or `Unpause`.
-    fn mirror_to(&mut self, uri: String, standby: bool, mut fds: Vec<OwnedFd>) -> FromWorker {
-        if self.open.as_ref().is_some_and(|o| !o.paused) {
-            return error("Mirror comes before Open or Unpause, not while the disk is served");
-        }
-        let Some(sock) = single_fd(&mut fds) else {
-            return error("Mirror needs exactly one fd (the connected socket)");
-        };
-        let mode = if standby {
-            MirrorMode::Standby
-        } else {
-            MirrorMode::Mirror
-        };
-        // A new mirror replaces the paused disk's old one; its buffer goes
-        // before the new one is allocated (memory is locked and budgeted).
-        self.mirror.switch = false;
-        for old in [self.mirror.current.take(), self.mirror.pending.take()]
-            .into_iter()
-            .flatten()
-        {
-            old.disconnect();
-        }
-        match Mirror::connect(std::fs::File::from(sock), uri.clone(), mode) {
-            Ok(m) => {
-                if let Some(old) = self.mirror.pending.replace(m) {
-                    old.disconnect();
-                }
-                FromWorker::Ok
-            }
-            Err(e) => error(format!("negotiating NBD with the secondary {uri}: {e}")),
-        }
-    }
-
-    /// `MirrorSwitch`: allowed only while paused with a mirror to `uri`
-    /// that is in sync.
-    fn mirror_switch(&mut self, uri: &str) -> FromWorker {
-        if !self.open.as_ref().is_some_and(|o| o.paused) {
-            return error("unpause -2: the disk is not paused");
-        }
-        let Some(m) = &self.mirror.current else {
-            return error(format!(
-                "unpause -2 {uri}: this disk mirrors to no secondary"
-            ));
-        };
-        if m.uri() != uri {
-            return error(format!(
-                "unpause -2 {uri}: this disk mirrors to {}, not {uri}",
-                m.uri()
-            ));
-        }
-        let s = m.stats();
-        if m.mode() != MirrorMode::Mirror || !m.synced() {
-            return error(format!(
-                "unpause -2 {uri}: the secondary is not in sync (mirror {}, {} of {} bytes copied{}); \
-                 the disk stays paused on its primary: unpause without -2, wait for stats to say \
-                 synced, then pause and unpause -2 again",
-                s.state.as_str(),
-                s.copied,
-                s.total,
-                s.error.map(|e| format!(", {e}")).unwrap_or_default()
-            ));
-        }
-        self.mirror.switch = true;
-        FromWorker::Ok
     }
 
     /// Stop the frontend, then flush and close the image.

@@ -22,8 +22,10 @@
 pub mod client;
 pub mod copy;
 mod secondary;
+mod slot;
 
 pub use secondary::Secondary;
+pub use slot::MirrorSlot;
 
 use crate::image::{DirectFile, Extent, Image, ImageError, LayerStats, Mapping};
 pub(crate) use client::{ClientError, NbdClient};
