@@ -92,7 +92,7 @@ impl Broker {
 
     /// How long one image open may take: the worker's deadline, at most
     /// 10 s (a local open takes microseconds).
-    fn open_deadline(&self) -> std::time::Duration {
+    pub(crate) fn open_deadline(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.policy.worker_timeout_secs.min(10)))
     }
 
@@ -275,7 +275,7 @@ impl Broker {
     /// the policy allows and that opens cleanly beneath its root wins.
     /// Every attempt is audited, an allowed one before the broker opens
     /// anything: if that line cannot be written the parent is refused.
-    fn resolve_parent(
+    pub(crate) fn resolve_parent(
         &self,
         target: &Target<'_>,
         open_as: &OpenAs,

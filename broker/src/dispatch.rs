@@ -40,6 +40,7 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Pause { minor, .. }
         | Request::Unpause { minor, .. }
         | Request::Stats { minor, .. }
+        | Request::Snapshot { minor, .. }
         | Request::Throttle {
             target: tapjail_common::qos::ThrottleTarget::Minor(minor),
             ..
@@ -47,6 +48,34 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         Request::WithOptions { req, .. } => minor_of(req),
         _ => None,
     }
+}
+
+/// The image path a request names, if any.
+fn image_of(req: &Request) -> Option<&str> {
+    match req {
+        Request::Open { image, .. } | Request::Create { image, .. } => Some(&image.path),
+        Request::Unpause { image, .. } => image.as_ref().map(|i| i.path.as_str()),
+        Request::WithOptions { req, .. } => image_of(req),
+        _ => None,
+    }
+}
+
+/// The `request` span: the verb, a per-broker request id (to tell apart
+/// the lines of concurrent requests), the peer, its tenant, and the minor
+/// and image named. Every event logged while the request is served (in
+/// `ops`, `bringup`, `supervisor`) carries these fields.
+fn request_span(peer: &PeerCred, req: &Request, d: &Decision) -> tracing::Span {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    tracing::info_span!(
+        "request",
+        op = req.verb(),
+        id = NEXT.fetch_add(1, Ordering::Relaxed),
+        uid = peer.uid,
+        peer_pid = peer.pid,
+        tenant = d.tenant.as_deref(),
+        minor = minor_of(req).map(tapjail_common::Minor::get),
+        image = image_of(req),
+    )
 }
 
 impl Broker {
@@ -60,6 +89,9 @@ impl Broker {
         }
         let t = self.table();
         let d = decide(req, peer, &self.policy, &*t);
+        // Every event while this request is served names it (see `request_span`).
+        let span = request_span(peer, req, &d);
+        let _serving = span.enter();
         if !d.allow {
             drop(t);
             let result = Err(BrokerError::denied(d.reason.clone()));
@@ -76,7 +108,7 @@ impl Broker {
             Ok(r) => r,
             Err(panic) => {
                 let what = panic_text(&*panic);
-                tapjail_common::log_line!("tap-broker: panic while serving {req:?}: {what}");
+                tracing::error!("panic while serving {req:?}: {what}");
                 self.audit_panic(peer, req, &d, &what);
                 if let Some(m) = minor_of(req) {
                     self.after_op(m);
@@ -99,6 +131,10 @@ impl Broker {
     ) -> Reply {
         if let Err(e) = self.audit_outcome(peer, req, d, &result) {
             return e.reply();
+        }
+        match &result {
+            Ok(_) => tracing::debug!(rule = d.rule, "done"),
+            Err(e) => tracing::debug!(rule = d.rule, "refused or failed: {e}"),
         }
         match result {
             Ok((reply, _)) => reply,
@@ -170,6 +206,7 @@ impl Broker {
             Request::Throttle { target, changes } => self.op_throttle(t, target, changes),
             Request::WithOptions { req, opts } => self.op_with_options(t, req, opts, d),
             Request::Major => self.op_major(t),
+            Request::Snapshot { pid, minor, .. } => self.op_snapshot(t, *pid, *minor, d),
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct WorkerStats {
     /// The write mirror (`-2 URI`), if any.
     #[serde(default)]
     pub mirror: Option<crate::mirror::MirrorStats>,
+    /// Online snapshots and their stalls.
+    pub snapshot: crate::snapshot::SnapshotStats,
 }
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced

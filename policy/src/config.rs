@@ -87,6 +87,8 @@ pub struct Tenant {
     pub share_parent: bool,
     /// The secondaries `-2 URI` may mirror to (`mirror`); none by default.
     pub mirror: MirrorGrants,
+    /// May take online snapshots (`tap-ctl snapshot`). Default true.
+    pub online_snapshot: bool,
 }
 
 /// The whole configuration file.
@@ -256,6 +258,7 @@ struct RawTenant {
     page_cache: Option<bool>,
     share_parent: Option<bool>,
     mirror: Option<mirror::RawMirror>,
+    online_snapshot: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -918,6 +921,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
             mirror,
+            online_snapshot: t.online_snapshot.unwrap_or(true),
         });
     }
 

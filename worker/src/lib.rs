@@ -18,5 +18,6 @@ pub mod latency;
 pub mod mirror;
 pub mod qos;
 pub mod sandbox;
+pub mod snapshot;
 pub mod standalone;
 pub mod stats;

@@ -44,6 +44,7 @@ pub fn collect(name: &str, disk: Option<&Disk>, frontend: Option<&str>) -> Worke
         latency: c.latency(),
         histograms: c.histograms.snapshot(),
         mirror: None,
+        snapshot: Default::default(),
     }
 }
 

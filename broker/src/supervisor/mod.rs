@@ -106,7 +106,7 @@ impl Broker {
         if !self.wait_exit(pid, self.spawn_cfg.timeout) {
             let _ = sys::pidfd_kill(pidfd.as_fd());
             if !self.wait_exit(pid, Duration::from_secs(5)) {
-                tapjail_common::log_line!("tap-broker: tapdisk {pid} survives SIGKILL (D state?)");
+                tracing::error!(pid, "tapdisk {pid} survives SIGKILL (D state?)");
             }
         }
     }
@@ -187,7 +187,7 @@ impl Broker {
                 match sys::try_reap(fd.as_fd()) {
                     Ok(Some(exit)) => self.on_exit(*pid, exit),
                     Ok(None) => {}
-                    Err(e) => tapjail_common::log_line!("tap-broker: waitid on tapdisk {pid}: {e}"),
+                    Err(e) => tracing::warn!(pid, "waitid on tapdisk {pid}: {e}"),
                 }
             }
         }
@@ -227,6 +227,22 @@ impl Broker {
         }
         self.exited.notify_all();
         drop(t);
+        let m = minor.map(Minor::get);
+        if stopping {
+            tracing::debug!(
+                pid,
+                minor = m,
+                tenant = owner.as_str(),
+                "tapdisk[{pid}] ended: {exit}"
+            );
+        } else {
+            tracing::warn!(
+                pid,
+                minor = m,
+                tenant = owner.as_str(),
+                "tapdisk[{pid}] died: {exit}"
+            );
+        }
         self.audit_worker_exit(WorkerExit {
             pid,
             uid,

@@ -1,8 +1,8 @@
 //! Starting a tapdisk process and checking, from outside, that it is
 //! confined before the broker uses it.
 //!
-//! A worker is `fork`+`exec` of the tapdisk binary with an empty
-//! environment, `/` as its directory, `/dev/null` on stdin/stdout, a pipe
+//! A worker is `fork`+`exec` of the tapdisk binary with an environment of
+//! only `TAPJAIL_LOG` (the broker's log filter), `/` as its directory, `/dev/null` on stdin/stdout, a pipe
 //! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
 //! lines, never raw bytes in the journal), the control socket as fd 3 and
 //! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
@@ -71,6 +71,12 @@ pub fn spawn(
         .arg("--gid")
         .arg(uid.to_string())
         .env_clear()
+        // Its one variable: log with the broker's filter (read before the
+        // worker clears its environment).
+        .env(
+            tapjail_common::logging::FILTER_ENV,
+            tapjail_common::logging::effective_filter(),
+        )
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -138,8 +144,9 @@ pub fn spawn(
             match tapjail_broker::fdstore::Kept::put(store, &[(c, ctl.as_fd()), (l, log.as_fd())]) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    tapjail_common::log_line!(
-                        "tap-broker: tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
+                    tracing::warn!(
+                        pid,
+                        "tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
                          it would not survive a broker restart",
                         store.kind()
                     );

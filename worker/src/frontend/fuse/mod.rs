@@ -292,9 +292,12 @@ impl Frontend for FuseFrontend {
         let shared = self.shared(disk);
         let plan = Plan::new(self.config.threads, crate::sandbox::mlock::headroom());
         if plan.threads < self.config.threads {
-            tapjail_common::log_line!(
-                "tapdisk: fuse: {} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
-                plan.threads, self.config.threads, plan.big
+            tracing::warn!(
+                frontend = "fuse",
+                "{} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
+                plan.threads,
+                self.config.threads,
+                plan.big
             );
         }
         let pool = &self.stop.pool;
@@ -304,8 +307,9 @@ impl Frontend for FuseFrontend {
             for i in 1..plan.threads {
                 // Buffer first: if it does not fit, neither would a thread.
                 let Ok(mut buf) = IoBuf::small() else {
-                    tapjail_common::log_line!(
-                        "tapdisk: fuse: serving with {i} of {} threads (memory)",
+                    tracing::warn!(
+                        frontend = "fuse",
+                        "serving with {i} of {} threads (memory)",
                         plan.threads
                     );
                     break;
@@ -318,8 +322,9 @@ impl Frontend for FuseFrontend {
                 if let Err(e) = spawned {
                     // RLIMIT_NPROC or memory: serve with fewer threads
                     // rather than not at all.
-                    tapjail_common::log_line!(
-                        "tapdisk: fuse: serving with {i} of {} threads: {e}",
+                    tracing::warn!(
+                        frontend = "fuse",
+                        "serving with {i} of {} threads: {e}",
                         plan.threads
                     );
                     break;

@@ -459,8 +459,10 @@ impl<'a, 'd> Queue<'a, 'd> {
                 .submitter()
                 .register_files_update(FIRST_IMAGE_SLOT, &fds)
             {
-                tapjail_common::log_line!(
-                    "tapdisk: ublk queue {}: image files not registered with the ring ({e}); serving through the engine",
+                tracing::warn!(
+                    frontend = "ublk",
+                    queue = self.q.q_id,
+                    "ublk queue {}: image files not registered with the ring ({e}); serving through the engine",
                     self.q.q_id
                 );
                 files.clear();
@@ -743,8 +745,12 @@ pub fn run(
             Err(e) => return (not_started(q, ready, e), false),
         };
         let result = queue.serve(early);
-        tapjail_common::log_line!(
-            "tapdisk: ublk queue {}: {} requests served on the ring, {} through the engine",
+        tracing::info!(
+            frontend = "ublk",
+            queue = q.q_id,
+            on_ring = queue.served_direct,
+            through_engine = queue.served_slow,
+            "ublk queue {}: {} requests served on the ring, {} through the engine",
             q.q_id,
             queue.served_direct,
             queue.served_slow

@@ -129,7 +129,7 @@ impl<'d> SlowPath<'d> {
             if let Err(e) = self.wake.signal() {
                 // Cannot happen with a counter far from overflow; the queue
                 // also polls the done list on its periodic wakeup.
-                tapjail_common::log_line!("tapdisk: ublk: waking the queue: {e}");
+                tracing::warn!(frontend = "ublk", "waking the queue: {e}");
             }
         }
     }

@@ -2,15 +2,25 @@
 //!
 //! A worker parses hostile images; whatever it writes may have been chosen
 //! by an attacker. Its fd 2 is therefore a pipe, never the broker's own
-//! stderr (the journal): one thread per worker reads it and writes each
-//! line tagged with the worker's pid and minor (`tapdisk[PID] minor N: `),
-//! with every byte outside printable ASCII escaped (no terminal escapes,
-//! no carriage returns forging another line), cut at [`MAX_LINE`] bytes,
-//! and at most [`BURST`] lines at once and [`LINES_PER_SEC`] a second on
-//! average; what is dropped is counted and the count is written.
+//! stderr (the journal): one thread per worker reads it and logs each line
+//! as a `tracing` event of target `tapdisk` whose `pid` and `minor` fields
+//! the broker sets and whose `line` field carries the worker's bytes as an
+//! opaque string: every byte outside printable ASCII escaped (no terminal
+//! escapes, no newline or carriage return starting a forged line), cut at
+//! [`MAX_LINE`] bytes, at most [`BURST`] lines at once and
+//! [`LINES_PER_SEC`] a second on average; what is dropped is counted and the
+//! count is logged. The JSON formatter quotes `line` as a string, so a
+//! worker that writes `{"minor":5}` or `tap-broker: ...` only ever appears
+//! inside its own line, under its own pid and minor.
+//!
+//! The worker writes JSON lines, but the broker does not parse them (it
+//! parses no untrusted bytes): it only compares a line's first bytes with
+//! the five constant prefixes `{"level":"ERROR"` ... to log it at the level
+//! the worker gave it, so that `TAPJAIL_LOG=tapdisk=warn` works. A worker
+//! that lies about a level changes only how its own line is filtered.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -60,21 +70,20 @@ pub fn forward(pipe: io::PipeReader, pid: u32) {
     let spawned = std::thread::Builder::new()
         .name(format!("log-{pid}"))
         .spawn(move || {
-            let mut filter = LineFilter::new(pid);
-            // One write per line (see `log_line!`).
-            let mut out = |mut line: String| {
-                line.push('\n');
-                let _ = io::stderr().lock().write_all(line.as_bytes());
-            };
+            let mut filter = LineFilter::new();
+            let mut out = |r: Relayed| log(pid, minor_of(pid), &r);
             read_loop(pipe, &mut filter, &mut out);
         });
     if let Err(e) = spawned {
         // The worker's writes then fail with EPIPE; it keeps working.
-        tapjail_common::log_line!("tap-broker: no log reader for tapdisk[{pid}]: {e}");
+        tracing::warn!(
+            pid,
+            "no log reader for tapdisk[{pid}]: {e}; its log lines are lost"
+        );
     }
 }
 
-fn read_loop(mut pipe: io::PipeReader, filter: &mut LineFilter, out: &mut dyn FnMut(String)) {
+fn read_loop(mut pipe: io::PipeReader, filter: &mut LineFilter, out: &mut dyn FnMut(Relayed)) {
     let mut buf = [0u8; 4096];
     loop {
         let ready = {
@@ -107,10 +116,65 @@ fn read_loop(mut pipe: io::PipeReader, filter: &mut LineFilter, out: &mut dyn Fn
     filter.finish(Instant::now(), out);
 }
 
-/// Splits a byte stream into tagged, escaped, bounded, rate-limited lines.
+/// What the filter passes on for one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relayed {
+    /// One line, escaped; `cut` bytes beyond [`MAX_LINE`] were thrown away.
+    Line { text: String, cut: usize },
+    /// This many lines were dropped by the rate limit.
+    Dropped(u64),
+}
+
+/// The level a worker gave its JSON line, read from the line's first bytes
+/// only (see the module doc); anything else is `INFO`.
+pub fn level_of(text: &str) -> tracing::Level {
+    use tracing::Level;
+    const PREFIXES: [(&str, Level); 5] = [
+        ("{\"level\":\"ERROR\"", Level::ERROR),
+        ("{\"level\":\"WARN\"", Level::WARN),
+        ("{\"level\":\"INFO\"", Level::INFO),
+        ("{\"level\":\"DEBUG\"", Level::DEBUG),
+        ("{\"level\":\"TRACE\"", Level::TRACE),
+    ];
+    PREFIXES
+        .iter()
+        .find(|(p, _)| text.starts_with(p))
+        .map_or(Level::INFO, |(_, l)| *l)
+}
+
+/// Log what the filter passed on for worker `pid` serving `minor`.
+pub fn log(pid: u32, minor: Option<Minor>, r: &Relayed) {
+    let minor = minor.map(Minor::get);
+    match r {
+        Relayed::Line { text, cut } => {
+            let cut = (*cut > 0).then_some(*cut);
+            let line = text.as_str();
+            macro_rules! relay {
+                ($level:expr) => {
+                    tracing::event!(target: "tapdisk", $level, pid, minor, cut, line, "worker line")
+                };
+            }
+            match level_of(text) {
+                tracing::Level::ERROR => relay!(tracing::Level::ERROR),
+                tracing::Level::WARN => relay!(tracing::Level::WARN),
+                tracing::Level::DEBUG => relay!(tracing::Level::DEBUG),
+                tracing::Level::TRACE => relay!(tracing::Level::TRACE),
+                _ => relay!(tracing::Level::INFO),
+            }
+        }
+        Relayed::Dropped(n) => tracing::warn!(
+            target: "tapdisk",
+            pid,
+            minor,
+            dropped = n,
+            "{n} worker line(s) dropped (more than {LINES_PER_SEC} lines/s)"
+        ),
+    }
+}
+
+/// Splits a byte stream into escaped, bounded, rate-limited lines.
 #[derive(Debug)]
 pub struct LineFilter {
-    pid: u32,
     /// The current line so far (at most [`MAX_LINE`] bytes).
     line: Vec<u8>,
     /// Bytes of the current line beyond [`MAX_LINE`], thrown away.
@@ -123,21 +187,13 @@ pub struct LineFilter {
 }
 
 impl LineFilter {
-    pub fn new(pid: u32) -> LineFilter {
+    pub fn new() -> LineFilter {
         LineFilter {
-            pid,
             line: Vec::new(),
             cut: 0,
             tokens: f64::from(BURST),
             filled: Instant::now(),
             dropped: 0,
-        }
-    }
-
-    fn prefix(&self) -> String {
-        match minor_of(self.pid) {
-            Some(m) => format!("tapdisk[{}] minor {m}: ", self.pid),
-            None => format!("tapdisk[{}]: ", self.pid),
         }
     }
 
@@ -149,18 +205,14 @@ impl LineFilter {
 
     /// Write the dropped count if there is one (it costs no token: it is
     /// what tells the reader of the log that lines are missing).
-    fn report_drops(&mut self, out: &mut dyn FnMut(String)) {
+    fn report_drops(&mut self, out: &mut dyn FnMut(Relayed)) {
         if self.dropped > 0 {
-            out(format!(
-                "{}{} line(s) dropped (more than {LINES_PER_SEC} lines/s)",
-                self.prefix(),
-                self.dropped
-            ));
+            out(Relayed::Dropped(self.dropped));
             self.dropped = 0;
         }
     }
 
-    fn emit(&mut self, now: Instant, out: &mut dyn FnMut(String)) {
+    fn emit(&mut self, now: Instant, out: &mut dyn FnMut(Relayed)) {
         self.refill(now);
         let line = std::mem::take(&mut self.line);
         let cut = std::mem::replace(&mut self.cut, 0);
@@ -170,16 +222,15 @@ impl LineFilter {
         }
         self.tokens -= 1.0;
         self.report_drops(out);
-        let mut text = self.prefix();
-        text.push_str(&escape(&line));
+        let mut text = escape(&line);
         if cut > 0 {
             text.push_str(&format!("... ({cut} more bytes cut)"));
         }
-        out(text);
+        out(Relayed::Line { text, cut });
     }
 
     /// Take bytes from the pipe; write every line they complete.
-    pub fn feed(&mut self, bytes: &[u8], now: Instant, out: &mut dyn FnMut(String)) {
+    pub fn feed(&mut self, bytes: &[u8], now: Instant, out: &mut dyn FnMut(Relayed)) {
         for &b in bytes {
             if b == b'\n' {
                 self.emit(now, out);
@@ -192,7 +243,7 @@ impl LineFilter {
     }
 
     /// The worker is quiet: write the count of what was dropped.
-    pub fn tick(&mut self, now: Instant, out: &mut dyn FnMut(String)) {
+    pub fn tick(&mut self, now: Instant, out: &mut dyn FnMut(Relayed)) {
         self.refill(now);
         if self.dropped > 0 && self.tokens >= 1.0 {
             self.report_drops(out);
@@ -200,7 +251,7 @@ impl LineFilter {
     }
 
     /// The pipe closed: write a last unterminated line and the count.
-    pub fn finish(&mut self, now: Instant, out: &mut dyn FnMut(String)) {
+    pub fn finish(&mut self, now: Instant, out: &mut dyn FnMut(Relayed)) {
         if !self.line.is_empty() || self.cut > 0 {
             self.emit(now, out);
         }
@@ -221,79 +272,11 @@ pub fn escape(bytes: &[u8]) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(filter: &mut LineFilter, bytes: &[u8], now: Instant) -> Vec<String> {
-        let mut lines = Vec::new();
-        filter.feed(bytes, now, &mut |l| lines.push(l));
-        lines
-    }
-
-    #[test]
-    fn escape_leaves_no_control_byte() {
-        let e = escape(b"a\x1b[2J\rb\\\xff\x07");
-        assert_eq!(e, "a\\x1b[2J\\x0db\\\\\\xff\\x07");
-        assert!(e.bytes().all(|b| (0x20..0x7f).contains(&b)));
-    }
-
-    #[test]
-    fn lines_are_tagged_escaped_and_cut() {
-        let pid = 4_000_001;
-        tag(Minor::new(7).unwrap(), Some(pid));
-        let mut f = LineFilter::new(pid);
-        let now = Instant::now();
-        let mut bytes = b"hello \x1b]0;owned\x07\n".to_vec();
-        bytes.extend(vec![b'x'; 10_000]);
-        bytes.push(b'\n');
-        let lines = run(&mut f, &bytes, now);
-        assert_eq!(lines.len(), 2, "{lines:?}");
-        assert_eq!(
-            lines[0],
-            format!("tapdisk[{pid}] minor 7: hello \\x1b]0;owned\\x07")
-        );
-        assert!(lines[1].starts_with(&format!("tapdisk[{pid}] minor 7: xxxx")));
-        assert!(lines[1].ends_with(&format!("... ({} more bytes cut)", 10_000 - MAX_LINE)));
-        assert!(lines[1].len() < MAX_LINE + 100);
-        // Detached: the tag follows.
-        tag(Minor::new(7).unwrap(), None);
-        assert_eq!(
-            run(&mut f, b"bye\n", now),
-            vec![format!("tapdisk[{pid}]: bye")]
-        );
-    }
-
-    #[test]
-    fn a_flood_is_cut_to_the_burst_and_the_drop_is_counted() {
-        let mut f = LineFilter::new(4_000_002);
-        let t0 = Instant::now();
-        let flood = b"spam\n".repeat(10_000);
-        let lines = run(&mut f, &flood, t0);
-        assert_eq!(lines.len(), BURST as usize);
-        // Quiet for a second: the count is written, then lines flow again.
-        let mut later = Vec::new();
-        f.tick(t0 + Duration::from_secs(1), &mut |l| later.push(l));
-        assert_eq!(
-            later,
-            vec![format!(
-                "tapdisk[4000002]: {} line(s) dropped (more than {LINES_PER_SEC} lines/s)",
-                10_000 - BURST
-            )]
-        );
-        let more = run(&mut f, b"again\n", t0 + Duration::from_secs(1));
-        assert_eq!(more, vec!["tapdisk[4000002]: again".to_string()]);
-    }
-
-    #[test]
-    fn finish_writes_the_unterminated_line_and_the_count() {
-        let mut f = LineFilter::new(4_000_003);
-        let t0 = Instant::now();
-        let _ = run(&mut f, &b"x\n".repeat(BURST as usize + 3), t0);
-        let _ = run(&mut f, b"tail", t0);
-        let mut last = Vec::new();
-        f.finish(t0, &mut |l| last.push(l));
-        assert_eq!(last.len(), 1, "{last:?}");
-        assert!(last[0].contains("4 line(s) dropped"), "{last:?}");
+impl Default for LineFilter {
+    fn default() -> Self {
+        LineFilter::new()
     }
 }
+
+#[cfg(test)]
+mod tests;
