@@ -163,6 +163,10 @@ impl Broker {
                 return Err(e);
             }
         }
+        if let Err(e) = self.mirror_hook(conn, target, unpause, &device) {
+            self.table().release_files(target.minor, &files);
+            return Err(e);
+        }
         let opened = conn.open_chain(&msg, &leaf, &mut |req| {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
@@ -210,6 +214,51 @@ impl Broker {
                 Err(e)
             }
         }
+    }
+
+    /// Give the worker its `-2` mirror (or switch) before the image opens:
+    /// see [`crate::mirror::Mirrors::before_open`].
+    fn mirror_hook(
+        &self,
+        conn: &WorkerConn,
+        target: &Target<'_>,
+        unpause: bool,
+        device: &DeviceMode<'_>,
+    ) -> Result<(), BrokerError> {
+        use crate::mirror::{Bring, Done};
+        let minor = target.minor;
+        let bring = match (unpause, device) {
+            (true, _) => Bring::Unpause,
+            (false, DeviceMode::Fresh) => Bring::Open,
+            (false, DeviceMode::Recover(_)) => Bring::Respawn,
+        };
+        let asked = crate::xapi::scope::mirror();
+        let asked = if bring == Bring::Respawn { None } else { asked };
+        let done = self
+            .mirrors
+            .before_open(conn, minor, bring, asked.as_ref())?;
+        // Outside a request's own -2 there is no outcome to carry it:
+        // on record by itself.
+        let event = match (&done, asked.is_some()) {
+            (Done::Lost(why), _) => {
+                Some(("mirror-lost", format!("mirror not re-established: {why}")))
+            }
+            (Done::Mirroring(uri), false) => {
+                Some(("mirror-reestablished", format!("mirroring to {uri} again")))
+            }
+            _ => None,
+        };
+        if let Some((rule, what)) = event {
+            self.notice(
+                tapjail_common::audit::Event::Mirror,
+                None,
+                Some(target.owner.to_string()),
+                rule,
+                format!("minor {minor} (tapdisk {}): {what}", target.worker_pid),
+            );
+        }
+        crate::xapi::scope::set_mirror_done(done);
+        Ok(())
     }
 
     /// Create (or recover) the kernel side and have the worker serve it.

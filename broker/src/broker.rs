@@ -60,6 +60,8 @@ pub struct Broker {
     pub(crate) qos: crate::qos::TenantsQos,
     /// Per-minor cache plans of `open -D` / `-e` (`crate::xapi`).
     pub(crate) xapi: crate::xapi::Plans,
+    /// Per-minor write mirrors of `-2 URI` (`crate::mirror`).
+    pub(crate) mirrors: crate::mirror::Mirrors,
 }
 
 impl Broker {
@@ -91,6 +93,7 @@ impl Broker {
             stopping: AtomicBool::new(false),
             qos: crate::qos::TenantsQos::default(),
             xapi: crate::xapi::Plans::default(),
+            mirrors: crate::mirror::Mirrors::default(),
         })
     }
 

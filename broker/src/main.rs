@@ -67,6 +67,7 @@ mod image_open;
 mod lease;
 mod lifecycle;
 mod log_reader;
+mod mirror;
 mod ops;
 mod publish;
 mod qos;

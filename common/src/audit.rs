@@ -58,6 +58,9 @@ pub enum Event {
     /// A worker, minor or kept fd left by a previous broker was taken
     /// over, or refused (and why).
     Adopt,
+    /// A `-2` write mirror re-established for a respawned or unpaused
+    /// worker, or lost because its secondary could not be reached.
+    Mirror,
 }
 
 /// The verdict recorded on a line.

@@ -9,6 +9,7 @@ pub mod cbt;
 pub mod frame;
 pub mod logging;
 pub mod minor;
+pub mod mirror;
 pub mod proto;
 pub mod qos;
 pub mod signals;

@@ -61,6 +61,9 @@ pub struct WorkerStats {
     pub latency: LatencyStats,
     /// Request latency histograms, for `tap-ctl metrics`.
     pub histograms: Histograms,
+    /// The write mirror (`-2 URI`), if any.
+    #[serde(default)]
+    pub mirror: Option<crate::mirror::MirrorStats>,
     /// Online snapshots and their stalls.
     pub snapshot: crate::snapshot::SnapshotStats,
 }

@@ -121,6 +121,20 @@ pub enum ToWorker {
     },
     /// Answered `Throttle` with the limits in force and the delays so far.
     ThrottleStats,
+    /// fds: \[a socket the broker connected to the secondary `uri`\].
+    /// The worker negotiates NBD on it now and mirrors the image the next
+    /// `Open` or `Unpause` opens (see `tapjail_common::mirror`); sent
+    /// before either, answered `Ok` or `Error`.
+    Mirror {
+        uri: String,
+        standby: bool,
+    },
+    /// While paused: the next `Unpause` serves from the mirror's secondary
+    /// instead of the image it opens. Answered `Ok` only if the mirror is
+    /// in sync, else `Error` saying how far it is.
+    MirrorSwitch {
+        uri: String,
+    },
     /// Online snapshot, step 1. fds: \[new child file (read-write,
     /// empty), the open leaf (read-only)\]. The worker reads the leaf's
     /// chain from the read-only fd (asking `NeedParent` as for `Open`),

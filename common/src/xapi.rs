@@ -33,6 +33,9 @@ pub struct Options {
     /// `open -C LOG` / `unpause -c LOG`: track changed blocks into LOG,
     /// a blktap CBT log (see [`crate::cbt`]).
     pub cbt_log: Option<String>,
+    /// `open -2 URI [-s]`, `unpause -2 URI`: mirror writes to a secondary
+    /// (see [`crate::mirror`]).
+    pub mirror: Option<crate::mirror::MirrorRequest>,
     /// Flags that were given but that tapjail does not build (yet).
     pub unbuilt: Vec<Unbuilt>,
 }
@@ -59,10 +62,6 @@ pub struct CachePlan {
 pub enum Unbuilt {
     /// `open -r`: IntelliCache local read cache of the parent chain.
     ReadCache,
-    /// `open -2 URI` / `unpause -2 URI`: mirror writes to a secondary.
-    Mirror(String),
-    /// `open -s`: the mirror starts as standby.
-    Standby,
     /// `open -E`: the key for blktap's encrypted VHDs (never carried here:
     /// tap-ctl does not read it when the feature is refused).
     Encryption,
@@ -73,8 +72,6 @@ impl Unbuilt {
     pub fn flag(&self) -> &'static str {
         match self {
             Unbuilt::ReadCache => "-r",
-            Unbuilt::Mirror(_) => "-2",
-            Unbuilt::Standby => "-s",
             Unbuilt::Encryption => "-E",
         }
     }
@@ -86,8 +83,6 @@ impl fmt::Display for Unbuilt {
             Unbuilt::ReadCache => {
                 f.write_str("-r (IntelliCache local read cache of the parent chain)")
             }
-            Unbuilt::Mirror(_) => f.write_str("-2 (mirroring writes to a secondary NBD target)"),
-            Unbuilt::Standby => f.write_str("-s (standby mirror)"),
             Unbuilt::Encryption => f.write_str("-E (blktap encrypted VHD, key on stdin)"),
         }
     }

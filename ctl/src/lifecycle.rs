@@ -171,8 +171,9 @@ pub enum LifecycleCommand {
     /// The document has blktap's keys ("name",
     /// "secs" [read, written sectors], "images" leaf first with "hits",
     /// "fail" and "driver", "tap" with "minor", "reqs" [in, out] and
-    /// "kicks" [in, out], "reqs_outstanding"), then tapjail's own
-    /// ("latency", "cgroup", "throttle").
+    /// "kicks" [in, out], "reqs_outstanding", "nbd_mirror_failed": 1 once
+    /// a -2 secondary failed), then tapjail's own ("latency", "cgroup",
+    /// "throttle", and "mirror" with state and copied/total bytes).
     Stats {
         /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
         /// minor alone names it).
@@ -507,6 +508,12 @@ struct StatsJson<'a> {
     /// I/O limits in force and the delays they caused.
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle: Option<&'a tapjail_common::qos::ThrottleStats>,
+    /// blktap's flag XAPI polls during a storage migration: 1 once the
+    /// `-2` secondary failed and mirroring stopped.
+    nbd_mirror_failed: u8,
+    /// The `-2` mirror: uri, mode, state, copied/total bytes, error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mirror: Option<&'a tapjail_common::mirror::MirrorStats>,
     /// Online snapshots taken by this worker and their stalls (once any).
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshot: Option<&'a tapjail_common::snapshot::SnapshotStats>,
@@ -545,6 +552,12 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         latency: &w.latency,
         cgroup: s.cgroup.as_ref(),
         throttle: s.throttle.as_ref(),
+        nbd_mirror_failed: u8::from(
+            w.mirror
+                .as_ref()
+                .is_some_and(|m| m.state == tapjail_common::mirror::MirrorState::Failed),
+        ),
+        mirror: w.mirror.as_ref(),
         snapshot: Some(&w.snapshot).filter(|s| s.count > 0),
     })
 }

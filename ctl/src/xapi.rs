@@ -5,6 +5,7 @@
 use crate::client::Refused;
 use clap::Args;
 use std::process::ExitCode;
+use tapjail_common::mirror::MirrorRequest;
 use tapjail_common::proto::{ErrorKind, Request};
 use tapjail_common::xapi::{Options, Unbuilt, MAX_TIMEOUT_SECS};
 use tapjail_common::Minor;
@@ -36,11 +37,13 @@ pub struct OpenFlags {
     /// Local read cache of the parent chain (not supported: refused).
     #[arg(short = 'r')]
     pub read_cache: bool,
-    /// Mirror writes to this secondary (not supported: refused).
+    /// Mirror every write to this NBD secondary (nbd:/path/to/socket or
+    /// nbd:IPV4:PORT) and copy the existing data over in the background.
     #[arg(short = '2', value_name = "URI")]
     pub secondary: Option<String>,
-    /// Standby mirror (not supported: refused).
-    #[arg(short = 's')]
+    /// With -2: standby, blktap's meaning: the secondary is written only
+    /// once the primary runs out of space, and then serves the disk.
+    #[arg(short = 's', requires = "secondary")]
     pub standby: bool,
     /// Track changed blocks into this blktap CBT log (made by `cbt-util create`).
     #[arg(short = 'C', value_name = "LOG")]
@@ -55,7 +58,8 @@ pub struct OpenFlags {
 pub struct UnpauseFlags {
     #[command(flatten)]
     pub timeout: Timeout,
-    /// Switch to this mirror secondary (not supported: refused).
+    /// Serve from this mirror secondary once it is in sync (the minor
+    /// mirrors to it), or start mirroring to it (the minor mirrors nothing).
     #[arg(short = '2', value_name = "URI")]
     pub secondary: Option<String>,
     /// Track changed blocks into this blktap CBT log from now on.
@@ -69,12 +73,6 @@ impl OpenFlags {
         if self.read_cache {
             unbuilt.push(Unbuilt::ReadCache);
         }
-        if let Some(uri) = self.secondary {
-            unbuilt.push(Unbuilt::Mirror(uri));
-        }
-        if self.standby {
-            unbuilt.push(Unbuilt::Standby);
-        }
         if self.encryption {
             unbuilt.push(Unbuilt::Encryption);
         }
@@ -83,6 +81,10 @@ impl OpenFlags {
             no_o_direct: self.no_o_direct,
             existing_parent: self.existing_parent,
             cbt_log: self.cbt_log.map(absolute),
+            mirror: self.secondary.map(|uri| MirrorRequest {
+                uri,
+                standby: self.standby,
+            }),
             unbuilt,
             ..Options::default()
         }
@@ -91,14 +93,13 @@ impl OpenFlags {
 
 impl UnpauseFlags {
     pub fn options(self) -> Options {
-        let mut unbuilt = Vec::new();
-        if let Some(uri) = self.secondary {
-            unbuilt.push(Unbuilt::Mirror(uri));
-        }
         Options {
             timeout_secs: self.timeout.secs,
             cbt_log: self.cbt_log.map(absolute),
-            unbuilt,
+            mirror: self.secondary.map(|uri| MirrorRequest {
+                uri,
+                standby: false,
+            }),
             ..Options::default()
         }
     }
@@ -220,8 +221,15 @@ mod tests {
         assert_eq!(o.timeout_secs, Some(30));
         assert!(o.no_o_direct);
         assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
-        assert_eq!(o.unbuilt.len(), 4);
+        assert_eq!(o.unbuilt.len(), 2, "-r and -E");
         assert_eq!(o.cbt_log.as_deref(), Some("/x.log"));
+        assert_eq!(
+            o.mirror,
+            Some(MirrorRequest {
+                uri: "nbd:unix:/s".into(),
+                standby: true
+            })
+        );
         let LifecycleCommand::Unpause { xapi, image, .. } = parse(&[
             "unpause",
             "-p",
@@ -239,8 +247,9 @@ mod tests {
         };
         assert!(image.is_some());
         let o = xapi.options();
-        assert_eq!(o.unbuilt.len(), 1);
+        assert!(o.unbuilt.is_empty());
         assert_eq!(o.cbt_log.as_deref(), Some("/y.log"));
+        assert_eq!(o.mirror.map(|m| m.uri).as_deref(), Some("nbd:x"));
         let LifecycleCommand::Allocate { device, .. } =
             parse(&["allocate", "-d", "/dev/xen/blktap-2/tapdev4"])
         else {

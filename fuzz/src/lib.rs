@@ -1,6 +1,7 @@
 //! The fuzz harness bodies, shared by the libFuzzer targets and the stable
 //! replay tests: image files (`open_read`, `write_repair`), FUSE requests
-//! (`fuse_request`), a hostile NBD client ([`nbd`]), control frames
+//! (`fuse_request`), a hostile NBD client ([`nbd`]), a hostile NBD
+//! secondary against the mirror client ([`mirror`]), control frames
 //! ([`frames`]) and the policy file ([`policy`]).
 
 use std::io;
@@ -11,10 +12,12 @@ use tapjail_image::{Backing, Image};
 
 pub mod frames;
 pub mod fuse;
+pub mod mirror;
 pub mod nbd;
 pub mod policy;
 
 pub use frames::control_frames;
+pub use mirror::mirror_server;
 pub use nbd::nbd_client;
 pub use policy::policy_toml;
 

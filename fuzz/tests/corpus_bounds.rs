@@ -2,7 +2,8 @@
 //! replay in CI: at most 600 files and 1 MiB per target, and one for each
 //! target.
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
+    "mirror_server",
     "open_read",
     "write_repair",
     "fuse_request",

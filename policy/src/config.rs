@@ -7,6 +7,8 @@
 //! same way a syntax error does.
 
 mod io_limits;
+mod mirror;
+pub use mirror::MirrorGrants;
 
 use crate::path::{normalize_absolute, PathError};
 use serde::Deserialize;
@@ -87,6 +89,8 @@ pub struct Tenant {
     /// May open with `-e MINOR` (a clone reads its parent chain through
     /// the page cache, shared with her other clones). Default true.
     pub share_parent: bool,
+    /// The secondaries `-2 URI` may mirror to (`mirror`); none by default.
+    pub mirror: MirrorGrants,
     /// May take online snapshots (`tap-ctl snapshot`). Default true.
     pub online_snapshot: bool,
     /// May track changed blocks (`tap-ctl cbt`, `open -C`). Default true,
@@ -260,6 +264,7 @@ struct RawTenant {
     tenant_io: Option<io_limits::RawIo>,
     page_cache: Option<bool>,
     share_parent: Option<bool>,
+    mirror: Option<mirror::RawMirror>,
     online_snapshot: Option<bool>,
     cbt: Option<bool>,
 }
@@ -906,6 +911,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         });
         let disk_io = io_limits::build(c, &name, "disk_io", t.disk_io);
         let tenant_io = io_limits::build(c, &name, "tenant_io", t.tenant_io);
+        let mirror = mirror::build(c, &name, t.mirror);
         tenants.push(Tenant {
             name,
             uids,
@@ -922,6 +928,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             tenant_io,
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
+            mirror,
             online_snapshot: t.online_snapshot.unwrap_or(true),
             cbt: t.cbt.unwrap_or(true),
         });

@@ -4,6 +4,7 @@
 
 use crate::config::{Policy, Tenant};
 use crate::decide::{decide, BrokerView, Decision, PeerCred};
+use tapjail_common::mirror::MirrorTarget;
 use tapjail_common::proto::Request;
 use tapjail_common::xapi::{minor_of_device, Options};
 
@@ -66,7 +67,41 @@ pub(crate) fn decide_options(
             }
         }
     }
+    if let Some(m) = &opts.mirror {
+        if let Err((rule, why)) = mirror_allowed(t, m) {
+            return deny(rule, why);
+        }
+    }
     decide(&inner, peer, policy, view)
+}
+
+/// `-2 URI [-s]`: the URI must parse and name a secondary the tenant's
+/// `mirror` key grants.
+fn mirror_allowed(
+    t: &Tenant,
+    m: &tapjail_common::mirror::MirrorRequest,
+) -> Result<(), (&'static str, String)> {
+    let target = MirrorTarget::parse(&m.uri).map_err(|e| ("mirror-uri", e.to_string()))?;
+    if t.mirror.grant(&target).is_none() {
+        let what = if t.mirror.is_empty() {
+            "its policy has no mirror key".to_string()
+        } else {
+            format!(
+                "its policy's mirror key allows unix_dirs {:?} and hosts {:?}",
+                t.mirror.unix_dirs,
+                t.mirror
+                    .hosts
+                    .iter()
+                    .map(|(ip, p)| format!("{ip}:{}", p.map_or("*".into(), |p| p.to_string())))
+                    .collect::<Vec<_>>()
+            )
+        };
+        return Err((
+            "mirror-target",
+            format!("tenant {} may not mirror to {target}: {what}", t.name),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -173,6 +208,33 @@ mod tests {
             &View,
         );
         assert_eq!((d.allow, d.rule), (false, "share-parent"));
+    }
+
+    #[test]
+    fn mirror_targets_follow_the_tenants_mirror_key() {
+        let p = policy("mirror = { unix_dirs = [\"/run/sm\"], hosts = [\"10.0.0.5:10809\"] }");
+        let opts = |uri: &str| Options {
+            mirror: Some(tapjail_common::mirror::MirrorRequest {
+                uri: uri.into(),
+                standby: false,
+            }),
+            ..Options::default()
+        };
+        let d =
+            |uri: &str, who: &PeerCred, img: &str| decide(&open(3, opts(uri), img), who, &p, &View);
+        assert!(d("nbd:/run/sm/x.sock", &ALICE, "vhd:/srv/alice/c.vhd").allow);
+        assert!(d("nbd:10.0.0.5:10809", &ALICE, "vhd:/srv/alice/c.vhd").allow);
+        let x = d("nbd:/tmp/x.sock", &ALICE, "vhd:/srv/alice/c.vhd");
+        assert_eq!((x.allow, x.rule), (false, "mirror-target"));
+        assert!(x.reason.contains("/run/sm"), "{}", x.reason);
+        let x = d("nbd:10.0.0.6:10809", &ALICE, "vhd:/srv/alice/c.vhd");
+        assert_eq!((x.allow, x.rule), (false, "mirror-target"));
+        let x = d("nbd:fdname", &ALICE, "vhd:/srv/alice/c.vhd");
+        assert_eq!((x.allow, x.rule), (false, "mirror-uri"));
+        // bob, an admin, has no mirror key: admin grants no secondary.
+        let x = d("nbd:/run/sm/x.sock", &BOB, "vhd:/srv/bob/c.vhd");
+        assert_eq!((x.allow, x.rule), (false, "mirror-target"));
+        assert!(x.reason.contains("no mirror key"), "{}", x.reason);
     }
 
     #[test]

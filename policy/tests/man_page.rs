@@ -24,6 +24,10 @@ const PROBES: &[(&str, &str)] = &[
         "[[tenant]]\nname = \"a\"\ntenant_io = { zz_unknown_key = 1 }\n",
     ),
     (
+        "mirror",
+        "[[tenant]]\nname = \"a\"\nmirror = { zz_unknown_key = 1 }\n",
+    ),
+    (
         "image_roots entry",
         "[[tenant]]\nname = \"a\"\nimage_roots = [{ path = \"/x\", zz_unknown_key = 1 }]\n",
     ),

@@ -11,15 +11,27 @@ use tapjail_testsupport::{fuse_loop_turn, have, is_root, require};
 fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expects() {
     if !require(is_root(), "root (FUSE mounts, loop devices)")
         || !require(have("python3"), "python3 (runs SM's call sequences)")
+        || !require(
+            have("qemu-nbd"),
+            "qemu-nbd (the storage migration's destination)",
+        )
     {
         return;
     }
     let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let granted = socket_dir();
+    let denied = socket_dir();
     let h = Harness::start(Options {
         frontend: "fuse",
         tenants: vec![ROOT, ALICE],
+        tenant_lines: vec![(
+            "ops",
+            format!("mirror = {{ unix_dirs = [{:?}] }}", granted.path()),
+        )],
         ..Options::default()
     });
+    let mirror = Nbd::start(granted.path(), 16 << 20);
+    let outside = Nbd::start(denied.path(), 16 << 20);
     // Another tenant's read-only gold master: SM (as root) must not be
     // able to base a clone on it with -e.
     let theirs = h.vhd_image("alice", "gold.vhd", 8);
@@ -41,6 +53,8 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
         .env("SM_DEVDIR", &h.devices)
         .env("SM_IMAGES", h.root("ops"))
         .env("SM_FOREIGN_MINOR", &foreign)
+        .env("SM_MIRROR", &mirror.sock)
+        .env("SM_MIRROR_DENIED", &outside.sock)
         .output()
         .expect("run python3");
     let said = format!(
@@ -61,7 +75,7 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     // key byte anywhere in the log.
     let lines = h.audit_lines();
     let text = std::fs::read_to_string(&h.audit).unwrap();
-    for flag in ["-r (", "-2 (", "-s (", "-E ("] {
+    for flag in ["-r (", "-E ("] {
         assert!(
             lines.iter().any(|l| l["outcome"]
                 .as_str()
@@ -89,5 +103,67 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
         !text.contains("KKKKKKKK"),
         "key bytes reached the audit log"
     );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["rule"] == "mirror-target" && l["decision"] == "deny"),
+        "the refused secondary is not on record"
+    );
+    assert!(
+        lines.iter().any(|l| l["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("switched to the secondary"))),
+        "the switch is not on record"
+    );
     h.ok(&ALICE, &["destroy", "-m", &foreign]);
+}
+
+/// qemu-nbd serving a fresh raw file on a unix socket; killed on drop.
+struct Nbd {
+    child: std::process::Child,
+    sock: std::path::PathBuf,
+}
+
+impl Nbd {
+    fn start(dir: &std::path::Path, size: u64) -> Nbd {
+        let file = dir.join("dest.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("destination image");
+        let sock = dir.join("dest.sock");
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-e", "4", "-k"])
+            .arg(&sock)
+            .arg(&file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        assert!(
+            eventually(std::time::Duration::from_secs(20), || sock.exists()),
+            "qemu-nbd made no socket"
+        );
+        Nbd { child, sock }
+    }
+}
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn socket_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("tapjail-sm-mirror-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    d
 }

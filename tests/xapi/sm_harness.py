@@ -9,6 +9,9 @@ root. Environment:
   SM_DEVDIR         the broker's device_dir (blktap: /dev/xen/blktap-2)
   SM_IMAGES         an image root of the tenant root acts as
   SM_FOREIGN_MINOR  a minor another tenant serves read-only
+  SM_MIRROR         a unix socket of an NBD server (16 MiB export) in a
+                    directory the tenant's `mirror` key grants
+  SM_MIRROR_DENIED  a unix socket of an NBD server it does not grant
 Every failed expectation raises; the exit status is 0 only if all held.
 """
 
@@ -20,11 +23,14 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 TAPCTL = os.environ["SM_TAPCTL"]
 DEV_BASEDIR = os.environ["SM_DEVDIR"]
 IMAGES = os.environ["SM_IMAGES"]
 FOREIGN_MINOR = int(os.environ["SM_FOREIGN_MINOR"])
+MIRROR = "nbd:" + os.environ["SM_MIRROR"]
+MIRROR_DENIED = "nbd:" + os.environ["SM_MIRROR_DENIED"]
 O_DIRECT = 0o40000
 EOPNOTSUPP = 95
 
@@ -433,8 +439,6 @@ def main():
     vhd("snapshot", "-n", extra, "-p", gold)
     unsupported = [
         ({"lcache": True}, "-r"),
-        ({"secondary": "nbd:unix:/run/mirror.sock:exportname=x"}, "-2"),
-        ({"secondary": "nbd:unix:/run/mirror.sock:exportname=x", "standby": True}, "-s"),
         ({"key_hash": "ab" * 32, "key": b"K" * 32}, "-E"),
     ]
     for opts, flag in unsupported:
@@ -442,6 +446,10 @@ def main():
                                  lambda: activate(extra, "vhd", opts))
         assert b"K" * 8 not in failure.errmsg.encode(), "key bytes in a message"
         assert not os.path.exists(os.path.join(IMAGES, "extra.cbtlog"))
+    assert TapCtl.list(minor=minor_before) == []
+    for opts in ({"secondary": MIRROR_DENIED}, {"secondary": MIRROR_DENIED, "standby": True}):
+        expect_failure("open -2 of a secondary the policy does not grant", 1,
+                       ["may not mirror", MIRROR_DENIED], lambda: activate(extra, "vhd", opts))
     assert TapCtl.list(minor=minor_before) == []
 
     other = os.path.join(IMAGES, "other.vhd")
@@ -474,7 +482,7 @@ def main():
     assert Tapdisk.from_minor(c.minor).state & PAUSED
     new_leaf = os.path.join(IMAGES, "clone1-2.vhd")
     vhd("snapshot", "-n", new_leaf, "-p", path)
-    expect_failure("unpause -2", EOPNOTSUPP, ["-2", "not supported"],
+    expect_failure("unpause -2 of a malformed URI", 1, ["nbd:/path/to/socket"],
                    lambda: TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf, mirror="nbd:x"))
     assert Tapdisk.from_minor(c.minor).state & PAUSED
     # unpause -c: XAPI enables CBT on a running VDI with a log cbt-util made.
@@ -488,6 +496,36 @@ def main():
     write_dev(t, 10 * CBT_BLOCK, PATTERN[:4096])
     assert cbt_dirty(cbtlog) == [10], cbt_dirty(cbtlog)
     assert not any(f & O_DIRECT for f in image_fd_flags(t.pid, new_leaf)), "-D kept over unpause"
+
+    # Storage migration as XAPI drives it through SM: pause, unpause -2
+    # (mirror every write to the destination's NBD server), poll stats
+    # for nbd_mirror_failed while the data goes over, then pause and
+    # unpause -2 again to serve from the destination.
+    c2, path2 = clones[1]
+    TapCtl.pause(c2.pid, c2.minor)
+    TapCtl.unpause(c2.pid, c2.minor, "vhd", path2, mirror=MIRROR)
+    with open(Tapdisk.from_minor(c2.minor).devpath(), "r+b", buffering=0) as f:
+        f.seek(1 << 20)
+        f.write(PATTERN[:4096][::-1])
+        os.fsync(f.fileno())
+    deadline = time.monotonic() + 120
+    while True:
+        st = json.loads(TapCtl.stats(c2.pid, c2.minor))
+        assert st["nbd_mirror_failed"] == 0, st
+        if st["mirror"]["state"] == "synced":
+            break
+        assert time.monotonic() < deadline, "mirror never in sync: %r" % st
+        time.sleep(0.1)
+    TapCtl.pause(c2.pid, c2.minor)
+    TapCtl.unpause(c2.pid, c2.minor, "vhd", path2, mirror=MIRROR)
+    t2 = Tapdisk.from_minor(c2.minor)
+    assert t2.state == 0, vars(t2)
+    st = json.loads(TapCtl.stats(t2.pid, t2.minor))
+    assert st["images"][0]["name"] == MIRROR and st["images"][0]["driver"]["name"] == "nbd", st
+    assert read_dev(t2, 1 << 20) == PATTERN[:1 << 20]
+    with open(t2.devpath(), "rb", buffering=0) as f:
+        f.seek(1 << 20)
+        assert f.read(4096) == PATTERN[:4096][::-1]
 
     # allocate -d: our form and blktap's.
     m = parse_minor(TapCtl.allocate(DEV_BASEDIR + "/tapdev77"))

@@ -15,6 +15,7 @@ use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
 use crate::io::{CacheMode, UringFile};
+use crate::mirror::{MirrorSlot, Secondary};
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -189,6 +190,8 @@ pub struct Worker {
     /// Changed-block bitmaps; every image this worker serves is wrapped
     /// in [`crate::cbt::Tracked`] with it, so they outlive pause/unpause.
     cbt: Arc<crate::cbt::Tracker>,
+    /// Mirroring: see [`crate::mirror`] and [`MirrorSlot`].
+    mirror: MirrorSlot,
 }
 
 impl std::fmt::Debug for Worker {
@@ -218,6 +221,7 @@ impl Worker {
             resync: Cell::new(None),
             throttle: Arc::default(),
             cbt: Arc::default(),
+            mirror: MirrorSlot::default(),
         }
     }
 
@@ -288,7 +292,9 @@ impl Worker {
                 };
                 let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
                     .on_resync(&self.resync);
-                match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
+                let opened_img = open_image(kind, leaf, &name, read_only, self.cache, &mut parents)
+                    .and_then(|img| self.mirror.wrap(img));
+                match opened_img {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
                         tracing::info!(
@@ -340,7 +346,7 @@ impl Worker {
                 }
             }
             ToWorker::Stats => {
-                let stats = match &self.open {
+                let mut stats = match &self.open {
                     None => crate::stats::collect("", None, None),
                     Some(o) => {
                         let mut s = crate::stats::collect(
@@ -352,7 +358,16 @@ impl Worker {
                         s
                     }
                 };
+                stats.mirror = self.mirror.current.as_ref().map(|m| m.stats());
                 FromWorker::Stats(Box::new(stats))
+            }
+            ToWorker::Mirror { uri, standby } => {
+                let serving = self.open.as_ref().is_some_and(|o| !o.paused);
+                self.mirror.mirror_to(uri, standby, fds, serving)
+            }
+            ToWorker::MirrorSwitch { uri } => {
+                let paused = self.open.as_ref().is_some_and(|o| o.paused);
+                self.mirror.mirror_switch(&uri, paused)
             }
             ToWorker::SnapshotPrepare { child, parent } => {
                 self.snapshot_prepare(&child, &parent, fds)
@@ -423,7 +438,29 @@ impl Worker {
             BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
         let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
             Ok(img) => img,
-            Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
+            Err(e) => {
+                self.mirror.switch = false;
+                return error(format!("reopening {kind}:{name}: {e}"));
+            }
+        };
+        let img = if std::mem::take(&mut self.mirror.switch) {
+            // Checked in sync by MirrorSwitch; the primary just opened
+            // proves the path still opens, and is let go.
+            match self.mirror.current.take() {
+                Some(m) if m.synced() && m.size() == img.virtual_size() => {
+                    Arc::new(Secondary::new(m)) as Arc<dyn Image>
+                }
+                _ => {
+                    return error(
+                        "unpause -2: the mirror is no longer in sync; the disk stays paused",
+                    )
+                }
+            }
+        } else {
+            match self.mirror.wrap(img) {
+                Ok(img) => img,
+                Err(e) => return error(format!("mirroring {kind}:{name}: {e}")),
+            }
         };
         let reply = opened(img.as_ref());
         let img = crate::cbt::Tracked::wrap(img, self.cbt.clone());
@@ -448,6 +485,15 @@ impl Worker {
         };
         if open.paused {
             return error("the disk is paused: unpause it before a snapshot");
+        }
+        if self.mirror.current.is_some() {
+            // The switch builds a new chain; the mirror wraps the old one
+            // and its background copy reads it. Rather than drop the mirror
+            // silently, refuse until mirroring is combined with snapshots.
+            return error(
+                "the disk mirrors its writes to a secondary (open/unpause -2): an online \
+                 snapshot would end the mirror; pause, snapshot offline and unpause -a instead",
+            );
         }
         if !open.name.starts_with("vhd:") || open.disk.read_only() {
             return error(format!(
@@ -585,6 +631,7 @@ impl Worker {
     /// Stop the frontend, then flush and close the image.
     fn close(&mut self) -> Result<(), crate::disk::DiskError> {
         let Some(mut open) = self.open.take() else {
+            self.mirror.clear();
             return Ok(());
         };
         // The next Open states its own cache plan.
@@ -598,6 +645,7 @@ impl Worker {
         }
         // Bitmaps belong to the disk; the next Open attaches its own.
         self.cbt.clear();
+        self.mirror.clear();
         closed
     }
 }

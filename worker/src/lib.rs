@@ -16,6 +16,7 @@ pub mod frontend;
 pub use tapjail_image as image;
 pub mod io;
 pub mod latency;
+pub mod mirror;
 pub mod qos;
 pub mod sandbox;
 pub mod snapshot;

@@ -52,6 +52,11 @@ impl Broker {
             img.driver.status = img.driver.status.as_deref().map(clean);
         }
         ws.histograms.sanitize();
+        if let Some(m) = &mut ws.mirror {
+            m.uri = clean(&m.uri);
+            m.error = m.error.as_deref().map(clean);
+        }
+        self.mirrors.fill_stats(minor, &mut ws);
         Ok((
             Reply::Stats(Box::new(StatsReply {
                 minor,

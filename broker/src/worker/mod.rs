@@ -397,6 +397,8 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
                     | ToWorker::Close
                     | ToWorker::Shutdown
                     | ToWorker::Cache(_)
+                    | ToWorker::Mirror { .. }
+                    | ToWorker::MirrorSwitch { .. }
                     | ToWorker::SnapshotAbort,
                 FromWorker::Ok
             )
@@ -418,6 +420,8 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Limits { .. } => "Limits",
         ToWorker::ThrottleStats => "ThrottleStats",
         ToWorker::Cache(_) => "Cache",
+        ToWorker::Mirror { .. } => "Mirror",
+        ToWorker::MirrorSwitch { .. } => "MirrorSwitch",
         ToWorker::SnapshotPrepare { .. } => "SnapshotPrepare",
         ToWorker::SnapshotSwitch => "SnapshotSwitch",
         ToWorker::SnapshotAbort => "SnapshotAbort",

@@ -99,6 +99,14 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     if opts.cbt_log.is_some() && !open && !matches!(req, Request::Unpause { .. }) {
         return bad("-C/-c LOG");
     }
+    if let Some(m) = &opts.mirror {
+        if !open && !matches!(req, Request::Unpause { .. }) {
+            return bad("-2 URI");
+        }
+        if m.standby && !open {
+            return bad("-s");
+        }
+    }
     if !opts.unbuilt.is_empty() && !open && !matches!(req, Request::Unpause { .. }) {
         return bad(opts.unbuilt[0].flag());
     }
@@ -136,6 +144,9 @@ impl Broker {
             scope.shared = Some(shared_chain(&t, req, from)?);
             scope.plan.parents_buffered = true;
         }
+        if let Some(m) = &opts.mirror {
+            scope.mirror = Some(self.granted_mirror(m, d)?);
+        }
         let _entered = scope.enter();
         let _cbt_log = crate::cbt::enter_log(opts.cbt_log.as_deref());
         match (req, &opts.device) {
@@ -154,9 +165,36 @@ impl Broker {
                 if let (Some(n), Some(from)) = (scope::shared_taken(), opts.existing_parent) {
                     outcome.push_str(&format!("; -e {from}: {n} parent(s) shared"));
                 }
+                if let Some(done) = scope::mirror_done() {
+                    outcome.push_str(&crate::mirror::outcome(&done));
+                }
                 Ok((reply, outcome))
             }
         }
+    }
+
+    /// The `-2` the policy allowed, with what connecting needs.
+    fn granted_mirror(
+        &self,
+        m: &tapjail_common::mirror::MirrorRequest,
+        d: &Decision,
+    ) -> Result<crate::mirror::Granted, BrokerError> {
+        let target = tapjail_common::mirror::MirrorTarget::parse(&m.uri)
+            .map_err(|e| BrokerError::invalid(e.to_string()))?;
+        let tenant = d
+            .tenant
+            .as_deref()
+            .and_then(|n| self.policy.tenant(n))
+            .ok_or_else(|| BrokerError::failed("policy allowed -2 without a tenant"))?;
+        let dir = tenant.mirror.grant(&target).ok_or_else(|| {
+            BrokerError::failed(format!("policy allowed -2 {} without a grant", m.uri))
+        })?;
+        Ok(crate::mirror::Granted {
+            req: m.clone(),
+            target,
+            dir,
+            owners: tenant.uids.clone(),
+        })
     }
 
     /// `tap-ctl major`: the block major of the devices this broker's
@@ -270,13 +308,30 @@ mod tests {
         )
         .is_err());
         assert!(check_verbs(&Request::Spawn, &o(|o| o.timeout_secs = Some(1))).is_err());
+        fn mirror(o: &mut Options, standby: bool) {
+            o.mirror = Some(tapjail_common::mirror::MirrorRequest {
+                uri: "nbd:/run/m.sock".into(),
+                standby,
+            });
+        }
+        assert!(check_verbs(&close, &o(|o| mirror(o, false))).is_err());
+        let unpause = Request::Unpause {
+            pid: None,
+            minor: m,
+            image: None,
+        };
+        assert!(check_verbs(&unpause, &o(|o| mirror(o, false))).is_ok());
+        assert!(
+            check_verbs(&unpause, &o(|o| mirror(o, true))).is_err(),
+            "-s belongs to open"
+        );
         assert!(check_verbs(
             &Request::Unpause {
                 pid: None,
                 minor: m,
                 image: None
             },
-            &o(|o| o.unbuilt = vec![tapjail_common::xapi::Unbuilt::Mirror("nbd:x".into())])
+            &o(|o| o.cbt_log = Some("/x.log".into()))
         )
         .is_ok());
     }

@@ -31,6 +31,10 @@ pub struct Scope {
     pub deadline: Option<(Instant, u32)>,
     pub plan: CachePlan,
     pub shared: Option<Shared>,
+    /// `-2 URI [-s]`, as granted.
+    pub mirror: Option<crate::mirror::Granted>,
+    /// What the mirror hook did, for the outcome.
+    pub mirror_done: RefCell<Option<crate::mirror::Done>>,
 }
 
 thread_local! {
@@ -74,6 +78,21 @@ pub fn deadline() -> Option<(Instant, u32)> {
 /// The running request's cache plan (default outside a flagged request).
 pub fn plan() -> CachePlan {
     with(|s| s.plan).unwrap_or_default()
+}
+
+/// The running request's `-2` (`None` outside a flagged request).
+pub fn mirror() -> Option<crate::mirror::Granted> {
+    with(|s| s.mirror.clone()).flatten()
+}
+
+/// Note what the mirror hook did (kept only inside a flagged request).
+pub fn set_mirror_done(d: crate::mirror::Done) {
+    with(|s| *s.mirror_done.borrow_mut() = Some(d));
+}
+
+/// What the mirror hook did in the running request.
+pub fn mirror_done() -> Option<crate::mirror::Done> {
+    with(|s| s.mirror_done.borrow().clone()).flatten()
 }
 
 /// How many parents the running `-e` request shared (`None` without `-e`).

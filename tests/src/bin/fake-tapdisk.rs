@@ -563,6 +563,9 @@ fn main() {
             }
             ToWorker::Pause | ToWorker::Cache(_) => FromWorker::Ok,
             ToWorker::Cbt(_) => FromWorker::Error("fake-tapdisk tracks no changed blocks".into()),
+            ToWorker::Mirror { .. } | ToWorker::MirrorSwitch { .. } => {
+                FromWorker::Error("the fake tapdisk mirrors nothing".into())
+            }
             ToWorker::Close => {
                 chain = None;
                 listeners.clear();
@@ -598,6 +601,7 @@ fn main() {
                     },
                     latency: Default::default(),
                     histograms: Default::default(),
+                    mirror: None,
                     snapshot: Default::default(),
                 }))
             }

@@ -15,6 +15,7 @@ mod faults;
 mod hostile_worker;
 mod image_open;
 mod nbd_kernel;
+mod mirror;
 mod qos;
 mod qos_ublk;
 mod raw_parent;

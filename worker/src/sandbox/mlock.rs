@@ -98,12 +98,35 @@ pub fn lock_all(status: Option<&std::fs::File>) -> Result<(), MlockError> {
 }
 
 /// Bytes that may still be locked (mapped) after confinement, less what
-/// the open image holds; `None` when this process did not lock its memory
+/// the open image holds and live [`Claim`]s hold; `None` when this process did not lock its memory
 /// (tests, offline tools).
 pub fn headroom() -> Option<u64> {
     HEADROOM
         .get()
-        .map(|room| room.saturating_sub(tapjail_image::memory::committed()))
+        .map(|room| {
+            room.saturating_sub(tapjail_image::memory::committed())
+                .saturating_sub(CLAIMED.load(std::sync::atomic::Ordering::Relaxed))
+        })
+}
+
+static CLAIMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Locked memory set aside by something that lives beside the frontend
+/// (a write mirror's buffer and thread), so a frontend sized after it
+/// leaves it room. Given back on drop.
+#[derive(Debug)]
+pub struct Claim(u64);
+
+/// Set `bytes` aside from [`headroom`].
+pub fn claim(bytes: u64) -> Claim {
+    CLAIMED.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    Claim(bytes)
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        CLAIMED.fetch_sub(self.0, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A `/proc/self/status` field in bytes (the file reports kB).

@@ -1,0 +1,229 @@
+//! Write mirroring to a secondary NBD target (`tap-ctl open -2 URI [-s]`,
+//! `unpause -2 URI`), with blktap's URI forms and meanings.
+//!
+//! blktap's tapdisk takes `nbd:` followed by either the path of a unix
+//! socket or `IPV4:PORT` (`drivers/block-nbd.c`); anything else is there
+//! the name of an fd passed beforehand with `tap-ctl`'s fd receiver, which
+//! tapjail has no use for (the broker connects), so it is refused with a
+//! message. qemu's spelling `nbd:unix:/path` is accepted as the same unix
+//! form. The broker parses the URI (policy input, not untrusted bytes);
+//! the worker never sees more than the connected socket and the URI text.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// Longest URI accepted (blktap's message field holds 256 bytes).
+pub const MAX_URI_LEN: usize = 256;
+
+/// `-2 URI` and `-s` as sent with `open` or `unpause`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRequest {
+    pub uri: String,
+    /// `-s`: blktap's standby mode (see [`MirrorMode::Standby`]).
+    pub standby: bool,
+}
+
+/// Where a secondary lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorTarget {
+    /// `nbd:/path/to/socket` (or qemu's `nbd:unix:/path`).
+    Unix(PathBuf),
+    /// `nbd:IPV4:PORT`.
+    Tcp(Ipv4Addr, u16),
+}
+
+/// blktap's two secondary modes (`TD_VBD_SECONDARY_MIRROR` / `_STANDBY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorMode {
+    /// Every guest write goes to the primary and the secondary and is
+    /// acknowledged when both have it; a background copy brings the
+    /// secondary in sync with what the primary held before.
+    Mirror,
+    /// The secondary is connected and checked (same size) but written only
+    /// once the primary runs out of space (ENOSPC): from then on every
+    /// request is served by the secondary. No copy is made.
+    Standby,
+}
+
+impl MirrorMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorMode::Mirror => "mirror",
+            MirrorMode::Standby => "standby",
+        }
+    }
+}
+
+/// Why a `-2` URI names no target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("-2 {uri:?}: only nbd secondaries exist: use nbd:/path/to/socket or nbd:IPV4:PORT")]
+    NotNbd { uri: String },
+    #[error("-2 {uri:?}: longer than {MAX_URI_LEN} bytes")]
+    TooLong { uri: String },
+    #[error("-2 {uri:?}: {path:?} must be an absolute socket path without '.' or '..' components")]
+    BadPath { uri: String, path: String },
+    #[error(
+        "-2 {uri:?}: neither a socket path nor IPV4:PORT (blktap's passed-fd names are not \
+         supported: the broker connects, give nbd:/path/to/socket or nbd:IPV4:PORT)"
+    )]
+    Unrecognised { uri: String },
+}
+
+impl MirrorTarget {
+    /// Parse blktap's `-2` argument.
+    pub fn parse(uri: &str) -> Result<MirrorTarget, UriError> {
+        if uri.len() > MAX_URI_LEN {
+            return Err(UriError::TooLong { uri: clip(uri) });
+        }
+        let Some(rest) = uri.strip_prefix("nbd:") else {
+            return Err(UriError::NotNbd { uri: uri.into() });
+        };
+        let rest = rest.strip_prefix("unix:").unwrap_or(rest);
+        if let Some(below_root) = rest.strip_prefix('/') {
+            let path = Path::new(rest);
+            // Checked on the text: `Path::components` drops `.` and `//`.
+            let clean = below_root
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+            if !clean || rest.contains('\0') {
+                return Err(UriError::BadPath {
+                    uri: uri.into(),
+                    path: rest.into(),
+                });
+            }
+            return Ok(MirrorTarget::Unix(path.to_path_buf()));
+        }
+        let bad = || UriError::Unrecognised { uri: uri.into() };
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let ip: Ipv4Addr = host.parse().map_err(|_| bad())?;
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(MirrorTarget::Tcp(ip, port))
+    }
+}
+
+impl fmt::Display for MirrorTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MirrorTarget::Unix(p) => write!(f, "nbd:{}", p.display()),
+            MirrorTarget::Tcp(ip, port) => write!(f, "nbd:{ip}:{port}"),
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    let mut end = 64.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Where a mirror stands, for `tap-ctl stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorState {
+    /// The background copy is running; guest writes are mirrored.
+    Copying,
+    /// The secondary holds everything the primary does.
+    Synced,
+    /// Standby: connected, not written.
+    Standby,
+    /// Standby after the primary ran out of space: served by the secondary.
+    FailedOver,
+    /// The secondary failed or went away: mirroring stopped, the primary
+    /// keeps serving (blktap's `nbd_mirror_failed`).
+    Failed,
+}
+
+impl MirrorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorState::Copying => "copying",
+            MirrorState::Synced => "synced",
+            MirrorState::Standby => "standby",
+            MirrorState::FailedOver => "failed-over",
+            MirrorState::Failed => "failed",
+        }
+    }
+}
+
+/// A worker's mirror, as `tap-ctl stats` shows it under `mirror`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStats {
+    pub uri: String,
+    pub mode: MirrorMode,
+    pub state: MirrorState,
+    /// Bytes the background copy has brought over, of `total`.
+    pub copied: u64,
+    pub total: u64,
+    /// Guest writes that went to both sides.
+    pub mirrored_writes: u64,
+    /// Why the mirror failed (when `state` is `Failed`).
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blktaps_uri_forms_parse() {
+        assert_eq!(
+            MirrorTarget::parse("nbd:/run/sm/nbd/x.sock").unwrap(),
+            MirrorTarget::Unix("/run/sm/nbd/x.sock".into())
+        );
+        assert_eq!(
+            MirrorTarget::parse("nbd:unix:/run/x").unwrap(),
+            MirrorTarget::Unix("/run/x".into())
+        );
+        assert_eq!(
+            MirrorTarget::parse("nbd:10.0.0.5:10809").unwrap(),
+            MirrorTarget::Tcp(Ipv4Addr::new(10, 0, 0, 5), 10809)
+        );
+        assert_eq!(
+            MirrorTarget::parse("nbd:10.0.0.5:10809")
+                .unwrap()
+                .to_string(),
+            "nbd:10.0.0.5:10809"
+        );
+    }
+
+    #[test]
+    fn other_uris_are_refused_with_the_forms_named() {
+        for bad in [
+            "/run/x.sock",
+            "vhd:/x",
+            "nbd:",
+            "nbd:fdname",
+            "nbd:host.example:10809",
+            "nbd:10.0.0.5",
+            "nbd:10.0.0.5:",
+            "nbd:10.0.0.5:0",
+            "nbd:10.0.0.5:70000",
+            "nbd:10.0.0.5:+80",
+            "nbd:/run/../etc/x",
+            "nbd:/run/./x",
+            "nbd:/run/x/",
+            "nbd:/run//x",
+            "nbd:/",
+            "nbd:unix:relative",
+        ] {
+            let e = MirrorTarget::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("nbd:"), "{bad}: {e}");
+        }
+        assert!(matches!(
+            MirrorTarget::parse(&format!("nbd:/{}", "a".repeat(300))),
+            Err(UriError::TooLong { .. })
+        ));
+    }
+}

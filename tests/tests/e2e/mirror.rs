@@ -1,0 +1,500 @@
+//! Write mirroring, `open -2 URI [-s]` and `unpause -2 URI`, against a
+//! real broker with FUSE + loop devices and `qemu-nbd` as the secondary on
+//! a unix socket in a directory the tenant's `mirror` key grants.
+
+use crate::*;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tapjail_testsupport::{
+    fio_verify_writer, fuse_loop_turn, have, is_root, pattern, require, Aligned,
+};
+
+const MIB: u64 = 1024 * 1024;
+
+fn preconditions() -> bool {
+    require(is_root(), "root (FUSE mounts, loop devices)")
+        && require(have("qemu-nbd"), "qemu-nbd (the secondary)")
+        && require(have("qemu-img"), "qemu-img (compares the data)")
+        && require(have("fio"), "fio (verified writes)")
+}
+
+/// `qemu-nbd` serving a raw file on a unix socket; killed on drop.
+struct Secondary {
+    child: Option<Child>,
+    sock: PathBuf,
+    file: PathBuf,
+}
+
+impl Secondary {
+    fn start(dir: &Path, name: &str, size: u64) -> Secondary {
+        let file = dir.join(format!("{name}.img"));
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("secondary image");
+        let sock = dir.join(format!("{name}.sock"));
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-t",
+                "-e",
+                "4",
+                "--cache=none",
+                "--aio=threads",
+            ])
+            .arg("-k")
+            .arg(&sock)
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        assert!(
+            eventually(Duration::from_secs(20), || sock.exists()),
+            "qemu-nbd made no socket"
+        );
+        Secondary {
+            child: Some(child),
+            sock,
+            file,
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd:{}", self.sock.display())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A directory only root can write, for the secondaries' sockets.
+fn socket_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("tapjail-mirror-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    d
+}
+
+fn harness(dir: &Path) -> Harness {
+    Harness::start(Options {
+        frontend: "fuse",
+        tenants: vec![ROOT],
+        tenant_lines: vec![("ops", format!("mirror = {{ unix_dirs = [{dir:?}] }}"))],
+        ..Options::default()
+    })
+}
+
+/// A raw primary of `size` bytes filled with `pattern(seed)`.
+fn primary(h: &Harness, name: &str, size: u64, seed: u64) -> PathBuf {
+    let p = h.raw_image("ops", name, size);
+    std::fs::write(&p, pattern(size as usize, seed)).expect("fill primary");
+    p
+}
+
+/// SM's attach: allocate, spawn, attach, open with `extra`. Returns
+/// (minor, pid, device).
+fn attach(h: &Harness, image: &Path, extra: &[&str]) -> (String, String, PathBuf) {
+    let dev = h.ok(&ROOT, &["allocate"]);
+    let minor = dev
+        .trim()
+        .rsplit_once("tapdev")
+        .map(|(_, n)| n.to_string())
+        .expect("tapdevN");
+    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
+    h.ok(&ROOT, &["attach", "-p", &pid, "-m", &minor]);
+    let spec = format!("aio:{}", image.display());
+    let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", &spec];
+    args.extend_from_slice(extra);
+    h.ok(&ROOT, &args);
+    (minor, pid, PathBuf::from(dev.trim()))
+}
+
+fn stats(h: &Harness, minor: &str) -> serde_json::Value {
+    let out = h.ok(&ROOT, &["stats", "-m", minor]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn mirror_state(h: &Harness, minor: &str) -> String {
+    stats(h, minor)["mirror"]["state"]
+        .as_str()
+        .unwrap_or("-")
+        .to_string()
+}
+
+fn wait_synced(h: &Harness, minor: &str) {
+    assert!(
+        eventually(Duration::from_secs(120), || mirror_state(h, minor)
+            == "synced"),
+        "never in sync: {}\n{}",
+        stats(h, minor),
+        h.broker_log()
+    );
+}
+
+/// `len` bytes of `dev` at `off`, read with O_DIRECT (no page cache).
+fn read_direct(dev: &Path, off: u64, len: usize) -> Vec<u8> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .expect("open device");
+    let mut buf = Aligned::new(len);
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.read_exact(buf.buf()).expect("read device");
+    buf.buf().to_vec()
+}
+
+fn write_direct(dev: &Path, off: u64, data: &[u8]) {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_SYNC)
+        .open(dev)
+        .expect("open device");
+    let mut buf = Aligned::new(data.len());
+    buf.buf().copy_from_slice(data);
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.write_all(buf.buf()).expect("write device");
+}
+
+fn qemu_img_compare(primary: &Path, sec: &Secondary) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(primary)
+        .arg(format!("nbd+unix:///?socket={}", sec.sock.display()))
+        .output()
+        .expect("qemu-img compare")
+}
+
+#[test]
+fn mirror_open_2_copies_mirrors_fio_writes_and_the_secondary_compares_identical() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let dir = socket_dir();
+    let h = harness(dir.path());
+    let size = 48 * MIB;
+    let img = primary(&h, "p.img", size, 11);
+    let sec = Secondary::start(dir.path(), "s", size);
+    let uri = sec.uri();
+    let (minor, _pid, dev) = attach(&h, &img, &["-2", &uri]);
+    let at_start = mirror_state(&h, &minor);
+    // Verified writes over the first 64 MiB while the copy runs.
+    let fio = fio_verify_writer(&dev, "16M").output().expect("fio");
+    assert!(
+        fio.status.success(),
+        "fio: {}{}",
+        String::from_utf8_lossy(&fio.stdout),
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    wait_synced(&h, &minor);
+    let st = stats(&h, &minor);
+    eprintln!(
+        "mirror state when fio started: {at_start}; now {}",
+        st["mirror"]
+    );
+    assert_eq!(st["nbd_mirror_failed"], 0, "{st}");
+    assert_eq!(st["mirror"]["copied"], size, "{st}");
+    assert!(
+        st["mirror"]["mirrored_writes"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    assert_eq!(st["tap"]["errors"], 0, "{st}");
+    // Quiesced, the two sides must hold the same bytes.
+    h.ok(&ROOT, &["pause", "-m", &minor]);
+    let cmp = qemu_img_compare(&img, &sec);
+    assert!(
+        cmp.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+    // unpause re-establishes the mirror (a fresh copy).
+    h.ok(&ROOT, &["unpause", "-m", &minor]);
+    assert_ne!(mirror_state(&h, &minor), "-", "{}", stats(&h, &minor));
+    wait_synced(&h, &minor);
+    let lines = h.audit_lines();
+    assert!(
+        lines.iter().any(|l| l["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains(&format!("-2 {uri}: mirroring")))),
+        "the mirror is not on record"
+    );
+    h.ok(&ROOT, &["destroy", "-m", &minor]);
+}
+
+#[test]
+fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let dir = socket_dir();
+    let h = harness(dir.path());
+    let size = 48 * MIB;
+    let img = primary(&h, "p.img", size, 12);
+    let mut sec = Secondary::start(dir.path(), "s", size);
+    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
+    let mut fio = fio_verify_writer(&dev, "24M").spawn().expect("fio");
+    // Once writes are being mirrored, the secondary dies.
+    assert!(
+        eventually(Duration::from_secs(60), || stats(&h, &minor)["mirror"]
+            ["mirrored_writes"]
+            .as_u64()
+            .is_some_and(|n| n > 0)),
+        "no write was mirrored: {}",
+        stats(&h, &minor)
+    );
+    sec.kill();
+    let mut out = String::new();
+    fio.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let status = fio.wait().expect("fio");
+    assert!(
+        status.success(),
+        "fio saw errors after the secondary died: {out}"
+    );
+    let st = stats(&h, &minor);
+    assert_eq!(st["nbd_mirror_failed"], 1, "{st}");
+    assert_eq!(st["mirror"]["state"], "failed", "{st}");
+    assert!(
+        st["mirror"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{st}"
+    );
+    assert_eq!(st["tap"]["errors"], 0, "{st}");
+    // The primary has every byte fio wrote: read back past the dead mirror.
+    let again = fio_verify_writer(&dev, "8M").output().expect("fio");
+    assert!(again.status.success());
+    // A switch to a failed mirror is refused and the disk stays paused.
+    h.ok(&ROOT, &["pause", "-m", &minor]);
+    let err = h.fails(&ROOT, &["unpause", "-m", &minor, "-2", &sec.uri()]);
+    assert!(
+        err.contains("not in sync") && err.contains("stays paused"),
+        "{err}"
+    );
+    assert!(h.ok(&ROOT, &["list", "-m", &minor]).contains("state=0x20"));
+    // A plain unpause cannot reach the dead secondary: the disk serves
+    // without the mirror, and says so on record.
+    h.ok(&ROOT, &["unpause", "-m", &minor]);
+    assert!(read_direct(&dev, 0, 4096).len() == 4096);
+    let st = stats(&h, &minor);
+    assert_eq!(
+        st["nbd_mirror_failed"], 1,
+        "the lost mirror must still show: {st}"
+    );
+    assert!(
+        h.audit_lines().iter().any(|l| l["rule"] == "mirror-lost"
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("mirror not re-established"))),
+        "the lost mirror is not on record"
+    );
+    h.ok(&ROOT, &["destroy", "-m", &minor]);
+}
+
+#[test]
+fn mirror_unpause_2_switches_to_the_synced_secondary_and_reads_come_from_it() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let dir = socket_dir();
+    let h = harness(dir.path());
+    let size = 16 * MIB;
+    let img = primary(&h, "p.img", size, 13);
+    let sec = Secondary::start(dir.path(), "s", size);
+    let uri = sec.uri();
+    let (minor, _pid, dev) = attach(&h, &img, &["-2", &uri]);
+    let fresh = pattern(64 * 1024, 99);
+    write_direct(&dev, MIB, &fresh);
+    wait_synced(&h, &minor);
+    h.ok(&ROOT, &["pause", "-m", &minor]);
+    h.ok(&ROOT, &["unpause", "-m", &minor, "-2", &uri]);
+    // The primary is spoiled behind the disk's back: reads still show
+    // what the secondary holds, so they come from it.
+    std::fs::write(&img, vec![0xEE; size as usize]).unwrap();
+    assert_eq!(read_direct(&dev, MIB, fresh.len()), fresh);
+    assert_eq!(
+        read_direct(&dev, 4 * MIB, 4096),
+        pattern(size as usize, 13)[4 * MIB as usize..4 * MIB as usize + 4096]
+    );
+    // Writes go to the secondary only.
+    let later = pattern(4096, 7);
+    write_direct(&dev, 2 * MIB, &later);
+    let mut s = std::fs::File::open(&sec.file).unwrap();
+    let mut got = vec![0; 4096];
+    s.seek(SeekFrom::Start(2 * MIB)).unwrap();
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, later, "the write is not on the secondary");
+    let st = stats(&h, &minor);
+    assert_eq!(st["images"][0]["name"], uri, "{st}");
+    assert!(
+        st["mirror"].is_null(),
+        "a switched disk mirrors nothing: {st}"
+    );
+    h.ok(&ROOT, &["destroy", "-m", &minor]);
+}
+
+#[test]
+fn mirror_standby_is_not_written_and_cannot_be_switched_to() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let dir = socket_dir();
+    let h = harness(dir.path());
+    let size = 16 * MIB;
+    let img = primary(&h, "p.img", size, 14);
+    let sec = Secondary::start(dir.path(), "s", size);
+    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri(), "-s"]);
+    write_direct(&dev, 0, &pattern(4096, 5));
+    let st = stats(&h, &minor);
+    assert_eq!(st["mirror"]["state"], "standby", "{st}");
+    assert_eq!(st["mirror"]["mirrored_writes"], 0, "{st}");
+    assert!(
+        std::fs::read(&sec.file).unwrap().iter().all(|b| *b == 0),
+        "a standby secondary was written"
+    );
+    h.ok(&ROOT, &["pause", "-m", &minor]);
+    let err = h.fails(&ROOT, &["unpause", "-m", &minor, "-2", &sec.uri()]);
+    assert!(
+        err.contains("not in sync") && err.contains("standby"),
+        "{err}"
+    );
+    assert!(h.ok(&ROOT, &["list", "-m", &minor]).contains("state=0x20"));
+    h.ok(&ROOT, &["unpause", "-m", &minor]);
+    assert_eq!(read_direct(&dev, 0, 4096), pattern(4096, 5));
+    h.ok(&ROOT, &["destroy", "-m", &minor]);
+}
+
+#[test]
+fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let granted = socket_dir();
+    let elsewhere = socket_dir();
+    let h = harness(granted.path());
+    let img = primary(&h, "p.img", 16 * MIB, 15);
+    let outside = Secondary::start(elsewhere.path(), "o", 16 * MIB);
+    let dev = h.ok(&ROOT, &["allocate"]);
+    let minor = dev.trim().rsplit_once("tapdev").unwrap().1.to_string();
+    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
+    h.ok(&ROOT, &["attach", "-p", &pid, "-m", &minor]);
+    let spec = format!("aio:{}", img.display());
+    let open = |uri: &str| {
+        h.fails(
+            &ROOT,
+            &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-2", uri],
+        )
+    };
+    // A socket outside the granted directory.
+    let err = open(&outside.uri());
+    assert!(err.contains("may not mirror"), "{err}");
+    // A symlink planted in the granted directory to that socket: the
+    // policy sees a granted path, the broker's open refuses the link.
+    let link = granted.path().join("link.sock");
+    std::os::unix::fs::symlink(&outside.sock, &link).unwrap();
+    let err = open(&format!("nbd:{}", link.display()));
+    assert!(err.contains("symlinks"), "{err}");
+    // A TCP target with no hosts entry, and blktap's passed-fd name form.
+    assert!(open("nbd:127.0.0.1:10809").contains("may not mirror"));
+    assert!(open("nbd:mirror-fd-3").contains("nbd:/path/to/socket"));
+    let lines = h.audit_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["rule"] == "mirror-target" && l["decision"] == "deny"),
+        "the refusal is not on record"
+    );
+    // Nothing was opened: the minor is still attached without an image.
+    assert!(!h.ok(&ROOT, &["list", "-m", &minor]).contains("args="));
+    let _ = std::fs::metadata(&outside.file);
+}
+
+fn pid_of(h: &Harness, minor: &str) -> Option<String> {
+    let out = h.ok(&ROOT, &["list", "-m", minor]);
+    out.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
+}
+
+#[test]
+fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
+    if !preconditions() {
+        return;
+    }
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let dir = socket_dir();
+    let h = Harness::start(Options {
+        frontend: "fuse",
+        tenants: vec![ROOT],
+        respawn: true,
+        tenant_lines: vec![(
+            "ops",
+            format!("mirror = {{ unix_dirs = [{:?}] }}", dir.path()),
+        )],
+        ..Options::default()
+    });
+    let size = 16 * MIB;
+    let img = primary(&h, "p.img", size, 16);
+    let sec = Secondary::start(dir.path(), "s", size);
+    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
+    wait_synced(&h, &minor);
+    let old = pid_of(&h, &minor).expect("pid");
+    let old_pid: i32 = old.parse().unwrap();
+    // SAFETY: kill has no memory preconditions.
+    let killed = unsafe { libc::kill(old_pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    assert!(
+        eventually(Duration::from_secs(60), || pid_of(&h, &minor)
+            .is_some_and(|p| p != old)
+            && mirror_state(&h, &minor) != "-"),
+        "no respawn: {}",
+        h.broker_log()
+    );
+    // The new worker mirrors again (a fresh copy), and its writes reach
+    // the secondary: after sync both sides compare identical.
+    assert_ne!(mirror_state(&h, &minor), "-", "{}", stats(&h, &minor));
+    assert!(
+        h.audit_lines()
+            .iter()
+            .any(|l| l["rule"] == "mirror-reestablished"),
+        "the re-established mirror is not on record"
+    );
+    write_direct(&dev, 3 * MIB, &pattern(8192, 17));
+    wait_synced(&h, &minor);
+    assert_eq!(stats(&h, &minor)["nbd_mirror_failed"], 0);
+    h.ok(&ROOT, &["pause", "-m", &minor]);
+    let cmp = qemu_img_compare(&img, &sec);
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    h.ok(&ROOT, &["unpause", "-m", &minor]);
+    h.ok(&ROOT, &["destroy", "-m", &minor]);
+}
