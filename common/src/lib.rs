@@ -9,6 +9,7 @@ pub mod frame;
 pub mod minor;
 pub mod proto;
 pub mod qos;
+pub mod secret;
 pub mod signals;
 pub mod state;
 pub mod stats;

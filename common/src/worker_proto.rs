@@ -114,6 +114,10 @@ pub enum ToWorker {
     /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
     /// `--cache`.
     Cache(crate::xapi::CachePlan),
+    /// `open -E`: the key of blktap's encrypted VHDs for the next `Open`
+    /// (and its later `Unpause`s); sent before `Open`, answered `Ok`.
+    /// `Close` forgets it (zeroized).
+    Key(crate::secret::Secret),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

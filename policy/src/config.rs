@@ -83,6 +83,9 @@ pub struct Tenant {
     /// May open with `-e MINOR` (a clone reads its parent chain through
     /// the page cache, shared with her other clones). Default true.
     pub share_parent: bool,
+    /// May open blktap's encrypted VHDs with `-E` (key on stdin). Default
+    /// true, as blktap.
+    pub encryption: bool,
 }
 
 /// The whole configuration file.
@@ -251,6 +254,7 @@ struct RawTenant {
     tenant_io: Option<io_limits::RawIo>,
     page_cache: Option<bool>,
     share_parent: Option<bool>,
+    encryption: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -911,6 +915,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             tenant_io,
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
+            encryption: t.encryption.unwrap_or(true),
         });
     }
 

@@ -400,6 +400,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Limits { .. } => "Limits",
         ToWorker::ThrottleStats => "ThrottleStats",
         ToWorker::Cache(_) => "Cache",
+        ToWorker::Key(_) => "Key",
     }
 }
 

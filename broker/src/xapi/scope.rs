@@ -31,6 +31,8 @@ pub struct Scope {
     pub deadline: Option<(Instant, u32)>,
     pub plan: CachePlan,
     pub shared: Option<Shared>,
+    /// `open -E`'s key, for [`super::keys::Keys::send_key`].
+    pub key: Option<tapjail_common::secret::Secret>,
 }
 
 thread_local! {
@@ -74,6 +76,11 @@ pub fn deadline() -> Option<(Instant, u32)> {
 /// The running request's cache plan (default outside a flagged request).
 pub fn plan() -> CachePlan {
     with(|s| s.plan).unwrap_or_default()
+}
+
+/// The running request's `-E` key.
+pub fn key() -> Option<tapjail_common::secret::Secret> {
+    with(|s| s.key.clone()).flatten()
 }
 
 /// How many parents the running `-e` request shared (`None` without `-e`).

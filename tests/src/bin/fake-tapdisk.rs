@@ -554,7 +554,7 @@ fn main() {
             ToWorker::Serve(other) => {
                 FromWorker::Error(format!("fake-tapdisk cannot serve {:?}", other.kind()))
             }
-            ToWorker::Pause | ToWorker::Cache(_) => FromWorker::Ok,
+            ToWorker::Pause | ToWorker::Cache(_) | ToWorker::Key(_) => FromWorker::Ok,
             ToWorker::Close => {
                 chain = None;
                 listeners.clear();

@@ -23,6 +23,7 @@ pub mod bitmap;
 pub mod chain;
 pub mod check;
 pub mod coalesce;
+pub mod crypt;
 pub mod convert;
 pub mod create;
 pub mod direct;
