@@ -24,6 +24,7 @@ pub mod chain;
 pub mod check;
 pub mod coalesce;
 pub mod crypt;
+pub mod keyhash;
 pub mod convert;
 pub mod create;
 pub mod direct;
