@@ -380,7 +380,11 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
                 FromWorker::Throttle(_)
             )
             | (
-                ToWorker::Pause | ToWorker::Close | ToWorker::Shutdown | ToWorker::Cache(_),
+                ToWorker::Pause
+                    | ToWorker::Close
+                    | ToWorker::Shutdown
+                    | ToWorker::Cache(_)
+                    | ToWorker::Key(_),
                 FromWorker::Ok
             )
     )

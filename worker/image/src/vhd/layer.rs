@@ -147,9 +147,9 @@ pub fn aligned_block_start(data_end: u64, bitmap_bytes: u64) -> Option<u64> {
 /// [`super::batmap::BatmapHeader::keyhash_set`]).
 pub(crate) fn encrypted_error(name: &str) -> ImageError {
     ImageError::Unsupported(format!(
-        "{name} is encrypted (its batmap header carries blktap's keyhash); tapjail has no \
-         tapdisk crypto and will not write plaintext into it or into a child of it: \
-         open it read-only, or write to it with blktap's tapdisk"
+        "{name} is encrypted (its batmap header carries blktap's keyhash) and no key was \
+         given: tapjail will not write plaintext into it or into a child of it; serve it with \
+         `tap-ctl open -E` and the key on stdin"
     ))
 }
 
