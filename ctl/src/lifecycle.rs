@@ -262,8 +262,9 @@ pub fn run(
             let encryption = xapi.encryption;
             let mut opts = xapi.options();
             if encryption {
-                opts.encryption_key =
-                    Some(crate::xapi::read_key(std::io::stdin().lock()).map_err(anyhow::Error::msg)?);
+                opts.encryption_key = Some(
+                    crate::xapi::read_key(std::io::stdin().lock()).map_err(anyhow::Error::msg)?,
+                );
             }
             (
                 crate::xapi::wrap(

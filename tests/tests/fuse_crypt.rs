@@ -22,7 +22,9 @@ fn pattern(s: u64, salt: u64) -> Vec<u8> {
 }
 
 fn pattern_run(first: u64, count: u64, salt: u64) -> Vec<u8> {
-    (first..first + count).flat_map(|s| pattern(s, salt)).collect()
+    (first..first + count)
+        .flat_map(|s| pattern(s, salt))
+        .collect()
 }
 
 fn reference() -> PathBuf {
@@ -140,10 +142,22 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
     // No key on an encrypted image: refused, the minor stays closed.
     let o = h.ctl(
         &ROOT,
-        &["open", "-p", &d.pid, "-m", "0", "-a", &format!("vhd:{}", img.display())],
+        &[
+            "open",
+            "-p",
+            &d.pid,
+            "-m",
+            "0",
+            "-a",
+            &format!("vhd:{}", img.display()),
+        ],
     );
     assert!(!o.status.success(), "opened without a key");
-    assert!(text(&o).contains("encrypted") && text(&o).contains("-E"), "{}", text(&o));
+    assert!(
+        text(&o).contains("encrypted") && text(&o).contains("-E"),
+        "{}",
+        text(&o)
+    );
     outputs.push(o);
 
     // A wrong key: refused with a clear message.
@@ -157,13 +171,24 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
     // A key of a size blktap does not take never leaves tap-ctl.
     let o = open_e(&h, &d, &img, &key[..40]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("32") && text(&o).contains("64"), "{}", text(&o));
+    assert!(
+        text(&o).contains("32") && text(&o).contains("64"),
+        "{}",
+        text(&o)
+    );
     outputs.push(o);
 
     // Policy: alice may not use -E at all.
     let o = h.ctl_input(
         &ALICE,
-        &["open", "-m", "0", "-a", &format!("vhd:{}", img.display()), "-E"],
+        &[
+            "open",
+            "-m",
+            "0",
+            "-a",
+            &format!("vhd:{}", img.display()),
+            "-E",
+        ],
         &key,
     );
     assert!(!o.status.success(), "alice's -E was allowed");
@@ -172,12 +197,21 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
 
     // The right key: write through the device.
     let o = open_e(&h, &d, &img, &key);
-    assert!(o.status.success(), "open -E: {}\n{}", text(&o), h.broker_log());
+    assert!(
+        o.status.success(),
+        "open -E: {}\n{}",
+        text(&o),
+        h.broker_log()
+    );
     outputs.push(o);
     let first_block = pattern_run(0, 16, SALT_WORKER);
     let second_block = pattern_run(4096, 8, SALT_WORKER);
     {
-        let f = OpenOptions::new().read(true).write(true).open(&d.dev).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&d.dev)
+            .unwrap();
         f.write_all_at(&first_block, 0).unwrap();
         f.write_all_at(&second_block, 4096 * 512).unwrap();
         // An unaligned write: read-modify-write of encrypted sectors.
@@ -192,7 +226,10 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
     // The image file holds no sector of plaintext we wrote.
     let file = fs::read(&img).unwrap();
     for s in 0..16 {
-        assert!(!contains(&file, &pattern(s, SALT_WORKER)), "sector {s} is plaintext in the file");
+        assert!(
+            !contains(&file, &pattern(s, SALT_WORKER)),
+            "sector {s} is plaintext in the file"
+        );
     }
     // The reference decrypts what the worker wrote (the unaligned write
     // changed sector 4096 only).
@@ -204,7 +241,10 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
         "16",
         &SALT_WORKER.to_string(),
     ]);
-    assert!(ok, "the reference cannot read the worker's sectors 0..16: {why}");
+    assert!(
+        ok,
+        "the reference cannot read the worker's sectors 0..16: {why}"
+    );
     let (ok, why) = reference_says(&[
         "check",
         img.to_str().unwrap(),
@@ -213,7 +253,10 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
         "7",
         &SALT_WORKER.to_string(),
     ]);
-    assert!(ok, "the reference cannot read the worker's sectors 4097..4104: {why}");
+    assert!(
+        ok,
+        "the reference cannot read the worker's sectors 4097..4104: {why}"
+    );
     // The reference encrypts sectors 8..16; the worker must read them.
     let (ok, why) = reference_says(&[
         "put",
@@ -233,7 +276,10 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
         let f = OpenOptions::new().read(true).open(&d.dev).unwrap();
         let mut back = vec![0u8; 16 * 512];
         f.read_exact_at(&mut back, 0).unwrap();
-        assert!(back[..8 * 512] == first_block[..8 * 512], "worker's sectors 0..8 differ after reopen");
+        assert!(
+            back[..8 * 512] == first_block[..8 * 512],
+            "worker's sectors 0..8 differ after reopen"
+        );
         assert!(
             back[8 * 512..] == pattern_run(8, 8, SALT_REFERENCE)[..],
             "the reference's sectors 8..16 do not read back through the worker"
@@ -245,7 +291,10 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
         assert!(s == want, "the read-modify-written sector differs");
         let mut hole = vec![1u8; 4096];
         f.read_exact_at(&mut hole, 1 << 20).unwrap();
-        assert!(hole.iter().all(|&b| b == 0), "an unwritten sector of an allocated block is not zero");
+        assert!(
+            hole.iter().all(|&b| b == 0),
+            "an unwritten sector of an allocated block is not zero"
+        );
     }
     close(&h, &d, &mut outputs);
 
@@ -265,8 +314,14 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
     let upper = lower.to_uppercase();
     for (i, text) in hay.iter().enumerate() {
         assert!(!contains(text, &key[..16]), "key bytes in output #{i}");
-        assert!(!contains(text, lower[..32].as_bytes()), "key hex in output #{i}");
-        assert!(!contains(text, upper[..32].as_bytes()), "key HEX in output #{i}");
+        assert!(
+            !contains(text, &lower.as_bytes()[..32]),
+            "key hex in output #{i}"
+        );
+        assert!(
+            !contains(text, &upper.as_bytes()[..32]),
+            "key HEX in output #{i}"
+        );
     }
     // The audit says a key was given, and its size.
     assert!(
@@ -274,5 +329,83 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
             .as_str()
             .is_some_and(|o| o.contains("-E: 64-byte key"))),
         "the -E open is not on record"
+    );
+}
+
+fn pid_of(h: &Harness, minor: &str) -> Option<String> {
+    let out = h.ok(&ROOT, &["list", "-m", minor]);
+    out.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
+}
+
+/// The broker keeps an `-E` key for the disk's life: a worker killed
+/// under an encrypted disk is respawned, given the key again, and the
+/// disk reads what was written (from the image, not a cache).
+#[test]
+fn fuse_crypt_a_respawned_worker_gets_the_key_again_and_reads_the_data() {
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    let h = Harness::start(Options {
+        frontend: "fuse",
+        respawn: true,
+        tenants: vec![ROOT],
+        ..Options::default()
+    });
+    let img = h.vhd_image(ROOT.name, "respawn.vhd", 8);
+    let key: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    // The key from stdin (`-k -`), a 32-byte AES-128-XTS key.
+    let mut set = Command::new(bin("tap-ctl"))
+        .args(["vhd", "key", "-s", "-k", "-", "-n"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut set.stdin.take().unwrap(), &key).unwrap();
+    assert!(set.wait().unwrap().success(), "vhd key -s -k -");
+    let mut outputs = Vec::new();
+    let d = prepare(&h, &mut outputs);
+    let o = open_e(&h, &d, &img, &key);
+    assert!(o.status.success(), "open -E: {}", text(&o));
+    let data = pattern_run(0, 64, SALT_WORKER);
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&d.dev)
+            .unwrap();
+        f.write_all_at(&data, 1 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let first: i32 = d.pid.parse().unwrap();
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || {
+            pid_of(&h, "0").is_some_and(|p| p != d.pid)
+                && h.ok(&ROOT, &["list", "-m", "0"]).contains("state=0")
+        }),
+        "no respawn with the key: {}\n{}",
+        h.ok(&ROOT, &["list"]),
+        h.broker_log()
+    );
+    let flushed = Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&d.dev)
+        .status()
+        .unwrap();
+    assert!(flushed.success(), "blockdev --flushbufs");
+    let f = OpenOptions::new().read(true).open(&d.dev).unwrap();
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, 1 << 20).unwrap();
+    assert!(back == data, "the respawned worker reads other bytes");
+    drop(f);
+    let o = h.ctl(&ROOT, &["close", "-m", "0"]);
+    assert!(o.status.success(), "close: {}", text(&o));
+    let log = h.broker_log().into_bytes();
+    assert!(!contains(&log, &key[..16]), "key bytes in the broker log");
+    assert!(
+        !contains(&log, &hex(&key).as_bytes()[..32]),
+        "key hex in the broker log"
     );
 }

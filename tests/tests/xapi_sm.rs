@@ -60,7 +60,6 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     // that named them, the cross-tenant -e as a denial by its rule; and no
     // key byte anywhere in the log.
     let lines = h.audit_lines();
-    let text = std::fs::read_to_string(&h.audit).unwrap();
     for flag in ["-r (", "-2 (", "-s (", "-C/-c ("] {
         assert!(
             lines.iter().any(|l| l["outcome"]
@@ -81,8 +80,14 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let raw_audit = std::fs::read(&h.audit).unwrap();
     let broker_log = h.broker_log();
-    for (what, hay) in [("audit log", &raw_audit), ("broker log", &broker_log.clone().into_bytes())] {
-        assert!(!hay.windows(16).any(|w| w == &key[..16]), "key bytes in the {what}");
+    for (what, hay) in [
+        ("audit log", &raw_audit),
+        ("broker log", &broker_log.clone().into_bytes()),
+    ] {
+        assert!(
+            !hay.windows(16).any(|w| w == &key[..16]),
+            "key bytes in the {what}"
+        );
         let t = String::from_utf8_lossy(hay).to_lowercase();
         assert!(!t.contains(&hex[..32]), "key hex in the {what}");
     }

@@ -410,14 +410,14 @@ impl Worker {
         let mut parents =
             BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
         let img = match open_image(
-                    kind,
-                    leaf,
-                    &name,
-                    read_only,
-                    self.cache,
-                    &mut parents,
-                    self.key.as_ref(),
-                ) {
+            kind,
+            leaf,
+            &name,
+            read_only,
+            self.cache,
+            &mut parents,
+            self.key.as_ref(),
+        ) {
             Ok(img) => img,
             Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
         };

@@ -27,7 +27,12 @@ impl Keys {
     /// Give `minor`'s worker its key before `Open`: a fresh open takes the
     /// running request's key (remembering it, or forgetting an old one),
     /// a respawn the remembered one. Nothing is sent without a key.
-    pub fn send_key(&self, conn: &WorkerConn, minor: Minor, fresh: bool) -> Result<(), BrokerError> {
+    pub fn send_key(
+        &self,
+        conn: &WorkerConn,
+        minor: Minor,
+        fresh: bool,
+    ) -> Result<(), BrokerError> {
         let key = {
             let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
             if fresh {

@@ -3,10 +3,10 @@
 //! (`-k`, as vhd-util) or from stdin (`-k -`), is read before the confined
 //! child starts and never printed; `-p` prints the nonce and hash only.
 
-use tapjail_ctl::files::Paths;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tapjail_common::secret::Secret;
+use tapjail_ctl::files::Paths;
 use tapjail_image::vhd::crypt::{Keyhash, NONCE_BYTES};
 use tapjail_image::vhd::keyhash;
 use tapjail_image::ImageError;
@@ -35,7 +35,10 @@ pub fn read_key_file(path: &Path) -> anyhow::Result<Secret> {
 pub fn parse_nonce(hex: &str) -> anyhow::Result<[u8; NONCE_BYTES]> {
     let bytes: Option<Vec<u8>> = (0..hex.len())
         .step_by(2)
-        .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
         .collect();
     match bytes {
         Some(b) if b.len() == NONCE_BYTES && hex.len() == 2 * NONCE_BYTES => {
@@ -50,7 +53,7 @@ pub fn parse_nonce(hex: &str) -> anyhow::Result<[u8; NONCE_BYTES]> {
 /// The confined part: open `name` and do `op`. Prints for `Print`.
 pub fn run_in<P: Paths + ?Sized>(
     paths: &mut P,
-    name: &PathBuf,
+    name: &Path,
     op: KeyOp,
     key: Option<&Secret>,
     nonce: Option<[u8; NONCE_BYTES]>,

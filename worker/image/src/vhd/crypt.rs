@@ -71,13 +71,16 @@ impl Keyhash {
     pub fn matches(&self, key: &[u8]) -> bool {
         let mine = Keyhash::compute(self.nonce, key).hash;
         // Constant time: no early exit on the first differing byte.
-        mine.iter().zip(&self.hash).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        mine.iter()
+            .zip(&self.hash)
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
     }
 }
 
 enum Inner {
-    Aes128(Xts128<Aes128>),
-    Aes256(Xts128<Aes256>),
+    Aes128(Box<Xts128<Aes128>>),
+    Aes256(Box<Xts128<Aes256>>),
 }
 
 /// The per-layer sector cipher. The expanded AES keys live in this
@@ -111,14 +114,14 @@ impl SectorCipher {
         };
         let half = key.len() / 2;
         let inner = match key.len() {
-            32 => Inner::Aes128(Xts128::new(
+            32 => Inner::Aes128(Box::new(Xts128::new(
                 Aes128::new_from_slice(&key[..half]).map_err(|_| bad())?,
                 Aes128::new_from_slice(&key[half..]).map_err(|_| bad())?,
-            )),
-            64 => Inner::Aes256(Xts128::new(
+            ))),
+            64 => Inner::Aes256(Box::new(Xts128::new(
                 Aes256::new_from_slice(&key[..half]).map_err(|_| bad())?,
                 Aes256::new_from_slice(&key[half..]).map_err(|_| bad())?,
-            )),
+            ))),
             _ => return Err(bad()),
         };
         Ok(SectorCipher(inner))

@@ -102,7 +102,9 @@ impl VhdImage {
                 Some(file_off) => {
                     layer.read_data(piece, file_off)?;
                     if let Some(c) = layer.cipher() {
-                        if !off.is_multiple_of(SECTOR_SIZE) || n % SECTOR_SIZE as usize != 0 {
+                        if !off.is_multiple_of(SECTOR_SIZE)
+                            || !n.is_multiple_of(SECTOR_SIZE as usize)
+                        {
                             return Err(ImageError::InvalidArgument(format!(
                                 "{}: an encrypted read of part of a sector ({n} bytes at {off})",
                                 layer.name()

@@ -41,8 +41,7 @@ pub fn set(file: &dyn Backing, name: &str, keyhash: &Keyhash) -> Result<(), Imag
     keyhash.store(&mut sector);
     file.write_all_at(&sector, off)
         .map_err(ImageError::io("write batmap header", off))?;
-    file.sync_data()
-        .map_err(ImageError::io("fsync", off))
+    file.sync_data().map_err(ImageError::io("fsync", off))
 }
 
 /// A keyhash for `key` with a fresh random nonce (or `nonce`).

@@ -184,10 +184,10 @@ impl VhdLayer {
             Some(k) => Some(super::crypt::cipher_for(name, &k, key)?),
             None if must_be_keyed => {
                 return Err(ImageError::InvalidArgument(format!(
-                    "{name} has no keyhash in its batmap header but an encryption key was given (-E): \
+                "{name} has no keyhash in its batmap header but an encryption key was given (-E): \
                      it is not an encrypted VHD; open it without -E, or set its key with \
                      `tap-ctl vhd key -s` while it is still empty"
-                )))
+            )))
             }
             None => None,
         };
