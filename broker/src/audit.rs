@@ -59,7 +59,7 @@ impl Broker {
             Ok(()) => Ok(()),
             Err(e) => {
                 let why = e.to_string();
-                tapjail_common::log_line!("tap-broker: {why}; refusing all requests from now on");
+                tracing::error!("{why}; refusing all requests from now on");
                 let err = audit_broken(&why);
                 a.broken = Some(why);
                 Err(err)

@@ -92,7 +92,7 @@ impl Broker {
 
     /// How long one image open may take: the worker's deadline, at most
     /// 10 s (a local open takes microseconds).
-    fn open_deadline(&self) -> std::time::Duration {
+    pub(crate) fn open_deadline(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.policy.worker_timeout_secs.min(10)))
     }
 
@@ -117,12 +117,14 @@ impl Broker {
             file: leaf,
             id: leaf_id,
         } = self.open_grant(grant, !read_only, target.minor)?;
+        tapjail_broker::phases::lap("image_open");
         if !unpause {
             // Before the first request can arrive (a worker keeps its
             // limits across pause and unpause).
             let own = self.table().disk(target.minor)?.io;
             let limits = self.worker_limits(target.owner, own)?;
             self.push_limits(conn, &limits, false)?;
+            tapjail_broker::phases::lap("limits");
         }
         let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
         self.table().claim_files(target.minor, &files)?;
@@ -152,6 +154,7 @@ impl Broker {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
         drop(leaf);
+        tapjail_broker::phases::lap("worker_open");
         let opened: Opened = match opened {
             Ok(o) => o,
             Err(e) => {
@@ -200,10 +203,15 @@ impl Broker {
         match device {
             DeviceMode::Fresh => {
                 let mut dev = self.devices.create(target.minor)?;
+                tapjail_broker::phases::lap("device_create");
                 let result = (|| {
                     let prepared = dev.prepare(image.size, image.read_only)?;
+                    tapjail_broker::phases::lap("device_prepare");
                     send_serve(conn, prepared)?;
-                    Ok::<_, BrokerError>(dev.activate(target.worker_pid)?)
+                    tapjail_broker::phases::lap("worker_serve");
+                    let node = dev.activate(target.worker_pid)?;
+                    tapjail_broker::phases::lap("device_activate");
+                    Ok::<_, BrokerError>(node)
                 })();
                 match result {
                     Ok(node) => Ok((Some(dev), Some(node))),
@@ -226,7 +234,7 @@ impl Broker {
     /// the policy allows and that opens cleanly beneath its root wins.
     /// Every attempt is audited, an allowed one before the broker opens
     /// anything: if that line cannot be written the parent is refused.
-    fn resolve_parent(
+    pub(crate) fn resolve_parent(
         &self,
         target: &Target<'_>,
         open_as: &OpenAs,

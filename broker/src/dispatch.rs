@@ -14,8 +14,23 @@ use crate::table::Table;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
+use tapjail_broker::phases;
 use tapjail_common::proto::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
 use tapjail_policy::{decide, Decision, PeerCred};
+
+/// A request's verb for its phase line (`Create`, `Destroy`, ...).
+fn op_name(req: &Request) -> String {
+    match req {
+        Request::WithOptions { req, .. } => op_name(req),
+        r => {
+            let d = format!("{r:?}");
+            d.split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or("")
+                .to_lowercase()
+        }
+    }
+}
 
 /// Whether `req` changes state (and so is audited before it is carried out).
 fn changes_state(req: &Request) -> bool {
@@ -40,6 +55,7 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Pause { minor, .. }
         | Request::Unpause { minor, .. }
         | Request::Stats { minor, .. }
+        | Request::Snapshot { minor, .. }
         | Request::Throttle {
             target: tapjail_common::qos::ThrottleTarget::Minor(minor),
             ..
@@ -49,9 +65,46 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
     }
 }
 
+/// The image path a request names, if any.
+fn image_of(req: &Request) -> Option<&str> {
+    match req {
+        Request::Open { image, .. } | Request::Create { image, .. } => Some(&image.path),
+        Request::Unpause { image, .. } => image.as_ref().map(|i| i.path.as_str()),
+        Request::WithOptions { req, .. } => image_of(req),
+        _ => None,
+    }
+}
+
+/// The `request` span: the verb, a per-broker request id (to tell apart
+/// the lines of concurrent requests), the peer, its tenant, and the minor
+/// and image named. Every event logged while the request is served (in
+/// `ops`, `bringup`, `supervisor`) carries these fields.
+fn request_span(peer: &PeerCred, req: &Request, d: &Decision) -> tracing::Span {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    tracing::info_span!(
+        "request",
+        op = req.verb(),
+        id = NEXT.fetch_add(1, Ordering::Relaxed),
+        uid = peer.uid,
+        peer_pid = peer.pid,
+        tenant = d.tenant.as_deref(),
+        minor = minor_of(req).map(tapjail_common::Minor::get),
+        image = image_of(req),
+    )
+}
+
 impl Broker {
     /// Decide, audit the decision, execute, audit the outcome, reply.
     pub fn handle(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
+        phases::begin();
+        let reply = self.handle_timed(peer, req);
+        if phases::enabled() {
+            phases::end(&op_name(req));
+        }
+        reply
+    }
+
+    fn handle_timed(self: &Arc<Self>, peer: &PeerCred, req: &Request) -> Reply {
         if let Err(e) = self.audit_healthy() {
             return e.reply();
         }
@@ -59,7 +112,12 @@ impl Broker {
             return BrokerError::failed("tap-broker is shutting down").reply();
         }
         let t = self.table();
+        phases::lap("table_lock");
         let d = decide(req, peer, &self.policy, &*t);
+        phases::lap("policy");
+        // Every event while this request is served names it (see `request_span`).
+        let span = request_span(peer, req, &d);
+        let _serving = span.enter();
         if !d.allow {
             drop(t);
             let result = Err(BrokerError::denied(d.reason.clone()));
@@ -70,13 +128,14 @@ impl Broker {
             if let Err(e) = self.audit_decision(peer, req, &d) {
                 return e.reply();
             }
+            phases::lap("audit_decision");
         }
         let run = catch_unwind(AssertUnwindSafe(|| self.execute(t, req, &d)));
         let result = match run {
             Ok(r) => r,
             Err(panic) => {
                 let what = panic_text(&*panic);
-                tapjail_common::log_line!("tap-broker: panic while serving {req:?}: {what}");
+                tracing::error!("panic while serving {req:?}: {what}");
                 self.audit_panic(peer, req, &d, &what);
                 if let Some(m) = minor_of(req) {
                     self.after_op(m);
@@ -97,8 +156,15 @@ impl Broker {
         d: &Decision,
         result: Result<Done, BrokerError>,
     ) -> Reply {
+        phases::lap("op_rest");
+        let result = result.map_err(crate::host_limits::explain);
         if let Err(e) = self.audit_outcome(peer, req, d, &result) {
             return e.reply();
+        }
+        phases::lap("audit_outcome");
+        match &result {
+            Ok(_) => tracing::debug!(rule = d.rule, "done"),
+            Err(e) => tracing::debug!(rule = d.rule, "refused or failed: {e}"),
         }
         match result {
             Ok((reply, _)) => reply,
@@ -170,6 +236,7 @@ impl Broker {
             Request::Throttle { target, changes } => self.op_throttle(t, target, changes),
             Request::WithOptions { req, opts } => self.op_with_options(t, req, opts, d),
             Request::Major => self.op_major(t),
+            Request::Snapshot { pid, minor, .. } => self.op_snapshot(t, *pid, *minor, d),
         }
     }
 }

@@ -4,4 +4,5 @@
 pub mod cgroup;
 pub mod device;
 pub mod fdstore;
+pub mod phases;
 pub mod sys;

@@ -288,6 +288,7 @@ impl Disk {
                 Slot::Idle(p) => p.served().and_then(crate::adopt::served_record),
                 Slot::Leased { .. } => None,
             },
+            io: self.io,
         }
     }
 
@@ -297,11 +298,22 @@ impl Disk {
         let rec = self.record();
         crate::worker_log::tag(self.minor, rec.worker);
         if let Err(e) = self.lock.write(&rec) {
-            tapjail_common::log_line!(
-                "tap-broker: cannot write record of minor {}: {e}",
+            tracing::warn!(
+                minor = self.minor.get(),
+                "cannot write record of minor {}: {e}",
                 self.minor
             );
         }
+    }
+
+    /// Save the record as if `phase` were settled, while an operation
+    /// holds the minor: a step that must be on record before the next one
+    /// (an online snapshot names its child before the worker switches).
+    pub(crate) fn persist_as(&mut self, phase: &Phase) -> std::io::Result<()> {
+        let mut rec = self.record();
+        rec.image = phase.image().map(|i| i.spec.to_string());
+        rec.served = phase.served().and_then(crate::adopt::served_record);
+        self.lock.write(&rec)
     }
 
     /// Remove what an idle disk still holds (device, published link) and

@@ -61,12 +61,15 @@ use tapjail_broker::device;
 mod error;
 #[cfg(test)]
 mod faults;
+mod host_limits;
 mod image_open;
 mod lease;
 mod lifecycle;
+mod log_reader;
 mod ops;
 mod publish;
 mod qos;
+mod qos_records;
 mod records;
 mod resync;
 mod server;
@@ -184,8 +187,8 @@ fn memlock_for_workers(wanted: u64) -> u64 {
         return wanted;
     }
     let hard = cur.maximum.unwrap_or(wanted);
-    tapjail_common::log_line!(
-        "tap-broker: worker_memlock_mib asks {} MiB but the hard RLIMIT_MEMLOCK is {} KiB and tap-broker lacks CAP_SYS_RESOURCE to raise it; workers get {} KiB",
+    tracing::warn!(
+        "worker_memlock_mib asks {} MiB but the hard RLIMIT_MEMLOCK is {} KiB and tap-broker lacks CAP_SYS_RESOURCE to raise it; workers get {} KiB",
         wanted >> 20,
         hard >> 10,
         hard >> 10
@@ -228,6 +231,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let signals = tapjail_common::signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
         .context("blocking termination signals")?;
 
+    match host_limits::raise_nofile() {
+        Ok(n) => {
+            tapjail_common::log_line!("tap-broker: RLIMIT_NOFILE {n} (about {} disks)", n / 10)
+        }
+        Err(e) => tapjail_common::log_line!("tap-broker: cannot raise RLIMIT_NOFILE: {e}"),
+    }
     let devices =
         device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
             .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
@@ -248,14 +257,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("cgroups = \"required\" (set cgroups = \"auto\" to run without)")?,
     );
     if let Some(w) = cgroups.warning() {
-        tapjail_common::log_line!("tap-broker: warning: {w}");
+        tracing::warn!("{w}");
     }
     let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
         Ok(x) => x,
         Err(e) => {
-            tapjail_common::log_line!(
-                "tap-broker: warning: no fd store ({e}): disks will not survive a restart of tap-broker"
-            );
+            tracing::warn!("no fd store ({e}): disks will not survive a restart of tap-broker");
             (FdStore::None, Vec::new())
         }
     };
@@ -281,6 +288,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || sup.supervise())?;
     let held_n = held.len();
     let adopted = broker.adopt(&store, held);
+    for note in broker.restore_tenant_limits() {
+        tapjail_common::log_line!("tap-broker: {note}");
+        broker.notice(Event::BrokerStart, None, None, "restore-limits", note);
+    }
     let mut cleanup =
         records::clean_predecessor(&broker.state, &broker.devices, &broker.policy.device_dir);
     // Cgroups of workers that are gone (after adoption took the live ones).
@@ -291,11 +302,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         broker.notice(Event::BrokerStart, None, None, "cgroups-unavailable", w);
     }
     for a in &cleanup.actions {
-        tapjail_common::log_line!("tap-broker: cleanup: {a}");
+        tracing::info!("cleanup: {a}");
         broker.notice(Event::Cleanup, None, None, "restart-cleanup", a.clone());
     }
     for p in &cleanup.problems {
-        tapjail_common::log_line!("tap-broker: cleanup problem: {p}");
+        tracing::warn!("cleanup problem: {p}");
         broker.notice(
             Event::Cleanup,
             None,
@@ -305,8 +316,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "1") {
-        tapjail_common::log_line!(
-            "tap-broker: warning: fs.protected_hardlinks is off: a tenant could hard-link files it cannot read into its image root"
+        tracing::warn!(
+            "fs.protected_hardlinks is off: a tenant could hard-link files it cannot read into its image root"
         );
     }
     let p = &broker.policy;
@@ -326,14 +337,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         adopted.disks,
         adopted.workers,
     );
-    tapjail_common::log_line!("{banner}");
+    tracing::info!("{banner}");
     broker.notice(Event::BrokerStart, None, None, "start", banner);
     // Disks whose worker died while no broker ran: respawn rules.
     for m in &adopted.dead {
         broker.after_op(*m);
     }
     if args.down {
-        tapjail_common::log_line!("tap-broker: --down: destroying every disk");
+        tracing::info!("--down: destroying every disk");
         broker.shutdown();
         return Ok(());
     }
@@ -351,19 +362,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         match signals.wait().unwrap_or(libc::SIGTERM) {
             // logrotate: reopen the audit log (the policy is not reloaded).
             libc::SIGHUP => {
-                tapjail_common::log_line!("tap-broker: SIGHUP: {}", broker.reopen_audit())
+                tracing::info!("SIGHUP: {}", broker.reopen_audit())
             }
             libc::SIGTERM if matches!(*store, FdStore::None) => {
-                tapjail_common::log_line!(
-                    "tap-broker: SIGTERM: no fd store, so no disk could outlive this broker: destroying every disk and stopping"
+                tracing::info!(
+                    "SIGTERM: no fd store, so no disk could outlive this broker: destroying every disk and stopping"
                 );
                 broker.shutdown();
                 let _ = std::fs::remove_file(&listener.path);
                 return Ok(());
             }
             libc::SIGTERM => {
-                tapjail_common::log_line!(
-                    "tap-broker: SIGTERM: stopping; every disk stays served for the next tap-broker \
+                tracing::info!(
+                    "SIGTERM: stopping; every disk stays served for the next tap-broker \
                      (SIGINT or `tap-broker --down` takes them down)"
                 );
                 broker.leave_for_successor();
@@ -372,9 +383,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 std::process::exit(0);
             }
             sig => {
-                tapjail_common::log_line!(
-                    "tap-broker: signal {sig}: destroying every disk and stopping"
-                );
+                tracing::info!("signal {sig}: destroying every disk and stopping");
                 broker.shutdown();
                 let _ = std::fs::remove_file(&listener.path);
                 return Ok(());
@@ -385,13 +394,14 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    tapjail_common::logging::init(tapjail_common::logging::Program::Daemon);
     if args.fd_holder {
         return tapjail_broker::fdstore::holder::main();
     }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tapjail_common::log_line!("tap-broker: {}", tapjail_common::error_chain(e.as_ref()));
+            tracing::error!("{}", tapjail_common::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -9,11 +9,11 @@
 //! tenant's workers, which count their requests in it with atomics: a
 //! worker can reach its own tenant's budget and no other.
 //!
-//! Runtime changes live in this broker's memory: a restarted broker
-//! starts again from the policy, and the workers it adopts keep the
-//! limits and the bucket they had, while the tenant's new disks get a new
-//! bucket; the next `tap-ctl throttle --tenant` hands every one of her
-//! workers the new bucket (they replace theirs), joining them again.
+//! Runtime changes are recorded (`crate::qos_records`): a restarted
+//! broker restores them after adoption and hands the tenant's adopted
+//! workers her limits with a new bucket (they replace theirs), so her old
+//! and new disks share one budget again; a respawned worker gets its
+//! disk's limits from the table.
 
 use crate::broker::Broker;
 use crate::error::BrokerError;

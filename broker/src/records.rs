@@ -45,6 +45,10 @@ pub struct MinorRecord {
     /// over (see `crate::adopt`).
     #[serde(default)]
     pub served: Option<ServedRecord>,
+    /// The disk's own limits set at runtime (`tap-ctl throttle -m`), for
+    /// a successor (see `crate::qos_records`).
+    #[serde(default)]
+    pub io: Option<tapjail_common::qos::IoLimits>,
 }
 
 /// An image served on a live device, as a successor adopts it.
@@ -151,6 +155,10 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn create(root: &Path) -> io::Result<StateDir> {
         for dir in [
             root.to_path_buf(),

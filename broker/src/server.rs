@@ -177,7 +177,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tapjail_common::log_line!("tap-broker: accept: {e}");
+                tracing::warn!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }

@@ -132,6 +132,15 @@ impl Table {
     }
 
     /// Uids held by live or pending workers.
+    /// The pids of the live workers (see [`crate::sys::uids_in_use`]).
+    pub fn live_worker_pids(&self) -> HashSet<u32> {
+        self.workers
+            .values()
+            .filter(|w| w.alive())
+            .map(|w| w.pid)
+            .collect()
+    }
+
     pub fn worker_uids(&self) -> HashSet<u32> {
         self.workers
             .values()

@@ -50,12 +50,19 @@ fn worker_uids_in_a_users_subuid_range_stop_the_broker_from_starting() {
         }
         let out = c.arg("--config").arg(&p).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "check={check}");
+        // Its stderr is a pipe: the error is a JSON log line.
         let err = String::from_utf8_lossy(&out.stderr);
+        let said: String = err
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["level"] == "ERROR")
+            .filter_map(|e| e["message"].as_str().map(str::to_owned))
+            .collect();
         assert!(
-            err.contains(&format!(
+            said.contains(&format!(
                 "{}:4: subordinate uids 296608..=362143 of \"dave\" overlap worker_uids",
                 dir.path().join("subuid").display()
-            )) && err.contains("worker_uids 300000..=300999 are not free"),
+            )) && said.contains("worker_uids 300000..=300999 are not free"),
             "{err}"
         );
         assert!(!dir.path().join("b.sock").exists(), "never started serving");

@@ -6,11 +6,13 @@
 pub mod adminfile;
 pub mod audit;
 pub mod frame;
+pub mod logging;
 pub mod minor;
 pub mod proto;
 pub mod qos;
 pub mod secret;
 pub mod signals;
+pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod sys;
@@ -36,20 +38,35 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// `eprintln!`, but the whole line in one `write(2)`.
+/// A log line at info level: a `tracing` event with the formatted text as
+/// its message, kept so that code written before tapjail logged through
+/// `tracing` (and branches still adding such lines) keeps compiling. New
+/// code uses `tracing::{error,warn,info,debug}!` with fields (`minor`,
+/// `pid`, `tenant`, `image`, `request`).
 ///
-/// Standard error is unbuffered and `eprintln!` writes each formatted piece
-/// separately, so whoever reads our log while we run (the broker relaying a
-/// worker's stderr, an operator's `tail -f`, a test waiting for "serving ...
-/// (worker pid N)") could see half a line: a truncated pid or count reads as
-/// a different, valid-looking number. Formatting first and writing once
-/// keeps every line whole (a pipe write of at most `PIPE_BUF` bytes is also
-/// atomic against other writers).
+/// The line is still written whole, with one `write(2)`: standard error is
+/// unbuffered and `eprintln!` writes each formatted piece separately, so
+/// whoever reads our log while we run (the broker relaying a worker's
+/// stderr, an operator's `tail -f`, a test waiting for "serving ...
+/// (worker pid N)") could see half a line, and a truncated pid or count
+/// reads as a different, valid-looking number. The subscriber
+/// [`logging::init`] installs formats each event first and writes it once;
+/// before (or without) it, this macro formats the line and writes it once
+/// itself. A pipe write of at most `PIPE_BUF` bytes is also atomic against
+/// other writers.
 #[macro_export]
 macro_rules! log_line {
     ($($arg:tt)*) => {{
-        let mut line = ::std::format!($($arg)*);
-        line.push('\n');
-        let _ = ::std::io::Write::write_all(&mut ::std::io::stderr().lock(), line.as_bytes());
+        let line = ::std::format!($($arg)*);
+        if $crate::logging::subscribed() {
+            $crate::__tracing::info!("{}", line);
+        } else {
+            let mut line = line;
+            line.push('\n');
+            let _ = ::std::io::Write::write_all(&mut ::std::io::stderr().lock(), line.as_bytes());
+        }
     }};
 }
+
+#[doc(hidden)]
+pub use tracing as __tracing;

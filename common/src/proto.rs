@@ -168,6 +168,14 @@ pub enum Request {
     },
     /// `tap-ctl major`: the block major of the devices this broker creates.
     Major,
+    /// `tap-ctl snapshot -m N -n CHILD`: a new differencing child of the
+    /// open leaf, created beneath the tenant's roots, becomes the leaf
+    /// while the disk serves (see `tapjail_common::snapshot`).
+    Snapshot {
+        pid: Option<u32>,
+        minor: Minor,
+        child: String,
+    },
 }
 
 impl Request {
@@ -191,6 +199,7 @@ impl Request {
             Request::Throttle { .. } => "throttle",
             Request::WithOptions { req, .. } => req.verb(),
             Request::Major => "major",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 }
@@ -263,6 +272,8 @@ pub enum Reply {
     Major {
         major: u32,
     },
+    /// Answer to [`Request::Snapshot`].
+    Snapshotted(crate::snapshot::SnapshotDone),
 }
 
 /// `tap-ctl stats`: the worker's figures plus what only the broker knows.

@@ -61,6 +61,8 @@ pub struct WorkerStats {
     pub latency: LatencyStats,
     /// Request latency histograms, for `tap-ctl metrics`.
     pub histograms: Histograms,
+    /// Online snapshots and their stalls.
+    pub snapshot: crate::snapshot::SnapshotStats,
 }
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced

@@ -209,6 +209,54 @@ pub fn open_beneath(
     Ok((fd, st))
 }
 
+/// Modification time of an open file, seconds since 1970 (what a VHD
+/// child records of its parent), by the raw `fstat` syscall: glibc's
+/// `fstat()` is `newfstatat(fd, "", AT_EMPTY_PATH)`, which the worker's
+/// seccomp filter does not allow (it takes a path).
+pub fn fstat_mtime(fd: BorrowedFd<'_>) -> Result<i64, i32> {
+    // SAFETY: an all-zero `struct stat` is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer for the duration of the call.
+    if unsafe { libc::syscall(libc::SYS_fstat, fd.as_raw_fd(), &mut st as *mut libc::stat) } != 0 {
+        return Err(errno());
+    }
+    Ok(st.st_mtime)
+}
+
+/// Create `rel` beneath `dir` as a new regular file (`O_CREAT|O_EXCL`,
+/// mode 0600, read-write), with the same resolution rules as
+/// [`open_beneath`]: a name that exists, even as a dangling symlink, is
+/// refused with `EEXIST`.
+pub fn create_beneath(
+    dir: BorrowedFd<'_>,
+    rel: &CStr,
+) -> Result<(OwnedFd, FileStat), BeneathError> {
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let how = OpenHow {
+        flags: u64::try_from(flags).map_err(|_| BeneathError::Os(libc::EINVAL))?,
+        mode: 0o600,
+        resolve: BENEATH_STRICT,
+    };
+    let fd = openat2(Some(dir), rel, &how).map_err(BeneathError::Os)?;
+    let st = fstat(fd.as_fd()).map_err(BeneathError::Os)?;
+    if st.mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(BeneathError::NotRegular);
+    }
+    Ok((fd, st))
+}
+
+/// Open the directory `rel` beneath `dir` (`O_PATH`, same resolution
+/// rules as [`open_beneath`]; `.` is `dir` itself).
+pub fn open_dir_beneath(dir: BorrowedFd<'_>, rel: &CStr) -> Result<OwnedFd, i32> {
+    let how = OpenHow {
+        flags: u64::try_from(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .map_err(|_| libc::EINVAL)?,
+        mode: 0,
+        resolve: BENEATH_STRICT,
+    };
+    openat2(Some(dir), rel, &how)
+}
+
 /// Open a directory by path without following any symlink or magic link
 /// (`O_PATH`), for use as the `dir` of [`open_beneath`].
 pub fn open_dir_nofollow(path: &CStr) -> Result<OwnedFd, i32> {

@@ -110,6 +110,22 @@ pub enum ToWorker {
     },
     /// Answered `Throttle` with the limits in force and the delays so far.
     ThrottleStats,
+    /// Online snapshot, step 1. fds: \[new child file (read-write,
+    /// empty), the open leaf (read-only)\]. The worker reads the leaf's
+    /// chain from the read-only fd (asking `NeedParent` as for `Open`),
+    /// writes the child's metadata and syncs it; I/O carries on on the
+    /// old chain. Answered `Ok` (or `Error`: nothing is kept).
+    SnapshotPrepare {
+        child: String,
+        parent: crate::snapshot::SnapshotParent,
+    },
+    /// Step 2: hold I/O, flush the old leaf, reread its metadata, make
+    /// the prepared child the leaf, release I/O. Answered `Snapshotted`,
+    /// or `Error` with the disk still on the old chain.
+    SnapshotSwitch,
+    /// Drop a prepared snapshot (the broker could not record it).
+    /// Answered `Ok`.
+    SnapshotAbort,
     /// How the next `Open` (and its later `Unpause`s) opens its files;
     /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
     /// `--cache`.
@@ -153,4 +169,10 @@ pub enum FromWorker {
     },
     /// Answer to `Limits` and `ThrottleStats`.
     Throttle(Box<crate::qos::ThrottleStats>),
+    /// Answer to `SnapshotSwitch`: the new chain, leaf first, and how
+    /// long requests were held, in microseconds.
+    Snapshotted {
+        chain: Vec<String>,
+        stall_us: u64,
+    },
 }

@@ -99,7 +99,15 @@ impl Client {
 
     /// Send `req`; a `Reply::Error` becomes a [`Refused`] error.
     pub fn call(&self, req: &Request) -> anyhow::Result<Reply> {
-        self.exchange(req, self.timeout)
+        let span = tracing::debug_span!("request", op = req.verb());
+        let _in = span.enter();
+        tracing::debug!("sending");
+        let reply = self.exchange(req, self.timeout);
+        match &reply {
+            Ok(Reply::Error { .. }) | Err(_) => tracing::debug!("refused or failed"),
+            Ok(_) => tracing::debug!("answered"),
+        }
+        reply
     }
 
     fn exchange(&self, req: &Request, wait: Duration) -> anyhow::Result<Reply> {

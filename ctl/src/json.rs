@@ -18,6 +18,9 @@ pub fn reply(reply: &Reply) -> Option<String> {
         Reply::Spawned { pid } => json!({ "pid": pid }),
         Reply::Throttled(limits) => limits_json(limits),
         Reply::Major { major } => json!({ "major": major }),
+        Reply::Snapshotted(done) => {
+            json!({ "child": done.child, "chain": done.chain, "stall_us": done.stall_us })
+        }
         _ => return None,
     };
     Some(v.to_string())

@@ -194,6 +194,23 @@ pub enum LifecycleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Online snapshot: create CHILD, a differencing child of the open
+    /// leaf, and make it the leaf while the disk serves. Prints how long
+    /// I/O was held.
+    Snapshot {
+        /// The tapdisk's pid, as `tap-ctl list` shows it (checked if given).
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+        /// The new child image (must not exist; beneath your image roots).
+        #[arg(short = 'n', value_name = "CHILD")]
+        child: String,
+        /// Print {"child", "chain", "stall_us"} instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl LifecycleCommand {
@@ -206,7 +223,8 @@ impl LifecycleCommand {
             | C::Create { json, .. }
             | C::List { json, .. }
             | C::Stats { json, .. }
-            | C::Major { json } => *json,
+            | C::Major { json }
+            | C::Snapshot { json, .. } => *json,
             C::Throttle(a) => a.json,
             _ => false,
         }
@@ -336,6 +354,16 @@ pub fn run(
         LifecycleCommand::Stats { pid, minor, .. } => (Request::Stats { pid, minor }, None),
         LifecycleCommand::Throttle(args) => (args.request().map_err(anyhow::Error::msg)?, None),
         LifecycleCommand::Major { .. } => (Request::Major, None),
+        LifecycleCommand::Snapshot {
+            pid, minor, child, ..
+        } => {
+            let child = absolute(ImageSpec {
+                kind: tapjail_common::proto::ImageKind::Vhd,
+                path: child,
+            })?
+            .path;
+            (Request::Snapshot { pid, minor, child }, None)
+        }
     };
     let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
     let reply = client.call(&req).map_err(crate::next_step::add)?;
@@ -374,6 +402,13 @@ pub fn run(
         Reply::Stats(s) => println!("{}", stats_json(&s)?),
         Reply::Throttled(limits) => println!("{limits}"),
         Reply::Major { major } => println!("{major}"),
+        Reply::Snapshotted(done) => println!(
+            "snapshot {}: I/O held {}.{:03} ms (stall_us={})",
+            escape(&done.child),
+            done.stall_us / 1000,
+            done.stall_us % 1000,
+            done.stall_us
+        ),
         Reply::Ok | Reply::Hello { .. } => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
     }
@@ -481,6 +516,9 @@ struct StatsJson<'a> {
     /// I/O limits in force and the delays they caused.
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle: Option<&'a tapjail_common::qos::ThrottleStats>,
+    /// Online snapshots taken by this worker and their stalls (once any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<&'a tapjail_common::snapshot::SnapshotStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -516,6 +554,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         latency: &w.latency,
         cgroup: s.cgroup.as_ref(),
         throttle: s.throttle.as_ref(),
+        snapshot: Some(&w.snapshot).filter(|s| s.count > 0),
     })
 }
 

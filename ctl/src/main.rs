@@ -79,6 +79,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Diagnostics (warnings, `TAPJAIL_LOG=debug` request traces) are
+    // tracing events; what a command prints, errors included, is not.
+    tapjail_common::logging::init(tapjail_common::logging::Program::Tool);
     let result = match cli.command {
         Command::Vhd { quiet, command } => vhd::run(command, quiet),
         Command::Policy { command } => admin::policy(command),

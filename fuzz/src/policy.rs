@@ -225,6 +225,10 @@ pub fn render(p: &Policy) -> String {
             m.insert("admin".into(), toml::Value::Boolean(tn.admin));
             m.insert("page_cache".into(), toml::Value::Boolean(tn.page_cache));
             m.insert("share_parent".into(), toml::Value::Boolean(tn.share_parent));
+            m.insert(
+                "online_snapshot".into(),
+                toml::Value::Boolean(tn.online_snapshot),
+            );
             m.insert("disk_io".into(), io_table(&tn.disk_io));
             m.insert("tenant_io".into(), io_table(&tn.tenant_io));
             m.insert("max_clients".into(), int(tn.max_clients));
@@ -287,6 +291,7 @@ max_clients = 4
 admin = true
 page_cache = false
 share_parent = false
+online_snapshot = false
 disk_io = { write_iops = 500, write_iops_burst = 50, read_bps = 104857600 }
 tenant_io = { write_bps = 209715200 }
 

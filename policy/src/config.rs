@@ -86,6 +86,8 @@ pub struct Tenant {
     /// May open blktap's encrypted VHDs with `-E` (key on stdin). Default
     /// true, as blktap.
     pub encryption: bool,
+    /// May take online snapshots (`tap-ctl snapshot`). Default true.
+    pub online_snapshot: bool,
 }
 
 /// The whole configuration file.
@@ -255,6 +257,7 @@ struct RawTenant {
     page_cache: Option<bool>,
     share_parent: Option<bool>,
     encryption: Option<bool>,
+    online_snapshot: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -916,6 +919,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
             encryption: t.encryption.unwrap_or(true),
+            online_snapshot: t.online_snapshot.unwrap_or(true),
         });
     }
 

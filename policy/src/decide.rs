@@ -236,7 +236,44 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
             .or_else(|| foreign_worker(t, *pid, view, true))
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
         Request::Throttle { target, .. } => throttle(t, target),
+        Request::Snapshot { pid, minor, child } => snapshot(t, peer, view, *pid, *minor, child),
     }
+}
+
+/// `snapshot -n CHILD`: only on the tenant's own minor (the child is
+/// created with her credentials and becomes her leaf), only if her policy
+/// allows online snapshots, and CHILD must be a path she could open
+/// read-write beneath her roots.
+fn snapshot(
+    t: &Tenant,
+    peer: &PeerCred,
+    view: &dyn BrokerView,
+    pid: Option<u32>,
+    minor: tapjail_common::Minor,
+    child: &str,
+) -> Decision {
+    if let Some(d) =
+        foreign_minor(t, minor, view, false).or_else(|| foreign_worker(t, pid, view, false))
+    {
+        return d;
+    }
+    if !t.online_snapshot {
+        return Decision::deny(
+            Some(t),
+            "snapshot-off",
+            format!(
+                "tenant {} may not take online snapshots: its policy says online_snapshot = false \
+                 (pause, snapshot offline with `tap-ctl vhd snapshot`, unpause -a)",
+                t.name
+            ),
+        );
+    }
+    let spec = ImageSpec {
+        kind: tapjail_common::proto::ImageKind::Vhd,
+        path: child.to_string(),
+    };
+    let d = Decision::allow(t, "own", String::new());
+    with_image(t, peer, &spec, false, d)
 }
 
 /// I/O limits are the host's to share out: only an admin tenant changes
@@ -689,6 +726,11 @@ admin = true
                 minor,
             },
             Request::Stats { pid: None, minor },
+            Request::Snapshot {
+                pid: Some(pid),
+                minor,
+                child: path.into(),
+            },
         ]
     }
 
@@ -779,6 +821,7 @@ admin = true
                 Request::Attach { .. }
                     | Request::Open { .. }
                     | Request::Unpause { image: Some(_), .. }
+                    | Request::Snapshot { .. }
             );
             assert_eq!(d.allow, !opens, "{req:?}: {}", d.reason);
             if d.allow {
@@ -795,6 +838,37 @@ admin = true
             &v,
         );
         assert_eq!((d.allow, d.scope), (true, Scope::All));
+    }
+
+    #[test]
+    fn decide_snapshot_needs_the_tenants_policy_a_writable_root_and_a_path_inside() {
+        let v = view();
+        let snap = |child: &str| Request::Snapshot {
+            pid: None,
+            minor: m(1),
+            child: child.into(),
+        };
+        let d = decide(&snap("/srv/alice/s.vhd"), &ALICE, &policy(), &v);
+        assert!(d.allow, "{}", d.reason);
+        let g = d.image.unwrap();
+        assert!(!g.read_only);
+        assert_eq!(g.open_as.uid, 1000, "created with the peer's credentials");
+        for (child, rule) in [
+            ("/srv/bob/s.vhd", "outside-roots"),
+            ("/srv/alice/../bob/s.vhd", "path-escape"),
+            ("/srv/gold/s.vhd", "shared-readonly"),
+            ("s.vhd", "bad-path"),
+        ] {
+            let d = decide(&snap(child), &ALICE, &policy(), &v);
+            assert_eq!((d.allow, d.rule), (false, rule), "{child}: {}", d.reason);
+        }
+        let off = Policy::parse(
+            &POLICY.replace("max_disks = 2", "max_disks = 2\nonline_snapshot = false"),
+        )
+        .unwrap();
+        let d = decide(&snap("/srv/alice/s.vhd"), &ALICE, &off, &v);
+        assert_eq!((d.allow, d.rule), (false, "snapshot-off"));
+        assert!(d.reason.contains("online_snapshot = false"), "{}", d.reason);
     }
 
     #[test]

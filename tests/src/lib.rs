@@ -123,6 +123,10 @@ pub struct Options {
     pub extra: String,
     /// Lines added to a tenant's `[[tenant]]` block: (tenant name, TOML).
     pub tenant_lines: Vec<(&'static str, String)>,
+    /// Environment of tap-broker beyond the runner's (whose `TAPJAIL_LOG`,
+    /// `RUST_LOG`, `TAPJAIL_LOG_FORMAT` and `JOURNAL_STREAM` are removed,
+    /// so the broker logs JSON lines at `info` unless a test says).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -135,6 +139,7 @@ impl Default for Options {
             worker_timeout_secs: 10,
             extra: String::new(),
             tenant_lines: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -177,6 +182,36 @@ fn worker_uid_range() -> (u32, u32) {
     let slot = (std::process::id().wrapping_mul(64).wrapping_add(n)) % 20_000;
     let lo = 2_000_100_000 + slot * 50;
     (lo, lo + 49)
+}
+
+/// A broker's log as events: it writes one JSON object per line (its
+/// stderr is a file). A line that is not JSON (a panic's message) is
+/// skipped; a test of the format itself checks every line.
+pub fn log_events(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The lines of worker `pid` the broker relayed (target `tapdisk`, the
+/// broker's own `pid` field), in order.
+pub fn worker_events(log: &str, pid: u64) -> Vec<serde_json::Value> {
+    log_events(log)
+        .into_iter()
+        .filter(|e| e["target"] == "tapdisk" && e["pid"].as_u64() == Some(pid))
+        .collect()
+}
+
+/// Whether the broker logged a warning whose message contains `text`.
+pub fn warned(log: &str, text: &str) -> bool {
+    log_events(log)
+        .iter()
+        .any(|e| e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.contains(text)))
+}
+
+/// The text of a relayed worker line (its `line` field), or "".
+pub fn line_of(e: &serde_json::Value) -> &str {
+    e["line"].as_str().unwrap_or("")
 }
 
 impl Harness {
@@ -257,6 +292,11 @@ impl Harness {
             .expect("log");
         let child = Command::new(exe)
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("TAPJAIL_LOG")
+            .env_remove("RUST_LOG")
+            .env_remove("TAPJAIL_LOG_FORMAT")
+            .env_remove("JOURNAL_STREAM")
+            .envs(self.opts.env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("--config")
             .arg(&self.policy)
             .stdin(Stdio::null())
@@ -288,6 +328,11 @@ impl Harness {
 
     pub fn broker_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The broker's log as events (see [`log_events`]).
+    pub fn broker_events(&self) -> Vec<serde_json::Value> {
+        log_events(&self.broker_log())
     }
 
     /// The image root of tenant `name`.

@@ -154,8 +154,10 @@ impl Running {
         }
         match self.thread.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tapjail_common::log_line!("tapdisk: {} frontend: {e}", self.kind),
-            Err(_) => tapjail_common::log_line!("tapdisk: {} frontend thread panicked", self.kind),
+            Ok(Err(e)) => tracing::error!(frontend = %self.kind, "{} frontend: {e}", self.kind),
+            Err(_) => {
+                tracing::error!(frontend = %self.kind, "{} frontend thread panicked", self.kind)
+            }
         }
     }
 }
@@ -167,6 +169,9 @@ struct Open {
     name: String,
     paused: bool,
     frontend: Option<Running>,
+    /// An online snapshot between its two steps.
+    prepared: Option<crate::snapshot::Prepared>,
+    snapshots: tapjail_common::snapshot::SnapshotStats,
 }
 
 /// The worker's state between control requests.
@@ -245,17 +250,13 @@ impl Worker {
                     Err(FrameError::Closed) => {
                         // The broker is gone: flush and close, then exit.
                         if let Err(e) = self.close() {
-                            tapjail_common::log_line!(
-                                "tapdisk: closing after the broker left: {e}"
-                            );
+                            tracing::warn!("closing after the broker left: {e}");
                         }
                         return Ok(());
                     }
                     Err(e) => {
                         if let Err(e) = self.close() {
-                            tapjail_common::log_line!(
-                                "tapdisk: closing after a control error: {e}"
-                            );
+                            tracing::warn!("closing after a control error: {e}");
                         }
                         return Err(e.into());
                     }
@@ -300,11 +301,19 @@ impl Worker {
                 ) {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
+                        tracing::info!(
+                            image = %name,
+                            kind = %kind,
+                            virtual_size = img.virtual_size(),
+                            "image opened: {kind}:{name}"
+                        );
                         self.open = Some(Open {
                             disk: Disk::with_throttle(img, self.throttle.clone()),
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,
+                            prepared: None,
+                            snapshots: Default::default(),
                         });
                         reply
                     }
@@ -343,13 +352,27 @@ impl Worker {
             ToWorker::Stats => {
                 let stats = match &self.open {
                     None => crate::stats::collect("", None, None),
-                    Some(o) => crate::stats::collect(
-                        &o.name,
-                        Some(&o.disk),
-                        o.frontend.as_ref().map(|f| f.kind),
-                    ),
+                    Some(o) => {
+                        let mut s = crate::stats::collect(
+                            &o.name,
+                            Some(&o.disk),
+                            o.frontend.as_ref().map(|f| f.kind),
+                        );
+                        s.snapshot = o.snapshots;
+                        s
+                    }
                 };
                 FromWorker::Stats(Box::new(stats))
+            }
+            ToWorker::SnapshotPrepare { child, parent } => {
+                self.snapshot_prepare(&child, &parent, fds)
+            }
+            ToWorker::SnapshotSwitch => self.snapshot_switch(),
+            ToWorker::SnapshotAbort => {
+                if let Some(o) = &mut self.open {
+                    o.prepared = None;
+                }
+                FromWorker::Ok
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
             ToWorker::Limits { disk, tenant } => {
@@ -432,6 +455,74 @@ impl Worker {
         }
     }
 
+    fn snapshot_prepare(
+        &mut self,
+        child: &str,
+        parent: &tapjail_common::snapshot::SnapshotParent,
+        mut fds: Vec<OwnedFd>,
+    ) -> FromWorker {
+        let Some(open) = &mut self.open else {
+            return error("no image is open");
+        };
+        if open.paused {
+            return error("the disk is paused: unpause it before a snapshot");
+        }
+        if !open.name.starts_with("vhd:") || open.disk.read_only() {
+            return error(format!(
+                "{} is not a writable VHD leaf: only a VHD opened read-write can be snapshotted online",
+                open.name
+            ));
+        }
+        if fds.len() != 2 {
+            return error("SnapshotPrepare needs exactly two fds (the child, the leaf read-only)");
+        }
+        let leaf = fds.pop();
+        let child_fd = fds.pop();
+        let (Some(child_fd), Some(leaf)) = (child_fd, leaf) else {
+            return error("SnapshotPrepare needs exactly two fds");
+        };
+        open.prepared = None;
+        let mut parents =
+            BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
+        match crate::snapshot::prepare(
+            child_fd,
+            child,
+            leaf,
+            parent,
+            open.disk.size(),
+            self.cache,
+            self.parent_cache,
+            &mut parents,
+        ) {
+            Ok(p) => {
+                open.prepared = Some(p);
+                FromWorker::Ok
+            }
+            Err(e) => error(format!("snapshot: preparing {child}: {e}")),
+        }
+    }
+
+    fn snapshot_switch(&mut self) -> FromWorker {
+        let Some(open) = &mut self.open else {
+            return error("no image is open");
+        };
+        let Some(p) = open.prepared.take() else {
+            return error("SnapshotSwitch without a prepared snapshot");
+        };
+        let child = p.child_name().to_string();
+        match crate::snapshot::switch(&open.disk, p) {
+            Ok((chain, stall)) => {
+                crate::snapshot::record(&mut open.snapshots, stall);
+                open.name = format!("vhd:{child}");
+                FromWorker::Snapshotted {
+                    chain,
+                    stall_us: open.snapshots.last_stall_us,
+                }
+            }
+            Err(e) => error(format!("snapshot: switching to {child}: {e}")),
+        }
+    }
+
     fn serve(&mut self, spec: FrontendSpec, mut fds: Vec<OwnedFd>) -> FromWorker {
         let Some(open) = &mut self.open else {
             return error("no image is open");
@@ -485,6 +576,7 @@ impl Worker {
         let disk = open.disk.clone();
         match spawn_thread(&format!("frontend-{kind}"), move || frontend.serve(disk)) {
             Ok(thread) => {
+                tracing::info!(frontend = kind, image = %open.name, "serving {} on {kind}", open.name);
                 open.frontend = Some(Running { kind, stop, thread });
                 FromWorker::Serving
             }

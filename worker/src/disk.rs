@@ -195,6 +195,39 @@ impl Disk {
             // flight, so pause and close need not wait for it.
             self.throttle.admit(dir, bytes);
         }
+        self.io_taken(kind, bytes, f)
+    }
+
+    /// Take a request's throttle tokens now, in arrival order, without
+    /// waiting; returns when it may run (`None`: at once). The caller
+    /// waits with [`Disk::pace_until`] where it does not hold up other
+    /// requests, then runs it with [`Disk::io_taken`].
+    pub fn take_tokens(&self, kind: IoKind, bytes: u64) -> Option<Instant> {
+        let wait = kind.dir().map_or(0, |d| self.throttle.take(d, bytes));
+        (wait > 0).then(|| Instant::now() + std::time::Duration::from_nanos(wait))
+    }
+
+    /// Sleep until `deadline`, or less if the disk closes meanwhile (not
+    /// at all once it is closed: a queue of delayed requests then fails
+    /// at once instead of waiting out its schedule).
+    pub fn pace_until(&self, deadline: Instant) {
+        // Counted before the check: a close between the two still ends
+        // the sleep.
+        let start = self.throttle.interrupts();
+        if matches!(self.lock().gate, Gate::Closed) {
+            return;
+        }
+        self.throttle.sleep_from(start, deadline);
+    }
+
+    /// [`Disk::io`] for a request whose tokens were taken already
+    /// ([`Disk::take_tokens`]).
+    pub fn io_taken<T>(
+        &self,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn Image) -> Result<T, ImageError>,
+    ) -> Result<T, DiskError> {
         self.counters.received.fetch_add(1, Relaxed);
         let admitted = {
             let mut inner = self.lock();
@@ -234,6 +267,17 @@ impl Disk {
         if dir.is_some_and(|d| !self.throttle.ready(d, bytes)) {
             return Admission::Held;
         }
+        self.admit_gate(kind, bytes, true)
+    }
+
+    /// [`Disk::try_admit`] for a request whose tokens were taken already
+    /// ([`Disk::take_tokens`]): `Held` only while paused.
+    pub fn try_admit_taken(&self, kind: IoKind, bytes: u64) -> Admission<'_> {
+        self.admit_gate(kind, bytes, false)
+    }
+
+    fn admit_gate(&self, kind: IoKind, bytes: u64, take: bool) -> Admission<'_> {
+        let dir = kind.dir().filter(|_| take);
         let mut inner = self.lock();
         match &inner.gate {
             Gate::Open(img) => {
@@ -393,6 +437,63 @@ impl Disk {
         Ok(())
     }
 
+    /// Replace the open image with the one `next` builds, holding requests
+    /// meanwhile: stop admitting, drain, flush the old image, build, and
+    /// release. On any error the old image serves on, unchanged. Returns
+    /// the new image and how long requests were held (online snapshot).
+    pub fn switch(
+        &self,
+        next: impl FnOnce() -> Result<Arc<dyn Image>, ImageError>,
+    ) -> Result<(Arc<dyn Image>, std::time::Duration), DiskError> {
+        let held = Instant::now();
+        let old = {
+            let mut inner = self.lock();
+            let img = match &inner.gate {
+                Gate::Open(img) => img.clone(),
+                Gate::Closed => return Err(DiskError::Closed),
+                Gate::Draining(_) | Gate::Paused => {
+                    return Err(DiskError::Image(ImageError::InvalidArgument(
+                        "the disk is paused".into(),
+                    )))
+                }
+            };
+            inner.gate = Gate::Draining(img.clone());
+            while inner.in_flight > 0 {
+                inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+            }
+            img
+        };
+        // Unlocked: held requests wait on `changed`, nothing is admitted.
+        let built = old.flush().and_then(|()| next()).and_then(|img| {
+            if img.virtual_size() == self.size() {
+                Ok(img)
+            } else {
+                Err(ImageError::InvalidArgument(format!(
+                    "new chain has virtual size {} but the disk has {}",
+                    img.virtual_size(),
+                    self.size()
+                )))
+            }
+        });
+        let mut inner = self.lock();
+        let result = match built {
+            Ok(img) => {
+                self.read_only.store(img.read_only(), Relaxed);
+                inner.gate = Gate::Open(img.clone());
+                inner.generation += 1;
+                Ok((img, held.elapsed()))
+            }
+            Err(e) => {
+                inner.gate = Gate::Open(old.clone());
+                Err(DiskError::Image(e))
+            }
+        };
+        self.changed.notify_all();
+        drop(inner);
+        drop(old);
+        result
+    }
+
     /// Drain, flush and close for good; later requests fail with EIO.
     pub fn close(&self) -> Result<(), DiskError> {
         self.throttle.interrupt();
@@ -400,6 +501,9 @@ impl Disk {
         let mut inner = self.lock();
         inner.gate = Gate::Closed;
         self.changed.notify_all();
+        drop(inner);
+        // Whoever began to wait for a slot while the disk drained.
+        self.throttle.interrupt();
         match paused {
             Err(DiskError::Closed) => Ok(()),
             other => other,
@@ -519,6 +623,61 @@ mod tests {
         disk.resume(Arc::new(img)).unwrap();
         t.join().unwrap().unwrap();
         assert_eq!(disk.counters.secs(), [0, 1]);
+    }
+
+    #[test]
+    fn switch_waits_for_admitted_requests_holds_new_ones_and_serves_the_new_image() {
+        let (_f, disk) = disk();
+        let g = tempfile::NamedTempFile::new().unwrap();
+        g.as_file().set_len(4096).unwrap();
+        let Admission::Now(ticket) = disk.try_admit(IoKind::Read, 512) else {
+            panic!("an open disk admits");
+        };
+        let finished = std::sync::atomic::AtomicBool::new(false);
+        let (img, _stall) = std::thread::scope(|s| {
+            let switcher = s.spawn(|| {
+                disk.switch(|| {
+                    assert!(
+                        finished.load(std::sync::atomic::Ordering::SeqCst),
+                        "the new image is built only once in-flight requests are done"
+                    );
+                    assert!(
+                        matches!(disk.try_admit(IoKind::Write, 512), Admission::Held),
+                        "requests arriving during the switch are held"
+                    );
+                    let img = RawImage::open(Box::new(g.reopen().unwrap()), "g", false)?;
+                    Ok(Arc::new(img) as Arc<dyn Image>)
+                })
+            });
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+            ticket.finish(IoKind::Read, 512, true);
+            switcher.join().unwrap().unwrap()
+        });
+        assert_eq!(img.stats()[0].name, "g");
+        assert_eq!(disk.open_generation(), Some(1));
+        disk.io(IoKind::Write, 1, |i| i.write_at(b"y", 0)).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(g.as_file(), &mut b, 0).unwrap();
+        assert_eq!(&b, b"y", "writes after the switch reach the new image");
+    }
+
+    #[test]
+    fn failed_switch_keeps_the_old_image_serving() {
+        let (f, disk) = disk();
+        let r = disk.switch(|| Err(ImageError::InvalidArgument("no".into())));
+        assert!(r.is_err());
+        let g = tempfile::NamedTempFile::new().unwrap();
+        g.as_file().set_len(8192).unwrap();
+        let r = disk.switch(|| {
+            let img = RawImage::open(Box::new(g.reopen().unwrap()), "g", false)?;
+            Ok(Arc::new(img) as Arc<dyn Image>)
+        });
+        assert!(r.is_err(), "a new image of another size is refused");
+        assert_eq!(disk.open_generation(), Some(0));
+        disk.io(IoKind::Write, 1, |i| i.write_at(b"z", 0)).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(f.as_file(), &mut b, 0).unwrap();
+        assert_eq!(&b, b"z");
     }
 
     #[test]

@@ -17,5 +17,6 @@ pub mod io;
 pub mod latency;
 pub mod qos;
 pub mod sandbox;
+pub mod snapshot;
 pub mod standalone;
 pub mod stats;

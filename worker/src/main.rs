@@ -33,7 +33,7 @@ use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
   tapdisk --broker --frontend nbd|fuse|ublk [--uid U --gid G] [--cache auto|buffered]
-          [--ublk-queues N --ublk-depth D]
+          [--ublk-queues N --ublk-depth D] [--phases]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
 
@@ -50,6 +50,9 @@ struct Args {
     cache: CacheMode,
     queues: QueueRings,
     selftest: Option<String>,
+    /// Log how long each confinement step took (the broker's
+    /// `TAPJAIL_PHASES=1` passes it on).
+    phases: bool,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -60,6 +63,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--broker" => a.broker = true,
+            "--phases" => a.phases = true,
             "--frontend" => {
                 a.frontend = Some(match value(&mut argv, "--frontend")?.as_str() {
                     "nbd" => FrontendKind::Nbd,
@@ -129,6 +133,7 @@ fn worker_policy(
         ids,
         frontend,
         rings: RingPlan::for_frontend(frontend, queues),
+        fresh_uid: false,
     }
 }
 
@@ -140,24 +145,38 @@ fn ids(a: &Args) -> Result<Option<Ids>, String> {
     }
 }
 
+/// A usage error, as plain text (it is the command's answer, not a log
+/// line), written once; exit code 2.
+fn usage(msg: &str) -> ExitCode {
+    let mut text = String::new();
+    if !msg.is_empty() {
+        text.push_str(&format!("tapdisk: {msg}\n"));
+    }
+    text.push_str(USAGE);
+    text.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
-        Err(msg) => {
-            if !msg.is_empty() {
-                tapjail_common::log_line!("tapdisk: {msg}");
-            }
-            tapjail_common::log_line!("{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(msg) => return usage(&msg),
     };
     let requested = match ids(&args) {
         Ok(i) => i,
-        Err(msg) => {
-            tapjail_common::log_line!("tapdisk: {msg}\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(msg) => return usage(&msg),
     };
+    // Before confinement: the filter is read from the environment (which
+    // the sandbox then clears) and the output format chosen. A worker (and
+    // the selftest, which must log exactly as one) writes JSON lines for
+    // the broker to relay; the standalone monitor logs as a command.
+    use tapjail_common::logging::{init_lean, Program};
+    init_lean(if args.broker || args.selftest.is_some() {
+        Program::Worker
+    } else {
+        Program::Tool
+    });
     if let Some(what) = &args.selftest {
         let frontend = args.frontend.unwrap_or(FrontendKind::Nbd);
         return selftest(what, frontend, requested, args.queues);
@@ -165,13 +184,12 @@ fn main() -> ExitCode {
     match (&args.nbd, args.broker) {
         (Some(socket), false) => {
             let Some(image) = args.image.clone() else {
-                tapjail_common::log_line!("tapdisk: --nbd needs -a TYPE:PATH\n{USAGE}");
-                return ExitCode::from(2);
+                return usage("--nbd needs -a TYPE:PATH");
             };
             let ids = match Policy::choose_ids(requested) {
                 Ok(i) => i,
                 Err(e) => {
-                    tapjail_common::log_line!("tapdisk: {e}");
+                    tracing::error!("{e}");
                     return ExitCode::from(2);
                 }
             };
@@ -186,22 +204,18 @@ fn main() -> ExitCode {
             match standalone::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tapjail_common::log_line!("tapdisk: {e}");
+                    tracing::error!(image = %opts.image.path, "{e}");
                     ExitCode::from(1)
                 }
             }
         }
         (None, true) => {
             let Some(frontend) = args.frontend else {
-                tapjail_common::log_line!("tapdisk: --broker needs --frontend\n{USAGE}");
-                return ExitCode::from(2);
+                return usage("--broker needs --frontend");
             };
-            broker(frontend, requested, args.cache, args.queues)
+            broker(frontend, requested, args.cache, args.queues, args.phases)
         }
-        _ => {
-            tapjail_common::log_line!("{USAGE}");
-            ExitCode::from(2)
-        }
+        _ => usage(""),
     }
 }
 
@@ -211,31 +225,41 @@ fn broker(
     requested: Option<Ids>,
     cache: CacheMode,
     queues: QueueRings,
+    phases: bool,
 ) -> ExitCode {
     if !is_socket(CONTROL_FD) {
-        tapjail_common::log_line!("tapdisk: --broker needs the control socket on fd {CONTROL_FD}");
-        return ExitCode::from(2);
+        return usage(&format!(
+            "--broker needs the control socket on fd {CONTROL_FD}"
+        ));
     }
     // SAFETY: fd 3 is open (checked above) and handed to us by the broker;
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confined = Policy::choose_ids(requested).and_then(|ids| {
-        sandbox::confine(&worker_policy(
-            frontend,
-            ids,
-            vec![0, 1, 2, CONTROL_FD],
-            queues,
-        ))
+        let mut policy = worker_policy(frontend, ids, vec![0, 1, 2, CONTROL_FD], queues);
+        // The broker chose the uid unused on the host.
+        policy.fresh_uid = true;
+        sandbox::confine_timed(&policy)
     });
-    if let Err(e) = confined {
-        tapjail_common::log_line!("tapdisk: {e}");
-        let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
-        return ExitCode::from(1);
+    match confined {
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
+            return ExitCode::from(1);
+        }
+        Ok(times) if phases => {
+            let steps: String = times
+                .iter()
+                .map(|(n, d)| format!(" {n}_us={}", d.as_micros()))
+                .collect();
+            tapjail_common::log_line!("tapdisk: phases op=confine{steps}");
+        }
+        Ok(_) => {}
     }
     match Worker::new(control, frontend, cache).run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tapjail_common::log_line!("tapdisk: {e}");
+            tracing::error!("{e}");
             ExitCode::from(1)
         }
     }
@@ -253,7 +277,8 @@ fn is_socket(fd: i32) -> bool {
 /// broker-mode worker for F (NBD by default; without a control socket),
 /// then attempt WHAT. Tests run this and assert how it ends: forbidden
 /// syscalls kill the process with SIGSYS; `none` exits 0, proving the
-/// confinement itself does not kill; `ring-*` submit an operation to a ring
+/// confinement itself does not kill; `log` logs one event of each level
+/// and exits 0, proving the subscriber needs nothing seccomp forbids; `ring-*` submit an operation to a ring
 /// made before confinement and exit 0 only if every submission was refused
 /// with EACCES (see [`ring_attack`]).
 fn selftest(
@@ -265,10 +290,10 @@ fn selftest(
     let confined = Policy::choose_ids(requested)
         .and_then(|ids| sandbox::confine(&worker_policy(frontend, ids, vec![0, 1, 2], queues)));
     if let Err(e) = confined {
-        tapjail_common::log_line!("tapdisk: {e}");
+        tracing::error!("{e}");
         return ExitCode::from(1);
     }
-    tapjail_common::log_line!("tapdisk: selftest: confined; attempting {what}");
+    tracing::info!(attempt = what, "selftest: confined; attempting {what}");
     if let Some(op) = what.strip_prefix("ring-") {
         return ring_attack(op, frontend, queues);
     }
@@ -277,6 +302,22 @@ fn selftest(
     let rc: i64 = unsafe {
         match what {
             "none" => return ExitCode::SUCCESS,
+            "log" => {
+                // Logging after confinement: one event of each level, with
+                // fields, through the real subscriber (a syscall it needs
+                // and seccomp forbids kills the process here).
+                tracing::error!(
+                    minor = 1u16,
+                    pid = std::process::id(),
+                    "selftest: error event"
+                );
+                tracing::warn!(minor = 1u16, image = "x.vhd", "selftest: warn event");
+                tracing::info!(request = "open", "selftest: info event");
+                tracing::debug!(tenant = "alice", "selftest: debug event");
+                tracing::trace!(n = 5u64, "selftest: trace event");
+                tapjail_common::log_line!("selftest: log_line event");
+                return ExitCode::SUCCESS;
+            }
             "open" => libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY).into(),
             "execve" => {
                 let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
@@ -300,15 +341,13 @@ fn selftest(
                 };
             }
             other => {
-                tapjail_common::log_line!("tapdisk: selftest: unknown attempt {other:?}");
+                tracing::error!("selftest: unknown attempt {other:?}");
                 return ExitCode::from(2);
             }
         }
     };
     let err = std::io::Error::last_os_error();
-    tapjail_common::log_line!(
-        "tapdisk: selftest: {what} returned {rc} ({err}) instead of being stopped"
-    );
+    tracing::error!("selftest: {what} returned {rc} ({err}) instead of being stopped");
     ExitCode::from(3)
 }
 
@@ -325,7 +364,7 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
     match tapjail_worker::io::pool::take_for_selftest() {
         Some(r) => rings.push(("image-file ring", r.into_raw())),
         None => {
-            tapjail_common::log_line!("tapdisk: selftest: no pre-made image-file ring");
+            tracing::error!("selftest: no pre-made image-file ring");
             return ExitCode::from(3);
         }
     }
@@ -333,13 +372,13 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
         match tapjail_worker::frontend::ublk::rings::take(queues.depth) {
             Ok(r) => {
                 if let Err(e) = r.submitter().register_enable_rings() {
-                    tapjail_common::log_line!("tapdisk: selftest: enabling a ublk queue ring: {e}");
+                    tracing::error!("selftest: enabling a ublk queue ring: {e}");
                     return ExitCode::from(3);
                 }
                 rings.push(("ublk queue ring", r));
             }
             Err(e) => {
-                tapjail_common::log_line!("tapdisk: selftest: no pre-made ublk queue ring: {e}");
+                tracing::error!("selftest: no pre-made ublk queue ring: {e}");
                 return ExitCode::from(3);
             }
         }
@@ -373,7 +412,7 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
                     opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/etc/shadow".as_ptr()).build()
                 }
                 other => {
-                    tapjail_common::log_line!("tapdisk: selftest: unknown ring attempt {other:?}");
+                    tracing::error!("selftest: unknown ring attempt {other:?}");
                     return ExitCode::from(2);
                 }
             };
@@ -387,12 +426,12 @@ fn ring_attack(op: &str, frontend: FrontendKind, queues: QueueRings) -> ExitCode
             let res = unsafe { run_one(ring, sqe) };
             match res {
                 Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
-                    tapjail_common::log_line!(
-                        "tapdisk: selftest: {op} on the {name} (fixed={fixed}): refused: {e}"
-                    );
+                    tracing::info!("selftest: {op} on the {name} (fixed={fixed}): refused: {e}");
                 }
                 other => {
-                    tapjail_common::log_line!("tapdisk: selftest: {op} on the {name} (fixed={fixed}) was not refused: {other:?}");
+                    tracing::error!(
+                        "selftest: {op} on the {name} (fixed={fixed}) was not refused: {other:?}"
+                    );
                     all_refused = false;
                 }
             }

@@ -124,8 +124,10 @@ pub fn run(opts: &Options) -> Result<(), StandaloneError> {
         let _ = child.wait();
         return Err(e);
     }
-    tapjail_common::log_line!(
-        "tapdisk: serving {}:{} on nbd+unix:///{}?socket={} (worker pid {})",
+    tracing::info!(
+        worker_pid = child.id(),
+        image = %opts.image.path,
+        "serving {}:{} on nbd+unix:///{}?socket={} (worker pid {})",
         opts.image.kind,
         opts.image.path,
         opts.export_name,

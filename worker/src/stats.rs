@@ -43,6 +43,7 @@ pub fn collect(name: &str, disk: Option<&Disk>, frontend: Option<&str>) -> Worke
         frontend: frontend.map_or_else(FrontendStats::default, |k| c.frontend(k)),
         latency: c.latency(),
         histograms: c.histograms.snapshot(),
+        snapshot: Default::default(),
     }
 }
 

@@ -121,6 +121,62 @@ fn selftest_for(frontend: &str, what: &str) -> std::process::Output {
 
 const FRONTENDS: [&str; 3] = ["nbd", "fuse", "ublk"];
 
+/// The JSON lines a selftest wrote, parsed.
+fn json_lines(stderr: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+/// Logging after confinement needs no syscall the filter forbids (it
+/// would kill the worker with SIGSYS): a confined worker of every frontend
+/// logs one event of each level, with fields, as JSON lines without
+/// timestamps, and the filter it was given decides which are written.
+#[test]
+fn confined_worker_logs_every_level_as_json_lines_under_its_filter() {
+    for fe in FRONTENDS {
+        let out = Command::new(TAPDISK)
+            .args(["--selftest-escape", "log", "--frontend", fe])
+            .env("TAPJAIL_LOG", "trace")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{fe}: {:?}\n{err}", out.status);
+        let events = json_lines(&out.stderr);
+        let levels: Vec<&str> = events
+            .iter()
+            .filter(|e| e["message"].as_str().unwrap().starts_with("selftest: "))
+            .map(|e| e["level"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            levels,
+            ["INFO", "ERROR", "WARN", "INFO", "DEBUG", "TRACE", "INFO"],
+            "{fe}: {err}"
+        );
+        let error = events.iter().find(|e| e["level"] == "ERROR").unwrap();
+        assert_eq!(error["minor"], 1, "{fe}: {error}");
+        assert!(
+            error["pid"].as_u64().is_some_and(|p| p > 1),
+            "{fe}: {error}"
+        );
+        assert!(events.iter().all(|e| e.get("timestamp").is_none()), "{err}");
+        assert!(err.starts_with(r#"{"level":""#), "{fe}: {err}");
+
+        let out = Command::new(TAPDISK)
+            .args(["--selftest-escape", "log", "--frontend", fe])
+            .env("TAPJAIL_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{fe}: {:?}", out.status);
+        let levels: Vec<String> = json_lines(&out.stderr)
+            .iter()
+            .map(|e| e["level"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(levels, ["ERROR", "WARN"], "{fe}");
+    }
+}
+
 /// Issue 11's escape: after confinement, a ring of one's own (whose
 /// operations seccomp never sees). io_uring_setup is off every allowlist.
 #[test]

@@ -103,6 +103,7 @@ impl Broker {
         let dead = phase.wants_respawn() || matches!(phase, Phase::Dead { .. });
         let mut disk = Disk::new(minor, rec.owner.clone(), lock);
         disk.restarts = rec.restarts;
+        disk.io = rec.io;
         if dead {
             disk.deaths.push_back(Instant::now());
         }

@@ -79,7 +79,7 @@ struct Live {
 
 impl Broker {
     fn adopt_notice(&self, rule: &str, owner: Option<String>, peer: Option<Peer>, what: String) {
-        tapjail_common::log_line!("tap-broker: {rule}: {what}");
+        tracing::info!(tenant = owner.as_deref(), rule, "{rule}: {what}");
         self.notice(Event::Adopt, peer, owner, rule, what);
     }
 

@@ -112,9 +112,7 @@ impl Broker {
                 s,
                 &[(ctl_name.clone(), c.as_fd()), (log_name.clone(), l.as_fd())],
             )
-            .map_err(|e| {
-                tapjail_common::log_line!("tap-broker: tapdisk {pid}: keeping its fds: {e}")
-            })
+            .map_err(|e| tracing::warn!(pid, "tapdisk {pid}: keeping its fds: {e}"))
             .ok(),
             _ => None,
         };

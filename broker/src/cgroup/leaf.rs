@@ -176,7 +176,7 @@ impl Leaf {
 impl Drop for Leaf {
     fn drop(&mut self) {
         if let Err(e) = self.remove() {
-            tapjail_common::log_line!("tap-broker: cgroup: {e}");
+            tracing::warn!("cgroup: {e}");
         }
     }
 }

@@ -48,8 +48,9 @@ impl KeptDevice {
             .collect();
         match Kept::put(&self.store, &named) {
             Ok(k) => self.kept = Some(k),
-            Err(e) => tapjail_common::log_line!(
-                "tap-broker: minor {}: cannot keep its device's fds in the {}: {e}; \
+            Err(e) => tracing::warn!(
+                minor = self.minor.get(),
+                "minor {}: cannot keep its device's fds in the {}: {e}; \
                  this disk would not survive a broker restart",
                 self.minor,
                 self.store.kind()

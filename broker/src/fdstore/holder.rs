@@ -341,7 +341,7 @@ fn drop_privileges() -> io::Result<()> {
 /// `tap-broker --fd-holder`: fd 3 is the listening socket.
 pub fn main() -> std::process::ExitCode {
     if let Err(e) = drop_privileges() {
-        tapjail_common::log_line!("tap-broker --fd-holder: dropping privileges: {e}");
+        tracing::error!("--fd-holder: dropping privileges: {e}");
         return std::process::ExitCode::FAILURE;
     }
     // SAFETY: the broker started us with its listening socket on fd 3 and
@@ -349,7 +349,7 @@ pub fn main() -> std::process::ExitCode {
     let listener = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(3, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            tapjail_common::log_line!("tap-broker --fd-holder: fd 3 is not the holder's listening socket (tap-broker starts the holder itself)");
+            tracing::error!("--fd-holder: fd 3 is not the holder's listening socket (tap-broker starts the holder itself)");
             return std::process::ExitCode::from(2);
         }
         UnixListener::from(OwnedFd::from_raw_fd(3))

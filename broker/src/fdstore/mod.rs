@@ -152,7 +152,7 @@ impl Drop for Kept {
     fn drop(&mut self) {
         for n in &self.names {
             if let Err(e) = self.store.remove(n) {
-                tapjail_common::log_line!("tap-broker: {}: removing {n}: {e}", self.store.kind());
+                tracing::warn!("{}: removing {n}: {e}", self.store.kind());
             }
         }
     }

@@ -29,6 +29,25 @@ pub struct Plan<'a> {
     /// An empty slice: any owner, any link count (a shared root).
     pub owners: &'a [u32],
     pub lock: LockPlan,
+    pub action: Action<'a>,
+}
+
+/// What the helper does with the path.
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// Open an existing file.
+    Open,
+    /// Create a new file (`O_CREAT|O_EXCL`, read-write).
+    Create,
+    /// Unlink `base` in the directory `dir` (relative to the root, `.`
+    /// for the root itself) if it is still the file `id` (dev, inode):
+    /// an online snapshot's child that was never used. The answer carries
+    /// the file, opened read-only before the unlink.
+    Remove {
+        dir: &'a CStr,
+        base: &'a CStr,
+        id: (u64, u64),
+    },
 }
 
 /// How the child's attempt ended.
@@ -181,7 +200,7 @@ fn reap_bounded(pidfd: OwnedFd) {
             STUCK.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     if spawned.is_err() {
-        tapjail_common::log_line!("tap-broker: cannot start a thread to reap a stuck open helper");
+        tracing::warn!("cannot start a thread to reap a stuck open helper");
     }
 }
 
@@ -290,11 +309,33 @@ fn attempt(plan: &Plan<'_>) -> Result<(OwnedFd, FileStat), Failure> {
     become_tenant(plan.uid, plan.gid).map_err(|e| (K_CREDS, i64::from(e), none))?;
     let dir = tapjail_common::sys::open_dir_nofollow(plan.root)
         .map_err(|e| (K_ROOT, i64::from(e), none))?;
-    let (fd, st) = tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, plan.writable)
-        .map_err(|e| match e {
-            BeneathError::Os(n) => (K_OPEN, i64::from(n), none),
-            BeneathError::NotRegular => (K_NOTREG, 0, none),
-        })?;
+    let beneath_err = |e: BeneathError| match e {
+        BeneathError::Os(n) => (K_OPEN, i64::from(n), none),
+        BeneathError::NotRegular => (K_NOTREG, 0, none),
+    };
+    let (fd, st) = match plan.action {
+        Action::Open => {
+            tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, plan.writable)
+                .map_err(beneath_err)?
+        }
+        Action::Create => {
+            tapjail_common::sys::create_beneath(dir.as_fd(), plan.relative).map_err(beneath_err)?
+        }
+        Action::Remove { dir: sub, base, id } => {
+            let (fd, st) = tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, false)
+                .map_err(beneath_err)?;
+            if (st.dev, st.ino) != id {
+                return Err((K_OPEN, i64::from(libc::ESTALE), st));
+            }
+            let parent = tapjail_common::sys::open_dir_beneath(dir.as_fd(), sub)
+                .map_err(|e| (K_OPEN, i64::from(e), st))?;
+            // SAFETY: unlinkat on a directory fd we own and a NUL-terminated name.
+            if unsafe { libc::unlinkat(parent.as_raw_fd(), base.as_ptr(), 0) } != 0 {
+                return Err((K_OPEN, i64::from(errno()), st));
+            }
+            return Ok((fd, st));
+        }
+    };
     if !plan.owners.is_empty() {
         if !plan.owners.contains(&st.uid) {
             return Err((K_NOTOWNED, 0, st));

@@ -35,6 +35,9 @@ pub struct LockPlan {
     used: &'static [i64],
     /// Permissions refused to everyone else.
     unshared: &'static [i64],
+    /// Check that nobody uses what we refuse (false only for
+    /// [`LEAF_BECOMING_PARENT`]).
+    check_unshared: bool,
 }
 
 /// A writable leaf: it reads and writes, and shares neither writing nor
@@ -42,6 +45,7 @@ pub struct LockPlan {
 pub const WRITER: LockPlan = LockPlan {
     used: &[PERM_READ, PERM_WRITE],
     unshared: &[PERM_WRITE, PERM_RESIZE],
+    check_unshared: true,
 };
 
 /// A read-only open (a parent, or `-R`): it needs the bytes to stay as
@@ -49,6 +53,26 @@ pub const WRITER: LockPlan = LockPlan {
 pub const READER: LockPlan = LockPlan {
     used: &[PERM_READ],
     unshared: &[PERM_WRITE, PERM_RESIZE],
+    check_unshared: true,
+};
+
+/// No locks (removing a file: the fd only proves which file it is).
+pub const NONE: LockPlan = LockPlan {
+    used: &[],
+    unshared: &[],
+    check_unshared: false,
+};
+
+/// The served leaf re-opened read-only to become the parent of an online
+/// snapshot: the same bytes as [`READER`], taken while the worker's own
+/// writable open still holds "I write". That holder is the only one there
+/// can be (it refuses writing and resizing to everyone else), and it goes
+/// away at the switch, so the check for users of what we refuse is
+/// skipped; the bytes we take keep every later writer out.
+pub const LEAF_BECOMING_PARENT: LockPlan = LockPlan {
+    used: &[PERM_READ],
+    unshared: &[PERM_WRITE, PERM_RESIZE],
+    check_unshared: false,
 };
 
 fn flock(kind: i32, byte: i64) -> libc::flock {
@@ -114,7 +138,7 @@ pub fn apply(fd: BorrowedFd<'_>, plan: LockPlan) -> Result<(), LockFailure> {
         }
     }
     // ...nor use what we refuse.
-    for p in plan.unshared {
+    for p in plan.unshared.iter().filter(|_| plan.check_unshared) {
         if held_by_other(fd, PERM_BASE + p).map_err(LockFailure::Os)? {
             return Err(LockFailure::Conflict(PERM_BASE + p));
         }

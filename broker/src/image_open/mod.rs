@@ -96,10 +96,79 @@ pub fn open(
     }
 }
 
+/// Create `grant`'s file for its tenant: a new file (never an existing
+/// one), read-write, locked as a writable leaf. For an online snapshot's
+/// child.
+pub fn create(grant: &ImageGrant, deadline: Duration) -> Result<Opened, BrokerError> {
+    let shown = grant.path.display().to_string();
+    match once(grant, true, locks::WRITER, helper::Action::Create, deadline)? {
+        Ok(o) => Ok(o),
+        Err(o) => Err(explain(o, grant, &shown)),
+    }
+}
+
+/// Open the leaf `grant` names read-only while its worker still writes
+/// it, to become the parent of an online snapshot (see
+/// [`locks::LEAF_BECOMING_PARENT`]).
+pub fn open_leaf_as_parent(grant: &ImageGrant, deadline: Duration) -> Result<Opened, BrokerError> {
+    let shown = grant.path.display().to_string();
+    match once(
+        grant,
+        false,
+        locks::LEAF_BECOMING_PARENT,
+        helper::Action::Open,
+        deadline,
+    )? {
+        Ok(o) => Ok(o),
+        Err(o) => Err(explain(o, grant, &shown)),
+    }
+}
+
+/// Remove `grant`'s file, with its tenant's credentials, if it is still
+/// the file `id`: a snapshot child this broker created and never used.
+pub fn remove(grant: &ImageGrant, id: (u64, u64), deadline: Duration) -> Result<(), BrokerError> {
+    let shown = grant.path.display().to_string();
+    let rel = &grant.relative;
+    let dir = rel
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = rel
+        .file_name()
+        .ok_or_else(|| BrokerError::invalid(format!("{shown}: names no file")))?;
+    let dir = cstring(dir, &shown)?;
+    let base = cstring(Path::new(base), &shown)?;
+    let action = helper::Action::Remove {
+        dir: &dir,
+        base: &base,
+        id,
+    };
+    match once(grant, false, locks::NONE, action, deadline)? {
+        Ok(_) => Ok(()),
+        Err(o) => Err(explain(o, grant, &shown)),
+    }
+}
+
 /// One attempt: the helper's answer, or an error that ends the open.
 fn open_once(
     grant: &ImageGrant,
     writable: bool,
+    deadline: Duration,
+) -> Result<Result<Opened, helper::Outcome>, BrokerError> {
+    let lock = if writable {
+        locks::WRITER
+    } else {
+        locks::READER
+    };
+    once(grant, writable, lock, helper::Action::Open, deadline)
+}
+
+/// One helper run doing `action` on `grant` with `lock`.
+fn once(
+    grant: &ImageGrant,
+    writable: bool,
+    lock: locks::LockPlan,
+    action: helper::Action<'_>,
     deadline: Duration,
 ) -> Result<Result<Opened, helper::Outcome>, BrokerError> {
     let shown = grant.path.display().to_string();
@@ -120,11 +189,8 @@ fn open_once(
         uid: as_.uid,
         gid: as_.gid,
         owners: if grant.shared { &[] } else { &as_.owners },
-        lock: if writable {
-            locks::WRITER
-        } else {
-            locks::READER
-        },
+        lock,
+        action,
     };
     let got = helper::run(&plan, deadline).map_err(|e| match e {
         helper::HelperError::Deadline(d) => BrokerError::failed(format!(
@@ -190,6 +256,13 @@ fn explain(o: helper::Outcome, grant: &ImageGrant, shown: &str) -> BrokerError {
                 "{shown}: on a read-only filesystem (open it with -R)"
             )),
             libc::EISDIR => BrokerError::invalid(format!("{shown}: is a directory")),
+            libc::EEXIST => BrokerError::invalid(format!(
+                "{shown}: already exists: refused (a snapshot's child must be a new file; \
+                 name one that does not exist)"
+            )),
+            libc::ESTALE => BrokerError::failed(format!(
+                "{shown}: no longer the file the broker created: left in place"
+            )),
             e => BrokerError::failed(format!("{shown}: {}", std::io::Error::from_raw_os_error(e))),
         },
         Outcome::NotOwned(st) => BrokerError::denied(format!(

@@ -78,6 +78,7 @@ impl Broker {
         let up = self.bring_up_on(w, minor, &owner, ir)?;
         let chain = up.image.chain.join(" <- ");
         let served = self.install(minor, up)?;
+        tapjail_broker::phases::lap("publish");
         let link = served.link.display().to_string();
         lease.set(Phase::Serving {
             worker: w.pid,
@@ -121,6 +122,7 @@ impl Broker {
         want: Option<Minor>,
     ) -> Result<Done, BrokerError> {
         let minor = self.allocate_minor(&mut t, tenant, d, want)?;
+        tapjail_broker::phases::lap("allocate");
         // Held from allocation to the served image: nobody else touches
         // the new minor meanwhile.
         let mut lease = Lease::take(&self.table, t, minor, "create", |_, _| Ok(()))?;
@@ -192,9 +194,12 @@ impl Broker {
         if let Some(wpid) = phase.worker() {
             lease.set(phase);
             self.stop_worker(wpid);
+            tapjail_broker::phases::lap("worker_stop");
             self.forget_worker(wpid);
+            tapjail_broker::phases::lap("worker_forget");
         }
         lease.discard();
+        tapjail_broker::phases::lap("free");
         problems_result(problems)
     }
 
@@ -238,6 +243,7 @@ impl Broker {
                 .phase_mut()
                 .served_mut()
                 .map_or(Ok(()), |s| s.device.sync(true));
+            tapjail_broker::phases::lap("loop_flush");
             let r = match synced {
                 Err(e) if !force => Err(BrokerError::from(e)),
                 _ => w
@@ -254,6 +260,7 @@ impl Broker {
                 // Forced: the worker's state is unknown; it goes.
                 let _ = crate::sys::pidfd_kill(w.pidfd.as_fd());
             }
+            tapjail_broker::phases::lap("worker_close");
         }
         let (next, served) = closed(std::mem::replace(lease.phase_mut(), Phase::Allocated));
         lease.set(next);
@@ -262,6 +269,7 @@ impl Broker {
         if let Some(s) = served {
             drop_served(s, &mut problems);
         }
+        tapjail_broker::phases::lap("device_teardown");
         problems_result(problems)
     }
 
@@ -281,9 +289,11 @@ impl Broker {
         let mut lease = Lease::take(&self.table, t, minor, "destroy", |_, _| Ok(()))?;
         #[cfg(test)]
         crate::faults::hit("destroy");
+        tapjail_broker::phases::lap("lease");
         if let (Some(w), true) = (&worker, lease.phase().served().is_some()) {
             self.close(&mut lease, w, true)?;
         }
+        tapjail_broker::phases::lap("close");
         self.detach_and_free(lease)
     }
 

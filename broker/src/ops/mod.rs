@@ -6,6 +6,7 @@
 mod image;
 mod minors;
 mod pause;
+mod snapshot;
 mod stats;
 mod throttle;
 

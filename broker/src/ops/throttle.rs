@@ -100,6 +100,7 @@ impl Broker {
         }
         let old = self.tenant_limits(tenant);
         let new = apply(old, changes)?;
+        self.record_tenant_limits(tenant, new)?;
         // The tenant's serving workers, each with its disk's own limits.
         let workers: Vec<(Minor, Option<IoLimits>, Live)> = t
             .disks

@@ -26,13 +26,20 @@ impl Broker {
     /// Spawn a worker for `tenant`. Consumes the guard (spawning is slow).
     pub fn spawn_worker(
         self: &Arc<Self>,
-        mut t: MutexGuard<'_, Table>,
+        t: MutexGuard<'_, Table>,
         tenant: &str,
         minor: Option<Minor>,
     ) -> Result<u32, BrokerError> {
         let (lo, hi) = self.policy.worker_uids;
+        // The host scan runs without the table: other clients go on
+        // meanwhile. A uid is still taken only under the lock, from the
+        // table as it is then (pending spawns included), so two spawns
+        // never pick the same one.
+        let ours = t.live_worker_pids();
+        drop(t);
+        let on_host = sys::uids_in_use(&ours);
+        let mut t = self.table();
         let taken = t.worker_uids();
-        let on_host = sys::uids_in_use();
         let uid = (lo..=hi)
             .find(|u| !taken.contains(u) && !on_host.contains(u))
             .ok_or_else(|| {
@@ -46,7 +53,9 @@ impl Broker {
         };
         t.pending.push(pending.clone());
         drop(t);
+        tapjail_broker::phases::lap("uid_scan");
         let spawned = self.worker_cgroup(tenant, minor, uid).and_then(|cg| {
+            tapjail_broker::phases::lap("cgroup");
             let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
             Ok((s, cg))
         });
@@ -82,6 +91,7 @@ impl Broker {
         let _ = w.record.write(&rec);
         t.workers.insert(s.pid, w);
         drop(t);
+        tapjail_broker::phases::lap("worker_record");
         self.wake_supervisor();
         Ok(s.pid)
     }
@@ -106,7 +116,7 @@ impl Broker {
         if !self.wait_exit(pid, self.spawn_cfg.timeout) {
             let _ = sys::pidfd_kill(pidfd.as_fd());
             if !self.wait_exit(pid, Duration::from_secs(5)) {
-                tapjail_common::log_line!("tap-broker: tapdisk {pid} survives SIGKILL (D state?)");
+                tracing::error!(pid, "tapdisk {pid} survives SIGKILL (D state?)");
             }
         }
     }
@@ -187,7 +197,7 @@ impl Broker {
                 match sys::try_reap(fd.as_fd()) {
                     Ok(Some(exit)) => self.on_exit(*pid, exit),
                     Ok(None) => {}
-                    Err(e) => tapjail_common::log_line!("tap-broker: waitid on tapdisk {pid}: {e}"),
+                    Err(e) => tracing::warn!(pid, "waitid on tapdisk {pid}: {e}"),
                 }
             }
         }
@@ -227,6 +237,22 @@ impl Broker {
         }
         self.exited.notify_all();
         drop(t);
+        let m = minor.map(Minor::get);
+        if stopping {
+            tracing::debug!(
+                pid,
+                minor = m,
+                tenant = owner.as_str(),
+                "tapdisk[{pid}] ended: {exit}"
+            );
+        } else {
+            tracing::warn!(
+                pid,
+                minor = m,
+                tenant = owner.as_str(),
+                "tapdisk[{pid}] died: {exit}"
+            );
+        }
         self.audit_worker_exit(WorkerExit {
             pid,
             uid,

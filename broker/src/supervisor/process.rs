@@ -1,8 +1,8 @@
 //! Starting a tapdisk process and checking, from outside, that it is
 //! confined before the broker uses it.
 //!
-//! A worker is `fork`+`exec` of the tapdisk binary with an empty
-//! environment, `/` as its directory, `/dev/null` on stdin/stdout, a pipe
+//! A worker is `fork`+`exec` of the tapdisk binary with an environment of
+//! only `TAPJAIL_LOG` (the broker's log filter), `/` as its directory, `/dev/null` on stdin/stdout, a pipe
 //! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
 //! lines, never raw bytes in the journal), the control socket as fd 3 and
 //! nothing else, RLIMIT_MEMLOCK set, in its own process group (so a Ctrl-C
@@ -70,7 +70,14 @@ pub fn spawn(
         .arg(uid.to_string())
         .arg("--gid")
         .arg(uid.to_string())
+        .args(tapjail_broker::phases::enabled().then_some("--phases"))
         .env_clear()
+        // Its one variable: log with the broker's filter (read before the
+        // worker clears its environment).
+        .env(
+            tapjail_common::logging::FILTER_ENV,
+            tapjail_common::logging::effective_filter(),
+        )
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -86,6 +93,7 @@ pub fn spawn(
         path: cfg.tapdisk.display().to_string(),
         source,
     })?;
+    tapjail_broker::phases::lap("fork_exec");
     drop(theirs);
     drop(procs);
     // The child holds the only write end now (the Command's copy goes with it).
@@ -106,7 +114,9 @@ pub fn spawn(
         sys::kill_and_reap(pidfd.as_fd());
         e
     };
+    tapjail_broker::phases::lap("spawn_rest");
     let ready = conn.recv().map_err(fail)?;
+    tapjail_broker::phases::lap("worker_confine");
     match ready {
         FromWorker::Ready { pid: said } if said == pid => {}
         FromWorker::Ready { pid: said } => {
@@ -132,14 +142,16 @@ pub fn spawn(
     if let Some(what) = confinement_problem(&info, uid) {
         return Err(fail(WorkerError::NotConfined { pid, what }));
     }
+    tapjail_broker::phases::lap("confine_check");
     let kept = match (&cfg.store, &keep) {
         (Some(store), Some((ctl, log))) => {
             let [c, l] = kept_names(pid);
             match tapjail_broker::fdstore::Kept::put(store, &[(c, ctl.as_fd()), (l, log.as_fd())]) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    tapjail_common::log_line!(
-                        "tap-broker: tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
+                    tracing::warn!(
+                        pid,
+                        "tapdisk {pid}: cannot keep its control socket in the {}: {e}; \
                          it would not survive a broker restart",
                         store.kind()
                     );
@@ -149,6 +161,7 @@ pub fn spawn(
         }
         _ => None,
     };
+    tapjail_broker::phases::lap("fdstore");
     Ok(Spawned {
         kept,
         pid,

@@ -91,6 +91,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Error(_) => "Error",
         FromWorker::Resynced { .. } => "Resynced",
         FromWorker::Throttle(_) => "Throttle",
+        FromWorker::Snapshotted { .. } => "Snapshotted",
     }
 }
 
@@ -291,9 +292,41 @@ impl WorkerConn {
         leaf: &File,
         resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
     ) -> Result<Opened, WorkerError> {
+        match self.with_parents(msg, &[leaf.as_fd()], resolve)? {
+            FromWorker::Opened {
+                virtual_size,
+                chain,
+            } => {
+                // Names only (shown and audited), but bounded like the
+                // parent requests that made the chain.
+                if chain.is_empty() || chain.len() > MAX_CHAIN_DEPTH + 1 {
+                    return Err(self.violation(format!(
+                        "reported a chain of {} images (1 to {} allowed)",
+                        chain.len(),
+                        MAX_CHAIN_DEPTH + 1
+                    )));
+                }
+                Ok(Opened {
+                    virtual_size,
+                    chain: chain.iter().map(|c| clean(c)).collect(),
+                })
+            }
+            other => Err(self.violation(format!("answered {} while opening", variant(&other)))),
+        }
+    }
+
+    /// Send `msg` with `fds` and answer the worker's parent requests with
+    /// `resolve` until it gives another answer, which is returned (an
+    /// `Error` as `Err`).
+    pub fn with_parents(
+        &self,
+        msg: &ToWorker,
+        fds: &[BorrowedFd<'_>],
+        resolve: &mut dyn FnMut(ParentRequest) -> Result<(String, File), String>,
+    ) -> Result<FromWorker, WorkerError> {
         let op = ("opening the image chain", Instant::now() + self.op_timeout);
         self.ensure_quiet()?;
-        self.send(msg, &[leaf.as_fd()])?;
+        self.send(msg, fds)?;
         for _ in 0..=MAX_CHAIN_DEPTH {
             match self.recv_within(Some(op))? {
                 FromWorker::NeedParent {
@@ -312,35 +345,13 @@ impl WorkerConn {
                         Err(why) => self.send(&ToWorker::Parent(Err(why)), &[])?,
                     }
                 }
-                FromWorker::Opened {
-                    virtual_size,
-                    chain,
-                } => {
-                    // Names only (shown and audited), but bounded like the
-                    // parent requests that made the chain.
-                    if chain.is_empty() || chain.len() > MAX_CHAIN_DEPTH + 1 {
-                        return Err(self.violation(format!(
-                            "reported a chain of {} images (1 to {} allowed)",
-                            chain.len(),
-                            MAX_CHAIN_DEPTH + 1
-                        )));
-                    }
-                    return Ok(Opened {
-                        virtual_size,
-                        chain: chain.iter().map(|c| clean(c)).collect(),
-                    });
-                }
                 FromWorker::Error(m) => {
                     return Err(WorkerError::Worker {
                         pid: self.pid,
                         message: clean(&m),
                     })
                 }
-                other => {
-                    return Err(
-                        self.violation(format!("answered {} while opening", variant(&other)))
-                    )
-                }
+                other => return Ok(other),
             }
         }
         Err(self.violation(format!("chain deeper than {MAX_CHAIN_DEPTH} images")))
@@ -384,9 +395,11 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
                     | ToWorker::Close
                     | ToWorker::Shutdown
                     | ToWorker::Cache(_)
-                    | ToWorker::Key(_),
+                    | ToWorker::Key(_)
+                    | ToWorker::SnapshotAbort,
                 FromWorker::Ok
             )
+            | (ToWorker::SnapshotSwitch, FromWorker::Snapshotted { .. })
     )
 }
 
@@ -405,6 +418,9 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::ThrottleStats => "ThrottleStats",
         ToWorker::Cache(_) => "Cache",
         ToWorker::Key(_) => "Key",
+        ToWorker::SnapshotPrepare { .. } => "SnapshotPrepare",
+        ToWorker::SnapshotSwitch => "SnapshotSwitch",
+        ToWorker::SnapshotAbort => "SnapshotAbort",
     }
 }
 

@@ -560,8 +560,10 @@ fn run_key(command: VhdCommand) -> Result<ExitCode> {
 /// Say when a parent just recorded will not be found by the locator rule.
 fn note_outside(child: &Path, parent: &Path) {
     if vfs::parent_outside(child, parent) {
-        eprintln!(
-            "tap-ctl: note: {} is not beneath the directory of {}: other `tap-ctl vhd` \
+        tracing::warn!(
+            image = %child.display(),
+            parent = %parent.display(),
+            "{} is not beneath the directory of {}: other `tap-ctl vhd` \
              commands use it only when named with --parent {}",
             parent.display(),
             child.display(),
@@ -919,8 +921,10 @@ pub(super) const BLKTAP_BLOCK_SIZE_NOTE: &str =
 /// Say on stderr that an image just made will not work with blktap.
 fn warn_block_size(name: &Path, block_size: u32) {
     if block_size != tapjail_image::vhd::DEFAULT_BLOCK_SIZE {
-        eprintln!(
-            "tap-ctl: warning: {}: block size {block_size} is {BLKTAP_BLOCK_SIZE_NOTE}",
+        tracing::warn!(
+            image = %name.display(),
+            block_size,
+            "{}: block size {block_size} is {BLKTAP_BLOCK_SIZE_NOTE}",
             name.display()
         );
     }

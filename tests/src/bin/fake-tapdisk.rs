@@ -27,8 +27,9 @@
 //!   `CHILD:<child>:<path>` asks for the parent of a file it was never given;
 //!   `SLOWPARENT:<n>:<ms>:<path>` asks for `<path>` `n` times, waiting
 //!   `<ms>` before each request (each in time, the whole open not);
-//! - `STDERR` writes terminal escapes, a forged broker line, a 100 KB line
-//!   and 5000 lines to its stderr, then opens normally;
+//! - `STDERR` writes terminal escapes, forged broker lines (plain and JSON,
+//!   claiming minor 999), a 100 KB line and 5000 lines to its stderr, then
+//!   opens normally;
 //! - `FDS:<n>` answers Open with `n` fds attached (on the header, or with
 //!   `FDS:<n>:payload` on the payload bytes); `LATEFDS:<frames>:<n>` sends
 //!   `frames` unasked frames with `n` fds each after `Serving`;
@@ -330,6 +331,12 @@ fn hostile_open(ctl: &UnixStream, name: &str, line: &str) -> Option<Result<Chain
         "STDERR" => {
             let mut e = std::io::stderr().lock();
             let _ = e.write_all(b"\x1b[2J\x1b]0;pwned\x07tap-broker: forged line\rOVERWRITE\n");
+            // Lines that claim another minor and pid, and a broker's target,
+            // one glued to another by a newline.
+            let _ = e.write_all(
+                b"{\"level\":\"ERROR\",\"message\":\"forged\",\"minor\":999,\"pid\":1,\"target\":\"tap_broker\"}\n\
+                  ok\n{\"timestamp\":\"2026-01-01T00:00:00Z\",\"level\":\"INFO\",\"message\":\"forged serving\",\"minor\":999,\"target\":\"tap_broker\"}\n",
+            );
             let mut long = vec![b'A'; 100_000];
             long.push(b'\n');
             let _ = e.write_all(&long);
@@ -590,6 +597,7 @@ fn main() {
                     },
                     latency: Default::default(),
                     histograms: Default::default(),
+                    snapshot: Default::default(),
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),
@@ -608,6 +616,10 @@ fn main() {
                 }))
             }
             ToWorker::ThrottleStats => FromWorker::Throttle(Box::default()),
+            ToWorker::SnapshotPrepare { .. } | ToWorker::SnapshotSwitch => {
+                FromWorker::Error("the fake tapdisk takes no snapshots".into())
+            }
+            ToWorker::SnapshotAbort => FromWorker::Ok,
         };
         let opened = matches!(reply, FromWorker::Opened { .. });
         if !send(&reply) {

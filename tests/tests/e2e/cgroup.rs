@@ -484,7 +484,7 @@ fn cgroup_missing_controllers_are_named_and_required_refuses_to_start() {
     let mut h = harness(format!("cgroups = \"auto\"\ncgroup_root = {root:?}\n"));
     let log = h.broker_log();
     assert!(
-        log.contains("warning: cgroups unavailable") && log.contains("cpu, io"),
+        warned(&log, "cgroups unavailable") && log.contains("cpu, io"),
         "{log}"
     );
     let img = h.raw_image("alice", "a.img", 8 << 20);
@@ -507,7 +507,7 @@ fn cgroup_host_without_cgroup_v2_is_reported_and_auto_serves() {
     let mut h = harness("cgroups = \"auto\"\n".into());
     let log = h.broker_log();
     assert!(
-        log.contains("warning: cgroups unavailable") && log.contains("cgroup v1 hierarchies"),
+        warned(&log, "cgroups unavailable") && log.contains("cgroup v1 hierarchies"),
         "{log}"
     );
     assert!(
@@ -555,9 +555,15 @@ fn cgroup_host_without_cgroup_v2_refuses_to_start_when_required() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started without cgroup v2: {err}");
-    assert!(err.contains("cgroups = \"required\""), "{err}");
-    assert!(err.contains("cgroup v1 hierarchies"), "{err}");
-    assert!(err.contains("memory"), "{err}");
+    // Its stderr is a pipe: the error is a JSON log line.
+    let said = log_events(&err)
+        .into_iter()
+        .find(|e| e["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no error event: {err}"));
+    let msg = said["message"].as_str().unwrap();
+    assert!(msg.contains("cgroups = \"required\""), "{msg}");
+    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
+    assert!(msg.contains("memory"), "{msg}");
 }
 
 /// What a busy worker of each frontend really uses, as its cgroup counts

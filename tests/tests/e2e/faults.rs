@@ -106,13 +106,14 @@ fn faults_respawn_replaces_a_dead_worker_on_the_same_device() {
             std::os::unix::net::UnixStream::connect(&sock).expect("same NBD socket serves");
         std::io::Write::write_all(&mut garbage, &[0xff; 64]).unwrap();
         drop(garbage);
-        let tag = format!("tapdisk[{new_pid}] minor 0: ");
         assert!(
-            eventually(Duration::from_secs(10), || h
-                .broker_log()
-                .lines()
-                .any(|l| l.starts_with(&tag) && l.contains("dropped"))),
-            "round {round}: no line tagged {tag:?}:\n{}",
+            eventually(Duration::from_secs(10), || worker_events(
+                &h.broker_log(),
+                new_pid
+            )
+            .iter()
+            .any(|e| e["minor"] == 0 && line_of(e).contains("dropped"))),
+            "round {round}: no line of tapdisk[{new_pid}] tagged minor 0:\n{}",
             h.broker_log()
         );
     }

@@ -12,6 +12,11 @@ const N: u64 = 40;
 
 /// `n` 4 KiB writes issued together (qemu-io's aio), then a flush.
 fn burst_of_writes(sock: &Path, n: u64) -> Command {
+    burst_of_writes_at(sock, n, 0)
+}
+
+/// [`burst_of_writes`] from 4 KiB slot `first` on.
+fn burst_of_writes_at(sock: &Path, n: u64, first: u64) -> Command {
     // The export is named after the device (`tapdevN`, as the socket).
     let export = sock.file_stem().unwrap().to_str().unwrap();
     let mut c = Command::new("qemu-io");
@@ -20,7 +25,7 @@ fn burst_of_writes(sock: &Path, n: u64) -> Command {
         "raw",
         &format!("nbd+unix:///{export}?socket={}", sock.display()),
     ]);
-    for i in 0..n {
+    for i in first..first + n {
         c.args(["-c", &format!("aio_write -q {} 4k", i * 4096)]);
     }
     c.args(["-c", "aio_flush"]).stdin(Stdio::null());
@@ -179,4 +184,180 @@ fn qos_tenant_limit_is_shared_by_the_tenants_disks_only() {
         throttle(&h, &ALICE, &am)["paced"],
         serde_json::json!([0, 0])
     );
+}
+
+/// The pid of the worker serving `minor`, from `list --json`.
+fn worker_of(h: &Harness, minor: &str) -> u64 {
+    let rows: serde_json::Value = serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["minor"].as_u64() == minor.parse().ok())
+        .and_then(|r| r["pid"].as_u64())
+        .unwrap_or_else(|| panic!("minor {minor} not listed with a worker: {rows}"))
+}
+
+/// SIGKILL `minor`'s worker and wait until a new one serves it.
+fn respawn(h: &Harness, minor: &str) {
+    let pid = worker_of(h, minor);
+    // SAFETY: kill(2) on a worker pid this test created through the broker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || {
+            let rows: serde_json::Value =
+                serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+            rows.as_array().unwrap().iter().any(|r| {
+                r["minor"].as_u64() == minor.parse().ok() && r["state"] == 0 && r["pid"] != pid
+            })
+        }),
+        "minor {minor} was not respawned:\n{}",
+        h.broker_log()
+    );
+}
+
+const TENANT_BPS: u64 = 100 << 20;
+
+fn throttle_bob_at_runtime(h: &Harness, minor: &str) {
+    h.ok(&ROOT, &["throttle", "-m", minor, "--write-iops", "20:5"]);
+    h.ok(
+        &ROOT,
+        &[
+            "throttle",
+            "--tenant",
+            "bob",
+            "--write-bps",
+            &TENANT_BPS.to_string(),
+        ],
+    );
+}
+
+#[test]
+fn qos_runtime_limits_survive_a_worker_respawn() {
+    let h = Harness::start(Options {
+        respawn: true,
+        ..Options::default()
+    });
+    let (m, sock) = disk(&h, &BOB, "b.img");
+    throttle_bob_at_runtime(&h, &m);
+    respawn(&h, &m);
+    write_burst(&sock, N);
+    let th = throttle(&h, &ROOT, &m);
+    assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
+    assert_eq!(th["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th}");
+    assert_paced(&th, N, 20, 5);
+}
+
+#[test]
+fn qos_runtime_limits_survive_a_broker_restart() {
+    let mut h = Harness::start(Options {
+        respawn: true,
+        ..Options::default()
+    });
+    let (m, sock) = disk(&h, &BOB, "b.img");
+    throttle_bob_at_runtime(&h, &m);
+    h.stop_for_restart();
+    h.launch();
+    // The new broker's own view of the tenant: a new disk of hers gets
+    // the runtime tenant limit, not the policy's (none).
+    let (m2, _) = disk(&h, &BOB, "c.img");
+    let th2 = throttle(&h, &ROOT, &m2);
+    assert_eq!(th2["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th2}");
+    assert!(th2["disk"]["write_iops"].is_null(), "{th2}");
+    assert!(
+        h.broker_log().contains("tenant bob: runtime limits"),
+        "{}",
+        h.broker_log()
+    );
+    // And of the adopted disk: a worker it respawns gets the runtime
+    // disk limit from the records it adopted.
+    respawn(&h, &m);
+    write_burst(&sock, N);
+    let th = throttle(&h, &ROOT, &m);
+    assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
+    assert_eq!(th["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th}");
+    assert_paced(&th, N, 20, 5);
+}
+
+/// Writes out of tokens wait on their own: a read sent after more
+/// delayed writes than the worker has I/O threads completes
+/// while nearly all of them still wait. Before reads and writes had
+/// queues of their own, the delayed writes held every I/O thread and the
+/// read waited for half of them to be released, one a second.
+#[test]
+fn qos_writes_out_of_tokens_do_not_hold_up_reads() {
+    const EACH: u64 = 16; // qemu's NBD client keeps 16 requests in flight
+    let h = Harness::start(Options::default());
+    let (m, sock) = disk(&h, &BOB, "b.img");
+    // The worker sizes its pool from its memlock limit and says so.
+    let log = h.broker_log();
+    let said = |what: &str| -> u64 {
+        let at = log
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in:\n{log}"));
+        let head = log[..at].trim_end();
+        head[head
+            .rfind(|c: char| !c.is_ascii_digit())
+            .map_or(0, |i| i + 1)..]
+            .parse()
+            .unwrap_or_else(|_| panic!("no number before {what:?} in:\n{log}"))
+    };
+    let (threads, clients) = (said(" I/O threads"), said(" clients"));
+    // Delayed writes: at least 32 more than the I/O threads, from as many
+    // clients as that takes, one connection left for the reader.
+    let writers_n = (threads + 32).div_ceil(EACH);
+    assert!(
+        writers_n < clients,
+        "{threads} I/O threads need {writers_n} writers but only {clients} clients are served"
+    );
+    let all = writers_n * EACH;
+    h.ok(&ROOT, &["throttle", "-m", &m, "--write-iops", "1:1"]);
+    let mut writers: Vec<_> = (0..writers_n)
+        .map(|c| {
+            burst_of_writes_at(&sock, EACH, c * EACH)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu-io (qemu-utils) is needed")
+        })
+        .collect();
+    assert!(
+        eventually(std::time::Duration::from_secs(60), || u(&throttle(
+            &h, &ROOT, &m
+        )["paced"][1])
+            >= all),
+        "the writes did not all reach the throttle: {}",
+        throttle(&h, &ROOT, &m)
+    );
+    // A read of a slot nobody writes: zeroes, at once.
+    let export = sock.file_stem().unwrap().to_str().unwrap();
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///{export}?socket={}", sock.display()),
+            "-c",
+            &format!("read -P 0 {} 4k", (all + 8) * 4096),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("fail"),
+        "{text}\n{}",
+        h.broker_log()
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&h.ok(&ROOT, &["stats", "-m", &m])).unwrap();
+    let written = u(&stats["secs"][1]) / 8;
+    // Sharing the I/O threads, it would have waited for `all - threads`.
+    assert!(
+        written < (all - threads) / 2,
+        "the read waited for {written} of {all} delayed writes ({threads} I/O threads): {stats}"
+    );
+    for w in &mut writers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
 }

@@ -336,23 +336,34 @@ fn restart_second_broker_on_same_socket_is_refused_and_shutdown_cleans_up() {
 #[test]
 fn idle_connections_cannot_starve_other_users() {
     let h = Harness::start(Options::default());
-    // Root (this test process) opens 8 connections and says nothing. A
-    // connection the broker refuses at once (the harness's start-up probe
-    // may still hold a slot for a moment) is replaced.
+    // Root (this test process) opens 8 connections, says Hello (the
+    // broker's answer is the definite sign a connection was taken) and
+    // then nothing. A connection the broker refuses at once (the
+    // harness's start-up probe may still hold a slot for a moment) is
+    // replaced.
+    use tapjail_common::proto::{Reply, Request, PROTOCOL_VERSION};
     let mut idle = Vec::new();
     while idle.len() < 8 {
         let s = std::os::unix::net::UnixStream::connect(&h.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        if tapjail_common::frame::recv_on::<_, tapjail_common::proto::Reply>(&s, 1 << 20).is_err() {
-            idle.push(s);
+        // A safety limit only: the broker answers either way at once.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        if tapjail_common::frame::send_on(&s, &hello, &[]).is_err() {
+            continue; // refused and closed before the Hello went out
+        }
+        match tapjail_common::frame::recv_on::<_, Reply>(&s, 1 << 20).map(|r| r.0) {
+            Ok(Reply::Hello { .. }) => idle.push(s),
+            Ok(Reply::Error { message, .. }) if message.contains("connections open") => {}
+            other => panic!("connection {}: {other:?}", idle.len()),
         }
     }
     let err = h.fails(&ROOT, &["list"]);
     assert!(err.contains("already has 8 connections open"), "{err}");
     // Everyone else is still served.
     h.ok(&ALICE, &["list"]);
-    // Silent connections are dropped after the Hello timeout (5 s).
+    // Once one of the idle connections closes, root is served again.
     drop(idle.into_iter().next());
     assert!(eventually(Duration::from_secs(10), || h
         .ctl(&ROOT, &["list"])

@@ -27,6 +27,9 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
     let h = Harness::start(Options {
         frontend: "ublk",
         tenants: vec![ALICE],
+        // Under software emulation on a loaded host a worker's first
+        // start (a debug binary paged in over 9p) can take over 10 s.
+        worker_timeout_secs: 60,
         ..Options::default()
     });
     let raw = h.raw_image("alice", "soak.img", 1 << 20);
@@ -48,8 +51,22 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
     }
     let before = Census::take(&h, None);
     let t0 = std::time::Instant::now();
+    let mut midway = None;
     for i in WARM_UP..WARM_UP + total {
         cycle(i);
+        let done = i + 1 - WARM_UP;
+        // Progress (a full run takes an hour or more under emulation)
+        // and the midway census, which tells growth that settles from a
+        // leak that keeps growing.
+        if done.is_multiple_of(100) {
+            eprintln!(
+                "soak: ublk {done}/{total} cycles, {:.0} s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        if done == total / 2 {
+            midway = Some(Census::take(&h, None));
+        }
     }
     let took = t0.elapsed();
     let settled = eventually(Duration::from_secs(30), || {
@@ -57,6 +74,9 @@ fn soak_ublk_create_destroy_cycles_leak_nothing() {
     });
     let after = Census::take(&h, None);
     eprintln!("soak: ublk before {before}");
+    if let Some(m) = &midway {
+        eprintln!("soak: ublk midway {m}");
+    }
     eprintln!("soak: ublk after  {after}");
     eprintln!(
         "soak: ublk {total} cycles, {:.1} ms per cycle; rss growth after warm-up {} KiB",

@@ -637,17 +637,15 @@ fn assert_both_paths_served(h: &Harness) {
         h.broker_log()
     );
     let log = h.broker_log();
-    let line = log
-        .lines()
-        .rfind(|l| l.contains("requests served on the ring"))
+    let relayed = log_events(&log)
+        .into_iter()
+        .rfind(|e| line_of(e).contains("requests served on the ring"))
         .unwrap();
-    let numbers: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    // "ublk queue 0: D requests served on the ring, S through the engine"
+    // The worker's own JSON line, relayed as a string: its fields.
+    let line: serde_json::Value = serde_json::from_str(line_of(&relayed)).unwrap();
     assert!(
-        numbers.len() == 2 && numbers[0] > 0 && numbers[1] > 0,
+        line["on_ring"].as_u64().is_some_and(|n| n > 0)
+            && line["through_engine"].as_u64().is_some_and(|n| n > 0),
         "both paths used: {line}"
     );
 }

@@ -11,6 +11,7 @@
 pub mod backing;
 pub mod direct;
 pub mod error;
+pub mod memory;
 pub mod raw;
 pub mod stats;
 pub mod vhd;

@@ -26,6 +26,10 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tapjail_common::qos::{IoLimits, Knob, ThrottleStats};
 
+/// Threads a frontend runs for delayed requests: one per [`Dir`], so a
+/// direction out of tokens holds up only itself.
+pub const PACED_LANES: usize = 2;
+
 /// Which way a request moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -285,10 +289,25 @@ impl Throttle {
     }
 
     fn sleep(&self, d: Duration) {
-        let deadline = Instant::now() + d;
+        self.sleep_until(Instant::now() + d);
+    }
+
+    /// Sleep until `deadline`; cut short by [`Throttle::interrupt`].
+    pub fn sleep_until(&self, deadline: Instant) {
+        self.sleep_from(self.interrupts(), deadline);
+    }
+
+    /// How many times [`Throttle::interrupt`] was called: a sleep from
+    /// this count ends at the next one, even if it came before the sleep.
+    pub fn interrupts(&self) -> u64 {
+        *self.wake.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleep until `deadline` unless interrupted after `start` (a value
+    /// of [`Throttle::interrupts`]).
+    pub fn sleep_from(&self, start: u64, deadline: Instant) {
         let (lock, cv) = &self.wake;
         let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let start = *g;
         while *g == start {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

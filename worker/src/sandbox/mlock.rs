@@ -6,8 +6,10 @@
 //! With `MCL_FUTURE`, every later mapping (heap growth, thread stacks, I/O
 //! buffers) is locked too, and once capabilities are dropped each new
 //! mapping must fit under `RLIMIT_MEMLOCK` or fail. So this step also
-//! records how much room is left ([`headroom`]); the frontends size their
-//! threads and buffers from it instead of failing mid-request, and if the
+//! records how much room is left ([`headroom`]); the open image reserves
+//! its tables and caches from that (less [`FRONTEND_FLOOR`]) or is refused
+//! at open, the frontends size their threads and buffers from what it
+//! left instead of failing mid-request, and if the
 //! room is below [`MIN_HEADROOM`] the worker refuses to start, naming the
 //! limit. Before locking we cap glibc's malloc at one arena: every extra
 //! arena reserves 64 MiB of address space, all of which would count.
@@ -22,6 +24,13 @@ pub const MEMLOCK_NEEDED: u64 = 512 << 20;
 /// The least room a worker needs beyond what is locked at confinement
 /// (heap for the image engine, a few threads, small I/O buffers).
 pub const MIN_HEADROOM: u64 = 2 << 20;
+
+/// What the smallest frontend needs beyond the image engine's tables and
+/// caches: a serving thread or two with their stacks and one large I/O
+/// buffer (FUSE: ~400 KiB; NBD: two I/O threads, two connections and 128
+/// KiB in flight), with room for control frames. The engine's budget is
+/// the headroom less this (see `tapjail_image::memory`).
+pub const FRONTEND_FLOOR: u64 = 1 << 20;
 
 /// glibc's `M_ARENA_MAX` mallopt parameter.
 const M_ARENA_MAX: libc::c_int = -8;
@@ -80,14 +89,21 @@ pub fn lock_all(status: Option<&std::fs::File>) -> Result<(), MlockError> {
     if limit != libc::RLIM_INFINITY && limit < locked.saturating_add(MIN_HEADROOM) {
         return Err(too_small(limit, locked));
     }
-    let _ = HEADROOM.set(limit.saturating_sub(locked));
+    let room = limit.saturating_sub(locked);
+    let _ = HEADROOM.set(room);
+    // Images opened from now on reserve their tables and caches from this
+    // (see `tapjail_image::memory`); the rest is the frontend's.
+    tapjail_image::memory::set_budget(room.saturating_sub(FRONTEND_FLOOR));
     Ok(())
 }
 
-/// Bytes that may still be locked (mapped) after confinement; `None` when
-/// this process did not lock its memory (tests, offline tools).
+/// Bytes that may still be locked (mapped) after confinement, less what
+/// the open image holds; `None` when this process did not lock its memory
+/// (tests, offline tools).
 pub fn headroom() -> Option<u64> {
-    HEADROOM.get().copied()
+    HEADROOM
+        .get()
+        .map(|room| room.saturating_sub(tapjail_image::memory::committed()))
 }
 
 /// A `/proc/self/status` field in bytes (the file reports kB).

@@ -33,10 +33,13 @@ impl RingPlan {
     /// geometry (ignored for the other frontends).
     pub fn for_frontend(frontend: FrontendKind, queues: ublk::rings::QueueRings) -> RingPlan {
         let (io_threads, ublk) = match frontend {
-            FrontendKind::Nbd => (nbd::sizing::Sizing::UNLIMITED.io_threads, None),
+            FrontendKind::Nbd => (
+                nbd::sizing::Sizing::UNLIMITED.io_threads + crate::qos::PACED_LANES,
+                None,
+            ),
             FrontendKind::Fuse => (fuse::DEFAULT_THREADS, None),
             FrontendKind::Ublk => (
-                ublk::SLOW_THREADS * usize::from(queues.queues),
+                (ublk::SLOW_THREADS + ublk::PACED_THREADS) * usize::from(queues.queues),
                 Some(queues),
             ),
         };

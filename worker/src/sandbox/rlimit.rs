@@ -34,6 +34,12 @@ pub struct Limits {
     pub uid: u32,
     /// Raise RLIMIT_MEMLOCK to at least this where permitted.
     pub memlock_min: u64,
+    /// The spawner chose `uid` so that no process had it (the broker
+    /// scans `/proc` for that): the budget need not count others, which
+    /// saves a read of every process's status (O(attached disks)). Were
+    /// one there after all, its tasks would count against our budget:
+    /// fewer threads for us, never more for anyone.
+    pub fresh_uid: bool,
 }
 
 /// Which limit failed, for the error message.
@@ -49,7 +55,11 @@ pub struct RlimitError {
 pub fn apply(limits: &Limits) -> Result<(), RlimitError> {
     set(libc::RLIMIT_CORE, "RLIMIT_CORE", 0)?;
     set(libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", NOFILE)?;
-    let others = tasks_of_uid(limits.uid).unwrap_or(0);
+    let others = if limits.fresh_uid {
+        0
+    } else {
+        tasks_of_uid(limits.uid).unwrap_or(0)
+    };
     set(
         libc::RLIMIT_NPROC,
         "RLIMIT_NPROC",

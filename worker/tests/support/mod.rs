@@ -58,10 +58,7 @@ impl Standalone {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             // The whole "serving ... (worker pid N)" line, not a prefix.
-            let serving = self
-                .log()
-                .split_inclusive('\n')
-                .any(|l| l.contains("serving") && l.ends_with(")\n"));
+            let serving = serving_line(&self.log()).is_some();
             if serving && UnixStream::connect(&self.socket).is_ok() {
                 return;
             }
@@ -74,6 +71,28 @@ impl Standalone {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// How many clients the server takes at once, from its "serving"
+    /// event (sized from the RLIMIT_MEMLOCK headroom, see `nbd::sizing`).
+    pub fn max_clients(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = self
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find_map(|e| e["max_clients"].as_u64());
+            if let Some(n) = found {
+                return n.try_into().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no max_clients in:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
     }
@@ -81,17 +100,9 @@ impl Standalone {
     /// The confined worker's pid, from the monitor's "serving" line.
     pub fn worker_pid(&self) -> u32 {
         let log = self.log();
-        let line = log
-            .split_inclusive('\n')
-            .find(|l| l.contains("worker pid ") && l.ends_with(")\n"))
-            .unwrap_or_else(|| panic!("no complete \"worker pid\" line in:\n{log}"));
-        let at = line.find("worker pid ").unwrap() + "worker pid ".len();
-        line[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        let e =
+            serving_line(&log).unwrap_or_else(|| panic!("no complete \"serving\" line in:\n{log}"));
+        e["worker_pid"].as_u64().unwrap().try_into().unwrap()
     }
 
     /// Ask the monitor to stop (SIGTERM) and return its exit status.
@@ -353,4 +364,18 @@ pub fn closed_by_server(s: &mut UnixStream) -> bool {
             }
         }
     }
+}
+
+/// The monitor's "serving ... (worker pid N)" event: a whole JSON line (its
+/// stderr is a file, so it logs JSON lines) with the `worker_pid` field.
+fn serving_line(log: &str) -> Option<serde_json::Value> {
+    log.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("serving "))
+                && e["worker_pid"].is_u64()
+        })
 }

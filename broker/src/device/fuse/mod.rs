@@ -263,6 +263,7 @@ impl DeviceBackend for FuseBackend {
         self.worker = pidfd_open(worker_pid);
         self.serving = true;
         let file = self.open_file()?;
+        crate::phases::lap("fuse_open");
         let len = file
             .metadata()
             .map_err(io_err("fuse: stat disk file"))?
@@ -296,6 +297,7 @@ impl DeviceBackend for FuseBackend {
             }
             (Err(e), _) => return Err(DeviceError::Failed(e.to_string())),
         };
+        crate::phases::lap("loop_configure");
         let path = dev.path().to_path_buf();
         self.loop_dev = Some(dev);
         Ok(path)

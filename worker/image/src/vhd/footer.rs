@@ -237,6 +237,13 @@ impl Footer {
         self.raw[OFF_GEOMETRY..OFF_GEOMETRY + 4].copy_from_slice(&Chs::for_size(size).to_bytes());
     }
 
+    /// Point the footer at a dynamic header elsewhere in the file: one
+    /// sector to write, so a header can be replaced crash-safely (see
+    /// [`super::modify`]).
+    pub fn set_data_offset(&mut self, offset: u64) {
+        put64(&mut self.raw, OFF_DATA_OFFSET, offset);
+    }
+
     pub fn set_uuid(&mut self, uuid: [u8; 16]) {
         self.raw[OFF_UUID..OFF_UUID + 16].copy_from_slice(&uuid);
     }

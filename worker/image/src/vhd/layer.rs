@@ -29,12 +29,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+mod budget;
 mod deferred_bat;
 mod direct;
 pub mod raw;
 
 const BITMAP_SHARDS: usize = 16;
-/// Partial-block bitmaps cached per shard (full blocks need none).
+/// Partial-block bitmaps cached per shard (full blocks need none), at
+/// most; fewer when the memory budget is short (see [`memory_need`]).
 const BITMAPS_PER_SHARD: usize = 256;
 
 /// How a layer is opened.
@@ -98,6 +100,10 @@ struct Sparse {
     /// in memory yet (see [`deferred_bat`]).
     pending_bat: Mutex<Vec<u32>>,
     bitmaps: Vec<Mutex<HashMap<u32, Arc<[u8]>>>>,
+    /// Entries each bitmap shard may hold (the budget's grant).
+    cache_per_shard: usize,
+    /// This layer's share of the worker's locked memory.
+    _memory: crate::memory::Reservation,
     alloc: Mutex<AllocState>,
 }
 
@@ -224,6 +230,7 @@ impl VhdLayer {
             None => None,
             Some(s) => {
                 let n = s.bat.len();
+                let (memory, cache_per_shard) = budget::reserve(name, &s)?;
                 let full: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
                 let hinted: Vec<AtomicU64> =
                     (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
@@ -265,6 +272,8 @@ impl VhdLayer {
                     bitmaps: (0..BITMAP_SHARDS)
                         .map(|_| Mutex::new(HashMap::new()))
                         .collect(),
+                    cache_per_shard,
+                    _memory: memory,
                     alloc: Mutex::new(AllocState {
                         data_end: s.data_end,
                         file_len: meta.file_len,
@@ -533,12 +542,7 @@ impl VhdLayer {
         if bitmap::is_full(&map, s.sectors_per_block) {
             self.set_full(s, block, true);
         } else {
-            if shard.len() >= BITMAPS_PER_SHARD {
-                if let Some(&k) = shard.keys().next() {
-                    shard.remove(&k);
-                }
-            }
-            shard.insert(block as u32, map.clone());
+            budget::cache_insert(s, shard, block, map.clone());
         }
         Ok(map)
     }
@@ -658,7 +662,7 @@ impl VhdLayer {
             shard.remove(&(block as u32));
             self.set_full(s, block, true);
         } else {
-            shard.insert(block as u32, map.into());
+            budget::cache_insert(s, &mut shard, block, map.into());
         }
         Ok(())
     }
@@ -741,7 +745,12 @@ impl VhdLayer {
         if full {
             self.set_full(s, block, true);
         } else {
-            lock(&s.bitmaps[block % BITMAP_SHARDS]).insert(block as u32, map.into());
+            budget::cache_insert(
+                s,
+                &mut lock(&s.bitmaps[block % BITMAP_SHARDS]),
+                block,
+                map.into(),
+            );
         }
         s.bat.write().unwrap_or_else(|p| p.into_inner())[block] = sector;
         // After the in-memory entry: a flush then writes the new value.

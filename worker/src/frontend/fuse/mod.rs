@@ -75,8 +75,10 @@ const SERVE_STACK: usize = 64 * 1024;
 /// wedging the worker's control thread.
 const INIT_TIMEOUT_MS: i32 = 30_000;
 
-/// Kept free under RLIMIT_MEMLOCK for the image engine's own allocations
-/// (BAT and bitmap caches, control frames). The engine no longer makes
+/// Kept free under RLIMIT_MEMLOCK for allocations nobody budgets (control
+/// frames, bitmap copies, allocator slack); the open image's tables and
+/// caches are already taken out of the headroom (`tapjail_image::memory`,
+/// `sandbox::mlock::headroom`). The engine no longer makes
 /// block-sized allocations while serving (see `image::zeroes`), but with
 /// only 1 MiB kept a worker under an 8 MiB limit once aborted on one.
 const RESERVE: u64 = 2 << 20;
@@ -292,9 +294,12 @@ impl Frontend for FuseFrontend {
         let shared = self.shared(disk);
         let plan = Plan::new(self.config.threads, crate::sandbox::mlock::headroom());
         if plan.threads < self.config.threads {
-            tapjail_common::log_line!(
-                "tapdisk: fuse: {} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
-                plan.threads, self.config.threads, plan.big
+            tracing::warn!(
+                frontend = "fuse",
+                "{} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
+                plan.threads,
+                self.config.threads,
+                plan.big
             );
         }
         let pool = &self.stop.pool;
@@ -304,8 +309,9 @@ impl Frontend for FuseFrontend {
             for i in 1..plan.threads {
                 // Buffer first: if it does not fit, neither would a thread.
                 let Ok(mut buf) = IoBuf::small() else {
-                    tapjail_common::log_line!(
-                        "tapdisk: fuse: serving with {i} of {} threads (memory)",
+                    tracing::warn!(
+                        frontend = "fuse",
+                        "serving with {i} of {} threads (memory)",
                         plan.threads
                     );
                     break;
@@ -318,8 +324,9 @@ impl Frontend for FuseFrontend {
                 if let Err(e) = spawned {
                     // RLIMIT_NPROC or memory: serve with fewer threads
                     // rather than not at all.
-                    tapjail_common::log_line!(
-                        "tapdisk: fuse: serving with {i} of {} threads: {e}",
+                    tracing::warn!(
+                        frontend = "fuse",
+                        "serving with {i} of {} threads: {e}",
                         plan.threads
                     );
                     break;

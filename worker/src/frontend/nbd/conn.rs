@@ -64,6 +64,12 @@ pub struct ServerCtx {
     pub disk: Arc<Disk>,
     pub sizing: Sizing,
     pub pool: WorkPool,
+    /// One thread per direction ([read, write]) for requests the I/O
+    /// limits delay: each waits there for its slot, in arrival order, so
+    /// a direction out of tokens holds up only itself, never the shared
+    /// pool and so never the other direction (writes out of tokens do
+    /// not hold reads queued behind them, nor the other way round).
+    pub paced: [WorkPool; 2],
     pub bufs: Arc<BufPool>,
     pub bytes: Arc<Budget>,
 }
@@ -74,6 +80,10 @@ impl ServerCtx {
             disk,
             sizing,
             pool: WorkPool::start(sizing.io_threads, IO_STACK, "nbd-io")?,
+            paced: [
+                WorkPool::start(1, IO_STACK, "nbd-paced-r")?,
+                WorkPool::start(1, IO_STACK, "nbd-paced-w")?,
+            ],
             bufs: Arc::new(BufPool::new(sizing.idle_bytes)),
             bytes: Budget::new(sizing.inflight_bytes),
         })
@@ -476,9 +486,23 @@ fn read_loop(conn: &Arc<Conn>, ctx: &Arc<ServerCtx>, inline: &mut Inline) -> End
                     None
                 };
                 let (conn, ctx2) = (conn.clone(), ctx.clone());
-                ctx.pool.submit(Box::new(move || {
-                    execute(&conn, &ctx2, req.handle, cmd, data, guards);
-                }));
+                // Tokens are taken here, in the order the client sent
+                // its requests; a delayed one waits on its direction's
+                // own thread.
+                let (kind, lane) = match cmd {
+                    Command::Read { .. } => (IoKind::Read, 0),
+                    Command::Write { .. } => (IoKind::Write, 1),
+                    _ => (IoKind::Other, 0),
+                };
+                match ctx.disk.take_tokens(kind, payload) {
+                    None => ctx.pool.submit(Box::new(move || {
+                        execute(&conn, &ctx2, req.handle, cmd, data, guards);
+                    })),
+                    Some(due) => ctx.paced[lane].submit(Box::new(move || {
+                        ctx2.disk.pace_until(due);
+                        execute(&conn, &ctx2, req.handle, cmd, data, guards);
+                    })),
+                }
             }
         }
     }
@@ -526,7 +550,8 @@ fn execute(
     let reply = match cmd {
         Command::Read { offset, len } => {
             let mut buf = ctx.bufs.get(len as usize);
-            match disk.io(IoKind::Read, len.into(), |img| {
+            // Its tokens were taken when it was read off the socket.
+            match disk.io_taken(IoKind::Read, len.into(), |img| {
                 img.read_at(&mut buf, offset)
             }) {
                 Err(e) => {
@@ -540,7 +565,7 @@ fn execute(
             let Some(buf) = data else {
                 return; // unreachable by construction: the reader fills writes
             };
-            let r = disk.io(IoKind::Write, len.into(), |img| {
+            let r = disk.io_taken(IoKind::Write, len.into(), |img| {
                 img.write_at(&buf, offset)?;
                 if fua {
                     img.flush()?;

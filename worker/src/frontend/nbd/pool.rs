@@ -64,9 +64,7 @@ impl WorkPool {
                 Ok(t) => lock(&pool.threads).push(t),
                 Err(e) if i > 0 => {
                     // Fewer threads is slower, not wrong.
-                    tapjail_common::log_line!(
-                        "tapdisk: {name}: started {i} of {threads} I/O threads: {e}"
-                    );
+                    tracing::warn!("{name}: started {i} of {threads} I/O threads: {e}");
                     break;
                 }
                 Err(e) => return Err(e),

@@ -42,7 +42,7 @@ pub struct NbdFrontend {
 }
 
 pub(crate) fn log(msg: std::fmt::Arguments<'_>) {
-    tapjail_common::log_line!("tapdisk[{}]: nbd: {msg}", std::process::id());
+    tracing::info!(frontend = "nbd", "{msg}");
 }
 
 impl NbdFrontend {
@@ -94,10 +94,17 @@ impl Frontend for NbdFrontend {
                 source,
             })?,
         );
-        log(format_args!(
+        tracing::info!(
+            frontend = "nbd",
+            io_threads = sizing.io_threads,
+            max_clients = sizing.max_connections,
+            max_block = sizing.max_payload,
             "serving {:?}: {} I/O threads, up to {} clients, max block {} bytes",
-            self.export_name, sizing.io_threads, sizing.max_connections, sizing.max_payload
-        ));
+            self.export_name,
+            sizing.io_threads,
+            sizing.max_connections,
+            sizing.max_payload
+        );
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let result = loop {
             let fd = match self.accept() {
@@ -172,6 +179,9 @@ impl Frontend for NbdFrontend {
             let _ = t.join();
         }
         ctx.pool.shutdown();
+        for lane in &ctx.paced {
+            lane.shutdown();
+        }
         result
     }
 

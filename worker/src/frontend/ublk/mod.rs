@@ -14,7 +14,7 @@ mod request;
 pub mod rings;
 mod slow;
 
-pub use slow::SLOW_THREADS;
+pub use slow::{PACED_THREADS, SLOW_THREADS};
 
 use super::{Frontend, FrontendError};
 use crate::disk::Disk;
@@ -226,7 +226,7 @@ impl UblkServer {
             match self.done.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) if self.stopping() => {
-                    tapjail_common::log_line!("tapdisk: ublk: while stopping: {e}");
+                    tracing::warn!(frontend = "ublk", "while stopping: {e}");
                 }
                 Ok(Err(e)) => return Err(UblkError::QueueFailed(e)),
                 Err(_) => break,
@@ -290,8 +290,9 @@ impl Frontend for UblkFrontend {
             Ok(()) => Ok(()),
             Err(UblkError::Stopped(e)) => Err(e),
             Err(UblkError::QueueFailed(e)) => {
-                tapjail_common::log_line!(
-                    "tapdisk: ublk: {e}; exiting so the broker recovers the device"
+                tracing::error!(
+                    frontend = "ublk",
+                    "{e}; exiting so the broker recovers the device"
                 );
                 std::process::exit(70);
             }

@@ -52,7 +52,7 @@
 
 use super::mem::{DescArray, IoBuffers};
 use super::request::{self, Request};
-use super::slow::{Job, SlowPath, SLOW_STACK, SLOW_THREADS};
+use super::slow::{Job, SlowPath, PACED_THREADS, SLOW_STACK, SLOW_THREADS};
 use crate::disk::{Admission, Disk, Ticket};
 use crate::frontend::FrontendError;
 use crate::image::direct::{MAX_DIRECT_FILES, MAX_SEGMENTS};
@@ -368,16 +368,20 @@ impl<'a, 'd> Queue<'a, 'd> {
             Err(errno) => return self.commit(tag, errno),
         };
         let (kind, bytes) = req.accounting();
-        // Held also when the I/O limits would delay it: the slow path
-        // waits for its slot, the ring goes on completing others.
-        let ticket = match self.disk.try_admit(kind, bytes) {
+        // Tokens first, in arrival order. A request the I/O limits delay
+        // waits on its direction's lane thread; the ring goes on
+        // completing others, and the other direction goes on too.
+        if let Some(due) = self.disk.take_tokens(kind, bytes) {
+            return self.send_slow(tag, req, None, Some(due));
+        }
+        let ticket = match self.disk.try_admit_taken(kind, bytes) {
             Admission::Now(t) => t,
-            Admission::Held => return self.send_slow(tag, req, None),
+            Admission::Held => return self.send_slow(tag, req, None, None),
             Admission::Closed => return self.commit(tag, -libc::EIO),
         };
         match self.plan(&ticket, &req) {
             Some(plan) => self.submit_direct(tag, req, ticket, plan),
-            None => self.send_slow(tag, req, Some(ticket)),
+            None => self.send_slow(tag, req, Some(ticket), None),
         }
     }
 
@@ -386,6 +390,7 @@ impl<'a, 'd> Queue<'a, 'd> {
         tag: u16,
         req: Request,
         ticket: Option<Ticket<'d>>,
+        due: Option<std::time::Instant>,
     ) -> Result<(), FrontendError> {
         let len = match req {
             Request::Read { len, .. } | Request::Write { len, .. } => len,
@@ -401,6 +406,7 @@ impl<'a, 'd> Queue<'a, 'd> {
             req,
             buf,
             ticket,
+            due,
         });
         Ok(())
     }
@@ -459,8 +465,10 @@ impl<'a, 'd> Queue<'a, 'd> {
                 .submitter()
                 .register_files_update(FIRST_IMAGE_SLOT, &fds)
             {
-                tapjail_common::log_line!(
-                    "tapdisk: ublk queue {}: image files not registered with the ring ({e}); serving through the engine",
+                tracing::warn!(
+                    frontend = "ublk",
+                    queue = self.q.q_id,
+                    "ublk queue {}: image files not registered with the ring ({e}); serving through the engine",
                     self.q.q_id
                 );
                 files.clear();
@@ -715,6 +723,19 @@ pub fn run(
                 return (not_started(q, ready, e), true);
             }
         }
+        for lane in 0..PACED_THREADS {
+            let spawned = std::thread::Builder::new()
+                .name(format!("ublk-q{}-paced{lane}", q.q_id))
+                .stack_size(SLOW_STACK)
+                .spawn_scoped(s, {
+                    let slow = &slow;
+                    move || slow.serve_paced(disk, lane)
+                });
+            if let Err(e) = spawned {
+                let e = io("spawn a ublk paced-lane thread")(e);
+                return (not_started(q, ready, e), true);
+            }
+        }
         let mut queue = Queue {
             q,
             disk,
@@ -743,8 +764,12 @@ pub fn run(
             Err(e) => return (not_started(q, ready, e), false),
         };
         let result = queue.serve(early);
-        tapjail_common::log_line!(
-            "tapdisk: ublk queue {}: {} requests served on the ring, {} through the engine",
+        tracing::info!(
+            frontend = "ublk",
+            queue = q.q_id,
+            on_ring = queue.served_direct,
+            through_engine = queue.served_slow,
+            "ublk queue {}: {} requests served on the ring, {} through the engine",
             q.q_id,
             queue.served_direct,
             queue.served_slow

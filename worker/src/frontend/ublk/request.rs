@@ -124,14 +124,15 @@ fn answer(req: &Request, r: Result<(), DiskError>) -> i32 {
 }
 
 /// Run `req` on `disk`, waiting while it is paused; `buf` is the tag's
-/// buffer (at least the request's length for READ/WRITE). Returns bytes
-/// done for READ/WRITE, 0 for the rest, or a negative errno.
-pub fn execute(disk: &Disk, req: Request, buf: &mut [u8]) -> i32 {
+/// buffer (at least the request's length for READ/WRITE). Its throttle
+/// tokens were taken already ([`Disk::take_tokens`]). Returns bytes done
+/// for READ/WRITE, 0 for the rest, or a negative errno.
+pub fn execute_taken(disk: &Disk, req: Request, buf: &mut [u8]) -> i32 {
     let (kind, bytes) = req.accounting();
-    answer(&req, disk.io(kind, bytes, |img| apply(img, req, buf)))
+    answer(&req, disk.io_taken(kind, bytes, |img| apply(img, req, buf)))
 }
 
-/// As [`execute`], for a request already admitted with `ticket`.
+/// As [`execute_taken`], for a request already admitted with `ticket`.
 pub fn execute_admitted(ticket: Ticket<'_>, req: Request, buf: &mut [u8]) -> i32 {
     let (kind, bytes) = req.accounting();
     answer(&req, ticket.run(kind, bytes, |img| apply(img, req, buf)))
@@ -239,13 +240,13 @@ mod tests {
             len: 8192,
             fua: true,
         };
-        assert_eq!(execute(&d, w, &mut buf), 8192);
+        assert_eq!(execute_taken(&d, w, &mut buf), 8192);
         let mut out = vec![0u8; 8192];
         let r = Request::Read {
             offset: 4096,
             len: 8192,
         };
-        assert_eq!(execute(&d, r, &mut out), 8192);
+        assert_eq!(execute_taken(&d, r, &mut out), 8192);
         assert_eq!(out, buf);
         assert_eq!(d.counters.secs(), [16, 16]);
     }
@@ -258,7 +259,7 @@ mod tests {
             offset: 4096,
             len: 4096,
         };
-        assert!(execute(&d, r, &mut buf) < 0);
+        assert!(execute_taken(&d, r, &mut buf) < 0);
     }
 
     #[test]
@@ -270,7 +271,7 @@ mod tests {
             len: 512,
             fua: false,
         };
-        assert!(execute(&d, w, &mut buf) < 0);
+        assert!(execute_taken(&d, w, &mut buf) < 0);
     }
 
     #[test]
@@ -282,19 +283,19 @@ mod tests {
             len: 4096,
             fua: false,
         };
-        assert_eq!(execute(&d, w, &mut buf), 4096);
+        assert_eq!(execute_taken(&d, w, &mut buf), 4096);
         let z = Request::WriteZeroes {
             offset: 1024,
             len: 1024,
             may_unmap: true,
         };
-        assert_eq!(execute(&d, z, &mut buf), 0);
+        assert_eq!(execute_taken(&d, z, &mut buf), 0);
         let mut out = vec![0u8; 4096];
         let r = Request::Read {
             offset: 0,
             len: 4096,
         };
-        assert_eq!(execute(&d, r, &mut out), 4096);
+        assert_eq!(execute_taken(&d, r, &mut out), 4096);
         assert!(out[..1024].iter().all(|&b| b == 9));
         assert!(out[1024..2048].iter().all(|&b| b == 0));
         assert!(out[2048..].iter().all(|&b| b == 9));

@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// Slow-path threads per queue. Allocations serialize on the image's
 /// allocation lock anyway; a few threads let a write that allocates, a
@@ -37,15 +38,31 @@ pub struct Job<'d> {
     /// The tag's buffer, owned by the job until its result is taken.
     pub buf: TagRegion,
     /// Admitted already (the image it must run on); `None` when the disk
-    /// was paused: then it waits for admission in [`Disk::io`].
+    /// was paused or the I/O limits delay it: then it waits for admission
+    /// in [`Disk::io_taken`].
     pub ticket: Option<Ticket<'d>>,
+    /// Its throttle tokens were taken when it arrived; the limits delay
+    /// it until then. It waits on its direction's own lane thread, so a
+    /// direction out of tokens holds up neither the slow-path threads nor
+    /// the other direction.
+    pub due: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
 struct Jobs<'d> {
     queue: VecDeque<Job<'d>>,
+    /// Delayed reads and writes, each in arrival order.
+    paced: [VecDeque<Job<'d>>; 2],
     closed: bool,
 }
+
+/// A delayed job's lane: reads 0, writes 1.
+fn lane(req: &Request) -> usize {
+    usize::from(matches!(req, Request::Write { .. }))
+}
+
+/// Lane threads per queue, one per direction (see [`Job::due`]).
+pub const PACED_THREADS: usize = crate::qos::PACED_LANES;
 
 /// The shared state of one queue's slow path.
 #[derive(Debug)]
@@ -64,10 +81,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<'d> SlowPath<'d> {
     pub fn new() -> io::Result<Self> {
         Ok(SlowPath {
-            jobs: Mutex::new(Jobs {
-                queue: VecDeque::new(),
-                closed: false,
-            }),
+            jobs: Mutex::new(Jobs::default()),
             more: Condvar::new(),
             done: Mutex::new(Vec::new()),
             wake: EventFd::new()?,
@@ -80,8 +94,22 @@ impl<'d> SlowPath<'d> {
     }
 
     pub fn submit(&self, job: Job<'d>) {
-        lock(&self.jobs).queue.push_back(job);
-        self.more.notify_one();
+        let mut jobs = lock(&self.jobs);
+        match job.due {
+            Some(_) => {
+                let l = lane(&job.req);
+                jobs.paced[l].push_back(job);
+                drop(jobs);
+                // Lane and slow-path threads share the condvar: wake all,
+                // so the lane's own thread is among them (delays are rare).
+                self.more.notify_all();
+            }
+            None => {
+                jobs.queue.push_back(job);
+                drop(jobs);
+                self.more.notify_one();
+            }
+        }
     }
 
     /// Finished jobs since the last call: (tag, result to commit).
@@ -97,11 +125,25 @@ impl<'d> SlowPath<'d> {
 
     /// A slow-path thread: run jobs until closed.
     pub fn serve(&self, disk: &'d Disk) {
+        self.serve_from(disk, None);
+    }
+
+    /// A lane thread: run delayed jobs of `lane` (0 reads, 1 writes), each
+    /// at its time, until closed.
+    pub fn serve_paced(&self, disk: &'d Disk, lane: usize) {
+        self.serve_from(disk, Some(lane));
+    }
+
+    fn serve_from(&self, disk: &'d Disk, lane: Option<usize>) {
         loop {
             let job = {
                 let mut jobs = lock(&self.jobs);
                 loop {
-                    if let Some(j) = jobs.queue.pop_front() {
+                    let next = match lane {
+                        None => jobs.queue.pop_front(),
+                        Some(l) => jobs.paced[l].pop_front(),
+                    };
+                    if let Some(j) = next {
                         break j;
                     }
                     if jobs.closed {
@@ -115,7 +157,11 @@ impl<'d> SlowPath<'d> {
                 req,
                 mut buf,
                 ticket,
+                due,
             } = job;
+            if let Some(due) = due {
+                disk.pace_until(due);
+            }
             // SAFETY: the queue thread handed this tag over with the job and
             // touches neither it nor its buffer until it takes the result
             // from the done list; the buffers outlive this thread (it is
@@ -123,13 +169,13 @@ impl<'d> SlowPath<'d> {
             let data = unsafe { buf.as_mut_slice() };
             let result = match ticket {
                 Some(t) => request::execute_admitted(t, req, data),
-                None => request::execute(disk, req, data),
+                None => request::execute_taken(disk, req, data),
             };
             lock(&self.done).push((tag, result));
             if let Err(e) = self.wake.signal() {
                 // Cannot happen with a counter far from overflow; the queue
                 // also polls the done list on its periodic wakeup.
-                tapjail_common::log_line!("tapdisk: ublk: waking the queue: {e}");
+                tracing::warn!(frontend = "ublk", "waking the queue: {e}");
             }
         }
     }
@@ -193,6 +239,7 @@ mod tests {
                 },
                 buf: bufs.region(1, 8192).unwrap(),
                 ticket: Some(t),
+                due: None,
             });
             slow.submit(Job {
                 tag: 0,
@@ -202,6 +249,7 @@ mod tests {
                 },
                 buf: bufs.region(0, 512).unwrap(),
                 ticket: None,
+                due: None,
             });
             let mut counter = [0u8; 8];
             // SAFETY: reads 8 bytes into a local array from our eventfd.

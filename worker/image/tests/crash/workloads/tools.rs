@@ -207,7 +207,8 @@ pub fn repair(seed: u64) -> Spec {
 }
 
 /// `tap-ctl vhd set-parent`: the child is pointed at a new path of its
-/// parent (new locators and name, same UUID), as after moving the parent.
+/// parent (new locators and name, same UUID), as after moving the parent,
+/// and then back.
 pub fn set_parent(seed: u64) -> Spec {
     let mut rng = Rng::new(seed);
     let world = World::default();
@@ -245,6 +246,19 @@ pub fn set_parent(seed: u64) -> Spec {
         ],
     };
     tapjail_image::vhd::modify::set_parent(&c, &spec_new).expect("set-parent");
+    // Again, on what the first left (reserved old slots, a moved copy of
+    // the header past the data), back to one short locator.
+    let spec_back = ParentSpec {
+        name: "f0.vhd".into(),
+        locators: vec![(LocatorCode::W2ru, "./f0.vhd".into())],
+        ..spec_new
+    };
+    tapjail_image::vhd::modify::set_parent(&c, &spec_back).expect("set-parent again");
+    let after = Metadata::read(&c).expect("re-parented child");
+    let header = &after.sparse.expect("differencing").header;
+    assert_eq!(after.footer.data_offset(), 512, "the header stays at 512");
+    assert_eq!(header.parent_name().as_deref(), Some("f0.vhd"));
+    assert!(after.findings.is_empty(), "{:?}", after.findings);
     spec(
         "set_parent",
         &world,

@@ -1,0 +1,48 @@
+//! The control plane's cost per attached disk (issue 14, item 4): what a
+//! `create` pays must not grow with the disks already attached.
+
+use crate::*;
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+fn mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// Every `fork` the broker makes (the image-open helper, a worker's
+/// spawn) copies its address space, so the broker keeps no thread, and
+/// so no stack mapping, per attached disk: one thread reads every
+/// worker's log pipe.
+#[test]
+fn ctlplane_broker_threads_and_mappings_do_not_grow_with_attached_disks() {
+    const MORE: usize = 12;
+    let h = Harness::start(Options::default());
+    let create = |i: usize| {
+        let img = h.raw_image(ROOT.name, &format!("d{i}.img"), 1 << 20);
+        h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())]);
+    };
+    // Lazily made state (the log reader, the audit file) exists after one.
+    create(0);
+    let pid = h.broker_pid();
+    let (t0, m0) = (threads(pid), mappings(pid));
+    for i in 1..=MORE {
+        create(i);
+    }
+    let (t1, m1) = (threads(pid), mappings(pid));
+    assert_eq!(workers_of(pid).len(), MORE + 1, "every disk has its worker");
+    assert!(
+        t1 <= t0 + 3, // a client's thread may still be ending
+        "{MORE} more disks took the broker from {t0} to {t1} threads"
+    );
+    assert!(
+        m1 <= m0 + MORE,
+        "{MORE} more disks took the broker from {m0} to {m1} mappings"
+    );
+}
