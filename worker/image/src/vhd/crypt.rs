@@ -84,7 +84,9 @@ enum Inner {
 }
 
 /// The per-layer sector cipher. The expanded AES keys live in this
-/// worker's memory, which is mlockall()ed; they are dropped with the layer.
+/// worker's memory, which is mlockall()ed (never swapped), and are
+/// zeroized when the layer is dropped (the `aes` crate's `zeroize`
+/// feature), on `Close` as on a failed open.
 pub struct SectorCipher(Inner);
 
 impl std::fmt::Debug for SectorCipher {
