@@ -158,6 +158,10 @@ pub enum ToWorker {
     /// Changed-block tracking (fds per [`crate::cbt::ToWorkerCbt`]),
     /// answered `Cbt`.
     Cbt(crate::cbt::ToWorkerCbt),
+    /// `open -E`: the key of blktap's encrypted VHDs for the next `Open`
+    /// (and its later `Unpause`s); sent before `Open`, answered `Ok`.
+    /// `Close` forgets it (zeroized).
+    Key(crate::secret::Secret),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

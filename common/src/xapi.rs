@@ -38,6 +38,11 @@ pub struct Options {
     pub mirror: Option<crate::mirror::MirrorRequest>,
     /// Flags that were given but that tapjail does not build (yet).
     pub unbuilt: Vec<Unbuilt>,
+    /// `open -E`: the key for blktap's encrypted VHDs, read by tap-ctl
+    /// from stdin. Never printed (see [`crate::secret`]); the broker keeps
+    /// it for the disk's life and gives it to that disk's worker only.
+    #[serde(default)]
+    pub encryption_key: Option<crate::secret::Secret>,
 }
 
 impl Options {

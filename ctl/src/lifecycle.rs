@@ -277,18 +277,27 @@ pub fn run(
             image,
             read_only,
             xapi,
-        } => (
-            crate::xapi::wrap(
-                Request::Open {
-                    pid,
-                    minor,
-                    image: absolute(image)?,
-                    read_only,
-                },
-                xapi.options(),
-            ),
-            None,
-        ),
+        } => {
+            let encryption = xapi.encryption;
+            let mut opts = xapi.options();
+            if encryption {
+                opts.encryption_key = Some(
+                    crate::xapi::read_key(std::io::stdin().lock()).map_err(anyhow::Error::msg)?,
+                );
+            }
+            (
+                crate::xapi::wrap(
+                    Request::Open {
+                        pid,
+                        minor,
+                        image: absolute(image)?,
+                        read_only,
+                    },
+                    opts,
+                ),
+                None,
+            )
+        }
         LifecycleCommand::Close {
             pid,
             minor,

@@ -48,7 +48,8 @@ pub struct OpenFlags {
     /// Track changed blocks into this blktap CBT log (made by `cbt-util create`).
     #[arg(short = 'C', value_name = "LOG")]
     pub cbt_log: Option<String>,
-    /// Encryption key on stdin (not supported: refused, stdin is not read).
+    /// Read an encryption key (32 or 64 bytes: AES-128/256-XTS) from stdin
+    /// and serve blktap's encrypted VHDs with it.
     #[arg(short = 'E')]
     pub encryption: bool,
 }
@@ -73,9 +74,6 @@ impl OpenFlags {
         if self.read_cache {
             unbuilt.push(Unbuilt::ReadCache);
         }
-        if self.encryption {
-            unbuilt.push(Unbuilt::Encryption);
-        }
         Options {
             timeout_secs: self.timeout.secs,
             no_o_direct: self.no_o_direct,
@@ -89,6 +87,29 @@ impl OpenFlags {
             ..Options::default()
         }
     }
+}
+
+/// Longest key read from stdin: blktap's `MAX_AES_XTS_PLAIN_KEYSIZE / 8`.
+const MAX_KEY_READ: u64 = 1024 / 8;
+
+/// `-E`: the key on stdin, all of it, 32 or 64 bytes as blktap takes.
+/// The error never holds key bytes.
+pub fn read_key(stdin: impl std::io::Read) -> Result<tapjail_common::secret::Secret, String> {
+    use std::io::Read;
+    let mut key = Vec::with_capacity(MAX_KEY_READ as usize + 1);
+    let r = stdin.take(MAX_KEY_READ + 1).read_to_end(&mut key);
+    // Wrap first, so the bytes are zeroized on every way out.
+    let key = tapjail_common::secret::Secret::new(key);
+    r.map_err(|e| format!("-E: reading the encryption key from stdin: {e}"))?;
+    if !tapjail_common::secret::KEY_SIZES.contains(&key.len()) {
+        return Err(format!(
+            "-E: the key on stdin is {}{} bytes; blktap takes 32 (AES-128-XTS) or 64 (AES-256-XTS): \
+             pipe exactly the raw key bytes, no newline",
+            key.len(),
+            if key.len() as u64 > MAX_KEY_READ { "+" } else { "" }
+        ));
+    }
+    Ok(key)
 }
 
 impl UnpauseFlags {
@@ -221,7 +242,7 @@ mod tests {
         assert_eq!(o.timeout_secs, Some(30));
         assert!(o.no_o_direct);
         assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
-        assert_eq!(o.unbuilt.len(), 2, "-r and -E");
+        assert_eq!(o.unbuilt.len(), 1, "-r");
         assert_eq!(o.cbt_log.as_deref(), Some("/x.log"));
         assert_eq!(
             o.mirror,
@@ -261,6 +282,16 @@ mod tests {
         let cli = Cli::try_parse_from(["tap-ctl", "--timeout", "5", "close", "-m", "1", "-t", "9"])
             .unwrap();
         assert_eq!(cli.timeout, 5);
+    }
+
+    #[test]
+    fn key_sizes_are_blktaps_and_errors_hold_no_key() {
+        assert_eq!(read_key(&[7u8; 32][..]).unwrap().len(), 32);
+        assert_eq!(read_key(&[7u8; 64][..]).unwrap().len(), 64);
+        for n in [0, 31, 33, 65, 200] {
+            let e = read_key(&vec![b'Q'; n][..]).unwrap_err();
+            assert!(e.contains("32") && !e.contains('Q'), "{e}");
+        }
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct Tenant {
     pub share_parent: bool,
     /// The secondaries `-2 URI` may mirror to (`mirror`); none by default.
     pub mirror: MirrorGrants,
+    /// May open blktap's encrypted VHDs with `-E` (key on stdin). Default
+    /// true, as blktap.
+    pub encryption: bool,
     /// May take online snapshots (`tap-ctl snapshot`). Default true.
     pub online_snapshot: bool,
     /// May track changed blocks (`tap-ctl cbt`, `open -C`). Default true,
@@ -265,6 +268,7 @@ struct RawTenant {
     page_cache: Option<bool>,
     share_parent: Option<bool>,
     mirror: Option<mirror::RawMirror>,
+    encryption: Option<bool>,
     online_snapshot: Option<bool>,
     cbt: Option<bool>,
 }
@@ -929,6 +933,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
             mirror,
+            encryption: t.encryption.unwrap_or(true),
             online_snapshot: t.online_snapshot.unwrap_or(true),
             cbt: t.cbt.unwrap_or(true),
         });

@@ -43,6 +43,15 @@ pub(crate) fn decide_options(
             ),
         );
     }
+    if opts.encryption_key.is_some() && !t.encryption {
+        return deny(
+            "encryption",
+            format!(
+                "tenant {} may not open encrypted images (-E): its policy says encryption = false",
+                t.name
+            ),
+        );
+    }
     if let Some(m) = opts.existing_parent {
         if !t.share_parent {
             return deny(

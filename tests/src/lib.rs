@@ -422,6 +422,23 @@ impl Harness {
             .expect("run tap-ctl")
     }
 
+    /// Run tap-ctl as `t` with `input` on its stdin (e.g. `open -E`'s key).
+    pub fn ctl_input(&self, t: &TenantSpec, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .ctl_cmd(t.uid, t.gid, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tap-ctl");
+        let mut stdin = child.stdin.take().expect("stdin");
+        // tap-ctl may refuse before reading: a broken pipe is its answer.
+        let _ = stdin.write_all(input);
+        drop(stdin);
+        child.wait_with_output().expect("tap-ctl output")
+    }
+
     pub fn ctl(&self, t: &TenantSpec, args: &[&str]) -> Output {
         self.ctl_as(t.uid, t.gid, args)
     }

@@ -124,13 +124,14 @@ pub fn open_image(
     read_only: bool,
     cache: CacheMode,
     parents: &mut dyn ParentOpener,
+    key: Option<&tapjail_common::secret::Secret>,
 ) -> Result<Arc<dyn Image>, ImageError> {
     let file = UringFile::new(leaf, cache).map_err(|source| ImageError::Io {
         op: "setting up image file",
         offset: 0,
         source,
     })?;
-    image::open_chain(kind, Box::new(file), name, read_only, parents)
+    image::open_chain_keyed(kind, Box::new(file), name, read_only, parents, key)
 }
 
 fn opened(img: &dyn Image) -> FromWorker {
@@ -182,6 +183,10 @@ pub struct Worker {
     base_cache: CacheMode,
     cache: CacheMode,
     parent_cache: CacheMode,
+    /// `open -E`'s key (`ToWorker::Key`), kept while the image is open for
+    /// `Unpause`; in this process's mlockall()ed memory, zeroized when
+    /// dropped (on `Close` or a failed `Open`).
+    key: Option<tapjail_common::secret::Secret>,
     open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
     resync: Cell<Option<[u8; 16]>>,
@@ -217,6 +222,7 @@ impl Worker {
             base_cache: cache,
             cache,
             parent_cache: cache,
+            key: None,
             open: None,
             resync: Cell::new(None),
             throttle: Arc::default(),
@@ -292,8 +298,16 @@ impl Worker {
                 };
                 let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
                     .on_resync(&self.resync);
-                let opened_img = open_image(kind, leaf, &name, read_only, self.cache, &mut parents)
-                    .and_then(|img| self.mirror.wrap(img));
+                let opened_img = open_image(
+                    kind,
+                    leaf,
+                    &name,
+                    read_only,
+                    self.cache,
+                    &mut parents,
+                    self.key.as_ref(),
+                )
+                .and_then(|img| self.mirror.wrap(img));
                 match opened_img {
                     Ok(img) => {
                         let reply = opened(img.as_ref());
@@ -316,7 +330,10 @@ impl Worker {
                         });
                         reply
                     }
-                    Err(e) => error(format!("opening {kind}:{name}: {e}")),
+                    Err(e) => {
+                        self.key = None;
+                        error(format!("opening {kind}:{name}: {e}"))
+                    }
                 }
             }
             ToWorker::Parent(_) => error("Parent without a NeedParent"),
@@ -411,6 +428,13 @@ impl Worker {
                 req,
                 fds,
             ),
+            ToWorker::Key(key) => {
+                if self.open.is_some() {
+                    return error("Key comes before Open, not while an image is open");
+                }
+                self.key = Some(key);
+                FromWorker::Ok
+            }
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),
@@ -436,7 +460,15 @@ impl Worker {
         };
         let mut parents =
             BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
-        let img = match open_image(kind, leaf, &name, read_only, self.cache, &mut parents) {
+        let img = match open_image(
+            kind,
+            leaf,
+            &name,
+            read_only,
+            self.cache,
+            &mut parents,
+            self.key.as_ref(),
+        ) {
             Ok(img) => img,
             Err(e) => {
                 self.mirror.switch = false;
@@ -637,6 +669,7 @@ impl Worker {
         // The next Open states its own cache plan.
         self.cache = self.base_cache;
         self.parent_cache = self.base_cache;
+        self.key = None;
         // Close the disk first so that requests still arriving fail fast
         // instead of waiting for a resume that will not come.
         let closed = open.disk.close();

@@ -399,6 +399,7 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
                     | ToWorker::Cache(_)
                     | ToWorker::Mirror { .. }
                     | ToWorker::MirrorSwitch { .. }
+                    | ToWorker::Key(_)
                     | ToWorker::SnapshotAbort,
                 FromWorker::Ok
             )
@@ -422,6 +423,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::Cache(_) => "Cache",
         ToWorker::Mirror { .. } => "Mirror",
         ToWorker::MirrorSwitch { .. } => "MirrorSwitch",
+        ToWorker::Key(_) => "Key",
         ToWorker::SnapshotPrepare { .. } => "SnapshotPrepare",
         ToWorker::SnapshotSwitch => "SnapshotSwitch",
         ToWorker::SnapshotAbort => "SnapshotAbort",

@@ -12,8 +12,11 @@
 //! - `-e MINOR` also requires every parent the clone asks for to be the very
 //!   file (device and inode) MINOR serves at that depth, MINOR being the
 //!   same tenant's (policy) and read-only (here).
+//! - `-E` (open only): the key goes into the scope and from there, in
+//!   [`keys`], to that minor's worker before `Open`; kept for respawns.
 //! - Flags not built are refused, audited, with `Unsupported`.
 
+pub mod keys;
 pub mod scope;
 
 use crate::audit::Done;
@@ -34,7 +37,7 @@ type Guard<'a> = MutexGuard<'a, Table>;
 
 /// The cache plan each minor's image was opened with, for respawns.
 #[derive(Debug, Default)]
-pub struct Plans(Mutex<HashMap<Minor, CachePlan>>);
+pub struct Plans(Mutex<HashMap<Minor, CachePlan>>, keys::Keys);
 
 impl Plans {
     /// Tell the worker how to open `minor`'s files before `Open`: a fresh
@@ -46,6 +49,7 @@ impl Plans {
         minor: Minor,
         fresh: bool,
     ) -> Result<(), BrokerError> {
+        self.1.send_key(conn, minor, fresh)?;
         let plan = {
             let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
             if fresh {
@@ -68,6 +72,13 @@ impl Plans {
     }
 }
 
+impl Plans {
+    /// `minor` was closed: drop its `-E` key.
+    pub fn forget(&self, minor: Minor) {
+        self.1.forget(minor);
+    }
+}
+
 /// Which verbs each flag belongs to; anything else is a malformed request
 /// (tap-ctl never sends it).
 fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
@@ -83,6 +94,9 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     }
     if (opts.no_o_direct || opts.existing_parent.is_some()) && !open {
         return bad("-D / -e");
+    }
+    if opts.encryption_key.is_some() && !open {
+        return bad("-E");
     }
     if opts.timeout_secs.is_some()
         && !matches!(
@@ -140,6 +154,7 @@ impl Broker {
         }
         let mut scope = Scope::new(opts.timeout_secs);
         scope.plan.leaf_buffered = opts.no_o_direct;
+        scope.key = opts.encryption_key.clone();
         if let Some(from) = opts.existing_parent {
             scope.shared = Some(shared_chain(&t, req, from)?);
             scope.plan.parents_buffered = true;
@@ -167,6 +182,10 @@ impl Broker {
                 }
                 if let Some(done) = scope::mirror_done() {
                     outcome.push_str(&crate::mirror::outcome(&done));
+                }
+                // The audit says a key was given and its size, never more.
+                if let Some(k) = &opts.encryption_key {
+                    outcome.push_str(&format!("; -E: {}-byte key given to its worker", k.len()));
                 }
                 Ok((reply, outcome))
             }

@@ -35,6 +35,8 @@ pub struct Scope {
     pub mirror: Option<crate::mirror::Granted>,
     /// What the mirror hook did, for the outcome.
     pub mirror_done: RefCell<Option<crate::mirror::Done>>,
+    /// `open -E`'s key, for [`super::keys::Keys::send_key`].
+    pub key: Option<tapjail_common::secret::Secret>,
 }
 
 thread_local! {
@@ -93,6 +95,11 @@ pub fn set_mirror_done(d: crate::mirror::Done) {
 /// What the mirror hook did in the running request.
 pub fn mirror_done() -> Option<crate::mirror::Done> {
     with(|s| s.mirror_done.borrow().clone()).flatten()
+}
+
+/// The running request's `-E` key.
+pub fn key() -> Option<tapjail_common::secret::Secret> {
+    with(|s| s.key.clone()).flatten()
 }
 
 /// How many parents the running `-e` request shared (`None` without `-e`).

@@ -8,6 +8,7 @@
 //! (`tapjail_ctl::privsep`): the command line decides which files it may
 //! have, and it asks this process for them over a socket.
 
+pub mod key;
 mod progress;
 mod report;
 
@@ -246,6 +247,31 @@ pub enum VhdCommand {
         #[arg(short = 'm', long = "raw-parent")]
         raw_parent: bool,
     },
+    /// Set (-s), check (-c) or print (-p) the keyhash of blktap's encrypted
+    /// VHDs, or calculate one (-C), like `vhd-util key`.
+    Key {
+        /// The image (dynamic or differencing; not needed with -C).
+        #[arg(short = 'n', long = "name", value_name = "PATH")]
+        name: Option<PathBuf>,
+        /// The key file (32 or 64 raw bytes), `-` for stdin.
+        #[arg(short = 'k', long = "key", value_name = "KEYPATH")]
+        key: Option<PathBuf>,
+        /// The nonce (64 hex digits) for -s or -C; random if not given.
+        #[arg(short = 'N', long = "nonce", value_name = "NONCE")]
+        nonce: Option<String>,
+        /// Set the image's keyhash from the key (the image must be empty).
+        #[arg(short = 's', conflicts_with_all = ["check", "calc"])]
+        set: bool,
+        /// Check the key against the image's keyhash (exit 1 if not).
+        #[arg(short = 'c', conflicts_with = "calc")]
+        check: bool,
+        /// Print the image's nonce and hash (`none` without a keyhash).
+        #[arg(short = 'p')]
+        print: bool,
+        /// Print the keyhash of the key (with -N's nonce) without an image.
+        #[arg(short = 'C')]
+        calc: bool,
+    },
     /// Confine as the image verbs do, then try to open PATH: shows that
     /// the parser can open nothing (exits 0 when the open is refused).
     #[command(hide = true)]
@@ -418,6 +444,13 @@ fn grant(command: &VhdCommand) -> Result<Grant> {
             open: vec![rw(name), ro(parent)],
             ..Grant::default()
         },
+        C::Key { name, set, .. } => Grant {
+            open: name
+                .iter()
+                .map(|n| if *set { rw(n) } else { ro(n) })
+                .collect(),
+            ..Grant::default()
+        },
     })
 }
 
@@ -442,6 +475,9 @@ pub fn run(command: VhdCommand, quiet: bool) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if let VhdCommand::Key { .. } = command {
+        return run_key(command);
+    }
     let grant = grant(&command)?;
     // All of stdin before anything else: all or nothing.
     let input = match &command {
@@ -457,6 +493,63 @@ pub fn run(command: VhdCommand, quiet: bool) -> Result<ExitCode> {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("tap-ctl: {}", crate::render(&e));
+                1
+            }
+        }
+    })?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// `tap-ctl vhd key`: the key is read here, the image opened confined.
+fn run_key(command: VhdCommand) -> Result<ExitCode> {
+    let VhdCommand::Key {
+        ref name,
+        ref key,
+        ref nonce,
+        set,
+        check,
+        print,
+        calc,
+    } = command
+    else {
+        unreachable!("run_key runs vhd key only")
+    };
+    let nonce = nonce.as_deref().map(key::parse_nonce).transpose()?;
+    let secret = key.as_deref().map(key::read_key_file).transpose()?;
+    if calc {
+        let Some(k) = &secret else {
+            bail!("vhd key -C needs -k KEYPATH");
+        };
+        let kh = tapjail_image::vhd::keyhash::make(k, Some(nonce.unwrap_or_default()))?;
+        println!("{}", tapjail_image::vhd::keyhash::hex(&kh.hash));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(name) = name.clone() else {
+        bail!("vhd key: -n NAME is needed unless -C");
+    };
+    let op = if set {
+        key::KeyOp::Set
+    } else if check {
+        key::KeyOp::Check
+    } else if print {
+        key::KeyOp::Print
+    } else {
+        bail!("vhd key: say what to do: -s (set), -c (check), -p (print) or -C (calculate)");
+    };
+    if op != key::KeyOp::Print && secret.is_none() {
+        bail!("vhd key -s/-c needs -k KEYPATH (the raw key, 32 or 64 bytes; - for stdin)");
+    }
+    let grant = grant(&command)?;
+    std::io::stdout().flush().context("writing to stdout")?;
+    let code = privsep::run_confined(grant, |paths| {
+        match key::run_in(paths, &name, op, secret.as_ref(), nonce) {
+            Ok(out) => {
+                print!("{out}");
+                let _ = std::io::stdout().flush();
+                0
+            }
+            Err(e) => {
+                eprintln!("tap-ctl: {}: {e}", name.display());
                 1
             }
         }
@@ -489,6 +582,7 @@ fn confined(
 ) -> Result<i32> {
     match command {
         VhdCommand::Create { .. } => unreachable!("create runs unconfined"),
+        VhdCommand::Key { .. } => unreachable!("vhd key runs in run_key"),
         VhdCommand::ConfineCheck { path } => {
             use std::os::unix::fs::OpenOptionsExt;
             // Both ways a path can be opened: libc's openat, and openat2.

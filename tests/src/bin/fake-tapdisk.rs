@@ -561,7 +561,7 @@ fn main() {
             ToWorker::Serve(other) => {
                 FromWorker::Error(format!("fake-tapdisk cannot serve {:?}", other.kind()))
             }
-            ToWorker::Pause | ToWorker::Cache(_) => FromWorker::Ok,
+            ToWorker::Pause | ToWorker::Cache(_) | ToWorker::Key(_) => FromWorker::Ok,
             ToWorker::Cbt(_) => FromWorker::Error("fake-tapdisk tracks no changed blocks".into()),
             ToWorker::Mirror { .. } | ToWorker::MirrorSwitch { .. } => {
                 FromWorker::Error("the fake tapdisk mirrors nothing".into())

@@ -165,17 +165,53 @@ pub fn open_chain(
     read_only: bool,
     opener: &mut dyn ParentOpener,
 ) -> Result<std::sync::Arc<dyn Image>, ImageError> {
+    open_chain_keyed(kind, leaf, name, read_only, opener, None)
+}
+
+/// [`open_chain`] as a worker serves it: with `open -E`'s key, blktap's
+/// encrypted VHDs are decrypted and encrypted ([`vhd::crypt`]); without
+/// one, a chain with an encrypted member is refused (tapdisk refuses it
+/// too), so no ciphertext is ever served as the disk's data.
+pub fn open_chain_keyed(
+    kind: tapjail_common::proto::ImageKind,
+    leaf: Box<dyn Backing>,
+    name: &str,
+    read_only: bool,
+    opener: &mut dyn ParentOpener,
+    key: Option<&tapjail_common::secret::Secret>,
+) -> Result<std::sync::Arc<dyn Image>, ImageError> {
     match kind {
-        tapjail_common::proto::ImageKind::Aio => Ok(std::sync::Arc::new(raw::RawImage::open(
-            leaf, name, read_only,
-        )?)),
-        tapjail_common::proto::ImageKind::Vhd => Ok(std::sync::Arc::new(vhd::open(
-            leaf,
-            name,
-            read_only,
-            opener,
-            vhd::VhdOptions::default(),
-        )?)),
+        tapjail_common::proto::ImageKind::Aio => {
+            if key.is_some() {
+                return Err(ImageError::InvalidArgument(format!(
+                    "{name}: an encryption key (-E) was given for a raw (aio) image; \
+                     blktap encrypts VHDs only: open it without -E"
+                )));
+            }
+            Ok(std::sync::Arc::new(raw::RawImage::open(
+                leaf, name, read_only,
+            )?))
+        }
+        tapjail_common::proto::ImageKind::Vhd => {
+            let img = vhd::chain::open_keyed(
+                leaf,
+                name,
+                read_only,
+                opener,
+                vhd::VhdOptions::default(),
+                key,
+            )?;
+            if key.is_none() {
+                if let Some(l) = img.layers().iter().find(|l| l.encrypted()) {
+                    return Err(ImageError::InvalidArgument(format!(
+                        "{} is encrypted (its batmap header carries blktap's keyhash) and no key \
+                         was given: open it with -E and the key on stdin",
+                        l.name()
+                    )));
+                }
+            }
+            Ok(std::sync::Arc::new(img))
+        }
     }
 }
 

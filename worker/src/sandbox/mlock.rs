@@ -101,12 +101,10 @@ pub fn lock_all(status: Option<&std::fs::File>) -> Result<(), MlockError> {
 /// the open image holds and live [`Claim`]s hold; `None` when this process did not lock its memory
 /// (tests, offline tools).
 pub fn headroom() -> Option<u64> {
-    HEADROOM
-        .get()
-        .map(|room| {
-            room.saturating_sub(tapjail_image::memory::committed())
-                .saturating_sub(CLAIMED.load(std::sync::atomic::Ordering::Relaxed))
-        })
+    HEADROOM.get().map(|room| {
+        room.saturating_sub(tapjail_image::memory::committed())
+            .saturating_sub(CLAIMED.load(std::sync::atomic::Ordering::Relaxed))
+    })
 }
 
 static CLAIMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

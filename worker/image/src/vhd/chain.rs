@@ -11,6 +11,7 @@ use super::layer::{VhdLayer, VhdOptions};
 use super::MAX_CHAIN_DEPTH;
 use crate::{Backing, ImageError, ParentOpener};
 use std::collections::HashSet;
+use tapjail_common::secret::Secret;
 
 /// Open `leaf` and all its parents.
 pub fn open(
@@ -20,7 +21,25 @@ pub fn open(
     opener: &mut dyn ParentOpener,
     options: VhdOptions,
 ) -> Result<VhdImage, ImageError> {
-    let first = VhdLayer::open(leaf, name, read_only, options)?;
+    open_keyed(leaf, name, read_only, opener, options, None)
+}
+
+/// [`open`] with blktap's encryption key (`open -E`): the leaf must carry
+/// a keyhash matching `key`, and so must every parent that carries one
+/// (see [`super::crypt`]); parents without a keyhash are plain.
+pub fn open_keyed(
+    leaf: Box<dyn Backing>,
+    name: &str,
+    read_only: bool,
+    opener: &mut dyn ParentOpener,
+    options: VhdOptions,
+    key: Option<&Secret>,
+) -> Result<VhdImage, ImageError> {
+    let open_layer = |file, name: &str, read_only, leaf| match key {
+        Some(k) => VhdLayer::open_keyed(file, name, read_only, options, k, leaf),
+        None => VhdLayer::open(file, name, read_only, options),
+    };
+    let first = open_layer(leaf, name, read_only, true)?;
     let mut seen = HashSet::from([first.uuid()]);
     let mut layers = vec![first];
     loop {
@@ -43,7 +62,7 @@ pub fn open(
             layers.push(parent);
             break;
         }
-        let parent = VhdLayer::open(file, &pname, true, options).map_err(|e| match e {
+        let parent = open_layer(file, &pname, true, false).map_err(|e| match e {
             ImageError::Corrupt { .. } | ImageError::Io { .. } => {
                 ImageError::Parent(format!("{pname}: {e}"))
             }
@@ -61,7 +80,7 @@ pub fn open(
         }
         // A writable child of an encrypted parent would hold plaintext
         // next to ciphertext: tapdisk encrypts the whole chain.
-        if parent.encrypted() && !read_only {
+        if parent.encrypted() && parent.cipher().is_none() && !read_only {
             return Err(super::layer::encrypted_error(&pname));
         }
         layers.push(parent);

@@ -42,7 +42,11 @@ pub struct DirectState {
 
 impl DirectState {
     pub fn new(layers: &[super::VhdLayer]) -> DirectState {
-        let files: Option<Vec<DirectFile>> = layers.iter().map(|l| l.file().direct_fd()).collect();
+        // An encrypted layer's file bytes are ciphertext: no direct path.
+        let files: Option<Vec<DirectFile>> = layers
+            .iter()
+            .map(|l| l.cipher().is_none().then(|| l.file().direct_fd()).flatten())
+            .collect();
         DirectState {
             pins: Arc::default(),
             files: files

@@ -20,6 +20,10 @@ const MAX_STATUS_RUNS: usize = 4096;
 pub struct VhdImage {
     layers: Vec<VhdLayer>,
     rmw: Vec<Mutex<()>>,
+    /// Some layer is encrypted ([`super::crypt`]): reads go by whole
+    /// sectors and there is no nowait or direct path (the bytes on disk
+    /// are not the disk's).
+    keyed: bool,
     pub(super) direct: super::direct::DirectState,
 }
 
@@ -36,6 +40,7 @@ impl VhdImage {
             ));
         }
         Ok(VhdImage {
+            keyed: layers.iter().any(|l| l.cipher().is_some()),
             direct: super::direct::DirectState::new(&layers),
             layers,
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -94,7 +99,20 @@ impl VhdImage {
             let n = n.clamp(1, max) as usize;
             let piece = &mut buf[done..done + n];
             match loc {
-                Some(file_off) => layer.read_data(piece, file_off)?,
+                Some(file_off) => {
+                    layer.read_data(piece, file_off)?;
+                    if let Some(c) = layer.cipher() {
+                        if !off.is_multiple_of(SECTOR_SIZE)
+                            || !n.is_multiple_of(SECTOR_SIZE as usize)
+                        {
+                            return Err(ImageError::InvalidArgument(format!(
+                                "{}: an encrypted read of part of a sector ({n} bytes at {off})",
+                                layer.name()
+                            )));
+                        }
+                        c.decrypt(piece, off / SECTOR_SIZE);
+                    }
+                }
                 None if layer.disk_type() == DiskType::Differencing => {
                     self.read_from(level + 1, piece, off)?
                 }
@@ -229,10 +247,23 @@ impl Image for VhdImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         self.check_range(offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        if self.keyed && !(offset.is_multiple_of(SECTOR_SIZE) && end.is_multiple_of(SECTOR_SIZE)) {
+            // Decryption is per whole sector: read the covering sectors.
+            let start = offset / SECTOR_SIZE * SECTOR_SIZE;
+            let mut whole = vec![0u8; (end.next_multiple_of(SECTOR_SIZE) - start) as usize];
+            self.read_from(0, &mut whole, start)?;
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&whole[at..at + buf.len()]);
+            return Ok(());
+        }
         self.read_from(0, buf, offset)
     }
 
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        if self.keyed {
+            return false;
+        }
         let mut hits = [0u64; MAX_CHAIN_DEPTH];
         let done = self.check_range(offset, buf.len() as u64).is_ok()
             && self.read_from_nowait(0, buf, offset, &mut hits);

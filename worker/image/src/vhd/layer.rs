@@ -116,8 +116,10 @@ pub struct VhdLayer {
     footer_bytes: [u8; FOOTER_SIZE],
     virtual_size: u64,
     read_only: bool,
-    /// blktap's keyhash is set: opened read-only only.
+    /// blktap's keyhash is set: opened read-only only without a key.
     encrypted: bool,
+    /// The data cipher of an encrypted layer opened with its key.
+    cipher: Option<super::crypt::SectorCipher>,
     options: VhdOptions,
     sparse: Option<Sparse>,
     /// A raw file serving as the parent of a differencing image (see
@@ -151,9 +153,9 @@ pub fn aligned_block_start(data_end: u64, bitmap_bytes: u64) -> Option<u64> {
 /// [`super::batmap::BatmapHeader::keyhash_set`]).
 pub(crate) fn encrypted_error(name: &str) -> ImageError {
     ImageError::Unsupported(format!(
-        "{name} is encrypted (its batmap header carries blktap's keyhash); tapjail has no \
-         tapdisk crypto and will not write plaintext into it or into a child of it: \
-         open it read-only, or write to it with blktap's tapdisk"
+        "{name} is encrypted (its batmap header carries blktap's keyhash) and no key was \
+         given: tapjail will not write plaintext into it or into a child of it; serve it with \
+         `tap-ctl open -E` and the key on stdin"
     ))
 }
 
@@ -169,7 +171,53 @@ impl VhdLayer {
         Self::from_metadata(file, name, read_only, options, meta)
     }
 
+    /// [`Self::open`] with blktap's encryption: a layer whose batmap
+    /// carries a keyhash needs `key`, checked against it, and is then read
+    /// and written through its cipher. A layer without a keyhash is plain;
+    /// `must_be_keyed` (the leaf, when a key was given) refuses that, as
+    /// tapdisk does.
+    pub fn open_keyed(
+        file: Box<dyn Backing>,
+        name: &str,
+        read_only: bool,
+        options: VhdOptions,
+        key: &tapjail_common::secret::Secret,
+        must_be_keyed: bool,
+    ) -> Result<VhdLayer, ImageError> {
+        let meta = Metadata::read(file.as_ref())?;
+        let keyhash = meta.sparse.as_ref().and_then(|s| s.keyhash);
+        let cipher = match keyhash {
+            Some(k) => Some(super::crypt::cipher_for(name, &k, key)?),
+            None if must_be_keyed => {
+                return Err(ImageError::InvalidArgument(format!(
+                "{name} has no keyhash in its batmap header but an encryption key was given (-E): \
+                     it is not an encrypted VHD; open it without -E, or set its key with \
+                     `tap-ctl vhd key -s` while it is still empty"
+            )))
+            }
+            None => None,
+        };
+        let mut layer = Self::from_metadata_inner(file, name, true, options, meta)?;
+        layer.read_only = read_only;
+        layer.cipher = cipher;
+        Ok(layer)
+    }
+
     pub(crate) fn from_metadata(
+        file: Box<dyn Backing>,
+        name: &str,
+        read_only: bool,
+        options: VhdOptions,
+        meta: Metadata,
+    ) -> Result<VhdLayer, ImageError> {
+        let encrypted = meta.sparse.as_ref().is_some_and(|s| s.encrypted);
+        if encrypted && !read_only {
+            return Err(encrypted_error(name));
+        }
+        Self::from_metadata_inner(file, name, read_only, options, meta)
+    }
+
+    fn from_metadata_inner(
         file: Box<dyn Backing>,
         name: &str,
         read_only: bool,
@@ -178,9 +226,6 @@ impl VhdLayer {
     ) -> Result<VhdLayer, ImageError> {
         let footer_bytes = meta.footer.to_bytes();
         let encrypted = meta.sparse.as_ref().is_some_and(|s| s.encrypted);
-        if encrypted && !read_only {
-            return Err(encrypted_error(name));
-        }
         let sparse = match meta.sparse {
             None => None,
             Some(s) => {
@@ -244,6 +289,7 @@ impl VhdLayer {
             footer: meta.footer,
             read_only,
             encrypted,
+            cipher: None,
             options,
             sparse,
             raw: false,
@@ -269,6 +315,10 @@ impl VhdLayer {
     /// Whether blktap's keyhash says tapdisk encrypts this image.
     pub fn encrypted(&self) -> bool {
         self.encrypted
+    }
+    /// The data cipher, when this layer is encrypted and was opened keyed.
+    pub fn cipher(&self) -> Option<&super::crypt::SectorCipher> {
+        self.cipher.as_ref()
     }
     pub fn uuid(&self) -> [u8; 16] {
         self.footer.uuid()
@@ -523,6 +573,12 @@ impl VhdLayer {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
+        if let Some(c) = &self.cipher {
+            let mut enc = buf.to_vec();
+            c.encrypt(&mut enc, offset / 512);
+            let r = self.write_sectors_inner(&enc, offset);
+            return self.counters.on_write(buf.len() as u64, r);
+        }
         let r = self.write_sectors_inner(buf, offset);
         self.counters.on_write(buf.len() as u64, r)
     }
@@ -645,7 +701,10 @@ impl VhdLayer {
         let block_end = data_start + s.block_size;
         let mut map = vec![0u8; s.bitmap_bytes as usize];
         let first = (in_block / 512) as usize;
-        if s.differencing {
+        if s.differencing || self.cipher.is_some() {
+            // Encrypted: the zero-filled rest is not ciphertext of zeroes,
+            // so only the sectors written are present (blktap marks
+            // exactly those too); the others read as holes.
             bitmap::set_range(&mut map, first, data.len() / 512);
         } else {
             // A dynamic image reads clear sectors as zero and so does the

@@ -70,6 +70,8 @@ pub struct Sparse {
     /// A batmap header (valid or not) carries blktap's keyhash: tapdisk
     /// encrypts this image's data, so nothing may write plaintext to it.
     pub encrypted: bool,
+    /// The keyhash itself, when set (see [`super::crypt`]).
+    pub keyhash: Option<super::crypt::Keyhash>,
 }
 
 /// Everything validated about one VHD file.
@@ -460,6 +462,7 @@ fn read_sparse(
     // --- batmap
     let batmap_header_offset = table_end;
     let mut encrypted = false;
+    let mut keyhash = None;
     let batmap = read_batmap(
         file,
         footer,
@@ -470,6 +473,7 @@ fn read_sparse(
         block_total,
         &mut metadata_end,
         &mut encrypted,
+        &mut keyhash,
     )?;
     if let BatmapState::Ignored { reason, .. } = &batmap {
         findings.push(Finding {
@@ -490,6 +494,7 @@ fn read_sparse(
         metadata_end,
         data_end,
         encrypted,
+        keyhash,
     })
 }
 
@@ -568,6 +573,7 @@ fn read_batmap(
     block_total: u64,
     metadata_end: &mut u64,
     encrypted: &mut bool,
+    keyhash: &mut Option<super::crypt::Keyhash>,
 ) -> Result<BatmapState, ImageError> {
     let expected = footer.batmap_expected();
     if expected == Some(false) {
@@ -605,6 +611,7 @@ fn read_batmap(
         Err(why) => return ignore(format!("batmap header: {why}")),
     };
     *encrypted = header.keyhash_set();
+    *keyhash = super::crypt::Keyhash::from_header(&hb);
     *metadata_end = (*metadata_end).max(hdr_end);
     let map_bytes = header.map_bytes();
     let sum_len = batmap::checksum_len(footer.current_size());

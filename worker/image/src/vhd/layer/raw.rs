@@ -35,6 +35,7 @@ impl VhdLayer {
             virtual_size: len,
             read_only,
             encrypted: false,
+            cipher: None,
             options: VhdOptions::default(),
             sparse: None,
             raw: true,
