@@ -143,6 +143,19 @@ impl Broker {
             }
         };
         let mut names = vec![grant.path.clone()];
+        let cbt_owner = crate::cbt::Owner {
+            minor: target.minor,
+            tenant: target.owner,
+            open_as: &grant.open_as,
+        };
+        if unpause {
+            // `unpause -c LOG`: the paused worker takes the log before any
+            // write of the reopened image can arrive.
+            if let Err(e) = self.cbt_bring_up(cbt_owner, conn, crate::cbt::When::Unpause) {
+                self.table().release_files(target.minor, &files);
+                return Err(e);
+            }
+        }
         if !unpause {
             let fresh = matches!(device, DeviceMode::Fresh);
             if let Err(e) = self.xapi.send_plan(conn, target.minor, fresh) {
@@ -177,7 +190,14 @@ impl Broker {
                 node: None,
             });
         }
-        let served = self.serve(target, conn, &image, device);
+        let when = match device {
+            DeviceMode::Fresh => crate::cbt::When::Open,
+            DeviceMode::Recover(_) => crate::cbt::When::Respawn,
+        };
+        // Every log is tracking before the first write can arrive.
+        let served = self
+            .cbt_bring_up(cbt_owner, conn, when)
+            .and_then(|()| self.serve(target, conn, &image, device));
         match served {
             Ok((device, node)) => Ok(Up {
                 image,

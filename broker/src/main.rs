@@ -53,6 +53,7 @@ mod adopt;
 mod audit;
 mod bringup;
 mod broker;
+mod cbt;
 mod denials;
 mod dispatch;
 #[cfg(test)]

@@ -175,6 +175,11 @@ impl StateDir {
         })
     }
 
+    /// `state_dir/NAME`, for state kept beside the records (CBT logs).
+    pub fn sub_path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
     fn minor_path(&self, minor: Minor) -> PathBuf {
         self.root
             .join("minors")

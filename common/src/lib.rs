@@ -5,6 +5,7 @@
 
 pub mod adminfile;
 pub mod audit;
+pub mod cbt;
 pub mod frame;
 pub mod logging;
 pub mod minor;

@@ -180,6 +180,8 @@ pub enum Request {
         minor: Minor,
         child: String,
     },
+    /// `tap-ctl cbt`: changed-block tracking (see [`crate::cbt`]).
+    Cbt(crate::cbt::CbtRequest),
 }
 
 impl Request {
@@ -204,6 +206,7 @@ impl Request {
             Request::WithOptions { req, .. } => req.verb(),
             Request::Major => "major",
             Request::Snapshot { .. } => "snapshot",
+            Request::Cbt(_) => "cbt",
         }
     }
 }
@@ -278,6 +281,8 @@ pub enum Reply {
     },
     /// Answer to [`Request::Snapshot`].
     Snapshotted(crate::snapshot::SnapshotDone),
+    /// Answer to [`Request::Cbt`]: the minor's bitmaps after the change.
+    Cbt(Vec<crate::cbt::CbtInfo>),
 }
 
 /// `tap-ctl stats`: the worker's figures plus what only the broker knows.

@@ -186,15 +186,36 @@ pub fn open_beneath(
     rel: &CStr,
     writable: bool,
 ) -> Result<(OwnedFd, FileStat), BeneathError> {
+    open_beneath_as(dir, rel, writable, false)
+}
+
+/// [`open_beneath`] read-write, creating the file (mode 0600, owned by
+/// the caller's fsuid) if it is missing: for files the broker makes in a
+/// tenant's root with her credentials, such as CBT logs (unlike
+/// [`create_beneath`], an existing file is fine).
+pub fn open_or_create_beneath(
+    dir: BorrowedFd<'_>,
+    rel: &CStr,
+) -> Result<(OwnedFd, FileStat), BeneathError> {
+    open_beneath_as(dir, rel, true, true)
+}
+
+fn open_beneath_as(
+    dir: BorrowedFd<'_>,
+    rel: &CStr,
+    writable: bool,
+    create: bool,
+) -> Result<(OwnedFd, FileStat), BeneathError> {
     let access = if writable {
         libc::O_RDWR
     } else {
         libc::O_RDONLY
     };
-    let flags = access | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+    let creat = if create { libc::O_CREAT } else { 0 };
+    let flags = access | creat | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
     let how = OpenHow {
         flags: u64::try_from(flags).map_err(|_| BeneathError::Os(libc::EINVAL))?,
-        mode: 0,
+        mode: if create { 0o600 } else { 0 },
         resolve: BENEATH_STRICT,
     };
     let fd = openat2(Some(dir), rel, &how).map_err(BeneathError::Os)?;

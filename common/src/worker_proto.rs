@@ -141,6 +141,9 @@ pub enum ToWorker {
     /// sent before `Open`, answered `Ok`. `Close` resets it to the worker's
     /// `--cache`.
     Cache(crate::xapi::CachePlan),
+    /// Changed-block tracking (fds per [`crate::cbt::ToWorkerCbt`]),
+    /// answered `Cbt`.
+    Cbt(crate::cbt::ToWorkerCbt),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,4 +185,6 @@ pub enum FromWorker {
         chain: Vec<String>,
         stall_us: u64,
     },
+    /// Answer to `Cbt`: every bitmap the disk tracks now.
+    Cbt(Vec<crate::cbt::CbtInfo>),
 }

@@ -30,6 +30,9 @@ pub struct Options {
     pub existing_parent: Option<Minor>,
     /// `allocate -d DEVPATH`: the minor that device path names.
     pub device: Option<String>,
+    /// `open -C LOG` / `unpause -c LOG`: track changed blocks into LOG,
+    /// a blktap CBT log (see [`crate::cbt`]).
+    pub cbt_log: Option<String>,
     /// Flags that were given but that tapjail does not build (yet).
     pub unbuilt: Vec<Unbuilt>,
 }
@@ -60,8 +63,6 @@ pub enum Unbuilt {
     Mirror(String),
     /// `open -s`: the mirror starts as standby.
     Standby,
-    /// `open -C LOG` / `unpause -c LOG`: blktap changed-block-tracking log.
-    CbtLog(String),
     /// `open -E`: the key for blktap's encrypted VHDs (never carried here:
     /// tap-ctl does not read it when the feature is refused).
     Encryption,
@@ -74,7 +75,6 @@ impl Unbuilt {
             Unbuilt::ReadCache => "-r",
             Unbuilt::Mirror(_) => "-2",
             Unbuilt::Standby => "-s",
-            Unbuilt::CbtLog(_) => "-C/-c",
             Unbuilt::Encryption => "-E",
         }
     }
@@ -88,7 +88,6 @@ impl fmt::Display for Unbuilt {
             }
             Unbuilt::Mirror(_) => f.write_str("-2 (mirroring writes to a secondary NBD target)"),
             Unbuilt::Standby => f.write_str("-s (standby mirror)"),
-            Unbuilt::CbtLog(_) => f.write_str("-C/-c (blktap changed-block-tracking log)"),
             Unbuilt::Encryption => f.write_str("-E (blktap encrypted VHD, key on stdin)"),
         }
     }

@@ -400,7 +400,7 @@ pub fn run(
             done.stall_us % 1000,
             done.stall_us
         ),
-        Reply::Ok | Reply::Hello { .. } => {}
+        Reply::Ok | Reply::Hello { .. } | Reply::Cbt(_) => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
     }
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod admin;
+mod cbt;
 mod client;
 #[cfg(test)]
 mod docs;
@@ -73,6 +74,11 @@ enum Command {
     /// Print every visible disk's counters and latency histograms in
     /// Prometheus' text format.
     Metrics(metrics::MetricsArgs),
+    /// Changed-block tracking of a disk, for incremental backup.
+    Cbt {
+        #[command(subcommand)]
+        command: cbt::CbtCommand,
+    },
     #[command(flatten)]
     Lifecycle(lifecycle::LifecycleCommand),
 }
@@ -88,6 +94,11 @@ fn main() -> ExitCode {
         Command::Audit { command } => admin::audit(command),
         Command::Metrics(args) => metrics::run(
             args,
+            &cli.socket,
+            std::time::Duration::from_secs(cli.timeout),
+        ),
+        Command::Cbt { command } => cbt::run(
+            command,
             &cli.socket,
             std::time::Duration::from_secs(cli.timeout),
         ),

@@ -42,7 +42,7 @@ pub struct OpenFlags {
     /// Standby mirror (not supported: refused).
     #[arg(short = 's')]
     pub standby: bool,
-    /// blktap changed-block-tracking log (not supported: refused).
+    /// Track changed blocks into this blktap CBT log (made by `cbt-util create`).
     #[arg(short = 'C', value_name = "LOG")]
     pub cbt_log: Option<String>,
     /// Encryption key on stdin (not supported: refused, stdin is not read).
@@ -58,7 +58,7 @@ pub struct UnpauseFlags {
     /// Switch to this mirror secondary (not supported: refused).
     #[arg(short = '2', value_name = "URI")]
     pub secondary: Option<String>,
-    /// blktap changed-block-tracking log (not supported: refused).
+    /// Track changed blocks into this blktap CBT log from now on.
     #[arg(short = 'c', value_name = "LOG")]
     pub cbt_log: Option<String>,
 }
@@ -75,9 +75,6 @@ impl OpenFlags {
         if self.standby {
             unbuilt.push(Unbuilt::Standby);
         }
-        if let Some(log) = self.cbt_log {
-            unbuilt.push(Unbuilt::CbtLog(log));
-        }
         if self.encryption {
             unbuilt.push(Unbuilt::Encryption);
         }
@@ -85,6 +82,7 @@ impl OpenFlags {
             timeout_secs: self.timeout.secs,
             no_o_direct: self.no_o_direct,
             existing_parent: self.existing_parent,
+            cbt_log: self.cbt_log.map(absolute),
             unbuilt,
             ..Options::default()
         }
@@ -97,14 +95,24 @@ impl UnpauseFlags {
         if let Some(uri) = self.secondary {
             unbuilt.push(Unbuilt::Mirror(uri));
         }
-        if let Some(log) = self.cbt_log {
-            unbuilt.push(Unbuilt::CbtLog(log));
-        }
         Options {
             timeout_secs: self.timeout.secs,
+            cbt_log: self.cbt_log.map(absolute),
             unbuilt,
             ..Options::default()
         }
+    }
+}
+
+/// A log path as the broker needs it: absolute (relative to tap-ctl's
+/// working directory otherwise, as blktap's tapdisk would open it).
+fn absolute(path: String) -> String {
+    if path.starts_with('/') {
+        return path;
+    }
+    match std::env::current_dir() {
+        Ok(dir) => dir.join(&path).display().to_string(),
+        Err(_) => path,
     }
 }
 
@@ -212,7 +220,8 @@ mod tests {
         assert_eq!(o.timeout_secs, Some(30));
         assert!(o.no_o_direct);
         assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
-        assert_eq!(o.unbuilt.len(), 5);
+        assert_eq!(o.unbuilt.len(), 4);
+        assert_eq!(o.cbt_log.as_deref(), Some("/x.log"));
         let LifecycleCommand::Unpause { xapi, image, .. } = parse(&[
             "unpause",
             "-p",
@@ -229,7 +238,9 @@ mod tests {
             panic!()
         };
         assert!(image.is_some());
-        assert_eq!(xapi.options().unbuilt.len(), 2);
+        let o = xapi.options();
+        assert_eq!(o.unbuilt.len(), 1);
+        assert_eq!(o.cbt_log.as_deref(), Some("/y.log"));
         let LifecycleCommand::Allocate { device, .. } =
             parse(&["allocate", "-d", "/dev/xen/blktap-2/tapdev4"])
         else {

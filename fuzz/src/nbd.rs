@@ -221,6 +221,7 @@ pub fn nbd_client(data: &[u8]) -> NbdRun {
         read_only,
         description: "fuzz".into(),
         max_payload: MAX_PAYLOAD_FUZZ,
+        bitmaps: Vec::new(),
     };
     let mut client = Client(Cursor::new(data));
     let Ok(Outcome::Transmission(session)) = negotiate(&mut client, &export) else {

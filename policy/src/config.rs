@@ -89,6 +89,9 @@ pub struct Tenant {
     pub share_parent: bool,
     /// May take online snapshots (`tap-ctl snapshot`). Default true.
     pub online_snapshot: bool,
+    /// May track changed blocks (`tap-ctl cbt`, `open -C`). Default true,
+    /// as blktap: the bitmaps are files in her own roots.
+    pub cbt: bool,
 }
 
 /// The whole configuration file.
@@ -258,6 +261,7 @@ struct RawTenant {
     page_cache: Option<bool>,
     share_parent: Option<bool>,
     online_snapshot: Option<bool>,
+    cbt: Option<bool>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -919,6 +923,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             page_cache: t.page_cache.unwrap_or(true),
             share_parent: t.share_parent.unwrap_or(true),
             online_snapshot: t.online_snapshot.unwrap_or(true),
+            cbt: t.cbt.unwrap_or(true),
         });
     }
 

@@ -116,7 +116,7 @@ impl Decision {
         }
     }
 
-    fn allow(t: &Tenant, rule: &'static str, reason: String) -> Self {
+    pub(crate) fn allow(t: &Tenant, rule: &'static str, reason: String) -> Self {
         Decision {
             allow: true,
             rule,
@@ -237,6 +237,7 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
         Request::Throttle { target, .. } => throttle(t, target),
         Request::Snapshot { pid, minor, child } => snapshot(t, peer, view, *pid, *minor, child),
+        Request::Cbt(req) => crate::cbt::decide_cbt(t, req, view),
     }
 }
 
@@ -450,7 +451,7 @@ fn foreign_worker(
     }
 }
 
-fn owned_or_admin(t: &Tenant, minor: Minor, view: &dyn BrokerView) -> Decision {
+pub(crate) fn owned_or_admin(t: &Tenant, minor: Minor, view: &dyn BrokerView) -> Decision {
     match view.minor_owner(minor) {
         Some(owner) if owner != t.name => {
             let mut d = Decision::allow(
@@ -511,7 +512,7 @@ fn with_image(
     }
 }
 
-fn grant(
+pub(crate) fn grant(
     t: &Tenant,
     open_as: &OpenAs,
     path: &Path,

@@ -5,6 +5,7 @@
 //! peer's `SO_PEERCRED` identity and a view of its tables, and enforces
 //! what is decided (e.g. opening a granted image with `openat2`).
 
+pub mod cbt;
 pub mod cgroups;
 pub mod config;
 pub mod decide;
@@ -12,6 +13,7 @@ pub mod idmap;
 pub mod path;
 pub mod xapi;
 
+pub use cbt::decide_cbt_file;
 pub use cgroups::{CgroupMode, CgroupPolicy, TenantCgroup};
 pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,

@@ -28,6 +28,11 @@ pub(crate) fn decide_options(
         }
         (other, _) => other.clone(),
     };
+    if opts.cbt_log.is_some() {
+        if let Some(d) = crate::cbt::refused(t, "-C/-c LOG") {
+            return d;
+        }
+    }
     if opts.no_o_direct && !t.page_cache {
         return deny(
             "page-cache",

@@ -61,7 +61,7 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     // key byte anywhere in the log.
     let lines = h.audit_lines();
     let text = std::fs::read_to_string(&h.audit).unwrap();
-    for flag in ["-r (", "-2 (", "-s (", "-C/-c (", "-E ("] {
+    for flag in ["-r (", "-2 (", "-s (", "-E ("] {
         assert!(
             lines.iter().any(|l| l["outcome"]
                 .as_str()
@@ -75,6 +75,16 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
             .any(|l| l["rule"] == "foreign-parent" && l["decision"] == "deny"),
         "the cross-tenant -e is not on record"
     );
+    // -C on open and -c on unpause are carried out, and on record.
+    for log in ["cbt.cbtlog", "clone1.cbtlog"] {
+        assert!(
+            lines.iter().any(|l| l["request"].to_string().contains(log)
+                && l["outcome"]
+                    .as_str()
+                    .is_some_and(|o| !o.contains("not supported"))),
+            "{log} is not on record"
+        );
+    }
     assert!(
         !text.contains("KKKKKKKK"),
         "key bytes reached the audit log"

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 
@@ -297,6 +298,43 @@ def log(msg):
     print(msg, flush=True)
 
 
+CBT_BLOCK = 64 * 1024
+
+
+def cbt_create(path, size):
+    """cbt-util create, from blktap's cbt-util.h: struct cbt_log_metadata
+    (parent, child UUIDs, int consistent, u64 size; x86 layout) + bitmap."""
+    bitmap = (size + CBT_BLOCK - 1) // CBT_BLOCK
+    with open(path, "wb") as f:
+        f.write(struct.pack("<16s16si4xQ", b"\0" * 16, b"\0" * 16, 0, size))
+        f.write(b"\0" * ((bitmap + 7) // 8))
+
+
+def cbt_dirty(path):
+    """The blocks a CBT log marks (bit n % 8 of byte n / 8)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    _, _, consistent, size = struct.unpack("<16s16si4xQ", data[:48])
+    bits = data[48:]
+    return [n for n in range((size + CBT_BLOCK - 1) // CBT_BLOCK) if bits[n // 8] >> (n % 8) & 1]
+
+
+def dev_size(t):
+    fd = os.open(t.devpath(), os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def write_dev(t, offset, data):
+    fd = os.open(t.devpath(), os.O_WRONLY | os.O_DSYNC)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
 def vhd(*args):
     subprocess.run([TAPCTL, "vhd"] + list(args), check=True, stdout=subprocess.DEVNULL)
 
@@ -377,6 +415,17 @@ def main():
         assert not any(f & O_DIRECT for f in parent), "shared parent must be buffered: %r" % parent
         clones.append((c, path))
 
+    # open -C: a VDI with CBT enabled; its writes are marked in the log.
+    cbt_vdi = os.path.join(IMAGES, "cbt.vhd")
+    vhd("create", "-n", cbt_vdi, "-s", "16")
+    cbt_log = os.path.join(IMAGES, "cbt.cbtlog")
+    cbt_create(cbt_log, 16 << 20)
+    ct = activate(cbt_vdi, "vhd", {"cbtlog": cbt_log, "timeout": 30})
+    write_dev(ct, 0, PATTERN[:4096])
+    write_dev(ct, 3 * CBT_BLOCK + 512, PATTERN[:2 * CBT_BLOCK])
+    assert cbt_dirty(cbt_log) == [0, 3, 4, 5], cbt_dirty(cbt_log)
+    ct.shutdown()
+
     # Error paths, each backed out as SM backs out: detach, kill, free.
     minor_before = parse_minor(TapCtl.allocate())
     TapCtl.free(minor_before)
@@ -386,7 +435,6 @@ def main():
         ({"lcache": True}, "-r"),
         ({"secondary": "nbd:unix:/run/mirror.sock:exportname=x"}, "-2"),
         ({"secondary": "nbd:unix:/run/mirror.sock:exportname=x", "standby": True}, "-s"),
-        ({"cbtlog": os.path.join(IMAGES, "extra.cbtlog")}, "-C"),
         ({"key_hash": "ab" * 32, "key": b"K" * 32}, "-E"),
     ]
     for opts, flag in unsupported:
@@ -428,13 +476,17 @@ def main():
     vhd("snapshot", "-n", new_leaf, "-p", path)
     expect_failure("unpause -2", EOPNOTSUPP, ["-2", "not supported"],
                    lambda: TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf, mirror="nbd:x"))
-    expect_failure("unpause -c", EOPNOTSUPP, ["-C/-c", "not supported"],
-                   lambda: TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf, cbtlog="/x.log"))
     assert Tapdisk.from_minor(c.minor).state & PAUSED
-    TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf)
+    # unpause -c: XAPI enables CBT on a running VDI with a log cbt-util made.
+    cbtlog = os.path.join(IMAGES, "clone1.cbtlog")
+    cbt_create(cbtlog, dev_size(c))
+    TapCtl.unpause(c.pid, c.minor, "vhd", new_leaf, cbtlog=cbtlog)
     t = Tapdisk.from_minor(c.minor)
     assert (t.path, t.state) == (new_leaf, 0), vars(t)
     assert read_dev(t) == PATTERN
+    assert cbt_dirty(cbtlog) == [], "a fresh log marks nothing"
+    write_dev(t, 10 * CBT_BLOCK, PATTERN[:4096])
+    assert cbt_dirty(cbtlog) == [10], cbt_dirty(cbtlog)
     assert not any(f & O_DIRECT for f in image_fd_flags(t.pid, new_leaf)), "-D kept over unpause"
 
     # allocate -d: our form and blktap's.

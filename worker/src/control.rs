@@ -186,6 +186,9 @@ pub struct Worker {
     resync: Cell<Option<[u8; 16]>>,
     /// I/O limits; every disk this worker opens passes through them.
     throttle: Arc<crate::qos::Throttle>,
+    /// Changed-block bitmaps; every image this worker serves is wrapped
+    /// in [`crate::cbt::Tracked`] with it, so they outlive pause/unpause.
+    cbt: Arc<crate::cbt::Tracker>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -214,6 +217,7 @@ impl Worker {
             open: None,
             resync: Cell::new(None),
             throttle: Arc::default(),
+            cbt: Arc::default(),
         }
     }
 
@@ -293,8 +297,11 @@ impl Worker {
                             virtual_size = img.virtual_size(),
                             "image opened: {kind}:{name}"
                         );
+                        let img = crate::cbt::Tracked::wrap(img, self.cbt.clone());
+                        let disk = Disk::with_throttle(img, self.throttle.clone());
+                        disk.set_cbt(self.cbt.clone());
                         self.open = Some(Open {
-                            disk: Disk::with_throttle(img, self.throttle.clone()),
+                            disk,
                             name: format!("{kind}:{name}"),
                             paused: false,
                             frontend: None,
@@ -383,6 +390,12 @@ impl Worker {
                 self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
                 FromWorker::Ok
             }
+            ToWorker::Cbt(req) => crate::cbt::control::handle(
+                &self.cbt,
+                self.open.as_ref().map(|o| o.disk.as_ref()),
+                req,
+                fds,
+            ),
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
                 Err(e) => error(format!("shutdown: {e}")),
@@ -413,6 +426,7 @@ impl Worker {
             Err(e) => return error(format!("reopening {kind}:{name}: {e}")),
         };
         let reply = opened(img.as_ref());
+        let img = crate::cbt::Tracked::wrap(img, self.cbt.clone());
         match open.disk.resume(img) {
             Ok(()) => {
                 open.paused = false;
@@ -478,7 +492,7 @@ impl Worker {
             return error("SnapshotSwitch without a prepared snapshot");
         };
         let child = p.child_name().to_string();
-        match crate::snapshot::switch(&open.disk, p) {
+        match crate::snapshot::switch(&open.disk, p, self.cbt.clone()) {
             Ok((chain, stall)) => {
                 crate::snapshot::record(&mut open.snapshots, stall);
                 open.name = format!("vhd:{child}");
@@ -582,6 +596,8 @@ impl Worker {
         if let Some(f) = open.frontend.take() {
             f.stop();
         }
+        // Bitmaps belong to the disk; the next Open attaches its own.
+        self.cbt.clear();
         closed
     }
 }

@@ -125,6 +125,9 @@ pub struct Disk {
     pub counters: FrontendCounters,
     /// I/O limits, taken before a read or write is admitted.
     throttle: Arc<Throttle>,
+    /// The changed-block bitmaps of this disk, for frontends that export
+    /// them (NBD's `qemu:dirty-bitmap:NAME`).
+    cbt: std::sync::OnceLock<Arc<crate::cbt::Tracker>>,
 }
 
 /// Why a request could not reach an image.
@@ -164,7 +167,18 @@ impl Disk {
             }),
             changed: Condvar::new(),
             counters: FrontendCounters::default(),
+            cbt: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Make `tracker` this disk's bitmaps (once; later calls keep the first).
+    pub fn set_cbt(&self, tracker: Arc<crate::cbt::Tracker>) {
+        let _ = self.cbt.set(tracker);
+    }
+
+    /// The changed-block bitmaps, if the worker tracks any for this disk.
+    pub fn cbt(&self) -> Option<&Arc<crate::cbt::Tracker>> {
+        self.cbt.get()
     }
 
     /// Virtual size; constant for the disk's life (unpause refuses a change).
@@ -492,6 +506,34 @@ impl Disk {
         drop(inner);
         drop(old);
         result
+    }
+
+    /// Run `f` with no request in flight and none admitted meanwhile
+    /// (they wait, as while paused), then reopen the gate on the same
+    /// image. A paused or closed disk has nothing in flight: `f` just runs.
+    /// For changes that must not interleave with a write, such as a CBT
+    /// checkpoint.
+    pub fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut inner = self.lock();
+        let img = match std::mem::replace(&mut inner.gate, Gate::Paused) {
+            Gate::Open(img) => img,
+            other => {
+                inner.gate = other;
+                drop(inner);
+                return f();
+            }
+        };
+        inner.gate = Gate::Draining(img.clone());
+        while inner.in_flight > 0 {
+            inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
+        // Requests arriving now wait on the Draining gate, not the lock.
+        drop(inner);
+        let out = f();
+        let mut inner = self.lock();
+        inner.gate = Gate::Open(img);
+        self.changed.notify_all();
+        out
     }
 
     /// Drain, flush and close for good; later requests fail with EIO.

@@ -6,6 +6,7 @@
 //! byte of image data is parsed, `control` the broker-mode request loop and
 //! `standalone` the privilege-separated `tapdisk --nbd` mode.
 
+pub mod cbt;
 pub mod control;
 pub mod disk;
 pub mod frontend;

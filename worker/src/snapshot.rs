@@ -171,8 +171,13 @@ pub fn prepare(
 
 /// Step 2: switch `disk` to the prepared chain. Returns the new chain's
 /// names (leaf first) and how long requests were held. On error the disk
-/// serves the old chain, unchanged.
-pub fn switch(disk: &Disk, p: Prepared) -> Result<(Vec<String>, Duration), DiskError> {
+/// serves the old chain, unchanged. The new chain's writes are recorded
+/// by `cbt`, the disk's changed-block tracker, as the old chain's were.
+pub fn switch(
+    disk: &Disk,
+    p: Prepared,
+    cbt: Arc<crate::cbt::Tracker>,
+) -> Result<(Vec<String>, Duration), DiskError> {
     let Prepared {
         child,
         child_name: _,
@@ -204,7 +209,7 @@ pub fn switch(disk: &Disk, p: Prepared) -> Result<(Vec<String>, Duration), DiskE
         layers.push(fresh);
         layers.extend(parents);
         let image: Arc<dyn Image> = Arc::new(VhdImage::from_layers(layers)?);
-        Ok(image)
+        Ok(crate::cbt::Tracked::wrap(image, cbt))
     })
     .map(|(image, stall)| {
         let names = image.stats().into_iter().map(|l| l.name).collect();

@@ -39,6 +39,9 @@ pub enum Action<'a> {
     Open,
     /// Create a new file (`O_CREAT|O_EXCL`, read-write).
     Create,
+    /// Open read-write, creating the file (0600) if it is missing: a CBT
+    /// log of `tap-ctl cbt start`, which may already exist.
+    OpenOrCreate,
     /// Unlink `base` in the directory `dir` (relative to the root, `.`
     /// for the root itself) if it is still the file `id` (dev, inode):
     /// an online snapshot's child that was never used. The answer carries
@@ -320,6 +323,10 @@ fn attempt(plan: &Plan<'_>) -> Result<(OwnedFd, FileStat), Failure> {
         }
         Action::Create => {
             tapjail_common::sys::create_beneath(dir.as_fd(), plan.relative).map_err(beneath_err)?
+        }
+        Action::OpenOrCreate => {
+            tapjail_common::sys::open_or_create_beneath(dir.as_fd(), plan.relative)
+                .map_err(beneath_err)?
         }
         Action::Remove { dir: sub, base, id } => {
             let (fd, st) = tapjail_common::sys::open_beneath(dir.as_fd(), plan.relative, false)

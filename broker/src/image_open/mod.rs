@@ -62,10 +62,30 @@ pub fn open(
     deadline: Duration,
     local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
 ) -> Result<Opened, BrokerError> {
+    open_as(grant, writable, helper::Action::Open, deadline, local)
+}
+
+/// [`open`] read-write, creating the file (0600, the tenant's) if it is
+/// missing: a CBT log of `tap-ctl cbt start`.
+pub fn open_or_create(
+    grant: &ImageGrant,
+    deadline: Duration,
+    local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
+) -> Result<Opened, BrokerError> {
+    open_as(grant, true, helper::Action::OpenOrCreate, deadline, local)
+}
+
+fn open_as(
+    grant: &ImageGrant,
+    writable: bool,
+    action: helper::Action<'_>,
+    deadline: Duration,
+    local: &dyn Fn((u64, u64)) -> Option<BrokerError>,
+) -> Result<Opened, BrokerError> {
     let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
-        match open_once(grant, writable, deadline)? {
+        match open_once(grant, writable, action, deadline)? {
             Ok(o) => return Ok(o),
             Err(helper::Outcome::Lock(locks::LockFailure::Conflict(byte), st)) => {
                 if let Some(e) = local((st.dev, st.ino)) {
@@ -153,6 +173,7 @@ pub fn remove(grant: &ImageGrant, id: (u64, u64), deadline: Duration) -> Result<
 fn open_once(
     grant: &ImageGrant,
     writable: bool,
+    action: helper::Action<'_>,
     deadline: Duration,
 ) -> Result<Result<Opened, helper::Outcome>, BrokerError> {
     let lock = if writable {
@@ -160,7 +181,7 @@ fn open_once(
     } else {
         locks::READER
     };
-    once(grant, writable, lock, helper::Action::Open, deadline)
+    once(grant, writable, lock, action, deadline)
 }
 
 /// One helper run doing `action` on `grant` with `lock`.

@@ -3,6 +3,7 @@
 //! and changes nothing), leases the minor for slow work and commits the
 //! next phase (see [`crate::lease`]).
 
+mod cbt;
 mod image;
 mod minors;
 mod pause;

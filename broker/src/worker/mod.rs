@@ -92,6 +92,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Resynced { .. } => "Resynced",
         FromWorker::Throttle(_) => "Throttle",
         FromWorker::Snapshotted { .. } => "Snapshotted",
+        FromWorker::Cbt(_) => "Cbt",
     }
 }
 
@@ -386,6 +387,7 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
         (msg, got),
         (ToWorker::Serve(_), FromWorker::Serving)
             | (ToWorker::Stats, FromWorker::Stats(_))
+            | (ToWorker::Cbt(_), FromWorker::Cbt(_))
             | (
                 ToWorker::Limits { .. } | ToWorker::ThrottleStats,
                 FromWorker::Throttle(_)
@@ -419,6 +421,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::SnapshotPrepare { .. } => "SnapshotPrepare",
         ToWorker::SnapshotSwitch => "SnapshotSwitch",
         ToWorker::SnapshotAbort => "SnapshotAbort",
+        ToWorker::Cbt(_) => "Cbt",
     }
 }
 

@@ -96,6 +96,9 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     {
         return bad("-t SECS");
     }
+    if opts.cbt_log.is_some() && !open && !matches!(req, Request::Unpause { .. }) {
+        return bad("-C/-c LOG");
+    }
     if !opts.unbuilt.is_empty() && !open && !matches!(req, Request::Unpause { .. }) {
         return bad(opts.unbuilt[0].flag());
     }
@@ -134,6 +137,7 @@ impl Broker {
             scope.plan.parents_buffered = true;
         }
         let _entered = scope.enter();
+        let _cbt_log = crate::cbt::enter_log(opts.cbt_log.as_deref());
         match (req, &opts.device) {
             (Request::Allocate { minor: None }, Some(dev)) => {
                 let m = minor_of_device(dev, &self.policy.device_dir)

@@ -32,6 +32,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "vhd" -d 'Offline VH
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "policy" -d 'Check a tap-broker policy file'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "audit" -d 'Check a tap-broker audit log'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "metrics" -d 'Print every visible disk\'s counters and latency histograms in Prometheus\' text format'
+complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "cbt" -d 'Changed-block tracking of a disk, for incremental backup'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "allocate" -d 'Allocate a minor; prints its device path'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "free" -d 'Release a minor (it must be detached)'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "spawn" -d 'Start a tapdisk worker; prints its pid'
@@ -202,6 +203,39 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l socket -d 't
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -l json -d 'Print the same figures as one JSON array instead: per disk its `list --json` row under "disk" and its `stats` document under "stats" (null when the tapdisk did not answer)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand metrics" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -l socket -d 'tap-broker\'s control socket' -r -F
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "start" -d 'Start a new, empty bitmap NAME (file LEAF.NAME.cbt next to the image)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "checkpoint" -d 'Clear bitmap NAME: it holds the blocks written from now on'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "stop" -d 'Stop tracking into NAME (its file is left for a last backup)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "list" -d 'Print the disk\'s bitmaps: name, granularity, dirty blocks'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and not __fish_seen_subcommand_from start checkpoint stop list help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -s m -d 'The disk\'s minor' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -l name -d 'The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -l socket -d 'tap-broker\'s control socket' -r -F
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from start" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -s m -d 'The disk\'s minor' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -l name -d 'The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -l socket -d 'tap-broker\'s control socket' -r -F
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from checkpoint" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -s m -d 'The disk\'s minor' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -l name -d 'The bitmap (NBD clients read it as `qemu:dirty-bitmap:NAME`)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -l socket -d 'tap-broker\'s control socket' -r -F
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from stop" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -s m -d 'The disk\'s minor' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -l socket -d 'tap-broker\'s control socket' -r -F
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -l json -d 'One JSON array, for machines'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from help" -f -a "start" -d 'Start a new, empty bitmap NAME (file LEAF.NAME.cbt next to the image)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from help" -f -a "checkpoint" -d 'Clear bitmap NAME: it holds the blocks written from now on'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from help" -f -a "stop" -d 'Stop tracking into NAME (its file is left for a last backup)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from help" -f -a "list" -d 'Print the disk\'s bitmaps: name, granularity, dirty blocks'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand cbt; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand allocate" -s m -d 'Ask for this minor instead of the lowest free one' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand allocate" -s d -d 'Ask for the minor this device path names (DIR/tapdevN)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand allocate" -l socket -d 'tap-broker\'s control socket' -r -F
@@ -232,7 +266,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s a -d 'TYPE:PATH
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s t -d 'Fail with "timed out" (exit 110) if the tapdisk has not answered within SECS; `list` then shows the minor\'s state' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s e -d 'Share the open parent chain of this minor (same tenant, read-only)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s 2 -d 'Mirror writes to this secondary (not supported: refused)' -r
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s C -d 'blktap changed-block-tracking log (not supported: refused)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s C -d 'Track changed blocks into this blktap CBT log (made by `cbt-util create`)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s R -d 'Read-only'
@@ -271,7 +305,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s m -d 'The di
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s a -d 'Reopen this image instead (TYPE:PATH; same virtual size)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s t -d 'Fail with "timed out" (exit 110) if the tapdisk has not answered within SECS; `list` then shows the minor\'s state' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s 2 -d 'Switch to this mirror secondary (not supported: refused)' -r
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s c -d 'blktap changed-block-tracking log (not supported: refused)' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s c -d 'Track changed blocks into this blktap CBT log from now on' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s h -l help -d 'Print help'
@@ -347,3 +381,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_su
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from vhd" -f -a "confine-check" -d 'Confine as the image verbs do, then try to open PATH: shows that the parser can open nothing (exits 0 when the open is refused)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from policy" -f -a "check" -d 'Validate a policy file; problems are printed as FILE:LINE:COL: message'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from audit" -f -a "verify" -d 'Check an audit log\'s hash chain; names the first broken line. Rotated files are given oldest first (`audit.jsonl.2 audit.jsonl.1 audit.jsonl`): each must continue the chain of the one before'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from cbt" -f -a "start" -d 'Start a new, empty bitmap NAME (file LEAF.NAME.cbt next to the image)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from cbt" -f -a "checkpoint" -d 'Clear bitmap NAME: it holds the blocks written from now on'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from cbt" -f -a "stop" -d 'Stop tracking into NAME (its file is left for a last backup)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and __fish_seen_subcommand_from cbt" -f -a "list" -d 'Print the disk\'s bitmaps: name, granularity, dirty blocks'

@@ -562,6 +562,7 @@ fn main() {
                 FromWorker::Error(format!("fake-tapdisk cannot serve {:?}", other.kind()))
             }
             ToWorker::Pause | ToWorker::Cache(_) => FromWorker::Ok,
+            ToWorker::Cbt(_) => FromWorker::Error("fake-tapdisk tracks no changed blocks".into()),
             ToWorker::Close => {
                 chain = None;
                 listeners.clear();

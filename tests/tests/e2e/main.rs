@@ -6,6 +6,7 @@ mod admin_kicks;
 mod audit_flood;
 mod audit_full;
 mod audit_rotation;
+mod cbt;
 mod cgroup;
 mod ctlplane;
 mod deadlines;

@@ -208,6 +208,11 @@ pub fn base_rules() -> Vec<Allowed> {
             "buffered image writes (io_uring would punt each to a kernel thread; see io::file)",
         ),
         allow(
+            libc::SYS_fdatasync,
+            "fdatasync",
+            "a CBT log's bits are on disk before the write they cover is made (cbt::control)",
+        ),
+        allow(
             libc::SYS_ftruncate,
             "ftruncate",
             "Backing::set_len: the VHD engine grows/trims its file",

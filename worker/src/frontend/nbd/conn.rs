@@ -615,15 +615,84 @@ fn execute(
             offset,
             len,
             req_one,
-        } => match disk.io(IoKind::Other, 0, |img| extents(img, offset, len, req_one)) {
-            Ok(ext) => Reply::new(
-                block_status_chunk(handle, META_BASE_ALLOCATION_ID, &ext),
-                guards,
-            ),
-            Err(e) => disk_error(conn, handle, &e, guards),
-        },
+        } => {
+            let session = conn.session;
+            let dirty = session.dirty_bitmap.map(|id| {
+                disk.cbt()
+                    .and_then(|t| t.by_id(id))
+                    .map(|m| dirty_extents(&m, offset, len, req_one))
+            });
+            let base = session
+                .base_allocation
+                .then(|| disk.io(IoKind::Other, 0, |img| extents(img, offset, len, req_one)))
+                .transpose();
+            match (base, dirty) {
+                (Err(e), _) => disk_error(conn, handle, &e, guards),
+                (Ok(_), Some(None)) => Reply::new(
+                    error_chunk(
+                        handle,
+                        NBD_EINVAL,
+                        "the dirty bitmap this connection selected was stopped",
+                    ),
+                    guards,
+                ),
+                (Ok(base), dirty) => {
+                    let dirty = dirty.flatten();
+                    let mut b = Vec::new();
+                    if let Some(ext) = &base {
+                        b.extend(block_status_chunk_of(
+                            handle,
+                            META_BASE_ALLOCATION_ID,
+                            ext,
+                            dirty.is_none(),
+                        ));
+                    }
+                    if let Some(ext) = &dirty {
+                        b.extend(block_status_chunk_of(
+                            handle,
+                            META_DIRTY_BITMAP_ID,
+                            ext,
+                            true,
+                        ));
+                    }
+                    Reply::new(b, guards)
+                }
+            }
+        }
     };
     conn.send(reply);
+}
+
+/// `qemu:dirty-bitmap:NAME` descriptors for `[offset, offset+len)`
+/// (flag [`STATE_DIRTY`] for written blocks, as qemu), merged, at most
+/// [`MAX_EXTENTS`] (or one with `req_one`).
+fn dirty_extents(
+    map: &crate::cbt::Bitmap,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Vec<(u32, u32)> {
+    let end = offset + u64::from(len); // checked by `decide`
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut pos = offset;
+    while let Some((l, dirty)) = map.extent(pos, end - pos) {
+        let flags = if dirty { STATE_DIRTY } else { 0 };
+        let l32 = u32::try_from(l).unwrap_or(u32::MAX);
+        match out.last_mut() {
+            Some((last_len, last_flags)) if *last_flags == flags => *last_len += l32,
+            _ => {
+                if out.len() == MAX_EXTENTS || (req_one && !out.is_empty()) {
+                    break;
+                }
+                out.push((l32, flags));
+            }
+        }
+        pos += l;
+    }
+    if out.is_empty() {
+        out.push((len, 0));
+    }
+    out
 }
 
 /// `base:allocation` descriptors for `[offset, offset+len)`, merged, at

@@ -25,6 +25,9 @@ pub struct ExportInfo {
     pub description: String,
     /// Largest READ/WRITE payload, advertised as the maximum block size.
     pub max_payload: u32,
+    /// Changed-block bitmaps offered as `qemu:dirty-bitmap:NAME`:
+    /// (name, id) as tracked when the client connected.
+    pub bitmaps: Vec<(String, u64)>,
 }
 
 impl ExportInfo {
@@ -80,6 +83,7 @@ struct Haggle<'a, S> {
     no_zeroes: bool,
     structured: bool,
     base_allocation: bool,
+    dirty_bitmap: Option<u64>,
 }
 
 /// Negotiate with a freshly accepted client.
@@ -101,6 +105,7 @@ pub fn negotiate<S: Read + Write>(
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
         base_allocation: false,
+        dirty_bitmap: None,
     };
     for _ in 0..MAX_OPTIONS {
         if let Some(outcome) = h.option()? {
@@ -125,6 +130,7 @@ impl<S: Read + Write> Haggle<'_, S> {
             read_only: self.export.read_only,
             structured: self.structured,
             base_allocation: self.structured && self.base_allocation,
+            dirty_bitmap: self.dirty_bitmap.filter(|_| self.structured),
             max_payload: self.export.max_payload,
         }
     }
@@ -260,22 +266,40 @@ impl<S: Read + Write> Haggle<'_, S> {
             self.error(option, REP_ERR_UNKNOWN, "no such export")?;
             return Ok(());
         }
-        let matched = if option == OPT_LIST_META_CONTEXT && req.queries.is_empty() {
-            true
-        } else {
-            req.queries.iter().any(|q| {
-                if option == OPT_SET_META_CONTEXT {
+        let set = option == OPT_SET_META_CONTEXT;
+        let all = !set && req.queries.is_empty();
+        let matched = all
+            || req.queries.iter().any(|q| {
+                if set {
                     q == META_BASE_ALLOCATION
                 } else {
                     query_matches_base_allocation(q)
                 }
+            });
+        // One bitmap may be selected (the first one named); listing names
+        // every one a query covers.
+        let bitmaps: Vec<(String, u64)> = self
+            .export
+            .bitmaps
+            .iter()
+            .filter(|(name, _)| {
+                all || req.queries.iter().any(|q| {
+                    if set {
+                        q.strip_prefix(META_DIRTY_BITMAP_PREFIX) == Some(name.as_str())
+                    } else {
+                        query_matches_bitmap(q, name)
+                    }
+                })
             })
-        };
-        if option == OPT_SET_META_CONTEXT {
+            .take(if set { 1 } else { usize::MAX })
+            .cloned()
+            .collect();
+        if set {
             self.base_allocation = matched;
+            self.dirty_bitmap = bitmaps.first().map(|(_, id)| *id);
         }
         if matched {
-            let id = if option == OPT_SET_META_CONTEXT {
+            let id = if set {
                 META_BASE_ALLOCATION_ID
             } else {
                 0 // reserved for LIST replies
@@ -285,6 +309,11 @@ impl<S: Read + Write> Haggle<'_, S> {
                 REP_META_CONTEXT,
                 &rep_meta_context(id, META_BASE_ALLOCATION),
             )?;
+        }
+        for (name, _) in &bitmaps {
+            let id = if set { META_DIRTY_BITMAP_ID } else { 0 };
+            let context = format!("{META_DIRTY_BITMAP_PREFIX}{name}");
+            self.reply(option, REP_META_CONTEXT, &rep_meta_context(id, &context))?;
         }
         self.reply(option, REP_ACK, &[])?;
         Ok(())
@@ -303,7 +332,87 @@ mod tests {
             read_only: false,
             description: "test".into(),
             max_payload: MAX_PAYLOAD,
+            bitmaps: vec![("daily".into(), 7), ("weekly".into(), 9)],
         }
+    }
+
+    fn meta_data(queries: &[&str]) -> Vec<u8> {
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&4u32.to_be_bytes());
+        meta.extend_from_slice(b"disk");
+        meta.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            meta.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            meta.extend_from_slice(q.as_bytes());
+        }
+        meta
+    }
+
+    /// Every REP_META_CONTEXT up to the ACK, as (id, name).
+    fn contexts(c: &mut UnixStream) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        loop {
+            let (_, rep, data) = read_reply(c);
+            if rep == REP_ACK {
+                return out;
+            }
+            assert_eq!(rep, REP_META_CONTEXT);
+            let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+            out.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+        }
+    }
+
+    #[test]
+    fn dirty_bitmaps_are_listed_by_namespace_and_one_is_selected_by_name() {
+        let (mut c, t) = server();
+        read_greeting(&mut c);
+        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        send_option(&mut c, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(read_reply(&mut c).1, REP_ACK);
+        send_option(&mut c, OPT_LIST_META_CONTEXT, &meta_data(&[]));
+        let all: Vec<String> = contexts(&mut c).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(
+            all,
+            [
+                "base:allocation",
+                "qemu:dirty-bitmap:daily",
+                "qemu:dirty-bitmap:weekly"
+            ]
+        );
+        send_option(&mut c, OPT_LIST_META_CONTEXT, &meta_data(&["qemu:"]));
+        assert_eq!(contexts(&mut c).len(), 2);
+        send_option(
+            &mut c,
+            OPT_LIST_META_CONTEXT,
+            &meta_data(&["qemu:dirty-bitmap:weekly"]),
+        );
+        assert_eq!(
+            contexts(&mut c),
+            [(0, "qemu:dirty-bitmap:weekly".to_string())]
+        );
+        // A prefix selects nothing with SET (only exact names do).
+        send_option(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_data(&["qemu:dirty-bitmap:wee"]),
+        );
+        assert_eq!(contexts(&mut c), []);
+        send_option(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_data(&["qemu:dirty-bitmap:weekly"]),
+        );
+        assert_eq!(
+            contexts(&mut c),
+            [(META_DIRTY_BITMAP_ID, "qemu:dirty-bitmap:weekly".to_string())]
+        );
+        send_option(&mut c, OPT_GO, &go_data("", &[]));
+        while read_reply(&mut c).1 != REP_ACK {}
+        let Outcome::Transmission(s) = t.join().unwrap().unwrap() else {
+            panic!("no transmission")
+        };
+        assert_eq!((s.base_allocation, s.dirty_bitmap), (false, Some(9)));
     }
 
     /// Run negotiate on one end of a socketpair; the test drives the other.
@@ -401,6 +510,7 @@ mod tests {
                 read_only: false,
                 structured: true,
                 base_allocation: true,
+                dirty_bitmap: None,
                 max_payload: MAX_PAYLOAD,
             })
         );

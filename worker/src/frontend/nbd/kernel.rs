@@ -85,6 +85,8 @@ impl KernelNbdFrontend {
             read_only: self.export.read_only,
             structured: false,
             base_allocation: false,
+            // The kernel client negotiates no meta context.
+            dirty_bitmap: None,
             max_payload: sizing.max_payload,
         }
     }

@@ -255,6 +255,21 @@ pub fn parse_meta(data: &[u8]) -> Result<MetaRequest, ProtoError> {
     Ok(MetaRequest { export, queries })
 }
 
+/// qemu's namespace for persistent dirty bitmaps.
+pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// Context id of the selected dirty bitmap (one may be selected).
+pub const META_DIRTY_BITMAP_ID: u32 = 2;
+/// A dirty bitmap descriptor's flag for written blocks (qemu's value).
+pub const STATE_DIRTY: u32 = 1;
+
+/// Whether a LIST query names the bitmap `name`: exactly, or by the
+/// `qemu:` or `qemu:dirty-bitmap:` namespace.
+pub fn query_matches_bitmap(query: &str, name: &str) -> bool {
+    query == "qemu:"
+        || query == META_DIRTY_BITMAP_PREFIX
+        || query.strip_prefix(META_DIRTY_BITMAP_PREFIX) == Some(name)
+}
+
 /// Which of our contexts a meta-context query names. An empty query list
 /// means "all"; `base:` names every context in that namespace.
 pub fn query_matches_base_allocation(query: &str) -> bool {
@@ -295,6 +310,9 @@ pub struct Session {
     pub structured: bool,
     /// `base:allocation` was selected.
     pub base_allocation: bool,
+    /// `qemu:dirty-bitmap:NAME` was selected: the bitmap's id
+    /// (`crate::cbt::Bitmap::id`), looked up again for each request.
+    pub dirty_bitmap: Option<u64>,
     /// Largest READ/WRITE payload accepted (what we advertised).
     pub max_payload: u32,
 }
@@ -395,7 +413,11 @@ pub fn decide(req: &Request, s: &Session) -> Decision {
             fua,
             may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
         }),
-        CMD_BLOCK_STATUS if !(s.structured && s.base_allocation) || len == 0 => reject(NBD_EINVAL),
+        CMD_BLOCK_STATUS
+            if !(s.structured && (s.base_allocation || s.dirty_bitmap.is_some())) || len == 0 =>
+        {
+            reject(NBD_EINVAL)
+        }
         CMD_BLOCK_STATUS => Decision::Run(Command::BlockStatus {
             offset,
             len,
@@ -558,10 +580,21 @@ pub fn none_chunk(handle: u64) -> [u8; 20] {
 
 /// A final `BLOCK_STATUS` chunk: `(length, flags)` descriptors.
 pub fn block_status_chunk(handle: u64, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    block_status_chunk_of(handle, context, extents, true)
+}
+
+/// A `BLOCK_STATUS` chunk, the last of the reply if `done` (one chunk per
+/// selected meta context).
+pub fn block_status_chunk_of(
+    handle: u64,
+    context: u32,
+    extents: &[(u32, u32)],
+    done: bool,
+) -> Vec<u8> {
     let len = 4 + 8 * extents.len();
     let mut b = Vec::with_capacity(20 + len);
     b.extend_from_slice(&chunk_header(
-        REPLY_FLAG_DONE,
+        if done { REPLY_FLAG_DONE } else { 0 },
         REPLY_TYPE_BLOCK_STATUS,
         handle,
         len as u32,
@@ -594,6 +627,7 @@ mod tests {
         read_only: false,
         structured: true,
         base_allocation: true,
+        dirty_bitmap: None,
         max_payload: MAX_PAYLOAD,
     };
 

@@ -212,6 +212,16 @@ fn client(id: u64, sock: &Arc<Sock>, export_name: &str, ctx: Arc<ServerCtx>) {
         read_only: ctx.disk.read_only(),
         description: "tapjail tapdisk".into(),
         max_payload: ctx.sizing.max_payload,
+        bitmaps: ctx
+            .disk
+            .cbt()
+            .map(|t| {
+                t.all()
+                    .iter()
+                    .map(|m| (m.name().to_string(), m.id()))
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     if let Err(e) = sock.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT)) {
         log(format_args!("client {id}: setting timeouts: {e}"));
