@@ -108,7 +108,9 @@ fn run(r: &Reader) {
         ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
-                tracing::error!("worker log reader stops: epoll_wait: {e}; workers' log lines are lost");
+                tracing::error!(
+                    "worker log reader stops: epoll_wait: {e}; workers' log lines are lost"
+                );
                 return;
             }
         }
