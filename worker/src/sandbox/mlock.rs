@@ -12,7 +12,9 @@
 //! left instead of failing mid-request, and if the
 //! room is below [`MIN_HEADROOM`] the worker refuses to start, naming the
 //! limit. Before locking we cap glibc's malloc at one arena: every extra
-//! arena reserves 64 MiB of address space, all of which would count.
+//! arena reserves 64 MiB of address space, all of which would count; and
+//! fix its mmap threshold so that large buffers are unmapped when freed
+//! instead of growing the heap for good (see [`MMAP_THRESHOLD`]).
 
 use std::io;
 use std::sync::OnceLock;
@@ -36,6 +38,21 @@ pub const FRONTEND_FLOOR: u64 = 1 << 20;
 const M_ARENA_MAX: libc::c_int = -8;
 /// One arena, shared by all threads (each still has its own tcache).
 const ARENAS: libc::c_int = 1;
+/// glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` mallopt parameters.
+const M_MMAP_THRESHOLD: libc::c_int = -3;
+const M_TRIM_THRESHOLD: libc::c_int = -1;
+/// Allocations from this size up (I/O buffers, a connection's read
+/// buffer) get their own mapping, unmapped again when freed. Setting it
+/// turns off glibc's dynamic threshold, which after the first such buffer
+/// is freed serves every later one from the heap; under `mlockall` the
+/// heap only grows (freed chunks between live ones stay mapped and
+/// locked), so each short-lived NBD client left ~136 KiB locked until an
+/// allocation failed and the worker aborted. With a fixed threshold what
+/// large buffers lock is what is live, which the frontends budget.
+const MMAP_THRESHOLD: libc::c_int = 64 * 1024;
+/// Give free heap above this back at the top (the default, fixed so that
+/// it stays put: setting the mmap threshold alone would leave it dynamic).
+const TRIM_THRESHOLD: libc::c_int = 128 * 1024;
 
 /// Room left under RLIMIT_MEMLOCK right after locking.
 static HEADROOM: OnceLock<u64> = OnceLock::new();
@@ -72,7 +89,11 @@ fn too_small(limit: u64, locked: u64) -> MlockError {
 /// and taken as 0.
 pub fn lock_all(status: Option<&std::fs::File>) -> Result<(), MlockError> {
     // SAFETY: mallopt only changes allocator tuning.
-    unsafe { libc::mallopt(M_ARENA_MAX, ARENAS) };
+    unsafe {
+        libc::mallopt(M_ARENA_MAX, ARENAS);
+        libc::mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
     let limit = super::rlimit::get(libc::RLIMIT_MEMLOCK);
     // SAFETY: mlockall takes flags only.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {

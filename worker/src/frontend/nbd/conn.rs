@@ -31,7 +31,7 @@
 
 use super::pool::{Budget, BudgetGuard, WorkPool};
 use super::proto::*;
-use super::sizing::{Sizing, CONN_STACK, IO_STACK};
+use super::sizing::{Sizing, CONN_STACK, IO_STACK, READ_BUFFER};
 use super::sock::Sock;
 use crate::disk::{Disk, DiskError, IoKind};
 use crate::io::{AlignedBuf, BufPool};
@@ -45,8 +45,6 @@ use std::time::Duration;
 pub const MAX_INFLIGHT: u64 = 64;
 /// A client that does not take a reply for this long is dropped.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-/// Buffered reading of request headers and small payloads.
-const READ_BUFFER: usize = 128 * 1024;
 /// Reads up to this size are tried on the reader thread first.
 const INLINE_MAX: u32 = 128 * 1024;
 /// After this many inline misses in a row, stop trying for a while...

@@ -14,6 +14,12 @@ pub const IO_STACK: usize = 64 * 1024;
 /// Stack of a connection's reader or writer thread (parsing and copying;
 /// ran in 20 KiB in a debug build).
 pub const CONN_STACK: usize = 48 * 1024;
+/// Buffered reading of one connection's request headers and small
+/// payloads (the reader's `BufReader`).
+pub const READ_BUFFER: usize = 128 * 1024;
+/// Threads besides the I/O pool that run the image engine: the paced
+/// lanes of the I/O limits (`ServerCtx::paced`).
+const PACED_THREADS: u64 = 2;
 /// Kept free for the image engine's own allocations and the heap.
 const RESERVE: u64 = 1 << 20;
 /// Per-thread overhead besides the stack (guard page, TLS, tcache).
@@ -51,7 +57,8 @@ impl Sizing {
         let u = Sizing::UNLIMITED;
         let room = room.saturating_sub(RESERVE);
         let io_cost = IO_STACK as u64 + THREAD_OVERHEAD;
-        let conn_cost = CONN_STACK as u64 + THREAD_OVERHEAD;
+        let room = room.saturating_sub(PACED_THREADS * io_cost);
+        let conn_cost = conn_cost();
         let clamp = |n: u64, lo: usize, hi: usize| (n as usize).clamp(lo, hi);
         let io_threads = clamp(room / 2 / io_cost, 2, u.io_threads);
         let max_connections = clamp(room / 6 / conn_cost, 2, u.max_connections);
@@ -70,6 +77,15 @@ impl Sizing {
             idle_bytes,
         }
     }
+}
+
+/// What one connected client locks besides the shared pools: its reader
+/// thread, the writer thread it starts once its socket fills, and the
+/// reader's buffer. Planning with less let a few concurrent clients push
+/// the worker past RLIMIT_MEMLOCK, where the next allocation aborts it
+/// (under `mlockall` every mapping is locked), killing the disk.
+pub fn conn_cost() -> u64 {
+    2 * (CONN_STACK as u64 + THREAD_OVERHEAD) + READ_BUFFER as u64
 }
 
 impl Sizing {
@@ -102,8 +118,9 @@ mod tests {
     fn plan_for_a_small_limit_fits_inside_it() {
         for room in [2u64 << 20, 4 << 20, 8 << 20, 64 << 20] {
             let s = Sizing::plan(Some(room));
-            let threads = s.io_threads as u64 * (IO_STACK as u64 + THREAD_OVERHEAD)
-                + s.max_connections as u64 * (CONN_STACK as u64 + THREAD_OVERHEAD);
+            let threads = (s.io_threads as u64 + PACED_THREADS)
+                * (IO_STACK as u64 + THREAD_OVERHEAD)
+                + s.max_connections as u64 * conn_cost();
             let total = threads + s.inflight_bytes + s.idle_bytes as u64 + RESERVE;
             assert!(
                 total <= room.max(RESERVE + threads + 2 * u64::from(MIN_PAYLOAD)),
