@@ -302,9 +302,11 @@ fn qos_writes_out_of_tokens_do_not_hold_up_reads() {
             .unwrap_or_else(|_| panic!("no number before {what:?} in:\n{log}"))
     };
     let (threads, clients) = (said(" I/O threads"), said(" clients"));
-    // Delayed writes: at least 32 more than the I/O threads, from as many
+    // Delayed writes: at least half a client's worth more than the I/O
+    // threads (so the old shared queue would have held every thread and
+    // made the read wait for `all - threads` of them), from as many
     // clients as that takes, one connection left for the reader.
-    let writers_n = (threads + 32).div_ceil(EACH);
+    let writers_n = (threads + EACH / 2).div_ceil(EACH);
     assert!(
         writers_n < clients,
         "{threads} I/O threads need {writers_n} writers but only {clients} clients are served"
