@@ -79,48 +79,14 @@ pub fn decide_cbt_file(policy: &Policy, tenant: &str, open_as: &OpenAs, path: &P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::{decide, PeerCred};
+    use crate::decide::decide;
+    use crate::test_fixtures::{two_tenants, View, ALICE, BOB};
     use tapjail_common::proto::Request;
     use tapjail_common::Minor;
 
-    struct View;
-    impl BrokerView for View {
-        fn minor_owner(&self, minor: Minor) -> Option<&str> {
-            match minor.get() {
-                1 => Some("alice"),
-                2 => Some("bob"),
-                _ => None,
-            }
-        }
-        fn worker_owner(&self, _: u32) -> Option<&str> {
-            None
-        }
-        fn minors_of(&self, _: &str) -> usize {
-            0
-        }
-        fn workers_of(&self, _: &str) -> usize {
-            0
-        }
-    }
-
     fn policy(alice_extra: &str) -> Policy {
-        Policy::parse(&format!(
-            "[[tenant]]\nname = \"alice\"\nuids = [1000]\nimage_roots = [\"/srv/alice\"]\nwritable = true\n{alice_extra}\n\
-             [[tenant]]\nname = \"bob\"\nuids = [1001]\nimage_roots = [\"/srv/bob\"]\nwritable = true\nadmin = true\n"
-        ))
-        .unwrap()
+        two_tenants(alice_extra, "writable = true\n")
     }
-
-    const ALICE: PeerCred = PeerCred {
-        pid: 1,
-        uid: 1000,
-        gid: 1000,
-    };
-    const BOB: PeerCred = PeerCred {
-        pid: 2,
-        uid: 1001,
-        gid: 1001,
-    };
 
     fn cbt(minor: u64, op: CbtOp) -> Request {
         Request::Cbt(CbtRequest {

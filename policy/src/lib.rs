@@ -11,6 +11,8 @@ pub mod config;
 pub mod decide;
 pub mod idmap;
 pub mod path;
+#[cfg(test)]
+mod test_fixtures;
 pub mod xapi;
 
 pub use cbt::decide_cbt_file;

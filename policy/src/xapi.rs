@@ -116,46 +116,12 @@ fn mirror_allowed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::{two_tenants, View, ALICE, BOB};
     use tapjail_common::Minor;
 
-    struct View;
-    impl BrokerView for View {
-        fn minor_owner(&self, minor: Minor) -> Option<&str> {
-            match minor.get() {
-                1 => Some("alice"),
-                2 => Some("bob"),
-                _ => None,
-            }
-        }
-        fn worker_owner(&self, _: u32) -> Option<&str> {
-            None
-        }
-        fn minors_of(&self, _: &str) -> usize {
-            0
-        }
-        fn workers_of(&self, _: &str) -> usize {
-            0
-        }
-    }
-
     fn policy(extra: &str) -> Policy {
-        Policy::parse(&format!(
-            "[[tenant]]\nname = \"alice\"\nuids = [1000]\nimage_roots = [\"/srv/alice\"]\nwritable = true\n{extra}\n\
-             [[tenant]]\nname = \"bob\"\nuids = [1001]\nimage_roots = [\"/srv/bob\"]\nadmin = true\n"
-        ))
-        .unwrap()
+        two_tenants(extra, "")
     }
-
-    const ALICE: PeerCred = PeerCred {
-        pid: 1,
-        uid: 1000,
-        gid: 1000,
-    };
-    const BOB: PeerCred = PeerCred {
-        pid: 2,
-        uid: 1001,
-        gid: 1001,
-    };
 
     fn open(minor: u64, opts: Options, image: &str) -> Request {
         Request::WithOptions {
