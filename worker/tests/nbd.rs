@@ -247,6 +247,44 @@ fn hostile_clients_are_dropped_while_a_good_client_keeps_working() {
     assert!(srv.log().contains("dropped"), "{}", srv.log());
 }
 
+/// A full server queues a further client instead of refusing it (as
+/// qemu-nbd does at its connection limit): the client is served as soon as
+/// one of the others leaves. Refusing raced with a client that had just
+/// been hung up on but whose thread had not ended yet.
+#[test]
+fn client_beyond_the_limit_waits_for_a_slot_instead_of_being_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "disk.img", 4 * MIB, 7);
+    let srv = Standalone::start(dir.path(), &format!("aio:{}", img.display()), &[]);
+    let max = srv.max_clients();
+    let mut full: Vec<Client> = (0..max)
+        .map(|_| Client::connect(&srv.socket, true, false))
+        .collect();
+    let socket = srv.socket.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, true, false);
+        tx.send(()).unwrap();
+        c.request(CMD_READ, 0, 9, 0, 4096, &[]);
+        let r = c.read_reply(0).unwrap();
+        (r.handle, r.error, r.data.iter().all(|&b| b == 7))
+    });
+    // Every slot is taken: the waiter has not had its greeting. Each
+    // connected client still works meanwhile.
+    for (h, c) in full.iter_mut().enumerate() {
+        c.request(CMD_READ, 0, h as u64, 0, 4096, &[]);
+        assert_eq!(c.read_reply(0).unwrap().error, 0);
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "a client beyond the limit of {max} was served while all were connected"
+    );
+    drop(full.pop());
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the waiting client is served once a slot frees");
+    assert_eq!(waiter.join().unwrap(), (9, 0, true));
+}
+
 #[test]
 fn standalone_worker_is_confined_and_monitor_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();

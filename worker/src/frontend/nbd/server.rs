@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,8 +29,33 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 struct Shared {
     stopping: AtomicBool,
     clients: Mutex<HashMap<u64, Arc<Sock>>>,
+    /// Signalled when a client leaves `clients` (or on stop), so an accept
+    /// loop waiting for a free slot wakes.
+    client_left: Condvar,
     /// Connections accepted so far (for logs and tests).
     accepted: AtomicU64,
+}
+
+impl Shared {
+    /// Blocks while `max` clients are connected, until one leaves or the
+    /// server stops.
+    fn wait_for_slot(&self, max: usize) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        while clients.len() >= max && !self.stopping.load(Ordering::SeqCst) {
+            clients = self
+                .client_left
+                .wait(clients)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.client_left.notify_all();
+    }
 }
 
 /// Serves one export over NBD on a listening socket.
@@ -107,6 +132,12 @@ impl Frontend for NbdFrontend {
         );
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let result = loop {
+            // Like qemu-nbd's connection limit, a full server stops
+            // accepting instead of refusing: further clients wait in the
+            // listen backlog until one leaves (idle ones are dropped after
+            // the handshake timeout). Refusing raced with a client that had
+            // just been hung up on but whose thread had not ended yet.
+            self.shared.wait_for_slot(sizing.max_connections);
             let fd = match self.accept() {
                 Ok(fd) => fd,
                 Err(_) if self.shared.stopping.load(Ordering::SeqCst) => break Ok(()),
@@ -132,13 +163,6 @@ impl Frontend for NbdFrontend {
             }
             threads.retain(|t| !t.is_finished());
             let id = self.shared.accepted.fetch_add(1, Ordering::SeqCst);
-            if threads.len() >= sizing.max_connections {
-                log(format_args!(
-                    "client {id}: refused, {} clients connected already",
-                    sizing.max_connections
-                ));
-                continue; // dropping fd closes it
-            }
             let sock = Arc::new(Sock::new(fd));
             self.shared
                 .clients
@@ -148,20 +172,12 @@ impl Frontend for NbdFrontend {
             let (shared, ctx, name) = (self.shared.clone(), ctx.clone(), self.export_name.clone());
             match spawn_thread_sized(&format!("nbd-conn-{id}"), CONN_STACK, move || {
                 client(id, &sock, &name, ctx);
-                shared
-                    .clients
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                shared.leave(id);
             }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     log(format_args!("client {id}: refused, no thread: {e}"));
-                    self.shared
-                        .clients
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
+                    self.shared.leave(id);
                 }
             }
         };
@@ -200,6 +216,9 @@ impl Frontend for NbdFrontend {
             {
                 sock.shutdown();
             }
+            // After the lock above: a loop that checked `stopping` before the
+            // store is waiting by now and gets this.
+            shared.client_left.notify_all();
         }))
     }
 }
