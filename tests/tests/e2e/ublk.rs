@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tapjail_testsupport::{
     spawn_with_tid, tasks_in_d_state, ublk_char_devices, wait_blocked_in_kernel, Aligned,
+    RandomVerifyWriter,
 };
 
 const NEEDS: &str = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests";
@@ -226,40 +227,9 @@ fn ublk_verifying_writer_survives_three_worker_sigkills() {
     let img = h.vhd_image("alice", "v.vhd", 64);
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
     let dev = tapdev(&h, 0);
-    let fio = Command::new("sh")
-        .arg("-c")
-        .arg("command -v fio")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        fio,
-        "fio is needed (apt-get install fio on the host: the VM shares its root)"
-    );
-    let out_path = h.dir.path().join("fio.json");
-    // Write 48 MiB at random 4 KiB offsets (allocating VHD blocks as it
-    // goes), then read everything back and check each block's crc32c.
-    let mut writer = Command::new("fio")
-        .args([
-            "--name=verify",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=48M",
-            "--iodepth=16",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--eta=never",
-            "--output-format=json",
-        ])
-        .arg(format!("--filename={}", dev.display()))
-        .arg(format!("--output={}", out_path.display()))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("fio");
+    // 48 MiB at random 4 KiB offsets, then everything read back and each
+    // block's crc32c checked.
+    let mut writer = RandomVerifyWriter::spawn(&dev, 48, None, &h.dir.path().join("fio.json"));
     let mut last_pid = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
     for round in 1..=3u64 {
         // Mid-I/O: this worker has completed writes since it started (the
@@ -271,7 +241,7 @@ fn ublk_verifying_writer_survives_three_worker_sigkills() {
             h.broker_log()
         );
         assert!(
-            writer.try_wait().unwrap().is_none(),
+            writer.running(),
             "fio finished before kill {round}; make it write more"
         );
         sigkill(last_pid);
@@ -294,20 +264,7 @@ fn ublk_verifying_writer_survives_three_worker_sigkills() {
             t0.elapsed().as_millis()
         );
     }
-    let status = writer.wait().unwrap();
-    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
-    assert!(status.success(), "fio failed: {report}");
-    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "fio saw an I/O error: {job}");
-    assert!(
-        job["write"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
-        "everything written"
-    );
-    assert!(
-        job["read"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
-        "everything read back and verified"
-    );
+    writer.finish(&h.broker_log());
     assert!(tasks_in_d_state().is_empty(), "{:?}", tasks_in_d_state());
     let respawns = h
         .audit_lines()
@@ -393,29 +350,8 @@ fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
     let img = h.vhd_image("alice", "a.vhd", 64);
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
     let dev = tapdev(&h, 0);
-    let out_path = h.dir.path().join("fio.json");
-    let mut writer = Command::new("fio")
-        .args([
-            "--name=adopt",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=32M",
-            "--iodepth=16",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--rate_iops=600",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--eta=never",
-            "--output-format=json",
-        ])
-        .arg(format!("--filename={}", dev.display()))
-        .arg(format!("--output={}", out_path.display()))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("fio (apt-get install fio on the host: the VM shares its root)");
+    // Paced, so that it lasts across three broker restarts.
+    let mut writer = RandomVerifyWriter::spawn(&dev, 32, Some(600), &h.dir.path().join("fio.json"));
     let shown = |h: &Harness| -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
         rows(h, &ALICE)
             .into_iter()
@@ -443,7 +379,7 @@ fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
             eventually(Duration::from_secs(30), || writes(&h) >= w0 + 200),
             "round {round}: no write progress"
         );
-        assert!(writer.try_wait().unwrap().is_none(), "fio ended early");
+        assert!(writer.running(), "fio ended early");
         h.crash();
         assert!(
             alive(worker),
@@ -452,11 +388,7 @@ fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
         h.launch();
         assert_eq!(shown(&h), before, "round {round}: list changed");
     }
-    let status = writer.wait().unwrap();
-    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
-    assert!(status.success(), "fio failed: {report}\n{}", h.broker_log());
-    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
-    assert_eq!(v["jobs"][0]["error"], 0, "fio saw an I/O error");
+    writer.finish(&h.broker_log());
     let adopted = h
         .audit_lines()
         .into_iter()
