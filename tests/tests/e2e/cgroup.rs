@@ -470,19 +470,7 @@ fn cgroup_missing_controllers_are_named_and_required_refuses_to_start() {
         )
     };
     fs::write(&policy, text("required")).unwrap();
-    let out = Command::new(bin("tap-broker"))
-        .arg("--config")
-        .arg(&policy)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without cpu and io: {err}");
-    // Its stderr is a pipe: the error is a JSON log line.
-    let said = log_events(&err)
-        .into_iter()
-        .find(|e| e["level"] == "ERROR")
-        .unwrap_or_else(|| panic!("no error event: {err}"));
-    let msg = said["message"].as_str().unwrap();
+    let msg = refusal_to_start(&policy, "started without cpu and io");
     assert!(msg.contains("cgroups = \"required\""), "{msg}");
     assert!(msg.contains("controller(s) cpu, io not available"), "{msg}");
     assert!(
@@ -561,22 +549,27 @@ fn cgroup_host_without_cgroup_v2_refuses_to_start_when_required() {
         ),
     )
     .unwrap();
+    let msg = refusal_to_start(&policy, "started without cgroup v2");
+    assert!(msg.contains("cgroups = \"required\""), "{msg}");
+    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
+    assert!(msg.contains("memory"), "{msg}");
+}
+
+/// Start tap-broker with `policy`, which must fail; the message of its
+/// error event (its stderr is a pipe: a JSON log line).
+fn refusal_to_start(policy: &std::path::Path, why: &str) -> String {
     let out = Command::new(bin("tap-broker"))
         .arg("--config")
-        .arg(&policy)
+        .arg(policy)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without cgroup v2: {err}");
-    // Its stderr is a pipe: the error is a JSON log line.
+    assert!(!out.status.success(), "{why}: {err}");
     let said = log_events(&err)
         .into_iter()
         .find(|e| e["level"] == "ERROR")
         .unwrap_or_else(|| panic!("no error event: {err}"));
-    let msg = said["message"].as_str().unwrap();
-    assert!(msg.contains("cgroups = \"required\""), "{msg}");
-    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
-    assert!(msg.contains("memory"), "{msg}");
+    said["message"].as_str().unwrap().to_string()
 }
 
 /// What a busy worker of each frontend really uses, as its cgroup counts
