@@ -229,11 +229,9 @@ fn nbd_kernel_four_connections_survive_three_worker_sigkills_and_an_adoption() {
     let four_served = |h: &Harness| {
         let pid = rows(h, &ALICE)[0]["pid"].as_u64().unwrap();
         eventually(std::time::Duration::from_secs(30), || {
-            worker_events(&h.broker_log(), pid).iter().any(|e| {
-                e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("kernel nbd client on 4 connection(s)"))
-            })
+            worker_events(&h.broker_log(), pid)
+                .iter()
+                .any(|e| line_of(e).contains("kernel nbd client on 4 connection(s)"))
         })
     };
     assert!(four_served(&h), "{}", h.broker_log());
