@@ -339,8 +339,7 @@ impl Backing for UringFile {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // The raw syscall, as in `len` (seccomp allows fstat, not newfstatat).
         // SAFETY: st is a valid out-pointer; the fd is ours.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_fstat, self.raw(), &mut st as *mut libc::stat) };
+        let rc = unsafe { libc::syscall(libc::SYS_fstat, self.raw(), &mut st as *mut libc::stat) };
         (rc == 0).then_some(st.st_mtime)
     }
 
