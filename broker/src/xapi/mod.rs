@@ -73,6 +73,20 @@ impl Plans {
 }
 
 impl Plans {
+    /// Whether `minor`'s image is opened as a read cache (`-r`): a fresh
+    /// open asks the running request, a respawn or unpause the plan its
+    /// open remembered.
+    pub fn read_cache(&self, minor: Minor, fresh: bool) -> bool {
+        if fresh {
+            return scope::plan().read_cache;
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&minor)
+            .is_some_and(|p| p.read_cache)
+    }
+
     /// `minor` was closed: drop its `-E` key.
     pub fn forget(&self, minor: Minor) {
         self.1.forget(minor);
@@ -94,6 +108,9 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     }
     if (opts.no_o_direct || opts.existing_parent.is_some()) && !open {
         return bad("-D / -e");
+    }
+    if opts.read_cache && !open {
+        return bad("-r");
     }
     if opts.encryption_key.is_some() && !open {
         return bad("-E");
@@ -154,6 +171,7 @@ impl Broker {
         }
         let mut scope = Scope::new(opts.timeout_secs);
         scope.plan.leaf_buffered = opts.no_o_direct;
+        scope.plan.read_cache = opts.read_cache;
         scope.key = opts.encryption_key.clone();
         if let Some(from) = opts.existing_parent {
             scope.shared = Some(shared_chain(&t, req, from)?);
@@ -182,6 +200,11 @@ impl Broker {
                 }
                 if let Some(done) = scope::mirror_done() {
                     outcome.push_str(&crate::mirror::outcome(&done));
+                }
+                if opts.read_cache {
+                    outcome.push_str(
+                        "; -r: served as a read cache of its parent chain (read-only to the guest)",
+                    );
                 }
                 // The audit says a key was given and its size, never more.
                 if let Some(k) = &opts.encryption_key {
