@@ -176,9 +176,8 @@ fn read_cache_open_r_fills_on_miss_hits_after_and_a_changed_parent_empties_it() 
         counter(&s1, "misses") >= counter(&s0, "misses") + DISK_SECTORS,
         "every sector missed once: {s1}"
     );
-    assert_eq!(
-        counter(&s1, "filled"),
-        counter(&s1, "misses"),
+    assert!(
+        counter(&s1, "filled") >= counter(&s0, "filled") + DISK_SECTORS,
         "every miss filled: {s1}"
     );
     assert!(

@@ -475,7 +475,8 @@ def main():
         assert st["images"][0]["name"] == rc_path and st["images"][1]["name"] == gold, st
         cache = st["read_cache"]
         if attach == 1:
-            assert cache["misses"] >= len(PATTERN) // 512 and cache["filled"] == cache["misses"], st
+            # (a readahead past the pattern may still be in flight)
+            assert cache["misses"] >= len(PATTERN) // 512 <= cache["filled"], st
         else:
             assert cache["misses"] == 0 and cache["hits"] >= len(PATTERN) // 512, st
         try:
@@ -483,6 +484,15 @@ def main():
             raise AssertionError("a write to a read cache's device succeeded")
         except OSError as e:
             assert e.errno in (errno.EPERM, errno.EROFS), e
+        if attach == 1:
+            # SM's next step, the VM's local leaf on the cache with -e, is
+            # not built: refused by name, nothing left behind.
+            local_leaf = os.path.join(IMAGES, "local-leaf.vhd")
+            vhd("snapshot", "-n", local_leaf, "-p", rc_path)
+            rows = len(TapCtl.list())
+            expect_failure("open -e of a read cache minor", 95, ["read cache", "not supported"],
+                           lambda: activate(local_leaf, "vhd", {"existing_prt": rc.minor}))
+            assert len(TapCtl.list()) == rows
         rc.shutdown()
     outside = os.path.join(IMAGES, "outside.vhdcache")
     vhd("snapshot", "-n", outside, "-p", gold)

@@ -174,7 +174,8 @@ impl Broker {
         scope.plan.read_cache = opts.read_cache;
         scope.key = opts.encryption_key.clone();
         if let Some(from) = opts.existing_parent {
-            scope.shared = Some(shared_chain(&t, req, from)?);
+            let from_cache = self.xapi.read_cache(from, false);
+            scope.shared = Some(shared_chain(&t, req, from, from_cache)?);
             scope.plan.parents_buffered = true;
         }
         if let Some(m) = &opts.mirror {
@@ -281,11 +282,28 @@ fn minor_named(req: &Request) -> Option<Minor> {
 
 /// The chain `-e from` shares: `from` must serve (or hold paused) a
 /// read-only image, and not be the minor being opened.
-fn shared_chain(t: &Table, req: &Request, from: Minor) -> Result<Shared, BrokerError> {
+fn shared_chain(
+    t: &Table,
+    req: &Request,
+    from: Minor,
+    from_cache: bool,
+) -> Result<Shared, BrokerError> {
     if minor_named(req) == Some(from) {
         return Err(BrokerError::invalid(format!(
             "-e {from}: a minor cannot share its own parent chain"
         )));
+    }
+    if from_cache {
+        // Its cache file is written by fills while the clone would read
+        // it with the metadata of the moment it opened: not built yet.
+        return Err(BrokerError::new(
+            ErrorKind::Unsupported,
+            format!(
+                "-e {from}: minor {from} is a read cache (-r); sharing a read cache's chain with a \
+                 clone is not supported by tapjail yet: base the clone on a read-only (-R) minor \
+                 serving the gold image instead"
+            ),
+        ));
     }
     let disk = t.disk(from).map_err(|e| e.context(format!("-e {from}")))?;
     let phase = disk.phase()?;
