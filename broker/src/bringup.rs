@@ -117,6 +117,9 @@ impl Broker {
         // opened writable, served read-only (see `crate::xapi`).
         let fresh = !unpause && matches!(device, DeviceMode::Fresh);
         let read_cache = self.xapi.read_cache(target.minor, fresh);
+        if read_cache {
+            self.check_read_cache_path(target.owner, &grant.path)?;
+        }
         let writable = !read_only || read_cache;
         let image_open::Opened {
             file: leaf,

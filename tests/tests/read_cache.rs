@@ -217,6 +217,14 @@ fn read_cache_open_r_fills_on_miss_hits_after_and_a_changed_parent_empties_it() 
         fs::read(&cache).unwrap() == before,
         "the cache file is unchanged"
     );
+    // Reopened only beneath the cache root: an unpause at another path
+    // is refused and the disk stays paused; at its own path it serves.
+    h.ok(&ALICE, &["pause", "-p", &d.pid, "-m", "0"]);
+    let e = h.fails(&ALICE, &["unpause", "-p", &d.pid, "-m", "0", "-a", &a]);
+    assert!(e.contains("read_cache_root"), "{e}");
+    let c = format!("vhd:{}", cache.display());
+    h.ok(&ALICE, &["unpause", "-p", &d.pid, "-m", "0", "-a", &c]);
+    assert!(read_all(&d.dev).expect("read after unpause") == want);
     h.ok(&ALICE, &["close", "-p", &d.pid, "-m", "0"]);
     let audit = h.audit_lines();
     assert!(

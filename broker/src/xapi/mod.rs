@@ -17,6 +17,7 @@
 //! - Flags not built are refused, audited, with `Unsupported`.
 
 pub mod keys;
+pub mod read_cache;
 pub mod scope;
 
 use crate::audit::Done;
