@@ -189,6 +189,34 @@ impl Image for ReadCacheImage {
     fn stats(&self) -> Vec<LayerStats> {
         self.chain.stats()
     }
+
+    fn direct_files(&self) -> Vec<crate::DirectFile> {
+        self.chain.direct_files()
+    }
+
+    /// Hits only: a read whose every piece the cache (file 0) holds maps
+    /// straight onto it; anything the parents would serve must go through
+    /// [`Image::read_at`] to be filled. The cache's present sectors never
+    /// change while it is served, so such a mapping cannot go stale.
+    fn map_direct(&self, offset: u64, len: u64, write: bool) -> Option<crate::Mapping> {
+        if write {
+            return None;
+        }
+        let m = self.chain.map_direct(offset, len, false)?;
+        m.segments()
+            .iter()
+            .all(|s| matches!(s.target, crate::Target::File { file: 0, .. }))
+            .then_some(m)
+    }
+
+    fn direct_done(&self, mapping: &crate::Mapping, ok: bool) {
+        self.chain.direct_done(mapping, ok);
+        if ok {
+            self.counters
+                .hits
+                .fetch_add(mapping.total() / SECTOR_SIZE, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -141,6 +141,34 @@ fn read_cache_misses_fill_then_hits_and_data_matches_the_parent() {
 }
 
 #[test]
+fn read_cache_maps_hits_directly_and_never_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cache) = parent_and_cache(dir.path(), 5);
+    let img = open_cache(&cache).image;
+    assert!(
+        img.map_direct(0, 65536, false).is_none(),
+        "a miss goes through read_at, which fills"
+    );
+    assert!(img.map_direct(0, 4096, true).is_none(), "no writes");
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, 0).unwrap();
+    let m = img
+        .map_direct(0, 65536, false)
+        .expect("a hit maps onto the cache file");
+    assert!(m
+        .segments()
+        .iter()
+        .all(|s| matches!(s.target, crate::Target::File { file: 0, .. })));
+    let before = img.counters().snapshot().hits;
+    img.direct_done(&m, true);
+    assert_eq!(img.counters().snapshot().hits, before + 128);
+    assert!(
+        img.map_direct(0, 131072, false).is_none(),
+        "half cached, half not: through read_at"
+    );
+}
+
+#[test]
 fn read_cache_of_a_changed_parent_is_emptied_and_serves_the_new_data() {
     let dir = tempfile::tempdir().unwrap();
     let (parent, cache) = parent_and_cache(dir.path(), 1);
