@@ -113,10 +113,18 @@ impl Broker {
             read_only,
             unpause,
         } = req;
+        // `-r`: the cache file is written by fills, never by the guest:
+        // opened writable, served read-only (see `crate::xapi`).
+        let fresh = !unpause && matches!(device, DeviceMode::Fresh);
+        let read_cache = self.xapi.read_cache(target.minor, fresh);
+        if read_cache {
+            self.check_read_cache_path(target.owner, &grant.path)?;
+        }
+        let writable = !read_only || read_cache;
         let image_open::Opened {
             file: leaf,
             id: leaf_id,
-        } = self.open_grant(grant, !read_only, target.minor)?;
+        } = self.open_grant(grant, writable, target.minor)?;
         tapjail_broker::phases::lap("image_open");
         if !unpause {
             // Before the first request can arrive (a worker keeps its
@@ -126,7 +134,7 @@ impl Broker {
             self.push_limits(conn, &limits, false)?;
             tapjail_broker::phases::lap("limits");
         }
-        let mut files: Vec<(FileId, bool)> = vec![(leaf_id, !read_only)];
+        let mut files: Vec<(FileId, bool)> = vec![(leaf_id, writable)];
         self.table().claim_files(target.minor, &files)?;
         let name = grant.path.display().to_string();
         let msg = if unpause {
@@ -157,7 +165,6 @@ impl Broker {
             }
         }
         if !unpause {
-            let fresh = matches!(device, DeviceMode::Fresh);
             if let Err(e) = self.xapi.send_plan(conn, target.minor, fresh) {
                 self.table().release_files(target.minor, &files);
                 return Err(e);
@@ -182,7 +189,7 @@ impl Broker {
         let image = OpenImage {
             spec: ImageSpec { kind, path: name },
             grant: grant.clone(),
-            read_only,
+            read_only: read_only || read_cache,
             size: opened.virtual_size,
             chain: opened.chain,
             files: files.clone(),

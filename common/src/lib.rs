@@ -12,6 +12,7 @@ pub mod minor;
 pub mod mirror;
 pub mod proto;
 pub mod qos;
+pub mod read_cache;
 pub mod secret;
 pub mod signals;
 pub mod snapshot;

@@ -66,6 +66,9 @@ pub struct WorkerStats {
     pub mirror: Option<crate::mirror::MirrorStats>,
     /// Online snapshots and their stalls.
     pub snapshot: crate::snapshot::SnapshotStats,
+    /// `open -r`: the read cache's hits and misses.
+    #[serde(default)]
+    pub read_cache: Option<crate::read_cache::ReadCacheStats>,
 }
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced

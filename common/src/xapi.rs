@@ -38,6 +38,10 @@ pub struct Options {
     pub mirror: Option<crate::mirror::MirrorRequest>,
     /// Flags that were given but that tapjail does not build (yet).
     pub unbuilt: Vec<Unbuilt>,
+    /// `open -r`: serve the image as a local read cache of its parent
+    /// chain (blktap's IntelliCache, see [`crate::read_cache`]).
+    #[serde(default)]
+    pub read_cache: bool,
     /// `open -E`: the key for blktap's encrypted VHDs, read by tap-ctl
     /// from stdin. Never printed (see [`crate::secret`]); the broker keeps
     /// it for the disk's life and gives it to that disk's worker only.
@@ -60,12 +64,18 @@ pub struct CachePlan {
     pub leaf_buffered: bool,
     /// `-e MINOR`: the shared parents, so clones read them once.
     pub parents_buffered: bool,
+    /// `-r`: the leaf is a read cache of its parent chain, filled by reads
+    /// and never written by the guest (see [`crate::read_cache`]).
+    #[serde(default)]
+    pub read_cache: bool,
 }
 
 /// A blktap feature SM can ask for that tapjail refuses instead of faking.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Unbuilt {
-    /// `open -r`: IntelliCache local read cache of the parent chain.
+    /// `open -r` before tapjail built it; no longer sent by tap-ctl
+    /// (see [`Options::read_cache`]), kept so an old client's request
+    /// still decodes and is refused with its name.
     ReadCache,
     /// `open -E`: the key for blktap's encrypted VHDs (never carried here:
     /// tap-ctl does not read it when the feature is refused).

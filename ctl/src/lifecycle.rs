@@ -526,6 +526,9 @@ struct StatsJson<'a> {
     /// Online snapshots taken by this worker and their stalls (once any).
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshot: Option<&'a tapjail_common::snapshot::SnapshotStats>,
+    /// `open -r`: the read cache's hits, misses and fills (sectors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_cache: Option<&'a tapjail_common::read_cache::ReadCacheStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -568,6 +571,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         ),
         mirror: w.mirror.as_ref(),
         snapshot: Some(&w.snapshot).filter(|s| s.count > 0),
+        read_cache: w.read_cache.as_ref(),
     })
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 use std::process::ExitCode;
 use tapjail_common::mirror::MirrorRequest;
 use tapjail_common::proto::{ErrorKind, Request};
-use tapjail_common::xapi::{Options, Unbuilt, MAX_TIMEOUT_SECS};
+use tapjail_common::xapi::{Options, MAX_TIMEOUT_SECS};
 use tapjail_common::Minor;
 
 fn secs() -> clap::builder::RangedI64ValueParser<u32> {
@@ -34,7 +34,10 @@ pub struct OpenFlags {
     /// Share the open parent chain of this minor (same tenant, read-only).
     #[arg(short = 'e', value_name = "MINOR")]
     pub existing_parent: Option<Minor>,
-    /// Local read cache of the parent chain (not supported: refused).
+    /// Serve the image as a local read cache of its parent chain (XAPI's
+    /// IntelliCache): reads the cache lacks come from the parent and are
+    /// written into it; read-only to the guest. The image must lie beneath
+    /// the tenant's read_cache_root.
     #[arg(short = 'r')]
     pub read_cache: bool,
     /// Mirror every write to this NBD secondary (nbd:/path/to/socket or
@@ -70,10 +73,6 @@ pub struct UnpauseFlags {
 
 impl OpenFlags {
     pub fn options(self) -> Options {
-        let mut unbuilt = Vec::new();
-        if self.read_cache {
-            unbuilt.push(Unbuilt::ReadCache);
-        }
         Options {
             timeout_secs: self.timeout.secs,
             no_o_direct: self.no_o_direct,
@@ -83,7 +82,7 @@ impl OpenFlags {
                 uri,
                 standby: self.standby,
             }),
-            unbuilt,
+            read_cache: self.read_cache,
             ..Options::default()
         }
     }
@@ -242,7 +241,8 @@ mod tests {
         assert_eq!(o.timeout_secs, Some(30));
         assert!(o.no_o_direct);
         assert_eq!(o.existing_parent.map(|m| m.get()), Some(3));
-        assert_eq!(o.unbuilt.len(), 1, "-r");
+        assert!(o.read_cache, "-r");
+        assert!(o.unbuilt.is_empty());
         assert_eq!(o.cbt_log.as_deref(), Some("/x.log"));
         assert_eq!(
             o.mirror,

@@ -8,6 +8,7 @@
 
 mod io_limits;
 mod mirror;
+mod read_cache;
 pub use mirror::MirrorGrants;
 
 use crate::path::{normalize_absolute, PathError};
@@ -102,6 +103,9 @@ pub struct Tenant {
     /// May track changed blocks (`tap-ctl cbt`, `open -C`). Default true,
     /// as blktap: the bitmaps are files in her own roots.
     pub cbt: bool,
+    /// Where `open -r` read caches may live (beneath one of her own image
+    /// roots); `None`: `-r` is refused.
+    pub read_cache_root: Option<PathBuf>,
 }
 
 /// The whole configuration file.
@@ -278,6 +282,7 @@ struct RawTenant {
     encryption: Option<bool>,
     online_snapshot: Option<bool>,
     cbt: Option<bool>,
+    read_cache_root: Option<Spanned<String>>,
 }
 
 /// One entry of `image_roots`: a path, or a table with the path and the
@@ -935,6 +940,8 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         let disk_io = io_limits::build(c, &name, "disk_io", t.disk_io);
         let tenant_io = io_limits::build(c, &name, "tenant_io", t.tenant_io);
         let mirror = mirror::build(c, &name, t.mirror);
+        let read_cache_root =
+            read_cache::build(c, &name, t.read_cache_root, &image_roots, &shared_roots);
         tenants.push(Tenant {
             name,
             uids,
@@ -955,6 +962,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             encryption: t.encryption.unwrap_or(true),
             online_snapshot: t.online_snapshot.unwrap_or(true),
             cbt: t.cbt.unwrap_or(true),
+            read_cache_root,
         });
     }
 

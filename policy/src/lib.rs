@@ -11,6 +11,7 @@ pub mod config;
 pub mod decide;
 pub mod idmap;
 pub mod path;
+mod read_cache;
 #[cfg(test)]
 mod test_fixtures;
 pub mod xapi;

@@ -81,6 +81,11 @@ pub(crate) fn decide_options(
             return deny(rule, why);
         }
     }
+    if opts.read_cache {
+        if let Err((rule, why)) = crate::read_cache::allowed(t, &inner) {
+            return deny(rule, why);
+        }
+    }
     decide(&inner, peer, policy, view)
 }
 

@@ -121,7 +121,8 @@ pub struct Options {
     pub respawn: bool,
     pub worker_timeout_secs: u32,
     pub extra: String,
-    /// Lines added to a tenant's `[[tenant]]` block: (tenant name, TOML).
+    /// Lines added to a tenant's `[[tenant]]` block: (tenant name, TOML);
+    /// `{root}` in them becomes the tenant's image root.
     pub tenant_lines: Vec<(&'static str, String)>,
     /// Environment of tap-broker beyond the runner's (whose `TAPJAIL_LOG`,
     /// `RUST_LOG`, `TAPJAIL_LOG_FORMAT` and `JOURNAL_STREAM` are removed,
@@ -257,7 +258,8 @@ impl Harness {
                 t.name, t.uid, root, t.writable, t.max_disks, t.admin
             ));
             for (_, line) in opts.tenant_lines.iter().filter(|(n, _)| *n == t.name) {
-                text.push_str(line);
+                // `{root}` stands for the tenant's image root.
+                text.push_str(&line.replace("{root}", &root.display().to_string()));
                 text.push('\n');
             }
         }

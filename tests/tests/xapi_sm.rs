@@ -24,10 +24,13 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     let h = Harness::start(Options {
         frontend: "fuse",
         tenants: vec![ROOT, ALICE],
-        tenant_lines: vec![(
-            "ops",
-            format!("mirror = {{ unix_dirs = [{:?}] }}", granted.path()),
-        )],
+        tenant_lines: vec![
+            (
+                "ops",
+                format!("mirror = {{ unix_dirs = [{:?}] }}", granted.path()),
+            ),
+            ("ops", "read_cache_root = \"{root}/cache\"".into()),
+        ],
         ..Options::default()
     });
     let mirror = Nbd::start(granted.path(), 16 << 20);
@@ -70,15 +73,21 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
     );
     assert!(said.contains("all calls behaved as SM expects"), "{said}");
 
-    // Every refusal is on record: -r, the one flag not built, with the
-    // request that named it, the cross-tenant -e as a denial by its rule;
-    // and no key byte anywhere in the log.
+    // Every decision is on record: -r carried out, -r outside the cache
+    // root denied by its rule, the cross-tenant -e as a denial by its
+    // rule; and no key byte anywhere in the log.
     let lines = h.audit_lines();
     assert!(
         lines.iter().any(|l| l["outcome"]
             .as_str()
-            .is_some_and(|o| o.contains("not supported") && o.contains("-r ("))),
-        "no audited refusal of -r"
+            .is_some_and(|o| o.contains("-r: served as a read cache"))),
+        "no audited -r open"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["rule"] == "read-cache-root" && l["decision"] == "deny"),
+        "the -r outside the read_cache_root is not on record"
     );
     assert!(
         lines

@@ -197,6 +197,8 @@ pub struct Worker {
     cbt: Arc<crate::cbt::Tracker>,
     /// Mirroring: see [`crate::mirror`] and [`MirrorSlot`].
     mirror: MirrorSlot,
+    /// `open -r`: see [`crate::read_cache`].
+    read_cache: crate::read_cache::ReadCache,
 }
 
 impl std::fmt::Debug for Worker {
@@ -228,6 +230,7 @@ impl Worker {
             throttle: Arc::default(),
             cbt: Arc::default(),
             mirror: MirrorSlot::default(),
+            read_cache: Default::default(),
         }
     }
 
@@ -298,15 +301,21 @@ impl Worker {
                 };
                 let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
                     .on_resync(&self.resync);
-                let opened_img = open_image(
-                    kind,
-                    leaf,
-                    &name,
-                    read_only,
-                    self.cache,
-                    &mut parents,
-                    self.key.as_ref(),
-                )
+                let opened_img = if self.read_cache.on() {
+                    let (cache, key) = (self.cache, self.key.as_ref());
+                    self.read_cache
+                        .open(kind, leaf, &name, cache, &mut parents, key)
+                } else {
+                    open_image(
+                        kind,
+                        leaf,
+                        &name,
+                        read_only,
+                        self.cache,
+                        &mut parents,
+                        self.key.as_ref(),
+                    )
+                }
                 .and_then(|img| self.mirror.wrap(img));
                 match opened_img {
                     Ok(img) => {
@@ -376,6 +385,7 @@ impl Worker {
                     }
                 };
                 stats.mirror = self.mirror.current.as_ref().map(|m| m.stats());
+                stats.read_cache = self.read_cache.stats();
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Mirror { uri, standby } => {
@@ -420,6 +430,7 @@ impl Worker {
                 };
                 self.cache = buffered(plan.leaf_buffered);
                 self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
+                self.read_cache.set(plan.read_cache);
                 FromWorker::Ok
             }
             ToWorker::Cbt(req) => crate::cbt::control::handle(
@@ -460,15 +471,22 @@ impl Worker {
         };
         let mut parents =
             BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
-        let img = match open_image(
-            kind,
-            leaf,
-            &name,
-            read_only,
-            self.cache,
-            &mut parents,
-            self.key.as_ref(),
-        ) {
+        let reopened = if self.read_cache.on() {
+            let (cache, key) = (self.cache, self.key.as_ref());
+            self.read_cache
+                .open(kind, leaf, &name, cache, &mut parents, key)
+        } else {
+            open_image(
+                kind,
+                leaf,
+                &name,
+                read_only,
+                self.cache,
+                &mut parents,
+                self.key.as_ref(),
+            )
+        };
+        let img = match reopened {
             Ok(img) => img,
             Err(e) => {
                 self.mirror.switch = false;
@@ -670,6 +688,7 @@ impl Worker {
         self.cache = self.base_cache;
         self.parent_cache = self.base_cache;
         self.key = None;
+        self.read_cache.clear();
         // Close the disk first so that requests still arriving fail fast
         // instead of waiting for a resume that will not come.
         let closed = open.disk.close();

@@ -18,6 +18,7 @@ pub mod io;
 pub mod latency;
 pub mod mirror;
 pub mod qos;
+pub mod read_cache;
 pub mod sandbox;
 pub mod snapshot;
 pub mod standalone;

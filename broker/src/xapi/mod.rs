@@ -17,6 +17,7 @@
 //! - Flags not built are refused, audited, with `Unsupported`.
 
 pub mod keys;
+pub mod read_cache;
 pub mod scope;
 
 use crate::audit::Done;
@@ -73,6 +74,20 @@ impl Plans {
 }
 
 impl Plans {
+    /// Whether `minor`'s image is opened as a read cache (`-r`): a fresh
+    /// open asks the running request, a respawn or unpause the plan its
+    /// open remembered.
+    pub fn read_cache(&self, minor: Minor, fresh: bool) -> bool {
+        if fresh {
+            return scope::plan().read_cache;
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&minor)
+            .is_some_and(|p| p.read_cache)
+    }
+
     /// `minor` was closed: drop its `-E` key.
     pub fn forget(&self, minor: Minor) {
         self.1.forget(minor);
@@ -94,6 +109,9 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     }
     if (opts.no_o_direct || opts.existing_parent.is_some()) && !open {
         return bad("-D / -e");
+    }
+    if opts.read_cache && !open {
+        return bad("-r");
     }
     if opts.encryption_key.is_some() && !open {
         return bad("-E");
@@ -154,9 +172,11 @@ impl Broker {
         }
         let mut scope = Scope::new(opts.timeout_secs);
         scope.plan.leaf_buffered = opts.no_o_direct;
+        scope.plan.read_cache = opts.read_cache;
         scope.key = opts.encryption_key.clone();
         if let Some(from) = opts.existing_parent {
-            scope.shared = Some(shared_chain(&t, req, from)?);
+            let from_cache = self.xapi.read_cache(from, false);
+            scope.shared = Some(shared_chain(&t, req, from, from_cache)?);
             scope.plan.parents_buffered = true;
         }
         if let Some(m) = &opts.mirror {
@@ -182,6 +202,11 @@ impl Broker {
                 }
                 if let Some(done) = scope::mirror_done() {
                     outcome.push_str(&crate::mirror::outcome(&done));
+                }
+                if opts.read_cache {
+                    outcome.push_str(
+                        "; -r: served as a read cache of its parent chain (read-only to the guest)",
+                    );
                 }
                 // The audit says a key was given and its size, never more.
                 if let Some(k) = &opts.encryption_key {
@@ -258,11 +283,28 @@ fn minor_named(req: &Request) -> Option<Minor> {
 
 /// The chain `-e from` shares: `from` must serve (or hold paused) a
 /// read-only image, and not be the minor being opened.
-fn shared_chain(t: &Table, req: &Request, from: Minor) -> Result<Shared, BrokerError> {
+fn shared_chain(
+    t: &Table,
+    req: &Request,
+    from: Minor,
+    from_cache: bool,
+) -> Result<Shared, BrokerError> {
     if minor_named(req) == Some(from) {
         return Err(BrokerError::invalid(format!(
             "-e {from}: a minor cannot share its own parent chain"
         )));
+    }
+    if from_cache {
+        // Its cache file is written by fills while the clone would read
+        // it with the metadata of the moment it opened: not built yet.
+        return Err(BrokerError::new(
+            ErrorKind::Unsupported,
+            format!(
+                "-e {from}: minor {from} is a read cache (-r); sharing a read cache's chain with a \
+                 clone is not supported by tapjail yet: base the clone on a read-only (-R) minor \
+                 serving the gold image instead"
+            ),
+        ));
     }
     let disk = t.disk(from).map_err(|e| e.context(format!("-e {from}")))?;
     let phase = disk.phase()?;

@@ -284,7 +284,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -l socket -d 'tap-
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s R -d 'Read-only'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s D -d 'Open the images without O_DIRECT (through the page cache)'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s r -d 'Local read cache of the parent chain (not supported: refused)'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s r -d 'Serve the image as a local read cache of its parent chain (XAPI\'s IntelliCache): reads the cache lacks come from the parent and are written into it; read-only to the guest. The image must lie beneath the tenant\'s read_cache_root'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s s -d 'With -2: standby, blktap\'s meaning: the secondary is written only once the primary runs out of space, and then serves the disk'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s E -d 'Read an encryption key (32 or 64 bytes: AES-128/256-XTS) from stdin and serve blktap\'s encrypted VHDs with it'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand open" -s h -l help -d 'Print help'

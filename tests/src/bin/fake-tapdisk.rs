@@ -603,6 +603,7 @@ fn main() {
                     histograms: Default::default(),
                     mirror: None,
                     snapshot: Default::default(),
+                    read_cache: None,
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),

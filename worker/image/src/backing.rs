@@ -41,6 +41,12 @@ pub trait Backing: Send + Sync + std::fmt::Debug {
         let _ = (buf, offset);
         false
     }
+    /// Last modification of the file, seconds since the Unix epoch:
+    /// what a differencing child records of its parent, and what a read
+    /// cache checks its parent against. `None` when unknown.
+    fn modified_secs(&self) -> Option<i64> {
+        None
+    }
 }
 
 impl Backing for File {
@@ -73,6 +79,11 @@ impl Backing for File {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         punch_hole_fd(self.as_raw_fd(), offset, len)
+    }
+
+    fn modified_secs(&self) -> Option<i64> {
+        use std::os::unix::fs::MetadataExt;
+        self.metadata().ok().map(|m| m.mtime())
     }
 
     fn direct_fd(&self) -> Option<super::DirectFile> {

@@ -334,6 +334,15 @@ impl Backing for UringFile {
         u64::try_from(st.st_size).map_err(io::Error::other)
     }
 
+    fn modified_secs(&self) -> Option<i64> {
+        // SAFETY: an all-zero stat is a valid value to be overwritten.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // The raw syscall, as in `len` (seccomp allows fstat, not newfstatat).
+        // SAFETY: st is a valid out-pointer; the fd is ours.
+        let rc = unsafe { libc::syscall(libc::SYS_fstat, self.raw(), &mut st as *mut libc::stat) };
+        (rc == 0).then_some(st.st_mtime)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: ftruncate takes integers only; the fd is ours.

@@ -123,6 +123,13 @@ impl VhdImage {
         Ok(())
     }
 
+    /// Read through the parents only (every layer below the leaf): what a
+    /// read cache ([`super::read_cache`]) fetches on a miss.
+    pub(crate) fn read_parents(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.read_from(1, buf, offset)
+    }
+
     /// [`Self::read_from`] without waiting for a device (see
     /// [`Image::read_at_nowait`]); false as soon as a piece would. Bytes
     /// read per layer are added to `hits` (counted only if the whole read

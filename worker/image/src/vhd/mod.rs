@@ -39,6 +39,7 @@ pub mod layout;
 pub mod locator;
 pub mod modify;
 pub mod probe;
+pub mod read_cache;
 pub mod relocate;
 pub mod repair;
 pub mod resize;
