@@ -66,6 +66,9 @@ pub struct WorkerStats {
     pub mirror: Option<crate::mirror::MirrorStats>,
     /// Online snapshots and their stalls.
     pub snapshot: crate::snapshot::SnapshotStats,
+    /// An online coalesce, while one runs (and its end, until the next).
+    #[serde(default)]
+    pub coalesce: Option<crate::coalesce::CoalesceStats>,
 }
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced

@@ -45,6 +45,7 @@ pub fn collect(name: &str, disk: Option<&Disk>, frontend: Option<&str>) -> Worke
         histograms: c.histograms.snapshot(),
         mirror: None,
         snapshot: Default::default(),
+        coalesce: None,
     }
 }
 
