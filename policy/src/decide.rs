@@ -232,7 +232,8 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
         | Request::Close { pid, minor, .. }
         | Request::Destroy { pid, minor }
         | Request::Pause { pid, minor }
-        | Request::Stats { pid, minor } => foreign_minor(t, *minor, view, true)
+        | Request::Stats { pid, minor }
+        | Request::Coalesce { pid, minor, .. } => foreign_minor(t, *minor, view, true)
             .or_else(|| foreign_worker(t, *pid, view, true))
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
         Request::Throttle { target, .. } => throttle(t, target),
