@@ -563,6 +563,7 @@ fn main() {
             }
             ToWorker::Pause | ToWorker::Cache(_) | ToWorker::Key(_) => FromWorker::Ok,
             ToWorker::Cbt(_) => FromWorker::Error("fake-tapdisk tracks no changed blocks".into()),
+            ToWorker::Coalesce(_) => FromWorker::Error("fake-tapdisk coalesces nothing".into()),
             ToWorker::Mirror { .. } | ToWorker::MirrorSwitch { .. } => {
                 FromWorker::Error("the fake tapdisk mirrors nothing".into())
             }
@@ -603,6 +604,7 @@ fn main() {
                     histograms: Default::default(),
                     mirror: None,
                     snapshot: Default::default(),
+                    coalesce: None,
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),
