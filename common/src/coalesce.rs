@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which way the merge goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// The parent's blocks are copied into the leaf, which then stands
     /// alone (qemu's block-stream): the parent is no longer used.
@@ -36,6 +37,7 @@ impl std::fmt::Display for Direction {
 
 /// Where a merge is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CoalesceState {
     /// Copying in the background; the guest's I/O carries on.
     Copying,
@@ -95,7 +97,7 @@ pub enum ToWorkerCoalesce {
         /// Copy at most this many bytes per second (0: [`DEFAULT_RATE`]).
         rate: u64,
     },
-    /// Wait (at most about a second) for the copy to finish; answered
+    /// Wait (at most about 100 ms) for the copy to finish; answered
     /// with the progress.
     Wait,
     /// Hold I/O, copy what the guest wrote since, make the written file

@@ -360,6 +360,36 @@ pub fn decide_parent(
     }
 }
 
+/// An online commit writes the served leaf's parent (`path`, a parent
+/// the broker already opened for `tenant`) and makes it the leaf: it must
+/// be beneath a root she may write, opened as `open_as`.
+pub fn decide_commit_parent(
+    policy: &Policy,
+    tenant: &str,
+    open_as: &OpenAs,
+    path: &Path,
+) -> Decision {
+    let Some(t) = policy.tenant(tenant) else {
+        return Decision::deny(
+            None,
+            "no-tenant",
+            format!("tenant {tenant:?} is no longer in the policy"),
+        );
+    };
+    match grant(t, open_as, path, false) {
+        Ok(g) => {
+            let mut d = Decision::allow(
+                t,
+                "image-root",
+                format!("parent {} is under {}", path.display(), g.root.display()),
+            );
+            d.image = Some(g);
+            d
+        }
+        Err(d) => *d,
+    }
+}
+
 fn allocate(t: &Tenant, minor: Option<Minor>, view: &dyn BrokerView) -> Decision {
     let held = view.minors_of(&t.name);
     if held >= t.max_disks as usize {

@@ -43,6 +43,10 @@ type Guard<'a> = MutexGuard<'a, Table>;
 
 /// Times a merge is started again after its worker died.
 const MAX_RESTARTS: u32 = 3;
+/// Pause between progress polls, with the worker's connection free.
+const POLL: Duration = Duration::from_millis(200);
+/// How long another operation on the minor is waited for.
+const LEASE_WAIT: Duration = Duration::from_secs(10);
 /// How long a respawn is waited for.
 const RESPAWN_WAIT: Duration = Duration::from_secs(60);
 
@@ -99,7 +103,10 @@ impl Broker {
         let mut t = Some(t);
         let mut restarts = 0;
         loop {
-            let guard = t.take().unwrap_or_else(|| self.table());
+            let guard = match t.take() {
+                Some(t) => self.when_free(t, minor)?,
+                None => self.when_free(self.table(), minor)?,
+            };
             let w = live_worker(&guard, minor, if restarts == 0 { pid } else { None })?;
             let r = self.coalesce_once(guard, &w, minor, direction, rate);
             self.after_op(minor);
@@ -160,7 +167,7 @@ impl Broker {
         rate: u64,
     ) -> Result<CoalesceDone, Failure> {
         let owner = t.disk(minor)?.owner.clone();
-        let lease = Lease::take(&self.table, t, minor, "coalesce", serving(minor))?;
+        let lease = self.lease_when_free(t, minor)?;
         let old = lease
             .phase()
             .image()
@@ -214,7 +221,8 @@ impl Broker {
             };
             let r = coalesce_reply(w.pid, "Wait", r.map_err(worker_failure)?)?;
             match r.stats.state {
-                CoalesceState::Copying => continue,
+                // Unlocked between polls, so `stats` gets the worker.
+                CoalesceState::Copying => std::thread::sleep(POLL),
                 CoalesceState::Copied => break,
                 s => {
                     return Err(BrokerError::failed(format!(
@@ -227,7 +235,7 @@ impl Broker {
                 }
             }
         }
-        let mut lease = Lease::take(&self.table, self.table(), minor, "coalesce", serving(minor))?;
+        let mut lease = self.lease_when_free(self.table(), minor)?;
         if lease.phase().image().map(|i| (&i.chain, &i.files)) != Some((&old.chain, &old.files)) {
             let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
             let _ = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Abort), &[]);
@@ -296,6 +304,28 @@ impl Broker {
         }
     }
 
+    /// Lease `minor` once no other operation holds it: a `stats` poll
+    /// (brief) must not fail a merge that ran for minutes.
+    fn lease_when_free<'a>(&'a self, t: Guard<'_>, minor: Minor) -> Result<Lease<'a>, BrokerError> {
+        let t = self.when_free(t, minor)?;
+        Lease::take(&self.table, t, minor, "coalesce", serving(minor))
+    }
+
+    /// The table, once no other operation leases `minor` (or after
+    /// [`LEASE_WAIT`], to fail with that operation's name).
+    fn when_free<'a>(&'a self, t: Guard<'_>, minor: Minor) -> Result<Guard<'a>, BrokerError> {
+        drop(t);
+        let until = Instant::now() + LEASE_WAIT;
+        loop {
+            let t = self.table();
+            if !t.disk(minor)?.is_leased() || Instant::now() >= until {
+                return Ok(t);
+            }
+            drop(t);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A commit's parent, opened read-write with the tenant's credentials
     /// after a policy check (it must be in a root she may write), refused
     /// if another disk uses it.
@@ -322,13 +352,11 @@ impl Broker {
                 )));
             }
         }
-        let d = tapjail_policy::decide_parent(
+        let d = tapjail_policy::decide_commit_parent(
             &self.policy,
             owner,
             &old.grant.open_as,
-            &old.grant.path,
-            &parent.display().to_string(),
-            false,
+            &parent,
         );
         let grant = match d.image.filter(|_| d.allow) {
             Some(g) => g,

@@ -200,7 +200,7 @@ impl Job {
     }
 
     pub fn wait(&self) {
-        self.progress.wait(std::time::Duration::from_secs(1));
+        self.progress.wait(std::time::Duration::from_millis(100));
     }
 
     /// Hold I/O and make the new chain complete and durable.
