@@ -10,10 +10,9 @@
 //! layer holds them itself, so a step repeated after a crash copies the
 //! same bytes again: every step is idempotent.
 
-use super::footer::{DiskType, FOOTER_SIZE};
+use super::footer::DiskType;
 use super::image::VhdImage;
 use super::layer::VhdLayer;
-use super::layout::{FooterSource, Metadata};
 use crate::{Backing, ImageError};
 
 /// Why an image cannot be merged online, or `None`.
@@ -109,34 +108,11 @@ fn copy_own(
     Ok(copied)
 }
 
-/// Make a streamed leaf stand alone: its footers say `dynamic`, so its
-/// clear sectors read as zeroes and no parent is looked for. Only valid
-/// once every sector its parent (the chain's base) held is in the leaf
-/// and durable. Each write is one footer sector: the end footer (the one
-/// readers use) first, then the copy at offset 0; a crash between the two
-/// leaves footers that differ, which `repair` fixes, and a leaf that opens
-/// as the new dynamic image.
+/// Make a streamed leaf stand alone: a dynamic image naming no parent,
+/// so its clear sectors read as zeroes. Only valid once every sector its
+/// parent (the chain's base) held is in the leaf and durable (flushed
+/// before this is called). Crash-safe: see [`super::modify::detach_parent`].
 pub fn detach_parent(file: &dyn Backing) -> Result<(), ImageError> {
-    let meta = Metadata::read(file)?;
-    if meta.footer.disk_type != DiskType::Differencing {
-        return Err(ImageError::InvalidArgument(
-            "only a differencing image has a parent to drop".into(),
-        ));
-    }
-    if meta.footer_source != FooterSource::End || !meta.end_footer_ok {
-        return Err(ImageError::InvalidArgument(
-            "the image has no full footer at its end: run `tap-ctl vhd repair` first".into(),
-        ));
-    }
-    let mut footer = meta.footer.clone();
-    footer.disk_type = DiskType::Dynamic;
-    let bytes = footer.to_bytes();
-    let end = meta.file_len - FOOTER_SIZE as u64;
     file.sync_data().map_err(ImageError::io("fsync", 0))?;
-    file.write_all_at(&bytes, end)
-        .map_err(ImageError::io("write footer", end))?;
-    file.sync_data().map_err(ImageError::io("fsync", end))?;
-    file.write_all_at(&bytes, 0)
-        .map_err(ImageError::io("write footer copy", 0))?;
-    file.sync_data().map_err(ImageError::io("fsync", 0))
+    super::modify::detach_parent(file)
 }
