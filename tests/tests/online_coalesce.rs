@@ -78,7 +78,7 @@ fn coalesce_stats(h: &Harness) -> Option<(String, u64, u64)> {
 /// Base with data, an online snapshot, more data in the child, then the
 /// merge (`flag`) at a slow rate while the test writes through the
 /// device; returns the harness and paths for the direction's checks.
-fn merge_under_writes(flag: &str) {
+fn merge_under_writes(flag: &str, kill: bool) {
     let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
     let h = Harness::start(Options {
         frontend: "fuse",
@@ -118,6 +118,13 @@ fn merge_under_writes(flag: &str) {
         }
         assert!(seen, "no progress in stats: {:?}\n{}", coalesce_stats(&h), h.broker_log());
         let (_, d0, total) = first.unwrap();
+        if kill {
+            let l: serde_json::Value =
+                serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).expect("list --json");
+            let pid = l[0]["pid"].as_u64().expect("worker pid") as i32;
+            // SAFETY: kill(2) on the worker pid the broker reported.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         // Guest writes racing the copy: over base-only data (streamed),
         // child data (committed) and holes.
         for (i, off) in [0, 5 * MIB, 17 * MIB, 23 * MIB + 4096, 40 * MIB].iter().enumerate() {
@@ -143,6 +150,7 @@ fn merge_under_writes(flag: &str) {
     let merged = if flag == "--stream" { &child } else { &base };
     assert_eq!(done["chain"], serde_json::json!([merged.display().to_string()]), "{done}");
     assert!(done["copied_bytes"].as_u64().unwrap() >= 8 * MIB as u64, "{done}");
+    assert_eq!(done["restarts"], u64::from(kill), "{done}");
     let s = stats(&h);
     assert_eq!(s["coalesce"]["state"], "done", "{s}");
     assert_eq!(s["images"].as_array().unwrap().len(), 1, "{s}");
@@ -169,12 +177,28 @@ fn merge_under_writes(flag: &str) {
 /// (a dynamic VHD) and holds every write made before, during and after.
 #[test]
 fn fuse_stream_under_writes_matches_the_model_and_stands_alone() {
-    merge_under_writes("--stream");
+    merge_under_writes("--stream", false);
 }
 
 /// Commit: the child's blocks land in the parent, which becomes the leaf
 /// and holds every write made before, during and after.
 #[test]
 fn fuse_commit_under_writes_matches_the_model_and_serves_the_parent() {
-    merge_under_writes("--commit");
+    merge_under_writes("--commit", false);
+}
+
+/// A worker SIGKILLed mid-stream: its successor serves the consistent old
+/// chain, the broker starts the merge again on it (resuming: the leaf
+/// keeps what was streamed), and the result holds every write.
+#[test]
+fn fuse_stream_survives_a_worker_kill_mid_merge() {
+    merge_under_writes("--stream", true);
+}
+
+/// A worker SIGKILLed mid-commit: the parent holds part of the child's
+/// data, which the child overrides, so the chain reads as before; the
+/// merge starts again and the parent ends up holding every write.
+#[test]
+fn fuse_commit_survives_a_worker_kill_mid_merge() {
+    merge_under_writes("--commit", true);
 }
