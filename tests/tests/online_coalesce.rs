@@ -202,3 +202,61 @@ fn fuse_stream_survives_a_worker_kill_mid_merge() {
 fn fuse_commit_survives_a_worker_kill_mid_merge() {
     merge_under_writes("--commit", true);
 }
+
+fn sha(path: &Path) -> String {
+    run_ok(Command::new("sha256sum").arg(path))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Two disks over one base: committing one child into the base would
+/// change the other disk's data, so it is refused with the minor that
+/// shares it, and nothing changes; a stream (which writes only the leaf)
+/// is allowed and leaves the other disk on its chain.
+#[test]
+fn nbd_commit_into_a_parent_another_disk_uses_is_refused_and_changes_nothing() {
+    let h = Harness::start(Options {
+        tenants: vec![ROOT],
+        ..Options::default()
+    });
+    let base = h.vhd_image(ROOT.name, "base.vhd", 16);
+    let kids = [
+        h.root(ROOT.name).join("c1.vhd"),
+        h.root(ROOT.name).join("c2.vhd"),
+    ];
+    for c in &kids {
+        run_ok(
+            Command::new(bin("tap-ctl"))
+                .args(["vhd", "snapshot", "-n"])
+                .arg(c)
+                .arg("-p")
+                .arg(&base),
+        );
+        h.ok(&ROOT, &["create", "-a", &format!("vhd:{}", c.display())]);
+    }
+    let before = sha(&base);
+    let out = h.ctl(&ROOT, &["coalesce", "-m", "0", "--commit"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a shared parent was committed into");
+    assert!(
+        err.contains("shared with minor 1") && err.contains(&base.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(sha(&base), before, "the refused commit wrote the base");
+    let s = stats(&h);
+    assert_eq!(s["images"].as_array().unwrap().len(), 2, "{s}");
+    assert!(s.get("coalesce").is_none(), "{s}");
+    // A stream writes only minor 0's leaf.
+    let out = h.ok(&ROOT, &["coalesce", "-m", "0", "--stream"]);
+    assert!(out.contains("coalesce (stream)"), "{out}");
+    assert_eq!(sha(&base), before, "the stream wrote the base");
+    let s: serde_json::Value =
+        serde_json::from_str(&h.ok(&ROOT, &["stats", "-m", "1"])).expect("stats JSON");
+    assert_eq!(s["images"][1]["name"], base.display().to_string(), "{s}");
+    // Nothing left to merge on minor 0 now.
+    let out = h.ctl(&ROOT, &["coalesce", "-m", "0", "--stream"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing to coalesce"), "{err}");
+}
