@@ -27,7 +27,10 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 /// Write through the device and into the model, durably.
 fn write(dev: &Path, model: &mut [u8], off: usize, data: &[u8]) {
-    let f = OpenOptions::new().write(true).open(dev).expect("open device");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .expect("open device");
     f.write_all_at(data, off as u64).expect("write device");
     f.sync_all().expect("fsync device");
     model[off..off + data.len()].copy_from_slice(data);
@@ -100,7 +103,12 @@ fn merge_under_writes(flag: &str, kill: bool) {
     );
     write(&dev, &mut model, 16 * MIB, &pattern(2, 16 * MIB));
     let out = std::thread::scope(|s| {
-        let job = s.spawn(|| h.ctl(&ROOT, &["coalesce", "-m", "0", flag, "--rate", "4", "--json"]));
+        let job = s.spawn(|| {
+            h.ctl(
+                &ROOT,
+                &["coalesce", "-m", "0", flag, "--rate", "4", "--json"],
+            )
+        });
         // Copying, part-way: progress seen, then seen going up.
         let mut first = None;
         let seen = eventually(Duration::from_secs(60), || {
@@ -116,7 +124,12 @@ fn merge_under_writes(flag: &str, kill: bool) {
                 h.broker_log()
             );
         }
-        assert!(seen, "no progress in stats: {:?}\n{}", coalesce_stats(&h), h.broker_log());
+        assert!(
+            seen,
+            "no progress in stats: {:?}\n{}",
+            coalesce_stats(&h),
+            h.broker_log()
+        );
         let (_, d0, total) = first.unwrap();
         if kill {
             let l: serde_json::Value =
@@ -127,7 +140,10 @@ fn merge_under_writes(flag: &str, kill: bool) {
         }
         // Guest writes racing the copy: over base-only data (streamed),
         // child data (committed) and holes.
-        for (i, off) in [0, 5 * MIB, 17 * MIB, 23 * MIB + 4096, 40 * MIB].iter().enumerate() {
+        for (i, off) in [0, 5 * MIB, 17 * MIB, 23 * MIB + 4096, 40 * MIB]
+            .iter()
+            .enumerate()
+        {
             write(&dev, &mut model, *off, &pattern(10 + i as u8, MIB / 2));
         }
         assert!(
@@ -148,8 +164,15 @@ fn merge_under_writes(flag: &str, kill: bool) {
     );
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).expect("coalesce --json");
     let merged = if flag == "--stream" { &child } else { &base };
-    assert_eq!(done["chain"], serde_json::json!([merged.display().to_string()]), "{done}");
-    assert!(done["copied_bytes"].as_u64().unwrap() >= 8 * MIB as u64, "{done}");
+    assert_eq!(
+        done["chain"],
+        serde_json::json!([merged.display().to_string()]),
+        "{done}"
+    );
+    assert!(
+        done["copied_bytes"].as_u64().unwrap() >= 8 * MIB as u64,
+        "{done}"
+    );
     assert_eq!(done["restarts"], u64::from(kill), "{done}");
     let s = stats(&h);
     assert_eq!(s["coalesce"]["state"], "done", "{s}");
@@ -157,13 +180,20 @@ fn merge_under_writes(flag: &str, kill: bool) {
     // After the switch too.
     write(&dev, &mut model, 30 * MIB, &pattern(30, MIB));
     let dir = tempfile::tempdir().unwrap();
-    assert!(read_back(&dev, dir.path()) == model, "device differs from the model after {flag}");
+    assert!(
+        read_back(&dev, dir.path()) == model,
+        "device differs from the model after {flag}"
+    );
     h.ok(&ROOT, &["destroy", "-m", "0"]);
     // Offline: the merged image stands alone and holds the model.
     let raw = dir.path().join("model.raw");
     fs::write(&raw, &model).unwrap();
     // qemu-img has no check for vpc: ours, then qemu's reading of it.
-    run_ok(Command::new(bin("tap-ctl")).args(["vhd", "check", "-n"]).arg(merged));
+    run_ok(
+        Command::new(bin("tap-ctl"))
+            .args(["vhd", "check", "-n"])
+            .arg(merged),
+    );
     run_ok(
         Command::new("qemu-img")
             .args(["compare", "-f", "vpc", "-F", "raw"])
@@ -258,5 +288,8 @@ fn nbd_commit_into_a_parent_another_disk_uses_is_refused_and_changes_nothing() {
     // Nothing left to merge on minor 0 now.
     let out = h.ctl(&ROOT, &["coalesce", "-m", "0", "--stream"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("nothing to coalesce"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("nothing to coalesce"),
+        "{err}"
+    );
 }

@@ -262,7 +262,9 @@ impl Broker {
         let switched = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Switch), &[]);
         drop(conn);
         match switched {
-            Ok(FromWorker::Coalesce(r)) if r.chain.is_empty() || r.chain.len() > MAX_CHAIN_DEPTH => {
+            Ok(FromWorker::Coalesce(r))
+                if r.chain.is_empty() || r.chain.len() > MAX_CHAIN_DEPTH =>
+            {
                 Err(BrokerError::failed(format!(
                     "tapdisk {} reported a chain of {} images after its coalesce",
                     w.pid,
@@ -352,12 +354,8 @@ impl Broker {
                 )));
             }
         }
-        let d = tapjail_policy::decide_commit_parent(
-            &self.policy,
-            owner,
-            &old.grant.open_as,
-            &parent,
-        );
+        let d =
+            tapjail_policy::decide_commit_parent(&self.policy, owner, &old.grant.open_as, &parent);
         let grant = match d.image.filter(|_| d.allow) {
             Some(g) => g,
             None => {
