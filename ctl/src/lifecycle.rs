@@ -213,9 +213,29 @@ pub enum LifecycleCommand {
         json: bool,
     },
     /// Online coalesce: merge the open leaf and its parent while the disk
-    /// serves. --stream copies the parent into the leaf, which then stands
-    /// alone; --commit copies the leaf into its parent, which becomes the
-    /// leaf. Waits until done; `tap-ctl stats` shows progress meanwhile.
+    /// serves. Waits until done; `tap-ctl stats` shows progress meanwhile.
+    ///
+    /// --stream (qemu's block-stream) copies every sector the leaf lacks
+    /// from its parent into the leaf, then drops the parent: the leaf
+    /// becomes a dynamic VHD naming no parent (the parent must be the
+    /// chain's base). Guest writes racing a copied range win: a range is
+    /// copied with writes to it held out, only into sectors the leaf still
+    /// lacks.
+    ///
+    /// --commit (qemu's block-commit) copies the leaf's sectors into its
+    /// parent, copying again what the guest writes meanwhile, then holds
+    /// I/O for one last pass and a flush and serves the parent as the leaf
+    /// (the old leaf file is left, no longer used). The parent must be
+    /// beneath an image root you may write, and no other disk may use it:
+    /// a parent shared with another minor is refused.
+    ///
+    /// The copy runs in the confined tapdisk, chunk by chunk between the
+    /// guest's requests, at most --rate MiB/s. Until the switch the old
+    /// chain reads as the disk does; the new chain is on record only once
+    /// it is complete and durable. A tapdisk killed mid-merge is replaced
+    /// and the merge started again on its successor (a stream resumes, a
+    /// commit copies again). Pause, unpause, snapshot and mirroring wait
+    /// for the merge. Audited, allowed to the disk's owner and admins.
     Coalesce {
         /// The tapdisk's pid, as `tap-ctl list` shows it (checked if given).
         #[arg(short = 'p', value_name = "PID")]
