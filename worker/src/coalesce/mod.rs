@@ -14,6 +14,8 @@
 mod control;
 pub mod guard;
 pub mod job;
+#[cfg(test)]
+mod tests;
 
 use crate::disk::{Disk, IoKind};
 use crate::image::vhd::{self, online, VhdImage, VhdLayer, VhdOptions};
