@@ -763,6 +763,12 @@ admin = true
                 minor,
                 child: path.into(),
             },
+            Request::Coalesce {
+                pid: Some(pid),
+                minor,
+                direction: tapjail_common::coalesce::Direction::Commit,
+                rate: 0,
+            },
         ]
     }
 

@@ -174,6 +174,22 @@ fn merge_under_writes(flag: &str, kill: bool) {
         "{done}"
     );
     assert_eq!(done["restarts"], u64::from(kill), "{done}");
+    println!(
+        "coalesce {flag} (kill: {kill}): I/O held {} us at the switch",
+        done["stall_us"]
+    );
+    // Audited: the decision before, the outcome (the new chain) after.
+    let audits: Vec<_> = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["request"]["Coalesce"].is_object())
+        .collect();
+    assert_eq!(audits.len(), 2, "decision and outcome: {audits:?}");
+    assert!(
+        audits[1].to_string().contains("coalesce") && audits[1].to_string().contains("done"),
+        "{}",
+        audits[1]
+    );
     let s = stats(&h);
     assert_eq!(s["coalesce"]["state"], "done", "{s}");
     assert_eq!(s["images"].as_array().unwrap().len(), 1, "{s}");
@@ -275,6 +291,9 @@ fn nbd_commit_into_a_parent_another_disk_uses_is_refused_and_changes_nothing() {
         "{err}"
     );
     assert_eq!(sha(&base), before, "the refused commit wrote the base");
+    let last = h.audit_lines().pop().unwrap();
+    assert!(last["request"]["Coalesce"].is_object(), "{last}");
+    assert!(last.to_string().contains("shared with minor 1"), "{last}");
     let s = stats(&h);
     assert_eq!(s["images"].as_array().unwrap().len(), 2, "{s}");
     assert!(s.get("coalesce").is_none(), "{s}");
