@@ -223,7 +223,9 @@ impl Broker {
             match r.stats.state {
                 // Unlocked between polls, so `stats` gets the worker.
                 CoalesceState::Copying => std::thread::sleep(POLL),
-                CoalesceState::Copied => break,
+                // Held: a merge picked up from an earlier request that
+                // ended after its `Hold` (Hold again is a no-op).
+                CoalesceState::Copied | CoalesceState::Held => break,
                 s => {
                     return Err(BrokerError::failed(format!(
                         "minor {minor}: coalesce ({direction}) {}: {}; the disk serves the old \

@@ -44,7 +44,12 @@ impl Worker {
                 if open.paused {
                     return error("the disk is paused: unpause it before a coalesce");
                 }
-                if self.coalesce.as_ref().is_some_and(|j| j.active()) {
+                if let Some(job) = self.coalesce.as_ref().filter(|j| j.active()) {
+                    // A broker that lost track (restarted, or its request
+                    // ended) asks again: the same merge is picked up.
+                    if job.stats().direction == direction && job.name() == name {
+                        return reply(job);
+                    }
                     return error("an online coalesce is running on this disk already");
                 }
                 if self.mirror.current.is_some() {

@@ -197,6 +197,11 @@ impl Job {
         }
     }
 
+    /// The file written (as `Start` named it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn stats(&self) -> tapjail_common::coalesce::CoalesceStats {
         self.progress.stats()
     }
