@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn nbd_harness(respawn: bool) -> Harness {
+    nbd_harness_with(respawn, "")
+}
+
+fn nbd_harness_with(respawn: bool, extra: &str) -> Harness {
     assert!(
         Path::new("/sys/module/nbd").exists(),
         "no nbd module: these tests run inside nestvm (.ci/nestvm-tests)"
@@ -20,6 +24,7 @@ fn nbd_harness(respawn: bool) -> Harness {
     Harness::start(Options {
         frontend: "nbd-kernel",
         respawn,
+        extra: extra.to_string(),
         ..Options::default()
     })
 }
@@ -202,6 +207,47 @@ fn nbd_kernel_verifying_writer_survives_three_worker_sigkills() {
     worker_sigkilled_three_times_under_a_verifying_writer(&h, &dev, |h| {
         // The same device, moved to the new worker.
         assert_eq!(tapdev(h, 0).1, index);
+    });
+    h.ok(&ALICE, &["destroy", "-m", "0"]);
+    assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
+    vhd_check(&img);
+}
+
+/// The kernel's hardware queues of `/dev/nbdN`: one per connection.
+fn hw_queues(index: u32) -> usize {
+    std::fs::read_dir(format!("/sys/block/nbd{index}/mq"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// With `nbd_kernel_connections = 4` the device has four connections (four
+/// hardware queues, four served by the worker), and a respawned worker
+/// gets four fresh ones through NBD_CMD_RECONFIGURE: three SIGKILLs under
+/// a verifying writer, no error.
+#[test]
+#[ignore = "needs nbd.ko: run inside nestvm via .ci/nestvm-tests"]
+fn nbd_kernel_four_connections_survive_three_worker_sigkills() {
+    let h = nbd_harness_with(true, "nbd_kernel_connections = 4\n");
+    let img = h.vhd_image("alice", "v.vhd", 64);
+    h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
+    let (dev, index) = tapdev(&h, 0);
+    assert_eq!(hw_queues(index), 4, "one hardware queue per connection");
+    // The worker says how many it serves (its log, relayed by the broker).
+    let four_served = |h: &Harness| {
+        let pid = rows(h, &ALICE)[0]["pid"].as_u64().unwrap();
+        eventually(std::time::Duration::from_secs(30), || {
+            worker_events(&h.broker_log(), pid).iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("kernel nbd client on 4 connection(s)"))
+            })
+        })
+    };
+    assert!(four_served(&h), "{}", h.broker_log());
+    worker_sigkilled_three_times_under_a_verifying_writer(&h, &dev, |h| {
+        assert_eq!(tapdev(h, 0).1, index, "the same device");
+        assert_eq!(hw_queues(index), 4);
+        assert!(four_served(h), "the new worker got four connections");
     });
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
