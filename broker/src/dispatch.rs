@@ -56,6 +56,7 @@ fn minor_of(req: &Request) -> Option<tapjail_common::Minor> {
         | Request::Unpause { minor, .. }
         | Request::Stats { minor, .. }
         | Request::Snapshot { minor, .. }
+        | Request::Coalesce { minor, .. }
         | Request::Cbt(tapjail_common::cbt::CbtRequest { minor, .. })
         | Request::Throttle {
             target: tapjail_common::qos::ThrottleTarget::Minor(minor),
@@ -239,6 +240,12 @@ impl Broker {
             Request::Major => self.op_major(t),
             Request::Snapshot { pid, minor, .. } => self.op_snapshot(t, *pid, *minor, d),
             Request::Cbt(req) => self.op_cbt(t, req),
+            Request::Coalesce {
+                pid,
+                minor,
+                direction,
+                rate,
+            } => self.op_coalesce(t, *pid, *minor, *direction, *rate),
         }
     }
 }

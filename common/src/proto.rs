@@ -182,6 +182,15 @@ pub enum Request {
     },
     /// `tap-ctl cbt`: changed-block tracking (see [`crate::cbt`]).
     Cbt(crate::cbt::CbtRequest),
+    /// `tap-ctl coalesce -m N --stream|--commit`: merge the leaf and its
+    /// parent while the disk serves (see `tapjail_common::coalesce`).
+    Coalesce {
+        pid: Option<u32>,
+        minor: Minor,
+        direction: crate::coalesce::Direction,
+        /// Copy rate bound in bytes per second (0: the default).
+        rate: u64,
+    },
 }
 
 impl Request {
@@ -207,6 +216,7 @@ impl Request {
             Request::Major => "major",
             Request::Snapshot { .. } => "snapshot",
             Request::Cbt(_) => "cbt",
+            Request::Coalesce { .. } => "coalesce",
         }
     }
 }
@@ -283,6 +293,8 @@ pub enum Reply {
     Snapshotted(crate::snapshot::SnapshotDone),
     /// Answer to [`Request::Cbt`]: the minor's bitmaps after the change.
     Cbt(Vec<crate::cbt::CbtInfo>),
+    /// Answer to [`Request::Coalesce`].
+    Coalesced(crate::coalesce::CoalesceDone),
 }
 
 /// `tap-ctl stats`: the worker's figures plus what only the broker knows.

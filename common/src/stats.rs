@@ -69,6 +69,9 @@ pub struct WorkerStats {
     /// `open -r`: the read cache's hits and misses.
     #[serde(default)]
     pub read_cache: Option<crate::read_cache::ReadCacheStats>,
+    /// An online coalesce, while one runs (and its end, until the next).
+    #[serde(default)]
+    pub coalesce: Option<crate::coalesce::CoalesceStats>,
 }
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced

@@ -162,6 +162,8 @@ pub enum ToWorker {
     /// (and its later `Unpause`s); sent before `Open`, answered `Ok`.
     /// `Close` forgets it (zeroized).
     Key(crate::secret::Secret),
+    /// Online coalesce (see [`crate::coalesce`]), answered `Coalesce`.
+    Coalesce(crate::coalesce::ToWorkerCoalesce),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,4 +207,6 @@ pub enum FromWorker {
     },
     /// Answer to `Cbt`: every bitmap the disk tracks now.
     Cbt(Vec<crate::cbt::CbtInfo>),
+    /// Answer to `Coalesce`.
+    Coalesce(Box<crate::coalesce::CoalesceReply>),
 }

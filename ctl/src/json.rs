@@ -21,6 +21,13 @@ pub fn reply(reply: &Reply) -> Option<String> {
         Reply::Snapshotted(done) => {
             json!({ "child": done.child, "chain": done.chain, "stall_us": done.stall_us })
         }
+        Reply::Coalesced(done) => json!({
+            "direction": done.direction.as_str(),
+            "chain": done.chain,
+            "copied_bytes": done.copied_bytes,
+            "stall_us": done.stall_us,
+            "restarts": done.restarts,
+        }),
         _ => return None,
     };
     Some(v.to_string())

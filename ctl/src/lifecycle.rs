@@ -212,6 +212,50 @@ pub enum LifecycleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Online coalesce: merge the open leaf and its parent while the disk
+    /// serves. Waits until done; `tap-ctl stats` shows progress meanwhile.
+    ///
+    /// --stream (qemu's block-stream) copies every sector the leaf lacks
+    /// from its parent into the leaf, then drops the parent: the leaf
+    /// becomes a dynamic VHD naming no parent (the parent must be the
+    /// chain's base). Guest writes racing a copied range win: a range is
+    /// copied with writes to it held out, only into sectors the leaf still
+    /// lacks.
+    ///
+    /// --commit (qemu's block-commit) copies the leaf's sectors into its
+    /// parent, copying again what the guest writes meanwhile, then holds
+    /// I/O for one last pass and a flush and serves the parent as the leaf
+    /// (the old leaf file is left, no longer used). The parent must be
+    /// beneath an image root you may write, and no other disk may use it:
+    /// a parent shared with another minor is refused.
+    ///
+    /// The copy runs in the confined tapdisk, chunk by chunk between the
+    /// guest's requests, at most --rate MiB/s. Until the switch the old
+    /// chain reads as the disk does; the new chain is on record only once
+    /// it is complete and durable. A tapdisk killed mid-merge is replaced
+    /// and the merge started again on its successor (a stream resumes, a
+    /// commit copies again). Pause, unpause, snapshot and mirroring wait
+    /// for the merge. Audited, allowed to the disk's owner and admins.
+    Coalesce {
+        /// The tapdisk's pid, as `tap-ctl list` shows it (checked if given).
+        #[arg(short = 'p', value_name = "PID")]
+        pid: Option<u32>,
+        /// The disk's minor number (0..16383), as `tap-ctl list` shows it.
+        #[arg(short = 'm', value_name = "MINOR")]
+        minor: Minor,
+        /// Copy the parent into the leaf (qemu's block-stream).
+        #[arg(long, conflicts_with = "commit", required_unless_present = "commit")]
+        stream: bool,
+        /// Copy the leaf into its parent (qemu's block-commit).
+        #[arg(long)]
+        commit: bool,
+        /// Copy at most this many MiB per second (default 64).
+        #[arg(long, value_name = "MIB_PER_SEC")]
+        rate: Option<u32>,
+        /// Print {"direction", "chain", "copied_bytes", "stall_us", "restarts"}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl LifecycleCommand {
@@ -225,7 +269,8 @@ impl LifecycleCommand {
             | C::List { json, .. }
             | C::Stats { json, .. }
             | C::Major { json }
-            | C::Snapshot { json, .. } => *json,
+            | C::Snapshot { json, .. }
+            | C::Coalesce { json, .. } => *json,
             C::Throttle(a) => a.json,
             _ => false,
         }
@@ -365,8 +410,33 @@ pub fn run(
             .path;
             (Request::Snapshot { pid, minor, child }, None)
         }
+        LifecycleCommand::Coalesce {
+            pid,
+            minor,
+            commit,
+            rate,
+            ..
+        } => (
+            Request::Coalesce {
+                pid,
+                minor,
+                direction: if commit {
+                    tapjail_common::coalesce::Direction::Commit
+                } else {
+                    tapjail_common::coalesce::Direction::Stream
+                },
+                rate: u64::from(rate.unwrap_or(0)) << 20,
+            },
+            None,
+        ),
     };
-    let client = Client::connect(socket, crate::xapi::client_wait(&req, timeout))?;
+    // A coalesce answers when the merge is done, however long it takes.
+    let wait = if matches!(req, Request::Coalesce { .. }) {
+        std::time::Duration::from_secs(7 * 24 * 3600)
+    } else {
+        crate::xapi::client_wait(&req, timeout)
+    };
+    let client = Client::connect(socket, wait)?;
     let reply = client.call(&req).map_err(crate::next_step::add)?;
     if json {
         if let Some(doc) = crate::json::reply(&reply) {
@@ -409,6 +479,19 @@ pub fn run(
             done.stall_us / 1000,
             done.stall_us % 1000,
             done.stall_us
+        ),
+        Reply::Coalesced(done) => println!(
+            "coalesce ({}): {} bytes copied, I/O held {}.{:03} ms (stall_us={}), chain: {}",
+            done.direction,
+            done.copied_bytes,
+            done.stall_us / 1000,
+            done.stall_us % 1000,
+            done.stall_us,
+            done.chain
+                .iter()
+                .map(|c| escape(c))
+                .collect::<Vec<_>>()
+                .join(" <- ")
         ),
         Reply::Ok | Reply::Hello { .. } | Reply::Cbt(_) => {}
         Reply::Error { message, .. } => anyhow::bail!(message),
@@ -529,6 +612,10 @@ struct StatsJson<'a> {
     /// `open -r`: the read cache's hits, misses and fills (sectors).
     #[serde(skip_serializing_if = "Option::is_none")]
     read_cache: Option<&'a tapjail_common::read_cache::ReadCacheStats>,
+    /// The online coalesce running (or last run): direction, state,
+    /// done/total chunks, copied bytes, error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coalesce: Option<&'a tapjail_common::coalesce::CoalesceStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -572,6 +659,7 @@ pub fn stats_json(s: &StatsReply) -> serde_json::Result<String> {
         mirror: w.mirror.as_ref(),
         snapshot: Some(&w.snapshot).filter(|s| s.count > 0),
         read_cache: w.read_cache.as_ref(),
+        coalesce: w.coalesce.as_ref(),
     })
 }
 

@@ -232,7 +232,8 @@ pub fn decide(req: &Request, peer: &PeerCred, policy: &Policy, view: &dyn Broker
         | Request::Close { pid, minor, .. }
         | Request::Destroy { pid, minor }
         | Request::Pause { pid, minor }
-        | Request::Stats { pid, minor } => foreign_minor(t, *minor, view, true)
+        | Request::Stats { pid, minor }
+        | Request::Coalesce { pid, minor, .. } => foreign_minor(t, *minor, view, true)
             .or_else(|| foreign_worker(t, *pid, view, true))
             .unwrap_or_else(|| owned_or_admin(t, *minor, view)),
         Request::Throttle { target, .. } => throttle(t, target),
@@ -356,6 +357,36 @@ pub fn decide_parent(
             d.reason = format!("parent of {}: {}", child.display(), d.reason);
             d
         }
+    }
+}
+
+/// An online commit writes the served leaf's parent (`path`, a parent
+/// the broker already opened for `tenant`) and makes it the leaf: it must
+/// be beneath a root she may write, opened as `open_as`.
+pub fn decide_commit_parent(
+    policy: &Policy,
+    tenant: &str,
+    open_as: &OpenAs,
+    path: &Path,
+) -> Decision {
+    let Some(t) = policy.tenant(tenant) else {
+        return Decision::deny(
+            None,
+            "no-tenant",
+            format!("tenant {tenant:?} is no longer in the policy"),
+        );
+    };
+    match grant(t, open_as, path, false) {
+        Ok(g) => {
+            let mut d = Decision::allow(
+                t,
+                "image-root",
+                format!("parent {} is under {}", path.display(), g.root.display()),
+            );
+            d.image = Some(g);
+            d
+        }
+        Err(d) => *d,
     }
 }
 
@@ -731,6 +762,12 @@ admin = true
                 pid: Some(pid),
                 minor,
                 child: path.into(),
+            },
+            Request::Coalesce {
+                pid: Some(pid),
+                minor,
+                direction: tapjail_common::coalesce::Direction::Commit,
+                rate: 0,
             },
         ]
     }

@@ -22,6 +22,7 @@ pub use config::{
     render_warnings, Diagnostic, FrontendChoice, Policy, PolicyError, RootProbe, Tenant,
 };
 pub use decide::{
-    decide, decide_parent, BrokerView, Decision, ImageGrant, OpenAs, PeerCred, Scope,
+    decide, decide_commit_parent, decide_parent, BrokerView, Decision, ImageGrant, OpenAs,
+    PeerCred, Scope,
 };
 pub use idmap::{IdClash, IdFiles};

@@ -164,11 +164,11 @@ impl Running {
 }
 
 /// The open disk and what serves it.
-struct Open {
-    disk: Arc<Disk>,
+pub(crate) struct Open {
+    pub(crate) disk: Arc<Disk>,
     /// `TYPE:PATH` of the leaf, for stats.
-    name: String,
-    paused: bool,
+    pub(crate) name: String,
+    pub(crate) paused: bool,
     frontend: Option<Running>,
     /// An online snapshot between its two steps.
     prepared: Option<crate::snapshot::Prepared>,
@@ -177,28 +177,30 @@ struct Open {
 
 /// The worker's state between control requests.
 pub struct Worker {
-    sock: OwnedFd,
+    pub(crate) sock: OwnedFd,
     frontend_kind: FrontendKind,
     /// `--cache`: what `Close` returns `cache` and `parent_cache` to.
     base_cache: CacheMode,
-    cache: CacheMode,
-    parent_cache: CacheMode,
+    pub(crate) cache: CacheMode,
+    pub(crate) parent_cache: CacheMode,
     /// `open -E`'s key (`ToWorker::Key`), kept while the image is open for
     /// `Unpause`; in this process's mlockall()ed memory, zeroized when
     /// dropped (on `Close` or a failed `Open`).
     key: Option<tapjail_common::secret::Secret>,
-    open: Option<Open>,
+    pub(crate) open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
-    resync: Cell<Option<[u8; 16]>>,
+    pub(crate) resync: Cell<Option<[u8; 16]>>,
     /// I/O limits; every disk this worker opens passes through them.
     throttle: Arc<crate::qos::Throttle>,
     /// Changed-block bitmaps; every image this worker serves is wrapped
     /// in [`crate::cbt::Tracked`] with it, so they outlive pause/unpause.
-    cbt: Arc<crate::cbt::Tracker>,
+    pub(crate) cbt: Arc<crate::cbt::Tracker>,
     /// Mirroring: see [`crate::mirror`] and [`MirrorSlot`].
-    mirror: MirrorSlot,
+    pub(crate) mirror: MirrorSlot,
     /// `open -r`: see [`crate::read_cache`].
     read_cache: crate::read_cache::ReadCache,
+    /// The running (or last) online coalesce: see [`crate::coalesce`].
+    pub(crate) coalesce: Option<crate::coalesce::Job>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -231,6 +233,7 @@ impl Worker {
             cbt: Arc::default(),
             mirror: MirrorSlot::default(),
             read_cache: Default::default(),
+            coalesce: None,
         }
     }
 
@@ -287,6 +290,9 @@ impl Worker {
     }
 
     fn handle(&mut self, req: ToWorker, mut fds: Vec<OwnedFd>) -> FromWorker {
+        if let Some(why) = self.coalesce_refuses(&req) {
+            return error(why);
+        }
         match req {
             ToWorker::Open {
                 kind,
@@ -386,6 +392,7 @@ impl Worker {
                 };
                 stats.mirror = self.mirror.current.as_ref().map(|m| m.stats());
                 stats.read_cache = self.read_cache.stats();
+                stats.coalesce = self.coalesce.as_ref().map(|j| j.stats());
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Mirror { uri, standby } => {
@@ -407,6 +414,7 @@ impl Worker {
                 FromWorker::Ok
             }
             ToWorker::Resync { nonce } => self.resynced(nonce),
+            ToWorker::Coalesce(req) => self.coalesce(req, fds),
             ToWorker::Limits { disk, tenant } => {
                 if fds.len() > 1 {
                     return error("Limits takes at most one fd (the tenant bucket)");
@@ -680,6 +688,8 @@ impl Worker {
 
     /// Stop the frontend, then flush and close the image.
     fn close(&mut self) -> Result<(), crate::disk::DiskError> {
+        // The merge lets go of the disk first (its copy steps end).
+        self.coalesce = None;
         let Some(mut open) = self.open.take() else {
             self.mirror.clear();
             return Ok(());

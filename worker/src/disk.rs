@@ -508,6 +508,45 @@ impl Disk {
         result
     }
 
+    /// Hold requests (stop admitting, drain) and return the image served,
+    /// for a change that must be recorded elsewhere before it is made
+    /// (online coalesce): requests wait until [`Disk::release`].
+    pub fn hold(&self) -> Result<Arc<dyn Image>, DiskError> {
+        let mut inner = self.lock();
+        let img = match &inner.gate {
+            Gate::Open(img) => img.clone(),
+            Gate::Closed => return Err(DiskError::Closed),
+            Gate::Draining(_) | Gate::Paused => {
+                return Err(DiskError::Image(ImageError::InvalidArgument(
+                    "the disk is paused or held".into(),
+                )))
+            }
+        };
+        inner.gate = Gate::Draining(img.clone());
+        while inner.in_flight > 0 {
+            inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(img)
+    }
+
+    /// End a [`Disk::hold`]: serve `next` (a new image of the same size)
+    /// or, with `None`, `old` again, and release the held requests.
+    pub fn release(&self, old: Arc<dyn Image>, next: Option<Arc<dyn Image>>) {
+        let mut inner = self.lock();
+        if matches!(inner.gate, Gate::Draining(_)) {
+            let img = match next {
+                Some(img) if img.virtual_size() == self.size() => {
+                    inner.generation += 1;
+                    img
+                }
+                _ => old,
+            };
+            self.read_only.store(img.read_only(), Relaxed);
+            inner.gate = Gate::Open(img);
+        }
+        self.changed.notify_all();
+    }
+
     /// Run `f` with no request in flight and none admitted meanwhile
     /// (they wait, as while paused), then reopen the gate on the same
     /// image. A paused or closed disk has nothing in flight: `f` just runs.

@@ -7,6 +7,7 @@
 //! `standalone` the privilege-separated `tapdisk --nbd` mode.
 
 pub mod cbt;
+pub mod coalesce;
 pub mod control;
 pub mod disk;
 pub mod frontend;

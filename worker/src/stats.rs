@@ -46,6 +46,7 @@ pub fn collect(name: &str, disk: Option<&Disk>, frontend: Option<&str>) -> Worke
         mirror: None,
         snapshot: Default::default(),
         read_cache: None,
+        coalesce: None,
     }
 }
 

@@ -36,8 +36,11 @@ pub struct LockPlan {
     /// Permissions refused to everyone else.
     unshared: &'static [i64],
     /// Check that nobody uses what we refuse (false only for
-    /// [`LEAF_BECOMING_PARENT`]).
+    /// [`LEAF_BECOMING_PARENT`] and [`LEAF_AGAIN`]).
     check_unshared: bool,
+    /// Check that nobody refuses what we use (false only for the online
+    /// coalesce's reopens, whose own worker refuses it).
+    check_used: bool,
 }
 
 /// A writable leaf: it reads and writes, and shares neither writing nor
@@ -46,6 +49,7 @@ pub const WRITER: LockPlan = LockPlan {
     used: &[PERM_READ, PERM_WRITE],
     unshared: &[PERM_WRITE, PERM_RESIZE],
     check_unshared: true,
+    check_used: true,
 };
 
 /// A read-only open (a parent, or `-R`): it needs the bytes to stay as
@@ -54,6 +58,7 @@ pub const READER: LockPlan = LockPlan {
     used: &[PERM_READ],
     unshared: &[PERM_WRITE, PERM_RESIZE],
     check_unshared: true,
+    check_used: true,
 };
 
 /// No locks (removing a file: the fd only proves which file it is).
@@ -61,6 +66,7 @@ pub const NONE: LockPlan = LockPlan {
     used: &[],
     unshared: &[],
     check_unshared: false,
+    check_used: true,
 };
 
 /// The served leaf re-opened read-only to become the parent of an online
@@ -73,6 +79,31 @@ pub const LEAF_BECOMING_PARENT: LockPlan = LockPlan {
     used: &[PERM_READ],
     unshared: &[PERM_WRITE, PERM_RESIZE],
     check_unshared: false,
+    check_used: true,
+};
+
+/// The served leaf re-opened read-write for an online stream, which
+/// rewrites its footers and serves it afterwards: the same bytes as
+/// [`WRITER`], taken while the worker's own writable open holds them (the
+/// only holder there can be, see [`LEAF_BECOMING_PARENT`]); so no check.
+pub const LEAF_AGAIN: LockPlan = LockPlan {
+    used: &[PERM_READ, PERM_WRITE],
+    unshared: &[PERM_WRITE, PERM_RESIZE],
+    check_unshared: false,
+    check_used: false,
+};
+
+/// A served parent opened read-write for an online commit, to become the
+/// leaf. Its worker's read-only open refuses writing to everyone, so that
+/// refusal is not checked; that nobody else uses the parent is: no writer
+/// here, and no other minor of this broker (the broker's table, checked
+/// before). A reader outside the broker (say qemu) holding the same bytes
+/// as the worker is not told apart.
+pub const PARENT_BECOMING_LEAF: LockPlan = LockPlan {
+    used: &[PERM_READ, PERM_WRITE],
+    unshared: &[PERM_WRITE, PERM_RESIZE],
+    check_unshared: true,
+    check_used: false,
 };
 
 fn flock(kind: i32, byte: i64) -> libc::flock {
@@ -132,7 +163,7 @@ pub fn apply(fd: BorrowedFd<'_>, plan: LockPlan) -> Result<(), LockFailure> {
         lock_shared(fd, SHARED_BASE + p).map_err(LockFailure::Os)?;
     }
     // Nobody may refuse us what we use...
-    for p in plan.used {
+    for p in plan.used.iter().filter(|_| plan.check_used) {
         if held_by_other(fd, SHARED_BASE + p).map_err(LockFailure::Os)? {
             return Err(LockFailure::Conflict(SHARED_BASE + p));
         }

@@ -144,6 +144,26 @@ pub fn open_leaf_as_parent(grant: &ImageGrant, deadline: Duration) -> Result<Ope
     }
 }
 
+/// Open `grant` read-write for an online coalesce while its worker holds
+/// it: the served leaf again (`leaf`, a stream) or its parent (a commit);
+/// see [`locks::LEAF_AGAIN`] and [`locks::PARENT_BECOMING_LEAF`].
+pub fn reopen_for_coalesce(
+    grant: &ImageGrant,
+    leaf: bool,
+    deadline: Duration,
+) -> Result<Opened, BrokerError> {
+    let shown = grant.path.display().to_string();
+    let plan = if leaf {
+        locks::LEAF_AGAIN
+    } else {
+        locks::PARENT_BECOMING_LEAF
+    };
+    match once(grant, true, plan, helper::Action::Open, deadline)? {
+        Ok(o) => Ok(o),
+        Err(o) => Err(explain(o, grant, &shown)),
+    }
+}
+
 /// Remove `grant`'s file, with its tenant's credentials, if it is still
 /// the file `id`: a snapshot child this broker created and never used.
 pub fn remove(grant: &ImageGrant, id: (u64, u64), deadline: Duration) -> Result<(), BrokerError> {

@@ -4,6 +4,7 @@
 //! next phase (see [`crate::lease`]).
 
 mod cbt;
+mod coalesce;
 mod image;
 mod minors;
 mod pause;

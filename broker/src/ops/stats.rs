@@ -56,6 +56,9 @@ impl Broker {
             m.uri = clean(&m.uri);
             m.error = m.error.as_deref().map(clean);
         }
+        if let Some(c) = &mut ws.coalesce {
+            c.error = c.error.as_deref().map(clean);
+        }
         self.mirrors.fill_stats(minor, &mut ws);
         Ok((
             Reply::Stats(Box::new(StatsReply {

@@ -93,6 +93,7 @@ pub(crate) fn variant(m: &FromWorker) -> &'static str {
         FromWorker::Throttle(_) => "Throttle",
         FromWorker::Snapshotted { .. } => "Snapshotted",
         FromWorker::Cbt(_) => "Cbt",
+        FromWorker::Coalesce(_) => "Coalesce",
     }
 }
 
@@ -388,6 +389,7 @@ fn answers(msg: &ToWorker, got: &FromWorker) -> bool {
         (ToWorker::Serve(_), FromWorker::Serving)
             | (ToWorker::Stats, FromWorker::Stats(_))
             | (ToWorker::Cbt(_), FromWorker::Cbt(_))
+            | (ToWorker::Coalesce(_), FromWorker::Coalesce(_))
             | (
                 ToWorker::Limits { .. } | ToWorker::ThrottleStats,
                 FromWorker::Throttle(_)
@@ -428,6 +430,7 @@ fn to_variant(m: &ToWorker) -> &'static str {
         ToWorker::SnapshotSwitch => "SnapshotSwitch",
         ToWorker::SnapshotAbort => "SnapshotAbort",
         ToWorker::Cbt(_) => "Cbt",
+        ToWorker::Coalesce(_) => "Coalesce",
     }
 }
 

@@ -563,6 +563,7 @@ fn main() {
             }
             ToWorker::Pause | ToWorker::Cache(_) | ToWorker::Key(_) => FromWorker::Ok,
             ToWorker::Cbt(_) => FromWorker::Error("fake-tapdisk tracks no changed blocks".into()),
+            ToWorker::Coalesce(_) => FromWorker::Error("fake-tapdisk coalesces nothing".into()),
             ToWorker::Mirror { .. } | ToWorker::MirrorSwitch { .. } => {
                 FromWorker::Error("the fake tapdisk mirrors nothing".into())
             }
@@ -604,6 +605,7 @@ fn main() {
                     mirror: None,
                     snapshot: Default::default(),
                     read_cache: None,
+                    coalesce: None,
                 }))
             }
             ToWorker::Shutdown => std::process::exit(0),

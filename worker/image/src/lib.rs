@@ -124,6 +124,13 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn direct_sync(&self) -> Option<SyncFiles> {
         None
     }
+
+    /// The VHD chain underneath, for an online coalesce that copies
+    /// between its layers; wrappers forward it. `None` (the default) for
+    /// anything else.
+    fn vhd(&self) -> Option<&vhd::VhdImage> {
+        None
+    }
 }
 
 /// Where a differencing image says its parent is, as read from the child.

@@ -95,4 +95,8 @@ impl Image for Tracked {
     fn direct_sync(&self) -> Option<SyncFiles> {
         self.inner.direct_sync()
     }
+
+    fn vhd(&self) -> Option<&crate::image::vhd::VhdImage> {
+        self.inner.vhd()
+    }
 }

@@ -396,4 +396,8 @@ impl Image for VhdImage {
     fn direct_sync(&self) -> Option<crate::SyncFiles> {
         self.direct_sync_impl()
     }
+
+    fn vhd(&self) -> Option<&VhdImage> {
+        Some(self)
+    }
 }

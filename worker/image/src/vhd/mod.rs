@@ -38,6 +38,7 @@ pub mod layer;
 pub mod layout;
 pub mod locator;
 pub mod modify;
+pub mod online;
 pub mod probe;
 pub mod read_cache;
 pub mod relocate;

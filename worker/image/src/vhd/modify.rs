@@ -86,6 +86,27 @@ fn with_reserved(
 }
 
 pub fn set_parent(file: &dyn Backing, parent: &ParentSpec) -> Result<(), ImageError> {
+    rewrite(file, parent, false)
+}
+
+/// Make a differencing image a dynamic one that names no parent (the
+/// online stream's last step, once every sector the parent held is in
+/// the child). The same steps as [`set_parent`], with a header naming
+/// nothing and footers that say `dynamic` from the switch on: each footer
+/// write changes the header it points at and the type together, so every
+/// cut leaves the old differencing child or the new dynamic image. The
+/// old locators' space is not reserved: no header names it any more.
+pub fn detach_parent(file: &dyn Backing) -> Result<(), ImageError> {
+    let none = ParentSpec {
+        uuid: [0; 16],
+        timestamp: 0,
+        name: String::new(),
+        locators: Vec::new(),
+    };
+    rewrite(file, &none, true)
+}
+
+fn rewrite(file: &dyn Backing, parent: &ParentSpec, detach: bool) -> Result<(), ImageError> {
     let meta = Metadata::read(file)?;
     let Some(s) = meta
         .sparse
@@ -140,9 +161,14 @@ pub fn set_parent(file: &dyn Backing, parent: &ParentSpec) -> Result<(), ImageEr
         at = at.checked_add(p.space).ok_or_else(overflow)?;
     }
     let mut copy = named.clone();
-    copy.locators = with_reserved(fresh, &old, &[false; LOCATOR_SLOTS]);
     let mut header = named;
-    header.locators = with_reserved(last, &old, &reused);
+    if detach {
+        copy.locators = fresh;
+        header.locators = last;
+    } else {
+        copy.locators = with_reserved(fresh, &old, &[false; LOCATOR_SLOTS]);
+        header.locators = with_reserved(last, &old, &reused);
+    }
     let copy_at = at;
     let meta_end = copy_at
         .checked_add(HEADER_SIZE as u64)
@@ -178,9 +204,14 @@ pub fn set_parent(file: &dyn Backing, parent: &ParentSpec) -> Result<(), ImageEr
         .map_err(io("write header copy", copy_at))?;
     file.sync_data().map_err(io("fsync", copy_at))?;
 
-    // 2. The footers switch to the copy.
+    // 2. The footers switch to the copy (and, detaching, to `dynamic`).
     let hoff = meta.footer.data_offset();
-    let mut to_copy = meta.footer.clone();
+    let mut new_footer = meta.footer.clone();
+    if detach {
+        new_footer.disk_type = DiskType::Dynamic;
+    }
+    let final_footer = new_footer.to_bytes();
+    let mut to_copy = new_footer;
     to_copy.set_data_offset(copy_at);
     write_footers(file, &to_copy.to_bytes(), end)?;
 
@@ -194,13 +225,13 @@ pub fn set_parent(file: &dyn Backing, parent: &ParentSpec) -> Result<(), ImageEr
     file.sync_data().map_err(io("fsync", hoff))?;
 
     // 4. The footers switch back.
-    write_footers(file, &old_footer, end)?;
+    write_footers(file, &final_footer, end)?;
 
     // 5. Give back the space of the copy and of payloads now in old slots.
     let after = Metadata::read(file)?;
     let data_end = after.sparse.as_ref().map_or(end, |s| s.data_end);
     if data_end < end {
-        file.write_all_at(&old_footer, data_end)
+        file.write_all_at(&final_footer, data_end)
             .map_err(io("write footer", data_end))?;
         file.set_len(data_end + FOOTER_SIZE as u64)
             .map_err(io("truncate", data_end))?;

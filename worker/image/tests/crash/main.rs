@@ -188,6 +188,7 @@ ci_tests! {
     crash_resize_differencing_with_locators_keeps_data => "resize_diff",
     crash_repair_keeps_data => "repair",
     crash_set_parent_sample_keeps_child_openable => "set_parent",
+    crash_online_stream_sample_keeps_the_disk_readable => "stream",
 }
 
 /// Regression: coalesce seed 1 found the parent's BAT entry reaching the
@@ -318,6 +319,23 @@ fn crash_set_parent_keeps_child_openable() {
         },
     );
     assert_clean("set_parent", &r);
+}
+
+/// Online stream's copy and parent drop, every crash point of seed 1
+/// with 8 reordered and 8 torn samples each: the chain reads as the disk
+/// did at every point (differencing through the parent, then dynamic).
+#[test]
+fn crash_online_stream_keeps_the_disk_readable() {
+    let r = campaign(
+        "stream",
+        1..2,
+        Budget {
+            per_point: 8,
+            max_points: usize::MAX,
+            seed: 0,
+        },
+    );
+    assert_clean("stream", &r);
 }
 
 /// The full run: every crash point, 12 subset and 12 torn samples each,

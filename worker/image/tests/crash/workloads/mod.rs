@@ -7,6 +7,7 @@
 //! offline tools (coalesce, convert, repair, set-parent); [`resize`].
 
 mod guest_io;
+mod online;
 mod resize;
 mod tools;
 
@@ -21,6 +22,7 @@ use tapjail_image::vhd::{self, VhdImage, VhdOptions};
 use tapjail_image::{Backing, ImageError, ParentLocator, ParentOpener};
 
 pub use guest_io::*;
+pub use online::*;
 pub use resize::*;
 pub use tools::*;
 
@@ -197,4 +199,5 @@ pub const ALL: &[Workload] = &[
     ("resize_fixed", resize_fixed),
     ("repair", repair),
     ("set_parent", set_parent),
+    ("stream", stream),
 ];
