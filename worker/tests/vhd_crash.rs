@@ -170,3 +170,46 @@ fn crash_during_allocation_and_bitmap_update_in_differencing_image_is_safe() {
         &[(1 << 20, 700), (71_000, 9000), (1_500_007, 100)],
     );
 }
+
+/// A writer killed between extending the file for a new block and writing
+/// the end footer after it leaves only the footer copy at offset 0. The
+/// next writable open puts the end footer back, so a clean close leaves an
+/// image `check` passes even when that worker never allocates again; a
+/// read-only open changes nothing.
+#[test]
+fn end_footer_cut_by_a_kill_is_restored_by_the_next_writable_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("cut.vhd");
+    create_path(&p, 8 << 20, &CreateKind::dynamic()).unwrap();
+    let img = open(&p, false);
+    img.write_at(&[0x11; 4096], 1 << 20).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let len = std::fs::metadata(&p).unwrap().len();
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 512)
+        .unwrap();
+    let cut = check_path(&p).unwrap();
+    assert!(
+        cut.iter().any(|f| f.field == "footer"),
+        "the cut is seen: {cut:?}"
+    );
+
+    let reader = open(&p, true);
+    drop(reader);
+    assert_eq!(check_path(&p).unwrap(), cut, "a reader changes nothing");
+
+    let writer = open(&p, false);
+    // In place (the block is allocated): no allocation rewrites the footer.
+    writer.write_at(&[0x22; 4096], (1 << 20) + 4096).unwrap();
+    writer.flush().unwrap();
+    drop(writer);
+    assert_eq!(check_path(&p).unwrap(), vec![], "clean after a clean close");
+    let back = open(&p, true);
+    let mut got = vec![0u8; 8192];
+    back.read_at(&mut got, 1 << 20).unwrap();
+    assert!(got[..4096].iter().all(|&b| b == 0x11) && got[4096..].iter().all(|&b| b == 0x22));
+}

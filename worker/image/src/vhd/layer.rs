@@ -197,9 +197,13 @@ impl VhdLayer {
             }
             None => None,
         };
+        let cut = !meta.end_footer_ok;
         let mut layer = Self::from_metadata_inner(file, name, true, options, meta)?;
         layer.read_only = read_only;
         layer.cipher = cipher;
+        if cut {
+            layer.restore_end_footer()?;
+        }
         Ok(layer)
     }
 
@@ -214,7 +218,32 @@ impl VhdLayer {
         if encrypted && !read_only {
             return Err(encrypted_error(name));
         }
-        Self::from_metadata_inner(file, name, read_only, options, meta)
+        let cut = !meta.end_footer_ok;
+        let layer = Self::from_metadata_inner(file, name, read_only, options, meta)?;
+        if cut {
+            layer.restore_end_footer()?;
+        }
+        Ok(layer)
+    }
+
+    /// Put a footer at the end of the file again when a writer was killed
+    /// between extending the file for a new block and writing the footer
+    /// after it: the copy at offset 0 served this open, but a clean close
+    /// would otherwise leave a file `check` flags and only `repair` fixes
+    /// (the next allocation rewrites it, but a disk may never allocate
+    /// again). As repair does, never over or below bytes the file holds.
+    fn restore_end_footer(&self) -> Result<(), ImageError> {
+        let Some(s) = self.sparse.as_ref().filter(|_| !self.read_only) else {
+            return Ok(());
+        };
+        let mut alloc = lock(&s.alloc);
+        let end = alloc.data_end.max(alloc.file_len.next_multiple_of(512));
+        self.file
+            .write_all_at(&self.footer_bytes, end)
+            .map_err(ImageError::io("write footer", end))?;
+        self.sync()?;
+        alloc.file_len = end + FOOTER_SIZE as u64;
+        Ok(())
     }
 
     fn from_metadata_inner(
