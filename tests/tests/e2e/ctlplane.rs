@@ -46,3 +46,50 @@ fn ctlplane_broker_threads_and_mappings_do_not_grow_with_attached_disks() {
         "{MORE} more disks took the broker from {m0} to {m1} mappings"
     );
 }
+
+fn real_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The broker no longer reads every process's status to find a free
+/// worker uid: the worker checks, with one clone against the kernel's
+/// per-uid task count, that nobody else runs as its uid, and the broker
+/// skips a uid that someone does. Without that check the worker below
+/// would share its uid with a process tapjail never started (which could
+/// then signal it, or count against its thread budget).
+#[test]
+fn ctlplane_a_worker_uid_another_process_runs_as_is_skipped() {
+    use std::os::unix::process::CommandExt;
+    let h = Harness::start(Options::default());
+    let (lo, _) = h.worker_uids;
+    // Someone else's process on `lo`, the uid the broker hands out first.
+    let mut squatter = std::process::Command::new("sleep")
+        .arg("600")
+        .uid(lo)
+        .gid(lo)
+        .spawn()
+        .expect("sleep as the first worker uid");
+    assert_eq!(real_uid(squatter.id()), lo);
+    let img = h.raw_image(ROOT.name, "d.img", 1 << 20);
+    h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())]);
+    let workers = workers_of(h.broker_pid());
+    assert_eq!(workers.len(), 1, "one worker");
+    assert_eq!(
+        real_uid(workers[0]),
+        lo + 1,
+        "the worker runs as the next uid, not as the squatter's"
+    );
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(
+        warned(&log, &format!("worker uid {lo} is in use by a process")),
+        "{log}"
+    );
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+}
