@@ -93,3 +93,69 @@ fn ctlplane_a_worker_uid_another_process_runs_as_is_skipped() {
     squatter.kill().unwrap();
     squatter.wait().unwrap();
 }
+
+/// Audit group commit never acknowledges a request before its record is
+/// written: creates race (so their fsyncs are shared), the broker is
+/// SIGKILLed the moment the first is acknowledged, and every create that
+/// was acknowledged has its decision and its outcome in the log, whose
+/// chain is intact.
+#[test]
+fn ctlplane_broker_killed_right_after_acknowledged_creates_leaves_their_records() {
+    const N: usize = 6;
+    let mut h = Harness::start(Options::default());
+    let imgs: Vec<String> = (0..N)
+        .map(|i| {
+            let p = h.raw_image(ROOT.name, &format!("kill{i}.img"), 1 << 20);
+            p.display().to_string()
+        })
+        .collect();
+    let broker = h.broker_pid();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // All start together, to share fsyncs.
+    let go = std::sync::Barrier::new(N);
+    let acked: Vec<String> = std::thread::scope(|s| {
+        for img in &imgs {
+            let (tx, h, go) = (tx.clone(), &h, &go);
+            s.spawn(move || {
+                go.wait();
+                let out = h.ctl(&ROOT, &["create", "-a", &format!("aio:{img}")]);
+                let _ = tx.send((img.clone(), out.status.success()));
+            });
+        }
+        drop(tx);
+        let mut acked = Vec::new();
+        for (img, ok) in rx {
+            if ok {
+                if acked.is_empty() {
+                    // SAFETY: kill(2) on our own child's pid (not reaped yet).
+                    unsafe { libc::kill(broker as i32, libc::SIGKILL) };
+                }
+                acked.push(img);
+            }
+        }
+        acked
+    });
+    h.crash();
+    assert!(!acked.is_empty(), "no create was acknowledged");
+    let lines = h.audit_lines();
+    for img in &acked {
+        let about: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "request" && l["request"].to_string().contains(img.as_str()))
+            .collect();
+        assert!(
+            about.iter().any(|l| l["outcome"] == "pending"),
+            "acknowledged create of {img} has no decision line:\n{lines:#?}"
+        );
+        assert!(
+            about
+                .iter()
+                .any(|l| l["outcome"].as_str().is_some_and(|o| o != "pending")),
+            "acknowledged create of {img} has no outcome line:\n{lines:#?}"
+        );
+    }
+    let out = h.ctl(&ROOT, &["audit", "verify", h.audit.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    // A new broker adopts what the dead one left, and cleans up at the end.
+    h.launch();
+}
