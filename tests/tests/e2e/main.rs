@@ -17,6 +17,7 @@ mod image_open;
 mod mirror;
 mod nbd_kernel;
 mod qos;
+mod qos_fuse;
 mod qos_ublk;
 mod raw_parent;
 mod robustness;
