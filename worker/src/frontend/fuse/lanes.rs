@@ -22,6 +22,7 @@
 
 use super::buf::IoBuf;
 use super::request::ReadIn;
+use super::{read_reply, write_reply, Shared, SERVE_STACK};
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -153,6 +154,64 @@ impl Lanes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(b);
+    }
+}
+
+// The pacer thread, with the serving threads' state.
+
+/// Start the pacer with up to `spares` write slots (as many as
+/// fit); no lanes if its own buffer or thread cannot be had.
+pub(super) fn start<'s, 'a: 's>(
+    s: &'s std::thread::Scope<'s, '_>,
+    shared: &'s Shared<'a>,
+    spares: usize,
+) {
+    let Ok(own) = IoBuf::small() else {
+        return;
+    };
+    let mut bufs = Vec::with_capacity(spares);
+    for _ in 0..spares {
+        match IoBuf::slot() {
+            Ok(b) => bufs.push(b),
+            Err(_) => break,
+        }
+    }
+    shared.lanes.open(bufs);
+    let spawned = std::thread::Builder::new()
+        .name("fuse-pacer".into())
+        .stack_size(SERVE_STACK)
+        .spawn_scoped(s, move || pace(shared, own));
+    if let Err(e) = spawned {
+        // Closed: every delayed request waits in its serving thread.
+        tracing::warn!(
+            frontend = "fuse",
+            "no throttle pacer thread ({e}): delayed requests wait in the serving threads"
+        );
+        shared.lanes.close();
+    }
+}
+
+/// The pacer: serve each delayed job at its slot, earliest first.
+fn pace(shared: &Shared<'_>, mut own: IoBuf) {
+    while let Some(job) = shared.lanes.next() {
+        let r = match job {
+            Job::Read { unique, read, .. } => read_reply(shared, unique, &read, &mut own),
+            Job::Write {
+                unique,
+                node,
+                offset,
+                len,
+                mut buf,
+                ..
+            } => {
+                let r = write_reply(shared, unique, node, offset, &buf.data_area()[..len]);
+                shared.lanes.put_spare(buf);
+                r
+            }
+        };
+        if let Err(e) = r {
+            shared.fail(e);
+        }
     }
 }
 

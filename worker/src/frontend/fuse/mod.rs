@@ -50,6 +50,7 @@ use crate::frontend::{Frontend, FrontendError, Stopper};
 use buf::{BigPool, IoBuf};
 use fs::{OneFileFs, Outcome, Pace};
 use lanes::{Job, Lanes};
+
 use request::{Op, Request};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -316,7 +317,7 @@ impl Frontend for FuseFrontend {
         let mut own = IoBuf::small()?;
         std::thread::scope(|s| {
             if plan.lanes {
-                start_lanes(s, &shared, plan.spares);
+                lanes::start(s, &shared, plan.spares);
             }
             let mut serving = Vec::with_capacity(plan.threads);
             for i in 1..plan.threads {
@@ -640,62 +641,6 @@ fn write_reply(
         Outcome::Ok(p) => reply(shared, unique, 0, p.bytes()),
         Outcome::Err(errno) => reply(shared, unique, errno, &[]),
         _ => reply(shared, unique, libc::EIO, &[]),
-    }
-}
-
-/// Start the lanes' pacer with up to `spares` spare buffers (as many as
-/// fit); no lanes if its own buffer or thread cannot be had.
-fn start_lanes<'s, 'a: 's>(
-    s: &'s std::thread::Scope<'s, '_>,
-    shared: &'s Shared<'a>,
-    spares: usize,
-) {
-    let Ok(own) = IoBuf::small() else {
-        return;
-    };
-    let mut bufs = Vec::with_capacity(spares);
-    for _ in 0..spares {
-        match IoBuf::slot() {
-            Ok(b) => bufs.push(b),
-            Err(_) => break,
-        }
-    }
-    shared.lanes.open(bufs);
-    let spawned = std::thread::Builder::new()
-        .name("fuse-pacer".into())
-        .stack_size(SERVE_STACK)
-        .spawn_scoped(s, move || serve_lanes(shared, own));
-    if let Err(e) = spawned {
-        // Closed: every delayed request waits in its serving thread.
-        tracing::warn!(
-            frontend = "fuse",
-            "no throttle pacer thread ({e}): delayed requests wait in the serving threads"
-        );
-        shared.lanes.close();
-    }
-}
-
-/// The pacer: serve each delayed job at its slot, earliest first.
-fn serve_lanes(shared: &Shared<'_>, mut own: IoBuf) {
-    while let Some(job) = shared.lanes.next() {
-        let r = match job {
-            Job::Read { unique, read, .. } => read_reply(shared, unique, &read, &mut own),
-            Job::Write {
-                unique,
-                node,
-                offset,
-                len,
-                mut buf,
-                ..
-            } => {
-                let r = write_reply(shared, unique, node, offset, &buf.data_area()[..len]);
-                shared.lanes.put_spare(buf);
-                r
-            }
-        };
-        if let Err(e) = r {
-            shared.fail(e);
-        }
     }
 }
 
