@@ -231,7 +231,7 @@ fn ok(rc: libc::c_int, step: u8) -> Result<(), u8> {
 /// replaced us).
 fn child_steps(ctx: &Ctx) -> Result<(), u8> {
     let s = &ctx.setup;
-    // SAFETY (the block): every call is a plain syscall wrapper on
+    // SAFETY: every call in the block is a plain syscall wrapper on
     // integers, on pointers to locals, or on the parent's prepared
     // NUL-terminated strings and NULL-terminated arrays.
     unsafe {
