@@ -49,22 +49,42 @@ pub struct WorkerExit {
 }
 
 impl Broker {
-    /// Append to the audit log; on failure stop serving.
+    /// Append to the audit log and return once the line is durable (its
+    /// fsync shared with concurrent requests: `audit_commit`); on failure
+    /// stop serving.
     pub fn audit(&self, entry: &Entry) -> Result<(), BrokerError> {
-        let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = &a.broken {
-            return Err(audit_broken(why));
-        }
-        match a.log.append(entry) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let why = e.to_string();
-                tracing::error!("{why}; refusing all requests from now on");
-                let err = audit_broken(&why);
-                a.broken = Some(why);
-                Err(err)
+        let ticket = {
+            let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = &a.broken {
+                return Err(audit_broken(why));
             }
+            let written = a
+                .log
+                .append_unsynced(entry)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    self.commit
+                        .wrote(|| a.log.sync_handle())
+                        .map_err(|e| format!("cannot fsync the audit log: {e}"))
+                });
+            match written {
+                Ok(t) => t,
+                Err(why) => return Err(self.audit_fails(&mut a, why)),
+            }
+        };
+        self.commit.wait(ticket).map_err(|why| {
+            let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+            self.audit_fails(&mut a, why)
+        })
+    }
+
+    /// The log failed: refuse this and every later request.
+    fn audit_fails(&self, a: &mut crate::broker::AuditState, why: String) -> BrokerError {
+        if a.broken.is_none() {
+            tracing::error!("{why}; refusing all requests from now on");
+            a.broken = Some(why);
         }
+        audit_broken(a.broken.as_deref().unwrap_or_default())
     }
 
     /// Record a decision. Denials go through the [`Denials`] budgets
@@ -115,6 +135,10 @@ impl Broker {
     /// and writing goes on in the old file.
     pub fn reopen_audit(&self) -> String {
         let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        // Lines of the old file are made durable before it is left.
+        if let Err(why) = self.commit.settle() {
+            return format!("cannot reopen the audit log ({why}); still writing the old file");
+        }
         match a.log.reopen() {
             Ok(tapjail_common::audit::Reopened::Same) => format!(
                 "{} was not rotated; still writing it",

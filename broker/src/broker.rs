@@ -45,6 +45,8 @@ pub struct Broker {
     pub policy: Policy,
     /// The audit recorder's log (`crate::audit`).
     pub(crate) audit: Mutex<AuditState>,
+    /// Shares fsyncs of the audit log between concurrent requests.
+    pub(crate) commit: crate::audit_commit::GroupCommit,
     /// Budgets for denials (taken before `audit`).
     pub(crate) denials: Mutex<Denials>,
     pub(crate) table: Mutex<Table>,
@@ -83,6 +85,7 @@ impl Broker {
                 log: audit,
                 broken: None,
             }),
+            commit: Default::default(),
             denials: Mutex::new(Denials::new(window)),
             table: Mutex::new(Table::default()),
             exited: Condvar::new(),

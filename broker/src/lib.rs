@@ -5,4 +5,5 @@ pub mod cgroup;
 pub mod device;
 pub mod fdstore;
 pub mod phases;
+pub mod spawn;
 pub mod sys;

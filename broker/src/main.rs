@@ -51,6 +51,7 @@
 
 mod adopt;
 mod audit;
+mod audit_commit;
 mod bringup;
 mod broker;
 mod cbt;

@@ -217,39 +217,6 @@ pub fn proc_start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stat starttime"))
 }
 
-/// Every uid some process on the host runs as (real, effective or saved),
-/// so a worker uid is never one that anything else already uses.
-///
-/// `ours` are the broker's own live workers, whose uids the caller knows
-/// from its table: their status is not read, which keeps a spawn from
-/// costing O(attached disks) reads of `/proc/PID/status` (the readdir
-/// stays, and every other process is still read).
-pub fn uids_in_use(ours: &std::collections::HashSet<u32>) -> std::collections::HashSet<u32> {
-    let mut out = std::collections::HashSet::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if ours.contains(&pid) {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
-        if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
-            out.extend(
-                line[4..]
-                    .split_whitespace()
-                    .filter_map(|v| v.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
-}
-
 /// Whether bytes are queued on `sock` (peeked, not consumed; never
 /// blocks). A closed or quiet socket has none.
 pub fn has_queued_data(sock: &UnixStream) -> bool {

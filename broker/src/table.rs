@@ -69,6 +69,8 @@ pub struct Table {
     pub pending: Vec<PendingSpawn>,
     /// Files open (or being opened) on some minor: (minor, writable).
     pub files: BTreeMap<FileId, Vec<(Minor, bool)>>,
+    /// Where the next worker uid is looked for (`supervisor::uids`).
+    pub uid_picker: crate::supervisor::uids::UidPicker,
 }
 
 impl BrokerView for Table {
@@ -132,15 +134,6 @@ impl Table {
     }
 
     /// Uids held by live or pending workers.
-    /// The pids of the live workers (see [`crate::sys::uids_in_use`]).
-    pub fn live_worker_pids(&self) -> HashSet<u32> {
-        self.workers
-            .values()
-            .filter(|w| w.alive())
-            .map(|w| w.pid)
-            .collect()
-    }
-
     pub fn worker_uids(&self) -> HashSet<u32> {
         self.workers
             .values()

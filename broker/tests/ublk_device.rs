@@ -679,6 +679,7 @@ fn tapdisk() -> std::path::PathBuf {
 struct Confined {
     child: Child,
     sock: std::os::unix::net::UnixStream,
+    uid: String,
 }
 
 impl Confined {
@@ -698,15 +699,20 @@ fn spawn_confined(prepared: Prepared, image: &std::path::Path, vhd: bool) -> Con
     use std::os::fd::AsFd;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let raw = theirs.as_raw_fd();
+    // A uid of its own per worker: a broker-mode worker refuses a uid some
+    // other task runs as (`sandbox::sole_uid`), and tests run in parallel.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let uid = (2_000_300_000 + (std::process::id() % 50_000) * 16 + n % 16).to_string();
     let mut cmd = Command::new(tapdisk());
     cmd.args([
         "--broker",
         "--frontend",
         "ublk",
         "--uid",
-        "65534",
+        &uid,
         "--gid",
-        "65534",
+        &uid,
     ]);
     // SAFETY: only dup2, async-signal-safe, on an fd open in the parent.
     unsafe {
@@ -719,7 +725,11 @@ fn spawn_confined(prepared: Prepared, image: &std::path::Path, vhd: bool) -> Con
     }
     let child = cmd.spawn().expect("spawn tapdisk");
     drop(theirs);
-    let w = Confined { child, sock: ours };
+    let w = Confined {
+        child,
+        sock: ours,
+        uid,
+    };
     assert!(
         matches!(w.recv(), FromWorker::Ready { .. }),
         "worker not ready"
@@ -768,7 +778,10 @@ fn ublk_confined_tapdisk_serves_and_is_replaced_after_sigkill() {
     let dev = be.activate(w.child.id()).expect("activate");
     // The worker really is confined: not root, no capabilities.
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.child.id())).unwrap();
-    assert!(status.contains("Uid:\t65534"), "worker uid: {status}");
+    assert!(
+        status.contains(&format!("Uid:\t{}", w.uid)),
+        "worker uid: {status}"
+    );
     assert!(status.contains("CapEff:\t0000000000000000"), "worker caps");
     assert!(status.contains("Seccomp:\t2"), "worker seccomp");
     match w.ask(ToWorker::Stats, &[]) {

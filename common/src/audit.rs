@@ -460,6 +460,25 @@ impl AuditLog {
     /// Append `entry` as one line and make it durable before returning.
     /// On failure the file is truncated back so the chain stays intact.
     pub fn append(&mut self, entry: &Entry) -> Result<(), AuditError> {
+        self.write_line(entry, true)
+    }
+
+    /// Append `entry` as one line without waiting for the disk: the caller
+    /// makes it durable (`sync_data` on [`AuditLog::sync_handle`]) before
+    /// acting on it or acknowledging it. Lets concurrent requests share
+    /// one fsync (the broker's group commit). On a failed write the file
+    /// is truncated back, as with [`AuditLog::append`].
+    pub fn append_unsynced(&mut self, entry: &Entry) -> Result<(), AuditError> {
+        self.write_line(entry, false)
+    }
+
+    /// Another handle on the file being written, to fsync it without
+    /// holding the log (a rotation changes the file: take a new one then).
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    fn write_line(&mut self, entry: &Entry, sync: bool) -> Result<(), AuditError> {
         let entry = &entry.bounded();
         let line = Line {
             seq: self.seq,
@@ -474,15 +493,15 @@ impl AuditLog {
             slim.request = Some(serde_json::Value::String(
                 "<request too large to log>".into(),
             ));
-            return self.append(&slim);
+            return self.write_line(&slim, sync);
         }
         let hash = hash_hex(&bytes);
         bytes.push(b'\n');
         let before = self.file.metadata().map_err(AuditError::Write)?.len();
-        let res = self
-            .file
-            .write_all(&bytes)
-            .and_then(|()| self.file.sync_data());
+        let res =
+            self.file
+                .write_all(&bytes)
+                .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = res {
             let _ = self.file.set_len(before);
             return Err(AuditError::Write(e));

@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 /// The fd number of the control socket in a worker spawned by the broker.
 pub const CONTROL_FD: i32 = 3;
 
+/// Starts the `Error` a worker sends when another process on the host
+/// already runs as the uid it was given: the broker then picks another.
+pub const UID_TAKEN: &str = "worker uid taken:";
+
 /// Longest image chain, leaf included (the VHD engine refuses a deeper
 /// one). Also the most `NeedParent` requests one open may make: the
 /// worker refuses to ask more, and the broker kills a worker that does.

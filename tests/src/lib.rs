@@ -165,6 +165,8 @@ pub struct Harness {
     pub policy: PathBuf,
     pub log: PathBuf,
     pub opts: Options,
+    /// The policy's `worker_uids` (first, last).
+    pub worker_uids: (u32, u32),
     broker: Option<Child>,
 }
 
@@ -273,6 +275,7 @@ impl Harness {
             policy,
             log,
             opts,
+            worker_uids: uids,
             broker: None,
         };
         h.launch();

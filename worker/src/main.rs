@@ -240,7 +240,8 @@ fn broker(
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confined = Policy::choose_ids(requested).and_then(|ids| {
         let mut policy = worker_policy(frontend, ids, vec![0, 1, 2, CONTROL_FD], queues);
-        // The broker chose the uid unused on the host.
+        // The broker chose the uid none of its workers holds; step 9 checks
+        // that nothing else on the host runs as it.
         policy.fresh_uid = true;
         sandbox::confine_timed(&policy)
     });

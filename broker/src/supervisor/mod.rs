@@ -5,6 +5,7 @@
 
 mod placement;
 pub mod process;
+pub mod uids;
 
 use crate::audit::WorkerExit;
 use crate::bringup::{DeviceMode, ImageReq, Target};
@@ -22,6 +23,9 @@ use tapjail_common::audit::{Event, Peer};
 use tapjail_common::worker_proto::ToWorker;
 use tapjail_common::Minor;
 
+/// Uids tried per spawn when workers find theirs in use by others.
+const MAX_UID_TRIES: usize = 8;
+
 impl Broker {
     /// Spawn a worker for `tenant`. Consumes the guard (spawning is slow).
     pub fn spawn_worker(
@@ -30,40 +34,26 @@ impl Broker {
         tenant: &str,
         minor: Option<Minor>,
     ) -> Result<u32, BrokerError> {
-        let (lo, hi) = self.policy.worker_uids;
-        // The host scan runs without the table: other clients go on
-        // meanwhile. A uid is still taken only under the lock, from the
-        // table as it is then (pending spawns included), so two spawns
-        // never pick the same one.
-        let ours = t.live_worker_pids();
-        drop(t);
-        let on_host = sys::uids_in_use(&ours);
-        let mut t = self.table();
-        let taken = t.worker_uids();
-        let uid = (lo..=hi)
-            .find(|u| !taken.contains(u) && !on_host.contains(u))
-            .ok_or_else(|| {
-                BrokerError::busy(format!(
-                    "all worker uids {lo}..={hi} are in use: no more tapdisks can run"
-                ))
-            })?;
-        let pending = PendingSpawn {
-            owner: tenant.to_string(),
-            uid,
+        let mut t = Some(t);
+        let mut tries = 0;
+        let (s, uid, cgroup) = loop {
+            let (uid, spawned) = self.spawn_with_a_free_uid(t.take(), tenant, minor)?;
+            match spawned {
+                Err(e) if uids::is_uid_taken(&e) && tries < MAX_UID_TRIES => {
+                    tries += 1;
+                    tracing::warn!(
+                        uid,
+                        "worker uid {uid} is in use by a process tapjail did not start; \
+                         skipping it for {} s and trying another",
+                        uids::SET_ASIDE.as_secs()
+                    );
+                    self.table().uid_picker.set_aside(uid, Instant::now());
+                }
+                Err(e) => return Err(e),
+                Ok((s, cg)) => break (s, uid, cg),
+            }
         };
-        t.pending.push(pending.clone());
-        drop(t);
-        tapjail_broker::phases::lap("uid_scan");
-        let spawned = self.worker_cgroup(tenant, minor, uid).and_then(|cg| {
-            tapjail_broker::phases::lap("cgroup");
-            let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
-            Ok((s, cg))
-        });
         let mut t = self.table();
-        if let Some(i) = t.pending.iter().position(|p| *p == pending) {
-            t.pending.remove(i);
-        }
-        let (s, cgroup) = spawned?;
         let record = match self.state.lock_worker(s.pid) {
             Ok(r) => r,
             Err(e) => {
@@ -94,6 +84,53 @@ impl Broker {
         tapjail_broker::phases::lap("worker_record");
         self.wake_supervisor();
         Ok(s.pid)
+    }
+
+    /// Pick a uid (constant time: `uids`), hold it as a pending spawn
+    /// while the worker starts, and start it.
+    #[allow(clippy::type_complexity)]
+    fn spawn_with_a_free_uid(
+        self: &Arc<Self>,
+        t: Option<MutexGuard<'_, Table>>,
+        tenant: &str,
+        minor: Option<Minor>,
+    ) -> Result<
+        (
+            u32,
+            Result<(process::Spawned, Option<Arc<tapjail_broker::cgroup::Leaf>>), BrokerError>,
+        ),
+        BrokerError,
+    > {
+        let (lo, hi) = self.policy.worker_uids;
+        let mut t = t.unwrap_or_else(|| self.table());
+        // A uid is taken only under the lock, from the table as it is then
+        // (pending spawns included), so two spawns never pick the same one.
+        let taken = t.worker_uids();
+        let uid = t
+            .uid_picker
+            .pick(lo, hi, &taken, Instant::now())
+            .ok_or_else(|| {
+                BrokerError::busy(format!(
+                    "all worker uids {lo}..={hi} are in use: no more tapdisks can run"
+                ))
+            })?;
+        let pending = PendingSpawn {
+            owner: tenant.to_string(),
+            uid,
+        };
+        t.pending.push(pending.clone());
+        drop(t);
+        tapjail_broker::phases::lap("uid_pick");
+        let spawned = self.worker_cgroup(tenant, minor, uid).and_then(|cg| {
+            tapjail_broker::phases::lap("cgroup");
+            let s = process::spawn(&self.spawn_cfg, self.devices.kind(), uid, cg.as_deref())?;
+            Ok((s, cg))
+        });
+        let mut t = self.table();
+        if let Some(i) = t.pending.iter().position(|p| *p == pending) {
+            t.pending.remove(i);
+        }
+        Ok((uid, spawned))
     }
 
     /// Ask a worker to exit; kill it if it does not within the timeout.

@@ -1,7 +1,8 @@
 //! Starting a tapdisk process and checking, from outside, that it is
 //! confined before the broker uses it.
 //!
-//! A worker is `fork`+`exec` of the tapdisk binary with an environment of
+//! A worker is the tapdisk binary started by a vfork-style clone
+//! ([`tapjail_broker::spawn`]: constant cost however much the broker holds), with an environment of
 //! only `TAPJAIL_LOG` (the broker's log filter), `/` as its directory, `/dev/null` on stdin/stdout, a pipe
 //! the broker reads on stderr (`worker_log`: tagged, escaped, bounded
 //! lines, never raw bytes in the journal), the control socket as fd 3 and
@@ -14,6 +15,7 @@
 use crate::broker::SpawnConfig;
 use crate::sys;
 use crate::worker::{clean, variant, WorkerConn, WorkerError};
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -60,54 +62,24 @@ pub fn spawn(
     let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
     let (log_r, log_w) = crate::worker_log::pipe()?;
-    let memlock = cfg.memlock;
-    let child_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(&cfg.tapdisk);
-    cmd.arg("--broker")
-        .arg("--frontend")
-        .arg(frontend.as_str())
-        .arg("--uid")
-        .arg(uid.to_string())
-        .arg("--gid")
-        .arg(uid.to_string())
-        .args(tapjail_broker::phases::enabled().then_some("--phases"))
-        .env_clear()
-        // Its one variable: log with the broker's filter (read before the
-        // worker clears its environment).
-        .env(
-            tapjail_common::logging::FILTER_ENV,
-            tapjail_common::logging::effective_filter(),
-        )
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log_w))
-        .process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (dup2, fcntl, setrlimit,
-    // close_range) on plain integers; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd));
-    }
-    let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
-        path: cfg.tapdisk.display().to_string(),
-        source,
-    })?;
+    let args = Args {
+        frontend: frontend.as_str(),
+        uid: uid.to_string(),
+    };
+    let (pid, pidfd) = if fork_spawn() {
+        fork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd)?
+    } else {
+        vfork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd)?
+    };
     tapjail_broker::phases::lap("fork_exec");
     drop(theirs);
     drop(procs);
-    // The child holds the only write end now (the Command's copy goes with it).
-    drop(cmd);
-    let pid = child.id();
     let keep = match &cfg.store {
         Some(_) => Some((ours.try_clone()?, OwnedFd::from(log_r.try_clone()?))),
         None => None,
     };
     crate::worker_log::forward(log_r, pid);
-    // The child is ours and not yet reaped, so its pid cannot have been
-    // reused: this pidfd names exactly it. The supervisor reaps through it.
-    let pidfd = Arc::new(sys::pidfd_open(pid)?);
-    drop(child);
+    let pidfd = Arc::new(pidfd);
     let mut conn = WorkerConn::new(ours, pid, cfg.timeout)?.with_op_timeout(cfg.op_timeout);
     conn.set_pidfd(pidfd.clone());
     let fail = |e: WorkerError| {
@@ -169,6 +141,119 @@ pub fn spawn(
         conn,
         start_time: info.start_time,
     })
+}
+
+/// The worker's command line beyond the program.
+struct Args {
+    frontend: &'static str,
+    uid: String,
+}
+
+impl Args {
+    fn list(&self) -> Vec<&OsStr> {
+        let mut v: Vec<&OsStr> = [
+            "--broker",
+            "--frontend",
+            self.frontend,
+            "--uid",
+            &self.uid,
+            "--gid",
+            &self.uid,
+        ]
+        .into_iter()
+        .map(OsStr::new)
+        .collect();
+        if tapjail_broker::phases::enabled() {
+            v.push(OsStr::new("--phases"));
+        }
+        v
+    }
+}
+
+/// `TAPJAIL_SPAWN=fork` (read once): start workers with std's
+/// `fork`+`exec` instead of the vfork-style clone, to measure one against
+/// the other (`bench/control-plane.sh`'s `SPAWN=fork`).
+fn fork_spawn() -> bool {
+    static FORK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORK.get_or_init(|| std::env::var("TAPJAIL_SPAWN").is_ok_and(|v| v == "fork"))
+}
+
+fn spawn_error(cfg: &SpawnConfig, source: io::Error) -> WorkerError {
+    WorkerError::Spawn {
+        path: cfg.tapdisk.display().to_string(),
+        source,
+    }
+}
+
+/// Start the worker with [`tapjail_broker::spawn`]: no copy of the
+/// broker's address space, so its cost does not grow with attached disks.
+fn vfork_exec(
+    cfg: &SpawnConfig,
+    args: &Args,
+    control: i32,
+    log_w: io::PipeWriter,
+    cgroup_procs: Option<i32>,
+) -> Result<(u32, OwnedFd), WorkerError> {
+    let null = std::fs::File::open("/dev/null")?;
+    let filter = tapjail_common::logging::effective_filter();
+    let child = tapjail_broker::spawn::spawn(
+        &cfg.tapdisk,
+        &args.list(),
+        // Its one variable: log with the broker's filter (read before the
+        // worker clears its environment).
+        &[(tapjail_common::logging::FILTER_ENV, filter)],
+        tapjail_broker::spawn::Setup {
+            cgroup_procs,
+            new_process_group: true,
+            stdio: Some([null.as_raw_fd(), null.as_raw_fd(), log_w.as_raw_fd()]),
+            control: Some(control),
+            memlock: Some(cfg.memlock),
+            cloexec_rest: true,
+        },
+    )
+    .map_err(|e| spawn_error(cfg, e.into_io()))?;
+    // The child holds the only write end of its log pipe now.
+    drop(log_w);
+    Ok((child.pid, child.pidfd))
+}
+
+/// The old way (std's `Command`: `fork`, the steps in `pre_exec`, `exec`),
+/// kept as the baseline the vfork-style spawn is measured against.
+fn fork_exec(
+    cfg: &SpawnConfig,
+    args: &Args,
+    child_fd: i32,
+    log_w: io::PipeWriter,
+    procs_fd: Option<i32>,
+) -> Result<(u32, OwnedFd), WorkerError> {
+    let memlock = cfg.memlock;
+    let mut cmd = Command::new(&cfg.tapdisk);
+    cmd.args(args.list())
+        .env_clear()
+        .env(
+            tapjail_common::logging::FILTER_ENV,
+            tapjail_common::logging::effective_filter(),
+        )
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_w))
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (dup2, fcntl, setrlimit,
+    // close_range) on plain integers; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd));
+    }
+    let child = cmd.spawn().map_err(|e| spawn_error(cfg, e))?;
+    // The child holds the only write end now (the Command's copy goes with it).
+    drop(cmd);
+    let pid = child.id();
+    // The child is ours and not yet reaped, so its pid cannot have been
+    // reused: this pidfd names exactly it. The supervisor reaps through it.
+    let pidfd = sys::pidfd_open(pid)?;
+    drop(child);
+    Ok((pid, pidfd))
 }
 
 /// What is wrong with a worker's confinement as `/proc` shows it, if anything.

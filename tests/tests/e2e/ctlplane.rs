@@ -46,3 +46,116 @@ fn ctlplane_broker_threads_and_mappings_do_not_grow_with_attached_disks() {
         "{MORE} more disks took the broker from {m0} to {m1} mappings"
     );
 }
+
+fn real_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The broker no longer reads every process's status to find a free
+/// worker uid: the worker checks, with one clone against the kernel's
+/// per-uid task count, that nobody else runs as its uid, and the broker
+/// skips a uid that someone does. Without that check the worker below
+/// would share its uid with a process tapjail never started (which could
+/// then signal it, or count against its thread budget).
+#[test]
+fn ctlplane_a_worker_uid_another_process_runs_as_is_skipped() {
+    use std::os::unix::process::CommandExt;
+    let h = Harness::start(Options::default());
+    let (lo, _) = h.worker_uids;
+    // Someone else's process on `lo`, the uid the broker hands out first.
+    let mut squatter = std::process::Command::new("sleep")
+        .arg("600")
+        .uid(lo)
+        .gid(lo)
+        .spawn()
+        .expect("sleep as the first worker uid");
+    assert_eq!(real_uid(squatter.id()), lo);
+    let img = h.raw_image(ROOT.name, "d.img", 1 << 20);
+    h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())]);
+    let workers = workers_of(h.broker_pid());
+    assert_eq!(workers.len(), 1, "one worker");
+    assert_eq!(
+        real_uid(workers[0]),
+        lo + 1,
+        "the worker runs as the next uid, not as the squatter's"
+    );
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(
+        warned(&log, &format!("worker uid {lo} is in use by a process")),
+        "{log}"
+    );
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+}
+
+/// Audit group commit never acknowledges a request before its record is
+/// written: creates race (so their fsyncs are shared), the broker is
+/// SIGKILLed the moment the first is acknowledged, and every create that
+/// was acknowledged has its decision and its outcome in the log, whose
+/// chain is intact.
+#[test]
+fn ctlplane_broker_killed_right_after_acknowledged_creates_leaves_their_records() {
+    const N: usize = 6;
+    let mut h = Harness::start(Options::default());
+    let imgs: Vec<String> = (0..N)
+        .map(|i| {
+            let p = h.raw_image(ROOT.name, &format!("kill{i}.img"), 1 << 20);
+            p.display().to_string()
+        })
+        .collect();
+    let broker = h.broker_pid();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // All start together, to share fsyncs.
+    let go = std::sync::Barrier::new(N);
+    let acked: Vec<String> = std::thread::scope(|s| {
+        for img in &imgs {
+            let (tx, h, go) = (tx.clone(), &h, &go);
+            s.spawn(move || {
+                go.wait();
+                let out = h.ctl(&ROOT, &["create", "-a", &format!("aio:{img}")]);
+                let _ = tx.send((img.clone(), out.status.success()));
+            });
+        }
+        drop(tx);
+        let mut acked = Vec::new();
+        for (img, ok) in rx {
+            if ok {
+                if acked.is_empty() {
+                    // SAFETY: kill(2) on our own child's pid (not reaped yet).
+                    unsafe { libc::kill(broker as i32, libc::SIGKILL) };
+                }
+                acked.push(img);
+            }
+        }
+        acked
+    });
+    h.crash();
+    assert!(!acked.is_empty(), "no create was acknowledged");
+    let lines = h.audit_lines();
+    for img in &acked {
+        let about: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "request" && l["request"].to_string().contains(img.as_str()))
+            .collect();
+        assert!(
+            about.iter().any(|l| l["outcome"] == "pending"),
+            "acknowledged create of {img} has no decision line:\n{lines:#?}"
+        );
+        assert!(
+            about
+                .iter()
+                .any(|l| l["outcome"].as_str().is_some_and(|o| o != "pending")),
+            "acknowledged create of {img} has no outcome line:\n{lines:#?}"
+        );
+    }
+    let out = h.ctl(&ROOT, &["audit", "verify", h.audit.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    // A new broker adopts what the dead one left, and cleans up at the end.
+    h.launch();
+}

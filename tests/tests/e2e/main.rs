@@ -18,6 +18,7 @@ mod kill_under_load;
 mod mirror;
 mod nbd_kernel;
 mod qos;
+mod qos_fuse;
 mod qos_ublk;
 mod raw_parent;
 mod robustness;

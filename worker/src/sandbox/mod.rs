@@ -12,7 +12,9 @@
 //! 7. `mlockall(MCL_CURRENT|MCL_FUTURE)` ([`mlock`]), rings included
 //! 8. setgroups/setgid/setuid to the worker's own ids ([`ids`]), then not
 //!    dumpable ([`dumpable`]; the switch resets the flag)
-//! 9. drop every capability, lock the securebits ([`caps`])
+//! 9. drop every capability, lock the securebits ([`caps`]); then, for a
+//!    broker's worker, check that no other process runs as its uid
+//!    ([`sole_uid`])
 //! 10. `PR_SET_NO_NEW_PRIVS` ([`nnp`])
 //! 11. deny all filesystem access ([`landlock`])
 //! 12. the allowlist for the frontend, on all threads ([`seccomp`])
@@ -32,6 +34,7 @@ pub mod ns;
 pub mod rings;
 pub mod rlimit;
 pub mod seccomp;
+pub mod sole_uid;
 
 pub use ids::Ids;
 
@@ -56,7 +59,7 @@ pub struct Policy {
     /// The io_uring rings to make before seccomp.
     pub rings: rings::RingPlan,
     /// `ids.uid` was chosen unused by the spawner (see
-    /// [`rlimit::Limits::fresh_uid`]).
+    /// [`rlimit::Limits::fresh_uid`]); checked in step 9 ([`sole_uid`]).
     pub fresh_uid: bool,
 }
 
@@ -105,6 +108,8 @@ pub enum SandboxError {
     Dumpable(#[source] std::io::Error),
     #[error("confinement step 9 (capabilities): {0}")]
     Caps(#[from] caps::CapsError),
+    #[error("confinement step 9 (uid not shared): {0}")]
+    SoleUid(#[from] sole_uid::SoleUidError),
     #[error("confinement step 10 (no_new_privs): {0}")]
     NoNewPrivs(#[source] std::io::Error),
     #[error("confinement step 11 (landlock): {0}")]
@@ -163,6 +168,9 @@ pub fn confine_timed(policy: &Policy) -> Result<StepTimes, SandboxError> {
     }
     dumpable::off().map_err(SandboxError::Dumpable)?;
     caps::drop_all()?;
+    if let (true, Some(ids)) = (policy.fresh_uid, policy.ids) {
+        sole_uid::check(ids.uid)?;
+    }
     nnp::set().map_err(SandboxError::NoNewPrivs)?;
     lap("ids_caps_nnp");
     landlock::deny_all()?;

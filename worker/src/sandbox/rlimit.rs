@@ -34,11 +34,10 @@ pub struct Limits {
     pub uid: u32,
     /// Raise RLIMIT_MEMLOCK to at least this where permitted.
     pub memlock_min: u64,
-    /// The spawner chose `uid` so that no process had it (the broker
-    /// scans `/proc` for that): the budget need not count others, which
-    /// saves a read of every process's status (O(attached disks)). Were
-    /// one there after all, its tasks would count against our budget:
-    /// fewer threads for us, never more for anyone.
+    /// The spawner chose `uid` so that no process had it (the worker
+    /// checks that in step 9, `super::sole_uid`, and refuses to run
+    /// otherwise): the budget need not count others, which saves a read of
+    /// every process's status (O(attached disks)).
     pub fresh_uid: bool,
 }
 

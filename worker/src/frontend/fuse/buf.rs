@@ -59,6 +59,15 @@ impl IoBuf {
         Self::with(SMALL_DATA, 0, Self::SMALL_LEN)
     }
 
+    /// Locked bytes of a throttle-lane slot.
+    pub const SLOT_LEN: usize = PAGE + PAGE;
+
+    /// A delayed write's payload of up to one page, waiting in the FUSE
+    /// throttle lane (`super::lanes`).
+    pub fn slot() -> Result<Self, FrontendError> {
+        Self::with(PAGE, 0, Self::SLOT_LEN)
+    }
+
     /// Allocate without aborting: under `mlockall(MCL_FUTURE)` an
     /// allocation beyond RLIMIT_MEMLOCK fails, and that must become an
     /// error (fewer threads), not the process aborting.

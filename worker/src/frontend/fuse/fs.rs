@@ -12,6 +12,30 @@ use super::request::{FallocateIn, InitIn, Op, ReadIn, Request, SetattrIn, MAX_RE
 use crate::disk::{Disk, IoKind};
 use std::sync::Arc;
 
+/// Who waits for a request's throttle tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Take them and sleep here until the request's slot.
+    Admit,
+    /// The caller took them and waited already (the FUSE lanes).
+    Taken,
+}
+
+impl Pace {
+    fn io<T>(
+        self,
+        disk: &Disk,
+        kind: IoKind,
+        bytes: u64,
+        f: impl FnOnce(&dyn crate::image::Image) -> Result<T, crate::image::ImageError>,
+    ) -> Result<T, crate::disk::DiskError> {
+        match self {
+            Pace::Admit => disk.io(kind, bytes, f),
+            Pace::Taken => disk.io_taken(kind, bytes, f),
+        }
+    }
+}
+
 /// Node id of the disk file.
 pub const FILE_ID: u64 = 2;
 
@@ -234,6 +258,17 @@ impl OneFileFs {
     /// number of bytes to send or a positive errno. Reads at or past the
     /// end return short, as a regular file does.
     pub fn read(&self, r: &ReadIn, buf: &mut [u8]) -> Result<usize, i32> {
+        self.read_paced(r, buf, Pace::Admit)
+    }
+
+    /// Bytes a READ will transfer (what its throttle tokens are for).
+    pub fn read_len(&self, r: &ReadIn) -> u64 {
+        let size = self.disk.size();
+        u64::from(r.size).min(size.saturating_sub(r.offset))
+    }
+
+    /// [`OneFileFs::read`], waiting for throttle tokens as `pace` says.
+    pub fn read_paced(&self, r: &ReadIn, buf: &mut [u8], pace: Pace) -> Result<usize, i32> {
         let size = self.disk.size();
         if r.offset >= size {
             return Ok(0);
@@ -243,14 +278,39 @@ impl OneFileFs {
         let len = usize::try_from(want).map_err(|_| libc::EINVAL)?;
         let dst = buf.get_mut(..len).ok_or(libc::EINVAL)?;
         debug_assert!(len <= MAX_READ);
-        self.disk
-            .io(IoKind::Read, want, |img| img.read_at(dst, r.offset))
-            .map_err(|e| e.errno())?;
+        pace.io(&self.disk, IoKind::Read, want, |img| {
+            img.read_at(dst, r.offset)
+        })
+        .map_err(|e| e.errno())?;
         Ok(len)
     }
 
     /// Serve a WRITE of `data` (at most [`MAX_WRITE`] bytes) at `offset`.
     pub fn write(&self, node: u64, offset: u64, data: &[u8]) -> Outcome {
+        self.write_paced(node, offset, data, Pace::Admit)
+    }
+
+    /// Whether a WRITE of `len` bytes at `offset` would be refused (a
+    /// positive errno), before any tokens are taken for it.
+    pub fn write_refusal(&self, node: u64, offset: u64, len: u64) -> Option<i32> {
+        if node != FILE_ID {
+            return Some(if node == abi::ROOT_ID {
+                libc::EISDIR
+            } else {
+                libc::ENOENT
+            });
+        }
+        if self.disk.read_only() {
+            return Some(libc::EROFS);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.disk.size() => None,
+            _ => Some(libc::ENOSPC),
+        }
+    }
+
+    /// [`OneFileFs::write`], waiting for throttle tokens as `pace` says.
+    pub fn write_paced(&self, node: u64, offset: u64, data: &[u8], pace: Pace) -> Outcome {
         if node != FILE_ID {
             return Outcome::Err(if node == abi::ROOT_ID {
                 libc::EISDIR
@@ -268,10 +328,9 @@ impl OneFileFs {
             // The file cannot grow: a disk has a fixed size.
             _ => return Outcome::Err(libc::ENOSPC),
         }
-        match self
-            .disk
-            .io(IoKind::Write, len, |img| img.write_at(data, offset))
-        {
+        match pace.io(&self.disk, IoKind::Write, len, |img| {
+            img.write_at(data, offset)
+        }) {
             Ok(()) => {
                 let mut p = Payload::new(abi::WRITE_OUT_LEN);
                 // data.len() <= MAX_WRITE < u32::MAX.

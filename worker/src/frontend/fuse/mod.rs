@@ -41,12 +41,16 @@ pub mod abi;
 mod buf;
 mod dev;
 pub mod fs;
+mod lanes;
 pub mod request;
 
 use crate::disk::Disk;
+use crate::disk::IoKind;
 use crate::frontend::{Frontend, FrontendError, Stopper};
 use buf::{BigPool, IoBuf};
-use fs::{OneFileFs, Outcome};
+use fs::{OneFileFs, Outcome, Pace};
+use lanes::{Job, Lanes};
+
 use request::{Op, Request};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -178,6 +182,7 @@ impl FuseFrontend {
             initialized: AtomicBool::new(false),
             error: Mutex::new(None),
             protocol_errors: &self.protocol_errors,
+            lanes: Lanes::default(),
         }
     }
 
@@ -256,6 +261,8 @@ struct Shared<'a> {
     initialized: AtomicBool,
     error: Mutex<Option<FrontendError>>,
     protocol_errors: &'a AtomicU64,
+    /// Delayed small requests, per direction (`lanes`).
+    lanes: Lanes,
 }
 
 impl Shared<'_> {
@@ -296,16 +303,23 @@ impl Frontend for FuseFrontend {
         if plan.threads < self.config.threads {
             tracing::warn!(
                 frontend = "fuse",
-                "{} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK",
+                "{} of {} serving threads and {} big buffers fit under RLIMIT_MEMLOCK \
+                 (throttle lanes: {}, {} write slots)",
                 plan.threads,
                 self.config.threads,
-                plan.big
+                plan.big,
+                if plan.lanes { "on" } else { "off" },
+                plan.spares
             );
         }
         let pool = &self.stop.pool;
         pool.fill(plan.big)?;
         let mut own = IoBuf::small()?;
         std::thread::scope(|s| {
+            if plan.lanes {
+                lanes::start(s, &shared, plan.spares);
+            }
+            let mut serving = Vec::with_capacity(plan.threads);
             for i in 1..plan.threads {
                 // Buffer first: if it does not fit, neither would a thread.
                 let Ok(mut buf) = IoBuf::small() else {
@@ -321,6 +335,7 @@ impl Frontend for FuseFrontend {
                     .name(format!("fuse-{i}"))
                     .stack_size(SERVE_STACK)
                     .spawn_scoped(s, move || serve_thread(shared, &mut buf));
+                let spawned = spawned.map(|t| serving.push(t));
                 if let Err(e) = spawned {
                     // RLIMIT_NPROC or memory: serve with fewer threads
                     // rather than not at all.
@@ -333,6 +348,12 @@ impl Frontend for FuseFrontend {
                 }
             }
             serve_thread(&shared, &mut own);
+            // Nobody hands the lanes anything once every serving thread
+            // is done; they serve what they hold and end.
+            for t in serving {
+                let _ = t.join();
+            }
+            shared.lanes.close();
         });
         pool.clear();
         match shared.take_error() {
@@ -368,6 +389,10 @@ fn notify_resend(dev: BorrowedFd<'_>) -> Result<(), FrontendError> {
 struct Plan {
     threads: usize,
     big: usize,
+    /// Run the two throttle lanes (`lanes`).
+    lanes: bool,
+    /// Slots for delayed writes (a page each) handed to their lane.
+    spares: usize,
 }
 
 impl Plan {
@@ -383,6 +408,8 @@ impl Plan {
             return Plan {
                 threads: wanted,
                 big: wanted.min(MAX_BIG),
+                lanes: true,
+                spares: lanes::MAX_SPARES,
             };
         };
         let room = room.saturating_sub(RESERVE);
@@ -391,10 +418,27 @@ impl Plan {
         let clamp = |n: u64, hi: usize| usize::try_from(n).unwrap_or(usize::MAX).clamp(1, hi);
         let big = clamp(room / 2 / big_cost, MAX_BIG.min(wanted));
         let left = room.saturating_sub(big as u64 * big_cost);
+        // The throttle pacer (a thread and its buffer) comes first when a
+        // serving thread fits besides; half the rest goes to its
+        // slots (a delayed write of a page each, a twelfth of a thread).
+        let pacer_cost = thread_cost;
+        let slot = IoBuf::SLOT_LEN as u64;
+        let lanes = left >= pacer_cost + thread_cost;
+        let (left, spares) = if lanes {
+            let rest = left - pacer_cost;
+            let spares = usize::try_from(rest / 2 / slot)
+                .unwrap_or(usize::MAX)
+                .min(lanes::MAX_SPARES);
+            (rest - spares as u64 * slot, spares)
+        } else {
+            (left, 0)
+        };
         let threads = clamp(left / thread_cost, wanted);
         Plan {
             threads,
             big: big.min(threads),
+            lanes,
+            spares,
         }
     }
 }
@@ -512,24 +556,91 @@ fn serve_request(
         return r;
     };
     shared.stop.pool.put(big);
+    let disk = shared.fs.disk();
     match copied {
         Small::Read { unique, read } => {
-            let data = small.data_area();
-            match shared.fs.read(&read, data) {
-                Ok(len) => reply(shared, unique, 0, &data[..len]),
-                Err(errno) => reply(shared, unique, errno, &[]),
+            // Out of tokens: to the read lane, unless it cannot take it.
+            if let Some(due) = disk.take_tokens(IoKind::Read, shared.fs.read_len(&read)) {
+                match shared
+                    .lanes
+                    .submit(lanes::READS, Job::Read { unique, read, due })
+                {
+                    Ok(()) => return Ok(()),
+                    Err(_) => disk.pace_until(due),
+                }
             }
+            read_reply(shared, unique, &read, small)
         }
         Small::Write {
             unique,
             node,
             offset,
             len,
-        } => match shared.fs.write(node, offset, &small.data_area()[..len]) {
-            Outcome::Ok(p) => reply(shared, unique, 0, p.bytes()),
-            Outcome::Err(errno) => reply(shared, unique, errno, &[]),
-            _ => reply(shared, unique, libc::EIO, &[]),
-        },
+        } => {
+            if let Some(errno) = shared.fs.write_refusal(node, offset, len as u64) {
+                return reply(shared, unique, errno, &[]);
+            }
+            if let Some(due) = disk.take_tokens(IoKind::Write, len as u64) {
+                // The payload goes to the write lane in a spare slot.
+                match shared.lanes.take_spare() {
+                    Some(mut slot) if len <= slot.cap() => {
+                        slot.data_area()[..len].copy_from_slice(&small.data_area()[..len]);
+                        let job = Job::Write {
+                            unique,
+                            node,
+                            offset,
+                            len,
+                            buf: slot,
+                            due,
+                        };
+                        match shared.lanes.submit(lanes::WRITES, job) {
+                            Ok(()) => return Ok(()),
+                            Err(job) => {
+                                if let Job::Write { buf, .. } = job {
+                                    shared.lanes.put_spare(buf);
+                                }
+                                disk.pace_until(due);
+                            }
+                        }
+                    }
+                    Some(slot) => {
+                        shared.lanes.put_spare(slot);
+                        disk.pace_until(due);
+                    }
+                    None => disk.pace_until(due),
+                }
+            }
+            write_reply(shared, unique, node, offset, &small.data_area()[..len])
+        }
+    }
+}
+
+/// Serve a READ whose tokens were taken and waited for; reply.
+fn read_reply(
+    shared: &Shared<'_>,
+    unique: u64,
+    read: &request::ReadIn,
+    buf: &mut IoBuf,
+) -> Result<(), FrontendError> {
+    let data = buf.data_area();
+    match shared.fs.read_paced(read, data, Pace::Taken) {
+        Ok(len) => reply(shared, unique, 0, &data[..len]),
+        Err(errno) => reply(shared, unique, errno, &[]),
+    }
+}
+
+/// Serve a WRITE whose tokens were taken and waited for; reply.
+fn write_reply(
+    shared: &Shared<'_>,
+    unique: u64,
+    node: u64,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), FrontendError> {
+    match shared.fs.write_paced(node, offset, data, Pace::Taken) {
+        Outcome::Ok(p) => reply(shared, unique, 0, p.bytes()),
+        Outcome::Err(errno) => reply(shared, unique, errno, &[]),
+        _ => reply(shared, unique, libc::EIO, &[]),
     }
 }
 
@@ -747,39 +858,56 @@ mod tests {
     }
 
     #[test]
-    fn threads_and_big_buffers_are_planned_from_lockable_memory() {
+    fn threads_big_buffers_and_lanes_are_planned_from_lockable_memory() {
         let thread = SERVE_STACK as u64 + THREAD_OVERHEAD + IoBuf::SMALL_LEN as u64;
         let big = IoBuf::BIG_LEN as u64;
+        let small = IoBuf::SLOT_LEN as u64;
+        let unlimited = |threads, big| Plan {
+            threads,
+            big,
+            lanes: true,
+            spares: lanes::MAX_SPARES,
+        };
+        assert_eq!(Plan::new(16, None), unlimited(16, MAX_BIG));
+        assert_eq!(Plan::new(4, None), unlimited(4, 4));
+        let p = Plan::new(16, Some(512 << 20));
         assert_eq!(
-            Plan::new(16, None),
-            Plan {
-                threads: 16,
-                big: MAX_BIG
-            }
-        );
-        assert_eq!(Plan::new(4, None), Plan { threads: 4, big: 4 });
-        assert_eq!(
-            Plan::new(16, Some(512 << 20)),
-            Plan {
-                threads: 16,
-                big: MAX_BIG
-            }
+            (p.threads, p.big, p.lanes, p.spares),
+            (16, MAX_BIG, true, lanes::MAX_SPARES)
         );
         // 8 MiB limit, ~2 MiB left after the reserve: big buffers in half
-        // the room and as many threads as the rest holds.
+        // the room, the pacer, half the rest in write slots, as many
+        // threads as the remainder holds.
         let room = 4 * big + 10 * thread;
         let p = Plan::new(32, Some(RESERVE + room));
         assert_eq!(p.big as u64, room / 2 / big);
+        assert!(p.lanes);
+        let rest = room - p.big as u64 * big - thread;
+        assert_eq!(
+            p.spares as u64,
+            (rest / 2 / small).min(lanes::MAX_SPARES as u64)
+        );
         assert_eq!(
             p.threads as u64,
-            (room - p.big as u64 * big) / thread,
+            (rest - p.spares as u64 * small) / thread,
             "{p:?}"
         );
-        assert!(p.big as u64 * big + p.threads as u64 * thread <= room);
+        assert!(
+            p.big as u64 * big + (p.threads as u64 + 1) * thread + p.spares as u64 * small <= room
+        );
+        // Room for one serving thread only: no pacer.
+        let p = Plan::new(32, Some(RESERVE + big + thread * 3 / 2));
+        assert_eq!((p.threads, p.lanes, p.spares), (1, false, 0), "{p:?}");
         // Too little for even one of each: still 1 and 1, whose buffer
         // allocation then fails with a clear error instead of an abort.
-        assert_eq!(Plan::new(4, Some(0)), Plan { threads: 1, big: 1 });
-        assert_eq!(Plan::new(0, None), Plan { threads: 1, big: 1 });
+        let none = Plan {
+            threads: 1,
+            big: 1,
+            lanes: false,
+            spares: 0,
+        };
+        assert_eq!(Plan::new(4, Some(0)), none);
+        assert_eq!(Plan::new(0, None), unlimited(1, 1));
     }
 
     #[test]
