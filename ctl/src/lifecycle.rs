@@ -279,12 +279,7 @@ pub fn run(
             xapi,
         } => {
             let encryption = xapi.encryption;
-            let mut opts = xapi.options();
-            if encryption {
-                opts.encryption_key = Some(
-                    crate::xapi::read_key(std::io::stdin().lock()).map_err(anyhow::Error::msg)?,
-                );
-            }
+            let opts = crate::xapi::with_key(xapi.options(), encryption)?;
             (
                 crate::xapi::wrap(
                     Request::Open {
@@ -330,17 +325,21 @@ pub fn run(
             minor,
             image,
             xapi,
-        } => (
-            crate::xapi::wrap(
-                Request::Unpause {
-                    pid,
-                    minor,
-                    image: image.map(absolute).transpose()?,
-                },
-                xapi.options(),
-            ),
-            None,
-        ),
+        } => {
+            let encryption = xapi.encryption;
+            let opts = crate::xapi::with_key(xapi.options(), encryption)?;
+            (
+                crate::xapi::wrap(
+                    Request::Unpause {
+                        pid,
+                        minor,
+                        image: image.map(absolute).transpose()?,
+                    },
+                    opts,
+                ),
+                None,
+            )
+        }
         LifecycleCommand::List {
             pid,
             minor,
