@@ -321,6 +321,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s 2 -d 'Serve 
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s c -d 'Track changed blocks into this blktap CBT log from now on' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s E -d 'Read an encryption key (32 or 64 bytes) from stdin for the image reopened (e.g. a new -a leaf with another key); kept only if the reopen succeeds, else the disk stays paused with its old key'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -s p -d 'Only this tapdisk\'s rows. The minor\'s tapdisk, as `tap-ctl list` shows it (optional: the minor alone names it)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -s m -d 'Only this minor\'s rows' -r
