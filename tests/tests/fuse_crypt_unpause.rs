@@ -89,8 +89,12 @@ fn fuse_crypt_unpause_e_reopens_with_a_new_key_kept_only_on_success_and_never_sh
     });
     let old = h.vhd_image(ROOT.name, "old.vhd", 8);
     let new = h.vhd_image(ROOT.name, "new.vhd", 8);
-    let k_old: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(29).wrapping_add(3)).collect();
-    let k_new: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(53).wrapping_add(17)).collect();
+    let k_old: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(29).wrapping_add(3))
+        .collect();
+    let k_new: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(53).wrapping_add(17))
+        .collect();
     set_key(&old, &k_old);
     set_key(&new, &k_new);
     let (a, b) = (pattern(0xa1), pattern(0xb2));
@@ -139,7 +143,10 @@ fn fuse_crypt_unpause_e_reopens_with_a_new_key_kept_only_on_success_and_never_sh
 
     // The new key on stdin: the disk serves the new image.
     ok(
-        &run(&["unpause", "-m", "0", "-a", &spec(&new), "-E"], Some(&k_new)),
+        &run(
+            &["unpause", "-m", "0", "-a", &spec(&new), "-E"],
+            Some(&k_new),
+        ),
         "unpause -E new",
     );
     assert!(row(&h).contains(&format!("state=0 args=vhd:{}", new.display())));

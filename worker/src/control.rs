@@ -15,8 +15,8 @@ use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
 use crate::io::{CacheMode, UringFile};
-use crate::mirror::{MirrorSlot, Secondary};
 use crate::keyring::{DiskState, Keyring};
+use crate::mirror::{MirrorSlot, Secondary};
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -454,7 +454,8 @@ impl Worker {
         fds: Vec<OwnedFd>,
     ) -> FromWorker {
         let reply = self.reopen(kind, name, read_only, fds);
-        self.key.unpaused(matches!(reply, FromWorker::Opened { .. }));
+        self.key
+            .unpaused(matches!(reply, FromWorker::Opened { .. }));
         reply
     }
 

@@ -371,6 +371,9 @@ mod tests {
             o.encryption_key = Some(tapjail_common::secret::Secret::new(vec![1; 32]))
         };
         assert!(check_verbs(&unpause, &o(key)).is_ok(), "unpause -E");
-        assert!(check_verbs(&close, &o(key)).is_err(), "-E belongs to open and unpause");
+        assert!(
+            check_verbs(&close, &o(key)).is_err(),
+            "-E belongs to open and unpause"
+        );
     }
 }
