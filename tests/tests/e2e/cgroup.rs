@@ -290,6 +290,12 @@ fn cgroup_memory_and_task_limits_of_a_workers_cgroup_are_enforced_by_the_kernel(
         events.contains("max ") && !events.contains("max 0"),
         "pids.events: {events}"
     );
+    // The refused shell reports it and exits by itself (the event to wait
+    // for: killing it as soon as pids.max was hit raced with its message).
+    let mut out = out;
+    let ended = eventually(Duration::from_secs(60), || {
+        out.try_wait().ok().flatten().is_some()
+    });
     for p in read(&leaf, "cgroup.procs").lines() {
         let p: u32 = p.parse().unwrap();
         if p != pid {
@@ -298,6 +304,7 @@ fn cgroup_memory_and_task_limits_of_a_workers_cgroup_are_enforced_by_the_kernel(
     }
     let out = out.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(ended, "the refused shell did not give up: {err}");
     assert!(
         err.contains("fork") || err.contains("Resource temporarily unavailable"),
         "the shell was never refused a fork: {err}"
@@ -463,21 +470,15 @@ fn cgroup_missing_controllers_are_named_and_required_refuses_to_start() {
         )
     };
     fs::write(&policy, text("required")).unwrap();
-    let out = Command::new(bin("tap-broker"))
-        .arg("--config")
-        .arg(&policy)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without cpu and io: {err}");
-    assert!(err.contains("cgroups = \"required\""), "{err}");
-    assert!(err.contains("controller(s) cpu, io not available"), "{err}");
+    let msg = refusal_to_start(&policy, "started without cpu and io");
+    assert!(msg.contains("cgroups = \"required\""), "{msg}");
+    assert!(msg.contains("controller(s) cpu, io not available"), "{msg}");
     assert!(
-        err.contains(&format!(
+        msg.contains(&format!(
             "enable them in {}/cgroup.subtree_control",
             parent.0.display()
         )),
-        "{err}"
+        "{msg}"
     );
     let _ = fs::remove_dir(&root);
 
@@ -548,22 +549,27 @@ fn cgroup_host_without_cgroup_v2_refuses_to_start_when_required() {
         ),
     )
     .unwrap();
+    let msg = refusal_to_start(&policy, "started without cgroup v2");
+    assert!(msg.contains("cgroups = \"required\""), "{msg}");
+    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
+    assert!(msg.contains("memory"), "{msg}");
+}
+
+/// Start tap-broker with `policy`, which must fail; the message of its
+/// error event (its stderr is a pipe: a JSON log line).
+fn refusal_to_start(policy: &std::path::Path, why: &str) -> String {
     let out = Command::new(bin("tap-broker"))
         .arg("--config")
-        .arg(&policy)
+        .arg(policy)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without cgroup v2: {err}");
-    // Its stderr is a pipe: the error is a JSON log line.
+    assert!(!out.status.success(), "{why}: {err}");
     let said = log_events(&err)
         .into_iter()
         .find(|e| e["level"] == "ERROR")
         .unwrap_or_else(|| panic!("no error event: {err}"));
-    let msg = said["message"].as_str().unwrap();
-    assert!(msg.contains("cgroups = \"required\""), "{msg}");
-    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
-    assert!(msg.contains("memory"), "{msg}");
+    said["message"].as_str().unwrap().to_string()
 }
 
 /// What a busy worker of each frontend really uses, as its cgroup counts
