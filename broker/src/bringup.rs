@@ -174,6 +174,19 @@ impl Broker {
             self.table().release_files(target.minor, &files);
             return Err(e);
         }
+        // `unpause -E`, last before the reopen: nothing below can fail
+        // between the key and the Unpause that consumes it.
+        let unpause_key = if unpause {
+            match self.xapi.send_unpause_key(conn) {
+                Ok(k) => k,
+                Err(e) => {
+                    self.table().release_files(target.minor, &files);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let opened = conn.open_chain(&msg, &leaf, &mut |req| {
             self.resolve_parent(target, &grant.open_as, &mut names, &mut files, req)
         });
@@ -195,6 +208,9 @@ impl Broker {
             files: files.clone(),
         };
         if unpause {
+            if let Some(key) = unpause_key {
+                self.xapi.keep_key(target.minor, key);
+            }
             return Ok(Up {
                 image,
                 device: None,

@@ -203,12 +203,13 @@ impl Broker {
                 ))
             }
             Request::List { pid, minor } => {
-                let rows: Vec<_> = t
+                let mut rows: Vec<_> = t
                     .list(&tenant, d.scope)
                     .into_iter()
                     .filter(|r| pid.is_none_or(|p| r.pid == Some(p)))
                     .filter(|r| minor.is_none_or(|m| r.minor == Some(m)))
                     .collect();
+                self.mirrors.fill_list(&mut rows);
                 let n = rows.len();
                 Ok((Reply::List(rows), format!("{n} row(s)")))
             }

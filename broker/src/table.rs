@@ -212,6 +212,7 @@ impl Table {
                     frontend: None,
                     device: None,
                     restarts: 0,
+                    mirror: None,
                 },
             });
         }
@@ -236,5 +237,7 @@ fn row(d: &Disk, s: crate::lifecycle::Shown, pid: Option<u32>) -> ListEntry {
         frontend: s.frontend,
         device: s.link.as_ref().map(|l| l.display().to_string()),
         restarts: d.restarts,
+        // Filled in from the broker's mirror records (`Mirrors::fill_list`).
+        mirror: None,
     }
 }

@@ -157,6 +157,17 @@ impl MirrorState {
     }
 }
 
+/// What the broker's record says of a minor's `-2` mirror, for `tap-ctl
+/// list`: where to and how, or why it was lost. The live state (copying,
+/// synced, ...) is the worker's, read with `stats` (see [`MirrorStats`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRecord {
+    pub uri: String,
+    pub mode: MirrorMode,
+    /// Set when a respawn or unpause could not re-establish it: why.
+    pub lost: Option<String>,
+}
+
 /// A worker's mirror, as `tap-ctl stats` shows it under `mirror`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MirrorStats {

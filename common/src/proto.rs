@@ -235,6 +235,9 @@ pub struct ListEntry {
     pub device: Option<String>,
     /// How many times the broker replaced a dead worker for this minor.
     pub restarts: u32,
+    /// The minor's `-2` mirror, as the broker recorded it.
+    #[serde(default)]
+    pub mirror: Option<crate::mirror::MirrorRecord>,
 }
 
 /// Why a request failed, for scripts; the message is for humans.

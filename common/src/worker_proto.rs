@@ -164,7 +164,9 @@ pub enum ToWorker {
     Cbt(crate::cbt::ToWorkerCbt),
     /// `open -E`: the key of blktap's encrypted VHDs for the next `Open`
     /// (and its later `Unpause`s); sent before `Open`, answered `Ok`.
-    /// `Close` forgets it (zeroized).
+    /// `unpause -E`: sent while paused, for the next `Unpause` only, kept
+    /// if that reopen succeeds (see `tapjail_worker::keyring`). Refused
+    /// while an image is served. `Close` forgets it (zeroized).
     Key(crate::secret::Secret),
     /// Online coalesce (see [`crate::coalesce`]), answered `Coalesce`.
     Coalesce(crate::coalesce::ToWorkerCoalesce),

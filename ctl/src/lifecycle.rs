@@ -143,7 +143,8 @@ pub enum LifecycleCommand {
         #[command(flatten)]
         xapi: crate::xapi::UnpauseFlags,
     },
-    /// List tapdisks and minors: "pid minor state type file".
+    /// List tapdisks and minors: "pid minor state type file" (on a
+    /// terminal a -2 mirror adds a line: "mirror STATE URI").
     List {
         /// Only this tapdisk's rows.
         /// The minor's tapdisk, as `tap-ctl list` shows it (optional: the
@@ -162,7 +163,10 @@ pub enum LifecycleCommand {
         /// Print one JSON array, a row per tapdisk or minor: {"pid",
         /// "minor", "state" (blktap's state bits as a number), "type"
         /// (vhd or aio), "file", "read_only", "frontend" (ublk, fuse or
-        /// nbd), "device", "restarts"}; null for what is missing.
+        /// nbd), "device", "restarts", "mirror" ({"uri", "mode", "state":
+        /// copying, synced, standby, failed-over, failed or unknown,
+        /// "copied", "total", "error"} for a -2 mirror)}; null for what
+        /// is missing.
         #[arg(long)]
         json: bool,
     },
@@ -324,12 +328,7 @@ pub fn run(
             xapi,
         } => {
             let encryption = xapi.encryption;
-            let mut opts = xapi.options();
-            if encryption {
-                opts.encryption_key = Some(
-                    crate::xapi::read_key(std::io::stdin().lock()).map_err(anyhow::Error::msg)?,
-                );
-            }
+            let opts = crate::xapi::with_key(xapi.options(), encryption)?;
             (
                 crate::xapi::wrap(
                     Request::Open {
@@ -375,17 +374,21 @@ pub fn run(
             minor,
             image,
             xapi,
-        } => (
-            crate::xapi::wrap(
-                Request::Unpause {
-                    pid,
-                    minor,
-                    image: image.map(absolute).transpose()?,
-                },
-                xapi.options(),
-            ),
-            None,
-        ),
+        } => {
+            let encryption = xapi.encryption;
+            let opts = crate::xapi::with_key(xapi.options(), encryption)?;
+            (
+                crate::xapi::wrap(
+                    Request::Unpause {
+                        pid,
+                        minor,
+                        image: image.map(absolute).transpose()?,
+                    },
+                    opts,
+                ),
+                None,
+            )
+        }
         LifecycleCommand::List {
             pid,
             minor,
@@ -461,12 +464,29 @@ pub fn run(
                 .into_iter()
                 .filter(|r| keep(r, kind.as_deref(), file.as_deref()))
                 .collect();
+            // SM's key=value form stays blktap's (see `list_mirror`).
+            let mut mirrors = if json || tty {
+                crate::list_mirror::views(&client, &rows)
+            } else {
+                Vec::new()
+            };
+            mirrors.resize(rows.len(), None);
             if json {
-                let out: Vec<JsonRow> = rows.iter().map(JsonRow::from).collect();
+                let out: Vec<JsonRow> = rows
+                    .iter()
+                    .zip(mirrors)
+                    .map(|(r, m)| JsonRow {
+                        mirror: m,
+                        ..JsonRow::from(r)
+                    })
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                for r in &rows {
+                for (r, m) in rows.iter().zip(&mirrors) {
                     println!("{}", if tty { row_tty(r) } else { row_dict(r) });
+                    if let Some(m) = m {
+                        println!("{}", m.tty_line());
+                    }
                 }
             }
         }
@@ -567,6 +587,8 @@ pub struct JsonRow {
     frontend: Option<&'static str>,
     device: Option<String>,
     restarts: u32,
+    /// The `-2` mirror: uri, mode, state, copied/total, error; or null.
+    mirror: Option<crate::list_mirror::MirrorView>,
 }
 
 impl From<&ListEntry> for JsonRow {
@@ -581,6 +603,7 @@ impl From<&ListEntry> for JsonRow {
             frontend: r.frontend.map(|f| f.as_str()),
             device: r.device.clone(),
             restarts: r.restarts,
+            mirror: None,
         }
     }
 }
@@ -687,6 +710,7 @@ mod tests {
             frontend: None,
             device: None,
             restarts: 0,
+            mirror: None,
         }
     }
 

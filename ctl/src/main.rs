@@ -14,6 +14,7 @@ mod docs;
 mod escape;
 mod json;
 mod lifecycle;
+mod list_mirror;
 mod metrics;
 mod next_step;
 mod throttle;

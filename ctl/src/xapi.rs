@@ -69,6 +69,11 @@ pub struct UnpauseFlags {
     /// Track changed blocks into this blktap CBT log from now on.
     #[arg(short = 'c', value_name = "LOG")]
     pub cbt_log: Option<String>,
+    /// Read an encryption key (32 or 64 bytes) from stdin for the image
+    /// reopened (e.g. a new -a leaf with another key); kept only if the
+    /// reopen succeeds, else the disk stays paused with its old key.
+    #[arg(short = 'E')]
+    pub encryption: bool,
 }
 
 impl OpenFlags {
@@ -109,6 +114,15 @@ pub fn read_key(stdin: impl std::io::Read) -> Result<tapjail_common::secret::Sec
         ));
     }
     Ok(key)
+}
+
+/// `opts` with the `-E` key from stdin when `encryption` (open and
+/// unpause alike); stdin is not touched otherwise.
+pub fn with_key(mut opts: Options, encryption: bool) -> anyhow::Result<Options> {
+    if encryption {
+        opts.encryption_key = Some(read_key(std::io::stdin().lock()).map_err(anyhow::Error::msg)?);
+    }
+    Ok(opts)
 }
 
 impl UnpauseFlags {

@@ -248,6 +248,11 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
                 frontend: Some(FrontendKind::Nbd),
                 device: Some(minor.device_path()),
                 restarts: 2,
+                mirror: Some(tapjail_common::mirror::MirrorRecord {
+                    uri: "nbd:/run/m.sock".into(),
+                    mode: tapjail_common::mirror::MirrorMode::Mirror,
+                    lost: None,
+                }),
             },
             ListEntry {
                 pid: None,
@@ -258,6 +263,7 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
                 frontend: None,
                 device: None,
                 restarts: 0,
+                mirror: None,
             },
         ]),
         Reply::Stats(Box::new(StatsReply {

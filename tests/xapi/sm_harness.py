@@ -299,6 +299,13 @@ def activate(path, _type, options):
         raise
 
 
+def list_json(minor):
+    """The one `tap-ctl list --json -m MINOR` row."""
+    rows = json.loads(subprocess.check_output([TAPCTL, "list", "--json", "-m", str(minor)]))
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
 def log(msg):
     print(msg, flush=True)
 
@@ -574,10 +581,17 @@ def main():
             break
         assert time.monotonic() < deadline, "mirror never in sync: %r" % st
         time.sleep(0.1)
+    # `list --json` shows the mirror too (SM's key=value rows, parsed
+    # strictly above by Tapdisk.from_minor, stay blktap's four fields).
+    m = list_json(c2.minor)["mirror"]
+    assert (m["uri"], m["mode"], m["state"]) == (MIRROR, "mirror", "synced"), m
+    assert m["copied"] == m["total"] == dev_size(c2), (m, dev_size(c2))
+    assert list_json(clones[0][0].minor)["mirror"] is None
     TapCtl.pause(c2.pid, c2.minor)
     TapCtl.unpause(c2.pid, c2.minor, "vhd", path2, mirror=MIRROR)
     t2 = Tapdisk.from_minor(c2.minor)
     assert t2.state == 0, vars(t2)
+    assert list_json(c2.minor)["mirror"] is None, "the switch ends the mirror"
     st = json.loads(TapCtl.stats(t2.pid, t2.minor))
     assert st["images"][0]["name"] == MIRROR and st["images"][0]["driver"]["name"] == "nbd", st
     assert read_dev(t2, 1 << 20) == PATTERN[:1 << 20]

@@ -15,6 +15,7 @@ use crate::frontend::nbd::NbdFrontend;
 use crate::frontend::{spawn_thread, Frontend, FrontendError, Stopper};
 use crate::image::{self, Backing, Image, ImageError, ParentLocator, ParentOpener};
 use crate::io::{CacheMode, UringFile};
+use crate::keyring::{DiskState, Keyring};
 use crate::mirror::{MirrorSlot, Secondary};
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -183,10 +184,8 @@ pub struct Worker {
     base_cache: CacheMode,
     pub(crate) cache: CacheMode,
     pub(crate) parent_cache: CacheMode,
-    /// `open -E`'s key (`ToWorker::Key`), kept while the image is open for
-    /// `Unpause`; in this process's mlockall()ed memory, zeroized when
-    /// dropped (on `Close` or a failed `Open`).
-    key: Option<tapjail_common::secret::Secret>,
+    /// `open -E` / `unpause -E` keys (`ToWorker::Key`): see [`Keyring`].
+    key: Keyring,
     pub(crate) open: Option<Open>,
     /// A `Resync` that arrived in the middle of an exchange.
     pub(crate) resync: Cell<Option<[u8; 16]>>,
@@ -226,7 +225,7 @@ impl Worker {
             base_cache: cache,
             cache,
             parent_cache: cache,
-            key: None,
+            key: Keyring::default(),
             open: None,
             resync: Cell::new(None),
             throttle: Arc::default(),
@@ -308,7 +307,7 @@ impl Worker {
                 let mut parents = BrokerParents::new(self.sock.as_fd(), self.parent_cache)
                     .on_resync(&self.resync);
                 let opened_img = if self.read_cache.on() {
-                    let (cache, key) = (self.cache, self.key.as_ref());
+                    let (cache, key) = (self.cache, self.key.for_open());
                     self.read_cache
                         .open(kind, leaf, &name, cache, &mut parents, key)
                 } else {
@@ -319,7 +318,7 @@ impl Worker {
                         read_only,
                         self.cache,
                         &mut parents,
-                        self.key.as_ref(),
+                        self.key.for_open(),
                     )
                 }
                 .and_then(|img| self.mirror.wrap(img));
@@ -346,7 +345,7 @@ impl Worker {
                         reply
                     }
                     Err(e) => {
-                        self.key = None;
+                        self.key.clear();
                         error(format!("opening {kind}:{name}: {e}"))
                     }
                 }
@@ -448,11 +447,15 @@ impl Worker {
                 fds,
             ),
             ToWorker::Key(key) => {
-                if self.open.is_some() {
-                    return error("Key comes before Open, not while an image is open");
+                let state = match &self.open {
+                    None => DiskState::Closed,
+                    Some(o) if o.paused => DiskState::Paused,
+                    Some(_) => DiskState::Serving,
+                };
+                match self.key.give(key, state) {
+                    Ok(()) => FromWorker::Ok,
+                    Err(why) => error(why),
                 }
-                self.key = Some(key);
-                FromWorker::Ok
             }
             ToWorker::Shutdown => match self.close() {
                 Ok(()) => FromWorker::Ok,
@@ -461,7 +464,21 @@ impl Worker {
         }
     }
 
+    /// `Unpause`: reopen, then keep an `unpause -E` key only if that worked.
     fn unpause(
+        &mut self,
+        kind: ImageKind,
+        name: String,
+        read_only: bool,
+        fds: Vec<OwnedFd>,
+    ) -> FromWorker {
+        let reply = self.reopen(kind, name, read_only, fds);
+        self.key
+            .unpaused(matches!(reply, FromWorker::Opened { .. }));
+        reply
+    }
+
+    fn reopen(
         &mut self,
         kind: ImageKind,
         name: String,
@@ -480,7 +497,7 @@ impl Worker {
         let mut parents =
             BrokerParents::new(self.sock.as_fd(), self.parent_cache).on_resync(&self.resync);
         let reopened = if self.read_cache.on() {
-            let (cache, key) = (self.cache, self.key.as_ref());
+            let (cache, key) = (self.cache, self.key.for_unpause());
             self.read_cache
                 .open(kind, leaf, &name, cache, &mut parents, key)
         } else {
@@ -491,7 +508,7 @@ impl Worker {
                 read_only,
                 self.cache,
                 &mut parents,
-                self.key.as_ref(),
+                self.key.for_unpause(),
             )
         };
         let img = match reopened {
@@ -697,7 +714,7 @@ impl Worker {
         // The next Open states its own cache plan.
         self.cache = self.base_cache;
         self.parent_cache = self.base_cache;
-        self.key = None;
+        self.key.clear();
         self.read_cache.clear();
         // Close the disk first so that requests still arriving fail fast
         // instead of waiting for a resume that will not come.

@@ -16,6 +16,7 @@ pub mod frontend;
 /// path.
 pub use tapjail_image as image;
 pub mod io;
+pub mod keyring;
 pub mod latency;
 pub mod mirror;
 pub mod qos;

@@ -192,6 +192,36 @@ impl Mirrors {
     }
 }
 
+impl Mirrors {
+    /// `list` rows of minors with a mirror (or one that was lost) say so;
+    /// the rows' readers ask `stats` for the live state.
+    pub fn fill_list(&self, rows: &mut [tapjail_common::proto::ListEntry]) {
+        use tapjail_common::mirror::{MirrorMode, MirrorRecord};
+        let live = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let lost = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        for r in rows.iter_mut().filter(|r| r.image.is_some()) {
+            let Some(minor) = r.minor else { continue };
+            r.mirror = match (live.get(&minor), lost.get(&minor)) {
+                (Some(g), _) => Some(MirrorRecord {
+                    uri: g.req.uri.clone(),
+                    mode: if g.req.standby {
+                        MirrorMode::Standby
+                    } else {
+                        MirrorMode::Mirror
+                    },
+                    lost: None,
+                }),
+                (None, Some((uri, why))) => Some(MirrorRecord {
+                    uri: uri.clone(),
+                    mode: MirrorMode::Mirror,
+                    lost: Some(why.clone()),
+                }),
+                (None, None) => None,
+            };
+        }
+    }
+}
+
 /// Connect to `g` and hand the socket to the worker, which negotiates.
 fn send(conn: &WorkerConn, g: &Granted) -> Result<(), BrokerError> {
     let sock = connect::connect(&g.target, &g.dir, &g.owners).map_err(|e| {

@@ -55,6 +55,28 @@ impl Keys {
             .map_err(BrokerError::from)
     }
 
+    /// `unpause -E`: give the paused worker the request's key for the
+    /// reopen about to be sent. The record is not touched yet: the worker
+    /// keeps this key only if the reopen succeeds, and so must the broker
+    /// ([`Keys::keep`]). `None` without `-E`.
+    pub fn send_for_unpause(&self, conn: &WorkerConn) -> Result<Option<Secret>, BrokerError> {
+        let Some(key) = super::scope::key() else {
+            return Ok(None);
+        };
+        conn.expect(&ToWorker::Key(key.clone()), &[], &FromWorker::Ok)
+            .map_err(|e| BrokerError::failed(format!("unpause -E: giving the key: {e}")))?;
+        Ok(Some(key))
+    }
+
+    /// The reopen with an `unpause -E` key succeeded: it is `minor`'s key
+    /// from now on (a respawn gets it), the old one dropped (zeroized).
+    pub fn keep(&self, minor: Minor, key: Secret) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(minor, key);
+    }
+
     /// The disk is closed: its key is dropped (zeroized).
     pub fn forget(&self, minor: Minor) {
         self.0

@@ -12,8 +12,9 @@
 //! - `-e MINOR` also requires every parent the clone asks for to be the very
 //!   file (device and inode) MINOR serves at that depth, MINOR being the
 //!   same tenant's (policy) and read-only (here).
-//! - `-E` (open only): the key goes into the scope and from there, in
-//!   [`keys`], to that minor's worker before `Open`; kept for respawns.
+//! - `-E` (open and unpause): the key goes into the scope and from there,
+//!   in [`keys`], to that minor's worker before `Open` (or `Unpause`,
+//!   kept only if the reopen succeeds); kept for respawns.
 //! - Flags not built are refused, audited, with `Unsupported`.
 
 pub mod keys;
@@ -92,6 +93,19 @@ impl Plans {
     pub fn forget(&self, minor: Minor) {
         self.1.forget(minor);
     }
+
+    /// `unpause -E`: see [`keys::Keys::send_for_unpause`].
+    pub fn send_unpause_key(
+        &self,
+        conn: &WorkerConn,
+    ) -> Result<Option<tapjail_common::secret::Secret>, BrokerError> {
+        self.1.send_for_unpause(conn)
+    }
+
+    /// The `unpause -E` reopen succeeded: see [`keys::Keys::keep`].
+    pub fn keep_key(&self, minor: Minor, key: tapjail_common::secret::Secret) {
+        self.1.keep(minor, key);
+    }
 }
 
 /// Which verbs each flag belongs to; anything else is a malformed request
@@ -113,7 +127,7 @@ fn check_verbs(req: &Request, opts: &Options) -> Result<(), BrokerError> {
     if opts.read_cache && !open {
         return bad("-r");
     }
-    if opts.encryption_key.is_some() && !open {
+    if opts.encryption_key.is_some() && !open && !matches!(req, Request::Unpause { .. }) {
         return bad("-E");
     }
     if opts.timeout_secs.is_some()
@@ -395,5 +409,13 @@ mod tests {
             &o(|o| o.cbt_log = Some("/x.log".into()))
         )
         .is_ok());
+        let key = |o: &mut Options| {
+            o.encryption_key = Some(tapjail_common::secret::Secret::new(vec![1; 32]))
+        };
+        assert!(check_verbs(&unpause, &o(key)).is_ok(), "unpause -E");
+        assert!(
+            check_verbs(&close, &o(key)).is_err(),
+            "-E belongs to open and unpause"
+        );
     }
 }

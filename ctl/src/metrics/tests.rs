@@ -54,6 +54,7 @@ fn disk(minor: u16, path: &str, tenant: &str, stats: bool) -> DiskMetrics {
             frontend: Some(FrontendKind::Fuse),
             device: None,
             restarts: 2,
+            mirror: None,
         },
         stats: stats.then(|| StatsReply {
             minor,

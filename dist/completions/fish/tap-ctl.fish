@@ -44,7 +44,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "create" -d 'allocat
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "destroy" -d 'close + detach + free (also for a dead tapdisk)'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "pause" -d 'Quiesce I/O and close the image (for offline snapshot or coalesce)'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "unpause" -d 'Reopen a paused image, optionally at a new path of the same size'
-complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "list" -d 'List tapdisks and minors: "pid minor state type file"'
+complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "list" -d 'List tapdisks and minors: "pid minor state type file" (on a terminal a -2 mirror adds a line: "mirror STATE URI")'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "stats" -d 'Print a minor\'s I/O statistics as JSON'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "throttle" -d 'Change a disk\'s or a tenant\'s I/O limits now (admin only; audited). Prints the limits in force afterwards'
 complete -c tap-ctl -n "__fish_tap_ctl_needs_command" -f -a "major" -d 'Print the block major number of this host\'s tapjail devices'
@@ -322,6 +322,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s 2 -d 'Serve 
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s c -d 'Track changed blocks into this blktap CBT log from now on' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s E -d 'Read an encryption key (32 or 64 bytes) from stdin for the image reopened (e.g. a new -a leaf with another key); kept only if the reopen succeeds, else the disk stays paused with its old key'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand unpause" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -s p -d 'Only this tapdisk\'s rows. The minor\'s tapdisk, as `tap-ctl list` shows it (optional: the minor alone names it)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -s m -d 'Only this minor\'s rows' -r
@@ -331,7 +332,7 @@ raw\t''"
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -s f -d 'Only rows of this image file' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -l socket -d 'tap-broker\'s control socket' -r -F
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -l timeout -d 'Seconds to wait for tap-broker\'s answer before giving up' -r
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -l json -d 'Print one JSON array, a row per tapdisk or minor: {"pid", "minor", "state" (blktap\'s state bits as a number), "type" (vhd or aio), "file", "read_only", "frontend" (ublk, fuse or nbd), "device", "restarts"}; null for what is missing'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -l json -d 'Print one JSON array, a row per tapdisk or minor: {"pid", "minor", "state" (blktap\'s state bits as a number), "type" (vhd or aio), "file", "read_only", "frontend" (ublk, fuse or nbd), "device", "restarts", "mirror" ({"uri", "mode", "state": copying, synced, standby, failed-over, failed or unknown, "copied", "total", "error"} for a -2 mirror)}; null for what is missing'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand list" -s h -l help -d 'Print help'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -s p -d 'The minor\'s tapdisk, as `tap-ctl list` shows it (optional: the minor alone names it)' -r
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand stats" -s m -d 'The disk\'s minor number (0..16383), as `tap-ctl list` shows it' -r
@@ -385,7 +386,7 @@ complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_see
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "destroy" -d 'close + detach + free (also for a dead tapdisk)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "pause" -d 'Quiesce I/O and close the image (for offline snapshot or coalesce)'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "unpause" -d 'Reopen a paused image, optionally at a new path of the same size'
-complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "list" -d 'List tapdisks and minors: "pid minor state type file"'
+complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "list" -d 'List tapdisks and minors: "pid minor state type file" (on a terminal a -2 mirror adds a line: "mirror STATE URI")'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "stats" -d 'Print a minor\'s I/O statistics as JSON'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "throttle" -d 'Change a disk\'s or a tenant\'s I/O limits now (admin only; audited). Prints the limits in force afterwards'
 complete -c tap-ctl -n "__fish_tap_ctl_using_subcommand help; and not __fish_seen_subcommand_from vhd policy audit metrics cbt allocate free spawn attach detach open close create destroy pause unpause list stats throttle major snapshot coalesce help" -f -a "major" -d 'Print the block major number of this host\'s tapjail devices'

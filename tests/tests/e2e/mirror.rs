@@ -143,6 +143,15 @@ fn mirror_state(h: &Harness, minor: &str) -> String {
         .to_string()
 }
 
+/// The `mirror` of `list --json -m MINOR`'s one row (null without one).
+fn list_mirror(h: &Harness, minor: &str) -> serde_json::Value {
+    let out = h.ok(&ROOT, &["list", "--json", "-m", minor]);
+    let rows: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    rows[0]["mirror"].clone()
+}
+
 fn wait_synced(h: &Harness, minor: &str) {
     assert!(
         eventually(Duration::from_secs(120), || mirror_state(h, minor)
@@ -285,6 +294,10 @@ fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
         "{st}"
     );
     assert_eq!(st["tap"]["errors"], 0, "{st}");
+    let m = list_mirror(&h, &minor);
+    assert_eq!(m["state"], "failed", "list --json: {m}");
+    assert_eq!(m["uri"], sec.uri(), "{m}");
+    assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
     // The primary has every byte fio wrote: read back past the dead mirror.
     let again = fio_verify_writer(&dev, "8M").output().expect("fio");
     assert!(again.status.success());
@@ -304,6 +317,14 @@ fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
     assert_eq!(
         st["nbd_mirror_failed"], 1,
         "the lost mirror must still show: {st}"
+    );
+    let m = list_mirror(&h, &minor);
+    assert_eq!(m["state"], "failed", "list must show the lost mirror: {m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not re-established")),
+        "{m}"
     );
     assert!(
         h.audit_lines().iter().any(|l| l["rule"] == "mirror-lost"
@@ -374,6 +395,30 @@ fn mirror_standby_is_not_written_and_cannot_be_switched_to() {
     let st = stats(&h, &minor);
     assert_eq!(st["mirror"]["state"], "standby", "{st}");
     assert_eq!(st["mirror"]["mirrored_writes"], 0, "{st}");
+    let m = list_mirror(&h, &minor);
+    assert_eq!(
+        (&m["mode"], &m["state"]),
+        (&"standby".into(), &"standby".into()),
+        "{m}"
+    );
+    // On a terminal: a `mirror` line under the disk's row.
+    let (ok, table) = h.ctl_tty(&ROOT, &["list", "-m", &minor]);
+    assert!(ok, "{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(
+        lines[0].ends_with(&format!("aio {}", img.display())),
+        "{table}"
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["mirror", "standby", &sec.uri()],
+        "{table}"
+    );
+    // SM's key=value form: still one row of blktap's four fields.
+    let dict = h.ok(&ROOT, &["list", "-m", &minor]);
+    assert_eq!(dict.lines().count(), 1, "{dict}");
+    assert!(!dict.contains("mirror"), "{dict}");
     assert!(
         std::fs::read(&sec.file).unwrap().iter().all(|b| *b == 0),
         "a standby secondary was written"
