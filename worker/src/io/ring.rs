@@ -40,6 +40,34 @@ pub struct RingSpec<'a> {
     pub file_slots: u32,
     /// Opcodes the ring may run.
     pub opcodes: &'a [u8],
+    /// io-wq workers a thread that submits here may have.
+    pub iowq: IowqMax,
+}
+
+/// `IORING_REGISTER_IOWQ_MAX_WORKERS` for a ring: how many io-wq workers
+/// (kernel threads that run the requests that must block) each thread
+/// submitting to it may have. io-wq is per thread and its workers count
+/// toward the worker cgroup's `pids.max`; a worker the kernel cannot
+/// create there fails its request (ECANCELED, an EIO to the guest). The
+/// kernel's own caps (bounded: the SQ size up to 4 per CPU; unbounded:
+/// RLIMIT_NPROC) depend on the host, so the worker sets its own and its
+/// task count has a bound (`sandbox::tasks`) that `pids.max` can hold.
+/// Set before the ring is enabled (restrictions forbid it after), so a
+/// worker taken over by its image cannot raise it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IowqMax {
+    /// Workers for regular files and block devices (our image I/O).
+    pub bounded: u32,
+    /// Workers for what may never complete (sockets, pipes): none of our
+    /// rings queue such work, so 1 (0 would mean "the kernel's default").
+    pub unbounded: u32,
+}
+
+impl IowqMax {
+    /// The most a submitting thread brings along.
+    pub const fn total(self) -> u32 {
+        self.bounded + self.unbounded
+    }
 }
 
 /// Make a ring for `spec`: disabled, sparse file table, restrictions in
@@ -58,6 +86,11 @@ pub fn restricted(spec: &RingSpec<'_>) -> io::Result<Uring> {
         .build(spec.sq_entries)
         .map_err(|e| annotate(e, spec.what, "io_uring_setup"))?;
     let sub = ring.submitter();
+    // Stored in the ring: every thread whose io-wq starts with a request
+    // on it gets these caps.
+    let mut max = [spec.iowq.bounded, spec.iowq.unbounded];
+    sub.register_iowq_max_workers(&mut max)
+        .map_err(|e| annotate(e, spec.what, "io_uring_register(IOWQ_MAX_WORKERS)"))?;
     sub.register_files_sparse(spec.file_slots)
         .map_err(|e| annotate(e, spec.what, "io_uring_register(FILES, sparse)"))?;
     let fixed = squeue::Flags::FIXED_FILE.bits();
@@ -75,9 +108,15 @@ pub fn restricted(spec: &RingSpec<'_>) -> io::Result<Uring> {
 }
 
 /// Entries per image-file ring. A ring serves one request at a time for
-/// one caller; the size also caps the kernel's io-wq workers per calling
-/// thread (the kernel sizes a thread's io-wq from the first ring it uses).
+/// one caller.
 const FILE_RING_ENTRIES: u32 = 2;
+
+/// io-wq caps of an image-file ring: its caller waits for its one request,
+/// so one worker runs it if it must block.
+pub const FILE_RING_IOWQ: IowqMax = IowqMax {
+    bounded: 1,
+    unbounded: 1,
+};
 
 /// Opcodes an image-file ring may run.
 pub const FILE_OPCODES: [u8; 4] = [
@@ -111,6 +150,7 @@ impl Ring {
             single_issuer: false,
             file_slots,
             opcodes: &FILE_OPCODES,
+            iowq: FILE_RING_IOWQ,
         })?;
         ring.submitter()
             .register_enable_rings()
