@@ -68,7 +68,13 @@ pub const PACED_THREADS: usize = crate::qos::PACED_LANES;
 #[derive(Debug)]
 pub struct SlowPath<'d> {
     jobs: Mutex<Jobs<'d>>,
+    /// Slow-path threads wait here, each lane's thread on its own
+    /// `paced_more`: a notify_one on a condvar shared with the lane
+    /// threads could wake a lane thread, which finds its lane empty and
+    /// sleeps again, and the job then waited forever in `queue` (a FLUSH
+    /// hung that way in nestvm).
     more: Condvar,
+    paced_more: [Condvar; PACED_THREADS],
     done: Mutex<Vec<(u16, i32)>>,
     wake: EventFd,
 }
@@ -83,6 +89,7 @@ impl<'d> SlowPath<'d> {
         Ok(SlowPath {
             jobs: Mutex::new(Jobs::default()),
             more: Condvar::new(),
+            paced_more: Default::default(),
             done: Mutex::new(Vec::new()),
             wake: EventFd::new()?,
         })
@@ -100,9 +107,7 @@ impl<'d> SlowPath<'d> {
                 let l = lane(&job.req);
                 jobs.paced[l].push_back(job);
                 drop(jobs);
-                // Lane and slow-path threads share the condvar: wake all,
-                // so the lane's own thread is among them (delays are rare).
-                self.more.notify_all();
+                self.paced_more[l].notify_one();
             }
             None => {
                 jobs.queue.push_back(job);
@@ -121,6 +126,9 @@ impl<'d> SlowPath<'d> {
     pub fn close(&self) {
         lock(&self.jobs).closed = true;
         self.more.notify_all();
+        for lane in &self.paced_more {
+            lane.notify_all();
+        }
     }
 
     /// A slow-path thread: run jobs until closed.
@@ -149,7 +157,11 @@ impl<'d> SlowPath<'d> {
                     if jobs.closed {
                         return;
                     }
-                    jobs = self.more.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                    let wait_on = match lane {
+                        None => &self.more,
+                        Some(l) => &self.paced_more[l],
+                    };
+                    jobs = wait_on.wait(jobs).unwrap_or_else(|p| p.into_inner());
                 }
             };
             let Job {
@@ -272,5 +284,78 @@ mod tests {
             "the admitted write was counted"
         );
         assert_eq!(disk.counters.outstanding(), 0);
+    }
+
+    /// Thread `tid` of this process sleeps in futex(2): it waits on a
+    /// condvar. The event the lost-wakeup test orders its threads by.
+    fn wait_in_futex(tid: i32) {
+        let path = format!("/proc/self/task/{tid}/syscall");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let nr = std::fs::read_to_string(&path).unwrap_or_default();
+            if nr.split_whitespace().next() == Some(&libc::SYS_futex.to_string()) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "thread {tid} never waited"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// The lane threads went to sleep before the slow-path thread (so a
+    /// futex wake, FIFO, would pick a lane thread first); a plain job must
+    /// still reach the slow-path thread. With one condvar for both kinds
+    /// and `notify_one`, a lane thread took the wakeup, found its lane
+    /// empty and slept again: the job (a FLUSH, in nestvm) waited forever.
+    #[test]
+    fn a_plain_job_wakes_a_slow_thread_even_when_lane_threads_wait_first() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        let disk = Disk::new(Arc::new(img));
+        let bufs = IoBuffers::new(1, 4096).unwrap();
+        let slow = SlowPath::new().unwrap();
+        std::thread::scope(|s| {
+            for lane in 0..PACED_THREADS {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (slow, disk) = (&slow, &disk);
+                s.spawn(move || {
+                    tx.send(tapjail_testsupport::gettid()).unwrap();
+                    slow.serve_paced(disk, lane)
+                });
+                wait_in_futex(rx.recv().unwrap());
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (slow_ref, disk_ref) = (&slow, &disk);
+            s.spawn(move || {
+                tx.send(tapjail_testsupport::gettid()).unwrap();
+                slow_ref.serve(disk_ref)
+            });
+            wait_in_futex(rx.recv().unwrap());
+            slow.submit(Job {
+                tag: 0,
+                req: Request::Read {
+                    offset: 0,
+                    len: 4096,
+                },
+                buf: bufs.region(0, 4096).unwrap(),
+                ticket: None,
+                due: None,
+            });
+            let mut wake = libc::pollfd {
+                fd: slow.wake_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one pollfd on our own eventfd.
+            let n = unsafe { libc::poll(&mut wake, 1, 30_000) };
+            slow.close();
+            assert_eq!(n, 1, "the job was never run: its wakeup was lost");
+            let mut done = Vec::new();
+            slow.take_done(&mut done);
+            assert_eq!(done, vec![(0, 4096)]);
+        });
     }
 }
