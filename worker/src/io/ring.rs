@@ -277,4 +277,75 @@ mod tests {
         let e = unsafe { ring.run(gone) }.unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
     }
+
+    /// The io-wq caps of the thread calling, read through a plain ring of
+    /// its own (a zero changes nothing and the kernel answers the current
+    /// values of the caller's io-wq).
+    fn iowq_of_this_thread() -> [u32; 2] {
+        let probe = Uring::new(2).unwrap();
+        let mut max = [0u32; 2];
+        probe
+            .submitter()
+            .register_iowq_max_workers(&mut max)
+            .unwrap();
+        max
+    }
+
+    /// Submit one read of `f` on `ring`, so that this thread's io-wq exists.
+    fn first_use(ring: &mut Ring, f: &std::fs::File) {
+        ring.set_slot(0, f.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 512];
+        let read = opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 512).build();
+        // SAFETY: buf outlives the call.
+        assert_eq!(unsafe { ring.run(read) }.unwrap(), 512);
+    }
+
+    #[test]
+    fn ring_thread_whose_first_ring_is_a_file_ring_gets_its_iowq_caps() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let mut ring = Ring::new(1).unwrap();
+        let capped = std::thread::scope(|s| {
+            s.spawn(|| {
+                first_use(&mut ring, &f);
+                iowq_of_this_thread()
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(
+            capped,
+            [FILE_RING_IOWQ.bounded, FILE_RING_IOWQ.unbounded],
+            "the kernel did not apply the ring's io-wq caps"
+        );
+        // Control: a thread whose io-wq starts on an uncapped ring gets the
+        // kernel's own sizes (bounded from the SQ and CPUs, unbounded from
+        // RLIMIT_NPROC), which the caps above replaced.
+        let plain = std::thread::spawn(|| {
+            let mut r = Uring::new(2).unwrap();
+            let nop = opcode::Nop::new().build();
+            // SAFETY: a no-op references no memory.
+            unsafe { run_one(&mut r, nop) }.unwrap();
+            iowq_of_this_thread()
+        })
+        .join()
+        .unwrap();
+        assert_ne!(plain, capped, "uncapped io-wq: {plain:?}");
+        assert!(plain[1] > FILE_RING_IOWQ.unbounded, "{plain:?}");
+    }
+
+    /// The caps are fixed for the worker's life: an enabled, restricted
+    /// ring refuses the registration, so a worker taken over by its image
+    /// cannot change them (what bounds its tasks is still pids.max).
+    #[test]
+    fn ring_refuses_raising_its_iowq_caps_once_enabled() {
+        let ring = Ring::new(1).unwrap();
+        let mut max = [64u32, 64];
+        let e = ring
+            .ring
+            .submitter()
+            .register_iowq_max_workers(&mut max)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    }
 }
