@@ -56,7 +56,7 @@ pub mod defaults {
     /// io_uring's io-wq workers, which count here. The worker caps io-wq
     /// per ring (`IORING_REGISTER_IOWQ_MAX_WORKERS`: one bounded and one
     /// unbounded per image-file ring user, four and one per ublk queue), so
-    /// its tasks stay under about 52 (FUSE) and 30 (ublk) at worst; the
+    /// its tasks stay under about 51 (FUSE) and 28 (ublk) at worst; the
     /// busiest measured 34 and 17. Without the caps a kernel sized io-wq
     /// from the CPU count and RLIMIT_NPROC, and an io-wq worker refused by
     /// pids.max fails its request (ECANCELED, an EIO to the guest).
