@@ -241,7 +241,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let devices =
         device::factory::DeviceFactory::new(policy.frontend, &policy.state_dir, Path::new("/dev"))
-            .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("no usable frontend: {e}"))?
+            .with_nbd_kernel_connections(policy.nbd_kernel_connections);
     let state = records::StateDir::create(&policy.state_dir)
         .with_context(|| format!("state_dir {}", policy.state_dir.display()))?;
     let audit_ctx = || format!("audit_log {}", policy.audit_log.display());

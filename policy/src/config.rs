@@ -26,6 +26,9 @@ pub const MAX_MINOR: u16 = tapjail_common::Minor::COUNT - 1;
 
 /// Most RLIMIT_MEMLOCK the config may give a worker, in MiB (64 GiB).
 pub const MAX_WORKER_MEMLOCK_MIB: u64 = 64 * 1024;
+/// Most sockets per nbd-kernel device (the broker's and the worker's
+/// bound, `device::nbd_kernel::MAX_CONNECTIONS`).
+pub const MAX_NBD_KERNEL_CONNECTIONS: i64 = 16;
 
 /// Most concurrent client connections the config may allow.
 pub const MAX_CLIENTS_LIMIT: u32 = 4096;
@@ -116,6 +119,9 @@ pub struct Policy {
     /// else `/usr/libexec/tapjail/tapdisk`.
     pub tapdisk: Option<PathBuf>,
     pub frontend: FrontendChoice,
+    /// Sockets per nbd-kernel device (the kernel gives each its own
+    /// hardware queue, as `nbd-client -connections` does).
+    pub nbd_kernel_connections: u32,
     /// RLIMIT_MEMLOCK given to each worker, in bytes.
     pub worker_memlock: u64,
     /// Replace a dead worker serving an open image with a fresh one.
@@ -226,6 +232,7 @@ struct RawPolicy {
     worker_uids: Option<Spanned<Vec<i64>>>,
     tapdisk: Option<Spanned<String>>,
     frontend: Option<Spanned<FrontendChoice>>,
+    nbd_kernel_connections: Option<Spanned<i64>>,
     worker_memlock_mib: Option<Spanned<i64>>,
     respawn: Option<bool>,
     max_restarts_per_minute: Option<Spanned<i64>>,
@@ -348,6 +355,7 @@ pub mod defaults {
     // chains of large images.
     pub const WORKER_MEMLOCK_MIB: u64 = 64;
     pub const MAX_RESTARTS_PER_MINUTE: u32 = 5;
+    pub const NBD_KERNEL_CONNECTIONS: u32 = 1;
     pub const WORKER_TIMEOUT_SECS: u32 = 30;
     pub const OPERATION_TIMEOUT_SECS: u32 = 120;
     pub const CLIENT_FRAME_TIMEOUT_SECS: u32 = 10;
@@ -684,6 +692,17 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         })
         * 1024
         * 1024;
+    let nbd_kernel_connections =
+        raw.nbd_kernel_connections
+            .map_or(defaults::NBD_KERNEL_CONNECTIONS, |n| {
+                c.int_in(
+                    "nbd_kernel_connections",
+                    &n,
+                    1,
+                    MAX_NBD_KERNEL_CONNECTIONS,
+                    defaults::NBD_KERNEL_CONNECTIONS,
+                )
+            });
     let max_restarts_per_minute = raw
         .max_restarts_per_minute
         .map_or(defaults::MAX_RESTARTS_PER_MINUTE, |m| {
@@ -951,6 +970,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         worker_memlock,
         respawn: raw.respawn.unwrap_or(true),
         max_restarts_per_minute,
+        nbd_kernel_connections,
         worker_timeout_secs,
         operation_timeout_secs,
         client_frame_timeout_secs,
@@ -1023,6 +1043,26 @@ image_roots = ["/srv/bob"]
         assert!(!b.writable, "writable defaults to false");
         assert_eq!(b.max_disks, defaults::MAX_DISKS);
         assert!(!b.admin);
+    }
+
+    #[test]
+    fn nbd_kernel_connections_defaults_to_one_and_is_bounded() {
+        assert_eq!(Policy::parse(GOOD).unwrap().nbd_kernel_connections, 1);
+        let with = |n: &str| {
+            GOOD.replace(
+                "frontend = \"nbd\"",
+                &format!("frontend = \"nbd-kernel\"\nnbd_kernel_connections = {n}"),
+            )
+        };
+        assert_eq!(Policy::parse(&with("4")).unwrap().nbd_kernel_connections, 4);
+        for bad in ["0", "17", "-1"] {
+            let e = errs(&with(bad));
+            assert!(
+                e.iter()
+                    .any(|d| d.to_string().contains("nbd_kernel_connections")),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

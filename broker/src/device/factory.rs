@@ -20,6 +20,8 @@ pub struct DeviceContext {
     /// The broker's state directory (root-only); backends keep their
     /// sockets, mount points and such below it.
     pub state_dir: PathBuf,
+    /// Sockets per nbd-kernel device (policy `nbd_kernel_connections`).
+    pub nbd_kernel_connections: usize,
 }
 
 /// PLUG-IN POINT 1: which frontends are built into this broker.
@@ -110,6 +112,7 @@ pub struct DeviceFactory {
     kind: FrontendKind,
     explanation: String,
     state_dir: PathBuf,
+    nbd_kernel_connections: usize,
     /// Where active devices keep their fds (see `crate::fdstore`).
     store: Option<std::sync::Arc<crate::fdstore::FdStore>>,
 }
@@ -155,6 +158,7 @@ impl DeviceFactory {
                         kind,
                         explanation,
                         state_dir: state_dir.to_path_buf(),
+                        nbd_kernel_connections: 1,
                         store: None,
                     });
                 }
@@ -166,6 +170,13 @@ impl DeviceFactory {
 
     pub fn kind(&self) -> FrontendKind {
         self.kind
+    }
+
+    /// Connect each nbd-kernel device with `n` sockets (policy
+    /// `nbd_kernel_connections`; 1 unless set).
+    pub fn with_nbd_kernel_connections(mut self, n: u32) -> Self {
+        self.nbd_kernel_connections = n as usize;
+        self
     }
 
     /// Keep every active device's fds in `store`.
@@ -190,6 +201,7 @@ impl DeviceFactory {
         DeviceContext {
             minor,
             state_dir: self.state_dir.clone(),
+            nbd_kernel_connections: self.nbd_kernel_connections,
         }
     }
 

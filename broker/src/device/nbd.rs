@@ -184,6 +184,7 @@ mod tests {
         let ctx = DeviceContext {
             minor: Minor::new(7).unwrap(),
             state_dir: dir.path().to_path_buf(),
+            nbd_kernel_connections: 1,
         };
         let mut b = NbdBackend::new(&ctx).unwrap();
         let p = b.prepare(1 << 20, false).unwrap();
@@ -214,6 +215,7 @@ mod tests {
         let ctx = DeviceContext {
             minor: Minor::new(3).unwrap(),
             state_dir: dir.path().to_path_buf(),
+            nbd_kernel_connections: 1,
         };
         let path = socket_path(dir.path(), ctx.minor);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -18,7 +18,7 @@ pub mod prometheus;
 pub mod pty;
 
 pub use data::{pattern, Aligned};
-pub use fio::fio_verify_writer;
+pub use fio::{fio_verify_writer, RandomVerifyWriter};
 pub use immutable::Immutable;
 pub use kernel::{
     dir_supports_o_direct, fd_flags, fuse_loop_turn, gettid, holds_open_direct, spawn_with_tid,

@@ -266,38 +266,49 @@ fn cgroup_memory_and_task_limits_of_a_workers_cgroup_are_enforced_by_the_kernel(
     assert!(kills >= 1, "memory.events: {events}");
     assert!(alive(pid), "the worker itself was chosen over the hog");
 
-    // Tasks: a shell in the cgroup starts sleepers until fork fails. The
-    // shell ends at its first refused fork (dash) or after 100 tries
-    // (bash); the sleepers' output goes elsewhere, so its pipes close then.
+    // Tasks: a shell in the cgroup starts sleepers until fork fails.
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {procs:?}; i=0; while [ $i -lt 100 ]; do \
-             sleep 300 >/dev/null 2>&1 & i=$((i+1)); done"
+            "echo $$ > {procs:?}; i=0; while [ $i -lt 100 ]; do sleep 300 & i=$((i+1)); done; \
+             cat {:?}; wait",
+            leaf.join("pids.current")
         ))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Every task beyond pids.max was refused: the cgroup holds exactly 32.
     assert!(
-        err.contains("fork") || err.contains("Resource temporarily unavailable"),
-        "the shell was never refused a fork: {err}"
+        eventually(Duration::from_secs(30), || read(&leaf, "pids.current")
+            == "32"),
+        "pids.current {}",
+        read(&leaf, "pids.current")
     );
-    // No task beyond pids.max was let in, and the kernel counted refusals.
-    let current: u32 = read(&leaf, "pids.current").parse().unwrap();
-    assert!(current <= 32, "pids.current {current} over pids.max 32");
     let events = read(&leaf, "pids.events");
     assert!(
         events.contains("max ") && !events.contains("max 0"),
         "pids.events: {events}"
     );
+    // The refused shell reports it and exits by itself (the event to wait
+    // for: killing it as soon as pids.max was hit raced with its message).
+    let mut out = out;
+    let ended = eventually(Duration::from_secs(60), || {
+        out.try_wait().ok().flatten().is_some()
+    });
     for p in read(&leaf, "cgroup.procs").lines() {
         let p: u32 = p.parse().unwrap();
         if p != pid {
             kill(p);
         }
     }
+    let out = out.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(ended, "the refused shell did not give up: {err}");
+    assert!(
+        err.contains("fork") || err.contains("Resource temporarily unavailable"),
+        "the shell was never refused a fork: {err}"
+    );
     assert!(alive(pid));
     h.ok(&ALICE, &["destroy", "-m", &minor.to_string()]);
     assert!(!leaf.exists());
@@ -306,8 +317,8 @@ fn cgroup_memory_and_task_limits_of_a_workers_cgroup_are_enforced_by_the_kernel(
 
 /// The attack by the worker itself: a worker taken over by its image (the
 /// fake tapdisk's `HOG`, `THREADS`) tries to take 256 MiB of memory and
-/// 1000 tasks. Under the default limits (memory.max 128 MiB; pids.max 160, NBD's)
-/// the kernel OOM-kills it at memory.max (no swap to escape to) and
+/// 1000 tasks. Under the default limits (memory.max 128 MiB; pids.max 160,
+/// NBD's) the kernel OOM-kills it at memory.max (no swap to escape to) and
 /// refuses its threads past pids.max; without its cgroup it would get both.
 #[test]
 #[ignore = "needs cgroup v2 controllers: run inside nestvm via .ci/nestvm-tests cgroup::"]
@@ -460,27 +471,15 @@ fn cgroup_missing_controllers_are_named_and_required_refuses_to_start() {
         )
     };
     fs::write(&policy, text("required")).unwrap();
-    let out = Command::new(bin("tap-broker"))
-        .arg("--config")
-        .arg(&policy)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without cpu and io: {err}");
-    // Its stderr is a pipe: the error is a JSON log line.
-    let said = log_events(&err)
-        .into_iter()
-        .find(|e| e["level"] == "ERROR")
-        .unwrap_or_else(|| panic!("no error event: {err}"));
-    let err = said["message"].as_str().unwrap();
-    assert!(err.contains("cgroups = \"required\""), "{err}");
-    assert!(err.contains("controller(s) cpu, io not available"), "{err}");
+    let msg = refusal_to_start(&policy, "started without cpu and io");
+    assert!(msg.contains("cgroups = \"required\""), "{msg}");
+    assert!(msg.contains("controller(s) cpu, io not available"), "{msg}");
     assert!(
-        err.contains(&format!(
+        msg.contains(&format!(
             "enable them in {}/cgroup.subtree_control",
             parent.0.display()
         )),
-        "{err}"
+        "{msg}"
     );
     let _ = fs::remove_dir(&root);
 
@@ -551,20 +550,25 @@ fn cgroup_host_without_cgroup_v2_refuses_to_start_when_required() {
         ),
     )
     .unwrap();
+    let msg = refusal_to_start(&policy, "started without cgroup v2");
+    assert!(msg.contains("cgroups = \"required\""), "{msg}");
+    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
+    assert!(msg.contains("memory"), "{msg}");
+}
+
+/// Start tap-broker with `policy`, which must fail; the message of its
+/// error event (its stderr is a pipe: a JSON log line).
+fn refusal_to_start(policy: &std::path::Path, why: &str) -> String {
     let out = Command::new(bin("tap-broker"))
         .arg("--config")
-        .arg(&policy)
+        .arg(policy)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without cgroup v2: {err}");
-    // Its stderr is a pipe: the error is a JSON log line.
+    assert!(!out.status.success(), "{why}: {err}");
     let said = log_events(&err)
         .into_iter()
         .find(|e| e["level"] == "ERROR")
         .unwrap_or_else(|| panic!("no error event: {err}"));
-    let msg = said["message"].as_str().unwrap();
-    assert!(msg.contains("cgroups = \"required\""), "{msg}");
-    assert!(msg.contains("cgroup v1 hierarchies"), "{msg}");
-    assert!(msg.contains("memory"), "{msg}");
+    said["message"].as_str().unwrap().to_string()
 }

@@ -15,6 +15,7 @@ mod escapes;
 mod faults;
 mod hostile_worker;
 mod image_open;
+mod kill_under_load;
 mod mirror;
 mod nbd_kernel;
 mod qos;

@@ -5,11 +5,12 @@
 //! ordinary runs; `.ci/nestvm-tests` runs them inside nestvm (a 6.12 kernel
 //! with the driver, plus loop and ext4 loaded from `.ci/nestvm-modules`).
 
+use crate::kill_under_load::*;
 use crate::*;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tapjail_testsupport::{
     spawn_with_tid, tasks_in_d_state, ublk_char_devices, wait_blocked_in_kernel, Aligned,
 };
@@ -29,14 +30,6 @@ fn ublk_harness(respawn: bool) -> Harness {
     })
 }
 
-fn rows(h: &Harness, t: &TenantSpec) -> Vec<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(&h.ok(t, &["list", "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 /// `/dev/tapjail/tapdevN` of the harness (its device dir), checked to lead
 /// to a ublk block device.
 fn tapdev(h: &Harness, minor: u64) -> PathBuf {
@@ -49,43 +42,6 @@ fn tapdev(h: &Harness, minor: u64) -> PathBuf {
         target.display()
     );
     link
-}
-
-/// Write requests tapdisk `pid` (minor 0's) has completed, from `stats`.
-fn writes(h: &Harness, pid: u32) -> u64 {
-    let out = h.ok(&ALICE, &["stats", "-m", "0", "-p", &pid.to_string()]);
-    let s: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
-    s["images"][0]["hits"][1].as_u64().expect("write hits")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: kill(2) on a worker pid this test created through the broker.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-}
-
-fn vhd_check(img: &Path) {
-    let out = Command::new(bin("tap-ctl"))
-        .args(["vhd", "check", "-n"])
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tap-ctl vhd check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -226,95 +182,9 @@ fn ublk_verifying_writer_survives_three_worker_sigkills() {
     let img = h.vhd_image("alice", "v.vhd", 64);
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
     let dev = tapdev(&h, 0);
-    let fio = Command::new("sh")
-        .arg("-c")
-        .arg("command -v fio")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        fio,
-        "fio is needed (apt-get install fio on the host: the VM shares its root)"
-    );
-    let out_path = h.dir.path().join("fio.json");
-    // Write 48 MiB at random 4 KiB offsets (allocating VHD blocks as it
-    // goes), then read everything back and check each block's crc32c.
-    let mut writer = Command::new("fio")
-        .args([
-            "--name=verify",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=48M",
-            "--iodepth=16",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--eta=never",
-            "--output-format=json",
-        ])
-        .arg(format!("--filename={}", dev.display()))
-        .arg(format!("--output={}", out_path.display()))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("fio");
-    let mut last_pid = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
-    for round in 1..=3u64 {
-        // Mid-I/O: this worker has completed writes since it started (the
-        // event, from `stats`), and fio still runs.
-        let w0 = writes(&h, last_pid);
-        assert!(
-            eventually(Duration::from_secs(60), || writes(&h, last_pid) >= w0 + 64),
-            "round {round}: no write progress\n{}",
-            h.broker_log()
-        );
-        assert!(
-            writer.try_wait().unwrap().is_none(),
-            "fio finished before kill {round}; make it write more"
-        );
-        sigkill(last_pid);
-        let t0 = Instant::now();
-        assert!(
-            eventually(Duration::from_secs(60), || {
-                let r = rows(&h, &ALICE);
-                r.len() == 1 && r[0]["restarts"] == round && r[0]["state"] == 0
-            }),
-            "round {round}: {:?}\n{}",
-            rows(&h, &ALICE),
-            h.broker_log()
-        );
-        let row = rows(&h, &ALICE).remove(0);
-        let pid = row["pid"].as_u64().unwrap() as u32;
-        assert_ne!(pid, last_pid);
-        last_pid = pid;
-        eprintln!(
-            "kill {round}: replaced by tapdisk {pid} in {} ms",
-            t0.elapsed().as_millis()
-        );
-    }
-    let status = writer.wait().unwrap();
-    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
-    assert!(status.success(), "fio failed: {report}");
-    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "fio saw an I/O error: {job}");
-    assert!(
-        job["write"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
-        "everything written"
-    );
-    assert!(
-        job["read"]["io_bytes"].as_u64().unwrap() >= 48 << 20,
-        "everything read back and verified"
-    );
-    assert!(tasks_in_d_state().is_empty(), "{:?}", tasks_in_d_state());
-    let respawns = h
-        .audit_lines()
-        .into_iter()
-        .filter(|l| l["event"] == "worker_respawn" && l["rule"] == "respawn")
-        .count();
-    assert_eq!(respawns, 3, "each replacement is audited");
+    worker_sigkilled_three_times_under_a_verifying_writer(&h, &dev, |h| {
+        tapdev(h, 0);
+    });
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     vhd_check(&img);
 }
@@ -393,77 +263,10 @@ fn ublk_broker_sigkilled_three_times_under_a_verifying_writer_keeps_the_disk() {
     let img = h.vhd_image("alice", "a.vhd", 64);
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
     let dev = tapdev(&h, 0);
-    let out_path = h.dir.path().join("fio.json");
-    let mut writer = Command::new("fio")
-        .args([
-            "--name=adopt",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=32M",
-            "--iodepth=16",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--rate_iops=600",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--eta=never",
-            "--output-format=json",
-        ])
-        .arg(format!("--filename={}", dev.display()))
-        .arg(format!("--output={}", out_path.display()))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("fio (apt-get install fio on the host: the VM shares its root)");
-    let shown = |h: &Harness| -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
-        rows(h, &ALICE)
-            .into_iter()
-            .map(|r| (r["minor"].clone(), r["pid"].clone(), r["image"].clone()))
-            .collect()
-    };
-    // Writes the kernel completed on the device (its sysfs stat), so the
-    // count does not depend on which worker path served them.
-    let node = std::fs::read_link(&dev).expect("tapdev link");
-    let stat = format!(
-        "/sys/class/block/{}/stat",
-        node.file_name().unwrap().to_string_lossy()
-    );
-    let writes = |_: &Harness| -> u64 {
-        std::fs::read_to_string(&stat)
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(4).and_then(|v| v.parse().ok()))
-            .unwrap_or(0)
-    };
-    let worker = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
-    for round in 1..=3usize {
-        let before = shown(&h);
-        let w0 = writes(&h);
-        assert!(
-            eventually(Duration::from_secs(30), || writes(&h) >= w0 + 200),
-            "round {round}: no write progress"
-        );
-        assert!(writer.try_wait().unwrap().is_none(), "fio ended early");
-        h.crash();
-        assert!(
-            alive(worker),
-            "round {round}: the worker outlives the broker"
-        );
-        h.launch();
-        assert_eq!(shown(&h), before, "round {round}: list changed");
-    }
-    let status = writer.wait().unwrap();
-    let report = std::fs::read_to_string(&out_path).unwrap_or_default();
-    assert!(status.success(), "fio failed: {report}\n{}", h.broker_log());
-    let v: serde_json::Value = serde_json::from_str(&report).expect("fio json");
-    assert_eq!(v["jobs"][0]["error"], 0, "fio saw an I/O error");
-    let adopted = h
-        .audit_lines()
-        .into_iter()
-        .filter(|l| l["event"] == "adopt" && l["rule"] == "adopt-minor")
-        .count();
-    assert_eq!(adopted, 3);
-    assert_eq!(rows(&h, &ALICE)[0]["restarts"], 0, "never respawned");
+    let chars = ublk_char_devices();
+    broker_sigkilled_three_times_under_a_verifying_writer(&mut h, &dev, 600, || {
+        assert_eq!(ublk_char_devices(), chars, "the ublk device stays");
+    });
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     vhd_check(&img);
 }

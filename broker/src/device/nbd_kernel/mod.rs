@@ -96,19 +96,13 @@ impl NbdKernelBackend {
         NbdKernelBackend {
             minor: ctx.minor,
             ident: identifier(&ctx.state_dir, ctx.minor),
-            connections: 1,
+            connections: ctx.nbd_kernel_connections.clamp(1, MAX_CONNECTIONS),
             size: 0,
             read_only: false,
             pending: Vec::new(),
             dev: None,
             driver: None,
         }
-    }
-
-    /// Use `n` connections (sockets) per device instead of one.
-    pub fn with_connections(mut self, n: usize) -> Self {
-        self.connections = n.clamp(1, MAX_CONNECTIONS);
-        self
     }
 
     /// Take over a device a broker that is gone connected: its record
@@ -131,6 +125,11 @@ impl NbdKernelBackend {
         }
         b.size = h.size;
         b.read_only = h.read_only;
+        // A respawn replaces every connection the device has: as many as
+        // it was connected with, whatever the policy says now.
+        if let Some(n) = sysfs::hw_queues(Path::new(sysfs::SYS_BLOCK), index) {
+            b.connections = n.clamp(1, MAX_CONNECTIONS);
+        }
         b.dev = Some(Connected {
             index,
             disconnected: false,
@@ -412,6 +411,7 @@ mod tests {
         DeviceContext {
             minor: Minor::new(5).unwrap(),
             state_dir: dir.to_path_buf(),
+            nbd_kernel_connections: 1,
         }
     }
 
@@ -455,7 +455,10 @@ mod tests {
     #[test]
     fn nbd_kernel_recover_before_connect_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = NbdKernelBackend::new(&ctx(dir.path())).with_connections(99);
+        let mut b = NbdKernelBackend::new(&DeviceContext {
+            nbd_kernel_connections: 99,
+            ..ctx(dir.path())
+        });
         assert_eq!(b.connections, MAX_CONNECTIONS);
         assert!(b
             .recover()
