@@ -72,6 +72,10 @@ pub struct Handoff {
     pub loop_number: Option<u32>,
     pub mount_dir: Option<PathBuf>,
     pub ublk_dev_id: Option<u32>,
+    /// nbd-kernel: the sockets the device was connected with (a respawn
+    /// replaces exactly that many). Absent in records of older brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_connections: Option<u32>,
     /// Roles of the fds kept alongside.
     pub roles: Vec<String>,
 }

@@ -213,42 +213,70 @@ fn nbd_kernel_verifying_writer_survives_three_worker_sigkills() {
     vhd_check(&img);
 }
 
-/// The kernel's hardware queues of `/dev/nbdN`: one per connection.
-fn hw_queues(index: u32) -> usize {
-    std::fs::read_dir(format!("/sys/block/nbd{index}/mq"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// With `nbd_kernel_connections = 4` the device has four connections (four
-/// hardware queues, four served by the worker), and a respawned worker
-/// gets four fresh ones through NBD_CMD_RECONFIGURE: three SIGKILLs under
-/// a verifying writer, no error.
+/// With `nbd_kernel_connections = 4` the worker serves four connections,
+/// and a respawned worker gets four fresh ones through
+/// NBD_CMD_RECONFIGURE: three SIGKILLs under a verifying writer, no error.
+/// A broker that adopts the device after a crash still replaces all four
+/// (the count is in its record, even after the policy changed to 1).
 #[test]
 #[ignore = "needs nbd.ko: run inside nestvm via .ci/nestvm-tests"]
-fn nbd_kernel_four_connections_survive_three_worker_sigkills() {
-    let h = nbd_harness_with(true, "nbd_kernel_connections = 4\n");
+fn nbd_kernel_four_connections_survive_three_worker_sigkills_and_an_adoption() {
+    let mut h = nbd_harness_with(true, "nbd_kernel_connections = 4\n");
     let img = h.vhd_image("alice", "v.vhd", 64);
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
     let (dev, index) = tapdev(&h, 0);
-    assert_eq!(hw_queues(index), 4, "one hardware queue per connection");
     // The worker says how many it serves (its log, relayed by the broker).
     let four_served = |h: &Harness| {
         let pid = rows(h, &ALICE)[0]["pid"].as_u64().unwrap();
         eventually(std::time::Duration::from_secs(30), || {
-            worker_events(&h.broker_log(), pid).iter().any(|e| {
-                e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("kernel nbd client on 4 connection(s)"))
-            })
+            worker_events(&h.broker_log(), pid)
+                .iter()
+                .any(|e| line_of(e).contains("kernel nbd client on 4 connection(s)"))
         })
     };
     assert!(four_served(&h), "{}", h.broker_log());
     worker_sigkilled_three_times_under_a_verifying_writer(&h, &dev, |h| {
         assert_eq!(tapdev(h, 0).1, index, "the same device");
-        assert_eq!(hw_queues(index), 4);
         assert!(four_served(h), "the new worker got four connections");
     });
+
+    // Adopted by a broker whose policy now says 1: a respawn still
+    // replaces the four connections the device has.
+    h.crash();
+    let policy = std::fs::read_to_string(&h.policy).unwrap();
+    std::fs::write(
+        &h.policy,
+        policy.replace("nbd_kernel_connections = 4", "nbd_kernel_connections = 1"),
+    )
+    .unwrap();
+    h.launch();
+    let before = rows(&h, &ALICE)[0]["pid"].as_u64().unwrap() as u32;
+    sigkill(before);
+    assert!(
+        eventually(std::time::Duration::from_secs(120), || {
+            let r = rows(&h, &ALICE);
+            r[0]["restarts"] == 4 && r[0]["state"] == 0
+        }),
+        "{:?}\n{}",
+        rows(&h, &ALICE),
+        h.broker_log()
+    );
+    assert!(four_served(&h), "after adoption: {}", h.broker_log());
+    // And it serves: a write and its read-back through the device.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .unwrap();
+    let mut block = tapjail_testsupport::Aligned::new(4096);
+    block.buf().fill(0x5a);
+    f.write_all_at(block.buf(), 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    let mut back = tapjail_testsupport::Aligned::new(4096);
+    f.read_exact_at(back.buf(), 1 << 20).unwrap();
+    assert!(back.buf().iter().all(|&b| b == 0x5a));
+    drop(f);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     assert!(connected_nbds().is_empty(), "{:?}", connected_nbds());
     vhd_check(&img);

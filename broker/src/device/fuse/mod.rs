@@ -375,6 +375,7 @@ impl DeviceBackend for FuseBackend {
                 loop_number: Some(dev.number()),
                 mount_dir: mount.dir().map(Path::to_path_buf),
                 ublk_dev_id: None,
+                nbd_connections: None,
                 roles: fds.iter().map(|(r, _)| r.to_string()).collect(),
             },
             fds,

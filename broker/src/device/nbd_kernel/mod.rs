@@ -126,9 +126,11 @@ impl NbdKernelBackend {
         b.size = h.size;
         b.read_only = h.read_only;
         // A respawn replaces every connection the device has: as many as
-        // it was connected with, whatever the policy says now.
-        if let Some(n) = sysfs::hw_queues(Path::new(sysfs::SYS_BLOCK), index) {
-            b.connections = n.clamp(1, MAX_CONNECTIONS);
+        // it was connected with, whatever the policy says now. (The
+        // kernel's hardware queues do not tell: blk-mq caps them at the
+        // CPU count.)
+        if let Some(n) = h.nbd_connections {
+            b.connections = (n as usize).clamp(1, MAX_CONNECTIONS);
         }
         b.dev = Some(Connected {
             index,
@@ -363,6 +365,7 @@ impl DeviceBackend for NbdKernelBackend {
                 size: self.size,
                 read_only: self.read_only,
                 node: sysfs::node(d.index),
+                nbd_connections: Some(self.connections as u32),
                 ..Default::default()
             },
             Vec::new(),

@@ -47,21 +47,6 @@ pub fn backend(sys_block: &Path, index: u32) -> Option<String> {
         .map(|s| s.trim_end_matches('\n').to_string())
 }
 
-/// How many connections a connected device has: the driver gives each
-/// its own hardware queue (`mq/0`, `mq/1`, …). `None` when unreadable.
-pub fn hw_queues(sys_block: &Path, index: u32) -> Option<usize> {
-    let n = std::fs::read_dir(sys_block.join(format!("nbd{index}/mq")))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-        })
-        .count();
-    (n > 0).then_some(n)
-}
-
 /// Devices connected with exactly `ident` (what a broker that is gone left).
 pub fn owned_by(sys_block: &Path, ident: &str) -> Vec<u32> {
     devices(sys_block)
@@ -139,18 +124,5 @@ mod tests {
         assert_eq!(devices(d.path()), vec![0, 1, 2, 3, 10]);
         assert_eq!(owned_by(d.path(), "tapjail:/s:tapdev1"), vec![0, 10]);
         assert!(connected(d.path(), 3) && !connected(d.path(), 2));
-    }
-
-    #[test]
-    fn hw_queues_counts_the_numbered_queue_dirs() {
-        let d = tempfile::tempdir().unwrap();
-        for q in ["0", "1", "2", "3"] {
-            std::fs::create_dir_all(d.path().join(format!("nbd5/mq/{q}"))).unwrap();
-        }
-        std::fs::write(d.path().join("nbd5/mq/stray"), "").unwrap();
-        std::fs::create_dir_all(d.path().join("nbd6/mq")).unwrap();
-        assert_eq!(hw_queues(d.path(), 5), Some(4));
-        assert_eq!(hw_queues(d.path(), 6), None, "no queue: unknown");
-        assert_eq!(hw_queues(d.path(), 7), None);
     }
 }
