@@ -87,7 +87,17 @@ impl Broker {
                 if other_rw { " for writing" } else { "" }
             )))
         };
-        image_open::open(grant, writable, self.open_deadline(), &local)
+        let opened = image_open::open(grant, writable, self.open_deadline(), &local)?;
+        if writable {
+            if let Some(why) = self
+                .spawn_cfg
+                .cgroups
+                .memory_image_warning(opened.id.0, &grant.path)
+            {
+                tracing::warn!(minor = minor.get(), "{why}");
+            }
+        }
+        Ok(opened)
     }
 
     /// How long one image open may take: the worker's deadline, at most

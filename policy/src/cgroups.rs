@@ -5,7 +5,7 @@
 //! Each worker runs in `<cgroup_root>/<tenant>/<minor>`; these keys only
 //! say what to write there (the broker does the writing).
 
-use crate::config::Checker;
+use crate::config::{Checker, FrontendChoice};
 use serde::Deserialize;
 use std::path::PathBuf;
 use toml::Spanned;
@@ -37,27 +37,45 @@ impl CgroupMode {
 /// (memory.peak of workers of each frontend under I/O; see bench/README.md).
 pub mod defaults {
     /// memory.max of a worker, MiB: RLIMIT_MEMLOCK (all of a worker's
-    /// memory is locked) plus room for what the kernel charges besides
-    /// (page tables, io_uring rings, socket buffers, reclaimable page cache).
+    /// memory is locked) plus room for what the kernel charges besides:
+    /// page tables, io_uring rings, slab, and the page cache of the image
+    /// file, which the kernel reclaims within memory.max (dirty pages are
+    /// throttled per cgroup and written back first).
     ///
-    /// Not + 64: with 128 MiB in all, 1 MiB direct writes at depth 8 on a
-    /// ublk disk failed with EIO in nestvm (they pass with room to spare;
-    /// what the kernel charges then is not isolated yet, dirty page cache of
-    /// the engine's buffered path is the suspect). 512 MiB in all still
-    /// bounds a worker, and what it may pin stays RLIMIT_MEMLOCK.
-    pub const WORKER_MEMORY_MAX_MIB: u64 = crate::config::defaults::WORKER_MEMLOCK_MIB + 448;
-    /// pids.max of a worker: its own threads (FUSE: up to 16 serving
-    /// threads plus control and log threads; ublk and NBD fewer) and the
-    /// kernel's io-wq workers, which io_uring starts for every request that
-    /// must block (1 MiB direct writes at depth 8 start dozens) and which
-    /// count here. A creation refused by pids.max cancels the request
-    /// (ECANCELED, an EIO to the guest): 64 failed 1 MiB writes on ublk in
-    /// nestvm. So the default is the worker's own RLIMIT_NPROC budget
-    /// (`tapjail_worker` THREAD_BUDGET): the cgroup never refuses a thread
-    /// the rlimit allows, and still bounds a thread bomb.
-    pub const WORKER_PIDS_MAX: u32 = 512;
+    /// Measured in nestvm (`e2e cgroup_bounds::`, memory.stat of busy
+    /// ublk and FUSE workers): on ext4 a worker peaks at 50-80 MiB with no
+    /// limit near, its file pages (up to 16 MiB dirty) being the only part
+    /// that grows with I/O. The EIO once seen at + 64 was not page cache:
+    /// the image lay on tmpfs, whose pages (memory.stat `shmem`) are
+    /// charged to the worker that writes them and cannot be reclaimed
+    /// without swap. An image on tmpfs needs a memory.max that holds the
+    /// data written to it (tap-broker warns at open).
+    pub const WORKER_MEMORY_MAX_MIB: u64 = crate::config::defaults::WORKER_MEMLOCK_MIB + 64;
+    /// pids.max of a worker (ublk, FUSE + loop, and `auto`): its own
+    /// threads (FUSE: 16 serving threads and 2 more; ublk about 9) and
+    /// io_uring's io-wq workers, which count here. The worker caps io-wq
+    /// per ring (`IORING_REGISTER_IOWQ_MAX_WORKERS`: one bounded and one
+    /// unbounded per image-file ring user, four and one per ublk queue), so
+    /// its tasks stay under about 51 (FUSE) and 28 (ublk) at worst; the
+    /// busiest measured 34 and 17. Without the caps a kernel sized io-wq
+    /// from the CPU count and RLIMIT_NPROC, and an io-wq worker refused by
+    /// pids.max fails its request (ECANCELED, an EIO to the guest).
+    pub const WORKER_PIDS_MAX: u32 = 64;
+    /// pids.max of an NBD worker (`frontend = "nbd"` or `"nbd-kernel"`):
+    /// 32 I/O threads and 2 paced lanes, each with its io-wq cap, plus a
+    /// reader and a writer thread per client (up to 32).
+    pub const NBD_WORKER_PIDS_MAX: u32 = 160;
     /// cgroup v2's own default weight (cpu.weight and io.weight).
     pub const WEIGHT: u32 = 100;
+
+    /// The default pids.max for workers of `frontend`.
+    pub fn pids_max(frontend: crate::config::FrontendChoice) -> u32 {
+        use crate::config::FrontendChoice as F;
+        match frontend {
+            F::Nbd | F::NbdKernel => NBD_WORKER_PIDS_MAX,
+            F::Auto | F::Ublk | F::Fuse => WORKER_PIDS_MAX,
+        }
+    }
 }
 
 /// Least memory.max above RLIMIT_MEMLOCK, MiB: below it a worker that
@@ -105,7 +123,12 @@ pub(crate) struct RawCgroupKeys {
     pub worker_pids_max: Option<Spanned<i64>>,
 }
 
-pub(crate) fn build(c: &mut Checker<'_>, raw: RawCgroupKeys, memlock_mib: u64) -> CgroupPolicy {
+pub(crate) fn build(
+    c: &mut Checker<'_>,
+    raw: RawCgroupKeys,
+    memlock_mib: u64,
+    frontend: FrontendChoice,
+) -> CgroupPolicy {
     let mode = raw.cgroups.map_or(CgroupMode::Auto, |m| *m.get_ref());
     let root = raw.cgroup_root.map(|r| {
         let span = r.span();
@@ -146,13 +169,14 @@ pub(crate) fn build(c: &mut Checker<'_>, raw: RawCgroupKeys, memlock_mib: u64) -
             v
         }
     };
-    let pids_max = raw.worker_pids_max.map_or(defaults::WORKER_PIDS_MAX, |m| {
+    let default_pids = defaults::pids_max(frontend);
+    let pids_max = raw.worker_pids_max.map_or(default_pids, |m| {
         c.int_in(
             "worker_pids_max",
             &m,
             PIDS_MAX_RANGE.0,
             PIDS_MAX_RANGE.1,
-            defaults::WORKER_PIDS_MAX,
+            default_pids,
         )
     });
     CgroupPolicy {
@@ -197,6 +221,27 @@ mod tests {
         assert!(p.cgroup.memory_max >= p.worker_memlock + (16 << 20));
         assert_eq!(p.cgroup.pids_max, super::defaults::WORKER_PIDS_MAX);
         assert_eq!(p.tenants[0].cgroup, super::TenantCgroup::default());
+    }
+
+    #[test]
+    fn cgroup_defaults_are_tight_bounds_sized_per_frontend() {
+        let p = Policy::parse(T).unwrap();
+        assert_eq!(p.cgroup.memory_max, p.worker_memlock + (64 << 20));
+        assert_eq!(p.cgroup.memory_max, 128 << 20);
+        for (frontend, pids) in [
+            ("ublk", 64),
+            ("fuse", 64),
+            ("auto", 64),
+            ("nbd", 160),
+            ("nbd-kernel", 160),
+        ] {
+            let p = Policy::parse(&format!("frontend = {frontend:?}\n{T}")).unwrap();
+            assert_eq!(p.cgroup.pids_max, pids, "{frontend}");
+        }
+        let p = Policy::parse(&format!("frontend = \"nbd\"\nworker_pids_max = 40\n{T}")).unwrap();
+        assert_eq!(p.cgroup.pids_max, 40, "an explicit value wins");
+        let p = Policy::parse(&format!("worker_memlock_mib = 200\n{T}")).unwrap();
+        assert_eq!(p.cgroup.memory_max, (200 + 64) << 20, "sized from memlock");
     }
 
     #[test]

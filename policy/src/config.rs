@@ -682,6 +682,7 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             worker_pids_max: raw.worker_pids_max,
         },
         memlock_mib,
+        frontend,
     );
     let worker_memlock = raw
         .worker_memlock_mib

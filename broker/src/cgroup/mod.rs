@@ -14,6 +14,7 @@
 
 pub mod detect;
 pub mod leaf;
+pub mod memfs;
 
 pub use leaf::{Leaf, Limits};
 use std::collections::HashMap;
@@ -211,6 +212,24 @@ impl Cgroups {
         leaves.retain(|_, w| w.strong_count() > 0);
         leaves.insert(path, Arc::downgrade(&l));
         Ok(Some(l))
+    }
+
+    /// Why a worker writing the image on device `dev` (`st_dev`) at
+    /// `path` may fail short of its disk's size: the image is on a memory
+    /// filesystem, so its data counts toward the worker's memory.max
+    /// ([`memfs`]). `None` without cgroups or on other filesystems.
+    pub fn memory_image_warning(&self, dev: u64, path: &Path) -> Option<String> {
+        self.root()?;
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let fs = memfs::memory_fs(&mountinfo, dev)?;
+        Some(format!(
+            "image {} is on {fs}: the data written to it is memory charged to its worker's \
+             cgroup (memory.max {} MiB, no swap), so I/O fails once the worker's memory and \
+             that data reach it; keep images on disk storage, or raise worker_memory_max_mib \
+             to hold the image",
+            path.display(),
+            self.limits.memory_max >> 20
+        ))
     }
 
     /// The leaf an adopted worker (a previous broker's) is in, if it is one

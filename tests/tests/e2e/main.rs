@@ -8,6 +8,7 @@ mod audit_full;
 mod audit_rotation;
 mod cbt;
 mod cgroup;
+mod cgroup_bounds;
 mod ctlplane;
 mod deadlines;
 mod escapes;

@@ -40,6 +40,34 @@ pub struct RingSpec<'a> {
     pub file_slots: u32,
     /// Opcodes the ring may run.
     pub opcodes: &'a [u8],
+    /// io-wq workers a thread that submits here may have.
+    pub iowq: IowqMax,
+}
+
+/// `IORING_REGISTER_IOWQ_MAX_WORKERS` for a ring: how many io-wq workers
+/// (kernel threads that run the requests that must block) each thread
+/// submitting to it may have. io-wq is per thread and its workers count
+/// toward the worker cgroup's `pids.max`; a worker the kernel cannot
+/// create there fails its request (ECANCELED, an EIO to the guest). The
+/// kernel's own caps (bounded: the SQ size up to 4 per CPU; unbounded:
+/// RLIMIT_NPROC) depend on the host, so the worker sets its own and its
+/// task count has a bound (`sandbox::tasks`) that `pids.max` can hold.
+/// Set before the ring is enabled (restrictions forbid it after), so a
+/// worker taken over by its image cannot raise it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IowqMax {
+    /// Workers for regular files and block devices (our image I/O).
+    pub bounded: u32,
+    /// Workers for what may never complete (sockets, pipes): none of our
+    /// rings queue such work, so 1 (0 would mean "the kernel's default").
+    pub unbounded: u32,
+}
+
+impl IowqMax {
+    /// The most a submitting thread brings along.
+    pub const fn total(self) -> u32 {
+        self.bounded + self.unbounded
+    }
 }
 
 /// Make a ring for `spec`: disabled, sparse file table, restrictions in
@@ -58,6 +86,11 @@ pub fn restricted(spec: &RingSpec<'_>) -> io::Result<Uring> {
         .build(spec.sq_entries)
         .map_err(|e| annotate(e, spec.what, "io_uring_setup"))?;
     let sub = ring.submitter();
+    // Stored in the ring: every thread whose io-wq starts with a request
+    // on it gets these caps.
+    let mut max = [spec.iowq.bounded, spec.iowq.unbounded];
+    sub.register_iowq_max_workers(&mut max)
+        .map_err(|e| annotate(e, spec.what, "io_uring_register(IOWQ_MAX_WORKERS)"))?;
     sub.register_files_sparse(spec.file_slots)
         .map_err(|e| annotate(e, spec.what, "io_uring_register(FILES, sparse)"))?;
     let fixed = squeue::Flags::FIXED_FILE.bits();
@@ -75,9 +108,15 @@ pub fn restricted(spec: &RingSpec<'_>) -> io::Result<Uring> {
 }
 
 /// Entries per image-file ring. A ring serves one request at a time for
-/// one caller; the size also caps the kernel's io-wq workers per calling
-/// thread (the kernel sizes a thread's io-wq from the first ring it uses).
+/// one caller.
 const FILE_RING_ENTRIES: u32 = 2;
+
+/// io-wq caps of an image-file ring: its caller waits for its one request,
+/// so one worker runs it if it must block.
+pub const FILE_RING_IOWQ: IowqMax = IowqMax {
+    bounded: 1,
+    unbounded: 1,
+};
 
 /// Opcodes an image-file ring may run.
 pub const FILE_OPCODES: [u8; 4] = [
@@ -111,6 +150,7 @@ impl Ring {
             single_issuer: false,
             file_slots,
             opcodes: &FILE_OPCODES,
+            iowq: FILE_RING_IOWQ,
         })?;
         ring.submitter()
             .register_enable_rings()
@@ -236,5 +276,76 @@ mod tests {
         // SAFETY: buf outlives the call.
         let e = unsafe { ring.run(gone) }.unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    }
+
+    /// The io-wq caps of the thread calling, read through a plain ring of
+    /// its own (a zero changes nothing and the kernel answers the current
+    /// values of the caller's io-wq).
+    fn iowq_of_this_thread() -> [u32; 2] {
+        let probe = Uring::new(2).unwrap();
+        let mut max = [0u32; 2];
+        probe
+            .submitter()
+            .register_iowq_max_workers(&mut max)
+            .unwrap();
+        max
+    }
+
+    /// Submit one read of `f` on `ring`, so that this thread's io-wq exists.
+    fn first_use(ring: &mut Ring, f: &std::fs::File) {
+        ring.set_slot(0, f.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 512];
+        let read = opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 512).build();
+        // SAFETY: buf outlives the call.
+        assert_eq!(unsafe { ring.run(read) }.unwrap(), 512);
+    }
+
+    #[test]
+    fn ring_thread_whose_first_ring_is_a_file_ring_gets_its_iowq_caps() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let mut ring = Ring::new(1).unwrap();
+        let capped = std::thread::scope(|s| {
+            s.spawn(|| {
+                first_use(&mut ring, &f);
+                iowq_of_this_thread()
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(
+            capped,
+            [FILE_RING_IOWQ.bounded, FILE_RING_IOWQ.unbounded],
+            "the kernel did not apply the ring's io-wq caps"
+        );
+        // Control: a thread whose io-wq starts on an uncapped ring gets the
+        // kernel's own sizes (bounded from the SQ and CPUs, unbounded from
+        // RLIMIT_NPROC), which the caps above replaced.
+        let plain = std::thread::spawn(|| {
+            let mut r = Uring::new(2).unwrap();
+            let nop = opcode::Nop::new().build();
+            // SAFETY: a no-op references no memory.
+            unsafe { run_one(&mut r, nop) }.unwrap();
+            iowq_of_this_thread()
+        })
+        .join()
+        .unwrap();
+        assert_ne!(plain, capped, "uncapped io-wq: {plain:?}");
+        assert!(plain[1] > FILE_RING_IOWQ.unbounded, "{plain:?}");
+    }
+
+    /// The caps are fixed for the worker's life: an enabled, restricted
+    /// ring refuses the registration, so a worker taken over by its image
+    /// cannot change them (what bounds its tasks is still pids.max).
+    #[test]
+    fn ring_refuses_raising_its_iowq_caps_once_enabled() {
+        let ring = Ring::new(1).unwrap();
+        let mut max = [64u32, 64];
+        let e = ring
+            .ring
+            .submitter()
+            .register_iowq_max_workers(&mut max)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     }
 }

@@ -16,7 +16,7 @@
 use super::queue::FIRST_IMAGE_SLOT;
 use crate::frontend::FrontendError;
 use crate::image::direct::{MAX_DIRECT_FILES, MAX_SEGMENTS};
-use crate::io::ring::{restricted, RingSpec, Uring};
+use crate::io::ring::{restricted, IowqMax, RingSpec, Uring};
 use io_uring::opcode;
 use std::sync::Mutex;
 use tapjail_common::ublk_abi::{UBLK_DEFAULT_NR_QUEUES, UBLK_DEFAULT_QUEUE_DEPTH};
@@ -63,6 +63,14 @@ fn lock() -> std::sync::MutexGuard<'static, Made> {
     MADE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// io-wq caps of a queue ring: its image READ/WRITEs that cannot complete
+/// without blocking (buffered reads of uncached data, direct writes that
+/// allocate) run on these, the rest are async in the kernel already.
+pub const QUEUE_RING_IOWQ: IowqMax = IowqMax {
+    bounded: 4,
+    unbounded: 1,
+};
+
 /// The ring of a queue of `depth` tags. Each tag has at most one command or
 /// MAX_SEGMENTS image SQEs queued; a full SQ is flushed by `push`. The CQ
 /// holds everything that can be in flight at once, so completions never
@@ -79,6 +87,7 @@ fn spec(depth: u16) -> RingSpec<'static> {
         single_issuer: true,
         file_slots: FIRST_IMAGE_SLOT + MAX_DIRECT_FILES as u32,
         opcodes: &OPCODES,
+        iowq: QUEUE_RING_IOWQ,
     }
 }
 
