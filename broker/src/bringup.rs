@@ -80,7 +80,11 @@ impl Broker {
                 .files
                 .get(&id)?
                 .iter()
-                .find(|(m, other_rw)| *m != minor && (writable || *other_rw))
+                .find(|(m, other_rw)| {
+                    *m != minor
+                        && (writable || *other_rw)
+                        && !crate::xapi::cached_parent::paired(&t, minor, *m, id)
+                })
                 .copied()?;
             Some(BrokerError::busy(format!(
                 "that image file is already open{} on minor {m}",

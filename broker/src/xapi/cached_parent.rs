@@ -68,6 +68,11 @@ pub fn pair(t: &mut Table, minor: Minor, from: Minor, cache: FileId) {
     t.cache_readers.insert(minor, (from, cache));
 }
 
+/// Whether `a` and `b` are a read cache and its clone on file `id`.
+pub fn paired(t: &Table, a: Minor, b: Minor, id: FileId) -> bool {
+    t.cache_readers.get(&a) == Some(&(b, id)) || t.cache_readers.get(&b) == Some(&(a, id))
+}
+
 /// `minor` closed, or its `-e` open failed: its claims no longer coexist.
 pub fn unpair(t: &mut Table, minor: Minor) {
     t.cache_readers.remove(&minor);
