@@ -131,7 +131,10 @@ fn read_cache_clone_reads_leaf_then_cache_then_gold_and_survives_the_cache_worke
     // A: the read cache; one full read fills it.
     let a = attach(&h);
     let ca = format!("vhd:{}", cache.display());
-    h.ok(&ALICE, &["open", "-p", &a.pid, "-m", &a.minor, "-a", &ca, "-r"]);
+    h.ok(
+        &ALICE,
+        &["open", "-p", &a.pid, "-m", &a.minor, "-a", &ca, "-r"],
+    );
     assert!(read_all(&a.dev) == want_gold, "A: the gold's data");
     let am: u64 = a.minor.parse().unwrap();
     let sa = stats(&h, am);
@@ -182,9 +185,9 @@ fn read_cache_clone_reads_leaf_then_cache_then_gold_and_survives_the_cache_worke
     );
     assert_eq!(layer_reads(&sb, 2), 0, "nothing from gold: {sb}");
     assert!(
-        h.audit_lines()
-            .iter()
-            .any(|l| l.to_string().contains("parent reads go through read cache minor")),
+        h.audit_lines().iter().any(|l| l
+            .to_string()
+            .contains("parent reads go through read cache minor")),
         "the -e open is audited"
     );
 
@@ -233,7 +236,10 @@ fn read_cache_clone_reads_leaf_then_cache_then_gold_and_survives_the_cache_worke
     assert!(read_all(&b.dev) == model, "B after A's respawn");
 
     // Close in SM's order: the leaf, then the cache.
-    h.ok(&ALICE, &["close", "-p", &b.pid, "-m", &b.minor, "-t", "120"]);
+    h.ok(
+        &ALICE,
+        &["close", "-p", &b.pid, "-m", &b.minor, "-t", "120"],
+    );
     let apid = entry(&h, am)["pid"].as_u64().unwrap().to_string();
     h.ok(&ALICE, &["close", "-p", &apid, "-m", &a.minor, "-t", "120"]);
 }
