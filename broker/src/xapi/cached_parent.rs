@@ -77,3 +77,42 @@ pub fn paired(t: &Table, a: Minor, b: Minor, id: FileId) -> bool {
 pub fn unpair(t: &mut Table, minor: Minor) {
     t.cache_readers.remove(&minor);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(n: u64) -> Minor {
+        Minor::new(n).unwrap()
+    }
+
+    #[test]
+    fn only_a_paired_clone_shares_the_cache_file_with_its_writer() {
+        let cache: FileId = (1, 7);
+        let other: FileId = (1, 8);
+        let mut t = Table::default();
+        t.claim_files(m(0), &[(cache, true)]).unwrap();
+        // Unpaired, a read claim on a file written elsewhere is refused.
+        assert!(t.claim_files(m(1), &[(cache, false)]).is_err());
+        pair(&mut t, m(1), m(0), cache);
+        assert!(paired(&t, m(0), m(1), cache) && paired(&t, m(1), m(0), cache));
+        t.claim_files(m(1), &[(cache, false)]).unwrap();
+        // Only that file, only with that minor.
+        t.claim_files(m(0), &[(other, true)]).unwrap();
+        assert!(t.claim_files(m(1), &[(other, false)]).is_err());
+        assert!(t.claim_files(m(2), &[(cache, false)]).is_err());
+        // The cache's worker reclaims its file beside the clone (respawn).
+        t.release_files(m(0), &[(cache, true)]);
+        t.claim_files(m(0), &[(cache, true)]).unwrap();
+        // A third minor may not write it either.
+        t.release_files(m(0), &[(cache, true)]);
+        assert!(t.claim_files(m(2), &[(cache, true)]).is_err());
+        unpair(&mut t, m(1));
+        assert!(!paired(&t, m(0), m(1), cache));
+        assert!(t.claim_files(m(0), &[(cache, true)]).is_err());
+        assert_eq!(reader_of(&t, m(1), 1), None);
+        pair(&mut t, m(1), m(0), cache);
+        assert_eq!(reader_of(&t, m(1), 1), Some((m(0), cache)));
+        assert_eq!(reader_of(&t, m(1), 2), None, "only the leaf's own parent");
+    }
+}
