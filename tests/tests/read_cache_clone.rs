@@ -155,11 +155,17 @@ fn read_cache_clone_reads_leaf_then_cache_then_gold_and_survives_the_cache_worke
     h.ok(&BOB, &["attach", "-p", &bpid, "-m", &bminor]);
     let bob_leaf = h.vhd_image(BOB.name, "b.vhd", SIZE_MIB);
     let bl = format!("vhd:{}", bob_leaf.display());
-    h.fails(
+    let e = h.fails(
         &BOB,
         &[
             "open", "-p", &bpid, "-m", &bminor, "-a", &bl, "-e", &a.minor,
         ],
+    );
+    assert!(
+        h.audit_lines()
+            .iter()
+            .any(|l| l["rule"].as_str() == Some("foreign-parent")),
+        "Bob's -e on Alice's cache minor is denied by policy and audited: {e}"
     );
 
     // B: `open -e A` on the leaf.
