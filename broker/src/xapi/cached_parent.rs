@@ -32,7 +32,7 @@
 //! The broker side: B's open of the cache takes [`CACHE_READER`] locks
 //! (reads, refuses nothing, so A's writer lock and B coexist), and the
 //! table records the pair (`Table::cache_readers`) so the two claims on
-//! the one file coexist, for B's respawns and A's too, until B closes.
+//! the one file coexist, for B's respawns and A's too, until either closes.
 //!
 //! [`CACHE_READER`]: crate::image_open::locks::CACHE_READER
 
@@ -74,8 +74,12 @@ pub fn paired(t: &Table, a: Minor, b: Minor, id: FileId) -> bool {
 }
 
 /// `minor` closed, or its `-e` open failed: its claims no longer coexist.
+/// A closed read cache unpairs its clones too, so whatever opens the
+/// file next for writing (even on a reused minor number) meets the
+/// clones' read claims and is refused until they close.
 pub fn unpair(t: &mut Table, minor: Minor) {
     t.cache_readers.remove(&minor);
+    t.cache_readers.retain(|_, (from, _)| *from != minor);
 }
 
 #[cfg(test)]
@@ -107,7 +111,9 @@ mod tests {
         // A third minor may not write it either.
         t.release_files(m(0), &[(cache, true)]);
         assert!(t.claim_files(m(2), &[(cache, true)]).is_err());
-        unpair(&mut t, m(1));
+        // The cache minor closes: its clone is unpaired, so a new writer
+        // of the file (here on the same minor number) is refused.
+        unpair(&mut t, m(0));
         assert!(!paired(&t, m(0), m(1), cache));
         assert!(t.claim_files(m(0), &[(cache, true)]).is_err());
         assert_eq!(reader_of(&t, m(1), 1), None);
