@@ -80,7 +80,11 @@ impl Broker {
                 .files
                 .get(&id)?
                 .iter()
-                .find(|(m, other_rw)| *m != minor && (writable || *other_rw))
+                .find(|(m, other_rw)| {
+                    *m != minor
+                        && (writable || *other_rw)
+                        && !crate::xapi::cached_parent::paired(&t, minor, *m, id)
+                })
                 .copied()?;
             Some(BrokerError::busy(format!(
                 "that image file is already open{} on minor {m}",
@@ -390,15 +394,21 @@ impl Broker {
             if let Err(e) = decided {
                 return Err(format!("parent refused: {e}"));
             }
-            let opened = self
-                .open_grant(&grant, false, target.minor)
-                .and_then(|opened| {
-                    let image_open::Opened { file, id } = opened;
-                    crate::xapi::scope::check_shared_parent(id, names.len())
-                        .map_err(BrokerError::denied)?;
-                    self.table().claim_files(target.minor, &[(id, false)])?;
-                    Ok((id, file))
-                });
+            // `-e` on a read cache: its file is read while its worker writes.
+            let cache =
+                crate::xapi::cached_parent::reader_of(&self.table(), target.minor, names.len());
+            let opened = match cache {
+                Some((from, cache)) => image_open::open_cache_reader(&grant, self.open_deadline())
+                    .and_then(|o| crate::xapi::cached_parent::check(o.id, from, cache).map(|()| o)),
+                None => self.open_grant(&grant, false, target.minor),
+            }
+            .and_then(|opened| {
+                let image_open::Opened { file, id } = opened;
+                crate::xapi::scope::check_shared_parent(id, names.len())
+                    .map_err(BrokerError::denied)?;
+                self.table().claim_files(target.minor, &[(id, false)])?;
+                Ok((id, file))
+            });
             match opened {
                 Ok((id, file)) => {
                     files.push((id, false));

@@ -69,6 +69,10 @@ pub struct Table {
     pub pending: Vec<PendingSpawn>,
     /// Files open (or being opened) on some minor: (minor, writable).
     pub files: BTreeMap<FileId, Vec<(Minor, bool)>>,
+    /// `-e` clones of a read cache (`crate::xapi::cached_parent`): clone
+    /// minor → (read cache minor, cache file). Their claims on that file
+    /// coexist: the clone only reads what the cache's worker writes.
+    pub cache_readers: BTreeMap<Minor, (Minor, FileId)>,
     /// Where the next worker uid is looked for (`supervisor::uids`).
     pub uid_picker: crate::supervisor::uids::UidPicker,
 }
@@ -153,7 +157,13 @@ impl Table {
     ) -> Result<(), BrokerError> {
         for (id, rw) in files {
             if let Some(users) = self.files.get(id) {
-                if let Some((m, other_rw)) = users.iter().find(|(m, _)| *m != minor) {
+                let cache_pair = |m: Minor| {
+                    self.cache_readers.get(&minor) == Some(&(m, *id))
+                        || self.cache_readers.get(&m) == Some(&(minor, *id))
+                };
+                if let Some((m, other_rw)) =
+                    users.iter().find(|(m, _)| *m != minor && !cache_pair(*m))
+                {
                     if *rw || *other_rw {
                         return Err(BrokerError::busy(format!(
                             "that image file is already open{} on minor {m}",

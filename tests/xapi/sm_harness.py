@@ -492,14 +492,18 @@ def main():
         except OSError as e:
             assert e.errno in (errno.EPERM, errno.EROFS), e
         if attach == 1:
-            # SM's next step, the VM's local leaf on the cache with -e, is
-            # not built: refused by name, nothing left behind.
+            # SM's next step: the VM's local leaf, a child of the cache,
+            # opened with -e on the cache minor; its parent reads go
+            # through the cache (filled above), none to the gold.
             local_leaf = os.path.join(IMAGES, "local-leaf.vhd")
             vhd("snapshot", "-n", local_leaf, "-p", rc_path)
-            rows = len(TapCtl.list())
-            expect_failure("open -e of a read cache minor", 95, ["read cache", "not supported"],
-                           lambda: activate(local_leaf, "vhd", {"existing_prt": rc.minor}))
-            assert len(TapCtl.list()) == rows
+            leaf = activate(local_leaf, "vhd", {"existing_prt": rc.minor, "timeout": 30})
+            assert read_dev(leaf) == PATTERN, "the leaf reads through the cache"
+            st = json.loads(TapCtl.stats(leaf.pid, leaf.minor))
+            assert st["images"][1]["name"] == rc_path, st
+            assert st["images"][1]["hits"][0] >= len(PATTERN) // 512, st
+            assert st["images"][2]["hits"][0] == 0, st
+            leaf.shutdown()
         rc.shutdown()
     outside = os.path.join(IMAGES, "outside.vhdcache")
     vhd("snapshot", "-n", outside, "-p", gold)

@@ -61,6 +61,20 @@ pub const READER: LockPlan = LockPlan {
     check_used: true,
 };
 
+/// A read cache (`open -r`) read as the parent of an `-e` clone: it only
+/// reads, and refuses nothing, because the cache's own worker keeps
+/// writing it (fills). That is safe for the clone: a fill only turns a
+/// missing sector present after its data is durable, and the clone reads
+/// a sector from the cache only where it saw it present (see
+/// `crate::xapi::cached_parent`). Everyone else is still kept out by the
+/// cache worker's [`WRITER`] lock.
+pub const CACHE_READER: LockPlan = LockPlan {
+    used: &[PERM_READ],
+    unshared: &[],
+    check_unshared: false,
+    check_used: true,
+};
+
 /// No locks (removing a file: the fd only proves which file it is).
 pub const NONE: LockPlan = LockPlan {
     used: &[],

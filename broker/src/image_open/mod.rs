@@ -144,6 +144,22 @@ pub fn open_leaf_as_parent(grant: &ImageGrant, deadline: Duration) -> Result<Ope
     }
 }
 
+/// Open the read cache `grant` names read-only as the parent of an `-e`
+/// clone while the cache's worker writes it (see [`locks::CACHE_READER`]).
+pub fn open_cache_reader(grant: &ImageGrant, deadline: Duration) -> Result<Opened, BrokerError> {
+    let shown = grant.path.display().to_string();
+    match once(
+        grant,
+        false,
+        locks::CACHE_READER,
+        helper::Action::Open,
+        deadline,
+    )? {
+        Ok(o) => Ok(o),
+        Err(o) => Err(explain(o, grant, &shown)),
+    }
+}
+
 /// Open `grant` read-write for an online coalesce while its worker holds
 /// it: the served leaf again (`leaf`, a stream) or its parent (a commit);
 /// see [`locks::LEAF_AGAIN`] and [`locks::PARENT_BECOMING_LEAF`].

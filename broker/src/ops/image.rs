@@ -265,6 +265,7 @@ impl Broker {
         let (next, served) = closed(std::mem::replace(lease.phase_mut(), Phase::Allocated));
         lease.set(next);
         self.xapi.forget(lease.minor());
+        crate::xapi::cached_parent::unpair(&mut self.table(), lease.minor());
         let mut problems = Vec::new();
         if let Some(s) = served {
             drop_served(s, &mut problems);

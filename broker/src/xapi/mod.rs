@@ -17,6 +17,7 @@
 //!   kept only if the reopen succeeds); kept for respawns.
 //! - Flags not built are refused, audited, with `Unsupported`.
 
+pub mod cached_parent;
 pub mod keys;
 pub mod read_cache;
 pub mod scope;
@@ -167,7 +168,7 @@ impl Broker {
     /// scope, run the request underneath.
     pub fn op_with_options(
         self: &Arc<Self>,
-        t: Guard<'_>,
+        mut t: Guard<'_>,
         req: &Request,
         opts: &Options,
         d: &Decision,
@@ -188,9 +189,17 @@ impl Broker {
         scope.plan.leaf_buffered = opts.no_o_direct;
         scope.plan.read_cache = opts.read_cache;
         scope.key = opts.encryption_key.clone();
+        let mut paired = None;
         if let Some(from) = opts.existing_parent {
             let from_cache = self.xapi.read_cache(from, false);
-            scope.shared = Some(shared_chain(&t, req, from, from_cache)?);
+            let shared = shared_chain(&t, req, from, from_cache)?;
+            if let (true, Some(minor), Some(cache)) =
+                (from_cache, minor_named(req), shared.files.first())
+            {
+                cached_parent::pair(&mut t, minor, from, *cache);
+                paired = Some(minor);
+            }
+            scope.shared = Some(shared);
             scope.plan.parents_buffered = true;
         }
         if let Some(m) = &opts.mirror {
@@ -208,7 +217,16 @@ impl Broker {
                 self.op_allocate(t, &tenant, d, Some(m))
             }
             _ => {
-                let (reply, mut outcome) = self.execute(t, req, d)?;
+                let executed = self.execute(t, req, d);
+                if let (Err(_), Some(m)) = (&executed, paired) {
+                    cached_parent::unpair(&mut self.table(), m);
+                }
+                let (reply, mut outcome) = executed?;
+                if let (Some(from), Some(_)) = (opts.existing_parent, paired) {
+                    outcome.push_str(&format!(
+                        "; -e {from}: parent reads go through read cache minor {from} (read-only here)"
+                    ));
+                }
                 // On record what -e shared; an image without a parent
                 // shares nothing (blktap ignores -e then too).
                 if let (Some(n), Some(from)) = (scope::shared_taken(), opts.existing_parent) {
@@ -308,18 +326,6 @@ fn shared_chain(
             "-e {from}: a minor cannot share its own parent chain"
         )));
     }
-    if from_cache {
-        // Its cache file is written by fills while the clone would read
-        // it with the metadata of the moment it opened: not built yet.
-        return Err(BrokerError::new(
-            ErrorKind::Unsupported,
-            format!(
-                "-e {from}: minor {from} is a read cache (-r); sharing a read cache's chain with a \
-                 clone is not supported by tapjail yet: base the clone on a read-only (-R) minor \
-                 serving the gold image instead"
-            ),
-        ));
-    }
     let disk = t.disk(from).map_err(|e| e.context(format!("-e {from}")))?;
     let phase = disk.phase()?;
     let Some(image) = phase.image() else {
@@ -327,7 +333,10 @@ fn shared_chain(
             "-e {from}: minor {from} has no image open to share"
         )));
     };
-    if image.files.iter().any(|(_, rw)| *rw) {
+    // A read cache's own file is written by its fills, never by a guest:
+    // a clone reads it as its parent (see [`cached_parent`]).
+    let skip = usize::from(from_cache);
+    if image.files.iter().skip(skip).any(|(_, rw)| *rw) {
         return Err(BrokerError::busy(format!(
             "-e {from}: minor {from} serves {} writable; a shared parent chain must be opened read-only (-R)",
             image.spec
