@@ -19,6 +19,8 @@
 //! died is started again on the respawned worker (a stream resumes where
 //! the leaf is filled, a commit copies again).
 
+mod resume;
+
 use super::live_worker;
 use crate::audit::Done;
 use crate::broker::Broker;
@@ -27,7 +29,7 @@ use crate::image_open;
 use crate::lease::Lease;
 use crate::lifecycle::{OpenImage, Phase};
 use crate::table::Table;
-use crate::worker::WorkerError;
+use crate::worker::{WorkerConn, WorkerError};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard};
@@ -51,7 +53,7 @@ const LEASE_WAIT: Duration = Duration::from_secs(10);
 const RESPAWN_WAIT: Duration = Duration::from_secs(60);
 
 /// Why one attempt ended.
-enum Failure {
+pub(super) enum Failure {
     /// The worker died (or was killed): start again on its successor.
     Died(BrokerError),
     Other(BrokerError),
@@ -81,7 +83,11 @@ fn serving(minor: Minor) -> impl FnOnce(&Table, &Phase) -> Result<(), BrokerErro
     }
 }
 
-fn coalesce_reply(pid: u32, step: &str, r: FromWorker) -> Result<CoalesceReply, Failure> {
+pub(super) fn coalesce_reply(
+    pid: u32,
+    step: &str,
+    r: FromWorker,
+) -> Result<CoalesceReply, Failure> {
     match r {
         FromWorker::Coalesce(r) => Ok(*r),
         other => Err(Failure::Other(BrokerError::failed(format!(
@@ -249,27 +255,52 @@ impl Broker {
         let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
         let held = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Hold), &[]);
         let held = coalesce_reply(w.pid, "Hold", held.map_err(worker_failure)?)?;
-        // Complete and durable: on record before any write lands in it.
         let new = new_image(&old, direction, &grant, file_id);
-        set_image(&mut lease, new.clone());
+        crate::stop_point::reached("coalesce-held");
+        self.record_and_switch(
+            &mut lease,
+            &conn,
+            w.pid,
+            minor,
+            (&old, new),
+            direction,
+            held.stats.copied_bytes,
+        )
+    }
+
+    /// Steps 4 and 5 of a merge the worker holds (its new chain complete
+    /// and durable): the record names `new`, then `Switch` serves it. On a
+    /// refused `Switch` the old chain is back on record.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn record_and_switch(
+        &self,
+        lease: &mut Lease<'_>,
+        conn: &WorkerConn,
+        pid: u32,
+        minor: Minor,
+        (old, new): (&OpenImage, OpenImage),
+        direction: Direction,
+        copied: u64,
+    ) -> Result<CoalesceDone, Failure> {
+        // Complete and durable: on record before any write lands in it.
+        set_image(lease, new);
         let recorded = self.table().disk_mut(minor).and_then(|disk| {
             disk.persist_as(lease.phase())
                 .map_err(|e| BrokerError::failed(format!("writing minor {minor}'s record: {e}")))
         });
         if let Err(e) = recorded {
-            set_image(&mut lease, old.clone());
+            set_image(lease, old.clone());
             let _ = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Abort), &[]);
             return Err(e.into());
         }
+        crate::stop_point::reached("coalesce-recorded");
         let switched = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Switch), &[]);
-        drop(conn);
         match switched {
             Ok(FromWorker::Coalesce(r))
                 if r.chain.is_empty() || r.chain.len() > MAX_CHAIN_DEPTH =>
             {
                 Err(BrokerError::failed(format!(
-                    "tapdisk {} reported a chain of {} images after its coalesce",
-                    w.pid,
+                    "tapdisk {pid} reported a chain of {} images after its coalesce",
                     r.chain.len()
                 ))
                 .into())
@@ -282,21 +313,20 @@ impl Broker {
                 Ok(CoalesceDone {
                     direction,
                     chain,
-                    copied_bytes: r.stats.copied_bytes.max(held.stats.copied_bytes),
+                    copied_bytes: r.stats.copied_bytes.max(copied),
                     stall_us: r.stall_us.min(tapjail_common::snapshot::MAX_STALL_US),
                     restarts: 0,
                 })
             }
             Ok(other) => Err(BrokerError::failed(format!(
-                "tapdisk {} answered {} to coalesce Switch",
-                w.pid,
+                "tapdisk {pid} answered {} to coalesce Switch",
                 crate::worker::variant(&other)
             ))
             .into()),
             // The worker refused and serves the old chain: back to it
             // (the new one is complete too; the old stays the record).
             Err(e @ WorkerError::Worker { .. }) => {
-                set_image(&mut lease, old.clone());
+                set_image(lease, old.clone());
                 let _ = self.table().disk_mut(minor).and_then(|disk| {
                     disk.persist_as(lease.phase())
                         .map_err(|e| BrokerError::failed(e.to_string()))
@@ -333,7 +363,7 @@ impl Broker {
     /// A commit's parent, opened read-write with the tenant's credentials
     /// after a policy check (it must be in a root she may write), refused
     /// if another disk uses it.
-    fn open_parent_for_commit(
+    pub(super) fn open_parent_for_commit(
         &self,
         owner: &str,
         old: &OpenImage,
@@ -418,7 +448,7 @@ fn check_chain(old: &OpenImage, direction: Direction, minor: Minor) -> Result<()
 }
 
 /// The record after the switch.
-fn new_image(
+pub(super) fn new_image(
     old: &OpenImage,
     direction: Direction,
     grant: &tapjail_policy::ImageGrant,
