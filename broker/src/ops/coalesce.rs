@@ -53,7 +53,7 @@ const LEASE_WAIT: Duration = Duration::from_secs(10);
 const RESPAWN_WAIT: Duration = Duration::from_secs(60);
 
 /// Why one attempt ended.
-pub(super) enum Failure {
+enum Failure {
     /// The worker died (or was killed): start again on its successor.
     Died(BrokerError),
     Other(BrokerError),
@@ -83,7 +83,7 @@ fn serving(minor: Minor) -> impl FnOnce(&Table, &Phase) -> Result<(), BrokerErro
     }
 }
 
-pub(super) fn coalesce_reply(
+fn coalesce_reply(
     pid: u32,
     step: &str,
     r: FromWorker,
@@ -272,7 +272,7 @@ impl Broker {
     /// and durable): the record names `new`, then `Switch` serves it. On a
     /// refused `Switch` the old chain is back on record.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn record_and_switch(
+    fn record_and_switch(
         &self,
         lease: &mut Lease<'_>,
         conn: &WorkerConn,
@@ -363,12 +363,34 @@ impl Broker {
     /// A commit's parent, opened read-write with the tenant's credentials
     /// after a policy check (it must be in a root she may write), refused
     /// if another disk uses it.
-    pub(super) fn open_parent_for_commit(
+    fn open_parent_for_commit(
         &self,
         owner: &str,
         old: &OpenImage,
         minor: Minor,
     ) -> Result<(tapjail_policy::ImageGrant, image_open::Opened), BrokerError> {
+        let grant = self.commit_parent_grant(owner, old, minor)?;
+        let parent = PathBuf::from(&old.chain[1]);
+        let parent_id = old.files.get(1).map(|f| f.0);
+        let f = image_open::reopen_for_coalesce(&grant, false, self.open_deadline())?;
+        if Some(f.id) != parent_id {
+            return Err(BrokerError::failed(format!(
+                "{}: the path no longer names the parent minor {minor} serves: refused",
+                parent.display()
+            )));
+        }
+        self.table().claim_files(minor, &[(f.id, true)])?;
+        Ok((grant, f))
+    }
+
+    /// The grant to write a commit's parent: beneath a root the tenant may
+    /// write, and used by no other disk.
+    fn commit_parent_grant(
+        &self,
+        owner: &str,
+        old: &OpenImage,
+        minor: Minor,
+    ) -> Result<tapjail_policy::ImageGrant, BrokerError> {
         let parent = PathBuf::from(&old.chain[1]);
         let parent_id = old.files.get(1).map(|f| f.0);
         if let Some(id) = parent_id {
@@ -405,15 +427,7 @@ impl Broker {
                 parent.display()
             )));
         }
-        let f = image_open::reopen_for_coalesce(&grant, false, self.open_deadline())?;
-        if Some(f.id) != parent_id {
-            return Err(BrokerError::failed(format!(
-                "{}: the path no longer names the parent minor {minor} serves: refused",
-                parent.display()
-            )));
-        }
-        self.table().claim_files(minor, &[(f.id, true)])?;
-        Ok((grant, f))
+        Ok(grant)
     }
 }
 
@@ -448,7 +462,7 @@ fn check_chain(old: &OpenImage, direction: Direction, minor: Minor) -> Result<()
 }
 
 /// The record after the switch.
-pub(super) fn new_image(
+fn new_image(
     old: &OpenImage,
     direction: Direction,
     grant: &tapjail_policy::ImageGrant,

@@ -140,10 +140,13 @@ impl Broker {
                 Ok(new_image(old, direction, &old.grant, old.files[0].0))
             }
             Direction::Commit if old.chain.len() >= 2 && old.files.len() == old.chain.len() => {
-                // The same checks as a commit's start: policy, not shared,
-                // the same file.
-                let (grant, f) = self.open_parent_for_commit(owner, old, minor)?;
-                Ok(new_image(old, direction, &grant, f.id))
+                // The checks of a commit's start (policy, not shared); the
+                // worker has the parent open for writing (and locked) from
+                // that start, which checked it is the file on record.
+                let grant = self.commit_parent_grant(owner, old, minor)?;
+                let id = old.files[1].0;
+                self.table().claim_files(minor, &[(id, true)])?;
+                Ok(new_image(old, direction, &grant, id))
             }
             _ => Err(BrokerError::failed(format!(
                 "minor {minor}: the record's chain {:?} does not fit a held {direction}",
