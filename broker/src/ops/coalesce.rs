@@ -83,11 +83,7 @@ fn serving(minor: Minor) -> impl FnOnce(&Table, &Phase) -> Result<(), BrokerErro
     }
 }
 
-fn coalesce_reply(
-    pid: u32,
-    step: &str,
-    r: FromWorker,
-) -> Result<CoalesceReply, Failure> {
+fn coalesce_reply(pid: u32, step: &str, r: FromWorker) -> Result<CoalesceReply, Failure> {
     match r {
         FromWorker::Coalesce(r) => Ok(*r),
         other => Err(Failure::Other(BrokerError::failed(format!(
@@ -265,12 +261,14 @@ impl Broker {
             (&old, new),
             direction,
             held.stats.copied_bytes,
+            true,
         )
     }
 
     /// Steps 4 and 5 of a merge the worker holds (its new chain complete
     /// and durable): the record names `new`, then `Switch` serves it. On a
-    /// refused `Switch` the old chain is back on record.
+    /// refused `Switch` the old chain is back on record. `stop`: a crash
+    /// test may stop the broker here (not when finishing a predecessor's).
     #[allow(clippy::too_many_arguments)]
     fn record_and_switch(
         &self,
@@ -281,6 +279,7 @@ impl Broker {
         (old, new): (&OpenImage, OpenImage),
         direction: Direction,
         copied: u64,
+        stop: bool,
     ) -> Result<CoalesceDone, Failure> {
         // Complete and durable: on record before any write lands in it.
         set_image(lease, new);
@@ -293,7 +292,9 @@ impl Broker {
             let _ = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Abort), &[]);
             return Err(e.into());
         }
-        crate::stop_point::reached("coalesce-recorded");
+        if stop {
+            crate::stop_point::reached("coalesce-recorded");
+        }
         let switched = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Switch), &[]);
         match switched {
             Ok(FromWorker::Coalesce(r))

@@ -119,6 +119,7 @@ impl Broker {
             (&old, new),
             direction,
             r.stats.copied_bytes,
+            false,
         )
         .map(Some)
         .map_err(failure_error)
