@@ -76,6 +76,7 @@ mod qos_records;
 mod records;
 mod resync;
 mod server;
+mod stop_point;
 mod supervisor;
 use tapjail_broker::sys;
 mod table;
@@ -292,6 +293,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || sup.supervise())?;
     let held_n = held.len();
     let adopted = broker.adopt(&store, held);
+    broker.resume_held_merges();
     for note in broker.restore_tenant_limits() {
         tapjail_common::log_line!("tap-broker: {note}");
         broker.notice(Event::BrokerStart, None, None, "restore-limits", note);

@@ -444,6 +444,12 @@ impl Harness {
         child.wait_with_output().expect("tap-ctl output")
     }
 
+    /// The tap-ctl command for `t` with `args`, to spawn and outlive the
+    /// borrow (a request left running across a broker crash).
+    pub fn ctl_command(&self, t: &TenantSpec, args: &[&str]) -> Command {
+        self.ctl_cmd(t.uid, t.gid, args)
+    }
+
     pub fn ctl(&self, t: &TenantSpec, args: &[&str]) -> Output {
         self.ctl_as(t.uid, t.gid, args)
     }

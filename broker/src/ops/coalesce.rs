@@ -19,6 +19,8 @@
 //! died is started again on the respawned worker (a stream resumes where
 //! the leaf is filled, a commit copies again).
 
+mod resume;
+
 use super::live_worker;
 use crate::audit::Done;
 use crate::broker::Broker;
@@ -27,7 +29,7 @@ use crate::image_open;
 use crate::lease::Lease;
 use crate::lifecycle::{OpenImage, Phase};
 use crate::table::Table;
-use crate::worker::WorkerError;
+use crate::worker::{WorkerConn, WorkerError};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard};
@@ -249,27 +251,57 @@ impl Broker {
         let conn = w.conn.lock().unwrap_or_else(|e| e.into_inner());
         let held = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Hold), &[]);
         let held = coalesce_reply(w.pid, "Hold", held.map_err(worker_failure)?)?;
-        // Complete and durable: on record before any write lands in it.
         let new = new_image(&old, direction, &grant, file_id);
-        set_image(&mut lease, new.clone());
+        crate::stop_point::reached("coalesce-held");
+        self.record_and_switch(
+            &mut lease,
+            &conn,
+            w.pid,
+            minor,
+            (&old, new),
+            direction,
+            held.stats.copied_bytes,
+            true,
+        )
+    }
+
+    /// Steps 4 and 5 of a merge the worker holds (its new chain complete
+    /// and durable): the record names `new`, then `Switch` serves it. On a
+    /// refused `Switch` the old chain is back on record. `stop`: a crash
+    /// test may stop the broker here (not when finishing a predecessor's).
+    #[allow(clippy::too_many_arguments)]
+    fn record_and_switch(
+        &self,
+        lease: &mut Lease<'_>,
+        conn: &WorkerConn,
+        pid: u32,
+        minor: Minor,
+        (old, new): (&OpenImage, OpenImage),
+        direction: Direction,
+        copied: u64,
+        stop: bool,
+    ) -> Result<CoalesceDone, Failure> {
+        // Complete and durable: on record before any write lands in it.
+        set_image(lease, new);
         let recorded = self.table().disk_mut(minor).and_then(|disk| {
             disk.persist_as(lease.phase())
                 .map_err(|e| BrokerError::failed(format!("writing minor {minor}'s record: {e}")))
         });
         if let Err(e) = recorded {
-            set_image(&mut lease, old.clone());
+            set_image(lease, old.clone());
             let _ = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Abort), &[]);
             return Err(e.into());
         }
+        if stop {
+            crate::stop_point::reached("coalesce-recorded");
+        }
         let switched = conn.call(&ToWorker::Coalesce(ToWorkerCoalesce::Switch), &[]);
-        drop(conn);
         match switched {
             Ok(FromWorker::Coalesce(r))
                 if r.chain.is_empty() || r.chain.len() > MAX_CHAIN_DEPTH =>
             {
                 Err(BrokerError::failed(format!(
-                    "tapdisk {} reported a chain of {} images after its coalesce",
-                    w.pid,
+                    "tapdisk {pid} reported a chain of {} images after its coalesce",
                     r.chain.len()
                 ))
                 .into())
@@ -282,21 +314,20 @@ impl Broker {
                 Ok(CoalesceDone {
                     direction,
                     chain,
-                    copied_bytes: r.stats.copied_bytes.max(held.stats.copied_bytes),
+                    copied_bytes: r.stats.copied_bytes.max(copied),
                     stall_us: r.stall_us.min(tapjail_common::snapshot::MAX_STALL_US),
                     restarts: 0,
                 })
             }
             Ok(other) => Err(BrokerError::failed(format!(
-                "tapdisk {} answered {} to coalesce Switch",
-                w.pid,
+                "tapdisk {pid} answered {} to coalesce Switch",
                 crate::worker::variant(&other)
             ))
             .into()),
             // The worker refused and serves the old chain: back to it
             // (the new one is complete too; the old stays the record).
             Err(e @ WorkerError::Worker { .. }) => {
-                set_image(&mut lease, old.clone());
+                set_image(lease, old.clone());
                 let _ = self.table().disk_mut(minor).and_then(|disk| {
                     disk.persist_as(lease.phase())
                         .map_err(|e| BrokerError::failed(e.to_string()))
@@ -339,6 +370,28 @@ impl Broker {
         old: &OpenImage,
         minor: Minor,
     ) -> Result<(tapjail_policy::ImageGrant, image_open::Opened), BrokerError> {
+        let grant = self.commit_parent_grant(owner, old, minor)?;
+        let parent = PathBuf::from(&old.chain[1]);
+        let parent_id = old.files.get(1).map(|f| f.0);
+        let f = image_open::reopen_for_coalesce(&grant, false, self.open_deadline())?;
+        if Some(f.id) != parent_id {
+            return Err(BrokerError::failed(format!(
+                "{}: the path no longer names the parent minor {minor} serves: refused",
+                parent.display()
+            )));
+        }
+        self.table().claim_files(minor, &[(f.id, true)])?;
+        Ok((grant, f))
+    }
+
+    /// The grant to write a commit's parent: beneath a root the tenant may
+    /// write, and used by no other disk.
+    fn commit_parent_grant(
+        &self,
+        owner: &str,
+        old: &OpenImage,
+        minor: Minor,
+    ) -> Result<tapjail_policy::ImageGrant, BrokerError> {
         let parent = PathBuf::from(&old.chain[1]);
         let parent_id = old.files.get(1).map(|f| f.0);
         if let Some(id) = parent_id {
@@ -375,15 +428,7 @@ impl Broker {
                 parent.display()
             )));
         }
-        let f = image_open::reopen_for_coalesce(&grant, false, self.open_deadline())?;
-        if Some(f.id) != parent_id {
-            return Err(BrokerError::failed(format!(
-                "{}: the path no longer names the parent minor {minor} serves: refused",
-                parent.display()
-            )));
-        }
-        self.table().claim_files(minor, &[(f.id, true)])?;
-        Ok((grant, f))
+        Ok(grant)
     }
 }
 
