@@ -264,6 +264,11 @@ pub fn nbd_client(data: &[u8]) -> NbdRun {
     .expect("serve")
     .expect("serve");
     ctx.pool.shutdown();
+    // The throttle lanes' threads too (their thread-local state would be
+    // reported as a leak otherwise).
+    for lane in &ctx.paced {
+        lane.shutdown();
+    }
     tx.join().expect("client writer");
     let replies = rx.join().expect("client reader");
     let (answered, whole) = check_replies(&replies, &sent);
