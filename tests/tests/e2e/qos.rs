@@ -288,7 +288,15 @@ fn qos_writes_out_of_tokens_do_not_hold_up_reads() {
     const EACH: u64 = 16; // qemu's NBD client keeps 16 requests in flight
     let h = Harness::start(Options::default());
     let (m, sock) = disk(&h, &BOB, "b.img");
-    // The worker sizes its pool from its memlock limit and says so.
+    // The worker sizes its pool from its memlock limit and says so (its
+    // line is relayed by the broker's log reader: wait for it).
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || h
+            .broker_log()
+            .contains(" I/O threads")),
+        "no serving line: {}",
+        h.broker_log()
+    );
     let log = h.broker_log();
     let said = |what: &str| -> u64 {
         let at = log
