@@ -18,7 +18,7 @@ use crate::image::vhd::create::{create, CreateKind, ParentSpec};
 use crate::image::vhd::footer::VHD_EPOCH;
 use crate::image::vhd::locator::LocatorCode;
 use crate::image::vhd::{self, VhdImage, VhdLayer, VhdOptions};
-use crate::image::{Backing, DirectFile, Image, ImageError, ParentOpener};
+use crate::image::{Backing, Image, ImageError, ParentOpener};
 use crate::io::{CacheMode, UringFile};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -43,38 +43,6 @@ pub struct Prepared {
 impl Prepared {
     pub fn child_name(&self) -> &str {
         &self.child_name
-    }
-}
-
-/// One `Backing` shared by several owners (the old leaf's read-only file,
-/// read once at prepare and again at the switch).
-#[derive(Debug, Clone)]
-struct Shared(Arc<dyn Backing>);
-
-impl Backing for Shared {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_all_at(buf, offset)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.punch_hole(offset, len)
-    }
-    fn direct_fd(&self) -> Option<DirectFile> {
-        self.0.direct_fd()
-    }
-    fn read_exact_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
-        self.0.read_exact_at_nowait(buf, offset)
     }
 }
 
@@ -108,7 +76,7 @@ pub fn prepare(
     let leaf_file: Arc<dyn Backing> =
         Arc::new(uring(leaf_fd, parent_cache, "setting up leaf file")?);
     let image: VhdImage = vhd::open(
-        Box::new(Shared(leaf_file.clone())),
+        Box::new(leaf_file.clone()),
         &parent.absolute,
         true,
         parents,
@@ -192,7 +160,7 @@ pub fn switch(
             .ok_or_else(|| ImageError::InvalidArgument("snapshot switched twice".into()))?;
         // Flushed and drained: the leaf's metadata is final now.
         let fresh = VhdLayer::open(
-            Box::new(Shared(leaf_file.clone())),
+            Box::new(leaf_file.clone()),
             &leaf_name,
             true,
             VhdOptions::default(),

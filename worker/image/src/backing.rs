@@ -49,6 +49,38 @@ pub trait Backing: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// One file shared by several owners (a layer and the code that may
+/// rewrite it, or an old leaf read at two moments): every call goes to it.
+impl<B: Backing + ?Sized> Backing for std::sync::Arc<B> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn direct_fd(&self) -> Option<super::DirectFile> {
+        (**self).direct_fd()
+    }
+    fn read_exact_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        (**self).read_exact_at_nowait(buf, offset)
+    }
+    fn modified_secs(&self) -> Option<i64> {
+        (**self).modified_secs()
+    }
+}
+
 impl Backing for File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)

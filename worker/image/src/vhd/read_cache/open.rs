@@ -22,7 +22,7 @@ use crate::vhd::layer::raw::open_raw_parent;
 use crate::vhd::layer::{VhdLayer, VhdOptions};
 use crate::vhd::locator::LocatorCode;
 use crate::vhd::{modify, MAX_CHAIN_DEPTH};
-use crate::{Backing, DirectFile, ImageError, ParentOpener};
+use crate::{Backing, ImageError, ParentOpener};
 use std::sync::Arc;
 
 /// A read cache, opened.
@@ -42,8 +42,7 @@ pub fn open(
     options: VhdOptions,
 ) -> Result<Opened, ImageError> {
     let file: Arc<dyn Backing> = Arc::from(leaf);
-    let layer =
-        |f: &Arc<dyn Backing>| VhdLayer::open(Box::new(Shared(f.clone())), name, false, options);
+    let layer = |f: &Arc<dyn Backing>| VhdLayer::open(Box::new(f.clone()), name, false, options);
     let mut first = layer(&file)?;
     if first.disk_type() != DiskType::Differencing {
         return Err(ImageError::InvalidArgument(format!(
@@ -158,38 +157,4 @@ fn empty(file: &dyn Backing, table: u64, entries: u32) -> Result<(), ImageError>
         done += n;
     }
     file.sync_data().map_err(ImageError::io("fsync", 0))
-}
-
-/// The cache file, shared by the layer and the open that may empty it.
-#[derive(Debug, Clone)]
-struct Shared(Arc<dyn Backing>);
-
-impl Backing for Shared {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_all_at(buf, offset)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.punch_hole(offset, len)
-    }
-    fn direct_fd(&self) -> Option<DirectFile> {
-        self.0.direct_fd()
-    }
-    fn read_exact_at_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
-        self.0.read_exact_at_nowait(buf, offset)
-    }
-    fn modified_secs(&self) -> Option<i64> {
-        self.0.modified_secs()
-    }
 }
