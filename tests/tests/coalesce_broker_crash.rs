@@ -115,11 +115,16 @@ fn broker_killed_while_held(flag: &str, point: &str) {
         "the broker never reached {point}:\n{}",
         h.broker_log()
     );
-    assert!(
-        !ended(),
-        "the coalesce ended before {point}:\n{}",
-        h.broker_log()
-    );
+    if ended() {
+        let out = merge.wait_with_output().expect("tap-ctl output");
+        panic!(
+            "the coalesce ended before {point} ({}): {}{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            h.broker_log()
+        );
+    }
     // The worker holds I/O now: this write cannot complete until the
     // merge switches (or is released).
     let writer = std::thread::spawn({
