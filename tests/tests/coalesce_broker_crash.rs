@@ -6,62 +6,19 @@
 //! The broker stops itself at a named point (`TAPJAIL_TEST_STOP_AT`); the
 //! test waits for the stopped state in `/proc`, then kills it there.
 
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::fs;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 use tapjail_tests::*;
+
+mod coalesce_common;
+use coalesce_common::*;
 use tapjail_testsupport::fuse_loop_turn;
 
 const MIB: usize = 1 << 20;
 const SIZE_MIB: u64 = 32;
 const LIMIT: Duration = Duration::from_secs(45);
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[i % 4] ^ seed)
-        .collect()
-}
-
-/// Write through the device, durably.
-fn write_dev(dev: &Path, off: usize, data: &[u8]) {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(dev)
-        .expect("open device");
-    f.write_all_at(data, off as u64).expect("write device");
-    f.sync_all().expect("fsync device");
-}
-
-fn write(dev: &Path, model: &mut [u8], off: usize, data: &[u8]) {
-    write_dev(dev, off, data);
-    model[off..off + data.len()].copy_from_slice(data);
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The whole device, read past the page cache.
-fn read_back(dev: &Path, dir: &Path) -> Vec<u8> {
-    let out = dir.join("readback.raw");
-    run_ok(
-        Command::new("dd")
-            .arg(format!("if={}", dev.display()))
-            .arg(format!("of={}", out.display()))
-            .args(["bs=1M", "iflag=direct", "status=none"]),
-    );
-    fs::read(out).expect("read back")
-}
 
 /// The process state letter from `/proc/PID/stat` (`T`: stopped).
 fn proc_state(pid: u32) -> Option<char> {
@@ -167,19 +124,7 @@ fn broker_killed_while_held(flag: &str, point: &str) {
         "device differs from the model after {flag} with the broker killed at {point}"
     );
     h.ok(&ROOT, &["destroy", "-m", "0"]);
-    let raw = dir.path().join("model.raw");
-    fs::write(&raw, &model).unwrap();
-    run_ok(
-        Command::new(bin("tap-ctl"))
-            .args(["vhd", "check", "-n"])
-            .arg(merged),
-    );
-    run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "vpc", "-F", "raw"])
-            .arg(merged)
-            .arg(&raw),
-    );
+    check_merged_offline(merged, dir.path(), &model);
 }
 
 /// Killed after Hold, before the record names the new chain: the new

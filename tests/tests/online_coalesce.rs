@@ -4,12 +4,14 @@
 //! progress in `stats` goes up while the merge runs, and the merged
 //! image checks clean and compares equal offline with qemu-img.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tapjail_tests::*;
+
+mod coalesce_common;
+use coalesce_common::*;
 use tapjail_testsupport::fuse_loop_turn;
 
 const MIB: usize = 1 << 20;
@@ -17,47 +19,6 @@ const SIZE_MIB: u64 = 64;
 
 fn stats(h: &Harness) -> serde_json::Value {
     serde_json::from_str(&h.ok(&ROOT, &["stats", "-m", "0"])).expect("stats JSON")
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[i % 4] ^ seed)
-        .collect()
-}
-
-/// Write through the device and into the model, durably.
-fn write(dev: &Path, model: &mut [u8], off: usize, data: &[u8]) {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(dev)
-        .expect("open device");
-    f.write_all_at(data, off as u64).expect("write device");
-    f.sync_all().expect("fsync device");
-    model[off..off + data.len()].copy_from_slice(data);
-}
-
-/// The whole device, read past the page cache.
-fn read_back(dev: &Path, dir: &Path) -> Vec<u8> {
-    let out = dir.join("readback.raw");
-    run_ok(
-        Command::new("dd")
-            .arg(format!("if={}", dev.display()))
-            .arg(format!("of={}", out.display()))
-            .args(["bs=1M", "iflag=direct", "status=none"]),
-    );
-    fs::read(out).expect("read back")
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The merge's state and done/total chunks; `None` also while the
@@ -202,20 +163,7 @@ fn merge_under_writes(flag: &str, kill: bool) {
     );
     h.ok(&ROOT, &["destroy", "-m", "0"]);
     // Offline: the merged image stands alone and holds the model.
-    let raw = dir.path().join("model.raw");
-    fs::write(&raw, &model).unwrap();
-    // qemu-img has no check for vpc: ours, then qemu's reading of it.
-    run_ok(
-        Command::new(bin("tap-ctl"))
-            .args(["vhd", "check", "-n"])
-            .arg(merged),
-    );
-    run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "vpc", "-F", "raw"])
-            .arg(merged)
-            .arg(&raw),
-    );
+    check_merged_offline(merged, dir.path(), &model);
     drop(File::open(merged).unwrap());
 }
 
