@@ -164,6 +164,10 @@ pub enum MirrorState {
     Copying,
     /// The secondary holds everything the primary does.
     Synced,
+    /// A file secondary (`-2 vhd:PATH`): every write goes to both, and
+    /// the secondary is read below the leaf; no copy is made (it holds the
+    /// disk's earlier data itself, as blktap assumes).
+    Mirroring,
     /// Standby: connected, not written.
     Standby,
     /// Standby after the primary ran out of space: served by the secondary.
@@ -180,6 +184,7 @@ impl MirrorState {
         match self {
             MirrorState::Copying => "copying",
             MirrorState::Synced => "synced",
+            MirrorState::Mirroring => "mirroring",
             MirrorState::Standby => "standby",
             MirrorState::FailedOver => "failed-over",
             MirrorState::Failed => "failed",
