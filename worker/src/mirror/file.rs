@@ -27,7 +27,7 @@ use crate::image::{raw::RawImage, Extent, Image, ImageError, LayerStats, SECTOR_
 use crate::io::{CacheMode, UringFile};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tapjail_common::mirror::{MirrorState, MirrorStats};
 use tapjail_common::proto::ImageKind;
 
@@ -103,8 +103,12 @@ impl FileMirror {
         }
     }
 
-    /// The leaf is full: move on to the secondary (once).
-    fn leaf_full(&self, why: &ImageError) {
+    /// The leaf is full: move on to the secondary (once). In mirror mode
+    /// the retired leaf is emptied in place (`VhdLayer::empty_in_place`):
+    /// the secondary has every write it has, and a respawned tapdisk that
+    /// opens the leaf again must read through it, not its stale sectors.
+    /// `gate` held exclusively: no write is still under way on the leaf.
+    fn leaf_full(&self, why: &ImageError, primary: &dyn Image) {
         let (from, to, what) = match self.mode {
             MirrorMode::Mirror => (
                 Phase::Mirroring,
@@ -120,15 +124,25 @@ impl FileMirror {
         if self
             .phase
             .compare_exchange(from as u8, to as u8, Relaxed, Relaxed)
-            .is_ok()
+            .is_err()
         {
-            tapjail_common::log_line!(
-                "tapdisk: the leaf is out of space ({why}); {what} ({})",
-                self.uri
-            );
-            *self.error.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(format!("the leaf ran out of space: {why}"));
+            return;
         }
+        tapjail_common::log_line!(
+            "tapdisk: the leaf is out of space ({why}); {what} ({})",
+            self.uri
+        );
+        let mut error = format!("the leaf ran out of space: {why}");
+        if to == Phase::Retired {
+            if let Some(Err(e)) = primary.vhd().map(|v| v.leaf().empty_in_place()) {
+                tapjail_common::log_line!(
+                    "tapdisk: emptying the retired leaf failed: {e}; a reopen of it would read \
+                     its stale sectors: do not reopen it"
+                );
+                error.push_str(&format!("; emptying it failed: {e}"));
+            }
+        }
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
 }
 
@@ -142,6 +156,23 @@ pub struct FileMirrored {
     /// over the whole stack, not by either image: a lone differencing
     /// secondary would merge a partial sector with zeroes).
     rmw: Mutex<()>,
+    /// Writes hold it shared; the move off a full leaf exclusively, so no
+    /// write is still under way on the leaf when it is retired.
+    gate: RwLock<()>,
+}
+
+/// Whether a lone VHD secondary has any sector of its own.
+fn holds_data(img: &dyn Image) -> Result<bool, ImageError> {
+    let size = img.virtual_size();
+    let mut off = 0;
+    while off < size {
+        let e = img.block_status(off, size - off)?;
+        if e.allocated {
+            return Ok(true);
+        }
+        off += e.len.max(1);
+    }
+    Ok(false)
 }
 
 fn no_space(e: &ImageError) -> bool {
@@ -184,6 +215,13 @@ impl FileMirrored {
                 }
                 Arc::new(VhdImage::from_layers(vec![layer])?)
             }
+            ImageKind::Aio if p.mode == MirrorMode::Standby => {
+                return Err(ImageError::InvalidArgument(format!(
+                    "-2 {name} -s: a raw secondary cannot stand by: after the failover it is \
+                     read in front of the leaf, and its every sector would hide the leaf's data; \
+                     use a VHD secondary"
+                )))
+            }
             ImageKind::Aio => Arc::new(RawImage::open(Box::new(file), &name, false)?),
         };
         if secondary.virtual_size() != primary.virtual_size() {
@@ -194,14 +232,20 @@ impl FileMirrored {
                 primary.virtual_size()
             )));
         }
+        // blktap never reads a standby secondary before the failover, and
+        // puts it in front of the leaf after: one holding data has taken
+        // over before (a tapdisk that failed over, then died), so it is
+        // in front again, or those writes would be lost.
+        let phase = match p.mode {
+            MirrorMode::Mirror => Phase::Mirroring,
+            MirrorMode::Standby if holds_data(secondary.as_ref())? => Phase::FailedOver,
+            MirrorMode::Standby => Phase::Standby,
+        };
         let state = Arc::new(FileMirror {
             uri: p.uri,
             mode: p.mode,
             size: primary.virtual_size(),
-            phase: AtomicU8::new(match p.mode {
-                MirrorMode::Mirror => Phase::Mirroring as u8,
-                MirrorMode::Standby => Phase::Standby as u8,
-            }),
+            phase: AtomicU8::new(phase as u8),
             mirrored_writes: AtomicU64::new(0),
             error: Mutex::new(None),
         });
@@ -211,6 +255,7 @@ impl FileMirrored {
                 secondary,
                 state: state.clone(),
                 rmw: Mutex::new(()),
+                gate: RwLock::new(()),
             }),
             state,
         ))
@@ -246,26 +291,32 @@ impl FileMirrored {
         &self,
         op: &dyn Fn(&dyn Image) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
-        match self.state.phase() {
-            Phase::Retired | Phase::FailedOver => return op(self.secondary.as_ref()),
-            Phase::Mirroring | Phase::Standby => {}
-        }
-        match op(self.primary.as_ref()) {
-            Ok(()) => {}
-            Err(e) if no_space(&e) => {
-                self.state.leaf_full(&e);
-                return op(self.secondary.as_ref());
+        let full = {
+            let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            match self.state.phase() {
+                Phase::Retired | Phase::FailedOver => return op(self.secondary.as_ref()),
+                Phase::Mirroring | Phase::Standby => {}
             }
-            Err(e) => return Err(e),
+            match op(self.primary.as_ref()) {
+                Ok(()) => {
+                    if self.state.mode == MirrorMode::Mirror {
+                        op(self.secondary.as_ref()).inspect_err(|e| {
+                            *self.state.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(format!("writing the secondary: {e}"));
+                        })?;
+                        self.state.mirrored_writes.fetch_add(1, Relaxed);
+                    }
+                    return Ok(());
+                }
+                Err(e) if no_space(&e) => e,
+                Err(e) => return Err(e),
+            }
+        };
+        {
+            let _alone = self.gate.write().unwrap_or_else(|p| p.into_inner());
+            self.state.leaf_full(&full, self.primary.as_ref());
         }
-        if self.state.mode == MirrorMode::Mirror {
-            op(self.secondary.as_ref()).inspect_err(|e| {
-                *self.state.error.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(format!("writing the secondary: {e}"));
-            })?;
-            self.state.mirrored_writes.fetch_add(1, Relaxed);
-        }
-        Ok(())
+        op(self.secondary.as_ref())
     }
 
     /// `[offset, offset+len)` widened to whole sectors, or `None` if it

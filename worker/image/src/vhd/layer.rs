@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 mod budget;
 mod deferred_bat;
 mod direct;
+mod empty;
 pub mod raw;
 
 const BITMAP_SHARDS: usize = 16;
