@@ -319,6 +319,10 @@ impl Broker {
             );
         }
         crate::xapi::scope::set_mirror_done(done);
+        let on_record = self.mirrors.file_record(minor);
+        if let Ok(d) = self.table().disk_mut(minor) {
+            d.secondary = on_record;
+        }
         Ok(claimed.get())
     }
 

@@ -38,7 +38,11 @@ fn secondaries_outside_the_tenants_own_files_are_refused_audited_and_nothing_ope
 
     let d = attach(&h, &ALICE);
     for (secondary, rule, says) in [
-        (&outside, "outside-roots", "outside tenant alice's image roots"),
+        (
+            &outside,
+            "outside-roots",
+            "outside tenant alice's image roots",
+        ),
         (&bobs, "outside-roots", "outside tenant alice's image roots"),
         (&link, "broker-check", "link.vhd"),
         // Its own leaf: the writer lock the broker holds refuses it first.
@@ -50,11 +54,7 @@ fn secondaries_outside_the_tenants_own_files_are_refused_audited_and_nothing_ope
             &ALICE,
             &["open", "-p", &d.pid, "-m", &d.minor, "-a", &la, "-2", &sa],
         );
-        assert!(
-            e.contains(says),
-            "{}: {e}",
-            secondary.display()
-        );
+        assert!(e.contains(says), "{}: {e}", secondary.display());
         let lines = h.audit_lines();
         assert!(
             lines[audited..]

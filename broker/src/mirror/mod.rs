@@ -16,6 +16,7 @@
 //! A minor mirroring elsewhere refuses `unpause -2` to another URI.
 
 pub mod connect;
+pub mod record;
 
 use crate::error::BrokerError;
 use crate::worker::WorkerConn;
