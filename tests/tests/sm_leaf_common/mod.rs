@@ -5,6 +5,7 @@
 //! model, and offline reads and checks of the files.
 #![allow(dead_code)] // each test binary uses part of it
 
+use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -39,6 +40,11 @@ fn run(cmd: &mut Command, input: Option<&[u8]>) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+/// `tap-ctl ARGS` (offline tools, as root) must succeed.
+pub fn run_tapctl(args: &[&str]) {
+    run(Command::new(bin("tap-ctl")).args(args), None);
 }
 
 /// `tap-ctl vhd write` (offline, as root) of `data` at `offset`.
@@ -306,4 +312,43 @@ pub fn leaf_args(d: &Disk, sr: &Sr, a: &Disk, standby: bool) -> Vec<String> {
 
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// A tmpfs mounted over a directory, lazily unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            .arg("tmpfs")
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Cap it at what it holds now plus `room` bytes.
+    pub fn cap(&self, room: u64) {
+        let c = CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs(3) with a valid path and an out struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        let used = (st.f_blocks - st.f_bfree) * st.f_frsize;
+        let kib = (used + room).div_ceil(1024);
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={kib}k")])
+            .arg(&self.0)
+            .status()
+            .expect("remount");
+        assert!(ok.success(), "remount tmpfs to {kib} KiB");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
