@@ -331,6 +331,12 @@ impl Harness {
         self.broker.as_ref().expect("broker running").id()
     }
 
+    /// The tapdisk pid `list -m MINOR` shows (as root), if a worker serves
+    /// that minor.
+    pub fn worker_pid_of(&self, minor: &str) -> Option<u32> {
+        pid_field(&self.ok(&ROOT, &["list", "-m", minor]))
+    }
+
     pub fn broker_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -689,4 +695,10 @@ pub fn direct_read_outcome(dev: &std::path::Path, limit: Duration) -> Option<boo
         return None;
     }
     Some(dd.wait().expect("dd").success())
+}
+
+/// The `pid=` field of one of `list`'s `key=value` rows.
+pub fn pid_field(row: &str) -> Option<u32> {
+    row.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
 }

@@ -481,12 +481,6 @@ fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
     let _ = std::fs::metadata(&outside.file);
 }
 
-fn pid_of(h: &Harness, minor: &str) -> Option<String> {
-    let out = h.ok(&ROOT, &["list", "-m", minor]);
-    out.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
-}
-
 #[test]
 fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
     if !preconditions() {
@@ -509,13 +503,14 @@ fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
     let sec = Secondary::start(dir.path(), "s", size);
     let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
     wait_synced(&h, &minor);
-    let old = pid_of(&h, &minor).expect("pid");
-    let old_pid: i32 = old.parse().unwrap();
+    let old = h.worker_pid_of(&minor).expect("pid");
+    let old_pid = old as i32;
     // SAFETY: kill has no memory preconditions.
     let killed = unsafe { libc::kill(old_pid, libc::SIGKILL) };
     assert_eq!(killed, 0);
     assert!(
-        eventually(Duration::from_secs(60), || pid_of(&h, &minor)
+        eventually(Duration::from_secs(60), || h
+            .worker_pid_of(&minor)
             .is_some_and(|p| p != old)
             && mirror_state(&h, &minor) != "-"),
         "no respawn: {}",
