@@ -8,7 +8,9 @@
 //! built into (`cargo build --workspace --bins`, which `cargo test
 //! --workspace` and `cargo nextest run --workspace` do).
 
+pub mod sm;
 pub mod soak;
+pub use sm::Attached;
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};

@@ -117,19 +117,10 @@ fn primary(h: &Harness, name: &str, size: u64, seed: u64) -> PathBuf {
 /// SM's attach: allocate, spawn, attach, open with `extra`. Returns
 /// (minor, pid, device).
 fn attach(h: &Harness, image: &Path, extra: &[&str]) -> (String, String, PathBuf) {
-    let dev = h.ok(&ROOT, &["allocate"]);
-    let minor = dev
-        .trim()
-        .rsplit_once("tapdev")
-        .map(|(_, n)| n.to_string())
-        .expect("tapdevN");
-    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
-    h.ok(&ROOT, &["attach", "-p", &pid, "-m", &minor]);
+    let a = h.sm_attach(&ROOT);
     let spec = format!("aio:{}", image.display());
-    let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", &spec];
-    args.extend_from_slice(extra);
-    h.ok(&ROOT, &args);
-    (minor, pid, PathBuf::from(dev.trim()))
+    h.ok(&ROOT, &a.open_args(&spec, extra));
+    (a.minor, a.pid, a.dev)
 }
 
 fn stats(h: &Harness, minor: &str) -> serde_json::Value {
@@ -469,17 +460,10 @@ fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
     let h = harness(granted.path(), false);
     let img = primary(&h, "p.img", 16 * MIB, 15);
     let outside = Secondary::start(elsewhere.path(), "o", 16 * MIB);
-    let dev = h.ok(&ROOT, &["allocate"]);
-    let minor = dev.trim().rsplit_once("tapdev").unwrap().1.to_string();
-    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
-    h.ok(&ROOT, &["attach", "-p", &pid, "-m", &minor]);
+    let a = h.sm_attach(&ROOT);
+    let minor = &a.minor;
     let spec = format!("aio:{}", img.display());
-    let open = |uri: &str| {
-        h.fails(
-            &ROOT,
-            &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-2", uri],
-        )
-    };
+    let open = |uri: &str| h.fails(&ROOT, &a.open_args(&spec, &["-2", uri]));
     // A socket outside the granted directory.
     let err = open(&outside.uri());
     assert!(err.contains("may not mirror"), "{err}");
@@ -500,7 +484,7 @@ fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
         "the refusal is not on record"
     );
     // Nothing was opened: the minor is still attached without an image.
-    assert!(!h.ok(&ROOT, &["list", "-m", &minor]).contains("args="));
+    assert!(!h.ok(&ROOT, &["list", "-m", minor]).contains("args="));
     let _ = std::fs::metadata(&outside.file);
 }
 
