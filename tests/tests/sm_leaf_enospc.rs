@@ -45,7 +45,7 @@ fn a_full_leaf_is_retired_and_the_vdi_serves_every_write() {
     let leaf = h.root(ALICE.name).join("leaf.vhd");
     h.vhd_snapshot(&leaf, &gold);
 
-    let d = attach(&h, &ALICE);
+    let d = h.sm_attach(&ALICE);
     let (la, va) = (
         format!("vhd:{}", leaf.display()),
         format!("vhd:{}", vdi.display()),
@@ -182,7 +182,7 @@ fn a_full_leaf_fails_over_to_its_standby_vdi() {
     let leaf = small.join("leaf.vhd");
     h.vhd_snapshot(&leaf, &gold);
     own(&leaf);
-    let d = attach(&h, &DAVE);
+    let d = h.sm_attach(&DAVE);
     let (la, va) = (
         format!("vhd:{}", leaf.display()),
         format!("vhd:{}", vdi.display()),

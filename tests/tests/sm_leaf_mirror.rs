@@ -35,7 +35,7 @@ fn sm_leaf_call_mirrors_guest_writes_into_the_shared_vdi_and_reads_through_it() 
     let a = open_cache_minor(&h, &sr);
     let cache_before = fs::read(&sr.cache).unwrap();
 
-    let b = attach(&h, &ALICE);
+    let b = h.sm_attach(&ALICE);
     h.ok(&ALICE, &strs(&leaf_args(&b, &sr, &a, false)));
     let uri = format!("vhd:{}", sr.vdi.display());
 

@@ -36,7 +36,7 @@ fn secondaries_outside_the_tenants_own_files_are_refused_audited_and_nothing_ope
     std::os::unix::fs::symlink(&own, &link).unwrap();
     let before = std::fs::read(&own).unwrap();
 
-    let d = attach(&h, &ALICE);
+    let d = h.sm_attach(&ALICE);
     for (secondary, rule, says) in [
         (
             &outside,

@@ -30,7 +30,7 @@ fn a_restarted_broker_respawns_the_tapdisk_with_its_file_secondary() {
     // The leaf straight over gold: no cache minor (a restarted broker does
     // not yet adopt a read cache's -e clone, see the README).
     let sr = sr(&h);
-    let b = attach(&h, &ALICE);
+    let b = h.sm_attach(&ALICE);
     let leaf = sr.dir.join("leaf.vhd");
     h.vhd_snapshot(&leaf, &sr.gold);
     let (la, va) = (

@@ -208,25 +208,6 @@ pub fn stats(h: &Harness, t: &TenantSpec, minor: &str) -> serde_json::Value {
     serde_json::from_str(&h.ok(t, &["stats", "-p", &pid, "-m", minor])).expect("stats JSON")
 }
 
-pub struct Disk {
-    pub pid: String,
-    pub dev: PathBuf,
-    pub minor: String,
-}
-
-/// SM's order: allocate, spawn, attach (the open comes after).
-pub fn attach(h: &Harness, t: &TenantSpec) -> Disk {
-    let dev = h.ok(t, &["allocate"]).trim().to_string();
-    let minor = dev.rsplit("tapdev").next().unwrap().to_string();
-    let pid = h.ok(t, &["spawn"]).trim().to_string();
-    h.ok(t, &["attach", "-p", &pid, "-m", &minor]);
-    Disk {
-        pid,
-        dev: PathBuf::from(dev),
-        minor,
-    }
-}
-
 /// The files of SM's IntelliCache layout, all in one directory (the
 /// tenant's `read_cache_root`, so offline reads follow relative
 /// locators), and what the disk reads as.
@@ -281,8 +262,8 @@ pub fn sr(h: &Harness) -> Sr {
 }
 
 /// The cache minor A, as SM opens it: `open -a vhd:CACHE -r`.
-pub fn open_cache_minor(h: &Harness, sr: &Sr) -> Disk {
-    let a = attach(h, &ALICE);
+pub fn open_cache_minor(h: &Harness, sr: &Sr) -> Attached {
+    let a = h.sm_attach(&ALICE);
     let ca = format!("vhd:{}", sr.cache.display());
     h.ok(
         &ALICE,
@@ -293,7 +274,7 @@ pub fn open_cache_minor(h: &Harness, sr: &Sr) -> Disk {
 
 /// SM's leaf call, normal mode: `open -a vhd:LEAF -r -e A -2 vhd:VDI`
 /// (`standby` adds `-s` and drops `-r`, as SM's scratch mode).
-pub fn leaf_args(d: &Disk, sr: &Sr, a: &Disk, standby: bool) -> Vec<String> {
+pub fn leaf_args(d: &Attached, sr: &Sr, a: &Attached, standby: bool) -> Vec<String> {
     let mut v: Vec<String> = ["open", "-p", &d.pid, "-m", &d.minor, "-a"]
         .iter()
         .map(|s| s.to_string())
