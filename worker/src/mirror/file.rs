@@ -21,7 +21,7 @@
 
 use super::MirrorMode;
 use crate::image::vhd::layer::{VhdLayer, VhdOptions};
-use crate::image::vhd::stack::read_own_then;
+use crate::image::vhd::stack::{read_own_then, Below};
 use crate::image::vhd::VhdImage;
 use crate::image::{raw::RawImage, Extent, Image, ImageError, LayerStats, SECTOR_SIZE};
 use crate::io::{CacheMode, UringFile};
@@ -277,7 +277,7 @@ impl FileMirrored {
         &self,
         buf: &mut [u8],
         off: u64,
-        below: &mut dyn FnMut(&mut [u8], u64) -> Result<(), ImageError>,
+        below: &mut Below<'_>,
     ) -> Result<(), ImageError> {
         match self.secondary.vhd() {
             Some(s) => read_own_then(s, buf, off, below),
