@@ -3,8 +3,9 @@
 //! devices. A serves `gold.vhdcache` (`open -r`); the VM's disk is opened
 //! exactly as SM's `_setup_cache` does, `open -a vhd:LEAF -r -e A -2
 //! vhd:VDI`. The guest's writes must land in the local leaf and in the
-//! shared VDI, reads must go leaf → VDI → cache → gold, a worker SIGKILL
-//! must lose nothing, and A's cache must stay untouched. Needs root,
+//! shared VDI, reads must go leaf → VDI → cache → gold and fill the leaf
+//! (never the VDI), a worker SIGKILL must lose nothing, and A's cache
+//! must stay untouched. Needs root,
 //! /dev/fuse and loop devices.
 
 use std::fs;
@@ -57,6 +58,29 @@ fn sm_leaf_call_mirrors_guest_writes_into_the_shared_vdi_and_reads_through_it() 
         s["images"][1]["hits"][0].as_u64().unwrap() >= 2048,
         "the earlier MiB was read from the VDI: {s}"
     );
+    // -r on the leaf: what the read brought up from below was written
+    // back into the leaf (blktap's leaf-mode lcache).
+    assert!(
+        s["read_cache"]["filled"].as_u64().unwrap_or(0) >= (SIZE / 512) as u64,
+        "every sector read from below filled the leaf: {s}"
+    );
+    assert_eq!(
+        s["images"][1]["hits"][1].as_u64(),
+        Some(0),
+        "fills never go to the VDI (blktap's skip_mirror): {s}"
+    );
+    let s2 = {
+        assert!(read_all(&b.dev) == model.data, "read again");
+        stats(&h, &ALICE, &b.minor)
+    };
+    assert!(
+        s2["images"][0]["hits"][0].as_u64().unwrap() >= (SIZE / 512) as u64,
+        "the second read came from the leaf: {s2}"
+    );
+    assert_eq!(
+        s2["images"][1]["hits"][0], s["images"][1]["hits"][0],
+        "and none of it from the VDI: {s2}"
+    );
     let row = entry(&h, &ALICE, &b.minor);
     assert_eq!(row["mirror"]["uri"].as_str(), Some(uri.as_str()), "{row}");
     assert_eq!(row["mirror"]["mode"].as_str(), Some("mirror"), "{row}");
@@ -108,8 +132,8 @@ fn sm_leaf_call_mirrors_guest_writes_into_the_shared_vdi_and_reads_through_it() 
         "the shared VDI holds exactly the guest's writes over what it held"
     );
     assert!(
-        vhd_read(&sr.leaf) == model.writes_over(&sr.gold_data),
-        "the local leaf holds exactly the guest's writes over the cache and gold"
+        vhd_read(&sr.leaf) == model.data,
+        "the local leaf holds the guest's writes and the read-through data"
     );
     assert!(
         fs::read(&sr.cache).unwrap() == cache_before,

@@ -390,7 +390,7 @@ impl Worker {
                     }
                 };
                 stats.mirror = self.mirror.stats();
-                stats.read_cache = self.read_cache.stats();
+                stats.read_cache = self.read_cache.stats().or_else(|| self.mirror.fill_stats());
                 stats.coalesce = self.coalesce.as_ref().map(|j| j.stats());
                 FromWorker::Stats(Box::new(stats))
             }
@@ -439,6 +439,7 @@ impl Worker {
                 self.cache = buffered(plan.leaf_buffered);
                 self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
                 self.read_cache.set(plan.read_cache);
+                self.mirror.leaf_fill = plan.leaf_fill;
                 FromWorker::Ok
             }
             ToWorker::Cbt(req) => crate::cbt::control::handle(

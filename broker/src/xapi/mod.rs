@@ -195,6 +195,7 @@ impl Broker {
         let leaf_mode = read_cache_leaf::leaf_mode(opts, |m| self.xapi.read_cache(m, false));
         if leaf_mode {
             scope.plan.read_cache = false;
+            scope.plan.leaf_fill = true;
         }
         if let Some(from) = opts.existing_parent {
             let from_cache = self.xapi.read_cache(from, false);

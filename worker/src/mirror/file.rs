@@ -19,6 +19,7 @@
 //! and read with [`tapjail_image::vhd::stack`] over what lies below it.
 //! Unlike an NBD secondary, its errors are the guest's: it is the VDI.
 
+use super::fill::Fill;
 use super::MirrorMode;
 use crate::image::vhd::layer::{VhdLayer, VhdOptions};
 use crate::image::vhd::stack::{read_own_then, Below};
@@ -39,6 +40,8 @@ pub struct PendingFile {
     pub mode: MirrorMode,
     pub file: OwnedFd,
     pub cache: CacheMode,
+    /// `-r` on this leaf: copy-on-read into it ([`super::fill`]).
+    pub fill: bool,
 }
 
 /// Where the disk stands with its file secondary.
@@ -75,9 +78,16 @@ pub struct FileMirror {
     phase: AtomicU8,
     mirrored_writes: AtomicU64,
     error: Mutex<Option<String>>,
+    /// Leaf-mode `-r` (mirror mode over a VHD leaf only).
+    fill: Option<Fill>,
 }
 
 impl FileMirror {
+    /// Leaf-mode `-r` counters, for `stats` (`read_cache`).
+    pub fn fill_stats(&self) -> Option<tapjail_common::read_cache::ReadCacheStats> {
+        self.fill.as_ref().map(Fill::stats)
+    }
+
     fn phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Relaxed))
     }
@@ -248,6 +258,8 @@ impl FileMirrored {
             phase: AtomicU8::new(phase as u8),
             mirrored_writes: AtomicU64::new(0),
             error: Mutex::new(None),
+            fill: (p.fill && p.mode == MirrorMode::Mirror && primary.vhd().is_some())
+                .then(Fill::default),
         });
         Ok((
             Arc::new(FileMirrored {
@@ -289,6 +301,8 @@ impl FileMirrored {
     /// the leaf is full; acknowledged only when every image written has it.
     fn write_with(
         &self,
+        offset: u64,
+        len: u64,
         op: &dyn Fn(&dyn Image) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
         let full = {
@@ -297,7 +311,11 @@ impl FileMirrored {
                 Phase::Retired | Phase::FailedOver => return op(self.secondary.as_ref()),
                 Phase::Mirroring | Phase::Standby => {}
             }
-            match op(self.primary.as_ref()) {
+            // A fill racing this write waits, or is overwritten by it.
+            let on_leaf = self.state.fill.as_ref().map(|f| f.lock(offset, len));
+            let leaf = op(self.primary.as_ref());
+            drop(on_leaf);
+            match leaf {
                 Ok(()) => {
                     if self.state.mode == MirrorMode::Mirror {
                         op(self.secondary.as_ref()).inspect_err(|e| {
@@ -342,7 +360,15 @@ impl Image for FileMirrored {
             Phase::Standby => self.primary.read_at(buf, offset),
             Phase::Mirroring => match self.primary.vhd() {
                 Some(leaf) => read_own_then(leaf, buf, offset, &mut |piece, off| {
-                    self.secondary_over(piece, off, &mut |p, o| self.parents(p, o))
+                    self.secondary_over(piece, off, &mut |p, o| self.parents(p, o))?;
+                    if let Some(fill) = &self.state.fill {
+                        // Under the gate: never into a leaf being retired.
+                        let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
+                        if self.state.phase() == Phase::Mirroring {
+                            fill.fill(leaf, piece, off);
+                        }
+                    }
+                    Ok(())
                 }),
                 // A raw leaf holds every sector itself.
                 None => self.primary.read_at(buf, offset),
@@ -367,14 +393,14 @@ impl Image for FileMirrored {
             });
         }
         let Some((start, end)) = Self::widen(offset, len) else {
-            return self.write_with(&|img| img.write_at(buf, offset));
+            return self.write_with(offset, len, &|img| img.write_at(buf, offset));
         };
         let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
         let mut whole = vec![0u8; (end - start) as usize];
         self.read_at(&mut whole, start)?;
         let at = (offset - start) as usize;
         whole[at..at + buf.len()].copy_from_slice(buf);
-        self.write_with(&|img| img.write_at(&whole, start))
+        self.write_with(start, end - start, &|img| img.write_at(&whole, start))
     }
 
     fn flush(&self) -> Result<(), ImageError> {

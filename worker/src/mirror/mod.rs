@@ -23,6 +23,7 @@
 pub mod client;
 pub mod copy;
 pub mod file;
+pub mod fill;
 mod secondary;
 mod slot;
 

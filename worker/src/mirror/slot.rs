@@ -36,6 +36,8 @@ pub struct MirrorSlot {
     /// and the one the open disk has: see [`super::file`].
     pending_file: Option<PendingFile>,
     file: Option<Arc<FileMirror>>,
+    /// The plan's leaf-mode `-r` for the next file secondary.
+    pub(crate) leaf_fill: bool,
 }
 
 impl MirrorSlot {
@@ -73,7 +75,13 @@ impl MirrorSlot {
         }
     }
 
+    /// Leaf-mode `-r` counters, for `stats` (`read_cache`).
+    pub fn fill_stats(&self) -> Option<tapjail_common::read_cache::ReadCacheStats> {
+        self.file.as_ref().and_then(|f| f.fill_stats())
+    }
+
     pub fn clear(&mut self) {
+        self.leaf_fill = false;
         self.pending_file = None;
         self.file = None;
         for m in [self.pending.take(), self.current.take()]
@@ -125,6 +133,7 @@ impl MirrorSlot {
                 mode,
                 file: sock,
                 cache,
+                fill: self.leaf_fill,
             });
             return FromWorker::Ok;
         }
