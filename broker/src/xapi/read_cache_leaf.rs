@@ -1,25 +1,32 @@
 //! `-r` on a leaf: SM's IntelliCache leaf call
-//! (`open -a vhd:LEAF -r -e A [-2 vhd:VDI [-s]]`, A the cache minor).
+//! (`open -a vhd:LEAF -r -e A -2 vhd:VDI`, A the cache minor).
 //!
 //! blktap applies one mechanism for `-r` (its lcache, `block-lcache.c`):
-//! data read from below the image is written back into it. On SM's cache
-//! minor the image is `GOLD.vhdcache`, which nobody else writes, so tapjail
-//! serves that case as a read-only read cache minor (`crate::xapi`'s `-r`).
-//! On the leaf the guest writes the image too, so the two are told apart
-//! here by the rule SM's calls follow: **`-r` with `-e A`, where A is a read
-//! cache minor, is leaf mode; `-r` alone is a read cache minor.** A leaf in
-//! leaf mode is served writable, as a plain chain leaf → (secondary) → A's
-//! cache → gold.
+//! data read from below the image is written back into it. tapjail keeps
+//! two, told apart by the rule SM's calls follow: **`-r` with `-e A`, A a
+//! read cache minor, is leaf mode; `-r` otherwise is a read cache minor.**
 //!
-//! Not built: leaf mode's copy-on-read (blktap fills the leaf with what it
-//! read from below, never mirrored to the secondary): reads through the
-//! leaf are served from below without filling it. The audit says so.
+//! Why two: the cache minor's file (`GOLD.vhdcache`) is shared. Its
+//! clones read it as their parent while A fills it, so a sector may be
+//! marked present only once its data is durable (`tapjail_image::vhd::
+//! read_cache`), and the guest never writes it (served read-only). The
+//! leaf is private to one minor and written by its guest, so its fills
+//! must instead never overwrite a guest write (stripe locks shared with
+//! the writes, `tapjail_worker::mirror::fill`) and must never reach the
+//! secondary (blktap's `skip_mirror`). One type serving both would carry
+//! both sets of rules everywhere; the rule above sends each case to the
+//! mechanism whose guarantees it needs.
+//!
+//! Leaf mode is built where SM uses it: with a file secondary in mirror
+//! mode (`-2 vhd:PATH`). `-r -e A` without `-2` serves the leaf writable
+//! with no fills (SM never sends it; the audit says so).
 
 use tapjail_common::xapi::Options;
 
 /// The audited outcome's words for leaf mode.
 pub const OUTCOME: &str = "; -r on a clone of a read cache (blktap's leaf-mode lcache): served \
-     writable; copy-on-read into the leaf is not built, reads go to the parents";
+     writable; with a -2 file secondary, reads from below fill the leaf (never the secondary), \
+     without one no fills";
 
 /// Whether `opts` ask for leaf mode: `-r` and `-e MINOR` with MINOR a read
 /// cache minor (`is_read_cache`).

@@ -15,6 +15,9 @@
 //!   leaf runs out of space; then it is put in front of the leaf and
 //!   takes every write from then on.
 //!
+//! - `-r` on the leaf (leaf mode, [`super::fill`]): in mirror mode, what a
+//!   read brings up from below the leaf is written back into the leaf.
+//!
 //! The secondary is opened alone (not its own parents, as blktap does)
 //! and read with [`tapjail_image::vhd::stack`] over what lies below it.
 //! Unlike an NBD secondary, its errors are the guest's: it is the VDI.
