@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 impl Disk {
+    /// Stop admitting requests, wait for in-flight ones, flush and drop the
+    /// image. Requests arriving meanwhile wait for [`Disk::resume`].
     pub fn pause(&self) -> Result<(), DiskError> {
         let mut inner = self.lock();
         let img = match std::mem::replace(&mut inner.gate, Gate::Paused) {

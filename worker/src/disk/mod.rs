@@ -330,8 +330,6 @@ impl Disk {
         c.completed.fetch_add(1, Relaxed);
     }
 
-    /// Stop admitting requests, wait for in-flight ones, flush and drop the
-    /// image. Requests arriving meanwhile wait for [`Disk::resume`].
     /// Layer counters of the current image (empty while paused).
     pub fn image_stats(&self) -> Vec<crate::image::LayerStats> {
         match &self.lock().gate {
