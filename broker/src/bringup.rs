@@ -183,6 +183,11 @@ impl Broker {
                 self.table().release_files(target.minor, &files);
                 return Err(e);
             }
+            let mut t = self.table();
+            let on_record = self.xapi.cache_record(&t, target.minor);
+            if let Ok(d) = t.disk_mut(target.minor) {
+                d.cache = on_record;
+            }
         }
         let secondary = match self.mirror_hook(conn, target, unpause, &device, &files) {
             Ok(secondary) => {

@@ -193,6 +193,8 @@ pub struct Disk {
     pub io: Option<tapjail_common::qos::IoLimits>,
     /// Its file secondary, on record for a successor (`crate::mirror::record`).
     pub secondary: Option<crate::mirror::record::FileRecord>,
+    /// Its cache plan and pairing, on record (`crate::xapi::cache_record`).
+    pub cache: Option<crate::xapi::cache_record::CacheRecord>,
 }
 
 impl Disk {
@@ -206,6 +208,7 @@ impl Disk {
             deaths: VecDeque::new(),
             io: None,
             secondary: None,
+            cache: None,
         };
         d.persist();
         d
@@ -293,6 +296,7 @@ impl Disk {
             },
             io: self.io,
             secondary: self.secondary.clone(),
+            cache: self.cache,
         }
     }
 

@@ -53,6 +53,9 @@ pub struct MinorRecord {
     /// respawns its tapdisk (see `crate::mirror::record`).
     #[serde(default)]
     pub secondary: Option<crate::mirror::record::FileRecord>,
+    /// Its cache plan and read cache pairing (`crate::xapi::cache_record`).
+    #[serde(default)]
+    pub cache: Option<crate::xapi::cache_record::CacheRecord>,
 }
 
 /// An image served on a live device, as a successor adopts it.

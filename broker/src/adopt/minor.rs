@@ -106,6 +106,8 @@ impl Broker {
         disk.io = rec.io;
         disk.secondary = rec.secondary.clone();
         self.mirrors.adopt_file(minor, rec.secondary.as_ref());
+        disk.cache = rec.cache;
+        self.xapi.adopt_plan(minor, rec.cache.as_ref());
         if dead {
             disk.deaths.push_back(Instant::now());
         }

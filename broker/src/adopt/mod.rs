@@ -148,6 +148,7 @@ impl Broker {
             }
         }
         self.wake_supervisor();
+        let mut minors = Vec::new();
         for (n, path) in self.state.entries("minors", "tapdev") {
             let Ok(minor) = Minor::new(n) else { continue };
             let Ok(Some(mut lock)) = LockFile::acquire(&path) else {
@@ -156,6 +157,12 @@ impl Broker {
             let Some(rec) = lock.read::<MinorRecord>() else {
                 continue;
             };
+            minors.push((minor, lock, rec));
+        }
+        // Read caches first: a clone of one may come before it.
+        let caches = crate::xapi::cache_record::read_caches(minors.iter().map(|(m, _, r)| (*m, r)));
+        for (minor, lock, rec) in minors {
+            let n = minor.get();
             let prefix = format!("m{n}.");
             let names: Vec<String> = held
                 .keys()
@@ -168,7 +175,16 @@ impl Broker {
                     .filter_map(|k| held.remove(k).map(|fd| (k[prefix.len()..].to_string(), fd)))
                     .collect(),
             );
-            match self.adopt_minor(minor, &rec, lock, &mut fds, &live, &mut gone) {
+            let paired = {
+                let mut t = self.table();
+                crate::xapi::cache_record::adopt_pairing(&mut t, minor, &rec, &caches)
+            };
+            let adopted = paired
+                .and_then(|()| self.adopt_minor(minor, &rec, lock, &mut fds, &live, &mut gone));
+            if adopted.is_err() {
+                crate::xapi::cached_parent::unpair(&mut self.table(), minor);
+            }
+            match adopted {
                 Ok(dead) => {
                     out.disks += 1;
                     if dead {

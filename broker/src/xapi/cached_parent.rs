@@ -79,7 +79,14 @@ pub fn paired(t: &Table, a: Minor, b: Minor, id: FileId) -> bool {
 /// clones' read claims and is refused until they close.
 pub fn unpair(t: &mut Table, minor: Minor) {
     t.cache_readers.remove(&minor);
+    let clones: Vec<Minor> = t
+        .cache_readers
+        .iter()
+        .filter(|(_, (from, _))| *from == minor)
+        .map(|(m, _)| *m)
+        .collect();
     t.cache_readers.retain(|_, (from, _)| *from != minor);
+    super::cache_record::forget_pairings(t, &clones);
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //!   kept only if the reopen succeeds); kept for respawns.
 //! - Flags not built are refused, audited, with `Unsupported`.
 
+pub mod cache_record;
 pub mod cached_parent;
 pub mod keys;
 pub mod read_cache;
@@ -90,6 +91,28 @@ impl Plans {
             .unwrap_or_else(|e| e.into_inner())
             .get(&minor)
             .is_some_and(|p| p.read_cache)
+    }
+
+    /// `minor`'s plan and pairing, for its record (`cache_record`).
+    pub fn cache_record(&self, t: &Table, minor: Minor) -> Option<cache_record::CacheRecord> {
+        let plan = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&minor)
+            .copied()
+            .unwrap_or_default();
+        cache_record::CacheRecord::of(plan, t, minor)
+    }
+
+    /// An adopted minor's plan, from its record, for its respawns.
+    pub fn adopt_plan(&self, minor: Minor, rec: Option<&cache_record::CacheRecord>) {
+        if let Some(c) = rec.filter(|c| c.plan != CachePlan::default()) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(minor, c.plan);
+        }
     }
 
     /// `minor` was closed: drop its `-E` key.
