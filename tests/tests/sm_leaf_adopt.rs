@@ -164,3 +164,64 @@ fn a_restarted_broker_adopts_the_read_cache_and_its_leaf_and_respawns_both() {
         "the local leaf holds the guest's writes and the read-through data"
     );
 }
+
+/// A read cache closed while its clone stays open unpairs the clone, and
+/// its record says so: a restarted broker adopts the clone unpaired (not
+/// refused), and the cache file still cannot be opened for writing while
+/// the clone reads it.
+#[test]
+fn a_clone_whose_read_cache_closed_is_adopted_unpaired() {
+    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+    if !(require(is_root(), "root (loop devices, FUSE mounts, tenant uids)")
+        && require(Path::new("/dev/fuse").exists(), "/dev/fuse"))
+    {
+        return;
+    }
+    let mut h = Harness::start(Options {
+        frontend: "fuse",
+        respawn: true,
+        tenants: vec![ROOT, ALICE],
+        tenant_lines: alice_lines(),
+        ..Options::default()
+    });
+    let sr = sr(&h);
+    let a = open_cache_minor(&h, &sr);
+    let b = h.sm_attach(&ALICE);
+    h.ok(&ALICE, &strs(&leaf_args(&b, &sr, &a, false)));
+    let mut model = Model::new(sr.vdi_data.clone());
+    write_dev(&b.dev, &mut model, 0, &pattern(MIB, 3));
+    let apid = entry(&h, &ALICE, &a.minor)["pid"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    h.ok(&ALICE, &["close", "-p", &apid, "-m", &a.minor, "-t", "120"]);
+
+    h.crash();
+    h.launch();
+    let refused = adopt_lines(&h, "adopt-minor-refused");
+    assert!(refused.is_empty(), "{refused:?}\n{}", h.broker_log());
+    assert!(
+        adopt_lines(&h, "adopt-minor")
+            .iter()
+            .any(|l| l.contains(&format!("adopted minor {} serving", b.minor))),
+        "the clone adopted"
+    );
+    assert!(
+        read_all(&b.dev) == model.data,
+        "the clone after the restart"
+    );
+    // Unpaired: the cache file is not written beside the clone's reads.
+    let ca = format!("vhd:{}", sr.cache.display());
+    let err = h.fails(
+        &ALICE,
+        &["open", "-p", &apid, "-m", &a.minor, "-a", &ca, "-r"],
+    );
+    assert!(err.contains("already open"), "{err}");
+    let bpid = entry(&h, &ALICE, &b.minor)["pid"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    h.ok(&ALICE, &["close", "-p", &bpid, "-m", &b.minor, "-t", "120"]);
+    vhd_check(&sr.vdi);
+    assert!(vhd_read(&sr.vdi) == model.writes_over(&sr.vdi_data));
+}
