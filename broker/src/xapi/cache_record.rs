@@ -64,7 +64,7 @@ pub fn adopt_pairing(
     ) else {
         return Ok(());
     };
-    if !served.files.iter().any(|f| *f == (cache, false)) {
+    if !served.files.contains(&(cache, false)) {
         return Err(format!(
             "its record pairs it with read cache minor {from} on cache file {cache:?}, but its \
              image does not read that file on record; the records disagree"
