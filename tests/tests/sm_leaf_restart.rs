@@ -27,8 +27,8 @@ fn a_restarted_broker_respawns_the_tapdisk_with_its_file_secondary() {
         tenant_lines: alice_lines(),
         ..Options::default()
     });
-    // The leaf straight over gold: no cache minor (a restarted broker does
-    // not yet adopt a read cache's -e clone, see the README).
+    // The leaf straight over gold: no cache minor (the layout with one is
+    // sm_leaf_adopt.rs).
     let sr = sr(&h);
     let b = h.sm_attach(&ALICE);
     let leaf = sr.dir.join("leaf.vhd");
