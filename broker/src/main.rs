@@ -117,6 +117,9 @@ struct Args {
     /// Internal: run as the fd holder tap-broker starts for itself.
     #[arg(long, hide = true)]
     fd_holder: bool,
+    /// Internal: run as the image opener tap-broker starts for itself.
+    #[arg(long, hide = true)]
+    open_helper: bool,
 }
 
 fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
@@ -273,6 +276,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let store = Arc::new(store);
     let devices = devices.with_store(store.clone());
+    if let Err(e) = image_open::opener::start(&exe) {
+        tracing::warn!("cannot start the image opener ({e}): open helpers fork from tap-broker");
+    }
 
     let memlock = memlock_for_workers(policy.worker_memlock);
     let spawn_cfg = broker::SpawnConfig {
@@ -403,6 +409,9 @@ fn main() -> std::process::ExitCode {
     tapjail_common::logging::init(tapjail_common::logging::Program::Daemon);
     if args.fd_holder {
         return tapjail_broker::fdstore::holder::main();
+    }
+    if args.open_helper {
+        return image_open::opener_main::main();
     }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
