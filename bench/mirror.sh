@@ -24,26 +24,18 @@ RUNTIME=${RUNTIME:-5}
 REPEAT=${REPEAT:-3}
 PROFILE=${PROFILE:-release}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 
-die() { echo "bench: $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || die "run as root (loop devices, FUSE mounts)"
-for tool in fio qemu-nbd python3; do
-    command -v "$tool" >/dev/null || die "$tool not installed (apt-get install fio qemu-utils python3)"
-done
-
-if [ "$PROFILE" = release ]; then
-    cargo build --quiet --release --workspace --bins --manifest-path "$ROOT/Cargo.toml"
-else
-    cargo build --quiet --workspace --bins --manifest-path "$ROOT/Cargo.toml"
-fi
-BIN=$ROOT/target/$PROFILE
+need fio qemu-nbd python3
+bench_build "$PROFILE"
 
 WORK=$(mktemp -d /var/tmp/tapjail-bench-mirror.XXXXXX)
 chmod 755 "$WORK"
 mkdir -p "$WORK/images" "$WORK/sec"
 chmod 755 "$WORK/sec"
 BROKER_PID= NBD_PID= MINOR_P= MINOR_M=
-CTL="$BIN/tap-ctl --socket $WORK/run/broker.sock"
+bench_policy "$WORK" 391000 391049 4 "$WORK/images"
+echo "mirror = { unix_dirs = [\"$WORK/sec\"] }" >>"$WORK/policy.toml"
 cleanup() {
     set +e
     [ -n "$MINOR_P" ] && $CTL destroy -m "$MINOR_P" >/dev/null
@@ -54,24 +46,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$WORK/policy.toml" <<EOT
-socket = "$WORK/run/broker.sock"
-audit_log = "$WORK/log/audit.jsonl"
-state_dir = "$WORK/state"
-device_dir = "$WORK/dev"
-worker_uids = [391000, 391049]
-tapdisk = "$BIN/tapdisk"
-frontend = "fuse"
-
-[[tenant]]
-name = "bench"
-uids = [0]
-image_roots = ["$WORK/images"]
-writable = true
-max_disks = 4
-admin = true
-mirror = { unix_dirs = ["$WORK/sec"] }
-EOT
 for f in p m; do
     fio --name=fill --filename="$WORK/images/$f.raw" --ioengine=psync --rw=write --bs=1M \
         --size="${SIZE_MIB}M" --output=/dev/null
@@ -79,49 +53,18 @@ done
 truncate -s "${SIZE_MIB}M" "$WORK/sec/s.raw"
 qemu-nbd -f raw -t --cache=none --aio=threads -k "$WORK/sec/s.sock" "$WORK/sec/s.raw" &
 NBD_PID=$!
-"$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
-BROKER_PID=$!
-for _ in $(seq 100); do [ -S "$WORK/sec/s.sock" ] && $CTL list >/dev/null 2>&1 && break; sleep 0.1; done
+bench_broker "$WORK"
+for _ in $(seq 100); do [ -S "$WORK/sec/s.sock" ] && break; sleep 0.1; done
 
-attach() { # IMAGE [FLAGS...] -> device path
-    local img=$1; shift
-    local dev minor pid
-    dev=$($CTL allocate); minor=${dev##*tapdev}
-    pid=$($CTL spawn)
-    $CTL attach -p "$pid" -m "$minor" >/dev/null
-    $CTL open -p "$pid" -m "$minor" -a "aio:$img" "$@" >/dev/null || { cat "$WORK/broker.log"; die "open failed"; }
-    echo "$dev"
-}
-DEV_P=$(attach "$WORK/images/p.raw"); MINOR_P=${DEV_P##*tapdev}
-DEV_M=$(attach "$WORK/images/m.raw" -2 "nbd:$WORK/sec/s.sock"); MINOR_M=${DEV_M##*tapdev}
+DEV_P=$(attach "aio:$WORK/images/p.raw"); MINOR_P=${DEV_P##*tapdev}
+DEV_M=$(attach "aio:$WORK/images/m.raw" -2 "nbd:$WORK/sec/s.sock"); MINOR_M=${DEV_M##*tapdev}
 for _ in $(seq 6000); do
     $CTL stats -m "$MINOR_M" | grep -q '"state":"synced"' && break
     sleep 0.1
 done
 $CTL stats -m "$MINOR_M" | grep -q '"state":"synced"' || die "mirror never in sync: $($CTL stats -m "$MINOR_M")"
 
-run() { # DEV JOB -> IOPS or MB/s
-    local dev=$1 job=$2 out
-    case $job in
-        rw4k) out=$(fio --name=b --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-                    --iodepth=32 --time_based --runtime="$RUNTIME" --output-format=json);
-              python3 -c 'import json,sys; print("%.0f" % json.load(sys.stdin)["jobs"][0]["write"]["iops"])' <<<"$out" ;;
-        sw1m) out=$(fio --name=b --filename="$dev" --ioengine=libaio --direct=1 --rw=write --bs=1M \
-                    --iodepth=8 --time_based --runtime="$RUNTIME" --output-format=json);
-              python3 -c 'import json,sys; print("%.1f" % (json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1e6))' <<<"$out" ;;
-    esac
-}
-median() { python3 -c 'import sys,statistics as s; v=[float(x) for x in sys.argv[1:]]; print("%s (%s-%s)" % (s.median(v), min(v), max(v)))' "$@"; }
-ratio() { python3 -c 'import sys,statistics as s; a=[float(x) for x in sys.argv[2:2+int(sys.argv[1])]]; b=[float(x) for x in sys.argv[2+int(sys.argv[1]):]]; print("%.2f" % (s.median(b)/s.median(a)))' "$@"; }
-
 echo "mirror bench: ${SIZE_MIB} MiB raw, ${RUNTIME}s x ${REPEAT}, $PROFILE build"
-for job in rw4k sw1m; do
-    P=() M=()
-    for i in $(seq "$REPEAT"); do
-        if [ $((i % 2)) = 1 ]; then P+=("$(run "$DEV_P" $job)"); M+=("$(run "$DEV_M" $job)");
-        else M+=("$(run "$DEV_M" $job)"); P+=("$(run "$DEV_P" $job)"); fi
-    done
-    unit=IOPS; [ $job = sw1m ] && unit=MB/s
-    echo "$job ($unit): plain $(median "${P[@]}")  mirrored $(median "${M[@]}")  m/p $(ratio "${#P[@]}" "${P[@]}" "${M[@]}")"
-done
+compare rw4k IOPS plain "$DEV_P" mirrored "$DEV_M" m/p fio_job rw4k
+compare sw1m MB/s plain "$DEV_P" mirrored "$DEV_M" m/p fio_job sw1m
 $CTL stats -m "$MINOR_M" | python3 -c 'import json,sys; m=json.load(sys.stdin)["mirror"]; print("mirror after the runs:", m["state"], m["mirrored_writes"], "mirrored writes")'

@@ -30,25 +30,17 @@ RUNTIME=${RUNTIME:-5}
 REPEAT=${REPEAT:-3}
 PROFILE=${PROFILE:-release}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 
-die() { echo "bench: $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || die "run as root (loop devices, FUSE mounts)"
-for tool in fio python3 mkfs.ext4 dd; do
-    command -v "$tool" >/dev/null || die "$tool not installed (apt-get install fio python3 e2fsprogs)"
-done
-
-if [ "$PROFILE" = release ]; then
-    cargo build --quiet --release --workspace --bins --manifest-path "$ROOT/Cargo.toml"
-else
-    cargo build --quiet --workspace --bins --manifest-path "$ROOT/Cargo.toml"
-fi
-BIN=$ROOT/target/$PROFILE
+need fio python3 mkfs.ext4 dd
+bench_build "$PROFILE"
 
 WORK=$(mktemp -d /var/tmp/tapjail-bench-rcache.XXXXXX)
 chmod 755 "$WORK"
 mkdir -p "$WORK/store" "$WORK/slow" "$WORK/local/cache"
 BROKER_PID= MINOR_S= MINOR_U= MINOR_C=
-CTL="$BIN/tap-ctl --socket $WORK/run/broker.sock"
+bench_policy "$WORK" 392000 392049 8 "$WORK/store" "$WORK/slow" "$WORK/local"
+echo "read_cache_root = \"$WORK/local/cache\"" >>"$WORK/policy.toml"
 cleanup() {
     set +e
     # The disks over the slow filesystem first, then the filesystem, then
@@ -61,37 +53,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$WORK/policy.toml" <<EOT
-socket = "$WORK/run/broker.sock"
-audit_log = "$WORK/log/audit.jsonl"
-state_dir = "$WORK/state"
-device_dir = "$WORK/dev"
-worker_uids = [392000, 392049]
-tapdisk = "$BIN/tapdisk"
-frontend = "fuse"
-
-[[tenant]]
-name = "bench"
-uids = [0]
-image_roots = ["$WORK/store", "$WORK/slow", "$WORK/local"]
-writable = true
-max_disks = 8
-admin = true
-read_cache_root = "$WORK/local/cache"
-EOT
-"$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
-BROKER_PID=$!
-for _ in $(seq 100); do $CTL list >/dev/null 2>&1 && break; sleep 0.1; done
-
-attach() { # TYPE:IMAGE [FLAGS...] -> device path
-    local img=$1; shift
-    local dev minor pid
-    dev=$($CTL allocate); minor=${dev##*tapdev}
-    pid=$($CTL spawn)
-    $CTL attach -p "$pid" -m "$minor" >/dev/null
-    $CTL open -p "$pid" -m "$minor" -a "$img" "$@" >/dev/null || { cat "$WORK/broker.log"; die "open $img failed"; }
-    echo "$dev"
-}
+bench_broker "$WORK"
 
 # The slow storage: ext4 on a throttled tapjail disk.
 truncate -s $((SIZE_MIB * 2 + 64))M "$WORK/store/store.raw"
@@ -116,24 +78,8 @@ seqread() { # DEV -> MB/s of one full O_DIRECT read
     t1=$(date +%s.%N)
     python3 -c "print('%.1f' % ($SIZE_MIB * 1.048576 / ($t1 - $t0)))"
 }
-randread() { # DEV -> IOPS
-    local out
-    out=$(fio --name=b --filename="$1" --ioengine=libaio --direct=1 --rw=randread --bs=4k \
-        --iodepth=16 --time_based --runtime="$RUNTIME" --output-format=json)
-    python3 -c 'import json,sys; print("%.0f" % json.load(sys.stdin)["jobs"][0]["read"]["iops"])' <<<"$out"
-}
-median() { python3 -c 'import sys,statistics as s; v=[float(x) for x in sys.argv[1:]]; print("%s (%s-%s)" % (s.median(v), min(v), max(v)))' "$@"; }
-ratio() { python3 -c 'import sys,statistics as s; a=[float(x) for x in sys.argv[2:2+int(sys.argv[1])]]; b=[float(x) for x in sys.argv[2+int(sys.argv[1]):]]; print("%.2f" % (s.median(b)/s.median(a)))' "$@"; }
-
 echo "read-cache bench: ${SIZE_MIB} MiB gold on ext4 over a tapjail disk throttled to $SLOW_BPS B/s, $SLOW_IOPS IOPS; ${RUNTIME}s x ${REPEAT}, $PROFILE build"
 echo "first full read (c fills its cache): uncached $(seqread "$DEV_U") MB/s, cached $(seqread "$DEV_C") MB/s"
-for job in seqread randread; do
-    U=() C=()
-    for i in $(seq "$REPEAT"); do
-        if [ $((i % 2)) = 1 ]; then U+=("$($job "$DEV_U")"); C+=("$($job "$DEV_C")");
-        else C+=("$($job "$DEV_C")"); U+=("$($job "$DEV_U")"); fi
-    done
-    unit=IOPS; [ $job = seqread ] && unit=MB/s
-    echo "$job ($unit): uncached $(median "${U[@]}")  cached $(median "${C[@]}")  c/u $(ratio "${#U[@]}" "${U[@]}" "${C[@]}")"
-done
+compare seqread MB/s uncached "$DEV_U" cached "$DEV_C" c/u seqread
+compare randread IOPS uncached "$DEV_U" cached "$DEV_C" c/u fio_job rr4k16
 $CTL stats -m "$MINOR_C" | python3 -c 'import json,sys; r=json.load(sys.stdin)["read_cache"]; print("read cache:", r["hits"], "hits,", r["misses"], "misses,", r["filled"], "filled (sectors)")'

@@ -8,7 +8,9 @@
 //! built into (`cargo build --workspace --bins`, which `cargo test
 //! --workspace` and `cargo nextest run --workspace` do).
 
+pub mod sm;
 pub mod soak;
+pub use sm::Attached;
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -329,6 +331,37 @@ impl Harness {
 
     pub fn broker_pid(&self) -> u32 {
         self.broker.as_ref().expect("broker running").id()
+    }
+
+    /// Wait for a fio started on one of this broker's devices to end (at
+    /// most 300 s: the broker respawns or adopts what it must, so fio
+    /// finishes or the test fails with a message, never hangs) and require
+    /// that it succeeded `across` what the test did. Returns its stdout.
+    pub fn fio_finished_ok(&self, mut fio: Child, across: &str) -> String {
+        assert!(
+            eventually(Duration::from_secs(300), || fio
+                .try_wait()
+                .ok()
+                .flatten()
+                .is_some()),
+            "fio still running after 300 s ({across})\n{}",
+            self.broker_log()
+        );
+        let out = fio.wait_with_output().expect("fio's output");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "fio failed across {across}: {stdout}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.broker_log()
+        );
+        stdout
+    }
+
+    /// The tapdisk pid `list -m MINOR` shows (as root), if a worker serves
+    /// that minor.
+    pub fn worker_pid_of(&self, minor: &str) -> Option<u32> {
+        pid_field(&self.ok(&ROOT, &["list", "-m", minor]))
     }
 
     pub fn broker_log(&self) -> String {
@@ -703,4 +736,10 @@ pub fn direct_read_outcome(dev: &std::path::Path, limit: Duration) -> Option<boo
         return None;
     }
     Some(dd.wait().expect("dd").success())
+}
+
+/// The `pid=` field of one of `list`'s `key=value` rows.
+pub fn pid_field(row: &str) -> Option<u32> {
+    row.split_whitespace()
+        .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
 }

@@ -102,24 +102,8 @@ fn fio(dev: &Path) -> Child {
         .expect("fio (install it: apt-get install fio)")
 }
 
-fn finish(h: &Harness, mut fio: Child) {
-    assert!(
-        eventually(Duration::from_secs(300), || fio
-            .try_wait()
-            .ok()
-            .flatten()
-            .is_some()),
-        "fio still running after 300 s\n{}",
-        h.broker_log()
-    );
-    let out = fio.wait_with_output().unwrap();
-    let terse = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fio failed across broker restarts: {terse}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.broker_log()
-    );
+fn finish(h: &Harness, fio: Child) {
+    let terse = h.fio_finished_ok(fio, "broker restarts");
     // Terse v3: field 5 is the job's error number.
     let err = terse.split(';').nth(4).unwrap_or("?");
     assert_eq!(err, "0", "fio reported error {err}: {terse}");

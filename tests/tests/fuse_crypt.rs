@@ -51,6 +51,21 @@ fn reference_says(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// The reference's `check` (sectors decrypt to the pattern) or `put`
+/// (encrypt the pattern into them) on sectors `first..first + count`.
+fn reference_sectors(
+    verb: &str,
+    img: &Path,
+    keyfile: &Path,
+    first: u64,
+    count: u64,
+    salt: u64,
+) -> (bool, String) {
+    let (img, keyfile) = (img.to_str().unwrap(), keyfile.to_str().unwrap());
+    let (first, count, salt) = (first.to_string(), count.to_string(), salt.to_string());
+    reference_says(&[verb, img, keyfile, &first, &count, &salt])
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -233,39 +248,18 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
     }
     // The reference decrypts what the worker wrote (the unaligned write
     // changed sector 4096 only).
-    let (ok, why) = reference_says(&[
-        "check",
-        img.to_str().unwrap(),
-        keyfile.to_str().unwrap(),
-        "0",
-        "16",
-        &SALT_WORKER.to_string(),
-    ]);
+    let (ok, why) = reference_sectors("check", &img, &keyfile, 0, 16, SALT_WORKER);
     assert!(
         ok,
         "the reference cannot read the worker's sectors 0..16: {why}"
     );
-    let (ok, why) = reference_says(&[
-        "check",
-        img.to_str().unwrap(),
-        keyfile.to_str().unwrap(),
-        "4097",
-        "7",
-        &SALT_WORKER.to_string(),
-    ]);
+    let (ok, why) = reference_sectors("check", &img, &keyfile, 4097, 7, SALT_WORKER);
     assert!(
         ok,
         "the reference cannot read the worker's sectors 4097..4104: {why}"
     );
     // The reference encrypts sectors 8..16; the worker must read them.
-    let (ok, why) = reference_says(&[
-        "put",
-        img.to_str().unwrap(),
-        keyfile.to_str().unwrap(),
-        "8",
-        "8",
-        &SALT_REFERENCE.to_string(),
-    ]);
+    let (ok, why) = reference_sectors("put", &img, &keyfile, 8, 8, SALT_REFERENCE);
     assert!(ok, "reference put: {why}");
 
     // Reopen with the key: both sides' data intact.
@@ -332,12 +326,6 @@ fn fuse_crypt_open_e_reads_and_writes_blktaps_layout_and_never_shows_the_key() {
     );
 }
 
-fn pid_of(h: &Harness, minor: &str) -> Option<String> {
-    let out = h.ok(&ROOT, &["list", "-m", minor]);
-    out.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
-}
-
 /// The broker keeps an `-E` key for the disk's life: a worker killed
 /// under an encrypted disk is respawned, given the key again, and the
 /// disk reads what was written (from the image, not a cache).
@@ -382,7 +370,7 @@ fn fuse_crypt_a_respawned_worker_gets_the_key_again_and_reads_the_data() {
     assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
     assert!(
         eventually(std::time::Duration::from_secs(30), || {
-            pid_of(&h, "0").is_some_and(|p| p != d.pid)
+            h.worker_pid_of("0").is_some_and(|p| p.to_string() != d.pid)
                 && h.ok(&ROOT, &["list", "-m", "0"]).contains("state=0")
         }),
         "no respawn with the key: {}\n{}",

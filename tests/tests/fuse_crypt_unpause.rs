@@ -73,11 +73,6 @@ fn row(h: &Harness) -> String {
     h.ok(&ROOT, &["list", "-m", "0"])
 }
 
-fn pid_in(row: &str) -> Option<String> {
-    row.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
-}
-
 #[test]
 fn fuse_crypt_unpause_e_reopens_with_a_new_key_kept_only_on_success_and_never_shown() {
     let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
@@ -153,13 +148,13 @@ fn fuse_crypt_unpause_e_reopens_with_a_new_key_kept_only_on_success_and_never_sh
     assert!(read_dev(&dev) == b, "the new image reads otherwise");
 
     // The broker kept the new key: a respawned worker reopens with it.
-    let first: i32 = pid_in(&row(&h)).unwrap().parse().unwrap();
+    let first = pid_field(&row(&h)).unwrap();
     // SAFETY: kill has no memory preconditions.
-    assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
     assert!(
         eventually(std::time::Duration::from_secs(30), || {
             let r = row(&h);
-            pid_in(&r).is_some_and(|p| p != first.to_string()) && r.contains("state=0 ")
+            pid_field(&r).is_some_and(|p| p != first) && r.contains("state=0 ")
         }),
         "no respawn with the new key: {}\n{}",
         h.ok(&ROOT, &["list"]),

@@ -359,25 +359,7 @@ fn fuse_worker_sigkilled_three_times_under_a_direct_io_writer_loses_nothing() {
     }
     // The broker respawns dead workers, so fio must finish; bound the wait
     // so a failure is a message, not a hung test.
-    let mut fio = fio;
-    assert!(
-        eventually(Duration::from_secs(300), || fio
-            .try_wait()
-            .ok()
-            .flatten()
-            .is_some()),
-        "fio still running after 300 s: {:?}\n{}",
-        list(&h),
-        h.broker_log()
-    );
-    let out = fio.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio failed across worker kills: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        h.broker_log()
-    );
+    h.fio_finished_ok(fio, "worker kills");
     assert_eq!(list(&h)[0]["restarts"], 3);
     let respawns: Vec<_> = h
         .audit_lines()

@@ -98,7 +98,7 @@ fn fuse_snapshot_twice_under_fio_verify_loses_nothing_and_reports_the_stall() {
         h.ok(&ROOT, &["create", "-a", &format!("vhd:{}", base.display())])
             .trim(),
     );
-    let mut fio = fio_verify_writer(&dev, "384M").spawn().expect("fio");
+    let fio = fio_verify_writer(&dev, "384M").spawn().expect("fio");
     let mut olds = Vec::new();
     let mut stalls = Vec::new();
     for (leaf, child) in [(&base, &snap1), (&snap1, &snap2)] {
@@ -136,23 +136,7 @@ fn fuse_snapshot_twice_under_fio_verify_loses_nothing_and_reports_the_stall() {
         [&snap2, &snap1, &base].map(|p| p.display().to_string()),
         "{s}"
     );
-    assert!(
-        eventually(Duration::from_secs(300), || fio
-            .try_wait()
-            .ok()
-            .flatten()
-            .is_some()),
-        "fio still running after 300 s\n{}",
-        h.broker_log()
-    );
-    let out = fio.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio failed across online snapshots: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        h.broker_log()
-    );
+    h.fio_finished_ok(fio, "online snapshots");
     // What the device serves now, to compare with the chain offline.
     let served = h.dir.path().join("served.raw");
     run_ok(
@@ -226,7 +210,7 @@ fn fuse_worker_sigkilled_after_a_snapshot_respawns_on_the_child() {
         h.ok(&ROOT, &["create", "-a", &format!("vhd:{}", base.display())])
             .trim(),
     );
-    let mut fio = fio_verify_writer(&dev, "192M").spawn().expect("fio");
+    let fio = fio_verify_writer(&dev, "192M").spawn().expect("fio");
     let w0 = writes(&h, "0");
     assert!(
         eventually(Duration::from_secs(60), || writes(&h, "0") >= w0 + 32),
@@ -252,23 +236,7 @@ fn fuse_worker_sigkilled_after_a_snapshot_respawns_on_the_child() {
     let s = stats(&h, &ROOT, "0");
     assert_eq!(s["images"][0]["name"], child.display().to_string(), "{s}");
     assert_eq!(s["images"][1]["name"], base.display().to_string(), "{s}");
-    assert!(
-        eventually(Duration::from_secs(300), || fio
-            .try_wait()
-            .ok()
-            .flatten()
-            .is_some()),
-        "fio still running\n{}",
-        h.broker_log()
-    );
-    let out = fio.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio failed: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        h.broker_log()
-    );
+    h.fio_finished_ok(fio, "a worker kill");
     h.ok(&ROOT, &["destroy", "-m", "0"]);
     vhd_check(&child);
 }

@@ -532,15 +532,10 @@ fn cbt_util(log: &Path, what: &str) -> Option<Vec<u8>> {
 
 /// The SM way: spawn, attach, open with flags; the minor number.
 fn sm_open(h: &Harness, image: &Path, flags: &[&str]) -> (String, String) {
-    let m = h.ok(&ALICE, &["allocate"]);
-    let minor = m.trim().rsplit("tapdev").next().unwrap().to_string();
-    let pid = h.ok(&ALICE, &["spawn"]).trim().to_string();
-    h.ok(&ALICE, &["attach", "-p", &pid, "-m", &minor]);
+    let a = h.sm_attach(&ALICE);
     let spec = format!("aio:{}", image.display());
-    let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", &spec];
-    args.extend_from_slice(flags);
-    h.ok(&ALICE, &args);
-    (minor, pid)
+    h.ok(&ALICE, &a.open_args(&spec, flags));
+    (a.minor, a.pid)
 }
 
 #[test]
@@ -633,33 +628,18 @@ fn cbt_open_c_outside_the_tenants_roots_or_on_a_hostile_log_is_refused() {
     let outside = h.dir.path().join("outside.cbtlog");
     BlktapLog::create(&outside, SIZE, [0; 16], 0);
     for (log, words) in [(&bobs, "outside"), (&outside, "outside")] {
-        let m = h.ok(&ALICE, &["allocate"]);
-        let minor = m.trim().rsplit("tapdev").next().unwrap().to_string();
-        let pid = h.ok(&ALICE, &["spawn"]).trim().to_string();
-        h.ok(&ALICE, &["attach", "-p", &pid, "-m", &minor]);
+        let a = h.sm_attach(&ALICE);
+        let (minor, pid) = (&a.minor, &a.pid);
         let spec = format!("aio:{}", img.display());
-        let err = h.fails(
-            &ALICE,
-            &[
-                "open",
-                "-p",
-                &pid,
-                "-m",
-                &minor,
-                "-a",
-                &spec,
-                "-C",
-                log.to_str().unwrap(),
-            ],
-        );
+        let err = h.fails(&ALICE, &a.open_args(&spec, &["-C", log.to_str().unwrap()]));
         assert!(err.contains(words), "{err}");
         // Nothing is served: the open failed as a whole.
         assert!(
-            !h.ok(&ALICE, &["list", "-m", &minor]).contains("args="),
+            !h.ok(&ALICE, &["list", "-m", minor]).contains("args="),
             "{minor}"
         );
-        h.ok(&ALICE, &["detach", "-p", &pid, "-m", &minor]);
-        h.ok(&ALICE, &["free", "-m", &minor]);
+        h.ok(&ALICE, &["detach", "-p", pid, "-m", minor]);
+        h.ok(&ALICE, &["free", "-m", minor]);
     }
     // A log of alice's whose header claims a huge disk is refused by the
     // worker (which alone parses it); the open fails and says why.
@@ -668,30 +648,18 @@ fn cbt_open_c_outside_the_tenants_roots_or_on_a_hostile_log_is_refused() {
     b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&hostile, &b).unwrap();
     h.own(&hostile);
-    let m = h.ok(&ALICE, &["allocate"]);
-    let minor = m.trim().rsplit("tapdev").next().unwrap().to_string();
-    let pid = h.ok(&ALICE, &["spawn"]).trim().to_string();
-    h.ok(&ALICE, &["attach", "-p", &pid, "-m", &minor]);
+    let a = h.sm_attach(&ALICE);
+    let minor = &a.minor;
     let spec = format!("aio:{}", img.display());
     let err = h.fails(
         &ALICE,
-        &[
-            "open",
-            "-p",
-            &pid,
-            "-m",
-            &minor,
-            "-a",
-            &spec,
-            "-C",
-            hostile.to_str().unwrap(),
-        ],
+        &a.open_args(&spec, &["-C", hostile.to_str().unwrap()]),
     );
     assert!(
         err.contains("CBT log") && err.contains("more than"),
         "{err}"
     );
-    assert!(!h.ok(&ALICE, &["list", "-m", &minor]).contains("args="));
+    assert!(!h.ok(&ALICE, &["list", "-m", minor]).contains("args="));
     let lines = h.audit_lines();
     assert!(lines
         .iter()

@@ -97,10 +97,11 @@ fn socket_dir() -> tempfile::TempDir {
     d
 }
 
-fn harness(dir: &Path) -> Harness {
+fn harness(dir: &Path, respawn: bool) -> Harness {
     Harness::start(Options {
         frontend: "fuse",
         tenants: vec![ROOT],
+        respawn,
         tenant_lines: vec![("ops", format!("mirror = {{ unix_dirs = [{dir:?}] }}"))],
         ..Options::default()
     })
@@ -116,19 +117,10 @@ fn primary(h: &Harness, name: &str, size: u64, seed: u64) -> PathBuf {
 /// SM's attach: allocate, spawn, attach, open with `extra`. Returns
 /// (minor, pid, device).
 fn attach(h: &Harness, image: &Path, extra: &[&str]) -> (String, String, PathBuf) {
-    let dev = h.ok(&ROOT, &["allocate"]);
-    let minor = dev
-        .trim()
-        .rsplit_once("tapdev")
-        .map(|(_, n)| n.to_string())
-        .expect("tapdevN");
-    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
-    h.ok(&ROOT, &["attach", "-p", &pid, "-m", &minor]);
+    let a = h.sm_attach(&ROOT);
     let spec = format!("aio:{}", image.display());
-    let mut args = vec!["open", "-p", &pid, "-m", &minor, "-a", &spec];
-    args.extend_from_slice(extra);
-    h.ok(&ROOT, &args);
-    (minor, pid, PathBuf::from(dev.trim()))
+    h.ok(&ROOT, &a.open_args(&spec, extra));
+    (a.minor, a.pid, a.dev)
 }
 
 fn stats(h: &Harness, minor: &str) -> serde_json::Value {
@@ -196,30 +188,77 @@ fn qemu_img_compare(primary: &Path, sec: &Secondary) -> std::process::Output {
         .expect("qemu-img compare")
 }
 
+/// The start every mirror test shares: a raw primary of `size` bytes
+/// filled with `pattern(seed)`, a `qemu-nbd` secondary in a directory the
+/// tenant's `mirror` key grants, and the disk opened with `-2 URI` and
+/// `extra`. `None` when a precondition is missing outside CI.
+struct Mirrored {
+    h: Harness,
+    img: PathBuf,
+    sec: Secondary,
+    minor: String,
+    dev: PathBuf,
+    _dir: tempfile::TempDir,
+    _turn: std::fs::File,
+}
+
+impl Mirrored {
+    fn start(size: u64, seed: u64, respawn: bool, extra: &[&str]) -> Option<Mirrored> {
+        if !preconditions() {
+            return None;
+        }
+        let turn = fuse_loop_turn().expect("the FUSE + loop test lock");
+        let dir = socket_dir();
+        let h = harness(dir.path(), respawn);
+        let img = primary(&h, "p.img", size, seed);
+        let sec = Secondary::start(dir.path(), "s", size);
+        let uri = sec.uri();
+        let mut args = vec!["-2", uri.as_str()];
+        args.extend_from_slice(extra);
+        let (minor, _pid, dev) = attach(&h, &img, &args);
+        Some(Mirrored {
+            h,
+            img,
+            sec,
+            minor,
+            dev,
+            _dir: dir,
+            _turn: turn,
+        })
+    }
+
+    /// Pause the disk and assert that primary and secondary hold the same
+    /// bytes (`qemu-img compare`).
+    fn pause_and_compare(&self) {
+        self.h.ok(&ROOT, &["pause", "-m", &self.minor]);
+        let cmp = qemu_img_compare(&self.img, &self.sec);
+        assert!(
+            cmp.status.success(),
+            "qemu-img compare: {}{}",
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+    }
+}
+
 #[test]
 fn mirror_open_2_copies_mirrors_fio_writes_and_the_secondary_compares_identical() {
-    if !preconditions() {
+    let Some(fx) = Mirrored::start(48 * MIB, 11, false, &[]) else {
         return;
-    }
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    let dir = socket_dir();
-    let h = harness(dir.path());
-    let size = 48 * MIB;
-    let img = primary(&h, "p.img", size, 11);
-    let sec = Secondary::start(dir.path(), "s", size);
-    let uri = sec.uri();
-    let (minor, _pid, dev) = attach(&h, &img, &["-2", &uri]);
-    let at_start = mirror_state(&h, &minor);
+    };
+    let (h, _img, minor, dev, size) = (&fx.h, &fx.img, &fx.minor, &fx.dev, 48 * MIB);
+    let uri = fx.sec.uri();
+    let at_start = mirror_state(h, minor);
     // Verified writes over the first 64 MiB while the copy runs.
-    let fio = fio_verify_writer(&dev, "16M").output().expect("fio");
+    let fio = fio_verify_writer(dev, "16M").output().expect("fio");
     assert!(
         fio.status.success(),
         "fio: {}{}",
         String::from_utf8_lossy(&fio.stdout),
         String::from_utf8_lossy(&fio.stderr)
     );
-    wait_synced(&h, &minor);
-    let st = stats(&h, &minor);
+    wait_synced(h, minor);
+    let st = stats(h, minor);
     eprintln!(
         "mirror state when fio started: {at_start}; now {}",
         st["mirror"]
@@ -232,18 +271,11 @@ fn mirror_open_2_copies_mirrors_fio_writes_and_the_secondary_compares_identical(
     );
     assert_eq!(st["tap"]["errors"], 0, "{st}");
     // Quiesced, the two sides must hold the same bytes.
-    h.ok(&ROOT, &["pause", "-m", &minor]);
-    let cmp = qemu_img_compare(&img, &sec);
-    assert!(
-        cmp.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
+    fx.pause_and_compare();
     // unpause re-establishes the mirror (a fresh copy).
-    h.ok(&ROOT, &["unpause", "-m", &minor]);
-    assert_ne!(mirror_state(&h, &minor), "-", "{}", stats(&h, &minor));
-    wait_synced(&h, &minor);
+    h.ok(&ROOT, &["unpause", "-m", minor]);
+    assert_ne!(mirror_state(h, minor), "-", "{}", stats(h, minor));
+    wait_synced(h, minor);
     let lines = h.audit_lines();
     assert!(
         lines.iter().any(|l| l["outcome"]
@@ -251,32 +283,26 @@ fn mirror_open_2_copies_mirrors_fio_writes_and_the_secondary_compares_identical(
             .is_some_and(|o| o.contains(&format!("-2 {uri}: mirroring")))),
         "the mirror is not on record"
     );
-    h.ok(&ROOT, &["destroy", "-m", &minor]);
+    h.ok(&ROOT, &["destroy", "-m", minor]);
 }
 
 #[test]
 fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
-    if !preconditions() {
+    let Some(mut fx) = Mirrored::start(48 * MIB, 12, false, &[]) else {
         return;
-    }
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    let dir = socket_dir();
-    let h = harness(dir.path());
-    let size = 48 * MIB;
-    let img = primary(&h, "p.img", size, 12);
-    let mut sec = Secondary::start(dir.path(), "s", size);
-    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
-    let mut fio = fio_verify_writer(&dev, "24M").spawn().expect("fio");
+    };
+    let (h, _img, minor, dev, _size) = (&fx.h, &fx.img, &fx.minor, &fx.dev, 48 * MIB);
+    let mut fio = fio_verify_writer(dev, "24M").spawn().expect("fio");
     // Once writes are being mirrored, the secondary dies.
     assert!(
-        eventually(Duration::from_secs(60), || stats(&h, &minor)["mirror"]
+        eventually(Duration::from_secs(60), || stats(h, minor)["mirror"]
             ["mirrored_writes"]
             .as_u64()
             .is_some_and(|n| n > 0)),
         "no write was mirrored: {}",
-        stats(&h, &minor)
+        stats(h, minor)
     );
-    sec.kill();
+    fx.sec.kill();
     let mut out = String::new();
     fio.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     let status = fio.wait().expect("fio");
@@ -284,7 +310,7 @@ fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
         status.success(),
         "fio saw errors after the secondary died: {out}"
     );
-    let st = stats(&h, &minor);
+    let st = stats(h, minor);
     assert_eq!(st["nbd_mirror_failed"], 1, "{st}");
     assert_eq!(st["mirror"]["state"], "failed", "{st}");
     assert!(
@@ -294,31 +320,31 @@ fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
         "{st}"
     );
     assert_eq!(st["tap"]["errors"], 0, "{st}");
-    let m = list_mirror(&h, &minor);
+    let m = list_mirror(h, minor);
     assert_eq!(m["state"], "failed", "list --json: {m}");
-    assert_eq!(m["uri"], sec.uri(), "{m}");
+    assert_eq!(m["uri"], fx.sec.uri(), "{m}");
     assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
     // The primary has every byte fio wrote: read back past the dead mirror.
-    let again = fio_verify_writer(&dev, "8M").output().expect("fio");
+    let again = fio_verify_writer(dev, "8M").output().expect("fio");
     assert!(again.status.success());
     // A switch to a failed mirror is refused and the disk stays paused.
-    h.ok(&ROOT, &["pause", "-m", &minor]);
-    let err = h.fails(&ROOT, &["unpause", "-m", &minor, "-2", &sec.uri()]);
+    h.ok(&ROOT, &["pause", "-m", minor]);
+    let err = h.fails(&ROOT, &["unpause", "-m", minor, "-2", &fx.sec.uri()]);
     assert!(
         err.contains("not in sync") && err.contains("stays paused"),
         "{err}"
     );
-    assert!(h.ok(&ROOT, &["list", "-m", &minor]).contains("state=0x20"));
+    assert!(h.ok(&ROOT, &["list", "-m", minor]).contains("state=0x20"));
     // A plain unpause cannot reach the dead secondary: the disk serves
     // without the mirror, and says so on record.
-    h.ok(&ROOT, &["unpause", "-m", &minor]);
-    assert!(read_direct(&dev, 0, 4096).len() == 4096);
-    let st = stats(&h, &minor);
+    h.ok(&ROOT, &["unpause", "-m", minor]);
+    assert!(read_direct(dev, 0, 4096).len() == 4096);
+    let st = stats(h, minor);
     assert_eq!(
         st["nbd_mirror_failed"], 1,
         "the lost mirror must still show: {st}"
     );
-    let m = list_mirror(&h, &minor);
+    let m = list_mirror(h, minor);
     assert_eq!(m["state"], "failed", "list must show the lost mirror: {m}");
     assert!(
         m["error"]
@@ -333,76 +359,64 @@ fn mirror_secondary_killed_midway_is_reported_and_the_primary_keeps_serving() {
                 .is_some_and(|r| r.contains("mirror not re-established"))),
         "the lost mirror is not on record"
     );
-    h.ok(&ROOT, &["destroy", "-m", &minor]);
+    h.ok(&ROOT, &["destroy", "-m", minor]);
 }
 
 #[test]
 fn mirror_unpause_2_switches_to_the_synced_secondary_and_reads_come_from_it() {
-    if !preconditions() {
+    let Some(fx) = Mirrored::start(16 * MIB, 13, false, &[]) else {
         return;
-    }
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    let dir = socket_dir();
-    let h = harness(dir.path());
-    let size = 16 * MIB;
-    let img = primary(&h, "p.img", size, 13);
-    let sec = Secondary::start(dir.path(), "s", size);
-    let uri = sec.uri();
-    let (minor, _pid, dev) = attach(&h, &img, &["-2", &uri]);
+    };
+    let (h, img, minor, dev, size) = (&fx.h, &fx.img, &fx.minor, &fx.dev, 16 * MIB);
+    let uri = fx.sec.uri();
     let fresh = pattern(64 * 1024, 99);
-    write_direct(&dev, MIB, &fresh);
-    wait_synced(&h, &minor);
-    h.ok(&ROOT, &["pause", "-m", &minor]);
-    h.ok(&ROOT, &["unpause", "-m", &minor, "-2", &uri]);
+    write_direct(dev, MIB, &fresh);
+    wait_synced(h, minor);
+    h.ok(&ROOT, &["pause", "-m", minor]);
+    h.ok(&ROOT, &["unpause", "-m", minor, "-2", &uri]);
     // The primary is spoiled behind the disk's back: reads still show
     // what the secondary holds, so they come from it.
-    std::fs::write(&img, vec![0xEE; size as usize]).unwrap();
-    assert_eq!(read_direct(&dev, MIB, fresh.len()), fresh);
+    std::fs::write(img, vec![0xEE; size as usize]).unwrap();
+    assert_eq!(read_direct(dev, MIB, fresh.len()), fresh);
     assert_eq!(
-        read_direct(&dev, 4 * MIB, 4096),
+        read_direct(dev, 4 * MIB, 4096),
         pattern(size as usize, 13)[4 * MIB as usize..4 * MIB as usize + 4096]
     );
     // Writes go to the secondary only.
     let later = pattern(4096, 7);
-    write_direct(&dev, 2 * MIB, &later);
-    let mut s = std::fs::File::open(&sec.file).unwrap();
+    write_direct(dev, 2 * MIB, &later);
+    let mut s = std::fs::File::open(&fx.sec.file).unwrap();
     let mut got = vec![0; 4096];
     s.seek(SeekFrom::Start(2 * MIB)).unwrap();
     s.read_exact(&mut got).unwrap();
     assert_eq!(got, later, "the write is not on the secondary");
-    let st = stats(&h, &minor);
+    let st = stats(h, minor);
     assert_eq!(st["images"][0]["name"], uri, "{st}");
     assert!(
         st["mirror"].is_null(),
         "a switched disk mirrors nothing: {st}"
     );
-    h.ok(&ROOT, &["destroy", "-m", &minor]);
+    h.ok(&ROOT, &["destroy", "-m", minor]);
 }
 
 #[test]
 fn mirror_standby_is_not_written_and_cannot_be_switched_to() {
-    if !preconditions() {
+    let Some(fx) = Mirrored::start(16 * MIB, 14, false, &["-s"]) else {
         return;
-    }
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    let dir = socket_dir();
-    let h = harness(dir.path());
-    let size = 16 * MIB;
-    let img = primary(&h, "p.img", size, 14);
-    let sec = Secondary::start(dir.path(), "s", size);
-    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri(), "-s"]);
-    write_direct(&dev, 0, &pattern(4096, 5));
-    let st = stats(&h, &minor);
+    };
+    let (h, img, minor, dev, _size) = (&fx.h, &fx.img, &fx.minor, &fx.dev, 16 * MIB);
+    write_direct(dev, 0, &pattern(4096, 5));
+    let st = stats(h, minor);
     assert_eq!(st["mirror"]["state"], "standby", "{st}");
     assert_eq!(st["mirror"]["mirrored_writes"], 0, "{st}");
-    let m = list_mirror(&h, &minor);
+    let m = list_mirror(h, minor);
     assert_eq!(
         (&m["mode"], &m["state"]),
         (&"standby".into(), &"standby".into()),
         "{m}"
     );
     // On a terminal: a `mirror` line under the disk's row.
-    let (ok, table) = h.ctl_tty(&ROOT, &["list", "-m", &minor]);
+    let (ok, table) = h.ctl_tty(&ROOT, &["list", "-m", minor]);
     assert!(ok, "{table}");
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 2, "{table}");
@@ -412,27 +426,27 @@ fn mirror_standby_is_not_written_and_cannot_be_switched_to() {
     );
     assert_eq!(
         lines[1].split_whitespace().collect::<Vec<_>>(),
-        ["mirror", "standby", &sec.uri()],
+        ["mirror", "standby", &fx.sec.uri()],
         "{table}"
     );
     // SM's key=value form: still one row of blktap's four fields.
-    let dict = h.ok(&ROOT, &["list", "-m", &minor]);
+    let dict = h.ok(&ROOT, &["list", "-m", minor]);
     assert_eq!(dict.lines().count(), 1, "{dict}");
     assert!(!dict.contains("mirror"), "{dict}");
     assert!(
-        std::fs::read(&sec.file).unwrap().iter().all(|b| *b == 0),
+        std::fs::read(&fx.sec.file).unwrap().iter().all(|b| *b == 0),
         "a standby secondary was written"
     );
-    h.ok(&ROOT, &["pause", "-m", &minor]);
-    let err = h.fails(&ROOT, &["unpause", "-m", &minor, "-2", &sec.uri()]);
+    h.ok(&ROOT, &["pause", "-m", minor]);
+    let err = h.fails(&ROOT, &["unpause", "-m", minor, "-2", &fx.sec.uri()]);
     assert!(
         err.contains("not in sync") && err.contains("standby"),
         "{err}"
     );
-    assert!(h.ok(&ROOT, &["list", "-m", &minor]).contains("state=0x20"));
-    h.ok(&ROOT, &["unpause", "-m", &minor]);
-    assert_eq!(read_direct(&dev, 0, 4096), pattern(4096, 5));
-    h.ok(&ROOT, &["destroy", "-m", &minor]);
+    assert!(h.ok(&ROOT, &["list", "-m", minor]).contains("state=0x20"));
+    h.ok(&ROOT, &["unpause", "-m", minor]);
+    assert_eq!(read_direct(dev, 0, 4096), pattern(4096, 5));
+    h.ok(&ROOT, &["destroy", "-m", minor]);
 }
 
 #[test]
@@ -443,20 +457,13 @@ fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
     let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
     let granted = socket_dir();
     let elsewhere = socket_dir();
-    let h = harness(granted.path());
+    let h = harness(granted.path(), false);
     let img = primary(&h, "p.img", 16 * MIB, 15);
     let outside = Secondary::start(elsewhere.path(), "o", 16 * MIB);
-    let dev = h.ok(&ROOT, &["allocate"]);
-    let minor = dev.trim().rsplit_once("tapdev").unwrap().1.to_string();
-    let pid = h.ok(&ROOT, &["spawn"]).trim().to_string();
-    h.ok(&ROOT, &["attach", "-p", &pid, "-m", &minor]);
+    let a = h.sm_attach(&ROOT);
+    let minor = &a.minor;
     let spec = format!("aio:{}", img.display());
-    let open = |uri: &str| {
-        h.fails(
-            &ROOT,
-            &["open", "-p", &pid, "-m", &minor, "-a", &spec, "-2", uri],
-        )
-    };
+    let open = |uri: &str| h.fails(&ROOT, &a.open_args(&spec, &["-2", uri]));
     // A socket outside the granted directory.
     let err = open(&outside.uri());
     assert!(err.contains("may not mirror"), "{err}");
@@ -477,69 +484,43 @@ fn mirror_to_a_target_the_policy_does_not_grant_is_refused_and_audited() {
         "the refusal is not on record"
     );
     // Nothing was opened: the minor is still attached without an image.
-    assert!(!h.ok(&ROOT, &["list", "-m", &minor]).contains("args="));
+    assert!(!h.ok(&ROOT, &["list", "-m", minor]).contains("args="));
     let _ = std::fs::metadata(&outside.file);
-}
-
-fn pid_of(h: &Harness, minor: &str) -> Option<String> {
-    let out = h.ok(&ROOT, &["list", "-m", minor]);
-    out.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid=").map(str::to_string))
 }
 
 #[test]
 fn mirror_is_reestablished_by_a_respawned_worker_and_copies_again() {
-    if !preconditions() {
+    let Some(fx) = Mirrored::start(16 * MIB, 16, true, &[]) else {
         return;
-    }
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    let dir = socket_dir();
-    let h = Harness::start(Options {
-        frontend: "fuse",
-        tenants: vec![ROOT],
-        respawn: true,
-        tenant_lines: vec![(
-            "ops",
-            format!("mirror = {{ unix_dirs = [{:?}] }}", dir.path()),
-        )],
-        ..Options::default()
-    });
-    let size = 16 * MIB;
-    let img = primary(&h, "p.img", size, 16);
-    let sec = Secondary::start(dir.path(), "s", size);
-    let (minor, _pid, dev) = attach(&h, &img, &["-2", &sec.uri()]);
-    wait_synced(&h, &minor);
-    let old = pid_of(&h, &minor).expect("pid");
-    let old_pid: i32 = old.parse().unwrap();
+    };
+    let (h, minor, dev) = (&fx.h, &fx.minor, &fx.dev);
+    wait_synced(h, minor);
+    let old = h.worker_pid_of(minor).expect("pid");
+    let old_pid = old as i32;
     // SAFETY: kill has no memory preconditions.
     let killed = unsafe { libc::kill(old_pid, libc::SIGKILL) };
     assert_eq!(killed, 0);
     assert!(
-        eventually(Duration::from_secs(60), || pid_of(&h, &minor)
+        eventually(Duration::from_secs(60), || h
+            .worker_pid_of(minor)
             .is_some_and(|p| p != old)
-            && mirror_state(&h, &minor) != "-"),
+            && mirror_state(h, minor) != "-"),
         "no respawn: {}",
         h.broker_log()
     );
     // The new worker mirrors again (a fresh copy), and its writes reach
     // the secondary: after sync both sides compare identical.
-    assert_ne!(mirror_state(&h, &minor), "-", "{}", stats(&h, &minor));
+    assert_ne!(mirror_state(h, minor), "-", "{}", stats(h, minor));
     assert!(
         h.audit_lines()
             .iter()
             .any(|l| l["rule"] == "mirror-reestablished"),
         "the re-established mirror is not on record"
     );
-    write_direct(&dev, 3 * MIB, &pattern(8192, 17));
-    wait_synced(&h, &minor);
-    assert_eq!(stats(&h, &minor)["nbd_mirror_failed"], 0);
-    h.ok(&ROOT, &["pause", "-m", &minor]);
-    let cmp = qemu_img_compare(&img, &sec);
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
-    h.ok(&ROOT, &["unpause", "-m", &minor]);
-    h.ok(&ROOT, &["destroy", "-m", &minor]);
+    write_direct(dev, 3 * MIB, &pattern(8192, 17));
+    wait_synced(h, minor);
+    assert_eq!(stats(h, minor)["nbd_mirror_failed"], 0);
+    fx.pause_and_compare();
+    h.ok(&ROOT, &["unpause", "-m", minor]);
+    h.ok(&ROOT, &["destroy", "-m", minor]);
 }

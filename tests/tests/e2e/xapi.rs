@@ -23,10 +23,7 @@ fn xapi_close_t_on_a_tapdisk_that_never_answers_times_out_and_list_shows_the_min
     let img = h.vhd_image("ops", "t.vhd", 8);
     h.ok(&ROOT, &["create", "-a", &format!("vhd:{}", img.display())]);
     let row = h.ok(&ROOT, &["list", "-m", "0"]);
-    let pid: i32 = row
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
-        .unwrap_or_else(|| panic!("list: {row:?}"));
+    let pid = pid_field(&row).unwrap_or_else(|| panic!("list: {row:?}")) as i32;
     signal(pid, libc::SIGSTOP);
     let out = h.ctl(
         &ROOT,
@@ -65,12 +62,6 @@ fn xapi_major_on_the_nbd_frontend_is_refused_as_unsupported_not_a_usage_error() 
         "{err}"
     );
     assert!(out.stdout.is_empty());
-}
-
-fn pid_of(h: &Harness, minor: &str) -> Option<u32> {
-    let out = h.ok(&ROOT, &["list", "-m", minor]);
-    out.split_whitespace()
-        .find_map(|f| f.strip_prefix("pid=")?.parse().ok())
 }
 
 #[test]
@@ -112,18 +103,20 @@ fn xapi_open_d_holds_through_a_respawn_and_a_plain_open_stays_direct() {
     );
     let first: u32 = pid.parse().unwrap();
     assert_eq!(holds_open_direct(first, &buffered), Some(false), "-D");
-    let other = pid_of(&h, "1").expect("minor 1's tapdisk");
+    let other = h.worker_pid_of("1").expect("minor 1's tapdisk");
     assert_eq!(holds_open_direct(other, &direct), Some(true), "no -D");
     // The respawned tapdisk opens the image the way the open asked.
     signal(first as i32, libc::SIGKILL);
     assert!(
-        eventually(Duration::from_secs(20), || pid_of(&h, "0").is_some_and(
-            |p| p != first && holds_open_direct(p, &buffered).is_some()
-        )),
+        eventually(Duration::from_secs(20), || h
+            .worker_pid_of("0")
+            .is_some_and(
+                |p| p != first && holds_open_direct(p, &buffered).is_some()
+            )),
         "no respawn: {}",
         h.ok(&ROOT, &["list"])
     );
-    let second = pid_of(&h, "0").unwrap();
+    let second = h.worker_pid_of("0").unwrap();
     assert_eq!(
         holds_open_direct(second, &buffered),
         Some(false),
