@@ -4,8 +4,9 @@
 //! else. For each request (a [`super::wire`] plan and the socket the
 //! helper answers on) it forks a helper that runs [`super::helper`]'s
 //! child code, and answers the broker with the helper's pidfd. It never
-//! changes its own credentials and never opens a path; it exits when the
-//! broker's end of its socket closes (the broker exited).
+//! changes its own credentials and never opens a path; it keeps only the
+//! two capabilities a helper needs to take a tenant's ids, and exits when
+//! the broker's end of its socket closes (the broker exited).
 
 use super::helper;
 use super::wire;
@@ -16,8 +17,72 @@ use std::process::ExitCode;
 /// The request socket (`tapjail_broker::spawn::CONTROL_FD`).
 const SOCK: i32 = tapjail_broker::spawn::CONTROL_FD;
 
+/// What the opener and its helpers keep: a helper takes the tenant's
+/// filesystem ids (`setgroups`, `setfsgid`: CAP_SETGID; `setfsuid`:
+/// CAP_SETUID) and then opens with her permissions alone, so nothing
+/// else is needed: no DAC override, no mount, no ptrace.
+const KEEP: u32 = 1 << CAP_SETGID | 1 << CAP_SETUID;
+/// `<linux/capability.h>`'s numbers.
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+
+/// Keep only [`KEEP`], no new privileges, not dumpable (helpers hold
+/// tenants' files for a moment).
+fn drop_privileges() -> io::Result<()> {
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let check = |rc: libc::c_long| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let mut header = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let low = CapData {
+        effective: KEEP,
+        permitted: KEEP,
+        inheritable: 0,
+    };
+    let high = CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    };
+    let data = [low, high];
+    // SAFETY: prctl with integer arguments; capset reads a header and two
+    // data structs laid out as <linux/capability.h> says.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into())?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
+        check(libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        ))?;
+    }
+    Ok(())
+}
+
 /// Serve until the broker hangs up.
 pub fn main() -> ExitCode {
+    if let Err(e) = drop_privileges() {
+        tracing::error!("tap-broker --open-helper: dropping privileges: {e}");
+        return ExitCode::FAILURE;
+    }
     // No parent-death signal: it follows the thread that started us,
     // which may be a client's thread that ends long before the broker.
     // The broker's end of the socket closes when the broker exits, and

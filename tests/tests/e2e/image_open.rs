@@ -445,7 +445,8 @@ fn image_open_two_brokers_cannot_both_write_one_image() {
 /// search, right after each of alice's opens. Only her credentials could
 /// reach it, so any left over from her open would hand it to him. Also
 /// with the opener killed (it is started again, or the broker forks the
-/// helper itself), and the opener never takes anyone's credentials.
+/// helper itself); the opener never takes anyone's credentials and keeps
+/// only the capabilities to take them.
 #[test]
 fn image_open_credentials_never_carry_over_to_the_next_request() {
     let h = Harness::start(Options::default());
@@ -499,6 +500,11 @@ fn image_open_credentials_never_carry_over_to_the_next_request() {
     };
     assert_eq!(fs_ids("Uid:").as_deref(), Some("0"), "{status}");
     assert_eq!(fs_ids("Gid:").as_deref(), Some("0"), "{status}");
+    // It (and so each helper it forks) holds CAP_SETGID and CAP_SETUID
+    // alone: no DAC override that could open what the tenant cannot.
+    assert!(status.contains("CapEff:\t00000000000000c0"), "{status}");
+    assert!(status.contains("CapPrm:\t00000000000000c0"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     // Bob's file is fine once he can reach it.
     std::fs::set_permissions(&behind, std::fs::Permissions::from_mode(0o755)).unwrap();
     h.ok(&BOB, &["create", "-a", &his_spec]);
