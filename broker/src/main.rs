@@ -267,6 +267,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(w) = cgroups.warning() {
         tracing::warn!("{w}");
     }
+    // Before the fd holder hands back a predecessor's fds: the opener
+    // starts with nothing of any disk.
+    if let Err(e) = image_open::opener::start(&exe) {
+        tracing::warn!("cannot start the image opener ({e}): open helpers fork from tap-broker");
+    }
     let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
         Ok(x) => x,
         Err(e) => {
@@ -276,9 +281,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let store = Arc::new(store);
     let devices = devices.with_store(store.clone());
-    if let Err(e) = image_open::opener::start(&exe) {
-        tracing::warn!("cannot start the image opener ({e}): open helpers fork from tap-broker");
-    }
 
     let memlock = memlock_for_workers(policy.worker_memlock);
     let spawn_cfg = broker::SpawnConfig {

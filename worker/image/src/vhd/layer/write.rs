@@ -282,12 +282,7 @@ impl VhdLayer {
 
     /// Write zeroes over `[from, to)` where it lies inside the first
     /// `file_len` bytes.
-    fn zero_existing(
-        &self,
-        from: u64,
-        to: u64,
-        file_len: u64,
-    ) -> Result<(), ImageError> {
+    fn zero_existing(&self, from: u64, to: u64, file_len: u64) -> Result<(), ImageError> {
         let to = to.min(file_len);
         self.write_zero_bytes(from, to)
     }
