@@ -184,10 +184,16 @@ impl Broker {
                 return Err(e);
             }
         }
-        if let Err(e) = self.mirror_hook(conn, target, unpause, &device) {
-            self.table().release_files(target.minor, &files);
-            return Err(e);
-        }
+        let secondary = match self.mirror_hook(conn, target, unpause, &device, &files) {
+            Ok(secondary) => {
+                files.extend(secondary.map(|id| (id, true)));
+                secondary
+            }
+            Err(e) => {
+                self.table().release_files(target.minor, &files);
+                return Err(e);
+            }
+        };
         // `unpause -E`, last before the reopen: nothing below can fail
         // between the key and the Unpause that consumes it.
         let unpause_key = if unpause {
@@ -213,6 +219,11 @@ impl Broker {
                 return Err(e.into());
             }
         };
+        if let Err(e) = crate::xapi::secondary::check_not_in_chain(secondary, &files) {
+            let _ = conn.call(&ToWorker::Close, &[]);
+            self.table().release_files(target.minor, &files);
+            return Err(e);
+        }
         let image = OpenImage {
             spec: ImageSpec { kind, path: name },
             grant: grant.clone(),
@@ -254,14 +265,16 @@ impl Broker {
     }
 
     /// Give the worker its `-2` mirror (or switch) before the image opens:
-    /// see [`crate::mirror::Mirrors::before_open`].
+    /// see [`crate::mirror::Mirrors::before_open`]. A file secondary is
+    /// opened and claimed here; its claim is returned, for the image's.
     fn mirror_hook(
         &self,
         conn: &WorkerConn,
         target: &Target<'_>,
         unpause: bool,
         device: &DeviceMode<'_>,
-    ) -> Result<(), BrokerError> {
+        held: &[(FileId, bool)],
+    ) -> Result<Option<FileId>, BrokerError> {
         use crate::mirror::{Bring, Done};
         let minor = target.minor;
         let bring = match (unpause, device) {
@@ -271,9 +284,20 @@ impl Broker {
         };
         let asked = crate::xapi::scope::mirror();
         let asked = if bring == Bring::Respawn { None } else { asked };
+        let claimed = std::cell::Cell::new(None);
+        let open_file = |g: &crate::mirror::Granted| {
+            let (file, id) = self.open_secondary_file(target.owner, minor, g, held)?;
+            claimed.set(Some(id));
+            Ok(file)
+        };
         let done = self
             .mirrors
-            .before_open(conn, minor, bring, asked.as_ref())?;
+            .before_open(conn, minor, bring, asked.as_ref(), &open_file)
+            .inspect_err(|_| {
+                if let Some(id) = claimed.get() {
+                    self.table().release_files(minor, &[(id, true)]);
+                }
+            })?;
         // Outside a request's own -2 there is no outcome to carry it:
         // on record by itself.
         let event = match (&done, asked.is_some()) {
@@ -295,7 +319,11 @@ impl Broker {
             );
         }
         crate::xapi::scope::set_mirror_done(done);
-        Ok(())
+        let on_record = self.mirrors.file_record(minor);
+        if let Ok(d) = self.table().disk_mut(minor) {
+            d.secondary = on_record;
+        }
+        Ok(claimed.get())
     }
 
     /// Create (or recover) the kernel side and have the worker serve it.

@@ -191,6 +191,8 @@ pub struct Disk {
     /// This disk's own I/O limits, set at runtime by `tap-ctl throttle
     /// -m`; `None`: its tenant's `disk_io` (see `crate::qos`).
     pub io: Option<tapjail_common::qos::IoLimits>,
+    /// Its file secondary, on record for a successor (`crate::mirror::record`).
+    pub secondary: Option<crate::mirror::record::FileRecord>,
 }
 
 impl Disk {
@@ -203,6 +205,7 @@ impl Disk {
             restarts: 0,
             deaths: VecDeque::new(),
             io: None,
+            secondary: None,
         };
         d.persist();
         d
@@ -289,6 +292,7 @@ impl Disk {
                 Slot::Leased { .. } => None,
             },
             io: self.io,
+            secondary: self.secondary.clone(),
         }
     }
 

@@ -49,6 +49,10 @@ pub struct MinorRecord {
     /// a successor (see `crate::qos_records`).
     #[serde(default)]
     pub io: Option<tapjail_common::qos::IoLimits>,
+    /// The disk's file secondary (`-2 vhd:PATH`), for a successor that
+    /// respawns its tapdisk (see `crate::mirror::record`).
+    #[serde(default)]
+    pub secondary: Option<crate::mirror::record::FileRecord>,
 }
 
 /// An image served on a live device, as a successor adopts it.

@@ -1,5 +1,11 @@
-//! Write mirroring to a secondary NBD target (`tap-ctl open -2 URI [-s]`,
+//! Write mirroring to a secondary (`tap-ctl open -2 URI [-s]`,
 //! `unpause -2 URI`), with blktap's URI forms and meanings.
+//!
+//! blktap parses the secondary as any image (`tapdisk_disktype_parse_params`):
+//! `vhd:PATH` and `aio:PATH` name a *file* secondary, which SM's IntelliCache
+//! leaf call passes (the VM's VDI on the shared SR, see
+//! `tapjail_common::mirror::MirrorTarget::File`); the broker opens it like
+//! any writable image of the tenant.
 //!
 //! blktap's tapdisk takes `nbd:` followed by either the path of a unix
 //! socket or `IPV4:PORT` (`drivers/block-nbd.c`); anything else is there
@@ -32,6 +38,10 @@ pub enum MirrorTarget {
     Unix(PathBuf),
     /// `nbd:IPV4:PORT`.
     Tcp(Ipv4Addr, u16),
+    /// `vhd:PATH` or `aio:PATH`: an image file, opened by the broker as a
+    /// writable image of the tenant. In mirror mode it is also read, right
+    /// below the leaf (blktap: it "may already contain data").
+    File(crate::proto::ImageKind, PathBuf),
 }
 
 /// blktap's two secondary modes (`TD_VBD_SECONDARY_MIRROR` / `_STANDBY`).
@@ -60,7 +70,10 @@ impl MirrorMode {
 /// Why a `-2` URI names no target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
-    #[error("-2 {uri:?}: only nbd secondaries exist: use nbd:/path/to/socket or nbd:IPV4:PORT")]
+    #[error(
+        "-2 {uri:?}: a secondary is nbd:/path/to/socket, nbd:IPV4:PORT, vhd:/path/to/file.vhd \
+         or aio:/path/to/file"
+    )]
     NotNbd { uri: String },
     #[error("-2 {uri:?}: longer than {MAX_URI_LEN} bytes")]
     TooLong { uri: String },
@@ -79,23 +92,20 @@ impl MirrorTarget {
         if uri.len() > MAX_URI_LEN {
             return Err(UriError::TooLong { uri: clip(uri) });
         }
+        for (prefix, kind) in [
+            ("vhd:", crate::proto::ImageKind::Vhd),
+            ("aio:", crate::proto::ImageKind::Aio),
+        ] {
+            if let Some(path) = uri.strip_prefix(prefix) {
+                return Ok(MirrorTarget::File(kind, clean_path(uri, path)?));
+            }
+        }
         let Some(rest) = uri.strip_prefix("nbd:") else {
             return Err(UriError::NotNbd { uri: uri.into() });
         };
         let rest = rest.strip_prefix("unix:").unwrap_or(rest);
-        if let Some(below_root) = rest.strip_prefix('/') {
-            let path = Path::new(rest);
-            // Checked on the text: `Path::components` drops `.` and `//`.
-            let clean = below_root
-                .split('/')
-                .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
-            if !clean || rest.contains('\0') {
-                return Err(UriError::BadPath {
-                    uri: uri.into(),
-                    path: rest.into(),
-                });
-            }
-            return Ok(MirrorTarget::Unix(path.to_path_buf()));
+        if rest.starts_with('/') {
+            return Ok(MirrorTarget::Unix(clean_path(uri, rest)?));
         }
         let bad = || UriError::Unrecognised { uri: uri.into() };
         let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
@@ -116,8 +126,26 @@ impl fmt::Display for MirrorTarget {
         match self {
             MirrorTarget::Unix(p) => write!(f, "nbd:{}", p.display()),
             MirrorTarget::Tcp(ip, port) => write!(f, "nbd:{ip}:{port}"),
+            MirrorTarget::File(kind, p) => write!(f, "{kind}:{}", p.display()),
         }
     }
+}
+
+/// `path` as a secondary's path: absolute, without `.`, `..` or empty
+/// components (checked on the text: `Path::components` drops `.` and `//`).
+fn clean_path(uri: &str, path: &str) -> Result<PathBuf, UriError> {
+    let clean = path.strip_prefix('/').is_some_and(|below_root| {
+        below_root
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    });
+    if !clean || path.contains('\0') {
+        return Err(UriError::BadPath {
+            uri: uri.into(),
+            path: path.into(),
+        });
+    }
+    Ok(Path::new(path).to_path_buf())
 }
 
 fn clip(s: &str) -> String {
@@ -136,9 +164,15 @@ pub enum MirrorState {
     Copying,
     /// The secondary holds everything the primary does.
     Synced,
+    /// A file secondary (`-2 vhd:PATH`): every write goes to both, and
+    /// the secondary is read below the leaf; no copy is made (it holds the
+    /// disk's earlier data itself, as blktap assumes).
+    Mirroring,
     /// Standby: connected, not written.
     Standby,
     /// Standby after the primary ran out of space: served by the secondary.
+    /// A file secondary in mirror mode says so too once its leaf ran out
+    /// of space: the leaf is retired and the secondary serves alone.
     FailedOver,
     /// The secondary failed or went away: mirroring stopped, the primary
     /// keeps serving (blktap's `nbd_mirror_failed`).
@@ -150,6 +184,7 @@ impl MirrorState {
         match self {
             MirrorState::Copying => "copying",
             MirrorState::Synced => "synced",
+            MirrorState::Mirroring => "mirroring",
             MirrorState::Standby => "standby",
             MirrorState::FailedOver => "failed-over",
             MirrorState::Failed => "failed",
@@ -209,11 +244,27 @@ mod tests {
         );
     }
 
+    /// SM's IntelliCache leaf call mirrors to the VDI's file on the shared SR.
+    #[test]
+    fn file_secondaries_parse_with_their_kind() {
+        use crate::proto::ImageKind;
+        let t = MirrorTarget::parse("vhd:/srv/shared/vdi.vhd").unwrap();
+        assert_eq!(
+            t,
+            MirrorTarget::File(ImageKind::Vhd, "/srv/shared/vdi.vhd".into())
+        );
+        assert_eq!(t.to_string(), "vhd:/srv/shared/vdi.vhd");
+        assert_eq!(
+            MirrorTarget::parse("aio:/srv/x.raw").unwrap(),
+            MirrorTarget::File(ImageKind::Aio, "/srv/x.raw".into())
+        );
+    }
+
     #[test]
     fn other_uris_are_refused_with_the_forms_named() {
         for bad in [
             "/run/x.sock",
-            "vhd:/x",
+            "qcow2:/x",
             "nbd:",
             "nbd:fdname",
             "nbd:host.example:10809",
@@ -231,6 +282,16 @@ mod tests {
         ] {
             let e = MirrorTarget::parse(bad).unwrap_err();
             assert!(e.to_string().contains("nbd:"), "{bad}: {e}");
+        }
+        for bad in [
+            "vhd:relative.vhd",
+            "vhd:/a/../b.vhd",
+            "aio:/a//b",
+            "vhd:",
+            "aio:/a/",
+        ] {
+            let e = MirrorTarget::parse(bad).unwrap_err();
+            assert!(matches!(e, UriError::BadPath { .. }), "{bad}: {e}");
         }
         assert!(matches!(
             MirrorTarget::parse(&format!("nbd:/{}", "a".repeat(300))),

@@ -68,6 +68,10 @@ pub struct CachePlan {
     /// and never written by the guest (see [`crate::read_cache`]).
     #[serde(default)]
     pub read_cache: bool,
+    /// `-r` on a leaf with `-e` of a read cache (blktap's lcache in leaf
+    /// mode): reads from below the leaf are written back into it.
+    #[serde(default)]
+    pub leaf_fill: bool,
 }
 
 /// A blktap feature SM can ask for that tapjail refuses instead of faking.

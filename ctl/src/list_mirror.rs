@@ -21,7 +21,8 @@ pub struct MirrorView {
     pub uri: String,
     /// `mirror` or `standby`.
     pub mode: &'static str,
-    /// `copying`, `synced`, `standby`, `failed-over`, `failed`, or
+    /// `copying`, `synced`, `mirroring` (a file secondary), `standby`,
+    /// `failed-over`, `failed`, or
     /// `unknown` when the worker could not be asked.
     pub state: &'static str,
     /// Bytes the background copy has brought over, of `total`.

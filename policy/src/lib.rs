@@ -12,6 +12,7 @@ pub mod decide;
 pub mod idmap;
 pub mod path;
 mod read_cache;
+pub mod secondary;
 #[cfg(test)]
 mod test_fixtures;
 pub mod xapi;
@@ -26,3 +27,4 @@ pub use decide::{
     PeerCred, Scope,
 };
 pub use idmap::{IdClash, IdFiles};
+pub use secondary::decide_secondary_file;

@@ -77,7 +77,7 @@ pub(crate) fn decide_options(
         }
     }
     if let Some(m) = &opts.mirror {
-        if let Err((rule, why)) = mirror_allowed(t, m) {
+        if let Err((rule, why)) = mirror_allowed(t, m, peer, policy) {
             return deny(rule, why);
         }
     }
@@ -90,12 +90,23 @@ pub(crate) fn decide_options(
 }
 
 /// `-2 URI [-s]`: the URI must parse and name a secondary the tenant's
-/// `mirror` key grants.
+/// `mirror` key grants, or a file she may open for writing.
 fn mirror_allowed(
     t: &Tenant,
     m: &tapjail_common::mirror::MirrorRequest,
+    peer: &PeerCred,
+    policy: &Policy,
 ) -> Result<(), (&'static str, String)> {
     let target = MirrorTarget::parse(&m.uri).map_err(|e| ("mirror-uri", e.to_string()))?;
+    if let MirrorTarget::File(_, path) = &target {
+        let open_as = crate::decide::OpenAs::peer(peer, t);
+        let d = crate::secondary::decide_secondary_file(policy, &t.name, &open_as, path);
+        return if d.allow {
+            Ok(())
+        } else {
+            Err((d.rule, d.reason))
+        };
+    }
     if t.mirror.grant(&target).is_none() {
         let what = if t.mirror.is_empty() {
             "its policy has no mirror key".to_string()

@@ -140,6 +140,23 @@ fn sm_harness_attach_detach_pause_and_error_paths_parse_and_back_out_as_sm_expec
             .is_some_and(|o| o.contains("switched to the secondary"))),
         "the switch is not on record"
     );
+    // SM's IntelliCache leaf calls: -r on the leaf read as leaf mode, the
+    // file secondary opened (and audited) in both modes.
+    assert!(
+        lines.iter().any(|l| l["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("leaf-mode lcache") && o.contains("-2 vhd:"))),
+        "the normal-mode leaf call is not on record"
+    );
+    for vdi in ["vm.vhd", "vm-scratch.vhd"] {
+        assert!(
+            lines.iter().any(|l| l["rule"] == "mirror-file"
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(vdi) && r.contains("opened"))),
+            "the secondary {vdi} is not on record as opened"
+        );
+    }
     h.ok(&ALICE, &["destroy", "-m", &foreign]);
 }
 

@@ -243,6 +243,11 @@ class Tapdisk:
         return found[0] if found else None
 
     @classmethod
+    def find_by_path(cls, path):
+        """SM's Tapdisk.find_by_path: `list -f PATH`, one row or none."""
+        return cls.find(path=path)
+
+    @classmethod
     def from_minor(cls, minor):
         t = cls.find(minor=minor)
         if t is None:
@@ -297,6 +302,39 @@ def activate(path, _type, options):
     except BaseException:
         TapCtl.free(minor)
         raise
+
+
+def setup_cache(gold, vdi, cache_dir, scratch_mode):
+    """SM's VDI._setup_cache (drivers/blktap2.py): the read cache of the
+    VDI's parent (gold) and the VM's local leaf, a child of that cache,
+    opened with the VDI itself as secondary: `-r -e A -2 vhd:VDI`, or in
+    scratch mode `-e A -2 vhd:VDI -s`."""
+    read_cache_path = os.path.join(cache_dir, os.path.basename(gold) + "cache")
+    if not os.path.exists(read_cache_path):
+        vhd("snapshot", "-n", read_cache_path, "-p", gold)
+    local_leaf_path = os.path.join(cache_dir, os.path.basename(vdi) + "cache")
+    if os.path.exists(local_leaf_path):
+        os.unlink(local_leaf_path)
+    vhd("snapshot", "-n", local_leaf_path, "-p", read_cache_path)
+    prt_tapdisk = Tapdisk.find_by_path(read_cache_path)
+    if not prt_tapdisk:
+        prt_tapdisk = activate(read_cache_path, "vhd", {"rdonly": False, "lcache": True})
+    secondary = "vhd:%s" % vdi
+    leaf_tapdisk = Tapdisk.find_by_path(local_leaf_path)
+    if not leaf_tapdisk:
+        leaf_tapdisk = activate(local_leaf_path, "vhd", {
+            "rdonly": False,
+            "lcache": not scratch_mode,
+            "existing_prt": prt_tapdisk.minor,
+            "secondary": secondary,
+            "standby": scratch_mode,
+        })
+    return prt_tapdisk, leaf_tapdisk, read_cache_path, local_leaf_path
+
+
+def vhd_read(path, offset, n):
+    return subprocess.run([TAPCTL, "vhd", "read", "-q", "-n", path, "-o", str(offset), "-l", str(n)],
+                          check=True, stdout=subprocess.PIPE).stdout
 
 
 def list_json(minor):
@@ -509,6 +547,47 @@ def main():
     vhd("snapshot", "-n", outside, "-p", gold)
     expect_failure("open -r outside the read_cache_root", 1, ["read_cache_root"],
                    lambda: activate(outside, "vhd", {"lcache": True}))
+
+    # IntelliCache's leaf call exactly as SM's _setup_cache makes it. The
+    # VM's VDI on the shared SR is a child of gold; in normal mode it holds
+    # an earlier 4 KiB write (a scratch VM's VDI is reset, so empty). The
+    # local leaf is a child of gold's cache.
+    for scratch_mode in (False, True):
+        earlier = bytes(4096) if scratch_mode else PATTERN[:4096][::-1]
+        vdi = os.path.join(IMAGES, "vm-scratch.vhd" if scratch_mode else "vm.vhd")
+        vhd("snapshot", "-n", vdi, "-p", gold)
+        if not scratch_mode:
+            subprocess.run([TAPCTL, "vhd", "write", "-n", vdi, "-o", str(2 << 20)],
+                           input=earlier, check=True, stdout=subprocess.DEVNULL)
+        prt, leaf, rc_file, leaf_file = setup_cache(gold, vdi, cache_dir, scratch_mode)
+        assert Tapdisk.find_by_path(leaf_file).minor == leaf.minor
+        mode = "standby" if scratch_mode else "mirror"
+        st = json.loads(TapCtl.stats(leaf.pid, leaf.minor))
+        m = st["mirror"]
+        assert (m["uri"], m["mode"]) == ("vhd:" + vdi, mode), st
+        assert m["state"] == ("standby" if scratch_mode else "mirroring"), st
+        assert st["nbd_mirror_failed"] == 0, st
+        assert read_dev(leaf) == PATTERN, "gold through the cache"
+        with open(leaf.devpath(), "rb", buffering=0) as f:
+            f.seek(2 << 20)
+            # Mirror mode reads the VDI below the leaf.
+            assert f.read(4096) == earlier, mode
+        jm = list_json(leaf.minor)["mirror"]
+        assert (jm["uri"], jm["mode"]) == ("vhd:" + vdi, mode), jm
+        guest = PATTERN[:8192][::-1]
+        write_dev(leaf, 4 << 20, guest)
+        rc_before = open(rc_file, "rb").read()
+        leaf.shutdown()
+        # SM's teardown: the leaf first, then the cache minor.
+        Tapdisk.from_minor(prt.minor).shutdown()
+        assert open(rc_file, "rb").read() == rc_before, "the leaf never writes the cache"
+        # The VDI has the guest's write in mirror mode, nothing new in
+        # scratch (standby) mode, and its earlier write either way.
+        assert vhd_read(vdi, 4 << 20, 8192) == (bytes(8192) if scratch_mode else guest), mode
+        assert vhd_read(vdi, 2 << 20, 4096) == earlier
+        vhd("check", "-n", vdi)
+        log("  IntelliCache leaf call (%s mode) behaved as blktap's" % mode)
+    assert all(r.get("args", "").find(".vhdcache") < 0 for r in TapCtl.list()), TapCtl.list()
 
     # Error paths, each backed out as SM backs out: detach, kill, free.
     minor_before = parse_minor(TapCtl.allocate())

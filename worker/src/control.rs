@@ -389,14 +389,15 @@ impl Worker {
                         s
                     }
                 };
-                stats.mirror = self.mirror.current.as_ref().map(|m| m.stats());
-                stats.read_cache = self.read_cache.stats();
+                stats.mirror = self.mirror.stats();
+                stats.read_cache = self.read_cache.stats().or_else(|| self.mirror.fill_stats());
                 stats.coalesce = self.coalesce.as_ref().map(|j| j.stats());
                 FromWorker::Stats(Box::new(stats))
             }
             ToWorker::Mirror { uri, standby } => {
                 let serving = self.open.as_ref().is_some_and(|o| !o.paused);
-                self.mirror.mirror_to(uri, standby, fds, serving)
+                self.mirror
+                    .mirror_to(uri, standby, fds, serving, self.cache)
             }
             ToWorker::MirrorSwitch { uri } => {
                 let paused = self.open.as_ref().is_some_and(|o| o.paused);
@@ -438,6 +439,7 @@ impl Worker {
                 self.cache = buffered(plan.leaf_buffered);
                 self.parent_cache = buffered(plan.leaf_buffered || plan.parents_buffered);
                 self.read_cache.set(plan.read_cache);
+                self.mirror.leaf_fill = plan.leaf_fill;
                 FromWorker::Ok
             }
             ToWorker::Cbt(req) => crate::cbt::control::handle(
@@ -561,7 +563,7 @@ impl Worker {
         if open.paused {
             return error("the disk is paused: unpause it before a snapshot");
         }
-        if self.mirror.current.is_some() {
+        if self.mirror.active() {
             // The switch builds a new chain; the mirror wraps the old one
             // and its background copy reads it. Rather than drop the mirror
             // silently, refuse until mirroring is combined with snapshots.

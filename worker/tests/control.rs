@@ -333,8 +333,7 @@ fn cache_plan_applies_to_the_next_open_only_and_not_while_open() {
     let pid = b.child.id();
     let plan = CachePlan {
         leaf_buffered: true,
-        parents_buffered: false,
-        read_cache: false,
+        ..CachePlan::default()
     };
     assert_eq!(b.ask(ToWorker::Cache(plan), &[]), FromWorker::Ok);
     assert!(matches!(b.open(&img, false), FromWorker::Opened { .. }));

@@ -104,6 +104,8 @@ impl Broker {
         let mut disk = Disk::new(minor, rec.owner.clone(), lock);
         disk.restarts = rec.restarts;
         disk.io = rec.io;
+        disk.secondary = rec.secondary.clone();
+        self.mirrors.adopt_file(minor, rec.secondary.as_ref());
         if dead {
             disk.deaths.push_back(Instant::now());
         }

@@ -113,6 +113,12 @@ pub fn connect(target: &MirrorTarget, dir: &Path, owners: &[u32]) -> Result<Owne
             })?;
             s.into()
         }
+        MirrorTarget::File(..) => {
+            return Err(ConnectError::Connect {
+                what: target.to_string(),
+                err: std::io::Error::other("a file secondary is opened, not connected to"),
+            })
+        }
     };
     Ok(fd)
 }

@@ -16,6 +16,7 @@
 //! A minor mirroring elsewhere refuses `unpause -2` to another URI.
 
 pub mod connect;
+pub mod record;
 
 use crate::error::BrokerError;
 use crate::worker::WorkerConn;
@@ -37,7 +38,21 @@ pub struct Granted {
     pub dir: PathBuf,
     /// The tenant's uids (a unix socket must be root's or theirs).
     pub owners: Vec<u32>,
+    /// A file secondary (`-2 vhd:PATH`): who opens it, decided again by
+    /// the policy at every open (see [`crate::xapi::secondary`]).
+    pub open_as: Option<tapjail_policy::OpenAs>,
 }
+
+impl Granted {
+    /// Whether the secondary is a file (the disk of record, in SM's use).
+    pub fn is_file(&self) -> bool {
+        matches!(self.target, MirrorTarget::File(..))
+    }
+}
+
+/// Opens a file secondary for the worker (policy, roots, locks, claims):
+/// the broker's half lives in [`crate::xapi::secondary`].
+pub type OpenFile<'a> = dyn Fn(&Granted) -> Result<std::fs::File, BrokerError> + 'a;
 
 /// Why a worker is being given its image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +119,7 @@ impl Mirrors {
         minor: Minor,
         bring: Bring,
         asked: Option<&Granted>,
+        open_file: &OpenFile<'_>,
     ) -> Result<Done, BrokerError> {
         let record = self.get(minor);
         match (bring, asked) {
@@ -112,7 +128,7 @@ impl Mirrors {
                 Ok(Done::None)
             }
             (Bring::Open, Some(g)) => {
-                send(conn, g)?;
+                send(conn, g, open_file)?;
                 self.set(minor, Some(g.clone()));
                 Ok(Done::Mirroring(g.req.uri.clone()))
             }
@@ -135,7 +151,7 @@ impl Mirrors {
                     g.req.uri, r.req.uri
                 ))),
                 None => {
-                    send(conn, g)?;
+                    send(conn, g, open_file)?;
                     self.set(minor, Some(g.clone()));
                     Ok(Done::Mirroring(g.req.uri.clone()))
                 }
@@ -144,8 +160,17 @@ impl Mirrors {
                 let Some(r) = record else {
                     return Ok(Done::None);
                 };
-                match send(conn, &r) {
+                match send(conn, &r, open_file) {
                     Ok(()) => Ok(Done::Mirroring(r.req.uri)),
+                    // A file secondary is the disk of record (SM's VDI):
+                    // serving without it would lose the guest's writes.
+                    Err(e) if r.is_file() => Err(BrokerError::new(
+                        e.kind,
+                        format!(
+                            "{}; the disk is not served without its file secondary",
+                            e.message
+                        ),
+                    )),
                     Err(e) => {
                         tapjail_common::log_line!(
                             "tap-broker: minor {minor}: re-establishing the mirror to {} failed: {e}; \
@@ -222,14 +247,19 @@ impl Mirrors {
     }
 }
 
-/// Connect to `g` and hand the socket to the worker, which negotiates.
-fn send(conn: &WorkerConn, g: &Granted) -> Result<(), BrokerError> {
-    let sock = connect::connect(&g.target, &g.dir, &g.owners).map_err(|e| {
-        BrokerError::new(
-            ErrorKind::Failed,
-            format!("-2 {}: {e}; nothing was opened", g.req.uri),
-        )
-    })?;
+/// Connect to `g` (or open its file) and hand the socket (or file) to
+/// the worker, which negotiates (or opens the image).
+fn send(conn: &WorkerConn, g: &Granted, open_file: &OpenFile<'_>) -> Result<(), BrokerError> {
+    let sock: std::os::fd::OwnedFd = if g.is_file() {
+        open_file(g)?.into()
+    } else {
+        connect::connect(&g.target, &g.dir, &g.owners).map_err(|e| {
+            BrokerError::new(
+                ErrorKind::Failed,
+                format!("-2 {}: {e}; nothing was opened", g.req.uri),
+            )
+        })?
+    };
     conn.expect(
         &ToWorker::Mirror {
             uri: g.req.uri.clone(),

@@ -20,7 +20,9 @@
 pub mod cached_parent;
 pub mod keys;
 pub mod read_cache;
+pub mod read_cache_leaf;
 pub mod scope;
+pub mod secondary;
 
 use crate::audit::Done;
 use crate::broker::Broker;
@@ -190,6 +192,11 @@ impl Broker {
         scope.plan.read_cache = opts.read_cache;
         scope.key = opts.encryption_key.clone();
         let mut paired = None;
+        let leaf_mode = read_cache_leaf::leaf_mode(opts, |m| self.xapi.read_cache(m, false));
+        if leaf_mode {
+            scope.plan.read_cache = false;
+            scope.plan.leaf_fill = true;
+        }
         if let Some(from) = opts.existing_parent {
             let from_cache = self.xapi.read_cache(from, false);
             let shared = shared_chain(&t, req, from, from_cache)?;
@@ -235,7 +242,9 @@ impl Broker {
                 if let Some(done) = scope::mirror_done() {
                     outcome.push_str(&crate::mirror::outcome(&done));
                 }
-                if opts.read_cache {
+                if leaf_mode {
+                    outcome.push_str(read_cache_leaf::OUTCOME);
+                } else if opts.read_cache {
                     outcome.push_str(
                         "; -r: served as a read cache of its parent chain (read-only to the guest)",
                     );
@@ -262,6 +271,24 @@ impl Broker {
             .as_deref()
             .and_then(|n| self.policy.tenant(n))
             .ok_or_else(|| BrokerError::failed("policy allowed -2 without a tenant"))?;
+        if let tapjail_common::mirror::MirrorTarget::File(..) = &target {
+            // Decided again at every open of the file (`secondary`), as
+            // the identity the image itself is opened as.
+            let open_as = d.image.as_ref().map(|g| g.open_as.clone()).ok_or_else(|| {
+                BrokerError::invalid(format!(
+                    "-2 {}: a file secondary is given with the image it mirrors (open -a, or \
+                     unpause -a)",
+                    m.uri
+                ))
+            })?;
+            return Ok(crate::mirror::Granted {
+                req: m.clone(),
+                target,
+                dir: Default::default(),
+                owners: tenant.uids.clone(),
+                open_as: Some(open_as),
+            });
+        }
         let dir = tenant.mirror.grant(&target).ok_or_else(|| {
             BrokerError::failed(format!("policy allowed -2 {} without a grant", m.uri))
         })?;
@@ -270,6 +297,7 @@ impl Broker {
             target,
             dir,
             owners: tenant.uids.clone(),
+            open_as: None,
         })
     }
 

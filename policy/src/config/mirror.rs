@@ -50,6 +50,9 @@ impl MirrorGrants {
                 .iter()
                 .any(|(i, p)| i == ip && p.is_none_or(|p| p == *port))
                 .then(PathBuf::new),
+            // A file secondary is decided as a writable image of the
+            // tenant (`crate::secondary`), never by this key.
+            MirrorTarget::File(..) => None,
         }
     }
 

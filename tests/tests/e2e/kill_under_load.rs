@@ -1,10 +1,12 @@
 //! What the end-to-end tests of the kernel block-device frontends (ublk,
-//! nbd-kernel) share: `list` and `stats` reading, and the two kill
-//! scenarios each frontend must survive under a verifying writer, a worker
-//! SIGKILL (respawn) and a broker SIGKILL (adoption). Not a test module of
-//! its own: `ublk` and `nbd_kernel` call it with their device.
+//! nbd-kernel) share: `list` and `stats` reading, a filesystem's round
+//! trip, a read-only device, and the two kill scenarios each frontend must
+//! survive under a verifying writer, a worker SIGKILL (respawn) and a
+//! broker SIGKILL (adoption). Not a test module of its own: `ublk` and
+//! `nbd_kernel` call it with their device.
 
 use crate::*;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -40,6 +42,61 @@ pub fn run(cmd: &mut Command) -> String {
 pub fn sigkill(pid: u32) {
     // SAFETY: kill(2) on a worker pid this test created through the broker.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+/// ext4 made on `dev`, a 3 MiB file written to it, unmounted and mounted
+/// again: the file reads back. Left mounted at `mnt`; returns the file.
+pub fn ext4_file_survives_a_remount(dev: &Path, mnt: &Path) -> Vec<u8> {
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dev));
+    run(Command::new("mount").arg(dev).arg(mnt));
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(mnt.join("data"), &data).unwrap();
+    run(Command::new("umount").arg(mnt));
+    run(Command::new("mount").arg(dev).arg(mnt));
+    assert!(
+        std::fs::read(mnt.join("data")).unwrap() == data,
+        "the file does not survive the remount"
+    );
+    data
+}
+
+/// Mount `dev` at `mnt`: the file [`ext4_file_survives_a_remount`] wrote
+/// holds `data`; unmount.
+pub fn ext4_file_holds(dev: &Path, mnt: &Path, data: &[u8]) {
+    run(Command::new("mount").arg(dev).arg(mnt));
+    assert!(std::fs::read(mnt.join("data")).unwrap() == data);
+    run(Command::new("umount").arg(mnt));
+}
+
+/// A raw image of 4 MiB whose first 4 KiB are 0xa5, for a read-only disk.
+pub fn raw_a5_image(h: &Harness) -> std::path::PathBuf {
+    let img = h.raw_image("alice", "ro.img", 4 << 20);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[0xa5; 4096], 0)
+        .unwrap();
+    img
+}
+
+/// On the read-only device `dev` over [`raw_a5_image`] `img`: an O_DIRECT
+/// write fails, reads still work, and the image is unchanged.
+pub fn read_only_device_refuses_writes(dev: &Path, img: &Path) {
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .and_then(|f| f.write_all_at(tapjail_testsupport::Aligned::new(4096).buf(), 0));
+    assert!(write.is_err(), "a write to a read-only disk must fail");
+    let mut back = vec![0u8; 4096];
+    for (what, path) in [("reads still work", dev), ("image unchanged", img)] {
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0xa5), "{what}");
+    }
 }
 
 /// `tap-ctl vhd check` passes on `img`.

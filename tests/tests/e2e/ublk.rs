@@ -61,16 +61,7 @@ fn ublk_mkfs_mount_write_remount_round_trips_on_tapdev() {
     );
 
     let mnt = tempfile::tempdir().unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
-    run(Command::new("mount").arg(&dev).arg(mnt.path()));
-    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
-    std::fs::write(mnt.path().join("data"), &data).unwrap();
-    run(Command::new("umount").arg(mnt.path()));
-    run(Command::new("mount").arg(&dev).arg(mnt.path()));
-    assert!(
-        std::fs::read(mnt.path().join("data")).unwrap() == data,
-        "file survives the remount"
-    );
+    let data = ext4_file_survives_a_remount(&dev, mnt.path());
     run(Command::new("umount").arg(mnt.path()));
     h.ok(&ALICE, &["destroy", "-m", "0"]);
     vhd_check(&img);
@@ -78,10 +69,7 @@ fn ublk_mkfs_mount_write_remount_round_trips_on_tapdev() {
     // And again on a fresh device over the same image: the data was in
     // the VHD, not in some cache of the first device.
     h.ok(&ALICE, &["create", "-a", &format!("vhd:{}", img.display())]);
-    let dev = tapdev(&h, 0);
-    run(Command::new("mount").arg(&dev).arg(mnt.path()));
-    assert!(std::fs::read(mnt.path().join("data")).unwrap() == data);
-    run(Command::new("umount").arg(mnt.path()));
+    ext4_file_holds(&tapdev(&h, 0), mnt.path(), &data);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
 }
 
@@ -89,13 +77,7 @@ fn ublk_mkfs_mount_write_remount_round_trips_on_tapdev() {
 #[ignore = "needs ublk_drv: run inside nestvm via .ci/nestvm-tests"]
 fn ublk_read_only_disk_refuses_writes() {
     let h = ublk_harness(false);
-    let img = h.raw_image("alice", "ro.img", 4 << 20);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .write_all_at(&[0xa5; 4096], 0)
-        .unwrap();
+    let img = raw_a5_image(&h);
     h.ok(
         &ALICE,
         &["create", "-R", "-a", &format!("aio:{}", img.display())],
@@ -111,29 +93,7 @@ fn ublk_read_only_disk_refuses_writes() {
             .trim(),
         "1"
     );
-    let write = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dev)
-        .and_then(|f| {
-            let mut buf = vec![0u8; 8192];
-            let off = buf.as_ptr().align_offset(4096);
-            f.write_all_at(&buf[off..off + 4096], 0)?;
-            buf[0] = 1;
-            Ok(())
-        });
-    assert!(write.is_err(), "a write to a read-only disk must fail");
-    let mut back = vec![0u8; 4096];
-    std::fs::File::open(&dev)
-        .unwrap()
-        .read_exact_at(&mut back, 0)
-        .unwrap();
-    assert!(back.iter().all(|&b| b == 0xa5), "reads still work");
-    std::fs::File::open(&img)
-        .unwrap()
-        .read_exact_at(&mut back, 0)
-        .unwrap();
-    assert!(back.iter().all(|&b| b == 0xa5), "image unchanged");
+    read_only_device_refuses_writes(&dev, &img);
     h.ok(&ALICE, &["destroy", "-m", "0"]);
 }
 

@@ -52,7 +52,7 @@ impl Worker {
                     }
                     return error("an online coalesce is running on this disk already");
                 }
-                if self.mirror.current.is_some() {
+                if self.mirror.active() {
                     return error(
                         "the disk mirrors its writes to a secondary (-2): an online coalesce \
                          would end the mirror; stop mirroring first",

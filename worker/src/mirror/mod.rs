@@ -1,5 +1,6 @@
 //! Mirroring a disk's writes to a secondary NBD target, blktap's `-2 URI`
-//! (see `tapjail_common::mirror` for the URI forms and modes).
+//! (see `tapjail_common::mirror` for the URI forms and modes); a file
+//! secondary (`-2 vhd:PATH`) is [`file`]'s.
 //!
 //! The broker connects and hands the socket over ([`ToWorker::Mirror`]);
 //! the worker negotiates ([`client`]), and the next `Open` or `Unpause`
@@ -21,6 +22,8 @@
 
 pub mod client;
 pub mod copy;
+pub mod file;
+pub mod fill;
 mod secondary;
 mod slot;
 

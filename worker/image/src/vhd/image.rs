@@ -124,8 +124,9 @@ impl VhdImage {
     }
 
     /// Read through the parents only (every layer below the leaf): what a
-    /// read cache ([`super::read_cache`]) fetches on a miss.
-    pub(crate) fn read_parents(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+    /// read cache ([`super::read_cache`]) fetches on a miss, and what lies
+    /// below a file secondary ([`super::stack`]).
+    pub fn read_parents(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         self.check_range(offset, buf.len() as u64)?;
         self.read_from(1, buf, offset)
     }

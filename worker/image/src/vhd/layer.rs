@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 mod budget;
 mod deferred_bat;
 mod direct;
+mod empty;
 mod open;
 pub mod raw;
 mod write;

@@ -44,6 +44,7 @@ pub mod read_cache;
 pub mod relocate;
 pub mod repair;
 pub mod resize;
+pub mod stack;
 
 pub use footer::DiskType;
 pub use image::VhdImage;

@@ -33,7 +33,23 @@ pub struct Guest<'a> {
     pub path: Path,
 }
 
-impl Guest<'_> {
+impl<'a> Guest<'a> {
+    pub fn new(
+        world: &'a World,
+        img: &'a VhdImage,
+        view: &'a mut View,
+        ids: &'a mut u32,
+        path: Path,
+    ) -> Guest<'a> {
+        Guest {
+            world,
+            img,
+            view,
+            ids,
+            path,
+        }
+    }
+
     /// Write `count` sectors from `first`, each with a fresh pattern.
     pub fn write(&mut self, first: u64, count: u64, fua: bool) {
         *self.ids += 1;

@@ -12,52 +12,45 @@ use tapjail_image::vhd::layout::Metadata;
 
 /// `tap-ctl vhd create` of a dynamic image, then its first writes.
 pub fn create_dynamic(seed: u64) -> Spec {
-    let mut rng = Rng::new(seed);
-    let world = World::default();
-    let f = world.new_file();
-    world.begin();
-    create(&f, SIZE, &CreateKind::Dynamic { block_size: BS }).expect("create");
-    let committed = world.pos();
-    let mut view = View::new(vec![0; SECTORS as usize]);
-    let mut ids = 0;
-    let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
-    random_io(&mut g, &mut rng, 6, SECTORS, BS_SECTORS, 16);
-    drop(img);
-    let mut t = target("new dynamic", vec![f.id], view);
-    t.must_open_from = committed;
-    spec("create", &world, vec![t])
+    let kind = CreateKind::Dynamic { block_size: BS };
+    create_then_write(seed, &kind, ("create", "new dynamic"), 6, 16)
 }
 
 /// `tap-ctl vhd create` of a fixed image, then writes.
 pub fn create_fixed(seed: u64) -> Spec {
+    create_then_write(
+        seed,
+        &CreateKind::Fixed,
+        ("create_fixed", "new fixed"),
+        12,
+        32,
+    )
+}
+
+/// Create an image of `kind`, then `n` random writes of up to `max`
+/// sectors: the image must open from every state after the create.
+fn create_then_write(
+    seed: u64,
+    kind: &CreateKind,
+    (name, label): (&'static str, &'static str),
+    n: usize,
+    max: u64,
+) -> Spec {
     let mut rng = Rng::new(seed);
     let world = World::default();
     let f = world.new_file();
     world.begin();
-    create(&f, SIZE, &CreateKind::Fixed).expect("create");
+    create(&f, SIZE, kind).expect("create");
     let committed = world.pos();
     let mut view = View::new(vec![0; SECTORS as usize]);
     let mut ids = 0;
     let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
-    random_io(&mut g, &mut rng, 12, SECTORS, BS_SECTORS, 32);
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
+    random_io(&mut g, &mut rng, n, SECTORS, BS_SECTORS, max);
     drop(img);
-    let mut t = target("new fixed", vec![f.id], view);
+    let mut t = target(label, vec![f.id], view);
     t.must_open_from = committed;
-    spec("create_fixed", &world, vec![t])
+    spec(name, &world, vec![t])
 }
 
 /// Allocating and in-place writes to a dynamic image.
@@ -69,13 +62,7 @@ pub fn dynamic_alloc(seed: u64) -> Spec {
     let mut view = View::new(vec![0; SECTORS as usize]);
     let mut ids = 0;
     let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     random_io(&mut g, &mut rng, 24, SECTORS, BS_SECTORS, 40);
     drop(img);
     spec(
@@ -103,13 +90,7 @@ pub fn dynamic_discard(seed: u64) -> Spec {
     world.begin();
     let mut view = View::new(initial);
     let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     for i in 0..12 {
         if rng.chance(1, 2) {
             let b = rng.below(SECTORS / BS_SECTORS);
@@ -151,13 +132,7 @@ fn differencing(seed: u64, name: &'static str, max: u64, n: usize) -> Spec {
     world.begin();
     let mut view = View::new(initial);
     let img = open(&world, &[c.id, p.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     random_io(&mut g, &mut rng, n, SECTORS, BS_SECTORS, max);
     drop(img);
     spec(name, &world, vec![target("child", vec![c.id, p.id], view)])
@@ -194,13 +169,7 @@ pub fn snapshot(seed: u64) -> Spec {
     let committed = world.pos();
     let mut view = View::new(initial.clone());
     let img = open(&world, &[c.id, p.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     random_io(&mut g, &mut rng, 8, SECTORS, BS_SECTORS, 24);
     drop(img);
     let mut child = target("snapshot child", vec![c.id, p.id], view);

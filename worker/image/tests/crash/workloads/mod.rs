@@ -148,13 +148,7 @@ fn fill(
     let mut view = View::new(initial);
     let sectors = view.sectors;
     let bs = img.leaf().block_size().unwrap_or(u64::from(BS)) / 512;
-    let mut g = Guest {
-        world,
-        img: &img,
-        view: &mut view,
-        ids,
-        path: Path::Sync,
-    };
+    let mut g = Guest::new(world, &img, &mut view, ids, Path::Sync);
     random_io(&mut g, rng, n, sectors, bs, max);
     drop(img);
     view.latest()

@@ -34,13 +34,7 @@ fn resize_case(seed: u64, name: &'static str, bs: u32, old: u64, new: u64) -> Sp
     tapjail_image::vhd::resize::resize(&f, new * 512).expect("resize");
     let mut view = View::new(data);
     let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     let bss = u64::from(bs) / 512;
     random_io(&mut g, &mut rng, 6, new, bss, 2 * bss);
     drop(img);
@@ -83,13 +77,7 @@ pub fn resize_diff(seed: u64) -> Spec {
     tapjail_image::vhd::resize::resize(&c, new * 512).expect("resize");
     let mut view = View::new(data);
     let img = open(&world, &chain, true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     random_io(&mut g, &mut rng, 6, new, 8, 16);
     drop(img);
     let mut t = target("resized child", chain.to_vec(), view);
@@ -131,13 +119,7 @@ pub fn resize_fixed(seed: u64) -> Spec {
     tapjail_image::vhd::resize::resize(&f, SIZE).expect("resize");
     let mut view = View::new(data);
     let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     random_io(&mut g, &mut rng, 6, SECTORS, BS_SECTORS, 32);
     drop(img);
     let mut t = target("resized fixed", vec![f.id], view);

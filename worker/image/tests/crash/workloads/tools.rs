@@ -194,13 +194,7 @@ pub fn repair(seed: u64) -> Spec {
     assert!(report.actions.len() >= 2, "{report:?}");
     let mut view = View::new(data);
     let img = open(&world, &[f.id], true);
-    let mut g = Guest {
-        world: &world,
-        img: &img,
-        view: &mut view,
-        ids: &mut ids,
-        path: Path::Ublk,
-    };
+    let mut g = Guest::new(&world, &img, &mut view, &mut ids, Path::Ublk);
     random_io(&mut g, &mut rng, 6, SECTORS, BS_SECTORS, 16);
     drop(img);
     spec("repair", &world, vec![target("repaired", vec![f.id], view)])
