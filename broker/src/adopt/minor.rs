@@ -43,6 +43,9 @@ impl Broker {
                 })
             }
         };
+        // A worker that disagrees with the record is killed once the minor
+        // is in the table (see `kill_adopted`), not before.
+        let mut kill: Option<(u32, String)> = None;
         if let (Some(pid), Some(s), Some(l)) =
             (rec.worker, &served, rec.worker.and_then(|p| live.get(&p)))
         {
@@ -56,13 +59,13 @@ impl Broker {
             if !agrees {
                 // The supervisor sees it exit and the respawn rules apply,
                 // as for any worker that dies.
-                self.kill_adopted(
+                kill = Some((
                     pid,
-                    &format!(
+                    format!(
                         "it reports {:?} (serving {}, paused {}), the record says {want}",
                         has.image, has.serving, has.paused
                     ),
-                );
+                ));
             }
         }
         // Attached without an image on record: a worker that has one open
@@ -70,13 +73,13 @@ impl Broker {
         // a state nobody recorded.
         if let (Some(pid), None) = (rec.worker, &served) {
             if let Some(l) = live.get(&pid).filter(|l| l.has.image.is_some()) {
-                self.kill_adopted(
+                kill = Some((
                     pid,
-                    &format!(
+                    format!(
                         "it reports {:?} open, the record says no image",
                         l.has.image
                     ),
-                );
+                ));
             }
         }
         let files = served
@@ -137,6 +140,9 @@ impl Broker {
         }
         t.disks.insert(minor, disk);
         drop(t);
+        if let Some((pid, why)) = kill {
+            self.kill_adopted(pid, &why);
+        }
         self.adopt_notice(
             "adopt-minor",
             Some(owner),
