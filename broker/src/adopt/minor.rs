@@ -103,7 +103,7 @@ impl Broker {
                 closed,
             },
         };
-        let dead = phase.wants_respawn() || matches!(phase, Phase::Dead { .. });
+        let mut dead = phase.wants_respawn() || matches!(phase, Phase::Dead { .. });
         let mut disk = Disk::new(minor, rec.owner.clone(), lock);
         disk.restarts = rec.restarts;
         disk.io = rec.io;
@@ -124,6 +124,17 @@ impl Broker {
             drop(t);
             disk.release();
             return Err(format!("its image files: {}", e.message));
+        }
+        // Adopted alive, but it died since and the supervisor, finding no
+        // minor of it, forgot it as unattached: dead, as if it died now.
+        if alive.is_some_and(|p| !t.workers.contains_key(&p)) {
+            if let Ok(p) = disk.phase_mut() {
+                let was = std::mem::replace(p, Phase::Allocated);
+                *p = was.into_dead();
+            }
+            disk.deaths.push_back(Instant::now());
+            disk.persist();
+            dead = true;
         }
         if let Some(pid) = rec.worker {
             match t.workers.get_mut(&pid) {
