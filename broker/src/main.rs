@@ -117,6 +117,9 @@ struct Args {
     /// Internal: run as the fd holder tap-broker starts for itself.
     #[arg(long, hide = true)]
     fd_holder: bool,
+    /// Internal: run as the image opener tap-broker starts for itself.
+    #[arg(long, hide = true)]
+    open_helper: bool,
 }
 
 fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
@@ -264,6 +267,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(w) = cgroups.warning() {
         tracing::warn!("{w}");
     }
+    // Before the fd holder hands back a predecessor's fds: the opener
+    // starts with nothing of any disk.
+    if let Err(e) = image_open::opener::start(&exe) {
+        tracing::warn!("cannot start the image opener ({e}): open helpers fork from tap-broker");
+    }
     let (store, held) = match FdStore::open(&policy.state_dir, &exe) {
         Ok(x) => x,
         Err(e) => {
@@ -403,6 +411,9 @@ fn main() -> std::process::ExitCode {
     tapjail_common::logging::init(tapjail_common::logging::Program::Daemon);
     if args.fd_holder {
         return tapjail_broker::fdstore::holder::main();
+    }
+    if args.open_helper {
+        return image_open::opener_main::main();
     }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

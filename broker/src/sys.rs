@@ -234,6 +234,18 @@ pub fn try_lock(fd: impl AsFd) -> io::Result<bool> {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: one clock for the broker and its
+/// workers (the phase lines compare a worker's times with the spawn's).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

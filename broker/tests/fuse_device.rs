@@ -80,6 +80,10 @@ fn main() {
             fuse_teardown_is_idempotent_and_drop_cleans_up,
         ),
         (
+            "fuse_abort_reaches_a_connection_made_after_the_kept_fusectl_mount",
+            fuse_abort_reaches_a_connection_made_after_the_kept_fusectl_mount,
+        ),
+        (
             "fuse_hundred_attach_detach_cycles_leak_nothing",
             fuse_hundred_attach_detach_cycles_leak_nothing,
         ),
@@ -433,6 +437,10 @@ fn run(cmd: &mut Command) -> R {
 }
 
 fn open_fds() -> usize {
+    // The fusectl mount the backend keeps for the process (where the host
+    // has none) is made by the first abort or `waiting`: make it before
+    // counting, so it is not taken for a leak of whichever test came first.
+    let _ = fuse_mount::waiting(0);
     fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
@@ -946,6 +954,33 @@ fn fuse_teardown_is_idempotent_and_drop_cleans_up() -> R {
     drop(backend);
     worker.wait_exit(Duration::from_secs(10))?;
     leaves_nothing(n, c)
+}
+
+/// The broker mounts fusectl once and keeps it (where the host has not
+/// mounted it): a connection made after that mount must still be found
+/// there, or a dead worker's teardown could not abort it.
+fn fuse_abort_reaches_a_connection_made_after_the_kept_fusectl_mount() -> R {
+    let tmp = tempfile::tempdir()?;
+    let size = 4 * MIB;
+    let image = sparse_image(tmp.path(), size)?;
+    // Whatever the order tests ran in, the kept mount exists now.
+    let _ = fuse_mount::waiting(0);
+    let Device {
+        mut backend,
+        mut worker,
+        loop_number,
+        conn,
+        ..
+    } = bring_up(options("late"), &image, size, false, 0)?;
+    check(
+        fuse_mount::waiting(conn).is_some(),
+        format!("connection {conn}, made after the fusectl mount, is not in it"),
+    )?;
+    // A dead worker's teardown aborts the connection through that mount
+    // first; an abort that cannot find it fails the teardown.
+    worker.kill();
+    backend.teardown()?;
+    leaves_nothing(loop_number, conn)
 }
 
 fn fuse_hundred_attach_detach_cycles_leak_nothing() -> R {

@@ -641,11 +641,25 @@ pub fn is_fd_holder(pid: u32) -> bool {
         .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--fd-holder"))
 }
 
-/// The tapdisk workers among `broker`'s children (not its fd holder).
+/// Whether process `pid` is the broker's image opener
+/// (`tap-broker --open-helper`).
+pub fn is_opener(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--open-helper"))
+}
+
+/// Whether process `pid` is one of the helpers tap-broker starts for
+/// itself (fd holder, image opener) rather than a worker.
+pub fn is_broker_helper(pid: u32) -> bool {
+    is_fd_holder(pid) || is_opener(pid)
+}
+
+/// The tapdisk workers among `broker`'s children (not its fd holder or
+/// image opener).
 pub fn workers_of(broker: u32) -> Vec<u32> {
     children_of(broker)
         .into_iter()
-        .filter(|p| !is_fd_holder(*p))
+        .filter(|p| !is_broker_helper(*p))
         .collect()
 }
 

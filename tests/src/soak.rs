@@ -4,7 +4,7 @@
 //! devices, cgroups) and the broker's memory, counted from `/proc` and
 //! `/sys`, so that a soak can compare before and after and print both.
 
-use crate::{children_of, fd_count, is_fd_holder, Harness};
+use crate::{children_of, fd_count, is_broker_helper, is_fd_holder, Harness};
 use std::fmt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -16,7 +16,7 @@ pub struct Census {
     pub broker_threads: usize,
     /// Live tapdisk workers among the broker's children.
     pub workers: usize,
-    /// Live helpers among them (the fd holder).
+    /// Live helpers among them (the fd holder, the image opener).
     pub helpers: usize,
     /// Fds the helpers hold (the fd holder keeps every disk's fds across a
     /// broker restart; FUSE mounts are detached and live only in fds).
@@ -106,7 +106,7 @@ impl Census {
             .into_iter()
             .filter(|p| proc_state(*p).is_some_and(|s| s != 'Z'))
             .collect();
-        let helpers = live.iter().filter(|p| is_fd_holder(**p)).count();
+        let helpers = live.iter().filter(|p| is_broker_helper(**p)).count();
         let mountinfo =
             std::fs::read_to_string(format!("/proc/{broker}/mountinfo")).unwrap_or_default();
         let (rss_kib, pss_kib) = memory_kib(broker);

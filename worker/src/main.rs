@@ -33,7 +33,7 @@ use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
   tapdisk --broker --frontend nbd|fuse|ublk|nbd-kernel [--uid U --gid G] [--cache auto|buffered]
-          [--ublk-queues N --ublk-depth D] [--phases]
+          [--ublk-queues N --ublk-depth D] [--phases [--phases-since NS]]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
 
@@ -53,6 +53,9 @@ struct Args {
     /// Log how long each confinement step took (the broker's
     /// `TAPJAIL_PHASES=1` passes it on).
     phases: bool,
+    /// CLOCK_MONOTONIC (ns) at the broker's spawn: the phase line then
+    /// also says how long exec took and the start before confinement.
+    phases_since: Option<u64>,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -64,6 +67,10 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         match arg.as_str() {
             "--broker" => a.broker = true,
             "--phases" => a.phases = true,
+            "--phases-since" => {
+                let v = value(&mut argv, "--phases-since")?;
+                a.phases_since = Some(v.parse().map_err(|_| format!("bad --phases-since {v:?}"))?);
+            }
             "--frontend" => {
                 a.frontend = Some(match value(&mut argv, "--frontend")?.as_str() {
                     "nbd" => FrontendKind::Nbd,
@@ -161,7 +168,19 @@ fn usage(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds (the broker's spawn time is on it).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 fn main() -> ExitCode {
+    let entered = monotonic_ns();
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(msg) => return usage(&msg),
@@ -216,7 +235,8 @@ fn main() -> ExitCode {
             let Some(frontend) = args.frontend else {
                 return usage("--broker needs --frontend");
             };
-            broker(frontend, requested, args.cache, args.queues, args.phases)
+            let phases = args.phases.then_some((args.phases_since, entered));
+            broker(frontend, requested, args.cache, args.queues, phases)
         }
         _ => usage(""),
     }
@@ -228,7 +248,7 @@ fn broker(
     requested: Option<Ids>,
     cache: CacheMode,
     queues: QueueRings,
-    phases: bool,
+    phases: Option<(Option<u64>, u64)>,
 ) -> ExitCode {
     if !is_socket(CONTROL_FD) {
         return usage(&format!(
@@ -238,6 +258,7 @@ fn broker(
     // SAFETY: fd 3 is open (checked above) and handed to us by the broker;
     // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    let confining = monotonic_ns();
     let confined = Policy::choose_ids(requested).and_then(|ids| {
         let mut policy = worker_policy(frontend, ids, vec![0, 1, 2, CONTROL_FD], queues);
         // The broker chose the uid (`--uid`) none of its workers holds; step
@@ -253,11 +274,19 @@ fn broker(
             let _ = frame::send_on(&control, &FromWorker::Error(e.to_string()), &[]);
             return ExitCode::from(1);
         }
-        Ok(times) if phases => {
-            let steps: String = times
-                .iter()
-                .map(|(n, d)| format!(" {n}_us={}", d.as_micros()))
-                .collect();
+        Ok(times) if phases.is_some() => {
+            // Before the steps: exec (spawn to main, when the broker said
+            // when it spawned) and the start up to the first step.
+            let mut steps = String::new();
+            if let Some((since, entered)) = phases {
+                if let Some(since) = since {
+                    steps += &format!(" exec_us={}", entered.saturating_sub(since) / 1000);
+                }
+                steps += &format!(" start_us={}", confining.saturating_sub(entered) / 1000);
+            }
+            for (n, d) in &times {
+                steps += &format!(" {n}_us={}", d.as_micros());
+            }
             tapjail_common::log_line!("tapdisk: phases op=confine{steps}");
         }
         Ok(_) => {}

@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Errors naming the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +350,24 @@ pub fn connection_id(root: BorrowedFd<'_>) -> io::Result<u32> {
     Ok((stx.stx_dev_major << 20) | stx.stx_dev_minor)
 }
 
+/// fusectl mounted (detached) once for this process, for hosts that have
+/// not mounted it: mounting fusectl fills in a directory for every live
+/// FUSE connection, so a mount per abort cost time in proportion to the
+/// disks attached (15 ms of each destroy at 1000 disks). Kept, the mount
+/// gains and loses connections' directories as they come and go.
+fn own_fusectl() -> Result<BorrowedFd<'static>, MountError> {
+    static CTL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = CTL.get() {
+        return Ok(fd.as_fd());
+    }
+    // Two first callers may both mount; one mount is kept, the other
+    // closed (both see the same single fusectl superblock).
+    let _ = CTL.set(detached("fusectl", &[], &[])?);
+    CTL.get()
+        .map(|fd| fd.as_fd())
+        .ok_or_else(|| err("mount fusectl")(io::Error::other("not kept")))
+}
+
 /// Abort connection `conn`: every pending and future request fails with
 /// ENOTCONN, and readers of the device get ENODEV. The mount stays until
 /// unmounted.
@@ -358,8 +377,8 @@ pub fn abort_connection(conn: u32) -> Result<(), MountError> {
     let file = match File::options().write(true).open(&host) {
         Ok(f) => f,
         Err(_) => {
-            // fusectl not mounted on the host: mount our own, detached.
-            let ctl = detached("fusectl", &[], &[])?;
+            // fusectl not mounted on the host: our own, detached.
+            let ctl = own_fusectl()?;
             let path = cstr(&rel).map_err(err("abort path"))?;
             // SAFETY: path is a live NUL-terminated string.
             let fd = unsafe {
@@ -389,7 +408,7 @@ pub fn waiting(conn: u32) -> Option<u32> {
     if let Ok(mut f) = File::open(Path::new("/sys/fs/fuse/connections").join(&rel)) {
         return read(&mut f);
     }
-    let ctl = detached("fusectl", &[], &[]).ok()?;
+    let ctl = own_fusectl().ok()?;
     let path = cstr(&rel).ok()?;
     // SAFETY: path is a live NUL-terminated string.
     let fd = unsafe {

@@ -97,6 +97,7 @@ impl DeviceBackend for KeptDevice {
     fn teardown(&mut self) -> Result<(), DeviceError> {
         let r = self.inner.teardown();
         drop(self.kept.take());
+        crate::phases::lap("td_fdstore");
         r
     }
 }

@@ -1,4 +1,5 @@
-//! The open helper: a forked child of the broker that opens one image with
+//! The open helper: a forked child (of the opener, [`super::opener`], or
+//! of the broker when no opener runs) that opens one image with
 //! the tenant's filesystem credentials, checks it and locks it, and sends
 //! the fd back over a socketpair. A separate process, so that:
 //!
@@ -129,19 +130,14 @@ pub fn run(
         None,
     )
     .map_err(std::io::Error::from)?;
-    let parent = std::process::id();
-    // SAFETY: fork has no memory-safety preconditions; in the child we
-    // only call `child`, which makes raw syscalls and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    if pid == 0 {
-        child(plan, theirs.as_fd(), parent);
-    }
+    // The opener forks the helper when it runs (cheap: a small process);
+    // otherwise the broker forks it (copying the broker).
+    let pidfd = match super::opener::launch(plan, theirs.as_fd()) {
+        Some(pidfd) => pidfd,
+        None => fork_here(plan, theirs.as_fd())?,
+    };
     drop(theirs);
-    let pid = u32::try_from(pid).map_err(|_| HelperError::Malformed)?;
-    let pidfd = crate::sys::pidfd_open(pid)?;
+    tapjail_broker::phases::lap("open_fork");
     let start = Instant::now();
     let answered = wait_readable(ours.as_fd(), deadline)?;
     if !answered {
@@ -150,6 +146,7 @@ pub fn run(
         return Err(HelperError::Deadline(deadline));
     }
     let got = receive(ours.as_fd());
+    tapjail_broker::phases::lap("open_answer");
     // It exits right after sending; closing its copy of a FUSE file can
     // still wait on the server, so the reap is bounded too.
     let left = deadline.saturating_sub(start.elapsed());
@@ -159,7 +156,25 @@ pub fn run(
         let _ = crate::sys::pidfd_kill(pidfd.as_fd());
         reap_bounded(pidfd);
     }
+    tapjail_broker::phases::lap("open_reap");
     got
+}
+
+/// Fork the helper from the broker itself; its pidfd.
+fn fork_here(plan: &Plan<'_>, answer: BorrowedFd<'_>) -> Result<OwnedFd, HelperError> {
+    let parent = std::process::id();
+    // SAFETY: fork has no memory-safety preconditions; in the child we
+    // only call `child`, which makes raw syscalls and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if pid == 0 {
+        child(plan, answer, parent);
+    }
+    let pid = u32::try_from(pid).map_err(|_| HelperError::Malformed)?;
+    // Our unreaped child: the pid cannot name another process yet.
+    Ok(crate::sys::pidfd_open(pid)?)
 }
 
 fn millis(d: Duration) -> i32 {
@@ -187,9 +202,10 @@ fn wait_readable(fd: BorrowedFd<'_>, limit: Duration) -> std::io::Result<bool> {
     }
 }
 
-/// Reap a killed helper; if SIGKILL does not end it within a second (a
-/// task in uninterruptible sleep), a thread waits for it and it counts
-/// against [`MAX_STUCK`] until then.
+/// Reap a killed helper (ours, or the opener's, which the kernel reaps:
+/// then "reaped" means it has exited); if SIGKILL does not end it within a
+/// second (a task in uninterruptible sleep), a thread waits for it and it
+/// counts against [`MAX_STUCK`] until then.
 fn reap_bounded(pidfd: OwnedFd) {
     if crate::sys::pidfd_exited(pidfd.as_fd(), 1000).unwrap_or(false) {
         let _ = crate::sys::try_reap(pidfd.as_fd());
@@ -199,7 +215,14 @@ fn reap_bounded(pidfd: OwnedFd) {
     let spawned = std::thread::Builder::new()
         .name("open-helper-reap".into())
         .spawn(move || {
-            crate::sys::kill_and_reap(pidfd.as_fd());
+            loop {
+                let _ = crate::sys::pidfd_kill(pidfd.as_fd());
+                match crate::sys::pidfd_exited(pidfd.as_fd(), 1000) {
+                    Ok(false) => continue,
+                    Ok(true) | Err(_) => break,
+                }
+            }
+            let _ = crate::sys::try_reap(pidfd.as_fd());
             STUCK.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     if spawned.is_err() {
@@ -268,7 +291,7 @@ fn receive(sock: BorrowedFd<'_>) -> Result<Result<(OwnedFd, FileStat), Outcome>,
 
 /// The child: never returns. Raw syscalls only, no allocation, no panic
 /// path (every fallible step ends in a report or `_exit`).
-fn child(plan: &Plan<'_>, sock: BorrowedFd<'_>, parent: u32) -> ! {
+pub(super) fn child(plan: &Plan<'_>, sock: BorrowedFd<'_>, parent: u32) -> ! {
     // Die with the broker, and keep nothing of it but the answer socket.
     // SAFETY: prctl/getppid/close_range take integers only.
     unsafe {

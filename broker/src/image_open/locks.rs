@@ -43,6 +43,33 @@ pub struct LockPlan {
     check_used: bool,
 }
 
+/// Every plan, so that one can cross a process boundary as its index
+/// (the pre-started opener, [`super::opener`]).
+pub const PLANS: [LockPlan; 7] = [
+    WRITER,
+    READER,
+    CACHE_READER,
+    NONE,
+    LEAF_BECOMING_PARENT,
+    LEAF_AGAIN,
+    PARENT_BECOMING_LEAF,
+];
+
+impl LockPlan {
+    /// This plan's index in [`PLANS`].
+    pub fn index(&self) -> Option<u8> {
+        PLANS
+            .iter()
+            .position(|p| {
+                p.used == self.used
+                    && p.unshared == self.unshared
+                    && p.check_unshared == self.check_unshared
+                    && p.check_used == self.check_used
+            })
+            .and_then(|i| u8::try_from(i).ok())
+    }
+}
+
 /// A writable leaf: it reads and writes, and shares neither writing nor
 /// resizing (what a running qemu guest disk holds).
 pub const WRITER: LockPlan = LockPlan {

@@ -2,7 +2,9 @@
 //! tenant a file she could not open herself, never waits on an open
 //! forever, and never lets two writers at one image.
 //!
-//! Each open runs in a short-lived helper process ([`helper`]) that:
+//! Each open runs in a short-lived helper process ([`helper`]), forked by
+//! the broker's small image opener process ([`opener`]) or, without one,
+//! by the broker itself, that:
 //! 1. takes the tenant's filesystem identity (her uid and gid, no
 //!    supplementary groups), so the kernel's permission checks are hers;
 //! 2. opens the root without following symlinks and the file beneath it
@@ -19,6 +21,9 @@
 
 pub mod helper;
 pub mod locks;
+pub mod opener;
+pub mod opener_main;
+pub mod wire;
 
 use crate::error::BrokerError;
 use std::ffi::CString;

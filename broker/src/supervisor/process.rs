@@ -65,6 +65,7 @@ pub fn spawn(
     let args = Args {
         frontend: frontend.as_str(),
         uid: uid.to_string(),
+        spawned_at: sys::monotonic_ns().to_string(),
     };
     let (pid, pidfd) = if fork_spawn() {
         fork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd)?
@@ -147,6 +148,8 @@ pub fn spawn(
 struct Args {
     frontend: &'static str,
     uid: String,
+    /// CLOCK_MONOTONIC at the spawn, for the worker's phase line.
+    spawned_at: String,
 }
 
 impl Args {
@@ -165,6 +168,8 @@ impl Args {
         .collect();
         if tapjail_broker::phases::enabled() {
             v.push(OsStr::new("--phases"));
+            v.push(OsStr::new("--phases-since"));
+            v.push(OsStr::new(&self.spawned_at));
         }
         v
     }

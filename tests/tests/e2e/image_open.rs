@@ -223,11 +223,14 @@ fn image_open_a_dead_fuse_mount_cannot_hang_the_broker() {
     let path = format!("aio:{}/x.img", a.display());
     let started = Instant::now();
     let stuck = std::thread::spawn(move || h2.fails(&ALICE, &["create", "-a", &path]));
-    // The open helper (a child of tap-broker) is blocked in openat2
-    // (syscall 437) on the dead filesystem...
+    // The open helper (a child of tap-broker's image opener, or of
+    // tap-broker itself) is blocked in openat2 (syscall 437) on the dead
+    // filesystem...
     let broker = h.broker_pid();
     let helper_running = || {
-        children_of(broker).into_iter().any(|p| {
+        let kids = children_of(broker);
+        let grandkids: Vec<u32> = kids.iter().flat_map(|k| children_of(*k)).collect();
+        kids.into_iter().chain(grandkids).any(|p| {
             std::fs::read_to_string(format!("/proc/{p}/syscall"))
                 .is_ok_and(|c| c.starts_with("437 "))
         })
@@ -434,4 +437,75 @@ fn image_open_two_brokers_cannot_both_write_one_image() {
     h2.ok(&ALICE, &["create", "-a", &spec]);
     h2.ok(&ALICE, &["destroy", "-m", "0"]);
     h1.ok(&ALICE, &["destroy", "-m", "1"]);
+}
+
+/// The image opener (`tap-broker --open-helper`) forks every open helper;
+/// the attack is on what a long-lived process could keep between
+/// requests: bob asks for his own file behind a directory only alice may
+/// search, right after each of alice's opens. Only her credentials could
+/// reach it, so any left over from her open would hand it to him. Also
+/// with the opener killed (it is started again, or the broker forks the
+/// helper itself); the opener never takes anyone's credentials and keeps
+/// only the capabilities to take them.
+#[test]
+fn image_open_credentials_never_carry_over_to_the_next_request() {
+    let h = Harness::start(Options::default());
+    let broker = h.broker_pid();
+    let opener = || children_of(broker).into_iter().find(|p| is_opener(*p));
+    let first = opener().expect("tap-broker runs an image opener");
+    let mine = h.raw_image("alice", "mine.img", 1 << 20);
+    let behind = h.root("bob").join("alice-only");
+    std::fs::create_dir(&behind).unwrap();
+    std::os::unix::fs::chown(&behind, Some(ALICE.uid), Some(ALICE.gid)).unwrap();
+    std::fs::set_permissions(&behind, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let his = behind.join("b.img");
+    std::fs::File::create(&his)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::os::unix::fs::chown(&his, Some(BOB.uid), Some(BOB.gid)).unwrap();
+    // Writable by all: only the directory keeps bob's credentials out,
+    // so alice's (or root's) would open it read-write.
+    std::fs::set_permissions(&his, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let his_spec = format!("aio:{}", his.display());
+    for round in 0..4 {
+        if round == 2 {
+            // SAFETY: kill(2) on the opener's pid found above.
+            unsafe { libc::kill(first as i32, libc::SIGKILL) };
+            assert!(eventually(Duration::from_secs(5), || !alive(first)));
+        }
+        let dev = h.ok(
+            &ALICE,
+            &["create", "-a", &format!("aio:{}", mine.display())],
+        );
+        let err = h.fails(&BOB, &["create", "-a", &his_spec]);
+        assert!(
+            err.contains("permission denied for uid 4343"),
+            "round {round}: {err}"
+        );
+        let minor = dev.trim().rsplit("tapdev").next().unwrap().to_string();
+        h.ok(&ALICE, &["destroy", "-m", &minor]);
+    }
+    // After the kill the next open started a new opener; it, too, holds
+    // root's own filesystem ids (fsuid is the Uid line's fourth field).
+    let second = opener().unwrap_or_else(|| panic!("no new image opener:\n{}", h.broker_log()));
+    assert_ne!(second, first);
+    let status = std::fs::read_to_string(format!("/proc/{second}/status")).unwrap();
+    let fs_ids = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|r| r.split_whitespace().nth(3))
+            .map(str::to_string)
+    };
+    assert_eq!(fs_ids("Uid:").as_deref(), Some("0"), "{status}");
+    assert_eq!(fs_ids("Gid:").as_deref(), Some("0"), "{status}");
+    // It (and so each helper it forks) holds CAP_SETGID and CAP_SETUID
+    // alone: no DAC override that could open what the tenant cannot.
+    assert!(status.contains("CapEff:\t00000000000000c0"), "{status}");
+    assert!(status.contains("CapPrm:\t00000000000000c0"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Bob's file is fine once he can reach it.
+    std::fs::set_permissions(&behind, std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.ok(&BOB, &["create", "-a", &his_spec]);
 }

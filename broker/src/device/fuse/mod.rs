@@ -409,6 +409,7 @@ impl DeviceBackend for FuseBackend {
         if unserved && self.loop_dev.is_some() && self.conn.is_some() {
             note(self.abort());
         }
+        crate::phases::lap("td_abort");
         if let Some(mut dev) = self.loop_dev.take() {
             let file = self.file.take();
             let flush = !self.aborted;
@@ -429,6 +430,7 @@ impl DeviceBackend for FuseBackend {
                 note(Err(late));
             }
         }
+        crate::phases::lap("td_loop_clear");
         if let Some(file) = self.file.take() {
             let (_, late) = self
                 .deadline()
@@ -437,6 +439,7 @@ impl DeviceBackend for FuseBackend {
                 note(Err(late));
             }
         }
+        crate::phases::lap("td_file_close");
         if let Some(mut mount) = self.mount.take() {
             let (r, late) = self.deadline().run("unmount", move || mount.unmount());
             note(r.map_err(|e| DeviceError::Failed(e.to_string())));
@@ -444,8 +447,10 @@ impl DeviceBackend for FuseBackend {
                 note(Err(late));
             }
         }
+        crate::phases::lap("td_unmount");
         drop(self.conn.take());
         drop(self.worker.take());
+        crate::phases::lap("td_conn_close");
         match first {
             Some(e) => Err(e),
             None => Ok(()),

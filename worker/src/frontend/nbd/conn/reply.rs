@@ -11,7 +11,7 @@ use crate::frontend::nbd::sock::Sock;
 use crate::io::{AlignedBuf, BufPool};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// A reply waiting to be (fully) sent, holding the request's slot and
@@ -170,23 +170,11 @@ impl Conn {
                 return self.hang_up(&mut ob);
             }
             if unsent {
-                // Socket full: hand everything to the writer thread.
-                for r in batch.into_iter().rev() {
-                    ob.queue.push_front(r);
-                }
                 ob.sending = false;
-                ob.congested = true;
-                if ob.writer.is_none() {
-                    let c = self.clone();
-                    match crate::frontend::spawn_thread_sized("nbd-tx", CONN_STACK, move || {
-                        c.writer()
-                    }) {
-                        Ok(t) => ob.writer = Some(t),
-                        Err(_) => return self.hang_up(&mut ob),
-                    }
+                if self.requeue_for_writer(&mut ob, batch) {
+                    drop(ob);
+                    self.wake_writer.notify_one();
                 }
-                drop(ob);
-                self.wake_writer.notify_one();
                 return;
             }
             if ob.queue.is_empty() || ob.closed {
@@ -194,6 +182,40 @@ impl Conn {
                 return;
             }
         }
+    }
+
+    /// The socket took only part of `batch`: put the rest back at the head
+    /// of the queue and hand sending to the writer thread (started on
+    /// first need). Unless the connection was hung up while `batch` was
+    /// out of the queue (`hang_up` cleared the queue then): its replies
+    /// are dropped here, releasing their slots, which `serve` waits for
+    /// before it ends. Put back into a closed outbox, they would keep
+    /// those slots forever and hang the connection's thread, which holds
+    /// one of the export's few connection slots (found by the
+    /// `nbd_client` fuzzer). Returns whether the writer has work.
+    pub(super) fn requeue_for_writer(
+        self: &Arc<Self>,
+        ob: &mut MutexGuard<'_, Outbox>,
+        batch: VecDeque<Reply>,
+    ) -> bool {
+        if ob.closed {
+            return false;
+        }
+        for r in batch.into_iter().rev() {
+            ob.queue.push_front(r);
+        }
+        ob.congested = true;
+        if ob.writer.is_none() {
+            let c = self.clone();
+            match crate::frontend::spawn_thread_sized("nbd-tx", CONN_STACK, move || c.writer()) {
+                Ok(t) => ob.writer = Some(t),
+                Err(_) => {
+                    self.hang_up(ob);
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Drain the queue with blocking sends while the client is slow.
@@ -240,5 +262,81 @@ impl Conn {
             simple_reply(error, handle).to_vec()
         };
         Reply::new(head, guards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::raw::RawImage;
+    use std::os::unix::net::UnixStream;
+
+    fn conn() -> (Arc<Conn>, UnixStream, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        let img = RawImage::open(Box::new(f.reopen().unwrap()), "t", false).unwrap();
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let conn = Arc::new(Conn {
+            sock: Arc::new(Sock::new(ours.into())),
+            session: Session {
+                size: 4096,
+                read_only: false,
+                structured: false,
+                base_allocation: false,
+                dirty_bitmap: None,
+                max_payload: 4096,
+            },
+            outbox: Mutex::new(Outbox::default()),
+            wake_writer: Condvar::new(),
+            slots: Budget::new(8),
+            bytes: Budget::new(1 << 20),
+            disk: crate::disk::Disk::new(Arc::new(img)),
+        });
+        (conn, peer, f)
+    }
+
+    /// The interleaving the fuzzer hit: a pool thread's non-blocking send
+    /// took part of its batch, and before it took the outbox lock again
+    /// the reader hung the connection up (clearing the queue). What is
+    /// left of the batch must be dropped, not queued: its slots are what
+    /// `serve` waits for before the connection ends.
+    #[test]
+    fn a_batch_left_over_after_a_hang_up_releases_its_slots() {
+        let (conn, _peer, _f) = conn();
+        let batch: VecDeque<Reply> = (0..3)
+            .map(|h| Reply::new(simple_reply(0, h).to_vec(), vec![conn.slots.acquire(1)]))
+            .collect();
+        assert_eq!(conn.slots.used(), 3);
+        let mut ob = lock(&conn.outbox);
+        conn.hang_up(&mut ob);
+        assert!(!conn.requeue_for_writer(&mut ob, batch));
+        assert!(ob.queue.is_empty() && ob.writer.is_none());
+        drop(ob);
+        assert_eq!(conn.slots.used(), 0, "slots kept by a closed connection");
+        // So `serve`'s wait for idle slots ends.
+        conn.slots.wait_idle();
+    }
+
+    /// While the connection is open the rest goes back to the head of the
+    /// queue, for the writer thread.
+    #[test]
+    fn a_batch_left_over_while_open_goes_back_first_for_the_writer() {
+        let (conn, _peer, _f) = conn();
+        let mut ob = lock(&conn.outbox);
+        ob.queue
+            .push_back(Reply::new(vec![9], vec![conn.slots.acquire(1)]));
+        let batch: VecDeque<Reply> = [Reply::new(vec![1], vec![conn.slots.acquire(1)])].into();
+        assert!(conn.requeue_for_writer(&mut ob, batch));
+        assert_eq!(
+            ob.queue.iter().map(|r| r.head[0]).collect::<Vec<_>>(),
+            [1, 9]
+        );
+        assert!(ob.congested && ob.writer.is_some());
+        conn.hang_up(&mut ob);
+        let writer = ob.writer.take().unwrap();
+        drop(ob);
+        conn.wake_writer.notify_all();
+        writer.join().unwrap();
+        assert_eq!(conn.slots.used(), 0);
     }
 }
