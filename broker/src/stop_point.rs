@@ -17,8 +17,15 @@ pub fn reached(point: &'static str) {
         return;
     }
     tracing::warn!(point, "{ENV}: stopping the broker here (a crash test)");
-    let me = rustix::process::getpid();
-    if let Err(e) = rustix::process::kill_process(me, rustix::process::Signal::STOP) {
+    // To this thread, not the process: a process-directed SIGSTOP may be
+    // taken by another thread, and until that one runs (late, under load)
+    // this thread goes on past the point (it once sent the coalesce's
+    // Switch first). Directed at us, the stop takes effect before the
+    // call returns, and still stops every thread.
+    // SAFETY: raise(3) only sends a signal to the calling thread; it
+    // touches no memory of ours.
+    if unsafe { libc::raise(libc::SIGSTOP) } != 0 {
+        let e = std::io::Error::last_os_error();
         tracing::warn!(point, error = %e, "{ENV}: SIGSTOP failed");
     }
 }

@@ -43,6 +43,9 @@ impl Broker {
                 })
             }
         };
+        // A worker that disagrees with the record is killed once the minor
+        // is in the table (see `kill_adopted`), not before.
+        let mut kill: Option<(u32, String)> = None;
         if let (Some(pid), Some(s), Some(l)) =
             (rec.worker, &served, rec.worker.and_then(|p| live.get(&p)))
         {
@@ -56,13 +59,13 @@ impl Broker {
             if !agrees {
                 // The supervisor sees it exit and the respawn rules apply,
                 // as for any worker that dies.
-                self.kill_adopted(
+                kill = Some((
                     pid,
-                    &format!(
+                    format!(
                         "it reports {:?} (serving {}, paused {}), the record says {want}",
                         has.image, has.serving, has.paused
                     ),
-                );
+                ));
             }
         }
         // Attached without an image on record: a worker that has one open
@@ -70,13 +73,13 @@ impl Broker {
         // a state nobody recorded.
         if let (Some(pid), None) = (rec.worker, &served) {
             if let Some(l) = live.get(&pid).filter(|l| l.has.image.is_some()) {
-                self.kill_adopted(
+                kill = Some((
                     pid,
-                    &format!(
+                    format!(
                         "it reports {:?} open, the record says no image",
                         l.has.image
                     ),
-                );
+                ));
             }
         }
         let files = served
@@ -100,7 +103,7 @@ impl Broker {
                 closed,
             },
         };
-        let dead = phase.wants_respawn() || matches!(phase, Phase::Dead { .. });
+        let mut dead = phase.wants_respawn() || matches!(phase, Phase::Dead { .. });
         let mut disk = Disk::new(minor, rec.owner.clone(), lock);
         disk.restarts = rec.restarts;
         disk.io = rec.io;
@@ -124,6 +127,17 @@ impl Broker {
             disk.release();
             return Err(format!("its image files: {}", e.message));
         }
+        // Adopted alive, but it died since and the supervisor, finding no
+        // minor of it, forgot it as unattached: dead, as if it died now.
+        if alive.is_some_and(|p| !t.workers.contains_key(&p)) {
+            if let Ok(p) = disk.phase_mut() {
+                let was = std::mem::replace(p, Phase::Allocated);
+                *p = was.into_dead();
+            }
+            disk.deaths.push_back(Instant::now());
+            disk.persist();
+            dead = true;
+        }
         if let Some(pid) = rec.worker {
             match t.workers.get_mut(&pid) {
                 Some(w) => w.minor = Some(minor),
@@ -139,6 +153,9 @@ impl Broker {
         }
         t.disks.insert(minor, disk);
         drop(t);
+        if let Some((pid, why)) = kill {
+            self.kill_adopted(pid, &why);
+        }
         self.adopt_notice(
             "adopt-minor",
             Some(owner),

@@ -226,12 +226,21 @@ impl Broker {
         out
     }
 
-    /// Kill an adopted worker (and let the supervisor see it go).
+    /// Kill an adopted worker and wait until the supervisor has handled
+    /// its exit, so what follows never races that handling. Its minor must
+    /// be in the table already: an exit the supervisor sees first, with no
+    /// minor to make `Dead`, is forgotten as an unattached worker's.
     fn kill_adopted(&self, pid: u32, why: &str) {
-        let t = self.table();
-        if let Some(w) = t.workers.get(&pid) {
+        {
+            let t = self.table();
+            let Some(w) = t.workers.get(&pid) else {
+                return;
+            };
             let _ = w.killed.set(format!("not adopted: {why}"));
             let _ = sys::pidfd_kill(w.pidfd.as_fd());
+        }
+        if !self.wait_exit(pid, std::time::Duration::from_secs(5)) {
+            tracing::error!(pid, "tapdisk {pid} survives SIGKILL (D state?)");
         }
     }
 }
