@@ -7,7 +7,6 @@
 //! the VDI must hold every write. Needs root, /dev/fuse and loop devices.
 
 use std::path::Path;
-use std::time::Duration;
 use tapjail_tests::*;
 use tapjail_testsupport::{fuse_loop_turn, is_root, pattern, require};
 
@@ -83,17 +82,7 @@ fn a_full_leaf_is_retired_and_the_vdi_serves_every_write() {
 
     // A respawned tapdisk opens the retired (emptied) leaf again and
     // reads through it to the VDI.
-    let pid = entry(&h, &ALICE, &d.minor)["pid"].as_u64().unwrap();
-    // SAFETY: kill(2) on the worker pid the broker reported.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            let e = entry(&h, &ALICE, &d.minor);
-            e["restarts"].as_u64() == Some(1) && e["pid"].as_u64().is_some_and(|p| p != pid)
-        }),
-        "not respawned\n{}",
-        h.broker_log()
-    );
+    kill_worker_and_await_respawn(&h, &ALICE, &d.minor);
     assert!(
         read_all(&d.dev) == model.data,
         "after the respawn: no stale leaf sector"
@@ -219,17 +208,7 @@ fn a_full_leaf_fails_over_to_its_standby_vdi() {
 
     // A respawned tapdisk finds data in the standby VDI: it has taken
     // over, so it goes in front of the leaf again.
-    let pid = entry(&h, &DAVE, &d.minor)["pid"].as_u64().unwrap();
-    // SAFETY: kill(2) on the worker pid the broker reported.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            let e = entry(&h, &DAVE, &d.minor);
-            e["restarts"].as_u64() == Some(1) && e["pid"].as_u64().is_some_and(|p| p != pid)
-        }),
-        "not respawned\n{}",
-        h.broker_log()
-    );
+    kill_worker_and_await_respawn(&h, &DAVE, &d.minor);
     assert_eq!(state(&h), "failed-over");
     assert!(read_all(&d.dev) == model.data, "after the respawn");
     let pid = entry(&h, &DAVE, &d.minor)["pid"]

@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
 use tapjail_tests::*;
 use tapjail_testsupport::{fuse_loop_turn, is_root, pattern, require};
 
@@ -95,17 +94,7 @@ fn sm_leaf_call_mirrors_guest_writes_into_the_shared_vdi_and_reads_through_it() 
     // Random I/O, a worker SIGKILL, more random I/O.
     let mut rng = Rng(0x5eed_1eaf);
     random_io(&b.dev, &mut model, &mut rng, 120);
-    let pid = entry(&h, &ALICE, &b.minor)["pid"].as_u64().unwrap();
-    // SAFETY: kill(2) on the worker pid the broker reported.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            let e = entry(&h, &ALICE, &b.minor);
-            e["restarts"].as_u64() == Some(1) && e["pid"].as_u64().is_some_and(|p| p != pid)
-        }),
-        "B was not respawned\n{}",
-        h.broker_log()
-    );
+    kill_worker_and_await_respawn(&h, &ALICE, &b.minor);
     assert!(read_all(&b.dev) == model.data, "after the respawn");
     let s = stats(&h, &ALICE, &b.minor);
     assert_eq!(

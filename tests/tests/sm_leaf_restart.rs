@@ -5,7 +5,6 @@
 //! FUSE + loop; needs root and /dev/fuse.
 
 use std::path::Path;
-use std::time::Duration;
 use tapjail_tests::*;
 use tapjail_testsupport::{fuse_loop_turn, is_root, pattern, require};
 
@@ -52,17 +51,7 @@ fn a_restarted_broker_respawns_the_tapdisk_with_its_file_secondary() {
         Some(uri.as_str()),
         "the adopted disk still mirrors"
     );
-    let pid = entry(&h, &ALICE, &b.minor)["pid"].as_u64().unwrap();
-    // SAFETY: kill(2) on the worker pid the broker reported.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            let e = entry(&h, &ALICE, &b.minor);
-            e["restarts"].as_u64() == Some(1) && e["pid"].as_u64().is_some_and(|p| p != pid)
-        }),
-        "not respawned\n{}",
-        h.broker_log()
-    );
+    kill_worker_and_await_respawn(&h, &ALICE, &b.minor);
     let s = stats(&h, &ALICE, &b.minor);
     assert_eq!(s["mirror"]["uri"].as_str(), Some(uri.as_str()), "{s}");
     assert_eq!(s["mirror"]["state"].as_str(), Some("mirroring"), "{s}");

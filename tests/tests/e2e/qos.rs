@@ -32,13 +32,17 @@ fn burst_of_writes_at(sock: &Path, n: u64, first: u64) -> Command {
     c
 }
 
-fn write_burst(sock: &Path, n: u64) {
+fn write_burst(h: &Harness, sock: &Path, n: u64) {
     let out = burst_of_writes(sock, n)
         .output()
         .expect("qemu-io (qemu-utils) is needed");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !text.contains("fail"), "{text}");
+    assert!(
+        out.status.success() && !text.contains("fail"),
+        "{text}\n--- broker log ---\n{}",
+        h.broker_log()
+    );
 }
 
 /// Create a 1 MiB raw disk for `t`; its minor and NBD socket.
@@ -87,7 +91,7 @@ fn qos_policy_disk_limit_paces_writes_and_stats_show_it() {
         ..Options::default()
     });
     let (m, sock) = disk(&h, &ALICE, "a.img");
-    write_burst(&sock, N);
+    write_burst(&h, &sock, N);
     let th = throttle(&h, &ALICE, &m);
     assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
     assert_eq!(th["disk"]["write_iops"]["burst"], 5, "{th}");
@@ -95,7 +99,7 @@ fn qos_policy_disk_limit_paces_writes_and_stats_show_it() {
     assert_paced(&th, N, 20, 5);
     // bob's disks have no limits: nothing paced.
     let (bm, bsock) = disk(&h, &BOB, "b.img");
-    write_burst(&bsock, N);
+    write_burst(&h, &bsock, N);
     assert_eq!(throttle(&h, &BOB, &bm)["paced"], serde_json::json!([0, 0]));
 }
 
@@ -133,12 +137,12 @@ fn qos_runtime_change_is_admin_only_audited_and_takes_effect() {
             && text.contains("new [read_iops=off write_iops=20:5"),
         "{text}"
     );
-    write_burst(&sock, N);
+    write_burst(&h, &sock, N);
     let th = throttle(&h, &ROOT, &m);
     assert_paced(&th, N, 20, 5);
     // Off again: later writes pass unpaced.
     h.ok(&ROOT, &["throttle", "-m", &m, "--write-iops", "off"]);
-    write_burst(&sock, N);
+    write_burst(&h, &sock, N);
     let after = throttle(&h, &ROOT, &m);
     assert!(after["disk"]["write_iops"].is_null(), "{after}");
     assert_eq!(after["paced"], th["paced"], "{after}");
@@ -164,7 +168,7 @@ fn qos_tenant_limit_is_shared_by_the_tenants_disks_only() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    write_burst(&asock, N);
+    write_burst(&h, &asock, N);
     assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
     let t1 = throttle(&h, &ROOT, &m1);
     let t2 = throttle(&h, &ROOT, &m2);
@@ -240,7 +244,7 @@ fn qos_runtime_limits_survive_a_worker_respawn() {
     let (m, sock) = disk(&h, &BOB, "b.img");
     throttle_bob_at_runtime(&h, &m);
     respawn(&h, &m);
-    write_burst(&sock, N);
+    write_burst(&h, &sock, N);
     let th = throttle(&h, &ROOT, &m);
     assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
     assert_eq!(th["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th}");
@@ -271,7 +275,7 @@ fn qos_runtime_limits_survive_a_broker_restart() {
     // And of the adopted disk: a worker it respawns gets the runtime
     // disk limit from the records it adopted.
     respawn(&h, &m);
-    write_burst(&sock, N);
+    write_burst(&h, &sock, N);
     let th = throttle(&h, &ROOT, &m);
     assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");
     assert_eq!(th["tenant"]["write_bps"]["per_sec"], TENANT_BPS, "{th}");

@@ -81,7 +81,13 @@ fn qos_ublk_limited_disk_paces_writes_at_its_rate() {
     let (m, dev) = ublk_disk(&h);
     h.ok(&ROOT, &["throttle", "-m", &m, "--write-iops", "20:5"]);
     for w in writers(&dev, 0, N) {
-        w.join().unwrap().expect("a delayed write completes");
+        if let Err(e) = w.join().unwrap() {
+            panic!(
+                "a delayed write failed: {e}\nstats: {}\n{}",
+                stats(&h, &m),
+                h.broker_log()
+            );
+        }
     }
     let th = stats(&h, &m)["throttle"].clone();
     assert_eq!(th["disk"]["write_iops"]["per_sec"], 20, "{th}");

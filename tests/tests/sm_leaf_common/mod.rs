@@ -333,3 +333,22 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// SIGKILL `t`'s worker on `minor` and wait (bounded) until the broker
+/// serves the minor with a new one (its `restarts` went up).
+pub fn kill_worker_and_await_respawn(h: &Harness, t: &TenantSpec, minor: &str) {
+    let e = entry(h, t, minor);
+    let (pid, restarts) = (e["pid"].as_u64().unwrap(), e["restarts"].as_u64().unwrap());
+    // SAFETY: kill(2) on the worker pid the broker reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || {
+            let e = entry(h, t, minor);
+            e["restarts"].as_u64().is_some_and(|r| r > restarts)
+                && e["pid"].as_u64().is_some_and(|p| p != pid)
+        }),
+        "minor {minor} was not respawned: {}\n{}",
+        entry(h, t, minor),
+        h.broker_log()
+    );
+}

@@ -339,6 +339,14 @@ pub fn base_rules() -> Vec<Allowed> {
             "nanosleep",
             "thread::sleep on older libcs",
         ),
+        allow(
+            libc::SYS_restart_syscall,
+            "restart_syscall",
+            "the kernel resumes an interrupted wait through it (futex with a timeout, \
+             nanosleep, poll set a restart block); io_uring task work interrupts waits \
+             like a signal does, so every frontend's paced or idle threads meet it: \
+             missing, a throttled NBD worker was killed (SIGSYS) under load",
+        ),
         allow(libc::SYS_getrandom, "getrandom", "HashMap seeds"),
     ]
 }
@@ -422,12 +430,6 @@ pub fn fuse_rules() -> Vec<Allowed> {
             libc::SYS_epoll_pwait,
             "epoll_pwait",
             "the same wait where libc implements epoll_wait() with epoll_pwait",
-        ),
-        allow(
-            libc::SYS_restart_syscall,
-            "restart_syscall",
-            "the kernel resumes an interrupted poll(2) through it (poll always sets a \
-             restart block); io_uring task work interrupts waits like a signal does",
         ),
         allow_if(
             libc::SYS_eventfd2,
@@ -612,6 +614,23 @@ mod tests {
     fn every_allowed_syscall_says_why() {
         for r in rules_for(FrontendKind::Nbd) {
             assert!(r.why.len() > 8, "{} has no reason", r.name);
+        }
+    }
+
+    #[test]
+    fn every_frontend_allows_the_kernel_to_restart_an_interrupted_wait() {
+        for kind in [
+            FrontendKind::Nbd,
+            FrontendKind::NbdKernel,
+            FrontendKind::Fuse,
+            FrontendKind::Ublk,
+        ] {
+            assert!(
+                rules_for(kind)
+                    .iter()
+                    .any(|r| r.nr == libc::SYS_restart_syscall),
+                "{kind:?} lacks restart_syscall"
+            );
         }
     }
 
