@@ -5,5 +5,6 @@ pub mod cgroup;
 pub mod device;
 pub mod fdstore;
 pub mod phases;
+pub mod self_confine;
 pub mod spawn;
 pub mod sys;

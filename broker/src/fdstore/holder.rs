@@ -296,46 +296,7 @@ fn holder_child_setup(listener: i32) -> io::Result<()> {
 /// socket it was handed and passes fds around, so no capability, no new
 /// privileges, not dumpable (its fds are disks' lifelines).
 fn drop_privileges() -> io::Result<()> {
-    #[repr(C)]
-    struct CapHeader {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct CapData {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let check = |rc: libc::c_long| {
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
-    let mut header = CapHeader {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let data = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: prctl with integer arguments; capset reads a header and two
-    // data structs laid out as <linux/capability.h> says.
-    unsafe {
-        check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into())?;
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
-        check(libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_ptr(),
-        ))?;
-    }
-    Ok(())
+    crate::self_confine::keep_only_capabilities(0)
 }
 
 /// `tap-broker --fd-holder`: fd 3 is the listening socket.
