@@ -6,10 +6,9 @@
 //! crash: A still a read cache, B still reading the cache and mirroring
 //! into the VDI. Real tap-broker, FUSE + loop; needs root and /dev/fuse.
 
-use std::path::Path;
 use std::time::Duration;
 use tapjail_tests::*;
-use tapjail_testsupport::{fuse_loop_turn, is_root, pattern, require};
+use tapjail_testsupport::pattern;
 
 mod sm_leaf_common;
 use sm_leaf_common::*;
@@ -46,19 +45,9 @@ fn stats_ok(h: &Harness, minor: &str) -> bool {
 
 #[test]
 fn a_restarted_broker_adopts_the_read_cache_and_its_leaf_and_respawns_both() {
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    if !(require(is_root(), "root (loop devices, FUSE mounts, tenant uids)")
-        && require(Path::new("/dev/fuse").exists(), "/dev/fuse"))
-    {
+    let Some((_turn, mut h)) = alice_broker() else {
         return;
-    }
-    let mut h = Harness::start(Options {
-        frontend: "fuse",
-        respawn: true,
-        tenants: vec![ROOT, ALICE],
-        tenant_lines: alice_lines(),
-        ..Options::default()
-    });
+    };
     let sr = sr(&h);
     let a = open_cache_minor(&h, &sr);
     let b = h.sm_attach(&ALICE);
@@ -162,19 +151,9 @@ fn a_restarted_broker_adopts_the_read_cache_and_its_leaf_and_respawns_both() {
 /// the clone reads it.
 #[test]
 fn a_clone_whose_read_cache_closed_is_adopted_unpaired() {
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    if !(require(is_root(), "root (loop devices, FUSE mounts, tenant uids)")
-        && require(Path::new("/dev/fuse").exists(), "/dev/fuse"))
-    {
+    let Some((_turn, mut h)) = alice_broker() else {
         return;
-    }
-    let mut h = Harness::start(Options {
-        frontend: "fuse",
-        respawn: true,
-        tenants: vec![ROOT, ALICE],
-        tenant_lines: alice_lines(),
-        ..Options::default()
-    });
+    };
     let sr = sr(&h);
     let a = open_cache_minor(&h, &sr);
     let b = h.sm_attach(&ALICE);

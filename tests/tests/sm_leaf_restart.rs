@@ -4,28 +4,17 @@
 //! the VDI again; no guest write is left out of the VDI. Real tap-broker,
 //! FUSE + loop; needs root and /dev/fuse.
 
-use std::path::Path;
 use tapjail_tests::*;
-use tapjail_testsupport::{fuse_loop_turn, is_root, pattern, require};
+use tapjail_testsupport::pattern;
 
 mod sm_leaf_common;
 use sm_leaf_common::*;
 
 #[test]
 fn a_restarted_broker_respawns_the_tapdisk_with_its_file_secondary() {
-    let _turn = fuse_loop_turn().expect("the FUSE + loop test lock");
-    if !(require(is_root(), "root (loop devices, FUSE mounts, tenant uids)")
-        && require(Path::new("/dev/fuse").exists(), "/dev/fuse"))
-    {
+    let Some((_turn, mut h)) = alice_broker() else {
         return;
-    }
-    let mut h = Harness::start(Options {
-        frontend: "fuse",
-        respawn: true,
-        tenants: vec![ROOT, ALICE],
-        tenant_lines: alice_lines(),
-        ..Options::default()
-    });
+    };
     // The leaf straight over gold: no cache minor (the layout with one is
     // sm_leaf_adopt.rs).
     let sr = sr(&h);

@@ -352,3 +352,25 @@ pub fn kill_worker_and_await_respawn(h: &Harness, t: &TenantSpec, minor: &str) {
         h.broker_log()
     );
 }
+
+/// The FUSE + loop test lock and a broker (respawn on) serving root and
+/// alice with [`alice_lines`]; `None` when root or /dev/fuse is missing
+/// outside CI (`require` fails the test under `CI=true`).
+pub fn alice_broker() -> Option<(std::fs::File, Harness)> {
+    let turn = tapjail_testsupport::fuse_loop_turn().expect("the FUSE + loop test lock");
+    if !(tapjail_testsupport::require(
+        tapjail_testsupport::is_root(),
+        "root (loop devices, FUSE mounts, tenant uids)",
+    ) && tapjail_testsupport::require(Path::new("/dev/fuse").exists(), "/dev/fuse"))
+    {
+        return None;
+    }
+    let h = Harness::start(Options {
+        frontend: "fuse",
+        respawn: true,
+        tenants: vec![ROOT, ALICE],
+        tenant_lines: alice_lines(),
+        ..Options::default()
+    });
+    Some((turn, h))
+}
