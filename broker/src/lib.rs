@@ -8,3 +8,4 @@ pub mod phases;
 pub mod self_confine;
 pub mod spawn;
 pub mod sys;
+pub mod worker_root;

@@ -34,7 +34,9 @@ use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 /// The child's own stack: its steps are a few frames of plain syscalls.
 const STACK: usize = 128 * 1024;
 /// The fd the child's control socket is moved to.
-pub const CONTROL_FD: RawFd = 3;
+pub const CONTROL_FD: RawFd = tapjail_common::worker_proto::CONTROL_FD;
+/// The fd the child's mount namespace to join is moved to.
+pub const ROOT_NS_FD: RawFd = tapjail_common::worker_proto::ROOT_NS_FD;
 
 /// What the child does before `execve`, in this order.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,6 +49,9 @@ pub struct Setup {
     pub stdio: Option<[RawFd; 3]>,
     /// dup2'd onto [`CONTROL_FD`].
     pub control: Option<RawFd>,
+    /// dup2'd onto [`ROOT_NS_FD`] (after `control`: it must not be
+    /// [`CONTROL_FD`] itself).
+    pub root_ns: Option<RawFd>,
     /// RLIMIT_MEMLOCK, soft and hard (bytes).
     pub memlock: Option<u64>,
     /// Mark every fd above the ones set up close-on-exec (they are
@@ -93,7 +98,7 @@ impl SpawnError {
 }
 
 /// The steps, numbered for the failure report (0 = none failed).
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 11] = [
     "",
     "resetting signal handlers",
     "setpgid",
@@ -104,6 +109,7 @@ const STEPS: [&str; 10] = [
     "close_range(CLOEXEC)",
     "chdir /",
     "execve",
+    "moving the root namespace fd to fd 4",
 ];
 
 /// Everything the child reads, prepared by the parent; and where it says
@@ -275,6 +281,9 @@ fn child_steps(ctx: &Ctx) -> Result<(), u8> {
                 ok(libc::dup2(fd, CONTROL_FD), 5)?;
             }
         }
+        if let Some(fd) = s.root_ns {
+            ok(libc::dup2(fd, ROOT_NS_FD), 10)?;
+        }
         if let Some(bytes) = s.memlock {
             let lim = libc::rlimit {
                 rlim_cur: bytes,
@@ -283,7 +292,9 @@ fn child_steps(ctx: &Ctx) -> Result<(), u8> {
             ok(libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim), 6)?;
         }
         if s.cloexec_rest {
-            let first = if s.control.is_some() {
+            let first = if s.root_ns.is_some() {
+                ROOT_NS_FD + 1
+            } else if s.control.is_some() {
                 CONTROL_FD + 1
             } else {
                 3
@@ -416,6 +427,7 @@ mod tests {
                 cloexec_rest: true,
                 new_process_group: true,
                 cgroup_procs: None,
+                root_ns: None,
             },
         )
         .unwrap();

@@ -7,6 +7,7 @@ pub mod adminfile;
 pub mod audit;
 pub mod cbt;
 pub mod coalesce;
+pub mod empty_root;
 pub mod frame;
 pub mod logging;
 pub mod minor;

@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 /// The fd number of the control socket in a worker spawned by the broker.
 pub const CONTROL_FD: i32 = 3;
 
+/// The fd number of the mount namespace with the empty root that a worker
+/// spawned by the broker with `--root-ns` joins instead of building its
+/// own (see the broker's `worker_root`).
+pub const ROOT_NS_FD: i32 = 4;
+
 /// Starts the `Error` a worker sends when another process on the host
 /// already runs as the uid it was given: the broker then picks another.
 pub const UID_TAKEN: &str = "worker uid taken:";

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use tapjail_common::frame;
 use tapjail_common::proto::{FrontendKind, ImageSpec};
 use tapjail_common::ublk_abi::UBLK_MAX_QUEUE_DEPTH;
-use tapjail_common::worker_proto::{FromWorker, CONTROL_FD};
+use tapjail_common::worker_proto::{FromWorker, CONTROL_FD, ROOT_NS_FD};
 use tapjail_worker::control::Worker;
 use tapjail_worker::frontend::ublk::rings::QueueRings;
 use tapjail_worker::frontend::ublk::MAX_QUEUES;
@@ -33,7 +33,7 @@ use tapjail_worker::standalone;
 
 const USAGE: &str = "usage:
   tapdisk --broker --frontend nbd|fuse|ublk|nbd-kernel [--uid U --gid G] [--cache auto|buffered]
-          [--ublk-queues N --ublk-depth D] [--phases [--phases-since NS]]
+          [--ublk-queues N --ublk-depth D] [--root-ns] [--phases [--phases-since NS]]
   tapdisk --nbd SOCKET_PATH -a vhd:PATH|aio:PATH [-R] [--uid U --gid G] [--export NAME]
           [--cache auto|buffered]";
 
@@ -56,6 +56,8 @@ struct Args {
     /// CLOCK_MONOTONIC (ns) at the broker's spawn: the phase line then
     /// also says how long exec took and the start before confinement.
     phases_since: Option<u64>,
+    /// The broker put its empty-root mount namespace on fd 4 to join.
+    root_ns: bool,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -67,6 +69,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         match arg.as_str() {
             "--broker" => a.broker = true,
             "--phases" => a.phases = true,
+            "--root-ns" => a.root_ns = true,
             "--phases-since" => {
                 let v = value(&mut argv, "--phases-since")?;
                 a.phases_since = Some(v.parse().map_err(|_| format!("bad --phases-since {v:?}"))?);
@@ -144,6 +147,7 @@ fn worker_policy(
         frontend,
         rings: RingPlan::for_frontend(frontend, queues),
         fresh_uid: false,
+        root_ns: None,
     }
 }
 
@@ -236,7 +240,7 @@ fn main() -> ExitCode {
                 return usage("--broker needs --frontend");
             };
             let phases = args.phases.then_some((args.phases_since, entered));
-            broker(frontend, requested, args.cache, args.queues, phases)
+            broker(frontend, requested, &args, phases)
         }
         _ => usage(""),
     }
@@ -246,10 +250,10 @@ fn main() -> ExitCode {
 fn broker(
     frontend: FrontendKind,
     requested: Option<Ids>,
-    cache: CacheMode,
-    queues: QueueRings,
+    args: &Args,
     phases: Option<(Option<u64>, u64)>,
 ) -> ExitCode {
+    let (cache, queues) = (args.cache, args.queues);
     if !is_socket(CONTROL_FD) {
         return usage(&format!(
             "--broker needs the control socket on fd {CONTROL_FD}"
@@ -260,7 +264,12 @@ fn broker(
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let confining = monotonic_ns();
     let confined = Policy::choose_ids(requested).and_then(|ids| {
-        let mut policy = worker_policy(frontend, ids, vec![0, 1, 2, CONTROL_FD], queues);
+        let mut keep = vec![0, 1, 2, CONTROL_FD];
+        if args.root_ns {
+            keep.push(ROOT_NS_FD);
+        }
+        let mut policy = worker_policy(frontend, ids, keep, queues);
+        policy.root_ns = args.root_ns.then_some(ROOT_NS_FD);
         // The broker chose the uid (`--uid`) none of its workers holds; step
         // 9 checks that nothing else on the host runs as it. nobody (the
         // default as root, and what the standalone monitor passes) is

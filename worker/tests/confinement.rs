@@ -456,7 +456,7 @@ fn child_empty_root_stat() {
         probe.join().unwrap().is_ok(),
         "landlock alone hides nothing from stat"
     );
-    assert!(!ns::isolate().unwrap().is_empty());
+    assert!(!ns::isolate(false).unwrap().is_empty());
     mount::empty_root().unwrap();
     landlock::deny_all().unwrap();
     for p in [

@@ -62,15 +62,18 @@ pub fn spawn(
     let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     let (ours, theirs) = UnixStream::pair()?; // both CLOEXEC
     let (log_r, log_w) = crate::worker_log::pipe()?;
+    let root = tapjail_broker::worker_root::WorkerRoot::shared();
     let args = Args {
         frontend: frontend.as_str(),
         uid: uid.to_string(),
         spawned_at: sys::monotonic_ns().to_string(),
+        root_ns: root.is_some(),
     };
+    let root_fd = root.map(|r| r.raw_fd());
     let (pid, pidfd) = if fork_spawn() {
-        fork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd)?
+        fork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd, root_fd)?
     } else {
-        vfork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd)?
+        vfork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd, root_fd)?
     };
     tapjail_broker::phases::lap("fork_exec");
     drop(theirs);
@@ -115,6 +118,14 @@ pub fn spawn(
     if let Some(what) = confinement_problem(&info, uid) {
         return Err(fail(WorkerError::NotConfined { pid, what }));
     }
+    if let Some(r) = root.filter(|r| info.mnt_ns != r.inode()) {
+        let what = format!(
+            "in mount namespace {}, not the empty root's ({})",
+            info.mnt_ns,
+            r.inode()
+        );
+        return Err(fail(WorkerError::NotConfined { pid, what }));
+    }
     tapjail_broker::phases::lap("confine_check");
     let kept = match (&cfg.store, &keep) {
         (Some(store), Some((ctl, log))) => {
@@ -150,6 +161,8 @@ struct Args {
     uid: String,
     /// CLOCK_MONOTONIC at the spawn, for the worker's phase line.
     spawned_at: String,
+    /// The empty root's namespace is on fd 4 for the worker to join.
+    root_ns: bool,
 }
 
 impl Args {
@@ -166,6 +179,9 @@ impl Args {
         .into_iter()
         .map(OsStr::new)
         .collect();
+        if self.root_ns {
+            v.push(OsStr::new("--root-ns"));
+        }
         if tapjail_broker::phases::enabled() {
             v.push(OsStr::new("--phases"));
             v.push(OsStr::new("--phases-since"));
@@ -198,6 +214,7 @@ fn vfork_exec(
     control: i32,
     log_w: io::PipeWriter,
     cgroup_procs: Option<i32>,
+    root_ns: Option<i32>,
 ) -> Result<(u32, OwnedFd), WorkerError> {
     let null = std::fs::File::open("/dev/null")?;
     let filter = tapjail_common::logging::effective_filter();
@@ -212,6 +229,7 @@ fn vfork_exec(
             new_process_group: true,
             stdio: Some([null.as_raw_fd(), null.as_raw_fd(), log_w.as_raw_fd()]),
             control: Some(control),
+            root_ns,
             memlock: Some(cfg.memlock),
             cloexec_rest: true,
         },
@@ -230,6 +248,7 @@ fn fork_exec(
     child_fd: i32,
     log_w: io::PipeWriter,
     procs_fd: Option<i32>,
+    root_ns: Option<i32>,
 ) -> Result<(u32, OwnedFd), WorkerError> {
     let memlock = cfg.memlock;
     let mut cmd = Command::new(&cfg.tapdisk);
@@ -248,7 +267,7 @@ fn fork_exec(
     // only async-signal-safe functions (dup2, fcntl, setrlimit,
     // close_range) on plain integers; it allocates nothing.
     unsafe {
-        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd));
+        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd, root_ns));
     }
     let child = cmd.spawn().map_err(|e| spawn_error(cfg, e))?;
     // The child holds the only write end now (the Command's copy goes with it).
@@ -299,7 +318,12 @@ pub fn confinement_problem(info: &sys::ProcInfo, uid: u32) -> Option<String> {
 /// `cgroup.procs` moves the writer), control socket to fd 3, memlock
 /// limit, and every other fd above 3 marked close-on-exec (not closed, so
 /// std's exec-error pipe still works).
-fn child_setup(child_fd: i32, memlock: u64, cgroup_procs: Option<i32>) -> io::Result<()> {
+fn child_setup(
+    child_fd: i32,
+    memlock: u64,
+    cgroup_procs: Option<i32>,
+    root_ns: Option<i32>,
+) -> io::Result<()> {
     let check = |rc: i32| {
         if rc < 0 {
             Err(io::Error::last_os_error())
@@ -325,17 +349,26 @@ fn child_setup(child_fd: i32, memlock: u64, cgroup_procs: Option<i32>) -> io::Re
         // SAFETY: dup2 onto fd 3; dup2 clears FD_CLOEXEC on the new fd.
         check(unsafe { libc::dup2(child_fd, CONTROL_FD) })?;
     }
+    if let Some(fd) = root_ns {
+        // SAFETY: dup2 onto fd 4; dup2 clears FD_CLOEXEC on the new fd.
+        check(unsafe { libc::dup2(fd, tapjail_broker::spawn::ROOT_NS_FD) })?;
+    }
     let lim = libc::rlimit {
         rlim_cur: memlock,
         rlim_max: memlock,
     };
     // SAFETY: setrlimit reads the struct we pass by reference.
     check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) })?;
+    let first = if root_ns.is_some() {
+        tapjail_broker::spawn::ROOT_NS_FD + 1
+    } else {
+        CONTROL_FD + 1
+    };
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            CONTROL_FD + 1,
+            first,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         )

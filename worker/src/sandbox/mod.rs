@@ -38,7 +38,7 @@ pub mod sole_uid;
 
 pub use ids::Ids;
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use tapjail_common::proto::FrontendKind;
 
 /// The uid/gid a worker started as root drops to when not told otherwise.
@@ -61,6 +61,10 @@ pub struct Policy {
     /// `ids.uid` was chosen unused by the spawner (see
     /// [`rlimit::Limits::fresh_uid`]); checked in step 9 ([`sole_uid`]).
     pub fresh_uid: bool,
+    /// A mount namespace with an empty root to join in step 5 instead of
+    /// building one ([`mount::join`]); must be on the keep list, and is
+    /// closed once joined.
+    pub root_ns: Option<RawFd>,
 }
 
 impl Policy {
@@ -153,9 +157,19 @@ pub fn confine_timed(policy: &Policy) -> Result<StepTimes, SandboxError> {
     lap("rlimits");
     // Read after the root is gone, by the mlock step; closed after it.
     let status = std::fs::File::open("/proc/self/status").ok();
-    if !ns::isolate()?.is_empty() {
+    // SAFETY: the fd is on the keep list, so open, and ours alone (the
+    // policy hands it to this step).
+    let root_ns = policy
+        .root_ns
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    if ns::isolate(root_ns.is_some())?.is_empty() {
+        drop(root_ns); // not root: the host's namespaces are all we have
+    } else {
         lap("namespaces");
-        mount::empty_root()?;
+        match root_ns {
+            Some(ns) => mount::join(ns)?,
+            None => mount::empty_root()?,
+        }
         lap("empty_root");
     }
     rings::prepare(&policy.rings).map_err(SandboxError::Rings)?;

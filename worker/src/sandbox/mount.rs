@@ -12,90 +12,79 @@
 //!
 //! Runs after [`super::ns::isolate`] entered a new mount namespace, with
 //! CAP_SYS_ADMIN (root, before the uid switch).
+//!
+//! A worker the broker spawns with `--root-ns` joins the broker's one
+//! namespace of this shape instead ([`join`]): entering a copy of the
+//! host's mount tree and detaching it costs time in proportion to the
+//! host's mounts (one per attached FUSE disk), and `pivot_root` walks
+//! every thread on the host; `setns` costs the same with 1 disk or 1000.
+//! Sharing it gives workers nothing in common to write: the root is an
+//! empty read-only tmpfs, and no worker can mount (no capabilities,
+//! seccomp).
 
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 
-/// Where the new root is mounted before `pivot_root` moves it to `/`.
-const STAGE: &CStr = c"/proc";
+pub use tapjail_common::empty_root::MountError;
 
-#[derive(Debug, thiserror::Error)]
-#[error("{step}: {source}")]
-pub struct MountError {
-    pub step: &'static str,
-    #[source]
-    pub source: io::Error,
-}
-
-fn check(rc: libc::c_long, step: &'static str) -> Result<(), MountError> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(MountError {
-            step,
-            source: io::Error::last_os_error(),
-        })
-    }
-}
-
-/// `mount(2)` with C strings (or null) and flags.
-fn mount(
-    src: Option<&CStr>,
-    target: &CStr,
-    fstype: Option<&CStr>,
-    flags: libc::c_ulong,
-    data: Option<&CStr>,
-    step: &'static str,
-) -> Result<(), MountError> {
-    let p = |c: Option<&CStr>| c.map_or(std::ptr::null(), CStr::as_ptr);
-    // SAFETY: every pointer is a NUL-terminated string or null, valid for
-    // the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            p(src),
-            target.as_ptr(),
-            p(fstype),
-            flags,
-            p(data).cast::<libc::c_void>(),
-        )
-    };
-    check(rc.into(), step)
-}
-
-/// Replace the root with an empty read-only tmpfs and detach the old one.
+/// Replace the root with an empty read-only tmpfs in this process's new
+/// mount namespace, and detach the old one.
 pub fn empty_root() -> Result<(), MountError> {
-    mount(
-        None,
-        c"/",
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
-        "making every mount private (mount / MS_REC|MS_PRIVATE)",
-    )?;
-    mount(
-        Some(c"tapjail-empty"),
-        STAGE,
-        Some(c"tmpfs"),
-        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(c"size=4k,mode=0555"),
-        "mounting the empty root (tmpfs, read-only)",
-    )?;
-    chdir(STAGE, "chdir into the empty root")?;
-    // pivot_root(".", "."): the old root ends up stacked on the new one at
-    // "/", with no directory needed for it (the new root is read-only), and
-    // is then detached (the runc/LXC way).
-    // SAFETY: two NUL-terminated paths; the syscall takes nothing else.
-    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
-    check(rc, "pivot_root into the empty root")?;
-    // SAFETY: umount2 with a NUL-terminated path and flags.
-    let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-    check(rc.into(), "detaching the old root (umount2 MNT_DETACH)")?;
-    chdir(c"/", "chdir / in the empty root")?;
-    Ok(())
+    tapjail_common::empty_root::enter()
 }
 
-fn chdir(path: &CStr, step: &'static str) -> Result<(), MountError> {
-    // SAFETY: chdir with a NUL-terminated path.
-    let rc = unsafe { libc::chdir(path.as_ptr()) };
-    check(rc.into(), step)
+/// Join the mount namespace `ns` (closing it) and check that its root is
+/// what [`empty_root`] makes: a read-only tmpfs with nothing in it. The
+/// broker made it, but a wrong fd must not leave a worker in a namespace
+/// with host paths.
+pub fn join(ns: OwnedFd) -> Result<(), MountError> {
+    let err = |step: &'static str| MountError {
+        step,
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: setns on an fd we own, with a namespace type.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+        return Err(err(
+            "joining the broker's empty-root mount namespace (setns)",
+        ));
+    }
+    drop(ns);
+    // setns sets root and cwd to the namespace's root.
+    let root: &CStr = c"/";
+    // SAFETY: a plain C struct, all zeros is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs on a NUL-terminated path into a struct we own.
+    if unsafe { libc::statfs(root.as_ptr(), &mut st) } != 0 {
+        return Err(err("statfs / after joining the empty root"));
+    }
+    // SAFETY: a plain C struct, all zeros is a valid value.
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs on a NUL-terminated path into a struct we own.
+    if unsafe { libc::statvfs(root.as_ptr(), &mut vfs) } != 0 {
+        return Err(err("statvfs / after joining the empty root"));
+    }
+    let read_only = vfs.f_flag & libc::ST_RDONLY != 0;
+    if st.f_type != libc::TMPFS_MAGIC || !read_only {
+        return Err(MountError {
+            step: "checking the joined root",
+            source: io::Error::other(format!(
+                "/ is not a read-only tmpfs (type {:#x}, flags {:#x})",
+                st.f_type, vfs.f_flag
+            )),
+        });
+    }
+    let entries = std::fs::read_dir("/")
+        .map_err(|source| MountError {
+            step: "listing the joined root",
+            source,
+        })?
+        .count();
+    if entries != 0 {
+        return Err(MountError {
+            step: "checking the joined root",
+            source: io::Error::other(format!("/ is not empty ({entries} entries)")),
+        });
+    }
+    Ok(())
 }

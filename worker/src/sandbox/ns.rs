@@ -27,19 +27,24 @@ pub fn privileged() -> bool {
     super::ids::current_uids().1 == 0
 }
 
-/// Enter new IPC, UTS, network and mount namespaces; returns the ones
-/// entered. As root every one is required; otherwise none is attempted.
-pub fn isolate() -> Result<Vec<&'static str>, NsError> {
+/// Enter new IPC, UTS, network and (unless `joining_mount_ns`, when the
+/// mount namespace is joined instead, see [`super::mount::join`]) mount
+/// namespaces; returns the ones entered. As root every one is required;
+/// otherwise none is attempted.
+pub fn isolate(joining_mount_ns: bool) -> Result<Vec<&'static str>, NsError> {
     let mut entered = Vec::new();
     if !privileged() {
         return Ok(entered);
     }
-    for (flag, name) in [
+    let mut flags = vec![
         (libc::CLONE_NEWIPC, "IPC"),
         (libc::CLONE_NEWUTS, "UTS"),
         (libc::CLONE_NEWNET, "NET"),
-        (libc::CLONE_NEWNS, "NS"),
-    ] {
+    ];
+    if !joining_mount_ns {
+        flags.push((libc::CLONE_NEWNS, "NS"));
+    }
+    for (flag, name) in flags {
         unshare(flag).map_err(|source| NsError { name, source })?;
         entered.push(name);
     }

@@ -1,0 +1,163 @@
+//! The one mount namespace every worker joins: an empty, read-only root.
+//!
+//! A worker used to build its own: `unshare(CLONE_NEWNS)` copies the whole
+//! host mount tree (one FUSE mount per attached disk), making it private
+//! walks that copy, `pivot_root` walks every thread on the host, and
+//! detaching the old root tears the copy down again. With 1000 disks
+//! attached that was a third of the worker's confinement and grew with
+//! every disk. The broker now builds the namespace once, on first use, and
+//! hands it to each worker it spawns on [`ROOT_NS_FD`]; the worker joins
+//! it with `setns` (constant time) and checks that its root is an empty
+//! read-only tmpfs before going on.
+//!
+//! Sharing it gives workers nothing in common: the root is empty and
+//! read-only, and a worker can neither mount nor write there (no
+//! capabilities, seccomp, landlock). Each worker still gets IPC, UTS and
+//! network namespaces of its own, where sharing would give tenants a
+//! meeting point (abstract sockets, SysV objects).
+//!
+//! If the namespace cannot be built (no CAP_SYS_ADMIN, or
+//! `TAPJAIL_ROOT_NS=own`, the baseline `bench/control-plane.sh` compares
+//! against), workers build their own as before: confinement is the same,
+//! only slower.
+//!
+//! [`ROOT_NS_FD`]: tapjail_common::worker_proto::ROOT_NS_FD
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::OnceLock;
+
+/// The environment variable that, set to `own`, makes every worker build
+/// its own empty root (the old way, kept as the benchmark's baseline).
+pub const ENV: &str = "TAPJAIL_ROOT_NS";
+
+/// The namespace: an fd on it (`nsfs`) and its inode, which a joined
+/// worker's `/proc/PID/ns/mnt` shows.
+#[derive(Debug)]
+pub struct WorkerRoot {
+    ns: OwnedFd,
+    inode: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerRootError {
+    #[error("unshare(CLONE_NEWNS) on the broker's builder thread: {0}")]
+    Unshare(#[source] io::Error),
+    #[error("opening the new mount namespace (/proc/thread-self/ns/mnt): {0}")]
+    Open(#[source] io::Error),
+    #[error("making the empty root: {0}")]
+    Mount(#[from] tapjail_common::empty_root::MountError),
+    #[error("the builder thread panicked")]
+    Thread,
+}
+
+impl WorkerRoot {
+    /// The namespace every worker joins, built on first use; `None` when
+    /// it cannot be built or is turned off (logged once): workers then
+    /// build their own.
+    pub fn shared() -> Option<&'static WorkerRoot> {
+        static ROOT: OnceLock<Option<WorkerRoot>> = OnceLock::new();
+        ROOT.get_or_init(|| {
+            if std::env::var(ENV).is_ok_and(|v| v == "own") {
+                return None;
+            }
+            match WorkerRoot::build() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        "workers will each build their own empty root (slower with many \
+                         disks attached): {e}"
+                    );
+                    None
+                }
+            }
+        })
+        .as_ref()
+    }
+
+    /// Build a fresh one on a short-lived thread: `unshare(CLONE_NEWNS)`
+    /// (which also unshares that thread's root and cwd, never the
+    /// broker's), keep an fd on the namespace, make its root empty. The
+    /// thread's exit leaves the namespace alive through the fd.
+    pub fn build() -> Result<WorkerRoot, WorkerRootError> {
+        std::thread::Builder::new()
+            .name("worker-root".into())
+            .spawn(|| {
+                // SAFETY: unshare takes flags only; it affects this thread.
+                if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+                    return Err(WorkerRootError::Unshare(io::Error::last_os_error()));
+                }
+                let ns = File::open("/proc/thread-self/ns/mnt").map_err(WorkerRootError::Open)?;
+                tapjail_common::empty_root::enter()?;
+                let inode = ns.metadata().map_err(WorkerRootError::Open)?.ino();
+                // Well above the fds a spawned child sets up (0-4), so
+                // its dup2 onto them never overwrites this one first.
+                let ns = rustix::io::fcntl_dupfd_cloexec(&ns, 64)
+                    .map_err(|e| WorkerRootError::Open(e.into()))?;
+                Ok(WorkerRoot { ns, inode })
+            })
+            .map_err(WorkerRootError::Unshare)?
+            .join()
+            .map_err(|_| WorkerRootError::Thread)?
+    }
+
+    /// The fd a spawn puts on [`ROOT_NS_FD`] of the child.
+    ///
+    /// [`ROOT_NS_FD`]: tapjail_common::worker_proto::ROOT_NS_FD
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.ns.as_fd()
+    }
+
+    /// Its raw fd, for the spawn's prepared steps.
+    pub fn raw_fd(&self) -> i32 {
+        self.ns.as_raw_fd()
+    }
+
+    /// The namespace's inode (what `/proc/PID/ns/mnt` of a member shows).
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Built as root, the namespace's root is an empty read-only tmpfs and
+    /// the broker's own (this test's) root is untouched.
+    #[test]
+    fn builds_an_empty_read_only_root_without_touching_ours() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "needs root");
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let root = WorkerRoot::build().unwrap();
+        assert!(root.raw_fd() >= 64);
+        assert_eq!(std::fs::read_link("/proc/self/ns/mnt").unwrap(), ours);
+        assert!(std::path::Path::new("/proc/self/status").exists());
+        assert_ne!(
+            format!("mnt:[{}]", root.inode()),
+            ours.display().to_string()
+        );
+        // Join it in a thread of our own and look around.
+        let fd = root.raw_fd();
+        let seen = std::thread::spawn(move || {
+            // SAFETY: flags only; this thread only (CLONE_FS).
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_FS) }, 0);
+            // SAFETY: setns on an open nsfs fd.
+            assert_eq!(unsafe { libc::setns(fd, libc::CLONE_NEWNS) }, 0);
+            let entries = std::fs::read_dir("/").unwrap().count();
+            let mountinfo = std::fs::metadata("/proc/self/mountinfo").is_ok();
+            let write = std::fs::write("/x", b"x").is_err();
+            (entries, mountinfo, write)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, (0, false, true));
+    }
+}
