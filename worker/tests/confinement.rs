@@ -505,3 +505,113 @@ fn child_ids_and_caps() {
     assert_ne!(unsafe { libc::setuid(0) }, 0);
     assert!(ids::switch_to(ids::Ids { uid: 0, gid: 0 }).is_err());
 }
+
+/// A worker told to join a mount namespace (`--root-ns`, fd 4).
+fn spawn_joining(ns: &OwnedFd) -> (std::process::Child, std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    // Above 4, so that neither dup2 overwrites the other's source (and
+    // dup2 onto the same number would keep close-on-exec).
+    // SAFETY: fcntl on fds we own; the duplicates are closed below.
+    let high = |fd: i32| unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+    let (ctl, ns) = (high(theirs.as_raw_fd()), high(ns.as_raw_fd()));
+    assert!(ctl >= 100 && ns >= 100);
+    let mut cmd = Command::new(TAPDISK);
+    cmd.args(["--broker", "--frontend", "fuse", "--root-ns"]);
+    // SAFETY: only async-signal-safe dup2 in the forked child.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (from, to) in [(ctl, 3), (ns, 4)] {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(theirs);
+    // SAFETY: the duplicates made above, ours alone.
+    unsafe {
+        libc::close(ctl);
+        libc::close(ns);
+    }
+    (child, ours)
+}
+
+/// The namespace the broker builds: a fresh mount namespace whose root is
+/// an empty read-only tmpfs (built on a thread of this test).
+fn empty_root_ns() -> OwnedFd {
+    std::thread::spawn(|| {
+        // SAFETY: flags only; this thread only.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+        let ns = std::fs::File::open("/proc/thread-self/ns/mnt").unwrap();
+        tapjail_common::empty_root::enter().unwrap();
+        OwnedFd::from(ns)
+    })
+    .join()
+    .unwrap()
+}
+
+/// `--root-ns`: the worker joins the namespace it is given (no copy of
+/// the host's mounts of its own) and ends up with the same empty root.
+#[test]
+fn worker_joins_the_given_empty_root_namespace() {
+    if !require(is_root(), "needs root to join a mount namespace") {
+        return;
+    }
+    let ns = empty_root_ns();
+    let inode = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::File::from(ns.try_clone().unwrap())
+            .metadata()
+            .unwrap(),
+    );
+    let (mut child, sock) = spawn_joining(&ns);
+    let pid = ready_pid(&sock);
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_eq!(theirs.to_str().unwrap(), format!("mnt:[{inode}]"));
+    let root = format!("/proc/{pid}/root");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "root not empty"
+    );
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert_eq!(mounts.lines().count(), 1, "one mount only: {mounts}");
+    for ns in ["ipc", "uts", "net"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "its own {ns} namespace");
+    }
+    assert_eq!(proc_status(pid)["Seccomp"], "2");
+    drop(sock);
+    assert!(child.wait().unwrap().success());
+}
+
+/// The attack: fd 4 is a namespace with host paths in it (a fresh copy of
+/// the host's mount tree). The worker refuses to run there rather than
+/// trust it.
+#[test]
+fn worker_refuses_a_root_namespace_with_host_paths() {
+    if !require(is_root(), "needs root to join a mount namespace") {
+        return;
+    }
+    let host: OwnedFd = std::thread::spawn(|| {
+        // SAFETY: flags only; this thread only.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+        std::fs::File::open("/proc/thread-self/ns/mnt")
+            .unwrap()
+            .into()
+    })
+    .join()
+    .unwrap();
+    let (mut child, sock) = spawn_joining(&host);
+    match frame::recv_on::<_, FromWorker>(&sock, MAX_REQUEST_FRAME)
+        .unwrap()
+        .0
+    {
+        FromWorker::Error(m) => assert!(m.contains("not a read-only tmpfs"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+}
