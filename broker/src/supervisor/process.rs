@@ -206,8 +206,9 @@ fn spawn_error(cfg: &SpawnConfig, source: io::Error) -> WorkerError {
     }
 }
 
-/// Start the worker with [`tapjail_broker::spawn`]: no copy of the
-/// broker's address space, so its cost does not grow with attached disks.
+/// Start the worker with [`tapjail_broker::spawn::spawn_lean`]: no copy of
+/// the broker's address space nor of its fd table, so its cost does not
+/// grow with attached disks.
 fn vfork_exec(
     cfg: &SpawnConfig,
     args: &Args,
@@ -218,7 +219,7 @@ fn vfork_exec(
 ) -> Result<(u32, OwnedFd), WorkerError> {
     let null = std::fs::File::open("/dev/null")?;
     let filter = tapjail_common::logging::effective_filter();
-    let child = tapjail_broker::spawn::spawn(
+    let child = tapjail_broker::spawn::spawn_lean(
         &cfg.tapdisk,
         &args.list(),
         // Its one variable: log with the broker's filter (read before the

@@ -15,7 +15,9 @@
 //! Firecracker's jailer style zygote): it would be one more long-lived
 //! root process holding every worker's fds on their way, and each spawn
 //! would cost two hops over a socket; a vfork-style clone is already
-//! constant-time here.
+//! constant-time here. The fd table is the other thing a child copies:
+//! [`spawn_lean`] runs the clone on a thread whose table holds only what
+//! the child needs (see [`lane`]).
 //!
 //! The child shares the broker's memory, so it only makes raw syscalls on
 //! data the parent prepared (no allocation, no locks, no Rust runtime),
@@ -23,6 +25,9 @@
 //! it wakes. Signals are blocked in the calling thread around the clone,
 //! and the child resets every handled signal to its default before
 //! unblocking, so no broker signal handler ever runs on the child's stack.
+
+mod lane;
+pub use lane::spawn_lean;
 
 use std::ffi::{CString, OsStr};
 use std::io;

@@ -1,0 +1,318 @@
+//! Spawning from a thread with a small fd table of its own.
+//!
+//! A child made without `CLONE_FILES` gets a copy of the caller's fd
+//! table (a reference taken on every open file), and `execve` then closes
+//! every close-on-exec one again. The broker holds about ten fds per
+//! attached disk, so with 1000 disks each worker spawn copied and closed
+//! some 10 000 of them: it made `exec` the largest step of a worker's
+//! start, and one that grew with every disk.
+//!
+//! The lane is one broker thread that, when it starts, unshares its fd
+//! table (`unshare(CLONE_FILES)` acts on the calling thread only) and
+//! closes everything in it but stdio and its end of a socket pair. A spawn
+//! sends the few fds the child needs over that socket (`SCM_RIGHTS`, into
+//! the lane's table), the lane runs [`super::spawn`] with them, closes
+//! them, and sends back the pidfd the clone made. The child's table is
+//! then a copy of a handful of entries, whatever the broker holds.
+//!
+//! It is a thread of the broker, not a helper process: nothing else runs
+//! with the broker's privileges, and it needs no more of them than the
+//! spawn it replaces. Spawns through it take turns (each is a clone and
+//! an exec of a small table: well under a millisecond).
+
+use super::{spawn, Child, Setup, SpawnError};
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use tapjail_common::frame;
+
+/// One spawn for the lane: everything but the fds, which come over the
+/// socket in the order of [`fds_of`].
+struct Job {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    setup: Setup,
+    reply: mpsc::Sender<Result<u32, SpawnError>>,
+}
+
+struct Lane {
+    jobs: mpsc::Sender<Job>,
+    sock: UnixStream,
+}
+
+/// The fds a setup names, each once, in a fixed order.
+fn fds_of(s: &Setup) -> Vec<RawFd> {
+    let mut v: Vec<RawFd> = Vec::new();
+    let named = s
+        .cgroup_procs
+        .into_iter()
+        .chain(s.stdio.into_iter().flatten())
+        .chain(s.control)
+        .chain(s.root_ns);
+    for fd in named {
+        if !v.contains(&fd) {
+            v.push(fd);
+        }
+    }
+    v
+}
+
+/// `setup` with each fd replaced by its number in the lane's table.
+fn remap(s: &Setup, from: &[RawFd], to: &[OwnedFd]) -> Setup {
+    let map = |fd: RawFd| {
+        from.iter()
+            .position(|&f| f == fd)
+            .and_then(|i| to.get(i))
+            .map_or(-1, |f| f.as_raw_fd())
+    };
+    Setup {
+        cgroup_procs: s.cgroup_procs.map(map),
+        stdio: s.stdio.map(|fds| fds.map(map)),
+        control: s.control.map(map),
+        root_ns: s.root_ns.map(map),
+        ..*s
+    }
+}
+
+fn lane() -> Option<&'static Mutex<Lane>> {
+    static LANE: OnceLock<Option<Mutex<Lane>>> = OnceLock::new();
+    LANE.get_or_init(|| match start() {
+        Ok(l) => Some(Mutex::new(l)),
+        Err(e) => {
+            tracing::warn!(
+                "spawning from the requesting thread (slower with many disks attached): \
+                 cannot start the spawn lane: {e}"
+            );
+            None
+        }
+    })
+    .as_ref()
+}
+
+fn start() -> io::Result<Lane> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+    std::thread::Builder::new()
+        .name("spawn-lane".into())
+        .spawn(move || {
+            let sock = match own_table(theirs) {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            serve(&sock, &queue);
+        })?;
+    ready_rx
+        .recv()
+        .map_err(|_| io::Error::other("the spawn lane thread died"))??;
+    Ok(Lane { jobs, sock: ours })
+}
+
+/// Unshare this thread's fd table and empty it but for stdio and `sock`.
+fn own_table(sock: UnixStream) -> io::Result<UnixStream> {
+    // SAFETY: unshare takes flags only; CLONE_FILES affects this thread.
+    if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Our socket at 3, then everything above it closed: in this table only.
+    let at = 3;
+    // SAFETY: dup2 onto fd 3 of this thread's private table.
+    if unsafe { libc::dup2(sock.as_raw_fd(), at) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(sock); // closed with the rest just below
+                            // SAFETY: close_range on this thread's private table; fds above 3 are
+                            // the broker's, copied at the unshare, and none is ours to keep.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, at + 1, u32::MAX, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd 3 was just made a duplicate of the socket, ours alone.
+    let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(at) };
+    // The broker's fds are close-on-exec; this one must be too.
+    rustix::io::fcntl_setfd(&sock, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(UnixStream::from(sock))
+}
+
+fn serve(sock: &UnixStream, queue: &mpsc::Receiver<Job>) {
+    while let Ok(job) = queue.recv() {
+        let wanted = fds_of(&job.setup);
+        let got = match frame::recv_on::<_, u32>(sock, 64) {
+            Ok((n, fds)) if n as usize == wanted.len() && fds.len() == wanted.len() => fds,
+            Ok((n, fds)) => {
+                let e = io::Error::other(format!(
+                    "the spawn lane got {} fds ({n} announced), not {}",
+                    fds.len(),
+                    wanted.len()
+                ));
+                let _ = job.reply.send(Err(SpawnError::Clone(e)));
+                continue;
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(SpawnError::Clone(io::Error::other(e))));
+                continue;
+            }
+        };
+        let setup = remap(&job.setup, &wanted, &got);
+        let args: Vec<&std::ffi::OsStr> = job.args.iter().map(|a| a.as_os_str()).collect();
+        let env: Vec<(&str, &str)> = job
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let result = spawn(&job.program, &args, &env, setup);
+        // The child has its copies (or failed): ours go now, before the
+        // reply, so a log pipe's last write end is the worker's.
+        drop(got);
+        match result {
+            Ok(child) => {
+                let sent = frame::send_on(sock, &child.pid, &[child.pidfd.as_fd()]);
+                let reply = match sent {
+                    Ok(()) => Ok(child.pid),
+                    Err(e) => Err(SpawnError::Clone(io::Error::other(e))),
+                };
+                let _ = job.reply.send(reply);
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// [`super::spawn`] from the lane: the same steps and result, with a child
+/// that starts from a copy of a handful of fds. Falls back to spawning
+/// from the calling thread if the lane cannot start.
+pub fn spawn_lean(
+    program: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    setup: Setup,
+) -> Result<Child, SpawnError> {
+    let Some(lane) = lane() else {
+        return spawn(program, args, env, setup);
+    };
+    let lane = lane.lock().unwrap_or_else(|p| p.into_inner());
+    let (reply, answer) = mpsc::channel();
+    let wanted = fds_of(&setup);
+    // SAFETY: the caller's setup names fds it keeps open for this call.
+    let fds: Vec<BorrowedFd<'_>> = wanted
+        .iter()
+        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        .collect();
+    let job = Job {
+        program: program.to_path_buf(),
+        args: args.iter().map(|a| a.to_os_string()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        setup,
+        reply,
+    };
+    let lost = || SpawnError::Clone(io::Error::other("the spawn lane thread is gone"));
+    lane.jobs.send(job).map_err(|_| lost())?;
+    let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+    frame::send_on(&lane.sock, &count, &fds).map_err(|e| SpawnError::Clone(io::Error::other(e)))?;
+    let pid = answer.recv().map_err(|_| lost())??;
+    let (said, mut got) = frame::recv_on::<_, u32>(&lane.sock, 64)
+        .map_err(|e| SpawnError::Clone(io::Error::other(e)))?;
+    match (said == pid, got.pop()) {
+        (true, Some(pidfd)) if got.is_empty() => Ok(Child { pid, pidfd }),
+        _ => Err(SpawnError::Clone(io::Error::other(
+            "the spawn lane's pidfd reply does not match its child",
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_fds_of(pid: u32) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The child sees the fds its setup names and no other, though this
+    /// process holds 200 more that are not even close-on-exec (a spawn
+    /// from this thread would pass every one on); it is reaped through the
+    /// pidfd the lane made.
+    #[test]
+    fn a_lane_child_starts_with_only_its_own_fds() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: F_DUPFD (no close-on-exec) of an fd we own; each result
+        // is owned by the OwnedFd made of it.
+        let many: Vec<OwnedFd> = (0..200)
+            .map(|_| unsafe {
+                let fd = libc::fcntl(null.as_raw_fd(), libc::F_DUPFD, 10);
+                assert!(fd >= 10);
+                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            })
+            .collect();
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let child = spawn_lean(
+            std::path::Path::new("/bin/sleep"),
+            &[std::ffi::OsStr::new("30")],
+            &[],
+            Setup {
+                stdio: Some([null.as_raw_fd(); 3]),
+                control: Some(theirs.as_raw_fd()),
+                ..Setup::default()
+            },
+        )
+        .unwrap();
+        let fds = open_fds_of(child.pid);
+        rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL).unwrap();
+        rustix::process::waitid(
+            rustix::process::WaitId::PidFd(child.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap();
+        assert_eq!(fds, ["0", "1", "2", "3"], "{fds:?}");
+        drop(many);
+    }
+
+    /// A failed step is reported as from a direct spawn, and the lane goes
+    /// on serving.
+    #[test]
+    fn a_failing_lane_spawn_is_reported_and_the_lane_goes_on() {
+        let e = spawn_lean(
+            std::path::Path::new("/nonexistent/tapdisk"),
+            &[],
+            &[],
+            Setup::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("execve"), "{e}");
+        let child = spawn_lean(
+            std::path::Path::new("/bin/true"),
+            &[],
+            &[],
+            Setup::default(),
+        )
+        .unwrap();
+        let st = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(child.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(st.exit_status(), Some(0));
+    }
+}
