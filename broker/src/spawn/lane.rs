@@ -266,17 +266,26 @@ mod tests {
             })
             .collect();
         let (_ours, theirs) = UnixStream::pair().unwrap();
+        let (in_r, mut in_w) = std::io::pipe().unwrap();
+        let (mut out_r, out_w) = std::io::pipe().unwrap();
         let child = spawn_lean(
-            std::path::Path::new("/bin/sleep"),
-            &[std::ffi::OsStr::new("30")],
+            std::path::Path::new("/bin/cat"),
+            &[],
             &[],
             Setup {
-                stdio: Some([null.as_raw_fd(); 3]),
+                stdio: Some([in_r.as_raw_fd(), out_w.as_raw_fd(), null.as_raw_fd()]),
                 control: Some(theirs.as_raw_fd()),
                 ..Setup::default()
             },
         )
         .unwrap();
+        drop((in_r, out_w));
+        // An echo through cat: it runs, so its exec (which closes the
+        // close-on-exec fds after the spawn returns) is over.
+        use std::io::{Read, Write};
+        in_w.write_all(b"x").unwrap();
+        let mut echo = [0u8; 1];
+        out_r.read_exact(&mut echo).unwrap();
         let fds = open_fds_of(child.pid);
         rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL).unwrap();
         rustix::process::waitid(

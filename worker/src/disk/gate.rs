@@ -175,13 +175,15 @@ impl Disk {
 
     /// Drain, flush and close for good; later requests fail with EIO.
     pub fn close(&self) -> Result<(), DiskError> {
-        self.throttle.interrupt();
+        // A request sleeping for its throttle slot is not in flight, so the
+        // drain does not wait for it; it is woken only once the gate is
+        // closed, and fails. (Woken before the drain, it could still slip
+        // in and run after `close` had begun.)
         let paused = self.pause();
         let mut inner = self.lock();
         inner.gate = Gate::Closed;
         self.changed.notify_all();
         drop(inner);
-        // Whoever began to wait for a slot while the disk drained.
         self.throttle.interrupt();
         match paused {
             Err(DiskError::Closed) => Ok(()),
