@@ -50,7 +50,8 @@ pub enum WorkerBin {
     Fake,
     /// `fake-tapdisk` leaving out one confinement step the broker checks
     /// from outside: `"hostns"` (stays in the host's net and mount
-    /// namespaces), `"dumpable"` (dumpable after its uid switch), `"uid"`
+    /// namespaces), `"rootns"` (a mount namespace of its own instead of
+    /// the broker's empty root), `"dumpable"` (dumpable after its uid switch), `"uid"`
     /// (keeps root's uid and capabilities), `"nnp"` (no no_new_privs, so no
     /// seccomp filter either) or `"seccomp"` (no seccomp filter). Run
     /// through a symlink whose name tells the fake which.

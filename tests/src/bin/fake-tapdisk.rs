@@ -43,7 +43,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use tapjail_common::frame;
 use tapjail_common::proto::ImageKind;
@@ -57,12 +57,22 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 /// `skip`: a confinement step to leave out (see `WorkerBin::FakeSkipping`).
-fn confine(uid: u32, gid: u32, skip: &str) {
+/// `root_ns`: the broker passed `--root-ns` (its empty-root mount
+/// namespace on fd 4), which the fake joins unless `skip` is `"rootns"`
+/// (then it makes a mount namespace of its own, as a standalone worker
+/// would: not the one the broker checks for).
+fn confine(uid: u32, gid: u32, skip: &str, root_ns: bool) {
     // SAFETY: plain syscalls with integer arguments or pointers to locals.
     unsafe {
         if skip != "hostns" {
-            assert_eq!(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS), 0);
+            if root_ns && skip != "rootns" {
+                assert_eq!(libc::unshare(libc::CLONE_NEWNET), 0);
+                assert_eq!(libc::setns(4, libc::CLONE_NEWNS), 0);
+            } else {
+                assert_eq!(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS), 0);
+            }
         }
+        libc::close(4);
         assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
         assert_eq!(libc::setresgid(gid, gid, gid), 0);
         if skip != "uid" {
@@ -183,8 +193,15 @@ fn send_with_fds(ctl: &UnixStream, msg: &FromWorker, n: usize, on_payload: bool)
     let payload = postcard::to_allocvec(msg).expect("encode");
     let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&payload);
-    let files: Vec<File> = (0..n)
-        .map(|_| File::open("/dev/null").expect("/dev/null"))
+    // Copies of stderr: the fake runs in the broker's empty root, where
+    // no path (not even /dev/null) exists.
+    let files: Vec<OwnedFd> = (0..n)
+        .map(|_| {
+            std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .expect("dup stderr")
+        })
         .collect();
     let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
     // The SCM_RIGHTS limit per message is 253 fds.
@@ -512,7 +529,7 @@ fn main() {
         .and_then(|n| n.strip_prefix("fake-tapdisk-skip-"))
         .unwrap_or("")
         .to_string();
-    confine(uid, gid, &skip);
+    confine(uid, gid, &skip, args.iter().any(|a| a == "--root-ns"));
     let send = |m: &FromWorker| frame::send_on(&ctl, m, &[]).is_ok();
     send(&FromWorker::Ready {
         pid: std::process::id(),

@@ -33,6 +33,15 @@ fn worker_in_the_host_namespaces_is_refused_and_killed() {
     refused("hostns", "in the host's net namespace");
 }
 
+/// A worker told to join the broker's empty root (`--root-ns`) that stays
+/// in a mount namespace of its own (which could hold host paths) is
+/// refused: the broker compares the namespace's inode with the empty
+/// root's.
+#[test]
+fn worker_outside_the_empty_root_namespace_is_refused_and_killed() {
+    refused("rootns", "not the empty root's");
+}
+
 #[test]
 fn worker_dumpable_after_its_uid_switch_is_refused_and_killed() {
     refused("dumpable", "dumpable");
