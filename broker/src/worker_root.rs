@@ -6,9 +6,12 @@
 //! detaching the old root tears the copy down again. With 1000 disks
 //! attached that was a third of the worker's confinement and grew with
 //! every disk. The broker now builds the namespace once, on first use, and
-//! hands it to each worker it spawns on [`ROOT_NS_FD`]; the worker joins
-//! it with `setns` (constant time) and checks that its root is an empty
-//! read-only tmpfs before going on.
+//! hands it to each worker it spawns on [`ROOT_NS_FD`], with its root
+//! directory on [`ROOT_DIR_FD`]; the worker joins it with `setns`
+//! (constant time), chroots into that directory (the namespace's own root,
+//! where `setns` leaves a process, is the empty root only when the broker
+//! runs at the root of its namespace, not in a chroot) and checks that its
+//! root is an empty read-only tmpfs before going on.
 //!
 //! Sharing it gives workers nothing in common: the root is empty and
 //! read-only, and a worker can neither mount nor write there (no
@@ -22,6 +25,7 @@
 //! only slower.
 //!
 //! [`ROOT_NS_FD`]: tapjail_common::worker_proto::ROOT_NS_FD
+//! [`ROOT_DIR_FD`]: tapjail_common::worker_proto::ROOT_DIR_FD
 
 use std::fs::File;
 use std::io;
@@ -38,6 +42,7 @@ pub const ENV: &str = "TAPJAIL_ROOT_NS";
 #[derive(Debug)]
 pub struct WorkerRoot {
     ns: OwnedFd,
+    dir: OwnedFd,
     inode: u64,
 }
 
@@ -92,11 +97,28 @@ impl WorkerRoot {
                 let ns = File::open("/proc/thread-self/ns/mnt").map_err(WorkerRootError::Open)?;
                 tapjail_common::empty_root::enter()?;
                 let inode = ns.metadata().map_err(WorkerRootError::Open)?.ino();
-                // Well above the fds a spawned child sets up (0-4), so
-                // its dup2 onto them never overwrites this one first.
-                let ns = rustix::io::fcntl_dupfd_cloexec(&ns, 64)
-                    .map_err(|e| WorkerRootError::Open(e.into()))?;
-                Ok(WorkerRoot { ns, inode })
+                // This thread's root now, which is not the namespace's own
+                // root when the broker runs in a chroot: a joining worker
+                // chroots here.
+                let dir = rustix::fs::open(
+                    "/",
+                    rustix::fs::OFlags::PATH
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| WorkerRootError::Open(e.into()))?;
+                // Well above the fds a spawned child sets up (0-5), so
+                // its dup2 onto them never overwrites these first.
+                let high = |fd: &dyn AsFd| {
+                    rustix::io::fcntl_dupfd_cloexec(fd, 64)
+                        .map_err(|e| WorkerRootError::Open(e.into()))
+                };
+                Ok(WorkerRoot {
+                    ns: high(&ns)?,
+                    dir: high(&dir)?,
+                    inode,
+                })
             })
             .map_err(WorkerRootError::Unshare)?
             .join()
@@ -110,9 +132,10 @@ impl WorkerRoot {
         self.ns.as_fd()
     }
 
-    /// Its raw fd, for the spawn's prepared steps.
-    pub fn raw_fd(&self) -> i32 {
-        self.ns.as_raw_fd()
+    /// The namespace's and the root directory's raw fds, for the spawn's
+    /// prepared steps.
+    pub fn raw_fds(&self) -> [i32; 2] {
+        [self.ns.as_raw_fd(), self.dir.as_raw_fd()]
     }
 
     /// The namespace's inode (what `/proc/PID/ns/mnt` of a member shows).
@@ -137,7 +160,7 @@ mod tests {
         }
         let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
         let root = WorkerRoot::build().unwrap();
-        assert!(root.raw_fd() >= 64);
+        assert!(root.raw_fds().iter().all(|&fd| fd >= 64));
         assert_eq!(std::fs::read_link("/proc/self/ns/mnt").unwrap(), ours);
         assert!(std::path::Path::new("/proc/self/status").exists());
         assert_ne!(
@@ -145,12 +168,16 @@ mod tests {
             ours.display().to_string()
         );
         // Join it in a thread of our own and look around.
-        let fd = root.raw_fd();
+        let [fd, dir] = root.raw_fds();
         let seen = std::thread::spawn(move || {
             // SAFETY: flags only; this thread only (CLONE_FS).
             assert_eq!(unsafe { libc::unshare(libc::CLONE_FS) }, 0);
             // SAFETY: setns on an open nsfs fd.
             assert_eq!(unsafe { libc::setns(fd, libc::CLONE_NEWNS) }, 0);
+            // SAFETY: fchdir on an open O_PATH directory fd; chroot to it.
+            assert_eq!(unsafe { libc::fchdir(dir) }, 0);
+            // SAFETY: a NUL-terminated path.
+            assert_eq!(unsafe { libc::chroot(c".".as_ptr()) }, 0);
             let entries = std::fs::read_dir("/").unwrap().count();
             let mountinfo = std::fs::metadata("/proc/self/mountinfo").is_ok();
             let write = std::fs::write("/x", b"x").is_err();

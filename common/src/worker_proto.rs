@@ -19,6 +19,13 @@ pub const CONTROL_FD: i32 = 3;
 /// own (see the broker's `worker_root`).
 pub const ROOT_NS_FD: i32 = 4;
 
+/// With `--root-ns`: the fd number of that empty root's directory (an
+/// `O_PATH` fd), which the worker chroots into once it has joined: the
+/// namespace's own root, where `setns` puts a process, is the empty root
+/// only when the broker runs at the root of its namespace, not when it was
+/// started in a chroot.
+pub const ROOT_DIR_FD: i32 = 5;
+
 /// Starts the `Error` a worker sends when another process on the host
 /// already runs as the uid it was given: the broker then picks another.
 pub const UID_TAKEN: &str = "worker uid taken:";

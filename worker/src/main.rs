@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use tapjail_common::frame;
 use tapjail_common::proto::{FrontendKind, ImageSpec};
 use tapjail_common::ublk_abi::UBLK_MAX_QUEUE_DEPTH;
-use tapjail_common::worker_proto::{FromWorker, CONTROL_FD, ROOT_NS_FD};
+use tapjail_common::worker_proto::{FromWorker, CONTROL_FD, ROOT_DIR_FD, ROOT_NS_FD};
 use tapjail_worker::control::Worker;
 use tapjail_worker::frontend::ublk::rings::QueueRings;
 use tapjail_worker::frontend::ublk::MAX_QUEUES;
@@ -56,7 +56,8 @@ struct Args {
     /// CLOCK_MONOTONIC (ns) at the broker's spawn: the phase line then
     /// also says how long exec took and the start before confinement.
     phases_since: Option<u64>,
-    /// The broker put its empty-root mount namespace on fd 4 to join.
+    /// The broker put its empty-root mount namespace and that root's
+    /// directory on fds 4 and 5 to join.
     root_ns: bool,
 }
 
@@ -266,10 +267,10 @@ fn broker(
     let confined = Policy::choose_ids(requested).and_then(|ids| {
         let mut keep = vec![0, 1, 2, CONTROL_FD];
         if args.root_ns {
-            keep.push(ROOT_NS_FD);
+            keep.extend([ROOT_NS_FD, ROOT_DIR_FD]);
         }
         let mut policy = worker_policy(frontend, ids, keep, queues);
-        policy.root_ns = args.root_ns.then_some(ROOT_NS_FD);
+        policy.root_ns = args.root_ns.then_some([ROOT_NS_FD, ROOT_DIR_FD]);
         // The broker chose the uid (`--uid`) none of its workers holds; step
         // 9 checks that nothing else on the host runs as it. nobody (the
         // default as root, and what the standalone monitor passes) is

@@ -506,22 +506,30 @@ fn child_ids_and_caps() {
     assert!(ids::switch_to(ids::Ids { uid: 0, gid: 0 }).is_err());
 }
 
-/// A worker told to join a mount namespace (`--root-ns`, fd 4).
-fn spawn_joining(ns: &OwnedFd) -> (std::process::Child, std::os::unix::net::UnixStream) {
+/// A worker told to join a mount namespace and chroot into a directory
+/// of it (`--root-ns`, fds 4 and 5).
+fn spawn_joining(
+    ns: &OwnedFd,
+    dir: &OwnedFd,
+) -> (std::process::Child, std::os::unix::net::UnixStream) {
     use std::os::fd::AsRawFd;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    // Above 4, so that neither dup2 overwrites the other's source (and
-    // dup2 onto the same number would keep close-on-exec).
+    // Above 5, so that no dup2 overwrites another's source (and dup2 onto
+    // the same number would keep close-on-exec).
     // SAFETY: fcntl on fds we own; the duplicates are closed below.
     let high = |fd: i32| unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
-    let (ctl, ns) = (high(theirs.as_raw_fd()), high(ns.as_raw_fd()));
-    assert!(ctl >= 100 && ns >= 100);
+    let fds = [
+        high(theirs.as_raw_fd()),
+        high(ns.as_raw_fd()),
+        high(dir.as_raw_fd()),
+    ];
+    assert!(fds.iter().all(|&fd| fd >= 100));
     let mut cmd = Command::new(TAPDISK);
     cmd.args(["--broker", "--frontend", "fuse", "--root-ns"]);
     // SAFETY: only async-signal-safe dup2 in the forked child.
     unsafe {
         cmd.pre_exec(move || {
-            for (from, to) in [(ctl, 3), (ns, 4)] {
+            for (from, to) in fds.into_iter().zip(3..) {
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -531,23 +539,34 @@ fn spawn_joining(ns: &OwnedFd) -> (std::process::Child, std::os::unix::net::Unix
     }
     let child = cmd.spawn().unwrap();
     drop(theirs);
-    // SAFETY: the duplicates made above, ours alone.
-    unsafe {
-        libc::close(ctl);
-        libc::close(ns);
+    for fd in fds {
+        // SAFETY: the duplicates made above, ours alone.
+        unsafe { libc::close(fd) };
     }
     (child, ours)
 }
 
-/// The namespace the broker builds: a fresh mount namespace whose root is
-/// an empty read-only tmpfs (built on a thread of this test).
-fn empty_root_ns() -> OwnedFd {
-    std::thread::spawn(|| {
+/// A fresh mount namespace (built on a thread of this test) and its root
+/// directory: emptied as the broker does, or (`empty` false) a plain copy
+/// of the host's mount tree.
+fn root_ns(empty: bool) -> (OwnedFd, OwnedFd) {
+    std::thread::spawn(move || {
         // SAFETY: flags only; this thread only.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
         let ns = std::fs::File::open("/proc/thread-self/ns/mnt").unwrap();
-        tapjail_common::empty_root::enter().unwrap();
-        OwnedFd::from(ns)
+        if empty {
+            tapjail_common::empty_root::enter().unwrap();
+        }
+        // SAFETY: open of a NUL-terminated path; the fd becomes ours.
+        let dir = unsafe {
+            let fd = libc::open(
+                c"/".as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            assert!(fd >= 0);
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        };
+        (OwnedFd::from(ns), dir)
     })
     .join()
     .unwrap()
@@ -560,13 +579,13 @@ fn worker_joins_the_given_empty_root_namespace() {
     if !require(is_root(), "needs root to join a mount namespace") {
         return;
     }
-    let ns = empty_root_ns();
+    let (ns, dir) = root_ns(true);
     let inode = std::os::unix::fs::MetadataExt::ino(
         &std::fs::File::from(ns.try_clone().unwrap())
             .metadata()
             .unwrap(),
     );
-    let (mut child, sock) = spawn_joining(&ns);
+    let (mut child, sock) = spawn_joining(&ns, &dir);
     let pid = ready_pid(&sock);
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
     assert_eq!(theirs.to_str().unwrap(), format!("mnt:[{inode}]"));
@@ -578,6 +597,7 @@ fn worker_joins_the_given_empty_root_namespace() {
     );
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     assert_eq!(mounts.lines().count(), 1, "one mount only: {mounts}");
+    assert!(mounts.contains(" - tmpfs "), "{mounts}");
     for ns in ["ipc", "uts", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
@@ -588,24 +608,16 @@ fn worker_joins_the_given_empty_root_namespace() {
     assert!(child.wait().unwrap().success());
 }
 
-/// The attack: fd 4 is a namespace with host paths in it (a fresh copy of
-/// the host's mount tree). The worker refuses to run there rather than
-/// trust it.
+/// The attack: fds 4 and 5 are a namespace with host paths in it (a fresh
+/// copy of the host's mount tree) and its root. The worker refuses to run
+/// there rather than trust it.
 #[test]
 fn worker_refuses_a_root_namespace_with_host_paths() {
     if !require(is_root(), "needs root to join a mount namespace") {
         return;
     }
-    let host: OwnedFd = std::thread::spawn(|| {
-        // SAFETY: flags only; this thread only.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
-        std::fs::File::open("/proc/thread-self/ns/mnt")
-            .unwrap()
-            .into()
-    })
-    .join()
-    .unwrap();
-    let (mut child, sock) = spawn_joining(&host);
+    let (ns, dir) = root_ns(false);
+    let (mut child, sock) = spawn_joining(&ns, &dir);
     match frame::recv_on::<_, FromWorker>(&sock, MAX_REQUEST_FRAME)
         .unwrap()
         .0

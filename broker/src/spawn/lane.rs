@@ -53,7 +53,7 @@ fn fds_of(s: &Setup) -> Vec<RawFd> {
         .into_iter()
         .chain(s.stdio.into_iter().flatten())
         .chain(s.control)
-        .chain(s.root_ns);
+        .chain(s.root.into_iter().flatten());
     for fd in named {
         if !v.contains(&fd) {
             v.push(fd);
@@ -74,7 +74,7 @@ fn remap(s: &Setup, from: &[RawFd], to: &[OwnedFd]) -> Setup {
         cgroup_procs: s.cgroup_procs.map(map),
         stdio: s.stdio.map(|fds| fds.map(map)),
         control: s.control.map(map),
-        root_ns: s.root_ns.map(map),
+        root: s.root.map(|fds| fds.map(map)),
         ..*s
     }
 }

@@ -42,6 +42,8 @@ const STACK: usize = 128 * 1024;
 pub const CONTROL_FD: RawFd = tapjail_common::worker_proto::CONTROL_FD;
 /// The fd the child's mount namespace to join is moved to.
 pub const ROOT_NS_FD: RawFd = tapjail_common::worker_proto::ROOT_NS_FD;
+/// The fd the child's empty root directory is moved to.
+pub const ROOT_DIR_FD: RawFd = tapjail_common::worker_proto::ROOT_DIR_FD;
 
 /// What the child does before `execve`, in this order.
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,9 +56,10 @@ pub struct Setup {
     pub stdio: Option<[RawFd; 3]>,
     /// dup2'd onto [`CONTROL_FD`].
     pub control: Option<RawFd>,
-    /// dup2'd onto [`ROOT_NS_FD`] (after `control`: it must not be
-    /// [`CONTROL_FD`] itself).
-    pub root_ns: Option<RawFd>,
+    /// A mount namespace and a directory in it, dup2'd onto
+    /// [`ROOT_NS_FD`] and [`ROOT_DIR_FD`] (after `control`: neither may be
+    /// [`CONTROL_FD`] or the other's target).
+    pub root: Option<[RawFd; 2]>,
     /// RLIMIT_MEMLOCK, soft and hard (bytes).
     pub memlock: Option<u64>,
     /// Mark every fd above the ones set up close-on-exec (they are
@@ -114,7 +117,7 @@ const STEPS: [&str; 11] = [
     "close_range(CLOEXEC)",
     "chdir /",
     "execve",
-    "moving the root namespace fd to fd 4",
+    "moving the empty root's fds to fds 4 and 5",
 ];
 
 /// Everything the child reads, prepared by the parent; and where it says
@@ -286,8 +289,9 @@ fn child_steps(ctx: &Ctx) -> Result<(), u8> {
                 ok(libc::dup2(fd, CONTROL_FD), 5)?;
             }
         }
-        if let Some(fd) = s.root_ns {
-            ok(libc::dup2(fd, ROOT_NS_FD), 10)?;
+        if let Some([ns, dir]) = s.root {
+            ok(libc::dup2(ns, ROOT_NS_FD), 10)?;
+            ok(libc::dup2(dir, ROOT_DIR_FD), 10)?;
         }
         if let Some(bytes) = s.memlock {
             let lim = libc::rlimit {
@@ -297,8 +301,8 @@ fn child_steps(ctx: &Ctx) -> Result<(), u8> {
             ok(libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim), 6)?;
         }
         if s.cloexec_rest {
-            let first = if s.root_ns.is_some() {
-                ROOT_NS_FD + 1
+            let first = if s.root.is_some() {
+                ROOT_DIR_FD + 1
             } else if s.control.is_some() {
                 CONTROL_FD + 1
             } else {
@@ -432,7 +436,7 @@ mod tests {
                 cloexec_rest: true,
                 new_process_group: true,
                 cgroup_procs: None,
-                root_ns: None,
+                root: None,
             },
         )
         .unwrap();

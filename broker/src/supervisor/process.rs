@@ -69,7 +69,7 @@ pub fn spawn(
         spawned_at: sys::monotonic_ns().to_string(),
         root_ns: root.is_some(),
     };
-    let root_fd = root.map(|r| r.raw_fd());
+    let root_fd = root.map(|r| r.raw_fds());
     let (pid, pidfd) = if fork_spawn() {
         fork_exec(cfg, &args, theirs.as_raw_fd(), log_w, procs_fd, root_fd)?
     } else {
@@ -161,7 +161,8 @@ struct Args {
     uid: String,
     /// CLOCK_MONOTONIC at the spawn, for the worker's phase line.
     spawned_at: String,
-    /// The empty root's namespace is on fd 4 for the worker to join.
+    /// The empty root's namespace and directory are on fds 4 and 5 for
+    /// the worker to join.
     root_ns: bool,
 }
 
@@ -215,7 +216,7 @@ fn vfork_exec(
     control: i32,
     log_w: io::PipeWriter,
     cgroup_procs: Option<i32>,
-    root_ns: Option<i32>,
+    root: Option<[i32; 2]>,
 ) -> Result<(u32, OwnedFd), WorkerError> {
     let null = std::fs::File::open("/dev/null")?;
     let filter = tapjail_common::logging::effective_filter();
@@ -230,7 +231,7 @@ fn vfork_exec(
             new_process_group: true,
             stdio: Some([null.as_raw_fd(), null.as_raw_fd(), log_w.as_raw_fd()]),
             control: Some(control),
-            root_ns,
+            root,
             memlock: Some(cfg.memlock),
             cloexec_rest: true,
         },
@@ -249,7 +250,7 @@ fn fork_exec(
     child_fd: i32,
     log_w: io::PipeWriter,
     procs_fd: Option<i32>,
-    root_ns: Option<i32>,
+    root: Option<[i32; 2]>,
 ) -> Result<(u32, OwnedFd), WorkerError> {
     let memlock = cfg.memlock;
     let mut cmd = Command::new(&cfg.tapdisk);
@@ -268,7 +269,7 @@ fn fork_exec(
     // only async-signal-safe functions (dup2, fcntl, setrlimit,
     // close_range) on plain integers; it allocates nothing.
     unsafe {
-        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd, root_ns));
+        cmd.pre_exec(move || child_setup(child_fd, memlock, procs_fd, root));
     }
     let child = cmd.spawn().map_err(|e| spawn_error(cfg, e))?;
     // The child holds the only write end now (the Command's copy goes with it).
@@ -323,7 +324,7 @@ fn child_setup(
     child_fd: i32,
     memlock: u64,
     cgroup_procs: Option<i32>,
-    root_ns: Option<i32>,
+    root: Option<[i32; 2]>,
 ) -> io::Result<()> {
     let check = |rc: i32| {
         if rc < 0 {
@@ -350,9 +351,11 @@ fn child_setup(
         // SAFETY: dup2 onto fd 3; dup2 clears FD_CLOEXEC on the new fd.
         check(unsafe { libc::dup2(child_fd, CONTROL_FD) })?;
     }
-    if let Some(fd) = root_ns {
-        // SAFETY: dup2 onto fd 4; dup2 clears FD_CLOEXEC on the new fd.
-        check(unsafe { libc::dup2(fd, tapjail_broker::spawn::ROOT_NS_FD) })?;
+    if let Some([ns, dir]) = root {
+        // SAFETY: dup2 onto fds 4 and 5; dup2 clears FD_CLOEXEC on them.
+        check(unsafe { libc::dup2(ns, tapjail_broker::spawn::ROOT_NS_FD) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::dup2(dir, tapjail_broker::spawn::ROOT_DIR_FD) })?;
     }
     let lim = libc::rlimit {
         rlim_cur: memlock,
@@ -360,8 +363,8 @@ fn child_setup(
     };
     // SAFETY: setrlimit reads the struct we pass by reference.
     check(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) })?;
-    let first = if root_ns.is_some() {
-        tapjail_broker::spawn::ROOT_NS_FD + 1
+    let first = if root.is_some() {
+        tapjail_broker::spawn::ROOT_DIR_FD + 1
     } else {
         CONTROL_FD + 1
     };

@@ -73,6 +73,7 @@ fn confine(uid: u32, gid: u32, skip: &str, root_ns: bool) {
             }
         }
         libc::close(4);
+        libc::close(5);
         assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
         assert_eq!(libc::setresgid(gid, gid, gid), 0);
         if skip != "uid" {

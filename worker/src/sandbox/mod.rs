@@ -63,10 +63,10 @@ pub struct Policy {
     /// `ids.uid` was chosen unused by the spawner (see
     /// [`rlimit::Limits::fresh_uid`]); checked in step 9 ([`sole_uid`]).
     pub fresh_uid: bool,
-    /// A mount namespace with an empty root to join in step 5 instead of
-    /// building one ([`mount::join`]); must be on the keep list, and is
-    /// closed once joined.
-    pub root_ns: Option<RawFd>,
+    /// A mount namespace with an empty root, and that root's directory, to
+    /// join in step 5 instead of building one ([`mount::join`]); both must
+    /// be on the keep list, and are closed once joined.
+    pub root_ns: Option<[RawFd; 2]>,
 }
 
 impl Policy {
@@ -165,13 +165,13 @@ pub fn confine_timed(policy: &Policy) -> Result<StepTimes, SandboxError> {
     // policy hands it to this step).
     let root_ns = policy
         .root_ns
-        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        .map(|fds| fds.map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
     if ns::isolate(root_ns.is_some())?.is_empty() {
         drop(root_ns); // not root: the host's namespaces are all we have
     } else {
         lap("namespaces");
         match root_ns {
-            Some(ns) => mount::join(ns)?,
+            Some([ns, dir]) => mount::join(ns, dir)?,
             None => mount::empty_root()?,
         }
         lap("empty_root");

@@ -34,11 +34,18 @@ pub fn empty_root() -> Result<(), MountError> {
     tapjail_common::empty_root::enter()
 }
 
-/// Join the mount namespace `ns` (closing it) and check that its root is
-/// what [`empty_root`] makes: a read-only tmpfs with nothing in it. The
-/// broker made it, but a wrong fd must not leave a worker in a namespace
-/// with host paths.
-pub fn join(ns: OwnedFd) -> Result<(), MountError> {
+/// Join the mount namespace `ns`, make `dir` (a directory in it: the empty
+/// root) the root, close both, and check that the root is what
+/// [`empty_root`] makes: a read-only tmpfs with nothing in it. The broker
+/// made them, but a wrong fd must not leave a worker where host paths are.
+///
+/// `setns` alone leaves the process at the namespace's own root, which is
+/// the empty root only if the broker ran at the root of its namespace; in
+/// a chroot (nestvm's guest runs everything in one) it is whatever lies
+/// above: hence the chroot into `dir`. What lies above stays out of reach
+/// as after a `pivot_root` from a chroot: no path leads there, and the
+/// worker drops CAP_SYS_CHROOT and loses `chroot` to seccomp.
+pub fn join(ns: OwnedFd, dir: OwnedFd) -> Result<(), MountError> {
     let err = |step: &'static str| MountError {
         step,
         source: io::Error::last_os_error(),
@@ -50,7 +57,15 @@ pub fn join(ns: OwnedFd) -> Result<(), MountError> {
         ));
     }
     drop(ns);
-    // setns sets root and cwd to the namespace's root.
+    // SAFETY: fchdir on an fd we own.
+    if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
+        return Err(err("fchdir into the empty root"));
+    }
+    drop(dir);
+    // SAFETY: chroot and chdir with NUL-terminated paths.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 || unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+        return Err(err("chroot into the empty root"));
+    }
     let root: &CStr = c"/";
     // SAFETY: a plain C struct, all zeros is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
