@@ -94,8 +94,7 @@ max_disks = $((N + 16))
 admin = true
 EOF
 for i in $(seq 0 $((N + 1))); do truncate -s 1M "$WORK/images/d$i.raw"; done
-TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_ROOT_NS=${ROOT_NS:-} \
-    TAPJAIL_CONTROL_SLICE=${SLICE:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
+TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
 BROKER_PID=$!
 for _ in $(seq 100); do "${CTL[@]}" list >/dev/null 2>&1 && break; sleep 0.1; done
 "${CTL[@]}" list >/dev/null || { cat "$WORK/broker.log"; die "broker did not start"; }
@@ -223,8 +222,6 @@ before = census()
 print(f"control plane: fuse + loop, {n} disks attached, {samples} samples each, "
       f"spawn {os.environ.get('SPAWN') or 'vfork'}, "
       f"image opener {os.environ.get('OPENER') or 'on'}, "
-      f"worker root {os.environ.get('ROOT_NS') or 'shared'}, "
-      f"control slice {os.environ.get('SLICE') or 'short'}, "
       f"load average {loadavg()} at start")
 t0 = time.perf_counter()
 fill = []

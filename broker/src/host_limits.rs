@@ -25,29 +25,6 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     Ok(l.maximum.unwrap_or(u64::MAX))
 }
 
-/// `TAPJAIL_CONTROL_SLICE=default` in the broker's environment leaves its
-/// scheduler slice alone: the baseline `bench/control-plane.sh` compares
-/// against (`SLICE=default`), not a policy key.
-pub const CONTROL_SLICE_ENV: &str = "TAPJAIL_CONTROL_SLICE";
-
-/// Give the calling thread (at start: the main thread, which every later
-/// thread and child inherits from) the shortest scheduler slice.
-///
-/// Under I/O load every step of a `create` (the broker's thread, the image
-/// opener, a worker's exec and confinement) waits to run behind the busy
-/// disks' workers. A short slice makes each of those wake-ups run sooner
-/// without taking a larger share of the CPU (see
-/// [`tapjail_common::sched`]). A worker returns to the default slice at
-/// the end of its confinement, before it reads a byte of image data.
-/// Returns the slice in force (ns).
-pub fn shorten_slice() -> std::io::Result<u64> {
-    if std::env::var(CONTROL_SLICE_ENV).is_ok_and(|v| v == "default") {
-        return tapjail_common::sched::slice();
-    }
-    tapjail_common::sched::set_slice(tapjail_common::sched::SHORT_SLICE_NS)?;
-    tapjail_common::sched::slice()
-}
-
 /// `e` with the limit named when a host limit caused it: out of fds
 /// (EMFILE, ENFILE) or out of tasks for a new worker (EAGAIN on spawn).
 pub fn explain(e: BrokerError) -> BrokerError {

@@ -238,14 +238,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     let signals = tapjail_common::signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
         .context("blocking termination signals")?;
 
-    // Before any thread starts: threads inherit the calling thread's slice.
-    match host_limits::shorten_slice() {
-        Ok(ns) => tapjail_common::log_line!(
-            "tap-broker: control plane scheduler slice {} us (workers take the default when confined)",
-            ns / 1000
-        ),
-        Err(e) => tapjail_common::log_line!("tap-broker: cannot shorten its scheduler slice: {e}"),
-    }
     match host_limits::raise_nofile() {
         Ok(n) => {
             tapjail_common::log_line!("tap-broker: RLIMIT_NOFILE {n} (about {} disks)", n / 10)

@@ -15,7 +15,6 @@ pub mod mirror;
 pub mod proto;
 pub mod qos;
 pub mod read_cache;
-pub mod sched;
 pub mod secret;
 pub mod signals;
 pub mod snapshot;

@@ -16,8 +16,7 @@
 //!    broker's worker, check that no other process runs as its uid
 //!    ([`sole_uid`])
 //! 10. `PR_SET_NO_NEW_PRIVS` ([`nnp`])
-//! 11. deny all filesystem access ([`landlock`]), then back to the default
-//!     scheduler slice if the broker's short one was inherited ([`priority`])
+//! 11. deny all filesystem access ([`landlock`])
 //! 12. the allowlist for the frontend, on all threads ([`seccomp`])
 //!
 //! [`confine`] must run while the process is single-threaded.
@@ -32,7 +31,6 @@ pub mod mlock;
 pub mod mount;
 pub mod nnp;
 pub mod ns;
-pub mod priority;
 pub mod rings;
 pub mod rlimit;
 pub mod seccomp;
@@ -120,8 +118,6 @@ pub enum SandboxError {
     NoNewPrivs(#[source] std::io::Error),
     #[error("confinement step 11 (landlock): {0}")]
     Landlock(#[from] landlock::LandlockError),
-    #[error("confinement step 11 (back to the default scheduler slice): {0}")]
-    Priority(#[source] std::io::Error),
     #[error("confinement step 12 (seccomp): {0}")]
     Seccomp(#[from] seccomp::SeccompError),
 }
@@ -193,7 +189,6 @@ pub fn confine_timed(policy: &Policy) -> Result<StepTimes, SandboxError> {
     lap("ids_caps_nnp");
     landlock::deny_all()?;
     lap("landlock");
-    priority::normal().map_err(SandboxError::Priority)?;
     seccomp::install(policy.frontend)?;
     lap("seccomp");
     Ok(times)
