@@ -10,7 +10,8 @@
 #        SPAWN=fork to start workers with fork+exec, the old path, as a
 #        baseline for the vfork-style spawn; OPENER=off to fork each image
 #        open helper from the broker, the old path, as a baseline for the
-#        image opener)
+#        image opener; ROOT_NS=own to have each worker build its own empty
+#        root, the old path, as a baseline for the shared namespace)
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has) with
 # TAPJAIL_PHASES=1, so every request logs a `tap-broker: phases` line with
@@ -94,7 +95,7 @@ max_disks = $((N + 16))
 admin = true
 EOF
 for i in $(seq 0 $((N + 1))); do truncate -s 1M "$WORK/images/d$i.raw"; done
-TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
+TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_ROOT_NS=${ROOT_NS:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
 BROKER_PID=$!
 for _ in $(seq 100); do "${CTL[@]}" list >/dev/null 2>&1 && break; sleep 0.1; done
 "${CTL[@]}" list >/dev/null || { cat "$WORK/broker.log"; die "broker did not start"; }
@@ -222,6 +223,7 @@ before = census()
 print(f"control plane: fuse + loop, {n} disks attached, {samples} samples each, "
       f"spawn {os.environ.get('SPAWN') or 'vfork'}, "
       f"image opener {os.environ.get('OPENER') or 'on'}, "
+      f"worker root {os.environ.get('ROOT_NS') or 'shared'}, "
       f"load average {loadavg()} at start")
 t0 = time.perf_counter()
 fill = []
