@@ -43,6 +43,8 @@ struct Job {
 struct Lane {
     jobs: mpsc::Sender<Job>,
     sock: UnixStream,
+    /// The lane thread is gone: spawn from the calling thread from now on.
+    gone: bool,
 }
 
 /// The fds a setup names, each once, in a fixed order.
@@ -116,7 +118,11 @@ fn start() -> io::Result<Lane> {
     ready_rx
         .recv()
         .map_err(|_| io::Error::other("the spawn lane thread died"))??;
-    Ok(Lane { jobs, sock: ours })
+    Ok(Lane {
+        jobs,
+        sock: ours,
+        gone: false,
+    })
 }
 
 /// Unshare this thread's fd table and empty it but for stdio and `sock`.
@@ -131,9 +137,10 @@ fn own_table(sock: UnixStream) -> io::Result<UnixStream> {
     if unsafe { libc::dup2(sock.as_raw_fd(), at) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    std::mem::forget(sock); // closed with the rest just below
-                            // SAFETY: close_range on this thread's private table; fds above 3 are
-                            // the broker's, copied at the unshare, and none is ours to keep.
+    // The original is closed with the rest just below.
+    std::mem::forget(sock);
+    // SAFETY: close_range on this thread's private table; fds above 3 are
+    // the broker's, copied at the unshare, and none is ours to keep.
     let rc = unsafe { libc::syscall(libc::SYS_close_range, at + 1, u32::MAX, 0) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -177,10 +184,13 @@ fn serve(sock: &UnixStream, queue: &mpsc::Receiver<Job>) {
         drop(got);
         match result {
             Ok(child) => {
-                let sent = frame::send_on(sock, &child.pid, &[child.pidfd.as_fd()]);
-                let reply = match sent {
+                let reply = match frame::send_on(sock, &child.pid, &[child.pidfd.as_fd()]) {
                     Ok(()) => Ok(child.pid),
-                    Err(e) => Err(SpawnError::Clone(io::Error::other(e))),
+                    Err(e) => {
+                        // Nobody would know of this child: it goes.
+                        crate::sys::kill_and_reap(child.pidfd.as_fd());
+                        Err(SpawnError::Clone(io::Error::other(e)))
+                    }
                 };
                 let _ = job.reply.send(reply);
             }
@@ -203,7 +213,10 @@ pub fn spawn_lean(
     let Some(lane) = lane() else {
         return spawn(program, args, env, setup);
     };
-    let lane = lane.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lane = lane.lock().unwrap_or_else(|p| p.into_inner());
+    if lane.gone {
+        return spawn(program, args, env, setup);
+    }
     let (reply, answer) = mpsc::channel();
     let wanted = fds_of(&setup);
     // SAFETY: the caller's setup names fds it keeps open for this call.
@@ -221,18 +234,39 @@ pub fn spawn_lean(
         setup,
         reply,
     };
-    let lost = || SpawnError::Clone(io::Error::other("the spawn lane thread is gone"));
-    lane.jobs.send(job).map_err(|_| lost())?;
+    let broken = |what: String| SpawnError::Clone(io::Error::other(what));
+    // The fds first: if they cannot be sent, the lane has nothing queued.
     let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
-    frame::send_on(&lane.sock, &count, &fds).map_err(|e| SpawnError::Clone(io::Error::other(e)))?;
-    let pid = answer.recv().map_err(|_| lost())??;
-    let (said, mut got) = frame::recv_on::<_, u32>(&lane.sock, 64)
-        .map_err(|e| SpawnError::Clone(io::Error::other(e)))?;
-    match (said == pid, got.pop()) {
-        (true, Some(pidfd)) if got.is_empty() => Ok(Child { pid, pidfd }),
-        _ => Err(SpawnError::Clone(io::Error::other(
-            "the spawn lane's pidfd reply does not match its child",
-        ))),
+    frame::send_on(&lane.sock, &count, &fds)
+        .map_err(|e| broken(format!("handing fds to the spawn lane: {e}")))?;
+    if lane.jobs.send(job).is_err() {
+        tracing::warn!("the spawn lane thread is gone; spawning from the requesting thread");
+        lane.gone = true;
+        return spawn(program, args, env, setup);
+    }
+    let pid = answer
+        .recv()
+        .map_err(|_| broken("the spawn lane thread died mid-spawn".into()))??;
+    match frame::recv_on::<_, u32>(&lane.sock, 64) {
+        Ok((said, mut got)) if said == pid && got.len() == 1 => {
+            let pidfd = got.pop().expect("one fd");
+            Ok(Child { pid, pidfd })
+        }
+        other => {
+            // The child runs, but its pidfd did not arrive: it goes (the
+            // broker reaps only children it knows, so the pid is still
+            // this child's).
+            if let Ok(pidfd) = crate::sys::pidfd_open(pid) {
+                crate::sys::kill_and_reap(pidfd.as_fd());
+            }
+            Err(broken(format!(
+                "the spawn lane's pidfd reply for {pid}: {}",
+                match other {
+                    Ok((said, got)) => format!("pid {said} with {} fds", got.len()),
+                    Err(e) => e.to_string(),
+                }
+            )))
+        }
     }
 }
 
