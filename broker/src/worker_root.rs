@@ -29,7 +29,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::OnceLock;
 
@@ -54,6 +54,8 @@ pub enum WorkerRootError {
     Open(#[source] io::Error),
     #[error("making the empty root: {0}")]
     Mount(#[from] tapjail_common::empty_root::MountError),
+    #[error("starting the builder thread: {0}")]
+    Spawn(#[source] io::Error),
     #[error("the builder thread panicked")]
     Thread,
 }
@@ -120,16 +122,9 @@ impl WorkerRoot {
                     inode,
                 })
             })
-            .map_err(WorkerRootError::Unshare)?
+            .map_err(WorkerRootError::Spawn)?
             .join()
             .map_err(|_| WorkerRootError::Thread)?
-    }
-
-    /// The fd a spawn puts on [`ROOT_NS_FD`] of the child.
-    ///
-    /// [`ROOT_NS_FD`]: tapjail_common::worker_proto::ROOT_NS_FD
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.ns.as_fd()
     }
 
     /// The namespace's and the root directory's raw fds, for the spawn's
