@@ -171,6 +171,22 @@ fn serve(sock: &UnixStream, queue: &mpsc::Receiver<Job>) {
                 continue;
             }
         };
+        // Received fds take the lowest free numbers (4, 5, ...), which are
+        // where the child's steps put its fds: moved up first, so no step
+        // overwrites the source of a later one.
+        let received = got;
+        let moved: Result<Vec<OwnedFd>, _> = received
+            .iter()
+            .map(|f| rustix::io::fcntl_dupfd_cloexec(f, 10))
+            .collect();
+        drop(received);
+        let got = match moved {
+            Ok(high) => high,
+            Err(e) => {
+                let _ = job.reply.send(Err(SpawnError::Clone(e.into())));
+                continue;
+            }
+        };
         let setup = remap(&job.setup, &wanted, &got);
         let args: Vec<&std::ffi::OsStr> = job.args.iter().map(|a| a.as_os_str()).collect();
         let env: Vec<(&str, &str)> = job
@@ -329,6 +345,39 @@ mod tests {
         .unwrap();
         assert_eq!(fds, ["0", "1", "2", "3"], "{fds:?}");
         drop(many);
+    }
+
+    /// Every fd lands where the setup says, whatever numbers the lane got
+    /// them at: with nothing else to pass, the root fds arrive at 4 and 5,
+    /// the very numbers they are moved to (a dup2 onto itself would leave
+    /// close-on-exec set and the exec would close them).
+    #[test]
+    fn a_lane_child_gets_each_fd_at_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let named = |n: &str| std::fs::File::create(dir.path().join(n)).unwrap();
+        let (ns, root) = (named("ns"), named("root"));
+        let child = spawn_lean(
+            std::path::Path::new("/bin/sleep"),
+            &[std::ffi::OsStr::new("30")],
+            &[],
+            Setup {
+                root: Some([ns.as_raw_fd(), root.as_raw_fd()]),
+                cloexec_rest: true,
+                ..Setup::default()
+            },
+        )
+        .unwrap();
+        // The exec names the task after closing close-on-exec fds: once
+        // it is "sleep", its fds are final.
+        let comm = format!("/proc/{}/comm", child.pid);
+        while std::fs::read_to_string(&comm).unwrap().trim() != "sleep" {
+            std::thread::yield_now();
+        }
+        let at = |fd: u32| std::fs::read_link(format!("/proc/{}/fd/{fd}", child.pid)).ok();
+        let (four, five) = (at(4), at(5));
+        crate::sys::kill_and_reap(child.pidfd.as_fd());
+        assert_eq!(four, Some(dir.path().join("ns")));
+        assert_eq!(five, Some(dir.path().join("root")));
     }
 
     /// A failed step is reported as from a direct spawn, and the lane goes
