@@ -122,16 +122,8 @@ fn a_restarted_broker_adopts_the_read_cache_and_its_leaf_and_respawns_both() {
     kill_and_respawn(&h, &b.minor);
     assert!(read_all(&b.dev) == model.data, "after B's second respawn");
 
-    let bpid = entry(&h, &ALICE, &b.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &bpid, "-m", &b.minor, "-t", "120"]);
-    let apid = entry(&h, &ALICE, &a.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &apid, "-m", &a.minor, "-t", "120"]);
+    sm_close(&h, &ALICE, &b.minor);
+    sm_close(&h, &ALICE, &a.minor);
     vhd_check(&sr.vdi);
     vhd_check(&sr.leaf);
     vhd_check(&sr.cache);
@@ -160,6 +152,7 @@ fn a_clone_whose_read_cache_closed_is_adopted_unpaired() {
     h.ok(&ALICE, &strs(&leaf_args(&b, &sr, &a, false)));
     let mut model = Model::new(sr.vdi_data.clone());
     write_dev(&b.dev, &mut model, 0, &pattern(MIB, 3));
+    // Kept: the reopen below names the tapdisk that served A.
     let apid = entry(&h, &ALICE, &a.minor)["pid"]
         .as_u64()
         .unwrap()
@@ -187,11 +180,7 @@ fn a_clone_whose_read_cache_closed_is_adopted_unpaired() {
         &["open", "-p", &apid, "-m", &a.minor, "-a", &ca, "-r"],
     );
     assert!(err.contains("already open"), "{err}");
-    let bpid = entry(&h, &ALICE, &b.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &bpid, "-m", &b.minor, "-t", "120"]);
+    sm_close(&h, &ALICE, &b.minor);
     vhd_check(&sr.vdi);
     assert!(vhd_read(&sr.vdi) == model.writes_over(&sr.vdi_data));
 }

@@ -90,11 +90,7 @@ fn a_full_leaf_is_retired_and_the_vdi_serves_every_write() {
     random_io(&d.dev, &mut model, &mut rng, 30);
     assert!(read_all(&d.dev) == model.data, "after more writes");
 
-    let pid = entry(&h, &ALICE, &d.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &pid, "-m", &d.minor, "-t", "120"]);
+    sm_close(&h, &ALICE, &d.minor);
     vhd_check(&vdi);
     vhd_check(&leaf);
     assert!(vhd_read(&vdi) == model.data, "the VDI holds every write");
@@ -211,11 +207,7 @@ fn a_full_leaf_fails_over_to_its_standby_vdi() {
     kill_worker_and_await_respawn(&h, &DAVE, &d.minor);
     assert_eq!(state(&h), "failed-over");
     assert!(read_all(&d.dev) == model.data, "after the respawn");
-    let pid = entry(&h, &DAVE, &d.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&DAVE, &["close", "-p", &pid, "-m", &d.minor, "-t", "120"]);
+    sm_close(&h, &DAVE, &d.minor);
     vhd_check(&vdi);
     drop(fs);
 }

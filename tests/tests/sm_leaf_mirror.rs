@@ -106,11 +106,7 @@ fn sm_leaf_call_mirrors_guest_writes_into_the_shared_vdi_and_reads_through_it() 
     write_dev(&b.dev, &mut model, SIZE - MIB, &pattern(MIB, 5));
     assert!(read_all(&b.dev) == model.data, "after the second run");
 
-    let bpid = entry(&h, &ALICE, &b.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &bpid, "-m", &b.minor, "-t", "120"]);
+    sm_close(&h, &ALICE, &b.minor);
     // Offline: the VDI holds exactly the guest's writes over gold, the
     // leaf the same over the cache; both check clean; A's cache file was
     // never written by the leaf's tapdisk.
@@ -128,9 +124,5 @@ fn sm_leaf_call_mirrors_guest_writes_into_the_shared_vdi_and_reads_through_it() 
         fs::read(&sr.cache).unwrap() == cache_before,
         "the cache minor's file is untouched by the leaf"
     );
-    let apid = entry(&h, &ALICE, &a.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &apid, "-m", &a.minor, "-t", "120"]);
+    sm_close(&h, &ALICE, &a.minor);
 }

@@ -47,11 +47,7 @@ fn a_restarted_broker_respawns_the_tapdisk_with_its_file_secondary() {
     write_dev(&b.dev, &mut model, 3 * MIB, &pattern(MIB, 2));
     assert!(read_all(&b.dev) == model.data);
 
-    let bpid = entry(&h, &ALICE, &b.minor)["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    h.ok(&ALICE, &["close", "-p", &bpid, "-m", &b.minor, "-t", "120"]);
+    sm_close(&h, &ALICE, &b.minor);
     vhd_check(&sr.vdi);
     assert!(
         vhd_read(&sr.vdi) == model.writes_over(&sr.vdi_data),

@@ -203,6 +203,13 @@ pub fn entry(h: &Harness, t: &TenantSpec, minor: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("minor {minor} in list"))
 }
 
+/// SM's detach of `minor`: `close -p PID -m MINOR -t 120`, with the pid
+/// of the tapdisk serving it now (a respawn changes it).
+pub fn sm_close(h: &Harness, t: &TenantSpec, minor: &str) {
+    let pid = entry(h, t, minor)["pid"].as_u64().expect("pid").to_string();
+    h.ok(t, &["close", "-p", &pid, "-m", minor, "-t", "120"]);
+}
+
 pub fn stats(h: &Harness, t: &TenantSpec, minor: &str) -> serde_json::Value {
     let pid = entry(h, t, minor)["pid"].as_u64().expect("pid").to_string();
     serde_json::from_str(&h.ok(t, &["stats", "-p", &pid, "-m", minor])).expect("stats JSON")
