@@ -53,6 +53,37 @@ impl Broker {
     /// fsync shared with concurrent requests: `audit_commit`); on failure
     /// stop serving.
     pub fn audit(&self, entry: &Entry) -> Result<(), BrokerError> {
+        let ticket = self.append(entry)?;
+        self.commit.wait(ticket).map_err(|why| {
+            let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+            self.audit_fails(&mut a, why)
+        })
+    }
+
+    /// Append a line that records what changed nothing (a hello, a list,
+    /// a worker that stopped when told to) without waiting for its fsync:
+    /// it is in the file, in chain order, at once (so a broker crash loses
+    /// none of it, only a host crash can), and durable with the next line
+    /// that waits, or within a second (`settle_lazy`, from the server's
+    /// once-a-second thread). A request that acts still waits for its own
+    /// lines: nothing is done or acknowledged before its record is durable.
+    /// Why: each waited line is an fsync on the request's path, and every
+    /// tap-ctl call begins with a hello.
+    pub fn audit_lazily(&self, entry: &Entry) -> Result<(), BrokerError> {
+        self.append(entry).map(|_| ())
+    }
+
+    /// Make the lines written without a wait durable, if any are not yet.
+    pub fn settle_lazy(&self) {
+        if let Some(ticket) = self.commit.behind() {
+            if let Err(why) = self.commit.wait(ticket) {
+                let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+                self.audit_fails(&mut a, why);
+            }
+        }
+    }
+
+    fn append(&self, entry: &Entry) -> Result<crate::audit_commit::Ticket, BrokerError> {
         let ticket = {
             let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(why) = &a.broken {
@@ -72,10 +103,7 @@ impl Broker {
                 Err(why) => return Err(self.audit_fails(&mut a, why)),
             }
         };
-        self.commit.wait(ticket).map_err(|why| {
-            let mut a = self.audit.lock().unwrap_or_else(|e| e.into_inner());
-            self.audit_fails(&mut a, why)
-        })
+        Ok(ticket)
     }
 
     /// The log failed: refuse this and every later request.
@@ -266,6 +294,10 @@ impl Broker {
             Err(e) => Some(format!("error ({:?}): {}", e.kind, e.message)),
         };
         let line = request_line(peer, req, d, verdict, check, outcome);
+        if !crate::dispatch::changes_state(req) && Denials::class_of(&line).is_none() {
+            // A hello, list or stats that was served: nothing to wait for.
+            return self.audit_lazily(&line);
+        }
         self.record(peer, &line)
     }
 
@@ -309,17 +341,28 @@ impl Broker {
             (None, false) => ("worker-death", "died".to_string()),
         };
         let (pid, uid) = (x.pid, x.uid);
-        self.notice(
-            Event::WorkerExit,
-            Some(Peer { pid, uid, gid: uid }),
-            Some(x.owner),
-            rule,
-            format!(
+        let entry = Entry {
+            event: Event::WorkerExit,
+            peer: Some(Peer { pid, uid, gid: uid }),
+            tenant: Some(x.owner),
+            request: None,
+            decision: Verdict::Notice,
+            rule: rule.into(),
+            reason: format!(
                 "tapdisk {pid}{} {what}: {}",
                 x.minor.map(|m| format!(" (minor {m})")).unwrap_or_default(),
                 x.exit
             ),
-        );
+            outcome: None,
+        };
+        // A worker that stopped when told to changes nothing the log has
+        // not already said (the request that stopped it); a death or a
+        // kill is news and waits for its fsync.
+        let _ = if x.stopping && x.killed.is_none() {
+            self.audit_lazily(&entry)
+        } else {
+            self.audit(&entry)
+        };
     }
 
     /// A panic inside an operation: the request failed, the minor it held

@@ -95,6 +95,12 @@ impl GroupCommit {
         }
     }
 
+    /// The last line written, if it is not durable yet.
+    pub fn behind(&self) -> Option<Ticket> {
+        let s = self.lock();
+        (s.written > s.durable && s.failed.is_none()).then_some(s.written)
+    }
+
     /// Make everything written so far durable and forget the file (called
     /// under the audit lock before a rotation switches files).
     pub fn settle(&self) -> Result<(), String> {
@@ -106,7 +112,7 @@ impl GroupCommit {
 
     /// fsyncs made so far (for the tests).
     #[cfg(test)]
-    fn syncs(&self) -> u64 {
+    pub(crate) fn syncs(&self) -> u64 {
         self.lock().syncs
     }
 }

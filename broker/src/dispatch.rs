@@ -33,7 +33,7 @@ fn op_name(req: &Request) -> String {
 }
 
 /// Whether `req` changes state (and so is audited before it is carried out).
-fn changes_state(req: &Request) -> bool {
+pub(crate) fn changes_state(req: &Request) -> bool {
     match req {
         Request::WithOptions { req, .. } => changes_state(req),
         r => !matches!(
@@ -382,5 +382,45 @@ mod tests {
         );
         assert!(!b.table().disks.contains_key(&m(6)));
         assert!(b.state.lock_minor(m(6)).unwrap().is_some(), "no lock taken");
+    }
+
+    /// A hello (every tap-ctl call starts with one) and a list are in the
+    /// file at once but cost no fsync of their own; a request that acts
+    /// waits for its lines, and that wait covers the lazy lines before it.
+    #[test]
+    fn lines_that_change_nothing_are_written_at_once_and_synced_later() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = broker(tmp.path());
+        let before = b.commit.syncs();
+        let hello = Request::Hello {
+            version: tapjail_common::proto::PROTOCOL_VERSION,
+        };
+        assert!(matches!(b.handle(&ROOT, &hello), Reply::Hello { .. }));
+        let list = Request::List {
+            pid: None,
+            minor: None,
+        };
+        assert!(matches!(b.handle(&ROOT, &list), Reply::List(_)));
+        assert_eq!(
+            b.commit.syncs(),
+            before,
+            "a hello or list waited for an fsync"
+        );
+        let lines = audit_lines(tmp.path());
+        assert!(
+            lines[lines.len() - 2]["request"]["Hello"].is_object(),
+            "{lines:?}"
+        );
+        assert!(b.commit.behind().is_some());
+        b.settle_lazy();
+        assert_eq!(b.commit.syncs(), before + 1);
+        assert!(b.commit.behind().is_none(), "settled");
+        // An allocate waits for its decision and its outcome.
+        assert!(matches!(
+            b.handle(&ROOT, &Request::Allocate { minor: Some(m(4)) }),
+            Reply::Allocated { .. }
+        ));
+        assert_eq!(b.commit.syncs(), before + 3);
+        assert!(b.commit.behind().is_none());
     }
 }

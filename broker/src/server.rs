@@ -171,6 +171,7 @@ pub fn serve(broker: Arc<Broker>, listener: &UnixListener) {
         .spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
             b.flush_denials(false);
+            b.settle_lazy();
         });
     for stream in listener.incoming() {
         let stream = match stream {
