@@ -11,7 +11,10 @@
 #        baseline for the vfork-style spawn; OPENER=off to fork each image
 #        open helper from the broker, the old path, as a baseline for the
 #        image opener; ROOT_NS=own to have each worker build its own empty
-#        root, the old path, as a baseline for the shared namespace)
+#        root, the old path, as a baseline for the shared namespace;
+#        OPEN_AHEAD=off to open the leaf after the worker started, the old
+#        path; STATE_ON=disk for state_dir and device_dir on the disk
+#        rather than on a tmpfs as /run/tapjail and /dev/tapjail are)
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has) with
 # TAPJAIL_PHASES=1, so every request logs a `tap-broker: phases` line with
@@ -68,20 +71,32 @@ threads_max=$(cat /proc/sys/kernel/threads-max)
 WORK=$(mktemp -d /var/tmp/tapjail-bench-ctlplane.XXXXXX)
 chmod 755 "$WORK"
 BROKER_PID=
-CTL=("$BIN/tap-ctl" --socket "$WORK/run/broker.sock")
+# The socket, state_dir and device_dir live where the defaults put them:
+# /run/tapjail and /dev/tapjail, tmpfs and devtmpfs on any systemd host
+# (this VM's /run is on its ext4 root: one made here). The audit log stays
+# on the disk, as /var/log/tapjail. STATE_ON=disk puts them under $WORK on
+# the disk instead (state records then cost an ext4 create, write and
+# unlink each, about 1 ms apiece here after the audit's fdatasync).
+RT=$WORK/rt
+mkdir -p "$RT"
+if [ "${STATE_ON:-tmpfs}" = tmpfs ]; then
+    mount -t tmpfs -o mode=755,size=64m tapjail-bench-rt "$RT" || die "cannot mount a tmpfs on $RT"
+fi
+CTL=("$BIN/tap-ctl" --socket "$RT/broker.sock")
 cleanup() {
     set +e
     [ -n "$BROKER_PID" ] && { kill -INT "$BROKER_PID"; wait "$BROKER_PID"; } 2>/dev/null
+    mountpoint -q "$RT" && umount "$RT"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 mkdir -p "$WORK/images"
 cat >"$WORK/policy.toml" <<EOF
-socket = "$WORK/run/broker.sock"
+socket = "$RT/broker.sock"
 audit_log = "$WORK/log/audit.jsonl"
-state_dir = "$WORK/state"
-device_dir = "$WORK/dev"
+state_dir = "$RT/state"
+device_dir = "$RT/dev"
 worker_uids = [392000, $((392000 + N + 64))]
 tapdisk = "$TAPDISK"
 frontend = "fuse"
@@ -95,7 +110,8 @@ max_disks = $((N + 16))
 admin = true
 EOF
 for i in $(seq 0 $((N + 1))); do truncate -s 1M "$WORK/images/d$i.raw"; done
-TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_ROOT_NS=${ROOT_NS:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
+TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_ROOT_NS=${ROOT_NS:-} \
+    TAPJAIL_OPEN_AHEAD=${OPEN_AHEAD:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
 BROKER_PID=$!
 for _ in $(seq 100); do "${CTL[@]}" list >/dev/null 2>&1 && break; sleep 0.1; done
 "${CTL[@]}" list >/dev/null || { cat "$WORK/broker.log"; die "broker did not start"; }
@@ -156,9 +172,9 @@ def census():
         "zombies": sum(1 for s in kids if s == "Z"),
         "fuse_mounts": sum(1 for m in mounts if " fuse" in m),
         "fuse_loops": loops,
-        "minor_records": count(f"{work}/state/minors"),
-        "worker_records": count(f"{work}/state/workers"),
-        "device_links": count(f"{work}/dev"),
+        "minor_records": count(f"{work}/rt/state/minors"),
+        "worker_records": count(f"{work}/rt/state/workers"),
+        "device_links": count(f"{work}/rt/dev"),
         "rss_kib": rss,
     }
 
@@ -224,6 +240,8 @@ print(f"control plane: fuse + loop, {n} disks attached, {samples} samples each, 
       f"spawn {os.environ.get('SPAWN') or 'vfork'}, "
       f"image opener {os.environ.get('OPENER') or 'on'}, "
       f"worker root {os.environ.get('ROOT_NS') or 'shared'}, "
+      f"leaf opened {'after the worker' if os.environ.get('OPEN_AHEAD') == 'off' else 'while the worker starts'}, "
+      f"state on {os.environ.get('STATE_ON') or 'tmpfs'}, "
       f"load average {loadavg()} at start")
 t0 = time.perf_counter()
 fill = []
@@ -250,7 +268,7 @@ assert shown == n, f"list shows {shown} disks, expected {n}"
 
 # Load: fio on LOAD_JOBS attached disks, both CPUs busy.
 minors = sorted(int(m.group(1)) for m in re.finditer(r"minor=(\d+)", out))[:load_jobs]
-fios = [subprocess.Popen(["fio", "--name=load", f"--filename={work}/dev/tapdev{m}",
+fios = [subprocess.Popen(["fio", "--name=load", f"--filename={work}/rt/dev/tapdev{m}",
                           "--ioengine=libaio", "--direct=1", "--rw=randrw", "--bs=4k",
                           "--iodepth=16", "--runtime=3600", "--time_based",
                           "--output=/dev/null"]) for m in minors]

@@ -44,6 +44,30 @@ pub struct ImageReq<'a> {
     pub read_only: bool,
     /// Reopen after pause (`ToWorker::Unpause`; no device work).
     pub unpause: bool,
+    /// The leaf, already opened (by `create`, while its worker started);
+    /// taken here instead of opening it again.
+    pub leaf: Option<&'a PreOpened>,
+}
+
+/// A leaf opened ahead of [`Broker::bring_up`]: whether it was opened
+/// writable, and what [`Broker::open_grant`] returned for it.
+#[derive(Default)]
+pub struct PreOpened(std::cell::Cell<Option<(bool, Result<image_open::Opened, BrokerError>)>>);
+
+impl PreOpened {
+    pub fn set(&self, opened: Option<(bool, Result<image_open::Opened, BrokerError>)>) {
+        self.0.set(opened);
+    }
+
+    fn take(&self) -> Option<(bool, Result<image_open::Opened, BrokerError>)> {
+        self.0.take()
+    }
+}
+
+impl std::fmt::Debug for PreOpened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreOpened")
+    }
 }
 
 /// A new backend and what it published (Fresh mode), or nothing (Recover).
@@ -126,6 +150,7 @@ impl Broker {
             grant,
             read_only,
             unpause,
+            leaf,
         } = req;
         // `-r`: the cache file is written by fills, never by the guest:
         // opened writable, served read-only (see `crate::xapi`).
@@ -135,10 +160,16 @@ impl Broker {
             self.check_read_cache_path(target.owner, &grant.path)?;
         }
         let writable = !read_only || read_cache;
+        let opened = match leaf.and_then(PreOpened::take) {
+            Some((was_writable, opened)) if was_writable == writable => opened,
+            // Opened for another use than this one turned out to need:
+            // dropped (closed, unlocked) and opened again.
+            _ => self.open_grant(grant, writable, target.minor),
+        };
         let image_open::Opened {
             file: leaf,
             id: leaf_id,
-        } = self.open_grant(grant, writable, target.minor)?;
+        } = opened?;
         tapjail_broker::phases::lap("image_open");
         if !unpause {
             // Before the first request can arrive (a worker keeps its

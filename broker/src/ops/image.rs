@@ -3,7 +3,7 @@
 
 use super::{closed, drop_served, live_worker, no_image, problems_result, Live};
 use crate::audit::Done;
-use crate::bringup::{ImageReq, Up};
+use crate::bringup::{ImageReq, PreOpened, Up};
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::lease::Lease;
@@ -26,6 +26,7 @@ struct OpenReq<'d> {
     kind: ImageKind,
     d: &'d Decision,
     read_only: bool,
+    leaf: Option<&'d PreOpened>,
 }
 
 impl Broker {
@@ -46,7 +47,12 @@ impl Broker {
                 p.image().map(|i| i.spec.to_string()).unwrap_or_default()
             ))),
         })?;
-        let req = OpenReq { kind, d, read_only };
+        let req = OpenReq {
+            kind,
+            d,
+            read_only,
+            leaf: None,
+        };
         let mut lease = lease;
         let r = self.open_leased(&mut lease, &w, &req);
         drop(lease);
@@ -74,6 +80,7 @@ impl Broker {
             grant: &grant,
             read_only: req.read_only || grant.read_only,
             unpause: false,
+            leaf: req.leaf,
         };
         let up = self.bring_up_on(w, minor, &owner, ir)?;
         let chain = up.image.chain.join(" <- ");
@@ -126,7 +133,21 @@ impl Broker {
         // Held from allocation to the served image: nobody else touches
         // the new minor meanwhile.
         let mut lease = Lease::take(&self.table, t, minor, "create", |_, _| Ok(()))?;
-        let pid = match self.spawn_worker(self.table(), tenant, Some(minor)) {
+        // The leaf is opened (by the tenant's open helper) while the worker
+        // starts: neither needs the other, and each is mostly waiting on
+        // another process. A failed open is reported once the worker is
+        // up, and the worker then stopped with the minor freed.
+        let leaf = PreOpened::default();
+        let spawned = std::thread::scope(|s| {
+            let opening = self.open_leaf_ahead(s, d, minor, read_only);
+            let spawned = self.spawn_worker(self.table(), tenant, Some(minor));
+            if let Some(h) = opening {
+                leaf.set(h.join().ok());
+                tapjail_broker::phases::lap("image_open_wait");
+            }
+            spawned
+        });
+        let pid = match spawned {
             Ok(p) => p,
             Err(e) => {
                 lease.discard();
@@ -153,7 +174,12 @@ impl Broker {
             worker: pid,
             closed: false,
         });
-        let req = OpenReq { kind, d, read_only };
+        let req = OpenReq {
+            kind,
+            d,
+            read_only,
+            leaf: Some(&leaf),
+        };
         let opened = self.open_leased(&mut lease, &w, &req);
         let result = match opened {
             Ok(_) => {
@@ -182,6 +208,34 @@ impl Broker {
         };
         self.after_op(minor);
         result
+    }
+
+    /// Start opening `d`'s image on a thread of `scope`, as
+    /// [`crate::bringup::Broker::bring_up`] would open it; `None` where the
+    /// open must wait for the bring-up (a read cache decides its mode
+    /// there) or there is no image.
+    fn open_leaf_ahead<'s>(
+        &'s self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        d: &'s Decision,
+        minor: Minor,
+        read_only: bool,
+    ) -> Option<
+        std::thread::ScopedJoinHandle<'s, (bool, Result<crate::image_open::Opened, BrokerError>)>,
+    > {
+        let grant = d.image.as_ref()?;
+        if crate::xapi::scope::plan().read_cache || !open_ahead() {
+            return None;
+        }
+        let writable = !(read_only || grant.read_only);
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("leaf-open".into())
+            .spawn_scoped(scope, move || {
+                let _serving = span.enter();
+                (writable, self.open_grant(grant, writable, minor))
+            })
+            .ok()
     }
 
     /// Stop the leased minor's worker (if any) and free the minor.
@@ -360,4 +414,13 @@ impl Broker {
             ),
         );
     }
+}
+
+/// Set to `off`, create opens the leaf after its worker started, the old
+/// way (a baseline for `bench/control-plane.sh`, not a policy key).
+pub const OPEN_AHEAD_ENV: &str = "TAPJAIL_OPEN_AHEAD";
+
+fn open_ahead() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var(OPEN_AHEAD_ENV).is_ok_and(|v| v == "off"))
 }

@@ -88,6 +88,7 @@ impl Broker {
             grant: &grant,
             read_only: old.read_only,
             unpause: true,
+            leaf: None,
         };
         let up = match self.bring_up_on(&w, minor, &owner, req) {
             Ok(up) if up.image.size != old.size => {

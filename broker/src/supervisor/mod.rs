@@ -150,6 +150,17 @@ impl Broker {
         if let Ok(c) = conn.try_lock() {
             let _ = c.send(&ToWorker::Shutdown, &[]);
         }
+        // Watch its pidfd here rather than wait for the supervisor's turn:
+        // the supervisor polls every worker's pidfd, so with 1000 workers
+        // each of its wake-ups costs a poll of 1000 fds before the reap.
+        // Whichever of us reaps first records the exit (`record_exit`).
+        let ms = i32::try_from(self.spawn_cfg.timeout.as_millis()).unwrap_or(i32::MAX);
+        if sys::pidfd_exited(pidfd.as_fd(), ms).unwrap_or(false) {
+            tapjail_broker::phases::lap("worker_exit");
+            if let Ok(Some(exit)) = sys::try_reap(pidfd.as_fd()) {
+                self.record_exit(pid, exit);
+            }
+        }
         if !self.wait_exit(pid, self.spawn_cfg.timeout) {
             let _ = sys::pidfd_kill(pidfd.as_fd());
             if !self.wait_exit(pid, Duration::from_secs(5)) {
@@ -243,10 +254,16 @@ impl Broker {
     /// A worker was reaped. A minor it served becomes `Dead` now, or, if
     /// an operation holds it, when that operation's lease ends.
     fn on_exit(self: &Arc<Self>, pid: u32, exit: Exit) {
+        if let Some(m) = self.record_exit(pid, exit) {
+            self.after_op(m);
+        }
+    }
+
+    /// Record worker `pid`'s exit once (the supervisor and a stop may both
+    /// see it); the minor whose dead worker needs `after_op`, if any.
+    fn record_exit(&self, pid: u32, exit: Exit) -> Option<Minor> {
         let mut t = self.table();
-        let Some(w) = t.workers.get_mut(&pid) else {
-            return;
-        };
+        let w = t.workers.get_mut(&pid).filter(|w| w.exit.is_none())?;
         w.exit = Some(exit);
         // Its control socket and stderr pipe need not outlive us any more.
         drop(w.kept.take());
@@ -299,9 +316,7 @@ impl Broker {
             stopping,
             exit,
         });
-        if let (false, Some(m)) = (stopping, minor) {
-            self.after_op(m);
-        }
+        minor.filter(|_| !stopping)
     }
 
     /// After an operation on `minor` (or a death): replace a dead worker
@@ -462,6 +477,7 @@ impl Broker {
                 grant: &image.grant,
                 read_only: image.read_only,
                 unpause: false,
+                leaf: None,
             };
             self.bring_up(&target, &conn, req, DeviceMode::Recover(&mut served.device))
         };

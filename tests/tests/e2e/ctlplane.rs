@@ -159,3 +159,44 @@ fn ctlplane_broker_killed_right_after_acknowledged_creates_leaves_their_records(
     // A new broker adopts what the dead one left, and cleans up at the end.
     h.launch();
 }
+
+/// `destroy` waits on its worker's pidfd and reaps it itself (not on the
+/// supervisor's next turn over every pidfd, a speed-up): when it returns
+/// the worker is still gone, not even a zombie, and each exit is audited
+/// once, as a stop, although the supervisor may see the same pidfd turn
+/// readable and try to reap it too.
+#[test]
+fn ctlplane_destroy_returns_with_its_worker_reaped_and_its_exit_audited_once() {
+    const DISKS: usize = 4;
+    let h = Harness::start(Options::default());
+    let mut pids = Vec::new();
+    for i in 0..DISKS {
+        let img = h.raw_image(ROOT.name, &format!("r{i}.img"), 1 << 20);
+        h.ok(&ROOT, &["create", "-a", &format!("aio:{}", img.display())]);
+    }
+    let rows: serde_json::Value = serde_json::from_str(&h.ok(&ROOT, &["list", "--json"])).unwrap();
+    for row in rows.as_array().unwrap() {
+        let (minor, pid) = (row["minor"].as_u64().unwrap(), row["pid"].as_u64().unwrap());
+        h.ok(&ROOT, &["destroy", "-m", &minor.to_string()]);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "tapdisk {pid} still exists (unreaped) after destroy -m {minor} returned"
+        );
+        pids.push(pid);
+    }
+    assert_eq!(pids.len(), DISKS);
+    let lines = h.audit_lines();
+    for pid in pids {
+        let exits: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "worker_exit" && l["peer"]["pid"] == pid)
+            .collect();
+        assert_eq!(
+            exits.len(),
+            1,
+            "tapdisk {pid}'s exit audited {} times: {exits:#?}",
+            exits.len()
+        );
+        assert_eq!(exits[0]["rule"], "worker-exit", "{}", exits[0]);
+    }
+}
