@@ -55,6 +55,7 @@ mod audit_commit;
 mod bringup;
 mod broker;
 mod cbt;
+mod control_priority;
 mod denials;
 mod dispatch;
 #[cfg(test)]
