@@ -34,15 +34,23 @@ mod tests {
         }
         std::thread::spawn(|| {
             let param = libc::sched_param { sched_priority: 1 };
-            let fifo = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
             // SAFETY: pid 0 is this thread; param outlives the call.
-            let raised = unsafe { libc::sched_setscheduler(0, fifo, &param) };
-            assert_eq!(raised, 0);
-            // Unprivileged, as the worker is by then (the raw syscall
-            // changes this thread's ids only).
-            // SAFETY: a plain syscall with integer arguments.
-            let dropped = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
-            assert_eq!(dropped, 0);
+            assert_eq!(
+                unsafe {
+                    libc::sched_setscheduler(
+                        0,
+                        libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+                        &param,
+                    )
+                },
+                0
+            );
+            // Unprivileged, as the worker is by then.
+            // SAFETY: setresuid on this thread only (raw syscall).
+            assert_eq!(
+                unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) },
+                0
+            );
             super::normal().expect("an unprivileged thread may go back to SCHED_OTHER");
             // SAFETY: pid 0 is this thread.
             let policy = unsafe { libc::sched_getscheduler(0) };
