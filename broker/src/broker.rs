@@ -64,9 +64,6 @@ pub struct Broker {
     pub(crate) xapi: crate::xapi::Plans,
     /// Per-minor write mirrors of `-2 URI` (`crate::mirror`).
     pub(crate) mirrors: crate::mirror::Mirrors,
-    /// Real-time priority for requests, within budgets
-    /// (`crate::control_priority`).
-    pub(crate) control_priority: crate::control_priority::ControlPriority,
 }
 
 impl Broker {
@@ -82,8 +79,6 @@ impl Broker {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
         let window = Duration::from_secs(u64::from(policy.audit_window_secs));
-        let control_priority =
-            crate::control_priority::ControlPriority::new(policy.control_priority_ms);
         Ok(Broker {
             policy,
             audit: Mutex::new(AuditState {
@@ -102,7 +97,6 @@ impl Broker {
             qos: crate::qos::TenantsQos::default(),
             xapi: crate::xapi::Plans::default(),
             mirrors: crate::mirror::Mirrors::default(),
-            control_priority,
         })
     }
 

@@ -55,7 +55,6 @@ mod audit_commit;
 mod bringup;
 mod broker;
 mod cbt;
-mod control_priority;
 mod denials;
 mod dispatch;
 #[cfg(test)]

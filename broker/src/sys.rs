@@ -137,35 +137,6 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> 
     }
 }
 
-/// The threads of process `pid` that run at a real-time policy
-/// (`SCHED_FIFO` or `SCHED_RR`), as the kernel reports each.
-pub fn realtime_tasks(pid: u32) -> io::Result<Vec<u32>> {
-    let mut raised = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let Some(tid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: sched_getscheduler takes a tid and no memory.
-        let policy = unsafe { libc::sched_getscheduler(tid) };
-        if policy < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                continue; // the thread just ended
-            }
-            return Err(e);
-        }
-        let policy = policy & !libc::SCHED_RESET_ON_FORK;
-        if policy == libc::SCHED_FIFO || policy == libc::SCHED_RR {
-            raised.push(tid.unsigned_abs());
-        }
-    }
-    Ok(raised)
-}
-
 /// A process's identity and confinement, from `/proc/PID/status` and
 /// `/proc/PID/stat`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

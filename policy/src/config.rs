@@ -146,10 +146,6 @@ pub struct Policy {
     pub client_frame_timeout_secs: u32,
     /// Most concurrent client connections.
     pub max_clients: u32,
-    /// CPU milliseconds per second each tenant's state-changing requests
-    /// may run at real-time priority (0: never); all tenants together get
-    /// two and a half times that. See tap-broker's `control_priority`.
-    pub control_priority_ms: u32,
     /// Length of the audit log's denial budget window (seconds; 10
     /// unless a test needs a window that outlasts its flood).
     pub audit_window_secs: u32,
@@ -166,10 +162,6 @@ pub mod defaults {
     pub const SOCKET: &str = tapjail_common::proto::DEFAULT_SOCKET;
     pub const AUDIT_LOG: &str = "/var/log/tapjail/audit.jsonl";
     pub const STATE_DIR: &str = "/run/tapjail";
-    /// A create's request thread uses 1-3 ms of CPU: about 50 creates a
-    /// second per tenant at real-time priority, at most 10% of one CPU
-    /// taken from the tenants' I/O by any one tenant's requests.
-    pub const CONTROL_PRIORITY_MS: u32 = 100;
     pub const DEVICE_DIR: &str = tapjail_common::Minor::DEVICE_DIR;
     /// Above everything that hands out ids: useradd's subordinate ranges
     /// (SUB_UID_MIN 100000 .. SUB_UID_MAX 600100000), systemd's dynamic
@@ -478,17 +470,6 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
                     defaults::CLIENT_FRAME_TIMEOUT_SECS,
                 )
             });
-    let control_priority_ms = raw
-        .control_priority_ms
-        .map_or(defaults::CONTROL_PRIORITY_MS, |m| {
-            c.int_in(
-                "control_priority_ms",
-                &m,
-                0,
-                400,
-                defaults::CONTROL_PRIORITY_MS,
-            )
-        });
     let max_clients = raw.max_clients.map_or(defaults::MAX_CLIENTS, |m| {
         c.int_in(
             "max_clients",
@@ -552,7 +533,6 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         operation_timeout_secs,
         client_frame_timeout_secs,
         max_clients,
-        control_priority_ms,
         audit_window_secs,
         id_files,
         cgroup,

@@ -53,8 +53,7 @@ pub enum WorkerBin {
     /// namespaces), `"rootns"` (a mount namespace of its own instead of
     /// the broker's empty root), `"dumpable"` (dumpable after its uid switch), `"uid"`
     /// (keeps root's uid and capabilities), `"nnp"` (no no_new_privs, so no
-    /// seccomp filter either), `"sched"` (stays at the real-time priority
-    /// the broker started it at) or `"seccomp"` (no seccomp filter). Run
+    /// seccomp filter either) or `"seccomp"` (no seccomp filter). Run
     /// through a symlink whose name tells the fake which.
     FakeSkipping(&'static str),
 }

@@ -372,12 +372,6 @@ fn selftest(
             "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0).into(),
             "ptrace" => libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0),
             "fork" => libc::fork().into(),
-            "sched-fifo" => {
-                // Back to real-time priority (the filter lets a worker
-                // call sched_setscheduler for SCHED_OTHER only).
-                let param = libc::sched_param { sched_priority: 1 };
-                libc::sched_setscheduler(0, libc::SCHED_FIFO, &param).into()
-            }
             "io_uring_setup" => {
                 // The issue 11 escape: a ring of our own, unrestricted.
                 let mut params = [0u8; 120]; // struct io_uring_params

@@ -281,7 +281,7 @@ fn worker_is_not_dumpable_after_switching_uid() {
 
 #[test]
 fn confined_worker_is_killed_by_sigsys_when_it_tries_to_escape() {
-    for what in ["open", "execve", "socket", "ptrace", "fork", "sched-fifo"] {
+    for what in ["open", "execve", "socket", "ptrace", "fork"] {
         let status = selftest(what);
         assert_eq!(
             status.signal(),

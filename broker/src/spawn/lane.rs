@@ -153,21 +153,7 @@ fn own_table(sock: UnixStream) -> io::Result<UnixStream> {
 }
 
 fn serve(sock: &UnixStream, queue: &mpsc::Receiver<Job>) {
-    let mut raised = false;
     while let Ok(job) = queue.recv() {
-        if job.setup.realtime && !raised {
-            // The first spawn for a request at real-time priority raises
-            // the lane for good: it runs nothing but clones and fd
-            // passing, each bounded, and at the normal priority its
-            // wake-up for the next such job would wait behind the
-            // tenants' I/O. With SCHED_RESET_ON_FORK, so a child is
-            // raised only if its setup says so.
-            let param = libc::sched_param { sched_priority: 1 };
-            // SAFETY: pid 0 is this thread; `param` outlives the call.
-            raised = unsafe {
-                libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
-            } == 0;
-        }
         let wanted = fds_of(&job.setup);
         let got = match frame::recv_on::<_, u32>(sock, 64) {
             Ok((n, fds)) if n as usize == wanted.len() && fds.len() == wanted.len() => fds,

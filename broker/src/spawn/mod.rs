@@ -65,13 +65,6 @@ pub struct Setup {
     /// Mark every fd above the ones set up close-on-exec (they are
     /// already, as std and rustix open them; this catches any that is not).
     pub cloexec_rest: bool,
-    /// Start at `SCHED_FIFO` priority 1 (with `SCHED_RESET_ON_FORK`): a
-    /// worker's own start-up, ahead of the tenants' I/O, for a request
-    /// that runs at that priority itself (see the broker's
-    /// `control_priority`). The program must go back to `SCHED_OTHER`
-    /// before it takes any input; tap-broker checks that a worker did. If
-    /// the kernel refuses, the child starts at the normal priority.
-    pub realtime: bool,
 }
 
 /// A started child: its pid and a pidfd naming exactly it (taken by the
@@ -323,11 +316,6 @@ fn child_steps(ctx: &Ctx) -> Result<(), u8> {
             );
             ok(i32::try_from(rc).unwrap_or(-1), 7)?;
         }
-        if s.realtime {
-            let param = libc::sched_param { sched_priority: 1 };
-            // Best effort: a refusal only costs speed.
-            libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param);
-        }
         ok(libc::chdir(ctx.root), 8)?;
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -449,7 +437,6 @@ mod tests {
                 new_process_group: true,
                 cgroup_procs: None,
                 root: None,
-                realtime: false,
             },
         )
         .unwrap();
@@ -460,40 +447,6 @@ mod tests {
         { r }.read_to_string(&mut out).unwrap();
         assert_eq!(wait(&c), 0);
         assert_eq!(out, "one bar / 64\ncontrol\nno-fd-4\n");
-    }
-
-    /// `realtime`: the program starts at SCHED_FIFO (policy 1 in field
-    /// 41 of its stat), and what it forks does not (SCHED_RESET_ON_FORK).
-    #[test]
-    fn a_realtime_child_starts_at_fifo_and_its_own_children_do_not() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var("CI").is_err(), "CI runs as root");
-            return;
-        }
-        let (r, w) = std::io::pipe().unwrap();
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let script = "read -r line < /proc/$$/stat; set -- $line; echo \"${41}\"; \
-                      cut -d' ' -f41 /proc/self/stat";
-        let c = spawn(
-            Path::new("/bin/sh"),
-            &[OsStr::new("-c"), OsStr::new(script)],
-            &[],
-            Setup {
-                stdio: Some([null.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()]),
-                realtime: true,
-                ..Setup::default()
-            },
-        )
-        .unwrap();
-        drop(w);
-        let mut out = String::new();
-        { r }.read_to_string(&mut out).unwrap();
-        assert_eq!(wait(&c), 0);
-        assert_eq!(
-            out, "1\n0\n",
-            "the shell at SCHED_FIFO, its child at SCHED_OTHER"
-        );
     }
 
     #[test]

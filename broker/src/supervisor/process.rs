@@ -126,17 +126,6 @@ pub fn spawn(
         );
         return Err(fail(WorkerError::NotConfined { pid, what }));
     }
-    // A worker started at real-time priority (`control_priority`) has
-    // gone back to the normal one before taking any input; one that has
-    // not would run a tenant's image ahead of every other tenant's I/O.
-    match sys::realtime_tasks(pid) {
-        Ok(raised) if raised.is_empty() => {}
-        Ok(raised) => {
-            let what = format!("still at real-time priority (threads {raised:?})");
-            return Err(fail(WorkerError::NotConfined { pid, what }));
-        }
-        Err(e) => return Err(fail(e.into())),
-    }
     tapjail_broker::phases::lap("confine_check");
     let kept = match (&cfg.store, &keep) {
         (Some(store), Some((ctl, log))) => {
@@ -245,7 +234,6 @@ fn vfork_exec(
             root,
             memlock: Some(cfg.memlock),
             cloexec_rest: true,
-            realtime: crate::control_priority::this_thread_raised(),
         },
     )
     .map_err(|e| spawn_error(cfg, e.into_io()))?;

@@ -87,14 +87,6 @@ fn confine(uid: u32, gid: u32, skip: &str, root_ns: bool) {
             return;
         }
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        if skip != "sched" {
-            // Back from the real-time priority the broker may start it at.
-            let param = libc::sched_param { sched_priority: 0 };
-            assert_eq!(
-                libc::sched_setscheduler(0, libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, &param),
-                0
-            );
-        }
         if skip == "seccomp" {
             return;
         }

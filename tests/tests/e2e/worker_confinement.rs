@@ -42,15 +42,6 @@ fn worker_outside_the_empty_root_namespace_is_refused_and_killed() {
     refused("rootns", "not the empty root's");
 }
 
-/// A worker the broker started at real-time priority (a create within
-/// its tenant's `control_priority_ms` budget) that does not go back to
-/// the normal policy before taking input would parse the tenant's image
-/// ahead of every other tenant's I/O: refused and killed.
-#[test]
-fn worker_left_at_real_time_priority_is_refused_and_killed() {
-    refused("sched", "still at real-time priority");
-}
-
 #[test]
 fn worker_dumpable_after_its_uid_switch_is_refused_and_killed() {
     refused("dumpable", "dumpable");

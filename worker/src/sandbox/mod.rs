@@ -18,8 +18,6 @@
 //! 10. `PR_SET_NO_NEW_PRIVS` ([`nnp`])
 //! 11. deny all filesystem access ([`landlock`])
 //! 12. the allowlist for the frontend, on all threads ([`seccomp`])
-//! 13. back to `SCHED_OTHER`, if the broker started the worker at
-//!     real-time priority ([`sched`]; the filter allows only that call)
 //!
 //! [`confine`] must run while the process is single-threaded.
 
@@ -35,7 +33,6 @@ pub mod nnp;
 pub mod ns;
 pub mod rings;
 pub mod rlimit;
-pub mod sched;
 pub mod seccomp;
 pub mod sole_uid;
 
@@ -123,8 +120,6 @@ pub enum SandboxError {
     Landlock(#[from] landlock::LandlockError),
     #[error("confinement step 12 (seccomp): {0}")]
     Seccomp(#[from] seccomp::SeccompError),
-    #[error("confinement step 13 (normal scheduling priority): {0}")]
-    Sched(#[source] std::io::Error),
 }
 
 /// Run every step, in order. On error the process is partly confined and
@@ -196,9 +191,5 @@ pub fn confine_timed(policy: &Policy) -> Result<StepTimes, SandboxError> {
     lap("landlock");
     seccomp::install(policy.frontend)?;
     lap("seccomp");
-    // Started at real-time priority by the broker (or not): normal from
-    // here on, before any image byte is read.
-    sched::normal().map_err(SandboxError::Sched)?;
-    lap("sched");
     Ok(times)
 }

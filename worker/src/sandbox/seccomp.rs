@@ -347,18 +347,6 @@ pub fn base_rules() -> Vec<Allowed> {
              like a signal does, so every frontend's paced or idle threads meet it: \
              missing, a throttled NBD worker was killed (SIGSYS) under load",
         ),
-        allow_if(
-            libc::SYS_sched_setscheduler,
-            "sched_setscheduler",
-            vec![vec![
-                eq32(0, 0),
-                eq32(1, (libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK) as u64),
-            ]],
-            "the last confinement step: this thread back to SCHED_OTHER from the \
-             real-time priority the broker may start it at (after the filter, so the \
-             filter's own install runs ahead of the tenants' I/O too); only that \
-             policy, only for itself",
-        ),
         allow(libc::SYS_getrandom, "getrandom", "HashMap seeds"),
     ]
 }
