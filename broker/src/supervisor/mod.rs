@@ -151,10 +151,10 @@ impl Broker {
         if let Ok(c) = conn.try_lock() {
             let _ = c.send(&ToWorker::Shutdown, &[]);
         }
-        // Watch its pidfd here rather than wait for the supervisor's turn:
-        // the supervisor polls every worker's pidfd, so with 1000 workers
-        // each of its wake-ups costs a poll of 1000 fds before the reap.
-        // Whichever of us reaps first records the exit (`record_exit`).
+        // Watch its pidfd here rather than wait for the supervisor's turn
+        // (its wake-up, its reap, then ours on the condvar: 1.8 ms of a
+        // destroy at 1000 disks when it polled every pidfd). Whichever
+        // of us reaps first records the exit (`record_exit`).
         let ms = i32::try_from(self.spawn_cfg.timeout.as_millis()).unwrap_or(i32::MAX);
         if sys::pidfd_exited(pidfd.as_fd(), ms).unwrap_or(false) {
             tapjail_broker::phases::lap("worker_exit");
