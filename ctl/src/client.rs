@@ -143,6 +143,7 @@ impl Client {
             // is written: its answer is still in our socket and says why.
             Err(SendFailed::Closed(e)) => {
                 self.hello_answer()?;
+                self.stream.set_read_timeout(Some(wait))?;
                 return match frame::recv_on::<_, Reply>(&self.stream, MAX_REPLY_FRAME) {
                     Ok((Reply::Error { kind, message }, _)) => {
                         Err(Refused { kind, message }.into())
