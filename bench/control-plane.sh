@@ -111,7 +111,7 @@ admin = true
 EOF
 for i in $(seq 0 $((N + 1))); do truncate -s 1M "$WORK/images/d$i.raw"; done
 TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_ROOT_NS=${ROOT_NS:-} \
-    TAPJAIL_OPEN_AHEAD=${OPEN_AHEAD:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
+    TAPJAIL_OPEN_AHEAD=${OPEN_AHEAD:-} TAPJAIL_LANE_RT=${LANE_RT:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
 BROKER_PID=$!
 for _ in $(seq 100); do "${CTL[@]}" list >/dev/null 2>&1 && break; sleep 0.1; done
 "${CTL[@]}" list >/dev/null || { cat "$WORK/broker.log"; die "broker did not start"; }
