@@ -325,6 +325,17 @@ pub fn spawn_lean(
 mod tests {
     use super::*;
 
+    /// Wait for `child` to exit; its exit status.
+    fn exit_status(child: &Child) -> Option<i32> {
+        rustix::process::waitid(
+            rustix::process::WaitId::PidFd(child.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap()
+        .unwrap()
+        .exit_status()
+    }
+
     fn open_fds_of(pid: u32) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
@@ -434,13 +445,7 @@ mod tests {
             Setup::default(),
         )
         .unwrap();
-        let st = rustix::process::waitid(
-            rustix::process::WaitId::PidFd(child.pidfd.as_fd()),
-            rustix::process::WaitIdOptions::EXITED,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(st.exit_status(), Some(0));
+        assert_eq!(exit_status(&child), Some(0));
     }
 
     /// The lane runs at SCHED_FIFO (as root); a child it clones starts at
@@ -469,13 +474,7 @@ mod tests {
         drop(w);
         let mut out = String::new();
         std::io::Read::read_to_string(&mut { r }, &mut out).unwrap();
-        let st = rustix::process::waitid(
-            rustix::process::WaitId::PidFd(child.pidfd.as_fd()),
-            rustix::process::WaitIdOptions::EXITED,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(st.exit_status(), Some(0));
+        assert_eq!(exit_status(&child), Some(0));
         assert_eq!(out.trim(), "0", "a lane child starts at SCHED_OTHER");
         // The lane thread itself (started by the spawn above).
         let lane_policy = std::fs::read_dir("/proc/self/task")
