@@ -14,7 +14,9 @@
 #        root, the old path, as a baseline for the shared namespace;
 #        OPEN_AHEAD=off to open the leaf after the worker started, the old
 #        path; STATE_ON=disk for state_dir and device_dir on the disk
-#        rather than on a tmpfs as /run/tapjail and /dev/tapjail are)
+#        rather than on a tmpfs as /run/tapjail and /dev/tapjail are;
+#        LANE_RT=off to run the spawn lane at the normal priority, the old
+#        way)
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has) with
 # TAPJAIL_PHASES=1, so every request logs a `tap-broker: phases` line with

@@ -103,10 +103,10 @@ pub const RT_ENV: &str = "TAPJAIL_LANE_RT";
 /// Run the lane at `SCHED_FIFO` priority 1, with `SCHED_RESET_ON_FORK`
 /// (a child it clones starts at the normal priority).
 ///
-/// Why: a create hands the lane its spawn while the leaf's open helper
-/// and the caller's own thread compete for two CPUs; at the normal
-/// priority the lane's wake-up waited behind them (`fork_exec` 0.8-1.9 ms
-/// at 1000 disks, against 0.35-0.5 raised). It runs nothing but the fd
+/// Why: while the tenants' I/O keeps every CPU busy, the lane's wake-up
+/// for a create's spawn waited behind it (`fork_exec` under fio at 1000
+/// disks 2.0-3.4 ms, against 1.2-1.5 raised, in three same-session
+/// pairs; idle, no difference). It runs nothing but the fd
 /// hand-over and a vfork-style clone, a fraction of a millisecond per
 /// spawn, and never a tenant's input: the child it makes is reset to
 /// the normal policy before its first instruction. Best effort: refused
