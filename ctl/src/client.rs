@@ -143,13 +143,12 @@ impl Client {
             // is written: its answer is still in our socket and says why.
             Err(SendFailed::Closed(e)) => {
                 self.hello_answer()?;
-                self.stream.set_read_timeout(Some(wait))?;
-                return match frame::recv_on::<_, Reply>(&self.stream, MAX_REPLY_FRAME) {
-                    Ok((Reply::Error { kind, message }, _)) => {
-                        Err(Refused { kind, message }.into())
+                return match self.receive(wait, false) {
+                    // Nothing to read either: the broken pipe says most.
+                    Err(unread) if unread.downcast_ref::<Refused>().is_none() => {
+                        Err(self.frame_error(&FrameError::Io(e), wait, false))
                     }
-                    Ok((r, _)) => Ok(r),
-                    Err(_) => Err(self.frame_error(&FrameError::Io(e), wait, false)),
+                    answered => answered,
                 };
             }
             Err(SendFailed::Other(e)) => return Err(self.frame_error(&e, wait, false)),
@@ -265,15 +264,31 @@ mod tests {
             timeout: Duration::from_secs(10),
             hello_pending: std::cell::Cell::new(false),
         };
-        let err = client
-            .call(&Request::List {
-                pid: None,
-                minor: None,
-            })
-            .unwrap_err();
+        let err = client.call(&list()).unwrap_err();
         let refused = err.downcast_ref::<Refused>().expect("the broker's refusal");
         assert_eq!(refused.kind, ErrorKind::Busy);
         assert!(refused.message.contains("8 connections open"), "{err}");
+    }
+
+    fn list() -> Request {
+        Request::List {
+            pid: None,
+            minor: None,
+        }
+    }
+
+    /// A client connected to a fake broker that `serve`s its one
+    /// connection on a thread (joined for its result); the directory
+    /// holds the socket.
+    fn with_fake_broker<T: Send + 'static>(
+        serve: impl FnOnce(UnixStream) -> T + Send + 'static,
+    ) -> (Client, std::thread::JoinHandle<T>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let broker = std::thread::spawn(move || serve(listener.accept().unwrap().0));
+        let client = Client::connect(&path, Duration::from_secs(10)).unwrap();
+        (client, broker, dir)
     }
 
     /// The request goes out right behind the Hello, before its answer is
@@ -282,11 +297,7 @@ mod tests {
     /// waiting for the second frame until its read timeout).
     #[test]
     fn the_first_request_follows_the_hello_without_waiting_for_its_answer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("broker.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let broker = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
+        let (client, broker, _dir) = with_fake_broker(|conn| {
             conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let (hello, _) = frame::recv_on::<_, Request>(&conn, 1 << 16).unwrap();
             assert!(matches!(hello, Request::Hello { .. }), "{hello:?}");
@@ -299,13 +310,7 @@ mod tests {
             frame::send_on(&conn, &Reply::List(Vec::new()), &[]).unwrap();
             pipelined
         });
-        let client = Client::connect(&path, Duration::from_secs(10)).unwrap();
-        let reply = client
-            .call(&Request::List {
-                pid: None,
-                minor: None,
-            })
-            .unwrap();
+        let reply = client.call(&list()).unwrap();
         assert_eq!(reply, Reply::List(Vec::new()));
         assert!(
             broker.join().unwrap(),
@@ -318,11 +323,7 @@ mod tests {
     /// the request queued behind it.
     #[test]
     fn a_refused_hello_is_the_error_of_the_first_request() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("broker.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let broker = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
+        let (client, broker, _dir) = with_fake_broker(|conn| {
             let _ = frame::recv_on::<_, Request>(&conn, 1 << 16).unwrap();
             let no = Reply::Error {
                 kind: ErrorKind::Version,
@@ -330,13 +331,7 @@ mod tests {
             };
             frame::send_on(&conn, &no, &[]).unwrap();
         });
-        let client = Client::connect(&path, Duration::from_secs(10)).unwrap();
-        let err = client
-            .call(&Request::List {
-                pid: None,
-                minor: None,
-            })
-            .unwrap_err();
+        let err = client.call(&list()).unwrap_err();
         broker.join().unwrap();
         let refused = err.downcast_ref::<Refused>().expect("the broker's refusal");
         assert_eq!(refused.kind, ErrorKind::Version, "{err}");
