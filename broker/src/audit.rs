@@ -198,16 +198,7 @@ impl Broker {
         rule: &str,
         reason: String,
     ) {
-        let _ = self.audit(&Entry {
-            event,
-            peer,
-            tenant,
-            request: None,
-            decision: Verdict::Notice,
-            rule: rule.into(),
-            reason,
-            outcome: None,
-        });
+        let _ = self.audit(&notice_line(event, peer, tenant, rule, reason));
     }
 
     /// A frame that could not be read; the connection is closed after this.
@@ -341,20 +332,17 @@ impl Broker {
             (None, false) => ("worker-death", "died".to_string()),
         };
         let (pid, uid) = (x.pid, x.uid);
-        let entry = Entry {
-            event: Event::WorkerExit,
-            peer: Some(Peer { pid, uid, gid: uid }),
-            tenant: Some(x.owner),
-            request: None,
-            decision: Verdict::Notice,
-            rule: rule.into(),
-            reason: format!(
+        let entry = notice_line(
+            Event::WorkerExit,
+            Some(Peer { pid, uid, gid: uid }),
+            Some(x.owner),
+            rule,
+            format!(
                 "tapdisk {pid}{} {what}: {}",
                 x.minor.map(|m| format!(" (minor {m})")).unwrap_or_default(),
                 x.exit
             ),
-            outcome: None,
-        };
+        );
         // A worker that stopped when told to changes nothing the log has
         // not already said (the request that stopped it); a death or a
         // kill is news and waits for its fsync.
@@ -377,6 +365,26 @@ impl Broker {
             None,
             Some(outcome),
         ));
+    }
+}
+
+/// A line about something the broker observed (not a decision).
+fn notice_line(
+    event: Event,
+    peer: Option<Peer>,
+    tenant: Option<String>,
+    rule: &str,
+    reason: String,
+) -> Entry {
+    Entry {
+        event,
+        peer,
+        tenant,
+        request: None,
+        decision: Verdict::Notice,
+        rule: rule.into(),
+        reason,
+        outcome: None,
     }
 }
 
