@@ -155,14 +155,23 @@ impl Broker {
         // (its wake-up, its reap, then ours on the condvar: 1.8 ms of a
         // destroy at 1000 disks when it polled every pidfd). Whichever
         // of us reaps first records the exit (`record_exit`).
+        // One timeout in all before the kill, as when only the supervisor
+        // watched: a worker still there after it is not waited for again.
         let ms = i32::try_from(self.spawn_cfg.timeout.as_millis()).unwrap_or(i32::MAX);
-        if sys::pidfd_exited(pidfd.as_fd(), ms).unwrap_or(false) {
-            tapjail_broker::phases::lap("worker_exit");
-            if let Ok(Some(exit)) = sys::try_reap(pidfd.as_fd()) {
-                self.record_exit(pid, &pidfd, exit);
+        let exited = match sys::pidfd_exited(pidfd.as_fd(), ms) {
+            Ok(true) => {
+                tapjail_broker::phases::lap("worker_exit");
+                if let Ok(Some(exit)) = sys::try_reap(pidfd.as_fd()) {
+                    self.record_exit(pid, &pidfd, exit);
+                }
+                // Reaped by us or the supervisor: recorded either way.
+                self.wait_exit(pid, self.spawn_cfg.timeout)
             }
-        }
-        if !self.wait_exit(pid, self.spawn_cfg.timeout) {
+            Ok(false) => false,
+            // The pidfd cannot be polled: wait for the supervisor.
+            Err(_) => self.wait_exit(pid, self.spawn_cfg.timeout),
+        };
+        if !exited {
             let _ = sys::pidfd_kill(pidfd.as_fd());
             if !self.wait_exit(pid, Duration::from_secs(5)) {
                 tracing::error!(pid, "tapdisk {pid} survives SIGKILL (D state?)");
