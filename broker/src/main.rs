@@ -52,6 +52,7 @@
 mod adopt;
 mod audit;
 mod audit_commit;
+mod boost;
 mod bringup;
 mod broker;
 mod cbt;

@@ -200,3 +200,104 @@ fn ctlplane_destroy_returns_with_its_worker_reaped_and_its_exit_audited_once() {
         assert_eq!(exits[0]["rule"], "worker-exit", "{}", exits[0]);
     }
 }
+
+/// Nice values (field 19 of each thread's stat) of every thread of `pid`.
+fn thread_nices(pid: u32) -> Vec<i32> {
+    let mut nices = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue; // ended
+        };
+        let rest = stat.rsplit_once(')').unwrap().1;
+        nices.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+    }
+    nices
+}
+
+fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// A create stopped (`TAPJAIL_TEST_STOP_AT=create-served`) once its
+/// device is live, before the request returns: the nice values of its new
+/// worker's threads and of the broker's then, and of both once tap-ctl
+/// has returned.
+fn create_nices(boost_ms: Option<u32>) -> [(Vec<i32>, Vec<i32>); 2] {
+    let h = Harness::start(Options {
+        tenants: vec![ROOT],
+        extra: boost_ms.map_or(String::new(), |ms| format!("control_boost_ms = {ms}\n")),
+        env: vec![("TAPJAIL_TEST_STOP_AT", "create-served".to_string())],
+        ..Options::default()
+    });
+    let img = h.raw_image(ROOT.name, "b.img", 1 << 20);
+    let broker = h.broker_pid();
+    let mut create = h
+        .ctl_command(&ROOT, &["create", "-a", &format!("aio:{}", img.display())])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn tap-ctl create");
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || proc_state(broker)
+            == Some('T')),
+        "the broker never stopped at create-served:\n{}",
+        h.broker_log()
+    );
+    let workers = workers_of(broker);
+    assert_eq!(workers.len(), 1, "one worker: {workers:?}");
+    let during = (thread_nices(workers[0]), thread_nices(broker));
+    // SAFETY: kill takes integers; the broker is the harness's child.
+    assert_eq!(unsafe { libc::kill(broker as i32, libc::SIGCONT) }, 0);
+    assert!(
+        create.wait().expect("tap-ctl create").success(),
+        "{}",
+        h.broker_log()
+    );
+    let after = (thread_nices(workers[0]), thread_nices(broker));
+    [during, after]
+}
+
+/// A tenant's create runs boosted (`control_boost_ms`, nice -10): its
+/// request thread and every thread of its new worker while the request
+/// acts, which covers the worker reading the image and serving the
+/// device's first reads; when tap-ctl has its answer, neither the worker
+/// nor any broker thread is boosted any more, so the tenant's I/O runs at
+/// the normal weight.
+#[test]
+fn ctlplane_a_create_and_its_worker_run_boosted_until_the_request_returns() {
+    let [(worker, broker), (worker_after, broker_after)] = create_nices(None);
+    assert!(
+        !worker.is_empty() && worker.iter().all(|&n| n == -10),
+        "the new worker's threads while the create acts: {worker:?}"
+    );
+    assert_eq!(
+        broker.iter().filter(|&&n| n == -10).count(),
+        1,
+        "one broker thread (the request's) boosted: {broker:?}"
+    );
+    assert!(
+        worker_after.iter().all(|&n| n == 0),
+        "the worker's threads once the create returned: {worker_after:?}"
+    );
+    assert!(
+        broker_after.iter().all(|&n| n == 0),
+        "the broker's threads once the create returned: {broker_after:?}"
+    );
+}
+
+/// `control_boost_ms = 0`: nothing is ever boosted.
+#[test]
+fn ctlplane_control_boost_ms_0_boosts_nothing() {
+    let [(worker, broker), (worker_after, broker_after)] = create_nices(Some(0));
+    for (what, nices) in [
+        ("worker during", worker),
+        ("broker during", broker),
+        ("worker after", worker_after),
+        ("broker after", broker_after),
+    ] {
+        assert!(nices.iter().all(|&n| n == 0), "{what}: {nices:?}");
+    }
+}
