@@ -229,8 +229,7 @@ def phase_table(title, rows):
     for r in rows:
         keys += [k for k in r if k not in keys]
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
-    boosted = sum(1 for r in rows if "boosted" in r)
-    print(f"{title} (median ms of {len(rows)}, largest first; {boosted} boosted):")
+    print(f"{title} (median ms of {len(rows)}, largest first):")
     for k in sorted(keys, key=lambda k: -med[k]):
         if k != "total":
             print(f"  {k:24} {med[k]:8.2f}")

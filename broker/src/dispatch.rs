@@ -131,9 +131,6 @@ impl Broker {
             (true, Some(tenant)) => self.boost.enter(tenant),
             _ => None,
         };
-        if _boost.is_some() {
-            phases::lap("boosted");
-        }
         // Fail closed: nothing is done that is not on record first.
         if changes_state(req) {
             if let Err(e) = self.audit_decision(peer, req, &d) {
