@@ -16,8 +16,7 @@
 #        path; STATE_ON=disk for state_dir and device_dir on the disk
 #        rather than on a tmpfs as /run/tapjail and /dev/tapjail are;
 #        LANE_RT=off to run the spawn lane at the normal priority, the old
-#        way; BOOST=off for control_boost_ms = 0: requests and new workers
-#        at the normal CPU weight, the old way)
+#        way)
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has) with
 # TAPJAIL_PHASES=1, so every request logs a `tap-broker: phases` line with
@@ -103,7 +102,6 @@ device_dir = "$RT/dev"
 worker_uids = [392000, $((392000 + N + 64))]
 tapdisk = "$TAPDISK"
 frontend = "fuse"
-control_boost_ms = $([ "${BOOST:-on}" = off ] && echo 0 || echo 100)
 
 [[tenant]]
 name = "ops"
@@ -246,7 +244,6 @@ print(f"control plane: fuse + loop, {n} disks attached, {samples} samples each, 
       f"worker root {os.environ.get('ROOT_NS') or 'shared'}, "
       f"leaf opened {'after the worker' if os.environ.get('OPEN_AHEAD') == 'off' else 'while the worker starts'}, "
       f"state on {os.environ.get('STATE_ON') or 'tmpfs'}, "
-      f"boost {os.environ.get('BOOST') or 'on'}, "
       f"load average {loadavg()} at start")
 t0 = time.perf_counter()
 fill = []

@@ -384,12 +384,7 @@ impl Broker {
                     Ok::<_, BrokerError>(node)
                 })();
                 match result {
-                    Ok(node) => {
-                        // The device is live and the request has not
-                        // returned: what a boosted create looks like.
-                        crate::stop_point::reached("create-served");
-                        Ok((Some(dev), Some(node)))
-                    }
+                    Ok(node) => Ok((Some(dev), Some(node))),
                     Err(e) => {
                         let _ = dev.teardown();
                         Err(e)

@@ -64,9 +64,6 @@ pub struct Broker {
     pub(crate) xapi: crate::xapi::Plans,
     /// Per-minor write mirrors of `-2 URI` (`crate::mirror`).
     pub(crate) mirrors: crate::mirror::Mirrors,
-    /// A higher CPU weight for tenants' requests that act, within budgets
-    /// (`crate::boost`).
-    pub(crate) boost: crate::boost::ControlBoost,
 }
 
 impl Broker {
@@ -82,7 +79,6 @@ impl Broker {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
         let window = Duration::from_secs(u64::from(policy.audit_window_secs));
-        let policy_boost_ms = policy.control_boost_ms;
         Ok(Broker {
             policy,
             audit: Mutex::new(AuditState {
@@ -101,7 +97,6 @@ impl Broker {
             qos: crate::qos::TenantsQos::default(),
             xapi: crate::xapi::Plans::default(),
             mirrors: crate::mirror::Mirrors::default(),
-            boost: crate::boost::ControlBoost::new(policy_boost_ms),
         })
     }
 

@@ -125,12 +125,6 @@ impl Broker {
             let result = Err(BrokerError::denied(d.reason.clone()));
             return self.finish(peer, req, &d, result);
         }
-        // A request that acts runs boosted while its tenant has budget
-        // left (`crate::boost`), until it returns: its worker too.
-        let _boost = match (changes_state(req), d.tenant.as_deref()) {
-            (true, Some(tenant)) => self.boost.enter(tenant),
-            _ => None,
-        };
         // Fail closed: nothing is done that is not on record first.
         if changes_state(req) {
             if let Err(e) = self.audit_decision(peer, req, &d) {

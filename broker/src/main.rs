@@ -52,7 +52,6 @@
 mod adopt;
 mod audit;
 mod audit_commit;
-mod boost;
 mod bringup;
 mod broker;
 mod cbt;

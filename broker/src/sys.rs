@@ -217,55 +217,6 @@ pub fn proc_start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stat starttime"))
 }
 
-/// One thread's nice value and the CPU it has used, as `/proc` reports.
-#[derive(Debug, Clone, Copy)]
-pub struct ThreadSched {
-    pub tid: u32,
-    pub nice: i32,
-    pub cpu: std::time::Duration,
-}
-
-/// Every thread of process `pid`: its nice value (field 19 of its stat)
-/// and CPU time (the first field of its schedstat, in nanoseconds). A
-/// thread that ends while listed is left out.
-pub fn thread_sched(pid: u32) -> io::Result<Vec<ThreadSched>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let (Ok(stat), Ok(schedstat)) = (
-            std::fs::read_to_string(dir.join("stat")),
-            std::fs::read_to_string(dir.join("schedstat")),
-        ) else {
-            continue; // ended
-        };
-        // Field 19 is the 17th after the command name's last ')'.
-        let nice = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stat nice"))?;
-        let cpu_ns = schedstat
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        out.push(ThreadSched {
-            tid,
-            nice,
-            cpu: std::time::Duration::from_nanos(cpu_ns),
-        });
-    }
-    Ok(out)
-}
-
 /// Whether bytes are queued on `sock` (peeked, not consumed; never
 /// blocks). A closed or quiet socket has none.
 pub fn has_queued_data(sock: &UnixStream) -> bool {

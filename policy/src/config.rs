@@ -146,11 +146,6 @@ pub struct Policy {
     pub client_frame_timeout_secs: u32,
     /// Most concurrent client connections.
     pub max_clients: u32,
-    /// CPU milliseconds per second each tenant's requests that act (and
-    /// the workers they start) may run at a higher CPU weight, nice -10
-    /// (0: never); all tenants together get two and a half times that.
-    /// See tap-broker's `boost`.
-    pub control_boost_ms: u32,
     /// Length of the audit log's denial budget window (seconds; 10
     /// unless a test needs a window that outlasts its flood).
     pub audit_window_secs: u32,
@@ -167,10 +162,6 @@ pub mod defaults {
     pub const SOCKET: &str = tapjail_common::proto::DEFAULT_SOCKET;
     pub const AUDIT_LOG: &str = "/var/log/tapjail/audit.jsonl";
     pub const STATE_DIR: &str = "/run/tapjail";
-    /// A create uses about 6 ms of CPU (its request thread and its new
-    /// worker's start): some 15 boosted creates a second per tenant, at
-    /// most a tenth of one CPU's time weighted up by any one tenant.
-    pub const CONTROL_BOOST_MS: u32 = 100;
     pub const DEVICE_DIR: &str = tapjail_common::Minor::DEVICE_DIR;
     /// Above everything that hands out ids: useradd's subordinate ranges
     /// (SUB_UID_MIN 100000 .. SUB_UID_MAX 600100000), systemd's dynamic
@@ -479,11 +470,6 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
                     defaults::CLIENT_FRAME_TIMEOUT_SECS,
                 )
             });
-    let control_boost_ms = raw
-        .control_boost_ms
-        .map_or(defaults::CONTROL_BOOST_MS, |m| {
-            c.int_in("control_boost_ms", &m, 0, 400, defaults::CONTROL_BOOST_MS)
-        });
     let max_clients = raw.max_clients.map_or(defaults::MAX_CLIENTS, |m| {
         c.int_in(
             "max_clients",
@@ -547,7 +533,6 @@ fn build(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         operation_timeout_secs,
         client_frame_timeout_secs,
         max_clients,
-        control_boost_ms,
         audit_window_secs,
         id_files,
         cgroup,

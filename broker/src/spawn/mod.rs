@@ -65,10 +65,6 @@ pub struct Setup {
     /// Mark every fd above the ones set up close-on-exec (they are
     /// already, as std and rustix open them; this catches any that is not).
     pub cloexec_rest: bool,
-    /// Start at this nice value (a worker for a boosted request: see
-    /// tap-broker's `boost`). Best effort: refused, the child starts at
-    /// the nice value it was cloned with.
-    pub nice: Option<i32>,
 }
 
 /// A started child: its pid and a pidfd naming exactly it (taken by the
@@ -320,9 +316,6 @@ fn child_steps(ctx: &Ctx) -> Result<(), u8> {
             );
             ok(i32::try_from(rc).unwrap_or(-1), 7)?;
         }
-        if let Some(nice) = s.nice {
-            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
-        }
         ok(libc::chdir(ctx.root), 8)?;
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -444,7 +437,6 @@ mod tests {
                 new_process_group: true,
                 cgroup_procs: None,
                 root: None,
-                nice: None,
             },
         )
         .unwrap();

@@ -220,8 +220,6 @@ fn vfork_exec(
 ) -> Result<(u32, OwnedFd), WorkerError> {
     let null = std::fs::File::open("/dev/null")?;
     let filter = tapjail_common::logging::effective_filter();
-    // A boosted request's worker starts boosted (see `crate::boost`).
-    let nice = crate::boost::this_thread_boosted().then_some(crate::boost::BOOST_NICE);
     let child = tapjail_broker::spawn::spawn_lean(
         &cfg.tapdisk,
         &args.list(),
@@ -236,13 +234,9 @@ fn vfork_exec(
             root,
             memlock: Some(cfg.memlock),
             cloexec_rest: true,
-            nice,
         },
     )
     .map_err(|e| spawn_error(cfg, e.into_io()))?;
-    if nice.is_some() {
-        crate::boost::started_boosted(child.pid);
-    }
     // The child holds the only write end of its log pipe now.
     drop(log_w);
     Ok((child.pid, child.pidfd))

@@ -23,7 +23,6 @@ pub(super) struct RawPolicy {
     pub(super) worker_timeout_secs: Option<Spanned<i64>>,
     pub(super) operation_timeout_secs: Option<Spanned<i64>>,
     pub(super) client_frame_timeout_secs: Option<Spanned<i64>>,
-    pub(super) control_boost_ms: Option<Spanned<i64>>,
     pub(super) max_clients: Option<Spanned<i64>>,
     pub(super) audit_window_secs: Option<Spanned<i64>>,
     pub(super) subuid_file: Option<Spanned<String>>,
