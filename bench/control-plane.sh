@@ -16,7 +16,10 @@
 #        path; STATE_ON=disk for state_dir and device_dir on the disk
 #        rather than on a tmpfs as /run/tapjail and /dev/tapjail are;
 #        LANE_RT=off to run the spawn lane at the normal priority, the old
-#        way)
+#        way; CGROUPS=off|required for that policy `cgroups` value rather
+#        than "auto": workers in per-tenant cgroups where cgroup v2 is, as
+#        in nestvm; START_WEIGHT=off to start a new disk's cgroup at
+#        cpu.weight 100, not 10000, the old way)
 #
 # One tap-broker (frontend fuse: FUSE + loop, which this host has) with
 # TAPJAIL_PHASES=1, so every request logs a `tap-broker: phases` line with
@@ -102,6 +105,7 @@ device_dir = "$RT/dev"
 worker_uids = [392000, $((392000 + N + 64))]
 tapdisk = "$TAPDISK"
 frontend = "fuse"
+cgroups = "${CGROUPS:-auto}"
 
 [[tenant]]
 name = "ops"
@@ -113,7 +117,8 @@ admin = true
 EOF
 for i in $(seq 0 $((N + 1))); do truncate -s 1M "$WORK/images/d$i.raw"; done
 TAPJAIL_SPAWN=${SPAWN:-} TAPJAIL_OPENER=${OPENER:-} TAPJAIL_ROOT_NS=${ROOT_NS:-} \
-    TAPJAIL_OPEN_AHEAD=${OPEN_AHEAD:-} TAPJAIL_LANE_RT=${LANE_RT:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
+    TAPJAIL_OPEN_AHEAD=${OPEN_AHEAD:-} TAPJAIL_LANE_RT=${LANE_RT:-} \
+    TAPJAIL_START_WEIGHT=${START_WEIGHT:-} TAPJAIL_PHASES=1 "$BIN/tap-broker" --config "$WORK/policy.toml" >"$WORK/broker.log" 2>&1 &
 BROKER_PID=$!
 for _ in $(seq 100); do "${CTL[@]}" list >/dev/null 2>&1 && break; sleep 0.1; done
 "${CTL[@]}" list >/dev/null || { cat "$WORK/broker.log"; die "broker did not start"; }
@@ -244,6 +249,8 @@ print(f"control plane: fuse + loop, {n} disks attached, {samples} samples each, 
       f"worker root {os.environ.get('ROOT_NS') or 'shared'}, "
       f"leaf opened {'after the worker' if os.environ.get('OPEN_AHEAD') == 'off' else 'while the worker starts'}, "
       f"state on {os.environ.get('STATE_ON') or 'tmpfs'}, "
+      f"cgroups {os.environ.get('CGROUPS') or 'auto'}, "
+      f"start weight {os.environ.get('START_WEIGHT') or 'on'}, "
       f"load average {loadavg()} at start")
 t0 = time.perf_counter()
 fill = []

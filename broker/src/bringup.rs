@@ -384,7 +384,13 @@ impl Broker {
                     Ok::<_, BrokerError>(node)
                 })();
                 match result {
-                    Ok(node) => Ok((Some(dev), Some(node))),
+                    Ok(node) => {
+                        // The device is live and the request has not
+                        // returned yet (a test stops the broker here).
+                        crate::stop_point::reached("create-served");
+                        self.worker_serving(target.worker_pid);
+                        Ok((Some(dev), Some(node)))
+                    }
                     Err(e) => {
                         let _ = dev.teardown();
                         Err(e)
@@ -395,7 +401,21 @@ impl Broker {
                 let prepared = dev.recover()?;
                 send_serve(conn, prepared)?;
                 dev.recovered(target.worker_pid)?;
+                self.worker_serving(target.worker_pid);
                 Ok((None, None))
+            }
+        }
+    }
+
+    /// Worker `pid`'s device is live: its cgroup leaves the start-up
+    /// weight ([`tapjail_broker::cgroup::leaf::STARTING_CPU_WEIGHT`]).
+    /// A failure costs fairness among the tenant's own disks, not the
+    /// disk: logged.
+    fn worker_serving(&self, pid: u32) {
+        let leaf = self.table().worker(pid).ok().and_then(|w| w.cgroup.clone());
+        if let Some(leaf) = leaf {
+            if let Err(e) = leaf.serving() {
+                tracing::warn!("tapdisk {pid}'s cgroup stays at its start-up weight: {e}");
             }
         }
     }

@@ -248,6 +248,11 @@ impl Cgroups {
             return Some(l);
         }
         let l = Arc::new(Leaf::existing(path.clone()));
+        // A broker killed while this worker started left its start-up
+        // weight; it is adopted serving.
+        if let Err(e) = l.serving() {
+            tracing::warn!("adopted worker {pid}'s cgroup: {e}");
+        }
         leaves.insert(path, Arc::downgrade(&l));
         Some(l)
     }
