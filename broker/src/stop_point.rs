@@ -2,7 +2,8 @@
 //! `TAPJAIL_TEST_STOP_AT=NAME` in its environment the broker sends itself
 //! SIGSTOP on reaching `NAME`, so an e2e test can wait for the stopped
 //! state in `/proc` and SIGKILL it exactly there (explicit
-//! synchronisation, no sleeps). Unset, each point is one cached check.
+//! synchronisation, no sleeps), or look at what it did so far and
+//! SIGCONT it. Unset, each point is one cached check.
 
 use std::sync::OnceLock;
 

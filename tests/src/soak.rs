@@ -4,7 +4,7 @@
 //! devices, cgroups) and the broker's memory, counted from `/proc` and
 //! `/sys`, so that a soak can compare before and after and print both.
 
-use crate::{children_of, fd_count, is_broker_helper, is_fd_holder, Harness};
+use crate::{children_of, fd_count, is_broker_helper, is_fd_holder, proc_state, Harness};
 use std::fmt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -45,12 +45,6 @@ pub struct Census {
 
 fn entries(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
-}
-
-/// The state letter of process `pid` (`R`, `S`, `Z`, ...).
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// `Rss:` and `Pss:` of `pid` in KiB, from smaps_rollup.

@@ -6,7 +6,6 @@
 //! The broker stops itself at a named point (`TAPJAIL_TEST_STOP_AT`); the
 //! test waits for the stopped state in `/proc`, then kills it there.
 
-use std::fs;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -19,12 +18,6 @@ use tapjail_testsupport::fuse_loop_turn;
 const MIB: usize = 1 << 20;
 const SIZE_MIB: u64 = 32;
 const LIMIT: Duration = Duration::from_secs(45);
-
-/// The process state letter from `/proc/PID/stat` (`T`: stopped).
-fn proc_state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..].trim_start().chars().next()
-}
 
 fn stats(h: &Harness) -> Option<serde_json::Value> {
     let out = h.ctl(&ROOT, &["stats", "-m", "0"]);

@@ -574,12 +574,6 @@ fn refusal_to_start(policy: &std::path::Path, why: &str) -> String {
     said["message"].as_str().unwrap().to_string()
 }
 
-/// The process state letter from `/proc/PID/stat` (`T`: stopped).
-fn proc_state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..].trim_start().chars().next()
-}
-
 /// A disk being created runs at the start-up weight (10000) against its
 /// tenant's other disks, which keep theirs (100); once its device is live
 /// it is back at 100. The broker stops itself (`create-served`) with the
