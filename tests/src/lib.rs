@@ -698,13 +698,7 @@ pub fn pipes_of(pid: u32) -> usize {
 
 /// Whether process `pid` exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .is_some_and(|zombie| !zombie)
+    proc_state(pid).is_some_and(|state| state != 'Z')
 }
 
 /// The state letter of process `pid` (`R`, `S`, `Z`, `T` stopped, ...).
